@@ -1,0 +1,66 @@
+"""What every command shares: loading settings, printing, and mapping errors to exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+import click
+import orjson
+import redis.exceptions
+from rich.console import Console
+
+from capi.errors import CapiError, ConfigError
+from capi.exitcodes import ExitCode
+from capi.settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def settings_from(ctx: click.Context) -> Settings:
+    """The settings for this invocation (loaded once, on first use)."""
+    obj = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        obj["settings"] = Settings.load(obj.get("config_file"))
+    settings: Settings = obj["settings"]
+    return settings
+
+
+def fail(message: str, code: ExitCode) -> NoReturn:
+    """Print an error to stderr and exit with a named code."""
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    sys.exit(code)
+
+
+def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
+    """Catch CapiError (and Redis being away) once, and exit with the matching code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            fail(str(exc), ExitCode.CONFIG)
+        except redis.exceptions.ConnectionError as exc:
+            fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
+        except CapiError as exc:
+            fail(str(exc), ExitCode.FAILURE)
+
+    return wrapper
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from a command."""
+    return asyncio.run(coro)
+
+
+def print_json(value: Any) -> None:
+    """Print one JSON document on one line."""
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")

@@ -1,0 +1,168 @@
+"""The ``capi`` click group and its library-side commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from typing import Any
+
+import click
+
+from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
+from capi.client import ConversionsClient
+from capi.exitcodes import ExitCode, for_reason
+from capi.keycheck import KeyCheck, check_key
+from capi.sandbox import Fault, SandboxState, serve
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    envvar="CAPI_CONFIG_FILE",
+    type=click.Path(dir_okay=False),
+    help="Env file with CAPI_* settings (default: config/capi.env if present).",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None) -> None:
+    """capi: send conversion events to the OpenAI Ads Conversions API, safely.
+
+    Settings come from CAPI_* environment variables (CAPI_API_KEY, CAPI_PIXEL_ID,
+    CAPI_REDIS_URL, ...) or config/capi.env.
+    """
+    ctx.ensure_object(dict)["config_file"] = config_file
+
+
+@cli.command("check-key")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.pass_context
+@handle_errors
+def check_key_command(ctx: click.Context, as_json: bool) -> None:
+    """Prove the Conversion Key can write events (a validate_only request).
+
+    Exits 0 when it can; otherwise prints the diagnosis and exits with a code naming the
+    cause (10 missing scope, 11 unauthorized, 12 unknown pixel, 13 access denied,
+    14 unreachable, 15 unexpected). The key itself is never printed.
+
+    \b
+    Example:
+      CAPI_API_KEY=... CAPI_PIXEL_ID=... capi check-key
+    """
+    settings = settings_from(ctx)
+    key, pixel = settings.credentials()
+
+    async def go() -> KeyCheck:
+        async with ConversionsClient(
+            base_url=settings.base_url,
+            api_key=key,
+            pixel_id=pixel,
+            timeout_s=min(settings.request_timeout_s, 15.0),
+        ) as client:
+            return await check_key(client, confirmations=settings.probe_confirmations, api_key=key)
+
+    result = run(go())
+    if as_json:
+        print_json(_check_json(result, settings.base_url))
+    elif result.ok:
+        out.print(
+            f"OK: the Conversion Key {result.key_fingerprint} can write events to pixel "
+            f"{result.pixel_id!r} at {settings.base_url}."
+        )
+    else:
+        assert result.diagnosis is not None
+        err.print(result.diagnosis.text, markup=False)
+    if not result.ok:
+        assert result.error is not None
+        sys.exit(for_reason(result.error.reason))
+
+
+def _check_json(result: KeyCheck, base_url: str) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "ok": result.ok,
+        "key_fingerprint": result.key_fingerprint,
+        "pixel_id": result.pixel_id,
+        "base_url": base_url,
+        "probes": result.probes,
+    }
+    if result.error is not None and result.diagnosis is not None:
+        data.update(
+            reason=result.error.reason.value,
+            status=result.error.status,
+            message=result.error.response.message,
+            request_ids=result.request_ids,
+            cause=result.diagnosis.cause,
+            fix=result.diagnosis.fix,
+            exit_code=int(for_reason(result.error.reason)),
+        )
+    return data
+
+
+@cli.command("sandbox")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--key", "keys", multiple=True, help="A Conversion Key the sandbox accepts.")
+@click.option("--scopeless-key", "scopeless", multiple=True, help="A key lacking the scope.")
+@click.option("--pixel", "pixels", multiple=True, help="A pixel id the sandbox knows.")
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    help="KIND[:opt=val,...], e.g. missing_scope:every=7 or rate_limit:rate=0.05,retry_after_s=1",
+)
+@click.option("--seed", default=0, type=int, help="Seed for random faults.")
+def sandbox_command(
+    host: str,
+    port: int,
+    keys: tuple[str, ...],
+    scopeless: tuple[str, ...],
+    pixels: tuple[str, ...],
+    faults: tuple[str, ...],
+    seed: int,
+) -> None:
+    """Run a local imitation of the events endpoint, with fault injection.
+
+    Fault kinds: missing_scope, rbac, unauthorized, rate_limit, server_error, drop
+    (commit the batch, then close the connection without answering), latency.
+    Control it at runtime: POST /_sandbox/config, GET /_sandbox/state.
+
+    \b
+    Example:
+      capi sandbox --port 8787 --fault missing_scope:every=7 --fault drop:rate=0.02
+      CAPI_BASE_URL=http://127.0.0.1:8787 capi check-key
+    """
+    state = SandboxState(
+        conversion_keys=set(keys) or None,
+        scopeless_keys=set(scopeless) or None,
+        pixels=set(pixels) or None,
+        seed=seed,
+    )
+    try:
+        state.faults = [_parse_fault(spec) for spec in faults]
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
+    cfg = state.config()
+    out.print(f"capi sandbox on http://{host}:{port}")
+    out.print(f"  Conversion Key(s): {', '.join(cfg['conversion_keys'])}")
+    out.print(f"  scopeless key(s):  {', '.join(cfg['scopeless_keys'])}")
+    out.print(f"  pixel(s):          {', '.join(cfg['pixels'])}")
+    for f in state.faults:
+        out.print(f"  fault: {f}")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(state, host, port))
+
+
+def _parse_fault(spec: str) -> Fault:
+    kind, _, opts = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for opt in filter(None, opts.split(",")):
+        name, _, value = opt.partition("=")
+        kwargs[name] = float(value) if name in ("rate", "retry_after_s") else int(value)
+    return Fault(kind=kind, **kwargs)  # type: ignore[arg-type]
+
+
+@cli.command("exit-codes")
+def exit_codes_command() -> None:
+    """List the exit codes capi uses."""
+    for code in ExitCode:
+        out.print(f"{int(code):>3}  {code.name}")

@@ -1,0 +1,218 @@
+"""The events endpoint client: one attempt per call, every failure classified.
+
+:class:`ConversionsClient` wraps one shared ``httpx.AsyncClient``. :meth:`~ConversionsClient.send`
+posts already-serialized events (bytes, joined without re-encoding) and either returns
+:class:`Accepted` or raises a :class:`~capi.errors.SendError` leaf chosen by
+:func:`classify`. httpx's own exceptions are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from capi.constants import CONVERSIONS_SCOPE, EVENTS_PATH
+from capi.errors import ERROR_BY_REASON, NetworkError, Response, SendError
+from capi.failures import Reason
+from capi.fingerprint import fingerprint, redact
+from capi.retry import parse_retry_after
+
+_EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+_SCOPES = re.compile(r"Missing scopes?:\s*([A-Za-z0-9_.:\-, ]+?)(?:\.\s|\.$|$)")
+USER_AGENT = "capi/0.1 (+https://github.com/capi)"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A successful send: how many events the API accepted, and the response's ids."""
+
+    accepted_events: int | None
+    status: int
+    request_ids: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def build_body(
+    events: Sequence[bytes], *, validate_only: bool = False, integration_source: str | None = None
+) -> bytes:
+    """The request body for already-serialized events, built by joining bytes."""
+    if not events:
+        raise ValueError("never send an empty batch: the API's behaviour is unknown")
+    head = b'{"validate_only":' + (b"true" if validate_only else b"false")
+    if integration_source:
+        head += b',"integration_source":' + orjson.dumps(integration_source)
+    return head + b',"events":[' + b",".join(events) + b"]}"
+
+
+def request_ids(headers: Mapping[str, str]) -> dict[str, str]:
+    """Every header support may ask for: names containing ``request-id`` or ``trace``."""
+    return {
+        k.lower(): v
+        for k, v in headers.items()
+        if "request-id" in k.lower() or "trace" in k.lower()
+    }
+
+
+def classify(
+    status: int, headers: Mapping[str, str], body: bytes, key_fingerprint: str = ""
+) -> SendError:
+    """Turn a non-2xx response into the SendError leaf of its failure class."""
+    parsed: Any = None
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    text = body.decode("utf-8", "replace")[:2000]
+    message, code, param = "", None, None
+    if isinstance(error, dict):
+        message = str(error.get("message") or "")
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        param = error.get("param") if isinstance(error.get("param"), str) else None
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(parsed, dict) and isinstance(parsed.get("detail"), str | list):
+        message = str(parsed["detail"])
+    else:
+        message = text.strip()
+    response = Response(
+        status=status,
+        message=message,
+        code=code,
+        param=param,
+        body=parsed if parsed is not None else text,
+        request_ids=request_ids(headers),
+        retry_after_s=parse_retry_after(headers.get("retry-after")),
+    )
+    if param and (m := _EVENT_INDEX.match(param)):
+        response.event_index = int(m.group(1))
+    reason = _reason(status, message, code)
+    if reason is Reason.MISSING_SCOPE:
+        response.missing_scopes = _missing_scopes(message) or [CONVERSIONS_SCOPE]
+    return ERROR_BY_REASON[reason](response, key_fingerprint)
+
+
+def _reason(status: int, message: str, code: str | None) -> Reason:
+    lowered = message.lower()
+    if "missing scope" in lowered or code == "missing_scope":
+        return Reason.MISSING_SCOPE
+    if "rbac" in lowered or "access denied" in lowered:
+        return Reason.ACCESS_DENIED
+    if status == 401:
+        return Reason.UNAUTHORIZED
+    if status == 403 and ("pid" in lowered or "pixel" in lowered):
+        return Reason.UNKNOWN_PIXEL
+    if status == 422 or code == "event_timestamp_too_old":
+        return Reason.OUTSIDE_TIME_WINDOW
+    if status == 400 and (code == "invalid_event" or code in _EVENT_CODES):
+        return Reason.INVALID_EVENT
+    if status == 429:
+        return Reason.RATE_LIMITED
+    if status >= 500:
+        return Reason.SERVER_ERROR
+    return Reason.UNEXPECTED
+
+
+_EVENT_CODES = frozenset({"missing_event_data_type", "unknown_data_field"})
+
+
+def _missing_scopes(message: str) -> list[str]:
+    m = _SCOPES.search(message)
+    if not m:
+        return []
+    return [s.strip() for s in m.group(1).split(",") if s.strip()]
+
+
+class ConversionsClient:
+    """Sends batches to ``POST {base_url}/v1/events?pid=...`` with a Conversion Key."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        pixel_id: str,
+        timeout_s: float = 30.0,
+        integration_source: str | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._key = api_key
+        self.pixel_id = pixel_id
+        self.url = base_url.rstrip("/") + EVENTS_PATH
+        self.integration_source = integration_source
+        self.key_fingerprint = fingerprint(api_key)
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        )
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ConversionsClient(url={self.url!r}, pixel_id={self.pixel_id!r}, "
+            f"key={self.key_fingerprint})"
+        )
+
+    async def __aenter__(self) -> ConversionsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object created it."""
+        if self._own_http:
+            await self._http.aclose()
+
+    async def send(self, events: Sequence[bytes], *, validate_only: bool = False) -> Accepted:
+        """POST one batch once; return Accepted or raise the SendError of its failure class."""
+        body = build_body(
+            events, validate_only=validate_only, integration_source=self.integration_source
+        )
+        return await self.send_body(body)
+
+    async def send_body(self, body: bytes) -> Accepted:
+        """POST a prepared request body once (see :func:`build_body`)."""
+        started = time.perf_counter()
+        try:
+            resp = await self._http.post(
+                self.url, params={"pid": self.pixel_id}, content=body, headers=self._headers
+            )
+        except httpx.HTTPError as exc:
+            raise self._network_error(exc) from None
+        elapsed = time.perf_counter() - started
+        if 200 <= resp.status_code < 300:
+            return Accepted(
+                accepted_events=_accepted_count(resp.content),
+                status=resp.status_code,
+                request_ids=request_ids(resp.headers),
+                elapsed_s=elapsed,
+            )
+        raise classify(resp.status_code, resp.headers, resp.content, self.key_fingerprint)
+
+    def _network_error(self, exc: httpx.HTTPError) -> NetworkError:
+        what = type(exc).__name__
+        detail = redact(str(exc), self._key) or "no detail"
+        return NetworkError(
+            Response(message=f"{what}: {detail} ({self.url})"), key_fingerprint=self.key_fingerprint
+        )
+
+
+def _accepted_count(content: bytes) -> int | None:
+    try:
+        parsed = orjson.loads(content) if content else None
+    except orjson.JSONDecodeError:
+        return None
+    value = parsed.get("accepted_events") if isinstance(parsed, dict) else None
+    return value if isinstance(value, int) else None

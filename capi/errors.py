@@ -1,0 +1,207 @@
+"""capi's exceptions: one root, a few categories, a leaf per failure class.
+
+::
+
+    CapiError
+    ├── ConfigError              settings missing or invalid
+    ├── EventRejected            an event breaks a contract rule (also a ValueError)
+    ├── KeyCheckFailed           the startup key check says the key cannot write events
+    └── SendError                a send to the events endpoint failed
+        ├── MissingScopeError        401, Missing scopes: ads.third_party_events.write
+        ├── UnauthorizedError        401, Unauthorized
+        ├── UnknownPixelError        403, unknown pid
+        ├── AccessDeniedError        401/403, RBAC: access denied
+        ├── InvalidEventError        400, invalid_event at events[i]
+        ├── OutsideTimeWindowError   422, event_timestamp_too_old
+        ├── RateLimitedError         429                               retryable
+        ├── ServerError              5xx                               retryable
+        ├── NetworkError             timeout, reset, dropped response  retryable
+        └── UnexpectedResponseError  anything else
+
+Every message carries the HTTP status, the request id and the API's own message when there
+is one, and never the key: a key appears only as its fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from capi.failures import Reason
+
+
+class CapiError(Exception):
+    """Raised for every error that capi itself raises."""
+
+
+class ConfigError(CapiError):
+    """Raised when a setting is missing or invalid."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One broken rule: where in the event, and what the rule says."""
+
+    path: str
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.rule}"
+
+
+class EventRejected(CapiError, ValueError):
+    """Raised when an event breaks a rule of the contract; names each field and rule."""
+
+    def __init__(self, problems: list[Problem], event_id: str | None = None) -> None:
+        self.problems = problems
+        self.event_id = event_id
+        where = f"event {event_id!r}" if event_id else "event"
+        lines = "; ".join(str(p) for p in problems)
+        super().__init__(f"{where} refused: {lines}")
+
+
+class KeyCheckFailed(CapiError):
+    """Raised when the key check shows the Conversion Key cannot write events."""
+
+    def __init__(self, diagnosis: str, error: SendError) -> None:
+        self.diagnosis = diagnosis
+        self.error = error
+        super().__init__(diagnosis)
+
+
+@dataclass(slots=True)
+class Response:
+    """What the API sent back for a failed send, as far as capi could read it."""
+
+    status: int | None = None
+    message: str = ""
+    code: str | None = None
+    param: str | None = None
+    body: Any = None
+    request_ids: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float | None = None
+    event_index: int | None = None
+    missing_scopes: list[str] = field(default_factory=list)
+
+
+class SendError(CapiError):
+    """Raised when a send to the events endpoint fails; ``reason`` names the class."""
+
+    reason: ClassVar[Reason] = Reason.UNEXPECTED
+
+    def __init__(self, response: Response, key_fingerprint: str = "") -> None:
+        self.response = response
+        self.key_fingerprint = key_fingerprint
+        super().__init__(self._describe())
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed if sent again unchanged."""
+        return self.reason.retryable
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status, or None when no response arrived."""
+        return self.response.status
+
+    @property
+    def request_id(self) -> str | None:
+        """The first request/trace id the response carried, if any."""
+        return next(iter(self.response.request_ids.values()), None)
+
+    def _describe(self) -> str:
+        r = self.response
+        parts = [self.reason.value]
+        if r.status is not None:
+            parts.append(f"HTTP {r.status}")
+        if r.message:
+            parts.append(r.message)
+        if r.param:
+            parts.append(f"param={r.param}")
+        if self.request_id:
+            parts.append(f"request_id={self.request_id}")
+        if self.key_fingerprint:
+            parts.append(f"key {self.key_fingerprint}")
+        return ": ".join(parts[:2]) + (" (" + "; ".join(parts[2:]) + ")" if parts[2:] else "")
+
+
+class MissingScopeError(SendError):
+    """Raised on 401 Missing scopes: the key lacks ads.third_party_events.write."""
+
+    reason = Reason.MISSING_SCOPE
+
+
+class UnauthorizedError(SendError):
+    """Raised on 401 Unauthorized: the key is unknown, revoked or mistyped."""
+
+    reason = Reason.UNAUTHORIZED
+
+
+class UnknownPixelError(SendError):
+    """Raised on 403 unknown pid: the pixel id is wrong for this key."""
+
+    reason = Reason.UNKNOWN_PIXEL
+
+
+class AccessDeniedError(SendError):
+    """Raised on an RBAC access denial, which is often transient on the platform side."""
+
+    reason = Reason.ACCESS_DENIED
+
+
+class InvalidEventError(SendError):
+    """Raised on 400 when the API rejects an event; ``event_index`` says which, if known."""
+
+    reason = Reason.INVALID_EVENT
+
+    @property
+    def event_index(self) -> int | None:
+        """The index of the rejected event within the batch, from ``param: events[i]``."""
+        return self.response.event_index
+
+
+class OutsideTimeWindowError(InvalidEventError):
+    """Raised on 422 event_timestamp_too_old: the event can never be accepted."""
+
+    reason = Reason.OUTSIDE_TIME_WINDOW
+
+
+class RateLimitedError(SendError):
+    """Raised on 429; ``response.retry_after_s`` carries the server's wish."""
+
+    reason = Reason.RATE_LIMITED
+
+
+class ServerError(SendError):
+    """Raised on a 5xx answer."""
+
+    reason = Reason.SERVER_ERROR
+
+
+class NetworkError(SendError):
+    """Raised when no usable response arrived: timeout, refused, reset, dropped."""
+
+    reason = Reason.NETWORK
+
+
+class UnexpectedResponseError(SendError):
+    """Raised on any answer capi does not recognise; the raw body is kept."""
+
+    reason = Reason.UNEXPECTED
+
+
+ERROR_BY_REASON: dict[Reason, type[SendError]] = {
+    cls.reason: cls
+    for cls in (
+        MissingScopeError,
+        UnauthorizedError,
+        UnknownPixelError,
+        AccessDeniedError,
+        InvalidEventError,
+        OutsideTimeWindowError,
+        RateLimitedError,
+        ServerError,
+        NetworkError,
+        UnexpectedResponseError,
+    )
+}

@@ -1,0 +1,358 @@
+"""Turn what a backend hands us into an event ready to queue, or refuse it precisely.
+
+:func:`prepare` is the single gate: it hashes raw identifiers (``user.email`` and friends),
+validates the event against :mod:`capi.schema`, applies the cross-field rules and the API's
+time window against an injectable clock, and returns a :class:`PreparedEvent` whose JSON is
+exactly what will be sent. Anything wrong raises :class:`~capi.errors.EventRejected`,
+naming each field path and the rule it breaks.
+
+:func:`signup` and :func:`purchase` build the two events capi exists for.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import ValidationError
+
+from capi import schema
+from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS
+from capi.errors import EventRejected, Problem
+from capi.hashing import Identifier, hash_identifier
+
+Clock = Callable[[], float]
+"""Returns the current Unix time in seconds (``time.time`` unless a test injects one)."""
+
+_CUSTOM_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
+_LEGACY_USER_FIELDS = {
+    "email_sha256": "emails_sha256",
+    "external_id_sha256": "external_ids_sha256",
+    "phone_number_sha256": "phone_numbers_sha256",
+    "country": "countries",
+    "city": "cities",
+    "zip_code": "postal_codes",
+    "emails": "email",
+    "phones": "phone",
+}
+_MONEY_HINT = "an integer in the currency's minor unit (12999 for 129.99 USD, 8900 for ¥8900)"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """A validated event with identifiers hashed, and its JSON as it will be sent."""
+
+    event: schema.Event
+    json: bytes
+
+    @property
+    def id(self) -> str:
+        """The event id, the API's dedup key together with the pixel and name."""
+        return self.event.id
+
+    @property
+    def name(self) -> str:
+        """The event name the API dedups on."""
+        return self.event.name
+
+    @property
+    def timestamp_ms(self) -> int:
+        """When the conversion happened, Unix milliseconds."""
+        return self.event.timestamp_ms
+
+
+def now_ms(clock: Clock = time.time) -> int:
+    """The clock's time in Unix milliseconds."""
+    return int(clock() * 1000)
+
+
+def prepare(
+    raw: Mapping[str, Any] | schema.Event,
+    *,
+    clock: Clock = time.time,
+    hash_identifiers: bool = True,
+    check_time: bool = True,
+) -> PreparedEvent:
+    """Hash, validate and serialize one event; raise EventRejected naming every problem.
+
+    ``hash_identifiers=False`` treats raw identifier fields as unknown (the API's view);
+    ``check_time=False`` leaves the time window to the caller.
+    """
+    if isinstance(raw, schema.Event):
+        raw = raw.model_dump(mode="json", exclude_none=True)
+    if not isinstance(raw, Mapping):
+        raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
+    event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    data = dict(raw)
+    problems: list[Problem] = []
+    if hash_identifiers and isinstance(data.get("user"), Mapping):
+        data["user"] = _hash_user(data["user"], problems)
+    try:
+        event = schema.Event.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_problems(exc, data))
+        raise EventRejected(problems, event_id) from None
+    problems.extend(_cross_checks(event))
+    if check_time:
+        problems.extend(time_window_problems(event.timestamp_ms, now_ms(clock)))
+    if problems:
+        raise EventRejected(problems, event_id)
+    return PreparedEvent(event, event.to_json())
+
+
+def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:
+    """The time-window rule: no older than 7 days, no more than 10 minutes ahead."""
+    if timestamp_ms < 10**11:
+        return [
+            Problem("timestamp_ms", "must be Unix time in milliseconds; this looks like seconds")
+        ]
+    if timestamp_ms < now - API_MAX_AGE_MS:
+        return [Problem("timestamp_ms", "is older than 7 days; the API refuses it (422)")]
+    if timestamp_ms > now + API_MAX_FUTURE_MS:
+        return [Problem("timestamp_ms", "is more than 10 minutes in the future")]
+    return []
+
+
+def _hash_user(user: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
+    out = dict(user)
+    for legacy, plural in _LEGACY_USER_FIELDS.items():
+        if legacy in out:
+            out.pop(legacy)
+            problems.append(Problem(f"user.{legacy}", f"is not a field; use user.{plural}"))
+    for kind in Identifier:
+        if kind.value not in out:
+            continue
+        values = out.pop(kind.value)
+        if isinstance(values, str):
+            values = [values]
+        if not isinstance(values, list) or not values:
+            problems.append(
+                Problem(f"user.{kind.value}", "must be a string or a non-empty list of strings")
+            )
+            continue
+        hashed = list(out.get(kind.hashed_field) or [])
+        for i, value in enumerate(values):
+            try:
+                hashed.append(hash_identifier(kind, value))
+            except ValueError as exc:
+                problems.append(Problem(f"user.{kind.value}[{i}]", str(exc)))
+        out[kind.hashed_field] = list(dict.fromkeys(hashed))
+    return out
+
+
+def _cross_checks(event: schema.Event) -> list[Problem]:
+    problems: list[Problem] = []
+    expected = schema.DATA_TYPE_OF[event.type]
+    if event.data.type != expected:
+        problems.append(
+            Problem("data.type", f"must be {expected!r} for an event of type {event.type!r}")
+        )
+    problems.extend(_custom_name_problems(event))
+    problems.extend(_source_problems(event))
+    problems.extend(_money_problems("data", event.data))
+    for i, item in enumerate(getattr(event.data, "contents", None) or []):
+        problems.extend(_money_problems(f"data.contents[{i}]", item))
+    return problems
+
+
+def _custom_name_problems(event: schema.Event) -> list[Problem]:
+    name = event.custom_event_name
+    if event.type != "custom":
+        if name is not None:
+            return [Problem("custom_event_name", "is only allowed when type is 'custom'")]
+        return []
+    if name is None:
+        return [Problem("custom_event_name", "is required when type is 'custom'")]
+    if not _CUSTOM_NAME.match(name):
+        return [
+            Problem(
+                "custom_event_name",
+                "must be 1-64 letters, digits, '_' or '-', starting and ending with a letter "
+                "or digit",
+            )
+        ]
+    if name.lower() in schema.DATA_TYPE_OF:
+        return [Problem("custom_event_name", f"must not be a standard event name ({name!r})")]
+    return []
+
+
+def _source_problems(event: schema.Event) -> list[Problem]:
+    problems: list[Problem] = []
+    if event.type in schema.APP_EVENT_TYPES and event.action_source != "mobile_app":
+        problems.append(
+            Problem("action_source", f"must be 'mobile_app' for an event of type {event.type!r}")
+        )
+    if event.source_url is not None:
+        parts = urlsplit(event.source_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            problems.append(Problem("source_url", "must be an absolute http(s) URL"))
+        else:
+            # Query strings and fragments carry PII (emails, tokens): never send them.
+            event.source_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    elif event.action_source == "web":
+        problems.append(Problem("source_url", "is required when action_source is 'web'"))
+    return problems
+
+
+def _money_problems(path: str, priced: schema._Priced) -> list[Problem]:
+    if priced.amount is not None and priced.currency is None:
+        return [Problem(f"{path}.currency", "is required when amount is present")]
+    return []
+
+
+def _problems(exc: ValidationError, data: Mapping[str, Any]) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        data_type: str | None = None
+        if len(loc) > 1 and loc[0] == "data" and loc[1] in schema.DATA_MODELS:
+            data_type = str(loc.pop(1))
+        path = _path(loc)
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            path += ".type"
+        problems.append(Problem(path, _rule(err, loc, data_type)))
+    return problems
+
+
+def _path(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(event)"
+
+
+def _rule(err: Any, loc: list[Any], data_type: str | None) -> str:
+    kind = err["type"]
+    field = loc[-1] if loc else None
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return _extra_rule(loc, data_type)
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        return "is required and must be one of: " + ", ".join(schema.DATA_MODELS)
+    if kind.startswith("int") and field in ("amount",):
+        return f"must be {_MONEY_HINT}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"must be an integer, got {_kind(err.get('input'))}"
+    if kind == "string_type":
+        return f"must be a string, got {_kind(err.get('input'))}"
+    if kind == "bool_type":
+        return f"must be true or false, got {_kind(err.get('input'))}"
+    if kind == "list_type":
+        return f"must be a list, got {_kind(err.get('input'))}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "greater_than_equal":
+        return "must not be negative"
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    if kind == "literal_error":
+        return "must be one of " + str(err["ctx"]["expected"]).replace("'", "")
+    return str(err["msg"])
+
+
+def _extra_rule(loc: list[Any], data_type: str | None) -> str:
+    parent = [p for p in loc[:-1] if not isinstance(p, int)]
+    if parent == ["data"] and data_type:
+        model: type[Any] = schema.DATA_MODELS[data_type]
+        allowed = schema.allowed_fields(model)
+        return (
+            f"is not a field of {data_type} data (the API answers 400 unknown_data_field); "
+            f"allowed: {', '.join(allowed)}"
+        )
+    if parent[-2:] == ["data", "contents"]:
+        return "is not an item field; allowed: " + ", ".join(schema.allowed_fields(schema.Item))
+    if parent == ["user"]:
+        allowed = [i.value for i in Identifier] + schema.allowed_fields(schema.User)
+        return "is not a user field; allowed: " + ", ".join(allowed)
+    return "is not an event field; allowed: " + ", ".join(schema.allowed_fields(schema.Event))
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a list" if isinstance(value, list) else "an object")
+
+
+def _user(**identifiers: Any) -> dict[str, Any]:
+    return {k: v for k, v in identifiers.items() if v is not None}
+
+
+def signup(
+    event_id: str,
+    *,
+    timestamp_ms: int | None = None,
+    email: str | list[str] | None = None,
+    phone: str | list[str] | None = None,
+    external_id: str | list[str] | None = None,
+    first_name: str | None = None,
+    last_name: str | None = None,
+    source_url: str | None = None,
+    action_source: str = "web",
+    oppref: str | None = None,
+    user: Mapping[str, Any] | None = None,
+    clock: Clock = time.time,
+) -> dict[str, Any]:
+    """A signup: a ``registration_completed`` event with ``customer_action`` data."""
+    return _event(
+        event_id,
+        "registration_completed",
+        {"type": "customer_action"},
+        timestamp_ms=timestamp_ms if timestamp_ms is not None else now_ms(clock),
+        user={
+            **(user or {}),
+            **_user(
+                email=email,
+                phone=phone,
+                external_id=external_id,
+                first_name=first_name,
+                last_name=last_name,
+            ),
+        },
+        source_url=source_url,
+        action_source=action_source,
+        oppref=oppref,
+    )
+
+
+def purchase(
+    event_id: str,
+    *,
+    amount: int,
+    currency: str,
+    contents: list[Mapping[str, Any]] | None = None,
+    timestamp_ms: int | None = None,
+    email: str | list[str] | None = None,
+    phone: str | list[str] | None = None,
+    external_id: str | list[str] | None = None,
+    source_url: str | None = None,
+    action_source: str = "web",
+    oppref: str | None = None,
+    user: Mapping[str, Any] | None = None,
+    clock: Clock = time.time,
+) -> dict[str, Any]:
+    """A purchase: an ``order_created`` event; ``amount`` in the currency's minor unit."""
+    data: dict[str, Any] = {"type": "contents", "amount": amount, "currency": currency}
+    if contents is not None:
+        data["contents"] = [dict(c) for c in contents]
+    return _event(
+        event_id,
+        "order_created",
+        data,
+        timestamp_ms=timestamp_ms if timestamp_ms is not None else now_ms(clock),
+        user={**(user or {}), **_user(email=email, phone=phone, external_id=external_id)},
+        source_url=source_url,
+        action_source=action_source,
+        oppref=oppref,
+    )
+
+
+def _event(event_id: str, event_type: str, data: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {"id": event_id, "type": event_type, "data": data}
+    event.update({k: v for k, v in fields.items() if v is not None and v != {}})
+    return event

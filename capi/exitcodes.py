@@ -1,0 +1,56 @@
+"""Named exit codes of the ``capi`` command; scripts may rely on them.
+
+===  =====================  ===================================================
+  0  OK                     done, or nothing to do
+  1  FAILURE                an unexpected error
+  2  USAGE                  bad command line (click's own code)
+  3  CONFIG                 a setting is missing or invalid
+  4  REFUSED                some input events were refused (enqueue)
+  5  REDIS                  Redis cannot be reached
+ 10  MISSING_SCOPE          the key lacks ads.third_party_events.write
+ 11  UNAUTHORIZED           the key is unknown or revoked
+ 12  UNKNOWN_PIXEL          the pixel id is unknown for this key
+ 13  ACCESS_DENIED          the platform denied access (RBAC)
+ 14  UNREACHABLE            the endpoint could not be reached or kept failing (5xx, 429)
+ 15  UNEXPECTED_RESPONSE    the endpoint answered in an unrecognised way
+===  =====================  ===================================================
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from capi.failures import Reason
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``capi`` command."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    REFUSED = 4
+    REDIS = 5
+    MISSING_SCOPE = 10
+    UNAUTHORIZED = 11
+    UNKNOWN_PIXEL = 12
+    ACCESS_DENIED = 13
+    UNREACHABLE = 14
+    UNEXPECTED_RESPONSE = 15
+
+
+_BY_REASON = {
+    Reason.MISSING_SCOPE: ExitCode.MISSING_SCOPE,
+    Reason.UNAUTHORIZED: ExitCode.UNAUTHORIZED,
+    Reason.UNKNOWN_PIXEL: ExitCode.UNKNOWN_PIXEL,
+    Reason.ACCESS_DENIED: ExitCode.ACCESS_DENIED,
+    Reason.NETWORK: ExitCode.UNREACHABLE,
+    Reason.SERVER_ERROR: ExitCode.UNREACHABLE,
+    Reason.RATE_LIMITED: ExitCode.UNREACHABLE,
+}
+
+
+def for_reason(reason: Reason) -> ExitCode:
+    """The exit code of a key check that failed for ``reason``."""
+    return _BY_REASON.get(reason, ExitCode.UNEXPECTED_RESPONSE)

@@ -1,0 +1,84 @@
+"""The failure classes: every way a send can fail, what it means, and its fate.
+
+=====================  ==============================================  ======================
+reason                 meaning                                         fate
+=====================  ==============================================  ======================
+missing_scope          401: the key lacks ads.third_party_events.write  re-probe; transient ->
+                                                                       retry, confirmed ->
+                                                                       dead-letter + hold
+unauthorized           401: the API does not know the key               dead-letter + hold
+unknown_pixel          403: the API does not know the pixel id          dead-letter + hold
+access_denied          401/403 such as plain-text "RBAC: access denied" like missing_scope
+invalid_event          400: an event breaks a rule (events[i])          dead-letter that event
+outside_time_window    422 or caught locally: older than 7 days         dead-letter, no replay
+rate_limited           429                                             retry (Retry-After)
+server_error           5xx                                             retry
+network                timeout, reset, refused, dropped response        retry
+retries_exhausted      a retryable failure past CAPI_MAX_ATTEMPTS       dead-letter
+unexpected             anything else                                    dead-letter, raw body
+=====================  ==============================================  ======================
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a send failed; the value is the reason code shown to operators."""
+
+    MISSING_SCOPE = "missing_scope"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_PIXEL = "unknown_pixel"
+    ACCESS_DENIED = "access_denied"
+    INVALID_EVENT = "invalid_event"
+    OUTSIDE_TIME_WINDOW = "outside_time_window"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    NETWORK = "network"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    UNEXPECTED = "unexpected"
+
+    @property
+    def meaning(self) -> str:
+        """One line saying what the failure means."""
+        return _MEANINGS[self]
+
+    @property
+    def retryable(self) -> bool:
+        """Whether sending the same events again may succeed without any change."""
+        return self in _RETRYABLE
+
+    @property
+    def key_problem(self) -> bool:
+        """Whether the failure is about the key or pixel, so the worker re-probes or holds."""
+        return self in _KEY_PROBLEMS
+
+    @property
+    def maybe_transient(self) -> bool:
+        """Whether a key failure is known to happen spuriously and needs a re-probe to confirm."""
+        return self in (Reason.MISSING_SCOPE, Reason.ACCESS_DENIED, Reason.UNAUTHORIZED)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether replaying a dead letter of this reason can succeed once its cause is fixed."""
+        return self is not Reason.OUTSIDE_TIME_WINDOW
+
+
+_MEANINGS = {
+    Reason.MISSING_SCOPE: "the key lacks the ads.third_party_events.write scope",
+    Reason.UNAUTHORIZED: "the API does not recognise the key (revoked, mistyped or truncated)",
+    Reason.UNKNOWN_PIXEL: "the API does not recognise the pixel id for this key",
+    Reason.ACCESS_DENIED: "the platform denied access (RBAC), often transiently",
+    Reason.INVALID_EVENT: "the API rejected the event as invalid",
+    Reason.OUTSIDE_TIME_WINDOW: "the event is older than 7 days (or too far ahead)",
+    Reason.RATE_LIMITED: "the API asked us to slow down (429)",
+    Reason.SERVER_ERROR: "the API failed on its side (5xx)",
+    Reason.NETWORK: "the endpoint could not be reached or the response was lost",
+    Reason.RETRIES_EXHAUSTED: "a retryable failure persisted past the attempt budget",
+    Reason.UNEXPECTED: "the API answered in a way capi does not recognise",
+}
+_RETRYABLE = frozenset({Reason.RATE_LIMITED, Reason.SERVER_ERROR, Reason.NETWORK})
+_KEY_PROBLEMS = frozenset(
+    {Reason.MISSING_SCOPE, Reason.UNAUTHORIZED, Reason.UNKNOWN_PIXEL, Reason.ACCESS_DENIED}
+)

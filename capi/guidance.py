@@ -1,0 +1,248 @@
+"""Diagnosis: turn a failure into a reason code, a one-line cause and the fix.
+
+The texts answer the four ways teams lose days to ``401 Missing scopes`` (the wrong key
+type, a key whose edited permissions never took effect, a restricted key missing a parent
+permission, and the platform's intermittent scope failures), and say what OpenAI support
+asks for. They name the key only by its fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capi.constants import CONVERSIONS_SCOPE
+from capi.errors import SendError
+from capi.failures import Reason
+from capi.fingerprint import shape_hint
+
+WHERE_KEYS_COME_FROM = (
+    "Ads Manager -> Conversions -> Manage conversion keys (or POST "
+    "https://api.ads.openai.com/v1/conversions/api_keys)"
+)
+SUPPORT_ASKS = (
+    "OpenAI support asks for the exact UTC time of a failing request, its request/trace ids "
+    "and the email of whoever created the key, and never the key itself: "
+    "`capi support-bundle` prints the first two."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnosis:
+    """What went wrong, in one line, and what to do about it."""
+
+    reason: Reason
+    cause: str
+    fix: list[str]
+
+    @property
+    def text(self) -> str:
+        """The whole diagnosis as plain text, cause first, then the numbered fix."""
+        steps = "\n".join(f"  {i}. {step}" for i, step in enumerate(self.fix, 1))
+        return f"[{self.reason.value}] {self.cause}\nFix:\n{steps}"
+
+
+def diagnose(
+    error: SendError | Reason, *, pixel_id: str | None = None, api_key: str | None = None
+) -> Diagnosis:
+    """Diagnose a failure; the key, if given, is used only for its shape, never shown."""
+    reason = error if isinstance(error, Reason) else error.reason
+    err = error if isinstance(error, SendError) else None
+    hint = shape_hint(api_key) if api_key else None
+    return _BUILDERS.get(reason, _unexpected)(reason, err, pixel_id, hint)
+
+
+def _fp(err: SendError | None) -> str:
+    return f" {err.key_fingerprint}" if err and err.key_fingerprint else ""
+
+
+def _status(err: SendError | None) -> str:
+    if err is None:
+        return ""
+    bits = [f"HTTP {err.status}" if err.status else "no HTTP response"]
+    if err.request_id:
+        bits.append(f"request id {err.request_id}")
+    if err.response.message:
+        bits.append(f"API said: {err.response.message[:300]!r}")
+    return " [" + "; ".join(bits) + "]"
+
+
+def _missing_scope(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    scopes = ", ".join(err.response.missing_scopes) if err and err.response.missing_scopes else ""
+    scopes = scopes or CONVERSIONS_SCOPE
+    cause = f"The key{_fp(err)} was recognised but lacks the scope {scopes}.{_status(err)}"
+    wrong = (
+        f"Use a Conversion Key from {WHERE_KEYS_COME_FROM}. Advertiser (Ads API) keys from "
+        "Ads Manager -> Settings -> API keys and OpenAI platform keys (project, admin, "
+        "service account) never carry this scope."
+    )
+    if hint:
+        wrong += f" This key looks like {hint}."
+    return Diagnosis(
+        reason,
+        cause,
+        [
+            wrong,
+            "Create a fresh Conversion Key instead of editing an existing one: permissions "
+            "edited after a key was created are known not to take effect, while a new key "
+            "works at once.",
+            f"If the key is restricted, grant the parent permission itself, not only its "
+            f"child toggles (a console showing 'Mixed' can still lack {scopes}).",
+            "If this key worked moments ago, it may be the platform's intermittent scope "
+            "failure: capi re-probes the key and retries instead of dead-lettering; "
+            "`capi status` counts these. " + SUPPORT_ASKS,
+            "Then run `capi check-key`, and `capi dead-letters replay --reason missing_scope`.",
+        ],
+    )
+
+
+def _access_denied(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    return Diagnosis(
+        reason,
+        f"The platform denied access to the key{_fp(err)} (RBAC).{_status(err)}",
+        [
+            "This is usually transient on the platform side: capi re-probes the key and "
+            "retries; nothing is lost meanwhile.",
+            "If it persists, the key cannot write events: create a fresh Conversion Key in "
+            f"{WHERE_KEYS_COME_FROM}.",
+            SUPPORT_ASKS,
+        ],
+    )
+
+
+def _unauthorized(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    steps = [
+        "Check CAPI_API_KEY: no quotes, spaces or line breaks, and the whole key; compare "
+        "its last four characters with the fingerprint above.",
+        "If the key was revoked or deleted, create a new Conversion Key in "
+        f"{WHERE_KEYS_COME_FROM}.",
+        "Then run `capi check-key`, and `capi dead-letters replay --reason unauthorized`.",
+    ]
+    if hint:
+        steps.insert(0, f"This key looks like {hint}; this endpoint needs a Conversion Key.")
+    return Diagnosis(
+        reason,
+        f"The API does not recognise the key{_fp(err)}: revoked, mistyped or truncated."
+        f"{_status(err)}",
+        steps,
+    )
+
+
+def _unknown_pixel(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    pid = f" {pixel_id!r}" if pixel_id else ""
+    return Diagnosis(
+        reason,
+        f"The API does not know the pixel id{pid} for this key.{_status(err)}",
+        [
+            "Copy the pixel id (the pid of your pixel) from Ads Manager -> Conversions into "
+            "CAPI_PIXEL_ID.",
+            "The pixel must belong to the same ad account as the Conversion Key; a "
+            "development key goes with the development pixel.",
+            "Then run `capi check-key`, and `capi dead-letters replay --reason unknown_pixel`.",
+        ],
+    )
+
+
+def _invalid_event(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    details = ""
+    if err and isinstance(err.response.body, dict):
+        errors = (err.response.body.get("error") or {}).get("errors") or []
+        details = "; ".join(
+            f"{e.get('param')}: {e.get('message')} ({e.get('code')})"
+            for e in errors
+            if isinstance(e, dict)
+        )
+    return Diagnosis(
+        reason,
+        "The API rejected this event." + (f" {details}." if details else "") + _status(err),
+        [
+            "Fix the field named above where your backend builds the event; the other events "
+            "of its batch were delivered.",
+            "Check the corrected event with `capi dead-letters replay ID --dry-run`, or fix "
+            "and enqueue it again under the same id.",
+        ],
+    )
+
+
+def _too_old(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    return Diagnosis(
+        reason,
+        "The event is outside the API's window (older than 7 days, or over 10 minutes ahead)."
+        + _status(err),
+        [
+            "It cannot be replayed: the API will refuse it. Export it for your records.",
+            "Enqueue events promptly and keep server clocks in sync (NTP); do not hold a "
+            "dead-lettered cause unfixed for days.",
+        ],
+    )
+
+
+def _transient(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    return Diagnosis(
+        reason,
+        f"{reason.meaning[0].upper()}{reason.meaning[1:]}.{_status(err)}",
+        [
+            "capi retries this with capped, jittered backoff (honouring Retry-After); no "
+            "action is needed unless it persists.",
+            "If it persists: check CAPI_BASE_URL and outbound network access, and OpenAI's "
+            "status page.",
+        ],
+    )
+
+
+def _exhausted(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    last = f" Last failure: {err.reason.value}{_status(err)}" if err else ""
+    return Diagnosis(
+        reason,
+        "Every allowed attempt failed with a retryable error." + last,
+        [
+            "Once the endpoint answers again (`capi check-key`), replay: "
+            "`capi dead-letters replay --reason retries_exhausted`.",
+            "If outages last longer than your budget, raise CAPI_MAX_ATTEMPTS or CAPI_RETRY_CAP_S.",
+        ],
+    )
+
+
+def _unexpected(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    return Diagnosis(
+        reason,
+        "The API answered in a way capi does not recognise." + _status(err),
+        [
+            "Check that CAPI_BASE_URL points at the events endpoint (default "
+            "https://bzr.openai.com).",
+            "The raw response is kept in the dead letter (`capi dead-letters show ID`). "
+            + SUPPORT_ASKS,
+        ],
+    )
+
+
+_BUILDERS = {
+    Reason.MISSING_SCOPE: _missing_scope,
+    Reason.ACCESS_DENIED: _access_denied,
+    Reason.UNAUTHORIZED: _unauthorized,
+    Reason.UNKNOWN_PIXEL: _unknown_pixel,
+    Reason.INVALID_EVENT: _invalid_event,
+    Reason.OUTSIDE_TIME_WINDOW: _too_old,
+    Reason.RATE_LIMITED: _transient,
+    Reason.SERVER_ERROR: _transient,
+    Reason.NETWORK: _transient,
+    Reason.RETRIES_EXHAUSTED: _exhausted,
+    Reason.UNEXPECTED: _unexpected,
+}

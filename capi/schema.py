@@ -1,0 +1,209 @@
+"""The API's event schema as pydantic models: the one module to edit when the API changes.
+
+The models describe events *as sent*: user identifiers already hashed. Raw identifiers,
+cross-field rules and the time window are handled by :mod:`capi.events`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cache
+from typing import Annotated, Any, Literal
+
+import pycountry
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+from capi.hashing import check_hashed
+
+STANDARD_TYPES: dict[str, str] = {
+    "registration_completed": "customer_action",
+    "lead_created": "customer_action",
+    "appointment_scheduled": "customer_action",
+    "app_installed": "customer_action",
+    "app_opened": "customer_action",
+    "order_created": "contents",
+    "checkout_started": "contents",
+    "contents_viewed": "contents",
+    "items_added": "contents",
+    "page_viewed": "contents",
+    "subscription_created": "plan_enrollment",
+    "trial_started": "plan_enrollment",
+}
+DATA_TYPE_OF: dict[str, str] = {**STANDARD_TYPES, "custom": "custom"}
+APP_EVENT_TYPES = frozenset({"app_installed", "app_opened"})
+EventType = Literal[
+    "registration_completed",
+    "lead_created",
+    "appointment_scheduled",
+    "app_installed",
+    "app_opened",
+    "order_created",
+    "checkout_started",
+    "contents_viewed",
+    "items_added",
+    "page_viewed",
+    "subscription_created",
+    "trial_started",
+    "custom",
+]
+ActionSource = Literal[
+    "web", "mobile_app", "offline", "physical_store", "phone_call", "email", "other"
+]
+
+
+@cache
+def currency_codes() -> frozenset[str]:
+    """The ISO 4217 currency codes (from pycountry's copy of the standard)."""
+    return frozenset(c.alpha_3 for c in pycountry.currencies)
+
+
+@cache
+def country_codes() -> frozenset[str]:
+    """The ISO 3166-1 alpha-2 country codes."""
+    return frozenset(c.alpha_2 for c in pycountry.countries)
+
+
+def _currency(value: str) -> str:
+    code = value.upper()
+    if code not in currency_codes():
+        raise ValueError(f"must be an ISO 4217 currency code such as USD, EUR, JPY; got {value!r}")
+    return code
+
+
+def _country(value: str) -> str:
+    code = value.upper()
+    if code not in country_codes():
+        raise ValueError(f"must be an ISO 3166-1 alpha-2 country code such as US; got {value!r}")
+    return code
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address") from None
+
+
+Currency = Annotated[str, AfterValidator(_currency)]
+Country = Annotated[str, AfterValidator(_country)]
+Sha256 = Annotated[str, AfterValidator(check_hashed)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+MinorUnits = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+
+
+class _Priced(_Model):
+    amount: MinorUnits | None = None
+    currency: Currency | None = None
+
+
+class Item(_Priced):
+    """One line of ``data.contents``: a product, with its price in minor units."""
+
+    id: NonEmpty | None = None
+    group_id: NonEmpty | None = None
+    name: NonEmpty | None = None
+    content_type: NonEmpty | None = None
+    quantity: Annotated[StrictInt, Field(ge=0)] | None = None
+    variant_dict: dict[str, str] | None = None
+
+
+class CustomerActionData(_Priced):
+    """``data`` of signup-like events; has no ``contents``."""
+
+    type: Literal["customer_action"]
+
+
+class ContentsData(_Priced):
+    """``data`` of purchase-like events."""
+
+    type: Literal["contents"]
+    contents: list[Item] | None = None
+
+
+class PlanEnrollmentData(_Priced):
+    """``data`` of subscription and trial events."""
+
+    type: Literal["plan_enrollment"]
+    plan_id: NonEmpty | None = None
+    contents: list[Item] | None = None
+
+
+class CustomData(_Priced):
+    """``data`` of custom events: the plan fields plus any extra keys."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["custom"]
+    plan_id: NonEmpty | None = None
+    contents: list[Item] | None = None
+
+
+Data = Annotated[
+    CustomerActionData | ContentsData | PlanEnrollmentData | CustomData,
+    Field(discriminator="type"),
+]
+DATA_MODELS: dict[str, type[_Model]] = {
+    "customer_action": CustomerActionData,
+    "contents": ContentsData,
+    "plan_enrollment": PlanEnrollmentData,
+    "custom": CustomData,
+}
+
+
+class User(_Model):
+    """Who converted: hashed identifiers as lists, plus raw location and device fields."""
+
+    emails_sha256: list[Sha256] | None = None
+    phone_numbers_sha256: list[Sha256] | None = None
+    external_ids_sha256: list[Sha256] | None = None
+    first_names_sha256: list[Sha256] | None = None
+    last_names_sha256: list[Sha256] | None = None
+    regions: list[NonEmpty] | None = None
+    postal_codes: list[NonEmpty] | None = None
+    cities: list[NonEmpty] | None = None
+    countries: list[Country] | None = None
+    ip_address: Annotated[str, AfterValidator(_ip)] | None = None
+    user_agent: NonEmpty | None = None
+    obref: NonEmpty | None = None
+    android_advertising_id: NonEmpty | None = None
+
+
+class Event(_Model):
+    """One conversion event in the API's format, as it is queued and sent."""
+
+    id: NonEmpty
+    type: EventType
+    timestamp_ms: StrictInt
+    custom_event_name: str | None = None
+    oppref: NonEmpty | None = None
+    source_url: str | None = None
+    action_source: ActionSource | None = None
+    user: User | None = None
+    opt_out: StrictBool | None = None
+    data: Data
+
+    @property
+    def name(self) -> str:
+        """The name the API dedups on: the custom event name, lowercased, or the type."""
+        if self.type == "custom" and self.custom_event_name:
+            return self.custom_event_name.lower()
+        return self.type
+
+    def to_json(self) -> bytes:
+        """The event as the API expects it, compact JSON without unset fields."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def allowed_fields(model: type[BaseModel]) -> list[str]:
+    """The field names a model accepts, in declaration order."""
+    return list(model.model_fields)
+
+
+def dump(value: Any) -> Any:
+    """Dump a model or pass a plain value through (for error bodies and records)."""
+    return (
+        value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
+    )

@@ -1,0 +1,115 @@
+"""Settings, read from ``CAPI_*`` environment variables or an env file under ``config/``.
+
+Nothing is read at import time: call :meth:`Settings.load`. The file is ``$CAPI_CONFIG_FILE``
+if set, else ``config/capi.env`` if it exists; the environment wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from capi.constants import API_MAX_EVENTS_PER_REQUEST, DEFAULT_BASE_URL, RedisKeys
+from capi.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/capi.env")
+
+
+class Settings(BaseSettings):
+    """Every setting of capi; each maps to ``CAPI_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPI_", extra="ignore", validate_default=True)
+
+    api_key: SecretStr | None = Field(None, description="The Conversion Key.")
+    pixel_id: str | None = Field(None, description="The pixel id, sent as ?pid=.")
+    base_url: str = Field(DEFAULT_BASE_URL, description="The events endpoint's base URL.")
+    redis_url: str = Field("redis://localhost:6379/0", description="Where the queue lives.")
+    redis_prefix: str = Field("capi", min_length=1, description="Prefix of every Redis key.")
+    integration_source: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Sent to the API as is."
+    )
+    max_attempts: int = Field(10, ge=1, le=1000, description="Sends per event before dead-letter.")
+    retry_base_s: float = Field(1.0, gt=0, description="First backoff wait.")
+    retry_cap_s: float = Field(300.0, gt=0, description="Longest single backoff wait.")
+    batch_size: int = Field(
+        500, ge=1, le=API_MAX_EVENTS_PER_REQUEST, description="Events per POST."
+    )
+    batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest wait to fill a batch.")
+    concurrency: int = Field(2, ge=1, le=32, description="Batches in flight per worker process.")
+    request_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout per request.")
+    claim_idle_s: float = Field(
+        90.0, gt=0, description="Idle time after which a dead worker's events are reclaimed."
+    )
+    dedup_window_s: int = Field(
+        86_400, ge=0, description="Window in which a repeated id is dropped."
+    )
+    reprobe_interval_s: float = Field(30.0, gt=0, description="Key re-probe period while held.")
+    probe_confirmations: int = Field(
+        3, ge=1, le=10, description="Failed probes in a row that confirm a key problem."
+    )
+    shutdown_timeout_s: float = Field(20.0, ge=0, description="Grace for in-flight batches.")
+    deadletter_retention_days: float = Field(30.0, gt=0, description="How long dead letters stay.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _cap_not_below_base(self) -> Self:
+        if self.retry_cap_s < self.retry_base_s:
+            raise ValueError("CAPI_RETRY_CAP_S must not be below CAPI_RETRY_BASE_S")
+        return self
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read settings from the environment and the config file; raise ConfigError if bad."""
+        path = config_file or os.environ.get("CAPI_CONFIG_FILE") or DEFAULT_CONFIG_FILE
+        env_file = Path(path) if Path(path).exists() else None
+        if config_file and env_file is None:
+            raise ConfigError(f"config file {config_file} does not exist")
+        try:
+            return cls(_env_file=env_file, **overrides)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @property
+    def keys(self) -> RedisKeys:
+        """The Redis key names under this prefix."""
+        return RedisKeys(self.redis_prefix)
+
+    def credentials(self) -> tuple[str, str]:
+        """The key and pixel id; raise ConfigError naming whichever is missing."""
+        missing = [
+            name
+            for name, value in (("CAPI_API_KEY", self.api_key), ("CAPI_PIXEL_ID", self.pixel_id))
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"{' and '.join(missing)} must be set (environment or config/capi.env); the "
+                "key is a Conversion Key from Ads Manager -> Conversions -> Manage conversion keys"
+            )
+        assert self.api_key is not None and self.pixel_id is not None
+        return self.api_key.get_secret_value().strip(), self.pixel_id.strip()
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False):
+        name = "CAPI_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "settings"
+        lines.append(f"{name}: {str(err['msg']).removeprefix('Value error, ')}")
+    return "invalid settings: " + "; ".join(lines)

@@ -1,0 +1,100 @@
+"""Fixtures: a private redis-server on a free port, and the sandbox in a thread."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of our own (never the machine's shared one), for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (.ci/run installs it)")
+    port = free_port()
+    workdir: Path = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.025)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """The private Redis, emptied before each test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    yield redis_server
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxThread]:
+    """A fresh sandbox on a free port, served from a thread."""
+    with SandboxThread() as sb:
+        yield sb
+
+
+@pytest.fixture
+def capi_env(
+    monkeypatch: pytest.MonkeyPatch, sandbox: SandboxThread, redis_url: str
+) -> dict[str, str]:
+    """CAPI_* settings pointing at the sandbox and the private Redis."""
+    env = {
+        "CAPI_API_KEY": DEFAULT_KEY,
+        "CAPI_PIXEL_ID": DEFAULT_PIXEL,
+        "CAPI_BASE_URL": sandbox.url,
+        "CAPI_REDIS_URL": redis_url,
+        "CAPI_CONFIG_FILE": os.devnull,
+    }
+    for k in list(os.environ):
+        if k.startswith("CAPI_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env

@@ -42,11 +42,18 @@ class Diagnosis:
 
 
 def diagnose(
-    error: SendError | Reason, *, pixel_id: str | None = None, api_key: str | None = None
+    error: SendError | Reason,
+    *,
+    reason: Reason | None = None,
+    pixel_id: str | None = None,
+    api_key: str | None = None,
 ) -> Diagnosis:
-    """Diagnose a failure; the key, if given, is used only for its shape, never shown."""
-    reason = error if isinstance(error, Reason) else error.reason
+    """Diagnose a failure; the key, if given, is used only for its shape, never shown.
+
+    ``reason`` overrides the error's own (e.g. retries_exhausted after a server error).
+    """
     err = error if isinstance(error, SendError) else None
+    reason = reason or (error if isinstance(error, Reason) else error.reason)
     hint = shape_hint(api_key) if api_key else None
     return _BUILDERS.get(reason, _unexpected)(reason, err, pixel_id, hint)
 

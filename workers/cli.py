@@ -1,8 +1,63 @@
-"""The ``capi`` console script: capi's commands plus ``capi worker`` (which needs arq)."""
+"""The ``capi`` console script: capi's commands plus ``capi worker``, which needs arq."""
 
 from __future__ import annotations
 
+import logging
+import signal
+import sys
+
+import click
+from arq.worker import create_worker
+
 from capi.cli import cli
+from capi.cli.common import err, handle_errors, settings_from
+from capi.errors import KeyCheckFailed
+from capi.exitcodes import for_reason
+from workers.main import worker_settings
+
+
+@cli.command("worker")
+@click.option("--burst", is_flag=True, help="Exit once nothing is queued, in flight or scheduled.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every batch.")
+@click.pass_context
+@handle_errors
+def worker_command(ctx: click.Context, burst: bool, verbose: bool) -> None:
+    """Run a worker: check the key, then send queued events until stopped.
+
+    The worker refuses to start (exit 10-15, with the diagnosis) if the Conversion Key
+    cannot write events; queued events stay queued. SIGTERM stops it gracefully.
+    Run as many as you like, on as many machines, against one Redis.
+
+    \b
+    Examples:
+      capi worker
+      capi worker --burst            # drain the queue, then exit
+      arq workers.main.WorkerSettings
+    """
+    settings = settings_from(ctx)
+    settings.credentials()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    holder: dict[str, object] = {}
+
+    def stop_worker() -> None:
+        worker = holder.get("worker")
+        if worker is not None:
+            worker.handle_sig(signal.SIGUSR1)  # type: ignore[attr-defined]
+
+    worker = create_worker(
+        worker_settings(settings, capi_burst=burst, capi_on_done=stop_worker if burst else None)
+    )
+    holder["worker"] = worker
+    try:
+        worker.run()
+    except KeyCheckFailed as exc:
+        err.print(exc.diagnosis, markup=False)
+        err.print("The worker did not start; queued events stay queued.", markup=False)
+        sys.exit(for_reason(exc.error.reason))
 
 
 def main() -> None:

@@ -1,0 +1,145 @@
+"""Dead letters: one record per event that could not be delivered, with all it takes to
+understand and replay it.
+
+A record holds the event as it was sent (identifiers already hashed), the reason and its
+guidance, the HTTP status and the API's error body, every request/trace id, the UTC times
+of the first and last attempt, the number of attempts, the key's fingerprint (never the
+key), the pixel id, and the replay deadline (the event's ``timestamp_ms`` + 7 days, after
+which the API refuses it). Records are written in the same MULTI/EXEC as the stream
+acknowledgement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+from capi._aio import aw
+from capi.constants import API_MAX_AGE_MS, RedisKeys
+from capi.errors import SendError
+from capi.failures import Reason
+from capi.queue import Entry
+
+
+def iso(ms: int | None) -> str | None:
+    """Unix milliseconds as an ISO 8601 UTC timestamp with milliseconds."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+class DeadLetter(BaseModel):
+    """One dead-lettered event and why."""
+
+    id: str
+    event_type: str
+    event: dict[str, Any]
+    reason: Reason
+    meaning: str
+    guidance: str
+    status: int | None = None
+    error_message: str = ""
+    error_code: str | None = None
+    error_param: str | None = None
+    error_body: Any = None
+    request_ids: dict[str, str] = {}
+    attempts: int
+    first_attempt_at: str | None = None
+    last_attempt_at: str | None = None
+    dead_lettered_at: str
+    dead_lettered_ms: int
+    key_fingerprint: str
+    pixel_id: str
+    timestamp_ms: int
+    replay_deadline: str
+    replay_deadline_ms: int
+    replayable: bool
+
+    def to_json(self) -> bytes:
+        """The record as stored in Redis."""
+        return self.model_dump_json().encode()
+
+
+def build(
+    entry: Entry,
+    *,
+    reason: Reason,
+    guidance: str,
+    error: SendError | None,
+    key_fingerprint: str,
+    pixel_id: str,
+    now_ms: int,
+    attempted: bool,
+) -> DeadLetter:
+    """The dead letter record of one entry; ``attempted`` if this failure was a send."""
+    event = orjson.loads(entry.event)
+    resp = error.response if error else None
+    first = entry.first_attempt_ms or (now_ms if attempted else None)
+    last = now_ms if attempted else (entry.meta or {}).get("l")
+    deadline = entry.timestamp_ms + API_MAX_AGE_MS
+    return DeadLetter(
+        id=entry.event_id,
+        event_type=str(event.get("custom_event_name") or event.get("type")),
+        event=event,
+        reason=reason,
+        meaning=reason.meaning,
+        guidance=guidance,
+        status=resp.status if resp else None,
+        error_message=resp.message if resp else "",
+        error_code=resp.code if resp else None,
+        error_param=resp.param if resp else None,
+        error_body=resp.body if resp else None,
+        request_ids=resp.request_ids if resp else {},
+        attempts=entry.attempts + (1 if attempted else 0),
+        first_attempt_at=iso(first),
+        last_attempt_at=iso(last),
+        dead_lettered_at=iso(now_ms) or "",
+        dead_lettered_ms=now_ms,
+        key_fingerprint=key_fingerprint,
+        pixel_id=pixel_id,
+        timestamp_ms=entry.timestamp_ms,
+        replay_deadline=iso(deadline) or "",
+        replay_deadline_ms=deadline,
+        replayable=reason.replayable and deadline > now_ms,
+    )
+
+
+async def write(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    group: str,
+    entries: Sequence[Entry],
+    records: Sequence[DeadLetter],
+) -> None:
+    """Store records and acknowledge their stream entries, in one MULTI/EXEC."""
+    pipe = client.pipeline(transaction=True)
+    pipe.hset(keys.deadletters, mapping={r.id: r.to_json() for r in records})
+    pipe.zadd(keys.deadletter_index, {r.id: r.dead_lettered_ms for r in records})
+    ids = [e.stream_id for e in entries]
+    if ids:
+        pipe.xack(keys.stream, group, *ids)
+        pipe.xdel(keys.stream, *ids)
+    pipe.hincrby(keys.stats, "dead_lettered", len(records))
+    for r in records:
+        pipe.hincrby(keys.dl_reasons, r.reason.value, 1)
+    await pipe.execute()
+
+
+async def get(client: aioredis.Redis, keys: RedisKeys, dl_id: str) -> DeadLetter | None:
+    """One dead letter by id, or None."""
+    raw = await aw(client.hget(keys.deadletters, dl_id))
+    return DeadLetter.model_validate_json(raw) if raw else None
+
+
+async def all_records(client: aioredis.Redis, keys: RedisKeys) -> list[DeadLetter]:
+    """Every dead letter, newest first."""
+    ids = await client.zrevrange(keys.deadletter_index, 0, -1)
+    if not ids:
+        return []
+    raws = await aw(client.hmget(keys.deadletters, ids))
+    return [DeadLetter.model_validate_json(r) for r in raws if r]

@@ -1,0 +1,168 @@
+"""The key guard: tell a platform hiccup from a broken key, and hold sending while broken.
+
+When a send fails with a key problem (missing scope, RBAC denial, unauthorized, unknown
+pixel), the guard re-probes the key with ``validate_only`` (at most once per
+``min_probe_interval_s`` per process, and ``confirmations`` probes in a row before calling
+it broken). If a probe passes, the failure was transient and the events are retried. If
+not, the key is *held*: the state is written to Redis (``{p}:key``) so every worker stops
+taking new events, and one worker at a time (a Redis lock) re-probes every
+``reprobe_interval_s`` until the key works again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from capi._aio import aw
+from capi.client import ConversionsClient
+from capi.constants import RedisKeys
+from capi.deadletters import iso
+from capi.errors import SendError
+from capi.guidance import diagnose
+from capi.keycheck import KeyCheck, check_key
+
+log = logging.getLogger("capi.keyguard")
+
+
+class Verdict(enum.Enum):
+    """What a key failure turned out to be."""
+
+    TRANSIENT = "transient"
+    CONFIRMED = "confirmed"
+    ALREADY_HELD = "already_held"
+
+
+class KeyGuard:
+    """Re-probes the key after key failures and holds all workers while it is broken."""
+
+    def __init__(
+        self,
+        client: ConversionsClient,
+        redis: aioredis.Redis,
+        keys: RedisKeys,
+        *,
+        api_key: str,
+        confirmations: int = 3,
+        reprobe_interval_s: float = 30.0,
+        min_probe_interval_s: float = 5.0,
+        probe_pause_s: float = 0.5,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.client = client
+        self.redis = redis
+        self.keys = keys
+        self._api_key = api_key
+        self.confirmations = confirmations
+        self.reprobe_interval_s = reprobe_interval_s
+        self.min_probe_interval_s = min_probe_interval_s
+        self.probe_pause_s = probe_pause_s
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self._last_ok = float("-inf")
+        self.held = False
+
+    async def check(self) -> KeyCheck:
+        """The startup check; records the key as ok in Redis when it passes."""
+        result = await self._probe()
+        if result.ok:
+            await self._set_ok()
+        return result
+
+    async def confirm(self, error: SendError) -> Verdict:
+        """Decide whether a key failure is transient; hold everything if it is not."""
+        async with self._lock:
+            if self.held:
+                return Verdict.ALREADY_HELD
+            recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
+            result = None if recently_ok else await self._probe()
+            if result is None or result.ok:
+                await aw(self.redis.hincrby(self.keys.stats, "transient_key_failures", 1))
+                log.warning(
+                    "transient %s on a key that passes its probe; retrying (request id %s)",
+                    error.reason.value,
+                    error.request_id,
+                )
+                return Verdict.TRANSIENT
+            await self._hold(result.error or error)
+            return Verdict.CONFIRMED
+
+    async def sync(self) -> None:
+        """Adopt the fleet's key state from Redis (another worker may have held or released)."""
+        state: bytes | None = await aw(self.redis.hget(self.keys.key_state, "state"))  # type: ignore[arg-type]
+        self.held = state == b"held"
+
+    async def try_release(self) -> bool:
+        """While held: re-probe if no other worker did within the interval; True if released."""
+        got = await self.redis.set(
+            self.keys.probe_lock, "1", nx=True, px=max(1, int(self.reprobe_interval_s * 1000))
+        )
+        if got:
+            result = await self._probe(confirmations=1)
+            if result.ok:
+                await self._set_ok()
+                log.warning("key re-probe passed: sending resumes")
+                return True
+            await aw(self.redis.hset(self.keys.key_state, "checked_at", iso(_ms()) or ""))
+        await self.sync()
+        return not self.held
+
+    async def _probe(self, confirmations: int | None = None) -> KeyCheck:
+        result = await check_key(
+            self.client,
+            confirmations=confirmations or self.confirmations,
+            pause_s=self.probe_pause_s,
+            sleep=self._sleep,
+            api_key=self._api_key,
+        )
+        if result.ok:
+            self._last_ok = self._monotonic()
+        return result
+
+    async def _set_ok(self) -> None:
+        self.held = False
+        now = iso(_ms()) or ""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self.keys.key_state)
+        pipe.hset(
+            self.keys.key_state,
+            mapping={
+                "state": "ok",
+                "since": now,
+                "checked_at": now,
+                "fingerprint": self.client.key_fingerprint,
+            },
+        )
+        await pipe.execute()
+
+    async def _hold(self, error: SendError) -> None:
+        self.held = True
+        diagnosis = diagnose(error, pixel_id=self.client.pixel_id, api_key=self._api_key)
+        now = iso(_ms()) or ""
+        await aw(
+            self.redis.hset(
+                self.keys.key_state,
+                mapping={
+                    "state": "held",
+                    "since": now,
+                    "checked_at": now,
+                    "reason": error.reason.value,
+                    "status": str(error.status or ""),
+                    "request_id": error.request_id or "",
+                    "fingerprint": self.client.key_fingerprint,
+                    "guidance": diagnosis.text,
+                },
+            )
+        )
+        log.error("key confirmed broken; holding all workers: %s", diagnosis.cause)
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)

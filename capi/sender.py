@@ -81,6 +81,7 @@ class Sender:
             api_key=api_key,
             confirmations=settings.probe_confirmations,
             reprobe_interval_s=settings.reprobe_interval_s,
+            min_probe_interval_s=min(5.0, settings.reprobe_interval_s),
             probe_pause_s=min(0.5, settings.reprobe_interval_s),
         )
         self._api_key = api_key

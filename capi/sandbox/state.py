@@ -92,6 +92,7 @@ class SandboxState:
         self.scopeless_keys = set(scopeless_keys or {DEFAULT_SCOPELESS_KEY})
         self.pixels = set(pixels or {DEFAULT_PIXEL})
         self.faults: list[Fault] = []
+        self.report_index = True  # False: rejections omit events[i], as an API change might
         self.clock = clock
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -139,6 +140,8 @@ class SandboxState:
                     setattr(self, name, set(config[name]))
             if "faults" in config:
                 self.faults = [Fault(**f) for f in config["faults"]]
+            if "report_index" in config:
+                self.report_index = bool(config["report_index"])
             if "seed" in config:
                 self.rng = random.Random(config["seed"])
 
@@ -248,15 +251,17 @@ class SandboxState:
                 errors = [
                     {
                         "message": p.rule,
-                        "param": f"events[{i}].{p.path}",
+                        "param": f"events[{i}].{p.path}" if self.report_index else p.path,
                         "code": _code(p.path, p.rule),
                     }
                     for p in exc.problems
                 ]
                 return checked, _error(
                     400,
-                    f"Invalid event at events[{i}]. See errors for details.",
-                    param=f"events[{i}]",
+                    f"Invalid event at events[{i}]. See errors for details."
+                    if self.report_index
+                    else "Invalid event. See errors for details.",
+                    param=f"events[{i}]" if self.report_index else None,
                     code="invalid_event",
                     errors=errors,
                 )

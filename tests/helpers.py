@@ -1,0 +1,126 @@
+"""Shared test helpers: settings for the sandbox, event factories, running a sender."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import redis
+
+from capi.events import purchase, signup
+from capi.producer import SyncProducer
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+from capi.sender import Sender
+from capi.settings import Settings
+
+
+def make_settings(sandbox: SandboxThread, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "api_key": DEFAULT_KEY,
+        "pixel_id": DEFAULT_PIXEL,
+        "base_url": sandbox.url,
+        "redis_url": redis_url,
+        "retry_base_s": 0.01,
+        "retry_cap_s": 0.05,
+        "batch_wait_ms": 5,
+        "claim_idle_s": 1.0,
+        "reprobe_interval_s": 0.2,
+        "request_timeout_s": 5.0,
+        "shutdown_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+def events(n: int, start: int = 0, prefix: str = "") -> list[dict[str, Any]]:
+    out = []
+    for i in range(start, start + n):
+        if i % 2:
+            out.append(
+                signup(
+                    f"{prefix}s-{i}",
+                    email=f"user{i}@example.com",
+                    source_url="https://shop.example/welcome",
+                )
+            )
+        else:
+            out.append(
+                purchase(
+                    f"{prefix}p-{i}",
+                    amount=1000 + i,
+                    currency="USD",
+                    email=f"user{i}@example.com",
+                    source_url="https://shop.example/thanks",
+                )
+            )
+    return out
+
+
+def ids(evts: list[dict[str, Any]]) -> set[str]:
+    return {e["id"] for e in evts}
+
+
+def enqueue(settings: Settings, evts: list[dict[str, Any]]) -> None:
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many(evts)
+    assert report.ok, report.refused
+
+
+def drain(settings: Settings, timeout_s: float = 60.0, **kwargs: Any) -> Sender:
+    """Run a burst sender in this thread until everything has a fate."""
+
+    async def go() -> Sender:
+        sender = Sender.from_settings(settings, **kwargs)
+        try:
+            await asyncio.wait_for(sender.run(burst=True), timeout_s)
+        finally:
+            await sender.aclose()
+        return sender
+
+    return asyncio.run(go())
+
+
+def dead_letters(settings: Settings) -> dict[str, dict[str, Any]]:
+    import orjson
+
+    client = redis.Redis.from_url(settings.redis_url)
+    raw = client.hgetall(settings.keys.deadletters)
+    client.close()
+    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+
+def redis_dump(url: str) -> bytes:
+    """Every key and value in Redis, as one blob to search for secrets."""
+    client = redis.Redis.from_url(url)
+    blob = bytearray()
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        blob += key + b"\n"
+        if kind == b"string":
+            blob += client.get(key) or b""
+        elif kind == b"hash":
+            for k, v in client.hgetall(key).items():
+                blob += k + b"=" + v + b"\n"
+        elif kind == b"zset":
+            for m in client.zrange(key, 0, -1):
+                blob += m + b"\n"
+        elif kind == b"stream":
+            for _, fields in client.xrange(key):
+                for k, v in fields.items():
+                    blob += k + b"=" + v + b"\n"
+        elif kind == b"list":
+            for v in client.lrange(key, 0, -1):
+                blob += v + b"\n"
+    client.close()
+    return bytes(blob)
+
+
+def wait_for(predicate: Any, timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,75 @@
+"""Producers: validation before Redis, dedup, JSON only, no raw identifiers stored."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+import redis
+
+from capi.errors import EventRejected
+from capi.events import signup
+from capi.producer import Producer, SyncProducer
+from capi.sandbox import SandboxThread
+from tests.helpers import events, make_settings, redis_dump
+
+
+def test_sync_enqueue_dedups_by_id(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url)
+    with SyncProducer.from_settings(settings) as producer:
+        event = signup("u-1", email="ada@example.com", source_url="https://a.example/")
+        assert producer.enqueue(event) is True
+        assert producer.enqueue(event) is False
+        report = producer.enqueue_many(events(10) + events(10))
+    assert (report.queued, report.duplicates) == (10, 10)
+    assert redis.Redis.from_url(redis_url).xlen(settings.keys.stream) == 11
+
+
+def test_async_enqueue_and_refusal_touches_nothing(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url)
+
+    async def go() -> None:
+        async with Producer.from_settings(settings) as producer:
+            assert await producer.enqueue(events(1)[0])
+            bad = signup("u-bad", email="not-an-email", source_url="https://a.example/")
+            with pytest.raises(EventRejected, match=r"user.email\[0\]: must be an email"):
+                await producer.enqueue(bad)
+            report = await producer.enqueue_many([*events(3, start=10), bad, {"id": 1}])
+            assert report.queued == 3
+            assert [i for i, _ in report.refused] == [3, 4]
+
+    asyncio.run(go())
+    client = redis.Redis.from_url(redis_url)
+    assert client.xlen(settings.keys.stream) == 4
+    assert not list(client.scan_iter(match="*u-bad*"))  # no dedup marker for a refused event
+
+
+def test_redis_holds_json_events_without_raw_identifiers(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    with SyncProducer.from_settings(settings) as producer:
+        producer.enqueue(
+            signup(
+                "u-2",
+                email="Grace.Hopper@Example.com",
+                phone="+1 (415) 555-2671",
+                first_name="Grace",
+                last_name="Hopper",
+                source_url="https://a.example/?e=x",
+            )
+        )
+    dump = redis_dump(redis_url).lower()
+    for raw in (b"grace.hopper@example.com", b"4155552671", b"hopper", b"grace"):
+        assert raw not in dump
+    entry = redis.Redis.from_url(redis_url).xrange(settings.keys.stream)[0][1]
+    event = orjson.loads(entry[b"e"])  # JSON, not pickle
+    assert event["user"]["emails_sha256"] and event["source_url"] == "https://a.example/"
+
+
+def test_dedup_window_zero_disables_dedup(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url, dedup_window_s=0)
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many(events(2) + events(2))
+    assert report.queued == 4

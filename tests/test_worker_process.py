@@ -1,0 +1,99 @@
+"""The worker as a process: refuses a bad key, survives kill -9, stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import redis
+
+from capi.sandbox import Fault, SandboxThread
+from capi.sandbox.state import DEFAULT_SCOPELESS_KEY
+from capi.settings import Settings
+from tests.helpers import dead_letters, enqueue, events, ids, make_settings, wait_for
+
+
+def worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    full_env.update(
+        {f"CAPI_{name.upper()}": str(value) for name, value in _plain(settings).items()}
+    )
+    full_env.update(env)
+    full_env["CAPI_CONFIG_FILE"] = os.devnull
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "worker", *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _plain(settings: Settings) -> dict[str, Any]:
+    data = settings.model_dump(exclude_none=True)
+    data["api_key"] = settings.api_key.get_secret_value() if settings.api_key else ""
+    return data
+
+
+def test_worker_with_a_wrong_key_does_not_start(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(
+        sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=2
+    )
+    enqueue(settings, events(50))
+    proc = worker(settings)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 10, output
+    assert "lacks the scope ads.third_party_events.write" in output
+    assert "Manage conversion keys" in output
+    assert "did not start; queued events stay queued" in output
+    assert DEFAULT_SCOPELESS_KEY not in output
+    assert redis.Redis.from_url(redis_url).xlen(settings.keys.stream) == 50
+    assert not sandbox.state.delivered_ids()
+
+
+def test_kill_9_mid_batch_then_restart_delivers_everything(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url, batch_size=100, claim_idle_s=1.0)
+    evts = events(2000)
+    enqueue(settings, evts)
+    sandbox.state.faults = [Fault("latency", every=1, latency_ms=300)]
+    proc = worker(settings)
+    wait_for(lambda: sandbox.state.summary()["batches"] >= 2, what="first batches")
+    proc.send_signal(signal.SIGKILL)  # mid-batch: requests are in flight
+    proc.communicate(timeout=10)
+    delivered_before = len(sandbox.state.delivered_ids())
+    assert delivered_before < 2000
+    sandbox.state.faults = []
+    restarted = worker(settings, "--burst")
+    output, _ = restarted.communicate(timeout=90)
+    assert restarted.returncode == 0, output
+    delivered = sandbox.state.delivered_ids()
+    assert set(delivered) == ids(evts)  # at least once, every one
+    assert "reclaimed" in output
+    assert not dead_letters(settings)
+
+
+def test_sigterm_stops_reading_and_loses_nothing(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url, batch_size=50, shutdown_timeout_s=0.2)
+    evts = events(1000)
+    enqueue(settings, evts)
+    sandbox.state.faults = [Fault("latency", every=1, latency_ms=400)]
+    proc = worker(settings)
+    wait_for(lambda: sandbox.state.summary()["batches"] >= 1, what="first batch")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 0, output
+    client = redis.Redis.from_url(redis_url)
+    pending = client.xpending(settings.keys.stream, "senders")["pending"]
+    assert pending == 0  # nothing stranded in a dead consumer: handed back or finished
+    sandbox.state.faults = []
+    rest = worker(settings, "--burst")
+    rest.communicate(timeout=60)
+    assert set(sandbox.state.delivered_ids()) == ids(evts)

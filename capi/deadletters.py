@@ -39,6 +39,7 @@ class DeadLetter(BaseModel):
     id: str
     event_type: str
     event: dict[str, Any]
+    event_json: str
     reason: Reason
     meaning: str
     guidance: str
@@ -86,6 +87,7 @@ def build(
         id=entry.event_id,
         event_type=str(event.get("custom_event_name") or event.get("type")),
         event=event,
+        event_json=entry.event.decode(),
         reason=reason,
         meaning=reason.meaning,
         guidance=guidance,

@@ -327,6 +327,10 @@ class Sender:
         await self.queue.move_due_retries(self._now())
         if due("sync", 1.0):
             await self.guard.sync()
+        if burst and not self._inflight and await self.queue.drained():
+            log.info("burst: nothing queued, in flight or scheduled; stopping")
+            self.stop()
+            return
         if self.guard.held:
             if due("reprobe", min(self.settings.reprobe_interval_s, 5.0)):
                 await self.guard.try_release()
@@ -341,9 +345,6 @@ class Sender:
                 log.warning("reclaimed %d events left by a stopped worker", len(claimed))
                 await self.process(claimed)
             await self.queue.forget_idle_consumers(claim_idle_ms * 10)
-        if burst and not self._inflight and await self.queue.drained():
-            log.info("burst: nothing queued, in flight or scheduled; stopping")
-            self.stop()
 
 
 def _by_size(entries: list[Entry], limit: int) -> list[list[Entry]]:

@@ -106,6 +106,8 @@ class SandboxState:
             self.statuses: Counter[int] = Counter()
             self.batch_sizes: list[int] = []
             self.validate_only_requests = 0
+            self.first_batch_at: float | None = None  # wall clock, for benchmarks
+            self.last_batch_at: float | None = None
 
     # -- what tests read -------------------------------------------------------------
     def delivered_ids(self) -> Counter[str]:
@@ -130,6 +132,8 @@ class SandboxState:
                 "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
                 "batches": len(self.batch_sizes),
                 "max_batch": max(self.batch_sizes, default=0),
+                "first_batch_at": self.first_batch_at,
+                "last_batch_at": self.last_batch_at,
             }
 
     def configure(self, config: dict[str, Any]) -> None:
@@ -229,6 +233,8 @@ class SandboxState:
                 self.validate_only_requests += 1
             else:
                 self.batch_sizes.append(len(checked))
+                self.last_batch_at = time.time()
+                self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
         return Reply(200, orjson.dumps({"accepted_events": len(checked)}))

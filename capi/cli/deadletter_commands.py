@@ -1,0 +1,529 @@
+"""``capi dead-letters list / show / replay / export / purge`` and ``capi support-bundle``."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import click
+import orjson
+import redis.asyncio as aioredis
+from rich.progress import Progress
+from rich.table import Table
+
+from capi import __version__, replay
+from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
+from capi.cli.main import cli
+from capi.client import ConversionsClient, build_body
+from capi.constants import EVENTS_PATH
+from capi.deadletters import DeadLetter
+from capi.exitcodes import ExitCode
+from capi.fingerprint import fingerprint
+from capi.replay import Selection, can_replay
+from capi.settings import Settings
+from capi.status import gather
+
+_RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_WARN_WITHIN_MS = 24 * 3600 * 1000
+
+
+def parse_when(value: str | None, now_ms: int) -> int | None:
+    """``2h``/``30m``/``7d`` ago, or an ISO 8601 time, as Unix milliseconds."""
+    if not value:
+        return None
+    if m := _RELATIVE.match(value.strip()):
+        return now_ms - int(m.group(1)) * _UNITS[m.group(2)] * 1000
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def human_duration(ms: int) -> str:
+    """A duration like ``3d4h``, ``2h5m``, ``40s``; negative durations get a minus."""
+    sign, ms = ("-" if ms < 0 else ""), abs(ms)
+    s = ms // 1000
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{sign}{d}d{h}h"
+    if h:
+        return f"{sign}{h}h{m}m"
+    if m:
+        return f"{sign}{m}m"
+    return f"{sign}{s}s"
+
+
+def filters(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The selection options shared by list, replay, export and purge."""
+    options = [
+        click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable)."),
+        click.option("--type", "types", multiple=True, help="Only this event type (repeatable)."),
+        click.option("--since", help="Dead-lettered since: 30m, 2h, 7d or an ISO time."),
+        click.option("--until", help="Dead-lettered until: 30m, 2h, 7d or an ISO time."),
+        click.option(
+            "--replayable/--expired",
+            default=None,
+            help="Only those the API can still accept (within 7 days), or only the others.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selection:
+    """Build a Selection from command arguments."""
+    return Selection(
+        ids=list(ids),
+        reasons=list(kw.get("reasons") or []),
+        event_types=list(kw.get("types") or []),
+        since_ms=parse_when(kw.get("since"), now_ms),
+        until_ms=parse_when(kw.get("until"), now_ms),
+        replayable=kw.get("replayable"),
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _select(settings: Settings, selection: Selection) -> list[DeadLetter]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await replay.select(client, settings.keys, selection, _now_ms())
+    finally:
+        await client.aclose()
+
+
+@cli.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect, explain, replay, export and purge events that could not be delivered."""
+
+
+@dead_letters.command("list")
+@filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+@click.option("--limit", type=int, default=None, help="Show at most this many.")
+@click.pass_context
+@handle_errors
+def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: Any) -> None:
+    """List dead letters, newest first, with a summary by reason.
+
+    \b
+    Examples:
+      capi dead-letters list --reason missing_scope --since 2h
+      capi dead-letters list --replayable --json | jq -r .id
+    """
+    settings = settings_from(ctx)
+    now = _now_ms()
+    records = run(_select(settings, selection_from((), kw, now)))
+    shown = records[:limit] if limit else records
+    if as_json:
+        for r in shown:
+            sys.stdout.buffer.write(replay.to_json_line(r))
+        return
+    if not records:
+        out.print("No dead letters.")
+        return
+    table = Table("id", "type", "reason", "age", "attempts", "replay within", box=None)
+    for r in shown:
+        left = r.replay_deadline_ms - now
+        window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
+        table.add_row(
+            r.id,
+            r.event_type,
+            r.reason.value,
+            human_duration(now - r.dead_lettered_ms),
+            str(r.attempts),
+            window,
+        )
+    out.print(table)
+    counts = Counter(r.reason.value for r in records)
+    out.print(f"{len(records)} dead letters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    _warn_deadlines(records, settings, now)
+
+
+def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int) -> None:
+    soon = [
+        r for r in records if can_replay(r, now) and r.replay_deadline_ms - now < _WARN_WITHIN_MS
+    ]
+    retention_ms = int(settings.deadletter_retention_days * 86_400_000)
+    pruned_soon = [r for r in records if r.dead_lettered_ms + retention_ms - now < _WARN_WITHIN_MS]
+    if soon:
+        err.print(
+            f"warning: {len(soon)} dead letters pass their replay deadline within 24 h; "
+            "replay or export them now",
+            markup=False,
+        )
+    if pruned_soon:
+        err.print(
+            f"warning: {len(pruned_soon)} dead letters reach the retention limit "
+            f"({settings.deadletter_retention_days:g} days) within 24 h; "
+            "export them to keep a copy",
+            markup=False,
+        )
+
+
+@dead_letters.command("show")
+@click.argument("dl_id")
+@click.option("--json", "as_json", is_flag=True, help="The record as JSON.")
+@click.pass_context
+@handle_errors
+def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
+    """Show everything recorded about one dead letter, and a curl that reproduces it.
+
+    \b
+    Example:
+      capi dead-letters show order-1042
+    """
+    settings = settings_from(ctx)
+    records = run(_select(settings, Selection(ids=[dl_id])))
+    if not records:
+        err.print(f"no dead letter with id {dl_id!r}", markup=False)
+        sys.exit(ExitCode.FAILURE)
+    r = records[0]
+    if as_json:
+        print_json(r.model_dump(mode="json"))
+        return
+    now = _now_ms()
+    lines = [
+        f"id:               {r.id} ({r.event_type})",
+        f"reason:           {r.reason.value}: {r.meaning}",
+        f"status:           {r.status if r.status is not None else '(no HTTP response)'}",
+        f"API error:        {r.error_message or '-'}"
+        + (f" (code {r.error_code}, param {r.error_param})" if r.error_code else ""),
+        f"request ids:      {', '.join(f'{k}={v}' for k, v in r.request_ids.items()) or '-'}",
+        f"attempts:         {r.attempts}",
+        f"first attempt:    {r.first_attempt_at or '-'}",
+        f"last attempt:     {r.last_attempt_at or '-'}",
+        f"dead-lettered:    {r.dead_lettered_at}",
+        f"key:              {r.key_fingerprint}   pixel: {r.pixel_id}",
+        f"replay deadline:  {r.replay_deadline} "
+        + (
+            f"({human_duration(r.replay_deadline_ms - now)} left)"
+            if can_replay(r, now)
+            else "(cannot be replayed)"
+        ),
+        "",
+        "Guidance:",
+        r.guidance,
+        "",
+        "Event as sent:",
+        orjson.dumps(r.event, option=orjson.OPT_INDENT_2).decode(),
+    ]
+    if r.error_body is not None:
+        lines += ["", "API response body:", orjson.dumps(r.error_body).decode()]
+    lines += [
+        "",
+        "Reproduce (validate_only; the key is read from $CAPI_API_KEY, never shown):",
+        curl_for(r, settings.base_url),
+    ]
+    out.print("\n".join(lines), markup=False)
+
+
+def curl_for(record: DeadLetter, base_url: str) -> str:
+    """A curl command that sends the event with validate_only; the key stays a placeholder."""
+    url = f"{base_url}{EVENTS_PATH}?pid={record.pixel_id}"
+    body = build_body([record.event_json.encode()], validate_only=True).decode()
+    return (
+        f"curl -sS -i -X POST {shlex.quote(url)} \\\n"
+        '  -H "Authorization: Bearer $CAPI_API_KEY" \\\n'
+        "  -H 'Content-Type: application/json' \\\n"
+        f"  --data-binary {shlex.quote(body)}"
+    )
+
+
+@dead_letters.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Select every dead letter.")
+@filters
+@click.option("--rate", type=float, default=None, help="At most N events per second.")
+@click.option("--dry-run", is_flag=True, help="Ask the API (validate_only); queue nothing.")
+@click.option("--include-expired", is_flag=True, help="Also try events past their deadline.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+@handle_errors
+def replay_command(
+    ctx: click.Context,
+    /,
+    ids: tuple[str, ...],
+    select_all: bool,
+    rate: float | None,
+    dry_run: bool,
+    include_expired: bool,
+    as_json: bool,
+    **kw: Any,
+) -> None:
+    """Put dead-lettered events back on the queue, once their cause is fixed.
+
+    Same event ids, so the API dedups; each dead letter is removed only once its event is
+    queued, so running the same replay again sends nothing twice and resumes an
+    interrupted one. Events past their replay deadline are skipped and reported.
+
+    \b
+    Examples:
+      capi check-key && capi dead-letters replay --reason missing_scope
+      capi dead-letters replay order-1042 --dry-run
+      capi dead-letters replay --all --rate 200
+    """
+    settings = settings_from(ctx)
+    now = _now_ms()
+    selection = selection_from(ids, kw, now)
+    if not (ids or select_all or selection.describe()):
+        raise click.UsageError("say what to replay: IDs, --all, or a filter such as --reason")
+    records = run(_select(settings, selection))
+    if dry_run:
+        _dry_run(settings, records, as_json, include_expired)
+        return
+    with _progress(len(records), "replaying") as advance:
+        report = run(_replay(settings, records, rate, include_expired, selection, advance))
+    if as_json:
+        print_json(
+            {
+                "selected": report.selected,
+                "replayed": report.replayed,
+                "already_gone": report.already_gone,
+                "expired": report.expired,
+            }
+        )
+        return
+    out.print(
+        f"replayed {report.replayed} of {report.selected} selected "
+        f"({report.already_gone} already replayed, {len(report.expired)} past deadline)"
+    )
+    for dl_id in report.expired:
+        err.print(
+            f"skipped {dl_id}: past its replay deadline (--include-expired to try)", markup=False
+        )
+
+
+async def _replay(
+    settings: Settings,
+    records: list[DeadLetter],
+    rate: float | None,
+    include_expired: bool,
+    selection: Selection,
+    advance: Callable[[int], None],
+) -> replay.ReplayReport:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await replay.replay(
+            client,
+            settings.keys,
+            records,
+            rate_per_s=rate,
+            include_expired=include_expired,
+            selection=selection,
+            progress=advance,
+        )
+    finally:
+        await client.aclose()
+
+
+def _dry_run(
+    settings: Settings, records: list[DeadLetter], as_json: bool, include_expired: bool
+) -> None:
+    key, pixel = settings.credentials()
+    now = _now_ms()
+    send = [r for r in records if include_expired or can_replay(r, now)]
+    skipped = [
+        replay.DryRunResult(r.id, False, "past_replay_deadline", "not sent: the API refuses it")
+        for r in records
+        if r not in send
+    ]
+
+    async def go() -> list[replay.DryRunResult]:
+        async with ConversionsClient(
+            base_url=settings.base_url, api_key=key, pixel_id=pixel
+        ) as client:
+            return await replay.dry_run(client, send)
+
+    results = (run(go()) if send else []) + skipped
+    for res in results:
+        if as_json:
+            print_json(
+                {
+                    "id": res.id,
+                    "accepted": res.accepted,
+                    "reason": res.reason,
+                    "message": res.message,
+                }
+            )
+        else:
+            verdict = (
+                "would be accepted" if res.accepted else f"rejected: {res.reason}: {res.message}"
+            )
+            out.print(f"{res.id}: {verdict}", markup=False)
+    accepted = sum(r.accepted for r in results)
+    if not as_json:
+        out.print(
+            f"dry run: {accepted} would be accepted, {len(results) - accepted} rejected; "
+            "nothing was queued"
+        )
+
+
+class _progress:
+    """A progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not out.is_terminal or self.total == 0:
+            return lambda n: None
+        self.bar = Progress(console=out)
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        bar = self.bar
+        return lambda n: bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@dead_letters.command("export")
+@click.argument("ids", nargs=-1)
+@filters
+@click.option("-o", "--output", type=click.File("wb"), default="-", help="File (default stdout).")
+@click.pass_context
+@handle_errors
+def export_command(
+    ctx: click.Context, /, ids: tuple[str, ...], output: IO[bytes], **kw: Any
+) -> None:
+    """Write the selected dead letters as JSON Lines (for support tickets or archives).
+
+    \b
+    Example:
+      capi dead-letters export --reason missing_scope -o scope-failures.jsonl
+    """
+    settings = settings_from(ctx)
+    records = run(_select(settings, selection_from(ids, kw, _now_ms())))
+    for r in records:
+        output.write(replay.to_json_line(r))
+    err.print(f"exported {len(records)} dead letters", markup=False)
+
+
+@dead_letters.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "select_all", is_flag=True, help="Select every dead letter.")
+@filters
+@click.option("--export", "export_to", type=click.File("wb"), help="Write them here first.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+@handle_errors
+def purge_command(
+    ctx: click.Context,
+    /,
+    ids: tuple[str, ...],
+    select_all: bool,
+    export_to: IO[bytes] | None,
+    yes: bool,
+    **kw: Any,
+) -> None:
+    """Delete dead letters for good (export them first with --export).
+
+    \b
+    Example:
+      capi dead-letters purge --expired --export expired.jsonl --yes
+    """
+    settings = settings_from(ctx)
+    selection = selection_from(ids, kw, _now_ms())
+    if not (ids or select_all or selection.describe()):
+        raise click.UsageError("say what to purge: IDs, --all, or a filter such as --expired")
+    records = run(_select(settings, selection))
+    if not records:
+        out.print("Nothing to purge.")
+        return
+    if export_to is not None:
+        for r in records:
+            export_to.write(replay.to_json_line(r))
+        export_to.flush()
+    if not yes and not click.confirm(f"Delete {len(records)} dead letters?", err=True):
+        out.print("Nothing deleted.")
+        return
+
+    async def go() -> int:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await replay.purge(client, settings.keys, records)
+        finally:
+            await client.aclose()
+
+    out.print(f"purged {run(go())} dead letters")
+
+
+@cli.command("support-bundle")
+@click.argument("ids", nargs=-1)
+@click.option("--limit", default=5, show_default=True, help="Dead letters to include by default.")
+@click.pass_context
+@handle_errors
+def support_bundle_command(ctx: click.Context, ids: tuple[str, ...], limit: int) -> None:
+    """Print what OpenAI support asks for, ready to paste; never the key.
+
+    Exact UTC timestamps, request/trace ids, pixel id, key fingerprint, the exact error,
+    capi's version. Add the email of whoever created the key yourself.
+
+    \b
+    Examples:
+      capi support-bundle                 # the latest key-related dead letters
+      capi support-bundle order-1042
+    """
+    settings = settings_from(ctx)
+
+    async def go() -> tuple[dict[str, Any], list[DeadLetter]]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            status = await gather(client, settings.keys)
+            records = await replay.select(
+                client, settings.keys, Selection(ids=list(ids)), _now_ms()
+            )
+        finally:
+            await client.aclose()
+        return status, records
+
+    status, records = run(go())
+    if not ids:
+        keyish = [r for r in records if r.reason.key_problem]
+        records = (keyish or records)[:limit]
+    key = settings.api_key.get_secret_value() if settings.api_key else ""
+    lines = [
+        "OpenAI Ads Conversions API: support information (generated by capi)",
+        f"capi version:        {__version__}",
+        f"generated at (UTC):  {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"endpoint:            {settings.base_url}{EVENTS_PATH}",
+        f"pixel id:            {settings.pixel_id or '(not set)'}",
+        f"key fingerprint:     {fingerprint(key) if key else '(not set)'}"
+        "  (the key itself is never shared)",
+        "key created by:      <email of the person signed in when the key was created>",
+        f"key state:           {status['key'].get('state')} {status['key'].get('since', '')} "
+        f"{status['key'].get('reason', '')}".rstrip(),
+        f"transient key failures seen: {status['counters'].get('transient_key_failures', 0)}",
+        "",
+    ]
+    if not records:
+        lines.append("No dead letters recorded.")
+    for r in records:
+        lines += [
+            f"- event {r.id} ({r.event_type}): {r.reason.value}, HTTP {r.status}",
+            f"  first attempt (UTC): {r.first_attempt_at}",
+            f"  last attempt (UTC):  {r.last_attempt_at}",
+            f"  request ids: {_ids(r)}",
+            f"  error: {r.error_message or '-'}",
+        ]
+    out.print("\n".join(lines), markup=False)
+
+
+def _ids(record: DeadLetter) -> str:
+    return ", ".join(f"{k}={v}" for k, v in record.request_ids.items()) or "none returned"

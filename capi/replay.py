@@ -1,0 +1,218 @@
+"""Select, replay, dry-run, export and purge dead letters.
+
+Replay puts each selected event back on the stream with a fresh attempt budget and the
+same event id (so the API dedups), and removes its dead letter in the same Lua script:
+a dead letter disappears only once its event is safely queued, a repeated replay finds
+nothing left to send, and an interrupted replay resumes by running it again. Each replay
+leaves an audit entry (``{p}:dl:replays``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from capi import deadletters
+from capi._aio import aw
+from capi.client import ConversionsClient
+from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
+from capi.deadletters import DeadLetter
+from capi.errors import InvalidEventError, SendError
+
+REPLAY_LUA = """
+-- KEYS: dead letters hash, index zset, stream, stats. ARGV: dead letter ids.
+local replayed = {}
+for _, id in ipairs(ARGV) do
+  local raw = redis.call('HGET', KEYS[1], id)
+  if raw then
+    local rec = cjson.decode(raw)
+    redis.call('XADD', KEYS[3], '*', 'e', rec['event_json'],
+               't', string.format('%.0f', rec['timestamp_ms']), 'i', rec['id'])
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    replayed[#replayed + 1] = id
+  end
+end
+if #replayed > 0 then redis.call('HINCRBY', KEYS[4], 'replayed', #replayed) end
+return replayed
+"""
+
+
+@dataclass
+class Selection:
+    """Which dead letters an operator means; empty fields select everything."""
+
+    ids: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    event_types: list[str] = field(default_factory=list)
+    since_ms: int | None = None
+    until_ms: int | None = None
+    replayable: bool | None = None
+
+    def matches(self, record: DeadLetter, now_ms: int) -> bool:
+        """Whether a record is selected."""
+        checks = [
+            not self.ids or record.id in self.ids,
+            not self.reasons or record.reason.value in self.reasons,
+            not self.event_types or record.event_type in self.event_types,
+            self.since_ms is None or record.dead_lettered_ms >= self.since_ms,
+            self.until_ms is None or record.dead_lettered_ms <= self.until_ms,
+            self.replayable is None or can_replay(record, now_ms) == self.replayable,
+        ]
+        return all(checks)
+
+    def describe(self) -> dict[str, Any]:
+        """The selection as JSON-ready data (for the audit log)."""
+        return {k: v for k, v in asdict(self).items() if v not in (None, [])}
+
+
+def can_replay(record: DeadLetter, now_ms: int) -> bool:
+    """Whether the API can still accept the event (reason allows it, deadline not passed)."""
+    return record.reason.replayable and record.replay_deadline_ms > now_ms
+
+
+async def select(
+    client: aioredis.Redis, keys: RedisKeys, selection: Selection, now_ms: int
+) -> list[DeadLetter]:
+    """The selected dead letters, newest first."""
+    if selection.ids:
+        found = [await deadletters.get(client, keys, i) for i in selection.ids]
+        records = sorted((r for r in found if r), key=lambda r: -r.dead_lettered_ms)
+    else:
+        records = await deadletters.all_records(client, keys)
+    return [r for r in records if selection.matches(r, now_ms)]
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did."""
+
+    selected: int = 0
+    replayed: int = 0
+    already_gone: int = 0
+    expired: list[str] = field(default_factory=list)
+
+
+async def replay(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    records: Sequence[DeadLetter],
+    *,
+    rate_per_s: float | None = None,
+    include_expired: bool = False,
+    selection: Selection | None = None,
+    now_ms: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    sleep: Callable[[float], Any] = asyncio.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> ReplayReport:
+    """Put records' events back on the queue at most ``rate_per_s`` per second."""
+    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    report = ReplayReport(selected=len(records))
+    todo = []
+    for r in records:
+        if can_replay(r, now_ms) or include_expired:
+            todo.append(r)
+        else:
+            report.expired.append(r.id)
+    audit = {
+        "at_ms": now_ms,
+        "selection": (selection or Selection()).describe(),
+        "selected": len(records),
+        "status": "started",
+    }
+    await aw(client.lpush(keys.replays, orjson.dumps(audit)))
+    script = client.register_script(REPLAY_LUA)
+    chunk = 100 if not rate_per_s else max(1, min(100, int(rate_per_s / 10) or 1))
+    started = monotonic()
+    for i in range(0, len(todo), chunk):
+        ids = [r.id for r in todo[i : i + chunk]]
+        done = await script(
+            keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats], args=ids
+        )
+        report.replayed += len(done)
+        report.already_gone += len(ids) - len(done)
+        if progress:
+            progress(len(ids))
+        if rate_per_s:
+            ahead = (i + len(ids)) / rate_per_s - (monotonic() - started)
+            if ahead > 0:
+                await sleep(ahead)
+    audit.update(
+        status="completed",
+        replayed=report.replayed,
+        expired=len(report.expired),
+        already_gone=report.already_gone,
+    )
+    await aw(client.lpush(keys.replays, orjson.dumps(audit)))
+    await aw(client.ltrim(keys.replays, 0, 999))
+    return report
+
+
+@dataclass
+class DryRunResult:
+    """What the API said of one dead letter's event under validate_only."""
+
+    id: str
+    accepted: bool
+    reason: str | None = None
+    message: str = ""
+
+
+async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> list[DryRunResult]:
+    """Send the events with validate_only and report, per event, what the API would do."""
+    results: dict[str, DryRunResult] = {}
+    work = [
+        list(records[i : i + API_MAX_EVENTS_PER_REQUEST])
+        for i in range(0, len(records), API_MAX_EVENTS_PER_REQUEST)
+    ]
+    while work:
+        group = work.pop()
+        try:
+            await client.send([r.event_json.encode() for r in group], validate_only=True)
+        except InvalidEventError as exc:
+            index = exc.event_index
+            if index is None or not 0 <= index < len(group):
+                if len(group) == 1:
+                    index = 0
+                else:
+                    middle = len(group) // 2
+                    work += [group[:middle], group[middle:]]
+                    continue
+            bad = group[index]
+            results[bad.id] = DryRunResult(bad.id, False, exc.reason.value, exc.response.message)
+            rest = group[:index] + group[index + 1 :]
+            if rest:
+                work.append(rest)
+            continue
+        except SendError as exc:
+            for r in group:
+                results[r.id] = DryRunResult(r.id, False, exc.reason.value, exc.response.message)
+            continue
+        for r in group:
+            results[r.id] = DryRunResult(r.id, True)
+    return [results[r.id] for r in records]
+
+
+async def purge(client: aioredis.Redis, keys: RedisKeys, records: Sequence[DeadLetter]) -> int:
+    """Delete dead letters; return how many were removed."""
+    if not records:
+        return 0
+    ids = [r.id for r in records]
+    pipe = client.pipeline(transaction=True)
+    pipe.hdel(keys.deadletters, *ids)
+    pipe.zrem(keys.deadletter_index, *ids)
+    removed, _ = await pipe.execute()
+    await aw(client.hincrby(keys.stats, "purged", int(removed)))
+    return int(removed)
+
+
+def to_json_line(record: DeadLetter) -> bytes:
+    """One dead letter as a JSON Lines row (for export and ``list --json``)."""
+    return orjson.dumps(record.model_dump(mode="json")) + b"\n"

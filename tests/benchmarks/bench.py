@@ -1,0 +1,324 @@
+"""capi's benchmark: one command, its own Redis and sandbox, a table and a JSON file.
+
+    python -m tests.benchmarks.bench            # the full run (a few minutes)
+    python -m tests.benchmarks.bench --quick    # smaller counts, for a smoke check
+
+Measures, side by side in one run on this machine:
+- end-to-end drain of one capi worker process at batch sizes 100, 500 and 1000 (events
+  enqueued beforehand; events/s from the sandbox's first accepted batch to its last);
+- the same workload through a plain arq sender (one job and one POST per event), and the
+  ratio;
+- producer latency for single events (median, p99) and the bulk enqueue rate;
+- Redis CPU per event (INFO cpu) during a drain, and worker RSS over a long run;
+- 1, 2 and 4 worker processes against one Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from capi.events import purchase, signup
+from capi.producer import SyncProducer
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+from capi.settings import Settings
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sample_events(n: int, run: str) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        if i % 2:
+            out.append(
+                signup(
+                    f"{run}-s{i}",
+                    email=f"user{i}@example.com",
+                    source_url="https://shop.example/welcome",
+                )
+            )
+        else:
+            out.append(
+                purchase(
+                    f"{run}-p{i}",
+                    amount=1999,
+                    currency="USD",
+                    email=f"user{i}@example.com",
+                    contents=[{"id": "sku-1", "quantity": 1, "amount": 1999, "currency": "USD"}],
+                    source_url="https://shop.example/thanks",
+                )
+            )
+    return out
+
+
+@contextmanager
+def services() -> Any:
+    rport, sport = free_port(), free_port()
+    redis_proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(rport),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--bind",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    sandbox_proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "sandbox", "--port", str(sport)],
+        stdout=subprocess.DEVNULL,
+    )
+    env = {
+        "CAPI_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
+        "CAPI_BASE_URL": f"http://127.0.0.1:{sport}",
+        "CAPI_API_KEY": DEFAULT_KEY,
+        "CAPI_PIXEL_ID": DEFAULT_PIXEL,
+        "CAPI_CONFIG_FILE": os.devnull,
+    }
+    for _ in range(200):
+        try:
+            redis.Redis(port=rport).ping()
+            urllib.request.urlopen(env["CAPI_BASE_URL"] + "/healthz", timeout=1)
+            break
+        except Exception:
+            time.sleep(0.05)
+    try:
+        yield env
+    finally:
+        sandbox_proc.terminate()
+        redis_proc.terminate()
+        sandbox_proc.wait(10)
+        redis_proc.wait(10)
+
+
+def sandbox_call(env: dict[str, str], path: str, body: bytes | None = None) -> Any:
+    req = urllib.request.Request(
+        env["CAPI_BASE_URL"] + path, data=body, method="POST" if body is not None else "GET"
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return orjson.loads(resp.read())
+
+
+def reset(env: dict[str, str]) -> None:
+    redis.Redis.from_url(env["CAPI_REDIS_URL"]).flushall()
+    sandbox_call(env, "/_sandbox/reset", b"{}")
+
+
+def redis_cpu(env: dict[str, str]) -> float:
+    info = redis.Redis.from_url(env["CAPI_REDIS_URL"]).info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def enqueue_bulk(env: dict[str, str], events: list[dict[str, Any]]) -> float:
+    settings = Settings(_env_file=None, redis_url=env["CAPI_REDIS_URL"])
+    started = time.perf_counter()
+    with SyncProducer.from_settings(settings) as producer:
+        for i in range(0, len(events), 5000):
+            producer.enqueue_many(events[i : i + 5000])
+    return len(events) / (time.perf_counter() - started)
+
+
+def producer_latency(env: dict[str, str], n: int) -> dict[str, float]:
+    settings = Settings(_env_file=None, redis_url=env["CAPI_REDIS_URL"])
+    events = sample_events(n, "lat")
+    samples = []
+    with SyncProducer.from_settings(settings) as producer:
+        producer.enqueue(sample_events(1, "warm")[0])
+        for event in events:
+            t = time.perf_counter()
+            producer.enqueue(event)
+            samples.append((time.perf_counter() - t) * 1000)
+    samples.sort()
+    return {
+        "median_ms": round(statistics.median(samples), 4),
+        "p99_ms": round(samples[int(len(samples) * 0.99) - 1], 4),
+    }
+
+
+def run_workers(env: dict[str, str], count: int, extra_env: dict[str, str]) -> list[int]:
+    """Start ``count`` burst workers; return their peak RSS in MB after they exit."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "worker", "--burst"],
+            env={**os.environ, **env, **extra_env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    peaks = [0] * count
+    starts = [0] * count
+    born = time.monotonic()
+    while any(p.poll() is None for p in procs):
+        settled = time.monotonic() - born > 1.5  # imports done, key checked, first batches in
+        for i, p in enumerate(procs):
+            rss = _rss_mb(p.pid)
+            if rss and settled:
+                starts[i] = starts[i] or rss
+                peaks[i] = max(peaks[i], rss)
+        time.sleep(0.2)
+    for p in procs:
+        if p.returncode != 0:
+            raise RuntimeError(f"worker failed: {p.stderr.read() if p.stderr else ''}")
+    return [peaks[i] - starts[i] for i in range(count)] + peaks
+
+
+def _rss_mb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def drain_rate(env: dict[str, str]) -> float:
+    state = sandbox_call(env, "/_sandbox/state")
+    span = state["last_batch_at"] - state["first_batch_at"]
+    return state["accepted_unique"] / span if span > 0 else float("nan")
+
+
+def capi_drain(env: dict[str, str], n: int, batch: int, workers: int = 1) -> dict[str, Any]:
+    reset(env)
+    enqueue_bulk(env, sample_events(n, f"b{batch}w{workers}"))
+    cpu0 = redis_cpu(env)
+    rss = run_workers(env, workers, {"CAPI_BATCH_SIZE": str(batch), "CAPI_BATCH_WAIT_MS": "20"})
+    cpu = redis_cpu(env) - cpu0
+    state = sandbox_call(env, "/_sandbox/state")
+    assert state["accepted_unique"] == n, state
+    return {
+        "events": n,
+        "batch_size": batch,
+        "workers": workers,
+        "events_per_s": round(drain_rate(env)),
+        "redis_cpu_us_per_event": round(cpu / n * 1e6, 1),
+        "requests": state["batches"],
+        "worker_rss_growth_mb": rss[:workers],
+        "worker_rss_peak_mb": rss[workers:],
+    }
+
+
+def arq_drain(env: dict[str, str], n: int) -> dict[str, Any]:
+    from arq.connections import RedisSettings, create_pool
+
+    from tests.benchmarks.plain_arq import QUEUE
+
+    reset(env)
+    events = [orjson.dumps(prepare_json(e)).decode() for e in sample_events(n, "arq")]
+
+    async def enqueue() -> None:
+        pool = await create_pool(
+            RedisSettings.from_dsn(env["CAPI_REDIS_URL"]),
+            job_serializer=orjson.dumps,
+            job_deserializer=orjson.loads,
+            default_queue_name=QUEUE,
+        )
+        for i in range(0, n, 500):
+            await asyncio.gather(*(pool.enqueue_job("send_one", e) for e in events[i : i + 500]))
+        await pool.aclose()
+
+    asyncio.run(enqueue())
+    cpu0 = redis_cpu(env)
+    subprocess.run(
+        [sys.executable, "-m", "arq", "tests.benchmarks.plain_arq.WorkerSettings", "--burst"],
+        env={**os.environ, **env},
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    cpu = redis_cpu(env) - cpu0
+    state = sandbox_call(env, "/_sandbox/state")
+    assert state["accepted_unique"] == n, state
+    return {
+        "events": n,
+        "events_per_s": round(drain_rate(env)),
+        "redis_cpu_us_per_event": round(cpu / n * 1e6, 1),
+        "requests": state["batches"],
+    }
+
+
+def prepare_json(event: dict[str, Any]) -> Any:
+    from capi.events import prepare
+
+    return orjson.loads(prepare(event).json)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--events", type=int, default=None, help="events per capi drain")
+    parser.add_argument("--long", type=int, default=None, help="events in the memory run")
+    parser.add_argument("--out", default="bench-results.json")
+    args = parser.parse_args()
+    n = args.events or (20_000 if args.quick else 200_000)
+    n_arq = 3_000 if args.quick else 10_000
+    n_long = args.long or (50_000 if args.quick else 1_000_000)
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}",
+        "command": "python -m tests.benchmarks.bench" + (" --quick" if args.quick else ""),
+    }
+    with services() as env:
+        results["producer_single"] = producer_latency(env, 2000 if args.quick else 10_000)
+        reset(env)
+        results["producer_bulk_events_per_s"] = round(enqueue_bulk(env, sample_events(n, "bulk")))
+        results["capi"] = [capi_drain(env, n, b) for b in (100, 500, 1000)]
+        results["plain_arq"] = arq_drain(env, n_arq)
+        best = max(r["events_per_s"] for r in results["capi"])
+        results["ratio_vs_plain_arq"] = round(best / results["plain_arq"]["events_per_s"], 1)
+        results["scale_out"] = [capi_drain(env, n, 500, w) for w in (2, 4)]
+        results["long_run"] = capi_drain(env, n_long, 500)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(r: dict[str, Any]) -> None:
+    print(f"capi benchmark, {r['date']}, {r['machine']}")
+    print(f"command: {r['command']}")
+    print(
+        f"producer, single event: median {r['producer_single']['median_ms']} ms, "
+        f"p99 {r['producer_single']['p99_ms']} ms"
+    )
+    print(f"producer, bulk: {r['producer_bulk_events_per_s']:,} events/s")
+    print(
+        f"{'sender':<24}{'workers':>8}{'batch':>7}{'events':>10}{'events/s':>11}"
+        f"{'requests':>10}{'Redis us/ev':>12}{'RSS growth MB':>15}"
+    )
+    rows = [("capi", x) for x in r["capi"]] + [("capi scale-out", x) for x in r["scale_out"]]
+    rows += [("capi long run", r["long_run"]), ("plain arq (1 job/event)", r["plain_arq"])]
+    for name, x in rows:
+        growth = ",".join(str(g) for g in x.get("worker_rss_growth_mb", [])) or "-"
+        print(
+            f"{name:<24}{x.get('workers', 1):>8}{x.get('batch_size', 1):>7}{x['events']:>10,}"
+            f"{x['events_per_s']:>11,}{x['requests']:>10,}{x['redis_cpu_us_per_event']:>12}"
+            f"{growth:>15}"
+        )
+    print(f"capi (best of one worker) / plain arq: {r['ratio_vs_plain_arq']}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""The operator CLI against real Redis and the sandbox: list, show, replay, purge, support."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+from capi.cli import cli
+from capi.replay import Selection, replay, select
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY
+from capi.settings import Settings
+from tests.helpers import dead_letters, drain, enqueue, events, ids, make_settings, wait_for
+
+SCOPE_FAILS, STALE, INVALID = 10, 4, 3
+
+
+def cli_run(settings: Settings, *args: str, input: str | None = None) -> Result:
+    env = {
+        "CAPI_API_KEY": DEFAULT_KEY,
+        "CAPI_PIXEL_ID": settings.pixel_id or "",
+        "CAPI_BASE_URL": settings.base_url,
+        "CAPI_REDIS_URL": settings.redis_url,
+        "CAPI_CONFIG_FILE": os.devnull,
+    }
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def slip_invalid(settings: Settings, evts: list[dict[str, Any]]) -> None:
+    """Enqueue events, then rewrite them as the API would reject them (unknown data field)."""
+    enqueue(settings, evts)
+    client = redis.Redis.from_url(settings.redis_url)
+    for sid, fields in client.xrange(settings.keys.stream):
+        event = orjson.loads(fields[b"e"])
+        if event["id"] in ids(evts):
+            event["data"]["coupon"] = "X"
+            client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(event)})
+            client.xdel(settings.keys.stream, sid)
+
+
+@pytest.fixture
+def mixed(redis_url: str, sandbox: SandboxThread) -> Settings:
+    """Dead letters of three reasons: a scopeless key, stale events, API-rejected events."""
+    settings = make_settings(sandbox, redis_url, batch_size=SCOPE_FAILS, probe_confirmations=1)
+    sandbox.state.conversion_keys.discard(DEFAULT_KEY)
+    sandbox.state.scopeless_keys.add(DEFAULT_KEY)
+    enqueue(settings, events(SCOPE_FAILS, prefix="scope-"))
+    drain(settings)
+    sandbox.state.scopeless_keys.discard(DEFAULT_KEY)
+    sandbox.state.conversion_keys.add(DEFAULT_KEY)
+    redis.Redis.from_url(redis_url).hset(settings.keys.key_state, "state", "ok")
+    enqueue(settings, events(STALE, prefix="stale-"))
+    later = time.time() + 8 * 86_400
+    drain(settings, clock=lambda: later)
+    slip_invalid(settings, events(INVALID, prefix="bad-"))
+    drain(settings)
+    sandbox.state.reset()
+    return settings
+
+
+def test_list_summary_filters_and_json(mixed: Settings) -> None:
+    result = cli_run(mixed, "dead-letters", "list")
+    assert result.exit_code == 0
+    assert f"{SCOPE_FAILS + STALE + INVALID} dead letters" in result.output
+    assert f"missing_scope {SCOPE_FAILS}" in result.output
+    assert "never" in result.output  # stale events can never be replayed
+    rows = [
+        json.loads(line)
+        for line in cli_run(
+            mixed, "dead-letters", "list", "--json", "--reason", "missing_scope"
+        ).output.splitlines()
+    ]
+    assert len(rows) == SCOPE_FAILS
+    for row in rows:
+        assert {
+            "id",
+            "reason",
+            "guidance",
+            "event",
+            "status",
+            "request_ids",
+            "replay_deadline",
+        } <= row.keys()
+        assert row["status"] == 401 and "Conversion Key" in row["guidance"]
+    expired = cli_run(mixed, "dead-letters", "list", "--expired", "--json").output.splitlines()
+    assert len(expired) == STALE
+    purchases = cli_run(mixed, "dead-letters", "list", "--type", "order_created", "--json")
+    assert all(
+        json.loads(x)["event_type"] == "order_created" for x in purchases.output.splitlines()
+    )
+    assert (
+        cli_run(mixed, "dead-letters", "list", "--since", "1h", "--json").output.count("\n") == 17
+    )
+    assert cli_run(mixed, "dead-letters", "list", "--until", "1h", "--json").output == ""
+
+
+def test_show_everything_with_a_redacted_curl(mixed: Settings) -> None:
+    result = cli_run(mixed, "dead-letters", "show", "bad-p-0")
+    assert result.exit_code == 0
+    out = result.output
+    for needle in (
+        "invalid_event",
+        "coupon",
+        "request ids:",
+        "req_sbx_",
+        "first attempt:",
+        "replay deadline:",
+        "Guidance:",
+        "curl -sS",
+        "$CAPI_API_KEY",
+        '"validate_only":true',
+    ):
+        assert needle in out, needle
+    assert DEFAULT_KEY not in out
+    assert cli_run(mixed, "dead-letters", "show", "nope").exit_code == 1
+
+
+def test_replay_after_fix_delivers_once_and_a_second_replay_sends_nothing(
+    mixed: Settings, sandbox: SandboxThread
+) -> None:
+    result = cli_run(mixed, "dead-letters", "replay", "--reason", "missing_scope")
+    assert result.exit_code == 0, result.output
+    assert f"replayed {SCOPE_FAILS} of {SCOPE_FAILS}" in result.output
+    again = cli_run(mixed, "dead-letters", "replay", "--reason", "missing_scope")
+    assert "replayed 0 of 0" in again.output
+    drain(mixed)
+    delivered = sandbox.state.delivered_ids()
+    assert set(delivered) == ids(events(SCOPE_FAILS, prefix="scope-"))
+    assert set(delivered.values()) == {1}
+    audit = redis.Redis.from_url(mixed.redis_url).lrange(mixed.keys.replays, 0, -1)
+    assert any(b'"status":"completed"' in a and b'"replayed":10' in a for a in audit)
+
+
+def test_dry_run_queues_nothing_and_reports_each_event(
+    mixed: Settings, sandbox: SandboxThread
+) -> None:
+    result = cli_run(mixed, "dead-letters", "replay", "--all", "--dry-run", "--json")
+    rows = {r["id"]: r for r in map(json.loads, result.output.splitlines())}
+    assert len(rows) == SCOPE_FAILS + STALE + INVALID
+    assert all(rows[f"scope-{i}"]["accepted"] for i in ["p-0", "s-1"])
+    assert rows["bad-p-0"]["reason"] == "invalid_event"
+    assert rows["stale-p-0"]["reason"] == "past_replay_deadline"
+    assert not sandbox.state.delivered_ids()
+    client = redis.Redis.from_url(mixed.redis_url)
+    assert client.xlen(mixed.keys.stream) == 0
+    assert len(dead_letters(mixed)) == SCOPE_FAILS + STALE + INVALID
+
+
+def test_past_deadline_events_are_skipped_and_reported(mixed: Settings) -> None:
+    result = cli_run(mixed, "dead-letters", "replay", "--reason", "outside_time_window")
+    assert "replayed 0 of 4" in result.output
+    assert "4 past deadline" in result.output
+    assert "skipped stale-p-0: past its replay deadline" in result.output
+    assert redis.Redis.from_url(mixed.redis_url).xlen(mixed.keys.stream) == 0
+
+
+def test_replay_needs_a_selection(mixed: Settings) -> None:
+    result = CliRunner().invoke(
+        cli, ["dead-letters", "replay"], env={"CAPI_REDIS_URL": mixed.redis_url}
+    )
+    assert result.exit_code == 2
+    assert "say what to replay" in result.output
+
+
+def test_interrupted_replay_resumes_without_loss_or_double_sends(
+    mixed: Settings, sandbox: SandboxThread
+) -> None:
+    env = {**os.environ, "CAPI_REDIS_URL": mixed.redis_url, "CAPI_CONFIG_FILE": os.devnull}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "dead-letters",
+            "replay",
+            "--reason",
+            "missing_scope",
+            "--rate",
+            "4",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis.from_url(mixed.redis_url)
+    wait_for(lambda: client.xlen(mixed.keys.stream) >= 2, what="part of the replay")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    assert 0 < client.xlen(mixed.keys.stream) < SCOPE_FAILS
+    result = cli_run(mixed, "dead-letters", "replay", "--reason", "missing_scope")
+    assert result.exit_code == 0
+    stream_ids = [orjson.loads(f[b"e"])["id"] for _, f in client.xrange(mixed.keys.stream)]
+    assert sorted(stream_ids) == sorted(ids(events(SCOPE_FAILS, prefix="scope-")))
+    drain(mixed)
+    assert set(sandbox.state.delivered_ids().values()) == {1}
+    assert len(sandbox.state.delivered_ids()) == SCOPE_FAILS
+
+
+def test_rate_is_honoured(mixed: Settings) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    clock = {"t": 0.0}
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        clock["t"] += s
+
+    async def go() -> float:
+        client = aioredis.Redis.from_url(mixed.redis_url)
+        records = await select(
+            client, mixed.keys, Selection(reasons=["missing_scope"]), int(time.time() * 1000)
+        )
+        await replay(
+            client, mixed.keys, records, rate_per_s=5, sleep=sleep, monotonic=lambda: clock["t"]
+        )
+        await client.aclose()
+        return clock["t"]
+
+    elapsed = asyncio.run(go())
+    expected = SCOPE_FAILS / 5
+    assert abs(elapsed - expected) <= 0.2 * expected
+
+
+def test_purge_asks_exports_and_deletes(mixed: Settings, tmp_path: Any) -> None:
+    declined = cli_run(mixed, "dead-letters", "purge", "--expired", input="n\n")
+    assert "Nothing deleted" in declined.output
+    assert len(dead_letters(mixed)) == SCOPE_FAILS + STALE + INVALID
+    target = tmp_path / "expired.jsonl"
+    done = cli_run(mixed, "dead-letters", "purge", "--expired", "--export", str(target), "--yes")
+    assert f"purged {STALE}" in done.output
+    exported = [json.loads(x) for x in target.read_text().splitlines()]
+    assert {x["id"] for x in exported} == {f"stale-{k}" for k in ("p-0", "s-1", "p-2", "s-3")}
+    assert len(dead_letters(mixed)) == SCOPE_FAILS + INVALID
+    assert "Nothing to purge" in cli_run(mixed, "dead-letters", "purge", "--expired").output
+
+
+def test_support_bundle_has_what_support_asks_for(mixed: Settings) -> None:
+    out = cli_run(mixed, "support-bundle").output
+    for needle in (
+        "pixel id:",
+        mixed.pixel_id or "",
+        "key fingerprint:",
+        "…0001",
+        "first attempt (UTC):",
+        "req_sbx_",
+        "Missing scopes: ads.third_party_events.write",
+        "capi version:",
+        "<email of the person",
+    ):
+        assert needle in out, needle
+    assert DEFAULT_KEY not in out
+
+
+def test_no_command_output_shows_the_key_or_a_raw_email(mixed: Settings) -> None:
+    outputs = [
+        cli_run(mixed, *args).output
+        for args in (
+            ("dead-letters", "list"),
+            ("dead-letters", "list", "--json"),
+            ("dead-letters", "show", "scope-p-0"),
+            ("dead-letters", "export"),
+            ("status",),
+            ("status", "--json"),
+            ("support-bundle",),
+            ("check-key",),
+        )
+    ]
+    for text in outputs:
+        assert DEFAULT_KEY not in text
+        assert "@example.com" not in text
+
+
+def test_status_shows_counts_and_key_state(mixed: Settings) -> None:
+    status = json.loads(cli_run(mixed, "status", "--json").output)
+    assert status["dead_letters"] == SCOPE_FAILS + STALE + INVALID
+    assert status["dead_letters_by_reason"]["missing_scope"] == SCOPE_FAILS
+    assert status["counters"]["dead_lettered"] == SCOPE_FAILS + STALE + INVALID
+    assert status["key"]["state"] == "ok"
+    assert "dead letters:  17" in cli_run(mixed, "status").output

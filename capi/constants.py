@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 API_MAX_EVENTS_PER_REQUEST = 1000
 API_MAX_BODY_BYTES = 4 * 1024 * 1024  # undocumented; integrators cap here
+MAX_EVENT_BYTES = 256 * 1024  # ours: a single event this large is a bug upstream
 API_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 API_MAX_FUTURE_MS = 10 * 60 * 1000
 CONVERSIONS_SCOPE = "ads.third_party_events.write"

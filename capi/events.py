@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import ValidationError
 
 from capi import schema
-from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS
+from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS, MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
 from capi.hashing import Identifier, hash_identifier
 
@@ -101,7 +101,13 @@ def prepare(
         problems.extend(time_window_problems(event.timestamp_ms, now_ms(clock)))
     if problems:
         raise EventRejected(problems, event_id)
-    return PreparedEvent(event, event.to_json())
+    data_json = event.to_json()
+    if len(data_json) > MAX_EVENT_BYTES:
+        size = f"{len(data_json) // 1024} KiB"
+        raise EventRejected(
+            [Problem("(event)", f"is {size}; at most {MAX_EVENT_BYTES // 1024} KiB")], event_id
+        )
+    return PreparedEvent(event, data_json)
 
 
 def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:
@@ -134,13 +140,17 @@ def _hash_user(user: Mapping[str, Any], problems: list[Problem]) -> dict[str, An
                 Problem(f"user.{kind.value}", "must be a string or a non-empty list of strings")
             )
             continue
-        hashed = list(out.get(kind.hashed_field) or [])
+        given = out.get(kind.hashed_field)
+        hashed: list[Any] = list(given) if isinstance(given, list) else []
         for i, value in enumerate(values):
             try:
                 hashed.append(hash_identifier(kind, value))
             except ValueError as exc:
                 problems.append(Problem(f"user.{kind.value}[{i}]", str(exc)))
-        out[kind.hashed_field] = list(dict.fromkeys(hashed))
+        if given is not None and not isinstance(given, list):
+            continue  # leave the bad value for the schema to name
+        # Unique, order kept; values of other types stay for the schema to refuse.
+        out[kind.hashed_field] = [v for i, v in enumerate(hashed) if v not in hashed[:i]]
     return out
 
 

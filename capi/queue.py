@@ -223,6 +223,18 @@ class Queue:
         queued, retries = await pipe.execute()
         return int(queued) == 0 and int(retries) == 0
 
+    async def depth(self) -> tuple[int, int, int | None, int]:
+        """Queued (not yet read), in flight, oldest entry time (ms), scheduled retry batches."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(self.keys.stream)
+        pipe.xrange(self.keys.stream, count=1)
+        pipe.zcard(self.keys.retry)
+        pipe.xpending(self.keys.stream, self.group)
+        xlen, first, retries, pending = await pipe.execute()
+        in_flight = int(pending["pending"]) if pending else 0
+        oldest = int(first[0][0].split(b"-")[0]) if first else None
+        return int(xlen) - in_flight, in_flight, oldest, int(retries)
+
     async def heartbeat(self, consumer: str) -> None:
         """Record that this consumer is alive (for ``capi status``)."""
         await self.redis.zadd(self.keys.workers, {consumer: int(time.time() * 1000)})

@@ -41,6 +41,7 @@ from capi.events import Clock
 from capi.failures import Reason
 from capi.guidance import diagnose
 from capi.keyguard import KeyGuard, Verdict
+from capi.metrics import Metrics
 from capi.queue import Entry, Queue
 from capi.retry import backoff_s
 from capi.settings import Settings
@@ -65,8 +66,10 @@ class Sender:
         name: str | None = None,
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.redis = redis
         self.client = client
         self.queue = Queue(redis, settings.keys)
@@ -121,6 +124,7 @@ class Sender:
         """Send until stopped; with ``burst``, stop once everything has a fate."""
         await self.queue.ensure_group()
         await self.guard.sync()
+        self.metrics.key_ok.set(0 if self.guard.held else 1)
         lanes = [asyncio.create_task(self._lane(i)) for i in range(self.settings.concurrency)]
         house = asyncio.create_task(self._housekeeping(burst))
         try:
@@ -193,18 +197,37 @@ class Sender:
             body = build_body(
                 [e.event for e in group], integration_source=self.settings.integration_source
             )
+            started = time.perf_counter()
             try:
-                await self.client.send_body(body)
+                accepted = await self.client.send_body(body)
             except InvalidEventError as err:
+                self.metrics.send_latency.observe(time.perf_counter() - started)
                 work.extend(await self._split(group, err))
                 continue
             except SendError as err:
+                self.metrics.send_latency.observe(time.perf_counter() - started)
                 await self._failed(group, err)
                 continue
             await self.queue.deliver(group)
             self._done(group)
-            self.delivered += len(group)
-            log.debug("delivered %d events", len(group))
+            self._delivered(group, accepted.request_ids, accepted.elapsed_s)
+
+    def _delivered(self, group: list[Entry], request_ids: dict[str, str], elapsed_s: float) -> None:
+        self.delivered += len(group)
+        self.metrics.delivered.inc(len(group))
+        self.metrics.batch_size.observe(len(group))
+        self.metrics.send_latency.observe(elapsed_s)
+        log.info(
+            "delivered %d events",
+            len(group),
+            extra={
+                "count": len(group),
+                "first_id": group[0].event_id,
+                "last_id": group[-1].event_id,
+                "request_id": next(iter(request_ids.values()), None),
+                "latency_ms": round(elapsed_s * 1000, 1),
+            },
+        )
 
     async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
         index = err.event_index
@@ -221,7 +244,9 @@ class Sender:
     async def _failed(self, group: list[Entry], err: SendError) -> None:
         if err.reason.key_problem:
             verdict = await self.guard.confirm(err)
+            self.metrics.key_ok.set(0 if self.guard.held else 1)
             if verdict is Verdict.TRANSIENT:
+                self.metrics.transient_key_failures.labels(err.reason.value).inc()
                 await self._retry(group, err)
             elif verdict is Verdict.CONFIRMED:
                 await self._dead_letter(group, err.reason, err, attempted=True)
@@ -258,12 +283,22 @@ class Sender:
         }
         await self.queue.schedule_retry(again, now + int(delay * 1000), error, now)
         self._done(again)
-        log.info(
+        self.metrics.retried.labels(err.reason.value).inc(len(again))
+        log.warning(
             "retrying %d events in %.2f s after %s (attempt %d)",
             len(again),
             delay,
             err.reason.value,
             attempt,
+            extra={
+                "count": len(again),
+                "event_ids": [e.event_id for e in again],
+                "reason": err.reason.value,
+                "status": err.status,
+                "request_id": err.request_id,
+                "delay_s": round(delay, 3),
+                "attempt": attempt,
+            },
         )
 
     async def _dead_letter(
@@ -288,11 +323,18 @@ class Sender:
         ]
         await deadletters.write(self.redis, self.settings.keys, self.queue.group, group, records)
         self._done(group)
+        self.metrics.dead_lettered.labels(reason.value).inc(len(group))
         log.warning(
-            "dead-lettered %d events (%s): %s",
+            "dead-lettered %d events (%s)",
             len(group),
             reason.value,
-            ", ".join(e.event_id for e in group[:10]),
+            extra={
+                "count": len(group),
+                "event_ids": [e.event_id for e in group],
+                "reason": reason.value,
+                "status": err.status if err else None,
+                "request_id": err.request_id if err else None,
+            },
         )
 
     def _done(self, group: Sequence[Entry]) -> None:
@@ -317,7 +359,9 @@ class Sender:
         while not self.stopping:
             try:
                 await self._housekeeping_tick(due, claim_idle_ms, burst)
+                self.metrics.tick(redis_ok=True)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                self.metrics.tick(redis_ok=False)
                 log.warning("Redis unavailable in housekeeping (%s)", exc)
             await asyncio.sleep(_TICK_S)
 
@@ -327,6 +371,9 @@ class Sender:
         await self.queue.move_due_retries(self._now())
         if due("sync", 1.0):
             await self.guard.sync()
+            self.metrics.key_ok.set(0 if self.guard.held else 1)
+        if due("gauges", 2.0):
+            await self._update_gauges()
         if burst and not self._inflight and await self.queue.drained():
             log.info("burst: nothing queued, in flight or scheduled; stopping")
             self.stop()
@@ -345,6 +392,13 @@ class Sender:
                 log.warning("reclaimed %d events left by a stopped worker", len(claimed))
                 await self.process(claimed)
             await self.queue.forget_idle_consumers(claim_idle_ms * 10)
+
+    async def _update_gauges(self) -> None:
+        depth, in_flight, oldest_ms, retries = await self.queue.depth()
+        self.metrics.queue_depth.set(depth)
+        self.metrics.in_flight.set(in_flight)
+        self.metrics.retries_scheduled.set(retries)
+        self.metrics.oldest_age.set(max(0.0, (self._now() - oldest_ms) / 1000) if oldest_ms else 0)
 
 
 def _by_size(entries: list[Entry], limit: int) -> list[list[Entry]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(20.0, ge=0, description="Grace for in-flight batches.")
     deadletter_retention_days: float = Field(30.0, gt=0, description="How long dead letters stay.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve /metrics, /healthz, /readyz on this port."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
     @field_validator("base_url")
     @classmethod

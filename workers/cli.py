@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 
@@ -18,10 +17,14 @@ from workers.main import worker_settings
 
 @cli.command("worker")
 @click.option("--burst", is_flag=True, help="Exit once nothing is queued, in flight or scheduled.")
-@click.option("-v", "--verbose", is_flag=True, help="Log every batch.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--log-json", is_flag=True, help="JSON log lines (or CAPI_LOG_FORMAT=json).")
+@click.option("--metrics-port", type=int, help="Serve /metrics, /healthz, /readyz here.")
 @click.pass_context
 @handle_errors
-def worker_command(ctx: click.Context, burst: bool, verbose: bool) -> None:
+def worker_command(
+    ctx: click.Context, burst: bool, verbose: bool, log_json: bool, metrics_port: int | None
+) -> None:
     """Run a worker: check the key, then send queued events until stopped.
 
     The worker refuses to start (exit 10-15, with the diagnosis) if the Conversion Key
@@ -35,12 +38,15 @@ def worker_command(ctx: click.Context, burst: bool, verbose: bool) -> None:
       arq workers.main.WorkerSettings
     """
     settings = settings_from(ctx)
+    overrides: dict[str, object] = {}
+    if log_json:
+        overrides["log_format"] = "json"
+    if verbose:
+        overrides["log_level"] = "debug"
+    if metrics_port is not None:
+        overrides["metrics_port"] = metrics_port
+    settings = settings.model_copy(update=overrides)
     settings.credentials()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     holder: dict[str, object] = {}
 
     def stop_worker() -> None:

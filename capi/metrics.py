@@ -1,0 +1,126 @@
+"""Prometheus metrics and health endpoints of a worker.
+
+``serve(metrics, port, ...)`` starts a small HTTP server in a thread with:
+
+- ``/metrics``: the counters, histograms and gauges below (prometheus text format);
+- ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
+- ``/readyz``: readiness: 200 when Redis answered recently and the key is not held.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LIVENESS_S = 30.0
+
+
+class Metrics:
+    """Every metric a worker exports, in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.delivered = Counter("capi_events_delivered", "Events the API accepted.", registry=r)
+        self.retried = Counter(
+            "capi_events_retried", "Events scheduled for another attempt.", ["reason"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "capi_events_dead_lettered", "Events dead-lettered.", ["reason"], registry=r
+        )
+        self.transient_key_failures = Counter(
+            "capi_transient_key_failures",
+            "Key failures (missing scope, RBAC) that a re-probe showed to be transient.",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "capi_batch_size_events",
+            "Events per request.",
+            buckets=(1, 10, 50, 100, 250, 500, 750, 1000),
+            registry=r,
+        )
+        self.send_latency = Histogram(
+            "capi_send_latency_seconds",
+            "Time per request to the events endpoint.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.queue_depth = Gauge("capi_queue_depth_events", "Events waiting.", registry=r)
+        self.in_flight = Gauge("capi_in_flight_events", "Events read, fate pending.", registry=r)
+        self.retries_scheduled = Gauge(
+            "capi_retry_batches_scheduled", "Batches waiting for a retry.", registry=r
+        )
+        self.oldest_age = Gauge(
+            "capi_oldest_event_age_seconds", "Age of the oldest queued event.", registry=r
+        )
+        self.key_ok = Gauge(
+            "capi_key_ok", "1 when the key can write events, 0 while workers are held.", registry=r
+        )
+        self.last_tick = time.monotonic()
+        self.last_redis_ok = 0.0
+
+    def tick(self, redis_ok: bool = True) -> None:
+        """Record that the event loop is alive (and whether Redis answered)."""
+        self.last_tick = time.monotonic()
+        if redis_ok:
+            self.last_redis_ok = self.last_tick
+
+    def alive(self) -> bool:
+        """Liveness: the loop ticked recently."""
+        return time.monotonic() - self.last_tick < LIVENESS_S
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: Redis answered recently and the key is not held."""
+        if time.monotonic() - self.last_redis_ok > LIVENESS_S / 3:
+            return False, "Redis has not answered recently"
+        if self.key_ok._value.get() != 1:
+            return False, "the Conversion Key is held (see capi status)"
+        return True, "ok"
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
+    """Serve /metrics, /healthz and /readyz from a daemon thread; return the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            routes: dict[str, Callable[[], tuple[int, bytes, str]]] = {
+                "/metrics": lambda: (200, metrics.exposition(), CONTENT_TYPE_LATEST),
+                "/healthz": lambda: (
+                    (200, b"alive\n", "text/plain")
+                    if metrics.alive()
+                    else (503, b"event loop stalled\n", "text/plain")
+                ),
+                "/readyz": _ready,
+            }
+            status, body, ctype = routes.get(self.path, lambda: (404, b"", "text/plain"))()
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    def _ready() -> tuple[int, bytes, str]:
+        ok, why = metrics.ready()
+        return (200 if ok else 503), (why + "\n").encode(), "text/plain"
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="capi-metrics", daemon=True).start()
+    return server

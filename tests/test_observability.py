@@ -1,0 +1,75 @@
+"""Metrics, health and logs of a real worker process: counters served, no key, no raw PII."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.error
+import urllib.request
+
+import orjson
+import redis
+
+from capi.sandbox import Fault, SandboxThread
+from capi.sandbox.state import DEFAULT_KEY
+from tests.conftest import free_port
+from tests.helpers import enqueue, events, make_settings, wait_for
+from tests.test_worker_process import worker
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def test_metrics_health_and_json_logs(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url, batch_size=50)
+    evts = events(600)
+    enqueue(settings, evts)
+    client = redis.Redis.from_url(redis_url)
+    sid, fields = client.xrange(settings.keys.stream)[10]
+    doomed = orjson.loads(fields[b"e"])
+    doomed["data"]["coupon"] = "X"
+    client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(doomed)})
+    client.xdel(settings.keys.stream, sid)
+    sandbox.state.faults = [Fault("missing_scope", every=5), Fault("drop", every=7)]
+    port = free_port()
+    proc = worker(settings, "--log-json", "--metrics-port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 599, timeout_s=40, what="delivery")
+    wait_for(lambda: "capi_queue_depth_events 0.0" in get(base + "/metrics")[1], what="gauges")
+    status, metrics = get(base + "/metrics")
+    assert status == 200
+    for needle in (
+        "capi_events_delivered_total 599.0",
+        'capi_events_dead_lettered_total{reason="invalid_event"} 1.0',
+        'capi_events_retried_total{reason="network"}',
+        'capi_transient_key_failures_total{reason="missing_scope"}',
+        "capi_batch_size_events_bucket",
+        "capi_send_latency_seconds_count",
+        "capi_in_flight_events 0.0",
+        "capi_oldest_event_age_seconds 0.0",
+        "capi_retry_batches_scheduled 0.0",
+        "capi_key_ok 1.0",
+    ):
+        assert needle in metrics, needle
+    assert get(base + "/healthz")[0] == 200
+    assert get(base + "/readyz") == (200, "ok\n")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert DEFAULT_KEY not in output
+    assert "@example.com" not in output
+    delivered = [r for r in records if r["message"].startswith("delivered")]
+    assert delivered and all(r["request_id"].startswith("req_sbx_") for r in delivered)
+    assert all(r["first_id"] and r["last_id"] for r in delivered)
+    dead = [r for r in records if r["message"].startswith("dead-lettered")]
+    assert dead[0]["event_ids"] == [doomed["id"]] and dead[0]["reason"] == "invalid_event"
+    retried = [r for r in records if r["message"].startswith("retrying")]
+    assert retried and all(r["event_ids"] and r["reason"] for r in retried)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 
 # No key prefix is documented. These shapes only sharpen guidance; none rejects a key.
-_SHAPE_HINTS: tuple[tuple[str, str], ...] = (
-    ("sk-proj-", "an OpenAI platform project key (platform settings), not a Conversion Key"),
-    ("sk-admin-", "an OpenAI platform admin key (platform settings), not a Conversion Key"),
-    ("sk-None-", "an OpenAI platform user key, not a Conversion Key"),
-    ("sk-svcacct-", "shaped like a service-account key, the shape guides give Conversion Keys"),
+_WRONG_TYPE_HINTS: tuple[tuple[str, str], ...] = (
+    ("sk-proj-", "an OpenAI platform project key (sk-proj-)"),
+    ("sk-admin-", "an OpenAI platform admin key (sk-admin-)"),
+    ("sk-None-", "an OpenAI platform user key (sk-None-)"),
 )
+CONVERSION_KEY_SHAPE = "sk-svcacct-"
 
 
 def fingerprint(key: str) -> str:
@@ -28,12 +28,17 @@ def fingerprint(key: str) -> str:
 
 
 def shape_hint(key: str) -> str | None:
-    """Describe what a key's prefix suggests it is, or None when the shape says nothing."""
-    for prefix, hint in _SHAPE_HINTS:
+    """One sentence on what a key's prefix suggests, or None when the shape says nothing."""
+    for prefix, kind in _WRONG_TYPE_HINTS:
         if key.startswith(prefix):
-            return hint
-    if key.startswith("sk-") and not key.startswith("sk-svcacct-"):
-        return "shaped like an OpenAI platform key, not like the keys guides show for Conversions"
+            return f"This key is shaped like {kind}, not like a Conversion Key."
+    if key.startswith(CONVERSION_KEY_SHAPE):
+        return (
+            f"This key has the {CONVERSION_KEY_SHAPE} shape guides show for Conversion Keys, "
+            "so its type is probably right: see the next steps."
+        )
+    if key.startswith("sk-"):
+        return "This key is shaped like an OpenAI platform key (sk-), not like a Conversion Key."
     return None
 
 

@@ -85,7 +85,7 @@ def _missing_scope(
         "service account) never carry this scope."
     )
     if hint:
-        wrong += f" This key looks like {hint}."
+        wrong += f" {hint}"
     return Diagnosis(
         reason,
         cause,
@@ -130,8 +130,8 @@ def _unauthorized(
         f"{WHERE_KEYS_COME_FROM}.",
         "Then run `capi check-key`, and `capi dead-letters replay --reason unauthorized`.",
     ]
-    if hint:
-        steps.insert(0, f"This key looks like {hint}; this endpoint needs a Conversion Key.")
+    if hint and "not like a Conversion Key" in hint:
+        steps.insert(0, f"{hint} This endpoint needs a Conversion Key.")
     return Diagnosis(
         reason,
         f"The API does not recognise the key{_fp(err)}: revoked, mistyped or truncated."

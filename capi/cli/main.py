@@ -11,6 +11,7 @@ import click
 
 from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
 from capi.client import ConversionsClient
+from capi.demo import Demo
 from capi.exitcodes import ExitCode, for_reason
 from capi.keycheck import KeyCheck, check_key
 from capi.sandbox import Fault, SandboxState, serve
@@ -166,3 +167,20 @@ def exit_codes_command() -> None:
     """List the exit codes capi uses."""
     for code in ExitCode:
         out.print(f"{int(code):>3}  {code.name}")
+
+
+@cli.command("demo")
+@click.pass_context
+@handle_errors
+def demo_command(ctx: click.Context) -> None:
+    """Run the whole story locally: enqueue, send, dead-letter with guidance, replay.
+
+    Needs nothing running: it starts an embedded Redis-compatible server and the sandbox.
+    With CAPI_REDIS_URL set it uses that Redis (under a throwaway prefix); with a real key
+    set it checks it with validate_only, and sends demo events only to the sandbox.
+
+    \b
+    Example:
+      capi demo
+    """
+    Demo(out, settings_from(ctx)).run()

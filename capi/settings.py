@@ -74,9 +74,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _cap_not_below_base(self) -> Self:
+    def _consistent(self) -> Self:
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("CAPI_RETRY_CAP_S must not be below CAPI_RETRY_BASE_S")
+        if self.claim_idle_s <= self.request_timeout_s:
+            raise ValueError(
+                "CAPI_CLAIM_IDLE_S must be longer than CAPI_REQUEST_TIMEOUT_S, or events of a "
+                "slow request would be taken over while still in flight"
+            )
         return self
 
     @classmethod

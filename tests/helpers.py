@@ -25,9 +25,9 @@ def make_settings(sandbox: SandboxThread, redis_url: str, **overrides: Any) -> S
         "retry_base_s": 0.01,
         "retry_cap_s": 0.05,
         "batch_wait_ms": 5,
-        "claim_idle_s": 1.0,
+        "claim_idle_s": 2.0,
         "reprobe_interval_s": 0.2,
-        "request_timeout_s": 5.0,
+        "request_timeout_s": 1.5,
         "shutdown_timeout_s": 5.0,
     }
     values.update(overrides)

@@ -15,7 +15,6 @@ def test_soak_accounts_for_every_event(redis_url: str, sandbox: SandboxThread) -
         max_attempts=30,
         retry_base_s=0.02,
         retry_cap_s=0.5,
-        claim_idle_s=1.0,
     )
     report = soak(sandbox, settings, n_events=4000, workers=2, kills=3, doomed=3, timeout_s=120)
     assert report.ok, (report.lost[:10], report.wrongly_dead_lettered[:10])

@@ -58,7 +58,7 @@ def test_worker_with_a_wrong_key_does_not_start(redis_url: str, sandbox: Sandbox
 def test_kill_9_mid_batch_then_restart_delivers_everything(
     redis_url: str, sandbox: SandboxThread
 ) -> None:
-    settings = make_settings(sandbox, redis_url, batch_size=100, claim_idle_s=1.0)
+    settings = make_settings(sandbox, redis_url, batch_size=100)
     evts = events(2000)
     enqueue(settings, evts)
     sandbox.state.faults = [Fault("latency", every=1, latency_ms=300)]

@@ -410,8 +410,10 @@ def export_command(
     """
     settings = settings_from(ctx)
     records = run(_select(settings, selection_from(ids, kw, _now_ms())))
-    for r in records:
-        output.write(replay.to_json_line(r))
+    with _progress(len(records) if output is not sys.stdout.buffer else 0, "exporting") as step:
+        for r in records:
+            output.write(replay.to_json_line(r))
+            step(1)
     err.print(f"exported {len(records)} dead letters", markup=False)
 
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import click
 import orjson
 import redis.asyncio as aioredis
+from rich.progress import Progress
 
 from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
 from capi.cli.main import cli
 from capi.errors import EventRejected, Problem
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
+from capi.settings import Settings
 from capi.status import gather
 
 _CHUNK = 500
@@ -41,10 +48,11 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
     settings = settings_from(ctx)
     total = EnqueueReport()
     lines_read = 0
-    with SyncProducer.from_settings(settings) as producer:
+    with SyncProducer.from_settings(settings) as producer, _file_progress(file) as advance:
         batch: list[tuple[int, Any]] = []
         for lineno, line in enumerate(file, 1):
             lines_read = lineno
+            advance(len(line))
             parsed = _parse_line(lineno, line, total)
             if parsed is not None:
                 batch.append((lineno, parsed))
@@ -68,6 +76,21 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
         )
     if total.refused:
         sys.exit(ExitCode.REFUSED)
+
+
+@contextlib.contextmanager
+def _file_progress(file: IO[bytes]) -> Iterator[Callable[[int], None]]:
+    """A byte-based progress bar for a regular file on a terminal; nothing otherwise."""
+    try:
+        size = os.fstat(file.fileno()).st_size if os.path.isfile(file.name) else 0
+    except (AttributeError, OSError, TypeError, ValueError):
+        size = 0
+    if not size or not err.is_terminal:
+        yield lambda n: None
+        return
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("enqueueing", total=size)
+        yield lambda n: bar.advance(task, n)
 
 
 def _parse_line(lineno: int, line: bytes, report: EnqueueReport) -> Any:
@@ -110,16 +133,7 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     Example:
       capi status --json | jq .key
     """
-    settings = settings_from(ctx)
-
-    async def go() -> dict[str, Any]:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        try:
-            return await gather(client, settings.keys)
-        finally:
-            await client.aclose()
-
-    status = run(go())
+    status = run(_status(settings_from(ctx)))
     if as_json:
         print_json(status)
         return
@@ -139,3 +153,41 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     out.print(f"workers alive: {len(status['workers_alive'])}")
     if key.get("state") == "held":
         out.print(key.get("guidance", ""), markup=False)
+
+
+@cli.command("health")
+@click.option("--url", help="Check this endpoint instead (e.g. a worker's /readyz).")
+@click.pass_context
+@handle_errors
+def health_command(ctx: click.Context, url: str | None) -> None:
+    """Exit 0 when capi is ready, 1 otherwise (for Docker and Kubernetes probes).
+
+    Without --url: Redis answers, the key is not held, and a worker sent a heartbeat in
+    the last 30 s.
+
+    \b
+    Examples:
+      capi health --url http://127.0.0.1:9464/readyz
+      capi health
+    """
+    if url:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
+                ok, why = resp.status == 200, f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            ok, why = False, str(exc)
+    else:
+        status = run(_status(settings_from(ctx)))
+        held = status["key"].get("state") == "held"
+        ok = not held and bool(status["workers_alive"])
+        why = "key held" if held else ("no live worker" if not status["workers_alive"] else "ok")
+    out.print(("ok: " if ok else "not ready: ") + why, markup=False)
+    sys.exit(ExitCode.OK if ok else ExitCode.FAILURE)
+
+
+async def _status(settings: Settings) -> dict[str, Any]:
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await gather(client, settings.keys)
+    finally:
+        await client.aclose()

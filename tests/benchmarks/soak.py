@@ -209,7 +209,7 @@ def main() -> None:
                 retry_cap_s=1.0,
                 claim_idle_s=2.0,
                 reprobe_interval_s=0.5,
-                request_timeout_s=5.0,
+                request_timeout_s=1.5,
             )
             report = soak(
                 sandbox, settings, n_events=args.events, workers=args.workers, kills=args.kills

@@ -97,3 +97,26 @@ def test_sigterm_stops_reading_and_loses_nothing(redis_url: str, sandbox: Sandbo
     rest = worker(settings, "--burst")
     rest.communicate(timeout=60)
     assert set(sandbox.state.delivered_ids()) == ids(evts)
+
+
+def test_arq_entry_point_runs_the_sender(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url)
+    evts = events(300)
+    enqueue(settings, evts)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
+    env["CAPI_CONFIG_FILE"] = os.devnull
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(lambda: set(sandbox.state.delivered_ids()) == ids(evts), what="arq-hosted delivery")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "sender starting" in output
+    assert DEFAULT_SCOPELESS_KEY not in output and settings.api_key is not None
+    assert settings.api_key.get_secret_value() not in output

@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -158,15 +159,16 @@ def producer_latency(env: dict[str, str], n: int) -> dict[str, float]:
 
 def run_workers(env: dict[str, str], count: int, extra_env: dict[str, str]) -> list[int]:
     """Start ``count`` burst workers; return their peak RSS in MB after they exit."""
+    # Workers log a line per batch: to files, never to a pipe nobody reads until exit.
+    logs = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 (closed below)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "worker", "--burst"],
             env={**os.environ, **env, **extra_env},
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=log,
         )
-        for _ in range(count)
+        for log in logs
     ]
     peaks = [0] * count
     starts = [0] * count
@@ -179,9 +181,11 @@ def run_workers(env: dict[str, str], count: int, extra_env: dict[str, str]) -> l
                 starts[i] = starts[i] or rss
                 peaks[i] = max(peaks[i], rss)
         time.sleep(0.2)
-    for p in procs:
+    for p, log in zip(procs, logs, strict=True):
         if p.returncode != 0:
-            raise RuntimeError(f"worker failed: {p.stderr.read() if p.stderr else ''}")
+            log.seek(0)
+            raise RuntimeError(f"worker failed: {log.read()[-2000:].decode(errors='replace')}")
+        log.close()
     return [peaks[i] - starts[i] for i in range(count)] + peaks
 
 

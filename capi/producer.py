@@ -17,7 +17,7 @@ API's own JSON, and raw identifiers never reach it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -48,24 +48,55 @@ class EnqueueReport:
         return not self.refused
 
 
-class _Core:
-    """What both producers share: validation, and building the enqueue script's arguments."""
+class _BaseProducer:
+    """What both producers share: settings, validation, and the enqueue script's arguments."""
 
-    def __init__(self, keys: RedisKeys, dedup_window_s: int, clock: Clock) -> None:
-        self.keys = keys
+    def __init__(
+        self,
+        client: Any,
+        *,
+        keys: RedisKeys | None = None,
+        dedup_window_s: int = 86_400,
+        clock: Clock = time.time,
+        chunk: int = 500,
+    ) -> None:
+        self.redis = client
+        self.keys = keys or RedisKeys()
         self.dedup_window_s = dedup_window_s
         self.clock = clock
+        self.chunk = chunk
+        self._script = client.register_script(ENQUEUE_LUA)
 
-    def prepare_all(self, events: Iterable[RawEvent], report: EnqueueReport) -> list[PreparedEvent]:
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
+        """A producer for the Redis and prefix in ``settings``."""
+        return cls(
+            cls._connect(settings.redis_url),
+            keys=settings.keys,
+            dedup_window_s=settings.dedup_window_s,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _connect(url: str) -> Any:
+        raise NotImplementedError
+
+    def _one(self, event: RawEvent) -> tuple[list[str], list[Any]]:
+        return self._args([prepare(event, clock=self.clock)])
+
+    def _chunks(
+        self, events: Iterable[RawEvent], report: EnqueueReport
+    ) -> Iterator[tuple[list[str], list[Any]]]:
         prepared = []
         for i, raw in enumerate(events):
             try:
                 prepared.append(prepare(raw, clock=self.clock))
             except EventRejected as exc:
                 report.refused.append((i, exc))
-        return prepared
+        for start in range(0, len(prepared), self.chunk):
+            yield self._args(prepared[start : start + self.chunk])
 
-    def script_args(self, batch: list[PreparedEvent]) -> tuple[list[str], list[Any]]:
+    def _args(self, batch: list[PreparedEvent]) -> tuple[list[str], list[Any]]:
         keys = [self.keys.stream, self.keys.stats]
         keys += [self.keys.dedup(p.name, p.id) for p in batch]
         args: list[Any] = [self.dedup_window_s]
@@ -74,34 +105,19 @@ class _Core:
         return keys, args
 
     @staticmethod
-    def count(report: EnqueueReport, flags: list[int]) -> None:
+    def _count(report: EnqueueReport, flags: list[int]) -> None:
         queued = sum(int(f) for f in flags)
         report.queued += queued
         report.duplicates += len(flags) - queued
 
 
-class Producer:
+class Producer(_BaseProducer):
     """Validates, hashes and enqueues events (asyncio)."""
 
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        *,
-        keys: RedisKeys | None = None,
-        dedup_window_s: int = 86_400,
-        clock: Clock = time.time,
-        chunk: int = 500,
-    ) -> None:
-        self.redis = client
-        self._core = _Core(keys or RedisKeys(), dedup_window_s, clock)
-        self._script = client.register_script(ENQUEUE_LUA)
-        self.chunk = chunk
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: Any) -> Producer:
-        """A producer for the Redis and prefix in ``settings``."""
-        client = aioredis.Redis.from_url(settings.redis_url)
-        return cls(client, keys=settings.keys, dedup_window_s=settings.dedup_window_s, **kwargs)
+    @staticmethod
+    def _connect(url: str) -> aioredis.Redis:
+        client: aioredis.Redis = aioredis.Redis.from_url(url)
+        return client
 
     async def __aenter__(self) -> Self:
         return self
@@ -118,43 +134,23 @@ class Producer:
 
         Raises :class:`~capi.errors.EventRejected` if the event breaks a rule.
         """
-        prepared = prepare(event, clock=self._core.clock)
-        keys, args = self._core.script_args([prepared])
-        flags = await self._script(keys=keys, args=args)
-        return bool(flags[0])
+        keys, args = self._one(event)
+        return bool((await self._script(keys=keys, args=args))[0])
 
     async def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
         """Enqueue many events; refused ones are reported (by position), the rest queued."""
         report = EnqueueReport()
-        prepared = self._core.prepare_all(events, report)
-        for start in range(0, len(prepared), self.chunk):
-            keys, args = self._core.script_args(prepared[start : start + self.chunk])
-            self._core.count(report, await self._script(keys=keys, args=args))
+        for keys, args in self._chunks(events, report):
+            self._count(report, await self._script(keys=keys, args=args))
         return report
 
 
-class SyncProducer:
+class SyncProducer(_BaseProducer):
     """Validates, hashes and enqueues events (blocking; for Django, Flask and scripts)."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        keys: RedisKeys | None = None,
-        dedup_window_s: int = 86_400,
-        clock: Clock = time.time,
-        chunk: int = 500,
-    ) -> None:
-        self.redis = client
-        self._core = _Core(keys or RedisKeys(), dedup_window_s, clock)
-        self._script = client.register_script(ENQUEUE_LUA)
-        self.chunk = chunk
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: Any) -> SyncProducer:
-        """A producer for the Redis and prefix in ``settings``."""
-        client = redis.Redis.from_url(settings.redis_url)
-        return cls(client, keys=settings.keys, dedup_window_s=settings.dedup_window_s, **kwargs)
+    @staticmethod
+    def _connect(url: str) -> redis.Redis:
+        return redis.Redis.from_url(url)
 
     def __enter__(self) -> Self:
         return self
@@ -168,15 +164,12 @@ class SyncProducer:
 
     def enqueue(self, event: RawEvent) -> bool:
         """Enqueue one event; False if its id was already enqueued within the dedup window."""
-        prepared = prepare(event, clock=self._core.clock)
-        keys, args = self._core.script_args([prepared])
+        keys, args = self._one(event)
         return bool(self._script(keys=keys, args=args)[0])
 
     def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
         """Enqueue many events; refused ones are reported (by position), the rest queued."""
         report = EnqueueReport()
-        prepared = self._core.prepare_all(events, report)
-        for start in range(0, len(prepared), self.chunk):
-            keys, args = self._core.script_args(prepared[start : start + self.chunk])
-            self._core.count(report, self._script(keys=keys, args=args))
+        for keys, args in self._chunks(events, report):
+            self._count(report, self._script(keys=keys, args=args))
         return report

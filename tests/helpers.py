@@ -124,3 +124,25 @@ def wait_for(predicate: Any, timeout_s: float = 20.0, what: str = "condition") -
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def doom(
+    settings: Settings, event_ids: set[str] | None = None, positions: list[int] | None = None
+) -> list[str]:
+    """Rewrite queued events so the API rejects them (an unknown data field), as if an older
+    producer had queued them; select by id or by position in the stream. Returns their ids."""
+    import orjson
+
+    client = redis.Redis.from_url(settings.redis_url)
+    entries = client.xrange(settings.keys.stream)
+    chosen = [entries[p] for p in positions or []]
+    chosen += [e for e in entries if event_ids and orjson.loads(e[1][b"e"])["id"] in event_ids]
+    doomed = []
+    for sid, fields in chosen:
+        event = orjson.loads(fields[b"e"])
+        event["data"]["coupon"] = "DOOMED"
+        client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(event)})
+        client.xdel(settings.keys.stream, sid)
+        doomed.append(event["id"])
+    client.close()
+    return doomed

@@ -20,7 +20,7 @@ from capi.replay import Selection, replay, select
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from capi.settings import Settings
-from tests.helpers import dead_letters, drain, enqueue, events, ids, make_settings, wait_for
+from tests.helpers import dead_letters, doom, drain, enqueue, events, ids, make_settings, wait_for
 
 SCOPE_FAILS, STALE, INVALID = 10, 4, 3
 
@@ -34,18 +34,6 @@ def cli_run(settings: Settings, *args: str, input: str | None = None) -> Result:
         "CAPI_CONFIG_FILE": os.devnull,
     }
     return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
-
-
-def slip_invalid(settings: Settings, evts: list[dict[str, Any]]) -> None:
-    """Enqueue events, then rewrite them as the API would reject them (unknown data field)."""
-    enqueue(settings, evts)
-    client = redis.Redis.from_url(settings.redis_url)
-    for sid, fields in client.xrange(settings.keys.stream):
-        event = orjson.loads(fields[b"e"])
-        if event["id"] in ids(evts):
-            event["data"]["coupon"] = "X"
-            client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(event)})
-            client.xdel(settings.keys.stream, sid)
 
 
 @pytest.fixture
@@ -62,7 +50,9 @@ def mixed(redis_url: str, sandbox: SandboxThread) -> Settings:
     enqueue(settings, events(STALE, prefix="stale-"))
     later = time.time() + 8 * 86_400
     drain(settings, clock=lambda: later)
-    slip_invalid(settings, events(INVALID, prefix="bad-"))
+    bad = events(INVALID, prefix="bad-")
+    enqueue(settings, bad)
+    doom(settings, event_ids=ids(bad))
     drain(settings)
     sandbox.state.reset()
     return settings

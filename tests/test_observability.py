@@ -7,13 +7,10 @@ import signal
 import urllib.error
 import urllib.request
 
-import orjson
-import redis
-
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from tests.conftest import free_port
-from tests.helpers import enqueue, events, make_settings, wait_for
+from tests.helpers import doom, enqueue, events, make_settings, wait_for
 from tests.test_worker_process import worker
 
 
@@ -31,12 +28,7 @@ def test_metrics_health_and_json_logs(redis_url: str, sandbox: SandboxThread) ->
     settings = make_settings(sandbox, redis_url, batch_size=50)
     evts = events(600)
     enqueue(settings, evts)
-    client = redis.Redis.from_url(redis_url)
-    sid, fields = client.xrange(settings.keys.stream)[10]
-    doomed = orjson.loads(fields[b"e"])
-    doomed["data"]["coupon"] = "X"
-    client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(doomed)})
-    client.xdel(settings.keys.stream, sid)
+    [doomed_id] = doom(settings, positions=[10])
     sandbox.state.faults = [Fault("missing_scope", every=5), Fault("drop", every=7)]
     port = free_port()
     proc = worker(settings, "--log-json", "--metrics-port", str(port))
@@ -70,6 +62,6 @@ def test_metrics_health_and_json_logs(redis_url: str, sandbox: SandboxThread) ->
     assert delivered and all(r["request_id"].startswith("req_sbx_") for r in delivered)
     assert all(r["first_id"] and r["last_id"] for r in delivered)
     dead = [r for r in records if r["message"].startswith("dead-lettered")]
-    assert dead[0]["event_ids"] == [doomed["id"]] and dead[0]["reason"] == "invalid_event"
+    assert dead[0]["event_ids"] == [doomed_id] and dead[0]["reason"] == "invalid_event"
     retried = [r for r in records if r["message"].startswith("retrying")]
     assert retried and all(r["event_ids"] and r["reason"] for r in retried)

@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 
-import orjson
 import redis
 
 from capi.failures import Reason
@@ -15,6 +14,7 @@ from capi.sandbox.state import DEFAULT_KEY
 from capi.sender import Sender
 from tests.helpers import (
     dead_letters,
+    doom,
     drain,
     enqueue,
     events,
@@ -69,25 +69,19 @@ def test_one_rejected_event_is_dead_lettered_alone(redis_url: str, sandbox: Sand
     settings = make_settings(sandbox, redis_url, batch_size=500)
     evts = events(400)
     enqueue(settings, evts)
-    # An event the local rules would refuse, slipped into the queue as if an older capi or
-    # another producer had written it: the API (sandbox) rejects it at events[i].
-    client = redis.Redis.from_url(redis_url)
-    sid, fields = client.xrange(settings.keys.stream)[123]
-    doomed = orjson.loads(fields[b"e"])
-    doomed["data"]["coupon"] = "SPRING"
-    client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(doomed)})
-    client.xdel(settings.keys.stream, sid)
+    # The API (sandbox) rejects this one at events[i].
+    [doomed_id] = doom(settings, positions=[123])
     drain(settings)
     dls = dead_letters(settings)
-    assert list(dls) == [doomed["id"]]
-    record = dls[doomed["id"]]
+    assert list(dls) == [doomed_id]
+    record = dls[doomed_id]
     assert record["reason"] == "invalid_event"
     assert record["status"] == 400
     assert record["error_body"]["error"]["errors"][0]["code"] == "unknown_data_field"
     assert "coupon" in record["guidance"]
     assert record["request_ids"]["x-request-id"].startswith("req_sbx_")
-    assert record["event"]["data"]["coupon"] == "SPRING"
-    assert set(sandbox.state.delivered_ids()) == ids(evts) - {doomed["id"]}
+    assert record["event"]["data"]["coupon"] == "DOOMED"
+    assert set(sandbox.state.delivered_ids()) == ids(evts) - {doomed_id}
     assert sandbox.state.requests <= 4  # probe + 2 tries of the batch, not one per event
 
 
@@ -96,15 +90,7 @@ def test_without_an_index_the_batch_is_bisected(redis_url: str, sandbox: Sandbox
     settings = make_settings(sandbox, redis_url, batch_size=256)
     evts = events(256)
     enqueue(settings, evts)
-    client = redis.Redis.from_url(redis_url)
-    doomed = []
-    for position in (40, 200):
-        sid, fields = client.xrange(settings.keys.stream)[position]
-        event = orjson.loads(fields[b"e"])
-        event["data"]["coupon"] = "X"
-        doomed.append(event["id"])
-        client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(event)})
-        client.xdel(settings.keys.stream, sid)
+    doomed = doom(settings, positions=[40, 200])
     drain(settings)
     assert set(dead_letters(settings)) == set(doomed)
     assert set(sandbox.state.delivered_ids()) == ids(evts) - set(doomed)

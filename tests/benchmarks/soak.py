@@ -29,6 +29,7 @@ import redis
 from capi.producer import SyncProducer
 from capi.sandbox import Fault, SandboxThread
 from capi.settings import Settings
+from tests.helpers import doom
 from tests.helpers import events as make_events
 
 
@@ -81,20 +82,6 @@ def _worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _doom(settings: Settings, count: int, rng: random.Random) -> set[str]:
-    """Rewrite ``count`` queued events so the API rejects them (an unknown data field)."""
-    client = redis.Redis.from_url(settings.redis_url)
-    entries = client.xrange(settings.keys.stream)
-    doomed = set()
-    for sid, fields in rng.sample(entries, count):
-        event = orjson.loads(fields[b"e"])
-        event["data"]["coupon"] = "SOAK"
-        client.xadd(settings.keys.stream, {**fields, b"e": orjson.dumps(event)})
-        client.xdel(settings.keys.stream, sid)
-        doomed.add(event["id"])
-    return doomed
-
-
 def soak(
     sandbox: SandboxThread,
     settings: Settings,
@@ -113,7 +100,8 @@ def soak(
     waves = [evts[i :: kills + 1] for i in range(kills + 1)]  # one wave before each kill
     producer = SyncProducer.from_settings(settings)
     assert producer.enqueue_many(waves[0]).ok
-    bad_ids = _doom(settings, doomed, rng)
+    stream_len = redis.Redis.from_url(settings.redis_url).xlen(settings.keys.stream)
+    bad_ids = set(doom(settings, positions=rng.sample(range(stream_len), doomed)))
     sandbox.state.rng = random.Random(seed)
     sandbox.state.faults = [
         Fault("missing_scope", every=23),

@@ -6,6 +6,7 @@
     ├── ConfigError              settings missing or invalid
     ├── EventRejected            an event breaks a contract rule (also a ValueError)
     ├── KeyCheckFailed           the startup key check says the key cannot write events
+    ├── QueueUnavailable         Redis could not be reached; the event was not queued
     └── SendError                a send to the events endpoint failed
         ├── MissingScopeError        401, Missing scopes: ads.third_party_events.write
         ├── UnauthorizedError        401, Unauthorized
@@ -82,6 +83,12 @@ class Response:
     retry_after_s: float | None = None
     event_index: int | None = None
     missing_scopes: list[str] = field(default_factory=list)
+
+
+class QueueUnavailable(CapiError):
+    """Raised when Redis cannot be reached at enqueue; the event was not queued (retryable)."""
+
+    retryable = True
 
 
 class SendError(CapiError):

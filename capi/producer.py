@@ -16,6 +16,7 @@ API's own JSON, and raw identifiers never reach it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ from typing import Any, Self
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from capi.constants import RedisKeys
-from capi.errors import EventRejected
+from capi.errors import EventRejected, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA
 from capi.schema import Event
@@ -46,6 +48,20 @@ class EnqueueReport:
     def ok(self) -> bool:
         """Whether no event was refused."""
         return not self.refused
+
+
+@contextlib.contextmanager
+def _translated(client: Any) -> Iterator[None]:
+    """Turn Redis being away into QueueUnavailable (events of a failed call are not queued;
+    a bulk call may have queued earlier chunks: enqueue them again, the dedup makes it safe)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        where = client.connection_pool.connection_kwargs.get("host", "?")
+        raise QueueUnavailable(
+            f"Redis at {where} could not be reached ({exc}); the event was not queued. "
+            "Check CAPI_REDIS_URL; enqueueing again is safe (the event id dedups)."
+        ) from exc
 
 
 class _BaseProducer:
@@ -135,13 +151,15 @@ class Producer(_BaseProducer):
         Raises :class:`~capi.errors.EventRejected` if the event breaks a rule.
         """
         keys, args = self._one(event)
-        return bool((await self._script(keys=keys, args=args))[0])
+        with _translated(self.redis):
+            return bool((await self._script(keys=keys, args=args))[0])
 
     async def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
         """Enqueue many events; refused ones are reported (by position), the rest queued."""
         report = EnqueueReport()
-        for keys, args in self._chunks(events, report):
-            self._count(report, await self._script(keys=keys, args=args))
+        with _translated(self.redis):
+            for keys, args in self._chunks(events, report):
+                self._count(report, await self._script(keys=keys, args=args))
         return report
 
 
@@ -165,11 +183,13 @@ class SyncProducer(_BaseProducer):
     def enqueue(self, event: RawEvent) -> bool:
         """Enqueue one event; False if its id was already enqueued within the dedup window."""
         keys, args = self._one(event)
-        return bool(self._script(keys=keys, args=args)[0])
+        with _translated(self.redis):
+            return bool(self._script(keys=keys, args=args)[0])
 
     def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
         """Enqueue many events; refused ones are reported (by position), the rest queued."""
         report = EnqueueReport()
-        for keys, args in self._chunks(events, report):
-            self._count(report, self._script(keys=keys, args=args))
+        with _translated(self.redis):
+            for keys, args in self._chunks(events, report):
+                self._count(report, self._script(keys=keys, args=args))
         return report

@@ -140,16 +140,10 @@ class Queue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def read(
-        self, consumer: str, count: int, block_ms: int | None, *, pending: bool = False
-    ) -> list[Entry]:
-        """Read up to ``count`` entries: new ones, or (``pending``) this consumer's own."""
+    async def read(self, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
+        """Read up to ``count`` new entries, waiting up to ``block_ms`` for the first."""
         resp = await self.redis.xreadgroup(
-            self.group,
-            consumer,
-            {self.keys.stream: "0" if pending else ">"},
-            count=count,
-            block=None if pending else block_ms,
+            self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
         )
         if not resp:
             return []

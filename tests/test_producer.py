@@ -73,3 +73,28 @@ def test_dedup_window_zero_disables_dedup(redis_url: str, sandbox: SandboxThread
     with SyncProducer.from_settings(settings) as producer:
         report = producer.enqueue_many(events(2) + events(2))
     assert report.queued == 4
+
+
+def test_redis_away_is_one_clear_error_and_the_cli_exits_5(sandbox: SandboxThread) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from capi.cli import cli
+    from capi.errors import QueueUnavailable
+    from capi.exitcodes import ExitCode
+    from tests.conftest import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = make_settings(sandbox, url)
+    with (
+        SyncProducer.from_settings(settings) as producer,
+        pytest.raises(QueueUnavailable, match="the event was not queued"),
+    ):
+        producer.enqueue(events(1)[0])
+    line = orjson.dumps(events(1)[0])
+    result = CliRunner().invoke(
+        cli, ["enqueue"], input=line, env={"CAPI_REDIS_URL": url, "CAPI_CONFIG_FILE": os.devnull}
+    )
+    assert result.exit_code == ExitCode.REDIS
+    assert "could not be reached" in result.output

@@ -13,7 +13,7 @@ import orjson
 import redis.exceptions
 from rich.console import Console
 
-from capi.errors import CapiError, ConfigError
+from capi.errors import CapiError, ConfigError, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.settings import Settings
 
@@ -50,6 +50,8 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
             fail(str(exc), ExitCode.CONFIG)
         except redis.exceptions.ConnectionError as exc:
             fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
+        except QueueUnavailable as exc:
+            fail(str(exc), ExitCode.REDIS)
         except CapiError as exc:
             fail(str(exc), ExitCode.FAILURE)
 

@@ -18,6 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from capi import __version__, replay
+from capi._aio import aw
 from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
 from capi.cli.main import cli
 from capi.client import ConversionsClient, build_body
@@ -107,7 +108,12 @@ async def _select(settings: Settings, selection: Selection) -> list[DeadLetter]:
 
 @cli.group("dead-letters")
 def dead_letters() -> None:
-    """Inspect, explain, replay, export and purge events that could not be delivered."""
+    """Inspect, explain, replay, export and purge events that could not be delivered.
+
+    \b
+    Example:
+      capi dead-letters list --replayable
+    """
 
 
 @dead_letters.command("list")
@@ -391,6 +397,49 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+@dead_letters.command("replays")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per audit entry.")
+@click.option("--limit", default=20, show_default=True, help="Newest entries to show.")
+@click.pass_context
+@handle_errors
+def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
+    """Show the replay audit log: when, what was selected, what was replayed.
+
+    A replay with "started" and no "completed" entry was interrupted: run it again.
+
+    \b
+    Example:
+      capi dead-letters replays --limit 5
+    """
+    settings = settings_from(ctx)
+
+    async def go() -> list[bytes]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            rows: list[bytes] = await aw(client.lrange(settings.keys.replays, 0, limit - 1))
+            return rows
+        finally:
+            await client.aclose()
+
+    entries = [orjson.loads(raw) for raw in run(go())]
+    if not entries:
+        out.print("No replays yet.")
+    for entry in entries:
+        if as_json:
+            print_json(entry)
+            continue
+        when = datetime.fromtimestamp(entry["at_ms"] / 1000, UTC).isoformat(timespec="seconds")
+        counts = (
+            f"replayed {entry.get('replayed')}, past deadline {entry.get('expired')}, "
+            f"already gone {entry.get('already_gone')}"
+            if entry["status"] == "completed"
+            else f"{entry['selected']} selected"
+        )
+        out.print(
+            f"{when}  {entry['status']:<9} {counts}  selection={entry['selection']}", markup=False
+        )
 
 
 @dead_letters.command("export")

@@ -31,6 +31,10 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
 
     Settings come from CAPI_* environment variables (CAPI_API_KEY, CAPI_PIXEL_ID,
     CAPI_REDIS_URL, ...) or config/capi.env.
+
+    \b
+    Example:
+      capi demo
     """
     ctx.ensure_object(dict)["config_file"] = config_file
 
@@ -164,7 +168,12 @@ def _parse_fault(spec: str) -> Fault:
 
 @cli.command("exit-codes")
 def exit_codes_command() -> None:
-    """List the exit codes capi uses."""
+    """List the exit codes capi uses.
+
+    \b
+    Example:
+      capi check-key; echo $?    # 10 means: the key lacks ads.third_party_events.write
+    """
     for code in ExitCode:
         out.print(f"{int(code):>3}  {code.name}")
 

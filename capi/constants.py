@@ -7,8 +7,8 @@ Redis layout (``{p}`` is the prefix, ``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {p}:events  group "senders"     the consumer group the workers read through
     {p}:retry               ZSET    member = JSON list of retry entries, score = due time (ms)
     {p}:dedup:{name}:{id}   STRING  "1", expires after the dedup window; set at enqueue
-    {p}:dl                  HASH    dead letter id -> dead letter record JSON
-    {p}:dl:index            ZSET    dead letter id, score = dead-lettered at (ms)
+    {p}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
+    {p}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {p}:dl:replays          LIST    replay audit entries (JSON), newest first
     {p}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
                                     transient_scope_failures, requests, ...

@@ -34,8 +34,14 @@ def iso(ms: int | None) -> str | None:
 
 
 class DeadLetter(BaseModel):
-    """One dead-lettered event and why."""
+    """One dead-lettered event and why.
 
+    ``key`` is the record's key, the API's dedup key without the pixel: the event name (the
+    custom event name, or the type) and the id, e.g. ``order_created:1042``. Operators may
+    name a dead letter by its key or by its event ``id``.
+    """
+
+    key: str
     id: str
     event_type: str
     event: dict[str, Any]
@@ -83,7 +89,9 @@ def build(
     first = entry.first_attempt_ms or (now_ms if attempted else None)
     last = now_ms if attempted else (entry.meta or {}).get("l")
     deadline = entry.timestamp_ms + API_MAX_AGE_MS
+    name = str(event.get("custom_event_name") or "").lower() or str(event.get("type"))
     return DeadLetter(
+        key=f"{name}:{entry.event_id}",
         id=entry.event_id,
         event_type=str(event.get("custom_event_name") or event.get("type")),
         event=event,
@@ -120,8 +128,8 @@ async def write(
 ) -> None:
     """Store records and acknowledge their stream entries, in one MULTI/EXEC."""
     pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.deadletters, mapping={r.id: r.to_json() for r in records})
-    pipe.zadd(keys.deadletter_index, {r.id: r.dead_lettered_ms for r in records})
+    pipe.hset(keys.deadletters, mapping={r.key: r.to_json() for r in records})
+    pipe.zadd(keys.deadletter_index, {r.key: r.dead_lettered_ms for r in records})
     ids = [e.stream_id for e in entries]
     if ids:
         pipe.xack(keys.stream, group, *ids)
@@ -132,10 +140,12 @@ async def write(
     await pipe.execute()
 
 
-async def get(client: aioredis.Redis, keys: RedisKeys, dl_id: str) -> DeadLetter | None:
-    """One dead letter by id, or None."""
-    raw = await aw(client.hget(keys.deadletters, dl_id))
-    return DeadLetter.model_validate_json(raw) if raw else None
+async def find(client: aioredis.Redis, keys: RedisKeys, ref: str) -> list[DeadLetter]:
+    """The dead letters named by ``ref``: a record key (``name:id``), or an event id."""
+    raw = await aw(client.hget(keys.deadletters, ref))
+    if raw:
+        return [DeadLetter.model_validate_json(raw)]
+    return [r for r in await all_records(client, keys) if r.id == ref]
 
 
 async def all_records(client: aioredis.Redis, keys: RedisKeys) -> list[DeadLetter]:

@@ -58,7 +58,7 @@ class Selection:
     def matches(self, record: DeadLetter, now_ms: int) -> bool:
         """Whether a record is selected."""
         checks = [
-            not self.ids or record.id in self.ids,
+            not self.ids or record.id in self.ids or record.key in self.ids,
             not self.reasons or record.reason.value in self.reasons,
             not self.event_types or record.event_type in self.event_types,
             self.since_ms is None or record.dead_lettered_ms >= self.since_ms,
@@ -82,8 +82,10 @@ async def select(
 ) -> list[DeadLetter]:
     """The selected dead letters, newest first."""
     if selection.ids:
-        found = [await deadletters.get(client, keys, i) for i in selection.ids]
-        records = sorted((r for r in found if r), key=lambda r: -r.dead_lettered_ms)
+        found = {
+            r.key: r for ref in selection.ids for r in await deadletters.find(client, keys, ref)
+        }
+        records = sorted(found.values(), key=lambda r: -r.dead_lettered_ms)
     else:
         records = await deadletters.all_records(client, keys)
     return [r for r in records if selection.matches(r, now_ms)]
@@ -132,7 +134,7 @@ async def replay(
     chunk = 100 if not rate_per_s else max(1, min(100, int(rate_per_s / 10) or 1))
     started = monotonic()
     for i in range(0, len(todo), chunk):
-        ids = [r.id for r in todo[i : i + chunk]]
+        ids = [r.key for r in todo[i : i + chunk]]
         done = await script(
             keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats], args=ids
         )
@@ -186,25 +188,25 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
                     work += [group[:middle], group[middle:]]
                     continue
             bad = group[index]
-            results[bad.id] = DryRunResult(bad.id, False, exc.reason.value, exc.response.message)
+            results[bad.key] = DryRunResult(bad.id, False, exc.reason.value, exc.response.message)
             rest = group[:index] + group[index + 1 :]
             if rest:
                 work.append(rest)
             continue
         except SendError as exc:
             for r in group:
-                results[r.id] = DryRunResult(r.id, False, exc.reason.value, exc.response.message)
+                results[r.key] = DryRunResult(r.id, False, exc.reason.value, exc.response.message)
             continue
         for r in group:
-            results[r.id] = DryRunResult(r.id, True)
-    return [results[r.id] for r in records]
+            results[r.key] = DryRunResult(r.id, True)
+    return [results[r.key] for r in records]
 
 
 async def purge(client: aioredis.Redis, keys: RedisKeys, records: Sequence[DeadLetter]) -> int:
     """Delete dead letters; return how many were removed."""
     if not records:
         return 0
-    ids = [r.id for r in records]
+    ids = [r.key for r in records]
     pipe = client.pipeline(transaction=True)
     pipe.hdel(keys.deadletters, *ids)
     pipe.zrem(keys.deadletter_index, *ids)

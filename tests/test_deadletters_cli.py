@@ -280,3 +280,27 @@ def test_status_shows_counts_and_key_state(mixed: Settings) -> None:
     assert status["counters"]["dead_lettered"] == SCOPE_FAILS + STALE + INVALID
     assert status["key"]["state"] == "ok"
     assert "dead letters:  17" in cli_run(mixed, "status").output
+
+
+def test_same_id_for_a_signup_and_an_order_keeps_both(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    from capi.events import purchase, signup
+
+    settings = make_settings(sandbox, redis_url)
+    pair = [
+        signup("123", email="a@example.com", source_url="https://a.example/"),
+        purchase("123", amount=100, currency="EUR", source_url="https://a.example/"),
+    ]
+    enqueue(settings, pair)
+    sandbox.state.conversion_keys.discard(DEFAULT_KEY)
+    sandbox.state.scopeless_keys.add(DEFAULT_KEY)
+    drain(settings)  # both meet the broken key and are dead-lettered
+    stored = redis.Redis.from_url(redis_url).hkeys(settings.keys.deadletters)
+    assert sorted(stored) == [b"order_created:123", b"registration_completed:123"]
+    shown = cli_run(settings, "dead-letters", "show", "123").output
+    assert "registration_completed:123" in shown and "order_created:123" in shown
+    one = cli_run(settings, "dead-letters", "show", "order_created:123", "--json").output
+    assert json.loads(one)["event"]["type"] == "order_created"
+    replayed = cli_run(settings, "dead-letters", "replay", "123")
+    assert "replayed 2 of 2" in replayed.output

@@ -186,7 +186,9 @@ def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int)
 @click.pass_context
 @handle_errors
 def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
-    """Show everything recorded about one dead letter, and a curl that reproduces it.
+    """Show everything recorded about a dead letter, and a curl that reproduces it.
+
+    DL_ID is an event id (every dead letter with that id is shown) or a key name:id.
 
     \b
     Example:
@@ -197,13 +199,17 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
     if not records:
         err.print(f"no dead letter with id {dl_id!r}", markup=False)
         sys.exit(ExitCode.FAILURE)
-    r = records[0]
-    if as_json:
-        print_json(r.model_dump(mode="json"))
-        return
+    for i, r in enumerate(records):
+        if as_json:
+            print_json(r.model_dump(mode="json"))
+        else:
+            out.print(("\n" + "-" * 60 + "\n" if i else "") + _describe(r, settings), markup=False)
+
+
+def _describe(r: DeadLetter, settings: Settings) -> str:
     now = _now_ms()
     lines = [
-        f"id:               {r.id} ({r.event_type})",
+        f"id:               {r.id} ({r.event_type}; key {r.key})",
         f"reason:           {r.reason.value}: {r.meaning}",
         f"status:           {r.status if r.status is not None else '(no HTTP response)'}",
         f"API error:        {r.error_message or '-'}"
@@ -234,7 +240,7 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
         "Reproduce (validate_only; the key is read from $CAPI_API_KEY, never shown):",
         curl_for(r, settings.base_url),
     ]
-    out.print("\n".join(lines), markup=False)
+    return "\n".join(lines)
 
 
 def curl_for(record: DeadLetter, base_url: str) -> str:

@@ -150,9 +150,8 @@ def _account(
 ) -> None:
     delivered = sandbox.state.delivered_ids()
     client = redis.Redis.from_url(settings.redis_url)
-    dls = {
-        k.decode(): orjson.loads(v) for k, v in client.hgetall(settings.keys.deadletters).items()
-    }
+    records = [orjson.loads(v) for v in client.hgetall(settings.keys.deadletters).values()]
+    dls = {r["id"]: r for r in records}  # the soak's event ids are unique across names
     report.delivered = len(set(delivered) & all_ids)
     report.dead_lettered = len(dls)
     for record in dls.values():

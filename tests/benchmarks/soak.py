@@ -82,6 +82,18 @@ def _worker(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
+def default_faults() -> list[Fault]:
+    """Key blips never twice in a row (as seen in the wild); the rest at random."""
+    return [
+        Fault("missing_scope", every=23),
+        Fault("rbac", every=29),
+        Fault("rate_limit", rate=0.03, retry_after_s=0.05),
+        Fault("server_error", rate=0.03, status=503),
+        Fault("drop", rate=0.03),
+        Fault("latency", rate=0.5, latency_ms=100),
+    ]
+
+
 def soak(
     sandbox: SandboxThread,
     settings: Settings,
@@ -92,6 +104,7 @@ def soak(
     doomed: int = 5,
     seed: int = 7,
     timeout_s: float = 300,
+    faults: list[Fault] | None = None,
 ) -> SoakReport:
     """Run the soak against a sandbox and a Redis; return the accounting."""
     rng = random.Random(seed)
@@ -103,14 +116,7 @@ def soak(
     stream_len = redis.Redis.from_url(settings.redis_url).xlen(settings.keys.stream)
     bad_ids = set(doom(settings, positions=rng.sample(range(stream_len), doomed)))
     sandbox.state.rng = random.Random(seed)
-    sandbox.state.faults = [
-        Fault("missing_scope", every=23),
-        Fault("rbac", every=29),
-        Fault("rate_limit", rate=0.03, retry_after_s=0.05),
-        Fault("server_error", rate=0.03, status=503),
-        Fault("drop", rate=0.03),
-        Fault("latency", rate=0.5, latency_ms=100),
-    ]
+    sandbox.state.faults = faults or default_faults()
     report = SoakReport(events=n_events)
     procs = [_worker(settings) for _ in range(workers)]
     admin = redis.Redis.from_url(settings.redis_url)

@@ -12,6 +12,7 @@ import click
 import orjson
 import redis.exceptions
 from rich.console import Console
+from rich.progress import Progress
 
 from capi.errors import CapiError, ConfigError, QueueUnavailable
 from capi.exitcodes import ExitCode
@@ -66,3 +67,24 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def print_json(value: Any) -> None:
     """Print one JSON document on one line."""
     sys.stdout.write(orjson.dumps(value).decode() + "\n")
+
+
+class progress:
+    """A progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.bar: Progress | None = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not out.is_terminal or self.total == 0:
+            return lambda n: None
+        self.bar = Progress(console=out)
+        self.bar.start()
+        task = self.bar.add_task(self.label, total=self.total)
+        bar = self.bar
+        return lambda n: bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

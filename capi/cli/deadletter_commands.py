@@ -14,21 +14,18 @@ from typing import IO, Any
 import click
 import orjson
 import redis.asyncio as aioredis
-from rich.progress import Progress
 from rich.table import Table
 
-from capi import __version__, replay
+from capi import replay
 from capi._aio import aw
-from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
+from capi.cli.common import err, handle_errors, out, print_json, progress, run, settings_from
 from capi.cli.main import cli
-from capi.client import ConversionsClient, build_body
+from capi.client import build_body
 from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter
 from capi.exitcodes import ExitCode
-from capi.fingerprint import fingerprint
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
-from capi.status import gather
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -94,14 +91,16 @@ def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selec
     )
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """The current Unix time in milliseconds."""
     return int(time.time() * 1000)
 
 
-async def _select(settings: Settings, selection: Selection) -> list[DeadLetter]:
+async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
+    """The selected dead letters, newest first (opens and closes its own connection)."""
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        return await replay.select(client, settings.keys, selection, _now_ms())
+        return await replay.select(client, settings.keys, selection, now_ms())
     finally:
         await client.aclose()
 
@@ -131,8 +130,8 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
       capi dead-letters list --replayable --json | jq -r .id
     """
     settings = settings_from(ctx)
-    now = _now_ms()
-    records = run(_select(settings, selection_from((), kw, now)))
+    now = now_ms()
+    records = run(select_records(settings, selection_from((), kw, now)))
     shown = records[:limit] if limit else records
     if as_json:
         for r in shown:
@@ -195,7 +194,7 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
       capi dead-letters show order-1042
     """
     settings = settings_from(ctx)
-    records = run(_select(settings, Selection(ids=[dl_id])))
+    records = run(select_records(settings, Selection(ids=[dl_id])))
     if not records:
         err.print(f"no dead letter with id {dl_id!r}", markup=False)
         sys.exit(ExitCode.FAILURE)
@@ -207,7 +206,7 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
 
 
 def _describe(r: DeadLetter, settings: Settings) -> str:
-    now = _now_ms()
+    now = now_ms()
     lines = [
         f"id:               {r.id} ({r.event_type}; key {r.key})",
         f"reason:           {r.reason.value}: {r.meaning}",
@@ -253,156 +252,6 @@ def curl_for(record: DeadLetter, base_url: str) -> str:
         "  -H 'Content-Type: application/json' \\\n"
         f"  --data-binary {shlex.quote(body)}"
     )
-
-
-@dead_letters.command("replay")
-@click.argument("ids", nargs=-1)
-@click.option("--all", "select_all", is_flag=True, help="Select every dead letter.")
-@filters
-@click.option("--rate", type=float, default=None, help="At most N events per second.")
-@click.option("--dry-run", is_flag=True, help="Ask the API (validate_only); queue nothing.")
-@click.option("--include-expired", is_flag=True, help="Also try events past their deadline.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.pass_context
-@handle_errors
-def replay_command(
-    ctx: click.Context,
-    /,
-    ids: tuple[str, ...],
-    select_all: bool,
-    rate: float | None,
-    dry_run: bool,
-    include_expired: bool,
-    as_json: bool,
-    **kw: Any,
-) -> None:
-    """Put dead-lettered events back on the queue, once their cause is fixed.
-
-    Same event ids, so the API dedups; each dead letter is removed only once its event is
-    queued, so running the same replay again sends nothing twice and resumes an
-    interrupted one. Events past their replay deadline are skipped and reported.
-
-    \b
-    Examples:
-      capi check-key && capi dead-letters replay --reason missing_scope
-      capi dead-letters replay order-1042 --dry-run
-      capi dead-letters replay --all --rate 200
-    """
-    settings = settings_from(ctx)
-    now = _now_ms()
-    selection = selection_from(ids, kw, now)
-    if not (ids or select_all or selection.describe()):
-        raise click.UsageError("say what to replay: IDs, --all, or a filter such as --reason")
-    records = run(_select(settings, selection))
-    if dry_run:
-        _dry_run(settings, records, as_json, include_expired)
-        return
-    with _progress(len(records), "replaying") as advance:
-        report = run(_replay(settings, records, rate, include_expired, selection, advance))
-    if as_json:
-        print_json(
-            {
-                "selected": report.selected,
-                "replayed": report.replayed,
-                "already_gone": report.already_gone,
-                "expired": report.expired,
-            }
-        )
-        return
-    out.print(
-        f"replayed {report.replayed} of {report.selected} selected "
-        f"({report.already_gone} already replayed, {len(report.expired)} past deadline)"
-    )
-    for dl_id in report.expired:
-        err.print(
-            f"skipped {dl_id}: past its replay deadline (--include-expired to try)", markup=False
-        )
-
-
-async def _replay(
-    settings: Settings,
-    records: list[DeadLetter],
-    rate: float | None,
-    include_expired: bool,
-    selection: Selection,
-    advance: Callable[[int], None],
-) -> replay.ReplayReport:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        return await replay.replay(
-            client,
-            settings.keys,
-            records,
-            rate_per_s=rate,
-            include_expired=include_expired,
-            selection=selection,
-            progress=advance,
-        )
-    finally:
-        await client.aclose()
-
-
-def _dry_run(
-    settings: Settings, records: list[DeadLetter], as_json: bool, include_expired: bool
-) -> None:
-    key, pixel = settings.credentials()
-    now = _now_ms()
-    send = [r for r in records if include_expired or can_replay(r, now)]
-    skipped = [
-        replay.DryRunResult(r.id, False, "past_replay_deadline", "not sent: the API refuses it")
-        for r in records
-        if r not in send
-    ]
-
-    async def go() -> list[replay.DryRunResult]:
-        async with ConversionsClient(
-            base_url=settings.base_url, api_key=key, pixel_id=pixel
-        ) as client:
-            return await replay.dry_run(client, send)
-
-    results = (run(go()) if send else []) + skipped
-    for res in results:
-        if as_json:
-            print_json(
-                {
-                    "id": res.id,
-                    "accepted": res.accepted,
-                    "reason": res.reason,
-                    "message": res.message,
-                }
-            )
-        else:
-            verdict = (
-                "would be accepted" if res.accepted else f"rejected: {res.reason}: {res.message}"
-            )
-            out.print(f"{res.id}: {verdict}", markup=False)
-    accepted = sum(r.accepted for r in results)
-    if not as_json:
-        out.print(
-            f"dry run: {accepted} would be accepted, {len(results) - accepted} rejected; "
-            "nothing was queued"
-        )
-
-
-class _progress:
-    """A progress bar on a terminal, nothing otherwise."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
-        self.bar: Progress | None = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not out.is_terminal or self.total == 0:
-            return lambda n: None
-        self.bar = Progress(console=out)
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        bar = self.bar
-        return lambda n: bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 @dead_letters.command("replays")
@@ -464,8 +313,8 @@ def export_command(
       capi dead-letters export --reason missing_scope -o scope-failures.jsonl
     """
     settings = settings_from(ctx)
-    records = run(_select(settings, selection_from(ids, kw, _now_ms())))
-    with _progress(len(records) if output is not sys.stdout.buffer else 0, "exporting") as step:
+    records = run(select_records(settings, selection_from(ids, kw, now_ms())))
+    with progress(len(records) if output is not sys.stdout.buffer else 0, "exporting") as step:
         for r in records:
             output.write(replay.to_json_line(r))
             step(1)
@@ -496,10 +345,10 @@ def purge_command(
       capi dead-letters purge --expired --export expired.jsonl --yes
     """
     settings = settings_from(ctx)
-    selection = selection_from(ids, kw, _now_ms())
+    selection = selection_from(ids, kw, now_ms())
     if not (ids or select_all or selection.describe()):
         raise click.UsageError("say what to purge: IDs, --all, or a filter such as --expired")
-    records = run(_select(settings, selection))
+    records = run(select_records(settings, selection))
     if not records:
         out.print("Nothing to purge.")
         return
@@ -519,68 +368,3 @@ def purge_command(
             await client.aclose()
 
     out.print(f"purged {run(go())} dead letters")
-
-
-@cli.command("support-bundle")
-@click.argument("ids", nargs=-1)
-@click.option("--limit", default=5, show_default=True, help="Dead letters to include by default.")
-@click.pass_context
-@handle_errors
-def support_bundle_command(ctx: click.Context, ids: tuple[str, ...], limit: int) -> None:
-    """Print what OpenAI support asks for, ready to paste; never the key.
-
-    Exact UTC timestamps, request/trace ids, pixel id, key fingerprint, the exact error,
-    capi's version. Add the email of whoever created the key yourself.
-
-    \b
-    Examples:
-      capi support-bundle                 # the latest key-related dead letters
-      capi support-bundle order-1042
-    """
-    settings = settings_from(ctx)
-
-    async def go() -> tuple[dict[str, Any], list[DeadLetter]]:
-        client = aioredis.Redis.from_url(settings.redis_url)
-        try:
-            status = await gather(client, settings.keys)
-            records = await replay.select(
-                client, settings.keys, Selection(ids=list(ids)), _now_ms()
-            )
-        finally:
-            await client.aclose()
-        return status, records
-
-    status, records = run(go())
-    if not ids:
-        keyish = [r for r in records if r.reason.key_problem]
-        records = (keyish or records)[:limit]
-    key = settings.api_key.get_secret_value() if settings.api_key else ""
-    lines = [
-        "OpenAI Ads Conversions API: support information (generated by capi)",
-        f"capi version:        {__version__}",
-        f"generated at (UTC):  {datetime.now(UTC).isoformat(timespec='seconds')}",
-        f"endpoint:            {settings.base_url}{EVENTS_PATH}",
-        f"pixel id:            {settings.pixel_id or '(not set)'}",
-        f"key fingerprint:     {fingerprint(key) if key else '(not set)'}"
-        "  (the key itself is never shared)",
-        "key created by:      <email of the person signed in when the key was created>",
-        f"key state:           {status['key'].get('state')} {status['key'].get('since', '')} "
-        f"{status['key'].get('reason', '')}".rstrip(),
-        f"transient key failures seen: {status['counters'].get('transient_key_failures', 0)}",
-        "",
-    ]
-    if not records:
-        lines.append("No dead letters recorded.")
-    for r in records:
-        lines += [
-            f"- event {r.id} ({r.event_type}): {r.reason.value}, HTTP {r.status}",
-            f"  first attempt (UTC): {r.first_attempt_at}",
-            f"  last attempt (UTC):  {r.last_attempt_at}",
-            f"  request ids: {_ids(r)}",
-            f"  error: {r.error_message or '-'}",
-        ]
-    out.print("\n".join(lines), markup=False)
-
-
-def _ids(record: DeadLetter) -> str:
-    return ", ".join(f"{k}={v}" for k, v in record.request_ids.items()) or "none returned"

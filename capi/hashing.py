@@ -7,7 +7,7 @@ email        trim, lowercase; must look like ``local@domain``
 phone        drop spaces, ``()``, ``.``, ``-``, then a leading ``+`` and leading
              zeros; the country code stays; 8-15 digits
 external id  trim only: case and inner characters are kept
-first/last   Unicode NFC, lowercase, drop whitespace and ASCII punctuation;
+first/last   Unicode NFC, lowercase, drop whitespace and ASCII punctuation, NFC again;
 name         non-ASCII letters stay (``José`` -> ``josé``)
 ===========  ===============================================================
 
@@ -97,8 +97,11 @@ def normalize_external_id(value: str) -> str:
 
 def normalize_name(value: str) -> str:
     """Lowercase a first or last name and drop whitespace and ASCII punctuation."""
-    lowered = unicodedata.normalize("NFC", value.lower())
-    name = "".join(c for c in lowered.translate(_NAME_DROP) if not c.isspace())
+    # NFC first: it can turn characters into ASCII punctuation (U+037E -> ";") to drop;
+    # and last: dropping a space between two combining marks can leave them out of order.
+    lowered = unicodedata.normalize("NFC", value).lower()
+    kept = "".join(c for c in lowered.translate(_NAME_DROP) if not c.isspace())
+    name = unicodedata.normalize("NFC", kept)
     if not name:
         raise ValueError("must contain at least one letter")
     return name

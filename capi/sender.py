@@ -33,17 +33,15 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import deadletters
 from capi.client import ConversionsClient, build_body
 from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES
 from capi.errors import InvalidEventError, SendError
 from capi.events import Clock
 from capi.failures import Reason
-from capi.guidance import diagnose
+from capi.fates import Fates
 from capi.keyguard import KeyGuard, Verdict
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
-from capi.retry import backoff_s
 from capi.settings import Settings
 
 log = logging.getLogger("capi.sender")
@@ -75,7 +73,6 @@ class Sender:
         self.queue = Queue(redis, settings.keys)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.clock = clock
-        self.rand = rand
         api_key, _ = settings.credentials()
         self.guard = KeyGuard(
             client,
@@ -87,10 +84,18 @@ class Sender:
             min_probe_interval_s=min(5.0, settings.reprobe_interval_s),
             probe_pause_s=min(0.5, settings.reprobe_interval_s),
         )
-        self._api_key = api_key
         self._stopping = asyncio.Event()
         self._inflight: dict[bytes, Entry] = {}
-        self.delivered = 0
+        self.fates = Fates(
+            settings,
+            redis,
+            self.queue,
+            client,
+            self.metrics,
+            api_key=api_key,
+            clock=clock,
+            rand=rand,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Sender:
@@ -208,35 +213,17 @@ class Sender:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
                 await self._failed(group, err)
                 continue
-            await self.queue.deliver(group)
+            await self.fates.delivered(group, accepted)
             self._done(group)
-            self._delivered(group, accepted.request_ids, accepted.elapsed_s)
-
-    def _delivered(self, group: list[Entry], request_ids: dict[str, str], elapsed_s: float) -> None:
-        self.delivered += len(group)
-        self.metrics.delivered.inc(len(group))
-        self.metrics.batch_size.observe(len(group))
-        self.metrics.send_latency.observe(elapsed_s)
-        log.info(
-            "delivered %d events",
-            len(group),
-            extra={
-                "count": len(group),
-                "first_id": group[0].event_id,
-                "last_id": group[-1].event_id,
-                "request_id": next(iter(request_ids.values()), None),
-                "latency_ms": round(elapsed_s * 1000, 1),
-            },
-        )
 
     async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
         index = err.event_index
         if index is not None and 0 <= index < len(group):
-            await self._dead_letter([group[index]], err.reason, err, attempted=True)
+            await self._dead_letter([group[index]], err.reason, err)
             rest = group[:index] + group[index + 1 :]
             return [rest] if rest else []
         if len(group) == 1:
-            await self._dead_letter(group, err.reason, err, attempted=True)
+            await self._dead_letter(group, err.reason, err)
             return []
         middle = len(group) // 2
         return [group[middle:], group[:middle]]
@@ -249,93 +236,29 @@ class Sender:
                 self.metrics.transient_key_failures.labels(err.reason.value).inc()
                 await self._retry(group, err)
             elif verdict is Verdict.CONFIRMED:
-                await self._dead_letter(group, err.reason, err, attempted=True)
+                await self._dead_letter(group, err.reason, err)
             else:
                 await self.queue.hand_back(group)
                 self._done(group)
         elif err.reason.retryable:
             await self._retry(group, err)
         else:
-            await self._dead_letter(group, err.reason, err, attempted=True)
+            await self._dead_letter(group, err.reason, err)
 
     async def _retry(self, group: list[Entry], err: SendError) -> None:
-        budget = self.settings.max_attempts
-        exhausted = [e for e in group if e.attempts + 1 >= budget]
-        if exhausted:
-            await self._dead_letter(exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
-        again = [e for e in group if e.attempts + 1 < budget]
-        if not again:
-            return
-        attempt = max(e.attempts for e in again) + 1
-        delay = backoff_s(
-            attempt,
-            base_s=self.settings.retry_base_s,
-            cap_s=self.settings.retry_cap_s,
-            retry_after_s=err.response.retry_after_s,
-            rand=self.rand,
-        )
-        now = self._now()
-        error = {
-            "reason": err.reason.value,
-            "status": err.status,
-            "message": err.response.message[:500],
-            "request_ids": err.response.request_ids,
-        }
-        await self.queue.schedule_retry(again, now + int(delay * 1000), error, now)
-        self._done(again)
-        self.metrics.retried.labels(err.reason.value).inc(len(again))
-        log.warning(
-            "retrying %d events in %.2f s after %s (attempt %d)",
-            len(again),
-            delay,
-            err.reason.value,
-            attempt,
-            extra={
-                "count": len(again),
-                "event_ids": [e.event_id for e in again],
-                "reason": err.reason.value,
-                "status": err.status,
-                "request_id": err.request_id,
-                "delay_s": round(delay, 3),
-                "attempt": attempt,
-            },
-        )
+        await self.fates.retry(group, err)
+        self._done(group)
 
     async def _dead_letter(
-        self, group: Sequence[Entry], reason: Reason, err: SendError | None, *, attempted: bool
+        self,
+        group: Sequence[Entry],
+        reason: Reason,
+        err: SendError | None,
+        *,
+        attempted: bool = True,
     ) -> None:
-        guidance = diagnose(
-            err or reason, reason=reason, pixel_id=self.client.pixel_id, api_key=self._api_key
-        ).text
-        now = self._now()
-        records = [
-            deadletters.build(
-                e,
-                reason=reason,
-                guidance=guidance,
-                error=err,
-                key_fingerprint=self.client.key_fingerprint,
-                pixel_id=self.client.pixel_id,
-                now_ms=now,
-                attempted=attempted,
-            )
-            for e in group
-        ]
-        await deadletters.write(self.redis, self.settings.keys, self.queue.group, group, records)
+        await self.fates.dead_letter(group, reason, err, attempted=attempted)
         self._done(group)
-        self.metrics.dead_lettered.labels(reason.value).inc(len(group))
-        log.warning(
-            "dead-lettered %d events (%s)",
-            len(group),
-            reason.value,
-            extra={
-                "count": len(group),
-                "event_ids": [e.event_id for e in group],
-                "reason": reason.value,
-                "status": err.status if err else None,
-                "request_id": err.request_id if err else None,
-            },
-        )
 
     def _done(self, group: Sequence[Entry]) -> None:
         for e in group:

@@ -106,3 +106,14 @@ def test_never_hashes_a_hash(kind: Identifier, value: str) -> None:
     assert is_sha256_hex(digest)
     with pytest.raises(ValueError, match="already hashed"):
         hash_identifier(kind, digest)
+
+
+def test_name_with_combining_marks_split_by_a_space_is_stable() -> None:
+    # Found by hypothesis: removing the space leaves the marks out of canonical order.
+    once = normalize_name("\u0339 \u0334")
+    assert normalize_name(once) == once
+
+
+def test_name_with_a_character_that_nfc_turns_into_punctuation() -> None:
+    # Found by hypothesis: U+037E (Greek question mark) is ";" under NFC, and is dropped.
+    assert normalize_name("0\u037e") == "0"

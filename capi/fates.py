@@ -1,0 +1,151 @@
+"""Recording an event's fate: the Redis write (atomic with the acknowledgement), the metric,
+and one log line with event ids and request ids. :mod:`capi.sender` decides; this records.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import redis.asyncio as aioredis
+
+from capi import deadletters
+from capi.client import Accepted, ConversionsClient
+from capi.errors import SendError
+from capi.events import Clock
+from capi.failures import Reason
+from capi.guidance import diagnose
+from capi.metrics import Metrics
+from capi.queue import Entry, Queue
+from capi.retry import backoff_s
+from capi.settings import Settings
+
+log = logging.getLogger("capi.sender")
+
+
+class Fates:
+    """Writes deliveries, retries and dead letters, and counts and logs each."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        queue: Queue,
+        client: ConversionsClient,
+        metrics: Metrics,
+        *,
+        api_key: str,
+        clock: Clock = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.queue = queue
+        self.client = client
+        self.metrics = metrics
+        self._api_key = api_key
+        self.clock = clock
+        self.rand = rand
+
+    def now_ms(self) -> int:
+        """The clock's time in Unix milliseconds."""
+        return int(self.clock() * 1000)
+
+    async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> None:
+        """Acknowledge a delivered batch."""
+        await self.queue.deliver(group)
+        self.metrics.delivered.inc(len(group))
+        self.metrics.batch_size.observe(len(group))
+        self.metrics.send_latency.observe(accepted.elapsed_s)
+        log.info(
+            "delivered %d events",
+            len(group),
+            extra={
+                "count": len(group),
+                "first_id": group[0].event_id,
+                "last_id": group[-1].event_id,
+                "request_id": next(iter(accepted.request_ids.values()), None),
+                "latency_ms": round(accepted.elapsed_s * 1000, 1),
+            },
+        )
+
+    async def retry(self, group: Sequence[Entry], err: SendError) -> None:
+        """Schedule another attempt, or dead-letter those past CAPI_MAX_ATTEMPTS."""
+        budget = self.settings.max_attempts
+        exhausted = [e for e in group if e.attempts + 1 >= budget]
+        if exhausted:
+            await self.dead_letter(exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
+        again = [e for e in group if e.attempts + 1 < budget]
+        if not again:
+            return
+        attempt = max(e.attempts for e in again) + 1
+        delay = backoff_s(
+            attempt,
+            base_s=self.settings.retry_base_s,
+            cap_s=self.settings.retry_cap_s,
+            retry_after_s=err.response.retry_after_s,
+            rand=self.rand,
+        )
+        now = self.now_ms()
+        error = {
+            "reason": err.reason.value,
+            "status": err.status,
+            "message": err.response.message[:500],
+            "request_ids": err.response.request_ids,
+        }
+        await self.queue.schedule_retry(again, now + int(delay * 1000), error, now)
+        self.metrics.retried.labels(err.reason.value).inc(len(again))
+        log.warning(
+            "retrying %d events in %.2f s after %s (attempt %d)",
+            len(again),
+            delay,
+            err.reason.value,
+            attempt,
+            extra={
+                "count": len(again),
+                "event_ids": [e.event_id for e in again],
+                "reason": err.reason.value,
+                "status": err.status,
+                "request_id": err.request_id,
+                "delay_s": round(delay, 3),
+                "attempt": attempt,
+            },
+        )
+
+    async def dead_letter(
+        self, group: Sequence[Entry], reason: Reason, err: SendError | None, *, attempted: bool
+    ) -> None:
+        """Record dead letters with their guidance, atomically with the acknowledgement."""
+        guidance = diagnose(
+            err or reason, reason=reason, pixel_id=self.client.pixel_id, api_key=self._api_key
+        ).text
+        now = self.now_ms()
+        records = [
+            deadletters.build(
+                e,
+                reason=reason,
+                guidance=guidance,
+                error=err,
+                key_fingerprint=self.client.key_fingerprint,
+                pixel_id=self.client.pixel_id,
+                now_ms=now,
+                attempted=attempted,
+            )
+            for e in group
+        ]
+        await deadletters.write(self.redis, self.settings.keys, self.queue.group, group, records)
+        self.metrics.dead_lettered.labels(reason.value).inc(len(group))
+        log.warning(
+            "dead-lettered %d events (%s)",
+            len(group),
+            reason.value,
+            extra={
+                "count": len(group),
+                "event_ids": [e.event_id for e in group],
+                "reason": reason.value,
+                "status": err.status if err else None,
+                "request_id": err.request_id if err else None,
+            },
+        )

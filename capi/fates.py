@@ -19,7 +19,7 @@ from capi.failures import Reason
 from capi.guidance import diagnose
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
-from capi.retry import backoff_s
+from capi.retry import backoff_s, within_budget
 from capi.settings import Settings
 
 log = logging.getLogger("capi.sender")
@@ -74,10 +74,10 @@ class Fates:
     async def retry(self, group: Sequence[Entry], err: SendError) -> None:
         """Schedule another attempt, or dead-letter those past CAPI_MAX_ATTEMPTS."""
         budget = self.settings.max_attempts
-        exhausted = [e for e in group if e.attempts + 1 >= budget]
+        again = [e for e in group if within_budget(e.attempts + 1, budget)]
+        exhausted = [e for e in group if not within_budget(e.attempts + 1, budget)]
         if exhausted:
             await self.dead_letter(exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
-        again = [e for e in group if e.attempts + 1 < budget]
         if not again:
             return
         attempt = max(e.attempts for e in again) + 1

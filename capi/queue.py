@@ -197,11 +197,6 @@ class Queue:
         )
         return int(moved)
 
-    async def next_retry_due_ms(self) -> int | None:
-        """When the earliest scheduled retry is due, or None."""
-        first = await self.redis.zrange(self.keys.retry, 0, 0, withscores=True)
-        return int(first[0][1]) if first else None
-
     async def hand_back(self, entries: Sequence[Entry]) -> None:
         """Return entries to the queue as new (on shutdown), so any worker takes them at once."""
         if entries:
@@ -224,8 +219,9 @@ class Queue:
         pipe.xrange(self.keys.stream, count=1)
         pipe.zcard(self.keys.retry)
         pipe.xpending(self.keys.stream, self.group)
-        xlen, first, retries, pending = await pipe.execute()
-        in_flight = int(pending["pending"]) if pending else 0
+        xlen, first, retries, pending = await pipe.execute(raise_on_error=False)
+        # No consumer group yet (no worker has run): nothing is in flight.
+        in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
         oldest = int(first[0][0].split(b"-")[0]) if first else None
         return int(xlen) - in_flight, in_flight, oldest, int(retries)
 

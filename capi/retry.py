@@ -17,9 +17,14 @@ from datetime import UTC, datetime
 from capi.failures import Reason
 
 
+def within_budget(attempts: int, max_attempts: int) -> bool:
+    """Whether an event that has failed ``attempts`` sends may be sent again."""
+    return attempts < max_attempts
+
+
 def should_retry(reason: Reason, attempts: int, max_attempts: int) -> bool:
     """Whether an event that failed for ``reason`` after ``attempts`` sends is sent again."""
-    return reason.retryable and attempts < max_attempts
+    return reason.retryable and within_budget(attempts, max_attempts)
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

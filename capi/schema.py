@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import pycountry
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
@@ -200,10 +200,3 @@ class Event(_Model):
 def allowed_fields(model: type[BaseModel]) -> list[str]:
     """The field names a model accepts, in declaration order."""
     return list(model.model_fields)
-
-
-def dump(value: Any) -> Any:
-    """Dump a model or pass a plain value through (for error bodies and records)."""
-    return (
-        value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
-    )

@@ -3,7 +3,8 @@
 Redis layout (``{p}`` is the prefix, ``capi`` unless ``CAPI_REDIS_PREFIX`` says otherwise)::
 
     {p}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
-                                    n=attempts so far, m=retry metadata JSON (retries only)
+                                    i=event id, n=attempts so far (retries only),
+                                    m=retry metadata JSON (retries only)
     {p}:events  group "senders"     the consumer group the workers read through
     {p}:retry               ZSET    member = JSON list of retry entries, score = due time (ms)
     {p}:dedup:{name}:{id}   STRING  "1", expires after the dedup window; set at enqueue
@@ -11,12 +12,15 @@ Redis layout (``{p}`` is the prefix, ``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {p}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {p}:dl:replays          LIST    replay audit entries (JSON), newest first
     {p}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
-                                    transient_scope_failures, requests, ...
+                                    transient_key_failures, requests
     {p}:stats:dl_reasons    HASH    dead-letter reason -> count
     {p}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
     {p}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
-    {p}:workers             ZSET    consumer name, score = last heartbeat (ms)
+    {p}:workers             ZSET    worker name, score = last heartbeat (ms)
+    {p}:workers:state       HASH    worker name -> JSON {state, since_ms, detail}
+    {p}:endpoint            HASH    failing_since (ms, while sends fail transiently),
+                                    last_error, last_error_ms, last_ok_ms
 
 Nothing here ever holds the Conversion Key or a raw identifier.
 """
@@ -30,6 +34,8 @@ API_MAX_BODY_BYTES = 4 * 1024 * 1024  # undocumented; integrators cap here
 MAX_EVENT_BYTES = 256 * 1024  # ours: a single event this large is a bug upstream
 API_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 API_MAX_FUTURE_MS = 10 * 60 * 1000
+# An event this close to the API's 7-day limit is not sent: it would arrive too old.
+STALE_MARGIN_MS = 60_000
 CONVERSIONS_SCOPE = "ads.third_party_events.write"
 DEFAULT_BASE_URL = "https://bzr.openai.com"
 EVENTS_PATH = "/v1/events"
@@ -95,3 +101,13 @@ class RedisKeys:
     def workers(self) -> str:
         """The sorted set of worker heartbeats."""
         return f"{self.prefix}:workers"
+
+    @property
+    def worker_states(self) -> str:
+        """The hash of what each worker is doing."""
+        return f"{self.prefix}:workers:state"
+
+    @property
+    def endpoint(self) -> str:
+        """The hash describing whether the events endpoint is failing."""
+        return f"{self.prefix}:endpoint"

@@ -6,7 +6,7 @@ guidance, the HTTP status and the API's error body, every request/trace id, the 
 of the first and last attempt, the number of attempts, the key's fingerprint (never the
 key), the pixel id, and the replay deadline (the event's ``timestamp_ms`` + 7 days, after
 which the API refuses it). Records are written in the same MULTI/EXEC as the stream
-acknowledgement.
+acknowledgement (one script).
 """
 
 from __future__ import annotations
@@ -119,6 +119,29 @@ def build(
     )
 
 
+WRITE_LUA = """#!lua flags=allow-oom
+-- KEYS: records hash, index zset, stream, stats, reasons.
+-- ARGV: group, number of stream ids, the ids, then record key, JSON, score, reason per record.
+-- Records are written only for entries still pending (or with no entry: replay's own), so
+-- running it again after a lost answer changes nothing. allow-oom: it frees a stream entry.
+local nids = tonumber(ARGV[2])
+if nids > 0 then
+  local acked = redis.call('XACK', KEYS[3], ARGV[1], unpack(ARGV, 3, 2 + nids))
+  redis.call('XDEL', KEYS[3], unpack(ARGV, 3, 2 + nids))
+  if acked == 0 then return 0 end
+end
+local n = 0
+for i = 3 + nids, #ARGV, 4 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('HINCRBY', KEYS[5], ARGV[i + 3], 1)
+  n = n + 1
+end
+redis.call('HINCRBY', KEYS[4], 'dead_lettered', n)
+return n
+"""
+
+
 async def write(
     client: aioredis.Redis,
     keys: RedisKeys,
@@ -126,18 +149,16 @@ async def write(
     entries: Sequence[Entry],
     records: Sequence[DeadLetter],
 ) -> None:
-    """Store records and acknowledge their stream entries, in one MULTI/EXEC."""
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(keys.deadletters, mapping={r.key: r.to_json() for r in records})
-    pipe.zadd(keys.deadletter_index, {r.key: r.dead_lettered_ms for r in records})
+    """Store records and acknowledge their stream entries, in one script."""
     ids = [e.stream_id for e in entries]
-    if ids:
-        pipe.xack(keys.stream, group, *ids)
-        pipe.xdel(keys.stream, *ids)
-    pipe.hincrby(keys.stats, "dead_lettered", len(records))
+    args: list[Any] = [group, len(ids), *ids]
     for r in records:
-        pipe.hincrby(keys.dl_reasons, r.reason.value, 1)
-    await pipe.execute()
+        args += [r.key, r.to_json(), r.dead_lettered_ms, r.reason.value]
+    script = client.register_script(WRITE_LUA)
+    await script(
+        keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats, keys.dl_reasons],
+        args=args,
+    )
 
 
 async def find(client: aioredis.Redis, keys: RedisKeys, ref: str) -> list[DeadLetter]:

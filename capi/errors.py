@@ -6,7 +6,8 @@
     ├── ConfigError              settings missing or invalid
     ├── EventRejected            an event breaks a contract rule (also a ValueError)
     ├── KeyCheckFailed           the startup key check says the key cannot write events
-    ├── QueueUnavailable         Redis could not be reached; the event was not queued
+    ├── QueueUnavailable         Redis could not be reached or did not answer in time
+    │   └── QueueFull                Redis is full (maxmemory, noeviction): not queued
     └── SendError                a send to the events endpoint failed
         ├── MissingScopeError        401, Missing scopes: ads.third_party_events.write
         ├── UnauthorizedError        401, Unauthorized
@@ -86,9 +87,18 @@ class Response:
 
 
 class QueueUnavailable(CapiError):
-    """Raised when Redis cannot be reached at enqueue; the event was not queued (retryable)."""
+    """Raised when Redis cannot be reached or does not answer in time at enqueue.
+
+    The message says whether the event may have been stored anyway (an answer lost after
+    the call was sent); enqueueing it again is always safe: the event id dedups.
+    """
 
     retryable = True
+
+
+class QueueFull(QueueUnavailable):
+    """Raised when Redis refuses the event for want of memory (maxmemory under noeviction):
+    the event was not queued. Workers drain the queue and free memory; retry later."""
 
 
 class SendError(CapiError):

@@ -6,7 +6,8 @@
   2  USAGE                  bad command line (click's own code)
   3  CONFIG                 a setting is missing or invalid
   4  REFUSED                some input events were refused (enqueue)
-  5  REDIS                  Redis cannot be reached
+  5  REDIS                  Redis cannot be reached, did not answer in time, or refused
+  6  REDIS_FULL             Redis is full (maxmemory under noeviction): nothing was queued
  10  MISSING_SCOPE          the key lacks ads.third_party_events.write
  11  UNAUTHORIZED           the key is unknown or revoked
  12  UNKNOWN_PIXEL          the pixel id is unknown for this key
@@ -32,6 +33,7 @@ class ExitCode(IntEnum):
     CONFIG = 3
     REFUSED = 4
     REDIS = 5
+    REDIS_FULL = 6
     MISSING_SCOPE = 10
     UNAUTHORIZED = 11
     UNKNOWN_PIXEL = 12

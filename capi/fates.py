@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from capi import deadletters
 from capi.client import Accepted, ConversionsClient
+from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
 from capi.errors import SendError
 from capi.events import Clock
 from capi.failures import Reason
@@ -53,9 +54,9 @@ class Fates:
         """The clock's time in Unix milliseconds."""
         return int(self.clock() * 1000)
 
-    async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> None:
-        """Acknowledge a delivered batch."""
-        await self.queue.deliver(group)
+    async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> bool:
+        """Acknowledge a delivered batch; True if this ends an endpoint outage."""
+        recovered = await self.queue.deliver(group, self.now_ms())
         self.metrics.delivered.inc(len(group))
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
@@ -70,17 +71,11 @@ class Fates:
                 "latency_ms": round(accepted.elapsed_s * 1000, 1),
             },
         )
+        return recovered
 
-    async def retry(self, group: Sequence[Entry], err: SendError) -> None:
-        """Schedule another attempt, or dead-letter those past CAPI_MAX_ATTEMPTS."""
-        budget = self.settings.max_attempts
-        again = [e for e in group if within_budget(e.attempts + 1, budget)]
-        exhausted = [e for e in group if not within_budget(e.attempts + 1, budget)]
-        if exhausted:
-            await self.dead_letter(exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
-        if not again:
-            return
-        attempt = max(e.attempts for e in again) + 1
+    def retry_plan(self, group: Sequence[Entry], err: SendError) -> tuple[float, int]:
+        """The wait before the next attempt of ``group`` and the attempt number."""
+        attempt = max(e.attempts for e in group) + 1
         delay = backoff_s(
             attempt,
             base_s=self.settings.retry_base_s,
@@ -88,14 +83,38 @@ class Fates:
             retry_after_s=err.response.retry_after_s,
             rand=self.rand,
         )
+        return delay, attempt
+
+    async def retry(self, group: Sequence[Entry], err: SendError) -> None:
+        """Schedule another attempt; dead-letter only events whose next attempt would fall
+        past their 7-day window (or past CAPI_MAX_ATTEMPTS, when set)."""
+        delay, attempt = self.retry_plan(group, err)
         now = self.now_ms()
+        due = now + int(delay * 1000)
+
+        def fits(e: Entry) -> bool:
+            deadline = e.timestamp_ms + API_MAX_AGE_MS - STALE_MARGIN_MS
+            return within_budget(
+                e.attempts + 1,
+                self.settings.max_attempts,
+                next_attempt_ms=due,
+                deadline_ms=deadline,
+            )
+
+        again = [e for e in group if fits(e)]
+        exhausted = [e for e in group if not fits(e)]
+        if exhausted:
+            await self.dead_letter(exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
+        if not again:
+            return
         error = {
             "reason": err.reason.value,
             "status": err.status,
             "message": err.response.message[:500],
             "request_ids": err.response.request_ids,
         }
-        await self.queue.schedule_retry(again, now + int(delay * 1000), error, now)
+        endpoint_error = "" if err.reason.key_problem else str(err)[:300]
+        await self.queue.schedule_retry(again, due, error, now, endpoint_error=endpoint_error)
         self.metrics.retried.labels(err.reason.value).inc(len(again))
         log.warning(
             "retrying %d events in %.2f s after %s (attempt %d)",

@@ -12,12 +12,14 @@ taking new events, and one worker at a time (a Redis lock) re-probes every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from capi._aio import aw
 from capi.client import ConversionsClient
@@ -28,6 +30,17 @@ from capi.guidance import diagnose
 from capi.keycheck import KeyCheck, check_key
 
 log = logging.getLogger("capi.keyguard")
+
+# allow-oom: the key state is tiny, and a worker must record it on a full Redis too.
+STATE_LUA = """#!lua flags=allow-oom
+-- KEYS: key state hash, stats. ARGV: replace?, count transient?, then field, value pairs.
+if ARGV[1] == '1' then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+end
+if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'transient_key_failures', 1) end
+return 1
+"""
 
 
 class Verdict(enum.Enum):
@@ -66,6 +79,7 @@ class KeyGuard:
         self._monotonic = monotonic
         self._sleep = sleep
         self._lock = asyncio.Lock()
+        self._state_script = redis.register_script(STATE_LUA)
         self._last_ok = float("-inf")
         self.held = False
 
@@ -84,7 +98,7 @@ class KeyGuard:
             recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
             result = None if recently_ok else await self._probe()
             if result is None or result.ok:
-                await aw(self.redis.hincrby(self.keys.stats, "transient_key_failures", 1))
+                await self._write_state(None, count_transient=True)
                 log.warning(
                     "transient %s on a key that passes its probe; retrying (request id %s)",
                     error.reason.value,
@@ -110,7 +124,8 @@ class KeyGuard:
                 await self._set_ok()
                 log.warning("key re-probe passed: sending resumes")
                 return True
-            await aw(self.redis.hset(self.keys.key_state, "checked_at", iso(_ms()) or ""))
+            with contextlib.suppress(redis.exceptions.ResponseError):  # e.g. a full Redis
+                await aw(self.redis.hset(self.keys.key_state, "checked_at", iso(_ms()) or ""))
         await self.sync()
         return not self.held
 
@@ -129,37 +144,40 @@ class KeyGuard:
     async def _set_ok(self) -> None:
         self.held = False
         now = iso(_ms()) or ""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(self.keys.key_state)
-        pipe.hset(
-            self.keys.key_state,
-            mapping={
+        await self._write_state(
+            {
                 "state": "ok",
                 "since": now,
                 "checked_at": now,
                 "fingerprint": self.client.key_fingerprint,
-            },
+            }
         )
-        await pipe.execute()
+
+    async def _write_state(
+        self, state: dict[str, str] | None, *, count_transient: bool = False
+    ) -> None:
+        """Replace the key state (and count a transient failure); runs on a full Redis too."""
+        fields = [x for kv in (state or {}).items() for x in kv]
+        await self._state_script(
+            keys=[self.keys.key_state, self.keys.stats],
+            args=[1 if state else 0, 1 if count_transient else 0, *fields],
+        )
 
     async def _hold(self, error: SendError) -> None:
         self.held = True
         diagnosis = diagnose(error, pixel_id=self.client.pixel_id, api_key=self._api_key)
         now = iso(_ms()) or ""
-        await aw(
-            self.redis.hset(
-                self.keys.key_state,
-                mapping={
-                    "state": "held",
-                    "since": now,
-                    "checked_at": now,
-                    "reason": error.reason.value,
-                    "status": str(error.status or ""),
-                    "request_id": error.request_id or "",
-                    "fingerprint": self.client.key_fingerprint,
-                    "guidance": diagnosis.text,
-                },
-            )
+        await self._write_state(
+            {
+                "state": "held",
+                "since": now,
+                "checked_at": now,
+                "reason": error.reason.value,
+                "status": str(error.status or ""),
+                "request_id": error.request_id or "",
+                "fingerprint": self.client.key_fingerprint,
+                "guidance": diagnosis.text,
+            }
         )
         log.error("key confirmed broken; holding all workers: %s", diagnosis.cause)
 

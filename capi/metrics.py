@@ -4,7 +4,8 @@
 
 - ``/metrics``: the counters, histograms and gauges below (prometheus text format);
 - ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
-- ``/readyz``: readiness: 200 when Redis answered recently and the key is not held.
+- ``/readyz``: readiness: 200 when Redis answered recently, the key is not held and the
+  endpoint is not failing.
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ class Metrics:
         self.key_ok = Gauge(
             "capi_key_ok", "1 when the key can write events, 0 while workers are held.", registry=r
         )
+        self.redis_up = Gauge(
+            "capi_redis_up", "1 while Redis answers the worker, 0 while it does not.", registry=r
+        )
+        self.redis_up.set(1)
+        self.redis_full = Gauge(
+            "capi_redis_full",
+            "1 while Redis refuses writes for want of memory (maxmemory under noeviction).",
+            registry=r,
+        )
+        self.endpoint_failing_since = Gauge(
+            "capi_endpoint_failing_since_seconds",
+            "Unix time since when sends fail transiently (5xx, 429, network); 0 when they do not.",
+            registry=r,
+        )
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
 
@@ -86,6 +101,10 @@ class Metrics:
             return False, "Redis has not answered recently"
         if self.key_ok._value.get() != 1:
             return False, "the Conversion Key is held (see capi status)"
+        since = self.endpoint_failing_since._value.get()
+        if since:
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+            return False, f"the endpoint is failing since {at} (see capi status)"
         return True, "ok"
 
     def exposition(self) -> bytes:

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.constants import RedisKeys
-from capi.errors import EventRejected, QueueUnavailable
+from capi.errors import ConfigError, EventRejected, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA
 from capi.schema import Event
@@ -52,16 +52,42 @@ class EnqueueReport:
 
 @contextlib.contextmanager
 def _translated(client: Any) -> Iterator[None]:
-    """Turn Redis being away into QueueUnavailable (events of a failed call are not queued;
-    a bulk call may have queued earlier chunks: enqueue them again, the dedup makes it safe)."""
+    """Turn Redis being away, slow or full into QueueUnavailable / QueueFull, with a true
+    message: a call that failed after it was sent may have stored its events."""
+    where = _where(client)
     try:
         yield
+    except redis.exceptions.ResponseError as exc:
+        text = str(exc)
+        if text.startswith("OOM"):
+            raise QueueFull(
+                f"Redis at {where} is full (maxmemory reached under noeviction); the event was "
+                "not queued. Workers free memory as they deliver; raise maxmemory or add "
+                "workers, then enqueue again."
+            ) from None
+        if text.startswith(("READONLY", "MISCONF", "NOPERM", "LOADING", "MASTERDOWN")):
+            raise QueueUnavailable(
+                f"Redis at {where} refused the event ({text[:200]}); it was not queued. "
+                "Enqueueing it again is safe."
+            ) from None
+        raise
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        where = client.connection_pool.connection_kwargs.get("host", "?")
+        if isinstance(exc, redis.exceptions.ConnectionError) and "connecting to" in str(exc):
+            outcome = "the event was not queued"
+        else:
+            outcome = "the event may not have been queued"
         raise QueueUnavailable(
-            f"Redis at {where} could not be reached ({exc}); the event was not queued. "
-            "Check CAPI_REDIS_URL; enqueueing again is safe (the event id dedups)."
-        ) from exc
+            f"Redis at {where} could not be reached or did not answer within "
+            f"CAPI_REDIS_TIMEOUT_S ({exc}); {outcome}. Enqueueing it again is safe "
+            "(the event id dedups). Check CAPI_REDIS_URL."
+        ) from None
+
+
+def _where(client: Any) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
 
 
 class _BaseProducer:
@@ -75,8 +101,12 @@ class _BaseProducer:
         dedup_window_s: int = 86_400,
         clock: Clock = time.time,
         chunk: int = 500,
+        durability: str = "memory",
+        durability_timeout_ms: int = 1000,
     ) -> None:
         self.redis = client
+        self.durability = durability
+        self.durability_timeout_ms = durability_timeout_ms
         self.keys = keys or RedisKeys()
         self.dedup_window_s = dedup_window_s
         self.clock = clock
@@ -85,17 +115,50 @@ class _BaseProducer:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
-        """A producer for the Redis and prefix in ``settings``."""
+        """A producer for the Redis, prefix and durability in ``settings``."""
+        kwargs.setdefault("durability", settings.enqueue_durability)
+        kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
         return cls(
-            cls._connect(settings.redis_url),
+            cls._connect(settings),
             keys=settings.keys,
             dedup_window_s=settings.dedup_window_s,
             **kwargs,
         )
 
     @staticmethod
-    def _connect(url: str) -> Any:
+    def _connect(settings: Settings) -> Any:
         raise NotImplementedError
+
+    def _durability_command(self) -> tuple[Any, ...] | None:
+        if self.durability == "aof":
+            return ("WAITAOF", 1, 0, self.durability_timeout_ms)
+        if self.durability == "replica":
+            return ("WAIT", 1, self.durability_timeout_ms)
+        return None
+
+    def _check_durable(self, answer: Any) -> None:
+        """Raise unless the durability wait confirmed the write."""
+        confirmed = answer[0] if isinstance(answer, list) else answer
+        if int(confirmed) < 1:
+            where = "in the append-only file" if self.durability == "aof" else "on a replica"
+            raise QueueUnavailable(
+                f"the event reached Redis but was not confirmed {where} within "
+                f"CAPI_DURABILITY_TIMEOUT_MS={self.durability_timeout_ms}; it may be lost if "
+                "Redis fails now. Enqueueing it again is safe (the event id dedups)."
+            )
+
+    def _durability_refused(self, exc: redis.exceptions.ResponseError) -> ConfigError:
+        text = str(exc)
+        if "unknown command" in text.lower():
+            need = "Redis 7.2+ or Valkey 8+" if self.durability == "aof" else "Redis"
+            return ConfigError(
+                f"CAPI_ENQUEUE_DURABILITY={self.durability} needs {need} "
+                f"(the server said: {text[:120]})"
+            )
+        return ConfigError(
+            f"CAPI_ENQUEUE_DURABILITY={self.durability} cannot be honoured by this Redis "
+            f"({text[:160]}); for aof, set appendonly yes on the server"
+        )
 
     def _one(self, event: RawEvent) -> tuple[list[str], list[Any]]:
         return self._args([prepare(event, clock=self.clock)])
@@ -131,9 +194,18 @@ class Producer(_BaseProducer):
     """Validates, hashes and enqueues events (asyncio)."""
 
     @staticmethod
-    def _connect(url: str) -> aioredis.Redis:
-        client: aioredis.Redis = aioredis.Redis.from_url(url)
-        return client
+    def _connect(settings: Settings) -> aioredis.Redis:
+        return settings.async_redis()
+
+    async def _durable(self) -> None:
+        command = self._durability_command()
+        if command is None:
+            return
+        try:
+            answer = await self.redis.execute_command(*command)
+        except redis.exceptions.ResponseError as exc:
+            raise self._durability_refused(exc) from None
+        self._check_durable(answer)
 
     async def __aenter__(self) -> Self:
         return self
@@ -152,7 +224,9 @@ class Producer(_BaseProducer):
         """
         keys, args = self._one(event)
         with _translated(self.redis):
-            return bool((await self._script(keys=keys, args=args))[0])
+            added = bool((await self._script(keys=keys, args=args))[0])
+            await self._durable()
+        return added
 
     async def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
         """Enqueue many events; refused ones are reported (by position), the rest queued."""
@@ -160,6 +234,7 @@ class Producer(_BaseProducer):
         with _translated(self.redis):
             for keys, args in self._chunks(events, report):
                 self._count(report, await self._script(keys=keys, args=args))
+            await self._durable()
         return report
 
 
@@ -167,8 +242,18 @@ class SyncProducer(_BaseProducer):
     """Validates, hashes and enqueues events (blocking; for Django, Flask and scripts)."""
 
     @staticmethod
-    def _connect(url: str) -> redis.Redis:
-        return redis.Redis.from_url(url)
+    def _connect(settings: Settings) -> redis.Redis:
+        return settings.sync_redis()
+
+    def _durable(self) -> None:
+        command = self._durability_command()
+        if command is None:
+            return
+        try:
+            answer = self.redis.execute_command(*command)
+        except redis.exceptions.ResponseError as exc:
+            raise self._durability_refused(exc) from None
+        self._check_durable(answer)
 
     def __enter__(self) -> Self:
         return self
@@ -184,7 +269,9 @@ class SyncProducer(_BaseProducer):
         """Enqueue one event; False if its id was already enqueued within the dedup window."""
         keys, args = self._one(event)
         with _translated(self.redis):
-            return bool(self._script(keys=keys, args=args)[0])
+            added = bool(self._script(keys=keys, args=args)[0])
+            self._durable()
+        return added
 
     def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
         """Enqueue many events; refused ones are reported (by position), the rest queued."""
@@ -192,4 +279,5 @@ class SyncProducer(_BaseProducer):
         with _translated(self.redis):
             for keys, args in self._chunks(events, report):
                 self._count(report, self._script(keys=keys, args=args))
+            self._durable()
         return report

@@ -1,22 +1,23 @@
 """The event queue on Redis: a stream read through a consumer group, plus a retry schedule.
 
-Every operation that changes an event's fate is atomic with its acknowledgement (a Lua
-script or MULTI/EXEC), so an event is never both acknowledged and unrecorded:
+Every operation that changes an event's fate is one Lua script, atomic with its
+acknowledgement, so an event is never both acknowledged and unrecorded; and each acts only
+on entries still pending, so running it twice (after a lost answer) changes nothing:
 
 - enqueue: dedup marker ``SET NX EX`` and ``XADD`` in one script (no marker without event);
-- deliver: ``XACK`` + ``XDEL`` + counter, in one script;
-- retry: ``ZADD`` to the retry schedule + ``XACK`` + ``XDEL``; a script moves due retries
+- deliver: ``XACK`` + ``XDEL`` + counter;
+- retry: ``XACK`` + ``ZADD`` to the retry schedule + ``XDEL``; a script moves due retries
   back into the stream (``XADD`` + ``ZREM``);
-- dead-letter: record + index + ``XACK`` + ``XDEL`` + counters (see :mod:`capi.deadletters`);
-- hand back (shutdown): ``XADD`` a copy + ``XACK`` + ``XDEL`` the original;
-- reclaim: ``XAUTOCLAIM`` takes over entries a crashed worker left pending.
+- dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (see :mod:`capi.deadletters`);
+- hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
+- lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
+- reclaim: entries pending in a worker with no heartbeat are taken over (``XCLAIM``).
 
 Key names live in :mod:`capi.constants`.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
 
+from capi._aio import aw
 from capi.constants import CONSUMER_GROUP, RedisKeys
 
 ENQUEUE_LUA = """
@@ -50,19 +51,44 @@ if added > 0 then redis.call('HINCRBY', KEYS[2], 'enqueued', added) end
 return out
 """
 
-DELIVER_LUA = """
--- KEYS: stream, stats. ARGV: group, then stream ids. Ack and delete delivered entries.
--- (One script so the ids cross the wire and the client's encoder once, not twice.)
-local n = #ARGV - 1
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-redis.call('HINCRBY', KEYS[2], 'delivered', n)
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
+# Scripts that record a fate carry the allow-oom flag: each removes an entry from the
+# stream, so a full Redis (maxmemory under noeviction) must still run them: delivering is
+# the only thing that frees its memory. Each is idempotent (it acts only on entries still
+# pending), so a worker that lost its answer to a timeout may simply run it again.
+
+DELIVER_LUA = """#!lua flags=allow-oom
+-- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
+-- Ack and delete delivered entries; clear the endpoint's failing mark.
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+if n > 0 then
+  redis.call('HINCRBY', KEYS[2], 'delivered', n)
+  redis.call('HINCRBY', KEYS[2], 'requests', 1)
+end
+local was_failing = redis.call('HDEL', KEYS[3], 'failing_since')
+redis.call('HSET', KEYS[3], 'last_ok_ms', ARGV[2])
+return {n, was_failing}
+"""
+
+RETRY_LUA = """#!lua flags=allow-oom
+-- KEYS: stream, retry zset, stats, endpoint. ARGV: group, due_ms, member, now_ms,
+-- endpoint error ('' unless the endpoint itself failed), then stream ids.
+-- Move pending entries to the retry schedule (the member holds their copies).
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 6))
+if n > 0 then
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+  redis.call('HINCRBY', KEYS[3], 'retried', n)
+end
+redis.call('XDEL', KEYS[1], unpack(ARGV, 6))
+if ARGV[5] ~= '' then
+  redis.call('HSETNX', KEYS[4], 'failing_since', ARGV[4])
+  redis.call('HSET', KEYS[4], 'last_error', ARGV[5], 'last_error_ms', ARGV[4])
+end
 return n
 """
 
-MOVE_DUE_LUA = """
--- KEYS: retry zset, stream. ARGV: now_ms, max batches. Moves due retries into the stream.
+MOVE_DUE_LUA = """#!lua flags=allow-oom
+-- KEYS: retry zset, stream. ARGV: due by (ms), max batches. Moves due retries to the stream.
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
 for _, member in ipairs(due) do
@@ -77,17 +103,33 @@ end
 return moved
 """
 
-HANDBACK_LUA = """
--- KEYS: stream. ARGV: group, then stream id per entry. Re-adds entries as new, acks originals.
+HANDBACK_LUA = """#!lua flags=allow-oom
+-- KEYS: stream. ARGV: group, then stream id per entry. Re-adds pending entries as new.
+local n = 0
 for i = 2, #ARGV do
   local rows = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
-  if #rows == 1 then
+  if #rows == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
     redis.call('XADD', KEYS[1], '*', unpack(rows[1][2]))
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
     redis.call('XDEL', KEYS[1], ARGV[i])
+    n = n + 1
   end
 end
-return #ARGV - 1
+return n
+"""
+
+ENSURE_GROUP_LUA = """#!lua flags=allow-oom
+-- KEYS: stream. ARGV: group. Create the stream and group unless they exist.
+local ok, err = pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if ok then return 1 end
+if string.find(tostring(err), 'BUSYGROUP') then return 0 end
+return redis.error_reply(tostring(err))
+"""
+
+HEARTBEAT_LUA = """#!lua flags=allow-oom
+-- KEYS: workers zset, worker states hash. ARGV: worker, now_ms, state JSON.
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
 """
 
 
@@ -130,15 +172,16 @@ class Queue:
         self.group = group
         self._move_due = client.register_script(MOVE_DUE_LUA)
         self._deliver = client.register_script(DELIVER_LUA)
+        self._retry = client.register_script(RETRY_LUA)
         self._handback = client.register_script(HANDBACK_LUA)
+        self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
+        self._heartbeat = client.register_script(HEARTBEAT_LUA)
 
-    async def ensure_group(self) -> None:
-        """Create the stream and consumer group if missing (reading from the start)."""
-        try:
-            await self.redis.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+    async def ensure_group(self) -> bool:
+        """Create the stream and consumer group if missing; True if it had to (even when
+        Redis is full: a worker must be able to start and drain a full Redis)."""
+        created = await self._ensure_group(keys=[self.keys.stream], args=[self.group])
+        return bool(created)
 
     async def read(self, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
         """Read up to ``count`` new entries, waiting up to ``block_ms`` for the first."""
@@ -149,24 +192,65 @@ class Queue:
             return []
         return [Entry.from_fields(sid, f) for sid, f in resp[0][1] if f]
 
-    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
-        """Take over entries idle for ``min_idle_ms`` in any consumer (crashed workers')."""
-        resp = await self.redis.xautoclaim(
-            self.keys.stream, self.group, consumer, min_idle_ms, start_id="0-0", count=count
-        )
-        return [Entry.from_fields(sid, f) for sid, f in resp[1] if f]
+    async def touch(self, consumer: str, stream_ids: Sequence[bytes]) -> None:
+        """Renew this worker's hold on entries it is still working on (reset their idle time),
+        so that however long a batch takes, no other worker takes them over."""
+        for start in range(0, len(stream_ids), 1000):
+            await self.redis.xclaim(
+                self.keys.stream,
+                self.group,
+                consumer,
+                0,
+                list(stream_ids[start : start + 1000]),
+                justid=True,
+            )
 
-    async def deliver(self, entries: Sequence[Entry]) -> None:
-        """Acknowledge delivered entries and count them."""
-        await self._deliver(
-            keys=[self.keys.stream, self.keys.stats],
-            args=[self.group, *(e.stream_id for e in entries)],
+    async def reclaim(
+        self, consumer: str, min_idle_ms: int, count: int, live_workers: set[str]
+    ) -> list[Entry]:
+        """Take over up to ``count`` entries that a stopped worker left pending.
+
+        Only entries idle for ``min_idle_ms`` whose consumer belongs to a worker that is no
+        longer alive (no heartbeat) qualify: a live worker's entries are never taken,
+        however long its batch takes.
+        """
+        pending = await self.redis.xpending_range(
+            self.keys.stream, self.group, min="-", max="+", count=count * 4, idle=min_idle_ms
         )
+        ids = [
+            p["message_id"]
+            for p in pending
+            if worker_of(p["consumer"].decode()) not in live_workers
+        ][:count]
+        if not ids:
+            return []
+        claimed = await self.redis.xclaim(self.keys.stream, self.group, consumer, min_idle_ms, ids)
+        gone = [sid for sid, f in claimed if not f]
+        if gone:  # deleted from the stream while pending: nothing left to send
+            await self.redis.xack(self.keys.stream, self.group, *gone)
+        return [Entry.from_fields(sid, f) for sid, f in claimed if f]
+
+    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> bool:
+        """Acknowledge delivered entries and count them; True if the endpoint was marked as
+        failing until now (this delivery is its recovery)."""
+        _, was_failing = await self._deliver(
+            keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
+            args=[self.group, now_ms, *(e.stream_id for e in entries)],
+        )
+        return bool(was_failing)
 
     async def schedule_retry(
-        self, entries: Sequence[Entry], due_ms: int, error: dict[str, Any], now: int
+        self,
+        entries: Sequence[Entry],
+        due_ms: int,
+        error: dict[str, Any],
+        now: int,
+        *,
+        endpoint_error: str = "",
     ) -> None:
-        """Move entries to the retry schedule, due at ``due_ms``, atomically with the ack."""
+        """Move entries to the retry schedule, due at ``due_ms``, atomically with the ack;
+        with ``endpoint_error``, mark the endpoint as failing (since now, unless it already
+        was)."""
         rows = []
         for e in entries:
             meta = dict(e.meta or {})
@@ -182,16 +266,14 @@ class Queue:
                 }
             )
         member = orjson.dumps({"u": uuid.uuid4().hex, "entries": rows})
-        ids = [e.stream_id for e in entries]
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.zadd(self.keys.retry, {member: due_ms})
-        pipe.xack(self.keys.stream, self.group, *ids)
-        pipe.xdel(self.keys.stream, *ids)
-        pipe.hincrby(self.keys.stats, "retried", len(ids))
-        await pipe.execute()
+        await self._retry(
+            keys=[self.keys.stream, self.keys.retry, self.keys.stats, self.keys.endpoint],
+            args=[self.group, due_ms, member, now, endpoint_error, *(e.stream_id for e in entries)],
+        )
 
-    async def move_due_retries(self, now_ms: int, max_batches: int = 100) -> int:
-        """Put retries that are due back on the stream; return how many events moved."""
+    async def move_due_retries(self, now_ms: int | str, max_batches: int = 100) -> int:
+        """Put retries due by ``now_ms`` (``"+inf"``: all) back on the stream; return how
+        many events moved."""
         moved = await self._move_due(
             keys=[self.keys.retry, self.keys.stream], args=[now_ms, max_batches]
         )
@@ -220,22 +302,46 @@ class Queue:
         pipe.zcard(self.keys.retry)
         pipe.xpending(self.keys.stream, self.group)
         xlen, first, retries, pending = await pipe.execute(raise_on_error=False)
+        for value in (xlen, first, retries):
+            if isinstance(value, Exception):
+                raise value
         # No consumer group yet (no worker has run): nothing is in flight.
         in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
         oldest = int(first[0][0].split(b"-")[0]) if first else None
-        return int(xlen) - in_flight, in_flight, oldest, int(retries)
+        return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
 
-    async def heartbeat(self, consumer: str) -> None:
-        """Record that this consumer is alive (for ``capi status``)."""
-        await self.redis.zadd(self.keys.workers, {consumer: int(time.time() * 1000)})
+    async def heartbeat(self, worker: str, now_ms: int, state: dict[str, Any]) -> None:
+        """Record that this worker is alive, and what it is doing (for ``capi status``)."""
+        await self._heartbeat(
+            keys=[self.keys.workers, self.keys.worker_states],
+            args=[worker, now_ms, orjson.dumps(state)],
+        )
 
-    async def forget_idle_consumers(self, idle_ms: int) -> None:
-        """Remove consumers that hold nothing and have been idle for ``idle_ms``."""
-        try:
-            consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
-        except redis.exceptions.ResponseError:
-            return
+    async def sign_off(self, worker: str) -> None:
+        """Remove a stopping worker from the heartbeats, so status drops it at once."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(self.keys.workers, worker)
+        pipe.hdel(self.keys.worker_states, worker)
+        await pipe.execute()
+
+    async def live_workers(self, now_ms: int, within_ms: int) -> set[str]:
+        """Workers whose last heartbeat is at most ``within_ms`` old."""
+        names = await self.redis.zrangebyscore(self.keys.workers, now_ms - within_ms, "+inf")
+        return {n.decode() for n in names}
+
+    async def forget_stopped(self, now_ms: int, idle_ms: int) -> None:
+        """Drop consumers that hold nothing and have been idle for ``idle_ms``, and the
+        heartbeats of workers silent for as long."""
+        consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
         for c in consumers:
             if int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.group, c["name"])
-                await self.redis.zrem(self.keys.workers, c["name"])
+        gone = await self.redis.zrangebyscore(self.keys.workers, "-inf", now_ms - idle_ms)
+        if gone:
+            await self.redis.zrem(self.keys.workers, *gone)
+            await aw(self.redis.hdel(self.keys.worker_states, *gone))
+
+
+def worker_of(consumer: str) -> str:
+    """The worker a consumer name belongs to (consumers are ``{worker}:{lane}``)."""
+    return consumer.rsplit(":", 1)[0]

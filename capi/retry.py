@@ -1,9 +1,12 @@
-"""The retry policy, as three pure functions.
+"""The retry policy, as pure functions.
 
+The budget is time, not attempts: an event that failed for a transient reason is sent
+again as long as the next attempt still falls inside the API's 7-day window for it
+(``within_budget``); an attempt cap exists only when ``CAPI_MAX_ATTEMPTS`` is set.
 ``should_retry`` says whether a failure may be retried at all, ``parse_retry_after`` reads
-the server's wish, and ``backoff_s`` picks the wait: capped, fully jittered exponential
-backoff that honours ``Retry-After`` (itself capped). Randomness and the clock are
-parameters, so the policy is tested table-driven.
+the server's wish, and ``backoff_s`` picks the wait: capped, jittered exponential backoff
+that honours ``Retry-After`` (itself capped). Randomness and the clock are parameters, so
+the policy is tested table-driven.
 """
 
 from __future__ import annotations
@@ -17,14 +20,28 @@ from datetime import UTC, datetime
 from capi.failures import Reason
 
 
-def within_budget(attempts: int, max_attempts: int) -> bool:
-    """Whether an event that has failed ``attempts`` sends may be sent again."""
-    return attempts < max_attempts
+def within_budget(
+    attempts: int, max_attempts: int | None, *, next_attempt_ms: int, deadline_ms: int
+) -> bool:
+    """Whether an event that has failed ``attempts`` sends may be sent again at
+    ``next_attempt_ms``: before its ``deadline_ms``, and under the cap if there is one."""
+    if max_attempts is not None and attempts >= max_attempts:
+        return False
+    return next_attempt_ms < deadline_ms
 
 
-def should_retry(reason: Reason, attempts: int, max_attempts: int) -> bool:
+def should_retry(
+    reason: Reason,
+    attempts: int,
+    max_attempts: int | None,
+    *,
+    next_attempt_ms: int,
+    deadline_ms: int,
+) -> bool:
     """Whether an event that failed for ``reason`` after ``attempts`` sends is sent again."""
-    return reason.retryable and within_budget(attempts, max_attempts)
+    return reason.retryable and within_budget(
+        attempts, max_attempts, next_attempt_ms=next_attempt_ms, deadline_ms=deadline_ms
+    )
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

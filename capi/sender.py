@@ -10,46 +10,54 @@ dead letters, and sends the rest. Then, per event:
   index the batch is bisected until the bad events are isolated;
 - key problem: the :class:`~capi.keyguard.KeyGuard` re-probes; transient -> retry,
   confirmed -> dead-letter this batch and hold every worker; already held -> hand back;
-- retryable (429, 5xx, network): scheduled for retry with capped jittered backoff, or
-  dead-lettered as retries_exhausted once ``max_attempts`` sends failed;
+- retryable (429, 5xx, network): scheduled for retry with capped jittered backoff for as
+  long as the event's 7-day window allows (see :mod:`capi.retry`); meanwhile the endpoint
+  is marked failing, and the first delivery after an outage releases every scheduled
+  retry at once, so the backlog drains at full speed;
 - anything else: dead-lettered with the raw response.
 
-A housekeeping task moves due retries back to the stream, reclaims entries of crashed
-workers (``XAUTOCLAIM`` after ``claim_idle_s``), re-probes a held key, keeps a heartbeat,
-and in burst mode stops the sender once nothing is queued, in flight or scheduled.
+Nothing stops the sender but :meth:`Sender.stop`. A Redis error of any kind (away, full,
+read-only, group lost) is logged once by :class:`~capi.trouble.Trouble` and the same step
+is tried again with backoff; a fate already decided (say, delivered) is recorded as soon
+as Redis answers again, never decided anew, so nothing is sent twice because Redis was
+away. Housekeeping (:mod:`capi.housekeeping`) runs beside the lanes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 import os
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.client import ConversionsClient, build_body
-from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES
+from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES, STALE_MARGIN_MS
 from capi.errors import InvalidEventError, SendError
 from capi.events import Clock
 from capi.failures import Reason
 from capi.fates import Fates
+from capi.housekeeping import Housekeeping
 from capi.keyguard import KeyGuard, Verdict
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
 from capi.settings import Settings
+from capi.trouble import Trouble
 
 log = logging.getLogger("capi.sender")
 
-# An event this close to the API's 7-day limit is not sent: it would arrive too old.
-STALE_MARGIN_MS = 60_000
 _IDLE_BLOCK_MS = 500
 _TICK_S = 0.1
+ENDPOINT_REMIND_S = 60.0
 
 
 class Sender:
@@ -71,7 +79,7 @@ class Sender:
         self.redis = redis
         self.client = client
         self.queue = Queue(redis, settings.keys)
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock
         api_key, _ = settings.credentials()
         self.guard = KeyGuard(
@@ -84,8 +92,16 @@ class Sender:
             min_probe_interval_s=min(5.0, settings.reprobe_interval_s),
             probe_pause_s=min(0.5, settings.reprobe_interval_s),
         )
+        self.trouble = Trouble(log, rand=rand)
         self._stopping = asyncio.Event()
+        # Entries read and not yet given a fate, and the consumer that holds each.
         self._inflight: dict[bytes, Entry] = {}
+        self._owner: dict[bytes, str] = {}
+        # Batches taken over from stopped workers, waiting for a lane.
+        self.reclaimed: collections.deque[list[Entry]] = collections.deque()
+        self.endpoint_failing_since: float | None = None
+        self.endpoint_last_error = ""
+        self._endpoint_reminded = 0.0
         self.fates = Fates(
             settings,
             redis,
@@ -108,7 +124,11 @@ class Sender:
             timeout_s=settings.request_timeout_s,
             integration_source=settings.integration_source,
         )
-        return cls(settings, aioredis.Redis.from_url(settings.redis_url), client, **kwargs)
+        # Reads block for up to _IDLE_BLOCK_MS on top of the ordinary answer time.
+        redis_client = settings.async_redis(
+            socket_timeout=settings.redis_timeout_s + _IDLE_BLOCK_MS / 1000
+        )
+        return cls(settings, redis_client, client, **kwargs)
 
     async def aclose(self) -> None:
         """Close the HTTP client and the Redis pool."""
@@ -125,13 +145,35 @@ class Sender:
         """Whether a stop was requested."""
         return self._stopping.is_set()
 
+    @property
+    def in_flight(self) -> int:
+        """Events read and not yet given a fate (or waiting for Redis to record it)."""
+        return len(self._inflight)
+
+    def state(self) -> tuple[str, str]:
+        """What this worker is doing, for ``capi status``: a state and a detail line."""
+        if not self.trouble.redis_ok:
+            return "waiting for Redis", self.trouble.describe()
+        if self.guard.held:
+            return "held", "the Conversion Key is held (see capi status, key)"
+        if self.endpoint_failing_since is not None:
+            return "waiting for the endpoint", self.endpoint_failing()
+        if self._inflight or self.reclaimed:
+            return "sending", f"{len(self._inflight)} events in flight"
+        return "idle", "nothing queued"
+
+    def endpoint_failing(self) -> str:
+        """``the endpoint is failing since T (last error ...)``, or empty when it is not."""
+        if self.endpoint_failing_since is None:
+            return ""
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.endpoint_failing_since))
+        return f"the endpoint is failing since {since} (last error {self.endpoint_last_error})"
+
     async def run(self, *, burst: bool = False) -> None:
         """Send until stopped; with ``burst``, stop once everything has a fate."""
-        await self.queue.ensure_group()
-        await self.guard.sync()
-        self.metrics.key_ok.set(0 if self.guard.held else 1)
+        await self.durably("start", self._start)
         lanes = [asyncio.create_task(self._lane(i)) for i in range(self.settings.concurrency)]
-        house = asyncio.create_task(self._housekeeping(burst))
+        house = asyncio.create_task(Housekeeping(self, burst=burst).run())
         try:
             await self._stopping.wait()
             _, pending = await asyncio.wait(lanes, timeout=self.settings.shutdown_timeout_s)
@@ -144,31 +186,93 @@ class Sender:
             for task in lanes:
                 task.cancel()
             await asyncio.gather(*lanes, return_exceptions=True)
-            await self._hand_back_inflight()
+            await self._leave()
 
-    async def _hand_back_inflight(self) -> None:
-        if self._inflight:
-            entries = list(self._inflight.values())
-            self._inflight.clear()
-            log.warning("handing %d in-flight events back to the queue", len(entries))
-            await self.queue.hand_back(entries)
+    async def _start(self) -> None:
+        await self.queue.ensure_group()
+        await self.guard.sync()
+        self.metrics.key_ok.set(0 if self.guard.held else 1)
+
+    async def _leave(self) -> None:
+        """Hand back what is still in flight, and sign off (briefly: Redis may be away)."""
+        for batch in self.reclaimed:
+            for e in batch:
+                self._inflight.setdefault(e.stream_id, e)
+        self.reclaimed.clear()
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s)):
+                if self._inflight:
+                    entries = list(self._inflight.values())
+                    log.warning("handing %d in-flight events back to the queue", len(entries))
+                    await self.queue.hand_back(entries)
+                    self._inflight.clear()
+                await self.queue.sign_off(self.name)
+        except (TimeoutError, redis.exceptions.RedisError) as exc:
+            log.error(
+                "could not reach Redis while stopping (%s): %d in-flight events stay pending "
+                "and are taken over by another worker once this one's heartbeat is stale",
+                exc,
+                len(self._inflight),
+            )
+
+    async def durably(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a Redis step until it succeeds, waiting out any Redis trouble meanwhile.
+
+        Used for every fate already decided: an event delivered is acknowledged as soon as
+        Redis answers again, never sent again because Redis was away.
+        """
+        while True:
+            try:
+                result = await step()
+            except redis.exceptions.RedisError as exc:
+                delay = self.trouble.failed(exc, what)
+                self.metrics.redis_up.set(0)
+                if "NOGROUP" in str(exc):
+                    await self._recreate_group()
+                await asyncio.sleep(delay)
+                continue
+            self.trouble.ok()
+            self.metrics.redis_up.set(1)
+            return result
+
+    async def _recreate_group(self) -> None:
+        try:
+            if await self.queue.ensure_group():
+                log.error(
+                    "the stream's consumer group was missing (Redis restarted without "
+                    "persistence, or was flushed) and has been recreated"
+                )
+        except redis.exceptions.RedisError as exc:
+            log.debug("could not recreate the consumer group yet: %s", exc)
 
     # -- lanes -----------------------------------------------------------------------
     async def _lane(self, index: int) -> None:
         consumer = f"{self.name}:{index}"
         while not self.stopping:
-            if self.guard.held:
-                await asyncio.sleep(_TICK_S)
-                continue
+            batch: list[Entry] = []
             try:
-                entries = await self._read_batch(consumer)
-                if entries:
-                    await self.process(entries)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                log.warning("Redis unavailable (%s); retrying in 1 s", exc)
-                await asyncio.sleep(1.0)
+                if self.guard.held:
+                    await asyncio.sleep(_TICK_S)
+                    continue
+                if self.reclaimed:
+                    batch = self.reclaimed.popleft()
+                    owner = f"{self.name}:reclaim"
+                else:
+                    batch = await self.durably("reading the queue", lambda: self._read(consumer))
+                    owner = consumer
+                if batch:
+                    await self.process(batch, owner=owner)
+            except Exception as exc:  # a bug, not Redis: say so, keep the events, go on
+                delay = self.trouble.failed(exc, f"lane {index}")
+                left = [e for e in batch if e.stream_id in self._inflight]
+                if left:
+                    await self.durably(
+                        "handing back a batch", functools.partial(self.queue.hand_back, left)
+                    )
+                    self._done(left)
+                await asyncio.sleep(delay)
 
-    async def _read_batch(self, consumer: str) -> list[Entry]:
+    async def _read(self, consumer: str) -> list[Entry]:
         size = self.settings.batch_size
         entries = await self.queue.read(consumer, size, _IDLE_BLOCK_MS)
         wait_s = self.settings.batch_wait_ms / 1000
@@ -183,10 +287,11 @@ class Sender:
             entries += more
         return entries
 
-    async def process(self, entries: Sequence[Entry]) -> None:
+    async def process(self, entries: Sequence[Entry], *, owner: str = "") -> None:
         """Give every entry of a batch its fate."""
         for e in entries:
             self._inflight[e.stream_id] = e
+            self._owner[e.stream_id] = owner
         limit = self._now() - API_MAX_AGE_MS + STALE_MARGIN_MS
         stale = [e for e in entries if e.timestamp_ms < limit]
         if stale:
@@ -194,6 +299,13 @@ class Sender:
         fresh = [e for e in entries if e.timestamp_ms >= limit]
         for chunk in _by_size(fresh, API_MAX_BODY_BYTES - 1024):
             await self._send(chunk)
+
+    def leases(self) -> dict[str, list[bytes]]:
+        """The stream ids in flight, by the consumer that holds them."""
+        by_owner: dict[str, list[bytes]] = {}
+        for sid in self._inflight:
+            by_owner.setdefault(self._owner.get(sid) or f"{self.name}:0", []).append(sid)
+        return by_owner
 
     async def _send(self, entries: list[Entry]) -> None:
         work = [entries]
@@ -213,8 +325,12 @@ class Sender:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
                 await self._failed(group, err)
                 continue
-            await self.fates.delivered(group, accepted)
+            recovered: bool = await self.durably(
+                "recording a delivery", functools.partial(self.fates.delivered, group, accepted)
+            )
             self._done(group)
+            if recovered or self.endpoint_failing_since is not None:
+                await self._endpoint_recovered()
 
     async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
         index = err.event_index
@@ -230,7 +346,13 @@ class Sender:
 
     async def _failed(self, group: list[Entry], err: SendError) -> None:
         if err.reason.key_problem:
-            verdict = await self.guard.confirm(err)
+            try:
+                verdict = await self.guard.confirm(err)
+            except redis.exceptions.RedisError as exc:
+                # The hold cannot be recorded while Redis is in trouble: retry the batch;
+                # the failure is confirmed again once Redis answers.
+                self.trouble.failed(exc, "confirming a key failure")
+                verdict = Verdict.TRANSIENT
             self.metrics.key_ok.set(0 if self.guard.held else 1)
             if verdict is Verdict.TRANSIENT:
                 self.metrics.transient_key_failures.labels(err.reason.value).inc()
@@ -238,15 +360,45 @@ class Sender:
             elif verdict is Verdict.CONFIRMED:
                 await self._dead_letter(group, err.reason, err)
             else:
-                await self.queue.hand_back(group)
+                await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
                 self._done(group)
         elif err.reason.retryable:
+            self._endpoint_failed(err)
             await self._retry(group, err)
         else:
             await self._dead_letter(group, err.reason, err)
 
+    def _endpoint_failed(self, err: SendError) -> None:
+        now = time.monotonic()
+        self.endpoint_last_error = str(err)[:300]
+        if self.endpoint_failing_since is None:
+            self.endpoint_failing_since = self.clock()
+            self._endpoint_reminded = now
+            self.metrics.endpoint_failing_since.set(self.endpoint_failing_since)
+            log.error("%s; events are kept and retried", self.endpoint_failing())
+        elif now - self._endpoint_reminded >= ENDPOINT_REMIND_S:
+            self._endpoint_reminded = now
+            log.error("%s; events are kept and retried", self.endpoint_failing())
+
+    async def _endpoint_recovered(self) -> None:
+        since = self.endpoint_failing_since
+        self.endpoint_failing_since = None
+        self.metrics.endpoint_failing_since.set(0)
+        moved = 0
+        while True:  # the backlog goes now, not at the pace of the longest backoff
+            n = await self.durably(
+                "releasing retries", lambda: self.queue.move_due_retries("+inf", 200)
+            )
+            moved += n
+            if n == 0:
+                break
+        lasted = f" after {self.clock() - since:.0f} s" if since is not None else ""
+        log.warning(
+            "the endpoint answers again%s; %d scheduled retries released at once", lasted, moved
+        )
+
     async def _retry(self, group: list[Entry], err: SendError) -> None:
-        await self.fates.retry(group, err)
+        await self.durably("scheduling a retry", lambda: self.fates.retry(group, err))
         self._done(group)
 
     async def _dead_letter(
@@ -257,71 +409,19 @@ class Sender:
         *,
         attempted: bool = True,
     ) -> None:
-        await self.fates.dead_letter(group, reason, err, attempted=attempted)
+        await self.durably(
+            "recording dead letters",
+            lambda: self.fates.dead_letter(group, reason, err, attempted=attempted),
+        )
         self._done(group)
 
     def _done(self, group: Sequence[Entry]) -> None:
         for e in group:
             self._inflight.pop(e.stream_id, None)
+            self._owner.pop(e.stream_id, None)
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
-
-    # -- housekeeping ----------------------------------------------------------------
-    async def _housekeeping(self, burst: bool) -> None:
-        last: dict[str, float] = {}
-
-        def due(task: str, every_s: float) -> bool:
-            now = time.monotonic()
-            if now - last.get(task, float("-inf")) >= every_s:
-                last[task] = now
-                return True
-            return False
-
-        claim_idle_ms = int(self.settings.claim_idle_s * 1000)
-        while not self.stopping:
-            try:
-                await self._housekeeping_tick(due, claim_idle_ms, burst)
-                self.metrics.tick(redis_ok=True)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                self.metrics.tick(redis_ok=False)
-                log.warning("Redis unavailable in housekeeping (%s)", exc)
-            await asyncio.sleep(_TICK_S)
-
-    async def _housekeeping_tick(
-        self, due: Callable[[str, float], bool], claim_idle_ms: int, burst: bool
-    ) -> None:
-        await self.queue.move_due_retries(self._now())
-        if due("sync", 1.0):
-            await self.guard.sync()
-            self.metrics.key_ok.set(0 if self.guard.held else 1)
-        if due("gauges", 2.0):
-            await self._update_gauges()
-        if burst and not self._inflight and await self.queue.drained():
-            log.info("burst: nothing queued, in flight or scheduled; stopping")
-            self.stop()
-            return
-        if self.guard.held:
-            if due("reprobe", min(self.settings.reprobe_interval_s, 5.0)):
-                await self.guard.try_release()
-            return
-        if due("heartbeat", 5.0):
-            await self.queue.heartbeat(self.name)
-        if due("reclaim", max(0.2, min(self.settings.claim_idle_s / 4, 15.0))):
-            claimed = await self.queue.reclaim(
-                f"{self.name}:reclaim", claim_idle_ms, self.settings.batch_size
-            )
-            if claimed:
-                log.warning("reclaimed %d events left by a stopped worker", len(claimed))
-                await self.process(claimed)
-            await self.queue.forget_idle_consumers(claim_idle_ms * 10)
-
-    async def _update_gauges(self) -> None:
-        depth, in_flight, oldest_ms, retries = await self.queue.depth()
-        self.metrics.queue_depth.set(depth)
-        self.metrics.in_flight.set(in_flight)
-        self.metrics.retries_scheduled.set(retries)
-        self.metrics.oldest_age.set(max(0.0, (self._now() - oldest_ms) / 1000) if oldest_ms else 0)
 
 
 def _by_size(entries: list[Entry], limit: int) -> list[list[Entry]]:

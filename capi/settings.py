@@ -10,11 +10,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Self
 
+import redis
+import redis.asyncio as aioredis
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, DEFAULT_BASE_URL, RedisKeys
 from capi.errors import ConfigError
+from capi.redisconn import async_client, connection_kwargs, sync_client
 
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
 
@@ -32,7 +35,13 @@ class Settings(BaseSettings):
     integration_source: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Sent to the API as is."
     )
-    max_attempts: int = Field(10, ge=1, le=1000, description="Sends per event before dead-letter.")
+    max_attempts: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Optional cap on sends per event; unset, the budget is the event's "
+        "7-day window (a transient failure never dead-letters an event that can still go).",
+    )
     retry_base_s: float = Field(1.0, gt=0, description="First backoff wait.")
     retry_cap_s: float = Field(300.0, gt=0, description="Longest single backoff wait.")
     batch_size: int = Field(
@@ -56,6 +65,17 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="Serve /metrics, /healthz, /readyz on this port."
     )
+    redis_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="Longest wait for Redis to connect or answer one call."
+    )
+    enqueue_durability: Literal["memory", "aof", "replica"] = Field(
+        "memory",
+        description="When enqueue returns: once Redis has the event in memory, once it is "
+        "in Redis's append-only file (WAITAOF), or once a replica has it (WAIT).",
+    )
+    durability_timeout_ms: int = Field(
+        1000, ge=1, le=60_000, description="Longest wait for enqueue_durability."
+    )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
 
@@ -71,6 +91,10 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            connection_kwargs(value, 1.0)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("CAPI_REDIS_URL ")) from None
         return value
 
     @model_validator(mode="after")
@@ -95,6 +119,14 @@ class Settings(BaseSettings):
             return cls(_env_file=env_file, **overrides)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+
+    def async_redis(self, **extra: Any) -> aioredis.Redis:
+        """An asyncio Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""
+        return async_client(self.redis_url, self.redis_timeout_s, **extra)
+
+    def sync_redis(self, **extra: Any) -> redis.Redis:
+        """A blocking Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""
+        return sync_client(self.redis_url, self.redis_timeout_s, **extra)
 
     @property
     def keys(self) -> RedisKeys:

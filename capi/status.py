@@ -1,14 +1,25 @@
-"""What ``capi status`` shows: queue depth and age, in flight, retries, counters, key state."""
+"""What ``capi status`` shows: queue depth and age, in flight, retries, counters, key state,
+the endpoint's state, Redis's memory, and each live worker with what it is doing."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from capi.constants import RedisKeys
 from capi.queue import Queue
+
+# A worker heartbeats every second; one silent this long is not counted as alive.
+ALIVE_WITHIN_MS = 5_000
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
@@ -20,9 +31,27 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     pipe.hgetall(keys.stats)
     pipe.hgetall(keys.dl_reasons)
     pipe.hgetall(keys.key_state)
-    pipe.zrangebyscore(keys.workers, now - 30_000, "+inf")
+    pipe.zrangebyscore(keys.workers, now - ALIVE_WITHIN_MS, "+inf", withscores=True)
     pipe.hlen(keys.deadletters)
-    next_retry, stats, reasons, key, workers, dl = await pipe.execute()
+    pipe.hgetall(keys.worker_states)
+    pipe.hgetall(keys.endpoint)
+    next_retry, stats, reasons, key, workers, dl, states, endpoint = await pipe.execute()
+    memory = await client.info("memory")
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    policy = str(memory.get("maxmemory_policy", ""))
+    live = []
+    for name, score in workers:
+        state = orjson.loads(states.get(name) or b"{}")
+        live.append(
+            {
+                "name": name.decode(),
+                "state": state.get("state", "unknown"),
+                "detail": state.get("detail", ""),
+                "last_seen_s": round(max(0, now - score) / 1000, 1),
+            }
+        )
+    ep = {k.decode(): v.decode() for k, v in endpoint.items()}
+    failing_since = int(ep["failing_since"]) if ep.get("failing_since") else None
     return {
         "queued": queued,
         "in_flight": in_flight,
@@ -33,5 +62,19 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
         "dead_letters": int(dl),
         "dead_letters_by_reason": {k.decode(): int(v) for k, v in reasons.items()},
         "key": {k.decode(): v.decode() for k, v in key.items()} or {"state": "unknown"},
-        "workers_alive": [w.decode() for w in workers],
+        "workers_alive": [w["name"] for w in live],
+        "workers": live,
+        "endpoint": {
+            "state": "failing" if failing_since else "ok",
+            "failing_since": _iso(failing_since),
+            "last_error": ep.get("last_error") if failing_since else None,
+            "last_error_at": _iso(int(ep.get("last_error_ms") or 0)),
+            "last_ok_at": _iso(int(ep.get("last_ok_ms") or 0)),
+        },
+        "redis": {
+            "used_memory": used,
+            "maxmemory": limit,
+            "maxmemory_policy": policy,
+            "full": limit > 0 and used >= limit and policy == "noeviction",
+        },
     }

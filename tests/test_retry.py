@@ -51,15 +51,25 @@ def test_backoff_honours_retry_after_up_to_the_cap(retry_after: float, expected:
     assert backoff_s(3, base_s=1.0, cap_s=60.0, retry_after_s=retry_after) == expected
 
 
+DEADLINE = 1_000_000
+
+
 @pytest.mark.parametrize(
-    ("reason", "attempts", "expected"),
+    ("reason", "attempts", "cap", "next_ms", "expected"),
     [
-        (Reason.SERVER_ERROR, 1, True),
-        (Reason.NETWORK, 4, True),
-        (Reason.RATE_LIMITED, 5, False),
-        (Reason.INVALID_EVENT, 1, False),
-        (Reason.UNEXPECTED, 1, False),
+        (Reason.SERVER_ERROR, 1, None, 10, True),
+        (Reason.NETWORK, 400, None, 10, True),  # no cap: attempts alone never exhaust
+        (Reason.RATE_LIMITED, 5, 5, 10, False),  # an explicit cap still counts
+        (Reason.SERVER_ERROR, 1, None, DEADLINE, False),  # the next try would be too late
+        (Reason.SERVER_ERROR, 1, None, DEADLINE - 1, True),
+        (Reason.INVALID_EVENT, 1, None, 10, False),
+        (Reason.UNEXPECTED, 1, None, 10, False),
     ],
 )
-def test_should_retry(reason: Reason, attempts: int, expected: bool) -> None:
-    assert should_retry(reason, attempts, max_attempts=5) is expected
+def test_should_retry_within_the_time_budget(
+    reason: Reason, attempts: int, cap: int | None, next_ms: int, expected: bool
+) -> None:
+    assert (
+        should_retry(reason, attempts, cap, next_attempt_ms=next_ms, deadline_ms=DEADLINE)
+        is expected
+    )

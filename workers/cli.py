@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
-from arq.worker import create_worker
 
 from capi.cli import cli
 from capi.cli.common import err, handle_errors, settings_from
 from capi.errors import KeyCheckFailed
 from capi.exitcodes import for_reason
-from workers.main import worker_settings
+from capi.runner import run_worker
 
 
 @cli.command("worker")
@@ -27,8 +25,10 @@ def worker_command(
 ) -> None:
     """Run a worker: check the key, then send queued events until stopped.
 
-    The worker refuses to start (exit 10-15, with the diagnosis) if the Conversion Key
-    cannot write events; queued events stay queued. SIGTERM stops it gracefully.
+    The worker refuses to start (exit 10-13, with the diagnosis) if the Conversion Key
+    or pixel is confirmed broken; queued events stay queued. An endpoint that fails
+    transiently, or a Redis that is away, full or read-only, is waited out: the worker
+    never stops by itself. SIGTERM stops it gracefully.
     Run as many as you like, on as many machines, against one Redis.
 
     \b
@@ -47,19 +47,8 @@ def worker_command(
         overrides["metrics_port"] = metrics_port
     settings = settings.model_copy(update=overrides)
     settings.credentials()
-    holder: dict[str, object] = {}
-
-    def stop_worker() -> None:
-        worker = holder.get("worker")
-        if worker is not None:
-            worker.handle_sig(signal.SIGUSR1)  # type: ignore[attr-defined]
-
-    worker = create_worker(
-        worker_settings(settings, capi_burst=burst, capi_on_done=stop_worker if burst else None)
-    )
-    holder["worker"] = worker
     try:
-        worker.run()
+        run_worker(settings, burst=burst)
     except KeyCheckFailed as exc:
         err.print(exc.diagnosis, markup=False)
         err.print("The worker did not start; queued events stay queued.", markup=False)

@@ -1,8 +1,15 @@
-"""The arq worker that hosts capi's sender: ``arq workers.main.WorkerSettings`` or ``capi worker``.
+"""The arq glue: ``arq workers.main.WorkerSettings`` runs capi's sender inside an arq worker.
 
-arq gives the process its shape (signal handling, health check key, cron); the events
+arq gives the process its shape (signal handling, a health check key); the events
 themselves never become arq jobs: they ride a Redis stream that :class:`capi.sender.Sender`
-reads in batches (see README, "How it works"). Jobs arq does keep are JSON, never pickle.
+reads in batches (see README, "How it works"). ``capi worker`` runs the same sender
+without arq's loop (:mod:`capi.runner`). capi's scheduled work (status line, dead-letter
+retention) runs in the sender's housekeeping, not as arq cron jobs, so every key arq
+touches lives under ``CAPI_REDIS_PREFIX`` (``{p}:arq`` and ``{p}:arq:health``).
+
+arq's own loop polls its job queue and writes its health key; its Redis pool here never
+raises (a failed call is logged and answered with "nothing"), so Redis being away, full or
+read-only never ends the worker through arq. Jobs arq would keep are JSON, never pickle.
 
 ``WorkerSettings`` is built on first access (PEP 562), so importing this module reads no
 settings and opens no connection.
@@ -13,19 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
-from arq.connections import RedisSettings
-from arq.cron import cron
+import redis.exceptions
+from arq.connections import ArqRedis
 
-from capi import logs, replay
-from capi.errors import KeyCheckFailed
 from capi.metrics import Metrics, serve
+from capi.redisconn import connection_kwargs
+from capi.runner import configure_logging, start_sender
 from capi.sender import Sender
 from capi.settings import Settings
-from capi.status import gather
 
 log = logging.getLogger("capi.worker")
 
@@ -33,28 +38,14 @@ log = logging.getLogger("capi.worker")
 async def startup(ctx: dict[str, Any]) -> None:
     """Prove the key can write events, then start the sender; refuse to start otherwise."""
     settings: Settings = ctx.get("capi_settings") or Settings.load()
-    api_key, _ = settings.credentials()
-    logs.configure(
-        json=settings.log_format == "json",
-        level=getattr(logging, settings.log_level.upper()),
-        key=api_key,
-    )
+    configure_logging(settings)
     metrics = Metrics()
-    sender = Sender.from_settings(settings, metrics=metrics)
-    result = await sender.guard.check()
-    if not result.ok:
-        await sender.aclose()
-        assert result.error is not None and result.diagnosis is not None
-        raise KeyCheckFailed(result.diagnosis.text, result.error)
-    log.info("key %s can write events; sender starting", result.key_fingerprint)
-    metrics.key_ok.set(1)
+    sender = await start_sender(settings, metrics)
+    assert sender is not None  # no stop event: it returns a sender or raises
     if settings.metrics_port is not None:
         ctx["capi_http"] = serve(metrics, settings.metrics_port)
         log.info("metrics and health on :%d (/metrics, /healthz, /readyz)", settings.metrics_port)
-    task = asyncio.create_task(sender.run(burst=bool(ctx.get("capi_burst"))))
-    on_done: Callable[[], None] | None = ctx.get("capi_on_done")
-    if on_done is not None:
-        task.add_done_callback(lambda _: on_done())
+    task = asyncio.create_task(sender.run())
     ctx["capi_sender"], ctx["capi_task"] = sender, task
 
 
@@ -71,39 +62,27 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         ctx["capi_http"].shutdown()
 
 
-async def log_status(ctx: dict[str, Any]) -> None:
-    """Log queue depth and counters once a minute."""
-    sender: Sender | None = ctx.get("capi_sender")
-    if sender is not None:
-        status = await gather(sender.redis, sender.settings.keys)
-        log.info("status: %s", orjson.dumps(status).decode())
+async def noop(ctx: dict[str, Any]) -> None:
+    """arq insists on one registered function; capi enqueues no arq jobs."""
 
 
-async def prune_dead_letters(ctx: dict[str, Any]) -> None:
-    """Hourly: warn about dead letters nearing their deadline or retention; prune the old."""
-    sender: Sender | None = ctx.get("capi_sender")
-    if sender is None:
-        return
-    now = int(time.time() * 1000)
-    retention_ms = int(sender.settings.deadletter_retention_days * 86_400_000)
-    records = await replay.select(sender.redis, sender.settings.keys, replay.Selection(), now)
-    day = 86_400_000
-    old = [r for r in records if r.dead_lettered_ms + retention_ms <= now]
-    soon = [r for r in records if replay.can_replay(r, now) and r.replay_deadline_ms - now < day]
-    if soon:
-        log.warning(
-            "%d dead letters pass their replay deadline within 24 h; replay or export them",
-            len(soon),
-            extra={"event_ids": [r.id for r in soon]},
-        )
-    if old:
-        await replay.purge(sender.redis, sender.settings.keys, old)
-        log.warning(
-            "pruned %d dead letters older than CAPI_DEADLETTER_RETENTION_DAYS=%g",
-            len(old),
-            sender.settings.deadletter_retention_days,
-            extra={"event_ids": [r.id for r in old], "count": len(old)},
-        )
+class _QuietPool(ArqRedis):
+    """arq's pool: a failed call is logged (once a minute) and answered with "nothing"."""
+
+    _last_logged = 0.0
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except redis.exceptions.RedisError as exc:
+            now = time.monotonic()
+            if now - self._last_logged > 60:
+                type(self)._last_logged = now
+                log.warning("arq's poll of Redis failed (%s); the sender carries on", exc)
+            return _NOTHING.get(str(args[0]).upper())
+
+
+_NOTHING: dict[str, Any] = {"ZRANGEBYSCORE": [], "ZCARD": 0}
 
 
 def _dumps(value: Any) -> bytes:
@@ -113,15 +92,19 @@ def _dumps(value: Any) -> bytes:
 def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, Any]:
     """The arq worker settings for capi (as a dict, which arq accepts)."""
     settings = settings or Settings.load()
+    queue_name = f"{settings.redis_prefix}:arq"
+    pool = _QuietPool(
+        **connection_kwargs(settings.redis_url, settings.redis_timeout_s),
+        job_serializer=_dumps,
+        job_deserializer=orjson.loads,
+        default_queue_name=queue_name,
+    )
     return {
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
-        "queue_name": f"{settings.redis_prefix}:arq",
+        "redis_pool": pool,
+        "queue_name": queue_name,
         "health_check_key": f"{settings.redis_prefix}:arq:health",
-        "functions": [],
-        "cron_jobs": [
-            cron(log_status, second=0, keep_result=0),
-            cron(prune_dead_letters, minute=17, second=0, keep_result=0, run_at_startup=True),
-        ],
+        "health_check_interval": 60,
+        "functions": [noop],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "job_serializer": _dumps,

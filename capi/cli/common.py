@@ -14,7 +14,7 @@ import redis.exceptions
 from rich.console import Console
 from rich.progress import Progress
 
-from capi.errors import CapiError, ConfigError, QueueUnavailable
+from capi.errors import CapiError, ConfigError, QueueFull, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.settings import Settings
 
@@ -49,10 +49,20 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
             return func(*args, **kwargs)
         except ConfigError as exc:
             fail(str(exc), ExitCode.CONFIG)
-        except redis.exceptions.ConnectionError as exc:
-            fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
+        except QueueFull as exc:
+            fail(str(exc), ExitCode.REDIS_FULL)
         except QueueUnavailable as exc:
             fail(str(exc), ExitCode.REDIS)
+        except redis.exceptions.ConnectionError as exc:
+            fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
+        except redis.exceptions.TimeoutError as exc:
+            fail(
+                f"Redis did not answer within CAPI_REDIS_TIMEOUT_S ({exc}); is it frozen or "
+                "overloaded? check CAPI_REDIS_URL",
+                ExitCode.REDIS,
+            )
+        except redis.exceptions.RedisError as exc:
+            fail(f"Redis refused the command ({exc})", ExitCode.REDIS)
         except CapiError as exc:
             fail(str(exc), ExitCode.FAILURE)
 

@@ -12,7 +12,6 @@ from typing import IO, Any
 
 import click
 import orjson
-import redis.asyncio as aioredis
 from rich.progress import Progress
 
 from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
@@ -150,7 +149,26 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     if key.get("state") == "held":
         line += f" since {key.get('since')} ({key.get('reason')})"
     out.print(line)
-    out.print(f"workers alive: {len(status['workers_alive'])}")
+    out.print(f"workers alive: {len(status['workers'])}")
+    for w in status["workers"]:
+        out.print(f"  {w['name']}: {w['state']} ({w['detail']})", markup=False)
+    endpoint = status["endpoint"]
+    if endpoint["state"] == "failing":
+        out.print(
+            f"endpoint:      failing since {endpoint['failing_since']} "
+            f"(last error {endpoint['last_error']})",
+            markup=False,
+        )
+    else:
+        out.print(f"endpoint:      ok (last delivery {endpoint['last_ok_at'] or 'none yet'})")
+    mem = status["redis"]
+    if mem["full"]:
+        out.print(
+            f"redis:         FULL: {mem['used_memory']} of maxmemory {mem['maxmemory']} bytes "
+            f"under {mem['maxmemory_policy']}; producers are refused until workers drain it "
+            "or maxmemory is raised",
+            markup=False,
+        )
     if key.get("state") == "held":
         out.print(key.get("guidance", ""), markup=False)
 
@@ -186,7 +204,7 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = settings.async_redis()
     try:
         return await gather(client, settings.keys)
     finally:

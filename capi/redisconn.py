@@ -1,0 +1,85 @@
+"""Every Redis connection capi opens, from one parser of ``CAPI_REDIS_URL``.
+
+The producers, the CLI, the worker and arq's own loop all get their clients here, so a
+URL means the same thing everywhere (percent-encoded passwords, ``?ssl_ca_certs=``,
+``redis://host:port/``), and every client has a bounded time per call:
+``CAPI_REDIS_TIMEOUT_S`` for connecting and for each answer. A frozen Redis therefore
+costs a caller at most that long (plus the worker's read block), never for ever.
+
+The worker's clients answer the same way; the worker itself decides what to do when a
+call fails (it waits and tries again, see :mod:`capi.sender`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+
+from capi.errors import ConfigError
+
+# Query options that name files or TLS behaviour; redis-py's own parser keeps them as text.
+_TLS_OPTIONS = {"ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_ca_path"}
+
+
+def connection_kwargs(url: str, timeout_s: float) -> dict[str, Any]:
+    """The keyword arguments of a Redis client for ``url``; ConfigError if it is malformed.
+
+    ``rediss://`` verifies the server's certificate and host name unless the URL says
+    otherwise (``?ssl_check_hostname=false``, ``?ssl_cert_reqs=none``); a private CA is
+    named with ``?ssl_ca_certs=/path/to/ca.pem``.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+        kwargs: dict[str, Any] = dict(parse_url(url))
+    except ValueError as exc:
+        raise ConfigError(
+            f"CAPI_REDIS_URL is malformed ({exc}); e.g. redis://host:6379/0"
+        ) from None
+    db = parts.path.strip("/")
+    if parts.scheme != "unix" and db and not (db.isdigit() and int(db) < 2**31):
+        raise ConfigError(
+            f"CAPI_REDIS_URL names database {db[:20]!r}: the database is a number, e.g. /0"
+        )
+    query = parse_qs(parts.query)
+    kwargs.pop("connection_class", None)
+    if parts.scheme == "unix":
+        kwargs["unix_socket_path"] = kwargs.pop("path")
+    if parts.scheme == "rediss":
+        kwargs["ssl"] = True
+        kwargs.setdefault("ssl_check_hostname", True)
+        kwargs.setdefault("ssl_cert_reqs", "required")
+    for name in _TLS_OPTIONS & set(query):
+        kwargs[name] = query[name][-1]
+    kwargs.setdefault("socket_timeout", timeout_s)
+    kwargs.setdefault("socket_connect_timeout", timeout_s)
+    if "unix_socket_path" not in kwargs:
+        kwargs.setdefault("socket_keepalive", True)
+    return kwargs
+
+
+def async_client(url: str, timeout_s: float, **extra: Any) -> aioredis.Redis:
+    """An asyncio client for ``url`` with bounded calls."""
+    return aioredis.Redis(**{**connection_kwargs(url, timeout_s), **extra})
+
+
+def sync_client(url: str, timeout_s: float, **extra: Any) -> redis.Redis:
+    """A blocking client for ``url`` with bounded calls."""
+    kwargs = connection_kwargs(url, timeout_s)
+    return redis.Redis(**{**kwargs, **extra})
+
+
+def describe(url: str) -> str:
+    """Where ``url`` points, without its password: ``host:port/db`` or the socket path."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return parts.path
+        db = parts.path.strip("/") or "0"
+        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
+    except ValueError:
+        return "(malformed CAPI_REDIS_URL)"

@@ -1,0 +1,113 @@
+"""What a worker rides out: Redis being away, full, read-only, or erroring in any other way.
+
+A worker never stops on such an error. :class:`Trouble` names the kind of trouble, logs it
+once when it starts (with its cause), reminds every minute while it lasts, logs once when
+it ends, and tells the caller how long to wait before trying again (capped, jittered
+exponential backoff). The worker's state line (``capi status``) and metrics read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import redis.exceptions
+
+REMIND_EVERY_S = 60.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+# Redis's error prefixes, and what each means for an operator.
+_RESPONSES = {
+    "OOM": ("full", "Redis is full (maxmemory reached under noeviction)"),
+    "READONLY": ("read-only", "Redis is read-only (a replica, or a failover in progress)"),
+    "MISCONF": ("cannot-persist", "Redis refuses writes: it cannot persist (MISCONF)"),
+    "NOPERM": ("no-permission", "the Redis user lacks a permission (NOPERM)"),
+    "NOGROUP": ("lost-group", "Redis lost the consumer group (restart without persistence?)"),
+    "LOADING": ("loading", "Redis is loading its data set"),
+    "BUSY": ("busy", "Redis is busy running a script"),
+    "MASTERDOWN": ("master-down", "the Redis replica lost its master"),
+}
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """The kind of a worker's error (``unreachable``, ``full``, ...) and its meaning."""
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return _RESPONSES["LOADING"]
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "unreachable", "Redis cannot be reached or did not answer in time"
+    if isinstance(exc, redis.exceptions.RedisError):
+        text = str(exc)
+        for prefix, kind in _RESPONSES.items():
+            if text.startswith(prefix) or f" {prefix} " in f" {text} ":
+                return kind
+        return "redis-error", "Redis answered with an error"
+    return "unexpected", "an unexpected error"
+
+
+class Trouble:
+    """Logs a worker's troubles once per kind and paces its retries."""
+
+    def __init__(
+        self,
+        log: logging.Logger,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.log = log
+        self._monotonic = monotonic
+        self._rand = rand
+        self.kind: str | None = None
+        self.meaning = ""
+        self.cause = ""
+        self.since = 0.0
+        self.last_ok = monotonic()
+        self._failures = 0
+        self._logged: dict[str, float] = {}
+
+    @property
+    def redis_ok(self) -> bool:
+        """Whether the last Redis call worked (an unexpected error elsewhere is not Redis's)."""
+        return self.kind is None or self.kind == "unexpected"
+
+    def failed(self, exc: BaseException, where: str) -> float:
+        """Record a failure; log it if it is news; return how long to wait before retrying."""
+        kind, meaning = classify(exc)
+        now = self._monotonic()
+        if kind != self.kind:
+            self.since = now
+        self.kind, self.meaning, self.cause = kind, meaning, f"{type(exc).__name__}: {exc}"
+        self._failures += 1
+        last = self._logged.get(kind)
+        if last is None or now - last >= REMIND_EVERY_S:
+            self._logged[kind] = now
+            lasting = f" for {now - self.since:.0f} s" if now - self.since >= 1 else ""
+            message = "%s%s (%s, in %s); the worker keeps trying and loses nothing"
+            args = (meaning, lasting, self.cause[:300], where)
+            if kind == "unexpected":
+                self.log.error(message, *args, exc_info=exc)
+            else:
+                self.log.error(message, *args)
+        ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(self._failures - 1, 20))
+        return float(ceiling / 2 + ceiling / 2 * self._rand())
+
+    def ok(self) -> None:
+        """Record that Redis answered; log the end of any trouble."""
+        now = self._monotonic()
+        self.last_ok = now
+        if self.kind is not None:
+            self.log.warning(
+                "recovered: %s no longer (after %.1f s); resuming", self.meaning, now - self.since
+            )
+            self._logged.pop(self.kind, None)
+            self.kind = None
+        self._failures = 0
+
+    def describe(self) -> str:
+        """One line for a status: what is wrong and since when, or ``ok``."""
+        if self.kind is None:
+            return "ok"
+        return f"{self.meaning} for {self._monotonic() - self.since:.0f} s ({self.cause[:200]})"

@@ -32,6 +32,7 @@ from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA
 from capi.schema import Event
 from capi.settings import Settings
+from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
 
@@ -58,19 +59,24 @@ def _translated(client: Any) -> Iterator[None]:
     try:
         yield
     except redis.exceptions.ResponseError as exc:
-        text = str(exc)
-        if text.startswith("OOM"):
+        kind, meaning = classify(exc)
+        if kind == "full":
             raise QueueFull(
                 f"Redis at {where} is full (maxmemory reached under noeviction); the event was "
                 "not queued. Workers free memory as they deliver; raise maxmemory or add "
                 "workers, then enqueue again."
             ) from None
-        if text.startswith(("READONLY", "MISCONF", "NOPERM", "LOADING", "MASTERDOWN")):
+        if kind not in ("redis-error", "unexpected"):
             raise QueueUnavailable(
-                f"Redis at {where} refused the event ({text[:200]}); it was not queued. "
-                "Enqueueing it again is safe."
+                f"Redis at {where} refused the event: {meaning} ({str(exc)[:200]}); it was "
+                "not queued. Enqueueing it again is safe."
             ) from None
         raise
+    except redis.exceptions.AuthenticationError as exc:
+        raise QueueUnavailable(
+            f"Redis at {where} refused the credentials in CAPI_REDIS_URL ({exc}); the event "
+            "was not queued."
+        ) from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         if isinstance(exc, redis.exceptions.ConnectionError) and "connecting to" in str(exc):
             outcome = "the event was not queued"

@@ -32,10 +32,22 @@ _RESPONSES = {
 }
 
 
+# redis-py turns these prefixes into classes and drops the prefix from the message.
+_CLASSES: tuple[tuple[type[Exception], str], ...] = (
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+)
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
     """The kind of a worker's error (``unreachable``, ``full``, ...) and its meaning."""
-    if isinstance(exc, redis.exceptions.BusyLoadingError):
-        return _RESPONSES["LOADING"]
+    for cls, prefix in _CLASSES:
+        if isinstance(exc, cls):
+            return _RESPONSES[prefix]
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return "auth", "Redis refused the credentials in CAPI_REDIS_URL"
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return "unreachable", "Redis cannot be reached or did not answer in time"
     if isinstance(exc, redis.exceptions.RedisError):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -14,6 +17,47 @@ from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.sender import Sender
 from capi.settings import Settings
+
+
+def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
+    """``capi worker`` in a process of its own, configured by ``settings``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    full_env.update(
+        {f"CAPI_{name.upper()}": str(value) for name, value in _plain(settings).items()}
+    )
+    full_env.update(env)
+    full_env["CAPI_CONFIG_FILE"] = os.devnull
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "worker", *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def capi(
+    settings: Settings, *args: str, input: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a ``capi`` command configured by ``settings``; the completed process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    env.update({f"CAPI_{name.upper()}": str(value) for name, value in _plain(settings).items()})
+    env["CAPI_CONFIG_FILE"] = os.devnull
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _plain(settings: Settings) -> dict[str, Any]:
+    data = settings.model_dump(exclude_none=True)
+    data["api_key"] = settings.api_key.get_secret_value() if settings.api_key else ""
+    return data
 
 
 def make_settings(sandbox: SandboxThread, redis_url: str, **overrides: Any) -> Settings:

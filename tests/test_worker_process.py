@@ -7,36 +7,21 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 import redis
 
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_SCOPELESS_KEY
-from capi.settings import Settings
-from tests.helpers import dead_letters, enqueue, events, ids, make_settings, wait_for
-
-
-def worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
-    full_env.update(
-        {f"CAPI_{name.upper()}": str(value) for name, value in _plain(settings).items()}
-    )
-    full_env.update(env)
-    full_env["CAPI_CONFIG_FILE"] = os.devnull
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "worker", *args],
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _plain(settings: Settings) -> dict[str, Any]:
-    data = settings.model_dump(exclude_none=True)
-    data["api_key"] = settings.api_key.get_secret_value() if settings.api_key else ""
-    return data
+from tests.helpers import (
+    _plain,
+    dead_letters,
+    enqueue,
+    events,
+    ids,
+    make_settings,
+    wait_for,
+)
+from tests.helpers import start_worker as worker
 
 
 def test_worker_with_a_wrong_key_does_not_start(redis_url: str, sandbox: SandboxThread) -> None:

@@ -56,7 +56,9 @@ class EventRejected(CapiError, ValueError):
     def __init__(self, problems: list[Problem], event_id: str | None = None) -> None:
         self.problems = problems
         self.event_id = event_id
-        where = f"event {event_id!r}" if event_id else "event"
+        where = "event"
+        if event_id:
+            where += f" {event_id!r}" if len(event_id) <= 64 else f" {event_id[:64]!r}..."
         lines = "; ".join(str(p) for p in problems)
         super().__init__(f"{where} refused: {lines}")
 

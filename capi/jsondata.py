@@ -1,0 +1,94 @@
+"""The first gate for what a caller hands the producer: plain JSON data, bounded in size and depth.
+
+:func:`plain_copy` walks a value once, depth first, and returns a copy made only of ``dict``
+(string keys), ``list``, ``str``, ``int`` (64-bit), finite ``float``, ``bool`` and ``None``;
+tuples become lists and ``str``/``int``/``dict`` subclasses become the plain types. It refuses,
+with :class:`~capi.errors.EventRejected` naming the path and the rule, anything else: bytes,
+arbitrary objects, NaN and infinity, integers beyond 64 bits, text with lone surrogates,
+nesting deeper than :data:`MAX_DEPTH` (which also stops cycles), and more data than the
+byte budget. The walk stops at the first problem and never spends more than the budget, so
+its time and memory are bounded whatever the input (a cycle, a shared list repeated a
+million times, 80,000 emails).
+
+:data:`MAX_DEPTH` is chosen so that every accepted event also fits, with room to spare, in a
+dead letter record and every JSON parser on its way (orjson stops at 254 levels, pydantic's
+JSON parser earlier).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from capi.errors import EventRejected, Problem
+
+MAX_DEPTH = 32
+"""Deepest nesting of an event, counting the event object itself as level 1."""
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+_SCALAR_COST = 8
+_JSON_ONLY = "must be JSON data (text, number, true/false, null, list or object)"
+
+
+class _Budget:
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+        self.max_bytes = max_bytes
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            kib = self.max_bytes // 1024
+            raise EventRejected([Problem("(event)", f"holds more than {kib} KiB of data")])
+
+
+def plain_copy(value: Any, *, max_bytes: int) -> Any:
+    """A plain-JSON copy of ``value``; raise EventRejected at the first thing that is not."""
+    return _copy(value, "", 1, _Budget(max_bytes))
+
+
+def _copy(value: Any, path: str, depth: int, budget: _Budget) -> Any:
+    budget.spend(_SCALAR_COST)
+    if value is None or value is True or value is False:
+        return value
+    if isinstance(value, str):
+        return _text(value, path, budget)
+    if isinstance(value, int):
+        if not INT_MIN <= value <= INT_MAX:
+            raise _refused(path, "is beyond the 64-bit integer range")
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _refused(path, "must be a finite number (not NaN or infinity)")
+        return float(value)
+    if isinstance(value, Mapping | list | tuple) and depth > MAX_DEPTH:
+        raise _refused(path, f"nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _refused(path, f"has a key that is not a string ({_type(key)})")
+            name = _text(key, path, budget)
+            out[name] = _copy(item, f"{path}.{name[:40]}" if path else name[:40], depth + 1, budget)
+        return out
+    if isinstance(value, list | tuple):
+        return [_copy(item, f"{path}[{i}]", depth + 1, budget) for i, item in enumerate(value)]
+    raise _refused(path, f"{_JSON_ONLY}, got {_type(value)}")
+
+
+def _text(value: str, path: str, budget: _Budget) -> str:
+    budget.spend(len(value))
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _refused(path, "must be valid Unicode text (it holds a lone surrogate)") from None
+    return str(value)
+
+
+def _refused(path: str, rule: str) -> EventRejected:
+    return EventRejected([Problem(path or "(event)", rule)])
+
+
+def _type(value: Any) -> str:
+    return type(value).__name__[:40]

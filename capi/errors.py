@@ -12,8 +12,8 @@
         ├── UnauthorizedError        401, Unauthorized
         ├── UnknownPixelError        403, unknown pid
         ├── AccessDeniedError        401/403, RBAC: access denied
-        ├── InvalidEventError        400, invalid_event at events[i]
-        ├── OutsideTimeWindowError   422, event_timestamp_too_old
+        ├── InvalidEventError        400/422 of any code, at events[i] or (bisect) none
+        ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
         ├── RateLimitedError         429                               retryable
         ├── ServerError              5xx                               retryable
         ├── NetworkError             timeout, reset, dropped response  retryable
@@ -159,7 +159,8 @@ class AccessDeniedError(SendError):
 
 
 class InvalidEventError(SendError):
-    """Raised on 400 when the API rejects an event; ``event_index`` says which, if known."""
+    """Raised on a 400 or 422 (any code) rejecting an event; ``event_index`` says which, if
+    the answer names ``events[i]`` in its ``param`` or an ``errors[].param``."""
 
     reason = Reason.INVALID_EVENT
 
@@ -170,7 +171,8 @@ class InvalidEventError(SendError):
 
 
 class OutsideTimeWindowError(InvalidEventError):
-    """Raised on 422 event_timestamp_too_old: the event can never be accepted."""
+    """Raised when the code is event_timestamp_too_old, or a 422 names ``...timestamp_ms``:
+    the event can never be accepted."""
 
     reason = Reason.OUTSIDE_TIME_WINDOW
 

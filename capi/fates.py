@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 
 from capi import deadletters
+from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
 from capi.errors import SendError
 from capi.events import Clock
@@ -56,6 +57,8 @@ class Fates:
     async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> None:
         """Acknowledge a delivered batch."""
         await self.queue.deliver(group)
+        if accepted.accepted_events is not None and accepted.accepted_events != len(group):
+            await self._accepted_mismatch(group, accepted)
         self.metrics.delivered.inc(len(group))
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
@@ -68,6 +71,23 @@ class Fates:
                 "last_id": group[-1].event_id,
                 "request_id": next(iter(accepted.request_ids.values()), None),
                 "latency_ms": round(accepted.elapsed_s * 1000, 1),
+            },
+        )
+
+    async def _accepted_mismatch(self, group: Sequence[Entry], accepted: Accepted) -> None:
+        """The docs promise all-or-nothing batches: a 200 counting otherwise is news."""
+        await aw(self.redis.hincrby(self.settings.keys.stats, "accepted_mismatches", 1))
+        self.metrics.accepted_mismatches.inc()
+        log.warning(
+            "the API answered 200 but accepted_events=%d for %d events sent",
+            accepted.accepted_events,
+            len(group),
+            extra={
+                "count": len(group),
+                "accepted_events": accepted.accepted_events,
+                "first_id": group[0].event_id,
+                "last_id": group[-1].event_id,
+                "request_id": next(iter(accepted.request_ids.values()), None),
             },
         )
 

@@ -195,3 +195,21 @@ def test_rejections_whatever_their_code_cost_only_their_event(
     assert all(d["replayable"] for d in dls.values())
     assert all("Invalid event" in d["guidance"] for d in dls.values())  # the API's words
     assert set(sandbox.state.delivered_ids()) == ids(evts) - set(doomed)
+
+
+def test_accepted_events_differing_from_the_batch_is_logged_and_counted(
+    redis_url: str, sandbox: SandboxThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.test_deadletters_cli import cli_run
+
+    sandbox.state.configure({"accepted_delta": -1})
+    settings = make_settings(sandbox, redis_url, batch_size=50)
+    enqueue(settings, events(50))
+    sender = drain(settings)
+    assert len(sandbox.state.delivered_ids()) == 50
+    assert sender.metrics.accepted_mismatches._value.get() == 1
+    [record] = [r for r in caplog.records if "accepted_events=49 for 50" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    status = cli_run(settings, "status", "--json").output
+    assert orjson.loads(status)["counters"]["accepted_mismatches"] == 1
+    assert "accepted_events mismatches: 1" in cli_run(settings, "status").output

@@ -144,6 +144,11 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
         out.print(f"{name + ':':<15}{counters.get(name, 0)}")
+    if counters.get("accepted_mismatches"):
+        out.print(
+            f"accepted_events mismatches: {counters['accepted_mismatches']} batches answered 200 "
+            "with a count differing from the events sent (see the worker log)"
+        )
     reasons = ", ".join(f"{k} {v}" for k, v in status["dead_letters_by_reason"].items())
     out.print(f"dead letters:  {status['dead_letters']}" + (f" ({reasons})" if reasons else ""))
     line = f"key:           {key.get('state')}"

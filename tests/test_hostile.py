@@ -147,3 +147,94 @@ def test_tuples_and_str_subclasses_are_plain_json() -> None:
     body = orjson.loads(prepare(event, clock=clock).json)
     assert body["id"] == "evt-t"
     assert body["data"]["contents"] == [{"id": "sku"}]
+
+
+def line(event: Any) -> bytes:
+    import json
+
+    return json.dumps(event).encode()  # json, not orjson: it writes integers of any size
+
+
+def enqueue_cli(redis_url: str, path: Any) -> Any:
+    import os
+
+    from click.testing import CliRunner
+
+    from capi.cli import cli
+
+    env = {"CAPI_REDIS_URL": redis_url, "CAPI_CONFIG_FILE": os.devnull}
+    return CliRunner().invoke(cli, ["enqueue", "--json", str(path)], env=env)
+
+
+def fresh(event_id: str) -> dict[str, Any]:
+    from capi.events import signup
+
+    return signup(event_id, email="a@example.com", source_url="https://a.example/")
+
+
+# (case, the line, what the refusal says): each sits between two good lines.
+HOSTILE_LINES: list[tuple[str, bytes, str]] = [
+    ("16 MB line", b'{"id": "' + b"x" * 16_000_000 + b'"}', "(line): is longer than 256 KiB"),
+    (
+        "duplicate key",
+        b'{"id": "d", "user": {"email": "a@example.com"}, "user": {}}',
+        "(line): repeats the key 'user' in one object",
+    ),
+    ("NaN", b'{"id": "n", "timestamp_ms": NaN}', "NaN is not a JSON number"),
+    ("deep brackets", b"[" * 50_000 + b"]" * 50_000, "(line): nests too deeply to parse"),
+    ("huge integer", b'{"id": "i", "timestamp_ms": 1' + b"0" * 5000 + b"}", "is not valid JSON"),
+    (
+        "amount beyond 64 bits",
+        line(fresh("a") | {"data": {"type": "customer_action", "amount": 10**30}}),
+        "data.amount: is beyond the 64-bit integer range",
+    ),
+    (
+        "deep custom data",
+        line(
+            fresh("c")
+            | {
+                "type": "custom",
+                "custom_event_name": "c",
+                "data": {"type": "custom", "x": nested(40)},
+            }
+        ),
+        f"nests deeper than {MAX_DEPTH} levels",
+    ),
+    ("blank id", line(fresh(" \t ")), "id: must not be blank"),
+    ("NUL in id", line(fresh("a\x00b")), "id: must not contain control characters"),
+    (
+        "custom name with a newline",
+        line(
+            fresh("e")
+            | {"type": "custom", "custom_event_name": "quiz\n", "data": {"type": "custom"}}
+        ),
+        "custom_event_name: must be 1-64 letters",
+    ),
+    ("not UTF-8", b'{"id": "\xff"}', "(line): is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "message"), HOSTILE_LINES, ids=[h[0] for h in HOSTILE_LINES]
+)
+def test_enqueue_cli_refuses_a_hostile_line_and_queues_its_neighbours(
+    redis_url: str, tmp_path: Any, case: str, bad: bytes, message: str
+) -> None:
+    import tracemalloc
+
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join([line(fresh("before")), bad, line(fresh("after"))]) + b"\n")
+    tracemalloc.start()
+    try:
+        result = enqueue_cli(redis_url, path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 4, result.output
+    [refusal] = result.stderr.splitlines()
+    assert refusal.startswith("line 2: event")
+    assert message in refusal
+    assert "line 1" not in result.stderr and "line 3" not in result.stderr
+    assert orjson.loads(result.stdout.splitlines()[-1])["queued"] == 2
+    assert redis.Redis.from_url(redis_url).xlen("capi:events") == 2
+    assert peak < 16 * 1024 * 1024  # a line is never held whole past 256 KiB

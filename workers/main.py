@@ -21,6 +21,7 @@ from arq.connections import RedisSettings
 from arq.cron import cron
 
 from capi import logs, replay
+from capi.deadletters import Unreadable
 from capi.errors import KeyCheckFailed
 from capi.metrics import Metrics, serve
 from capi.sender import Sender
@@ -86,7 +87,15 @@ async def prune_dead_letters(ctx: dict[str, Any]) -> None:
         return
     now = int(time.time() * 1000)
     retention_ms = int(sender.settings.deadletter_retention_days * 86_400_000)
-    records = await replay.select(sender.redis, sender.settings.keys, replay.Selection(), now)
+    unreadable: list[Unreadable] = []
+    selection = replay.Selection()
+    records = await replay.select(sender.redis, sender.settings.keys, selection, now, unreadable)
+    if unreadable:
+        log.warning(
+            "skipped %d dead letters that cannot be read (see `capi dead-letters show KEY`): %s",
+            len(unreadable),
+            ", ".join(f"{u.key} ({u.why})" for u in unreadable[:20]),
+        )
     day = 86_400_000
     old = [r for r in records if r.dead_lettered_ms + retention_ms <= now]
     soon = [r for r in records if replay.can_replay(r, now) and r.replay_deadline_ms - now < day]

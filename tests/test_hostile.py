@@ -211,6 +211,7 @@ HOSTILE_LINES: list[tuple[str, bytes, str]] = [
         "custom_event_name: must be 1-64 letters",
     ),
     ("not UTF-8", b'{"id": "\xff"}', "(line): is not UTF-8"),
+    ("JSON null", b"null", "(event): must be a JSON object, got null"),  # found by hypothesis
 ]
 
 

@@ -27,6 +27,7 @@ from capi.status import gather
 _CHUNK = 500
 _CHUNK_BYTES = 4 * 1024 * 1024  # of JSON per bulk call, so memory stays near the input's
 _SKIP_BYTES = 64 * 1024
+_NOTHING = object()  # not an event: a blank or refused line (a line may hold JSON null)
 
 
 @cli.command("enqueue")
@@ -58,7 +59,7 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
             lines_read = lineno
             advance(size)
             parsed = _parse_line(lineno, line, total)
-            if parsed is not None:
+            if parsed is not _NOTHING:
                 batch.append((lineno, parsed))
                 batch_bytes += size
             if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
@@ -115,18 +116,18 @@ def read_lines(file: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None,
 
 
 def _parse_line(lineno: int, line: bytes | None, report: EnqueueReport) -> Any:
-    """The event on one line, or None after recording why the line is refused (or blank)."""
+    """The value on one line, or _NOTHING for a blank line or a refused one (recorded)."""
     if line is None:
         why = f"is longer than {MAX_EVENT_BYTES // 1024} KiB; at most that per event"
     elif not line.strip():
-        return None
+        return _NOTHING
     else:
         try:
             return parse_json(line)
         except _Refused as exc:
             why = str(exc)
     report.refused.append((lineno, EventRejected([Problem("(line)", why)])))
-    return None
+    return _NOTHING
 
 
 class _Refused(ValueError):

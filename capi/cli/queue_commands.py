@@ -40,7 +40,9 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
 
     One event per line in the API's format; raw identifiers may be given under ``user``
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
-    Each refused line is reported with its reason; the exit code is 4 if any was refused.
+    Each refused line is reported with its reason and the others are queued; the exit code
+    is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read
+    whole), is not UTF-8 JSON, or repeats a key within one object.
 
     \b
     Example:

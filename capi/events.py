@@ -91,7 +91,11 @@ def prepare(
         raw = raw.model_dump(mode="json", exclude_none=True)
     if not isinstance(raw, Mapping):
         raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
-    data: dict[str, Any] = plain_copy(raw, max_bytes=MAX_EVENT_BYTES)
+    try:
+        data: dict[str, Any] = plain_copy(raw, max_bytes=MAX_EVENT_BYTES)
+    except EventRejected as exc:
+        given = raw.get("id") if isinstance(raw, dict) else None
+        raise EventRejected(exc.problems, given if isinstance(given, str) else None) from None
     event_id = data.get("id") if isinstance(data.get("id"), str) else None
     problems: list[Problem] = []
     if hash_identifiers and isinstance(data.get("user"), Mapping):

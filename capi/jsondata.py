@@ -6,13 +6,13 @@ tuples become lists and ``str``/``int``/``dict`` subclasses become the plain typ
 with :class:`~capi.errors.EventRejected` naming the path and the rule, anything else: bytes,
 arbitrary objects, NaN and infinity, integers beyond 64 bits, text with lone surrogates,
 nesting deeper than :data:`MAX_DEPTH` (which also stops cycles), and more data than the
-byte budget. The walk stops at the first problem and never spends more than the budget, so
-its time and memory are bounded whatever the input (a cycle, a shared list repeated a
-million times, 80,000 emails).
+byte budget (counted as a lower bound of the value's size as JSON). The walk stops at the
+first problem and never spends more than the budget, so its time and memory are bounded
+whatever the input (a cycle, a shared list repeated a million times, 80,000 emails).
 
 :data:`MAX_DEPTH` is chosen so that every accepted event also fits, with room to spare, in a
-dead letter record and every JSON parser on its way (orjson stops at 254 levels, pydantic's
-JSON parser earlier).
+dead letter record and every JSON parser on its way (pydantic's JSON parser stops near 200
+levels, orjson near 254).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from capi.errors import EventRejected, Problem
 MAX_DEPTH = 32
 """Deepest nesting of an event, counting the event object itself as level 1."""
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
-_SCALAR_COST = 8
+_NODE_BYTES = 2  # the least JSON any value takes with its separator: "1," or "[]"
 _JSON_ONLY = "must be JSON data (text, number, true/false, null, list or object)"
 
 
@@ -39,7 +39,9 @@ class _Budget:
         self.left -= n
         if self.left < 0:
             kib = self.max_bytes // 1024
-            raise EventRejected([Problem("(event)", f"holds more than {kib} KiB of data")])
+            raise EventRejected(
+                [Problem("(event)", f"is more than {kib} KiB as JSON; at most {kib} KiB per event")]
+            )
 
 
 def plain_copy(value: Any, *, max_bytes: int) -> Any:
@@ -48,7 +50,7 @@ def plain_copy(value: Any, *, max_bytes: int) -> Any:
 
 
 def _copy(value: Any, path: str, depth: int, budget: _Budget) -> Any:
-    budget.spend(_SCALAR_COST)
+    budget.spend(_NODE_BYTES)
     if value is None or value is True or value is False:
         return value
     if isinstance(value, str):
@@ -77,7 +79,7 @@ def _copy(value: Any, path: str, depth: int, budget: _Budget) -> Any:
 
 
 def _text(value: str, path: str, budget: _Budget) -> str:
-    budget.spend(len(value))
+    budget.spend(len(value) + 2)  # its quotes; a character is at least one UTF-8 byte
     if not value.isascii():
         try:
             value.encode("utf-8")

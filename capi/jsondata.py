@@ -46,50 +46,78 @@ class _Budget:
 
 def plain_copy(value: Any, *, max_bytes: int) -> Any:
     """A plain-JSON copy of ``value``; raise EventRejected at the first thing that is not."""
-    return _copy(value, "", 1, _Budget(max_bytes))
+    return _copy(value, None, 1, _Budget(max_bytes))
 
 
-def _copy(value: Any, path: str, depth: int, budget: _Budget) -> Any:
+# A path is built only for a refusal: (parent, key or index) links, None at the event.
+Path = tuple[Any, str | int] | None
+
+
+def _copy(value: Any, path: Path, depth: int, budget: _Budget) -> Any:
     budget.spend(_NODE_BYTES)
-    if value is None or value is True or value is False:
-        return value
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str:
         return _text(value, path, budget)
+    if value is None or kind is bool:
+        return value
+    if kind is dict or kind is list or isinstance(value, Mapping | list | tuple):
+        if depth > MAX_DEPTH:
+            raise _refused(path, f"nests deeper than {MAX_DEPTH} levels")
+        if isinstance(value, Mapping):
+            return _mapping(value, path, depth, budget)
+        return [_copy(item, (path, i), depth + 1, budget) for i, item in enumerate(value)]
+    # Subclasses become the plain type through the base class's own method, never theirs.
+    if isinstance(value, str):
+        return _text(str.__str__(value), path, budget)
     if isinstance(value, int):
-        if not INT_MIN <= value <= INT_MAX:
+        number = int.__int__(value)
+        if not INT_MIN <= number <= INT_MAX:
             raise _refused(path, "is beyond the 64-bit integer range")
-        return int(value)
+        return number
     if isinstance(value, float):
-        if not math.isfinite(value):
+        real = float.__float__(value)
+        if not math.isfinite(real):
             raise _refused(path, "must be a finite number (not NaN or infinity)")
-        return float(value)
-    if isinstance(value, Mapping | list | tuple) and depth > MAX_DEPTH:
-        raise _refused(path, f"nests deeper than {MAX_DEPTH} levels")
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _refused(path, f"has a key that is not a string ({_type(key)})")
-            name = _text(key, path, budget)
-            out[name] = _copy(item, f"{path}.{name[:40]}" if path else name[:40], depth + 1, budget)
-        return out
-    if isinstance(value, list | tuple):
-        return [_copy(item, f"{path}[{i}]", depth + 1, budget) for i, item in enumerate(value)]
+        return real
     raise _refused(path, f"{_JSON_ONLY}, got {_type(value)}")
 
 
-def _text(value: str, path: str, budget: _Budget) -> str:
+def _mapping(value: Mapping[Any, Any], path: Path, depth: int, budget: _Budget) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise _refused(path, f"has a key that is not a string ({_type(key)})")
+        name = _text(str.__str__(key), path, budget)
+        out[name] = _copy(item, (path, name), depth + 1, budget)
+    return out
+
+
+def _text(value: str, path: Path, budget: _Budget) -> str:
     budget.spend(len(value) + 2)  # its quotes; a character is at least one UTF-8 byte
     if not value.isascii():
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise _refused(path, "must be valid Unicode text (it holds a lone surrogate)") from None
-    return str(value)
+    return value
 
 
-def _refused(path: str, rule: str) -> EventRejected:
-    return EventRejected([Problem(path or "(event)", rule)])
+def _refused(path: Path, rule: str) -> EventRejected:
+    return EventRejected([Problem(_shown(path), rule)])
+
+
+def _shown(path: Path) -> str:
+    parts: list[str | int] = []
+    while path is not None:
+        path, part = path
+        parts.append(part)
+    out = ""
+    for part in reversed(parts):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part[:40]}" if out else part[:40]
+    return out or "(event)"
 
 
 def _type(value: Any) -> str:

@@ -213,3 +213,23 @@ def test_accepted_events_differing_from_the_batch_is_logged_and_counted(
     status = cli_run(settings, "status", "--json").output
     assert orjson.loads(status)["counters"]["accepted_mismatches"] == 1
     assert "accepted_events mismatches: 1" in cli_run(settings, "status").output
+
+
+def test_a_purchase_with_item_prices_in_the_event_currency_is_delivered(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    from capi.events import purchase
+
+    settings = make_settings(sandbox, redis_url)
+    order = purchase(
+        "o-items",
+        amount=2500,
+        currency="EUR",
+        contents=[{"id": "sku-1", "quantity": 2, "amount": 1000}, {"id": "sku-2", "amount": 500}],
+        email="buyer@example.com",
+        source_url="https://shop.example/thanks",
+    )
+    enqueue(settings, [order])
+    drain(settings)
+    assert sandbox.state.delivered_ids() == {"o-items": 1}
+    assert not dead_letters(settings)

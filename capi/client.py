@@ -86,7 +86,7 @@ def classify(
         message=message,
         code=code,
         param=param,
-        body=parsed if parsed is not None else text,
+        body=parsed if parsed is not None and _shallow(parsed) else text,
         request_ids=request_ids(headers),
         retry_after_s=parse_retry_after(headers.get("retry-after")),
     )
@@ -126,6 +126,23 @@ def _reason(status: int, message: str, codes: list[str | None], params: list[str
 
 
 _TOO_OLD = "event_timestamp_too_old"
+MAX_BODY_DEPTH = 32
+
+
+def _shallow(value: Any, limit: int = MAX_BODY_DEPTH) -> bool:
+    """Whether a parsed body nests at most ``limit`` levels: a deeper one is kept as text,
+    so that the dead letter holding it can always be read back."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for v in level
+            if isinstance(v, dict | list)
+            for child in (v.values() if isinstance(v, dict) else v)
+        ]
+        if not level:
+            return True
+    return False
 
 
 def _details(error: Any, name: str) -> list[str | None]:

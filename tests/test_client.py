@@ -266,3 +266,23 @@ def test_rejections_whatever_their_code(
     assert error.reason.replayable is (reason is Reason.INVALID_EVENT)
     if b"API words" in raw:
         assert "API words" in diagnose(error).text  # the API's own message is the diagnosis
+
+
+def test_a_deeply_nested_error_body_is_kept_as_text_so_its_dead_letter_reads_back() -> None:
+    from capi.deadletters import DeadLetter, build
+    from capi.queue import Entry
+
+    deep = b'{"error": {"message": "m", "param": "events[0]", "x": ' + b"[" * 300 + b"]" * 300
+    error = classify(400, {}, deep + b"}}")
+    assert error.event_index == 0 and isinstance(error.response.body, str)
+    record = build(
+        Entry(b"1-0", event(), "e-0", now_ms()),
+        reason=error.reason,
+        guidance="g",
+        error=error,
+        key_fingerprint="fp",
+        pixel_id="px",
+        now_ms=now_ms(),
+        attempted=True,
+    )
+    assert DeadLetter.model_validate_json(record.to_json()).error_body == record.error_body

@@ -23,7 +23,7 @@ from capi.failures import Reason
 from capi.fingerprint import fingerprint, redact
 from capi.retry import parse_retry_after
 
-_EVENT_INDEX = re.compile(r"^events\[(\d+)\]")
+_EVENT_INDEX = re.compile(r"^events\[(\d{1,9})\]")
 _SCOPES = re.compile(r"Missing scopes?:\s*([A-Za-z0-9_.:\-, ]+?)(?:\.\s|\.$|$)")
 USER_AGENT = "capi/0.1 (+https://github.com/capi)"
 
@@ -86,19 +86,20 @@ def classify(
         message=message,
         code=code,
         param=param,
-        body=parsed if parsed is not None else text,
+        body=parsed if parsed is not None and _shallow(parsed) else text,
         request_ids=request_ids(headers),
         retry_after_s=parse_retry_after(headers.get("retry-after")),
     )
-    if param and (m := _EVENT_INDEX.match(param)):
-        response.event_index = int(m.group(1))
-    reason = _reason(status, message, code)
+    params, codes = [param, *_details(error, "param")], [code, *_details(error, "code")]
+    response.event_index = _event_index(params)
+    reason = _reason(status, message, codes, params)
     if reason is Reason.MISSING_SCOPE:
         response.missing_scopes = _missing_scopes(message) or [CONVERSIONS_SCOPE]
     return ERROR_BY_REASON[reason](response, key_fingerprint)
 
 
-def _reason(status: int, message: str, code: str | None) -> Reason:
+def _reason(status: int, message: str, codes: list[str | None], params: list[str | None]) -> Reason:
+    code = codes[0]
     lowered = message.lower()
     if "missing scope" in lowered or code == "missing_scope":
         return Reason.MISSING_SCOPE
@@ -108,10 +109,15 @@ def _reason(status: int, message: str, code: str | None) -> Reason:
         return Reason.UNAUTHORIZED
     if status == 403 and ("pid" in lowered or "pixel" in lowered):
         return Reason.UNKNOWN_PIXEL
-    if status == 422 or code == "event_timestamp_too_old":
+    if status in (400, 422):
+        # Codes are undocumented: only the code or param says "too old"; any other 400/422
+        # is an event's rejection (at events[i] if named; the sender bisects otherwise).
+        too_old = _TOO_OLD in codes or (
+            status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
+        )
+        return Reason.OUTSIDE_TIME_WINDOW if too_old else Reason.INVALID_EVENT
+    if code == _TOO_OLD:
         return Reason.OUTSIDE_TIME_WINDOW
-    if status == 400 and (code == "invalid_event" or code in _EVENT_CODES):
-        return Reason.INVALID_EVENT
     if status == 429:
         return Reason.RATE_LIMITED
     if status >= 500:
@@ -119,7 +125,40 @@ def _reason(status: int, message: str, code: str | None) -> Reason:
     return Reason.UNEXPECTED
 
 
-_EVENT_CODES = frozenset({"missing_event_data_type", "unknown_data_field"})
+_TOO_OLD = "event_timestamp_too_old"
+MAX_BODY_DEPTH = 32
+
+
+def _shallow(value: Any, limit: int = MAX_BODY_DEPTH) -> bool:
+    """Whether a parsed body nests at most ``limit`` levels: a deeper one is kept as text,
+    so that the dead letter holding it can always be read back."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for v in level
+            if isinstance(v, dict | list)
+            for child in (v.values() if isinstance(v, dict) else v)
+        ]
+        if not level:
+            return True
+    return False
+
+
+def _details(error: Any, name: str) -> list[str | None]:
+    """Field ``name`` (param or code) of each entry of ``error.errors``, where a string."""
+    details = error.get("errors") if isinstance(error, dict) else None
+    if not isinstance(details, list):
+        return []
+    return [e[name] for e in details if isinstance(e, dict) and isinstance(e.get(name), str)]
+
+
+def _event_index(params: list[str | None]) -> int | None:
+    """The first ``events[i]`` that ``param`` or an ``errors[].param`` names."""
+    for param in params:
+        if param and (m := _EVENT_INDEX.match(param)):
+            return int(m.group(1))
+    return None
 
 
 def _missing_scopes(message: str) -> list[str]:

@@ -12,7 +12,7 @@ Redis layout (``{p}`` is the prefix, ``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {p}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {p}:dl:replays          LIST    replay audit entries (JSON), newest first
     {p}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
-                                    transient_key_failures, requests
+                                    transient_key_failures, requests, accepted_mismatches
     {p}:stats:dl_reasons    HASH    dead-letter reason -> count
     {p}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance

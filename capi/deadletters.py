@@ -5,19 +5,23 @@ A record holds the event as it was sent (identifiers already hashed), the reason
 guidance, the HTTP status and the API's error body, every request/trace id, the UTC times
 of the first and last attempt, the number of attempts, the key's fingerprint (never the
 key), the pixel id, and the replay deadline (the event's ``timestamp_ms`` + 7 days, after
-which the API refuses it). Records are written in the same MULTI/EXEC as the stream
+which the API refuses it). Records are written in the same script as the stream
 acknowledgement (one script).
+
+A stored record that no longer reads as a :class:`DeadLetter` is :class:`Unreadable`: the
+readers skip it and report it, so one bad record never breaks the others' commands.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from capi._aio import aw
 from capi.constants import API_MAX_AGE_MS, RedisKeys
@@ -161,18 +165,70 @@ async def write(
     )
 
 
-async def find(client: aioredis.Redis, keys: RedisKeys, ref: str) -> list[DeadLetter]:
-    """The dead letters named by ``ref``: a record key (``name:id``), or an event id."""
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored record that cannot be read as a :class:`DeadLetter` (written by an older or
+    broken version, say): skipped by every command that reads records, and kept as stored
+    so ``capi dead-letters show KEY`` can print it and ``purge KEY`` can remove it."""
+
+    key: str
+    why: str
+    raw: bytes
+
+    @property
+    def id(self) -> str:
+        """The event id part of the key (``name:id``)."""
+        return self.key.partition(":")[2]
+
+
+def parse(key: bytes | str, raw: bytes | str) -> DeadLetter | Unreadable:
+    """A stored record as a DeadLetter, or as Unreadable with the reason (never the data)."""
+    name = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    raw = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    try:
+        return DeadLetter.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return Unreadable(name, f"{where + ': ' if where else ''}{first['msg']}"[:200], raw)
+    except (ValueError, RecursionError) as exc:
+        return Unreadable(name, type(exc).__name__, raw)
+
+
+def _sorted(
+    pairs: Sequence[tuple[bytes | str, bytes | str | None]], unreadable: list[Unreadable] | None
+) -> list[DeadLetter]:
+    records = []
+    for key, raw in pairs:
+        if raw is None:
+            continue
+        parsed = parse(key, raw)
+        if isinstance(parsed, DeadLetter):
+            records.append(parsed)
+        elif unreadable is not None and all(u.key != parsed.key for u in unreadable):
+            unreadable.append(parsed)
+    return records
+
+
+async def find(
+    client: aioredis.Redis, keys: RedisKeys, ref: str, unreadable: list[Unreadable] | None = None
+) -> list[DeadLetter]:
+    """The dead letters named by ``ref``: a record key (``name:id``), or an event id.
+
+    Records that cannot be read are skipped, and added to ``unreadable`` if given.
+    """
     raw = await aw(client.hget(keys.deadletters, ref))
     if raw:
-        return [DeadLetter.model_validate_json(raw)]
-    return [r for r in await all_records(client, keys) if r.id == ref]
+        return _sorted([(ref, raw)], unreadable)
+    return [r for r in await all_records(client, keys, unreadable) if r.id == ref]
 
 
-async def all_records(client: aioredis.Redis, keys: RedisKeys) -> list[DeadLetter]:
-    """Every dead letter, newest first."""
+async def all_records(
+    client: aioredis.Redis, keys: RedisKeys, unreadable: list[Unreadable] | None = None
+) -> list[DeadLetter]:
+    """Every dead letter, newest first; unreadable records are skipped (see :func:`find`)."""
     ids = await client.zrevrange(keys.deadletter_index, 0, -1)
     if not ids:
         return []
     raws = await aw(client.hmget(keys.deadletters, ids))
-    return [DeadLetter.model_validate_json(r) for r in raws if r]
+    return _sorted(list(zip(ids, raws, strict=True)), unreadable)

@@ -13,8 +13,8 @@
         ├── UnauthorizedError        401, Unauthorized
         ├── UnknownPixelError        403, unknown pid
         ├── AccessDeniedError        401/403, RBAC: access denied
-        ├── InvalidEventError        400, invalid_event at events[i]
-        ├── OutsideTimeWindowError   422, event_timestamp_too_old
+        ├── InvalidEventError        400/422 of any code, at events[i] or (bisect) none
+        ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
         ├── RateLimitedError         429                               retryable
         ├── ServerError              5xx                               retryable
         ├── NetworkError             timeout, reset, dropped response  retryable
@@ -57,7 +57,9 @@ class EventRejected(CapiError, ValueError):
     def __init__(self, problems: list[Problem], event_id: str | None = None) -> None:
         self.problems = problems
         self.event_id = event_id
-        where = f"event {event_id!r}" if event_id else "event"
+        where = "event"
+        if event_id:
+            where += f" {event_id!r}" if len(event_id) <= 64 else f" {event_id[:64]!r}..."
         lines = "; ".join(str(p) for p in problems)
         super().__init__(f"{where} refused: {lines}")
 
@@ -167,7 +169,8 @@ class AccessDeniedError(SendError):
 
 
 class InvalidEventError(SendError):
-    """Raised on 400 when the API rejects an event; ``event_index`` says which, if known."""
+    """Raised on a 400 or 422 (any code) rejecting an event; ``event_index`` says which, if
+    the answer names ``events[i]`` in its ``param`` or an ``errors[].param``."""
 
     reason = Reason.INVALID_EVENT
 
@@ -178,7 +181,8 @@ class InvalidEventError(SendError):
 
 
 class OutsideTimeWindowError(InvalidEventError):
-    """Raised on 422 event_timestamp_too_old: the event can never be accepted."""
+    """Raised when the code is event_timestamp_too_old, or a 422 names ``...timestamp_ms``:
+    the event can never be accepted."""
 
     reason = Reason.OUTSIDE_TIME_WINDOW
 

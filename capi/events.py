@@ -1,6 +1,7 @@
 """Turn what a backend hands us into an event ready to queue, or refuse it precisely.
 
-:func:`prepare` is the single gate: it hashes raw identifiers (``user.email`` and friends),
+:func:`prepare` is the single gate: it copies the input as plain JSON data, bounded in size
+and depth (:mod:`capi.jsondata`), hashes raw identifiers (``user.email`` and friends),
 validates the event against :mod:`capi.schema`, applies the cross-field rules and the API's
 time window against an injectable clock, and returns a :class:`PreparedEvent` whose JSON is
 exactly what will be sent. Anything wrong raises :class:`~capi.errors.EventRejected`,
@@ -24,11 +25,13 @@ from capi import schema
 from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS, MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
 from capi.hashing import Identifier, hash_identifier
+from capi.jsondata import plain_copy
 
 Clock = Callable[[], float]
 """Returns the current Unix time in seconds (``time.time`` unless a test injects one)."""
 
-_CUSTOM_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?$")
+_CUSTOM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
+MAX_PROBLEMS = 20
 _LEGACY_USER_FIELDS = {
     "email_sha256": "emails_sha256",
     "external_id_sha256": "external_ids_sha256",
@@ -79,6 +82,8 @@ def prepare(
 ) -> PreparedEvent:
     """Hash, validate and serialize one event; raise EventRejected naming every problem.
 
+    The event is first copied as plain JSON data of bounded size and depth
+    (:func:`capi.jsondata.plain_copy`); the input is never changed.
     ``hash_identifiers=False`` treats raw identifier fields as unknown (the API's view);
     ``check_time=False`` leaves the time window to the caller.
     """
@@ -86,8 +91,12 @@ def prepare(
         raw = raw.model_dump(mode="json", exclude_none=True)
     if not isinstance(raw, Mapping):
         raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
-    event_id = raw.get("id") if isinstance(raw.get("id"), str) else None
-    data = dict(raw)
+    try:
+        data: dict[str, Any] = plain_copy(raw, max_bytes=MAX_EVENT_BYTES)
+    except EventRejected as exc:
+        given = raw.get("id") if isinstance(raw, dict) else None
+        raise EventRejected(exc.problems, given if isinstance(given, str) else None) from None
+    event_id = data.get("id") if isinstance(data.get("id"), str) else None
     problems: list[Problem] = []
     if hash_identifiers and isinstance(data.get("user"), Mapping):
         data["user"] = _hash_user(data["user"], problems)
@@ -95,12 +104,12 @@ def prepare(
         event = schema.Event.model_validate(data)
     except ValidationError as exc:
         problems.extend(_problems(exc, data))
-        raise EventRejected(problems, event_id) from None
+        raise EventRejected(_capped(problems), event_id) from None
     problems.extend(_cross_checks(event))
     if check_time:
         problems.extend(time_window_problems(event.timestamp_ms, now_ms(clock)))
     if problems:
-        raise EventRejected(problems, event_id)
+        raise EventRejected(_capped(problems), event_id)
     data_json = event.to_json()
     if len(data_json) > MAX_EVENT_BYTES:
         size = f"{len(data_json) // 1024} KiB"
@@ -108,6 +117,13 @@ def prepare(
             [Problem("(event)", f"is {size}; at most {MAX_EVENT_BYTES // 1024} KiB")], event_id
         )
     return PreparedEvent(event, data_json)
+
+
+def _capped(problems: list[Problem]) -> list[Problem]:
+    if len(problems) <= MAX_PROBLEMS:
+        return problems
+    more = len(problems) - MAX_PROBLEMS
+    return [*problems[:MAX_PROBLEMS], Problem("(event)", f"and {more} more problems")]
 
 
 def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:
@@ -149,8 +165,20 @@ def _hash_user(user: Mapping[str, Any], problems: list[Problem]) -> dict[str, An
                 problems.append(Problem(f"user.{kind.value}[{i}]", str(exc)))
         if given is not None and not isinstance(given, list):
             continue  # leave the bad value for the schema to name
-        # Unique, order kept; values of other types stay for the schema to refuse.
-        out[kind.hashed_field] = [v for i, v in enumerate(hashed) if v not in hashed[:i]]
+        out[kind.hashed_field] = _unique(hashed)
+    return out
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    """Unique hex digests, order kept, in linear time; other values stay for the schema."""
+    seen: set[str] = set()
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            if v.lower() in seen:
+                continue
+            seen.add(v.lower())
+        out.append(v)
     return out
 
 
@@ -165,7 +193,13 @@ def _cross_checks(event: schema.Event) -> list[Problem]:
     problems.extend(_source_problems(event))
     problems.extend(_money_problems("data", event.data))
     for i, item in enumerate(getattr(event.data, "contents", None) or []):
-        problems.extend(_money_problems(f"data.contents[{i}]", item))
+        if item.amount is not None and item.currency is None and event.data.currency is None:
+            problems.append(
+                Problem(
+                    f"data.contents[{i}].currency",
+                    "is required when amount is present and data.currency is not set",
+                )
+            )
     return problems
 
 
@@ -177,7 +211,7 @@ def _custom_name_problems(event: schema.Event) -> list[Problem]:
         return []
     if name is None:
         return [Problem("custom_event_name", "is required when type is 'custom'")]
-    if not _CUSTOM_NAME.match(name):
+    if not _CUSTOM_NAME.fullmatch(name):
         return [
             Problem(
                 "custom_event_name",
@@ -235,11 +269,19 @@ def _path(loc: Sequence[Any]) -> str:
     return out or "(event)"
 
 
+_SIMPLE_RULES = {
+    "missing": "is required",
+    "string_too_short": "must not be empty",
+    "greater_than_equal": "must not be negative",
+    "less_than_equal": "is beyond the 64-bit integer range",  # the only upper bound: 2**63-1
+}
+
+
 def _rule(err: Any, loc: list[Any], data_type: str | None) -> str:
     kind = err["type"]
     field = loc[-1] if loc else None
-    if kind == "missing":
-        return "is required"
+    if kind in _SIMPLE_RULES:
+        return _SIMPLE_RULES[kind]
     if kind == "extra_forbidden":
         return _extra_rule(loc, data_type)
     if kind in ("union_tag_not_found", "union_tag_invalid"):
@@ -254,10 +296,6 @@ def _rule(err: Any, loc: list[Any], data_type: str | None) -> str:
         return f"must be true or false, got {_kind(err.get('input'))}"
     if kind == "list_type":
         return f"must be a list, got {_kind(err.get('input'))}"
-    if kind == "string_too_short":
-        return "must not be empty"
-    if kind == "greater_than_equal":
-        return "must not be negative"
     if kind == "value_error":
         return str(err["msg"]).removeprefix("Value error, ")
     if kind == "literal_error":
@@ -286,7 +324,11 @@ def _kind(value: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
     if value is None:
         return "null"
-    return names.get(type(value), "a list" if isinstance(value, list) else "an object")
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return names.get(type(value), type(value).__name__[:40])
 
 
 def _user(**identifiers: Any) -> dict[str, Any]:

@@ -9,8 +9,10 @@ missing_scope          401: the key lacks ads.third_party_events.write  re-probe
 unauthorized           401: the API does not know the key               dead-letter + hold
 unknown_pixel          403: the API does not know the pixel id          dead-letter + hold
 access_denied          401/403 such as plain-text "RBAC: access denied" like missing_scope
-invalid_event          400: an event breaks a rule (events[i])          dead-letter that event
-outside_time_window    422 or caught locally: older than 7 days         dead-letter, no replay
+invalid_event          400/422 of any code: an event breaks a rule      dead-letter that event
+                       (events[i]; no index: bisect)
+outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms,  dead-letter, no replay
+                       or caught locally: older than 7 days
 rate_limited           429                                             retry (Retry-After)
 server_error           5xx                                             retry
 network                timeout, reset, refused, dropped response        retry

@@ -4,14 +4,17 @@ and one log line with event ids and request ids. :mod:`capi.sender` decides; thi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from capi import deadletters
+from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
 from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
 from capi.errors import SendError
@@ -57,6 +60,8 @@ class Fates:
     async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> bool:
         """Acknowledge a delivered batch; True if this ends an endpoint outage."""
         recovered = await self.queue.deliver(group, self.now_ms())
+        if accepted.accepted_events is not None and accepted.accepted_events != len(group):
+            await self._accepted_mismatch(group, accepted)
         self.metrics.delivered.inc(len(group))
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
@@ -72,6 +77,24 @@ class Fates:
             },
         )
         return recovered
+
+    async def _accepted_mismatch(self, group: Sequence[Entry], accepted: Accepted) -> None:
+        """The docs promise all-or-nothing batches: a 200 counting otherwise is news."""
+        with contextlib.suppress(redis.exceptions.RedisError):  # a count must not block a fate
+            await aw(self.redis.hincrby(self.settings.keys.stats, "accepted_mismatches", 1))
+        self.metrics.accepted_mismatches.inc()
+        log.warning(
+            "the API answered 200 but accepted_events=%d for %d events sent",
+            accepted.accepted_events,
+            len(group),
+            extra={
+                "count": len(group),
+                "accepted_events": accepted.accepted_events,
+                "first_id": group[0].event_id,
+                "last_id": group[-1].event_id,
+                "request_id": next(iter(accepted.request_ids.values()), None),
+            },
+        )
 
     def retry_plan(self, group: Sequence[Entry], err: SendError) -> tuple[float, int]:
         """The wait before the next attempt of ``group`` and the attempt number."""

@@ -161,8 +161,9 @@ def _invalid_event(
     reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
 ) -> Diagnosis:
     details = ""
-    if err and isinstance(err.response.body, dict):
-        errors = (err.response.body.get("error") or {}).get("errors") or []
+    error = err.response.body.get("error") if err and isinstance(err.response.body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("errors"), list):
+        errors = error["errors"][:20]
         details = "; ".join(
             f"{e.get('param')}: {e.get('message')} ({e.get('code')})"
             for e in errors

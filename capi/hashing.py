@@ -8,7 +8,8 @@ phone        drop spaces, ``()``, ``.``, ``-``, then a leading ``+`` and leading
              zeros; the country code stays; 8-15 digits
 external id  trim only: case and inner characters are kept
 first/last   Unicode NFC, lowercase, drop whitespace and ASCII punctuation, NFC again;
-name         non-ASCII letters stay (``José`` -> ``josé``)
+name         non-ASCII letters stay (``José`` -> ``josé``); a value with ``@`` is refused
+             as an email given as a name
 ===========  ===============================================================
 
 Already-hashed input, decided once: a value given under a raw field (``email``,
@@ -99,6 +100,8 @@ def normalize_name(value: str) -> str:
     """Lowercase a first or last name and drop whitespace and ASCII punctuation."""
     # NFC first: it can turn characters into ASCII punctuation (U+037E -> ";") to drop;
     # and last: dropping a space between two combining marks can leave them out of order.
+    if "@" in value:
+        raise ValueError("looks like an email address, not a name; put emails in user.email")
     lowered = unicodedata.normalize("NFC", value).lower()
     kept = "".join(c for c in lowered.translate(_NAME_DROP) if not c.isspace())
     name = unicodedata.normalize("NFC", kept)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from capi import replay
+from capi.deadletters import Unreadable
 from capi.status import gather
 
 if TYPE_CHECKING:
@@ -207,7 +208,15 @@ async def prune_dead_letters(sender: Sender, now: int) -> None:
     """Warn about dead letters nearing their replay deadline; prune those past retention."""
     settings = sender.settings
     retention_ms = int(settings.deadletter_retention_days * DAY_MS)
-    records = await replay.select(sender.redis, settings.keys, replay.Selection(), now)
+    unreadable: list[Unreadable] = []
+    selection = replay.Selection()
+    records = await replay.select(sender.redis, settings.keys, selection, now, unreadable)
+    if unreadable:
+        log.warning(
+            "skipped %d dead letters that cannot be read (see `capi dead-letters show KEY`): %s",
+            len(unreadable),
+            ", ".join(f"{u.key} ({u.why})" for u in unreadable[:20]),
+        )
     old = [r for r in records if r.dead_lettered_ms + retention_ms <= now]
     soon = [r for r in records if replay.can_replay(r, now) and r.replay_deadline_ms - now < DAY_MS]
     if soon:

@@ -27,6 +27,7 @@ EXTRA_FIELDS = (
     "first_id",
     "last_id",
     "latency_ms",
+    "accepted_events",
 )
 
 

@@ -45,6 +45,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.accepted_mismatches = Counter(
+            "capi_accepted_mismatches",
+            "Batches answered 200 whose accepted_events differed from the events sent.",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "capi_batch_size_events",
             "Events per request.",

@@ -17,6 +17,7 @@ API's own JSON, and raw identifiers never reach it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.constants import RedisKeys
-from capi.errors import ConfigError, EventRejected, QueueFull, QueueUnavailable
+from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA
 from capi.schema import Event
@@ -35,6 +36,7 @@ from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
+log = logging.getLogger("capi.producer")
 
 
 @dataclass
@@ -166,8 +168,21 @@ class _BaseProducer:
             f"({text[:160]}); for aof, set appendonly yes on the server"
         )
 
+    def _prepare(self, event: RawEvent) -> PreparedEvent:
+        """prepare(), with any failure it did not foresee turned into a refusal of this event:
+        a caller's hostile object (a Mapping whose ``items()`` raises, say) must not cost the
+        other events of a bulk call, nor surface as anything but EventRejected."""
+        try:
+            return prepare(event, clock=self.clock)
+        except EventRejected:
+            raise
+        except Exception as exc:
+            log.warning("event refused: checking it raised %s", type(exc).__name__)
+            why = f"could not be read as an event ({type(exc).__name__})"
+            raise EventRejected([Problem("(event)", why)]) from None
+
     def _one(self, event: RawEvent) -> tuple[list[str], list[Any]]:
-        return self._args([prepare(event, clock=self.clock)])
+        return self._args([self._prepare(event)])
 
     def _chunks(
         self, events: Iterable[RawEvent], report: EnqueueReport
@@ -175,7 +190,7 @@ class _BaseProducer:
         prepared = []
         for i, raw in enumerate(events):
             try:
-                prepared.append(prepare(raw, clock=self.clock))
+                prepared.append(self._prepare(raw))
             except EventRejected as exc:
                 report.refused.append((i, exc))
         for start in range(0, len(prepared), self.chunk):

@@ -78,16 +78,23 @@ def can_replay(record: DeadLetter, now_ms: int) -> bool:
 
 
 async def select(
-    client: aioredis.Redis, keys: RedisKeys, selection: Selection, now_ms: int
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    selection: Selection,
+    now_ms: int,
+    unreadable: list[deadletters.Unreadable] | None = None,
 ) -> list[DeadLetter]:
-    """The selected dead letters, newest first."""
+    """The selected dead letters, newest first; records that cannot be read are skipped
+    and added to ``unreadable`` (if given)."""
     if selection.ids:
         found = {
-            r.key: r for ref in selection.ids for r in await deadletters.find(client, keys, ref)
+            r.key: r
+            for ref in selection.ids
+            for r in await deadletters.find(client, keys, ref, unreadable)
         }
         records = sorted(found.values(), key=lambda r: -r.dead_lettered_ms)
     else:
-        records = await deadletters.all_records(client, keys)
+        records = await deadletters.all_records(client, keys, unreadable)
     return [r for r in records if selection.matches(r, now_ms)]
 
 
@@ -202,8 +209,12 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
     return [results[r.key] for r in records]
 
 
-async def purge(client: aioredis.Redis, keys: RedisKeys, records: Sequence[DeadLetter]) -> int:
-    """Delete dead letters; return how many were removed."""
+async def purge(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    records: Sequence[DeadLetter | deadletters.Unreadable],
+) -> int:
+    """Delete dead letters (readable or not); return how many were removed."""
     if not records:
         return 0
     ids = [r.key for r in records]

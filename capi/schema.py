@@ -7,6 +7,8 @@ cross-field rules and the time window are handled by :mod:`capi.events`.
 from __future__ import annotations
 
 import ipaddress
+import re
+import unicodedata
 from functools import cache
 from typing import Annotated, Literal
 
@@ -63,18 +65,64 @@ def country_codes() -> frozenset[str]:
     return frozenset(c.alpha_2 for c in pycountry.countries)
 
 
+def short(value: str, limit: int = 16) -> str:
+    """A bad value as quoted in a refusal: its first ``limit`` characters at most."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
 def _currency(value: str) -> str:
     code = value.upper()
     if code not in currency_codes():
-        raise ValueError(f"must be an ISO 4217 currency code such as USD, EUR, JPY; got {value!r}")
+        raise ValueError(
+            f"must be an ISO 4217 currency code such as USD, EUR, JPY; got {short(value)}"
+        )
     return code
 
 
 def _country(value: str) -> str:
     code = value.upper()
     if code not in country_codes():
-        raise ValueError(f"must be an ISO 3166-1 alpha-2 country code such as US; got {value!r}")
+        raise ValueError(
+            f"must be an ISO 3166-1 alpha-2 country code such as US; got {short(value)}"
+        )
     return code
+
+
+def _event_id(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError("must not contain control characters (NUL, newline, tab, ...)")
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+def _postal_code(value: str) -> str:
+    if not _POSTAL_CODE.fullmatch(value):
+        raise ValueError("must be 1-32 letters, digits, spaces or hyphens")
+    return value
+
+
+def _place(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if len(value.strip()) > MAX_PLACE_CHARS:
+        raise ValueError(f"must be at most {MAX_PLACE_CHARS} characters")
+    return value
+
+
+def _gaid(value: str) -> str:
+    if not _UUID.fullmatch(value):
+        raise ValueError(
+            "must be a Google advertising id in UUID form "
+            "(8-4-4-4-12 hex digits; IDFA is not supported)"
+        )
+    return value
 
 
 def _ip(value: str) -> str:
@@ -84,11 +132,19 @@ def _ip(value: str) -> str:
         raise ValueError("must be an IPv4 or IPv6 address") from None
 
 
+_POSTAL_CODE = re.compile(r"[A-Za-z0-9 -]{1,32}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+MAX_PLACE_CHARS = 128
+INT64_MAX = 2**63 - 1
+
 Currency = Annotated[str, AfterValidator(_currency)]
 Country = Annotated[str, AfterValidator(_country)]
 Sha256 = Annotated[str, AfterValidator(check_hashed)]
 NonEmpty = Annotated[str, Field(min_length=1)]
-MinorUnits = Annotated[StrictInt, Field(ge=0)]
+NonBlank = Annotated[str, Field(min_length=1), AfterValidator(_non_blank)]
+Place = Annotated[str, Field(min_length=1), AfterValidator(_place)]
+MinorUnits = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+Count = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 
 
 class _Model(BaseModel):
@@ -107,7 +163,7 @@ class Item(_Priced):
     group_id: NonEmpty | None = None
     name: NonEmpty | None = None
     content_type: NonEmpty | None = None
-    quantity: Annotated[StrictInt, Field(ge=0)] | None = None
+    quantity: Count | None = None
     variant_dict: dict[str, str] | None = None
 
 
@@ -161,20 +217,20 @@ class User(_Model):
     external_ids_sha256: list[Sha256] | None = None
     first_names_sha256: list[Sha256] | None = None
     last_names_sha256: list[Sha256] | None = None
-    regions: list[NonEmpty] | None = None
-    postal_codes: list[NonEmpty] | None = None
-    cities: list[NonEmpty] | None = None
+    regions: list[Place] | None = None
+    postal_codes: list[Annotated[str, AfterValidator(_postal_code)]] | None = None
+    cities: list[Place] | None = None
     countries: list[Country] | None = None
     ip_address: Annotated[str, AfterValidator(_ip)] | None = None
     user_agent: NonEmpty | None = None
-    obref: NonEmpty | None = None
-    android_advertising_id: NonEmpty | None = None
+    obref: NonBlank | None = None
+    android_advertising_id: Annotated[str, AfterValidator(_gaid)] | None = None
 
 
 class Event(_Model):
     """One conversion event in the API's format, as it is queued and sent."""
 
-    id: NonEmpty
+    id: Annotated[str, Field(min_length=1), AfterValidator(_event_id)]
     type: EventType
     timestamp_ms: StrictInt
     custom_event_name: str | None = None

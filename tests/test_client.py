@@ -145,7 +145,14 @@ def test_unreachable_endpoint_is_a_network_error() -> None:
             Reason.UNKNOWN_PIXEL,
             [],
         ),
-        (400, {}, b'{"error":{"message":"Missing required field: events"}}', Reason.UNEXPECTED, []),
+        # A 400 naming no event: the sender bisects (one event alone is that event's fault).
+        (
+            400,
+            {},
+            b'{"error":{"message":"Missing required field: events"}}',
+            Reason.INVALID_EVENT,
+            [],
+        ),
         (404, {}, b"<html>not found</html>", Reason.UNEXPECTED, []),
         (503, {"retry-after": "3"}, b"", Reason.SERVER_ERROR, []),
         (
@@ -189,3 +196,93 @@ def test_the_key_never_shows_in_errors_reprs_or_logs(
         assert DEFAULT_KEY not in text
     assert errors[0].key_fingerprint in str(errors[0])
     asyncio.run(client.aclose())
+
+
+def body(code: str | None = None, param: str | None = None, **error: Any) -> bytes:
+    return orjson.dumps({"error": {"message": "API words", "code": code, "param": param, **error}})
+
+
+# (case, status, body, reason, event index): any 400/422 naming events[i] is that event's
+# rejection whatever its code; "too old" only when the code or a 422's param says so.
+REJECTIONS: list[tuple[str, int, bytes, Reason, int | None]] = [
+    ("invalid_event", 400, body("invalid_event", "events[3]"), Reason.INVALID_EVENT, 3),
+    ("unknown code", 400, body("brand_new_code", "events[7].data"), Reason.INVALID_EVENT, 7),
+    ("no code", 400, body(None, "events[2]"), Reason.INVALID_EVENT, 2),
+    (
+        "index only in errors",
+        400,
+        body("whatever", None, errors=[{"param": "events[5].user.x", "code": "y"}]),
+        Reason.INVALID_EVENT,
+        5,
+    ),
+    ("no index", 400, body("brand_new_code"), Reason.INVALID_EVENT, None),
+    ("error as a string", 400, b'{"error": "bad"}', Reason.INVALID_EVENT, None),
+    ("422 other code", 422, body("unprocessable", "events[1].data"), Reason.INVALID_EVENT, 1),
+    ("422 no index", 422, body("unprocessable"), Reason.INVALID_EVENT, None),
+    (
+        "422 too old by code",
+        422,
+        body("event_timestamp_too_old", "events[4]"),
+        Reason.OUTSIDE_TIME_WINDOW,
+        4,
+    ),
+    (
+        "422 too old by param",
+        422,
+        body(None, "events[6].timestamp_ms"),
+        Reason.OUTSIDE_TIME_WINDOW,
+        6,
+    ),
+    (
+        "too old in errors",
+        400,
+        body("invalid_event", "events[0]", errors=[{"code": "event_timestamp_too_old"}]),
+        Reason.OUTSIDE_TIME_WINDOW,
+        0,
+    ),
+    (
+        "400 future timestamp",
+        400,
+        body("timestamp_in_future", "events[8].timestamp_ms"),
+        Reason.INVALID_EVENT,
+        8,
+    ),
+    ("absurd index", 400, body("x", "events[" + "9" * 5000 + "]"), Reason.INVALID_EVENT, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "raw", "reason", "index"), REJECTIONS, ids=[r[0] for r in REJECTIONS]
+)
+def test_rejections_whatever_their_code(
+    case: str, status: int, raw: bytes, reason: Reason, index: int | None
+) -> None:
+    from capi.guidance import diagnose
+
+    error = classify(status, {}, raw)
+    assert isinstance(error, InvalidEventError)
+    assert (error.reason, error.event_index) == (reason, index)
+    assert error.retryable is False
+    assert error.reason.replayable is (reason is Reason.INVALID_EVENT)
+    if b"API words" in raw:
+        assert "API words" in diagnose(error).text  # the API's own message is the diagnosis
+
+
+def test_a_deeply_nested_error_body_is_kept_as_text_so_its_dead_letter_reads_back() -> None:
+    from capi.deadletters import DeadLetter, build
+    from capi.queue import Entry
+
+    deep = b'{"error": {"message": "m", "param": "events[0]", "x": ' + b"[" * 300 + b"]" * 300
+    error = classify(400, {}, deep + b"}}")
+    assert error.event_index == 0 and isinstance(error.response.body, str)
+    record = build(
+        Entry(b"1-0", event(), "e-0", now_ms()),
+        reason=error.reason,
+        guidance="g",
+        error=error,
+        key_fingerprint="fp",
+        pixel_id="px",
+        now_ms=now_ms(),
+        attempted=True,
+    )
+    assert DeadLetter.model_validate_json(record.to_json()).error_body == record.error_body

@@ -121,7 +121,7 @@ def test_huge_strings_and_non_utf8_are_refused_clearly(redis_url: str) -> None:
     env = {"CAPI_REDIS_URL": redis_url, "CAPI_CONFIG_FILE": os.devnull}
     result = CliRunner().invoke(cli, ["enqueue"], input=b"\n".join(lines), env=env)
     assert result.exit_code == 4
-    assert "line 1: event 'p-0' refused: (event): is 58" in result.stderr
+    assert "line 1: event refused: (line): is longer than 256 KiB" in result.stderr
     assert "line 2: event refused: (line): is not UTF-8" in result.stderr
     assert "line 3: event refused: (line): is not valid JSON" in result.stderr
     assert "line 4: event refused: (event): must be a JSON object, got a list" in result.stderr

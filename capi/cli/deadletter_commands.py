@@ -22,7 +22,7 @@ from capi.cli.common import err, handle_errors, out, print_json, progress, run, 
 from capi.cli.main import cli
 from capi.client import build_body
 from capi.constants import EVENTS_PATH
-from capi.deadletters import DeadLetter
+from capi.deadletters import DeadLetter, Unreadable
 from capi.exitcodes import ExitCode
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
@@ -96,13 +96,35 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
-    """The selected dead letters, newest first (opens and closes its own connection)."""
+async def select_with_unreadable(
+    settings: Settings, selection: Selection
+) -> tuple[list[DeadLetter], list[Unreadable]]:
+    """The selected dead letters, newest first, and the records that could not be read."""
     client = aioredis.Redis.from_url(settings.redis_url)
+    unreadable: list[Unreadable] = []
     try:
-        return await replay.select(client, settings.keys, selection, now_ms())
+        records = await replay.select(client, settings.keys, selection, now_ms(), unreadable)
     finally:
         await client.aclose()
+    return records, unreadable
+
+
+async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
+    """The selected dead letters, newest first; says on stderr which records it skipped."""
+    records, unreadable = await select_with_unreadable(settings, selection)
+    warn_unreadable(unreadable)
+    return records
+
+
+def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
+    """Tell the operator which stored records were skipped, and how to look at them."""
+    for u in unreadable:
+        err.print(
+            f"warning: skipped dead letter {u.key}: it cannot be read ({u.why}); "
+            f"`capi dead-letters show {u.key}` prints it as stored, "
+            f"`capi dead-letters purge {u.key}` removes it",
+            markup=False,
+        )
 
 
 @cli.group("dead-letters")
@@ -194,8 +216,13 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
       capi dead-letters show order-1042
     """
     settings = settings_from(ctx)
-    records = run(select_records(settings, Selection(ids=[dl_id])))
-    if not records:
+    records, unreadable = run(select_with_unreadable(settings, Selection(ids=[dl_id])))
+    named = [u for u in unreadable if dl_id in (u.key, u.id)]
+    for u in named:
+        err.print(f"dead letter {u.key} cannot be read ({u.why}); as stored:", markup=False)
+        sys.stdout.buffer.write(u.raw + b"\n")
+    warn_unreadable([u for u in unreadable if u not in named])
+    if not records and not named:
         err.print(f"no dead letter with id {dl_id!r}", markup=False)
         sys.exit(ExitCode.FAILURE)
     for i, r in enumerate(records):
@@ -348,12 +375,16 @@ def purge_command(
     selection = selection_from(ids, kw, now_ms())
     if not (ids or select_all or selection.describe()):
         raise click.UsageError("say what to purge: IDs, --all, or a filter such as --expired")
-    records = run(select_records(settings, selection))
+    found, unreadable = run(select_with_unreadable(settings, selection))
+    # An unreadable record goes only when named: filters cannot read what it holds.
+    named = [u for u in unreadable if u.key in ids or u.id in ids]
+    warn_unreadable([u for u in unreadable if u not in named])
+    records: list[DeadLetter | Unreadable] = [*found, *named]
     if not records:
         out.print("Nothing to purge.")
         return
     if export_to is not None:
-        for r in records:
+        for r in found:
             export_to.write(replay.to_json_line(r))
         export_to.flush()
     if not yes and not click.confirm(f"Delete {len(records)} dead letters?", err=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import urllib.error
@@ -11,11 +12,11 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import click
-import orjson
 from rich.progress import Progress
 
 from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
 from capi.cli.main import cli
+from capi.constants import MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
@@ -23,6 +24,9 @@ from capi.settings import Settings
 from capi.status import gather
 
 _CHUNK = 500
+_CHUNK_BYTES = 4 * 1024 * 1024  # of JSON per bulk call, so memory stays near the input's
+_SKIP_BYTES = 64 * 1024
+_NOTHING = object()  # not an event: a blank or refused line (a line may hold JSON null)
 
 
 @cli.command("enqueue")
@@ -35,7 +39,9 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
 
     One event per line in the API's format; raw identifiers may be given under ``user``
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
-    Each refused line is reported with its reason; the exit code is 4 if any was refused.
+    Each refused line is reported with its reason and the others are queued; the exit code
+    is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read
+    whole), is not UTF-8 JSON, or repeats a key within one object.
 
     \b
     Example:
@@ -49,14 +55,17 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
     lines_read = 0
     with SyncProducer.from_settings(settings) as producer, _file_progress(file) as advance:
         batch: list[tuple[int, Any]] = []
-        for lineno, line in enumerate(file, 1):
+        batch_bytes = 0
+        for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
             lines_read = lineno
-            advance(len(line))
+            advance(size)
             parsed = _parse_line(lineno, line, total)
-            if parsed is not None:
+            if parsed is not _NOTHING:
                 batch.append((lineno, parsed))
-            if len(batch) >= _CHUNK:
+                batch_bytes += size
+            if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
                 _flush(producer, batch, total)
+                batch_bytes = 0
         _flush(producer, batch, total)
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
@@ -92,23 +101,70 @@ def _file_progress(file: IO[bytes]) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
-def _parse_line(lineno: int, line: bytes, report: EnqueueReport) -> Any:
-    if not line.strip():
-        return None
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        why = "is not UTF-8" if _not_utf8(line) else f"is not valid JSON ({exc.msg})"
-        report.refused.append((lineno, EventRejected([Problem("(line)", why)])))
-        return None
+def read_lines(file: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, line, size) for each line, never holding more than ``limit`` + 1 bytes
+    of one: a longer line is read through to its end in pieces and given as None."""
+    lineno = 0
+    while line := file.readline(limit + 1):
+        lineno += 1
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield lineno, line, len(line)
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := file.readline(_SKIP_BYTES)):
+            size += len(line)
+        yield lineno, None, size
 
 
-def _not_utf8(line: bytes) -> bool:
+def _parse_line(lineno: int, line: bytes | None, report: EnqueueReport) -> Any:
+    """The value on one line, or _NOTHING for a blank line or a refused one (recorded)."""
+    if line is None:
+        why = f"is longer than {MAX_EVENT_BYTES // 1024} KiB; at most that per event"
+    elif not line.strip():
+        return _NOTHING
+    else:
+        try:
+            return parse_json(line)
+        except _Refused as exc:
+            why = str(exc)
+    report.refused.append((lineno, EventRejected([Problem("(line)", why)])))
+    return _NOTHING
+
+
+class _Refused(ValueError):
+    """A line that is not one JSON document capi can read unambiguously."""
+
+
+def parse_json(line: bytes) -> Any:
+    """Parse one JSON line strictly: UTF-8, no NaN/Infinity, and no key twice in an object
+    (a JSON parser keeps only one of them, so a second ``"user": {}`` would drop the first)."""
     try:
-        line.decode("utf-8")
+        text = line.decode("utf-8")
     except UnicodeDecodeError:
-        return True
-    return False
+        raise _Refused("is not UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Refused:
+        raise
+    except RecursionError:
+        raise _Refused("nests too deeply to parse") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer of over 4300 digits
+        raise _Refused(f"is not valid JSON ({str(exc).partition(':')[0][:80]})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"repeats the key {key[:40]!r} in one object; give each key once")
+            seen.add(key)
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"is not valid JSON ({name} is not a JSON number)")
 
 
 def _flush(producer: SyncProducer, batch: list[tuple[int, Any]], total: EnqueueReport) -> None:
@@ -143,6 +199,11 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
         out.print(f"{name + ':':<15}{counters.get(name, 0)}")
+    if counters.get("accepted_mismatches"):
+        out.print(
+            f"accepted_events mismatches: {counters['accepted_mismatches']} batches answered 200 "
+            "with a count differing from the events sent (see the worker log)"
+        )
     reasons = ", ".join(f"{k} {v}" for k, v in status["dead_letters_by_reason"].items())
     out.print(f"dead letters:  {status['dead_letters']}" + (f" ({reasons})" if reasons else ""))
     line = f"key:           {key.get('state')}"

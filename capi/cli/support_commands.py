@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 
 from capi import __version__, replay
 from capi.cli.common import handle_errors, out, run, settings_from
-from capi.cli.deadletter_commands import now_ms
+from capi.cli.deadletter_commands import now_ms, warn_unreadable
 from capi.cli.main import cli
 from capi.constants import EVENTS_PATH
-from capi.deadletters import DeadLetter
+from capi.deadletters import DeadLetter, Unreadable
 from capi.fingerprint import fingerprint
 from capi.replay import Selection
 from capi.status import gather
@@ -41,12 +41,16 @@ def support_bundle_command(ctx: click.Context, ids: tuple[str, ...], limit: int)
         client = aioredis.Redis.from_url(settings.redis_url)
         try:
             status = await gather(client, settings.keys)
-            records = await replay.select(client, settings.keys, Selection(ids=list(ids)), now_ms())
+            records = await replay.select(
+                client, settings.keys, Selection(ids=list(ids)), now_ms(), unreadable
+            )
         finally:
             await client.aclose()
         return status, records
 
+    unreadable: list[Unreadable] = []
     status, records = run(go())
+    warn_unreadable(unreadable)
     if not ids:
         keyish = [r for r in records if r.reason.key_problem]
         records = (keyish or records)[:limit]

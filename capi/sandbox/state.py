@@ -1,5 +1,8 @@
 """The sandbox's state and its answer to each events request.
 
+Events are judged by :mod:`capi.sandbox.contract`, the sandbox's own reading of the
+contract (never capi's validation, which the sandbox exists to test).
+
 Keys: a *conversion* key can write events; a *scopeless* key (an Advertiser or platform
 key) gets ``401 Missing scopes``; any other key gets ``401 Unauthorized``. Pixels not in
 ``pixels`` get ``403 unknown pid``. Accepted events are deduplicated by pixel, event name and
@@ -12,14 +15,16 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import orjson
 
-from capi.constants import API_MAX_AGE_MS, API_MAX_EVENTS_PER_REQUEST, CONVERSIONS_SCOPE
-from capi.errors import EventRejected
-from capi.events import Clock, now_ms, prepare
+from capi.constants import API_MAX_EVENTS_PER_REQUEST, CONVERSIONS_SCOPE
+from capi.sandbox.contract import Issue, check_event, is_too_old
+
+Clock = Callable[[], float]
 
 FaultKind = Literal[
     "missing_scope", "rbac", "unauthorized", "rate_limit", "server_error", "drop", "latency"
@@ -92,7 +97,12 @@ class SandboxState:
         self.scopeless_keys = set(scopeless_keys or {DEFAULT_SCOPELESS_KEY})
         self.pixels = set(pixels or {DEFAULT_PIXEL})
         self.faults: list[Fault] = []
-        self.report_index = True  # False: rejections omit events[i], as an API change might
+        # How event rejections look; tests change these to play an API that has changed.
+        self.report_index = True  # False: rejections omit events[i] everywhere
+        self.index_in_param = True  # False: only errors[].param names events[i]
+        self.rejection_status = 400
+        self.rejection_code: str | None = "invalid_event"
+        self.accepted_delta = 0  # added to accepted_events in a 200 (the docs say never)
         self.clock = clock
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -144,8 +154,15 @@ class SandboxState:
                     setattr(self, name, set(config[name]))
             if "faults" in config:
                 self.faults = [Fault(**f) for f in config["faults"]]
-            if "report_index" in config:
-                self.report_index = bool(config["report_index"])
+            for name in ("report_index", "index_in_param"):
+                if name in config:
+                    setattr(self, name, bool(config[name]))
+            if "rejection_status" in config:
+                self.rejection_status = int(config["rejection_status"])
+            if "rejection_code" in config:
+                self.rejection_code = config["rejection_code"]
+            if "accepted_delta" in config:
+                self.accepted_delta = int(config["accepted_delta"])
             if "seed" in config:
                 self.rng = random.Random(config["seed"])
 
@@ -237,47 +254,41 @@ class SandboxState:
                 self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
-        return Reply(200, orjson.dumps({"accepted_events": len(checked)}))
+        return Reply(200, orjson.dumps({"accepted_events": len(checked) + self.accepted_delta}))
 
     def _validate(self, events: list[Any]) -> tuple[list[tuple[str, str]], Reply | None]:
-        now = now_ms(self.clock)
+        now = int(self.clock() * 1000)
         checked: list[tuple[str, str]] = []
         for i, raw in enumerate(events):
-            ts = raw.get("timestamp_ms") if isinstance(raw, dict) else None
-            if isinstance(ts, int) and ts < now - API_MAX_AGE_MS:
+            if is_too_old(raw, now):
                 return checked, _error(
                     422,
                     f"Event at events[{i}] is older than 7 days.",
                     param=f"events[{i}].timestamp_ms",
                     code="event_timestamp_too_old",
                 )
-            try:
-                prepared = prepare(raw, clock=self.clock, hash_identifiers=False)
-            except EventRejected as exc:
-                errors = [
-                    {
-                        "message": p.rule,
-                        "param": f"events[{i}].{p.path}" if self.report_index else p.path,
-                        "code": _code(p.path, p.rule),
-                    }
-                    for p in exc.problems
-                ]
-                return checked, _error(
-                    400,
-                    f"Invalid event at events[{i}]. See errors for details."
-                    if self.report_index
-                    else "Invalid event. See errors for details.",
-                    param=f"events[{i}]" if self.report_index else None,
-                    code="invalid_event",
-                    errors=errors,
-                )
-            checked.append((prepared.name, prepared.id))
+            issues = check_event(raw, now)
+            if issues:
+                return checked, self._rejection(i, issues)
+            name = raw["custom_event_name"].lower() if raw["type"] == "custom" else raw["type"]
+            checked.append((name, raw["id"]))
         return checked, None
 
-
-def _code(path: str, rule: str) -> str:
-    if path in {"data.type", "data"}:
-        return "missing_event_data_type" if "required" in rule else "invalid_event_data_type"
-    if path.startswith("data.") and rule.startswith("is not a field"):
-        return "unknown_data_field"
-    return "invalid_event_field"
+    def _rejection(self, i: int, issues: list[Issue]) -> Reply:
+        where = f"events[{i}]" if self.report_index else ""
+        errors = [
+            {
+                "message": issue.message,
+                "param": ".".join(p for p in (where, issue.param) if p) or None,
+                "code": issue.code,
+            }
+            for issue in issues
+        ]
+        at = f" at {where}" if where else ""
+        return _error(
+            self.rejection_status,
+            f"Invalid event{at}. See errors for details.",
+            param=where if self.report_index and self.index_in_param else None,
+            code=self.rejection_code,
+            errors=errors,
+        )

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, DEFAULT_BASE_URL, RedisKeys
 from capi.errors import ConfigError
+from capi.fingerprint import shape_problem
 
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
 
@@ -58,6 +60,10 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, (safe_url(value) if name == "redis_url" else value)
 
     @field_validator("base_url")
     @classmethod
@@ -114,7 +120,20 @@ class Settings(BaseSettings):
                 "key is a Conversion Key from Ads Manager -> Conversions -> Manage conversion keys"
             )
         assert self.api_key is not None and self.pixel_id is not None
-        return self.api_key.get_secret_value().strip(), self.pixel_id.strip()
+        key = self.api_key.get_secret_value().strip()
+        if problem := shape_problem(key or self.api_key.get_secret_value()):
+            raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
+        return key, self.pixel_id.strip()
+
+
+def safe_url(url: str) -> str:
+    """A URL fit to print: any password in it replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _describe(exc: ValidationError) -> str:

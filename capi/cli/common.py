@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import IO, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import orjson
 import redis.exceptions
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from capi.errors import CapiError, ConfigError, QueueUnavailable
@@ -36,7 +38,7 @@ def settings_from(ctx: click.Context) -> Settings:
 
 def fail(message: str, code: ExitCode) -> NoReturn:
     """Print an error to stderr and exit with a named code."""
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     sys.exit(code)
 
 
@@ -57,6 +59,28 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
             fail(str(exc), ExitCode.FAILURE)
 
     return wrapper
+
+
+class PrivateFile(click.ParamType[IO[bytes]]):
+    """A file opened for binary writing that only its owner can read (mode 0600), since
+    exports carry event data; ``-`` is stdout."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value == "-":
+            return sys.stdout.buffer
+        try:
+            fd = os.open(value, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        except OSError as exc:
+            self.fail(f"{value}: {exc.strerror}", param, ctx)
+        file = os.fdopen(fd, "wb")
+        if ctx is not None:
+            ctx.call_on_close(file.close)
+        return file
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -18,7 +18,16 @@ from rich.table import Table
 
 from capi import replay
 from capi._aio import aw
-from capi.cli.common import err, handle_errors, out, print_json, progress, run, settings_from
+from capi.cli.common import (
+    PrivateFile,
+    err,
+    handle_errors,
+    out,
+    print_json,
+    progress,
+    run,
+    settings_from,
+)
 from capi.cli.main import cli
 from capi.client import build_body
 from capi.constants import EVENTS_PATH
@@ -300,7 +309,7 @@ def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
 @dead_letters.command("export")
 @click.argument("ids", nargs=-1)
 @filters
-@click.option("-o", "--output", type=click.File("wb"), default="-", help="File (default stdout).")
+@click.option("-o", "--output", type=PrivateFile(), default="-", help="File (default stdout).")
 @click.pass_context
 @handle_errors
 def export_command(
@@ -325,7 +334,7 @@ def export_command(
 @click.argument("ids", nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Select every dead letter.")
 @filters
-@click.option("--export", "export_to", type=click.File("wb"), help="Write them here first.")
+@click.option("--export", "export_to", type=PrivateFile(), help="Write them here first.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 @handle_errors

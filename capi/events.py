@@ -201,8 +201,10 @@ def _source_problems(event: schema.Event) -> list[Problem]:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             problems.append(Problem("source_url", "must be an absolute http(s) URL"))
         else:
-            # Query strings and fragments carry PII (emails, tokens): never send them.
-            event.source_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+            # Query strings, fragments and user:password@ carry PII and secrets: never send
+            # them.
+            host = parts.netloc.rpartition("@")[2]
+            event.source_url = urlunsplit((parts.scheme, host, parts.path, "", ""))
     elif event.action_source == "web":
         problems.append(Problem("source_url", "is required when action_source is 'web'"))
     return problems

@@ -63,17 +63,30 @@ def country_codes() -> frozenset[str]:
     return frozenset(c.alpha_2 for c in pycountry.countries)
 
 
+def _code_given(value: str) -> str:
+    """What a refused code field got: a short run of letters is quoted (a typo such as
+    'USDD'); anything else may be personal data put in the wrong field (an email given as
+    the currency) and is described, never quoted."""
+    if value.isascii() and value.isalpha() and len(value) <= 8:
+        return f"got {value!r}"
+    return f"got a {len(value):,}-character value that is not a code (not shown)"
+
+
 def _currency(value: str) -> str:
     code = value.upper()
     if code not in currency_codes():
-        raise ValueError(f"must be an ISO 4217 currency code such as USD, EUR, JPY; got {value!r}")
+        raise ValueError(
+            f"must be an ISO 4217 currency code such as USD, EUR, JPY; {_code_given(value)}"
+        )
     return code
 
 
 def _country(value: str) -> str:
     code = value.upper()
     if code not in country_codes():
-        raise ValueError(f"must be an ISO 3166-1 alpha-2 country code such as US; got {value!r}")
+        raise ValueError(
+            f"must be an ISO 3166-1 alpha-2 country code such as US; {_code_given(value)}"
+        )
     return code
 
 

@@ -15,6 +15,7 @@ import click
 import orjson
 import redis.asyncio as aioredis
 from rich.table import Table
+from rich.text import Text
 
 from capi import replay
 from capi._aio import aw
@@ -154,8 +155,8 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
         left = r.replay_deadline_ms - now
         window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
         table.add_row(
-            r.id,
-            r.event_type,
+            Text(r.id),  # ids are data, never markup
+            Text(r.event_type),
             r.reason.value,
             human_duration(now - r.dead_lettered_ms),
             str(r.attempts),

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the metrics server binds; 0.0.0.0 to let other hosts scrape it.",
+    )
 
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():

@@ -19,6 +19,7 @@ from capi.sandbox.state import DEFAULT_PIXEL
 from capi.settings import Settings
 from tests.helpers import drain, enqueue, events, redis_dump
 from workers.cli import cli
+from workers.main import worker_settings
 
 SECRET = "sk-svcacct-Sup3rSecretMiddle-9Qa"
 
@@ -175,6 +176,8 @@ def test_settings_repr_hides_the_redis_password() -> None:
     assert "Pa55w0rdXYZ" not in repr(settings) and "Pa55w0rdXYZ" not in str(settings)
     assert "redis.example" in repr(settings)
     assert settings.redis_url.endswith("Pa55w0rdXYZ@redis.example:6379/0")  # still usable
+    arq = worker_settings(settings)
+    assert "Pa55w0rdXYZ" not in repr(arq) and arq["redis_settings"].password == "Pa55w0rdXYZ"
 
 
 def test_config_error_names_the_setting_without_the_key(

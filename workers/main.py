@@ -11,6 +11,7 @@ settings and opens no connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from arq.connections import RedisSettings
 from arq.cron import cron
 
 from capi import logs, replay
-from capi.errors import KeyCheckFailed
+from capi.errors import ConfigError, KeyCheckFailed
 from capi.metrics import Metrics, serve
 from capi.sender import Sender
 from capi.settings import Settings
@@ -49,8 +50,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     log.info("key %s can write events; sender starting", result.key_fingerprint)
     metrics.key_ok.set(1)
     if settings.metrics_port is not None:
-        ctx["capi_http"] = serve(metrics, settings.metrics_port)
-        log.info("metrics and health on :%d (/metrics, /healthz, /readyz)", settings.metrics_port)
+        try:
+            ctx["capi_http"] = serve(metrics, settings.metrics_port, settings.metrics_host)
+        except ConfigError:  # the port is taken: say so in one line, close what is open
+            await sender.aclose()
+            raise
+        log.info(
+            "metrics and health on %s:%d (/metrics, /healthz, /readyz)",
+            settings.metrics_host,
+            settings.metrics_port,
+        )
     task = asyncio.create_task(sender.run(burst=bool(ctx.get("capi_burst"))))
     on_done: Callable[[], None] | None = ctx.get("capi_on_done")
     if on_done is not None:
@@ -106,6 +115,14 @@ async def prune_dead_letters(ctx: dict[str, Any]) -> None:
         )
 
 
+class _RedisSettings(RedisSettings):
+    """arq's Redis settings, whose repr masks the password (arq's shows it)."""
+
+    def __repr__(self) -> str:
+        masked = dataclasses.replace(self, password="***" if self.password else None)
+        return RedisSettings.__repr__(masked)
+
+
 def _dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
@@ -114,7 +131,7 @@ def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, A
     """The arq worker settings for capi (as a dict, which arq accepts)."""
     settings = settings or Settings.load()
     return {
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": _RedisSettings(**vars(RedisSettings.from_dsn(settings.redis_url))),
         "queue_name": f"{settings.redis_prefix}:arq",
         "health_check_key": f"{settings.redis_prefix}:arq:health",
         "functions": [],

@@ -19,7 +19,11 @@ from workers.main import worker_settings
 @click.option("--burst", is_flag=True, help="Exit once nothing is queued, in flight or scheduled.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--log-json", is_flag=True, help="JSON log lines (or CAPI_LOG_FORMAT=json).")
-@click.option("--metrics-port", type=int, help="Serve /metrics, /healthz, /readyz here.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve /metrics, /healthz, /readyz here.",
+)
 @click.pass_context
 @handle_errors
 def worker_command(

@@ -53,6 +53,14 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
             fail(str(exc), ExitCode.CONFIG)
         except redis.exceptions.ConnectionError as exc:
             fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
+        except redis.exceptions.ResponseError as exc:
+            if "DB index" not in str(exc):
+                raise
+            fail(
+                f"CAPI_REDIS_URL: that Redis has no such database ({exc}); use one it has: "
+                "0 to 15 unless its redis.conf sets 'databases' higher",
+                ExitCode.CONFIG,
+            )
         except QueueUnavailable as exc:
             fail(str(exc), ExitCode.REDIS)
         except CapiError as exc:

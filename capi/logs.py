@@ -115,5 +115,8 @@ def configure(*, json: bool, level: int = logging.INFO, key: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # arq's own CLI gives the "arq" logger a handler of its own; its records also reach
+    # ours, so each line would print twice: let them go through this handler only.
+    logging.getLogger("arq").handlers.clear()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -17,6 +17,7 @@ API's own JSON, and raw identifiers never reach it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from capi.schema import Event
 from capi.settings import Settings
 
 RawEvent = Mapping[str, Any] | Event
+log = logging.getLogger("capi.producer")
 
 
 @dataclass
@@ -85,7 +87,13 @@ class _BaseProducer:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
-        """A producer for the Redis and prefix in ``settings``."""
+        """A producer for the Redis and prefix in ``settings`` (logs a warning when that is
+        the default Redis because CAPI_REDIS_URL is not set)."""
+        if "redis_url" not in settings.model_fields_set:
+            log.warning(
+                "capi: CAPI_REDIS_URL is not set; enqueueing to the default Redis at %s",
+                settings.redis_url,
+            )
         return cls(
             cls._connect(settings.redis_url),
             keys=settings.keys,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
@@ -54,9 +53,13 @@ def worker_command(
     holder: dict[str, object] = {}
 
     def stop_worker() -> None:
+        # The burst is done: end arq's main loop quietly. (arq's handle_sig would log
+        # "shutdown on SIGUSR1 ... ongoing to cancel", which reads like a failure, and cancel
+        # running cron jobs; arq's close() instead lets them finish, then runs shutdown.)
         worker = holder.get("worker")
-        if worker is not None:
-            worker.handle_sig(signal.SIGUSR1)  # type: ignore[attr-defined]
+        main_task = getattr(worker, "main_task", None)
+        if main_task is not None:
+            main_task.cancel()
 
     worker = create_worker(
         worker_settings(settings, capi_burst=burst, capi_on_done=stop_worker if burst else None)

@@ -11,6 +11,7 @@ from typing import IO, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import orjson
+import redis.asyncio as aioredis
 import redis.exceptions
 from rich.console import Console
 from rich.markup import escape
@@ -34,6 +35,28 @@ def settings_from(ctx: click.Context) -> Settings:
         obj["settings"] = Settings.load(obj.get("config_file"))
     settings: Settings = obj["settings"]
     return settings
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 dead letter``, ``2 dead letters``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def note_default_redis(settings: Settings) -> None:
+    """Say on stderr which Redis is used when CAPI_REDIS_URL is not set anywhere."""
+    if "redis_url" not in settings.model_fields_set:
+        err.print(
+            f"note: using {settings.redis_url}, the default Redis: CAPI_REDIS_URL is not set "
+            f"(in {settings.config_source()})",
+            markup=False,
+        )
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """A client for the settings' Redis (noting on stderr when it is the default)."""
+    note_default_redis(settings)
+    client: aioredis.Redis = aioredis.Redis.from_url(settings.redis_url)
+    return client
 
 
 def fail(message: str, code: ExitCode) -> NoReturn:

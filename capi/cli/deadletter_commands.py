@@ -13,27 +13,29 @@ from typing import IO, Any
 
 import click
 import orjson
-import redis.asyncio as aioredis
 from rich.table import Table
 from rich.text import Text
 
-from capi import replay
+from capi import deadletters, replay, schema
 from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
     err,
     handle_errors,
     out,
+    plural,
     print_json,
     progress,
+    redis_client,
     run,
     settings_from,
 )
 from capi.cli.main import cli
 from capi.client import build_body
 from capi.constants import EVENTS_PATH
-from capi.deadletters import DeadLetter
+from capi.deadletters import DeadLetter, iso
 from capi.exitcodes import ExitCode
+from capi.failures import Reason
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
 
@@ -74,8 +76,19 @@ def human_duration(ms: int) -> str:
 def filters(func: Callable[..., Any]) -> Callable[..., Any]:
     """The selection options shared by list, replay, export and purge."""
     options = [
-        click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable)."),
-        click.option("--type", "types", multiple=True, help="Only this event type (repeatable)."),
+        click.option(
+            "--reason",
+            "reasons",
+            multiple=True,
+            type=click.Choice([r.value for r in Reason]),
+            help="Only this reason (repeatable).",
+        ),
+        click.option(
+            "--type",
+            "types",
+            multiple=True,
+            help="Only this event type, or custom event name (repeatable).",
+        ),
         click.option("--since", help="Dead-lettered since: 30m, 2h, 7d or an ISO time."),
         click.option("--until", help="Dead-lettered until: 30m, 2h, 7d or an ISO time."),
         click.option(
@@ -107,12 +120,38 @@ def now_ms() -> int:
 
 
 async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
-    """The selected dead letters, newest first (opens and closes its own connection)."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    """The selected dead letters, newest first (opens and closes its own connection).
+
+    Raises click.BadParameter for a ``--type`` that is neither a standard event type nor
+    the type of any dead letter (a misspelling would otherwise select nothing, silently).
+    """
+    client = redis_client(settings)
     try:
+        unknown = [t for t in selection.event_types if t not in schema.STANDARD_TYPES]
+        if unknown:
+            present = {r.event_type for r in await deadletters.all_records(client, settings.keys)}
+            if missing := [t for t in unknown if t not in present]:
+                raise click.BadParameter(
+                    f"{', '.join(map(repr, missing))} is no event type: use one of "
+                    f"{', '.join(schema.STANDARD_TYPES)}, or a custom event name a dead "
+                    "letter has",
+                    param_hint="--type",
+                )
         return await replay.select(client, settings.keys, selection, now_ms())
     finally:
         await client.aclose()
+
+
+def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter]) -> None:
+    """Say which of the ids the operator named match no dead letter."""
+    found = {r.id for r in records} | {r.key for r in records}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        err.print(
+            f"not found: {', '.join(missing)} (no dead letter with that id or key; "
+            "see capi dead-letters list)",
+            markup=False,
+        )
 
 
 @cli.group("dead-letters")
@@ -164,7 +203,10 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
         )
     out.print(table)
     counts = Counter(r.reason.value for r in records)
-    out.print(f"{len(records)} dead letters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    out.print(
+        f"{plural(len(records), 'dead letter')}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     _warn_deadlines(records, settings, now)
 
 
@@ -176,13 +218,14 @@ def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int)
     pruned_soon = [r for r in records if r.dead_lettered_ms + retention_ms - now < _WARN_WITHIN_MS]
     if soon:
         err.print(
-            f"warning: {len(soon)} dead letters pass their replay deadline within 24 h; "
+            f"warning: {plural(len(soon), 'dead letter')} pass their replay deadline within "
+            "24 h; "
             "replay or export them now",
             markup=False,
         )
     if pruned_soon:
         err.print(
-            f"warning: {len(pruned_soon)} dead letters reach the retention limit "
+            f"warning: {plural(len(pruned_soon), 'dead letter')} reach the retention limit "
             f"({settings.deadletter_retention_days:g} days) within 24 h; "
             "export them to keep a copy",
             markup=False,
@@ -221,8 +264,7 @@ def _describe(r: DeadLetter, settings: Settings) -> str:
         f"id:               {r.id} ({r.event_type}; key {r.key})",
         f"reason:           {r.reason.value}: {r.meaning}",
         f"status:           {r.status if r.status is not None else '(no HTTP response)'}",
-        f"API error:        {r.error_message or '-'}"
-        + (f" (code {r.error_code}, param {r.error_param})" if r.error_code else ""),
+        f"API error:        {r.error_message or '-'}" + _code_and_param(r),
         f"request ids:      {', '.join(f'{k}={v}' for k, v in r.request_ids.items()) or '-'}",
         f"attempts:         {r.attempts}",
         f"first attempt:    {r.first_attempt_at or '-'}",
@@ -250,6 +292,15 @@ def _describe(r: DeadLetter, settings: Settings) -> str:
         curl_for(r, settings.base_url),
     ]
     return "\n".join(lines)
+
+
+def _code_and_param(r: DeadLetter) -> str:
+    bits = [
+        f"{name} {value}"
+        for name, value in (("code", r.error_code), ("param", r.error_param))
+        if value is not None
+    ]
+    return f" ({', '.join(bits)})" if bits else ""
 
 
 def curl_for(record: DeadLetter, base_url: str) -> str:
@@ -281,7 +332,7 @@ def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
     settings = settings_from(ctx)
 
     async def go() -> list[bytes]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         try:
             rows: list[bytes] = await aw(client.lrange(settings.keys.replays, 0, limit - 1))
             return rows
@@ -303,8 +354,22 @@ def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
             else f"{entry['selected']} selected"
         )
         out.print(
-            f"{when}  {entry['status']:<9} {counts}  selection={entry['selection']}", markup=False
+            f"{when}  {entry['status']:<9} {counts}  selection: {_selection(entry['selection'])}",
+            markup=False,
         )
+
+
+def _selection(selection: dict[str, Any]) -> str:
+    """An audit entry's selection as ``reasons=missing_scope since=...``, or ``all``."""
+    parts = []
+    for name, value in selection.items():
+        if name.endswith("_ms") and isinstance(value, int):
+            parts.append(f"{name.removesuffix('_ms')}={iso(value)}")
+        elif isinstance(value, list):
+            parts.append(f"{name}={','.join(map(str, value))}")
+        else:
+            parts.append(f"{name}={value}")
+    return " ".join(parts) or "all"
 
 
 @dead_letters.command("export")
@@ -328,7 +393,7 @@ def export_command(
         for r in records:
             output.write(replay.to_json_line(r))
             step(1)
-    err.print(f"exported {len(records)} dead letters", markup=False)
+    err.print(f"exported {plural(len(records), 'dead letter')}", markup=False)
 
 
 @dead_letters.command("purge")
@@ -359,6 +424,7 @@ def purge_command(
     if not (ids or select_all or selection.describe()):
         raise click.UsageError("say what to purge: IDs, --all, or a filter such as --expired")
     records = run(select_records(settings, selection))
+    report_not_found(ids, records)
     if not records:
         out.print("Nothing to purge.")
         return
@@ -366,15 +432,15 @@ def purge_command(
         for r in records:
             export_to.write(replay.to_json_line(r))
         export_to.flush()
-    if not yes and not click.confirm(f"Delete {len(records)} dead letters?", err=True):
+    if not yes and not click.confirm(f"Delete {plural(len(records), 'dead letter')}?", err=True):
         out.print("Nothing deleted.")
         return
 
     async def go() -> int:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         try:
             return await replay.purge(client, settings.keys, records)
         finally:
             await client.aclose()
 
-    out.print(f"purged {run(go())} dead letters")
+    out.print(f"purged {plural(run(go()), 'dead letter')}")

@@ -12,7 +12,7 @@ import click
 from capi.cli.common import err, fail, handle_errors, out, print_json, run, settings_from
 from capi.client import ConversionsClient
 from capi.demo import Demo
-from capi.exitcodes import ExitCode, for_reason
+from capi.exitcodes import MEANINGS, ExitCode, for_reason
 from capi.keycheck import KeyCheck, check_key
 from capi.sandbox import Fault, SandboxState
 from capi.sandbox.server import start
@@ -199,7 +199,7 @@ def exit_codes_command() -> None:
       capi check-key; echo $?    # 10 means: the key lacks ads.third_party_events.write
     """
     for code in ExitCode:
-        out.print(f"{int(code):>3}  {code.name}")
+        out.print(f"{int(code):>3}  {code.name:<20} {MEANINGS[code]}", markup=False)
 
 
 @cli.command("demo")

@@ -12,10 +12,17 @@ from typing import IO, Any
 
 import click
 import orjson
-import redis.asyncio as aioredis
 from rich.progress import Progress
 
-from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
+from capi.cli.common import (
+    err,
+    handle_errors,
+    out,
+    print_json,
+    redis_client,
+    run,
+    settings_from,
+)
 from capi.cli.main import cli
 from capi.errors import EventRejected, Problem
 from capi.exitcodes import ExitCode
@@ -45,7 +52,7 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
              "user":{"email":"ada@example.com"},
              "data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
     """
-    settings = settings_from(ctx)
+    settings = settings_from(ctx)  # the producer warns when the Redis is the default
     total = EnqueueReport()
     lines_read = 0
     with SyncProducer.from_settings(settings) as producer, _file_progress(file) as advance:
@@ -139,13 +146,19 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
         return
     key = status["key"]
     counters = status["counters"]
-    out.print(f"queued:        {status['queued']} (oldest {status['oldest_queued_age_s']} s)")
+    oldest = status["oldest_queued_age_s"]
+    out.print(
+        f"queued:        {status['queued']}"
+        + (f" (oldest {oldest} s)" if oldest is not None else "")
+    )
     out.print(f"in flight:     {status['in_flight']}")
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
         out.print(f"{name + ':':<15}{counters.get(name, 0)}")
     reasons = ", ".join(f"{k} {v}" for k, v in status["dead_letters_by_reason"].items())
-    out.print(f"dead letters:  {status['dead_letters']}" + (f" ({reasons})" if reasons else ""))
+    out.print(f"dead letters:  {status['dead_letters']} now")
+    if reasons:
+        out.print(f"  all time, by reason (replayed and purged included): {reasons}")
     line = f"key:           {key.get('state')}"
     if key.get("state") == "held":
         line += f" since {key.get('since')} ({key.get('reason')})"
@@ -186,7 +199,7 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         return await gather(client, settings.keys)
     finally:

@@ -51,9 +51,13 @@ def check_key_command(ctx: click.Context, as_json: bool) -> None:
     cause (10 missing scope, 11 unauthorized, 12 unknown pixel, 13 access denied,
     14 unreachable, 15 unexpected). The key itself is never printed.
 
+    The key is read from CAPI_API_KEY in config/capi.env (or --config FILE) or the
+    environment; never type it on a command line, where shell history keeps it.
+
     \b
-    Example:
-      CAPI_API_KEY=... CAPI_PIXEL_ID=... capi check-key
+    Examples:
+      capi check-key
+      capi check-key --json | jq .ok
     """
     settings = settings_from(ctx)
     key, pixel = settings.credentials()

@@ -46,11 +46,11 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
     Each refused line is reported with its reason; the exit code is 4 if any was refused.
 
     \b
-    Example:
-      echo '{"id":"o-1","type":"order_created","timestamp_ms":1795000000000,
-             "action_source":"web","source_url":"https://shop.example/thanks",
-             "user":{"email":"ada@example.com"},
-             "data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
+    Example (one purchase, timestamped now):
+      printf '%s' '{"id":"o-1","type":"order_created","timestamp_ms":'"$(date +%s000)"',' \\
+        '"action_source":"web","source_url":"https://shop.example/thanks",' \\
+        '"user":{"email":"ada@example.com"},' \\
+        '"data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
     """
     settings = settings_from(ctx)  # the producer warns when the Redis is the default
     total = EnqueueReport()
@@ -180,7 +180,7 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
     \b
     Examples:
-      capi health --url http://127.0.0.1:9464/readyz
+      capi health --url http://127.0.0.1:9464/readyz   # a worker run with --metrics-port 9464
       capi health
     """
     if url:

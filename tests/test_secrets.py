@@ -189,3 +189,26 @@ def test_config_error_names_the_setting_without_the_key(
     with pytest.raises(ConfigError, match="CAPI_API_KEY contains a control character") as info:
         Settings(_env_file=None, api_key="Sup3rSecret\0b", pixel_id="p").credentials()
     assert "Sup3rSecret" not in str(info.value)
+
+
+def test_every_field_of_a_send_error_is_redacted(echo: EchoServer) -> None:
+    """What fates, dead letters, retry metadata and the held-key state are built from."""
+    import asyncio
+
+    from capi.client import ConversionsClient
+    from capi.errors import SendError
+    from tests.test_client import event
+
+    async def send() -> SendError:
+        async with ConversionsClient(base_url=echo.url, api_key=SECRET, pixel_id="p") as c:
+            with pytest.raises(SendError) as info:
+                await c.send([event(1)])
+            return info.value
+
+    error = asyncio.run(send())
+    assert error.status == 503  # the first answer: the one a retry is scheduled for
+    seen = repr((str(error), error.response.message, error.response.body))
+    seen += repr(error.response.request_ids)
+    assert "Sup3rSecret" not in seen
+    assert "<key …-9Qa" in error.response.message
+    assert error.response.request_ids["x-request-id"].startswith("req-echo Bearer <key ")

@@ -8,7 +8,7 @@ import click
 from arq.worker import create_worker
 
 from capi.cli import cli
-from capi.cli.common import err, handle_errors, settings_from
+from capi.cli.common import err, handle_errors, note_default_redis, settings_from
 from capi.errors import KeyCheckFailed
 from capi.exitcodes import for_reason
 from workers.main import worker_settings
@@ -50,6 +50,7 @@ def worker_command(
         overrides["metrics_port"] = metrics_port
     settings = settings.model_copy(update=overrides)
     settings.credentials()
+    note_default_redis(settings)
     holder: dict[str, object] = {}
 
     def stop_worker() -> None:

@@ -230,10 +230,15 @@ def _problems(exc: ValidationError, data: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+_KEY_LIMIT = 40
+
+
 def _path(loc: Sequence[Any]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        # Keys come from the input: a huge or odd one is cut, like any quoted value.
+        name = str(part) if len(str(part)) <= _KEY_LIMIT else str(part)[:_KEY_LIMIT] + "…"
+        out += f"[{part}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out or "(event)"
 
 

@@ -8,6 +8,7 @@ environment wins over the file. Messages about missing settings say which file w
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
@@ -81,7 +82,8 @@ class Settings(BaseSettings):
     _config_file: Path | None = PrivateAttr(None)
     _config_found: bool = PrivateAttr(False)
 
-    def __repr_args__(self) -> Any:
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() show the Redis URL without its password (the key is a SecretStr).
         for name, value in super().__repr_args__():
             yield name, (safe_url(value) if name == "redis_url" else value)
 
@@ -101,8 +103,10 @@ class Settings(BaseSettings):
             return value
         parts = urlsplit(value)
         try:
-            parts.port  # noqa: B018 (parsing it is the check)
+            bad_port = parts.port == 0
         except ValueError:
+            bad_port = True
+        if bad_port:
             port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
             raise ValueError(
                 f"the port {port[:12]!r} must be a number from 1 to 65535, as in "

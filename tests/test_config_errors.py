@@ -46,6 +46,7 @@ def one_line_error(result: object, code: ExitCode) -> str:
     [
         ("redis://localhost:abc/0", "the port 'abc' must be a number from 1 to 65535"),
         ("redis://localhost:99999/0", "the port '99999' must be a number from 1 to 65535"),
+        ("redis://:pw@localhost:0/0", "the port '0' must be a number from 1 to 65535"),
         ("redis://localhost:6379/abc", "the database 'abc' must be a number"),
     ],
 )

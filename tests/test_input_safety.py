@@ -48,6 +48,9 @@ def test_a_huge_id_is_quoted_as_a_short_prefix() -> None:
     message = refusal(event)
     assert len(message) < 2_000
     assert "'xxxx" in message and "5,000,000 characters" in message
+    event = signup("s-1", source_url="https://a.example/", clock=clock)
+    event["data"]["k" * 1_000_000] = 1  # an unknown field with a huge name
+    assert len(refusal(event)) < 2_000
 
 
 def test_source_url_loses_user_and_password() -> None:

@@ -77,7 +77,8 @@ def check_key_command(ctx: click.Context, as_json: bool) -> None:
     elif result.ok:
         out.print(
             f"OK: the Conversion Key {result.key_fingerprint} can write events to pixel "
-            f"{result.pixel_id!r} at {settings.base_url}."
+            f"{result.pixel_id!r} at {settings.base_url}.",
+            markup=False,  # the pixel id and URL are data, never markup
         )
     else:
         assert result.diagnosis is not None

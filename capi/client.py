@@ -3,7 +3,10 @@
 :class:`ConversionsClient` wraps one shared ``httpx.AsyncClient``. :meth:`~ConversionsClient.send`
 posts already-serialized events (bytes, joined without re-encoding) and either returns
 :class:`Accepted` or raises a :class:`~capi.errors.SendError` leaf chosen by
-:func:`classify`. httpx's own exceptions are translated here and nowhere else.
+:func:`classify`. httpx's own exceptions are translated here and nowhere else. Everything
+received (body, headers) has the key replaced by its fingerprint here, before anything is
+built from it, so that no dead letter, retry record, key state or output can carry the key
+even when an endpoint or proxy echoes the ``Authorization`` header.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Identify a Conversion Key without revealing it, and guess its type from its shape.
+"""Identify a Conversion Key without revealing it, check its shape, guess its type from it,
+and redact it from text and bytes.
 
 A fingerprint is the key's last four characters plus a short SHA-256 prefix, e.g.
 ``…x9Qa (sha256:1f2e3d4c)``: enough to tell two keys apart in logs, dead letters and

@@ -123,3 +123,18 @@ def test_sandbox_on_port_0_prints_the_port_it_got() -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+def test_arq_entry_point_with_a_bad_setting_exits_in_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    env.update(CAPI_CONFIG_FILE=os.devnull, CAPI_REDIS_URL="redis://localhost:abc/0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr
+    assert "Traceback" not in proc.stderr and "CAPI_REDIS_URL" in proc.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from arq.cron import cron
 
 from capi import logs, replay
 from capi.errors import ConfigError, KeyCheckFailed
+from capi.exitcodes import ExitCode
 from capi.metrics import Metrics, serve
 from capi.sender import Sender
 from capi.settings import Settings
@@ -150,5 +152,9 @@ def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, A
 
 def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
-        return worker_settings()
+        try:
+            return worker_settings()
+        except ConfigError as exc:  # arq's CLI would print a traceback: one line instead
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(ExitCode.CONFIG) from None
     raise AttributeError(name)

@@ -125,9 +125,19 @@ def test_sandbox_on_port_0_prints_the_port_it_got() -> None:
         proc.communicate(timeout=10)
 
 
-def test_arq_entry_point_with_a_bad_setting_exits_in_one_line() -> None:
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"CAPI_REDIS_URL": "redis://localhost:abc/0"}, "CAPI_REDIS_URL"),
+        ({"CAPI_PIXEL_ID": "p"}, "CAPI_API_KEY must be set"),
+        ({"CAPI_API_KEY": "sk-a\nSup3rSecret", "CAPI_PIXEL_ID": "p"}, "line break"),
+    ],
+)
+def test_arq_entry_point_with_a_bad_setting_exits_in_one_line(
+    settings: dict[str, str], needle: str
+) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
-    env.update(CAPI_CONFIG_FILE=os.devnull, CAPI_REDIS_URL="redis://localhost:abc/0")
+    env.update(CAPI_CONFIG_FILE=os.devnull, **settings)
     proc = subprocess.run(
         [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
         env=env,
@@ -137,4 +147,5 @@ def test_arq_entry_point_with_a_bad_setting_exits_in_one_line() -> None:
         timeout=60,
     )
     assert proc.returncode == ExitCode.CONFIG, proc.stderr
-    assert "Traceback" not in proc.stderr and "CAPI_REDIS_URL" in proc.stderr
+    assert "Traceback" not in proc.stderr and needle in proc.stderr
+    assert "Sup3rSecret" not in proc.stderr + proc.stdout

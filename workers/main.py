@@ -153,7 +153,9 @@ def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, A
 def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
         try:
-            return worker_settings()
+            settings = Settings.load()
+            settings.credentials()  # the key's presence and shape, before arq starts
+            return worker_settings(settings)
         except ConfigError as exc:  # arq's CLI would print a traceback: one line instead
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(ExitCode.CONFIG) from None

@@ -1,13 +1,12 @@
-"""``capi dead-letters list / show / replay / export / purge`` and ``capi support-bundle``."""
+"""``capi dead-letters list / show / replays / export / purge`` (replay and support-bundle
+have modules of their own; the shared filters are in :mod:`capi.cli.selection`)."""
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -16,7 +15,7 @@ import orjson
 from rich.table import Table
 from rich.text import Text
 
-from capi import deadletters, replay, schema
+from capi import replay
 from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
@@ -31,127 +30,22 @@ from capi.cli.common import (
     settings_from,
 )
 from capi.cli.main import cli
+from capi.cli.selection import (
+    filters,
+    human_duration,
+    now_ms,
+    report_not_found,
+    select_records,
+    selection_from,
+)
 from capi.client import build_body
 from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter, iso
 from capi.exitcodes import ExitCode
-from capi.failures import Reason
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
 
-_RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _WARN_WITHIN_MS = 24 * 3600 * 1000
-
-
-def parse_when(value: str | None, now_ms: int) -> int | None:
-    """``2h``/``30m``/``7d`` ago, or an ISO 8601 time, as Unix milliseconds."""
-    if not value:
-        return None
-    if m := _RELATIVE.match(value.strip()):
-        return now_ms - int(m.group(1)) * _UNITS[m.group(2)] * 1000
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
-def human_duration(ms: int) -> str:
-    """A duration like ``3d4h``, ``2h5m``, ``40s``; negative durations get a minus."""
-    sign, ms = ("-" if ms < 0 else ""), abs(ms)
-    s = ms // 1000
-    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    if d:
-        return f"{sign}{d}d{h}h"
-    if h:
-        return f"{sign}{h}h{m}m"
-    if m:
-        return f"{sign}{m}m"
-    return f"{sign}{s}s"
-
-
-def filters(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The selection options shared by list, replay, export and purge."""
-    options = [
-        click.option(
-            "--reason",
-            "reasons",
-            multiple=True,
-            type=click.Choice([r.value for r in Reason]),
-            help="Only this reason (repeatable).",
-        ),
-        click.option(
-            "--type",
-            "types",
-            multiple=True,
-            help="Only this event type, or custom event name (repeatable).",
-        ),
-        click.option("--since", help="Dead-lettered since: 30m, 2h, 7d or an ISO time."),
-        click.option("--until", help="Dead-lettered until: 30m, 2h, 7d or an ISO time."),
-        click.option(
-            "--replayable/--expired",
-            default=None,
-            help="Only those the API can still accept (within 7 days), or only the others.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selection:
-    """Build a Selection from command arguments."""
-    return Selection(
-        ids=list(ids),
-        reasons=list(kw.get("reasons") or []),
-        event_types=list(kw.get("types") or []),
-        since_ms=parse_when(kw.get("since"), now_ms),
-        until_ms=parse_when(kw.get("until"), now_ms),
-        replayable=kw.get("replayable"),
-    )
-
-
-def now_ms() -> int:
-    """The current Unix time in milliseconds."""
-    return int(time.time() * 1000)
-
-
-async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
-    """The selected dead letters, newest first (opens and closes its own connection).
-
-    Raises click.BadParameter for a ``--type`` that is neither a standard event type nor
-    the type of any dead letter (a misspelling would otherwise select nothing, silently).
-    """
-    client = redis_client(settings)
-    try:
-        unknown = [t for t in selection.event_types if t not in schema.STANDARD_TYPES]
-        if unknown:
-            present = {r.event_type for r in await deadletters.all_records(client, settings.keys)}
-            if missing := [t for t in unknown if t not in present]:
-                raise click.BadParameter(
-                    f"{', '.join(map(repr, missing))} is no event type: use one of "
-                    f"{', '.join(schema.STANDARD_TYPES)}, or a custom event name a dead "
-                    "letter has",
-                    param_hint="--type",
-                )
-        return await replay.select(client, settings.keys, selection, now_ms())
-    finally:
-        await client.aclose()
-
-
-def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter]) -> None:
-    """Say which of the ids the operator named match no dead letter."""
-    found = {r.id for r in records} | {r.key for r in records}
-    missing = [i for i in ids if i not in found]
-    if missing:
-        err.print(
-            f"not found: {', '.join(missing)} (no dead letter with that id or key; "
-            "see capi dead-letters list)",
-            markup=False,
-        )
 
 
 @cli.group("dead-letters")

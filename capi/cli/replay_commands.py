@@ -18,8 +18,8 @@ from capi.cli.common import (
     run,
     settings_from,
 )
-from capi.cli.deadletter_commands import (
-    dead_letters,
+from capi.cli.deadletter_commands import dead_letters
+from capi.cli.selection import (
     filters,
     now_ms,
     report_not_found,

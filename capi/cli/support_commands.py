@@ -9,8 +9,8 @@ import click
 
 from capi import __version__, replay
 from capi.cli.common import handle_errors, out, redis_client, run, settings_from
-from capi.cli.deadletter_commands import now_ms
 from capi.cli.main import cli
+from capi.cli.selection import now_ms
 from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter
 from capi.fingerprint import fingerprint

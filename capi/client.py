@@ -3,7 +3,10 @@
 :class:`ConversionsClient` wraps one shared ``httpx.AsyncClient``. :meth:`~ConversionsClient.send`
 posts already-serialized events (bytes, joined without re-encoding) and either returns
 :class:`Accepted` or raises a :class:`~capi.errors.SendError` leaf chosen by
-:func:`classify`. httpx's own exceptions are translated here and nowhere else.
+:func:`classify`. httpx's own exceptions are translated here and nowhere else. Everything
+received (body, headers) has the key replaced by its fingerprint here, before anything is
+built from it, so that no dead letter, retry record, key state or output can carry the key
+even when an endpoint or proxy echoes the ``Authorization`` header.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import httpx
 import orjson
 
 from capi.constants import CONVERSIONS_SCOPE, EVENTS_PATH
-from capi.errors import ERROR_BY_REASON, NetworkError, Response, SendError
+from capi.errors import ERROR_BY_REASON, ConfigError, NetworkError, Response, SendError
 from capi.failures import Reason
-from capi.fingerprint import fingerprint, redact
+from capi.fingerprint import fingerprint, redact, redact_bytes, shape_problem
 from capi.retry import parse_retry_after
 
 _EVENT_INDEX = re.compile(r"^events\[(\d{1,9})\]")
@@ -181,6 +184,8 @@ class ConversionsClient:
         integration_source: str | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        if problem := shape_problem(api_key):
+            raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
         self._key = api_key
         self.pixel_id = pixel_id
         self.url = base_url.rstrip("/") + EVENTS_PATH
@@ -231,14 +236,18 @@ class ConversionsClient:
         except httpx.HTTPError as exc:
             raise self._network_error(exc) from None
         elapsed = time.perf_counter() - started
+        # An endpoint or proxy may echo the Authorization header: redact what was received
+        # here, once, so that nothing stored or shown downstream can carry the key.
+        headers = {k: redact(v, self._key) for k, v in resp.headers.items()}
+        content = redact_bytes(resp.content, self._key)
         if 200 <= resp.status_code < 300:
             return Accepted(
-                accepted_events=_accepted_count(resp.content),
+                accepted_events=_accepted_count(content),
                 status=resp.status_code,
-                request_ids=request_ids(resp.headers),
+                request_ids=request_ids(headers),
                 elapsed_s=elapsed,
             )
-        raise classify(resp.status_code, resp.headers, resp.content, self.key_fingerprint)
+        raise classify(resp.status_code, headers, content, self.key_fingerprint)
 
     def _network_error(self, exc: httpx.HTTPError) -> NetworkError:
         what = type(exc).__name__

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import shutil
 import socket
@@ -95,7 +94,7 @@ class Demo:
         logging.getLogger("capi").setLevel(logging.CRITICAL)  # the demo narrates itself
         self.out.print("[bold]capi demo[/]: enqueue, send, dead-letter with guidance, replay.")
         with contextlib.ExitStack() as stack:
-            if self.user.redis_url and _explicit_redis():
+            if "redis_url" in self.user.model_fields_set:  # set in the environment or file
                 url = self.user.redis_url
                 prefix = f"capi-demo-{secrets.token_hex(3)}"
                 self.out.print(
@@ -287,7 +286,3 @@ class Demo:
             "\nDone. Next: `capi sandbox`, `capi worker`, `capi status`; "
             "README.md shows how to run against the real API."
         )
-
-
-def _explicit_redis() -> bool:
-    return "CAPI_REDIS_URL" in os.environ

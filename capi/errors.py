@@ -31,6 +31,16 @@ from typing import Any, ClassVar
 
 from capi.failures import Reason
 
+QUOTE_LIMIT = 40
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """A value fit for an error message: its repr, cut to ``limit`` characters (marked ``…``)
+    so that a huge input never makes a huge message."""
+    if len(value) <= limit:
+        return repr(value)
+    return repr(value[:limit]) + f"… ({len(value):,} characters)"
+
 
 class CapiError(Exception):
     """Raised for every error that capi itself raises."""
@@ -57,9 +67,7 @@ class EventRejected(CapiError, ValueError):
     def __init__(self, problems: list[Problem], event_id: str | None = None) -> None:
         self.problems = problems
         self.event_id = event_id
-        where = "event"
-        if event_id:
-            where += f" {event_id!r}" if len(event_id) <= 64 else f" {event_id[:64]!r}..."
+        where = f"event {quote(event_id)}" if event_id else "event"
         lines = "; ".join(str(p) for p in problems)
         super().__init__(f"{where} refused: {lines}")
 

@@ -235,8 +235,10 @@ def _source_problems(event: schema.Event) -> list[Problem]:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             problems.append(Problem("source_url", "must be an absolute http(s) URL"))
         else:
-            # Query strings and fragments carry PII (emails, tokens): never send them.
-            event.source_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+            # Query strings, fragments and user:password@ carry PII and secrets: never send
+            # them.
+            host = parts.netloc.rpartition("@")[2]
+            event.source_url = urlunsplit((parts.scheme, host, parts.path, "", ""))
     elif event.action_source == "web":
         problems.append(Problem("source_url", "is required when action_source is 'web'"))
     return problems
@@ -262,10 +264,15 @@ def _problems(exc: ValidationError, data: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+_KEY_LIMIT = 40
+
+
 def _path(loc: Sequence[Any]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        # Keys come from the input: a huge or odd one is cut, like any quoted value.
+        name = str(part) if len(str(part)) <= _KEY_LIMIT else str(part)[:_KEY_LIMIT] + "…"
+        out += f"[{part}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out or "(event)"
 
 

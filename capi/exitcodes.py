@@ -42,6 +42,23 @@ class ExitCode(IntEnum):
     UNEXPECTED_RESPONSE = 15
 
 
+MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "done, or nothing to do",
+    ExitCode.FAILURE: "an unexpected error, or a check that did not pass (capi health)",
+    ExitCode.USAGE: "bad command line (a misspelled option or value)",
+    ExitCode.CONFIG: "a setting is missing or invalid (the message names it)",
+    ExitCode.REFUSED: "some input events were refused (capi enqueue)",
+    ExitCode.REDIS: "Redis cannot be reached, did not answer in time, or refused",
+    ExitCode.REDIS_FULL: "Redis is full (maxmemory under noeviction): nothing was queued",
+    ExitCode.MISSING_SCOPE: "the key lacks ads.third_party_events.write",
+    ExitCode.UNAUTHORIZED: "the key is unknown or revoked",
+    ExitCode.UNKNOWN_PIXEL: "the pixel id is unknown for this key",
+    ExitCode.ACCESS_DENIED: "the platform denied access (RBAC)",
+    ExitCode.UNREACHABLE: "the endpoint could not be reached or kept failing (5xx, 429)",
+    ExitCode.UNEXPECTED_RESPONSE: "the endpoint answered in an unrecognised way",
+}
+"""What each exit code means, as ``capi exit-codes`` prints it."""
+
 _BY_REASON = {
     Reason.MISSING_SCOPE: ExitCode.MISSING_SCOPE,
     Reason.UNAUTHORIZED: ExitCode.UNAUTHORIZED,

@@ -1,4 +1,5 @@
-"""Identify a Conversion Key without revealing it, and guess its type from its shape.
+"""Identify a Conversion Key without revealing it, check its shape, guess its type from it,
+and redact it from text and bytes.
 
 A fingerprint is the key's last four characters plus a short SHA-256 prefix, e.g.
 ``…x9Qa (sha256:1f2e3d4c)``: enough to tell two keys apart in logs, dead letters and
@@ -8,6 +9,9 @@ support tickets, never enough to use.
 from __future__ import annotations
 
 import hashlib
+import unicodedata
+
+import orjson
 
 # No key prefix is documented. These shapes only sharpen guidance; none rejects a key.
 _WRONG_TYPE_HINTS: tuple[tuple[str, str], ...] = (
@@ -47,3 +51,45 @@ def redact(text: str, key: str) -> str:
     if key and key in text:
         return text.replace(key, f"<key {fingerprint(key)}>")
     return text
+
+
+def redact_bytes(data: bytes, key: str) -> bytes:
+    """Replace every occurrence of the key in bytes (raw, or as escaped in JSON) by its
+    fingerprint."""
+    if not key:
+        return data
+    raw = key.encode("utf-8", "replace")
+    escaped = orjson.dumps(key)[1:-1]
+    for form in {raw, escaped}:
+        if form in data:
+            data = data.replace(form, f"<key {fingerprint(key)}>".encode())
+    return data
+
+
+def shape_problem(key: str) -> str | None:
+    """What makes a key unusable before any request, without quoting it; None if nothing.
+
+    A key is sent in an HTTP header, so it must be printable ASCII without spaces: a line
+    break or NUL (a paste that took more than the key) would be refused by the HTTP library
+    with an error that shows the header, and a non-ASCII character (a smart quote) cannot
+    be encoded at all.
+    """
+    if not key.strip():
+        return "is empty or only whitespace"
+    for position, char in enumerate(key, 1):
+        if char in "\r\n":
+            what = "a line break"
+        elif char == "\0" or unicodedata.category(char) == "Cc":
+            what = "a control character (such as NUL)"
+        elif not char.isascii():
+            what = "a non-ASCII character (a smart quote or non-breaking space from a paste?)"
+        elif char.isspace():
+            what = "a space"
+        else:
+            continue
+        return (
+            f"contains {what} at character {position} of {len(key)}; a Conversion Key is "
+            "printable ASCII without spaces: copy it again, or put it alone on the "
+            "CAPI_API_KEY= line of the config file"
+        )
+    return None

@@ -19,6 +19,10 @@ WHERE_KEYS_COME_FROM = (
     "Ads Manager -> Conversions -> Manage conversion keys (or POST "
     "https://api.ads.openai.com/v1/conversions/api_keys)"
 )
+BASE_URL_RULE = (
+    "it is the API's base URL without a path (default https://bzr.openai.com); capi adds "
+    "/v1/events itself"
+)
 SUPPORT_ASKS = (
     "OpenAI support asks for the exact UTC time of a failing request, its request/trace ids "
     "and the email of whoever created the key, and never the key itself: "
@@ -199,15 +203,20 @@ def _too_old(
 def _transient(
     reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
 ) -> Diagnosis:
+    steps = [
+        "This is usually temporary. A running worker retries it with capped, jittered "
+        "backoff (honouring Retry-After) and keeps the events queued meanwhile; a key check "
+        "(`capi check-key`) can simply be run again.",
+        "If it persists, check OpenAI's status page. " + SUPPORT_ASKS,
+    ]
+    if reason is Reason.NETWORK:
+        steps.insert(
+            0,
+            f"Check that CAPI_BASE_URL is right and reachable from this machine: {BASE_URL_RULE}; "
+            "outbound HTTPS must be allowed (proxy, firewall).",
+        )
     return Diagnosis(
-        reason,
-        f"{reason.meaning[0].upper()}{reason.meaning[1:]}.{_status(err)}",
-        [
-            "capi retries this with capped, jittered backoff (honouring Retry-After); no "
-            "action is needed unless it persists.",
-            "If it persists: check CAPI_BASE_URL and outbound network access, and OpenAI's "
-            "status page.",
-        ],
+        reason, f"{reason.meaning[0].upper()}{reason.meaning[1:]}.{_status(err)}", steps
     )
 
 
@@ -233,10 +242,9 @@ def _unexpected(
         reason,
         "The API answered in a way capi does not recognise." + _status(err),
         [
-            "Check that CAPI_BASE_URL points at the events endpoint (default "
-            "https://bzr.openai.com).",
-            "The raw response is kept in the dead letter (`capi dead-letters show ID`). "
-            + SUPPORT_ASKS,
+            f"Check CAPI_BASE_URL (a 404 usually means a wrong one): {BASE_URL_RULE}.",
+            "The raw response is printed by `capi check-key --json`, and kept in each dead "
+            "letter it caused (`capi dead-letters show ID`). " + SUPPORT_ASKS,
         ],
     )
 

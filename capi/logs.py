@@ -8,6 +8,7 @@ replaces any occurrence of the key by its fingerprint, as a last line of defence
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -64,11 +65,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+_VALUE_LIMIT = 80
+
+
+def one_line(text: str) -> str:
+    """Text with line breaks and other control characters escaped (``\\n``), so that a
+    value (an event id, a message) can never start a forged log line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def _short(value: object) -> str:
+    text = one_line(str(value))
+    return text if len(text) <= _VALUE_LIMIT else text[:_VALUE_LIMIT] + "…"
+
+
 class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...``; long id lists are shortened."""
+    """``time level logger: message key=value ...``, one line per record (control characters
+    in the message and values are escaped); long id lists and long values are shortened."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -78,10 +99,12 @@ class TextFormatter(logging.Formatter):
             if value is None or name == "count":
                 continue
             if isinstance(value, list):
-                value = ",".join(map(str, value[:5])) + (
+                text = ",".join(map(_short, value[:5])) + (
                     f",…(+{len(value) - 5})" if len(value) > 5 else ""
                 )
-            extras.append(f"{name}={value}")
+            else:
+                text = _short(value)
+            extras.append(f"{name}={text}")
         return line + ("  " + " ".join(extras) if extras else "")
 
 
@@ -93,5 +116,8 @@ def configure(*, json: bool, level: int = logging.INFO, key: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # arq's own CLI gives the "arq" logger a handler of its own; its records also reach
+    # ours, so each line would print twice: let them go through this handler only.
+    logging.getLogger("arq").handlers.clear()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

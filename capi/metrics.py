@@ -1,6 +1,7 @@
 """Prometheus metrics and health endpoints of a worker.
 
-``serve(metrics, port, ...)`` starts a small HTTP server in a thread with:
+``serve(metrics, port, host)`` starts a small HTTP server in a thread (loopback by default,
+at most 16 connections, each dropped after 5 s idle) with:
 
 - ``/metrics``: the counters, histograms and gauges below (prometheus text format);
 - ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +25,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from capi.errors import ConfigError
 
 LIVENESS_S = 30.0
 
@@ -117,10 +121,52 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
-    """Serve /metrics, /healthz and /readyz from a daemon thread; return the server."""
+MAX_CONNECTIONS = 16
+CONNECTION_TIMEOUT_S = 5.0
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``max_connections`` connections at once
+    (more are closed at once) and drops a connection idle for ``timeout_s``."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int
+    ) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve(
+    metrics: Metrics,
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    timeout_s: float = CONNECTION_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz from a daemon thread; return the server.
+
+    Binds loopback unless told otherwise (``CAPI_METRICS_HOST``). Raises ConfigError naming
+    ``CAPI_METRICS_PORT`` when the port is taken.
+    """
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = timeout_s  # socket timeout: an idle or slow client is dropped
+
         def do_GET(self) -> None:
             routes: dict[str, Callable[[], tuple[int, bytes, str]]] = {
                 "/metrics": lambda: (200, metrics.exposition(), CONTENT_TYPE_LATEST),
@@ -145,6 +191,12 @@ def serve(metrics: Metrics, port: int, host: str = "0.0.0.0") -> ThreadingHTTPSe
         ok, why = metrics.ready()
         return (200 if ok else 503), (why + "\n").encode(), "text/plain"
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = _BoundedServer((host, port), Handler, max_connections)
+    except OSError as exc:
+        raise ConfigError(
+            f"CAPI_METRICS_PORT: cannot serve metrics on {host}:{port} ({exc.strerror}); "
+            "choose a free port (CAPI_METRICS_PORT or --metrics-port), or stop what uses it"
+        ) from None
     threading.Thread(target=server.serve_forever, name="capi-metrics", daemon=True).start()
     return server

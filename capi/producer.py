@@ -123,7 +123,13 @@ class _BaseProducer:
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
-        """A producer for the Redis, prefix and durability in ``settings``."""
+        """A producer for the Redis, prefix and durability in ``settings`` (logs a warning
+        when that is the default Redis because CAPI_REDIS_URL is not set)."""
+        if "redis_url" not in settings.model_fields_set:
+            log.warning(
+                "capi: CAPI_REDIS_URL is not set; enqueueing to the default Redis at %s",
+                settings.redis_url,
+            )
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
         return cls(

@@ -85,8 +85,12 @@ async def run(settings: Settings, *, burst: bool = False) -> None:
     metrics = Metrics()
     http: ThreadingHTTPServer | None = None
     if settings.metrics_port is not None:
-        http = serve(metrics, settings.metrics_port)
-        log.info("metrics and health on :%d (/metrics, /healthz, /readyz)", settings.metrics_port)
+        http = serve(metrics, settings.metrics_port, settings.metrics_host)
+        log.info(
+            "metrics and health on %s:%d (/metrics, /healthz, /readyz)",
+            settings.metrics_host,
+            settings.metrics_port,
+        )
     stopping = asyncio.Event()
     holder: list[Sender] = []
 

@@ -70,11 +70,20 @@ def short(value: str, limit: int = 16) -> str:
     return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
 
 
+def _code_given(value: str) -> str:
+    """What a refused code field got: a short run of letters is quoted (a typo such as
+    'USDD'); anything else may be personal data put in the wrong field (an email given as
+    the currency) and is described, never quoted."""
+    if value.isascii() and value.isalpha() and len(value) <= 8:
+        return f"got {value!r}"
+    return f"got a {len(value):,}-character value that is not a code (not shown)"
+
+
 def _currency(value: str) -> str:
     code = value.upper()
     if code not in currency_codes():
         raise ValueError(
-            f"must be an ISO 4217 currency code such as USD, EUR, JPY; got {short(value)}"
+            f"must be an ISO 4217 currency code such as USD, EUR, JPY; {_code_given(value)}"
         )
     return code
 
@@ -83,7 +92,7 @@ def _country(value: str) -> str:
     code = value.upper()
     if code not in country_codes():
         raise ValueError(
-            f"must be an ISO 3166-1 alpha-2 country code such as US; got {short(value)}"
+            f"must be an ISO 3166-1 alpha-2 country code such as US; {_code_given(value)}"
         )
     return code
 

@@ -1,22 +1,38 @@
 """Settings, read from ``CAPI_*`` environment variables or an env file under ``config/``.
 
 Nothing is read at import time: call :meth:`Settings.load`. The file is ``$CAPI_CONFIG_FILE``
-if set, else ``config/capi.env`` if it exists; the environment wins over the file.
+if set, else ``config/capi.env`` (relative to the current directory) if it exists; the
+environment wins over the file. Messages about missing settings say which file was looked for.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from capi.constants import API_MAX_EVENTS_PER_REQUEST, DEFAULT_BASE_URL, RedisKeys
+from capi.constants import (
+    API_MAX_EVENTS_PER_REQUEST,
+    DEFAULT_BASE_URL,
+    EVENTS_PATH,
+    RedisKeys,
+)
 from capi.errors import ConfigError
+from capi.fingerprint import shape_problem
 from capi.redisconn import async_client, connection_kwargs, sync_client
 
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
@@ -78,6 +94,18 @@ class Settings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the metrics server binds; 0.0.0.0 to let other hosts scrape it.",
+    )
+    _config_file: Path | None = PrivateAttr(None)
+    _config_found: bool = PrivateAttr(False)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() show the Redis URL without its password (the key is a SecretStr).
+        for name, value in super().__repr_args__():
+            yield name, (safe_url(value) if name == "redis_url" else value)
 
     @field_validator("base_url")
     @classmethod
@@ -91,10 +119,40 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if value.startswith("unix://"):
+            connection_kwargs(value, 1.0)
+            return value
+        parts = urlsplit(value)
+        try:
+            bad_port = parts.port == 0
+        except ValueError:
+            bad_port = True
+        if bad_port:
+            port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+            raise ValueError(
+                f"the port {port[:12]!r} must be a number from 1 to 65535, as in "
+                "redis://localhost:6379/0"
+            ) from None
+        db = parts.path.strip("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ValueError(
+                f"the database {db[:12]!r} must be a number (0 to 15 on a default Redis), as "
+                "in redis://localhost:6379/0"
+            )
         try:
             connection_kwargs(value, 1.0)
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("CAPI_REDIS_URL ")) from None
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_only(cls, value: str) -> str:
+        if urlsplit(value).path.rstrip("/").endswith(EVENTS_PATH):
+            raise ValueError(
+                f"must be the base URL without {EVENTS_PATH} (capi appends it), e.g. "
+                f"{DEFAULT_BASE_URL}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -111,14 +169,33 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
         """Read settings from the environment and the config file; raise ConfigError if bad."""
-        path = config_file or os.environ.get("CAPI_CONFIG_FILE") or DEFAULT_CONFIG_FILE
-        env_file = Path(path) if Path(path).exists() else None
-        if config_file and env_file is None:
-            raise ConfigError(f"config file {config_file} does not exist")
+        named = config_file or os.environ.get("CAPI_CONFIG_FILE")
+        path = Path(named or DEFAULT_CONFIG_FILE)
+        env_file = path if path.exists() else None
+        if named and env_file is None:
+            raise ConfigError(
+                f"config file {path.absolute()} does not exist (named by --config or "
+                "CAPI_CONFIG_FILE; a relative path is taken from the current directory)"
+            )
         try:
-            return cls(_env_file=env_file, **overrides)
+            settings = cls(_env_file=env_file, **overrides)
         except ValidationError as exc:
             raise ConfigError(_describe(exc)) from None
+        settings._config_file = path.absolute()
+        settings._config_found = env_file is not None
+        return settings
+
+    def config_source(self) -> str:
+        """Where settings come from, for messages: the environment, and which file."""
+        if self._config_file is None:
+            return "the environment"
+        if self._config_found:
+            return f"the environment or {self._config_file}"
+        return (
+            f"the environment ({self._config_file} was looked for and does not exist: it is "
+            "taken from the current directory; run capi where config/ is, or name the file "
+            "with --config or CAPI_CONFIG_FILE)"
+        )
 
     def async_redis(self, **extra: Any) -> aioredis.Redis:
         """An asyncio Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""
@@ -142,11 +219,24 @@ class Settings(BaseSettings):
         ]
         if missing:
             raise ConfigError(
-                f"{' and '.join(missing)} must be set (environment or config/capi.env); the "
+                f"{' and '.join(missing)} must be set, in {self.config_source()}; the "
                 "key is a Conversion Key from Ads Manager -> Conversions -> Manage conversion keys"
             )
         assert self.api_key is not None and self.pixel_id is not None
-        return self.api_key.get_secret_value().strip(), self.pixel_id.strip()
+        key = self.api_key.get_secret_value().strip()
+        if problem := shape_problem(key or self.api_key.get_secret_value()):
+            raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
+        return key, self.pixel_id.strip()
+
+
+def safe_url(url: str) -> str:
+    """A URL fit to print: any password in it replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _describe(exc: ValidationError) -> str:

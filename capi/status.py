@@ -60,6 +60,7 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
         "next_retry_in_s": round((next_retry[0][1] - now) / 1000, 3) if next_retry else None,
         "counters": {k.decode(): int(v) for k, v in stats.items()},
         "dead_letters": int(dl),
+        # All-time totals (a replayed or purged dead letter still counts), not the current.
         "dead_letters_by_reason": {k.decode(): int(v) for k, v in reasons.items()},
         "key": {k.decode(): v.decode() for k, v in key.items()} or {"state": "unknown"},
         "workers_alive": [w["name"] for w in live],

@@ -82,7 +82,7 @@ def test_replay_and_purge_go_on_and_purge_removes_it_only_when_named(
     skipped(cli_run(broken, "dead-letters", "purge", "--all", "--yes"))
     assert client.hexists(broken.keys.deadletters, BAD_KEY)
     result = cli_run(broken, "dead-letters", "purge", BAD_KEY, "--yes")
-    assert result.exit_code == 0 and "purged 1 dead letters" in result.stdout
+    assert result.exit_code == 0 and "purged 1 dead letter\n" in result.stdout
     assert not client.hexists(broken.keys.deadletters, BAD_KEY)
 
 

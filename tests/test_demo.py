@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import redis
 
 
-def run_demo(**env: str) -> tuple[int, str, float]:
+def run_demo(_config: str = os.devnull, **env: str) -> tuple[int, str, float]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
-    clean.update(env, CAPI_CONFIG_FILE=os.devnull)
+    clean.update(env, CAPI_CONFIG_FILE=_config)
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "workers.cli", "demo"],
@@ -42,3 +43,11 @@ def test_demo_uses_capi_redis_url_and_leaves_nothing_behind(redis_url: str) -> N
     assert code == 0, output
     assert "your CAPI_REDIS_URL" in output
     assert not list(redis.Redis.from_url(redis_url).scan_iter(match="capi-demo-*"))
+
+
+def test_demo_reads_capi_redis_url_from_the_config_file(redis_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL={redis_url}\n")
+    code, output, _ = run_demo(_config=str(config))
+    assert code == 0, output
+    assert "your CAPI_REDIS_URL" in output and "embedded" not in output

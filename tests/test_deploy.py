@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,29 @@ def test_health_command(sandbox: SandboxThread, redis_url: str) -> None:
         cli, ["health"], env={"CAPI_REDIS_URL": redis_url, "CAPI_CONFIG_FILE": os.devnull}
     )
     assert no_worker.exit_code == ExitCode.FAILURE and "no live worker" in no_worker.output
+
+
+def test_compose_redis_requires_a_password_that_every_service_uses() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    redis_command = services["redis"]["command"]
+    assert "--requirepass" in redis_command
+    password = redis_command[redis_command.index("--requirepass") + 1]
+    assert password.startswith("${CAPI_REDIS_PASSWORD:?")  # compose refuses to start without
+    assert "ports" not in services["redis"]
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == "${CAPI_REDIS_PASSWORD}"
+    for name, service in services.items():
+        url = (service.get("environment") or {}).get("CAPI_REDIS_URL")
+        if url is not None:
+            assert url.startswith("redis://:${CAPI_REDIS_PASSWORD}@redis:"), name
+
+
+def test_secret_files_are_ignored_by_git() -> None:
+    patterns = (ROOT / ".gitignore").read_text().splitlines()
+    assert "config/capi.env" in patterns and ".env" in patterns
+    assert (
+        "config/capi.env"
+        not in subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )

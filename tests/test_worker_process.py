@@ -105,3 +105,35 @@ def test_arq_entry_point_runs_the_sender(redis_url: str, sandbox: SandboxThread)
     assert "sender starting" in output
     assert DEFAULT_SCOPELESS_KEY not in output and settings.api_key is not None
     assert settings.api_key.get_secret_value() not in output
+
+
+def test_a_clean_burst_exit_says_so_without_alarm(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url)
+    enqueue(settings, events(20))
+    proc = worker(settings, "--burst")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "burst: nothing queued" in output
+    assert "SIGUSR1" not in output and "ongoing to cancel" not in output
+
+
+def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
+    env["CAPI_CONFIG_FILE"] = os.devnull
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.hget(settings.keys.key_state, "state") == b"ok", what="startup")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert output.count("sender starting") == 1, output
+    shutdown = [line for line in output.splitlines() if "shutdown on SIGTERM" in line]
+    assert len(shutdown) == 1, output

@@ -7,7 +7,7 @@ import sys
 import click
 
 from capi.cli import cli
-from capi.cli.common import err, handle_errors, settings_from
+from capi.cli.common import err, handle_errors, note_default_redis, settings_from
 from capi.errors import KeyCheckFailed
 from capi.exitcodes import for_reason
 from capi.runner import run_worker
@@ -17,7 +17,11 @@ from capi.runner import run_worker
 @click.option("--burst", is_flag=True, help="Exit once nothing is queued, in flight or scheduled.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--log-json", is_flag=True, help="JSON log lines (or CAPI_LOG_FORMAT=json).")
-@click.option("--metrics-port", type=int, help="Serve /metrics, /healthz, /readyz here.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve /metrics, /healthz, /readyz here.",
+)
 @click.pass_context
 @handle_errors
 def worker_command(
@@ -47,6 +51,7 @@ def worker_command(
         overrides["metrics_port"] = metrics_port
     settings = settings.model_copy(update=overrides)
     settings.credentials()
+    note_default_redis(settings)
     try:
         run_worker(settings, burst=burst)
     except KeyCheckFailed as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ import orjson
 import redis.exceptions
 from arq.connections import ArqRedis
 
+from capi.errors import ConfigError
+from capi.exitcodes import ExitCode
 from capi.metrics import Metrics, serve
 from capi.redisconn import connection_kwargs
 from capi.runner import configure_logging, start_sender
@@ -43,8 +46,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     sender = await start_sender(settings, metrics)
     assert sender is not None  # no stop event: it returns a sender or raises
     if settings.metrics_port is not None:
-        ctx["capi_http"] = serve(metrics, settings.metrics_port)
-        log.info("metrics and health on :%d (/metrics, /healthz, /readyz)", settings.metrics_port)
+        try:
+            ctx["capi_http"] = serve(metrics, settings.metrics_port, settings.metrics_host)
+        except ConfigError:  # the port is taken: say so in one line, close what is open
+            await sender.aclose()
+            raise
+        log.info(
+            "metrics and health on %s:%d (/metrics, /healthz, /readyz)",
+            settings.metrics_host,
+            settings.metrics_port,
+        )
     task = asyncio.create_task(sender.run())
     ctx["capi_sender"], ctx["capi_task"] = sender, task
 
@@ -116,5 +127,11 @@ def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, A
 
 def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
-        return worker_settings()
+        try:
+            settings = Settings.load()
+            settings.credentials()  # the key's presence and shape, before arq starts
+            return worker_settings(settings)
+        except ConfigError as exc:  # arq's CLI would print a traceback: one line instead
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(ExitCode.CONFIG) from None
     raise AttributeError(name)

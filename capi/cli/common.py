@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from typing import IO, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import orjson
+import redis.asyncio as aioredis
 import redis.exceptions
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from capi.errors import CapiError, ConfigError, QueueFull, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.settings import Settings
+from capi.trouble import classify
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -34,9 +38,30 @@ def settings_from(ctx: click.Context) -> Settings:
     return settings
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 dead letter``, ``2 dead letters``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def note_default_redis(settings: Settings) -> None:
+    """Say on stderr which Redis is used when CAPI_REDIS_URL is not set anywhere."""
+    if "redis_url" not in settings.model_fields_set:
+        err.print(
+            f"note: using {settings.redis_url}, the default Redis: CAPI_REDIS_URL is not set "
+            f"(in {settings.config_source()})",
+            markup=False,
+        )
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """A client for the settings' Redis (noting on stderr when it is the default)."""
+    note_default_redis(settings)
+    return settings.async_redis()
+
+
 def fail(message: str, code: ExitCode) -> NoReturn:
     """Print an error to stderr and exit with a named code."""
-    err.print(f"[bold red]error:[/] {message}", markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True)
     sys.exit(code)
 
 
@@ -53,6 +78,15 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
             fail(str(exc), ExitCode.REDIS_FULL)
         except QueueUnavailable as exc:
             fail(str(exc), ExitCode.REDIS)
+        except redis.exceptions.ResponseError as exc:
+            if "DB index" in str(exc):
+                fail(
+                    f"CAPI_REDIS_URL: that Redis has no such database ({exc}); use one it "
+                    "has: 0 to 15 unless its redis.conf sets 'databases' higher",
+                    ExitCode.CONFIG,
+                )
+            kind, meaning = classify(exc)
+            fail(f"{meaning} ({exc})", ExitCode.REDIS_FULL if kind == "full" else ExitCode.REDIS)
         except redis.exceptions.ConnectionError as exc:
             fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
         except redis.exceptions.TimeoutError as exc:
@@ -62,11 +96,33 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
                 ExitCode.REDIS,
             )
         except redis.exceptions.RedisError as exc:
-            fail(f"Redis refused the command ({exc})", ExitCode.REDIS)
+            fail(f"{classify(exc)[1]} ({exc})", ExitCode.REDIS)
         except CapiError as exc:
             fail(str(exc), ExitCode.FAILURE)
 
     return wrapper
+
+
+class PrivateFile(click.ParamType[IO[bytes]]):
+    """A file opened for binary writing that only its owner can read (mode 0600), since
+    exports carry event data; ``-`` is stdout."""
+
+    name = "file"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value == "-":
+            return sys.stdout.buffer
+        try:
+            fd = os.open(value, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+        except OSError as exc:
+            self.fail(f"{value}: {exc.strerror}", param, ctx)
+        file = os.fdopen(fd, "wb")
+        if ctx is not None:
+            ctx.call_on_close(file.close)
+        return file
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -1,130 +1,53 @@
-"""``capi dead-letters list / show / replay / export / purge`` and ``capi support-bundle``."""
+"""``capi dead-letters list / show / replays / export / purge`` (replay and support-bundle
+have modules of their own; the shared filters are in :mod:`capi.cli.selection`)."""
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import click
 import orjson
-import redis.asyncio as aioredis
 from rich.table import Table
+from rich.text import Text
 
 from capi import replay
 from capi._aio import aw
-from capi.cli.common import err, handle_errors, out, print_json, progress, run, settings_from
+from capi.cli.common import (
+    PrivateFile,
+    err,
+    handle_errors,
+    out,
+    plural,
+    print_json,
+    progress,
+    redis_client,
+    run,
+    settings_from,
+)
 from capi.cli.main import cli
+from capi.cli.selection import (
+    filters,
+    human_duration,
+    now_ms,
+    report_not_found,
+    select_records,
+    select_with_unreadable,
+    selection_from,
+    warn_unreadable,
+)
 from capi.client import build_body
 from capi.constants import EVENTS_PATH
-from capi.deadletters import DeadLetter, Unreadable
+from capi.deadletters import DeadLetter, Unreadable, iso
 from capi.exitcodes import ExitCode
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
 
-_RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _WARN_WITHIN_MS = 24 * 3600 * 1000
-
-
-def parse_when(value: str | None, now_ms: int) -> int | None:
-    """``2h``/``30m``/``7d`` ago, or an ISO 8601 time, as Unix milliseconds."""
-    if not value:
-        return None
-    if m := _RELATIVE.match(value.strip()):
-        return now_ms - int(m.group(1)) * _UNITS[m.group(2)] * 1000
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
-def human_duration(ms: int) -> str:
-    """A duration like ``3d4h``, ``2h5m``, ``40s``; negative durations get a minus."""
-    sign, ms = ("-" if ms < 0 else ""), abs(ms)
-    s = ms // 1000
-    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    if d:
-        return f"{sign}{d}d{h}h"
-    if h:
-        return f"{sign}{h}h{m}m"
-    if m:
-        return f"{sign}{m}m"
-    return f"{sign}{s}s"
-
-
-def filters(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The selection options shared by list, replay, export and purge."""
-    options = [
-        click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable)."),
-        click.option("--type", "types", multiple=True, help="Only this event type (repeatable)."),
-        click.option("--since", help="Dead-lettered since: 30m, 2h, 7d or an ISO time."),
-        click.option("--until", help="Dead-lettered until: 30m, 2h, 7d or an ISO time."),
-        click.option(
-            "--replayable/--expired",
-            default=None,
-            help="Only those the API can still accept (within 7 days), or only the others.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selection:
-    """Build a Selection from command arguments."""
-    return Selection(
-        ids=list(ids),
-        reasons=list(kw.get("reasons") or []),
-        event_types=list(kw.get("types") or []),
-        since_ms=parse_when(kw.get("since"), now_ms),
-        until_ms=parse_when(kw.get("until"), now_ms),
-        replayable=kw.get("replayable"),
-    )
-
-
-def now_ms() -> int:
-    """The current Unix time in milliseconds."""
-    return int(time.time() * 1000)
-
-
-async def select_with_unreadable(
-    settings: Settings, selection: Selection
-) -> tuple[list[DeadLetter], list[Unreadable]]:
-    """The selected dead letters, newest first, and the records that could not be read."""
-    client = aioredis.Redis.from_url(settings.redis_url)
-    unreadable: list[Unreadable] = []
-    try:
-        records = await replay.select(client, settings.keys, selection, now_ms(), unreadable)
-    finally:
-        await client.aclose()
-    return records, unreadable
-
-
-async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
-    """The selected dead letters, newest first; says on stderr which records it skipped."""
-    records, unreadable = await select_with_unreadable(settings, selection)
-    warn_unreadable(unreadable)
-    return records
-
-
-def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
-    """Tell the operator which stored records were skipped, and how to look at them."""
-    for u in unreadable:
-        err.print(
-            f"warning: skipped dead letter {u.key}: it cannot be read ({u.why}); "
-            f"`capi dead-letters show {u.key}` prints it as stored, "
-            f"`capi dead-letters purge {u.key}` removes it",
-            markup=False,
-        )
 
 
 @cli.group("dead-letters")
@@ -167,8 +90,8 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
         left = r.replay_deadline_ms - now
         window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
         table.add_row(
-            r.id,
-            r.event_type,
+            Text(r.id),  # ids are data, never markup
+            Text(r.event_type),
             r.reason.value,
             human_duration(now - r.dead_lettered_ms),
             str(r.attempts),
@@ -176,7 +99,10 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
         )
     out.print(table)
     counts = Counter(r.reason.value for r in records)
-    out.print(f"{len(records)} dead letters: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    out.print(
+        f"{plural(len(records), 'dead letter')}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
     _warn_deadlines(records, settings, now)
 
 
@@ -188,13 +114,14 @@ def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int)
     pruned_soon = [r for r in records if r.dead_lettered_ms + retention_ms - now < _WARN_WITHIN_MS]
     if soon:
         err.print(
-            f"warning: {len(soon)} dead letters pass their replay deadline within 24 h; "
+            f"warning: {plural(len(soon), 'dead letter')} pass their replay deadline within "
+            "24 h; "
             "replay or export them now",
             markup=False,
         )
     if pruned_soon:
         err.print(
-            f"warning: {len(pruned_soon)} dead letters reach the retention limit "
+            f"warning: {plural(len(pruned_soon), 'dead letter')} reach the retention limit "
             f"({settings.deadletter_retention_days:g} days) within 24 h; "
             "export them to keep a copy",
             markup=False,
@@ -238,8 +165,7 @@ def _describe(r: DeadLetter, settings: Settings) -> str:
         f"id:               {r.id} ({r.event_type}; key {r.key})",
         f"reason:           {r.reason.value}: {r.meaning}",
         f"status:           {r.status if r.status is not None else '(no HTTP response)'}",
-        f"API error:        {r.error_message or '-'}"
-        + (f" (code {r.error_code}, param {r.error_param})" if r.error_code else ""),
+        f"API error:        {r.error_message or '-'}" + _code_and_param(r),
         f"request ids:      {', '.join(f'{k}={v}' for k, v in r.request_ids.items()) or '-'}",
         f"attempts:         {r.attempts}",
         f"first attempt:    {r.first_attempt_at or '-'}",
@@ -267,6 +193,15 @@ def _describe(r: DeadLetter, settings: Settings) -> str:
         curl_for(r, settings.base_url),
     ]
     return "\n".join(lines)
+
+
+def _code_and_param(r: DeadLetter) -> str:
+    bits = [
+        f"{name} {value}"
+        for name, value in (("code", r.error_code), ("param", r.error_param))
+        if value is not None
+    ]
+    return f" ({', '.join(bits)})" if bits else ""
 
 
 def curl_for(record: DeadLetter, base_url: str) -> str:
@@ -298,7 +233,7 @@ def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
     settings = settings_from(ctx)
 
     async def go() -> list[bytes]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         try:
             rows: list[bytes] = await aw(client.lrange(settings.keys.replays, 0, limit - 1))
             return rows
@@ -320,14 +255,28 @@ def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
             else f"{entry['selected']} selected"
         )
         out.print(
-            f"{when}  {entry['status']:<9} {counts}  selection={entry['selection']}", markup=False
+            f"{when}  {entry['status']:<9} {counts}  selection: {_selection(entry['selection'])}",
+            markup=False,
         )
+
+
+def _selection(selection: dict[str, Any]) -> str:
+    """An audit entry's selection as ``reasons=missing_scope since=...``, or ``all``."""
+    parts = []
+    for name, value in selection.items():
+        if name.endswith("_ms") and isinstance(value, int):
+            parts.append(f"{name.removesuffix('_ms')}={iso(value)}")
+        elif isinstance(value, list):
+            parts.append(f"{name}={','.join(map(str, value))}")
+        else:
+            parts.append(f"{name}={value}")
+    return " ".join(parts) or "all"
 
 
 @dead_letters.command("export")
 @click.argument("ids", nargs=-1)
 @filters
-@click.option("-o", "--output", type=click.File("wb"), default="-", help="File (default stdout).")
+@click.option("-o", "--output", type=PrivateFile(), default="-", help="File (default stdout).")
 @click.pass_context
 @handle_errors
 def export_command(
@@ -345,14 +294,14 @@ def export_command(
         for r in records:
             output.write(replay.to_json_line(r))
             step(1)
-    err.print(f"exported {len(records)} dead letters", markup=False)
+    err.print(f"exported {plural(len(records), 'dead letter')}", markup=False)
 
 
 @dead_letters.command("purge")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "select_all", is_flag=True, help="Select every dead letter.")
 @filters
-@click.option("--export", "export_to", type=click.File("wb"), help="Write them here first.")
+@click.option("--export", "export_to", type=PrivateFile(), help="Write them here first.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 @handle_errors
@@ -380,6 +329,7 @@ def purge_command(
     named = [u for u in unreadable if u.key in ids or u.id in ids]
     warn_unreadable([u for u in unreadable if u not in named])
     records: list[DeadLetter | Unreadable] = [*found, *named]
+    report_not_found(ids, records)
     if not records:
         out.print("Nothing to purge.")
         return
@@ -387,15 +337,15 @@ def purge_command(
         for r in found:
             export_to.write(replay.to_json_line(r))
         export_to.flush()
-    if not yes and not click.confirm(f"Delete {len(records)} dead letters?", err=True):
+    if not yes and not click.confirm(f"Delete {plural(len(records), 'dead letter')}?", err=True):
         out.print("Nothing deleted.")
         return
 
     async def go() -> int:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         try:
             return await replay.purge(client, settings.keys, records)
         finally:
             await client.aclose()
 
-    out.print(f"purged {run(go())} dead letters")
+    out.print(f"purged {plural(run(go()), 'dead letter')}")

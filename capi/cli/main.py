@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 
-from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
+from capi.cli.common import err, fail, handle_errors, out, print_json, run, settings_from
 from capi.client import ConversionsClient
 from capi.demo import Demo
-from capi.exitcodes import ExitCode, for_reason
+from capi.exitcodes import MEANINGS, ExitCode, for_reason
 from capi.keycheck import KeyCheck, check_key
-from capi.sandbox import Fault, SandboxState, serve
+from capi.sandbox import Fault, SandboxState
+from capi.sandbox.server import start
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,9 +51,13 @@ def check_key_command(ctx: click.Context, as_json: bool) -> None:
     cause (10 missing scope, 11 unauthorized, 12 unknown pixel, 13 access denied,
     14 unreachable, 15 unexpected). The key itself is never printed.
 
+    The key is read from CAPI_API_KEY in config/capi.env (or --config FILE) or the
+    environment; never type it on a command line, where shell history keeps it.
+
     \b
-    Example:
-      CAPI_API_KEY=... CAPI_PIXEL_ID=... capi check-key
+    Examples:
+      capi check-key
+      capi check-key --json | jq .ok
     """
     settings = settings_from(ctx)
     key, pixel = settings.credentials()
@@ -72,7 +77,8 @@ def check_key_command(ctx: click.Context, as_json: bool) -> None:
     elif result.ok:
         out.print(
             f"OK: the Conversion Key {result.key_fingerprint} can write events to pixel "
-            f"{result.pixel_id!r} at {settings.base_url}."
+            f"{result.pixel_id!r} at {settings.base_url}.",
+            markup=False,  # the pixel id and URL are data, never markup
         )
     else:
         assert result.diagnosis is not None
@@ -105,7 +111,13 @@ def _check_json(result: KeyCheck, base_url: str) -> dict[str, Any]:
 
 @cli.command("sandbox")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8787, show_default=True, type=int, help="0 picks a free port.")
+@click.option(
+    "--port",
+    default=8787,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
 @click.option("--key", "keys", multiple=True, help="A Conversion Key the sandbox accepts.")
 @click.option("--scopeless-key", "scopeless", multiple=True, help="A key lacking the scope.")
 @click.option("--pixel", "pixels", multiple=True, help="A pixel id the sandbox knows.")
@@ -146,15 +158,32 @@ def sandbox_command(
         state.faults = [_parse_fault(spec) for spec in faults]
     except (TypeError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--fault") from None
-    cfg = state.config()
-    out.print(f"capi sandbox on http://{host}:{port}")
-    out.print(f"  Conversion Key(s): {', '.join(cfg['conversion_keys'])}")
-    out.print(f"  scopeless key(s):  {', '.join(cfg['scopeless_keys'])}")
-    out.print(f"  pixel(s):          {', '.join(cfg['pixels'])}")
-    for f in state.faults:
-        out.print(f"  fault: {f}")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(state, host, port))
+        asyncio.run(_serve_sandbox(state, host, port))
+
+
+async def _serve_sandbox(state: SandboxState, host: str, port: int) -> None:
+    """Bind first, then say where (the real port, also for --port 0), then serve."""
+    try:
+        server = await start(state, host, port)
+    except OSError as exc:
+        fail(
+            f"--port {port}: the sandbox cannot listen on {host}:{port} ({exc.strerror}); "
+            "choose another port, or --port 0 for a free one",
+            ExitCode.CONFIG,
+        )
+    bound = server.sockets[0].getsockname()[1]
+    cfg = state.config()
+    lines = [
+        f"capi sandbox on http://{host}:{bound}",
+        f"  Conversion Key(s): {', '.join(cfg['conversion_keys'])}",
+        f"  scopeless key(s):  {', '.join(cfg['scopeless_keys'])}",
+        f"  pixel(s):          {', '.join(cfg['pixels'])}",
+        *(f"  fault: {f}" for f in state.faults),
+    ]
+    out.print("\n".join(lines), markup=False)
+    async with server:
+        await server.serve_forever()
 
 
 def _parse_fault(spec: str) -> Fault:
@@ -175,7 +204,7 @@ def exit_codes_command() -> None:
       capi check-key; echo $?    # 10 means: the key lacks ads.third_party_events.write
     """
     for code in ExitCode:
-        out.print(f"{int(code):>3}  {code.name}")
+        out.print(f"{int(code):>3}  {code.name:<20} {MEANINGS[code]}", markup=False)
 
 
 @cli.command("demo")

@@ -14,7 +14,15 @@ from typing import IO, Any
 import click
 from rich.progress import Progress
 
-from capi.cli.common import err, handle_errors, out, print_json, run, settings_from
+from capi.cli.common import (
+    err,
+    handle_errors,
+    out,
+    print_json,
+    redis_client,
+    run,
+    settings_from,
+)
 from capi.cli.main import cli
 from capi.constants import MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
@@ -44,13 +52,13 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
     whole), is not UTF-8 JSON, or repeats a key within one object.
 
     \b
-    Example:
-      echo '{"id":"o-1","type":"order_created","timestamp_ms":1795000000000,
-             "action_source":"web","source_url":"https://shop.example/thanks",
-             "user":{"email":"ada@example.com"},
-             "data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
+    Example (one purchase, timestamped now):
+      printf '%s' '{"id":"o-1","type":"order_created","timestamp_ms":'"$(date +%s000)"',' \\
+        '"action_source":"web","source_url":"https://shop.example/thanks",' \\
+        '"user":{"email":"ada@example.com"},' \\
+        '"data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
     """
-    settings = settings_from(ctx)
+    settings = settings_from(ctx)  # the producer warns when the Redis is the default
     total = EnqueueReport()
     lines_read = 0
     with SyncProducer.from_settings(settings) as producer, _file_progress(file) as advance:
@@ -194,7 +202,11 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
         return
     key = status["key"]
     counters = status["counters"]
-    out.print(f"queued:        {status['queued']} (oldest {status['oldest_queued_age_s']} s)")
+    oldest = status["oldest_queued_age_s"]
+    out.print(
+        f"queued:        {status['queued']}"
+        + (f" (oldest {oldest} s)" if oldest is not None else "")
+    )
     out.print(f"in flight:     {status['in_flight']}")
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
@@ -205,7 +217,9 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
             "with a count differing from the events sent (see the worker log)"
         )
     reasons = ", ".join(f"{k} {v}" for k, v in status["dead_letters_by_reason"].items())
-    out.print(f"dead letters:  {status['dead_letters']}" + (f" ({reasons})" if reasons else ""))
+    out.print(f"dead letters:  {status['dead_letters']} now")
+    if reasons:
+        out.print(f"  all time, by reason (replayed and purged included): {reasons}")
     line = f"key:           {key.get('state')}"
     if key.get("state") == "held":
         line += f" since {key.get('since')} ({key.get('reason')})"
@@ -246,7 +260,7 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
     \b
     Examples:
-      capi health --url http://127.0.0.1:9464/readyz
+      capi health --url http://127.0.0.1:9464/readyz   # a worker run with --metrics-port 9464
       capi health
     """
     if url:
@@ -265,7 +279,7 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
-    client = settings.async_redis()
+    client = redis_client(settings)
     try:
         return await gather(client, settings.keys)
     finally:

@@ -6,14 +6,23 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-import redis.asyncio as aioredis
 
 from capi import replay
-from capi.cli.common import err, handle_errors, out, print_json, progress, run, settings_from
-from capi.cli.deadletter_commands import (
-    dead_letters,
+from capi.cli.common import (
+    err,
+    handle_errors,
+    out,
+    print_json,
+    progress,
+    redis_client,
+    run,
+    settings_from,
+)
+from capi.cli.deadletter_commands import dead_letters
+from capi.cli.selection import (
     filters,
     now_ms,
+    report_not_found,
     select_records,
     selection_from,
 )
@@ -62,6 +71,7 @@ def replay_command(
     if not (ids or select_all or selection.describe()):
         raise click.UsageError("say what to replay: IDs, --all, or a filter such as --reason")
     records = run(select_records(settings, selection))
+    report_not_found(ids, records)
     if dry_run:
         _dry_run(settings, records, as_json, include_expired)
         return
@@ -95,7 +105,7 @@ async def _replay(
     selection: Selection,
     advance: Callable[[int], None],
 ) -> replay.ReplayReport:
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     try:
         return await replay.replay(
             client,

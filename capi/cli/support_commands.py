@@ -6,12 +6,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
-import redis.asyncio as aioredis
 
 from capi import __version__, replay
-from capi.cli.common import handle_errors, out, run, settings_from
-from capi.cli.deadletter_commands import now_ms, warn_unreadable
+from capi.cli.common import handle_errors, out, redis_client, run, settings_from
 from capi.cli.main import cli
+from capi.cli.selection import now_ms, warn_unreadable
 from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter, Unreadable
 from capi.fingerprint import fingerprint
@@ -38,7 +37,7 @@ def support_bundle_command(ctx: click.Context, ids: tuple[str, ...], limit: int)
     settings = settings_from(ctx)
 
     async def go() -> tuple[dict[str, Any], list[DeadLetter]]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redis_client(settings)
         try:
             status = await gather(client, settings.keys)
             records = await replay.select(

@@ -1,6 +1,6 @@
 """Profile one sender draining a queue into the sandbox (pyinstrument).
 
-pip install pyinstrument
+pip install -e '.[dev,profile]'
 python -m tests.benchmarks.profile_sender --events 200000
 """
 
@@ -10,14 +10,18 @@ import argparse
 import asyncio
 import time
 
-from pyinstrument import Profiler
-
 from capi.sender import Sender
 from capi.settings import Settings
 from tests.benchmarks.bench import enqueue_bulk, reset, sample_events, services
 
 
 def main() -> None:
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        raise SystemExit(
+            "profiling needs pyinstrument, from the profile extra: pip install -e '.[dev,profile]'"
+        ) from None
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=500)

@@ -1,0 +1,155 @@
+"""What ``capi dead-letters`` commands share: the filter options, turning them into a
+:class:`~capi.replay.Selection`, and selecting the dead letters they name."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from capi import deadletters, replay, schema
+from capi.cli.common import err, redis_client
+from capi.deadletters import DeadLetter, Unreadable
+from capi.failures import Reason
+from capi.replay import Selection
+from capi.settings import Settings
+
+_RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_when(value: str | None, now_ms: int) -> int | None:
+    """``2h``/``30m``/``7d`` ago, or an ISO 8601 time, as Unix milliseconds."""
+    if not value:
+        return None
+    if m := _RELATIVE.match(value.strip()):
+        return now_ms - int(m.group(1)) * _UNITS[m.group(2)] * 1000
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def human_duration(ms: int) -> str:
+    """A duration like ``3d4h``, ``2h5m``, ``40s``; negative durations get a minus."""
+    sign, ms = ("-" if ms < 0 else ""), abs(ms)
+    s = ms // 1000
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{sign}{d}d{h}h"
+    if h:
+        return f"{sign}{h}h{m}m"
+    if m:
+        return f"{sign}{m}m"
+    return f"{sign}{s}s"
+
+
+def filters(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The selection options shared by list, replay, export and purge."""
+    options = [
+        click.option(
+            "--reason",
+            "reasons",
+            multiple=True,
+            type=click.Choice([r.value for r in Reason]),
+            help="Only this reason (repeatable).",
+        ),
+        click.option(
+            "--type",
+            "types",
+            multiple=True,
+            help="Only this event type, or custom event name (repeatable).",
+        ),
+        click.option("--since", help="Dead-lettered since: 30m, 2h, 7d or an ISO time."),
+        click.option("--until", help="Dead-lettered until: 30m, 2h, 7d or an ISO time."),
+        click.option(
+            "--replayable/--expired",
+            default=None,
+            help="Only those the API can still accept (within 7 days), or only the others.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selection:
+    """Build a Selection from command arguments."""
+    return Selection(
+        ids=list(ids),
+        reasons=list(kw.get("reasons") or []),
+        event_types=list(kw.get("types") or []),
+        since_ms=parse_when(kw.get("since"), now_ms),
+        until_ms=parse_when(kw.get("until"), now_ms),
+        replayable=kw.get("replayable"),
+    )
+
+
+def now_ms() -> int:
+    """The current Unix time in milliseconds."""
+    return int(time.time() * 1000)
+
+
+async def select_with_unreadable(
+    settings: Settings, selection: Selection
+) -> tuple[list[DeadLetter], list[Unreadable]]:
+    """The selected dead letters, newest first, and the records that could not be read
+    (opens and closes its own connection).
+
+    Raises click.BadParameter for a ``--type`` that is neither a standard event type nor
+    the type of any dead letter (a misspelling would otherwise select nothing, silently).
+    """
+    client = redis_client(settings)
+    unreadable: list[Unreadable] = []
+    try:
+        unknown = [t for t in selection.event_types if t not in schema.STANDARD_TYPES]
+        if unknown:
+            present = {r.event_type for r in await deadletters.all_records(client, settings.keys)}
+            if missing := [t for t in unknown if t not in present]:
+                raise click.BadParameter(
+                    f"{', '.join(map(repr, missing))} is no event type: use one of "
+                    f"{', '.join(schema.STANDARD_TYPES)}, or a custom event name a dead "
+                    "letter has",
+                    param_hint="--type",
+                )
+        records = await replay.select(client, settings.keys, selection, now_ms(), unreadable)
+    finally:
+        await client.aclose()
+    return records, unreadable
+
+
+async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
+    """The selected dead letters, newest first; says on stderr which records it skipped."""
+    records, unreadable = await select_with_unreadable(settings, selection)
+    warn_unreadable(unreadable)
+    return records
+
+
+def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
+    """Tell the operator which stored records were skipped, and how to look at them."""
+    for u in unreadable:
+        err.print(
+            f"warning: skipped dead letter {u.key}: it cannot be read ({u.why}); "
+            f"`capi dead-letters show {u.key}` prints it as stored, "
+            f"`capi dead-letters purge {u.key}` removes it",
+            markup=False,
+        )
+
+
+def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter | Unreadable]) -> None:
+    """Say which of the ids the operator named match no dead letter."""
+    found = {r.id for r in records} | {r.key for r in records}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        err.print(
+            f"not found: {', '.join(missing)} (no dead letter with that id or key; "
+            "see capi dead-letters list)",
+            markup=False,
+        )

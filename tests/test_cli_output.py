@@ -1,0 +1,142 @@
+"""What the operator reads: labelled figures, no ``None``/Python text, refusals of misspelled
+filters, ids not found, exit-code meanings, check-key guidance meant for check-key, and which
+Redis is used when it is the default."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from capi.exitcodes import ExitCode
+from capi.producer import SyncProducer
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
+from capi.settings import Settings
+from tests.helpers import drain, enqueue, events, make_settings
+from workers.cli import cli
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> dict[str, str]:
+    for k in list(os.environ):
+        if k.startswith("CAPI_"):
+            monkeypatch.delenv(k)
+    return {"CAPI_REDIS_URL": redis_url, "CAPI_CONFIG_FILE": os.devnull}
+
+
+def invoke(env: dict[str, str], *args: str, **kw: Any) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, **kw)
+
+
+@pytest.fixture
+def one_missing_scope(env: dict[str, str], sandbox: SandboxThread, redis_url: str) -> None:
+    """One dead letter: missing_scope, with an error code and no param."""
+    settings = make_settings(
+        sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=1
+    )
+    enqueue(settings, events(1))
+    drain(settings)
+
+
+def test_status_labels_current_and_all_time_dead_letters(
+    env: dict[str, str], one_missing_scope: None
+) -> None:
+    assert invoke(env, "dead-letters", "purge", "--all", "--yes").exit_code == 0
+    output = invoke(env, "status").output
+    assert "dead letters:  0 now" in output
+    assert "all time, by reason (replayed and purged included): missing_scope 1" in output
+    assert "None" not in output  # nothing queued: no "oldest None s"
+
+
+def test_show_list_and_replays_print_no_python_text(
+    env: dict[str, str], one_missing_scope: None
+) -> None:
+    show = invoke(env, "dead-letters", "show", "p-0").output
+    assert "(code missing_scope)" in show and "None" not in show
+    listing = invoke(env, "dead-letters", "list").output
+    assert "1 dead letter: missing_scope 1" in listing
+    invoke(env, "dead-letters", "replay", "--reason", "missing_scope")
+    replays = invoke(env, "dead-letters", "replays").output
+    assert "selection: reasons=missing_scope" in replays
+    assert "{" not in replays and "'" not in replays
+
+
+def test_misspelled_filters_are_refused_with_the_choices(
+    env: dict[str, str], one_missing_scope: None
+) -> None:
+    reason = invoke(env, "dead-letters", "list", "--reason", "missing_scopes")
+    assert reason.exit_code == ExitCode.USAGE
+    assert "missing_scope" in reason.output and "unauthorized" in reason.output
+    typo = invoke(env, "dead-letters", "replay", "--type", "order_creatd")
+    assert typo.exit_code == ExitCode.USAGE
+    assert "'order_creatd' is no event type" in typo.output
+    assert "order_created" in typo.output
+    ok = invoke(env, "dead-letters", "list", "--type", "order_created")
+    assert ok.exit_code == 0 and "p-0" in ok.output
+
+
+def test_purge_and_replay_name_the_ids_not_found(
+    env: dict[str, str], one_missing_scope: None
+) -> None:
+    purge = invoke(env, "dead-letters", "purge", "p-0", "nope-1", "--yes")
+    assert purge.exit_code == 0
+    assert "not found: nope-1" in purge.output and "purged 1 dead letter" in purge.output
+    replay = invoke(env, "dead-letters", "replay", "nope-2")
+    assert "not found: nope-2" in replay.output
+
+
+def test_exit_codes_have_meanings() -> None:
+    from capi.exitcodes import MEANINGS
+
+    output = CliRunner().invoke(cli, ["exit-codes"]).output
+    for code in ExitCode:
+        assert MEANINGS[code] in output
+    assert "10  MISSING_SCOPE        the key lacks ads.third_party_events.write" in output
+
+
+@pytest.mark.parametrize(
+    ("base", "needle"), [("/nowhere", "a 404 usually means"), ("unreachable", "reachable")]
+)
+def test_check_key_guidance_speaks_to_check_key(
+    env: dict[str, str], sandbox: SandboxThread, base: str, needle: str
+) -> None:
+    url = "http://127.0.0.1:9" if base == "unreachable" else sandbox.url + base
+    result = invoke(
+        {
+            **env,
+            "CAPI_API_KEY": "sk-svcacct-any-key-0000",
+            "CAPI_PIXEL_ID": DEFAULT_PIXEL,
+            "CAPI_BASE_URL": url,
+            "CAPI_PROBE_CONFIRMATIONS": "1",
+        },
+        "check-key",
+    )
+    assert result.exit_code in (ExitCode.UNREACHABLE, ExitCode.UNEXPECTED_RESPONSE)
+    assert needle in result.output
+    assert "capi adds /v1/events itself" in result.output
+    assert "capi retries this" not in result.output
+    assert "is kept in the dead letter" not in result.output
+
+
+def test_the_default_redis_is_named(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from capi.cli.common import redis_client
+
+    settings = Settings(_env_file=None)  # no CAPI_REDIS_URL anywhere
+    with caplog.at_level(logging.WARNING, "capi.producer"):
+        SyncProducer.from_settings(settings).close()
+    assert "CAPI_REDIS_URL is not set" in caplog.text
+    assert "redis://localhost:6379/0" in caplog.text
+    asyncio.run(redis_client(settings).aclose())  # never connects
+    assert "the default Redis: CAPI_REDIS_URL is not set" in capsys.readouterr().err
+    explicit = Settings(_env_file=None, redis_url="redis://elsewhere:6379/0")
+    caplog.clear()
+    SyncProducer.from_settings(explicit).close()
+    asyncio.run(redis_client(explicit).aclose())
+    assert not caplog.text and not capsys.readouterr().err

@@ -7,7 +7,8 @@ Redis layout (``{p}`` is the prefix, ``capi`` unless ``CAPI_REDIS_PREFIX`` says 
                                     m=retry metadata JSON (retries only)
     {p}:events  group "senders"     the consumer group the workers read through
     {p}:retry               ZSET    member = JSON list of retry entries, score = due time (ms)
-    {p}:dedup:{name}:{id}   STRING  "1", expires after the dedup window; set at enqueue
+    {p}:dd:{bucket}:{shard} STRING  16-byte digests of "{name}:{id}" enqueued in one quarter
+                                    of the dedup window (see capi.dedup); expires with it
     {p}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
     {p}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {p}:dl:replays          LIST    replay audit entries (JSON), newest first
@@ -58,9 +59,10 @@ class RedisKeys:
         """The sorted set of scheduled retries."""
         return f"{self.prefix}:retry"
 
-    def dedup(self, name: str, event_id: str) -> str:
-        """The dedup marker of one event (name is the type, or the custom event name)."""
-        return f"{self.prefix}:dedup:{name}:{event_id}"
+    @property
+    def dedup_prefix(self) -> str:
+        """The prefix of the dedup record's shard strings (``{p}:dd:{bucket}:{shard}``)."""
+        return f"{self.prefix}:dd:"
 
     @property
     def deadletters(self) -> str:

@@ -177,7 +177,14 @@ class Fates:
             )
             for e in group
         ]
-        await deadletters.write(self.redis, self.settings.keys, self.queue.group, group, records)
+        await deadletters.write(
+            self.redis,
+            self.settings.keys,
+            self.queue.group,
+            group,
+            records,
+            dedup_window_s=self.settings.dedup_window_s,
+        )
         self.metrics.dead_lettered.labels(reason.value).inc(len(group))
         log.warning(
             "dead-lettered %d events (%s)",

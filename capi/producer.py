@@ -3,7 +3,8 @@
 :class:`Producer` (asyncio: FastAPI, aiohttp) and :class:`SyncProducer` (Django, Flask,
 scripts) share one core: :func:`capi.events.prepare` refuses a bad event with
 :class:`~capi.errors.EventRejected` naming each field and rule, and one Lua script adds
-the event to the stream unless its dedup marker (name + id) already exists. Bulk enqueue
+the event to the stream unless its name and id were enqueued within the dedup window
+(:mod:`capi.dedup`). Bulk enqueue
 sends up to ``chunk`` events per script call. Nothing in Redis is pickled: the event is the
 API's own JSON, and raw identifiers never reach it.
 
@@ -27,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from capi import dedup
 from capi.constants import RedisKeys
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
@@ -204,10 +206,10 @@ class _BaseProducer:
 
     def _args(self, batch: list[PreparedEvent]) -> tuple[list[str], list[Any]]:
         keys = [self.keys.stream, self.keys.stats]
-        keys += [self.keys.dedup(p.name, p.id) for p in batch]
-        args: list[Any] = [self.dedup_window_s]
+        window = self.dedup_window_s
+        args: list[Any] = [self.keys.dedup_prefix, dedup.bucket_s(window), window]
         for p in batch:
-            args += [p.id, p.timestamp_ms, p.json]
+            args += [dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json]
         return keys, args
 
     @staticmethod

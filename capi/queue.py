@@ -4,7 +4,8 @@ Every operation that changes an event's fate is one Lua script, atomic with its
 acknowledgement, so an event is never both acknowledged and unrecorded; and each acts only
 on entries still pending, so running it twice (after a lost answer) changes nothing:
 
-- enqueue: dedup marker ``SET NX EX`` and ``XADD`` in one script (no marker without event);
+- enqueue: dedup record (:mod:`capi.dedup`) and ``XADD`` in one script (no record without
+  event);
 - deliver: ``XACK`` + ``XDEL`` + counter;
 - retry: ``XACK`` + ``ZADD`` to the retry schedule + ``XDEL``; a script moves due retries
   back into the stream (``XADD`` + ``ZREM``);
@@ -26,30 +27,38 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from capi import dedup
 from capi._aio import aw
 from capi.constants import CONSUMER_GROUP, RedisKeys
 
-ENQUEUE_LUA = """
--- KEYS: stream, stats, dedup key per event. ARGV: window_s, then id, ts, json per event.
-local window = tonumber(ARGV[1])
+# The dedup record's Lua (see capi.dedup) needs its prefix, bucket length and Redis's clock.
+DEDUP_HEADER = (
+    "local dd_prefix, dd_bucket_s = ARGV[1], tonumber(ARGV[2])\n"
+    "local dd_now = tonumber(redis.call('TIME')[1])\n" + dedup.LUA_FUNCTIONS
+)
+
+ENQUEUE_LUA = (
+    DEDUP_HEADER
+    + """
+-- KEYS: stream, stats. ARGV: dedup prefix, bucket_s, window_s, then per event:
+-- digest, id, timestamp_ms, JSON. Queues each event unless its digest is in the window.
+local window = tonumber(ARGV[3])
 local out, added = {}, 0
-for i = 3, #KEYS do
-  local j = (i - 3) * 3 + 2
-  local fresh = true
-  if window > 0 then
-    fresh = redis.call('SET', KEYS[i], '1', 'NX', 'EX', window)
-  end
-  if fresh then
-    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 2], 't', ARGV[j + 1], 'i', ARGV[j])
+for j = 4, #ARGV, 4 do
+  local d = ARGV[j]
+  if window > 0 and dd_seen(d) then
+    out[#out + 1] = 0
+  else
+    if window > 0 then dd_add(d) end
+    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1])
     added = added + 1
     out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
   end
 end
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'enqueued', added) end
 return out
 """
+)
 
 # Scripts that record a fate carry the allow-oom flag: each removes an entry from the
 # stream, so a full Redis (maxmemory under noeviction) must still run them: delivering is

@@ -30,7 +30,8 @@ def worker_command(
     """Run a worker: check the key, then send queued events until stopped.
 
     The worker refuses to start (exit 10-13, with the diagnosis) if the Conversion Key
-    or pixel is confirmed broken; queued events stay queued. An endpoint that fails
+    or pixel is confirmed broken (15: the endpoint answers in a way capi does not
+    recognise); queued events stay queued. An endpoint that fails
     transiently, or a Redis that is away, full or read-only, is waited out: the worker
     never stops by itself. SIGTERM stops it gracefully.
     Run as many as you like, on as many machines, against one Redis.

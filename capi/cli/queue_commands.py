@@ -150,6 +150,10 @@ def parse_json(line: bytes) -> Any:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise _Refused("is not UTF-8") from None
+    if text.count("[") + text.count("{") > MAX_BRACKETS and _depth(text) > MAX_DEPTH:
+        # Refused before the recursive parser meets it: deep recursion is not only slow, it
+        # leaves no stack for anything else that runs meanwhile (a finalizer, a log hook).
+        raise _Refused("nests too deeply to parse")
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except _Refused:
@@ -158,6 +162,38 @@ def parse_json(line: bytes) -> Any:
         raise _Refused("nests too deeply to parse") from None
     except ValueError as exc:  # json.JSONDecodeError, or an integer of over 4300 digits
         raise _Refused(f"is not valid JSON ({str(exc).partition(':')[0][:80]})") from None
+
+
+# A line with more brackets than this has its nesting measured before it is parsed; one
+# nested deeper than MAX_DEPTH is refused (events nest a few levels; capi.jsondata refuses
+# data deeper than 32 anyway).
+MAX_BRACKETS = 256
+MAX_DEPTH = 64
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of brackets outside strings, found without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

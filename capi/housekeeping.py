@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import orjson
+import redis.exceptions
 
 from capi import replay
 from capi.deadletters import Unreadable
@@ -99,7 +100,8 @@ class Housekeeping:
         self._errors += 1
         self._delay = min(s.trouble.failed(exc, job), 1.0)
         if not s.trouble.redis_ok:
-            self._connected_since = None
+            if s.trouble.kind in ("unreachable", "loading"):
+                self._connected_since = None  # others may not have reached Redis either
             s.metrics.redis_up.set(0)
             if s.trouble.kind == "full":
                 s.metrics.redis_full.set(1)
@@ -192,7 +194,10 @@ class Housekeeping:
         m.in_flight.set(in_flight)
         m.retries_scheduled.set(retries)
         m.oldest_age.set(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms else 0)
-        memory = await s.redis.info("memory")
+        try:
+            memory = await s.redis.info("memory")
+        except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
+            return
         m.redis_full.set(1 if redis_full(memory) else 0)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from capi.constants import RedisKeys
 from capi.queue import Queue
@@ -36,7 +37,10 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     pipe.hgetall(keys.worker_states)
     pipe.hgetall(keys.endpoint)
     next_retry, stats, reasons, key, workers, dl, states, endpoint = await pipe.execute()
-    memory = await client.info("memory")
+    try:
+        memory = await client.info("memory")
+    except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
+        memory = {}
     used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
     policy = str(memory.get("maxmemory_policy", ""))
     live = []

@@ -111,10 +111,14 @@ class Trouble:
         now = self._monotonic()
         self.last_ok = now
         if self.kind is not None:
-            self.log.warning(
-                "recovered: %s no longer (after %.1f s); resuming", self.meaning, now - self.since
-            )
-            self._logged.pop(self.kind, None)
+            # Said once per episode that was said: a flapping error is not logged on every
+            # flap (its start is reminded at most once a minute, see failed()).
+            if self._logged.get(self.kind, float("-inf")) >= self.since:
+                self.log.warning(
+                    "recovered: %s no longer (after %.1f s); resuming",
+                    self.meaning,
+                    now - self.since,
+                )
             self.kind = None
         self._failures = 0
 

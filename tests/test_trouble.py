@@ -1,0 +1,75 @@
+"""Trouble: each kind of error is logged once when it starts, reminded once a minute,
+and its end is logged once; backoff grows and is capped. Time and randomness are mocked."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis.exceptions
+
+from capi.trouble import BACKOFF_CAP_S, Trouble, classify
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (redis.exceptions.ConnectionError("Connection refused"), "unreachable"),
+        (redis.exceptions.TimeoutError("Timeout reading"), "unreachable"),
+        (redis.exceptions.OutOfMemoryError("command not allowed"), "full"),
+        (
+            redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+            "read-only",
+        ),
+        (redis.exceptions.ResponseError("NOGROUP No such key"), "lost-group"),
+        (redis.exceptions.ResponseError("MISCONF Redis is configured to save"), "cannot-persist"),
+        (redis.exceptions.NoPermissionError("this user has no permissions"), "no-permission"),
+        (redis.exceptions.BusyLoadingError("Redis is loading"), "loading"),
+        (redis.exceptions.ResponseError("WRONGTYPE Operation"), "redis-error"),
+        (KeyError("bug"), "unexpected"),
+    ],
+)
+def test_classify(exc: Exception, kind: str) -> None:
+    assert classify(exc)[0] == kind
+
+
+def test_logged_once_reminded_each_minute_and_recovery_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    trouble = Trouble(logging.getLogger("t"), monotonic=clock, rand=lambda: 1.0)
+    caplog.set_level(logging.WARNING)
+    oom = redis.exceptions.OutOfMemoryError("command not allowed")
+    for _ in range(100):  # a hundred failures in a few seconds: one line
+        trouble.failed(oom, "lane 0")
+        clock.now += 0.05
+    assert len(caplog.records) == 1 and "Redis is full" in caplog.records[0].getMessage()
+    clock.now += 60
+    trouble.failed(oom, "lane 0")
+    assert len(caplog.records) == 2 and "for 65 s" in caplog.records[1].getMessage()
+    trouble.ok()
+    trouble.ok()
+    assert len(caplog.records) == 3 and "recovered" in caplog.records[2].getMessage()
+    for _ in range(20):  # flapping within the minute: no new lines
+        clock.now += 0.1
+        trouble.failed(oom, "gauges")
+        clock.now += 0.1
+        trouble.ok()
+    assert len(caplog.records) == 3
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    trouble = Trouble(logging.getLogger("t"), monotonic=Clock(), rand=lambda: 1.0)
+    waits = [trouble.failed(redis.exceptions.ConnectionError("x"), "lane") for _ in range(12)]
+    assert waits[0] < waits[1] < waits[2]
+    assert max(waits) == BACKOFF_CAP_S
+    trouble.ok()
+    assert trouble.failed(redis.exceptions.ConnectionError("x"), "lane") == waits[0]

@@ -18,13 +18,23 @@ from tests.conftest import free_port
 class RedisProcess:
     """One redis-server on a free port; ``persist`` keeps data across restarts (AOF)."""
 
-    def __init__(self, workdir: Path, *, persist: bool = False, binary: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        persist: bool = False,
+        binary: str | None = None,
+        extra_args: list[str] | None = None,
+        password: str | None = None,
+    ):
         found = binary or shutil.which("redis-server")
         assert found, "redis-server is not installed (.ci/run installs it)"
         self.binary = found
         self.workdir = workdir
         self.persist = persist
         self.port = free_port()
+        self.extra_args = extra_args or []
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -32,7 +42,12 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: object) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+        return redis.Redis(
+            port=self.port,
+            socket_timeout=5,
+            password=self.password,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
     def start(self) -> RedisProcess:
         args = [
@@ -49,15 +64,16 @@ class RedisProcess:
             "yes" if self.persist else "no",
             "--appendfsync",
             "always",
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with redis.Redis(port=self.port, socket_timeout=1) as c:
+                with redis.Redis(port=self.port, socket_timeout=1, password=self.password) as c:
                     if c.ping():
                         return self
-            except redis.exceptions.RedisError:
+            except (redis.exceptions.RedisError, OSError):
                 time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
 

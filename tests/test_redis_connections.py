@@ -104,7 +104,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
             "",
             "--dir",
             str(tmp_path),
-        ],  # fmt: skip
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from capi import deadletters
 from capi._aio import aw
+from capi.batches import split_rejected
 from capi.client import ConversionsClient
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
 from capi.deadletters import DeadLetter
@@ -186,19 +187,12 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
         try:
             await client.send([r.event_json.encode() for r in group], validate_only=True)
         except InvalidEventError as exc:
-            index = exc.event_index
-            if index is None or not 0 <= index < len(group):
-                if len(group) == 1:
-                    index = 0
-                else:
-                    middle = len(group) // 2
-                    work += [group[:middle], group[middle:]]
-                    continue
-            bad = group[index]
-            results[bad.key] = DryRunResult(bad.id, False, exc.reason.value, exc.response.message)
-            rest = group[:index] + group[index + 1 :]
-            if rest:
-                work.append(rest)
+            bad, again = split_rejected(group, exc.event_index)
+            if bad is not None:
+                results[bad.key] = DryRunResult(
+                    bad.id, False, exc.reason.value, exc.response.message
+                )
+            work += again
             continue
         except SendError as exc:
             for r in group:

@@ -40,6 +40,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from capi.batches import split_rejected
 from capi.client import ConversionsClient, build_body
 from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES, STALE_MARGIN_MS
 from capi.errors import InvalidEventError, SendError
@@ -333,16 +334,10 @@ class Sender:
                 await self._endpoint_recovered()
 
     async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
-        index = err.event_index
-        if index is not None and 0 <= index < len(group):
-            await self._dead_letter([group[index]], err.reason, err)
-            rest = group[:index] + group[index + 1 :]
-            return [rest] if rest else []
-        if len(group) == 1:
-            await self._dead_letter(group, err.reason, err)
-            return []
-        middle = len(group) // 2
-        return [group[middle:], group[:middle]]
+        bad, again = split_rejected(group, err.event_index)
+        if bad is not None:
+            await self._dead_letter([bad], err.reason, err)
+        return again
 
     async def _failed(self, group: list[Entry], err: SendError) -> None:
         if err.reason.key_problem:

@@ -1,0 +1,26 @@
+"""Splitting a batch the API rejected: one pure function, used by the sender and by replay's
+dry run, so both isolate bad events the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def split_rejected(group: Sequence[T], index: int | None) -> tuple[T | None, list[list[T]]]:
+    """After the API rejected ``group`` naming ``events[index]`` (or no index): the event
+    known to be bad, if any, and the groups to send again.
+
+    With an index inside the batch, that event is the bad one and the rest go again at
+    once. Without one, a single event is itself the bad one, and a larger batch is halved
+    (bisection: ``log2(n)`` more requests per bad event, never one request per event).
+    """
+    if index is not None and 0 <= index < len(group):
+        rest = [*group[:index], *group[index + 1 :]]
+        return group[index], [rest] if rest else []
+    if len(group) == 1:
+        return group[0], []
+    middle = len(group) // 2
+    return None, [list(group[middle:]), list(group[:middle])]

@@ -174,11 +174,19 @@ class Housekeeping:
         live.add(s.name)
         size = s.settings.batch_size
         while len(s.reclaimed) < s.settings.concurrency * 2:
-            claimed = await s.queue.reclaim(f"{s.name}:reclaim", self.claim_idle_ms, size, live)
+            claimed = await s.queue.reclaim(
+                f"{s.name}:reclaim",
+                self.claim_idle_ms,
+                size,
+                live,
+                me=s.name,
+                mine=s.held_ids(),
+            )
             if not claimed:
                 break
             log.warning(
-                "reclaimed %d events left pending by a stopped worker",
+                "reclaimed %d pending events no live worker holds (a stopped worker's, or "
+                "read with the answer lost)",
                 len(claimed),
                 extra={"count": len(claimed)},
             )

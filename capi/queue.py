@@ -20,7 +20,7 @@ Key names live in :mod:`capi.constants`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,22 +215,31 @@ class Queue:
             )
 
     async def reclaim(
-        self, consumer: str, min_idle_ms: int, count: int, live_workers: set[str]
+        self,
+        consumer: str,
+        min_idle_ms: int,
+        count: int,
+        live_workers: set[str],
+        *,
+        me: str = "",
+        mine: Collection[bytes] = (),
     ) -> list[Entry]:
-        """Take over up to ``count`` entries that a stopped worker left pending.
+        """Take over up to ``count`` entries left pending and idle for ``min_idle_ms``.
 
-        Only entries idle for ``min_idle_ms`` whose consumer belongs to a worker that is no
-        longer alive (no heartbeat) qualify: a live worker's entries are never taken,
-        however long its batch takes.
+        Entries of a worker that is no longer alive (no heartbeat) qualify; a live worker's
+        never do, however long its batch takes. The exception is this worker's own (``me``)
+        entries that it does not hold (``mine``): read, but their answer lost on the way
+        (a dropped connection), they would otherwise wait for ever.
         """
         pending = await self.redis.xpending_range(
             self.keys.stream, self.group, min="-", max="+", count=count * 4, idle=min_idle_ms
         )
-        ids = [
-            p["message_id"]
-            for p in pending
-            if worker_of(p["consumer"].decode()) not in live_workers
-        ][:count]
+        ids = []
+        for p in pending:
+            owner = worker_of(p["consumer"].decode())
+            if owner not in live_workers or (owner == me and p["message_id"] not in mine):
+                ids.append(p["message_id"])
+        ids = ids[:count]
         if not ids:
             return []
         claimed = await self.redis.xclaim(self.keys.stream, self.group, consumer, min_idle_ms, ids)

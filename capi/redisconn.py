@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.connection import parse_url
 
 from capi.errors import ConfigError
@@ -62,14 +63,23 @@ def connection_kwargs(url: str, timeout_s: float) -> dict[str, Any]:
     return kwargs
 
 
+# A call whose connection dropped (Redis restarted, failed over, or killed the client) is
+# sent once more on a fresh connection. Every call capi makes may run twice: enqueue and
+# the fate scripts are idempotent, and a read whose answer was lost leaves entries that
+# the worker's housekeeping takes back (capi.queue.Queue.reclaim). A timeout is not
+# retried: a frozen Redis costs one timeout, not two.
+_RETRY_ON = [redis.exceptions.ConnectionError]
+
+
 def async_client(url: str, timeout_s: float, **extra: Any) -> aioredis.Redis:
     """An asyncio client for ``url`` with bounded calls."""
-    return aioredis.Redis(**{**connection_kwargs(url, timeout_s), **extra})
+    kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
+    return aioredis.Redis(**{**kwargs, **extra})
 
 
 def sync_client(url: str, timeout_s: float, **extra: Any) -> redis.Redis:
     """A blocking client for ``url`` with bounded calls."""
-    kwargs = connection_kwargs(url, timeout_s)
+    kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
     return redis.Redis(**{**kwargs, **extra})
 
 

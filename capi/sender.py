@@ -301,6 +301,13 @@ class Sender:
         for chunk in _by_size(fresh, API_MAX_BODY_BYTES - 1024):
             await self._send(chunk)
 
+    def held_ids(self) -> set[bytes]:
+        """The stream ids this worker holds: in flight, or reclaimed and waiting for a lane."""
+        held = set(self._inflight)
+        for batch in self.reclaimed:
+            held.update(e.stream_id for e in batch)
+        return held
+
     def leases(self) -> dict[str, list[bytes]]:
         """The stream ids in flight, by the consumer that holds them."""
         by_owner: dict[str, list[bytes]] = {}

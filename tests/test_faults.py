@@ -429,3 +429,43 @@ def test_in_process_sender_keeps_running_through_a_restart(
         stop_event.set()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_entries_read_with_their_answer_lost_are_taken_back_by_their_own_worker(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """A read whose answer never arrived (a dropped connection) leaves entries pending
+    under a live worker that does not know them; that worker takes them back."""
+    from capi.sender import Sender
+
+    settings = make_settings(sandbox, redis_url, claim_idle_s=2.0)
+    evts = events(30)
+    enqueue(settings, evts)
+
+    async def go() -> None:
+        sender = Sender.from_settings(settings)
+        await sender.queue.ensure_group()
+        # The read reached Redis, its answer did not reach the worker.
+        lost = await sender.queue.read(f"{sender.name}:0", 10, None)
+        assert len(lost) == 10
+        task = asyncio.create_task(sender.run())
+        delivered = lambda: len(sandbox.state.delivered_ids()) == 30  # noqa: E731
+        await asyncio.to_thread(wait_for, delivered, 30, "the lost read's entries")
+        sender.stop()
+        await task
+        await sender.aclose()
+
+    asyncio.run(asyncio.wait_for(go(), 60))
+    once_each(sandbox, ids(evts))
+
+
+def test_a_connected_producer_rides_out_a_redis_restart(
+    durable_redis: RedisProcess, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, durable_redis.url)
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue(events(1)[0])
+        durable_redis.restart()  # its pooled connection is now dead
+        assert producer.enqueue(events(1, start=1)[0])  # reconnects, no error
+    with durable_redis.client() as c:
+        assert c.xlen(settings.keys.stream) == 2

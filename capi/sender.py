@@ -58,6 +58,7 @@ log = logging.getLogger("capi.sender")
 
 _IDLE_BLOCK_MS = 500
 _TICK_S = 0.1
+_MUST = object()  # durably(): the step must happen, stopping or not
 ENDPOINT_REMIND_S = 60.0
 
 
@@ -172,7 +173,7 @@ class Sender:
 
     async def run(self, *, burst: bool = False) -> None:
         """Send until stopped; with ``burst``, stop once everything has a fate."""
-        await self.durably("start", self._start)
+        await self.durably("start", self._start, unless_stopping=None)
         lanes = [asyncio.create_task(self._lane(i)) for i in range(self.settings.concurrency)]
         house = asyncio.create_task(Housekeeping(self, burst=burst).run())
         try:
@@ -216,13 +217,19 @@ class Sender:
                 len(self._inflight),
             )
 
-    async def durably(self, what: str, step: Callable[[], Awaitable[Any]]) -> Any:
+    async def durably(
+        self, what: str, step: Callable[[], Awaitable[Any]], *, unless_stopping: Any = _MUST
+    ) -> Any:
         """Run a Redis step until it succeeds, waiting out any Redis trouble meanwhile.
 
         Used for every fate already decided: an event delivered is acknowledged as soon as
-        Redis answers again, never sent again because Redis was away.
+        Redis answers again, never sent again because Redis was away. A step that need not
+        happen once the sender is stopping (a read, the start) gives ``unless_stopping``:
+        returned instead, once a stop is asked for.
         """
         while True:
+            if unless_stopping is not _MUST and self.stopping:
+                return unless_stopping
             try:
                 result = await step()
             except redis.exceptions.RedisError as exc:
@@ -259,7 +266,9 @@ class Sender:
                     batch = self.reclaimed.popleft()
                     owner = f"{self.name}:reclaim"
                 else:
-                    batch = await self.durably("reading the queue", lambda: self._read(consumer))
+                    batch = await self.durably(
+                        "reading the queue", lambda: self._read(consumer), unless_stopping=[]
+                    )
                     owner = consumer
                 if batch:
                     await self.process(batch, owner=owner)

@@ -469,3 +469,17 @@ def test_a_connected_producer_rides_out_a_redis_restart(
         assert producer.enqueue(events(1, start=1)[0])  # reconnects, no error
     with durable_redis.client() as c:
         assert c.xlen(settings.keys.stream) == 2
+
+
+def test_sigterm_while_redis_is_away_stops_the_worker_cleanly(
+    own_redis: RedisProcess, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, own_redis.url, redis_timeout_s=0.5, shutdown_timeout_s=2.0)
+    proc = started_worker(settings)
+    own_redis.kill()
+    time.sleep(1.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)  # not for as long as Redis stays away
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output

@@ -1,26 +1,28 @@
 """Every Redis key capi uses, and the fixed limits of the API.
 
-Redis layout (``{p}`` is the prefix, ``capi`` unless ``CAPI_REDIS_PREFIX`` says otherwise)::
+Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says otherwise);
+``{d}`` is a destination's namespace: ``{p}`` itself for the destination ``default``,
+``{p}:d:{name}`` for any other (see ``config/destinations.toml``)::
 
-    {p}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
+    {d}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
                                     i=event id, n=attempts so far (retries only),
                                     m=retry metadata JSON (retries only)
-    {p}:events  group "senders"     the consumer group the workers read through
-    {p}:retry               ZSET    member = JSON list of retry entries, score = due time (ms)
-    {p}:dd:{bucket}:{shard} STRING  16-byte digests of "{name}:{id}" enqueued in one quarter
+    {d}:events  group "senders"     the consumer group the workers read through
+    {d}:retry               ZSET    member = JSON list of retry entries, score = due time (ms)
+    {d}:dd:{bucket}:{shard} STRING  16-byte digests of "{name}:{id}" enqueued in one quarter
                                     of the dedup window (see capi.dedup); expires with it
-    {p}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
-    {p}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
-    {p}:dl:replays          LIST    replay audit entries (JSON), newest first
-    {p}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
+    {d}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
+    {d}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
+    {d}:dl:replays          LIST    replay audit entries (JSON), newest first
+    {d}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
                                     transient_key_failures, requests, accepted_mismatches
-    {p}:stats:dl_reasons    HASH    dead-letter reason -> count
-    {p}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
+    {d}:stats:dl_reasons    HASH    dead-letter reason -> count
+    {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
-    {p}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
+    {d}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
     {p}:workers             ZSET    worker name, score = last heartbeat (ms)
     {p}:workers:state       HASH    worker name -> JSON {state, since_ms, detail}
-    {p}:endpoint            HASH    failing_since (ms, while sends fail transiently),
+    {d}:endpoint            HASH    failing_since (ms, while sends fail transiently),
                                     last_error, last_error_ms, last_ok_ms
 
 Nothing here ever holds the Conversion Key or a raw identifier.
@@ -45,59 +47,76 @@ CONSUMER_GROUP = "senders"
 
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
-    """The names of capi's Redis keys under one prefix."""
+    """The names of capi's Redis keys under one prefix, for one destination.
+
+    Each destination has keys of its own, ``{p}:d:{name}:...``; the destination
+    ``default`` (the one a single-pixel set-up has) keeps the plain ``{p}:...`` names, so
+    events queued before destinations existed are still sent. Worker heartbeats are shared.
+    """
 
     prefix: str = "capi"
+    destination: str = "default"
+
+    @property
+    def ns(self) -> str:
+        """The namespace of this destination's keys."""
+        if self.destination == "default":
+            return self.prefix
+        return f"{self.prefix}:d:{self.destination}"
+
+    def for_destination(self, name: str) -> RedisKeys:
+        """The keys of another destination under the same prefix."""
+        return RedisKeys(self.prefix, name)
 
     @property
     def stream(self) -> str:
         """The stream of queued events."""
-        return f"{self.prefix}:events"
+        return f"{self.ns}:events"
 
     @property
     def retry(self) -> str:
         """The sorted set of scheduled retries."""
-        return f"{self.prefix}:retry"
+        return f"{self.ns}:retry"
 
     @property
     def dedup_prefix(self) -> str:
         """The prefix of the dedup record's shard strings (``{p}:dd:{bucket}:{shard}``)."""
-        return f"{self.prefix}:dd:"
+        return f"{self.ns}:dd:"
 
     @property
     def deadletters(self) -> str:
         """The hash of dead letter records."""
-        return f"{self.prefix}:dl"
+        return f"{self.ns}:dl"
 
     @property
     def deadletter_index(self) -> str:
         """The sorted set ordering dead letters by time."""
-        return f"{self.prefix}:dl:index"
+        return f"{self.ns}:dl:index"
 
     @property
     def replays(self) -> str:
         """The replay audit list."""
-        return f"{self.prefix}:dl:replays"
+        return f"{self.ns}:dl:replays"
 
     @property
     def stats(self) -> str:
         """The hash of counters."""
-        return f"{self.prefix}:stats"
+        return f"{self.ns}:stats"
 
     @property
     def dl_reasons(self) -> str:
         """The hash of dead letter counts by reason."""
-        return f"{self.prefix}:stats:dl_reasons"
+        return f"{self.ns}:stats:dl_reasons"
 
     @property
     def key_state(self) -> str:
         """The hash describing whether the Conversion Key currently works."""
-        return f"{self.prefix}:key"
+        return f"{self.ns}:key"
 
     @property
     def probe_lock(self) -> str:
         """The lock that rate-limits key re-probes across workers."""
-        return f"{self.prefix}:key:probe-lock"
+        return f"{self.ns}:key:probe-lock"
 
     @property
     def workers(self) -> str:
@@ -112,4 +131,4 @@ class RedisKeys:
     @property
     def endpoint(self) -> str:
         """The hash describing whether the events endpoint is failing."""
-        return f"{self.prefix}:endpoint"
+        return f"{self.ns}:endpoint"

@@ -81,7 +81,7 @@ class Fates:
     async def _accepted_mismatch(self, group: Sequence[Entry], accepted: Accepted) -> None:
         """The docs promise all-or-nothing batches: a 200 counting otherwise is news."""
         with contextlib.suppress(redis.exceptions.RedisError):  # a count must not block a fate
-            await aw(self.redis.hincrby(self.settings.keys.stats, "accepted_mismatches", 1))
+            await aw(self.redis.hincrby(self.queue.keys.stats, "accepted_mismatches", 1))
         self.metrics.accepted_mismatches.inc()
         log.warning(
             "the API answered 200 but accepted_events=%d for %d events sent",
@@ -179,7 +179,7 @@ class Fates:
         ]
         await deadletters.write(
             self.redis,
-            self.settings.keys,
+            self.queue.keys,
             self.queue.group,
             group,
             records,

@@ -157,7 +157,7 @@ class Housekeeping:
         await s.queue.heartbeat(s.name, int(time.time() * 1000), {"state": state, "detail": detail})
 
     async def _log_status(self) -> None:
-        status = await gather(self.sender.redis, self.sender.settings.keys)
+        status = await gather(self.sender.redis, self.sender.keys)
         log.info("status: %s", orjson.dumps(status).decode())
 
     async def _renew_leases(self) -> None:
@@ -223,7 +223,7 @@ async def prune_dead_letters(sender: Sender, now: int) -> None:
     retention_ms = int(settings.deadletter_retention_days * DAY_MS)
     unreadable: list[Unreadable] = []
     selection = replay.Selection()
-    records = await replay.select(sender.redis, settings.keys, selection, now, unreadable)
+    records = await replay.select(sender.redis, sender.keys, selection, now, unreadable)
     if unreadable:
         log.warning(
             "skipped %d dead letters that cannot be read (see `capi dead-letters show KEY`): %s",
@@ -239,7 +239,7 @@ async def prune_dead_letters(sender: Sender, now: int) -> None:
             extra={"event_ids": [r.id for r in soon]},
         )
     if old:
-        await replay.purge(sender.redis, settings.keys, old)
+        await replay.purge(sender.redis, sender.keys, old)
         log.warning(
             "pruned %d dead letters older than CAPI_DEADLETTER_RETENTION_DAYS=%g",
             len(old),

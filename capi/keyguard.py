@@ -163,6 +163,11 @@ class KeyGuard:
             args=[1 if state else 0, 1 if count_transient else 0, *fields],
         )
 
+    async def hold(self, check: KeyCheck) -> None:
+        """Hold this destination after a failed key check (its sender re-probes)."""
+        assert check.error is not None
+        await self._hold(check.error)
+
     async def _hold(self, error: SendError) -> None:
         self.held = True
         diagnosis = diagnose(error, pixel_id=self.client.pixel_id, api_key=self._api_key)

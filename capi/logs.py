@@ -33,18 +33,28 @@ EXTRA_FIELDS = (
 
 
 class RedactKey(logging.Filter):
-    """Replace the key by its fingerprint in every record (message and arguments)."""
+    """Replace each key by its fingerprint in every record (message and arguments)."""
 
     def __init__(self, key: str) -> None:
         super().__init__()
-        self.key = key
+        self.keys = [key] if key else []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.key:
+        if self.keys:
             message = record.getMessage()
-            if self.key in message:
-                record.msg, record.args = redact(message, self.key), ()
+            if any(k in message for k in self.keys):
+                for key in self.keys:
+                    message = redact(message, key)
+                record.msg, record.args = message, ()
         return True
+
+
+def redact_also(key: str) -> None:
+    """Redact another key (a destination's) from every log line from now on."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, RedactKey) and key and key not in f.keys:
+                f.keys.append(key)
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,27 +1,41 @@
-"""Running a worker: the startup key check, the sender, signals, metrics, shutdown.
+"""Running a worker: the startup key check, one sender per destination, signals, metrics,
+reloading the destinations, shutdown.
 
 ``capi worker`` calls :func:`run_worker`, which owns the process: it stops gracefully on
 SIGTERM or SIGINT and otherwise runs until stopped, whatever Redis or the endpoint do
-(see :mod:`capi.sender`). ``arq workers.main.WorkerSettings`` runs the same sender from
-arq's startup hook, through :func:`start_sender`.
+(see :mod:`capi.sender`). ``arq workers.main.WorkerSettings`` runs the same
+:class:`Fleet` from arq's startup hook.
 
 The startup check refuses to start only on a confirmed key or pixel problem (exit 10-13,
 :class:`~capi.errors.KeyCheckFailed`). An endpoint that fails transiently (5xx, 429,
 network) or a Redis that is away is waited out with backoff, and said so in the log.
+
+With several destinations (``config/destinations.toml``) each gets a sender of its own:
+its own lanes, key guard, retries and endpoint state, so a broken key or a slow endpoint
+costs the others nothing. A destination whose key is confirmed broken at start is held
+(said in the log and in ``capi status``) while the others are served, unless
+``CAPI_STRICT_KEY_CHECK`` asks to refuse the start. The file is read again when it
+changes or on SIGHUP: destinations added are served, removed ones stopped (their queued
+events stay queued), changed ones restarted; a broken file is refused, with its line and
+reason, and the running destinations go on as they were.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import redis.exceptions
 
-from capi import logs
-from capi.errors import KeyCheckFailed
+from capi import destinations, logs
+from capi.destinations import Destination
+from capi.errors import ConfigError, KeyCheckFailed
 from capi.metrics import Metrics, serve
 from capi.sender import Sender
 from capi.settings import Settings
@@ -30,26 +44,36 @@ log = logging.getLogger("capi.worker")
 
 CHECK_BACKOFF_FIRST_S = 1.0
 CHECK_BACKOFF_CAP_S = 30.0
+RELOAD_CHECK_S = 2.0
 
 
-def configure_logging(settings: Settings) -> None:
-    """The worker's log lines, as the settings ask, with the key redacted."""
-    api_key, _ = settings.credentials()
+def configure_logging(settings: Settings, keys: Sequence[str] = ()) -> None:
+    """The worker's log lines, as the settings ask, with every key redacted."""
     logs.configure(
         json=settings.log_format == "json",
         level=getattr(logging, settings.log_level.upper()),
-        key=api_key,
+        key=keys[0] if keys else "",
     )
+    for key in keys[1:]:
+        logs.redact_also(key)
 
 
 async def start_sender(
-    settings: Settings, metrics: Metrics, *, stopping: asyncio.Event | None = None
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    stopping: asyncio.Event | None = None,
+    destination: Destination | None = None,
+    hold_if_broken: bool = False,
 ) -> Sender | None:
     """A sender whose key passed the startup check; None if a stop came first.
 
-    Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken.
+    Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken, unless
+    ``hold_if_broken``: then the destination is held (its sender re-probes and resumes
+    once the key is fixed) and the sender is returned all the same.
     """
-    sender = Sender.from_settings(settings, metrics=metrics)
+    sender = Sender.from_settings(settings, destination, metrics=metrics)
+    name = sender.destination.name
     stop = stopping or asyncio.Event()
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
@@ -60,17 +84,34 @@ async def start_sender(
         else:
             sender.trouble.ok()
             if result.ok:
-                log.info("key %s can write events; sender starting", result.key_fingerprint)
+                log.info(
+                    "destination %s: key %s can write events to pixel %s; sender starting",
+                    name,
+                    result.key_fingerprint,
+                    sender.client.pixel_id,
+                )
                 metrics.key_ok.set(1)
                 return sender
             assert result.error is not None and result.diagnosis is not None
             if not result.error.retryable:
-                await sender.aclose()
-                raise KeyCheckFailed(result.diagnosis.text, result.error)
+                if not hold_if_broken:
+                    await sender.aclose()
+                    raise KeyCheckFailed(result.diagnosis.text, result.error)
+                await sender.durably(
+                    "holding a broken key", functools.partial(sender.guard.hold, result)
+                )
+                log.error(
+                    "destination %s is held: %s; its events stay queued, the other "
+                    "destinations are served; it resumes by itself once a re-probe passes",
+                    name,
+                    result.diagnosis.cause,
+                )
+                return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
             log.warning(
-                "the startup key check could not get an answer about the key (%s); "
-                "trying again in %.0f s; queued events stay queued meanwhile",
+                "destination %s: the startup key check could not get an answer about the key "
+                "(%s); trying again in %.0f s; queued events stay queued meanwhile",
+                name,
                 result.error,
                 delay,
             )
@@ -80,9 +121,160 @@ async def start_sender(
     return None
 
 
-async def run(settings: Settings, *, burst: bool = False) -> None:
-    """Check the key, then send until SIGTERM/SIGINT (or, with ``burst``, until drained)."""
+class Fleet:
+    """The senders of one worker process, one per destination it serves."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, *, only: Sequence[str] = ()):
+        self.settings = settings
+        self.metrics = metrics
+        self.only = list(only)
+        self.stopping = asyncio.Event()
+        self.senders: dict[str, Sender] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._serving: dict[str, Destination] = {}
+        self._reload = asyncio.Event()
+        self._file_stamp: float | None = None
+        self.destinations = self._select(destinations.load(settings))
+        self.single = len(self.destinations) == 1
+
+    def _select(self, found: dict[str, Destination]) -> dict[str, Destination]:
+        unknown = [n for n in self.only if n not in found]
+        if unknown:
+            raise ConfigError(
+                f"--destination {unknown[0]!r} is not configured; the destinations are: "
+                + ", ".join(sorted(found))
+            )
+        return {n: d for n, d in found.items() if not self.only or n in self.only}
+
+    def api_keys(self) -> list[str]:
+        """Every key this fleet uses (for the log redaction)."""
+        return [d.api_key for d in self.destinations.values()]
+
+    async def start(self) -> bool:
+        """The startup check of a single destination (raises KeyCheckFailed if it is
+        broken; False if a stop came first). With several, each is checked by its own
+        sender as it starts, in :meth:`run`."""
+        if not (self.single or self.settings.strict_key_check):
+            return True
+        for dest in self.destinations.values():
+            sender = await start_sender(
+                self.settings, self.metrics, stopping=self.stopping, destination=dest
+            )
+            if sender is None:
+                return False
+            self.senders[dest.name] = sender
+        return True
+
+    def stop(self) -> None:
+        """Stop every sender: in-flight batches finish, the rest stays queued."""
+        self.stopping.set()
+        for sender in self.senders.values():
+            sender.stop()
+
+    def reload(self) -> None:
+        """Read the destinations file again now (SIGHUP)."""
+        self._reload.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Serve every destination until stopped (with ``burst``: until each is drained)."""
+        for dest in self.destinations.values():
+            self._launch(dest, burst)
+        watcher = None
+        if not burst:
+            self._file_stamp = self._stamp()
+            watcher = asyncio.create_task(self._watch())
+        try:
+            while self._tasks and not self.stopping.is_set():
+                done, _ = await asyncio.wait(
+                    list(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED
+                )
+                for name, task in list(self._tasks.items()):
+                    if task in done:
+                        del self._tasks[name]
+                        self._serving.pop(name, None)
+                        if not task.cancelled() and task.exception() is not None:
+                            log.error(
+                                "destination %s: its sender ended: %s", name, task.exception()
+                            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            self.stop()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    def _launch(self, dest: Destination, burst: bool) -> None:
+        self._serving[dest.name] = dest
+        self._tasks[dest.name] = asyncio.create_task(self._serve(dest, burst))
+
+    async def _serve(self, dest: Destination, burst: bool) -> None:
+        sender = self.senders.get(dest.name)
+        if sender is None:
+            sender = await start_sender(
+                self.settings,
+                self.metrics,
+                stopping=self.stopping,
+                destination=dest,
+                hold_if_broken=True,
+            )
+            if sender is None:
+                return
+            self.senders[dest.name] = sender
+        try:
+            await sender.run(burst=burst)
+        finally:
+            await sender.aclose()
+            if self.senders.get(dest.name) is sender:
+                del self.senders[dest.name]
+
+    def _stamp(self) -> float | None:
+        path = destinations.source(self.settings)
+        try:
+            return Path(path).stat().st_mtime if path is not None else None
+        except OSError:
+            return None
+
+    async def _watch(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload.wait(), RELOAD_CHECK_S)
+            asked = self._reload.is_set()
+            self._reload.clear()
+            stamp = self._stamp()
+            if not asked and stamp == self._file_stamp:
+                continue
+            self._file_stamp = stamp
+            try:
+                found = self._select(destinations.load(self.settings))
+            except ConfigError as exc:
+                log.error("destinations not reloaded, the running ones go on: %s", exc)
+                continue
+            await self._apply(found)
+
+    async def _apply(self, found: dict[str, Destination]) -> None:
+        for name in [n for n in self._serving if n not in found or found[n] != self._serving[n]]:
+            log.warning("destination %s: removed or changed in the file; stopping its sender", name)
+            sender = self.senders.get(name)
+            if sender is not None:
+                sender.stop()
+            task = self._tasks.pop(name, None)
+            self._serving.pop(name, None)
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        for name, dest in found.items():
+            if name not in self._serving:
+                log.warning("destination %s: serving (pixel %s)", name, dest.pixel_id)
+                for key in (dest.api_key,):
+                    logs.redact_also(key)
+                self._launch(dest, burst=False)
+        self.destinations = found
+
+
+async def run(settings: Settings, *, burst: bool = False, only: Sequence[str] = ()) -> None:
+    """Check the key(s), then send until SIGTERM/SIGINT (or, with ``burst``, until drained)."""
     metrics = Metrics()
+    fleet = Fleet(settings, metrics, only=only)
+    configure_logging(settings, fleet.api_keys())
     http: ThreadingHTTPServer | None = None
     if settings.metrics_port is not None:
         http = serve(metrics, settings.metrics_port, settings.metrics_host)
@@ -91,35 +283,25 @@ async def run(settings: Settings, *, burst: bool = False) -> None:
             settings.metrics_host,
             settings.metrics_port,
         )
-    stopping = asyncio.Event()
-    holder: list[Sender] = []
 
     def on_signal(signum: signal.Signals) -> None:
         log.info("%s: stopping; in-flight batches finish, the rest stays queued", signum.name)
-        stopping.set()
-        for sender in holder:
-            sender.stop()
+        fleet.stop()
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, fleet.reload)
     try:
-        sender = await start_sender(settings, metrics, stopping=stopping)
-        if sender is None:
-            return
-        holder.append(sender)
-        try:
-            await sender.run(burst=burst)
-        finally:
-            await sender.aclose()
+        if await fleet.start():
+            await fleet.run(burst=burst)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if http is not None:
             http.shutdown()
 
 
-def run_worker(settings: Settings, *, burst: bool = False) -> None:
-    """Run a worker process until stopped; raise KeyCheckFailed if the key is broken."""
-    configure_logging(settings)
-    asyncio.run(run(settings, burst=burst))
+def run_worker(settings: Settings, *, burst: bool = False, only: Sequence[str] = ()) -> None:
+    """Run a worker process until stopped; raise KeyCheckFailed if a key is broken."""
+    asyncio.run(run(settings, burst=burst, only=only))

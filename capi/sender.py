@@ -40,9 +40,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from capi import destinations
 from capi.batches import split_rejected
 from capi.client import ConversionsClient, build_body
 from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES, STALE_MARGIN_MS
+from capi.destinations import Destination
 from capi.errors import InvalidEventError, SendError
 from capi.events import Clock
 from capi.failures import Reason
@@ -75,19 +77,22 @@ class Sender:
         clock: Clock = time.time,
         rand: Callable[[], float] = random.random,
         metrics: Metrics | None = None,
+        destination: Destination | None = None,
     ) -> None:
         self.settings = settings
+        self.destination = destination or destinations.default(settings)
         self.metrics = metrics or Metrics()
         self.redis = redis
         self.client = client
-        self.queue = Queue(redis, settings.keys)
+        self.keys = settings.keys.for_destination(self.destination.name)
+        self.queue = Queue(redis, self.keys)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock
-        api_key, _ = settings.credentials()
+        api_key = self.destination.api_key
         self.guard = KeyGuard(
             client,
             redis,
-            settings.keys,
+            self.keys,
             api_key=api_key,
             confirmations=settings.probe_confirmations,
             reprobe_interval_s=settings.reprobe_interval_s,
@@ -116,21 +121,24 @@ class Sender:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: Any) -> Sender:
-        """A sender with its own Redis pool and HTTP client (closed by :meth:`aclose`)."""
-        api_key, pixel_id = settings.credentials()
+    def from_settings(
+        cls, settings: Settings, destination: Destination | None = None, **kwargs: Any
+    ) -> Sender:
+        """A sender for one destination (``default`` unless named), with its own Redis pool
+        and HTTP client (closed by :meth:`aclose`)."""
+        dest = destination or destinations.default(settings)
         client = ConversionsClient(
-            base_url=settings.base_url,
-            api_key=api_key,
-            pixel_id=pixel_id,
+            base_url=dest.base_url,
+            api_key=dest.api_key,
+            pixel_id=dest.pixel_id,
             timeout_s=settings.request_timeout_s,
-            integration_source=settings.integration_source,
+            integration_source=dest.integration_source,
         )
         # Reads block for up to _IDLE_BLOCK_MS on top of the ordinary answer time.
         redis_client = settings.async_redis(
             socket_timeout=settings.redis_timeout_s + _IDLE_BLOCK_MS / 1000
         )
-        return cls(settings, redis_client, client, **kwargs)
+        return cls(settings, redis_client, client, destination=dest, **kwargs)
 
     async def aclose(self) -> None:
         """Close the HTTP client and the Redis pool."""
@@ -329,7 +337,7 @@ class Sender:
         while work:
             group = work.pop()
             body = build_body(
-                [e.event for e in group], integration_source=self.settings.integration_source
+                [e.event for e in group], integration_source=self.client.integration_source
             )
             started = time.perf_counter()
             try:

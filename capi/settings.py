@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     durability_timeout_ms: int = Field(
         1000, ge=1, le=60_000, description="Longest wait for enqueue_durability."
     )
+    destinations_file: Path | None = Field(
+        None,
+        description="The destinations file (pixels and their keys); without it "
+        "config/destinations.toml if present, else CAPI_API_KEY + CAPI_PIXEL_ID are the "
+        "destination 'default'.",
+    )
+    intake_tokens_sha256: str | None = Field(
+        None, description="SHA-256 of the intake tokens granted 'default', comma-separated."
+    )
+    strict_key_check: bool = Field(
+        False,
+        description="Refuse to start a worker unless every destination's key passes "
+        "(with one destination a broken key always refuses the start).",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     metrics_host: str = Field(

@@ -18,6 +18,11 @@ from capi.runner import run_worker
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--log-json", is_flag=True, help="JSON log lines (or CAPI_LOG_FORMAT=json).")
 @click.option(
+    "--destination",
+    metavar="NAME[,NAME...]",
+    help="Serve only these destinations (default: every one configured).",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     help="Serve /metrics, /healthz, /readyz here.",
@@ -25,7 +30,12 @@ from capi.runner import run_worker
 @click.pass_context
 @handle_errors
 def worker_command(
-    ctx: click.Context, burst: bool, verbose: bool, log_json: bool, metrics_port: int | None
+    ctx: click.Context,
+    burst: bool,
+    verbose: bool,
+    log_json: bool,
+    destination: str | None,
+    metrics_port: int | None,
 ) -> None:
     """Run a worker: check the key, then send queued events until stopped.
 
@@ -51,14 +61,17 @@ def worker_command(
     if metrics_port is not None:
         overrides["metrics_port"] = metrics_port
     settings = settings.model_copy(update=overrides)
-    settings.credentials()
     note_default_redis(settings)
     try:
-        run_worker(settings, burst=burst)
+        run_worker(settings, burst=burst, only=_names(destination))
     except KeyCheckFailed as exc:
         err.print(exc.diagnosis, markup=False)
         err.print("The worker did not start; queued events stay queued.", markup=False)
         sys.exit(for_reason(exc.error.reason))
+
+
+def _names(value: str | None) -> list[str]:
+    return [n.strip() for n in (value or "").split(",") if n.strip()]
 
 
 def main() -> None:

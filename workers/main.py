@@ -27,48 +27,49 @@ import orjson
 import redis.exceptions
 from arq.connections import ArqRedis
 
+from capi import destinations
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
 from capi.metrics import Metrics, serve
 from capi.redisconn import connection_kwargs
-from capi.runner import configure_logging, start_sender
-from capi.sender import Sender
+from capi.runner import Fleet, configure_logging
 from capi.settings import Settings
 
 log = logging.getLogger("capi.worker")
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    """Prove the key can write events, then start the sender; refuse to start otherwise."""
+    """Prove the key(s) can write events, then start the senders; refuse to start if the
+    only destination's key is broken (see :mod:`capi.runner`)."""
     settings: Settings = ctx.get("capi_settings") or Settings.load()
-    configure_logging(settings)
     metrics = Metrics()
-    sender = await start_sender(settings, metrics)
-    assert sender is not None  # no stop event: it returns a sender or raises
+    fleet = Fleet(settings, metrics)
+    configure_logging(settings, fleet.api_keys())
+    await fleet.start()
     if settings.metrics_port is not None:
         try:
             ctx["capi_http"] = serve(metrics, settings.metrics_port, settings.metrics_host)
         except ConfigError:  # the port is taken: say so in one line, close what is open
-            await sender.aclose()
+            fleet.stop()
+            for sender in fleet.senders.values():
+                await sender.aclose()
             raise
         log.info(
             "metrics and health on %s:%d (/metrics, /healthz, /readyz)",
             settings.metrics_host,
             settings.metrics_port,
         )
-    task = asyncio.create_task(sender.run())
-    ctx["capi_sender"], ctx["capi_task"] = sender, task
+    ctx["capi_fleet"], ctx["capi_task"] = fleet, asyncio.create_task(fleet.run())
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     """Stop reading, let in-flight batches finish (or hand them back), close connections."""
-    sender: Sender | None = ctx.get("capi_sender")
+    fleet: Fleet | None = ctx.get("capi_fleet")
     task: asyncio.Task[None] | None = ctx.get("capi_task")
-    if sender is None or task is None:
+    if fleet is None or task is None:
         return
-    sender.stop()
+    fleet.stop()
     await asyncio.gather(task, return_exceptions=True)
-    await sender.aclose()
     if ctx.get("capi_http") is not None:
         ctx["capi_http"].shutdown()
 
@@ -129,7 +130,7 @@ def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
         try:
             settings = Settings.load()
-            settings.credentials()  # the key's presence and shape, before arq starts
+            destinations.load(settings)  # every key's presence and shape, before arq starts
             return worker_settings(settings)
         except ConfigError as exc:  # arq's CLI would print a traceback: one line instead
             print(f"error: {exc}", file=sys.stderr)

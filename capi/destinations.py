@@ -1,0 +1,215 @@
+"""Destinations: the pixels (and their Conversion Keys) one deployment sends to.
+
+A destination is a name, a pixel id, where its Conversion Key comes from (an environment
+variable or a file: never the TOML itself), an optional ``integration_source`` and base
+URL, and the SHA-256 of the intake tokens granted it. They are read from
+``config/destinations.toml``, or the file named by ``CAPI_DESTINATIONS_FILE``::
+
+    [destinations.brand-a]
+    pixel_id = "pix_a"
+    api_key_env = "CAPI_KEY_BRAND_A"        # or: api_key_file = "/run/secrets/brand-a"
+    integration_source = "acme-platform"    # optional
+    # base_url = "https://bzr.openai.com"   # optional
+    intake_tokens_sha256 = ["<64 hex>"]     # optional
+
+Without the file, ``CAPI_API_KEY`` and ``CAPI_PIXEL_ID`` form the one destination
+``default`` (and ``CAPI_INTAKE_TOKENS_SHA256`` lists its tokens), so a single-pixel set-up
+needs no file. :func:`load` refuses a broken file with :class:`~capi.errors.ConfigError`
+naming the file, the line and the rule; a caller that already runs keeps its old
+destinations meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from capi.constants import DEFAULT_BASE_URL
+from capi.errors import ConfigError
+from capi.fingerprint import fingerprint, shape_problem
+from capi.settings import Settings
+
+DEFAULT_FILE = Path("config/destinations.toml")
+DEFAULT_NAME = "default"
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class _Entry(BaseModel):
+    """One ``[destinations.NAME]`` table, as written."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    pixel_id: str = Field(min_length=1, max_length=200)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    api_key_file: Path | None = None
+    integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    intake_tokens_sha256: list[str] = []
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> _Entry:
+        if (self.api_key_env is None) == (self.api_key_file is None):
+            raise ValueError("give exactly one of api_key_env and api_key_file")
+        for token in self.intake_tokens_sha256:
+            if not re.match(SHA256_HEX, token):
+                raise ValueError(
+                    "intake_tokens_sha256 holds SHA-256 digests: 64 lowercase hex characters "
+                    "each (capi intake-token prints the line to paste)"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One pixel to send to, with its key (never shown: see :attr:`key_fingerprint`)."""
+
+    name: str
+    pixel_id: str
+    api_key: str = field(repr=False)
+    key_source: str
+    base_url: str = DEFAULT_BASE_URL
+    integration_source: str | None = None
+    intake_tokens_sha256: frozenset[str] = frozenset()
+
+    @property
+    def key_fingerprint(self) -> str:
+        """The key's fingerprint, the only form in which it is ever shown."""
+        return fingerprint(self.api_key)
+
+
+def source(settings: Settings) -> Path | None:
+    """The destinations file in use: ``CAPI_DESTINATIONS_FILE``, or
+    ``config/destinations.toml`` if it exists; None without one."""
+    if settings.destinations_file is not None:
+        return Path(settings.destinations_file)
+    return DEFAULT_FILE if DEFAULT_FILE.exists() else None
+
+
+def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Destination]:
+    """The configured destinations by name; ConfigError names what is wrong, and where."""
+    environ = os.environ if environ is None else environ
+    path = source(settings)
+    if path is None:
+        return {DEFAULT_NAME: _from_settings(settings)}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"CAPI_DESTINATIONS_FILE: cannot read {path.absolute()} ({exc.strerror})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: is not UTF-8 text") from None
+    return parse(text, path, settings, environ)
+
+
+def parse(
+    text: str, path: Path, settings: Settings, environ: Mapping[str, str]
+) -> dict[str, Destination]:
+    """The destinations of one TOML text (``path`` only names it in errors)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: is not valid TOML: {exc}") from None
+    unknown = set(data) - {"destinations"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level table {sorted(unknown)[0]!r}; every table is "
+            "[destinations.NAME]"
+        )
+    tables = data.get("destinations")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"{path}: names no destination; add a [destinations.NAME] table")
+    out: dict[str, Destination] = {}
+    for name, table in tables.items():
+        where = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
+        if not NAME.match(name):
+            raise ConfigError(
+                f"{where}: a destination name is 1-63 lowercase letters, digits, - or _, "
+                "starting with a letter or digit"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table of settings")
+        try:
+            entry = _Entry.model_validate(table)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: {_first(exc)}") from None
+        key, key_source = _key(entry, where, environ)
+        out[name] = Destination(
+            name=name,
+            pixel_id=entry.pixel_id,
+            api_key=key,
+            key_source=key_source,
+            base_url=(entry.base_url or settings.base_url).rstrip("/"),
+            integration_source=entry.integration_source or settings.integration_source,
+            intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
+        )
+    return out
+
+
+def default(settings: Settings) -> Destination:
+    """The destination ``default``: CAPI_API_KEY, CAPI_PIXEL_ID and the other settings."""
+    return _from_settings(settings)
+
+
+def _from_settings(settings: Settings) -> Destination:
+    api_key, pixel_id = settings.credentials()
+    tokens = [t.strip() for t in (settings.intake_tokens_sha256 or "").split(",") if t.strip()]
+    for token in tokens:
+        if not re.match(SHA256_HEX, token):
+            raise ConfigError(
+                "CAPI_INTAKE_TOKENS_SHA256: comma-separated SHA-256 digests, 64 lowercase hex "
+                "characters each (capi intake-token prints the line to paste)"
+            )
+    return Destination(
+        name=DEFAULT_NAME,
+        pixel_id=pixel_id,
+        api_key=api_key,
+        key_source="CAPI_API_KEY",
+        base_url=settings.base_url,
+        integration_source=settings.integration_source,
+        intake_tokens_sha256=frozenset(tokens),
+    )
+
+
+def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, str]:
+    if entry.api_key_env is not None:
+        key = environ.get(entry.api_key_env, "").strip()
+        label = f"${entry.api_key_env}"
+        if not key:
+            raise ConfigError(f"{where}: api_key_env names {entry.api_key_env}, which is not set")
+    else:
+        assert entry.api_key_file is not None
+        label = str(entry.api_key_file)
+        try:
+            key = entry.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"{where}: cannot read api_key_file {label} ({why})") from None
+    if problem := shape_problem(key):
+        problem = problem.replace("the CAPI_API_KEY= line of the config file", "its own line")
+        raise ConfigError(f"{where}: the key in {label} {problem}")
+    return key, label
+
+
+def _line_of(text: str, name: str) -> int:
+    """The line of ``[destinations.NAME]`` (1 if it cannot be found, e.g. inline tables)."""
+    pattern = re.compile(
+        r"^\s*\[\s*destinations\s*\.\s*(\"?)" + re.escape(name) + r"\1\s*\]", re.MULTILINE
+    )
+    match = pattern.search(text)
+    return text.count("\n", 0, match.start()) + 1 if match else 1
+
+
+def _first(exc: ValidationError) -> str:
+    err: dict[str, Any] = dict(exc.errors(include_url=False, include_input=False)[0])
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg

@@ -110,10 +110,30 @@ def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[s
     return parse(text, path, settings, environ)
 
 
+def names(settings: Settings) -> list[str]:
+    """The configured destinations' names, without reading any key (producers need no key)."""
+    path = source(settings)
+    if path is None:
+        return [DEFAULT_NAME]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"CAPI_DESTINATIONS_FILE: cannot read {path.absolute()} ({exc})"
+        ) from None
+    return list(parse(text, path, settings, {}, with_keys=False))
+
+
 def parse(
-    text: str, path: Path, settings: Settings, environ: Mapping[str, str]
+    text: str,
+    path: Path,
+    settings: Settings,
+    environ: Mapping[str, str],
+    *,
+    with_keys: bool = True,
 ) -> dict[str, Destination]:
-    """The destinations of one TOML text (``path`` only names it in errors)."""
+    """The destinations of one TOML text (``path`` only names it in errors); without
+    ``with_keys`` the keys are not read (and left empty)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -141,7 +161,7 @@ def parse(
             entry = _Entry.model_validate(table)
         except ValidationError as exc:
             raise ConfigError(f"{where}: {_first(exc)}") from None
-        key, key_source = _key(entry, where, environ)
+        key, key_source = _key(entry, where, environ) if with_keys else ("", "")
         out[name] = Destination(
             name=name,
             pixel_id=entry.pixel_id,
@@ -202,7 +222,8 @@ def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, st
 def _line_of(text: str, name: str) -> int:
     """The line of ``[destinations.NAME]`` (1 if it cannot be found, e.g. inline tables)."""
     pattern = re.compile(
-        r"^\s*\[\s*destinations\s*\.\s*(\"?)" + re.escape(name) + r"\1\s*\]", re.MULTILINE
+        r"^[ \t]*\[[ \t]*destinations[ \t]*\.[ \t]*(\"?)" + re.escape(name) + r"\1[ \t]*\]",
+        re.MULTILINE,
     )
     match = pattern.search(text)
     return text.count("\n", 0, match.start()) + 1 if match else 1

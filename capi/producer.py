@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, overload
 
 import redis
 import redis.asyncio as aioredis
@@ -30,6 +30,8 @@ import redis.exceptions
 
 from capi import dedup
 from capi.constants import RedisKeys
+from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
+from capi.destinations import names as destination_names
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA
@@ -100,6 +102,16 @@ def _where(client: Any) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
 
 
+# Where an event goes: None (the only destination), one name, or several (fan-out).
+Destination_ = str | list[str] | tuple[str, ...] | None
+
+
+def _answer(added: dict[str, bool], destination: Destination_) -> bool | dict[str, bool]:
+    if destination is None or isinstance(destination, str):
+        return next(iter(added.values()))
+    return added
+
+
 class _BaseProducer:
     """What both producers share: settings, validation, and the enqueue script's arguments."""
 
@@ -113,8 +125,10 @@ class _BaseProducer:
         chunk: int = 500,
         durability: str = "memory",
         durability_timeout_ms: int = 1000,
+        destinations: Sequence[str] = (DEFAULT_DESTINATION,),
     ) -> None:
         self.redis = client
+        self.destinations = list(destinations)
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
         self.keys = keys or RedisKeys()
@@ -132,6 +146,7 @@ class _BaseProducer:
                 "capi: CAPI_REDIS_URL is not set; enqueueing to the default Redis at %s",
                 settings.redis_url,
             )
+        kwargs.setdefault("destinations", destination_names(settings))
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
         return cls(
@@ -189,11 +204,43 @@ class _BaseProducer:
             why = f"could not be read as an event ({type(exc).__name__})"
             raise EventRejected([Problem("(event)", why)]) from None
 
-    def _one(self, event: RawEvent) -> tuple[list[str], list[Any]]:
-        return self._args([self._prepare(event)])
+    def _targets(self, destination: Destination_) -> list[RedisKeys]:
+        """The keys of each destination an event goes to; EventRejected if one is unknown."""
+        if destination is None:
+            if len(self.destinations) != 1:
+                raise EventRejected(
+                    [
+                        Problem(
+                            "destination",
+                            "name one: this deployment has several ("
+                            + ", ".join(self.destinations)
+                            + ")",
+                        )
+                    ]
+                )
+            names = self.destinations
+        else:
+            names = [destination] if isinstance(destination, str) else list(destination)
+            if not names:
+                raise EventRejected([Problem("destination", "name at least one")])
+        unknown = [n for n in names if n not in self.destinations]
+        if unknown:
+            raise EventRejected(
+                [
+                    Problem(
+                        "destination",
+                        f"{unknown[0][:40]!r} is not configured; the destinations are: "
+                        + ", ".join(self.destinations),
+                    )
+                ]
+            )
+        return [self.keys.for_destination(n) for n in dict.fromkeys(names)]
+
+    def _one(self, event: RawEvent, target: RedisKeys) -> tuple[list[str], list[Any]]:
+        return self._args([self._prepare(event)], target)
 
     def _chunks(
-        self, events: Iterable[RawEvent], report: EnqueueReport
+        self, events: Iterable[RawEvent], report: EnqueueReport, targets: list[RedisKeys]
     ) -> Iterator[tuple[list[str], list[Any]]]:
         prepared = []
         for i, raw in enumerate(events):
@@ -202,12 +249,13 @@ class _BaseProducer:
             except EventRejected as exc:
                 report.refused.append((i, exc))
         for start in range(0, len(prepared), self.chunk):
-            yield self._args(prepared[start : start + self.chunk])
+            for target in targets:  # fan-out: one copy per destination, each on its own
+                yield self._args(prepared[start : start + self.chunk], target)
 
-    def _args(self, batch: list[PreparedEvent]) -> tuple[list[str], list[Any]]:
-        keys = [self.keys.stream, self.keys.stats]
+    def _args(self, batch: list[PreparedEvent], target: RedisKeys) -> tuple[list[str], list[Any]]:
+        keys = [target.stream, target.stats]
         window = self.dedup_window_s
-        args: list[Any] = [self.keys.dedup_prefix, dedup.bucket_s(window), window]
+        args: list[Any] = [target.dedup_prefix, dedup.bucket_s(window), window]
         for p in batch:
             args += [dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json]
         return keys, args
@@ -246,22 +294,40 @@ class Producer(_BaseProducer):
         """Close the Redis connection pool."""
         await self.redis.aclose()
 
-    async def enqueue(self, event: RawEvent) -> bool:
+    @overload
+    async def enqueue(self, event: RawEvent, destination: str | None = None) -> bool: ...
+    @overload
+    async def enqueue(
+        self, event: RawEvent, destination: list[str] | tuple[str, ...]
+    ) -> dict[str, bool]: ...
+    async def enqueue(
+        self, event: RawEvent, destination: Destination_ = None
+    ) -> bool | dict[str, bool]:
         """Enqueue one event; False if its id was already enqueued within the dedup window.
 
-        Raises :class:`~capi.errors.EventRejected` if the event breaks a rule.
+        ``destination`` names where it goes (``None``: the only one); a list fans it out,
+        one copy per destination, and the answer is then per destination. Raises
+        :class:`~capi.errors.EventRejected` if the event breaks a rule or names an unknown
+        destination.
         """
-        keys, args = self._one(event)
+        targets = self._targets(destination)
+        added = {}
         with _translated(self.redis):
-            added = bool((await self._script(keys=keys, args=args))[0])
+            for target in targets:
+                keys, args = self._one(event, target)
+                added[target.destination] = bool((await self._script(keys=keys, args=args))[0])
             await self._durable()
-        return added
+        return _answer(added, destination)
 
-    async def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
-        """Enqueue many events; refused ones are reported (by position), the rest queued."""
+    async def enqueue_many(
+        self, events: Iterable[RawEvent], destination: Destination_ = None
+    ) -> EnqueueReport:
+        """Enqueue many events (to each destination named); refused ones are reported (by
+        position), the rest queued."""
         report = EnqueueReport()
+        targets = self._targets(destination)
         with _translated(self.redis):
-            for keys, args in self._chunks(events, report):
+            for keys, args in self._chunks(events, report, targets):
                 self._count(report, await self._script(keys=keys, args=args))
             await self._durable()
         return report
@@ -294,19 +360,33 @@ class SyncProducer(_BaseProducer):
         """Close the Redis connection pool."""
         self.redis.close()
 
-    def enqueue(self, event: RawEvent) -> bool:
-        """Enqueue one event; False if its id was already enqueued within the dedup window."""
-        keys, args = self._one(event)
+    @overload
+    def enqueue(self, event: RawEvent, destination: str | None = None) -> bool: ...
+    @overload
+    def enqueue(
+        self, event: RawEvent, destination: list[str] | tuple[str, ...]
+    ) -> dict[str, bool]: ...
+    def enqueue(self, event: RawEvent, destination: Destination_ = None) -> bool | dict[str, bool]:
+        """Enqueue one event; False if its id was already enqueued within the dedup window
+        (see :meth:`Producer.enqueue` for ``destination``)."""
+        targets = self._targets(destination)
+        added = {}
         with _translated(self.redis):
-            added = bool(self._script(keys=keys, args=args)[0])
+            for target in targets:
+                keys, args = self._one(event, target)
+                added[target.destination] = bool(self._script(keys=keys, args=args)[0])
             self._durable()
-        return added
+        return _answer(added, destination)
 
-    def enqueue_many(self, events: Iterable[RawEvent]) -> EnqueueReport:
-        """Enqueue many events; refused ones are reported (by position), the rest queued."""
+    def enqueue_many(
+        self, events: Iterable[RawEvent], destination: Destination_ = None
+    ) -> EnqueueReport:
+        """Enqueue many events (to each destination named); refused ones are reported (by
+        position), the rest queued."""
         report = EnqueueReport()
+        targets = self._targets(destination)
         with _translated(self.redis):
-            for keys, args in self._chunks(events, report):
+            for keys, args in self._chunks(events, report, targets):
                 self._count(report, self._script(keys=keys, args=args))
             self._durable()
         return report

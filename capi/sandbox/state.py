@@ -98,6 +98,8 @@ class SandboxState:
         self.pixels = set(pixels or {DEFAULT_PIXEL})
         self.faults: list[Fault] = []
         # How event rejections look; tests change these to play an API that has changed.
+        # A key may write only its own ad account's pixels, when listed here.
+        self.key_pixels: dict[str, set[str]] = {}
         self.report_index = True  # False: rejections omit events[i] everywhere
         self.index_in_param = True  # False: only errors[].param names events[i]
         self.rejection_status = 400
@@ -113,6 +115,8 @@ class SandboxState:
         with self.lock:
             self.requests = 0
             self.received: Counter[tuple[str, str, str]] = Counter()
+            # Events accepted, by (pixel, key, integration_source) of their request.
+            self.senders: Counter[tuple[str, str, str | None]] = Counter()
             self.statuses: Counter[int] = Counter()
             self.batch_sizes: list[int] = []
             self.validate_only_requests = 0
@@ -120,6 +124,11 @@ class SandboxState:
             self.last_batch_at: float | None = None
 
     # -- what tests read -------------------------------------------------------------
+    def delivered_counts(self) -> Counter[tuple[str, str, str]]:
+        """How often each (pixel, event name, event id) was accepted."""
+        with self.lock:
+            return Counter(self.received)
+
     def delivered_ids(self) -> Counter[str]:
         """Event id -> times a valid, non-validate-only request carried it."""
         with self.lock:
@@ -214,17 +223,10 @@ class SandboxState:
 
     def _process(self, query: dict[str, str], headers: dict[str, str], body: bytes) -> Reply:
         key = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if key in self.scopeless_keys:
-            return _error(401, SCOPE_MESSAGE, code="missing_scope")
-        if key not in self.conversion_keys:
-            return _error(401, "Unauthorized")
-        pid = query.get("pid")
-        if not pid:
-            return _error(
-                400, "[{'type': 'missing', 'loc': ('query', 'pid'), 'msg': 'Field required'}]"
-            )
-        if pid not in self.pixels:
-            return _error(403, "403: unknown pid", type="server_error")
+        pid = query.get("pid") or ""
+        refused = self._authorize(key, pid)
+        if refused is not None:
+            return refused
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -254,7 +256,28 @@ class SandboxState:
                 self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
+                source = payload.get("integration_source")
+                self.senders[(pid, key, source if isinstance(source, str) else None)] += len(
+                    checked
+                )
         return Reply(200, orjson.dumps({"accepted_events": len(checked) + self.accepted_delta}))
+
+    def _authorize(self, key: str, pid: str) -> Reply | None:
+        """The refusal of a key or pixel, or None when this key may write this pixel."""
+        if key in self.scopeless_keys:
+            return _error(401, SCOPE_MESSAGE, code="missing_scope")
+        if key not in self.conversion_keys:
+            return _error(401, "Unauthorized")
+        if not pid:
+            return _error(
+                400, "[{'type': 'missing', 'loc': ('query', 'pid'), 'msg': 'Field required'}]"
+            )
+        if pid not in self.pixels:
+            return _error(403, "403: unknown pid", type="server_error")
+        owned = self.key_pixels.get(key)
+        if owned is not None and pid not in owned:  # the pixel is another ad account's
+            return _error(403, "403: unknown pid", type="server_error")
+        return None
 
     def _validate(self, events: list[Any]) -> tuple[list[tuple[str, str]], Reply | None]:
         now = int(self.clock() * 1000)

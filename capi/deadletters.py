@@ -48,6 +48,7 @@ class DeadLetter(BaseModel):
 
     key: str
     id: str
+    destination: str = "default"
     event_type: str
     event: dict[str, Any]
     event_json: str
@@ -87,6 +88,7 @@ def build(
     pixel_id: str,
     now_ms: int,
     attempted: bool,
+    destination: str = "default",
 ) -> DeadLetter:
     """The dead letter record of one entry; ``attempted`` if this failure was a send."""
     event = orjson.loads(entry.event)
@@ -100,6 +102,7 @@ def build(
     return DeadLetter(
         key=f"{name}:{entry.event_id}",
         id=entry.event_id,
+        destination=destination,
         event_type=str(event.get("custom_event_name") or event.get("type")),
         event=event,
         event_json=entry.event.decode(),
@@ -187,6 +190,7 @@ class Unreadable:
     key: str
     why: str
     raw: bytes
+    destination: str = "default"
 
     @property
     def id(self) -> str:

@@ -21,6 +21,7 @@ destinations meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -99,15 +100,43 @@ def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[s
     path = source(settings)
     if path is None:
         return {DEFAULT_NAME: _from_settings(settings)}
+    return parse(_read(path), path, settings, environ)
+
+
+def parse_file(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> dict[str, Destination]:
+    """Like :func:`load`, but a key that cannot be read here is left empty rather than
+    refused (for listing destinations on a host that does not hold every key)."""
+    environ = os.environ if environ is None else environ
+    path = source(settings)
+    if path is None:
+        try:
+            return {DEFAULT_NAME: _from_settings(settings)}
+        except ConfigError:
+            return {DEFAULT_NAME: Destination(DEFAULT_NAME, settings.pixel_id or "", "", "")}
+    text = _read(path)
+    found = parse(text, path, settings, environ, with_keys=False)
+    out = {}
+    for name, dest in found.items():
+        try:
+            key, label = _key(
+                _Entry.model_validate(tomllib.loads(text)["destinations"][name]), "", environ
+            )
+        except ConfigError:
+            key, label = "", ""
+        out[name] = dataclasses.replace(dest, api_key=key, key_source=label)
+    return out
+
+
+def _read(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise ConfigError(
-            f"CAPI_DESTINATIONS_FILE: cannot read {path.absolute()} ({exc.strerror})"
+            f"CAPI_DESTINATIONS_FILE: cannot read {path.absolute()} ({why})"
         ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: is not UTF-8 text") from None
-    return parse(text, path, settings, environ)
 
 
 def names(settings: Settings) -> list[str]:

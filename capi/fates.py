@@ -174,6 +174,7 @@ class Fates:
                 pixel_id=self.client.pixel_id,
                 now_ms=now,
                 attempted=attempted,
+                destination=self.queue.keys.destination,
             )
             for e in group
         ]

@@ -154,7 +154,11 @@ class Housekeeping:
     async def _heartbeat(self) -> None:
         s = self.sender
         state, detail = s.state()
-        await s.queue.heartbeat(s.name, int(time.time() * 1000), {"state": state, "detail": detail})
+        await s.queue.heartbeat(
+            s.name,
+            int(time.time() * 1000),
+            {"state": state, "detail": detail, "destination": s.destination.name},
+        )
 
     async def _log_status(self) -> None:
         status = await gather(self.sender.redis, self.sender.keys)

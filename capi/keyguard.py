@@ -97,7 +97,9 @@ class KeyGuard:
                 return Verdict.ALREADY_HELD
             recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
             result = None if recently_ok else await self._probe()
-            if result is None or result.ok:
+            # Probes that met 429s, 5xx or lost answers say nothing about the key: only a
+            # key problem answered to the probes themselves confirms one.
+            if result is None or result.ok or (result.error is not None and result.error.retryable):
                 await self._write_state(None, count_transient=True)
                 log.warning(
                     "transient %s on a key that passes its probe; retrying (request id %s)",

@@ -55,6 +55,7 @@ class Selection:
     since_ms: int | None = None
     until_ms: int | None = None
     replayable: bool | None = None
+    destinations: list[str] = field(default_factory=list)
 
     def matches(self, record: DeadLetter, now_ms: int) -> bool:
         """Whether a record is selected."""

@@ -51,6 +51,7 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
                 "name": name.decode(),
                 "state": state.get("state", "unknown"),
                 "detail": state.get("detail", ""),
+                "destination": state.get("destination", "default"),
                 "last_seen_s": round(max(0, now - score) / 1000, 1),
             }
         )

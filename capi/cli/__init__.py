@@ -4,12 +4,19 @@ The ``worker`` command is added by :mod:`workers.cli` (the arq glue), which is a
 console-script entry point, so that this package never imports ``workers``.
 """
 
-from capi.cli import deadletter_commands, queue_commands, replay_commands, support_commands
+from capi.cli import (
+    deadletter_commands,
+    destination_commands,
+    queue_commands,
+    replay_commands,
+    support_commands,
+)
 from capi.cli.main import cli
 
 __all__ = [
     "cli",
     "deadletter_commands",
+    "destination_commands",
     "queue_commands",
     "replay_commands",
     "support_commands",

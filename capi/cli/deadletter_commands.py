@@ -3,6 +3,7 @@ have modules of their own; the shared filters are in :mod:`capi.cli.selection`).
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from collections import Counter
@@ -31,6 +32,7 @@ from capi.cli.common import (
 )
 from capi.cli.main import cli
 from capi.cli.selection import (
+    destination_names,
     filters,
     human_duration,
     now_ms,
@@ -234,13 +236,18 @@ def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
 
     async def go() -> list[bytes]:
         client = redis_client(settings)
+        rows: list[bytes] = []
         try:
-            rows: list[bytes] = await aw(client.lrange(settings.keys.replays, 0, limit - 1))
+            for name in destination_names(settings, None):
+                keys = settings.keys.for_destination(name)
+                rows += await aw(client.lrange(keys.replays, 0, limit - 1))
             return rows
         finally:
             await client.aclose()
 
-    entries = [orjson.loads(raw) for raw in run(go())]
+    entries = sorted(
+        (orjson.loads(raw) for raw in run(go())), key=lambda e: e["at_ms"], reverse=True
+    )[:limit]
     if not entries:
         out.print("No replays yet.")
     for entry in entries:
@@ -322,7 +329,8 @@ def purge_command(
     """
     settings = settings_from(ctx)
     selection = selection_from(ids, kw, now_ms())
-    if not (ids or select_all or selection.describe()):
+    filtered = dataclasses.replace(selection, destinations=[]).describe()
+    if not (ids or select_all or filtered):
         raise click.UsageError("say what to purge: IDs, --all, or a filter such as --expired")
     found, unreadable = run(select_with_unreadable(settings, selection))
     # An unreadable record goes only when named: filters cannot read what it holds.
@@ -343,8 +351,15 @@ def purge_command(
 
     async def go() -> int:
         client = redis_client(settings)
+        groups: dict[str, list[DeadLetter | Unreadable]] = {}
+        for r in records:
+            groups.setdefault(r.destination, []).append(r)
         try:
-            return await replay.purge(client, settings.keys, records)
+            removed = 0
+            for name, group in groups.items():
+                keys = settings.keys.for_destination(name)
+                removed += await replay.purge(client, keys, group)
+            return removed
         finally:
             await client.aclose()
 

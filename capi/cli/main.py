@@ -8,8 +8,12 @@ import sys
 from typing import Any
 
 import click
+from rich.table import Table
+from rich.text import Text
 
+from capi import destinations
 from capi.cli.common import err, fail, handle_errors, out, print_json, run, settings_from
+from capi.cli.selection import destination_names
 from capi.client import ConversionsClient
 from capi.demo import Demo
 from capi.exitcodes import MEANINGS, ExitCode, for_reason
@@ -42,14 +46,21 @@ def cli(ctx: click.Context, config_file: str | None) -> None:
 
 @cli.command("check-key")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option(
+    "--destination",
+    metavar="NAME[,NAME...]",
+    help="Check only these destinations (default: all).",
+)
 @click.pass_context
 @handle_errors
-def check_key_command(ctx: click.Context, as_json: bool) -> None:
+def check_key_command(ctx: click.Context, as_json: bool, destination: str | None) -> None:
     """Prove the Conversion Key can write events (a validate_only request).
 
     Exits 0 when it can; otherwise prints the diagnosis and exits with a code naming the
     cause (10 missing scope, 11 unauthorized, 12 unknown pixel, 13 access denied,
-    14 unreachable, 15 unexpected). The key itself is never printed.
+    14 unreachable, 15 unexpected). The key itself is never printed. With several
+    destinations each is checked, a table is printed, and the exit code is 0 only if
+    every one passes (else the code of the first that failed).
 
     The key is read from CAPI_API_KEY in config/capi.env (or --config FILE) or the
     environment; never type it on a command line, where shell history keeps it.
@@ -60,24 +71,60 @@ def check_key_command(ctx: click.Context, as_json: bool) -> None:
       capi check-key --json | jq .ok
     """
     settings = settings_from(ctx)
-    key, pixel = settings.credentials()
+    names = destination_names(settings, destination)
+    configured = destinations.load(settings)
+    chosen = [configured[n] for n in names]
 
-    async def go() -> KeyCheck:
+    async def one(dest: destinations.Destination) -> KeyCheck:
         async with ConversionsClient(
-            base_url=settings.base_url,
-            api_key=key,
-            pixel_id=pixel,
+            base_url=dest.base_url,
+            api_key=dest.api_key,
+            pixel_id=dest.pixel_id,
             timeout_s=min(settings.request_timeout_s, 15.0),
         ) as client:
-            return await check_key(client, confirmations=settings.probe_confirmations, api_key=key)
+            return await check_key(
+                client, confirmations=settings.probe_confirmations, api_key=dest.api_key
+            )
 
-    result = run(go())
+    async def go() -> list[KeyCheck]:
+        return list(await asyncio.gather(*(one(d) for d in chosen)))
+
+    results = run(go())
+    if len(chosen) == 1:
+        _report_one(results[0], chosen[0].base_url, as_json)
+        return
+    failed = [r for r in results if not r.ok]
     if as_json:
-        print_json(_check_json(result, settings.base_url))
+        print_json(
+            {
+                "ok": not failed,
+                "destinations": [
+                    {"name": d.name, **_check_json(r, d.base_url)}
+                    for d, r in zip(chosen, results, strict=True)
+                ],
+            }
+        )
+    else:
+        table = Table("destination", "pixel", "key", "result", box=None)
+        for d, r in zip(chosen, results, strict=True):
+            verdict = "OK" if r.ok else f"FAILED: {r.error.reason.value if r.error else '?'}"
+            table.add_row(Text(d.name), Text(d.pixel_id), Text(r.key_fingerprint), verdict)
+        out.print(table)
+        for d, r in zip(chosen, results, strict=True):
+            if not r.ok and r.diagnosis is not None:
+                err.print(f"\ndestination {d.name}:\n{r.diagnosis.text}", markup=False)
+    if failed:
+        assert failed[0].error is not None
+        sys.exit(for_reason(failed[0].error.reason))
+
+
+def _report_one(result: KeyCheck, base_url: str, as_json: bool) -> None:
+    if as_json:
+        print_json(_check_json(result, base_url))
     elif result.ok:
         out.print(
             f"OK: the Conversion Key {result.key_fingerprint} can write events to pixel "
-            f"{result.pixel_id!r} at {settings.base_url}.",
+            f"{result.pixel_id!r} at {base_url}.",
             markup=False,  # the pixel id and URL are data, never markup
         )
     else:

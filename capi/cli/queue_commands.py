@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import click
+from rich.markup import escape
 from rich.progress import Progress
 
+from capi import destinations
 from capi.cli.common import (
     err,
     handle_errors,
@@ -24,6 +26,7 @@ from capi.cli.common import (
     settings_from,
 )
 from capi.cli.main import cli
+from capi.cli.selection import destination_names, destination_option
 from capi.constants import MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
 from capi.exitcodes import ExitCode
@@ -39,10 +42,18 @@ _NOTHING = object()  # not an event: a blank or refused line (a line may hold JS
 
 @cli.command("enqueue")
 @click.argument("file", type=click.File("rb"), default="-")
+@click.option(
+    "--destination",
+    metavar="NAME[,NAME...]",
+    help="Where the events go; several names fan out (one copy each). Needed only when "
+    "more than one destination is configured.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 @handle_errors
-def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
+def enqueue_command(
+    ctx: click.Context, file: IO[bytes], destination: str | None, as_json: bool
+) -> None:
     """Validate and enqueue events from JSON Lines (FILE, or stdin).
 
     One event per line in the API's format; raw identifiers may be given under ``user``
@@ -59,6 +70,12 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
         '"data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
     """
     settings = settings_from(ctx)  # the producer warns when the Redis is the default
+    names = destination_names(settings, destination) if destination else None
+    if names is None and len(destinations.names(settings)) > 1:
+        raise click.UsageError(
+            "several destinations are configured: name one or more with --destination "
+            "(see capi destinations)"
+        )
     total = EnqueueReport()
     lines_read = 0
     with SyncProducer.from_settings(settings) as producer, _file_progress(file) as advance:
@@ -72,9 +89,9 @@ def enqueue_command(ctx: click.Context, file: IO[bytes], as_json: bool) -> None:
                 batch.append((lineno, parsed))
                 batch_bytes += size
             if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
-                _flush(producer, batch, total)
+                _flush(producer, batch, total, names)
                 batch_bytes = 0
-        _flush(producer, batch, total)
+        _flush(producer, batch, total, names)
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
     summary = {
@@ -211,10 +228,15 @@ def _no_constant(name: str) -> Any:
     raise _Refused(f"is not valid JSON ({name} is not a JSON number)")
 
 
-def _flush(producer: SyncProducer, batch: list[tuple[int, Any]], total: EnqueueReport) -> None:
+def _flush(
+    producer: SyncProducer,
+    batch: list[tuple[int, Any]],
+    total: EnqueueReport,
+    names: list[str] | None,
+) -> None:
     if not batch:
         return
-    report = producer.enqueue_many(event for _, event in batch)
+    report = producer.enqueue_many((event for _, event in batch), destination=names)
     total.queued += report.queued
     total.duplicates += report.duplicates
     total.refused += [(batch[i][0], exc) for i, exc in report.refused]
@@ -223,19 +245,46 @@ def _flush(producer: SyncProducer, batch: list[tuple[int, Any]], total: EnqueueR
 
 @cli.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@destination_option()
 @click.pass_context
 @handle_errors
-def status_command(ctx: click.Context, as_json: bool) -> None:
-    """Queue depth, in flight, retries, counters, dead letters by reason, key state.
+def status_command(ctx: click.Context, as_json: bool, destination: str | None) -> None:
+    """Queue depth, in flight, retries, counters, dead letters by reason, key state,
+    the endpoint, Redis memory, and each live worker with what it is doing.
+
+    With several destinations, one section each (``--json``: under ``destinations``).
 
     \b
     Example:
       capi status --json | jq .key
     """
-    status = run(_status(settings_from(ctx)))
-    if as_json:
-        print_json(status)
+    settings = settings_from(ctx)
+    names = destination_names(settings, destination)
+    statuses = run(_statuses(settings, names))
+    if len(names) == 1:
+        status = {"destination": names[0], **statuses[names[0]]}
+        if as_json:
+            print_json(status)
+        else:
+            _print_status(status)
         return
+    if as_json:
+        first = statuses[names[0]]
+        print_json(
+            {
+                "destinations": statuses,
+                "workers": first["workers"],
+                "workers_alive": first["workers_alive"],
+                "redis": first["redis"],
+            }
+        )
+        return
+    for i, name in enumerate(names):
+        out.print(("\n" if i else "") + f"[bold]destination {escape(name)}[/]")
+        _print_status(statuses[name], workers=i == len(names) - 1)
+
+
+def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     key = status["key"]
     counters = status["counters"]
     oldest = status["oldest_queued_age_s"]
@@ -260,9 +309,11 @@ def status_command(ctx: click.Context, as_json: bool) -> None:
     if key.get("state") == "held":
         line += f" since {key.get('since')} ({key.get('reason')})"
     out.print(line)
-    out.print(f"workers alive: {len(status['workers'])}")
-    for w in status["workers"]:
-        out.print(f"  {w['name']}: {w['state']} ({w['detail']})", markup=False)
+    if workers:
+        out.print(f"workers alive: {len(status['workers'])}")
+        for w in status["workers"]:
+            where = f" [{w['destination']}]" if w.get("destination") else ""
+            out.print(f"  {w['name']}{where}: {w['state']} ({w['detail']})", markup=False)
     endpoint = status["endpoint"]
     if endpoint["state"] == "failing":
         out.print(
@@ -315,8 +366,14 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
 
 async def _status(settings: Settings) -> dict[str, Any]:
+    statuses = await _statuses(settings, destination_names(settings, None))
+    worst = next((st for st in statuses.values() if st["key"].get("state") == "held"), None)
+    return worst or next(iter(statuses.values()))
+
+
+async def _statuses(settings: Settings, names: list[str]) -> dict[str, dict[str, Any]]:
     client = redis_client(settings)
     try:
-        return await gather(client, settings.keys)
+        return {n: await gather(client, settings.keys.for_destination(n)) for n in names}
     finally:
         await client.aclose()

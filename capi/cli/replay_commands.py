@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from capi import replay
+from capi import destinations, replay
 from capi.cli.common import (
     err,
     handle_errors,
@@ -20,6 +21,7 @@ from capi.cli.common import (
 )
 from capi.cli.deadletter_commands import dead_letters
 from capi.cli.selection import (
+    destination_names,
     filters,
     now_ms,
     report_not_found,
@@ -28,6 +30,7 @@ from capi.cli.selection import (
 )
 from capi.client import ConversionsClient
 from capi.deadletters import DeadLetter
+from capi.errors import ConfigError
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
 
@@ -68,7 +71,8 @@ def replay_command(
     settings = settings_from(ctx)
     now = now_ms()
     selection = selection_from(ids, kw, now)
-    if not (ids or select_all or selection.describe()):
+    filtered = dataclasses.replace(selection, destinations=[]).describe()
+    if not (ids or select_all or filtered):
         raise click.UsageError("say what to replay: IDs, --all, or a filter such as --reason")
     records = run(select_records(settings, selection))
     report_not_found(ids, records)
@@ -105,25 +109,42 @@ async def _replay(
     selection: Selection,
     advance: Callable[[int], None],
 ) -> replay.ReplayReport:
+    """Replay each record to its own destination's queue; one report for all."""
     client = redis_client(settings)
+    total = replay.ReplayReport(selected=len(records))
     try:
-        return await replay.replay(
-            client,
-            settings.keys,
-            records,
-            rate_per_s=rate,
-            include_expired=include_expired,
-            selection=selection,
-            progress=advance,
-        )
+        # Nothing selected still leaves an audit entry (in the first destination's log).
+        groups = _by_destination(records) or {
+            (selection.destinations or destination_names(settings, None))[0]: []
+        }
+        for name, group in groups.items():
+            report = await replay.replay(
+                client,
+                settings.keys.for_destination(name),
+                group,
+                rate_per_s=rate,
+                include_expired=include_expired,
+                selection=selection,
+                progress=advance,
+            )
+            total.replayed += report.replayed
+            total.already_gone += report.already_gone
+            total.expired += report.expired
     finally:
         await client.aclose()
+    return total
+
+
+def _by_destination(records: list[DeadLetter]) -> dict[str, list[DeadLetter]]:
+    groups: dict[str, list[DeadLetter]] = {}
+    for r in records:
+        groups.setdefault(r.destination, []).append(r)
+    return groups
 
 
 def _dry_run(
     settings: Settings, records: list[DeadLetter], as_json: bool, include_expired: bool
 ) -> None:
-    key, pixel = settings.credentials()
     now = now_ms()
     send = [r for r in records if include_expired or can_replay(r, now)]
     skipped = [
@@ -131,12 +152,19 @@ def _dry_run(
         for r in records
         if r not in send
     ]
+    configured = destinations.load(settings) if send else {}
 
     async def go() -> list[replay.DryRunResult]:
-        async with ConversionsClient(
-            base_url=settings.base_url, api_key=key, pixel_id=pixel
-        ) as client:
-            return await replay.dry_run(client, send)
+        results: list[replay.DryRunResult] = []
+        for name, group in _by_destination(send).items():
+            dest = configured.get(name)
+            if dest is None:
+                raise ConfigError(f"destination {name!r} is no longer configured")
+            async with ConversionsClient(
+                base_url=dest.base_url, api_key=dest.api_key, pixel_id=dest.pixel_id
+            ) as client:
+                results += await replay.dry_run(client, group)
+        return results
 
     results = (run(go()) if send else []) + skipped
     for res in results:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ from typing import Any
 
 import click
 
-from capi import deadletters, replay, schema
+from capi import deadletters, destinations, replay, schema
 from capi.cli.common import err, redis_client
 from capi.deadletters import DeadLetter, Unreadable
 from capi.failures import Reason
@@ -51,9 +52,36 @@ def human_duration(ms: int) -> str:
     return f"{sign}{s}s"
 
 
+def destination_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--destination NAME[,NAME...]``: only these destinations (default: all)."""
+    return click.option(
+        "--destination",
+        "destination",
+        metavar="NAME[,NAME...]",
+        help="Only these destinations (default: all).",
+    )
+
+
+def destination_names(settings: Settings, value: str | Sequence[str] | None) -> list[str]:
+    """The destinations an option names (all configured ones if none); UsageError if one
+    is not configured."""
+    configured = destinations.names(settings)
+    if isinstance(value, str):
+        value = [n.strip() for n in value.split(",") if n.strip()]
+    if not value:
+        return configured
+    unknown = [n for n in value if n not in configured]
+    if unknown:
+        raise click.BadParameter(
+            f"{unknown[0]!r} is not configured; the destinations are: {', '.join(configured)}",
+            param_hint="--destination",
+        )
+    return list(dict.fromkeys(value))
+
+
 def filters(func: Callable[..., Any]) -> Callable[..., Any]:
     """The selection options shared by list, replay, export and purge."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option(
             "--reason",
             "reasons",
@@ -69,6 +97,7 @@ def filters(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option("--since", help="Dead-lettered since: 30m, 2h, 7d or an ISO time."),
         click.option("--until", help="Dead-lettered until: 30m, 2h, 7d or an ISO time."),
+        destination_option(),
         click.option(
             "--replayable/--expired",
             default=None,
@@ -89,6 +118,7 @@ def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selec
         since_ms=parse_when(kw.get("since"), now_ms),
         until_ms=parse_when(kw.get("until"), now_ms),
         replayable=kw.get("replayable"),
+        destinations=[n.strip() for n in (kw.get("destination") or "").split(",") if n.strip()],
     )
 
 
@@ -107,11 +137,16 @@ async def select_with_unreadable(
     the type of any dead letter (a misspelling would otherwise select nothing, silently).
     """
     client = redis_client(settings)
+    names = destination_names(settings, selection.destinations)
+    records: list[DeadLetter] = []
     unreadable: list[Unreadable] = []
     try:
         unknown = [t for t in selection.event_types if t not in schema.STANDARD_TYPES]
         if unknown:
-            present = {r.event_type for r in await deadletters.all_records(client, settings.keys)}
+            present = set()
+            for name in names:
+                keys = settings.keys.for_destination(name)
+                present |= {r.event_type for r in await deadletters.all_records(client, keys)}
             if missing := [t for t in unknown if t not in present]:
                 raise click.BadParameter(
                     f"{', '.join(map(repr, missing))} is no event type: use one of "
@@ -119,9 +154,16 @@ async def select_with_unreadable(
                     "letter has",
                     param_hint="--type",
                 )
-        records = await replay.select(client, settings.keys, selection, now_ms(), unreadable)
+        for name in names:
+            keys = settings.keys.for_destination(name)
+            found: list[Unreadable] = []
+            for record in await replay.select(client, keys, selection, now_ms(), found):
+                record.destination = name  # where it is stored is where it goes
+                records.append(record)
+            unreadable += [dataclasses.replace(u, destination=name) for u in found]
     finally:
         await client.aclose()
+    records.sort(key=lambda r: r.dead_lettered_ms, reverse=True)
     return records, unreadable
 
 

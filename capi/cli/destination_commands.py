@@ -1,0 +1,97 @@
+"""``capi destinations``: every destination with its pixel, key and queue, at a glance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from capi import destinations
+from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
+from capi.cli.main import cli
+from capi.fingerprint import fingerprint
+from capi.settings import Settings
+from capi.status import gather
+
+
+@cli.command("destinations")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per destination.")
+@click.pass_context
+@handle_errors
+def destinations_command(ctx: click.Context, as_json: bool) -> None:
+    """List the destinations: pixel, key fingerprint, key state, queue, counts, last error.
+
+    The key state is ok, held (see capi status) or unchecked (no worker has checked it
+    yet). Without a destinations file the one destination is "default".
+
+    \b
+    Examples:
+      capi destinations
+      capi destinations --json | jq -r 'select(.key_state == "held") | .name'
+    """
+    settings = settings_from(ctx)
+    rows = run(_rows(settings))
+    if as_json:
+        for row in rows:
+            print_json(row)
+        return
+    table = Table(
+        "name", "pixel", "key", "state", "queued", "oldest", "delivered", "dead letters",
+        "last error", box=None,
+    )  # fmt: skip
+    for r in rows:
+        oldest = r["oldest_queued_age_s"]
+        table.add_row(
+            Text(r["name"]),
+            Text(r["pixel_id"]),
+            Text(r["key_fingerprint"]),
+            r["key_state"],
+            str(r["queued"]),
+            "-" if oldest is None else f"{oldest:.0f} s",
+            str(r["delivered"]),
+            str(r["dead_letters"]),
+            Text(r["last_error"] or "-"),
+        )
+    out.print(table)
+
+
+async def _rows(settings: Settings) -> list[dict[str, Any]]:
+    configured = destinations.parse_file(settings)
+    client = redis_client(settings)
+    try:
+        rows = []
+        for name, dest in configured.items():
+            status = await gather(client, settings.keys.for_destination(name))
+            key = status["key"]
+            state = key.get("state", "unchecked")
+            if state == "unknown":
+                state = "unchecked"
+            last_error = None
+            if state == "held":
+                last_error = f"key held: {key.get('reason')}"
+            elif status["endpoint"]["state"] == "failing":
+                last_error = status["endpoint"]["last_error"]
+            rows.append(
+                {
+                    "name": name,
+                    "pixel_id": dest.pixel_id,
+                    "key_fingerprint": fingerprint(dest.api_key) if dest.api_key else "(not set)",
+                    "key_source": dest.key_source,
+                    "base_url": dest.base_url,
+                    "integration_source": dest.integration_source,
+                    "key_state": state,
+                    "queued": status["queued"],
+                    "in_flight": status["in_flight"],
+                    "oldest_queued_age_s": status["oldest_queued_age_s"],
+                    "delivered": status["counters"].get("delivered", 0),
+                    "dead_letters": status["dead_letters"],
+                    "dead_lettered": status["counters"].get("dead_lettered", 0),
+                    "endpoint": status["endpoint"]["state"],
+                    "last_error": last_error,
+                }
+            )
+        return rows
+    finally:
+        await client.aclose()

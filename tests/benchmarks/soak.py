@@ -25,10 +25,13 @@ machine. The phases, in order:
 9. drain: the faults end (the intermittent ones go on until each has fired) and the soak
    waits until every event has a fate.
 
-Throughout, except during the outage, the sandbox injects intermittent missing-scope 401s
-and RBAC 403s (never twice in a row, as seen in the wild), 429s, responses dropped after
-the batch was committed, and latency. At the end every enqueued event must be delivered
-(by id, at the sandbox), dead-lettered with a true reason, or still queued: lost = 0.
+Throughout, except during the outage, intermittent faults are armed by time (Blips: one
+every second, for the next request, in turn a missing-scope 401, an RBAC 403, a 429 and a
+response dropped after the batch was committed; never two in a row, as seen in the wild),
+over some latency. ``--dense-faults`` uses the old soak's count-scheduled ones instead
+(about one request in five faulted), which shows a key-guard bug. At the end every
+enqueued event must be delivered (by id, at the sandbox), dead-lettered with a true
+reason, or still queued: lost = 0.
 Duplicates are counted (at-least-once allows them; the API dedups on the id).
 
 The recovery figure of issue 9 item 9: for each kill, the events the killed worker held
@@ -110,6 +113,7 @@ class SoakReport:
     slow_s: float = 0.0
     worker_exits: list[str] = field(default_factory=list)
     stuck: dict[str, int] = field(default_factory=dict)
+    stuck_since: dict[str, str] = field(default_factory=dict)
     requests: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     normal_rate: float | None = None
@@ -142,12 +146,10 @@ class SoakReport:
         return data
 
 
-def intermittent_faults() -> list[Fault]:
-    """Key blips never twice in a row (as seen in the wild), 429s, drops, some latency.
-
-    Scheduled on the request count: fine for faults that are sure to fire in any run that
-    sends a few dozen requests; the soak's drain phase goes on until each has fired.
-    """
+def dense_faults() -> list[Fault]:
+    """The old soak's intermittent faults, on the request count (about one request in five
+    faulted). With several workers, three key probes in a row can meet three of them and
+    the key guard then confirms a key problem that is not there (see the report)."""
     return [
         Fault("missing_scope", every=23),
         Fault("rbac", every=29),
@@ -155,6 +157,72 @@ def intermittent_faults() -> list[Fault]:
         Fault("drop", every=19),
         Fault("latency", every=2, latency_ms=60),
     ]
+
+
+INTERMITTENT = ("missing_scope", "rbac", "rate_limit", "drop")
+
+
+class Blips(threading.Thread):
+    """The intermittent faults, by time: every ``gap_s`` one fault is armed for the next
+    request (401 missing scope, 403 RBAC, 429, a response dropped after the commit, in
+    turn), once the previous one has been consumed; so never two in a row, as seen in the
+    wild, and each kind surely fires while there is traffic. Under them lie the phase's
+    own faults (:meth:`under`): some latency by default, every request a 503 during the
+    outage (the blips then never fire), a slow endpoint."""
+
+    def __init__(self, sandbox: SandboxThread, gap_s: float = 1.0) -> None:
+        super().__init__(name="soak-blips", daemon=True)
+        self.sandbox = sandbox
+        self.gap_s = gap_s
+        self.base = [Fault("latency", every=2, latency_ms=60)]
+        self.fired: dict[str, int] = dict.fromkeys(INTERMITTENT, 0)
+        self.armed: Fault | None = None
+        self.paused = False
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def under(self, faults: list[Fault], *, blips: bool = True) -> None:
+        """Set the phase's faults; ``blips=False`` pauses the intermittent ones."""
+        with self.lock:
+            self.base = faults
+            self.paused = not blips
+            self._apply()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+        with self.lock:
+            self.paused = True
+            self.base = []
+            self._apply()
+
+    def _apply(self) -> None:
+        armed = [self.armed] if self.armed and not self.paused else []
+        self.sandbox.state.faults = [*armed, *self.base]
+
+    def run(self) -> None:
+        turn = 0
+        while not self.stopping.wait(self.gap_s):
+            with self.lock:
+                if self.armed is not None:
+                    if self.armed.remaining:
+                        continue  # not consumed yet
+                    self.fired[self.armed.kind] += 1
+                    self.armed = None
+                if self.paused:
+                    self._apply()
+                    continue
+                kind = INTERMITTENT[turn % len(INTERMITTENT)]
+                turn += 1
+                self.armed = Fault(kind, every=1, remaining=1, retry_after_s=0.05)  # type: ignore[arg-type]
+                self._apply()
+
+    def all_fired(self) -> bool:
+        with self.lock:
+            if self.armed is not None and not self.armed.remaining:
+                self.fired[self.armed.kind] += 1
+                self.armed = None
+            return all(self.fired.values())
 
 
 @dataclass
@@ -193,8 +261,8 @@ class Producer(threading.Thread):
         self.settings = settings
         self.chunk = 25
         chunks = [evts[i : i + self.chunk] for i in range(0, len(evts), self.chunk)]
-        per = -(-len(chunks) // max(1, shares))
-        self.shares = [chunks[i : i + per] for i in range(0, len(chunks), per)]
+        n = len(chunks)
+        self.shares = [chunks[i * n // shares : (i + 1) * n // shares] for i in range(shares)]
         self.feed: queue.Queue[float | None] = queue.Queue()
         self.full = 0
         self.unavailable = 0
@@ -437,10 +505,15 @@ def _client_kill_storm(admin: redis.Redis, seconds: float) -> int:
     return killed
 
 
+# Full means maxmemory this far under the memory in use: the workers, which free memory as
+# they deliver, would have to deliver some thousands of events before producers get in.
+FULL_MARGIN = 1 << 20
+
+
 def _full(server: RedisProcess, producer: Producer, seconds: float) -> None:
     """Redis full for ``seconds`` (and until the producer was refused), then not."""
     refused_before = producer.full
-    server.fill()
+    server.fill(FULL_MARGIN)
     producer.phase(seconds)
     end = time.monotonic() + seconds
     try:
@@ -448,7 +521,7 @@ def _full(server: RedisProcess, producer: Producer, seconds: float) -> None:
             if time.monotonic() > end + 15 or not producer.is_alive():
                 break
             time.sleep(0.3)
-            server.fill()  # workers free memory as they deliver: full again
+            server.fill(FULL_MARGIN)  # workers free memory as they deliver: full again
     finally:
         server.unfill()
 
@@ -467,11 +540,14 @@ def soak(
     phases: Phases | None = None,
     drain_timeout_s: float = 120,
     finish: bool = True,
+    dense: bool = False,
 ) -> SoakReport:
     """Run every fault against a sandbox and a Redis of the soak's own; the accounting.
 
     With ``finish``, once the running workers are stopped a fresh ``--burst`` worker takes
     over whatever they left pending (see :func:`_stuck`) and exits once all is delivered.
+    With ``dense``, the intermittent faults are the old soak's, on the request count
+    (:func:`dense_faults`), instead of :class:`Blips`.
     """
     ph = phases or Phases()
     rng = random.Random(seed)
@@ -493,8 +569,13 @@ def soak(
     bad_ids = set(doom(settings, positions=rng.sample(range(stream_len), doomed)))
     wave_ids = [sid for sid, _ in admin.xrange(stream)]
     sandbox.state.rng = random.Random(seed)
-    background = intermittent_faults()
-    sandbox.state.faults = list(background)
+    blips = Blips(sandbox)
+    if dense:
+        blips.base = dense_faults()
+        blips.paused = True
+    blips._apply()
+    blips.start()
+    background = list(blips.base)
 
     monitor = Monitor(settings.redis_url, stream)
     monitor.start()
@@ -511,17 +592,17 @@ def soak(
         report.normal_rate = round(len(wave_ids) / max(span, 0.1), 1)
 
     # The rest arrives all along: a share in each faulty phase, refused and retried as needed.
-    producer_thread = Producer(settings, rest, shares=7)
+    producer_thread = Producer(settings, rest, shares=8)  # the last share in the drain
     producer_thread.start()
 
     # -- kills: a worker holding events in flight, kill -9, started again ---------------
     mark("kills")
     producer_thread.phase(kills * ph.kill_every_s)
-    sandbox.state.faults = [*background, Fault("latency", every=1, latency_ms=150)]
+    blips.under([*background, Fault("latency", every=1, latency_ms=150)], blips=not dense)
     for _ in range(kills):
         _kill_one(pool, admin, stream, monitor, rng, ph.kill_every_s)
         report.kills += 1
-    sandbox.state.faults = list(background)
+    blips.under(list(background), blips=not dense)
 
     # -- Redis restart, with persistence ---------------------------------------------------
     mark("redis_restart")
@@ -558,26 +639,27 @@ def soak(
     # -- endpoint outage: every request a 503 ------------------------------------------------
     mark("endpoint_outage")
     before = sandbox.state.summary()["statuses"].get("503", 0)
-    sandbox.state.faults = [Fault("server_error", every=1, status=503)]
+    blips.under([Fault("server_error", every=1, status=503)], blips=False)
     outage_at = time.monotonic()
     producer_thread.phase(ph.outage_s)
     time.sleep(ph.outage_s)
     _until(lambda: sandbox.state.summary()["statuses"].get("503", 0) > before, 15)
-    sandbox.state.faults = list(background)
+    blips.under(list(background), blips=not dense)
     report.outage_s = round(time.monotonic() - outage_at, 1)
     time.sleep(ph.settle_s)
 
     # -- slow endpoint -----------------------------------------------------------------------
     mark("slow_endpoint")
-    sandbox.state.faults = [Fault("latency", every=1, latency_ms=ph.slow_latency_ms)]
+    blips.under([Fault("latency", every=1, latency_ms=ph.slow_latency_ms)], blips=not dense)
     slow_at = time.monotonic()
     producer_thread.phase(ph.slow_s)
     time.sleep(ph.slow_s)
-    sandbox.state.faults = list(background)
+    blips.under(list(background), blips=not dense)
     report.slow_s = round(time.monotonic() - slow_at, 1)
 
     # -- drain: intermittent faults until each has fired, then none ----------------------
     mark("drain")
+    producer_thread.phase(2 * ph.settle_s)  # traffic, for the intermittent faults to hit
     producer_thread.finish()
     producer_thread.join(max(1.0, drain_timeout_s / 2))
     producer_thread.stopping.set()
@@ -586,11 +668,12 @@ def soak(
         statuses = sandbox.state.summary()["statuses"]
         return all(statuses.get(s, 0) > 0 for s in ("401", "403", "429", "0"))
 
-    _until(fired, 30)
-    sandbox.state.faults = []
+    _until(lambda: fired() and (dense or blips.all_fired()), 30)
+    blips.stop()
     _until(lambda: _settled(admin, settings), drain_timeout_s, 0.2)
     mark("stop")
     report.stuck = _stuck(admin, settings)
+    report.stuck_since = _stuck_since(admin, settings)
     monitor.stopping.set()
     monitor.join(5)
     report.worker_exits = pool.exited_by_themselves()
@@ -646,6 +729,21 @@ def _stuck(client: redis.Redis, settings: Settings) -> dict[str, int]:
         consumer = r["consumer"].decode()
         if consumer.rsplit(":", 1)[0] in live and r["time_since_delivered"] > STUCK_IDLE_MS:
             out[consumer] = out.get(consumer, 0) + 1
+    return out
+
+
+def _stuck_since(client: redis.Redis, settings: Settings) -> dict[str, str]:
+    """For each consumer with stuck entries, when they were last handed to it (UTC)."""
+    rows, live = _pending(client, settings)
+    now = time.time()
+    out: dict[str, str] = {}
+    for r in rows:
+        consumer = r["consumer"].decode()
+        if consumer.rsplit(":", 1)[0] in live and r["time_since_delivered"] > STUCK_IDLE_MS:
+            at = now - r["time_since_delivered"] / 1000
+            out[consumer] = (
+                time.strftime("%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}"
+            )
     return out
 
 
@@ -742,7 +840,7 @@ def print_figures(report: SoakReport) -> None:
         print(
             f"  STUCK: {sum(report.stuck.values())} events pending in live workers that no "
             f"longer work on them (by consumer: {report.stuck}); delivered by a fresh worker "
-            "once those were stopped"
+            f"once those were stopped; handed to them at {report.stuck_since}"
         )
     if report.worker_exits:
         print(f"  WORKER EXITS: {report.worker_exits}")
@@ -763,6 +861,11 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="phase durations x this")
     parser.add_argument("--logs", default=None, help="keep worker logs in this directory")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument(
+        "--dense-faults",
+        action="store_true",
+        help="the old intermittent faults on the request count (shows the key-guard bug)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="capi-soak-") as tmp:
         log_dir = Path(args.logs or tmp)
@@ -781,6 +884,7 @@ def main() -> None:
                 doomed=args.doomed,
                 seed=args.seed,
                 phases=Phases().scaled(args.scale),
+                dense=args.dense_faults,
             )
     print("command: python -m tests.benchmarks.soak " + " ".join(sys.argv[1:]))
     print_figures(report)

@@ -97,12 +97,13 @@ class RedisProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def fill(self) -> None:
-        """maxmemory at the memory in use, under noeviction: every growing write is refused."""
+    def fill(self, margin: int = 1024) -> None:
+        """maxmemory ``margin`` bytes under the memory in use, under noeviction: every
+        growing write is refused (until as much memory is freed)."""
         with self.client() as c:
             c.config_set("maxmemory-policy", "noeviction")
             used = int(c.info("memory")["used_memory"])
-            c.config_set("maxmemory", str(max(1, used - 1024)))
+            c.config_set("maxmemory", str(max(1, used - margin)))
 
     def unfill(self) -> None:
         with self.client() as c:

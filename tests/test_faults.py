@@ -483,3 +483,25 @@ def test_sigterm_while_redis_is_away_stops_the_worker_cleanly(
     output, _ = proc.communicate(timeout=30)  # not for as long as Redis stays away
     assert proc.returncode == 0, output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("kind", ["drop", "rate_limit", "server_error"])
+def test_key_probes_meeting_transient_failures_confirm_nothing(
+    redis_url: str, sandbox: SandboxThread, kind: str
+) -> None:
+    """One 401 on a batch, then the key's probes meet lost answers, 429s or 503s: that
+    says nothing about the key, so nothing is dead-lettered and nothing is held (found by
+    the soak: a healthy key was confirmed broken and 100 events dead-lettered)."""
+    settings = make_settings(sandbox, redis_url, concurrency=1, batch_size=100)
+    proc = started_worker(settings)
+    time.sleep(1.5)  # past the startup probe (a probe within min_probe_interval is trusted)
+    sandbox.state.faults = [
+        Fault("missing_scope", every=1, remaining=1),
+        Fault(kind, every=1, remaining=3, retry_after_s=0.05, status=503),  # type: ignore[arg-type]
+    ]
+    evts = events(100)
+    enqueue(settings, evts)
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 100, 30, "delivery")
+    output = stop(proc)
+    assert not dead_letters(settings)
+    assert "key confirmed broken" not in output

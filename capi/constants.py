@@ -8,7 +8,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
                                     i=event id, n=attempts so far (retries only),
                                     m=retry metadata JSON (retries only)
     {d}:events  group "senders"     the consumer group the workers read through
-    {d}:retry               ZSET    member = JSON list of retry entries, score = due time (ms)
+    {d}:retry               ZSET    member = JSON {u, entries: [...], ra: 1 if the wait is the
+                                    server's Retry-After}, score = due time (ms)
     {d}:dd:{bucket}:{shard} STRING  16-byte digests of "{name}:{id}" enqueued in one quarter
                                     of the dedup window (see capi.dedup); expires with it
     {d}:dl                  HASH    "{name}:{id}" -> dead letter record JSON

@@ -1,4 +1,4 @@
-"""The dedup record: which events were enqueued within the window, at ~20 bytes each.
+"""The dedup record: which events were enqueued within the window, at ~31 bytes each.
 
 The API dedups on pixel + event name + id, and so does capi, at enqueue: an event whose
 name and id were enqueued within ``CAPI_DEDUP_WINDOW_S`` is not queued again.
@@ -15,9 +15,12 @@ appended to a string shared by many events:
   (which cover at least one window), found with a plain substring search at a 16-byte
   boundary.
 
+(16 bytes of digest, plus the strings' growth slack and their keys: ~31 bytes an event
+measured over a million events, ``tests/benchmarks/bench.py``.)
+
 A 128-bit digest never makes two different events look alike in practice (a collision
 among 10^12 events has odds near 10^-15), so no unique event is dropped as a duplicate.
-A dead-lettered event's digest is removed (:data:`FORGET_LUA` in the dead-letter script),
+A dead-lettered event's digest is removed (``dd_forget``, run by the dead-letter script),
 so its corrected successor, enqueued under the same id, is sent: the API dedups only on
 events it accepted. The Lua below is the only code that reads or writes these strings.
 """

@@ -57,8 +57,8 @@ class Fates:
         """The clock's time in Unix milliseconds."""
         return int(self.clock() * 1000)
 
-    async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> bool:
-        """Acknowledge a delivered batch; True if this ends an endpoint outage."""
+    async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> int | None:
+        """Acknowledge a delivered batch; if this ends an endpoint outage, since when (ms)."""
         recovered = await self.queue.deliver(group, self.now_ms())
         if accepted.accepted_events is not None and accepted.accepted_events != len(group):
             await self._accepted_mismatch(group, accepted)
@@ -136,8 +136,15 @@ class Fates:
             "message": err.response.message[:500],
             "request_ids": err.response.request_ids,
         }
-        endpoint_error = "" if err.reason.key_problem else str(err)[:300]
-        await self.queue.schedule_retry(again, due, error, now, endpoint_error=endpoint_error)
+        down = err.reason in (Reason.SERVER_ERROR, Reason.NETWORK)  # 429 is "slow down"
+        await self.queue.schedule_retry(
+            again,
+            due,
+            error,
+            now,
+            endpoint_error=str(err)[:300] if down else "",
+            server_asked=err.response.retry_after_s is not None,
+        )
         self.metrics.retried.labels(err.reason.value).inc(len(again))
         log.warning(
             "retrying %d events in %.2f s after %s (attempt %d)",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -93,15 +94,20 @@ class Housekeeping:
                     self._connected_since = time.monotonic()
                     self._touch_now = True
             s.metrics.tick(redis_ok=s.trouble.redis_ok)
-            await asyncio.sleep(self._delay if self._errors else TICK_S)
+            # Jittered, so that workers meeting the same trouble do not tick in lockstep.
+            await asyncio.sleep(
+                (self._delay if self._errors else TICK_S) * (0.75 + random.random() / 2)
+            )
 
     def _failed(self, exc: BaseException, job: str) -> None:
         s = self.sender
         self._errors += 1
         self._delay = min(s.trouble.failed(exc, job), 1.0)
+        if job == "heartbeat" or s.trouble.kind in ("unreachable", "loading"):
+            # Others may not have been able to say they are alive either: take nothing
+            # over until this worker's own heartbeat has worked for LIVENESS_S again.
+            self._connected_since = None
         if not s.trouble.redis_ok:
-            if s.trouble.kind in ("unreachable", "loading"):
-                self._connected_since = None  # others may not have reached Redis either
             s.metrics.redis_up.set(0)
             if s.trouble.kind == "full":
                 s.metrics.redis_full.set(1)

@@ -12,14 +12,12 @@ taking new events, and one worker at a time (a Redis lock) re-probes every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from capi._aio import aw
 from capi.client import ConversionsClient
@@ -33,13 +31,20 @@ log = logging.getLogger("capi.keyguard")
 
 # allow-oom: the key state is tiny, and a worker must record it on a full Redis too.
 STATE_LUA = """#!lua flags=allow-oom
--- KEYS: key state hash, stats. ARGV: replace?, count transient?, then field, value pairs.
-if ARGV[1] == '1' then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-end
+-- KEYS: key state hash, stats. ARGV: replace the hash (or update it)?, count a transient
+-- failure?, then field, value pairs.
+if ARGV[1] == '1' then redis.call('DEL', KEYS[1]) end
+if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'transient_key_failures', 1) end
 return 1
+"""
+
+# The re-probe lock: one worker at a time re-probes a held key. allow-oom: a key incident
+# is exactly when the queue grows until Redis is full, and the re-probe is the way out.
+LOCK_LUA = """#!lua flags=allow-oom
+-- KEYS: lock. ARGV: ttl ms. 1 if this caller got the lock.
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+return 0
 """
 
 
@@ -80,6 +85,7 @@ class KeyGuard:
         self._sleep = sleep
         self._lock = asyncio.Lock()
         self._state_script = redis.register_script(STATE_LUA)
+        self._lock_script = redis.register_script(LOCK_LUA)
         self._last_ok = float("-inf")
         self.held = False
 
@@ -111,14 +117,18 @@ class KeyGuard:
             return Verdict.CONFIRMED
 
     async def sync(self) -> None:
-        """Adopt the fleet's key state from Redis (another worker may have held or released)."""
+        """Adopt the fleet's key state from Redis (another worker may have held or released);
+        write it again if Redis lost it (a restart without persistence, a flush)."""
         state: bytes | None = await aw(self.redis.hget(self.keys.key_state, "state"))  # type: ignore[arg-type]
+        if state is None and not self.held and self._last_ok > float("-inf"):
+            await self._set_ok()
+            return
         self.held = state == b"held"
 
     async def try_release(self) -> bool:
         """While held: re-probe if no other worker did within the interval; True if released."""
-        got = await self.redis.set(
-            self.keys.probe_lock, "1", nx=True, px=max(1, int(self.reprobe_interval_s * 1000))
+        got = await self._lock_script(
+            keys=[self.keys.probe_lock], args=[max(1, int(self.reprobe_interval_s * 1000))]
         )
         if got:
             result = await self._probe(confirmations=1)
@@ -126,8 +136,10 @@ class KeyGuard:
                 await self._set_ok()
                 log.warning("key re-probe passed: sending resumes")
                 return True
-            with contextlib.suppress(redis.exceptions.ResponseError):  # e.g. a full Redis
-                await aw(self.redis.hset(self.keys.key_state, "checked_at", iso(_ms()) or ""))
+            await self._state_script(
+                keys=[self.keys.key_state, self.keys.stats],
+                args=[0, 0, "checked_at", iso(_ms()) or ""],
+            )
         await self.sync()
         return not self.held
 

@@ -95,6 +95,20 @@ def _translated(client: Any) -> Iterator[None]:
         ) from None
 
 
+@contextlib.contextmanager
+def _partial(report: EnqueueReport) -> Iterator[None]:
+    """A bulk call that fails part-way says how far it got."""
+    try:
+        yield
+    except QueueUnavailable as exc:
+        if not report.queued:
+            raise
+        raise type(exc)(
+            f"{exc} This call had queued {report.queued} events before it failed; "
+            "enqueueing them all again is safe (the event id dedups)."
+        ) from None
+
+
 def _where(client: Any) -> str:
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
@@ -326,7 +340,7 @@ class Producer(_BaseProducer):
         position), the rest queued."""
         report = EnqueueReport()
         targets = self._targets(destination)
-        with _translated(self.redis):
+        with _partial(report), _translated(self.redis):
             for keys, args in self._chunks(events, report, targets):
                 self._count(report, await self._script(keys=keys, args=args))
             await self._durable()
@@ -385,7 +399,7 @@ class SyncProducer(_BaseProducer):
         position), the rest queued."""
         report = EnqueueReport()
         targets = self._targets(destination)
-        with _translated(self.redis):
+        with _partial(report), _translated(self.redis):
             for keys, args in self._chunks(events, report, targets):
                 self._count(report, self._script(keys=keys, args=args))
             self._durable()

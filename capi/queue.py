@@ -67,16 +67,17 @@ return out
 
 DELIVER_LUA = """#!lua flags=allow-oom
 -- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
--- Ack and delete delivered entries; clear the endpoint's failing mark.
+-- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
 redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
 if n > 0 then
   redis.call('HINCRBY', KEYS[2], 'delivered', n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
 end
-local was_failing = redis.call('HDEL', KEYS[3], 'failing_since')
+local since = redis.call('HGET', KEYS[3], 'failing_since')
+redis.call('HDEL', KEYS[3], 'failing_since')
 redis.call('HSET', KEYS[3], 'last_ok_ms', ARGV[2])
-return {n, was_failing}
+return {n, since or ''}
 """
 
 RETRY_LUA = """#!lua flags=allow-oom
@@ -110,6 +111,29 @@ for _, member in ipairs(due) do
   redis.call('ZREM', KEYS[1], member)
 end
 return moved
+"""
+
+RELEASE_LUA = """#!lua flags=allow-oom
+-- KEYS: retry zset, stream. ARGV: how many at the front to skip, max batches.
+-- After an outage: move scheduled retries to the stream now, except those whose wait the
+-- server asked for (Retry-After), which stay until due. Returns moved events, skipped.
+local skipped = tonumber(ARGV[1])
+local rows = redis.call('ZRANGE', KEYS[1], skipped, skipped + tonumber(ARGV[2]) - 1)
+local moved = 0
+for _, member in ipairs(rows) do
+  local batch = cjson.decode(member)
+  if batch['ra'] then
+    skipped = skipped + 1
+  else
+    for _, en in ipairs(batch['entries']) do
+      redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
+                 'm', en['m'])
+      moved = moved + 1
+    end
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+return {moved, skipped, #rows}
 """
 
 HANDBACK_LUA = """#!lua flags=allow-oom
@@ -183,6 +207,7 @@ class Queue:
         self._deliver = client.register_script(DELIVER_LUA)
         self._retry = client.register_script(RETRY_LUA)
         self._handback = client.register_script(HANDBACK_LUA)
+        self._release = client.register_script(RELEASE_LUA)
         self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
 
@@ -248,14 +273,26 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
-    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> bool:
-        """Acknowledge delivered entries and count them; True if the endpoint was marked as
-        failing until now (this delivery is its recovery)."""
-        _, was_failing = await self._deliver(
+    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> int | None:
+        """Acknowledge delivered entries and count them; if the endpoint was marked as
+        failing until now (this delivery ends an outage), since when (ms)."""
+        _, since = await self._deliver(
             keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
             args=[self.group, now_ms, *(e.stream_id for e in entries)],
         )
-        return bool(was_failing)
+        return int(since) if since else None
+
+    async def release_retries(self) -> int:
+        """Move every scheduled retry to the stream now, except those waiting out a
+        ``Retry-After``; return how many events moved."""
+        moved = skipped = 0
+        while True:
+            n, skipped, rows = await self._release(
+                keys=[self.keys.retry, self.keys.stream], args=[skipped, 200]
+            )
+            moved += int(n)
+            if int(rows) == 0:
+                return moved
 
     async def schedule_retry(
         self,
@@ -265,10 +302,11 @@ class Queue:
         now: int,
         *,
         endpoint_error: str = "",
+        server_asked: bool = False,
     ) -> None:
         """Move entries to the retry schedule, due at ``due_ms``, atomically with the ack;
         with ``endpoint_error``, mark the endpoint as failing (since now, unless it already
-        was)."""
+        was); ``server_asked`` when the wait is the server's own (``Retry-After``)."""
         rows = []
         for e in entries:
             meta = dict(e.meta or {})
@@ -283,7 +321,10 @@ class Queue:
                     "m": orjson.dumps(meta).decode(),
                 }
             )
-        member = orjson.dumps({"u": uuid.uuid4().hex, "entries": rows})
+        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "entries": rows}
+        if server_asked:
+            batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
+        member = orjson.dumps(batch)
         await self._retry(
             keys=[self.keys.stream, self.keys.retry, self.keys.stats, self.keys.endpoint],
             args=[self.group, due_ms, member, now, endpoint_error, *(e.stream_id for e in entries)],

@@ -12,8 +12,9 @@ dead letters, and sends the rest. Then, per event:
   confirmed -> dead-letter this batch and hold every worker; already held -> hand back;
 - retryable (429, 5xx, network): scheduled for retry with capped jittered backoff for as
   long as the event's 7-day window allows (see :mod:`capi.retry`); meanwhile the endpoint
-  is marked failing, and the first delivery after an outage releases every scheduled
-  retry at once, so the backlog drains at full speed;
+  is marked failing (5xx, network; a 429 is "slow down", not "down"), and the first
+  delivery after an outage of ``OUTAGE_RELEASE_S`` or more releases every scheduled retry
+  at once (except waits the server asked for), so the backlog drains at full speed;
 - anything else: dead-lettered with the raw response.
 
 Nothing stops the sender but :meth:`Sender.stop`. A Redis error of any kind (away, full,
@@ -62,6 +63,9 @@ _IDLE_BLOCK_MS = 500
 _TICK_S = 0.1
 _MUST = object()  # durably(): the step must happen, stopping or not
 ENDPOINT_REMIND_S = 60.0
+# An endpoint failing at least this long before a delivery had an outage: its scheduled
+# retries are released at once. A shorter failure is a hiccup: backoff stands.
+OUTAGE_RELEASE_S = 5.0
 
 
 class Sender:
@@ -104,6 +108,8 @@ class Sender:
         # Entries read and not yet given a fate, and the consumer that holds each.
         self._inflight: dict[bytes, Entry] = {}
         self._owner: dict[bytes, str] = {}
+        # Of those, the ones the API accepted whose acknowledgement waits for Redis.
+        self._delivered: set[bytes] = set()
         # Batches taken over from stopped workers, waiting for a lane.
         self.reclaimed: collections.deque[list[Entry]] = collections.deque()
         self.endpoint_failing_since: float | None = None
@@ -204,26 +210,45 @@ class Sender:
         self.metrics.key_ok.set(0 if self.guard.held else 1)
 
     async def _leave(self) -> None:
-        """Hand back what is still in flight, and sign off (briefly: Redis may be away)."""
+        """Record deliveries still waiting for Redis, hand back the rest of what is in
+        flight, and sign off (briefly: Redis may be away)."""
         for batch in self.reclaimed:
             for e in batch:
                 self._inflight.setdefault(e.stream_id, e)
         self.reclaimed.clear()
+        delivered = [e for sid, e in self._inflight.items() if sid in self._delivered]
+        unsent = [e for sid, e in self._inflight.items() if sid not in self._delivered]
         try:
             async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s)):
-                if self._inflight:
-                    entries = list(self._inflight.values())
-                    log.warning("handing %d in-flight events back to the queue", len(entries))
-                    await self.queue.hand_back(entries)
-                    self._inflight.clear()
+                if delivered:  # the API has them: acknowledge, never hand back
+                    await self.queue.deliver(delivered, self._now())
+                    log.warning("recorded %d deliveries on the way out", len(delivered))
+                    delivered = []
+                if unsent:
+                    await self.queue.hand_back(unsent)
+                    log.warning("handed %d in-flight events back to the queue", len(unsent))
+                    unsent = []
                 await self.queue.sign_off(self.name)
         except (TimeoutError, redis.exceptions.RedisError) as exc:
-            log.error(
-                "could not reach Redis while stopping (%s): %d in-flight events stay pending "
-                "and are taken over by another worker once this one's heartbeat is stale",
-                exc,
-                len(self._inflight),
-            )
+            if delivered:
+                log.error(
+                    "could not reach Redis while stopping (%s): %d events the API accepted "
+                    "could not be acknowledged; another worker takes them over and sends "
+                    "them again once this one's heartbeat is stale (the API dedups on their "
+                    "ids)",
+                    exc,
+                    len(delivered),
+                )
+            if unsent:
+                log.error(
+                    "could not reach Redis while stopping (%s): %d in-flight events stay "
+                    "pending and are taken over by another worker once this one's heartbeat "
+                    "is stale",
+                    exc,
+                    len(unsent),
+                )
+        self._inflight.clear()
+        self._delivered.clear()
 
     async def durably(
         self, what: str, step: Callable[[], Awaitable[Any]], *, unless_stopping: Any = _MUST
@@ -350,12 +375,13 @@ class Sender:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
                 await self._failed(group, err)
                 continue
-            recovered: bool = await self.durably(
+            self._delivered.update(e.stream_id for e in group)
+            failing_since_ms: int | None = await self.durably(
                 "recording a delivery", functools.partial(self.fates.delivered, group, accepted)
             )
             self._done(group)
-            if recovered or self.endpoint_failing_since is not None:
-                await self._endpoint_recovered()
+            if failing_since_ms is not None or self.endpoint_failing_since is not None:
+                await self._endpoint_recovered(failing_since_ms)
 
     async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
         bad, again = split_rejected(group, err.event_index)
@@ -382,7 +408,8 @@ class Sender:
                 await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
                 self._done(group)
         elif err.reason.retryable:
-            self._endpoint_failed(err)
+            if err.reason is not Reason.RATE_LIMITED:  # 429 is "slow down", not "down"
+                self._endpoint_failed(err)
             await self._retry(group, err)
         else:
             await self._dead_letter(group, err.reason, err)
@@ -392,28 +419,30 @@ class Sender:
         self.endpoint_last_error = str(err)[:300]
         if self.endpoint_failing_since is None:
             self.endpoint_failing_since = self.clock()
-            self._endpoint_reminded = now
             self.metrics.endpoint_failing_since.set(self.endpoint_failing_since)
-            log.error("%s; events are kept and retried", self.endpoint_failing())
-        elif now - self._endpoint_reminded >= ENDPOINT_REMIND_S:
+        # Said when it starts and once a minute while it lasts; a flapping endpoint (every
+        # other request failing) is not said on every flap.
+        if now - self._endpoint_reminded >= ENDPOINT_REMIND_S:
             self._endpoint_reminded = now
             log.error("%s; events are kept and retried", self.endpoint_failing())
 
-    async def _endpoint_recovered(self) -> None:
-        since = self.endpoint_failing_since
+    async def _endpoint_recovered(self, failing_since_ms: int | None) -> None:
+        local = self.endpoint_failing_since
         self.endpoint_failing_since = None
         self.metrics.endpoint_failing_since.set(0)
-        moved = 0
-        while True:  # the backlog goes now, not at the pace of the longest backoff
-            n = await self.durably(
-                "releasing retries", lambda: self.queue.move_due_retries("+inf", 200)
-            )
-            moved += n
-            if n == 0:
-                break
-        lasted = f" after {self.clock() - since:.0f} s" if since is not None else ""
+        starts = [t for t in (local, failing_since_ms and failing_since_ms / 1000) if t]
+        lasted = self.clock() - min(starts) if starts else 0.0
+        if lasted < OUTAGE_RELEASE_S:
+            return  # a hiccup: scheduled retries keep their backoff
+        # After an outage the backlog goes now, not at the pace of the longest backoff
+        # (except retries whose wait the server asked for with Retry-After).
+        moved = await self.durably("releasing retries", self.queue.release_retries)
+        self._endpoint_reminded = 0.0
         log.warning(
-            "the endpoint answers again%s; %d scheduled retries released at once", lasted, moved
+            "the endpoint answers again after %.0f s of failures; %d scheduled retries "
+            "released at once",
+            lasted,
+            moved,
         )
 
     async def _retry(self, group: list[Entry], err: SendError) -> None:
@@ -438,6 +467,7 @@ class Sender:
         for e in group:
             self._inflight.pop(e.stream_id, None)
             self._owner.pop(e.stream_id, None)
+            self._delivered.discard(e.stream_id)
 
     def _now(self) -> int:
         return int(self.clock() * 1000)

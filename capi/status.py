@@ -39,8 +39,9 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     next_retry, stats, reasons, key, workers, dl, states, endpoint = await pipe.execute()
     try:
         memory = await client.info("memory")
+        role = str((await client.info("replication")).get("role", "master"))
     except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
-        memory = {}
+        memory, role = {}, "unknown"
     used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
     policy = str(memory.get("maxmemory_policy", ""))
     live = []
@@ -82,5 +83,6 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
             "maxmemory": limit,
             "maxmemory_policy": policy,
             "full": limit > 0 and used >= limit and policy == "noeviction",
+            "role": role,
         },
     }

@@ -23,6 +23,7 @@ from capi.errors import ConfigError, QueueFull, QueueUnavailable
 from capi.producer import Producer, SyncProducer
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
+from capi.sender import OUTAGE_RELEASE_S
 from capi.settings import Settings
 from tests.conftest import free_port
 from tests.helpers import (
@@ -292,6 +293,7 @@ def test_recovery_releases_scheduled_retries_at_once(
         wait_for(lambda: c.zcard(settings.keys.retry) > 0 and c.xlen(settings.keys.stream) == 0)
         due = c.zrange(settings.keys.retry, 0, 0, withscores=True)[0][1]
         assert due > time.time() * 1000 + 5_000  # the earliest retry is 10 s away or more
+    time.sleep(OUTAGE_RELEASE_S)  # an outage, not a hiccup
     sandbox.state.faults = []
     enqueue(settings, events(1, start=1000))  # any delivery shows the endpoint is back
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 301, 8, "the backlog, released")
@@ -505,3 +507,22 @@ def test_key_probes_meeting_transient_failures_confirm_nothing(
     output = stop(proc)
     assert not dead_letters(settings)
     assert "key confirmed broken" not in output
+
+
+def test_a_rate_limit_storm_keeps_the_servers_retry_after(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """Half the requests answered 429 with Retry-After 30 s: the deliveries in between
+    must not cut those waits short (the review saw everything resent within a second)."""
+    settings = make_settings(sandbox, redis_url, batch_size=50, retry_cap_s=60.0)
+    proc = started_worker(settings)
+    sandbox.state.faults = [Fault("rate_limit", every=2, retry_after_s=30)]
+    enqueue(settings, events(300))
+    with redis.Redis.from_url(redis_url) as c:
+        wait_for(lambda: c.xlen(settings.keys.stream) == 0 and c.zcard(settings.keys.retry) > 0)
+        time.sleep(2)
+        waiting = c.zrange(settings.keys.retry, 0, -1, withscores=True)
+        assert waiting, "some batches must be waiting out their 429"
+        assert min(due for _, due in waiting) > time.time() * 1000 + 20_000
+    assert len(sandbox.state.delivered_ids()) == 300 - 50 * len(waiting)
+    stop(proc)

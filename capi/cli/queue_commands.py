@@ -28,7 +28,7 @@ from capi.cli.common import (
 from capi.cli.main import cli
 from capi.cli.selection import destination_names, destination_option
 from capi.constants import MAX_EVENT_BYTES
-from capi.errors import EventRejected, Problem
+from capi.errors import EventRejected, Problem, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
 from capi.settings import Settings
@@ -78,7 +78,11 @@ def enqueue_command(
         )
     total = EnqueueReport()
     lines_read = 0
-    with SyncProducer.from_settings(settings) as producer, _file_progress(file) as advance:
+    with (
+        _say_how_far(total),
+        SyncProducer.from_settings(settings) as producer,
+        _file_progress(file) as advance,
+    ):
         batch: list[tuple[int, Any]] = []
         batch_bytes = 0
         for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
@@ -228,6 +232,20 @@ def _no_constant(name: str) -> Any:
     raise _Refused(f"is not valid JSON ({name} is not a JSON number)")
 
 
+@contextlib.contextmanager
+def _say_how_far(total: EnqueueReport) -> Iterator[None]:
+    """If Redis fails part-way through a file, say how many lines were queued before."""
+    try:
+        yield
+    except QueueUnavailable as exc:
+        if not total.queued:
+            raise
+        raise type(exc)(
+            f"{exc} Before that, {total.queued} events of this input were queued; running "
+            "the same command again is safe (the event id dedups)."
+        ) from None
+
+
 def _flush(
     producer: SyncProducer,
     batch: list[tuple[int, Any]],
@@ -324,6 +342,12 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     else:
         out.print(f"endpoint:      ok (last delivery {endpoint['last_ok_at'] or 'none yet'})")
     mem = status["redis"]
+    if mem["role"] == "slave":
+        out.print(
+            "redis:         READ-ONLY: CAPI_REDIS_URL points at a replica (after a failover?); "
+            "producers are refused and workers wait until it is a primary again",
+            markup=False,
+        )
     if mem["full"]:
         out.print(
             f"redis:         FULL: {mem['used_memory']} of maxmemory {mem['maxmemory']} bytes "

@@ -21,7 +21,7 @@ from capi.errors import SendError
 from capi.events import Clock
 from capi.failures import Reason
 from capi.guidance import diagnose
-from capi.metrics import Metrics
+from capi.metrics import DestinationMetrics
 from capi.queue import Entry, Queue
 from capi.retry import backoff_s, within_budget
 from capi.settings import Settings
@@ -38,7 +38,7 @@ class Fates:
         redis: aioredis.Redis,
         queue: Queue,
         client: ConversionsClient,
-        metrics: Metrics,
+        metrics: DestinationMetrics,
         *,
         api_key: str,
         clock: Clock = time.time,

@@ -32,50 +32,70 @@ LIVENESS_S = 30.0
 
 
 class Metrics:
-    """Every metric a worker exports, in a registry of its own."""
+    """Every metric a worker exports, in a registry of its own.
+
+    Event and queue metrics carry a ``destination`` label; a sender writes through its
+    :meth:`for_destination` view. Redis and liveness are the process's own.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
-        self.delivered = Counter("capi_events_delivered", "Events the API accepted.", registry=r)
+        d = ["destination"]
+        self.delivered = Counter("capi_events_delivered", "Events the API accepted.", d, registry=r)
         self.retried = Counter(
-            "capi_events_retried", "Events scheduled for another attempt.", ["reason"], registry=r
+            "capi_events_retried",
+            "Events scheduled for another attempt.",
+            [*d, "reason"],
+            registry=r,
         )
         self.dead_lettered = Counter(
-            "capi_events_dead_lettered", "Events dead-lettered.", ["reason"], registry=r
+            "capi_events_dead_lettered", "Events dead-lettered.", [*d, "reason"], registry=r
         )
         self.transient_key_failures = Counter(
             "capi_transient_key_failures",
             "Key failures (missing scope, RBAC) that a re-probe showed to be transient.",
-            ["reason"],
+            [*d, "reason"],
             registry=r,
         )
         self.accepted_mismatches = Counter(
             "capi_accepted_mismatches",
             "Batches answered 200 whose accepted_events differed from the events sent.",
+            d,
             registry=r,
         )
         self.batch_size = Histogram(
             "capi_batch_size_events",
             "Events per request.",
+            d,
             buckets=(1, 10, 50, 100, 250, 500, 750, 1000),
             registry=r,
         )
         self.send_latency = Histogram(
             "capi_send_latency_seconds",
             "Time per request to the events endpoint.",
+            d,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        self.queue_depth = Gauge("capi_queue_depth_events", "Events waiting.", registry=r)
-        self.in_flight = Gauge("capi_in_flight_events", "Events read, fate pending.", registry=r)
+        self.queue_depth = Gauge("capi_queue_depth_events", "Events waiting.", d, registry=r)
+        self.in_flight = Gauge("capi_in_flight_events", "Events read, fate pending.", d, registry=r)
         self.retries_scheduled = Gauge(
-            "capi_retry_batches_scheduled", "Batches waiting for a retry.", registry=r
+            "capi_retry_batches_scheduled", "Batches waiting for a retry.", d, registry=r
         )
         self.oldest_age = Gauge(
-            "capi_oldest_event_age_seconds", "Age of the oldest queued event.", registry=r
+            "capi_oldest_event_age_seconds", "Age of the oldest queued event.", d, registry=r
         )
         self.key_ok = Gauge(
-            "capi_key_ok", "1 when the key can write events, 0 while workers are held.", registry=r
+            "capi_key_ok",
+            "1 when the destination's key can write events, 0 while it is held.",
+            d,
+            registry=r,
+        )
+        self.endpoint_failing_since = Gauge(
+            "capi_endpoint_failing_since_seconds",
+            "Unix time since when sends fail (5xx, network); 0 when they do not.",
+            d,
+            registry=r,
         )
         self.redis_up = Gauge(
             "capi_redis_up", "1 while Redis answers the worker, 0 while it does not.", registry=r
@@ -86,13 +106,15 @@ class Metrics:
             "1 while Redis refuses writes for want of memory (maxmemory under noeviction).",
             registry=r,
         )
-        self.endpoint_failing_since = Gauge(
-            "capi_endpoint_failing_since_seconds",
-            "Unix time since when sends fail transiently (5xx, 429, network); 0 when they do not.",
-            registry=r,
-        )
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
+        self._views: dict[str, DestinationMetrics] = {}
+
+    def for_destination(self, name: str) -> DestinationMetrics:
+        """The view a destination's sender writes through (its label filled in)."""
+        if name not in self._views:
+            self._views[name] = DestinationMetrics(self, name)
+        return self._views[name]
 
     def tick(self, redis_ok: bool = True) -> None:
         """Record that the event loop is alive (and whether Redis answered)."""
@@ -105,15 +127,23 @@ class Metrics:
         return time.monotonic() - self.last_tick < LIVENESS_S
 
     def ready(self) -> tuple[bool, str]:
-        """Readiness: Redis answered recently and the key is not held."""
+        """Readiness: Redis answered recently, and some destination can send (its key not
+        held, its endpoint not failing)."""
         if time.monotonic() - self.last_redis_ok > LIVENESS_S / 3:
             return False, "Redis has not answered recently"
-        if self.key_ok._value.get() != 1:
-            return False, "the Conversion Key is held (see capi status)"
-        since = self.endpoint_failing_since._value.get()
-        if since:
+        views = list(self._views.values())
+        held = [v.name for v in views if v.key_ok._value.get() != 1]
+        failing = [v.name for v in views if v.endpoint_failing_since._value.get()]
+        if views and len(held) == len(views):
+            return False, "the Conversion Key is held (see capi status)" + _which(held)
+        if views and len(set(held) | set(failing)) == len(views):
+            since = min(v.endpoint_failing_since._value.get() or 1e18 for v in views)
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-            return False, f"the endpoint is failing since {at} (see capi status)"
+            return False, f"the endpoint is failing since {at} (see capi status)" + _which(failing)
+        if held or failing:
+            return True, "ok, but " + ", ".join(
+                [f"{n}: key held" for n in held] + [f"{n}: endpoint failing" for n in failing]
+            )
         return True, "ok"
 
     def exposition(self) -> bytes:
@@ -148,6 +178,48 @@ class _BoundedServer(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+
+def _which(names: list[str]) -> str:
+    return "" if names == ["default"] else f": {', '.join(names)}"
+
+
+class DestinationMetrics:
+    """One destination's metrics: the labelled children of :class:`Metrics`."""
+
+    def __init__(self, parent: Metrics, name: str) -> None:
+        self.parent = parent
+        self.name = name
+        self.delivered = parent.delivered.labels(name)
+        self.accepted_mismatches = parent.accepted_mismatches.labels(name)
+        self.batch_size = parent.batch_size.labels(name)
+        self.send_latency = parent.send_latency.labels(name)
+        self.queue_depth = parent.queue_depth.labels(name)
+        self.in_flight = parent.in_flight.labels(name)
+        self.retries_scheduled = parent.retries_scheduled.labels(name)
+        self.oldest_age = parent.oldest_age.labels(name)
+        self.key_ok = parent.key_ok.labels(name)
+        self.endpoint_failing_since = parent.endpoint_failing_since.labels(name)
+        self.retried = _ByReason(parent.retried, name)
+        self.dead_lettered = _ByReason(parent.dead_lettered, name)
+        self.transient_key_failures = _ByReason(parent.transient_key_failures, name)
+        self.redis_up = parent.redis_up
+        self.redis_full = parent.redis_full
+
+    def tick(self, redis_ok: bool = True) -> None:
+        """Record that the event loop is alive (see :meth:`Metrics.tick`)."""
+        self.parent.tick(redis_ok)
+
+
+class _ByReason:
+    """A counter labelled by destination and reason, with the destination filled in."""
+
+    def __init__(self, counter: Counter, destination: str) -> None:
+        self.counter = counter
+        self.destination = destination
+
+    def labels(self, reason: str) -> Counter:
+        return self.counter.labels(self.destination, reason)
 
 
 def serve(

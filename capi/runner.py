@@ -90,7 +90,7 @@ async def start_sender(
                     result.key_fingerprint,
                     sender.client.pixel_id,
                 )
-                metrics.key_ok.set(1)
+                sender.metrics.key_ok.set(1)
                 return sender
             assert result.error is not None and result.diagnosis is not None
             if not result.error.retryable:

@@ -85,7 +85,7 @@ class Sender:
     ) -> None:
         self.settings = settings
         self.destination = destination or destinations.default(settings)
-        self.metrics = metrics or Metrics()
+        self.metrics = (metrics or Metrics()).for_destination(self.destination.name)
         self.redis = redis
         self.client = client
         self.keys = settings.keys.for_destination(self.destination.name)

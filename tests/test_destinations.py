@@ -213,3 +213,82 @@ def test_a_key_file_is_read_and_never_shown(tmp_path: Path) -> None:
     if os.geteuid() != 0:  # root reads anything
         with pytest.raises(ConfigError, match="cannot read api_key_file"):
             destinations.parse(text, path, Settings(_env_file=None), {})
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        "CAPI_REDIS_URL": settings.redis_url,
+        "CAPI_BASE_URL": settings.base_url,
+        "CAPI_DESTINATIONS_FILE": str(settings.destinations_file),
+        "CAPI_CONFIG_FILE": os.devnull,
+        "CAPI_PROBE_CONFIRMATIONS": "1",
+        **ENV,
+    }
+
+
+def test_operators_see_and_act_per_destination(multi: Settings, sandbox: SandboxThread) -> None:
+    import json
+
+    import orjson
+    from click.testing import CliRunner
+
+    from capi.cli import cli
+
+    runner = CliRunner()
+    env = cli_env(multi)
+    enqueue_to(multi, "a", events(5, prefix="a-"))
+    enqueue_to(multi, "b", events(4, prefix="b-"))
+    b_keys = multi.keys.for_destination("b")
+    with redis.Redis.from_url(multi.redis_url) as c:  # one of b's events the API rejects
+        sid, fields = c.xrange(b_keys.stream)[0]
+        event = orjson.loads(fields[b"e"])
+        event["data"]["coupon"] = "DOOMED"
+        c.xadd(b_keys.stream, {**fields, b"e": orjson.dumps(event)})
+        c.xdel(b_keys.stream, sid)
+
+    listed = [
+        json.loads(line)
+        for line in runner.invoke(cli, ["destinations", "--json"], env=env).output.splitlines()
+    ]
+    assert [(d["name"], d["pixel_id"], d["queued"], d["key_state"]) for d in listed] == [
+        ("a", "pix_a", 5, "unchecked"),
+        ("b", "pix_b", 4, "unchecked"),
+        ("c", "pix_c", 0, "unchecked"),
+    ]
+    assert all(k not in json.dumps(listed) for k in KEYS.values())
+
+    sandbox.state.conversion_keys.discard(KEYS["c"])  # c's key is revoked
+    checked = runner.invoke(cli, ["check-key"], env=env)
+    assert checked.exit_code == 11, checked.output
+    assert "FAILED: unauthorized" in checked.output and "destination c:" in checked.output
+    assert runner.invoke(cli, ["check-key", "--destination", "a,b"], env=env).exit_code == 0
+    sandbox.state.conversion_keys.add(KEYS["c"])
+
+    proc = worker(multi)
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 8, 60, "a and b delivered")
+    stop(proc)
+    status = json.loads(runner.invoke(cli, ["status", "--json"], env=env).output)
+    assert status["destinations"]["a"]["counters"]["delivered"] == 5
+    assert status["destinations"]["b"]["dead_letters"] == 1
+    only_b = json.loads(
+        runner.invoke(cli, ["status", "--json", "--destination", "b"], env=env).output
+    )
+    assert only_b["destination"] == "b" and only_b["counters"]["delivered"] == 3
+
+    dls = [
+        json.loads(line)
+        for line in runner.invoke(
+            cli, ["dead-letters", "list", "--json"], env=env
+        ).output.splitlines()
+    ]
+    assert [(d["destination"], d["id"]) for d in dls] == [("b", event["id"])]
+    assert runner.invoke(
+        cli, ["dead-letters", "list", "--destination", "a"], env=env
+    ).output.startswith("No dead letters")
+    replayed = runner.invoke(cli, ["dead-letters", "replay", "--all"], env=env)
+    assert "replayed 1 of 1" in replayed.output, replayed.output
+    with redis.Redis.from_url(multi.redis_url) as c:
+        assert c.xlen(b_keys.stream) == 1  # back on b's own queue
+        assert c.xlen(multi.keys.for_destination("a").stream) == 0
+    unknown = runner.invoke(cli, ["status", "--destination", "nope"], env=env)
+    assert unknown.exit_code == 2 and "'nope' is not configured" in unknown.output

@@ -34,20 +34,23 @@ def test_metrics_health_and_json_logs(redis_url: str, sandbox: SandboxThread) ->
     proc = worker(settings, "--log-json", "--metrics-port", str(port))
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 599, timeout_s=40, what="delivery")
-    wait_for(lambda: "capi_queue_depth_events 0.0" in get(base + "/metrics")[1], what="gauges")
+    wait_for(
+        lambda: 'capi_queue_depth_events{destination="default"} 0.0' in get(base + "/metrics")[1],
+        what="gauges",
+    )
     status, metrics = get(base + "/metrics")
     assert status == 200
     for needle in (
-        "capi_events_delivered_total 599.0",
-        'capi_events_dead_lettered_total{reason="invalid_event"} 1.0',
-        'capi_events_retried_total{reason="network"}',
-        'capi_transient_key_failures_total{reason="missing_scope"}',
+        'capi_events_delivered_total{destination="default"} 599.0',
+        'capi_events_dead_lettered_total{destination="default",reason="invalid_event"} 1.0',
+        'capi_events_retried_total{destination="default",reason="network"}',
+        'capi_transient_key_failures_total{destination="default",reason="missing_scope"}',
         "capi_batch_size_events_bucket",
         "capi_send_latency_seconds_count",
-        "capi_in_flight_events 0.0",
-        "capi_oldest_event_age_seconds 0.0",
-        "capi_retry_batches_scheduled 0.0",
-        "capi_key_ok 1.0",
+        'capi_in_flight_events{destination="default"} 0.0',
+        'capi_oldest_event_age_seconds{destination="default"} 0.0',
+        'capi_retry_batches_scheduled{destination="default"} 0.0',
+        'capi_key_ok{destination="default"} 1.0',
     ):
         assert needle in metrics, needle
     assert get(base + "/healthz")[0] == 200

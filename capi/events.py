@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -98,8 +99,8 @@ def prepare(
         raise EventRejected(exc.problems, given if isinstance(given, str) else None) from None
     event_id = data.get("id") if isinstance(data.get("id"), str) else None
     problems: list[Problem] = []
-    if hash_identifiers and isinstance(data.get("user"), Mapping):
-        data["user"] = _hash_user(data["user"], problems)
+    if hash_identifiers and isinstance(data.get("user"), dict):
+        _hash_user(data["user"], problems)
     try:
         event = schema.Event.model_validate(data)
     except ValidationError as exc:
@@ -139,34 +140,41 @@ def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:
     return []
 
 
-def _hash_user(user: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
-    out = dict(user)
-    for legacy, plural in _LEGACY_USER_FIELDS.items():
-        if legacy in out:
-            out.pop(legacy)
-            problems.append(Problem(f"user.{legacy}", f"is not a field; use user.{plural}"))
-    for kind in Identifier:
-        if kind.value not in out:
+def _hash_user(user: dict[str, Any], problems: list[Problem]) -> None:
+    """Replace raw identifiers in ``user`` (the event's own copy) by their hashes, in place."""
+    if not user.keys().isdisjoint(_LEGACY_USER_FIELDS):
+        for legacy, plural in _LEGACY_USER_FIELDS.items():
+            if legacy in user:
+                user.pop(legacy)
+                problems.append(Problem(f"user.{legacy}", f"is not a field; use user.{plural}"))
+    if user.keys().isdisjoint(_RAW_FIELDS):
+        return
+    for kind, raw_field, hashed_field in _IDENTIFIERS:
+        if raw_field not in user:
             continue
-        values = out.pop(kind.value)
+        values = user.pop(raw_field)
         if isinstance(values, str):
             values = [values]
         if not isinstance(values, list) or not values:
             problems.append(
-                Problem(f"user.{kind.value}", "must be a string or a non-empty list of strings")
+                Problem(f"user.{raw_field}", "must be a string or a non-empty list of strings")
             )
             continue
-        given = out.get(kind.hashed_field)
+        given = user.get(hashed_field)
         hashed: list[Any] = list(given) if isinstance(given, list) else []
         for i, value in enumerate(values):
             try:
                 hashed.append(hash_identifier(kind, value))
             except ValueError as exc:
-                problems.append(Problem(f"user.{kind.value}[{i}]", str(exc)))
+                problems.append(Problem(f"user.{raw_field}[{i}]", str(exc)))
         if given is not None and not isinstance(given, list):
             continue  # leave the bad value for the schema to name
-        out[kind.hashed_field] = _unique(hashed)
-    return out
+        user[hashed_field] = _unique(hashed)
+
+
+# Each raw identifier with its field names, looked up once rather than per event.
+_IDENTIFIERS = tuple((kind, kind.value, kind.hashed_field) for kind in Identifier)
+_RAW_FIELDS = frozenset(raw for _, raw, _ in _IDENTIFIERS)
 
 
 def _unique(values: list[Any]) -> list[Any]:
@@ -192,7 +200,8 @@ def _cross_checks(event: schema.Event) -> list[Problem]:
     problems.extend(_custom_name_problems(event))
     problems.extend(_source_problems(event))
     problems.extend(_money_problems("data", event.data))
-    for i, item in enumerate(getattr(event.data, "contents", None) or []):
+    # Read from the fields: getattr() of a field the model lacks raises inside pydantic first.
+    for i, item in enumerate(vars(event.data).get("contents") or []):
         if item.amount is not None and item.currency is None and event.data.currency is None:
             problems.append(
                 Problem(
@@ -231,17 +240,25 @@ def _source_problems(event: schema.Event) -> list[Problem]:
             Problem("action_source", f"must be 'mobile_app' for an event of type {event.type!r}")
         )
     if event.source_url is not None:
-        parts = urlsplit(event.source_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        sent = _sent_url(event.source_url)
+        if sent is None:
             problems.append(Problem("source_url", "must be an absolute http(s) URL"))
         else:
-            # Query strings, fragments and user:password@ carry PII and secrets: never send
-            # them.
-            host = parts.netloc.rpartition("@")[2]
-            event.source_url = urlunsplit((parts.scheme, host, parts.path, "", ""))
+            event.source_url = sent
     elif event.action_source == "web":
         problems.append(Problem("source_url", "is required when action_source is 'web'"))
     return problems
+
+
+@lru_cache(maxsize=128)  # a site sends from a few pages; urlsplit keeps as many itself
+def _sent_url(url: str) -> str | None:
+    """The URL as sent, or None if it is not an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    # Query strings, fragments and user:password@ carry PII and secrets: never send them.
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _money_problems(path: str, priced: schema._Priced) -> list[Problem]:

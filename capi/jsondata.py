@@ -46,7 +46,89 @@ class _Budget:
 
 def plain_copy(value: Any, *, max_bytes: int) -> Any:
     """A plain-JSON copy of ``value``; raise EventRejected at the first thing that is not."""
+    if type(value) is dict:
+        try:
+            return _PlainWalk(max_bytes).mapping(value, 1)
+        except _Unusual:
+            pass  # the careful walk below names the problem, or copies what is unusual
     return _copy(value, None, 1, _Budget(max_bytes))
+
+
+class _Unusual(Exception):
+    """Raised by the quick walk at anything but plain data well within every bound."""
+
+
+class _PlainWalk:
+    """The quick walk: the same copy as :func:`_copy` for values made only of the plain
+    types themselves, with the same depth limit and the same budget spent in the same
+    amounts. It never refuses: at the first thing it does not expect (a subclass, a tuple,
+    a bound passed, text that is not UTF-8) it gives up and :func:`_copy` walks again.
+    It checks the budget as often as :func:`_copy` does, so giving up costs at most the
+    budget, and the time bound holds."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes - _NODE_BYTES  # the event object itself
+
+    def mapping(self, value: dict[Any, Any], depth: int) -> dict[str, Any]:
+        if depth > MAX_DEPTH:
+            raise _Unusual
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _Unusual
+            if type(item) is str:  # most entries: key, node and text spent and checked at once
+                self.left -= len(key) + len(item) + 4 + _NODE_BYTES
+                if self.left < 0:
+                    raise _Unusual
+                if not (key.isascii() and item.isascii()):
+                    _utf8(key)
+                    _utf8(item)
+                out[key] = item
+            else:
+                self.text(key)
+                out[key] = self.item(item, depth + 1)
+        return out
+
+    def item(self, value: Any, depth: int) -> Any:
+        self.left -= _NODE_BYTES
+        if self.left < 0:
+            raise _Unusual
+        kind = type(value)
+        if kind is str:
+            return self.text(value)
+        if kind is int:
+            if not INT_MIN <= value <= INT_MAX:
+                raise _Unusual
+            return value
+        if value is None or kind is bool:
+            return value
+        if kind is dict:
+            return self.mapping(value, depth)
+        if kind is list:
+            if depth > MAX_DEPTH:
+                raise _Unusual
+            return [self.item(v, depth + 1) for v in value]
+        if kind is float and math.isfinite(value):
+            return value
+        raise _Unusual
+
+    def text(self, value: str) -> str:
+        self.left -= len(value) + 2
+        if self.left < 0:
+            raise _Unusual
+        if not value.isascii():
+            _utf8(value)
+        return value
+
+
+def _utf8(value: str) -> None:
+    """Raise _Unusual if value cannot be UTF-8 (it holds a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Unusual from None
 
 
 # A path is built only for a refusal: (parent, key or index) links, None at the event.

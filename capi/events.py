@@ -185,6 +185,8 @@ _RAW_FIELDS = frozenset(raw for _, raw, _ in _IDENTIFIERS)
 
 def _unique(values: list[Any]) -> list[Any]:
     """Unique hex digests, order kept, in linear time; other values stay for the schema."""
+    if len(values) < 2:
+        return values  # the usual single identifier
     seen: set[str] = set()
     out = []
     for v in values:

@@ -78,13 +78,22 @@ class _PlainWalk:
         for key, item in value.items():
             if type(key) is not str:
                 raise _Unusual
-            if type(item) is str:  # most entries: key, node and text spent and checked at once
+            kind = type(item)
+            # Most entries hold text or an integer: key, node and text are spent together.
+            if kind is str:
                 self.left -= len(key) + len(item) + 4 + _NODE_BYTES
                 if self.left < 0:
                     raise _Unusual
                 if not (key.isascii() and item.isascii()):
                     _utf8(key)
                     _utf8(item)
+                out[key] = item
+            elif kind is int and INT_MIN <= item <= INT_MAX:
+                self.left -= len(key) + 2 + _NODE_BYTES
+                if self.left < 0:
+                    raise _Unusual
+                if not key.isascii():
+                    _utf8(key)
                 out[key] = item
             else:
                 self.text(key)

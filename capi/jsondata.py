@@ -1,6 +1,6 @@
 """The first gate for what a caller hands the producer: plain JSON data, bounded in size and depth.
 
-:func:`plain_copy` walks a value once, depth first, and returns a copy made only of ``dict``
+:func:`plain_copy` walks a value depth first and returns a copy made only of ``dict``
 (string keys), ``list``, ``str``, ``int`` (64-bit), finite ``float``, ``bool`` and ``None``;
 tuples become lists and ``str``/``int``/``dict`` subclasses become the plain types. It refuses,
 with :class:`~capi.errors.EventRejected` naming the path and the rule, anything else: bytes,
@@ -9,6 +9,11 @@ nesting deeper than :data:`MAX_DEPTH` (which also stops cycles), and more data t
 byte budget (counted as a lower bound of the value's size as JSON). The walk stops at the
 first problem and never spends more than the budget, so its time and memory are bounded
 whatever the input (a cycle, a shared list repeated a million times, 80,000 emails).
+
+A dict is walked first by a quick walk that knows only the plain types themselves (most
+events are nothing else); at anything else, or a bound reached, it gives up and the careful
+walk starts again, copying subclasses and naming the problem. Each walk is bounded by the
+budget, so the two together cost at most twice the budget.
 
 :data:`MAX_DEPTH` is chosen so that every accepted event also fits, with room to spare, in a
 dead letter record and every JSON parser on its way (pydantic's JSON parser stops near 200

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import capi.events
 from capi import jsondata, schema
 from capi.errors import EventRejected
-from capi.events import prepare
+from capi.events import now_ms, prepare
 from capi.hashing import _WHITESPACE, is_sha256_hex, normalize_email
 from tests.helpers import events
 
@@ -119,3 +119,42 @@ def test_sha256_shape_is_64_hex_characters(value: str) -> None:
 def test_an_email_with_any_unicode_space_is_refused(space: str) -> None:
     with pytest.raises(ValueError, match="must be an email address"):
         normalize_email(f"ada{space}x@example.com")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"id": "a\ud800"},  # a lone surrogate as text
+        {"a\udfff": 1},  # and as a key
+        {"x": ("t",)},  # a tuple becomes a list
+        {"x": Text("s")},  # a str subclass becomes str
+        {"x": True, "y": 2**63 - 1, "z": -(2**63), "f": 1.5},  # plain and at the bounds
+        {"x": 2**63},
+        {"x": float("-inf")},
+    ],
+)
+def test_the_quick_walk_on_each_unusual_value(value: dict[str, Any]) -> None:
+    quick = outcome(lambda: jsondata.plain_copy(value, max_bytes=1000))
+    assert quick == outcome(lambda: careful(value, 1000))
+    if quick[0] == "copy":
+        assert [type(v) for v in quick[1].values()] == [
+            type(v) for v in careful(value, 1000).values()
+        ]
+
+
+def test_prepared_json_is_pydantics_own_serialization() -> None:
+    sample = [
+        *events(4),
+        {
+            "id": "c-1",
+            "type": "custom",
+            "custom_event_name": "quiz",
+            "timestamp_ms": now_ms(),
+            "action_source": "offline",
+            "user": {"email": "a@example.com", "first_name": "José", "ip_address": "::1"},
+            "data": {"type": "custom", "amount": 1, "currency": "eur", "x": [1.5, None, "é"]},
+        },
+    ]
+    for event in sample:
+        prepared = prepare(event)
+        assert prepared.json == prepared.event.model_dump_json(exclude_none=True).encode()

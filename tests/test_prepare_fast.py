@@ -1,6 +1,7 @@
 """The quick paths behind prepare() decide exactly as the careful code they stand in for.
 
-- the quick plain-JSON walk (capi.jsondata) returns the careful walk's copy or gives up;
+- the quick plain-JSON walk (capi.jsondata) returns the careful walk's copy or gives up, and
+  prepare() queues the same JSON or refuses with the same words with the careful walk alone;
 - the regular expressions that replaced per-character loops accept the same characters,
   checked over every code point.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import unicodedata
 from typing import Any
 
@@ -22,6 +24,7 @@ from capi.errors import EventRejected
 from capi.events import now_ms, prepare
 from capi.hashing import _WHITESPACE, is_sha256_hex, normalize_email
 from tests.helpers import events
+from tests.test_fuzz import mutated_events
 
 EVERY_CHARACTER = "".join(map(chr, range(sys.maxunicode + 1)))
 
@@ -158,3 +161,41 @@ def test_prepared_json_is_pydantics_own_serialization() -> None:
     for event in sample:
         prepared = prepare(event)
         assert prepared.json == prepared.event.model_dump_json(exclude_none=True).encode()
+
+
+NOW_S = time.time()  # one clock for both runs; the generated events are stamped after it
+
+
+def prepared_or_refused(event: Any) -> tuple[str, Any]:
+    try:
+        return "queued", prepare(event, clock=lambda: NOW_S).json
+    except EventRejected as exc:
+        return "refused", str(exc)
+
+
+@st.composite
+def varied_events(draw: Any) -> dict[str, Any]:
+    """The helpers' events with more identifiers and items: mostly valid, some not."""
+    event = events(1, start=draw(st.integers(0, 10**6)))[0]
+    for field in ("first_name", "last_name", "external_id", "phone"):
+        if draw(st.booleans()):
+            event["user"][field] = draw(st.text(max_size=16))
+    if draw(st.booleans()):
+        item = {"id": draw(st.text(max_size=6)), "quantity": draw(st.integers(-1, 3))}
+        event["data"]["contents"] = [item]
+    if draw(st.booleans()):
+        event["source_url"] = draw(st.sampled_from(["https://u:p@a.example/x?q=1#f", "/x"]))
+    return event
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    varied_events()
+    | mutated_events()
+    | st.builds(lambda e, v: {**e, "data": v}, mutated_events(), values)
+)
+def test_prepare_decides_as_with_the_careful_walk_alone(event: Any) -> None:
+    quick = prepared_or_refused(event)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(capi.events, "plain_copy", careful)
+        assert prepared_or_refused(event) == quick

@@ -68,8 +68,8 @@ class _PlainWalk:
     types themselves, with the same depth limit and the same budget spent in the same
     amounts. It never refuses: at the first thing it does not expect (a subclass, a tuple,
     a bound passed, text that is not UTF-8) it gives up and :func:`_copy` walks again.
-    It checks the budget as often as :func:`_copy` does, so giving up costs at most the
-    budget, and the time bound holds."""
+    Like :func:`_copy`, it spends the budget before reading any text or entering any value,
+    so giving up costs at most the budget, and the time bound holds."""
 
     __slots__ = ("left",)
 

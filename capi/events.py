@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -87,9 +88,11 @@ def prepare(
     ``hash_identifiers=False`` treats raw identifier fields as unknown (the API's view);
     ``check_time=False`` leaves the time window to the caller.
     """
-    if isinstance(raw, schema.Event):
+    if type(raw) is dict:
+        pass  # the usual case, checked first: neither isinstance() below is free
+    elif isinstance(raw, schema.Event):
         raw = raw.model_dump(mode="json", exclude_none=True)
-    if not isinstance(raw, Mapping):
+    elif not isinstance(raw, Mapping):
         raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
     try:
         data: dict[str, Any] = plain_copy(raw, max_bytes=MAX_EVENT_BYTES)
@@ -98,10 +101,10 @@ def prepare(
         raise EventRejected(exc.problems, given if isinstance(given, str) else None) from None
     event_id = data.get("id") if isinstance(data.get("id"), str) else None
     problems: list[Problem] = []
-    if hash_identifiers and isinstance(data.get("user"), Mapping):
-        data["user"] = _hash_user(data["user"], problems)
+    if hash_identifiers and isinstance(data.get("user"), dict):
+        _hash_user(data["user"], problems)
     try:
-        event = schema.Event.model_validate(data)
+        event: schema.Event = _validate_event(data)
     except ValidationError as exc:
         problems.extend(_problems(exc, data))
         raise EventRejected(_capped(problems), event_id) from None
@@ -117,6 +120,10 @@ def prepare(
             [Problem("(event)", f"is {size}; at most {MAX_EVENT_BYTES // 1024} KiB")], event_id
         )
     return PreparedEvent(event, data_json)
+
+
+# What Event.model_validate() calls, without its per-call Python wrapper.
+_validate_event = schema.Event.__pydantic_validator__.validate_python
 
 
 def _capped(problems: list[Problem]) -> list[Problem]:
@@ -139,38 +146,47 @@ def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:
     return []
 
 
-def _hash_user(user: Mapping[str, Any], problems: list[Problem]) -> dict[str, Any]:
-    out = dict(user)
-    for legacy, plural in _LEGACY_USER_FIELDS.items():
-        if legacy in out:
-            out.pop(legacy)
-            problems.append(Problem(f"user.{legacy}", f"is not a field; use user.{plural}"))
-    for kind in Identifier:
-        if kind.value not in out:
+def _hash_user(user: dict[str, Any], problems: list[Problem]) -> None:
+    """Replace raw identifiers in ``user`` (the event's own copy) by their hashes, in place."""
+    if not user.keys().isdisjoint(_LEGACY_USER_FIELDS):
+        for legacy, plural in _LEGACY_USER_FIELDS.items():
+            if legacy in user:
+                user.pop(legacy)
+                problems.append(Problem(f"user.{legacy}", f"is not a field; use user.{plural}"))
+    if user.keys().isdisjoint(_RAW_FIELDS):
+        return
+    for kind, raw_field, hashed_field in _IDENTIFIERS:
+        if raw_field not in user:
             continue
-        values = out.pop(kind.value)
+        values = user.pop(raw_field)
         if isinstance(values, str):
             values = [values]
         if not isinstance(values, list) or not values:
             problems.append(
-                Problem(f"user.{kind.value}", "must be a string or a non-empty list of strings")
+                Problem(f"user.{raw_field}", "must be a string or a non-empty list of strings")
             )
             continue
-        given = out.get(kind.hashed_field)
+        given = user.get(hashed_field)
         hashed: list[Any] = list(given) if isinstance(given, list) else []
         for i, value in enumerate(values):
             try:
                 hashed.append(hash_identifier(kind, value))
             except ValueError as exc:
-                problems.append(Problem(f"user.{kind.value}[{i}]", str(exc)))
+                problems.append(Problem(f"user.{raw_field}[{i}]", str(exc)))
         if given is not None and not isinstance(given, list):
             continue  # leave the bad value for the schema to name
-        out[kind.hashed_field] = _unique(hashed)
-    return out
+        user[hashed_field] = _unique(hashed)
+
+
+# Each raw identifier with its field names, looked up once rather than per event.
+_IDENTIFIERS = tuple((kind, kind.value, kind.hashed_field) for kind in Identifier)
+_RAW_FIELDS = frozenset(raw for _, raw, _ in _IDENTIFIERS)
 
 
 def _unique(values: list[Any]) -> list[Any]:
     """Unique hex digests, order kept, in linear time; other values stay for the schema."""
+    if len(values) < 2:
+        return values  # the usual single identifier
     seen: set[str] = set()
     out = []
     for v in values:
@@ -192,7 +208,9 @@ def _cross_checks(event: schema.Event) -> list[Problem]:
     problems.extend(_custom_name_problems(event))
     problems.extend(_source_problems(event))
     problems.extend(_money_problems("data", event.data))
-    for i, item in enumerate(getattr(event.data, "contents", None) or []):
+    # vars(), not getattr(..., None): on a model without contents, pydantic's __getattr__
+    # raises an AttributeError first, which costs more than the whole check.
+    for i, item in enumerate(vars(event.data).get("contents") or []):
         if item.amount is not None and item.currency is None and event.data.currency is None:
             problems.append(
                 Problem(
@@ -231,17 +249,26 @@ def _source_problems(event: schema.Event) -> list[Problem]:
             Problem("action_source", f"must be 'mobile_app' for an event of type {event.type!r}")
         )
     if event.source_url is not None:
-        parts = urlsplit(event.source_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        sent = _sent_url(event.source_url)
+        if sent is None:
             problems.append(Problem("source_url", "must be an absolute http(s) URL"))
-        else:
-            # Query strings, fragments and user:password@ carry PII and secrets: never send
-            # them.
-            host = parts.netloc.rpartition("@")[2]
-            event.source_url = urlunsplit((parts.scheme, host, parts.path, "", ""))
+        elif sent != event.source_url:  # pydantic's __setattr__ is slow: only when it changes
+            event.source_url = sent
     elif event.action_source == "web":
         problems.append(Problem("source_url", "is required when action_source is 'web'"))
     return problems
+
+
+# Events come from a few pages. urlsplit() caches as many URLs itself, so this keeps no more.
+@lru_cache(maxsize=128)
+def _sent_url(url: str) -> str | None:
+    """The URL as sent, or None if it is not an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    # Query strings, fragments and user:password@ carry PII and secrets: never send them.
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _money_problems(path: str, priced: schema._Priced) -> list[Problem]:

@@ -22,12 +22,14 @@ silently produce a value that never matches. Values given under ``*_sha256`` fie
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 import unicodedata
 from collections.abc import Callable
 from enum import StrEnum
 
-_HEX = frozenset("0123456789abcdefABCDEF")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_WHITESPACE = re.compile(r"\s")  # for str patterns, exactly the characters str.isspace() accepts
 _PHONE_SEPARATORS = str.maketrans("", "", " ()-.\t")
 _NAME_DROP = str.maketrans("", "", string.punctuation)
 
@@ -58,7 +60,7 @@ _HASHED_FIELDS = {
 
 def is_sha256_hex(value: str) -> bool:
     """Whether value is 64 hexadecimal characters, the shape of a SHA-256 digest."""
-    return len(value) == 64 and all(c in _HEX for c in value)
+    return _SHA256_HEX.fullmatch(value) is not None
 
 
 def sha256_hex(normalized: str) -> str:
@@ -70,7 +72,7 @@ def normalize_email(value: str) -> str:
     """Trim and lowercase an email address; raise ValueError if it is not one."""
     email = value.strip().lower()
     local, at, domain = email.partition("@")
-    if not at or not local or not domain or "@" in domain or any(c.isspace() for c in email):
+    if not at or not local or not domain or "@" in domain or _WHITESPACE.search(email):
         raise ValueError("must be an email address like name@example.com")
     return email
 

@@ -9,8 +9,9 @@ appended to a string shared by many events:
 
 - time is cut into buckets of a quarter window; an event's digest goes into the bucket of
   the moment it is enqueued (Redis's own clock, so producers' clocks do not matter);
-- within a bucket, digests are spread over 65,536 shard strings by their first two
-  bytes: ``{p}:dd:{bucket}:{shard}``, each expiring when its bucket leaves the window;
+- within a bucket, digests are spread over 16,384 shard strings by their first 14 bits:
+  ``{p}:dd:{bucket}:{shard}``, each expiring when its bucket leaves the window (at 1,000
+  events/s a shard holds ~1,300 digests, 21 KB, searched in microseconds);
 - an event is a duplicate if its digest is in the shard of any of the last five buckets
   (which cover at least one window), found with a plain substring search at a 16-byte
   boundary.
@@ -50,7 +51,8 @@ def bucket_s(window_s: int) -> int:
 # `dd_now` (seconds, from TIME). Each function takes a 16-byte digest.
 LUA_FUNCTIONS = """
 local function dd_key(b, d)
-  return dd_prefix .. b .. ':' .. string.format('%02x%02x', string.byte(d, 1, 2))
+  local shard = string.byte(d, 1) * 64 + math.floor(string.byte(d, 2) / 4)
+  return dd_prefix .. b .. ':' .. string.format('%04x', shard)
 end
 local function dd_find(s, d)
   local pos = 1

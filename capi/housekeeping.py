@@ -183,7 +183,7 @@ class Housekeeping:
         live = await s.queue.live_workers(int(time.time() * 1000), int(LIVENESS_S * 1000))
         live.add(s.name)
         size = s.settings.batch_size
-        while len(s.reclaimed) < s.settings.concurrency * 2:
+        while len(s.reclaimed) < s.settings.concurrency * 4:
             claimed = await s.queue.reclaim(
                 f"{s.name}:reclaim",
                 self.claim_idle_ms,
@@ -193,7 +193,7 @@ class Housekeeping:
                 mine=s.held_ids(),
             )
             if not claimed:
-                break
+                return
             log.warning(
                 "reclaimed %d pending events no live worker holds (a stopped worker's, or "
                 "read with the answer lost)",
@@ -202,7 +202,10 @@ class Housekeeping:
             )
             s.reclaimed.append(claimed)
             if len(claimed) < size:
-                break
+                return
+        # More may be waiting: look again at the next tick, not in RECLAIM_S, so taken-over
+        # events are re-sent as fast as the lanes send, not as fast as this job wakes.
+        self._last.pop("reclaim", None)
 
     async def _gauges(self, now_ms: int) -> None:
         s = self.sender

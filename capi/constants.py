@@ -81,7 +81,7 @@ class RedisKeys:
 
     @property
     def dedup_prefix(self) -> str:
-        """The prefix of the dedup record's shard strings (``{p}:dd:{bucket}:{shard}``)."""
+        """The prefix of the dedup record's shard strings (``{d}:dd:{bucket}:{shard}``)."""
         return f"{self.ns}:dd:"
 
     @property

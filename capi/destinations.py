@@ -179,7 +179,7 @@ def parse(
     out: dict[str, Destination] = {}
     for name, table in tables.items():
         where = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ConfigError(
                 f"{where}: a destination name is 1-63 lowercase letters, digits, - or _, "
                 "starting with a letter or digit"

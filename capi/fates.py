@@ -69,6 +69,7 @@ class Fates:
             "delivered %d events",
             len(group),
             extra={
+                "destination": self.queue.keys.destination,
                 "count": len(group),
                 "first_id": group[0].event_id,
                 "last_id": group[-1].event_id,
@@ -88,6 +89,7 @@ class Fates:
             accepted.accepted_events,
             len(group),
             extra={
+                "destination": self.queue.keys.destination,
                 "count": len(group),
                 "accepted_events": accepted.accepted_events,
                 "first_id": group[0].event_id,
@@ -153,6 +155,7 @@ class Fates:
             err.reason.value,
             attempt,
             extra={
+                "destination": self.queue.keys.destination,
                 "count": len(again),
                 "event_ids": [e.event_id for e in again],
                 "reason": err.reason.value,
@@ -199,6 +202,7 @@ class Fates:
             len(group),
             reason.value,
             extra={
+                "destination": self.queue.keys.destination,
                 "count": len(group),
                 "event_ids": [e.event_id for e in group],
                 "reason": reason.value,

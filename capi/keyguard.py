@@ -198,7 +198,14 @@ class KeyGuard:
                 "guidance": diagnosis.text,
             }
         )
-        log.error("key confirmed broken; holding all workers: %s", diagnosis.cause)
+        where = "" if self.keys.destination == "default" else f" of {self.keys.destination}"
+        log.error(
+            "key%s confirmed broken; holding all workers' sends%s: %s",
+            where,
+            where,
+            diagnosis.cause,
+            extra={"destination": self.keys.destination},
+        )
 
 
 def _ms() -> int:

@@ -18,6 +18,7 @@ import orjson
 from capi.fingerprint import redact
 
 EXTRA_FIELDS = (
+    "destination",
     "count",
     "event_ids",
     "request_id",

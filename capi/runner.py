@@ -131,6 +131,8 @@ class Fleet:
         self.stopping = asyncio.Event()
         self.senders: dict[str, Sender] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stops: dict[str, asyncio.Event] = {}
+        self._retiring: list[asyncio.Task[None]] = []
         self._serving: dict[str, Destination] = {}
         self._reload = asyncio.Event()
         self._file_stamp: float | None = None
@@ -168,6 +170,8 @@ class Fleet:
     def stop(self) -> None:
         """Stop every sender: in-flight batches finish, the rest stays queued."""
         self.stopping.set()
+        for stop in self._stops.values():
+            stop.set()
         for sender in self.senders.values():
             sender.stop()
 
@@ -180,44 +184,46 @@ class Fleet:
         for dest in self.destinations.values():
             self._launch(dest, burst)
         watcher = None
-        if not burst:
+        try:
+            if burst:
+                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+                return
             self._file_stamp = self._stamp()
             watcher = asyncio.create_task(self._watch())
-        try:
-            while self._tasks and not self.stopping.is_set():
-                done, _ = await asyncio.wait(
-                    list(self._tasks.values()), return_when=asyncio.FIRST_COMPLETED
-                )
-                for name, task in list(self._tasks.items()):
-                    if task in done:
-                        del self._tasks[name]
-                        self._serving.pop(name, None)
-                        if not task.cancelled() and task.exception() is not None:
-                            log.error(
-                                "destination %s: its sender ended: %s", name, task.exception()
-                            )
+            await self.stopping.wait()
         finally:
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
             self.stop()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*self._tasks.values(), *self._retiring, return_exceptions=True)
 
     def _launch(self, dest: Destination, burst: bool) -> None:
         self._serving[dest.name] = dest
-        self._tasks[dest.name] = asyncio.create_task(self._serve(dest, burst))
+        stop = self._stops[dest.name] = asyncio.Event()
+        task = asyncio.create_task(self._serve(dest, burst, stop))
+        self._tasks[dest.name] = task
 
-    async def _serve(self, dest: Destination, burst: bool) -> None:
+        def ended(done: asyncio.Task[None]) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("destination %s: its sender ended: %s", dest.name, done.exception())
+
+        task.add_done_callback(ended)
+
+    async def _serve(self, dest: Destination, burst: bool, stop: asyncio.Event) -> None:
         sender = self.senders.get(dest.name)
         if sender is None:
             sender = await start_sender(
                 self.settings,
                 self.metrics,
-                stopping=self.stopping,
+                stopping=stop,
                 destination=dest,
                 hold_if_broken=True,
             )
             if sender is None:
+                return
+            if stop.is_set():  # removed or changed while its key was being checked
+                await sender.aclose()
                 return
             self.senders[dest.name] = sender
         try:
@@ -249,23 +255,31 @@ class Fleet:
             except ConfigError as exc:
                 log.error("destinations not reloaded, the running ones go on: %s", exc)
                 continue
-            await self._apply(found)
+            self._apply(found)
 
-    async def _apply(self, found: dict[str, Destination]) -> None:
-        for name in [n for n in self._serving if n not in found or found[n] != self._serving[n]]:
-            log.warning("destination %s: removed or changed in the file; stopping its sender", name)
-            sender = self.senders.get(name)
+    def _apply(self, found: dict[str, Destination]) -> None:
+        """Stop the senders of destinations removed or changed, start the new ones. Never
+        waits: a stopping sender finishes its in-flight batch on its own."""
+        for name in list(self._serving):
+            if name in found and found[name] == self._serving[name]:
+                continue
+            log.warning(
+                "destination %s: %s in the file; stopping its sender (its queued events stay "
+                "queued)",
+                name,
+                "changed" if name in found else "removed",
+            )
+            self._stops.pop(name).set()
+            sender = self.senders.pop(name, None)
             if sender is not None:
                 sender.stop()
-            task = self._tasks.pop(name, None)
-            self._serving.pop(name, None)
-            if task is not None:
-                await asyncio.gather(task, return_exceptions=True)
+            self._retiring.append(self._tasks.pop(name))
+            del self._serving[name]
+        self._retiring = [t for t in self._retiring if not t.done()]
         for name, dest in found.items():
             if name not in self._serving:
                 log.warning("destination %s: serving (pixel %s)", name, dest.pixel_id)
-                for key in (dest.api_key,):
-                    logs.redact_also(key)
+                logs.redact_also(dest.api_key)
                 self._launch(dest, burst=False)
         self.destinations = found
 

@@ -292,3 +292,47 @@ def test_operators_see_and_act_per_destination(multi: Settings, sandbox: Sandbox
         assert c.xlen(multi.keys.for_destination("a").stream) == 0
     unknown = runner.invoke(cli, ["status", "--destination", "nope"], env=env)
     assert unknown.exit_code == 2 and "'nope' is not configured" in unknown.output
+
+
+def test_changing_the_only_destination_restarts_its_sender_and_the_worker_goes_on(
+    multi: Settings, sandbox: SandboxThread
+) -> None:
+    path = Path(str(multi.destinations_file))
+    only_a = TOML.split("[destinations.b]", maxsplit=1)[0]
+    path.write_text(only_a)
+    proc = worker(multi)
+    enqueue_to(multi, "a", events(5, prefix="a1-"))
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 5, 30, "first delivery")
+    path.write_text(only_a.replace('"src-a"', '"src-a2"'))  # its only destination changes
+    time.sleep(3)
+    assert proc.poll() is None, "the worker stopped when its only destination changed"
+    enqueue_to(multi, "a", events(5, prefix="a2-"))
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 10, 30, "delivery after the change")
+    stop(proc)
+    assert sandbox.state.senders[("pix_a", KEYS["a"], "src-a2")] == 5
+
+
+def test_a_destination_stuck_in_its_key_check_is_dropped_when_removed(
+    multi: Settings, sandbox: SandboxThread
+) -> None:
+    from tests.conftest import free_port
+
+    path = Path(str(multi.destinations_file))
+    only_a = TOML.split("[destinations.b]", maxsplit=1)[0]
+    port = free_port()  # nothing listens there: x's key check waits for ever
+    unreachable = (
+        f'\n[destinations.x]\npixel_id = "pix_x"\napi_key_env = "CAPI_KEY_B"\n'
+        f'base_url = "http://127.0.0.1:{port}"\n'
+    )
+    path.write_text(only_a + unreachable)
+    proc = worker(multi)
+    enqueue_to(multi, "a", events(3, prefix="a-"))
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 3, 30, "a delivered")
+    after_b = TOML.split("[destinations.b]")[1]
+    b_table = "[destinations.b]" + after_b.split("[destinations.c]", maxsplit=1)[0]
+    path.write_text(only_a + b_table)  # x replaced by b
+    time.sleep(0.1)
+    enqueue_to(multi, "b", events(4, prefix="b-"))
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 7, 30, "b served though x was stuck")
+    output = stop(proc)
+    assert "destination x: removed in the file" in output

@@ -87,11 +87,14 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
     if not records:
         out.print("No dead letters.")
         return
-    table = Table("id", "type", "reason", "age", "attempts", "replay within", box=None)
+    several = len(destination_names(settings, None)) > 1
+    columns = ["destination"] if several else []
+    table = Table(*columns, "id", "type", "reason", "age", "attempts", "replay within", box=None)
     for r in shown:
         left = r.replay_deadline_ms - now
         window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
         table.add_row(
+            *([Text(r.destination)] if several else []),
             Text(r.id),  # ids are data, never markup
             Text(r.event_type),
             r.reason.value,
@@ -173,6 +176,7 @@ def _describe(r: DeadLetter, settings: Settings) -> str:
         f"first attempt:    {r.first_attempt_at or '-'}",
         f"last attempt:     {r.last_attempt_at or '-'}",
         f"dead-lettered:    {r.dead_lettered_at}",
+        f"destination:      {r.destination}",
         f"key:              {r.key_fingerprint}   pixel: {r.pixel_id}",
         f"replay deadline:  {r.replay_deadline} "
         + (

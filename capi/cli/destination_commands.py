@@ -66,8 +66,9 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
             status = await gather(client, settings.keys.for_destination(name))
             key = status["key"]
             state = key.get("state", "unchecked")
-            if state == "unknown":
-                state = "unchecked"
+            current = fingerprint(dest.api_key) if dest.api_key else None
+            if state == "unknown" or (current and key.get("fingerprint") != current):
+                state = "unchecked"  # never checked, or checked with another key
             last_error = None
             if state == "held":
                 last_error = f"key held: {key.get('reason')}"

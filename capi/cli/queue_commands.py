@@ -381,18 +381,21 @@ def health_command(ctx: click.Context, url: str | None) -> None:
         except (urllib.error.URLError, OSError) as exc:
             ok, why = False, str(exc)
     else:
-        status = run(_status(settings_from(ctx)))
-        held = status["key"].get("state") == "held"
-        ok = not held and bool(status["workers_alive"])
-        why = "key held" if held else ("no live worker" if not status["workers_alive"] else "ok")
+        settings = settings_from(ctx)
+        statuses = run(_statuses(settings, destination_names(settings, None)))
+        held = [n for n, st in statuses.items() if st["key"].get("state") == "held"]
+        alive = next(iter(statuses.values()))["workers_alive"]
+        # As /readyz: ready while some destination can send; the held ones are named.
+        ok = bool(alive) and len(held) < len(statuses)
+        if not alive:
+            why = "no live worker"
+        elif held:
+            names = "" if held == ["default"] else " (" + ", ".join(held) + ")"
+            why = ("key held" if not ok else "ok, but a key is held") + names
+        else:
+            why = "ok"
     out.print(("ok: " if ok else "not ready: ") + why, markup=False)
     sys.exit(ExitCode.OK if ok else ExitCode.FAILURE)
-
-
-async def _status(settings: Settings) -> dict[str, Any]:
-    statuses = await _statuses(settings, destination_names(settings, None))
-    worst = next((st for st in statuses.values() if st["key"].get("state") == "held"), None)
-    return worst or next(iter(statuses.values()))
 
 
 async def _statuses(settings: Settings, names: list[str]) -> dict[str, dict[str, Any]]:

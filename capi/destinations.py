@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,40 @@ def _read(path: Path) -> str:
         raise ConfigError(
             f"CAPI_DESTINATIONS_FILE: cannot read {path.absolute()} ({why})"
         ) from None
+
+
+class Names:
+    """The configured destinations' names, read again when the file changes (looked at at
+    most once a second), for long-lived producers."""
+
+    def __init__(self, settings: Settings, *, monotonic: Any = None) -> None:
+        self.settings = settings
+        self._monotonic = monotonic or time.monotonic
+        self._checked = float("-inf")
+        self._stamp: tuple[str, float] | None = None
+        self._names = names(settings)
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[str, float] | None:
+        path = source(self.settings)
+        try:
+            return (str(path), path.stat().st_mtime) if path is not None else None
+        except OSError:
+            return None
+
+    def current(self) -> list[str]:
+        """The names now (a broken file keeps the last good ones)."""
+        now = self._monotonic()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                try:
+                    self._names = names(self.settings)
+                    self._stamp = stamp
+                except ConfigError:
+                    pass
+        return self._names
 
 
 def names(settings: Settings) -> list[str]:

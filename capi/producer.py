@@ -29,9 +29,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi import dedup
+from capi import destinations as destinations_
 from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
-from capi.destinations import names as destination_names
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA
@@ -139,10 +139,10 @@ class _BaseProducer:
         chunk: int = 500,
         durability: str = "memory",
         durability_timeout_ms: int = 1000,
-        destinations: Sequence[str] = (DEFAULT_DESTINATION,),
+        destinations: Sequence[str] | destinations_.Names = (DEFAULT_DESTINATION,),
     ) -> None:
         self.redis = client
-        self.destinations = list(destinations)
+        self._names = destinations
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
         self.keys = keys or RedisKeys()
@@ -160,7 +160,7 @@ class _BaseProducer:
                 "capi: CAPI_REDIS_URL is not set; enqueueing to the default Redis at %s",
                 settings.redis_url,
             )
-        kwargs.setdefault("destinations", destination_names(settings))
+        kwargs.setdefault("destinations", destinations_.Names(settings))
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
         return cls(
@@ -218,33 +218,38 @@ class _BaseProducer:
             why = f"could not be read as an event ({type(exc).__name__})"
             raise EventRejected([Problem("(event)", why)]) from None
 
+    @property
+    def destinations(self) -> list[str]:
+        """The destinations this producer may enqueue to (the file's, as it is now)."""
+        names = self._names
+        return names.current() if isinstance(names, destinations_.Names) else list(names)
+
     def _targets(self, destination: Destination_) -> list[RedisKeys]:
         """The keys of each destination an event goes to; EventRejected if one is unknown."""
+        configured = self.destinations
         if destination is None:
-            if len(self.destinations) != 1:
+            if len(configured) != 1:
                 raise EventRejected(
                     [
                         Problem(
                             "destination",
-                            "name one: this deployment has several ("
-                            + ", ".join(self.destinations)
-                            + ")",
+                            "name one: this deployment has several (" + ", ".join(configured) + ")",
                         )
                     ]
                 )
-            names = self.destinations
+            names = configured
         else:
             names = [destination] if isinstance(destination, str) else list(destination)
             if not names:
                 raise EventRejected([Problem("destination", "name at least one")])
-        unknown = [n for n in names if n not in self.destinations]
+        unknown = [n for n in names if n not in configured]
         if unknown:
             raise EventRejected(
                 [
                     Problem(
                         "destination",
                         f"{unknown[0][:40]!r} is not configured; the destinations are: "
-                        + ", ".join(self.destinations),
+                        + ", ".join(configured),
                     )
                 ]
             )

@@ -97,23 +97,37 @@ end
 return n
 """
 
-MOVE_DUE_LUA = """#!lua flags=allow-oom
+# Shared by the two scripts that move scheduled retries back: one retry member, whose
+# entries go back on the stream and which leaves the schedule. Returns the events moved.
+_REQUEUE_MEMBER = """
+local function requeue(member)
+  local n = 0
+  for _, en in ipairs(cjson.decode(member)['entries']) do
+    redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
+               'm', en['m'])
+    n = n + 1
+  end
+  redis.call('ZREM', KEYS[1], member)
+  return n
+end
+"""
+
+MOVE_DUE_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _REQUEUE_MEMBER
+    + """
 -- KEYS: retry zset, stream. ARGV: due by (ms), max batches. Moves due retries to the stream.
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
-for _, member in ipairs(due) do
-  local batch = cjson.decode(member)
-  for _, en in ipairs(batch['entries']) do
-    redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
-               'm', en['m'])
-    moved = moved + 1
-  end
-  redis.call('ZREM', KEYS[1], member)
-end
+for _, member in ipairs(due) do moved = moved + requeue(member) end
 return moved
 """
+)
 
-RELEASE_LUA = """#!lua flags=allow-oom
+RELEASE_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _REQUEUE_MEMBER
+    + """
 -- KEYS: retry zset, stream. ARGV: how many at the front to skip, max batches.
 -- After an outage: move scheduled retries to the stream now, except those whose wait the
 -- server asked for (Retry-After), which stay until due. Returns moved events, skipped.
@@ -121,20 +135,15 @@ local skipped = tonumber(ARGV[1])
 local rows = redis.call('ZRANGE', KEYS[1], skipped, skipped + tonumber(ARGV[2]) - 1)
 local moved = 0
 for _, member in ipairs(rows) do
-  local batch = cjson.decode(member)
-  if batch['ra'] then
+  if cjson.decode(member)['ra'] then
     skipped = skipped + 1
   else
-    for _, en in ipairs(batch['entries']) do
-      redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
-                 'm', en['m'])
-      moved = moved + 1
-    end
-    redis.call('ZREM', KEYS[1], member)
+    moved = moved + requeue(member)
   end
 end
 return {moved, skipped, #rows}
 """
+)
 
 HANDBACK_LUA = """#!lua flags=allow-oom
 -- KEYS: stream. ARGV: group, then stream id per entry. Re-adds pending entries as new.

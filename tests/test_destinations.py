@@ -336,3 +336,15 @@ def test_a_destination_stuck_in_its_key_check_is_dropped_when_removed(
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 7, 30, "b served though x was stuck")
     output = stop(proc)
     assert "destination x: removed in the file" in output
+
+
+def test_a_long_lived_producer_follows_the_file(multi: Settings) -> None:
+    path = Path(str(multi.destinations_file))
+    with SyncProducer.from_settings(multi) as producer:
+        assert producer.enqueue(events(1)[0], destination="c")
+        path.write_text(TOML.split("[destinations.c]", maxsplit=1)[0])  # c removed
+        os.utime(path, (time.time() + 5, time.time() + 5))
+        time.sleep(1.1)
+        with pytest.raises(EventRejected, match="'c' is not configured"):
+            producer.enqueue(events(1, start=1)[0], destination="c")
+        assert producer.enqueue(events(1, start=1)[0], destination="b")

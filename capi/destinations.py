@@ -21,7 +21,6 @@ destinations meanwhile.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import time
@@ -29,7 +28,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -100,7 +99,7 @@ def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[s
     environ = os.environ if environ is None else environ
     path = source(settings)
     if path is None:
-        return {DEFAULT_NAME: _from_settings(settings)}
+        return {DEFAULT_NAME: default(settings)}
     return parse(_read(path), path, settings, environ)
 
 
@@ -113,21 +112,10 @@ def parse_file(
     path = source(settings)
     if path is None:
         try:
-            return {DEFAULT_NAME: _from_settings(settings)}
+            return {DEFAULT_NAME: default(settings)}
         except ConfigError:
             return {DEFAULT_NAME: Destination(DEFAULT_NAME, settings.pixel_id or "", "", "")}
-    text = _read(path)
-    found = parse(text, path, settings, environ, with_keys=False)
-    out = {}
-    for name, dest in found.items():
-        try:
-            key, label = _key(
-                _Entry.model_validate(tomllib.loads(text)["destinations"][name]), "", environ
-            )
-        except ConfigError:
-            key, label = "", ""
-        out[name] = dataclasses.replace(dest, api_key=key, key_source=label)
-    return out
+    return parse(_read(path), path, settings, environ, keys="optional")
 
 
 def _read(path: Path) -> str:
@@ -179,13 +167,7 @@ def names(settings: Settings) -> list[str]:
     path = source(settings)
     if path is None:
         return [DEFAULT_NAME]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"CAPI_DESTINATIONS_FILE: cannot read {path.absolute()} ({exc})"
-        ) from None
-    return list(parse(text, path, settings, {}, with_keys=False))
+    return list(parse(_read(path), path, settings, {}, keys="skip"))
 
 
 def parse(
@@ -194,10 +176,11 @@ def parse(
     settings: Settings,
     environ: Mapping[str, str],
     *,
-    with_keys: bool = True,
+    keys: Literal["required", "optional", "skip"] = "required",
 ) -> dict[str, Destination]:
-    """The destinations of one TOML text (``path`` only names it in errors); without
-    ``with_keys`` the keys are not read (and left empty)."""
+    """The destinations of one TOML text (``path`` only names it in errors). Each key is
+    read and must be usable (``required``), is left empty when it cannot be read here
+    (``optional``), or is not read at all (``skip``)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -225,7 +208,13 @@ def parse(
             entry = _Entry.model_validate(table)
         except ValidationError as exc:
             raise ConfigError(f"{where}: {_first(exc)}") from None
-        key, key_source = _key(entry, where, environ) if with_keys else ("", "")
+        key, key_source = "", ""
+        if keys != "skip":
+            try:
+                key, key_source = _key(entry, where, environ)
+            except ConfigError:
+                if keys == "required":
+                    raise
         out[name] = Destination(
             name=name,
             pixel_id=entry.pixel_id,
@@ -240,10 +229,6 @@ def parse(
 
 def default(settings: Settings) -> Destination:
     """The destination ``default``: CAPI_API_KEY, CAPI_PIXEL_ID and the other settings."""
-    return _from_settings(settings)
-
-
-def _from_settings(settings: Settings) -> Destination:
     api_key, pixel_id = settings.credentials()
     tokens = [t.strip() for t in (settings.intake_tokens_sha256 or "").split(",") if t.strip()]
     for token in tokens:

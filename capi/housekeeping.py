@@ -36,7 +36,7 @@ import redis.exceptions
 
 from capi import replay
 from capi.deadletters import Unreadable
-from capi.status import gather
+from capi.status import gather, redis_full
 
 if TYPE_CHECKING:
     from capi.sender import Sender
@@ -220,14 +220,6 @@ class Housekeeping:
         except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
             return
         m.redis_full.set(1 if redis_full(memory) else 0)
-
-
-def redis_full(memory: dict[str, object]) -> bool:
-    """Whether Redis refuses new writes for want of memory (``INFO memory`` fields)."""
-    limit = int(str(memory.get("maxmemory", 0) or 0))
-    used = int(str(memory.get("used_memory", 0) or 0))
-    policy = str(memory.get("maxmemory_policy", ""))
-    return limit > 0 and used >= limit and policy == "noeviction"
 
 
 async def prune_dead_letters(sender: Sender, now: int) -> None:

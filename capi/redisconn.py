@@ -81,15 +81,3 @@ def sync_client(url: str, timeout_s: float, **extra: Any) -> redis.Redis:
     """A blocking client for ``url`` with bounded calls."""
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
     return redis.Redis(**{**kwargs, **extra})
-
-
-def describe(url: str) -> str:
-    """Where ``url`` points, without its password: ``host:port/db`` or the socket path."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return parts.path
-        db = parts.path.strip("/") or "0"
-        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
-    except ValueError:
-        return "(malformed CAPI_REDIS_URL)"

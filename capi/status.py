@@ -24,7 +24,13 @@ def _iso(ms: int | None) -> str | None:
 
 
 async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
-    """A snapshot of the queue, counters and key state, as JSON-ready data."""
+    """A snapshot of one destination's queue, counters, key state and endpoint, and of the
+    workers and Redis they share, as JSON-ready data."""
+    return {**await destination_status(client, keys), **await shared_status(client, keys)}
+
+
+async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
+    """One destination's part of :func:`gather`."""
     now = int(time.time() * 1000)
     queued, in_flight, oldest_ms, retries = await Queue(client, keys).depth()
     pipe = client.pipeline(transaction=False)
@@ -32,30 +38,9 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     pipe.hgetall(keys.stats)
     pipe.hgetall(keys.dl_reasons)
     pipe.hgetall(keys.key_state)
-    pipe.zrangebyscore(keys.workers, now - ALIVE_WITHIN_MS, "+inf", withscores=True)
     pipe.hlen(keys.deadletters)
-    pipe.hgetall(keys.worker_states)
     pipe.hgetall(keys.endpoint)
-    next_retry, stats, reasons, key, workers, dl, states, endpoint = await pipe.execute()
-    try:
-        memory = await client.info("memory")
-        role = str((await client.info("replication")).get("role", "master"))
-    except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
-        memory, role = {}, "unknown"
-    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
-    policy = str(memory.get("maxmemory_policy", ""))
-    live = []
-    for name, score in workers:
-        state = orjson.loads(states.get(name) or b"{}")
-        live.append(
-            {
-                "name": name.decode(),
-                "state": state.get("state", "unknown"),
-                "detail": state.get("detail", ""),
-                "destination": state.get("destination", "default"),
-                "last_seen_s": round(max(0, now - score) / 1000, 1),
-            }
-        )
+    next_retry, stats, reasons, key, dl, endpoint = await pipe.execute()
     ep = {k.decode(): v.decode() for k, v in endpoint.items()}
     failing_since = int(ep["failing_since"]) if ep.get("failing_since") else None
     return {
@@ -69,8 +54,6 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
         # All-time totals (a replayed or purged dead letter still counts), not the current.
         "dead_letters_by_reason": {k.decode(): int(v) for k, v in reasons.items()},
         "key": {k.decode(): v.decode() for k, v in key.items()} or {"state": "unknown"},
-        "workers_alive": [w["name"] for w in live],
-        "workers": live,
         "endpoint": {
             "state": "failing" if failing_since else "ok",
             "failing_since": _iso(failing_since),
@@ -78,11 +61,48 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
             "last_error_at": _iso(int(ep.get("last_error_ms") or 0)),
             "last_ok_at": _iso(int(ep.get("last_ok_ms") or 0)),
         },
+    }
+
+
+async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
+    """The part of :func:`gather` every destination shares: live workers and Redis."""
+    now = int(time.time() * 1000)
+    pipe = client.pipeline(transaction=False)
+    pipe.zrangebyscore(keys.workers, now - ALIVE_WITHIN_MS, "+inf", withscores=True)
+    pipe.hgetall(keys.worker_states)
+    workers, states = await pipe.execute()
+    try:
+        memory = await client.info("memory")
+        role = str((await client.info("replication")).get("role", "master"))
+    except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
+        memory, role = {}, "unknown"
+    live = []
+    for name, score in workers:
+        state = orjson.loads(states.get(name) or b"{}")
+        live.append(
+            {
+                "name": name.decode(),
+                "state": state.get("state", "unknown"),
+                "detail": state.get("detail", ""),
+                "destination": state.get("destination", "default"),
+                "last_seen_s": round(max(0, now - score) / 1000, 1),
+            }
+        )
+    return {
+        "workers_alive": [w["name"] for w in live],
+        "workers": live,
         "redis": {
-            "used_memory": used,
-            "maxmemory": limit,
-            "maxmemory_policy": policy,
-            "full": limit > 0 and used >= limit and policy == "noeviction",
+            "used_memory": int(memory.get("used_memory", 0)),
+            "maxmemory": int(memory.get("maxmemory", 0)),
+            "maxmemory_policy": str(memory.get("maxmemory_policy", "")),
+            "full": redis_full(memory),
             "role": role,
         },
     }
+
+
+def redis_full(memory: dict[str, Any]) -> bool:
+    """Whether Redis refuses new writes for want of memory (``INFO memory`` fields)."""
+    limit = int(memory.get("maxmemory", 0) or 0)
+    used = int(memory.get("used_memory", 0) or 0)
+    return limit > 0 and used >= limit and memory.get("maxmemory_policy") == "noeviction"

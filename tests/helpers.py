@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import redis
@@ -34,6 +37,25 @@ def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def stop_worker(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM a worker; its whole output (it must exit 0)."""
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    return output
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET (0 and "" when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
 
 
 def capi(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.helpers import events, ids, make_settings, start_worker, wait_for
+from tests.helpers import stop_worker as stop
 
 KEYS = {"a": "sk-conv-key-brand-a-0001", "b": "sk-conv-key-brand-b-0002", "c": "sk-conv-key-c-3"}
 PIXELS = {"a": "pix_a", "b": "pix_b", "c": "pix_c"}
@@ -58,13 +58,6 @@ def multi(
 
 def worker(settings: Settings, *args: str) -> subprocess.Popen[str]:
     return start_worker(settings, *args, **ENV)
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    return output
 
 
 def per_pixel(sandbox: SandboxThread) -> dict[str, set[str]]:

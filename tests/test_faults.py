@@ -10,8 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +35,12 @@ from tests.helpers import (
     start_worker,
     wait_for,
 )
+from tests.helpers import (
+    http_get as get,
+)
+from tests.helpers import (
+    stop_worker as stop,
+)
 from tests.redisproc import RedisProcess
 
 
@@ -52,14 +56,6 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     """A Redis for one test that keeps its data across a kill -9 (AOF, fsync always)."""
     with RedisProcess(tmp_path, persist=True) as server:
         yield server
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM a worker; its whole output (it must exit 0)."""
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    return output
 
 
 def started_worker(settings: Settings) -> subprocess.Popen[str]:
@@ -82,14 +78,6 @@ def once_each(sandbox: SandboxThread, expected: set[str]) -> None:
     assert set(delivered) == expected
     twice = {k: n for k, n in delivered.items() if n > 1}
     assert not twice, f"sent more than once: {list(twice.items())[:5]}"
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 # -- 2. Redis away: restart, dropped connections ---------------------------------------------

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import urllib.error
-import urllib.request
 
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from tests.conftest import free_port
 from tests.helpers import doom, enqueue, events, make_settings, wait_for
+from tests.helpers import http_get as get
 from tests.test_worker_process import worker
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def test_metrics_health_and_json_logs(redis_url: str, sandbox: SandboxThread) -> None:

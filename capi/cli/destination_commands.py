@@ -13,7 +13,7 @@ from capi.cli.common import handle_errors, out, print_json, redis_client, run, s
 from capi.cli.main import cli
 from capi.fingerprint import fingerprint
 from capi.settings import Settings
-from capi.status import gather
+from capi.status import destination_status
 
 
 @cli.command("destinations")
@@ -63,7 +63,7 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
     try:
         rows = []
         for name, dest in configured.items():
-            status = await gather(client, settings.keys.for_destination(name))
+            status = await destination_status(client, settings.keys.for_destination(name))
             key = status["key"]
             state = key.get("state", "unchecked")
             current = fingerprint(dest.api_key) if dest.api_key else None

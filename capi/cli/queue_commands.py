@@ -32,7 +32,7 @@ from capi.errors import EventRejected, Problem, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
 from capi.settings import Settings
-from capi.status import gather
+from capi.status import destination_status, shared_status
 
 _CHUNK = 500
 _CHUNK_BYTES = 4 * 1024 * 1024  # of JSON per bulk call, so memory stays near the input's
@@ -401,6 +401,10 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 async def _statuses(settings: Settings, names: list[str]) -> dict[str, dict[str, Any]]:
     client = redis_client(settings)
     try:
-        return {n: await gather(client, settings.keys.for_destination(n)) for n in names}
+        shared = await shared_status(client, settings.keys)
+        return {
+            n: {**await destination_status(client, settings.keys.for_destination(n)), **shared}
+            for n in names
+        }
     finally:
         await client.aclose()

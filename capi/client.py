@@ -21,9 +21,11 @@ import httpx
 import orjson
 
 from capi.constants import CONVERSIONS_SCOPE, EVENTS_PATH
+from capi.destinations import Destination
 from capi.errors import ERROR_BY_REASON, ConfigError, NetworkError, Response, SendError
 from capi.failures import Reason
 from capi.fingerprint import fingerprint, redact, redact_bytes, shape_problem
+from capi.guidance import Labels
 from capi.retry import parse_retry_after
 
 _EVENT_INDEX = re.compile(r"^events\[(\d{1,9})\]")
@@ -183,9 +185,11 @@ class ConversionsClient:
         timeout_s: float = 30.0,
         integration_source: str | None = None,
         http: httpx.AsyncClient | None = None,
+        labels: Labels | None = None,
     ) -> None:
+        self.labels = labels or Labels()
         if problem := shape_problem(api_key):
-            raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
+            raise ConfigError(f"{self.labels.key} {problem} (the key is not shown)")
         self._key = api_key
         self.pixel_id = pixel_id
         self.url = base_url.rstrip("/") + EVENTS_PATH
@@ -201,6 +205,21 @@ class ConversionsClient:
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
+
+    @classmethod
+    def for_destination(
+        cls, destination: Destination, *, timeout_s: float = 30.0
+    ) -> ConversionsClient:
+        """A client for one destination: its URL, key, pixel and integration source, and
+        guidance that names its settings."""
+        return cls(
+            base_url=destination.base_url,
+            api_key=destination.api_key,
+            pixel_id=destination.pixel_id,
+            timeout_s=timeout_s,
+            integration_source=destination.integration_source,
+            labels=Labels(destination.name, destination.key_source),
+        )
 
     def __repr__(self) -> str:
         return (

@@ -21,6 +21,14 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
     {d}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
+    {p}:active              SET     destinations whose stream may hold entries no worker has
+                                    read: added with every write to a stream, removed by
+                                    the read that finds a stream empty (both atomic), so
+                                    idle destinations cost the workers nothing
+    {p}:wake                STREAM  a destination name each time one becomes active; every
+                                    worker blocks on it (XREAD) while it has nothing to do
+    {p}:retry-due           ZSET    destination, score = its earliest scheduled retry (ms);
+                                    housekeeping moves due retries only where one is due
     {p}:workers             ZSET    worker name, score = last heartbeat (ms)
     {p}:workers:state       HASH    worker name -> JSON {state, since_ms, detail}
     {d}:endpoint            HASH    failing_since (ms, while sends fail transiently),
@@ -52,7 +60,8 @@ class RedisKeys:
 
     Each destination has keys of its own, ``{p}:d:{name}:...``; the destination
     ``default`` (the one a single-pixel set-up has) keeps the plain ``{p}:...`` names, so
-    events queued before destinations existed are still sent. Worker heartbeats are shared.
+    events queued before destinations existed are still sent. Worker heartbeats, the active
+    set, the wake stream and the retry-due index are shared by all destinations.
     """
 
     prefix: str = "capi"
@@ -118,6 +127,21 @@ class RedisKeys:
     def probe_lock(self) -> str:
         """The lock that rate-limits key re-probes across workers."""
         return f"{self.ns}:key:probe-lock"
+
+    @property
+    def active(self) -> str:
+        """The set of destinations that may have unread entries (shared)."""
+        return f"{self.prefix}:active"
+
+    @property
+    def wake(self) -> str:
+        """The stream that wakes idle workers when a destination becomes active (shared)."""
+        return f"{self.prefix}:wake"
+
+    @property
+    def retry_due(self) -> str:
+        """The sorted set of destinations by their earliest scheduled retry (shared)."""
+        return f"{self.prefix}:retry-due"
 
     @property
     def workers(self) -> str:

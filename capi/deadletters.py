@@ -23,12 +23,12 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from capi import dedup
+from capi import queue
 from capi._aio import aw
 from capi.constants import API_MAX_AGE_MS, RedisKeys
 from capi.errors import SendError
 from capi.failures import Reason
-from capi.queue import DEDUP_HEADER, Entry
+from capi.queue import Entry
 
 
 def iso(ms: int | None) -> str | None:
@@ -129,36 +129,6 @@ def build(
     )
 
 
-WRITE_LUA = (
-    "#!lua flags=allow-oom\n"
-    + DEDUP_HEADER
-    + """
--- KEYS: records hash, index zset, stream, stats, reasons.
--- ARGV: dedup prefix, bucket_s, group, number of stream ids, the ids, then record key,
--- JSON, score, reason, dedup digest per record.
--- Records are written only for entries still pending (or with no entry: replay's own), so
--- running it again after a lost answer changes nothing. allow-oom: it frees a stream entry.
--- Each event's dedup digest is forgotten: its corrected successor may be enqueued.
-local nids = tonumber(ARGV[4])
-if nids > 0 then
-  local acked = redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, 5, 4 + nids))
-  redis.call('XDEL', KEYS[3], unpack(ARGV, 5, 4 + nids))
-  if acked == 0 then return 0 end
-end
-local n = 0
-for i = 5 + nids, #ARGV, 5 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
-  redis.call('HINCRBY', KEYS[5], ARGV[i + 3], 1)
-  dd_forget(ARGV[i + 4])
-  n = n + 1
-end
-redis.call('HINCRBY', KEYS[4], 'dead_lettered', n)
-return n
-"""
-)
-
-
 async def write(
     client: aioredis.Redis,
     keys: RedisKeys,
@@ -168,17 +138,11 @@ async def write(
     *,
     dedup_window_s: int,
 ) -> None:
-    """Store records and acknowledge their stream entries, in one script; forget the
-    events' dedup digests, so that a corrected event may be enqueued under the same id."""
-    ids = [e.stream_id for e in entries]
-    args: list[Any] = [keys.dedup_prefix, dedup.bucket_s(dedup_window_s), group, len(ids), *ids]
-    for r in records:
-        args += [r.key, r.to_json(), r.dead_lettered_ms, r.reason.value, dedup.digest(r.key)]
-    script = client.register_script(WRITE_LUA)
-    await script(
-        keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats, keys.dl_reasons],
-        args=args,
-    )
+    """Store records and acknowledge their stream entries, in one script
+    (:func:`capi.queue.dead_letter`); forget the events' dedup digests, so that a corrected
+    event may be enqueued under the same id."""
+    rows = [(r.key, r.to_json(), r.dead_lettered_ms, r.reason.value) for r in records]
+    await queue.dead_letter(client, keys, group, entries, rows, dedup_window_s=dedup_window_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from capi._aio import aw
 from capi.client import ConversionsClient
 from capi.events import purchase, signup
 from capi.keycheck import check_key
+from capi.lanes import run_sender
 from capi.producer import Producer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_PIXEL
@@ -167,7 +168,7 @@ class Demo:
         try:
             if not (await sender.guard.check()).ok:
                 raise RuntimeError("the demo key check failed")
-            await asyncio.wait_for(sender.run(burst=True), timeout_s)
+            await asyncio.wait_for(run_sender(sender, burst=True), timeout_s)
         finally:
             await sender.aclose()
 
@@ -230,7 +231,7 @@ class Demo:
             ],
         )
         sender = Sender.from_settings(settings)
-        task = asyncio.create_task(sender.run(burst=True))
+        task = asyncio.create_task(run_sender(sender, burst=True))
         for _ in range(200):
             if await aw(client.hlen(settings.keys.deadletters)) == 2:
                 break

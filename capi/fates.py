@@ -171,7 +171,11 @@ class Fates:
     ) -> None:
         """Record dead letters with their guidance, atomically with the acknowledgement."""
         guidance = diagnose(
-            err or reason, reason=reason, pixel_id=self.client.pixel_id, api_key=self._api_key
+            err or reason,
+            reason=reason,
+            pixel_id=self.client.pixel_id,
+            api_key=self._api_key,
+            labels=self.client.labels,
         ).text
         now = self.now_ms()
         records = [

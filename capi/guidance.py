@@ -31,6 +31,31 @@ SUPPORT_ASKS = (
 
 
 @dataclass(frozen=True, slots=True)
+class Labels:
+    """How guidance names a destination's settings. Without a destinations file they are
+    the ``CAPI_*`` settings; a destination of the file has its own entries there, its own
+    key source (``$VAR`` or a file) and its own ``--destination`` on every command."""
+
+    destination: str = "default"
+    key: str = "CAPI_API_KEY"
+
+    def apply(self, text: str) -> str:
+        """``text`` (written for the ``CAPI_*`` settings) as it reads for this destination."""
+        if self.key == "CAPI_API_KEY":
+            return text
+        d = self.destination
+        for old, new in (
+            ("CAPI_API_KEY", f"the key in {self.key} (destination {d})"),
+            ("CAPI_PIXEL_ID", f"pixel_id of [destinations.{d}] in the destinations file"),
+            ("CAPI_BASE_URL", f"base_url of [destinations.{d}] in the destinations file"),
+            ("`capi check-key`", f"`capi check-key --destination {d}`"),
+            ("`capi dead-letters replay ", f"`capi dead-letters replay --destination {d} "),
+        ):
+            text = text.replace(old, new)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnosis:
     """What went wrong, in one line, and what to do about it."""
 
@@ -51,15 +76,22 @@ def diagnose(
     reason: Reason | None = None,
     pixel_id: str | None = None,
     api_key: str | None = None,
+    labels: Labels | None = None,
 ) -> Diagnosis:
     """Diagnose a failure; the key, if given, is used only for its shape, never shown.
 
-    ``reason`` overrides the error's own (e.g. retries_exhausted after a server error).
+    ``reason`` overrides the error's own (e.g. retries_exhausted after a server error);
+    ``labels`` name the destination's settings (default: the ``CAPI_*`` ones).
     """
     err = error if isinstance(error, SendError) else None
     reason = reason or (error if isinstance(error, Reason) else error.reason)
     hint = shape_hint(api_key) if api_key else None
-    return _BUILDERS.get(reason, _unexpected)(reason, err, pixel_id, hint)
+    found = _BUILDERS.get(reason, _unexpected)(reason, err, pixel_id, hint)
+    if labels is None:
+        return found
+    return Diagnosis(
+        found.reason, labels.apply(found.cause), [labels.apply(step) for step in found.fix]
+    )
 
 
 def _fp(err: SendError | None) -> str:

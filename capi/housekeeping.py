@@ -1,34 +1,45 @@
 """Housekeeping: what a worker does beside sending, on a fixed schedule.
 
-One task per worker ticks every ``TICK_S`` and runs each job that is due. A job that meets
-an error of any kind is logged once (see :mod:`capi.trouble`) and runs again at its next
-turn; housekeeping itself never ends while the worker runs.
+One task per worker (not per destination) ticks every ``TICK_S`` and runs each job that is
+due. A job that meets an error of any kind is logged once (see :mod:`capi.trouble`) and
+runs again at its next turn; housekeeping itself never ends while the worker runs. Jobs
+over destinations touch only those that need it, so a worker configured with a thousand
+idle destinations does little more than one with a single destination.
 
-=================  ===============  =====================================================
-job                every            why
-=================  ===============  =====================================================
-move due retries   tick             retries are due to the millisecond
-heartbeat          HEARTBEAT_S      ``capi status`` shows live workers and their state
-                                    within a few seconds of the truth
-key state sync     SYNC_S           another worker may have held or released the key
-gauges             GAUGES_S         queue depth, oldest age, Redis memory for metrics
-key re-probe       reprobe interval while held (one worker at a time, via a Redis lock)
-lease renewal      claim_idle / 4   entries this worker still works on never look idle
-reclaim            RECLAIM_S        entries of a stopped worker (no heartbeat for
-                                    LIVENESS_S, idle for claim_idle) go back to work
-forget stopped     FORGET_S         consumers and heartbeats of long-gone workers
-status log line    STATUS_LOG_S     one line of counters for log-only deployments
-prune dead letters PRUNE_S          retention, and a warning before replay deadlines
-=================  ===============  =====================================================
+==================  ===============  ====================================================
+job                 every            why, and which destinations
+==================  ===============  ====================================================
+move due retries    tick             retries are due to the millisecond; only the
+                                     destinations the retry-due index names as due
+heartbeat           HEARTBEAT_S      ``capi status`` shows live workers and their state
+                                     within a few seconds of the truth (one per worker)
+key state sync      SYNC_S           another worker may have held or released a key
+                                     (every destination, one pipelined round trip)
+gauges              GAUGES_S         queue depth and oldest age for metrics: active
+                                     destinations, and GAUGES_SLICE idle ones in turn
+key re-probe        reprobe interval held destinations only (one worker at a time each,
+                                     via a Redis lock)
+lease renewal       claim_idle / 4   entries this worker still works on never look idle
+reclaim             RECLAIM_S        entries of a stopped worker (no heartbeat for
+                                     LIVENESS_S, idle for claim_idle) go back to work:
+                                     active destinations, and RECLAIM_SLICE idle ones in
+                                     turn (every destination within claim_idle)
+forget stopped      FORGET_S         consumers and heartbeats of long-gone workers; the
+                                     retry-due index and active set are checked too
+status log line     STATUS_LOG_S     one line of counters for log-only deployments
+prune dead letters  PRUNE_S          retention, and a warning before replay deadlines
+==================  ===============  ====================================================
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -36,9 +47,10 @@ import redis.exceptions
 
 from capi import replay
 from capi.deadletters import Unreadable
-from capi.status import gather, redis_full
+from capi.status import destination_status, redis_full
 
 if TYPE_CHECKING:
+    from capi.lanes import Lanes
     from capi.sender import Sender
 
 log = logging.getLogger("capi.housekeeping")
@@ -49,7 +61,9 @@ HEARTBEAT_S = 1.0
 LIVENESS_S = 10.0
 SYNC_S = 1.0
 GAUGES_S = 2.0
+GAUGES_SLICE = 50
 RECLAIM_S = 0.5
+RECLAIM_SLICE = 25
 FORGET_S = 60.0
 STATUS_LOG_S = 60.0
 PRUNE_S = 3600.0
@@ -57,19 +71,23 @@ DAY_MS = 86_400_000
 
 
 class Housekeeping:
-    """Runs a sender's background jobs until the sender stops."""
+    """Runs a worker's background jobs until its lanes stop."""
 
-    def __init__(self, sender: Sender, *, burst: bool = False) -> None:
-        self.sender = sender
+    def __init__(self, lanes: Lanes, *, burst: bool = False) -> None:
+        self.lanes = lanes
         self.burst = burst
         self._last: dict[str, float] = {}
         self._connected_since: float | None = None
         self._touch_now = False
         self._errors = 0
         self._delay = TICK_S
-        settings = sender.settings
+        settings = lanes.settings
         self.claim_idle_ms = int(settings.claim_idle_s * 1000)
         self.lease_s = max(0.25, settings.claim_idle_s / 4)
+        self._reclaim_more: set[str] = set()
+        self._reclaim_turn = 0
+        self._gauges_turn = 0
+        self._prune_turn = 0
 
     def _due(self, job: str, every_s: float) -> bool:
         now = time.monotonic()
@@ -79,147 +97,241 @@ class Housekeeping:
         return False
 
     async def run(self) -> None:
-        """Tick until the sender stops; never end on an error."""
-        s = self.sender
-        while not s.stopping:
+        """Tick until the lanes stop; never end on an error."""
+        lanes = self.lanes
+        while not lanes.stopping:
             self._errors = 0
             try:
                 await self.tick()
             except Exception as exc:  # tick's own bookkeeping; the jobs catch their own
                 self._failed(exc, "housekeeping")
             if self._errors == 0:
-                s.trouble.ok()
-                s.metrics.redis_up.set(1)
+                lanes.trouble.ok()
+                lanes.metrics.redis_up.set(1)
                 if self._connected_since is None:
                     self._connected_since = time.monotonic()
                     self._touch_now = True
-            s.metrics.tick(redis_ok=s.trouble.redis_ok)
+            lanes.metrics.tick(redis_ok=lanes.trouble.redis_ok)
             # Jittered, so that workers meeting the same trouble do not tick in lockstep.
             await asyncio.sleep(
                 (self._delay if self._errors else TICK_S) * (0.75 + random.random() / 2)
             )
 
     def _failed(self, exc: BaseException, job: str) -> None:
-        s = self.sender
+        lanes = self.lanes
+        trouble = lanes.trouble
         self._errors += 1
-        self._delay = min(s.trouble.failed(exc, job), 1.0)
-        if job == "heartbeat" or s.trouble.kind in ("unreachable", "loading"):
+        self._delay = min(trouble.failed(exc, job), 1.0)
+        if job == "heartbeat" or trouble.kind in ("unreachable", "loading"):
             # Others may not have been able to say they are alive either: take nothing
             # over until this worker's own heartbeat has worked for LIVENESS_S again.
             self._connected_since = None
-        if not s.trouble.redis_ok:
-            s.metrics.redis_up.set(0)
-            if s.trouble.kind == "full":
-                s.metrics.redis_full.set(1)
+        if not trouble.redis_ok:
+            lanes.metrics.redis_up.set(0)
+            if trouble.kind == "full":
+                lanes.metrics.redis_full.set(1)
 
-    async def _job(self, name: str, step: Callable[[], Awaitable[object]]) -> bool:
+    async def _job(
+        self, name: str, step: Callable[[], Awaitable[object]], sender: Sender | None = None
+    ) -> bool:
         """Run one job; an error is recorded (and logged once), never raised."""
         try:
             await step()
         except Exception as exc:
             self._failed(exc, name)
-            if "NOGROUP" in str(exc):
-                await self.sender._recreate_group()
+            if sender is not None and "NOGROUP" in str(exc):
+                await sender._recreate_group()
             return False
         return True
 
     async def tick(self) -> None:
         """Run every job that is due; each job's error is its own."""
-        s = self.sender
-        now_ms = int(s.clock() * 1000)
-        await self._job("moving due retries", lambda: s.queue.move_due_retries(now_ms))
+        lanes = self.lanes
+        senders = dict(lanes.senders)
+        now_ms = int(lanes.clock() * 1000)
+        await self._job("moving due retries", lambda: self._move_due(senders, now_ms))
         if self._due("heartbeat", HEARTBEAT_S):
             await self._job("heartbeat", self._heartbeat)
-        if self._due("sync", SYNC_S) and await self._job("key state sync", s.guard.sync):
-            s.metrics.key_ok.set(0 if s.guard.held else 1)
+        if self._due("sync", SYNC_S):
+            await self._job("key state sync", lambda: self._sync_keys(senders))
         if self._due("gauges", GAUGES_S):
-            await self._job("gauges", lambda: self._gauges(now_ms))
+            await self._job("gauges", lambda: self._gauges(senders, now_ms))
         if self._due("status_log", STATUS_LOG_S):
-            await self._job("status log", self._log_status)
-        if self._due("prune", PRUNE_S):
-            await self._job("pruning dead letters", lambda: prune_dead_letters(s, now_ms))
-        idle = not s.in_flight and not s.reclaimed and self._errors == 0
-        if self.burst and idle and await s.queue.drained():
+            await self._job("status log", lambda: self._log_status(senders))
+        if self._due("prune", PRUNE_S / max(1, len(senders))):
+            sender = self._next(senders, "_prune_turn", 1)
+            for s in sender:
+                await self._job(
+                    "pruning dead letters", functools.partial(prune_dead_letters, s, now_ms), s
+                )
+        if self.burst and await self._drained(senders):
             log.info("burst: nothing queued, in flight or scheduled; stopping")
-            s.stop()
+            lanes.stop()
             return
-        if s.guard.held:
-            if self._due("reprobe", min(s.settings.reprobe_interval_s, 5.0)):
-                await self._job("key re-probe", s.guard.try_release)
-            return
+        await self._destination_jobs(senders)
+
+    async def _destination_jobs(self, senders: dict[str, Sender]) -> None:
+        """The jobs that look after destinations' keys and entries in flight."""
+        for s in senders.values():
+            name = s.destination.name
+            if not (s.guard.held and self._due(f"reprobe:{name}", self._reprobe_s(s))):
+                continue
+            if await self._job("key re-probe", s.guard.try_release, s) and not s.guard.held:
+                s.metrics.key_ok.set(1)
+                self.lanes.activate(name)
         if self._touch_now or self._due("lease", self.lease_s):
-            self._touch_now = not await self._job("lease renewal", self._renew_leases)
+            self._touch_now = not await self._job("lease renewal", lambda: self._leases(senders))
         if self._due("reclaim", RECLAIM_S):
-            await self._job("reclaim", self._reclaim)
+            await self._job("reclaim", lambda: self._reclaim(senders))
         if self._due("forget", FORGET_S):
-            await self._job(
-                "forgetting stopped workers",
-                lambda: s.queue.forget_stopped(int(time.time() * 1000), self.claim_idle_ms * 10),
-            )
+            for s in senders.values():
+                await self._job("forgetting stopped workers", functools.partial(self._forget, s), s)
+
+    @staticmethod
+    def _reprobe_s(sender: Sender) -> float:
+        return min(sender.settings.reprobe_interval_s, 5.0)
+
+    def _next(self, senders: dict[str, Sender], turn: str, count: int) -> list[Sender]:
+        """``count`` senders in turn (a rotation over all of them, remembered in ``turn``)."""
+        if not senders:
+            return []
+        values = list(senders.values())
+        start = getattr(self, turn) % len(values)
+        setattr(self, turn, start + count)
+        picked = itertools.islice(itertools.cycle(values), start, start + min(count, len(values)))
+        return list(picked)
+
+    def _busy(self, senders: dict[str, Sender]) -> Iterable[Sender]:
+        for name, s in senders.items():
+            if name in self.lanes.active or s.in_flight or s.reclaimed:
+                yield s
+
+    async def _move_due(self, senders: dict[str, Sender], now_ms: int) -> None:
+        due = await self.lanes.redis.zrangebyscore(self.lanes.keys.retry_due, "-inf", now_ms)
+        for raw in due:
+            s = senders.get(raw.decode())
+            if s is None:
+                continue
+            if await s.queue.move_due_retries(now_ms):
+                self.lanes.activate(s.destination.name)
 
     async def _heartbeat(self) -> None:
-        s = self.sender
-        state, detail = s.state()
-        await s.queue.heartbeat(
-            s.name,
+        lanes = self.lanes
+        state, detail, where = lanes.state()
+        await lanes.queue.heartbeat(
+            lanes.name,
             int(time.time() * 1000),
-            {"state": state, "detail": detail, "destination": s.destination.name},
+            {"state": state, "detail": detail, "destination": where},
         )
 
-    async def _log_status(self) -> None:
-        status = await gather(self.sender.redis, self.sender.keys)
-        log.info("status: %s", orjson.dumps(status).decode())
+    async def _sync_keys(self, senders: dict[str, Sender]) -> None:
+        if not senders:
+            return
+        pipe = self.lanes.redis.pipeline(transaction=False)
+        for s in senders.values():
+            pipe.hget(s.keys.key_state, "state")
+        states = await pipe.execute()
+        for s, state in zip(senders.values(), states, strict=True):
+            await s.guard.adopt(state)
+            s.metrics.key_ok.set(0 if s.guard.held else 1)
 
-    async def _renew_leases(self) -> None:
-        for consumer, ids in self.sender.leases().items():
-            await self.sender.queue.touch(consumer, ids)
+    async def _log_status(self, senders: dict[str, Sender]) -> None:
+        shown = list(self._busy(senders))[:20] or list(senders.values())[:1]
+        for s in shown:
+            status = await destination_status(s.redis, s.keys)
+            log.info(
+                "status of %s: %s",
+                s.destination.name,
+                orjson.dumps(status).decode(),
+                extra={"destination": s.destination.name},
+            )
 
-    async def _reclaim(self) -> None:
-        s = self.sender
+    async def _leases(self, senders: dict[str, Sender]) -> None:
+        for s in senders.values():
+            for consumer, ids in s.leases().items():
+                await s.queue.touch(consumer, ids)
+
+    async def _reclaim(self, senders: dict[str, Sender]) -> None:
         # After an outage, give every worker time to say it is alive before taking anything.
         connected = self._connected_since
         if connected is None or time.monotonic() - connected < LIVENESS_S:
             return
-        live = await s.queue.live_workers(int(time.time() * 1000), int(LIVENESS_S * 1000))
-        live.add(s.name)
+        lanes = self.lanes
+        live = await lanes.queue.live_workers(int(time.time() * 1000), int(LIVENESS_S * 1000))
+        live.add(lanes.name)
+        todo = {s.destination.name: s for s in self._busy(senders)}
+        todo.update(
+            (s.destination.name, s) for s in self._next(senders, "_reclaim_turn", RECLAIM_SLICE)
+        )
+        todo.update((n, senders[n]) for n in self._reclaim_more if n in senders)
+        self._reclaim_more.clear()
+        for s in todo.values():
+            await self._job("reclaim", functools.partial(self._reclaim_one, s, live), s)
+
+    async def _reclaim_one(self, s: Sender, live: set[str]) -> None:
         size = s.settings.batch_size
+        name = s.destination.name
         while len(s.reclaimed) < s.settings.concurrency * 4:
             claimed = await s.queue.reclaim(
-                f"{s.name}:reclaim",
+                f"{self.lanes.name}:reclaim",
                 self.claim_idle_ms,
                 size,
                 live,
-                me=s.name,
+                me=self.lanes.name,
                 mine=s.held_ids(),
             )
             if not claimed:
                 return
             log.warning(
-                "reclaimed %d pending events no live worker holds (a stopped worker's, or "
-                "read with the answer lost)",
+                "reclaimed %d pending events of %s no live worker holds (a stopped worker's, "
+                "or read with the answer lost)",
                 len(claimed),
-                extra={"count": len(claimed)},
+                name,
+                extra={"count": len(claimed), "destination": name},
             )
             s.reclaimed.append(claimed)
+            self.lanes.activate(name)
             if len(claimed) < size:
                 return
         # More may be waiting: look again at the next tick, not in RECLAIM_S, so taken-over
         # events are re-sent as fast as the lanes send, not as fast as this job wakes.
+        self._reclaim_more.add(name)
         self._last.pop("reclaim", None)
 
-    async def _gauges(self, now_ms: int) -> None:
-        s = self.sender
-        depth, in_flight, oldest_ms, retries = await s.queue.depth()
-        m = s.metrics
-        m.queue_depth.set(depth)
-        m.in_flight.set(in_flight)
-        m.retries_scheduled.set(retries)
-        m.oldest_age.set(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms else 0)
+    async def _forget(self, s: Sender) -> None:
+        await s.queue.forget_stopped(int(time.time() * 1000), self.claim_idle_ms * 10)
+        # Checks of the indexes (should Redis ever have lost part of them): the next read
+        # finds out whether the stream is empty.
+        await s.queue.index_retries()
+        self.lanes.activate(s.destination.name)
+
+    async def _gauges(self, senders: dict[str, Sender], now_ms: int) -> None:
+        todo = {s.destination.name: s for s in self._busy(senders)}
+        todo.update(
+            (s.destination.name, s) for s in self._next(senders, "_gauges_turn", GAUGES_SLICE)
+        )
+        for s in todo.values():
+            depth, in_flight, oldest_ms, retries = await s.queue.depth()
+            m = s.metrics
+            m.queue_depth.set(depth)
+            m.in_flight.set(in_flight)
+            m.retries_scheduled.set(retries)
+            m.oldest_age.set(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms else 0)
         try:
-            memory = await s.redis.info("memory")
+            memory = await self.lanes.redis.info("memory")
         except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
             return
-        m.redis_full.set(1 if redis_full(memory) else 0)
+        self.lanes.metrics.redis_full.set(1 if redis_full(memory) else 0)
+
+    async def _drained(self, senders: dict[str, Sender]) -> bool:
+        if self.lanes.starting or self._errors:
+            return False
+        if any(s.in_flight or s.reclaimed for s in senders.values()):
+            return False
+        for s in senders.values():
+            if not await s.queue.drained():
+                return False
+        return True
 
 
 async def prune_dead_letters(sender: Sender, now: int) -> None:

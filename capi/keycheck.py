@@ -78,7 +78,7 @@ async def check_key(
         client.key_fingerprint,
         client.pixel_id,
         error=error,
-        diagnosis=diagnose(error, pixel_id=client.pixel_id, api_key=api_key),
+        diagnosis=diagnose(error, pixel_id=client.pixel_id, api_key=api_key, labels=client.labels),
         request_ids=error.response.request_ids,
         probes=attempt,
     )

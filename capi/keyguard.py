@@ -120,6 +120,11 @@ class KeyGuard:
         """Adopt the fleet's key state from Redis (another worker may have held or released);
         write it again if Redis lost it (a restart without persistence, a flush)."""
         state: bytes | None = await aw(self.redis.hget(self.keys.key_state, "state"))  # type: ignore[arg-type]
+        await self.adopt(state)
+
+    async def adopt(self, state: bytes | None) -> None:
+        """Adopt a key state read from Redis (``state`` of the key hash; None if missing),
+        as :meth:`sync` does: a worker reading many destinations' states at once calls it."""
         if state is None and not self.held and self._last_ok > float("-inf"):
             await self._set_ok()
             return
@@ -184,7 +189,9 @@ class KeyGuard:
 
     async def _hold(self, error: SendError) -> None:
         self.held = True
-        diagnosis = diagnose(error, pixel_id=self.client.pixel_id, api_key=self._api_key)
+        diagnosis = diagnose(
+            error, pixel_id=self.client.pixel_id, api_key=self._api_key, labels=self.client.labels
+        )
         now = iso(_ms()) or ""
         await self._write_state(
             {

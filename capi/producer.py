@@ -34,7 +34,7 @@ from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
-from capi.queue import ENQUEUE_LUA
+from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -272,12 +272,11 @@ class _BaseProducer:
                 yield self._args(prepared[start : start + self.chunk], target)
 
     def _args(self, batch: list[PreparedEvent], target: RedisKeys) -> tuple[list[str], list[Any]]:
-        keys = [target.stream, target.stats]
-        window = self.dedup_window_s
-        args: list[Any] = [target.dedup_prefix, dedup.bucket_s(window), window]
-        for p in batch:
-            args += [dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json]
-        return keys, args
+        return enqueue_call(
+            target,
+            self.dedup_window_s,
+            ((dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json) for p in batch),
+        )
 
     @staticmethod
     def _count(report: EnqueueReport, flags: list[int]) -> None:

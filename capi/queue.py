@@ -9,18 +9,21 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - deliver: ``XACK`` + ``XDEL`` + counter;
 - retry: ``XACK`` + ``ZADD`` to the retry schedule + ``XDEL``; a script moves due retries
   back into the stream (``XADD`` + ``ZREM``);
-- dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (see :mod:`capi.deadletters`);
+- dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (the records themselves are
+  :mod:`capi.deadletters`'s);
+- replay: a dead letter's event back on the stream + the record removed;
 - hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
 - reclaim: entries pending in a worker with no heartbeat are taken over (``XCLAIM``).
 
-Key names live in :mod:`capi.constants`.
+This module holds every script that writes to a stream (the producers run its enqueue
+script); key names live in :mod:`capi.constants`.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +40,39 @@ DEDUP_HEADER = (
     "local dd_now = tonumber(redis.call('TIME')[1])\n" + dedup.LUA_FUNCTIONS
 )
 
+# Every script that writes to a stream marks its destination active (and wakes idle
+# workers when it was not): see RedisKeys.active. The read that finds a stream empty
+# unmarks it, atomically, so a destination with unread entries is never left unmarked.
+_ACTIVATE = """
+local function activate(active, wake, name)
+  if redis.call('SADD', active, name) == 1 then
+    redis.call('XADD', wake, 'MAXLEN', '~', '1000', '*', 'd', name)
+  end
+end
+"""
+
+# Keeps a destination's entry in the retry-due index equal to its earliest retry.
+_INDEX_RETRIES = """
+local function index_retries(zset, index, name)
+  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    redis.call('ZREM', index, name)
+  else
+    redis.call('ZADD', index, first[2], name)
+  end
+end
+"""
+
 ENQUEUE_LUA = (
     DEDUP_HEADER
+    + _ACTIVATE
     + """
--- KEYS: stream, stats. ARGV: dedup prefix, bucket_s, window_s, then per event:
--- digest, id, timestamp_ms, JSON. Queues each event unless its digest is in the window.
+-- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
+-- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
+-- in the window.
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
-for j = 4, #ARGV, 4 do
+for j = 5, #ARGV, 4 do
   local d = ARGV[j]
   if window > 0 and dd_seen(d) then
     out[#out + 1] = 0
@@ -55,8 +83,44 @@ for j = 4, #ARGV, 4 do
     out[#out + 1] = 1
   end
 end
-if added > 0 then redis.call('HINCRBY', KEYS[2], 'enqueued', added) end
+if added > 0 then
+  redis.call('HINCRBY', KEYS[2], 'enqueued', added)
+  activate(KEYS[3], KEYS[4], ARGV[4])
+end
 return out
+"""
+)
+
+
+def enqueue_call(
+    keys: RedisKeys, dedup_window_s: int, events: Iterable[tuple[bytes, str, int, bytes | str]]
+) -> tuple[list[str], list[Any]]:
+    """The keys and arguments of :data:`ENQUEUE_LUA` for events prepared for one
+    destination, each given as (dedup digest, id, timestamp_ms, JSON)."""
+    args: list[Any] = [
+        keys.dedup_prefix,
+        dedup.bucket_s(dedup_window_s),
+        dedup_window_s,
+        keys.destination,
+    ]
+    for event in events:
+        args += event
+    return [keys.stream, keys.stats, keys.active, keys.wake], args
+
+
+READ_LUA = (
+    "#!lua flags=allow-oom\n"
+    + """
+-- KEYS: stream, active. ARGV: group, consumer, count, destination.
+-- Read new entries; none left: the destination is no longer active. allow-oom: reading is
+-- how a full Redis is drained.
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                     'STREAMS', KEYS[1], '>')
+if not r or #r[1][2] == 0 then
+  redis.call('SREM', KEYS[2], ARGV[4])
+  return {}
+end
+return r[1][2]
 """
 )
 
@@ -80,26 +144,35 @@ redis.call('HSET', KEYS[3], 'last_ok_ms', ARGV[2])
 return {n, since or ''}
 """
 
-RETRY_LUA = """#!lua flags=allow-oom
--- KEYS: stream, retry zset, stats, endpoint. ARGV: group, due_ms, member, now_ms,
--- endpoint error ('' unless the endpoint itself failed), then stream ids.
--- Move pending entries to the retry schedule (the member holds their copies).
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 6))
+RETRY_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _INDEX_RETRIES
+    + """
+-- KEYS: stream, retry zset, stats, endpoint, retry-due index. ARGV: group, due_ms, member,
+-- now_ms, endpoint error ('' unless the endpoint itself failed), destination, then stream
+-- ids. Move pending entries to the retry schedule (the member holds their copies).
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 7))
 if n > 0 then
   redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
   redis.call('HINCRBY', KEYS[3], 'retried', n)
+  index_retries(KEYS[2], KEYS[5], ARGV[6])
 end
-redis.call('XDEL', KEYS[1], unpack(ARGV, 6))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 7))
 if ARGV[5] ~= '' then
   redis.call('HSETNX', KEYS[4], 'failing_since', ARGV[4])
   redis.call('HSET', KEYS[4], 'last_error', ARGV[5], 'last_error_ms', ARGV[4])
 end
 return n
 """
+)
 
 # Shared by the two scripts that move scheduled retries back: one retry member, whose
 # entries go back on the stream and which leaves the schedule. Returns the events moved.
-_REQUEUE_MEMBER = """
+# KEYS: retry zset, stream, active, wake, retry-due index; ARGV[3]: the destination.
+_REQUEUE_MEMBER = (
+    _ACTIVATE
+    + _INDEX_RETRIES
+    + """
 local function requeue(member)
   local n = 0
   for _, en in ipairs(cjson.decode(member)['entries']) do
@@ -110,16 +183,22 @@ local function requeue(member)
   redis.call('ZREM', KEYS[1], member)
   return n
 end
+local function requeued(moved)
+  index_retries(KEYS[1], KEYS[5], ARGV[3])
+  if moved > 0 then activate(KEYS[3], KEYS[4], ARGV[3]) end
+end
 """
+)
 
 MOVE_DUE_LUA = (
     "#!lua flags=allow-oom\n"
     + _REQUEUE_MEMBER
     + """
--- KEYS: retry zset, stream. ARGV: due by (ms), max batches. Moves due retries to the stream.
+-- ARGV: due by (ms), max batches, destination. Moves due retries to the stream.
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local moved = 0
 for _, member in ipairs(due) do moved = moved + requeue(member) end
+requeued(moved)
 return moved
 """
 )
@@ -128,7 +207,7 @@ RELEASE_LUA = (
     "#!lua flags=allow-oom\n"
     + _REQUEUE_MEMBER
     + """
--- KEYS: retry zset, stream. ARGV: how many at the front to skip, max batches.
+-- ARGV: how many at the front to skip, max batches, destination.
 -- After an outage: move scheduled retries to the stream now, except those whose wait the
 -- server asked for (Retry-After), which stay until due. Returns moved events, skipped.
 local skipped = tonumber(ARGV[1])
@@ -141,14 +220,19 @@ for _, member in ipairs(rows) do
     moved = moved + requeue(member)
   end
 end
+requeued(moved)
 return {moved, skipped, #rows}
 """
 )
 
-HANDBACK_LUA = """#!lua flags=allow-oom
--- KEYS: stream. ARGV: group, then stream id per entry. Re-adds pending entries as new.
+HANDBACK_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _ACTIVATE
+    + """
+-- KEYS: stream, active, wake. ARGV: group, destination, then stream id per entry.
+-- Re-adds pending entries as new.
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local rows = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
   if #rows == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
     redis.call('XADD', KEYS[1], '*', unpack(rows[1][2]))
@@ -156,8 +240,21 @@ for i = 2, #ARGV do
     n = n + 1
   end
 end
+if n > 0 then activate(KEYS[2], KEYS[3], ARGV[2]) end
 return n
 """
+)
+
+INDEX_RETRIES_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _INDEX_RETRIES
+    + """
+-- KEYS: retry zset, retry-due index. ARGV: destination. Repairs the index (an upgrade from
+-- a version without it).
+index_retries(KEYS[1], KEYS[2], ARGV[1])
+return 1
+"""
+)
 
 ENSURE_GROUP_LUA = """#!lua flags=allow-oom
 -- KEYS: stream. ARGV: group. Create the stream and group unless they exist.
@@ -173,6 +270,105 @@ redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
+
+
+DEAD_LETTER_LUA = (
+    "#!lua flags=allow-oom\n"
+    + DEDUP_HEADER
+    + """
+-- KEYS: records hash, index zset, stream, stats, reasons.
+-- ARGV: dedup prefix, bucket_s, group, number of stream ids, the ids, then record key,
+-- JSON, score, reason, dedup digest per record.
+-- Records are written only for entries still pending (or with no entry: replay's own), so
+-- running it again after a lost answer changes nothing. allow-oom: it frees a stream entry.
+-- Each event's dedup digest is forgotten: its corrected successor may be enqueued.
+local nids = tonumber(ARGV[4])
+if nids > 0 then
+  local acked = redis.call('XACK', KEYS[3], ARGV[3], unpack(ARGV, 5, 4 + nids))
+  redis.call('XDEL', KEYS[3], unpack(ARGV, 5, 4 + nids))
+  if acked == 0 then return 0 end
+end
+local n = 0
+for i = 5 + nids, #ARGV, 5 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], ARGV[i + 2], ARGV[i])
+  redis.call('HINCRBY', KEYS[5], ARGV[i + 3], 1)
+  dd_forget(ARGV[i + 4])
+  n = n + 1
+end
+redis.call('HINCRBY', KEYS[4], 'dead_lettered', n)
+return n
+"""
+)
+
+REPLAY_LUA = (
+    _ACTIVATE
+    + """
+-- KEYS: dead letters hash, index zset, stream, stats, active, wake. ARGV: destination,
+-- then dead letter keys. Each record still stored goes back on the stream, once.
+local replayed = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local raw = redis.call('HGET', KEYS[1], id)
+  if raw then
+    local rec = cjson.decode(raw)
+    redis.call('XADD', KEYS[3], '*', 'e', rec['event_json'],
+               't', string.format('%.0f', rec['timestamp_ms']), 'i', rec['id'])
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    replayed[#replayed + 1] = id
+  end
+end
+if #replayed > 0 then
+  redis.call('HINCRBY', KEYS[4], 'replayed', #replayed)
+  activate(KEYS[5], KEYS[6], ARGV[1])
+end
+return replayed
+"""
+)
+
+
+async def dead_letter(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    group: str,
+    entries: Sequence[Entry],
+    records: Sequence[tuple[str, bytes | str, int, str]],
+    *,
+    dedup_window_s: int,
+) -> None:
+    """Store dead letter records, each (key ``name:id``, JSON, dead-lettered at ms, reason),
+    acknowledging and deleting their stream entries in the same script (none: a record
+    with no entry, as replay's dry run writes). Their dedup digests are forgotten."""
+    ids = [e.stream_id for e in entries]
+    args: list[Any] = [keys.dedup_prefix, dedup.bucket_s(dedup_window_s), group, len(ids), *ids]
+    for key, data, at_ms, reason in records:
+        args += [key, data, at_ms, reason, dedup.digest(key)]
+    script = client.register_script(DEAD_LETTER_LUA)
+    await script(
+        keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats, keys.dl_reasons],
+        args=args,
+    )
+
+
+async def requeue_dead_letters(
+    client: aioredis.Redis, keys: RedisKeys, record_keys: Sequence[str]
+) -> list[str]:
+    """Put the events of stored dead letters back on the stream, removing the records;
+    return the keys that were still stored (a record already replayed is skipped)."""
+    script = client.register_script(REPLAY_LUA)
+    done = await script(
+        keys=[
+            keys.deadletters,
+            keys.deadletter_index,
+            keys.stream,
+            keys.stats,
+            keys.active,
+            keys.wake,
+        ],
+        args=[keys.destination, *record_keys],
+    )
+    return [d.decode() if isinstance(d, bytes) else str(d) for d in done]
 
 
 @dataclass(slots=True)
@@ -219,6 +415,10 @@ class Queue:
         self._release = client.register_script(RELEASE_LUA)
         self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
+        self._read = client.register_script(READ_LUA)
+        self._index_retries = client.register_script(INDEX_RETRIES_LUA)
+        # The keys a script that moves retries back to the stream needs (_REQUEUE_MEMBER).
+        self._requeue_keys = [keys.retry, keys.stream, keys.active, keys.wake, keys.retry_due]
 
     async def ensure_group(self) -> bool:
         """Create the stream and consumer group if missing; True if it had to (even when
@@ -226,8 +426,18 @@ class Queue:
         created = await self._ensure_group(keys=[self.keys.stream], args=[self.group])
         return bool(created)
 
-    async def read(self, consumer: str, count: int, block_ms: int | None) -> list[Entry]:
-        """Read up to ``count`` new entries, waiting up to ``block_ms`` for the first."""
+    async def read(self, consumer: str, count: int) -> list[Entry]:
+        """Read up to ``count`` new entries without waiting; finding none, mark the
+        destination inactive (in the same script: nothing enqueued meanwhile is missed)."""
+        rows = await self._read(
+            keys=[self.keys.stream, self.keys.active],
+            args=[self.group, consumer, count, self.keys.destination],
+        )
+        return [Entry.from_fields(sid, _pairs(flat)) for sid, flat in rows if flat]
+
+    async def read_more(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        """Read up to ``count`` new entries, waiting up to ``block_ms`` for the first (to fill
+        a batch already begun)."""
         resp = await self.redis.xreadgroup(
             self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
         )
@@ -297,7 +507,7 @@ class Queue:
         moved = skipped = 0
         while True:
             n, skipped, rows = await self._release(
-                keys=[self.keys.retry, self.keys.stream], args=[skipped, 200]
+                keys=self._requeue_keys, args=[skipped, 200, self.keys.destination]
             )
             moved += int(n)
             if int(rows) == 0:
@@ -334,24 +544,41 @@ class Queue:
         if server_asked:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
         member = orjson.dumps(batch)
+        k = self.keys
         await self._retry(
-            keys=[self.keys.stream, self.keys.retry, self.keys.stats, self.keys.endpoint],
-            args=[self.group, due_ms, member, now, endpoint_error, *(e.stream_id for e in entries)],
+            keys=[k.stream, k.retry, k.stats, k.endpoint, k.retry_due],
+            args=[
+                self.group,
+                due_ms,
+                member,
+                now,
+                endpoint_error,
+                k.destination,
+                *(e.stream_id for e in entries),
+            ],
         )
 
     async def move_due_retries(self, now_ms: int | str, max_batches: int = 100) -> int:
         """Put retries due by ``now_ms`` (``"+inf"``: all) back on the stream; return how
         many events moved."""
         moved = await self._move_due(
-            keys=[self.keys.retry, self.keys.stream], args=[now_ms, max_batches]
+            keys=self._requeue_keys, args=[now_ms, max_batches, self.keys.destination]
         )
         return int(moved)
+
+    async def index_retries(self) -> None:
+        """Set this destination's entry in the retry-due index from its retry schedule."""
+        await self._index_retries(
+            keys=[self.keys.retry, self.keys.retry_due], args=[self.keys.destination]
+        )
 
     async def hand_back(self, entries: Sequence[Entry]) -> None:
         """Return entries to the queue as new (on shutdown), so any worker takes them at once."""
         if entries:
+            k = self.keys
             await self._handback(
-                keys=[self.keys.stream], args=[self.group, *(e.stream_id for e in entries)]
+                keys=[k.stream, k.active, k.wake],
+                args=[self.group, k.destination, *(e.stream_id for e in entries)],
             )
 
     async def drained(self) -> bool:
@@ -408,6 +635,10 @@ class Queue:
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)
             await aw(self.redis.hdel(self.keys.worker_states, *gone))
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def worker_of(consumer: str) -> str:

@@ -18,31 +18,13 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from capi import deadletters
+from capi import deadletters, queue
 from capi._aio import aw
 from capi.batches import split_rejected
 from capi.client import ConversionsClient
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
 from capi.deadletters import DeadLetter
 from capi.errors import InvalidEventError, SendError
-
-REPLAY_LUA = """
--- KEYS: dead letters hash, index zset, stream, stats. ARGV: dead letter ids.
-local replayed = {}
-for _, id in ipairs(ARGV) do
-  local raw = redis.call('HGET', KEYS[1], id)
-  if raw then
-    local rec = cjson.decode(raw)
-    redis.call('XADD', KEYS[3], '*', 'e', rec['event_json'],
-               't', string.format('%.0f', rec['timestamp_ms']), 'i', rec['id'])
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-    replayed[#replayed + 1] = id
-  end
-end
-if #replayed > 0 then redis.call('HINCRBY', KEYS[4], 'replayed', #replayed) end
-return replayed
-"""
 
 
 @dataclass
@@ -139,14 +121,11 @@ async def replay(
         "status": "started",
     }
     await aw(client.lpush(keys.replays, orjson.dumps(audit)))
-    script = client.register_script(REPLAY_LUA)
     chunk = 100 if not rate_per_s else max(1, min(100, int(rate_per_s / 10) or 1))
     started = monotonic()
     for i in range(0, len(todo), chunk):
         ids = [r.key for r in todo[i : i + chunk]]
-        done = await script(
-            keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats], args=ids
-        )
+        done = await queue.requeue_dead_letters(client, keys, ids)
         report.replayed += len(done)
         report.already_gone += len(ids) - len(done)
         if progress:

@@ -11,8 +11,12 @@ The startup check refuses to start only on a confirmed key or pixel problem (exi
 network) or a Redis that is away is waited out with backoff, and said so in the log.
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
-its own lanes, key guard, retries and endpoint state, so a broken key or a slow endpoint
-costs the others nothing. A destination whose key is confirmed broken at start is held
+its own key guard, retries and endpoint state. They share the worker's lanes
+(:mod:`capi.lanes`, fair turns; a held or slow destination holds at most half of them),
+its housekeeping and one Redis pool, so a broken key or a slow endpoint costs the others
+little, and a thousand idle destinations cost little more than one. Startup key checks
+run at most ``STARTUP_CHECKS_AT_ONCE`` at a time. A destination whose key is confirmed
+broken at start is held
 (said in the log and in ``capi status``) while the others are served, unless
 ``CAPI_STRICT_KEY_CHECK`` asks to refuse the start. The file is read again when it
 changes or on SIGHUP: destinations added are served, removed ones stopped (their queued
@@ -31,13 +35,15 @@ from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi import destinations, logs
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed
+from capi.lanes import Lanes
 from capi.metrics import Metrics, serve
-from capi.sender import Sender
+from capi.sender import Sender, redis_pool
 from capi.settings import Settings
 
 log = logging.getLogger("capi.worker")
@@ -45,6 +51,7 @@ log = logging.getLogger("capi.worker")
 CHECK_BACKOFF_FIRST_S = 1.0
 CHECK_BACKOFF_CAP_S = 30.0
 RELOAD_CHECK_S = 2.0
+STARTUP_CHECKS_AT_ONCE = 8
 
 
 def configure_logging(settings: Settings, keys: Sequence[str] = ()) -> None:
@@ -65,20 +72,26 @@ async def start_sender(
     stopping: asyncio.Event | None = None,
     destination: Destination | None = None,
     hold_if_broken: bool = False,
+    pool: aioredis.Redis | None = None,
+    checks: asyncio.Semaphore | None = None,
 ) -> Sender | None:
     """A sender whose key passed the startup check; None if a stop came first.
 
     Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken, unless
     ``hold_if_broken``: then the destination is held (its sender re-probes and resumes
-    once the key is fixed) and the sender is returned all the same.
+    once the key is fixed) and the sender is returned all the same. The sender uses
+    ``pool`` (a worker's shared Redis pool) if given; ``checks`` limits how many destinations
+    check their keys at once.
     """
-    sender = Sender.from_settings(settings, destination, metrics=metrics)
+    sender = Sender.from_settings(settings, destination, metrics=metrics, redis=pool)
+    checks = checks or asyncio.Semaphore(1)
     name = sender.destination.name
     stop = stopping or asyncio.Event()
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
         try:
-            result = await sender.guard.check()
+            async with checks:
+                result = await sender.guard.check()
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
         else:
@@ -122,13 +135,15 @@ async def start_sender(
 
 
 class Fleet:
-    """The senders of one worker process, one per destination it serves."""
+    """The senders of one worker process, one per destination it serves, on shared lanes."""
 
     def __init__(self, settings: Settings, metrics: Metrics, *, only: Sequence[str] = ()):
         self.settings = settings
         self.metrics = metrics
         self.only = list(only)
         self.stopping = asyncio.Event()
+        self.redis = redis_pool(settings)
+        self.lanes = Lanes(settings, self.redis, metrics=metrics)
         self.senders: dict[str, Sender] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stops: dict[str, asyncio.Event] = {}
@@ -136,6 +151,7 @@ class Fleet:
         self._serving: dict[str, Destination] = {}
         self._reload = asyncio.Event()
         self._file_stamp: float | None = None
+        self._checks = asyncio.Semaphore(STARTUP_CHECKS_AT_ONCE)
         self.destinations = self._select(destinations.load(settings))
         self.single = len(self.destinations) == 1
 
@@ -154,13 +170,18 @@ class Fleet:
 
     async def start(self) -> bool:
         """The startup check of a single destination (raises KeyCheckFailed if it is
-        broken; False if a stop came first). With several, each is checked by its own
-        sender as it starts, in :meth:`run`."""
+        broken; False if a stop came first). With several, each is checked as it starts,
+        in :meth:`run`."""
         if not (self.single or self.settings.strict_key_check):
             return True
         for dest in self.destinations.values():
             sender = await start_sender(
-                self.settings, self.metrics, stopping=self.stopping, destination=dest
+                self.settings,
+                self.metrics,
+                stopping=self.stopping,
+                destination=dest,
+                pool=self.redis,
+                checks=self._checks,
             )
             if sender is None:
                 return False
@@ -172,36 +193,45 @@ class Fleet:
         self.stopping.set()
         for stop in self._stops.values():
             stop.set()
-        for sender in self.senders.values():
-            sender.stop()
 
     def reload(self) -> None:
         """Read the destinations file again now (SIGHUP)."""
         self._reload.set()
 
+    async def aclose(self) -> None:
+        """Close what :meth:`start` opened, when :meth:`run` is not to follow."""
+        for sender in self.senders.values():
+            await sender.aclose()
+        self.senders.clear()
+        await self.redis.aclose()
+
     async def run(self, *, burst: bool = False) -> None:
-        """Serve every destination until stopped (with ``burst``: until each is drained)."""
+        """Serve every destination until stopped (with ``burst``: until all are drained)."""
+        self.lanes.starting = len(self.destinations)
+        lanes = asyncio.create_task(self.lanes.run(burst=burst))
         for dest in self.destinations.values():
-            self._launch(dest, burst)
+            self._launch(dest)
+        stopped = asyncio.create_task(self.stopping.wait())
         watcher = None
         try:
-            if burst:
-                await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-                return
-            self._file_stamp = self._stamp()
-            watcher = asyncio.create_task(self._watch())
-            await self.stopping.wait()
+            if not burst:
+                self._file_stamp = self._stamp()
+                watcher = asyncio.create_task(self._watch())
+            await asyncio.wait({lanes, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in (watcher, stopped):
+                if task is not None:
+                    task.cancel()
             self.stop()
             await asyncio.gather(*self._tasks.values(), *self._retiring, return_exceptions=True)
+            self.lanes.stop()
+            await asyncio.gather(lanes, return_exceptions=True)
+            await self.redis.aclose()
 
-    def _launch(self, dest: Destination, burst: bool) -> None:
+    def _launch(self, dest: Destination) -> None:
         self._serving[dest.name] = dest
         stop = self._stops[dest.name] = asyncio.Event()
-        task = asyncio.create_task(self._serve(dest, burst, stop))
+        task = asyncio.create_task(self._serve(dest, stop))
         self._tasks[dest.name] = task
 
         def ended(done: asyncio.Task[None]) -> None:
@@ -210,28 +240,43 @@ class Fleet:
 
         task.add_done_callback(ended)
 
-    async def _serve(self, dest: Destination, burst: bool, stop: asyncio.Event) -> None:
+    async def _serve(self, dest: Destination, stop: asyncio.Event) -> None:
+        """Check a destination's key, serve it on the lanes until ``stop``, then take it
+        off them (its in-flight batches finish)."""
+        starting = True
         sender = self.senders.get(dest.name)
-        if sender is None:
-            sender = await start_sender(
-                self.settings,
-                self.metrics,
-                stopping=stop,
-                destination=dest,
-                hold_if_broken=True,
-            )
-            if sender is None:
-                return
-            if stop.is_set():  # removed or changed while its key was being checked
-                await sender.aclose()
-                return
-            self.senders[dest.name] = sender
         try:
-            await sender.run(burst=burst)
+            if sender is None:
+                sender = await start_sender(
+                    self.settings,
+                    self.metrics,
+                    stopping=stop,
+                    destination=dest,
+                    hold_if_broken=True,
+                    pool=self.redis,
+                    checks=self._checks,
+                )
+                if sender is None:
+                    return
+                if stop.is_set():  # removed or changed while its key was being checked
+                    await sender.aclose()
+                    return
+                self.senders[dest.name] = sender
+            stopper = asyncio.create_task(_stop_when(stop, sender))
+            await sender.start()
+            if not sender.stopping:
+                self.lanes.add(sender)
+            self.lanes.starting -= 1
+            starting = False
+            await stop.wait()
+            await stopper
+            await self.lanes.remove(sender)
         finally:
-            await sender.aclose()
-            if self.senders.get(dest.name) is sender:
+            if starting:
+                self.lanes.starting -= 1
+            if sender is not None and self.senders.get(dest.name) is sender:
                 del self.senders[dest.name]
+                await sender.aclose()
 
     def _stamp(self) -> float | None:
         path = destinations.source(self.settings)
@@ -270,9 +315,6 @@ class Fleet:
                 "changed" if name in found else "removed",
             )
             self._stops.pop(name).set()
-            sender = self.senders.pop(name, None)
-            if sender is not None:
-                sender.stop()
             self._retiring.append(self._tasks.pop(name))
             del self._serving[name]
         self._retiring = [t for t in self._retiring if not t.done()]
@@ -280,7 +322,7 @@ class Fleet:
             if name not in self._serving:
                 log.warning("destination %s: serving (pixel %s)", name, dest.pixel_id)
                 logs.redact_also(dest.api_key)
-                self._launch(dest, burst=False)
+                self._launch(dest)
         self.destinations = found
 
 
@@ -314,6 +356,11 @@ async def run(settings: Settings, *, burst: bool = False, only: Sequence[str] = 
             loop.remove_signal_handler(signum)
         if http is not None:
             http.shutdown()
+
+
+async def _stop_when(stop: asyncio.Event, sender: Sender) -> None:
+    await stop.wait()
+    sender.stop()
 
 
 def run_worker(settings: Settings, *, burst: bool = False, only: Sequence[str] = ()) -> None:

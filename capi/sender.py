@@ -1,9 +1,11 @@
 """The sender: reads queued events in batches, POSTs them, and gives each event its fate.
 
-One :class:`Sender` runs in each worker process with ``concurrency`` lanes. Each lane reads
-up to ``batch_size`` entries from the stream through the consumer group (waiting at most
-``batch_wait_ms`` to fill a batch), drops events already outside the API's time window into
-dead letters, and sends the rest. Then, per event:
+One :class:`Sender` per destination runs in each worker process; the worker's lanes
+(:mod:`capi.lanes`) take turns on the senders. A turn reads up to ``batch_size`` entries
+from the destination's stream through the consumer group (waiting at most
+``batch_wait_ms`` to fill a batch when no other destination is waiting), drops events
+already outside the API's time window into dead letters, and sends the rest. Then, per
+event:
 
 - accepted: acknowledged;
 - rejected at ``events[i]``: that event is dead-lettered, the rest resent at once; with no
@@ -50,7 +52,6 @@ from capi.errors import InvalidEventError, SendError
 from capi.events import Clock
 from capi.failures import Reason
 from capi.fates import Fates
-from capi.housekeeping import Housekeeping
 from capi.keyguard import KeyGuard, Verdict
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
@@ -59,8 +60,6 @@ from capi.trouble import Trouble
 
 log = logging.getLogger("capi.sender")
 
-_IDLE_BLOCK_MS = 500
-_TICK_S = 0.1
 _MUST = object()  # durably(): the step must happen, stopping or not
 ENDPOINT_REMIND_S = 60.0
 # An endpoint failing at least this long before a delivery had an outage: its scheduled
@@ -105,6 +104,10 @@ class Sender:
         )
         self.trouble = Trouble(log, rand=rand)
         self._stopping = asyncio.Event()
+        # Batches of this destination that the worker's lanes are working on now.
+        self.batches = 0
+        # Whether the Redis pool is this sender's own (closed by aclose) or its worker's.
+        self._owns_redis = True
         # Entries read and not yet given a fate, and the consumer that holds each.
         self._inflight: dict[bytes, Entry] = {}
         self._owner: dict[bytes, str] = {}
@@ -128,33 +131,36 @@ class Sender:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, destination: Destination | None = None, **kwargs: Any
+        cls,
+        settings: Settings,
+        destination: Destination | None = None,
+        *,
+        redis: aioredis.Redis | None = None,
+        **kwargs: Any,
     ) -> Sender:
-        """A sender for one destination (``default`` unless named), with its own Redis pool
-        and HTTP client (closed by :meth:`aclose`)."""
+        """A sender for one destination (``default`` unless named), with its own HTTP client
+        and, unless ``redis`` (a worker's shared pool) is given, its own Redis pool; both
+        of its own are closed by :meth:`aclose`."""
         dest = destination or destinations.default(settings)
-        client = ConversionsClient(
-            base_url=dest.base_url,
-            api_key=dest.api_key,
-            pixel_id=dest.pixel_id,
-            timeout_s=settings.request_timeout_s,
-            integration_source=dest.integration_source,
-        )
-        # Reads block for up to _IDLE_BLOCK_MS on top of the ordinary answer time.
-        redis_client = settings.async_redis(
-            socket_timeout=settings.redis_timeout_s + _IDLE_BLOCK_MS / 1000
-        )
-        return cls(settings, redis_client, client, destination=dest, **kwargs)
+        client = ConversionsClient.for_destination(dest, timeout_s=settings.request_timeout_s)
+        sender = cls(settings, redis or redis_pool(settings), client, destination=dest, **kwargs)
+        sender._owns_redis = redis is None
+        return sender
 
     async def aclose(self) -> None:
-        """Close the HTTP client and the Redis pool."""
+        """Close the HTTP client, and the Redis pool if it is this sender's own."""
         await self.client.aclose()
-        await self.redis.aclose()
+        if self._owns_redis:
+            await self.redis.aclose()
 
     # -- lifecycle -------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the sender to stop reading; in-flight batches finish."""
         self._stopping.set()
+
+    async def stopped(self) -> None:
+        """Wait until a stop is asked for."""
+        await self._stopping.wait()
 
     @property
     def stopping(self) -> bool:
@@ -185,33 +191,20 @@ class Sender:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.endpoint_failing_since))
         return f"the endpoint is failing since {since} (last error {self.endpoint_last_error})"
 
-    async def run(self, *, burst: bool = False) -> None:
-        """Send until stopped; with ``burst``, stop once everything has a fate."""
+    async def start(self) -> None:
+        """Get ready to send: the consumer group exists, the key state and the retry index
+        are read from Redis. Waits out Redis trouble (returns early if stopped)."""
         await self.durably("start", self._start, unless_stopping=None)
-        lanes = [asyncio.create_task(self._lane(i)) for i in range(self.settings.concurrency)]
-        house = asyncio.create_task(Housekeeping(self, burst=burst).run())
-        try:
-            await self._stopping.wait()
-            _, pending = await asyncio.wait(lanes, timeout=self.settings.shutdown_timeout_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            house.cancel()
-            await asyncio.gather(house, return_exceptions=True)
-            for task in lanes:
-                task.cancel()
-            await asyncio.gather(*lanes, return_exceptions=True)
-            await self._leave()
 
     async def _start(self) -> None:
         await self.queue.ensure_group()
+        await self.queue.index_retries()
         await self.guard.sync()
         self.metrics.key_ok.set(0 if self.guard.held else 1)
 
-    async def _leave(self) -> None:
-        """Record deliveries still waiting for Redis, hand back the rest of what is in
-        flight, and sign off (briefly: Redis may be away)."""
+    async def leave(self) -> None:
+        """Record deliveries still waiting for Redis and hand back the rest of what is in
+        flight (briefly: Redis may be away). Called once no lane works for this sender."""
         for batch in self.reclaimed:
             for e in batch:
                 self._inflight.setdefault(e.stream_id, e)
@@ -228,7 +221,6 @@ class Sender:
                     await self.queue.hand_back(unsent)
                     log.warning("handed %d in-flight events back to the queue", len(unsent))
                     unsent = []
-                await self.queue.sign_off(self.name)
         except (TimeoutError, redis.exceptions.RedisError) as exc:
             if delivered:
                 log.error(
@@ -286,45 +278,47 @@ class Sender:
         except redis.exceptions.RedisError as exc:
             log.debug("could not recreate the consumer group yet: %s", exc)
 
-    # -- lanes -----------------------------------------------------------------------
-    async def _lane(self, index: int) -> None:
-        consumer = f"{self.name}:{index}"
-        while not self.stopping:
-            batch: list[Entry] = []
-            try:
-                if self.guard.held:
-                    await asyncio.sleep(_TICK_S)
-                    continue
-                if self.reclaimed:
-                    batch = self.reclaimed.popleft()
-                    owner = f"{self.name}:reclaim"
-                else:
-                    batch = await self.durably(
-                        "reading the queue", lambda: self._read(consumer), unless_stopping=[]
-                    )
-                    owner = consumer
-                if batch:
-                    await self.process(batch, owner=owner)
-            except Exception as exc:  # a bug, not Redis: say so, keep the events, go on
-                delay = self.trouble.failed(exc, f"lane {index}")
-                left = [e for e in batch if e.stream_id in self._inflight]
-                if left:
-                    await self.durably(
-                        "handing back a batch", functools.partial(self.queue.hand_back, left)
-                    )
-                    self._done(left)
-                await asyncio.sleep(delay)
+    # -- a lane's turn ---------------------------------------------------------------
+    async def take_turn(self, consumer: str, *, fill: bool) -> bool:
+        """One batch for a lane: a reclaimed one, or up to ``batch_size`` new entries read
+        as ``consumer`` (with ``fill``, waiting up to ``batch_wait_ms`` to fill it). Gives
+        each its fate; False when there was nothing to send. Never raises but on cancel."""
+        batch: list[Entry] = []
+        try:
+            if self.reclaimed:
+                batch = self.reclaimed.popleft()
+                owner = f"{self.name}:reclaim"
+            else:
+                batch = await self.durably(
+                    "reading the queue",
+                    functools.partial(self._read, consumer, fill),
+                    unless_stopping=[],
+                )
+                owner = consumer
+            if batch:
+                await self.process(batch, owner=owner)
+            return bool(batch)
+        except Exception as exc:  # a bug, not Redis: say so, keep the events, go on
+            delay = self.trouble.failed(exc, f"sending for {self.destination.name}")
+            left = [e for e in batch if e.stream_id in self._inflight]
+            if left:
+                await self.durably(
+                    "handing back a batch", functools.partial(self.queue.hand_back, left)
+                )
+                self._done(left)
+            await asyncio.sleep(delay)
+            return True
 
-    async def _read(self, consumer: str) -> list[Entry]:
+    async def _read(self, consumer: str, fill: bool) -> list[Entry]:
         size = self.settings.batch_size
-        entries = await self.queue.read(consumer, size, _IDLE_BLOCK_MS)
-        wait_s = self.settings.batch_wait_ms / 1000
+        entries = await self.queue.read(consumer, size)
+        wait_s = self.settings.batch_wait_ms / 1000 if fill else 0.0
         deadline = time.monotonic() + wait_s
         while entries and len(entries) < size and not self.stopping:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 break
-            more = await self.queue.read(consumer, size - len(entries), remaining_ms)
+            more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
             if not more:
                 break
             entries += more
@@ -471,6 +465,14 @@ class Sender:
 
     def _now(self) -> int:
         return int(self.clock() * 1000)
+
+
+def redis_pool(settings: Settings) -> aioredis.Redis:
+    """The Redis pool of a worker's senders: each call bounded by ``CAPI_REDIS_TIMEOUT_S``
+    on top of the longest a read waits to fill a batch (``CAPI_BATCH_WAIT_MS``)."""
+    return settings.async_redis(
+        socket_timeout=settings.redis_timeout_s + settings.batch_wait_ms / 1000
+    )
 
 
 def _by_size(entries: list[Entry], limit: int) -> list[list[Entry]]:

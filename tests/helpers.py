@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from capi.events import purchase, signup
+from capi.lanes import run_sender
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
@@ -140,7 +141,7 @@ def drain(settings: Settings, timeout_s: float = 60.0, **kwargs: Any) -> Sender:
     async def go() -> Sender:
         sender = Sender.from_settings(settings, **kwargs)
         try:
-            await asyncio.wait_for(sender.run(burst=True), timeout_s)
+            await asyncio.wait_for(run_sender(sender, burst=True), timeout_s)
         finally:
             await sender.aclose()
         return sender

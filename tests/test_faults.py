@@ -387,6 +387,7 @@ def test_in_process_sender_keeps_running_through_a_restart(
 ) -> None:
     """The sender's tasks never end on an error: after a Redis restart it still moves
     retries and heartbeats (the zombie worker of the review)."""
+    from capi.lanes import run_sender
     from capi.sender import Sender
 
     settings = make_settings(sandbox, own_redis.url, redis_timeout_s=0.5)
@@ -397,7 +398,7 @@ def test_in_process_sender_keeps_running_through_a_restart(
         async def go() -> None:
             sender = Sender.from_settings(settings)
             holder.append(sender)
-            task = asyncio.create_task(sender.run())
+            task = asyncio.create_task(run_sender(sender))
             await asyncio.to_thread(stop_event.wait)
             sender.stop()
             await task
@@ -426,6 +427,7 @@ def test_entries_read_with_their_answer_lost_are_taken_back_by_their_own_worker(
 ) -> None:
     """A read whose answer never arrived (a dropped connection) leaves entries pending
     under a live worker that does not know them; that worker takes them back."""
+    from capi.lanes import run_sender
     from capi.sender import Sender
 
     settings = make_settings(sandbox, redis_url, claim_idle_s=2.0)
@@ -436,9 +438,9 @@ def test_entries_read_with_their_answer_lost_are_taken_back_by_their_own_worker(
         sender = Sender.from_settings(settings)
         await sender.queue.ensure_group()
         # The read reached Redis, its answer did not reach the worker.
-        lost = await sender.queue.read(f"{sender.name}:0", 10, None)
+        lost = await sender.queue.read(f"{sender.name}:0", 10)
         assert len(lost) == 10
-        task = asyncio.create_task(sender.run())
+        task = asyncio.create_task(run_sender(sender))
         delivered = lambda: len(sandbox.state.delivered_ids()) == 30  # noqa: E731
         await asyncio.to_thread(wait_for, delivered, 30, "the lost read's entries")
         sender.stop()

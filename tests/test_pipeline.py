@@ -9,6 +9,7 @@ import time
 import redis
 
 from capi.failures import Reason
+from capi.lanes import run_sender
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from capi.sender import Sender
@@ -141,7 +142,7 @@ def test_key_losing_its_scope_mid_run_holds_the_queue(
         async def go() -> None:
             sender = Sender.from_settings(settings)
             result["sender"] = sender
-            task = asyncio.create_task(sender.run())
+            task = asyncio.create_task(run_sender(sender))
             await asyncio.to_thread(stop.wait)
             sender.stop()
             await task

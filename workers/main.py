@@ -51,8 +51,7 @@ async def startup(ctx: dict[str, Any]) -> None:
             ctx["capi_http"] = serve(metrics, settings.metrics_port, settings.metrics_host)
         except ConfigError:  # the port is taken: say so in one line, close what is open
             fleet.stop()
-            for sender in fleet.senders.values():
-                await sender.aclose()
+            await fleet.aclose()
             raise
         log.info(
             "metrics and health on %s:%d (/metrics, /healthz, /readyz)",

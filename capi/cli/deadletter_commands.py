@@ -16,7 +16,7 @@ import orjson
 from rich.table import Table
 from rich.text import Text
 
-from capi import replay
+from capi import destinations, replay
 from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
@@ -45,6 +45,8 @@ from capi.cli.selection import (
 from capi.client import build_body
 from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter, Unreadable, iso
+from capi.destinations import Destination
+from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
@@ -157,14 +159,19 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
     if not records and not named:
         err.print(f"no dead letter with id {dl_id!r}", markup=False)
         sys.exit(ExitCode.FAILURE)
+    try:
+        configured = destinations.parse_file(settings)
+    except ConfigError:  # a broken file: the curl falls back to the CAPI_* settings
+        configured = {}
     for i, r in enumerate(records):
         if as_json:
             print_json(r.model_dump(mode="json"))
         else:
-            out.print(("\n" + "-" * 60 + "\n" if i else "") + _describe(r, settings), markup=False)
+            text = _describe(r, settings, configured.get(r.destination))
+            out.print(("\n" + "-" * 60 + "\n" if i else "") + text, markup=False)
 
 
-def _describe(r: DeadLetter, settings: Settings) -> str:
+def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> str:
     now = now_ms()
     lines = [
         f"id:               {r.id} ({r.event_type}; key {r.key})",
@@ -193,10 +200,14 @@ def _describe(r: DeadLetter, settings: Settings) -> str:
     ]
     if r.error_body is not None:
         lines += ["", "API response body:", orjson.dumps(r.error_body).decode()]
+    source = dest.key_source if dest is not None else "CAPI_API_KEY"
+    key = f"${source}" if source == "CAPI_API_KEY" else source
+    if not key.startswith("$"):  # a key file
+        key = f"$(cat {shlex.quote(key)})"
     lines += [
         "",
-        "Reproduce (validate_only; the key is read from $CAPI_API_KEY, never shown):",
-        curl_for(r, settings.base_url),
+        f"Reproduce (validate_only; the key is read from {key}, never shown):",
+        curl_for(r, dest.base_url if dest is not None else settings.base_url, key),
     ]
     return "\n".join(lines)
 
@@ -210,13 +221,14 @@ def _code_and_param(r: DeadLetter) -> str:
     return f" ({', '.join(bits)})" if bits else ""
 
 
-def curl_for(record: DeadLetter, base_url: str) -> str:
-    """A curl command that sends the event with validate_only; the key stays a placeholder."""
+def curl_for(record: DeadLetter, base_url: str, key: str = "$CAPI_API_KEY") -> str:
+    """A curl command that sends the event with validate_only; the key stays a shell
+    expression (``key``: a variable, or reading a key file)."""
     url = f"{base_url}{EVENTS_PATH}?pid={record.pixel_id}"
     body = build_body([record.event_json.encode()], validate_only=True).decode()
     return (
         f"curl -sS -i -X POST {shlex.quote(url)} \\\n"
-        '  -H "Authorization: Bearer $CAPI_API_KEY" \\\n'
+        f'  -H "Authorization: Bearer {key}" \\\n'
         "  -H 'Content-Type: application/json' \\\n"
         f"  --data-binary {shlex.quote(body)}"
     )

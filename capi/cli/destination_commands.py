@@ -24,7 +24,9 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
     """List the destinations: pixel, key fingerprint, key state, queue, counts, last error.
 
     The key state is ok, held (see capi status) or unchecked (no worker has checked it
-    yet). Without a destinations file the one destination is "default".
+    yet). Without a destinations file the one destination is "default". A destination
+    removed from the file whose events or dead letters are still in Redis is listed too,
+    as removed (configured: false): add it back to the file to send them.
 
     \b
     Examples:
@@ -45,9 +47,9 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
         oldest = r["oldest_queued_age_s"]
         table.add_row(
             Text(r["name"]),
-            Text(r["pixel_id"]),
+            Text(r["pixel_id"] or "-"),
             Text(r["key_fingerprint"]),
-            r["key_state"],
+            r["key_state"] if r["configured"] else "removed",
             str(r["queued"]),
             "-" if oldest is None else f"{oldest:.0f} s",
             str(r["delivered"]),
@@ -69,30 +71,68 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
             current = fingerprint(dest.api_key) if dest.api_key else None
             if state == "unknown" or (current and key.get("fingerprint") != current):
                 state = "unchecked"  # never checked, or checked with another key
-            last_error = None
-            if state == "held":
-                last_error = f"key held: {key.get('reason')}"
-            elif status["endpoint"]["state"] == "failing":
-                last_error = status["endpoint"]["last_error"]
             rows.append(
-                {
-                    "name": name,
+                _row(name, status, state)
+                | {
                     "pixel_id": dest.pixel_id,
                     "key_fingerprint": fingerprint(dest.api_key) if dest.api_key else "(not set)",
                     "key_source": dest.key_source,
                     "base_url": dest.base_url,
                     "integration_source": dest.integration_source,
-                    "key_state": state,
-                    "queued": status["queued"],
-                    "in_flight": status["in_flight"],
-                    "oldest_queued_age_s": status["oldest_queued_age_s"],
-                    "delivered": status["counters"].get("delivered", 0),
-                    "dead_letters": status["dead_letters"],
-                    "dead_lettered": status["counters"].get("dead_lettered", 0),
-                    "endpoint": status["endpoint"]["state"],
-                    "last_error": last_error,
                 }
             )
+        for name in await _left_behind(client, settings, set(configured)):
+            status = await destination_status(client, settings.keys.for_destination(name))
+            waiting = ("queued", "in_flight", "retry_batches_scheduled", "dead_letters")
+            if any(status[what] for what in waiting):
+                rows.append(_row(name, status, "unchecked", configured=False))
         return rows
     finally:
         await client.aclose()
+
+
+def _row(
+    name: str, status: dict[str, Any], state: str, *, configured: bool = True
+) -> dict[str, Any]:
+    key = status["key"]
+    last_error = None
+    if not configured:
+        last_error = "not in the destinations file: add it back to send its queued events"
+    elif state == "held":
+        last_error = f"key held: {key.get('reason')}"
+    elif status["endpoint"]["state"] == "failing":
+        last_error = status["endpoint"]["last_error"]
+    return {
+        "name": name,
+        "configured": configured,
+        "pixel_id": None,
+        "key_fingerprint": key.get("fingerprint") or "-",
+        "key_source": None,
+        "base_url": None,
+        "integration_source": None,
+        "key_state": state,
+        "queued": status["queued"],
+        "in_flight": status["in_flight"],
+        "retry_batches_scheduled": status["retry_batches_scheduled"],
+        "oldest_queued_age_s": status["oldest_queued_age_s"],
+        "delivered": status["counters"].get("delivered", 0),
+        "dead_letters": status["dead_letters"],
+        "dead_lettered": status["counters"].get("dead_lettered", 0),
+        "endpoint": status["endpoint"]["state"],
+        "last_error": last_error,
+    }
+
+
+async def _left_behind(client: Any, settings: Settings, configured: set[str]) -> list[str]:
+    """Destinations with keys in Redis that the file no longer names (a scan of the
+    prefix: this command is for operators, not for a hot path)."""
+    keys = settings.keys
+    found: set[str] = set()
+    if "default" not in configured and await client.exists(keys.stats):
+        found.add("default")
+    head = f"{keys.prefix}:d:"
+    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
+        name = raw.decode()[len(head) : -len(":stats")]
+        if name not in configured and ":" not in name:
+            found.add(name)
+    return sorted(found)

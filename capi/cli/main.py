@@ -76,12 +76,8 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
     chosen = [configured[n] for n in names]
 
     async def one(dest: destinations.Destination) -> KeyCheck:
-        async with ConversionsClient(
-            base_url=dest.base_url,
-            api_key=dest.api_key,
-            pixel_id=dest.pixel_id,
-            timeout_s=min(settings.request_timeout_s, 15.0),
-        ) as client:
+        timeout_s = min(settings.request_timeout_s, 15.0)
+        async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
             return await check_key(
                 client, confirmations=settings.probe_confirmations, api_key=dest.api_key
             )

@@ -160,9 +160,7 @@ def _dry_run(
             dest = configured.get(name)
             if dest is None:
                 raise ConfigError(f"destination {name!r} is no longer configured")
-            async with ConversionsClient(
-                base_url=dest.base_url, api_key=dest.api_key, pixel_id=dest.pixel_id
-            ) as client:
+            async with ConversionsClient.for_destination(dest) as client:
                 results += await replay.dry_run(client, group)
         return results
 

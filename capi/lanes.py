@@ -1,0 +1,282 @@
+"""Lanes: the batches one worker process sends, shared fairly by every destination it serves.
+
+A worker runs ``2 x concurrency`` lanes, whatever the number of destinations. A lane takes a
+turn on one destination's :class:`~capi.sender.Sender`: one batch read, sent and given its
+fate. Which destination gets the next turn:
+
+- only an *active* one: a destination whose stream may hold unread entries, or that has
+  batches reclaimed from a stopped worker. Redis keeps the set of active destinations
+  (``{p}:active``, see :mod:`capi.constants`): every script that writes to a stream adds
+  its destination, and the read that finds the stream empty removes it, atomically. So an
+  idle destination costs nothing: no read of its stream, however many are configured.
+  Idle lanes wait for a wake-up on one shared stream (``{p}:wake``), which every worker
+  watches with one blocking read; the active set is read again every ``REFRESH_S``;
+- never a held one (its key is broken), nor one that already has ``concurrency`` batches
+  in flight: a slow or failing endpoint holds at most half the lanes, and the others go on
+  at the rate one destination alone would have;
+- of the rest, the one with the fewest batches in flight, in turn (round robin): a
+  destination with a backlog of millions does not starve one with a trickle.
+
+A read waits up to ``batch_wait_ms`` to fill a batch only when no other destination waits
+for a lane. Housekeeping (:mod:`capi.housekeeping`) runs once per worker, beside the lanes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from capi.events import Clock
+from capi.housekeeping import Housekeeping
+from capi.metrics import Metrics
+from capi.queue import Queue
+from capi.sender import Sender
+from capi.settings import Settings
+from capi.trouble import Trouble
+
+log = logging.getLogger("capi.lanes")
+
+# The active set is read again this often, whatever the wake-ups said (one may be lost
+# with a Redis restart).
+REFRESH_S = 1.0
+# An idle lane looks again at least this often.
+IDLE_WAIT_S = 0.5
+# The longest a watcher's blocking read on the wake stream waits.
+WAKE_BLOCK_MS = 1000
+
+
+class Lanes:
+    """The lanes of one worker process and the senders (one per destination) they serve."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        *,
+        name: str | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.keys = settings.keys
+        # For what the worker does as a whole: heartbeats, live workers, signing off.
+        self.queue = Queue(redis, self.keys)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.senders: dict[str, Sender] = {}
+        self.trouble = Trouble(log)
+        # Destinations that may have work, each with a count of its activations: a lane
+        # that found a stream empty drops it only if it was not activated meanwhile.
+        self.active: dict[str, int] = {}
+        # Destinations whose start (key check) is still under way (burst mode waits).
+        self.starting = 0
+        self.per_destination = settings.concurrency
+        self.lane_count = 2 * settings.concurrency
+        self._changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._turn = 0
+
+    # -- membership ------------------------------------------------------------------
+    def add(self, sender: Sender) -> None:
+        """Serve a destination's sender (started: see :meth:`Sender.start`)."""
+        sender.name = self.name
+        sender.trouble = self.trouble
+        self.senders[sender.destination.name] = sender
+        self.activate(sender.destination.name)
+
+    async def remove(self, sender: Sender) -> None:
+        """Stop serving a sender: its in-flight batches finish (up to the shutdown
+        timeout), then what it still holds is recorded or handed back."""
+        sender.stop()
+        self._changed.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                while sender.batches:
+                    self._changed.clear()
+                    await self._changed.wait()
+        await sender.leave()
+        if self.senders.get(sender.destination.name) is sender:
+            del self.senders[sender.destination.name]
+        self.active.pop(sender.destination.name, None)
+
+    def activate(self, name: str) -> None:
+        """Mark a destination as having work (if this worker serves it)."""
+        if name in self.senders:
+            self.active[name] = self.active.get(name, 0) + 1
+            self._changed.set()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop taking turns; in-flight batches finish."""
+        self._stopping.set()
+        self._changed.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stopping.is_set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Run the lanes, the wake-up watcher and housekeeping until stopped (with
+        ``burst``: until every destination is drained); then leave every sender."""
+        for sender in list(self.senders.values()):
+            await sender.start()
+        lanes = [asyncio.create_task(self._lane(i)) for i in range(self.lane_count)]
+        helpers = [
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(Housekeeping(self, burst=burst).run()),
+        ]
+        try:
+            await self._stopping.wait()
+            _, pending = await asyncio.wait(lanes, timeout=self.settings.shutdown_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for task in (*helpers, *lanes):
+                task.cancel()
+            await asyncio.gather(*helpers, *lanes, return_exceptions=True)
+            for sender in list(self.senders.values()):
+                await sender.leave()
+            await self._sign_off()
+
+    async def _sign_off(self) -> None:
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s)):
+                await self.queue.sign_off(self.name)
+        except (TimeoutError, redis.exceptions.RedisError) as exc:
+            log.warning("could not sign off (%s); status drops this worker within 5 s", exc)
+
+    # -- the lanes -------------------------------------------------------------------
+    async def _lane(self, index: int) -> None:
+        consumer = f"{self.name}:{index}"
+        while not self.stopping:
+            self._changed.clear()
+            picked = self._pick()
+            if picked is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), IDLE_WAIT_S)
+                continue
+            name, sender, activations = picked
+            sender.batches += 1
+            try:
+                fill = not self._others_waiting(name)
+                sent = await sender.take_turn(consumer, fill=fill)
+            finally:
+                sender.batches -= 1
+                self._changed.set()
+            if not sent and not sender.reclaimed and self.active.get(name) == activations:
+                del self.active[name]  # read empty, and not activated since
+
+    def _eligible(self) -> Iterator[tuple[str, Sender]]:
+        for name in self.active:
+            sender = self.senders.get(name)
+            if (
+                sender is not None
+                and not sender.stopping
+                and not sender.guard.held
+                and sender.batches < self.per_destination
+            ):
+                yield name, sender
+
+    def _pick(self) -> tuple[str, Sender, int] | None:
+        """The eligible destination with the fewest batches in flight; ties in turn."""
+        candidates = list(self._eligible())
+        if not candidates:
+            return None
+        self._turn += 1
+        start = self._turn % len(candidates)
+        order = candidates[start:] + candidates[:start]
+        name, sender = min(order, key=lambda c: c[1].batches)
+        return name, sender, self.active[name]
+
+    def _others_waiting(self, name: str) -> bool:
+        return any(other != name for other, _ in self._eligible())
+
+    # -- wake-ups --------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Follow the wake stream and the active set; never ends on an error."""
+        client = self.settings.async_redis(
+            socket_timeout=self.settings.redis_timeout_s + WAKE_BLOCK_MS / 1000
+        )
+        last = b"0-0"
+        loop = asyncio.get_running_loop()
+        refreshed = float("-inf")
+        try:
+            while not self.stopping:
+                try:
+                    if loop.time() - refreshed >= REFRESH_S:
+                        for member in await client.smembers(self.keys.active):  # type: ignore[misc]
+                            self.activate(member.decode())
+                        refreshed = loop.time()
+                    resp = await client.xread(
+                        {self.keys.wake: last}, count=1000, block=WAKE_BLOCK_MS
+                    )
+                except redis.exceptions.RedisError as exc:
+                    await asyncio.sleep(self.trouble.failed(exc, "watching for queued events"))
+                    continue
+                for _, rows in resp or ():
+                    for sid, fields in rows:
+                        last = sid
+                        self.activate(fields.get(b"d", b"").decode())
+        finally:
+            await client.aclose()
+
+    # -- what this worker does, for status --------------------------------------------
+    def state(self) -> tuple[str, str, str]:
+        """What this worker is doing: a state, a detail line, and the destinations."""
+        senders = list(self.senders.values())
+        names = [s.destination.name for s in senders]
+        where = ", ".join(names) if len(names) <= 5 else f"{len(names)} destinations"
+        if len(senders) == 1:
+            return (*senders[0].state(), where)
+        if not self.trouble.redis_ok:
+            return "waiting for Redis", self.trouble.describe(), where
+        states = {s.destination.name: s.state()[0] for s in senders}
+        notes = [f"{n}: {st}" for n, st in states.items() if st not in ("idle", "sending")]
+        detail = "; ".join(notes[:10]) + (f"; and {len(notes) - 10} more" if notes[10:] else "")
+        kinds = set(states.values())
+        if "sending" in kinds:
+            in_flight = sum(s.in_flight for s in senders)
+            return "sending", detail or f"{in_flight} events in flight", where
+        if "waiting for the endpoint" in kinds:
+            return "waiting for the endpoint", detail, where
+        if kinds == {"held"}:
+            return "held", detail, where
+        return "idle", detail or "nothing queued", where
+
+
+async def run_sender(sender: Sender, *, burst: bool = False) -> None:
+    """Send one destination's events on lanes of its own until ``sender`` is stopped (with
+    ``burst``: until drained). A worker serving several destinations runs one
+    :class:`Lanes` for all of them instead (:class:`capi.runner.Fleet`)."""
+    lanes = Lanes(
+        sender.settings,
+        sender.redis,
+        name=sender.name,
+        metrics=sender.metrics.parent,
+        clock=sender.clock,
+    )
+    lanes.add(sender)
+
+    async def stop_with_it() -> None:
+        await sender.stopped()
+        lanes.stop()
+
+    watch = asyncio.create_task(stop_with_it())
+    try:
+        await lanes.run(burst=burst)
+    finally:
+        sender.stop()
+        await watch

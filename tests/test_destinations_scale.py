@@ -1,0 +1,182 @@
+"""Destinations sharing one worker: idle ones cost nothing, busy ones share fairly, and a
+slow endpoint or a removed destination does not hide or block anything."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from capi.producer import SyncProducer
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import Fault
+from capi.settings import Settings
+from tests.helpers import capi, events, make_settings, start_worker, wait_for
+from tests.helpers import stop_worker as stop
+
+
+def configure(
+    tmp_path: Path, sandbox: SandboxThread, count: int, urls: dict[int, str] | None = None
+) -> tuple[Path, dict[str, str]]:
+    """A destinations file of ``count`` destinations d0..dN, each its own key and pixel,
+    known to ``sandbox``; ``urls`` sends some elsewhere. Returns the file and the key env."""
+    lines, env = [], {}
+    for i in range(count):
+        key = f"sk-conv-scale-{i:04d}"
+        env[f"CAPI_KEY_{i}"] = key
+        sandbox.state.conversion_keys.add(key)
+        sandbox.state.pixels.add(f"pix-{i}")
+        url = (urls or {}).get(i, sandbox.url)
+        lines += [f"[destinations.d{i}]", f'pixel_id = "pix-{i}"', f'api_key_env = "CAPI_KEY_{i}"']
+        lines += [f'base_url = "{url}"', ""]
+    path = tmp_path / "destinations.toml"
+    path.write_text("\n".join(lines))
+    return path, env
+
+
+def enqueue_to(settings: Settings, destination: str, evts: list[dict[str, Any]]) -> None:
+    with SyncProducer.from_settings(settings) as producer:
+        for start in range(0, len(evts), 5000):
+            report = producer.enqueue_many(evts[start : start + 5000], destination=destination)
+            assert report.ok, report
+
+
+def reads(client: redis.Redis) -> int:
+    """Stream reads Redis has served (from scripts or not) since it started."""
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
+
+
+def serving(client: redis.Redis, settings: Settings) -> str:
+    """What the (one) live worker says it serves."""
+    states = [json.loads(v) for v in client.hvals(settings.keys.worker_states)]
+    return states[0].get("destination", "") if len(states) == 1 else ""
+
+
+def delivered_to(sandbox: SandboxThread, pixel: str) -> int:
+    return sum(1 for (pid, _, _) in sandbox.state.delivered_counts() if pid == pixel)
+
+
+def test_idle_destinations_are_not_read_and_an_event_wakes_its_destination(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    path, env = configure(tmp_path, sandbox, 100)
+    settings = make_settings(sandbox, redis_url, destinations_file=path)
+    proc = start_worker(settings, **env)
+    try:
+        with redis.Redis.from_url(redis_url) as c:
+            wait_for(lambda: serving(c, settings) == "100 destinations", 60, "all started")
+            time.sleep(1)  # each destination's first read (finding nothing) is done
+            before = reads(c)
+            time.sleep(3)
+            # 100 idle destinations: no stream is polled (the old layout read each one,
+            # two lanes each, twice a second: 1,200 reads in 3 s).
+            assert reads(c) - before < 20
+            evts = events(5, prefix="wake-")
+            enqueue_to(settings, "d42", evts)
+            wait_for(lambda: delivered_to(sandbox, "pix-42") == 5, 5, "the woken destination")
+    finally:
+        output = stop(proc)
+    assert "sk-conv-scale" not in output
+
+
+def test_a_trickle_is_not_starved_by_a_backlog(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    path, env = configure(tmp_path, sandbox, 2)
+    # (A line per batch would fill the pipe of the worker's output: warnings only.)
+    settings = make_settings(
+        sandbox,
+        redis_url,
+        destinations_file=path,
+        batch_size=50,
+        concurrency=1,
+        log_level="warning",
+    )
+    backlog = events(20_000, prefix="big-")
+    enqueue_to(settings, "d0", backlog)
+    proc = start_worker(settings, **env)
+    try:
+        wait_for(lambda: delivered_to(sandbox, "pix-0") > 0, 30, "the backlog starts")
+        trickle = events(5, prefix="small-")
+        enqueue_to(settings, "d1", trickle)
+        wait_for(lambda: delivered_to(sandbox, "pix-1") == 5, 10, "the trickle")
+        assert delivered_to(sandbox, "pix-0") < len(backlog), "the trickle waited for the backlog"
+        wait_for(lambda: delivered_to(sandbox, "pix-0") == len(backlog), 120, "the backlog")
+    finally:
+        stop(proc)
+    assert max(sandbox.state.delivered_ids().values()) == 1
+
+
+def test_a_slow_endpoint_does_not_hold_the_other_destinations(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    with SandboxThread() as slow:
+        slow.state.faults = [Fault("latency", every=1, latency_ms=3000)]
+        path, env = configure(tmp_path, sandbox, 2, urls={0: slow.url})
+        for key in env.values():
+            slow.state.conversion_keys.add(key)
+        slow.state.pixels.add("pix-0")
+        settings = make_settings(
+            sandbox,
+            redis_url,
+            destinations_file=path,
+            batch_size=10,
+            concurrency=1,
+            request_timeout_s=10.0,
+            claim_idle_s=30.0,
+        )
+        enqueue_to(settings, "d0", events(200, prefix="slow-"))
+        proc = start_worker(settings, **env)
+        try:
+            wait_for(lambda: slow.state.requests > 1, 30, "the slow destination is being sent")
+            fast = events(300, prefix="fast-")
+            enqueue_to(settings, "d1", fast)
+            # 30 batches of 10: well within the time the slow destination sends one batch
+            # per lane it holds (3 s each); had it taken every lane, this would take minutes.
+            wait_for(lambda: delivered_to(sandbox, "pix-1") == 300, 6, "the other destination")
+            assert len(slow.state.delivered_ids()) < 200
+        finally:
+            stop(proc)
+
+
+def test_a_destination_removed_with_events_queued_is_still_listed(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    path, _ = configure(tmp_path, sandbox, 3)
+    settings = make_settings(sandbox, redis_url, destinations_file=path)
+    enqueue_to(settings, "d2", events(7, prefix="left-"))
+    lines = path.read_text().split("[destinations.d2]")[0]
+    path.write_text(lines)  # d2 removed from the file, its events still queued
+    result = capi(settings, "destinations", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert set(rows) == {"d0", "d1", "d2"}
+    assert rows["d2"]["configured"] is False and rows["d2"]["queued"] == 7
+    assert "add it back" in rows["d2"]["last_error"]
+    assert rows["d0"]["configured"] is True
+    table = capi(settings, "destinations")
+    assert "removed" in table.stdout
+
+
+def test_guidance_names_the_destination_and_its_key_source(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    path, env = configure(tmp_path, sandbox, 2)
+    sandbox.state.conversion_keys.discard(env["CAPI_KEY_1"])  # d1's key: not recognised
+    settings = make_settings(sandbox, redis_url, destinations_file=path)
+    enqueue_to(settings, "d0", events(3, prefix="ok-"))
+    proc = start_worker(settings, **env)
+    try:
+        wait_for(lambda: delivered_to(sandbox, "pix-0") == 3, 30, "d0 delivered")
+        with redis.Redis.from_url(redis_url) as c:
+            key_state = settings.keys.for_destination("d1").key_state
+            wait_for(lambda: c.hget(key_state, "state") == b"held", 30, "d1 held")
+            guidance = c.hget(key_state, "guidance").decode()
+    finally:
+        stop(proc)
+    assert "$CAPI_KEY_1" in guidance and "CAPI_API_KEY" not in guidance
+    assert "capi check-key --destination d1" in guidance

@@ -12,13 +12,14 @@ job                 every            why, and which destinations
 move due retries    tick             retries are due to the millisecond; only the
                                      destinations the retry-due index names as due
 heartbeat           HEARTBEAT_S      ``capi status`` shows live workers and their state
-                                     within a few seconds of the truth (one per worker)
+                                     within a few seconds of the truth (one per worker,
+                                     in a task of its own: nothing delays it)
 key state sync      SYNC_S           another worker may have held or released a key
                                      (every destination, one pipelined round trip)
 gauges              GAUGES_S         queue depth and oldest age for metrics: active
                                      destinations, and GAUGES_SLICE idle ones in turn
 key re-probe        reprobe interval held destinations only (one worker at a time each,
-                                     via a Redis lock)
+                                     via a Redis lock), each in a task of its own
 lease renewal       claim_idle / 4   entries this worker still works on never look idle
 reclaim             RECLAIM_S        entries of a stopped worker (no heartbeat for
                                      LIVENESS_S, idle for claim_idle) go back to work:
@@ -88,6 +89,7 @@ class Housekeeping:
         self._reclaim_turn = 0
         self._gauges_turn = 0
         self._prune_turn = 0
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     def _due(self, job: str, every_s: float) -> bool:
         now = time.monotonic()
@@ -97,7 +99,25 @@ class Housekeeping:
         return False
 
     async def run(self) -> None:
-        """Tick until the lanes stop; never end on an error."""
+        """Tick until the lanes stop; never end on an error. The heartbeat and key
+        re-probes run as tasks of their own, so that no slow job (a probe waits for the
+        API) can make this worker look stopped to the others."""
+        beat = asyncio.create_task(self._beat())
+        try:
+            await self._ticks()
+        finally:
+            beat.cancel()
+            probes = list(self._probes.values())
+            for task in probes:
+                task.cancel()
+            await asyncio.gather(beat, *probes, return_exceptions=True)
+
+    async def _beat(self) -> None:
+        while not self.lanes.stopping:
+            await self._job("heartbeat", self._heartbeat)
+            await asyncio.sleep(HEARTBEAT_S * (0.9 + random.random() / 5))
+
+    async def _ticks(self) -> None:
         lanes = self.lanes
         while not lanes.stopping:
             self._errors = 0
@@ -150,8 +170,6 @@ class Housekeeping:
         senders = dict(lanes.senders)
         now_ms = int(lanes.clock() * 1000)
         await self._job("moving due retries", lambda: self._move_due(senders, now_ms))
-        if self._due("heartbeat", HEARTBEAT_S):
-            await self._job("heartbeat", self._heartbeat)
         if self._due("sync", SYNC_S):
             await self._job("key state sync", lambda: self._sync_keys(senders))
         if self._due("gauges", GAUGES_S):
@@ -174,11 +192,10 @@ class Housekeeping:
         """The jobs that look after destinations' keys and entries in flight."""
         for s in senders.values():
             name = s.destination.name
-            if not (s.guard.held and self._due(f"reprobe:{name}", self._reprobe_s(s))):
+            if name in self._probes or not s.guard.held:
                 continue
-            if await self._job("key re-probe", s.guard.try_release, s) and not s.guard.held:
-                s.metrics.key_ok.set(1)
-                self.lanes.activate(name)
+            if self._due(f"reprobe:{name}", self._reprobe_s(s)):
+                self._probes[name] = asyncio.create_task(self._reprobe(s))
         if self._touch_now or self._due("lease", self.lease_s):
             self._touch_now = not await self._job("lease renewal", lambda: self._leases(senders))
         if self._due("reclaim", RECLAIM_S):
@@ -186,6 +203,16 @@ class Housekeeping:
         if self._due("forget", FORGET_S):
             for s in senders.values():
                 await self._job("forgetting stopped workers", functools.partial(self._forget, s), s)
+
+    async def _reprobe(self, s: Sender) -> None:
+        """Re-probe a held key (at most one worker per interval: a lock in Redis)."""
+        name = s.destination.name
+        try:
+            if await self._job("key re-probe", s.guard.try_release, s) and not s.guard.held:
+                s.metrics.key_ok.set(1)
+                self.lanes.activate(name)
+        finally:
+            del self._probes[name]
 
     @staticmethod
     def _reprobe_s(sender: Sender) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -98,7 +99,15 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     config = uvicorn.Config(Intake(settings), **options)  # type: ignore[arg-type]
     out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
     sys.stdout.flush()
+    _exit_quietly_after_shutdown()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _exit_quietly_after_shutdown() -> None:
+    """After a graceful shutdown uvicorn raises the signal it caught again, for the handler
+    that was there before it; these handlers let the command then end with exit code 0."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
 
 
 def configure_logging(settings: Settings) -> None:

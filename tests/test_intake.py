@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -432,3 +436,42 @@ def test_serve_refuses_to_start_without_a_token(redis_url: str) -> None:
         "0",
     )
     assert bad.returncode == 3 and "CAPI_INTAKE_TOKENS_SHA256" in bad.stderr
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(language: str) -> str:
+    """The README's one ```<language> block (the intake's client example)."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
+    assert len(blocks) == 1, f"README has {len(blocks)} {language} blocks"
+    return str(blocks[0])
+
+
+def run_client(tmp_path: Path, redis_url: str, command: list[str], event_id: str) -> str:
+    server = start_intake(tmp_path, redis_url)
+    try:
+        env = {**os.environ, "INTAKE_URL": server.url, "INTAKE_TOKEN": TOKEN}
+        env["GOCACHE"] = env.get("GOCACHE", str(Path.home() / ".cache" / "go-build"))
+        proc = subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert queued_ids(redis_url) == [event_id]
+    finally:
+        server.stop()
+    return proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_readme_node_fetch_example_runs_as_written(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "send.mjs").write_text(readme_block("js"))
+    output = run_client(tmp_path, redis_url, ["node", "send.mjs"], "order-2001")
+    assert output == "0 order-2001 queued []\n"
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed (.ci/run installs it)")
+def test_the_readme_go_example_runs_as_written(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "main.go").write_text(readme_block("go"))
+    output = run_client(tmp_path, redis_url, ["go", "run", "main.go"], "order-3001")
+    assert output == "0 order-3001 queued []\n"

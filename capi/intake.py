@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -373,10 +374,14 @@ class AccessFormatter(JsonFormatter):
     """JSON lines, with an access record's fields (client, status, counts) as keys."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
         access = getattr(record, "access", None)
-        if not access:
-            return line
-        data = orjson.loads(line)
-        data.update(access)
+        if access is None:
+            return super().format(record)
+        data = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **access,
+        }
         return orjson.dumps(data, default=str).decode()

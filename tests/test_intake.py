@@ -475,3 +475,15 @@ def test_the_readme_go_example_runs_as_written(tmp_path: Path, redis_url: str) -
     (tmp_path / "main.go").write_text(readme_block("go"))
     output = run_client(tmp_path, redis_url, ["go", "run", "main.go"], "order-3001")
     assert output == "0 order-3001 queued []\n"
+
+
+def test_several_server_processes_serve_one_port(tmp_path: Path, redis_url: str) -> None:
+    server = start_intake(tmp_path, redis_url, "--workers", "2")
+    try:
+        for i in range(4):  # new connections: either process may answer
+            resp = server.post(events(2, prefix=f"w{i}-"))
+            assert resp.status_code == 200 and resp.json()["queued"] == 2
+        assert len(queued_ids(redis_url)) == 8
+    finally:
+        log = server.stop()
+    assert log.count("Application startup complete") == 2

@@ -78,6 +78,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         if config_file:
             os.environ["CAPI_CONFIG_FILE"] = str(config_file)
         out.print(f"capi serve on {where} ({workers} processes; for {granted})", markup=False)
+        _exit_quietly_after_shutdown()
         uvicorn.run(
             "capi.cli.intake_commands:app_from_environment",
             factory=True,

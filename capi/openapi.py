@@ -177,7 +177,9 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "capi intake",
             "version": __version__,
-            "description": "Queue conversion events for the OpenAI Ads Conversions API.",
+            "description": "Queue conversion events for the OpenAI Ads Conversions API. "
+            "A path not listed here is answered 404, and a listed path asked with another "
+            "method 405 (with Allow), both with the Error body.",
         },
         "paths": {
             "/v1/events": {"post": _events_operation()},

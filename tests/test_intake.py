@@ -355,6 +355,11 @@ def test_the_openapi_document_validates_and_describes_every_answer(
             documented = doc["paths"][path]["get"]["responses"][str(resp.status_code)]
             jsonschema.validate(resp.json(), _schema_for(doc, documented))
         assert httpx.get(server.url + "/metrics").status_code == 200
+        error = {"$ref": "#/components/schemas/Error", "components": doc["components"]}
+        for resp in (httpx.get(server.url + "/v1/events"), httpx.post(server.url + "/nowhere")):
+            assert resp.status_code in (404, 405)  # named in the document's description
+            jsonschema.validate(resp.json(), error)
+        assert "404" in doc["info"]["description"] and "405" in doc["info"]["description"]
     finally:
         server.stop()
 

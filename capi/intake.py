@@ -183,8 +183,12 @@ class Intake:
                 _unavailable_message(exc, report),
                 {"retry-after": str(self.settings.intake_retry_after_s)},
             ) from None
-        except EventRejected as exc:  # the destination left the file since the grant was read
-            raise Answer(403, "destination_not_granted", str(exc)) from None
+        except EventRejected:  # the destination left the file since the grant was read
+            raise Answer(
+                403,
+                "destination_not_granted",
+                f"the destination {destination[:64]!r} is no longer configured",
+            ) from None
         except ConfigError as exc:
             log.error("cannot enqueue: %s", exc)
             raise Answer(500, "misconfigured", "the intake is misconfigured; see its log") from None

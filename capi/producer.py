@@ -45,11 +45,17 @@ log = logging.getLogger("capi.producer")
 
 @dataclass
 class EnqueueReport:
-    """What a bulk enqueue did: how many were queued, duplicates, and each refusal."""
+    """What a bulk enqueue did: how many were queued, duplicates, and each refusal.
+
+    ``added`` holds, by position, the answer for each event Redis took: True queued, False a
+    duplicate. A position in neither ``added`` nor ``refused`` did not reach Redis, or its
+    call failed before Redis answered (sending it again is safe: the id dedups).
+    """
 
     queued: int = 0
     duplicates: int = 0
     refused: list[tuple[int, EventRejected]] = field(default_factory=list)
+    added: dict[int, bool] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -260,16 +266,20 @@ class _BaseProducer:
 
     def _chunks(
         self, events: Iterable[RawEvent], report: EnqueueReport, targets: list[RedisKeys]
-    ) -> Iterator[tuple[list[str], list[Any]]]:
+    ) -> Iterator[tuple[list[str], list[Any], list[int]]]:
+        """Script arguments per chunk of prepared events, with the chunk's positions."""
         prepared = []
+        positions = []
         for i, raw in enumerate(events):
             try:
                 prepared.append(self._prepare(raw))
+                positions.append(i)
             except EventRejected as exc:
                 report.refused.append((i, exc))
         for start in range(0, len(prepared), self.chunk):
+            end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
-                yield self._args(prepared[start : start + self.chunk], target)
+                yield (*self._args(prepared[start:end], target), positions[start:end])
 
     def _args(self, batch: list[PreparedEvent], target: RedisKeys) -> tuple[list[str], list[Any]]:
         return enqueue_call(
@@ -279,10 +289,13 @@ class _BaseProducer:
         )
 
     @staticmethod
-    def _count(report: EnqueueReport, flags: list[int]) -> None:
+    def _count(report: EnqueueReport, flags: list[int], positions: list[int]) -> None:
         queued = sum(int(f) for f in flags)
         report.queued += queued
         report.duplicates += len(flags) - queued
+        added = report.added
+        for i, flag in zip(positions, flags, strict=True):
+            added[i] = added.get(i, False) or bool(flag)  # fan-out: queued to any counts
 
 
 class Producer(_BaseProducer):
@@ -338,15 +351,20 @@ class Producer(_BaseProducer):
         return _answer(added, destination)
 
     async def enqueue_many(
-        self, events: Iterable[RawEvent], destination: Destination_ = None
+        self,
+        events: Iterable[RawEvent],
+        destination: Destination_ = None,
+        *,
+        report: EnqueueReport | None = None,
     ) -> EnqueueReport:
         """Enqueue many events (to each destination named); refused ones are reported (by
-        position), the rest queued."""
-        report = EnqueueReport()
+        position), the rest queued. Pass ``report`` to keep what was done when Redis fails
+        part-way (the call then raises QueueUnavailable)."""
+        report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         with _partial(report), _translated(self.redis):
-            for keys, args in self._chunks(events, report, targets):
-                self._count(report, await self._script(keys=keys, args=args))
+            for keys, args, positions in self._chunks(events, report, targets):
+                self._count(report, await self._script(keys=keys, args=args), positions)
             await self._durable()
         return report
 
@@ -397,14 +415,18 @@ class SyncProducer(_BaseProducer):
         return _answer(added, destination)
 
     def enqueue_many(
-        self, events: Iterable[RawEvent], destination: Destination_ = None
+        self,
+        events: Iterable[RawEvent],
+        destination: Destination_ = None,
+        *,
+        report: EnqueueReport | None = None,
     ) -> EnqueueReport:
         """Enqueue many events (to each destination named); refused ones are reported (by
-        position), the rest queued."""
-        report = EnqueueReport()
+        position), the rest queued (see :meth:`Producer.enqueue_many` for ``report``)."""
+        report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         with _partial(report), _translated(self.redis):
-            for keys, args in self._chunks(events, report, targets):
-                self._count(report, self._script(keys=keys, args=args))
+            for keys, args, positions in self._chunks(events, report, targets):
+                self._count(report, self._script(keys=keys, args=args), positions)
             self._durable()
         return report

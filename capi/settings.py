@@ -101,6 +101,18 @@ class Settings(BaseSettings):
     intake_tokens_sha256: str | None = Field(
         None, description="SHA-256 of the intake tokens granted 'default', comma-separated."
     )
+    intake_max_body_bytes: int = Field(
+        4_000_000,
+        ge=1024,
+        le=100_000_000,
+        description="Largest request body capi serve reads; a larger one gets 413.",
+    )
+    intake_max_events: int = Field(
+        1000, ge=1, le=100_000, description="Most events in one capi serve request (else 413)."
+    )
+    intake_retry_after_s: int = Field(
+        2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
+    )
     strict_key_check: bool = Field(
         False,
         description="Refuse to start a worker unless every destination's key passes "

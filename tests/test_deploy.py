@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_compose_file_names_every_service() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "sandbox"}
+    assert set(services) == {"redis", "worker", "sandbox", "intake"}
     for name in ("redis", "worker"):
         assert services[name]["restart"] == "unless-stopped"
         assert services[name]["healthcheck"]["test"]
@@ -34,6 +34,12 @@ def test_compose_file_names_every_service() -> None:
     assert "CAPI_API_KEY" not in str(worker.get("environment"))
     assert "container_name" not in worker and "ports" not in worker  # --scale works
     assert services["sandbox"]["profiles"] == ["sandbox"]
+    intake = services["intake"]
+    assert intake["command"][:2] == ["capi", "serve"] and "--port" in intake["command"]
+    assert intake["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert intake["env_file"] and "CAPI_API_KEY" not in str(intake.get("environment"))
+    assert "/readyz" in str(intake["healthcheck"]["test"]) and intake["restart"] == "unless-stopped"
+    assert all(p.startswith("127.0.0.1:") for p in intake["ports"])  # loopback: TLS proxy in front
     assert "redis-data" in compose["volumes"]
     conf = (ROOT / "config" / "redis.conf").read_text()
     assert re.search(r"^appendonly yes$", conf, re.M)

@@ -56,6 +56,7 @@ LONG_RUNNING = {  # command prefix -> what it prints once ready
     "capi worker": "sender starting",
     "arq workers.main.WorkerSettings": "sender starting",
     "capi sandbox": "capi sandbox on",
+    "capi serve": "capi serve on",
 }
 
 

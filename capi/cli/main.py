@@ -265,3 +265,10 @@ def demo_command(ctx: click.Context) -> None:
       capi demo
     """
     Demo(out, settings_from(ctx)).run()
+
+
+# The intake's commands live in their own module; the group is defined above.
+from capi.cli.intake_commands import intake_token_command, serve_command  # noqa: E402
+
+cli.add_command(serve_command)
+cli.add_command(intake_token_command)

@@ -1,0 +1,123 @@
+"""The body of ``POST /v1/events``: its content type, its size, and the events in it.
+
+Two forms are accepted:
+
+- ``application/json``: ``{"events": [event, ...]}``, nothing else in the object;
+- ``application/x-ndjson``: one event per line (blank lines are skipped).
+
+A body that cannot be read as either is an :class:`EnvelopeError` carrying the HTTP status
+to answer (400 malformed, 413 too large, 415 content type). In NDJSON a line that is not
+JSON does not spoil its neighbours: it becomes a :class:`BadLine`, refused on its own like
+any event that breaks a rule. Messages never quote the body (it may hold raw identifiers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+class EnvelopeError(Exception):
+    """Raised when a request body cannot be taken: ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class BadLine:
+    """An NDJSON line that is not a JSON value: refused as an event, by its line number."""
+
+    line: int
+
+    def rule(self) -> str:
+        """Why it was refused."""
+        return f"line {self.line} is not valid JSON"
+
+
+def media_type(content_type: str | None) -> str:
+    """The body's media type (``application/json``); EnvelopeError 415 if not accepted."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind in (JSON, NDJSON):
+        return kind
+    shown = repr(kind[:60]) if kind else "none"
+    raise EnvelopeError(
+        415,
+        "unsupported_media_type",
+        f'Content-Type {shown} is not accepted; send {JSON} ({{"events": [...]}}) or '
+        f"{NDJSON} (one event per line)",
+    )
+
+
+def too_large(limit: int) -> EnvelopeError:
+    """The 413 for a body over ``limit`` bytes."""
+    return EnvelopeError(
+        413,
+        "body_too_large",
+        f"the body is over {limit:,} bytes (CAPI_INTAKE_MAX_BODY_BYTES); send fewer events "
+        "per request",
+    )
+
+
+def events_of(body: bytes, kind: str, max_events: int) -> list[Any]:
+    """The events of a body of media type ``kind``; EnvelopeError if it is malformed or
+    holds more than ``max_events``."""
+    events = _json_events(body) if kind == JSON else _ndjson_events(body)
+    if len(events) > max_events:
+        raise EnvelopeError(
+            413,
+            "too_many_events",
+            f"the body holds {len(events):,} events; at most {max_events:,} per request "
+            "(CAPI_INTAKE_MAX_EVENTS)",
+        )
+    return events
+
+
+def _json_events(body: bytes) -> list[Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise EnvelopeError(
+            400, "malformed", f"the body is not valid JSON ({_where(exc)})"
+        ) from None
+    if not isinstance(data, dict) or "events" not in data:
+        raise EnvelopeError(400, "malformed", 'the body must be a JSON object {"events": [...]}')
+    if not isinstance(data["events"], list):
+        raise EnvelopeError(400, "malformed", "events: must be a list of event objects")
+    extra = sorted(k for k in data if k != "events")
+    if extra:
+        raise EnvelopeError(
+            400,
+            "malformed",
+            f"{extra[0][:40]!r} is not a field of the envelope; it holds only events "
+            "(name the destination as ?destination=NAME)",
+        )
+    events: list[Any] = data["events"]
+    return events
+
+
+def _ndjson_events(body: bytes) -> list[Any]:
+    events: list[Any] = []
+    for number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            events.append(BadLine(number))
+    if not events:
+        raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")
+    return events
+
+
+def _where(exc: orjson.JSONDecodeError) -> str:
+    """Where parsing failed (line and column), without the text around it."""
+    return f"line {exc.lineno}, column {exc.colno}"

@@ -1,0 +1,391 @@
+"""The HTTP intake: a plain ASGI application in front of the queue (``capi serve``).
+
+Routes (the OpenAPI document, :mod:`capi.openapi`, describes each answer):
+
+- ``POST /v1/events[?destination=NAME]`` with ``Authorization: Bearer <intake token>``:
+  every event goes through :meth:`capi.producer.Producer.enqueue_many`, so it is validated
+  and hashed exactly as a Python producer would, and answered one by one, in order
+  (``queued``, ``duplicate`` or ``refused`` with each field and rule);
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING),
+  ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
+
+The order of checks on ``POST /v1/events``: token (401), destination (403), content type
+(415), size (413), envelope (400), then the events; nothing is queued unless all pass.
+While Redis is away or full the answer is 503 with ``Retry-After``, and its ``results``
+say which events Redis had already taken, so the same request can be sent again (the
+event id dedups). Access logs carry no body and no token (only the first 8 hex characters
+of its SHA-256, to tell clients apart).
+
+No framework: routing is a dict lookup, which keeps a single-event request cheap (see the
+README's Performance section).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from capi import envelope, openapi, tokens
+from capi.errors import ConfigError, EventRejected, QueueFull, QueueUnavailable
+from capi.logs import JsonFormatter
+from capi.producer import EnqueueReport, Producer
+from capi.settings import Settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("capi.intake")
+access_log = logging.getLogger("capi.intake.access")
+EVENTS_PATH = "/v1/events"
+
+
+class IntakeMetrics:
+    """The intake's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "capi_intake_requests", "HTTP requests answered, by status.", ["status"], registry=r
+        )
+        self.events = Counter(
+            "capi_intake_events",
+            "Events answered by POST /v1/events, by outcome and destination.",
+            ["outcome", "destination"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "capi_intake_request_duration_seconds",
+            "Time to answer a request.",
+            ["route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+
+
+class Answer(Exception):
+    """Raised to end a request with a JSON error answer (never with a body's content)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+class Intake:
+    """The ASGI application; the producer is made at lifespan startup, in the server's loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.grants = tokens.Grants(settings)
+        self.metrics = IntakeMetrics()
+        self.producer: Producer | None = None
+        self._openapi = orjson.dumps(openapi.document())
+        self._routes: dict[tuple[str, str], Callable[..., Awaitable[tuple[int, bytes, str]]]] = {
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/readyz"): self._readyz,
+            ("GET", "/metrics"): self._metrics,
+            ("GET", "/openapi.json"): self._openapi_json,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.producer = Producer.from_settings(self.settings)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.producer is not None:
+                    await self.producer.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path"]
+        note: dict[str, Any] = {}
+        headers: dict[str, str] = {}
+        try:
+            if path == EVENTS_PATH:
+                if method != "POST":
+                    raise Answer(405, "method_not_allowed", "use POST", {"allow": "POST"})
+                status, body = await self._events(scope, receive, note)
+                ctype = "application/json"
+            elif (method, path) in self._routes:
+                status, body, ctype = await self._routes[method, path]()
+            elif method != "GET" and ("GET", path) in self._routes:
+                raise Answer(405, "method_not_allowed", "use GET", {"allow": "GET"})
+            else:
+                raise Answer(404, "not_found", f"no such path; POST {EVENTS_PATH}")
+        except Answer as answer:
+            status, ctype, headers = answer.status, "application/json", answer.headers
+            body = _error_body(answer.code, answer.message, note.pop("results", None))
+        except Exception as exc:  # the one place an unforeseen failure becomes a 500
+            log.error("request failed: %s", type(exc).__name__, exc_info=exc)
+            status, ctype = 500, "application/json"
+            body = _error_body("internal", "the intake failed; see its log", None)
+        await _respond(send, status, body, ctype, headers)
+        elapsed = time.perf_counter() - started
+        self.metrics.requests.labels(str(status)).inc()
+        route = path if path == EVENTS_PATH or ("GET", path) in self._routes else "other"
+        self.metrics.latency.labels(route).observe(elapsed)
+        access_log.info(
+            "%s %s %d",
+            method,
+            route,
+            status,
+            extra={"access": {**_client(scope), "duration_ms": round(elapsed * 1000, 3), **note}},
+        )
+
+    async def _events(
+        self, scope: Scope, receive: Receive, note: dict[str, Any]
+    ) -> tuple[int, bytes]:
+        headers = _headers(scope)
+        destination = self._authorize(headers.get("authorization"), scope, note)
+        kind = _checked(envelope.media_type, headers.get("content-type"))
+        body = await self._body(headers.get("content-length"), receive)
+        raw = _checked(envelope.events_of, body, kind, self.settings.intake_max_events)
+        note["events"] = len(raw)
+        report = EnqueueReport()
+        assert self.producer is not None, "lifespan startup made the producer"
+        try:
+            await self.producer.enqueue_many(
+                (_as_event(e) for e in raw), destination, report=report
+            )
+        except QueueUnavailable as exc:
+            note["results"] = _results(raw, report, unavailable=True)
+            self._count(report, destination)
+            raise Answer(
+                503,
+                "queue_unavailable",
+                _unavailable_message(exc, report),
+                {"retry-after": str(self.settings.intake_retry_after_s)},
+            ) from None
+        except EventRejected:  # the destination left the file since the grant was read
+            raise Answer(
+                403,
+                "destination_not_granted",
+                f"the destination {destination[:64]!r} is no longer configured",
+            ) from None
+        except ConfigError as exc:
+            log.error("cannot enqueue: %s", exc)
+            raise Answer(500, "misconfigured", "the intake is misconfigured; see its log") from None
+        self._count(report, destination)
+        note.update(queued=report.queued, duplicates=report.duplicates, refused=len(report.refused))
+        answer = {
+            "results": _results(raw, report, unavailable=False),
+            "queued": report.queued,
+            "duplicates": report.duplicates,
+            "refused": len(report.refused),
+        }
+        return 200, orjson.dumps(answer)
+
+    def _authorize(self, header: str | None, scope: Scope, note: dict[str, Any]) -> str:
+        """The destination this request may queue to; Answer 401 or 403 if none."""
+        scheme, _, token = (header or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Answer(
+                401,
+                "unauthorized",
+                "send an intake token: Authorization: Bearer <token> (capi intake-token makes one)",
+                {"www-authenticate": "Bearer"},
+            )
+        granted = self.grants.granted(token)
+        if granted is None:
+            raise Answer(
+                401,
+                "unauthorized",
+                "the intake token is not configured",
+                {"www-authenticate": "Bearer"},
+            )
+        note["token"] = "sha256:" + tokens.digest(token)[:8]
+        named = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("destination")
+        if named is None:
+            if len(granted) == 1:
+                (only,) = granted
+                note["destination"] = only
+                return only
+            raise Answer(
+                403,
+                "destination_required",
+                "this token grants several destinations; name one with ?destination=NAME: "
+                + ", ".join(sorted(granted)),
+            )
+        name: str = named[-1]
+        if name not in granted:
+            raise Answer(
+                403,
+                "destination_not_granted",
+                f"this token does not grant the destination {name[:64]!r}",
+            )
+        note["destination"] = name
+        return name
+
+    async def _body(self, length: str | None, receive: Receive) -> bytes:
+        limit = self.settings.intake_max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Answer(400, "malformed", "the client left before sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _count(self, report: EnqueueReport, destination: str) -> None:
+        events = self.metrics.events
+        if report.queued:
+            events.labels("queued", destination).inc(report.queued)
+        if report.duplicates:
+            events.labels("duplicate", destination).inc(report.duplicates)
+        if report.refused:
+            events.labels("refused", destination).inc(len(report.refused))
+
+    async def _healthz(self) -> tuple[int, bytes, str]:
+        return 200, b'{"status": "alive"}', "application/json"
+
+    async def _readyz(self) -> tuple[int, bytes, str]:
+        assert self.producer is not None
+        try:
+            await self.producer.redis.ping()
+        except Exception as exc:  # any failure to answer means not ready
+            why = f"Redis does not answer ({type(exc).__name__})"
+            return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
+        return 200, b'{"status": "ready"}', "application/json"
+
+    async def _metrics(self) -> tuple[int, bytes, str]:
+        return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST
+
+    async def _openapi_json(self) -> tuple[int, bytes, str]:
+        return 200, self._openapi, "application/json"
+
+
+def _checked(func: Callable[..., Any], *args: Any) -> Any:
+    """Call a :mod:`capi.envelope` check, turning its EnvelopeError into an Answer."""
+    try:
+        return func(*args)
+    except envelope.EnvelopeError as exc:
+        raise Answer(exc.status, exc.code, exc.message) from None
+
+
+def _as_event(raw: Any) -> Any:
+    """An NDJSON line that was not JSON, as an input prepare() refuses on its own (not an
+    object); its answer then names the line (see :func:`_errors`)."""
+    return None if isinstance(raw, envelope.BadLine) else raw
+
+
+def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> list[dict[str, Any]]:
+    refused = dict(report.refused)
+    results = []
+    for i, event in enumerate(raw):
+        event_id = event.get("id") if isinstance(event, dict) else None
+        item: dict[str, Any] = {
+            "index": i,
+            "id": event_id if isinstance(event_id, str) else None,
+            "status": "",
+            "errors": [],
+        }
+        if i in refused:
+            item["status"] = "refused"
+            item["errors"] = _errors(refused[i], event)
+        elif i in report.added:
+            item["status"] = "queued" if report.added[i] else "duplicate"
+        elif unavailable:
+            item["status"] = "not_queued"
+        results.append(item)
+    return results
+
+
+def _errors(exc: EventRejected, event: Any) -> list[dict[str, str]]:
+    if isinstance(event, envelope.BadLine):
+        return [{"field": "(event)", "rule": event.rule()}]
+    return [{"field": p.path, "rule": p.rule} for p in exc.problems]
+
+
+def _unavailable_message(exc: QueueUnavailable, report: EnqueueReport) -> str:
+    """What happened, without Redis's address (the client needs none of it)."""
+    what = "Redis is full" if isinstance(exc, QueueFull) else "Redis is away or did not answer"
+    done = (
+        f"{len(report.added)} events were taken before it failed (see results)"
+        if report.added
+        else "no event was queued"
+    )
+    return (
+        f"{what}; {done}. Send the same request again after Retry-After: events already "
+        "queued are answered duplicate (the event id dedups)."
+    )
+
+
+def _error_body(code: str, message: str, results: list[dict[str, Any]] | None) -> bytes:
+    error: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if results is not None:
+        error["results"] = results
+    return orjson.dumps(error)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _client(scope: Scope) -> dict[str, Any]:
+    client = scope.get("client")
+    return {"client": f"{client[0]}:{client[1]}"} if client else {}
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, ctype: str, headers: dict[str, str]
+) -> None:
+    raw_headers = [
+        (b"content-type", ctype.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *((k.encode(), v.encode()) for k, v in headers.items()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AccessFormatter(JsonFormatter):
+    """JSON lines, with an access record's fields (client, status, counts) as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        access = getattr(record, "access", None)
+        if access is None:
+            return super().format(record)
+        data = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **access,
+        }
+        return orjson.dumps(data, default=str).decode()

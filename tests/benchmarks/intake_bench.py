@@ -1,0 +1,244 @@
+"""Benchmark of ``capi serve``: latency and throughput of POST /v1/events, beside the
+in-process Python producer on the same Redis (so the HTTP hop's cost shows).
+
+Starts its own redis-server (tests/redisproc.py) and one ``capi serve`` process; the load
+generator runs here, on the same machine, over keep-alive HTTP/1.1 connections with a
+minimal asyncio client (an httpx client would be the bottleneck). Latency is measured from
+each request's scheduled start (open loop), so a stall is not hidden by sending less.
+
+    PYTHONPATH=/work/wt13 .venv/bin/python -m tests.benchmarks.intake_bench
+
+Not a test: it prints figures (quoted in README's Performance section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+
+from capi.events import prepare
+from capi.producer import Producer
+from capi.settings import Settings
+from tests.helpers import events
+from tests.intake_helpers import TOKEN, start_intake
+from tests.redisproc import RedisProcess
+
+
+def request_bytes(port: int, body: bytes) -> bytes:
+    head = (
+        f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; one request at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, raw: bytes) -> int:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def bodies(count: int, per_request: int, tag: str) -> list[bytes]:
+    return [
+        orjson.dumps({"events": events(per_request, start=i * per_request, prefix=f"{tag}-")})
+        for i in range(count)
+    ]
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+async def open_loop(port: int, raws: list[bytes], rate: float, conns: int) -> dict[str, Any]:
+    """Send ``raws`` at ``rate`` requests/s (scheduled times); latency from schedule."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(conns):
+        pool.put_nowait(await Connection.open(port))
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter() + 0.05
+
+    async def one(i: int, raw: bytes) -> None:
+        nonlocal errors
+        due = start + i / rate
+        conn = await pool.get()
+        try:
+            status = await conn.send(raw)
+        finally:
+            pool.put_nowait(conn)
+        latencies.append(time.perf_counter() - due)
+        errors += status != 200
+
+    tasks = []
+    for i, raw in enumerate(raws):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, raw)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    while not pool.empty():
+        pool.get_nowait().close()
+    return {
+        "rate": rate,
+        "achieved": len(raws) / elapsed,
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+        "errors": errors,
+    }
+
+
+async def closed_loop(port: int, raws: list[bytes], conns: int) -> dict[str, Any]:
+    """Send ``raws`` over ``conns`` connections as fast as they are answered."""
+    it = iter(raws)
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        conn = await Connection.open(port)
+        for raw in it:
+            t0 = time.perf_counter()
+            assert await conn.send(raw) == 200
+            latencies.append(time.perf_counter() - t0)
+        conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    elapsed = time.perf_counter() - start
+    return {
+        "requests_s": len(raws) / elapsed,
+        "p50_ms": pct(latencies, 0.5) * 1000,
+        "p99_ms": pct(latencies, 0.99) * 1000,
+    }
+
+
+async def producer_figures(redis_url: str, n_single: int, n_bulk: int) -> dict[str, float]:
+    """The in-process Producer on the same Redis: one event per call, and 100 per call."""
+    settings = Settings(_env_file=None, redis_url=redis_url)
+    async with Producer.from_settings(settings) as producer:
+        single = [events(1, start=i, prefix="py1-")[0] for i in range(n_single)]
+        lat = []
+        t0 = time.perf_counter()
+        for e in single:
+            t = time.perf_counter()
+            await producer.enqueue(e)
+            lat.append(time.perf_counter() - t)
+        single_s = n_single / (time.perf_counter() - t0)
+        batches = [events(100, start=i * 100, prefix="py100-") for i in range(n_bulk)]
+        t0 = time.perf_counter()
+        for batch in batches:
+            await producer.enqueue_many(batch)
+        bulk_s = n_bulk * 100 / (time.perf_counter() - t0)
+    return {
+        "single_p50_ms": statistics.median(lat) * 1000,
+        "single_p99_ms": pct(lat, 0.99) * 1000,
+        "single_calls_s": single_s,
+        "bulk_events_s": bulk_s,
+    }
+
+
+async def run(port: int, redis_url: str, seconds: float) -> None:
+    n500 = int(500 * seconds)
+    fixed = await open_loop(port, [request_bytes(port, b) for b in bodies(n500, 1, "a")], 500, 16)
+    print(
+        f"single-event requests at 500 req/s ({n500} requests): p50 {fixed['p50_ms']:.2f} ms, "
+        f"p99 {fixed['p99_ms']:.2f} ms, non-200: {fixed['errors']}"
+    )
+    best = None
+    for rate in (750, 1000, 1250, 1500, 1750, 2000, 2500, 3000):
+        n = int(rate * min(seconds, 5))
+        raws = [request_bytes(port, b) for b in bodies(n, 1, f"r{rate}")]
+        got = await open_loop(port, raws, rate, 32)
+        print(
+            f"  {rate} req/s: achieved {got['achieved']:.0f}, p50 {got['p50_ms']:.2f} ms, "
+            f"p99 {got['p99_ms']:.2f} ms"
+        )
+        if got["p99_ms"] >= 10 or got["errors"]:
+            break
+        best = rate
+    print(f"most single-event requests/s with p99 under 10 ms: {best}")
+    n100 = int(300 * seconds)
+    raws = [request_bytes(port, b) for b in bodies(n100, 100, "h")]
+    for conns in (2, 3):
+        bulk = await closed_loop(port, raws[: n100 // 2], conns)
+        print(
+            f"100-event requests, {conns} connections: {bulk['requests_s'] * 100:,.0f} events/s "
+            f"({bulk['requests_s']:.0f} req/s, p50 {bulk['p50_ms']:.1f} ms, "
+            f"p99 {bulk['p99_ms']:.1f} ms)"
+        )
+        raws = raws[n100 // 2 :]
+    py = await producer_figures(redis_url, 5000, int(100 * seconds))
+    print(
+        f"in-process Producer (same Redis): enqueue() one event p50 {py['single_p50_ms']:.2f} ms, "
+        f"p99 {py['single_p99_ms']:.2f} ms ({py['single_calls_s']:,.0f} calls/s, one at a "
+        f"time); enqueue_many() of 100: {py['bulk_events_s']:,.0f} events/s"
+    )
+
+
+def prepare_us() -> float:
+    """prepare()'s cost per event on this machine now: the floor under both columns."""
+    sample = events(10_000, prefix="prep-")
+    start = time.perf_counter()
+    for event in sample:
+        prepare(event)
+    return (time.perf_counter() - start) / len(sample) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
+    parser.add_argument(
+        "--server-workers", type=int, default=1, help="capi serve --workers (default: 1)"
+    )
+    args = parser.parse_args()
+    print(
+        f"intake benchmark, {time.strftime('%Y-%m-%dT%H:%M%z')}, {os.cpu_count()} cores, "
+        f"{platform.machine()}, Python {platform.python_version()}; capi serve --workers "
+        f"{args.server_workers} (uvicorn, httptools, uvloop); load generator and redis-server "
+        "on the same machine"
+    )
+    print(f"prepare() here and now: {prepare_us():.1f} us/event (one core, 10,000 events)")
+    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)) as rp:
+        workers = ("--workers", str(args.server_workers))
+        server = start_intake(Path(tmp), rp.url, *workers)  # access logs on, as in production
+        try:
+            uvloop.run(run(int(server.url.rsplit(":", 1)[1]), rp.url, args.seconds))
+        finally:
+            server.stop()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+"""capi serve: a real server process, a real Redis, a real HTTP client (httpx)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import orjson
+import pytest
+import redis
+from openapi_spec_validator import validate as validate_spec
+
+from capi import tokens
+from capi.events import purchase, signup
+from capi.sandbox import SandboxThread
+from capi.settings import Settings
+from tests.helpers import (
+    capi,
+    events,
+    make_settings,
+    redis_dump,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
+from tests.intake_helpers import TOKEN, IntakeProcess, start_intake
+from tests.redisproc import RedisProcess
+
+SECRET_EMAIL = "ada.lovelace.secret@example.com"
+
+
+@pytest.fixture
+def intake(tmp_path: Path, redis_url: str) -> Iterator[IntakeProcess]:
+    server = start_intake(tmp_path, redis_url)
+    yield server
+    server.stop()
+
+
+def queued_ids(redis_url: str, destination: str = "default") -> list[str]:
+    """The ids of the events in a destination's stream, in order."""
+    keys = Settings(_env_file=None, redis_url=redis_url).keys.for_destination(destination)
+    with redis.Redis.from_url(redis_url) as client:
+        entries = client.xrange(keys.stream)
+    return [orjson.loads(fields[b"e"])["id"] for _, fields in entries]
+
+
+def mixed_batch() -> list[Any]:
+    good = events(3, prefix="mix-")
+    broken = purchase("bad-amount", amount=1299, currency="USD", email=SECRET_EMAIL)
+    broken["data"]["amount"] = "12.99"
+    return [
+        good[0],
+        broken,
+        good[1],
+        copy.deepcopy(good[0]),  # the same id again: a duplicate
+        42,
+        {"id": "no-type"},
+        good[2],
+    ]
+
+
+def test_a_mixed_batch_is_answered_per_event_and_only_good_events_are_delivered(
+    tmp_path: Path, redis_url: str, sandbox: SandboxThread
+) -> None:
+    server = start_intake(tmp_path, redis_url)
+    batch = mixed_batch()
+    resp = server.post(batch)
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert [r["status"] for r in answer["results"]] == [
+        "queued",
+        "refused",
+        "queued",
+        "duplicate",
+        "refused",
+        "refused",
+        "queued",
+    ]
+    assert [r["index"] for r in answer["results"]] == list(range(7))
+    assert answer["results"][1] == {
+        "index": 1,
+        "id": "bad-amount",
+        "status": "refused",
+        "errors": [{"field": "data.amount", "rule": answer["results"][1]["errors"][0]["rule"]}],
+    }
+    assert "integer" in answer["results"][1]["errors"][0]["rule"]
+    assert answer["results"][4]["errors"][0]["field"] == "(event)"
+    assert answer["results"][4]["id"] is None
+    assert {e["field"] for e in answer["results"][5]["errors"]} >= {"type", "timestamp_ms"}
+    assert (answer["queued"], answer["duplicates"], answer["refused"]) == (3, 1, 3)
+    good = ["mix-p-0", "mix-s-1", "mix-p-2"]
+    assert queued_ids(redis_url) == good
+
+    worker = start_worker(make_settings(sandbox, redis_url))
+    try:
+        wait_for(lambda: set(sandbox.state.delivered_ids()) == set(good), what="delivery")
+    finally:
+        stop_worker(worker)
+    assert dict(sandbox.state.delivered_ids()) == dict.fromkeys(good, 1)
+    server.stop()
+
+
+def test_ndjson_answers_each_line_and_a_broken_line_spoils_no_neighbour(
+    intake: IntakeProcess, redis_url: str
+) -> None:
+    good = events(2, prefix="nd-")
+    body = orjson.dumps(good[0]) + b"\n{not json\n\n" + orjson.dumps(good[1]) + b"\n"
+    resp = intake.post(content=body, content_type="application/x-ndjson")
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert [r["status"] for r in results] == ["queued", "refused", "queued"]
+    assert results[1]["errors"] == [{"field": "(event)", "rule": "line 2 is not valid JSON"}]
+    assert queued_ids(redis_url) == ["nd-p-0", "nd-s-1"]
+
+
+DESTINATIONS = """
+[destinations.a]
+pixel_id = "pix_a"
+api_key_env = "CAPI_KEY_A"
+intake_tokens_sha256 = ["{a}", "{both}"]
+
+[destinations.b]
+pixel_id = "pix_b"
+api_key_env = "CAPI_KEY_B"
+intake_tokens_sha256 = ["{b}", "{both}"]
+"""
+TOKENS = {"a": "token-granting-a-0001", "b": "token-granting-b-0002", "both": "token-ab-03"}
+
+
+def write_destinations(path: Path, **names: str) -> None:
+    digests = {n: tokens.digest(t) for n, t in TOKENS.items()}
+    digests.update({n: tokens.digest(t) for n, t in names.items()})
+    path.write_text(DESTINATIONS.format(**digests))
+
+
+def test_a_token_queues_only_for_the_destinations_it_grants(tmp_path: Path, redis_url: str) -> None:
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    try:
+        denied = server.post(events(2, prefix="x-"), token=TOKENS["a"], destination="b")
+        assert denied.status_code == 403
+        assert denied.json()["error"]["code"] == "destination_not_granted"
+        assert queued_ids(redis_url, "b") == [] and queued_ids(redis_url, "a") == []
+
+        only = server.post(events(1, prefix="a-"), token=TOKENS["a"])  # grants one: implied
+        assert only.status_code == 200 and only.json()["queued"] == 1
+        assert queued_ids(redis_url, "a") == ["a-p-0"]
+
+        several = server.post(events(1, prefix="ab-"), token=TOKENS["both"])
+        assert several.status_code == 403
+        assert "?destination=NAME: a, b" in several.json()["error"]["message"]
+        named = server.post(events(1, prefix="ab-"), token=TOKENS["both"], destination="b")
+        assert named.status_code == 200 and queued_ids(redis_url, "b") == ["ab-p-0"]
+    finally:
+        server.stop()
+
+
+def test_tokens_follow_the_destinations_file(tmp_path: Path, redis_url: str) -> None:
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    try:
+        new = "a-token-added-later-0004"
+        assert server.post(events(1), token=new).status_code == 401
+        write_destinations(path, a=new)  # a's first token replaced by the new one
+        wait_for(lambda: server.post(events(1), token=new).status_code == 200, what="reload")
+        assert server.post(events(1), token=TOKENS["a"]).status_code == 401  # revoked
+        path.write_text("[destinations.a]\npixel_id = ")  # broken: the last good grants stay
+        time.sleep(1.2)
+        assert server.post(events(1), token=new).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer wrong-token", "Basic " + TOKEN, "Bearer", TOKEN, "Bearer sk-conv-key-0001"],
+)
+def test_no_or_a_wrong_token_gets_401_and_nothing_is_queued(
+    intake: IntakeProcess, redis_url: str, header: str | None
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["Authorization"] = header
+    resp = httpx.post(
+        intake.url + "/v1/events",
+        content=orjson.dumps({"events": events(3)}),
+        headers=headers,
+    )
+    assert resp.status_code == 401
+    assert resp.headers["www-authenticate"] == "Bearer"
+    assert resp.json()["error"]["code"] == "unauthorized"
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.dbsize() == 0
+
+
+def test_an_over_size_body_gets_413(tmp_path: Path, redis_url: str) -> None:
+    server = start_intake(
+        tmp_path, redis_url, CAPI_INTAKE_MAX_BODY_BYTES="20000", CAPI_INTAKE_MAX_EVENTS="50"
+    )
+    try:
+        big = server.post(events(100))  # ~30 kB, with a Content-Length
+        assert big.status_code == 413
+        assert "CAPI_INTAKE_MAX_BODY_BYTES" in big.json()["error"]["message"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: cut off while reading
+            yield b'{"events": ['
+            for _ in range(200):
+                yield orjson.dumps(events(1)[0]) + b","
+            yield b"1]}"
+
+        streamed = httpx.post(
+            server.url + "/v1/events",
+            content=chunks(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
+        assert streamed.status_code == 413
+        many = server.post([{}] * 51)
+        assert many.status_code == 413 and "at most 50" in many.json()["error"]["message"]
+        assert queued_ids(redis_url) == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", ""])
+def test_a_wrong_content_type_gets_415(intake: IntakeProcess, content_type: str) -> None:
+    resp = intake.post(events(1), content_type=content_type)
+    assert resp.status_code == 415
+    assert "application/x-ndjson" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"events": [', "not valid JSON (line 1, column"),
+        (b"[]", '{"events": [...]}'),
+        (b'{"events": {"id": "x"}}', "events: must be a list"),
+        (b'{"events": [], "destination": "b"}', "'destination' is not a field"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_a_malformed_envelope_gets_400(
+    intake: IntakeProcess, redis_url: str, body: bytes, says: str
+) -> None:
+    resp = intake.post(content=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "malformed"
+    assert says in resp.json()["error"]["message"]
+    assert queued_ids(redis_url) == []
+
+
+@pytest.mark.parametrize("outage", ["kill", "freeze", "full"])
+def test_redis_away_gets_503_with_retry_after_then_the_same_request_succeeds(
+    tmp_path: Path, outage: str
+) -> None:
+    with RedisProcess(tmp_path) as rp:
+        server = start_intake(tmp_path, rp.url)
+        try:
+            batch = events(20, prefix="r-")
+            assert server.post(batch[:1]).status_code == 200  # connected before the outage
+            {"kill": rp.kill, "freeze": rp.freeze, "full": lambda: rp.fill(200_000)}[outage]()
+            resp = server.post(batch)
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["retry-after"] == "3"
+            body = resp.json()
+            assert body["error"]["code"] == "queue_unavailable"
+            assert [r["status"] for r in body["results"]][1:] == ["not_queued"] * 19
+            assert ("full" in body["error"]["message"]) == (outage == "full")
+            {"kill": rp.start, "freeze": rp.thaw, "full": rp.unfill}[outage]()
+
+            again = server.post(batch)
+            assert again.status_code == 200, again.text
+            statuses = {r["status"] for r in again.json()["results"]}
+            assert statuses <= {"queued", "duplicate"}
+            ids = queued_ids(rp.url)
+            if outage == "kill":  # a restarted Redis without persistence lost the first
+                assert ids == [e["id"] for e in batch]
+            else:
+                assert sorted(ids) == sorted(e["id"] for e in batch)  # each exactly once
+            assert server.post(batch).json()["duplicates"] == 20
+        finally:
+            server.stop()
+
+
+def test_no_raw_email_or_token_reaches_redis_logs_or_answers(
+    intake: IntakeProcess, redis_url: str
+) -> None:
+    batch = [
+        signup("s-secret", email=SECRET_EMAIL, source_url="https://shop.example/w"),
+        *mixed_batch(),
+    ]
+    batch[-1]["user"]["email"] = SECRET_EMAIL.replace("ada", "bob")
+    answers = [intake.post(batch).text, intake.post(batch, token="Bearer-" + TOKEN).text]
+    answers.append(intake.post(content=orjson.dumps({"events": batch})[:-3]).text)
+    assert all(SECRET_EMAIL not in a and TOKEN not in a for a in answers)
+    dump = redis_dump(redis_url)
+    assert b"s-secret" in dump  # the event is there, hashed
+    assert SECRET_EMAIL.encode() not in dump and b"bob.lovelace" not in dump
+    assert TOKEN.encode() not in dump
+    log = intake.stop()
+    assert '"logger":"capi.intake.access"' in log
+    assert SECRET_EMAIL not in log and "bob.lovelace" not in log and TOKEN not in log
+    line = next(x for x in log.splitlines() if '"POST /v1/events 200"' in x)
+    record = orjson.loads(line)
+    assert record["token"] == "sha256:" + tokens.digest(TOKEN)[:8]
+    assert (record["events"], record["queued"], record["refused"]) == (8, 4, 3)
+
+
+def _schema_for(doc: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:
+    schema = response["content"]["application/json"]["schema"]
+    return {**schema, "components": doc["components"]}
+
+
+def test_the_openapi_document_validates_and_describes_every_answer(
+    tmp_path: Path, redis_url: str
+) -> None:
+    server = start_intake(tmp_path, redis_url, CAPI_INTAKE_MAX_BODY_BYTES="20000")
+    try:
+        doc = httpx.get(server.url + "/openapi.json").json()
+        validate_spec(doc)
+        operation = doc["paths"]["/v1/events"]["post"]
+        answers = [
+            server.post(mixed_batch()),
+            server.post(content=b"{"),
+            server.post(events(1), token=None),
+            server.post(events(1), destination="elsewhere"),
+            server.post(events(100)),
+            server.post(events(1), content_type="text/csv"),
+        ]
+        with RedisProcess(tmp_path) as rp:
+            away = start_intake(tmp_path, rp.url)
+            rp.kill()
+            answers.append(away.post(events(2)))
+            away.stop()
+        seen = {r.status_code for r in answers}
+        assert seen == {200, 400, 401, 403, 413, 415, 503}
+        for resp in answers:
+            documented = operation["responses"][str(resp.status_code)]
+            jsonschema.validate(resp.json(), _schema_for(doc, documented))
+            for header in documented.get("headers", {}):
+                assert header.lower() in resp.headers, (resp.status_code, header)
+        for path in ("/healthz", "/readyz"):
+            resp = httpx.get(server.url + path)
+            documented = doc["paths"][path]["get"]["responses"][str(resp.status_code)]
+            jsonschema.validate(resp.json(), _schema_for(doc, documented))
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        error = {"$ref": "#/components/schemas/Error", "components": doc["components"]}
+        for resp in (httpx.get(server.url + "/v1/events"), httpx.post(server.url + "/nowhere")):
+            assert resp.status_code in (404, 405)  # named in the document's description
+            jsonschema.validate(resp.json(), error)
+        assert "404" in doc["info"]["description"] and "405" in doc["info"]["description"]
+    finally:
+        server.stop()
+
+
+def test_health_readiness_and_metrics(tmp_path: Path) -> None:
+    with RedisProcess(tmp_path) as rp:
+        server = start_intake(tmp_path, rp.url)
+        try:
+            assert httpx.get(server.url + "/readyz").json() == {"status": "ready"}
+            server.post(mixed_batch())
+            server.post(events(1), token="nope")
+            metrics = httpx.get(server.url + "/metrics").text
+            counted = 'capi_intake_events_total{destination="default",outcome="%s"} %s'
+            for outcome, n in (("queued", 3), ("refused", 3), ("duplicate", 1)):
+                assert counted % (outcome, float(n)) in metrics
+            assert 'capi_intake_requests_total{status="401"} 1.0' in metrics
+            assert 'capi_intake_request_duration_seconds_count{route="/v1/events"} 2.0' in metrics
+            rp.kill()
+            ready = httpx.get(server.url + "/readyz")
+            assert ready.status_code == 503 and "Redis" in ready.json()["reason"]
+            assert httpx.get(server.url + "/healthz").status_code == 200
+            assert httpx.get(server.url + "/v1/events").status_code == 405
+            assert httpx.get(server.url + "/nowhere").status_code == 404
+        finally:
+            server.stop()
+
+
+def test_sigterm_lets_a_request_in_flight_finish(tmp_path: Path) -> None:
+    with RedisProcess(tmp_path) as rp:
+        server = start_intake(tmp_path, rp.url, CAPI_REDIS_TIMEOUT_S="10")
+        assert server.post(events(1)).status_code == 200
+        rp.freeze()  # the next request waits on Redis
+        answer: list[httpx.Response] = []
+        batch = events(5, prefix="late-")
+        thread = threading.Thread(target=lambda: answer.append(server.post(batch)))
+        thread.start()
+        time.sleep(0.5)
+        server.proc.send_signal(15)
+        time.sleep(0.5)
+        assert server.proc.poll() is None  # still finishing the request
+        rp.thaw()
+        thread.join(20)
+        assert answer[0].status_code == 200 and answer[0].json()["queued"] == 5
+        assert server.proc.wait(20) == 0
+        assert "late-p-0" in queued_ids(rp.url)
+
+
+def test_intake_token_prints_a_new_token_once_with_the_line_to_configure(
+    tmp_path: Path, redis_url: str
+) -> None:
+    settings = Settings(_env_file=None, redis_url=redis_url)
+    first = capi(settings, "intake-token", "--json")
+    assert first.returncode == 0, first.stderr
+    made = orjson.loads(first.stdout)
+    assert made["sha256"] == tokens.digest(made["token"]) and len(made["token"]) >= 43
+    assert made["config_line"] == f"CAPI_INTAKE_TOKENS_SHA256={made['sha256']}"
+    assert orjson.loads(capi(settings, "intake-token", "--json").stdout)["token"] != made["token"]
+    human = capi(settings, "intake-token")
+    assert "shown only this once" in human.stdout and "CAPI_INTAKE_TOKENS_SHA256=" in human.stdout
+
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    multi = Settings(_env_file=None, redis_url=redis_url, destinations_file=path)
+    assert capi(multi, "intake-token").returncode == 2  # which destination?
+    unknown = capi(multi, "intake-token", "--destination", "zz")
+    assert unknown.returncode == 2 and "the destinations are: a, b" in unknown.stderr
+    for_b = orjson.loads(capi(multi, "intake-token", "--destination", "b", "--json").stdout)
+    assert for_b["config_line"] == f'intake_tokens_sha256 = ["{for_b["sha256"]}"]'
+
+
+def test_serve_refuses_to_start_without_a_token(redis_url: str) -> None:
+    result = capi(Settings(_env_file=None, redis_url=redis_url), "serve", "--port", "0")
+    assert result.returncode == 3
+    assert "no intake token is configured" in result.stderr and "Traceback" not in result.stderr
+    bad = capi(
+        Settings(_env_file=None, redis_url=redis_url, intake_tokens_sha256="abc"),
+        "serve",
+        "--port",
+        "0",
+    )
+    assert bad.returncode == 3 and "CAPI_INTAKE_TOKENS_SHA256" in bad.stderr
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(language: str) -> str:
+    """The README's one ```<language> block (the intake's client example)."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
+    assert len(blocks) == 1, f"README has {len(blocks)} {language} blocks"
+    return str(blocks[0])
+
+
+def run_client(tmp_path: Path, redis_url: str, command: list[str], event_id: str) -> str:
+    server = start_intake(tmp_path, redis_url)
+    try:
+        env = {**os.environ, "INTAKE_URL": server.url, "INTAKE_TOKEN": TOKEN}
+        env["GOCACHE"] = env.get("GOCACHE", str(Path.home() / ".cache" / "go-build"))
+        proc = subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert queued_ids(redis_url) == [event_id]
+    finally:
+        server.stop()
+    return proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_readme_node_fetch_example_runs_as_written(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "send.mjs").write_text(readme_block("js"))
+    output = run_client(tmp_path, redis_url, ["node", "send.mjs"], "order-2001")
+    assert output == "0 order-2001 queued []\n"
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed (.ci/run installs it)")
+def test_the_readme_go_example_runs_as_written(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "main.go").write_text(readme_block("go"))
+    output = run_client(tmp_path, redis_url, ["go", "run", "main.go"], "order-3001")
+    assert output == "0 order-3001 queued []\n"
+
+
+def test_several_server_processes_serve_one_port(tmp_path: Path, redis_url: str) -> None:
+    server = start_intake(tmp_path, redis_url, "--workers", "2")
+    try:
+        for i in range(4):  # new connections: either process may answer
+            resp = server.post(events(2, prefix=f"w{i}-"))
+            assert resp.status_code == 200 and resp.json()["queued"] == 2
+        assert len(queued_ids(redis_url)) == 8
+    finally:
+        log = server.stop()
+    assert log.count("Application startup complete") == 2

@@ -64,7 +64,12 @@ class Settings(BaseSettings):
         500, ge=1, le=API_MAX_EVENTS_PER_REQUEST, description="Events per POST."
     )
     batch_wait_ms: int = Field(50, ge=0, le=60_000, description="Longest wait to fill a batch.")
-    concurrency: int = Field(2, ge=1, le=32, description="Batches in flight per worker process.")
+    concurrency: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="Batches in flight per destination (a worker runs twice as many lanes).",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout per request.")
     claim_idle_s: float = Field(
         90.0, gt=0, description="Idle time after which a dead worker's events are reclaimed."

@@ -173,6 +173,15 @@ def _missing_scopes(message: str) -> list[str]:
     return [s.strip() for s in m.group(1).split(",") if s.strip()]
 
 
+def http_pool(timeout_s: float, connections: int = 16) -> httpx.AsyncClient:
+    """An HTTP connection pool for clients of the events endpoint (one per worker serves
+    all its destinations: every pool costs a TLS context to set up)."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
+
+
 class ConversionsClient:
     """Sends batches to ``POST {base_url}/v1/events?pid=...`` with a Conversion Key."""
 
@@ -196,10 +205,7 @@ class ConversionsClient:
         self.integration_source = integration_source
         self.key_fingerprint = fingerprint(api_key)
         self._own_http = http is None
-        self._http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
-        )
+        self._http = http or http_pool(timeout_s)
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -208,10 +214,15 @@ class ConversionsClient:
 
     @classmethod
     def for_destination(
-        cls, destination: Destination, *, timeout_s: float = 30.0
+        cls,
+        destination: Destination,
+        *,
+        timeout_s: float = 30.0,
+        http: httpx.AsyncClient | None = None,
     ) -> ConversionsClient:
         """A client for one destination: its URL, key, pixel and integration source, and
-        guidance that names its settings."""
+        guidance that names its settings. With ``http`` (a worker's shared connection
+        pool, not closed by :meth:`aclose`) it opens no pool of its own."""
         return cls(
             base_url=destination.base_url,
             api_key=destination.api_key,
@@ -219,6 +230,7 @@ class ConversionsClient:
             timeout_s=timeout_s,
             integration_source=destination.integration_source,
             labels=Labels(destination.name, destination.key_source),
+            http=http,
         )
 
     def __repr__(self) -> str:

@@ -14,8 +14,9 @@ move due retries    tick             retries are due to the millisecond; only th
 heartbeat           HEARTBEAT_S      ``capi status`` shows live workers and their state
                                      within a few seconds of the truth (one per worker,
                                      in a task of its own: nothing delays it)
-key state sync      SYNC_S           another worker may have held or released a key
-                                     (every destination, one pipelined round trip)
+key state sync      SYNC_S           another worker may have held or released a key:
+                                     busy and held destinations, every one each
+                                     SYNC_ALL_S (one pipelined round trip)
 gauges              GAUGES_S         queue depth and oldest age for metrics: active
                                      destinations, and GAUGES_SLICE idle ones in turn
 key re-probe        reprobe interval held destinations only (one worker at a time each,
@@ -61,6 +62,7 @@ HEARTBEAT_S = 1.0
 # A worker silent this long is taken for stopped (status, and reclaiming its entries).
 LIVENESS_S = 10.0
 SYNC_S = 1.0
+SYNC_ALL_S = 5.0
 GAUGES_S = 2.0
 GAUGES_SLICE = 50
 RECLAIM_S = 0.5
@@ -171,7 +173,11 @@ class Housekeeping:
         now_ms = int(lanes.clock() * 1000)
         await self._job("moving due retries", lambda: self._move_due(senders, now_ms))
         if self._due("sync", SYNC_S):
-            await self._job("key state sync", lambda: self._sync_keys(senders))
+            # Every destination's key state at times; the busy and held ones' each time.
+            chosen = senders
+            if not self._due("sync_all", SYNC_ALL_S):
+                chosen = {s.destination.name: s for s in self._busy(senders, held=True)}
+            await self._job("key state sync", lambda: self._sync_keys(chosen))
         if self._due("gauges", GAUGES_S):
             await self._job("gauges", lambda: self._gauges(senders, now_ms))
         if self._due("status_log", STATUS_LOG_S):
@@ -228,9 +234,10 @@ class Housekeeping:
         picked = itertools.islice(itertools.cycle(values), start, start + min(count, len(values)))
         return list(picked)
 
-    def _busy(self, senders: dict[str, Sender]) -> Iterable[Sender]:
+    def _busy(self, senders: dict[str, Sender], *, held: bool = False) -> Iterable[Sender]:
+        """The senders with work (and, with ``held``, the held ones)."""
         for name, s in senders.items():
-            if name in self.lanes.active or s.in_flight or s.reclaimed:
+            if name in self.lanes.active or s.in_flight or s.reclaimed or (held and s.guard.held):
                 yield s
 
     async def _move_due(self, senders: dict[str, Sender], now_ms: int) -> None:

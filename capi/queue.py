@@ -428,7 +428,14 @@ class Queue:
 
     async def read(self, consumer: str, count: int) -> list[Entry]:
         """Read up to ``count`` new entries without waiting; finding none, mark the
-        destination inactive (in the same script: nothing enqueued meanwhile is missed)."""
+        destination inactive (in a script that reads once more first, so nothing
+        enqueued meanwhile is missed; a plain read is cheaper for Redis while entries
+        come back)."""
+        resp = await self.redis.xreadgroup(
+            self.group, consumer, {self.keys.stream: ">"}, count=count
+        )
+        if resp and resp[0][1]:
+            return [Entry.from_fields(sid, f) for sid, f in resp[0][1] if f]
         rows = await self._read(
             keys=[self.keys.stream, self.keys.active],
             args=[self.group, consumer, count, self.keys.destination],

@@ -35,10 +35,12 @@ from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi import destinations, logs
+from capi.client import http_pool
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed
 from capi.lanes import Lanes
@@ -73,6 +75,7 @@ async def start_sender(
     destination: Destination | None = None,
     hold_if_broken: bool = False,
     pool: aioredis.Redis | None = None,
+    http: httpx.AsyncClient | None = None,
     checks: asyncio.Semaphore | None = None,
 ) -> Sender | None:
     """A sender whose key passed the startup check; None if a stop came first.
@@ -80,10 +83,10 @@ async def start_sender(
     Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken, unless
     ``hold_if_broken``: then the destination is held (its sender re-probes and resumes
     once the key is fixed) and the sender is returned all the same. The sender uses
-    ``pool`` (a worker's shared Redis pool) if given; ``checks`` limits how many destinations
-    check their keys at once.
+    ``pool`` and ``http`` (a worker's shared Redis and HTTP pools) if given; ``checks``
+    limits how many destinations check their keys at once.
     """
-    sender = Sender.from_settings(settings, destination, metrics=metrics, redis=pool)
+    sender = Sender.from_settings(settings, destination, metrics=metrics, redis=pool, http=http)
     checks = checks or asyncio.Semaphore(1)
     name = sender.destination.name
     stop = stopping or asyncio.Event()
@@ -144,6 +147,8 @@ class Fleet:
         self.stopping = asyncio.Event()
         self.redis = redis_pool(settings)
         self.lanes = Lanes(settings, self.redis, metrics=metrics)
+        # One HTTP pool for every destination (all usually send to the same API host).
+        self.http = http_pool(settings.request_timeout_s, 2 * self.lanes.lane_count + 8)
         self.senders: dict[str, Sender] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stops: dict[str, asyncio.Event] = {}
@@ -181,6 +186,7 @@ class Fleet:
                 stopping=self.stopping,
                 destination=dest,
                 pool=self.redis,
+                http=self.http,
                 checks=self._checks,
             )
             if sender is None:
@@ -204,6 +210,7 @@ class Fleet:
             await sender.aclose()
         self.senders.clear()
         await self.redis.aclose()
+        await self.http.aclose()
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve every destination until stopped (with ``burst``: until all are drained)."""
@@ -227,6 +234,7 @@ class Fleet:
             self.lanes.stop()
             await asyncio.gather(lanes, return_exceptions=True)
             await self.redis.aclose()
+            await self.http.aclose()
 
     def _launch(self, dest: Destination) -> None:
         self._serving[dest.name] = dest
@@ -254,6 +262,7 @@ class Fleet:
                     destination=dest,
                     hold_if_broken=True,
                     pool=self.redis,
+                    http=self.http,
                     checks=self._checks,
                 )
                 if sender is None:

@@ -40,6 +40,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
 
@@ -136,13 +137,16 @@ class Sender:
         destination: Destination | None = None,
         *,
         redis: aioredis.Redis | None = None,
+        http: httpx.AsyncClient | None = None,
         **kwargs: Any,
     ) -> Sender:
         """A sender for one destination (``default`` unless named), with its own HTTP client
-        and, unless ``redis`` (a worker's shared pool) is given, its own Redis pool; both
-        of its own are closed by :meth:`aclose`."""
+        and Redis pools unless a worker's shared ones are given (``http``, ``redis``); its
+        own are closed by :meth:`aclose`."""
         dest = destination or destinations.default(settings)
-        client = ConversionsClient.for_destination(dest, timeout_s=settings.request_timeout_s)
+        client = ConversionsClient.for_destination(
+            dest, timeout_s=settings.request_timeout_s, http=http
+        )
         sender = cls(settings, redis or redis_pool(settings), client, destination=dest, **kwargs)
         sender._owns_redis = redis is None
         return sender

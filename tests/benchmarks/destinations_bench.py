@@ -9,7 +9,8 @@ of 1,000 destinations (each its own pixel and key), and measures:
 - idle cost: the worker's CPU, Redis commands/s and Redis connections while nothing is
   queued (after every destination's startup key check);
 - drain: N events spread evenly over 1, 10 and 100 active destinations; events/s from the
-  first accepted batch to the last;
+  first accepted batch to the last (the worker is started, paused with SIGSTOP while the
+  events are queued, then resumed: neither its startup nor the producer is measured);
 - a held destination (its key lacks the scope) beside 9 busy ones, and a destination whose
   endpoint answers in 10 s beside 9 busy ones: the busy ones' rate against the same 9
   alone.
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -140,7 +142,7 @@ class Worker:
             "CAPI_DESTINATIONS_FILE": str(destinations),
             "CAPI_CONFIG_FILE": os.devnull,
             "CAPI_BATCH_SIZE": "500",
-            "CAPI_LOG_LEVEL": "WARNING",
+            "CAPI_LOG_LEVEL": "warning",
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "workers.cli", "worker"],
@@ -153,17 +155,24 @@ class Worker:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def check(self) -> None:
+        """Raise with the worker's last words if it has ended."""
+        if self.proc.poll() is not None:
+            self.log.seek(0)
+            raise RuntimeError(self.log.read()[-2000:].decode(errors="replace"))
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
         self.log.close()
 
 
-def wait_started(redis_url: str, count: int, timeout_s: float = 300) -> float:
+def wait_started(worker: Worker, redis_url: str, count: int, timeout_s: float = 300) -> float:
     """Wait until ``count`` destinations have a key state; return the seconds it took."""
     client = redis.Redis.from_url(redis_url)
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
+        worker.check()
         n = sum(1 for _ in client.scan_iter("capi:d:*:key", count=1000))
         if n >= count:
             return time.monotonic() - started
@@ -171,12 +180,24 @@ def wait_started(redis_url: str, count: int, timeout_s: float = 300) -> float:
     raise RuntimeError(f"only {n} of {count} destinations checked their keys")
 
 
+def wait_for_state(client: redis.Redis, serving: str, timeout_s: float = 120) -> None:
+    """Wait until the one worker says it serves ``serving`` (all its destinations added)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [orjson.loads(v) for v in client.hvals("capi:workers:state")]
+        if states and states[0].get("destination") == serving:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the worker never said it serves {serving}")
+
+
 def idle_cost(redis_url: str, base: str, tmp: Path, seconds: float) -> dict[str, Any]:
     path = tmp / "idle.toml"
     write_destinations(path, base, {})
     worker = Worker(redis_url, path)
     try:
-        startup_s = wait_started(redis_url, CONFIGURED)
+        startup_s = wait_started(worker, redis_url, CONFIGURED)
+        wait_for_state(redis.Redis.from_url(redis_url), f"{CONFIGURED} destinations")
         time.sleep(3)  # let the first rounds of housekeeping pass
         client = redis.Redis.from_url(redis_url)
         cmds0 = int(client.info("stats")["total_commands_processed"])
@@ -219,22 +240,27 @@ def drain(
 ) -> dict[str, Any]:
     """Enqueue, start a worker, wait until the ``measured`` destinations' events are all
     accepted by the main sandbox; events/s over the measured ones."""
-    redis.Redis.from_url(redis_url).flushall()
-    _http(main + "/_sandbox/reset", b"{}")
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
     path = tmp / f"{run}.toml"
     write_destinations(path, main, special)
-    enqueue(redis_url, per_destination, run)
     want = sum(n for i, n in per_destination.items() if i in measured)
     worker = Worker(redis_url, path)
     try:
+        # Started (every key checked), then paused while the events are queued, so the
+        # drain is measured alone: not the startup checks, not the producer.
+        wait_started(worker, redis_url, CONFIGURED)
+        wait_for_state(client, f"{CONFIGURED} destinations")
+        worker.proc.send_signal(signal.SIGSTOP)
+        enqueue(redis_url, per_destination, run)
+        _http(main + "/_sandbox/reset", b"{}")
+        worker.proc.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             state = _http(main + "/_sandbox/state")
             if state["accepted_unique"] >= want:
                 break
-            if worker.proc.poll() is not None:
-                worker.log.seek(0)
-                raise RuntimeError(worker.log.read()[-2000:].decode(errors="replace"))
+            worker.check()
             time.sleep(0.2)
         span = state["last_batch_at"] - state["first_batch_at"]
         return {

@@ -1,8 +1,8 @@
 """Lanes: the batches one worker process sends, shared fairly by every destination it serves.
 
-A worker runs ``2 x concurrency`` lanes, whatever the number of destinations. A lane takes a
-turn on one destination's :class:`~capi.sender.Sender`: one batch read, sent and given its
-fate. Which destination gets the next turn:
+A worker runs ``LANES_PER_SLOT x concurrency`` lanes, whatever the number of destinations.
+A lane takes a turn on one destination's :class:`~capi.sender.Sender`: one batch read,
+sent and given its fate. Which destination gets the next turn:
 
 - only an *active* one: a destination whose stream may hold unread entries, or that has
   batches reclaimed from a stopped worker. Redis keeps the set of active destinations
@@ -12,8 +12,8 @@ fate. Which destination gets the next turn:
   Idle lanes wait for a wake-up on one shared stream (``{p}:wake``), which every worker
   watches with one blocking read; the active set is read again every ``REFRESH_S``;
 - never a held one (its key is broken), nor one that already has ``concurrency`` batches
-  in flight: a slow or failing endpoint holds at most half the lanes, and the others go on
-  at the rate one destination alone would have;
+  in flight: a slow or failing endpoint holds at most a quarter of the lanes, and the
+  others go on at the rate they would have without it;
 - of the rest, the one with the fewest batches in flight, in turn (round robin): a
   destination with a backlog of millions does not starve one with a trickle.
 
@@ -50,6 +50,9 @@ log = logging.getLogger("capi.lanes")
 REFRESH_S = 1.0
 # An idle lane looks again at least this often.
 IDLE_WAIT_S = 0.5
+# Lanes per CAPI_CONCURRENCY slot: a destination may use one slot's worth; the other three
+# go on for the rest when one destination's endpoint is slow.
+LANES_PER_SLOT = 4
 # The longest a watcher's blocking read on the wake stream waits.
 WAKE_BLOCK_MS = 1000
 
@@ -82,7 +85,7 @@ class Lanes:
         # Destinations whose start (key check) is still under way (burst mode waits).
         self.starting = 0
         self.per_destination = settings.concurrency
-        self.lane_count = 2 * settings.concurrency
+        self.lane_count = LANES_PER_SLOT * settings.concurrency
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._turn = 0

@@ -12,7 +12,7 @@ network) or a Redis that is away is waited out with backoff, and said so in the 
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
-(:mod:`capi.lanes`, fair turns; a held or slow destination holds at most half of them),
+(:mod:`capi.lanes`, fair turns; a held or slow destination holds at most a quarter of them),
 its housekeeping and one Redis pool, so a broken key or a slow endpoint costs the others
 little, and a thousand idle destinations cost little more than one. Startup key checks
 run at most ``STARTUP_CHECKS_AT_ONCE`` at a time. A destination whose key is confirmed

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         2,
         ge=1,
         le=32,
-        description="Batches in flight per destination (a worker runs twice as many lanes).",
+        description="Batches in flight per destination (a worker runs 4x as many lanes).",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="HTTP timeout per request.")
     claim_idle_s: float = Field(

@@ -22,6 +22,7 @@ README's Performance section).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -248,6 +249,20 @@ class Intake:
         limit = self.settings.intake_max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
             raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+        timeout_s = self.settings.intake_read_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):  # the whole body: a trickle is refused too
+                return await self._read(receive, limit)
+        except TimeoutError:
+            raise Answer(
+                408,
+                "body_timeout",
+                f"the body did not arrive within CAPI_INTAKE_READ_TIMEOUT_S={timeout_s:g} s",
+                {"connection": "close"},
+            ) from None
+
+    @staticmethod
+    async def _read(receive: Receive, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:

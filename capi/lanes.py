@@ -13,7 +13,9 @@ sent and given its fate. Which destination gets the next turn:
   watches with one blocking read; the active set is read again every ``REFRESH_S``;
 - never a held one (its key is broken), nor one that already has ``concurrency`` batches
   in flight: a slow or failing endpoint holds at most a quarter of the lanes, and the
-  others go on at the rate they would have without it;
+  others go on at the rate they would have without it. Slow destinations (turns taking
+  over ``SLOW_TURN_S`` on average) together hold at most half the lanes, however many
+  there are;
 - of the rest, the one with the fewest batches in flight, in turn (round robin): a
   destination with a backlog of millions does not starve one with a trickle.
 
@@ -53,6 +55,9 @@ IDLE_WAIT_S = 0.5
 # Lanes per CAPI_CONCURRENCY slot: a destination may use one slot's worth; the other three
 # go on for the rest when one destination's endpoint is slow.
 LANES_PER_SLOT = 4
+# A destination whose turns take this long (a moving average) is slow: all slow ones
+# together get at most half the lanes.
+SLOW_TURN_S = 1.0
 # The longest a watcher's blocking read on the wake stream waits.
 WAKE_BLOCK_MS = 1000
 
@@ -86,6 +91,7 @@ class Lanes:
         self.starting = 0
         self.per_destination = settings.concurrency
         self.lane_count = LANES_PER_SLOT * settings.concurrency
+        self._turns: dict[Sender, set[asyncio.Task[bool]]] = {}
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._turn = 0
@@ -100,7 +106,8 @@ class Lanes:
 
     async def remove(self, sender: Sender) -> None:
         """Stop serving a sender: its in-flight batches finish (up to the shutdown
-        timeout), then what it still holds is recorded or handed back."""
+        timeout; those still unfinished are cancelled, so no lane records a fate after
+        this), then what it still holds is recorded or handed back."""
         sender.stop()
         self._changed.set()
         with contextlib.suppress(TimeoutError):
@@ -108,10 +115,15 @@ class Lanes:
                 while sender.batches:
                     self._changed.clear()
                     await self._changed.wait()
+        turns = self._turns.pop(sender, set())
+        for turn in turns:
+            turn.cancel()
+        await asyncio.gather(*turns, return_exceptions=True)
         await sender.leave()
-        if self.senders.get(sender.destination.name) is sender:
-            del self.senders[sender.destination.name]
-        self.active.pop(sender.destination.name, None)
+        name = sender.destination.name
+        if self.senders.get(name) is sender:
+            del self.senders[name]
+            self.active.pop(name, None)
 
     def activate(self, name: str) -> None:
         """Mark a destination as having work (if this worker serves it)."""
@@ -173,16 +185,39 @@ class Lanes:
                 continue
             name, sender, activations = picked
             sender.batches += 1
+            started = time.monotonic()
+            # The turn is a task of its own, so that removing its destination can cancel
+            # it (and only it) once the shutdown timeout has passed.
+            turn = asyncio.create_task(
+                sender.take_turn(consumer, fill=not self._others_waiting(name))
+            )
+            self._turns.setdefault(sender, set()).add(turn)
             try:
-                fill = not self._others_waiting(name)
-                sent = await sender.take_turn(consumer, fill=fill)
+                await asyncio.wait({turn})
+            except asyncio.CancelledError:
+                turn.cancel()
+                await asyncio.gather(turn, return_exceptions=True)
+                raise
             finally:
+                self._turns.get(sender, set()).discard(turn)
                 sender.batches -= 1
                 self._changed.set()
-            if not sent and not sender.reclaimed and self.active.get(name) == activations:
+            sent = not turn.cancelled() and turn.exception() is None and turn.result()
+            if sent:
+                took = time.monotonic() - started
+                sender.turn_s = took if not sender.turn_s else 0.7 * sender.turn_s + 0.3 * took
+            if (
+                not sent
+                and not sender.reclaimed
+                and self.senders.get(name) is sender
+                and self.active.get(name) == activations
+            ):
                 del self.active[name]  # read empty, and not activated since
 
     def _eligible(self) -> Iterator[tuple[str, Sender]]:
+        # Slow destinations (turns over SLOW_TURN_S) together hold at most half the lanes,
+        # however many there are.
+        slow = sum(s.batches for n in self.active if (s := self.senders.get(n)) and _slow(s))
         for name in self.active:
             sender = self.senders.get(name)
             if (
@@ -190,6 +225,7 @@ class Lanes:
                 and not sender.stopping
                 and not sender.guard.held
                 and sender.batches < self.per_destination
+                and not (_slow(sender) and slow >= self.lane_count // 2)
             ):
                 yield name, sender
 
@@ -283,3 +319,7 @@ async def run_sender(sender: Sender, *, burst: bool = False) -> None:
     finally:
         sender.stop()
         await watch
+
+
+def _slow(sender: Sender) -> bool:
+    return sender.turn_s > SLOW_TURN_S

@@ -146,6 +146,7 @@ def _events_operation() -> dict[str, Any]:
                 "Error",
                 "The token does not grant the destination (or grants several and none was named).",
             ),
+            "408": _json("Error", "The body did not arrive within CAPI_INTAKE_READ_TIMEOUT_S."),
             "413": _json(
                 "Error",
                 "The body is over CAPI_INTAKE_MAX_BODY_BYTES, or holds more "

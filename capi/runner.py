@@ -43,6 +43,7 @@ from capi import destinations, logs
 from capi.client import http_pool
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed
+from capi.keycheck import KeyCheck
 from capi.lanes import Lanes
 from capi.metrics import Metrics, serve
 from capi.sender import Sender, redis_pool
@@ -93,8 +94,9 @@ async def start_sender(
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
         try:
-            async with checks:
-                result = await sender.guard.check()
+            result = await _check_unless_stopped(sender, checks, stop)
+            if result is None:
+                break
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
         else:
@@ -365,6 +367,34 @@ async def run(settings: Settings, *, burst: bool = False, only: Sequence[str] = 
             loop.remove_signal_handler(signum)
         if http is not None:
             http.shutdown()
+
+
+async def _check_unless_stopped(
+    sender: Sender, checks: asyncio.Semaphore, stop: asyncio.Event
+) -> KeyCheck | None:
+    """The sender's key check, once a check slot is free; None if a stop comes first
+    (while waiting for the slot, or during the check, which is then cancelled)."""
+    stopped = asyncio.create_task(stop.wait())
+    check = asyncio.create_task(_check_in_slot(sender, checks, stop))
+    try:
+        await asyncio.wait({stopped, check}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (stopped, check):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(stopped, check, return_exceptions=True)
+    if check.cancelled():
+        return None
+    return check.result()
+
+
+async def _check_in_slot(
+    sender: Sender, checks: asyncio.Semaphore, stop: asyncio.Event
+) -> KeyCheck | None:
+    async with checks:
+        if stop.is_set():
+            return None
+        return await sender.guard.check()
 
 
 async def _stop_when(stop: asyncio.Event, sender: Sender) -> None:

@@ -105,8 +105,10 @@ class Sender:
         )
         self.trouble = Trouble(log, rand=rand)
         self._stopping = asyncio.Event()
-        # Batches of this destination that the worker's lanes are working on now.
+        # Batches of this destination that the worker's lanes are working on now, and a
+        # moving average of how long a turn takes (capi.lanes keeps both).
         self.batches = 0
+        self.turn_s = 0.0
         # Whether the Redis pool is this sender's own (closed by aclose) or its worker's.
         self._owns_redis = True
         # Entries read and not yet given a fate, and the consumer that holds each.
@@ -226,21 +228,25 @@ class Sender:
                     log.warning("handed %d in-flight events back to the queue", len(unsent))
                     unsent = []
         except (TimeoutError, redis.exceptions.RedisError) as exc:
+            why = str(exc) or type(exc).__name__
+            where = self.destination.name
             if delivered:
                 log.error(
-                    "could not reach Redis while stopping (%s): %d events the API accepted "
-                    "could not be acknowledged; another worker takes them over and sends "
-                    "them again once this one's heartbeat is stale (the API dedups on their "
-                    "ids)",
-                    exc,
+                    "destination %s: could not reach Redis while stopping (%s): %d events the "
+                    "API accepted could not be acknowledged; another worker takes them over "
+                    "and sends them again once this one's heartbeat is stale (the API dedups "
+                    "on their ids)",
+                    where,
+                    why,
                     len(delivered),
                 )
             if unsent:
                 log.error(
-                    "could not reach Redis while stopping (%s): %d in-flight events stay "
-                    "pending and are taken over by another worker once this one's heartbeat "
-                    "is stale",
-                    exc,
+                    "destination %s: could not reach Redis while stopping (%s): %d in-flight "
+                    "events stay pending and are taken over by another worker once this "
+                    "one's heartbeat is stale",
+                    where,
+                    why,
                     len(unsent),
                 )
         self._inflight.clear()

@@ -115,6 +115,18 @@ class Settings(BaseSettings):
     intake_max_events: int = Field(
         1000, ge=1, le=100_000, description="Most events in one capi serve request (else 413)."
     )
+    intake_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Longest capi serve waits for a request's body; a slower one gets 408.",
+    )
+    intake_max_connections: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Most connections capi serve holds at once (per process); more get 503.",
+    )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
     )

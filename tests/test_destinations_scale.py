@@ -180,3 +180,94 @@ def test_guidance_names_the_destination_and_its_key_source(
         stop(proc)
     assert "$CAPI_KEY_1" in guidance and "CAPI_API_KEY" not in guidance
     assert "capi check-key --destination d1" in guidance
+
+
+def test_a_stopped_destination_hands_back_only_what_no_lane_still_sends(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    """SIGTERM while a batch waits on a slow endpoint longer than the shutdown timeout:
+    the batch is cancelled, then handed back; no lane records it delivered afterwards, so
+    the queue and the counters agree (before: handed back, then delivered, then sent again)."""
+    with SandboxThread() as slow:
+        slow.state.faults = [Fault("latency", every=1, latency_ms=2500)]
+        path, env = configure(tmp_path, sandbox, 2, urls={0: slow.url})
+        slow.state.conversion_keys |= set(env.values())
+        slow.state.pixels.add("pix-0")
+        settings = make_settings(
+            sandbox,
+            redis_url,
+            destinations_file=path,
+            batch_size=10,
+            request_timeout_s=10.0,
+            claim_idle_s=30.0,
+            shutdown_timeout_s=1.5,
+        )
+        proc = start_worker(settings, **env)
+        try:
+            with redis.Redis.from_url(redis_url) as c:
+                wait_for(lambda: set(serving(c, settings).split(", ")) == {"d0", "d1"}, 30, "both")
+            enqueue_to(settings, "d0", events(10, prefix="slow-"))
+            wait_for(lambda: slow.state.requests >= 2, 10, "the batch on its way")
+        finally:
+            output = stop(proc)
+    keys = settings.keys.for_destination("d0")
+    with redis.Redis.from_url(redis_url) as c:
+        assert c.xlen(keys.stream) == 10  # handed back: sent again by the next worker
+        assert int(c.hget(keys.stats, "delivered") or 0) == 0
+    handed = output.index("handed 10 in-flight events back")
+    assert "delivered" not in output[handed:], output[handed:]
+
+
+def test_sigterm_stops_startup_key_checks_still_waiting(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    """40 destinations whose endpoint answers in 4 s: SIGTERM during their startup checks
+    ends the worker at once; the checks still waiting for a slot never run."""
+    sandbox.state.faults = [Fault("latency", every=1, latency_ms=4000)]
+    path, env = configure(tmp_path, sandbox, 40)
+    settings = make_settings(
+        sandbox, redis_url, destinations_file=path, request_timeout_s=10.0, claim_idle_s=30.0
+    )
+    proc = start_worker(settings, **env)
+    wait_for(lambda: sandbox.state.requests >= 8, 20, "the first checks")
+    started = time.monotonic()
+    stop(proc)
+    assert time.monotonic() - started < 6
+    time.sleep(0.5)
+    assert sandbox.state.requests < 20  # 8 at a time; the other 32 never sent
+
+
+def test_many_slow_destinations_share_half_the_lanes(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    """Five destinations whose endpoint answers in 2 s, one lane each (4 lanes in all):
+    once they are known slow they hold at most half the lanes, and a fast destination's
+    events go at once."""
+    with SandboxThread() as slow:
+        slow.state.faults = [Fault("latency", every=1, latency_ms=2000)]
+        urls = dict.fromkeys(range(5), slow.url)
+        path, env = configure(tmp_path, sandbox, 6, urls=urls)
+        slow.state.conversion_keys |= set(env.values())
+        slow.state.pixels |= {f"pix-{i}" for i in range(5)}
+        settings = make_settings(
+            sandbox,
+            redis_url,
+            destinations_file=path,
+            batch_size=10,
+            concurrency=1,
+            request_timeout_s=10.0,
+            claim_idle_s=30.0,
+            log_level="warning",
+        )
+        for i in range(5):
+            enqueue_to(settings, f"d{i}", events(200, prefix=f"slow{i}-"))
+        proc = start_worker(settings, **env)
+        try:
+            wait_for(lambda: slow.state.requests > 12, 30, "slow turns measured")
+            fast = events(100, prefix="fast-")
+            enqueue_to(settings, "d5", fast)
+            started = time.monotonic()
+            wait_for(lambda: delivered_to(sandbox, "pix-5") == 100, 10, "the fast destination")
+            assert time.monotonic() - started < 2.5
+        finally:
+            stop(proc)

@@ -6,6 +6,7 @@ import copy
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -229,6 +230,33 @@ def test_an_over_size_body_gets_413(tmp_path: Path, redis_url: str) -> None:
         many = server.post([{}] * 51)
         assert many.status_code == 413 and "at most 50" in many.json()["error"]["message"]
         assert queued_ids(redis_url) == []
+    finally:
+        server.stop()
+
+
+def test_a_body_that_never_finishes_gets_408_and_the_server_goes_on(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A client that sends its headers and part of a body, then stalls, is answered 408
+    once CAPI_INTAKE_READ_TIMEOUT_S has passed, not held until shutdown."""
+    server = start_intake(tmp_path, redis_url, CAPI_INTAKE_READ_TIMEOUT_S="1")
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/events HTTP/1.1\r\nHost: x\r\n"
+                + f"Authorization: Bearer {TOKEN}\r\n".encode()
+                + b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                + b'{"events": ['
+            )
+            started = time.monotonic()
+            answer = conn.recv(65536)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"CAPI_INTAKE_READ_TIMEOUT_S" in answer
+        assert 0.5 < waited < 5
+        assert server.post(events(1)).status_code == 200  # the server goes on
+        assert len(queued_ids(redis_url)) == 1
     finally:
         server.stop()
 

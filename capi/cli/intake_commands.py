@@ -70,6 +70,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         "http": "httptools",
         "lifespan": "on",
         "server_header": False,
+        "limit_concurrency": settings.intake_max_connections,
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_timeout_s)),
     }
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))

@@ -24,7 +24,7 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {p}:active              SET     destinations whose stream may hold entries no worker has
                                     read: added with every write to a stream, removed by
                                     the read that finds a stream empty (both atomic), so
-                                    idle destinations cost the workers nothing
+                                    idle destinations' streams are not polled
     {p}:wake                STREAM  a destination name each time one becomes active; every
                                     worker blocks on it (XREAD) while it has nothing to do
     {p}:retry-due           ZSET    destination, score = its earliest scheduled retry (ms);

@@ -8,7 +8,8 @@ sent and given its fate. Which destination gets the next turn:
   batches reclaimed from a stopped worker. Redis keeps the set of active destinations
   (``{p}:active``, see :mod:`capi.constants`): every script that writes to a stream adds
   its destination, and the read that finds the stream empty removes it, atomically. So an
-  idle destination costs nothing: no read of its stream, however many are configured.
+  idle destination costs next to nothing: its stream is not polled (housekeeping reads
+  each once a minute, as a check), however many are configured.
   Idle lanes wait for a wake-up on one shared stream (``{p}:wake``), which every worker
   watches with one blocking read; the active set is read again every ``REFRESH_S``;
 - never a held one (its key is broken), nor one that already has ``concurrency`` batches

@@ -145,7 +145,8 @@ class Lanes:
 
     async def run(self, *, burst: bool = False) -> None:
         """Run the lanes, the wake-up watcher and housekeeping until stopped (with
-        ``burst``: until every destination is drained); then leave every sender."""
+        ``burst``: until every destination that can send is drained; a held one's events
+        stay queued); then leave every sender."""
         for sender in list(self.senders.values()):
             await sender.start()
         lanes = [asyncio.create_task(self._lane(i)) for i in range(self.lane_count)]

@@ -215,7 +215,8 @@ class Fleet:
         await self.http.aclose()
 
     async def run(self, *, burst: bool = False) -> None:
-        """Serve every destination until stopped (with ``burst``: until all are drained)."""
+        """Serve every destination until stopped (with ``burst``: until all that can send
+        are drained)."""
         self.lanes.starting = len(self.destinations)
         lanes = asyncio.create_task(self.lanes.run(burst=burst))
         for dest in self.destinations.values():

@@ -11,6 +11,7 @@ at most 16 connections, each dropped after 5 s idle) with:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -115,6 +116,15 @@ class Metrics:
         if name not in self._views:
             self._views[name] = DestinationMetrics(self, name)
         return self._views[name]
+
+    def forget(self, name: str) -> None:
+        """A destination removed from the file: its gauges are no longer exported and
+        readiness no longer counts it (its counters stay: they are totals)."""
+        self._views.pop(name, None)
+        gauges = (self.queue_depth, self.in_flight, self.retries_scheduled, self.oldest_age)
+        for gauge in (*gauges, self.key_ok, self.endpoint_failing_since):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
 
     def tick(self, redis_ok: bool = True) -> None:
         """Record that the event loop is alive (and whether Redis answered)."""

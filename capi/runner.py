@@ -328,6 +328,8 @@ class Fleet:
             )
             self._stops.pop(name).set()
             self._retiring.append(self._tasks.pop(name))
+            if name not in found:
+                self.metrics.forget(name)
             del self._serving[name]
         self._retiring = [t for t in self._retiring if not t.done()]
         for name, dest in found.items():

@@ -4,6 +4,8 @@ slow endpoint or a removed destination does not hide or block anything."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,8 @@ from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import Fault
 from capi.settings import Settings
-from tests.helpers import capi, events, make_settings, start_worker, wait_for
+from tests.conftest import free_port
+from tests.helpers import capi, events, http_get, make_settings, start_worker, wait_for
 from tests.helpers import stop_worker as stop
 
 
@@ -271,3 +274,27 @@ def test_many_slow_destinations_share_half_the_lanes(
             assert time.monotonic() - started < 2.5
         finally:
             stop(proc)
+
+
+def test_a_removed_destination_leaves_readiness_and_the_gauges(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    """A held destination removed from the file no longer shows in /readyz or in the
+    per-destination gauges of /metrics (it did until the worker restarted)."""
+    path, env = configure(tmp_path, sandbox, 2)
+    sandbox.state.conversion_keys.discard(env["CAPI_KEY_1"])
+    sandbox.state.scopeless_keys.add(env["CAPI_KEY_1"])  # d1's key lacks the scope: held
+    port = free_port()
+    settings = make_settings(sandbox, redis_url, destinations_file=path, metrics_port=port)
+    proc = start_worker(settings, **env)
+    ready = f"http://127.0.0.1:{port}/readyz"
+    try:
+        wait_for(lambda: "d1: key held" in http_get(ready)[1], 30, "d1 held in /readyz")
+        path.write_text(path.read_text().split("[destinations.d1]")[0])
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: http_get(ready) == (200, "ok\n"), 30, "/readyz without d1")
+        _, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert 'capi_key_ok{destination="d0"} 1.0' in metrics
+        assert 'capi_key_ok{destination="d1"}' not in metrics
+    finally:
+        stop(proc)

@@ -25,10 +25,10 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -36,6 +36,8 @@ from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
 from capi.fingerprint import fingerprint, shape_problem
 from capi.settings import Settings
+
+T = TypeVar("T")
 
 DEFAULT_FILE = Path("config/destinations.toml")
 DEFAULT_NAME = "default"
@@ -128,38 +130,54 @@ def _read(path: Path) -> str:
         ) from None
 
 
-class Names:
-    """The configured destinations' names, read again when the file changes (looked at at
-    most once a second), for long-lived producers."""
+def file_stamp(settings: Settings) -> tuple[str, float] | None:
+    """The destinations file in use and its modification time (None without a file, or
+    when it cannot be read): what tells that the file changed."""
+    path = source(settings)
+    try:
+        return (str(path), path.stat().st_mtime) if path is not None else None
+    except OSError:
+        return None
 
-    def __init__(self, settings: Settings, *, monotonic: Any = None) -> None:
+
+class Following(Generic[T]):
+    """What ``read`` makes of the destinations file, read again when the file changes
+    (looked at at most once a second); a broken file keeps the last good result."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        read: Callable[[Settings], T],
+        *,
+        monotonic: Callable[[], float] | None = None,
+    ) -> None:
         self.settings = settings
+        self._read = read
         self._monotonic = monotonic or time.monotonic
-        self._checked = float("-inf")
-        self._stamp: tuple[str, float] | None = None
-        self._names = names(settings)
-        self._stamp = self._file_stamp()
+        self._checked = self._monotonic()
+        self._stamp = file_stamp(settings)
+        self._value = read(settings)
 
-    def _file_stamp(self) -> tuple[str, float] | None:
-        path = source(self.settings)
-        try:
-            return (str(path), path.stat().st_mtime) if path is not None else None
-        except OSError:
-            return None
-
-    def current(self) -> list[str]:
-        """The names now (a broken file keeps the last good ones)."""
+    def current(self) -> T:
+        """The result now."""
         now = self._monotonic()
         if now - self._checked >= 1.0:
             self._checked = now
-            stamp = self._file_stamp()
+            stamp = file_stamp(self.settings)
             if stamp != self._stamp:
                 try:
-                    self._names = names(self.settings)
+                    self._value = self._read(self.settings)
                     self._stamp = stamp
                 except ConfigError:
                     pass
-        return self._names
+        return self._value
+
+
+class Names(Following[list[str]]):
+    """The configured destinations' names, following the file, for long-lived producers."""
+
+    def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
+        super().__init__(settings, names, monotonic=monotonic)
 
 
 def names(settings: Settings) -> list[str]:
@@ -227,16 +245,22 @@ def parse(
     return out
 
 
-def default(settings: Settings) -> Destination:
-    """The destination ``default``: CAPI_API_KEY, CAPI_PIXEL_ID and the other settings."""
-    api_key, pixel_id = settings.credentials()
-    tokens = [t.strip() for t in (settings.intake_tokens_sha256 or "").split(",") if t.strip()]
-    for token in tokens:
-        if not re.match(SHA256_HEX, token):
+def default_token_digests(settings: Settings) -> list[str]:
+    """The intake token digests granted ``default`` (CAPI_INTAKE_TOKENS_SHA256)."""
+    digests = [t.strip() for t in (settings.intake_tokens_sha256 or "").split(",") if t.strip()]
+    for d in digests:
+        if not re.match(SHA256_HEX, d):
             raise ConfigError(
                 "CAPI_INTAKE_TOKENS_SHA256: comma-separated SHA-256 digests, 64 lowercase hex "
                 "characters each (capi intake-token prints the line to paste)"
             )
+    return digests
+
+
+def default(settings: Settings) -> Destination:
+    """The destination ``default``: CAPI_API_KEY, CAPI_PIXEL_ID and the other settings."""
+    api_key, pixel_id = settings.credentials()
+    tokens = default_token_digests(settings)
     return Destination(
         name=DEFAULT_NAME,
         pixel_id=pixel_id,

@@ -147,8 +147,6 @@ class Lanes:
         """Run the lanes, the wake-up watcher and housekeeping until stopped (with
         ``burst``: until every destination that can send is drained; a held one's events
         stay queued); then leave every sender."""
-        for sender in list(self.senders.values()):
-            await sender.start()
         lanes = [asyncio.create_task(self._lane(i)) for i in range(self.lane_count)]
         helpers = [
             asyncio.create_task(self._watch()),
@@ -309,6 +307,7 @@ async def run_sender(sender: Sender, *, burst: bool = False) -> None:
         metrics=sender.metrics.parent,
         clock=sender.clock,
     )
+    await sender.start()
     lanes.add(sender)
 
     async def stop_with_it() -> None:

@@ -33,7 +33,6 @@ import logging
 import signal
 from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import redis.asyncio as aioredis
@@ -157,7 +156,7 @@ class Fleet:
         self._retiring: list[asyncio.Task[None]] = []
         self._serving: dict[str, Destination] = {}
         self._reload = asyncio.Event()
-        self._file_stamp: float | None = None
+        self._file_stamp: tuple[str, float] | None = None
         self._checks = asyncio.Semaphore(STARTUP_CHECKS_AT_ONCE)
         self.destinations = self._select(destinations.load(settings))
         self.single = len(self.destinations) == 1
@@ -225,7 +224,7 @@ class Fleet:
         watcher = None
         try:
             if not burst:
-                self._file_stamp = self._stamp()
+                self._file_stamp = destinations.file_stamp(self.settings)
                 watcher = asyncio.create_task(self._watch())
             await asyncio.wait({lanes, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -290,20 +289,13 @@ class Fleet:
                 del self.senders[dest.name]
                 await sender.aclose()
 
-    def _stamp(self) -> float | None:
-        path = destinations.source(self.settings)
-        try:
-            return Path(path).stat().st_mtime if path is not None else None
-        except OSError:
-            return None
-
     async def _watch(self) -> None:
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reload.wait(), RELOAD_CHECK_S)
             asked = self._reload.is_set()
             self._reload.clear()
-            stamp = self._stamp()
+            stamp = destinations.file_stamp(self.settings)
             if not asked and stamp == self._file_stamp:
                 continue
             self._file_stamp = stamp

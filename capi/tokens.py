@@ -19,17 +19,13 @@ like :class:`capi.destinations.Names`; a broken file keeps the last good grants.
 from __future__ import annotations
 
 import hashlib
-import re
 import secrets
-import time
 from collections.abc import Callable
 
 from capi import destinations
-from capi.errors import ConfigError
 from capi.settings import Settings
 
 TOKEN_BYTES = 32
-_SHA256_HEX = re.compile(destinations.SHA256_HEX)
 
 
 def new_token() -> str:
@@ -47,7 +43,7 @@ def read_grants(settings: Settings) -> dict[str, frozenset[str]]:
     is wrong. Reads no Conversion Key (the intake needs none)."""
     path = destinations.source(settings)
     if path is None:
-        digests = _default_digests(settings)
+        digests = destinations.default_token_digests(settings)
         return {d: frozenset({destinations.DEFAULT_NAME}) for d in digests}
     text = destinations._read(path)
     grants: dict[str, set[str]] = {}
@@ -57,47 +53,12 @@ def read_grants(settings: Settings) -> dict[str, frozenset[str]]:
     return {d: frozenset(names) for d, names in grants.items()}
 
 
-def _default_digests(settings: Settings) -> list[str]:
-    digests = [t.strip() for t in (settings.intake_tokens_sha256 or "").split(",") if t.strip()]
-    for d in digests:
-        if not _SHA256_HEX.match(d):
-            raise ConfigError(
-                "CAPI_INTAKE_TOKENS_SHA256: comma-separated SHA-256 digests, 64 lowercase hex "
-                "characters each (capi intake-token prints the line to paste)"
-            )
-    return digests
-
-
-class Grants:
-    """The configured tokens' grants, following the destinations file as it changes."""
+class Grants(destinations.Following[dict[str, frozenset[str]]]):
+    """The configured tokens' grants, by token digest, following the destinations file
+    as it changes."""
 
     def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
-        self.settings = settings
-        self._monotonic = monotonic or time.monotonic
-        self._checked = self._monotonic()
-        self._stamp = self._file_stamp()
-        self._grants = read_grants(settings)
-
-    def _file_stamp(self) -> tuple[str, float] | None:
-        path = destinations.source(self.settings)
-        try:
-            return (str(path), path.stat().st_mtime) if path is not None else None
-        except OSError:
-            return None
-
-    def current(self) -> dict[str, frozenset[str]]:
-        """The grants now, by token digest (a broken file keeps the last good ones)."""
-        now = self._monotonic()
-        if now - self._checked >= 1.0:
-            self._checked = now
-            stamp = self._file_stamp()
-            if stamp != self._stamp:
-                try:
-                    self._grants = read_grants(self.settings)
-                    self._stamp = stamp
-                except ConfigError:
-                    pass
-        return self._grants
+        super().__init__(settings, read_grants, monotonic=monotonic)
 
     def granted(self, token: str) -> frozenset[str] | None:
         """The destinations ``token`` grants; None for a token that is not configured."""

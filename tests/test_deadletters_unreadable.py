@@ -12,8 +12,8 @@ import redis
 from click.testing import Result
 
 from capi.sandbox import SandboxThread
-from capi.sender import Sender
 from capi.settings import Settings
+from capi.worker.sender import Sender
 from tests.helpers import dead_letters, doom, drain, enqueue, events, make_settings
 from tests.test_deadletters_cli import cli_run
 
@@ -89,7 +89,7 @@ def test_replay_and_purge_go_on_and_purge_removes_it_only_when_named(
 def test_the_prune_job_skips_it_and_logs_it(
     broken: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from capi.housekeeping import prune_dead_letters
+    from capi.worker.housekeeping import prune_dead_letters
 
     async def go() -> None:
         sender = Sender.from_settings(broken)

@@ -21,8 +21,8 @@ from capi.errors import ConfigError, QueueFull, QueueUnavailable
 from capi.producer import Producer, SyncProducer
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
-from capi.sender import OUTAGE_RELEASE_S
 from capi.settings import Settings
+from capi.worker.sender import OUTAGE_RELEASE_S
 from tests.conftest import free_port
 from tests.helpers import (
     capi,
@@ -387,8 +387,8 @@ def test_in_process_sender_keeps_running_through_a_restart(
 ) -> None:
     """The sender's tasks never end on an error: after a Redis restart it still moves
     retries and heartbeats (the zombie worker of the review)."""
-    from capi.lanes import run_sender
-    from capi.sender import Sender
+    from capi.worker.lanes import run_sender
+    from capi.worker.sender import Sender
 
     settings = make_settings(sandbox, own_redis.url, redis_timeout_s=0.5)
     stop_event = threading.Event()
@@ -427,8 +427,8 @@ def test_entries_read_with_their_answer_lost_are_taken_back_by_their_own_worker(
 ) -> None:
     """A read whose answer never arrived (a dropped connection) leaves entries pending
     under a live worker that does not know them; that worker takes them back."""
-    from capi.lanes import run_sender
-    from capi.sender import Sender
+    from capi.worker.lanes import run_sender
+    from capi.worker.sender import Sender
 
     settings = make_settings(sandbox, redis_url, claim_idle_s=2.0)
     evts = events(30)

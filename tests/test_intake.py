@@ -21,8 +21,8 @@ import pytest
 import redis
 from openapi_spec_validator import validate as validate_spec
 
-from capi import tokens
 from capi.events import purchase, signup
+from capi.intake import tokens
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.helpers import (

@@ -9,10 +9,10 @@ import time
 import redis
 
 from capi.failures import Reason
-from capi.lanes import run_sender
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
-from capi.sender import Sender
+from capi.worker.lanes import run_sender
+from capi.worker.sender import Sender
 from tests.helpers import (
     dead_letters,
     doom,

@@ -10,7 +10,6 @@ from capi.cli import cli
 from capi.cli.common import err, handle_errors, note_default_redis, settings_from
 from capi.errors import KeyCheckFailed
 from capi.exitcodes import for_reason
-from capi.runner import run_worker
 
 
 @cli.command("worker")
@@ -52,6 +51,8 @@ def worker_command(
       capi worker --burst            # drain the queue, then exit
       arq workers.main.WorkerSettings
     """
+    from capi.worker.runner import run_worker  # here, so other commands start without it
+
     settings = settings_from(ctx)
     overrides: dict[str, object] = {}
     if log_json:

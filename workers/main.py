@@ -1,9 +1,9 @@
 """The arq glue: ``arq workers.main.WorkerSettings`` runs capi's sender inside an arq worker.
 
 arq gives the process its shape (signal handling, a health check key); the events
-themselves never become arq jobs: they ride a Redis stream that :class:`capi.sender.Sender`
+themselves never become arq jobs: they ride a Redis stream that :class:`capi.worker.sender.Sender`
 reads in batches (see README, "How it works"). ``capi worker`` runs the same sender
-without arq's loop (:mod:`capi.runner`). capi's scheduled work (status line, dead-letter
+without arq's loop (:mod:`capi.worker.runner`). capi's scheduled work (status line, dead-letter
 retention) runs in the sender's housekeeping, not as arq cron jobs, so every key arq
 touches lives under ``CAPI_REDIS_PREFIX`` (``{p}:arq`` and ``{p}:arq:health``).
 
@@ -32,15 +32,15 @@ from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
 from capi.metrics import Metrics, serve
 from capi.redisconn import connection_kwargs
-from capi.runner import Fleet, configure_logging
 from capi.settings import Settings
+from capi.worker.runner import Fleet, configure_logging
 
 log = logging.getLogger("capi.worker")
 
 
 async def startup(ctx: dict[str, Any]) -> None:
     """Prove the key(s) can write events, then start the senders; refuse to start if the
-    only destination's key is broken (see :mod:`capi.runner`)."""
+    only destination's key is broken (see :mod:`capi.worker.runner`)."""
     settings: Settings = ctx.get("capi_settings") or Settings.load()
     metrics = Metrics()
     fleet = Fleet(settings, metrics)

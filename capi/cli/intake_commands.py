@@ -1,4 +1,7 @@
-"""``capi serve`` (the HTTP intake) and ``capi intake-token``; registered in main.py."""
+"""``capi serve`` (the HTTP intake) and ``capi intake-token``; registered in main.py.
+
+uvicorn and :mod:`capi.intake` are imported inside the commands, so ``capi --help`` and
+every other command start without them."""
 
 from __future__ import annotations
 
@@ -7,16 +10,18 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import click
-import uvicorn
 
-from capi import destinations, logs, tokens
+from capi import destinations, logs
 from capi.cli.common import fail, handle_errors, out, print_json, settings_from
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
-from capi.intake import AccessFormatter, Intake
 from capi.settings import Settings
+
+if TYPE_CHECKING:
+    from capi.intake.app import Intake
 
 
 @click.command("serve")
@@ -53,6 +58,11 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
       capi serve --port 8080
       curl -sS http://127.0.0.1:8080/readyz
     """
+    import uvicorn
+
+    from capi.intake import tokens
+    from capi.intake.app import Intake
+
     settings = settings_from(ctx)
     grants = tokens.read_grants(settings)
     if not grants:
@@ -114,6 +124,8 @@ def _exit_quietly_after_shutdown() -> None:
 
 def configure_logging(settings: Settings) -> None:
     """JSON lines on stderr, access records with their fields, the key (if any) redacted."""
+    from capi.intake.app import AccessFormatter
+
     key = settings.api_key.get_secret_value() if settings.api_key else ""
     logs.configure(json=True, level=getattr(logging, settings.log_level.upper()), key=key)
     for handler in logging.getLogger().handlers:
@@ -123,6 +135,8 @@ def configure_logging(settings: Settings) -> None:
 def app_from_environment() -> Intake:
     """The intake of one server process of ``capi serve --workers N`` (settings from the
     environment and CAPI_CONFIG_FILE)."""
+    from capi.intake.app import Intake
+
     settings = Settings.load()
     configure_logging(settings)
     return Intake(settings)
@@ -165,6 +179,8 @@ def intake_token_command(ctx: click.Context, destination: str | None, as_json: b
             + ", ".join(names),
             ExitCode.USAGE,
         )
+    from capi.intake import tokens
+
     token = tokens.new_token()
     digest = tokens.digest(token)
     path = destinations.source(settings)

@@ -15,7 +15,6 @@ from capi import destinations
 from capi.cli.common import err, fail, handle_errors, out, print_json, run, settings_from
 from capi.cli.selection import destination_names
 from capi.client import ConversionsClient
-from capi.demo import Demo
 from capi.exitcodes import MEANINGS, ExitCode, for_reason
 from capi.keycheck import KeyCheck, check_key
 from capi.sandbox import Fault, SandboxState
@@ -264,6 +263,8 @@ def demo_command(ctx: click.Context) -> None:
     Example:
       capi demo
     """
+    from capi.demo import Demo  # here: it loads the worker and the embedded server
+
     Demo(out, settings_from(ctx)).run()
 
 

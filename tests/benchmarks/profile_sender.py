@@ -10,8 +10,8 @@ import argparse
 import asyncio
 import time
 
-from capi.sender import Sender
 from capi.settings import Settings
+from capi.worker.sender import Sender
 from tests.benchmarks.bench import enqueue_bulk, reset, sample_events, services
 
 

@@ -3,7 +3,7 @@ reloading the destinations, shutdown.
 
 ``capi worker`` calls :func:`run_worker`, which owns the process: it stops gracefully on
 SIGTERM or SIGINT and otherwise runs until stopped, whatever Redis or the endpoint do
-(see :mod:`capi.sender`). ``arq workers.main.WorkerSettings`` runs the same
+(see :mod:`capi.worker.sender`). ``arq workers.main.WorkerSettings`` runs the same
 :class:`Fleet` from arq's startup hook.
 
 The startup check refuses to start only on a confirmed key or pixel problem (exit 10-13,
@@ -12,7 +12,7 @@ network) or a Redis that is away is waited out with backoff, and said so in the 
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
-(:mod:`capi.lanes`, fair turns; a held or slow destination holds at most a quarter of them),
+(:mod:`capi.worker.lanes`, fair turns; a held or slow destination holds at most a quarter of them),
 its housekeeping and one Redis pool, so a broken key or a slow endpoint costs the others
 little, and a thousand idle destinations cost little more than one. Startup key checks
 run at most ``STARTUP_CHECKS_AT_ONCE`` at a time. A destination whose key is confirmed
@@ -43,10 +43,10 @@ from capi.client import http_pool
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed
 from capi.keycheck import KeyCheck
-from capi.lanes import Lanes
 from capi.metrics import Metrics, serve
-from capi.sender import Sender, redis_pool
 from capi.settings import Settings
+from capi.worker.lanes import Lanes
+from capi.worker.sender import Sender, redis_pool
 
 log = logging.getLogger("capi.worker")
 

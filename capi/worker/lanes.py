@@ -1,7 +1,7 @@
 """Lanes: the batches one worker process sends, shared fairly by every destination it serves.
 
 A worker runs ``LANES_PER_SLOT x concurrency`` lanes, whatever the number of destinations.
-A lane takes a turn on one destination's :class:`~capi.sender.Sender`: one batch read,
+A lane takes a turn on one destination's :class:`~capi.worker.sender.Sender`: one batch read,
 sent and given its fate. Which destination gets the next turn:
 
 - only an *active* one: a destination whose stream may hold unread entries, or that has
@@ -21,7 +21,7 @@ sent and given its fate. Which destination gets the next turn:
   destination with a backlog of millions does not starve one with a trickle.
 
 A read waits up to ``batch_wait_ms`` to fill a batch only when no other destination waits
-for a lane. Housekeeping (:mod:`capi.housekeeping`) runs once per worker, beside the lanes.
+for a lane. Housekeeping (:mod:`capi.worker.housekeeping`) runs once per worker, beside the lanes.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.events import Clock
-from capi.housekeeping import Housekeeping
 from capi.metrics import Metrics
 from capi.queue import Queue
-from capi.sender import Sender
 from capi.settings import Settings
 from capi.trouble import Trouble
+from capi.worker.housekeeping import Housekeeping
+from capi.worker.sender import Sender
 
 log = logging.getLogger("capi.lanes")
 
@@ -299,7 +299,7 @@ class Lanes:
 async def run_sender(sender: Sender, *, burst: bool = False) -> None:
     """Send one destination's events on lanes of its own until ``sender`` is stopped (with
     ``burst``: until drained). A worker serving several destinations runs one
-    :class:`Lanes` for all of them instead (:class:`capi.runner.Fleet`)."""
+    :class:`Lanes` for all of them instead (:class:`capi.worker.runner.Fleet`)."""
     lanes = Lanes(
         sender.settings,
         sender.redis,

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of ``capi serve``, served at ``/openapi.json``.
 
-It names every answer of every operation :mod:`capi.intake` serves; ``tests/test_intake.py``
+It names every answer of every operation :mod:`capi.intake.app` serves; ``tests/test_intake.py``
 validates the document and checks real answers against its schemas.
 """
 

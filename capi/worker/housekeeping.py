@@ -52,8 +52,8 @@ from capi.deadletters import Unreadable
 from capi.status import destination_status, redis_full
 
 if TYPE_CHECKING:
-    from capi.lanes import Lanes
-    from capi.sender import Sender
+    from capi.worker.lanes import Lanes
+    from capi.worker.sender import Sender
 
 log = logging.getLogger("capi.housekeeping")
 

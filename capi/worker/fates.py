@@ -1,5 +1,5 @@
 """Recording an event's fate: the Redis write (atomic with the acknowledgement), the metric,
-and one log line with event ids and request ids. :mod:`capi.sender` decides; this records.
+and one log line with event ids and request ids. :mod:`capi.worker.sender` decides; this records.
 """
 
 from __future__ import annotations

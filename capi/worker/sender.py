@@ -1,7 +1,7 @@
 """The sender: reads queued events in batches, POSTs them, and gives each event its fate.
 
 One :class:`Sender` per destination runs in each worker process; the worker's lanes
-(:mod:`capi.lanes`) take turns on the senders. A turn reads up to ``batch_size`` entries
+(:mod:`capi.worker.lanes`) take turns on the senders. A turn reads up to ``batch_size`` entries
 from the destination's stream through the consumer group (waiting at most
 ``batch_wait_ms`` to fill a batch when no other destination is waiting), drops events
 already outside the API's time window into dead letters, and sends the rest. Then, per
@@ -10,7 +10,7 @@ event:
 - accepted: acknowledged;
 - rejected at ``events[i]``: that event is dead-lettered, the rest resent at once; with no
   index the batch is bisected until the bad events are isolated;
-- key problem: the :class:`~capi.keyguard.KeyGuard` re-probes; transient -> retry,
+- key problem: the :class:`~capi.worker.keyguard.KeyGuard` re-probes; transient -> retry,
   confirmed -> dead-letter this batch and hold every worker; already held -> hand back;
 - retryable (429, 5xx, network): scheduled for retry with capped jittered backoff for as
   long as the event's 7-day window allows (see :mod:`capi.retry`); meanwhile the endpoint
@@ -23,7 +23,7 @@ Nothing stops the sender but :meth:`Sender.stop`. A Redis error of any kind (awa
 read-only, group lost) is logged once by :class:`~capi.trouble.Trouble` and the same step
 is tried again with backoff; a fate already decided (say, delivered) is recorded as soon
 as Redis answers again, never decided anew, so nothing is sent twice because Redis was
-away. Housekeeping (:mod:`capi.housekeeping`) runs beside the lanes.
+away. Housekeeping (:mod:`capi.worker.housekeeping`) runs beside the lanes.
 """
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ from capi.destinations import Destination
 from capi.errors import InvalidEventError, SendError
 from capi.events import Clock
 from capi.failures import Reason
-from capi.fates import Fates
-from capi.keyguard import KeyGuard, Verdict
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
 from capi.settings import Settings
 from capi.trouble import Trouble
+from capi.worker.fates import Fates
+from capi.worker.keyguard import KeyGuard, Verdict
 
 log = logging.getLogger("capi.sender")
 
@@ -106,7 +106,7 @@ class Sender:
         self.trouble = Trouble(log, rand=rand)
         self._stopping = asyncio.Event()
         # Batches of this destination that the worker's lanes are working on now, and a
-        # moving average of how long a turn takes (capi.lanes keeps both).
+        # moving average of how long a turn takes (capi.worker.lanes keeps both).
         self.batches = 0
         self.turn_s = 0.0
         # Whether the Redis pool is this sender's own (closed by aclose) or its worker's.

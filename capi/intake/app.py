@@ -1,6 +1,6 @@
 """The HTTP intake: a plain ASGI application in front of the queue (``capi serve``).
 
-Routes (the OpenAPI document, :mod:`capi.openapi`, describes each answer):
+Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer):
 
 - ``POST /v1/events[?destination=NAME]`` with ``Authorization: Bearer <intake token>``:
   every event goes through :meth:`capi.producer.Producer.enqueue_many`, so it is validated
@@ -39,8 +39,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from capi import envelope, openapi, tokens
 from capi.errors import ConfigError, EventRejected, QueueFull, QueueUnavailable
+from capi.intake import envelope, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.settings import Settings
@@ -306,7 +306,7 @@ class Intake:
 
 
 def _checked(func: Callable[..., Any], *args: Any) -> Any:
-    """Call a :mod:`capi.envelope` check, turning its EnvelopeError into an Answer."""
+    """Call a :mod:`capi.intake.envelope` check, turning its EnvelopeError into an Answer."""
     try:
         return func(*args)
     except envelope.EnvelopeError as exc:

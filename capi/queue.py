@@ -69,7 +69,8 @@ ENQUEUE_LUA = (
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
 -- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
--- in the window.
+-- in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent after this
+-- script cover the earlier write of the same event (see capi.durability).
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
 for j = 5, #ARGV, 4 do
@@ -86,6 +87,9 @@ end
 if added > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', added)
   activate(KEYS[3], KEYS[4], ARGV[4])
+end
+if added < #out then
+  redis.call('HINCRBY', KEYS[2], 'duplicates', #out - added)
 end
 return out
 """

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import click
+import redis.exceptions
 from rich.markup import escape
 from rich.progress import Progress
 
@@ -28,7 +29,7 @@ from capi.cli.common import (
 from capi.cli.main import cli
 from capi.cli.selection import destination_names, destination_option
 from capi.constants import MAX_EVENT_BYTES
-from capi.errors import EventRejected, Problem, QueueUnavailable
+from capi.errors import CapiError, EventRejected, Problem, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
 from capi.settings import Settings
@@ -77,42 +78,62 @@ def enqueue_command(
             "(see capi destinations)"
         )
     total = EnqueueReport()
-    lines_read = 0
-    with (
-        _say_how_far(total),
-        SyncProducer.from_settings(settings) as producer,
-        _file_progress(file) as advance,
-    ):
-        batch: list[tuple[int, Any]] = []
-        batch_bytes = 0
-        for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
-            lines_read = lineno
-            advance(size)
-            parsed = _parse_line(lineno, line, total)
-            if parsed is not _NOTHING:
-                batch.append((lineno, parsed))
-                batch_bytes += size
-            if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
-                _flush(producer, batch, total, names)
-                batch_bytes = 0
-        _flush(producer, batch, total, names)
+    lines_read = [0]
+    failure: CapiError | redis.exceptions.RedisError | None = None
+    try:
+        with (
+            _say_how_far(total),
+            SyncProducer.from_settings(settings) as producer,
+            _file_progress(file) as advance,
+        ):
+            _enqueue_lines(producer, file, advance, total, names, lines_read)
+    except (CapiError, redis.exceptions.RedisError) as error:  # Redis away, full, ...
+        failure = error
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
-    summary = {
-        "lines": lines_read,
+    summary: dict[str, Any] = {
+        "lines": lines_read[0],
         "queued": total.queued,
         "duplicates": total.duplicates,
         "refused": len(total.refused),
     }
-    if as_json:
+    if as_json:  # whatever the exit: a script reads how far it got
+        if failure is not None:
+            summary["error"] = str(failure)
         print_json(summary)
-    else:
+    elif failure is None or total.queued or total.duplicates or total.refused:
         out.print(
             f"queued {total.queued}, duplicates {total.duplicates} (already queued), "
             f"refused {len(total.refused)}"
         )
+    if failure is not None:
+        raise failure  # handle_errors says it on stderr, with its exit code
     if total.refused:
         sys.exit(ExitCode.REFUSED)
+
+
+def _enqueue_lines(
+    producer: SyncProducer,
+    file: IO[bytes],
+    advance: Callable[[int], None],
+    total: EnqueueReport,
+    names: list[str] | None,
+    lines_read: list[int],
+) -> None:
+    """Read, check and enqueue FILE's lines in bulk calls, counting into ``total``."""
+    batch: list[tuple[int, Any]] = []
+    batch_bytes = 0
+    for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
+        lines_read[0] = lineno
+        advance(size)
+        parsed = _parse_line(lineno, line, total)
+        if parsed is not _NOTHING:
+            batch.append((lineno, parsed))
+            batch_bytes += size
+        if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
+            _flush(producer, batch, total, names)
+            batch_bytes = 0
+    _flush(producer, batch, total, names)
 
 
 @contextlib.contextmanager
@@ -254,11 +275,14 @@ def _flush(
 ) -> None:
     if not batch:
         return
-    report = producer.enqueue_many((event for _, event in batch), destination=names)
-    total.queued += report.queued
-    total.duplicates += report.duplicates
-    total.refused += [(batch[i][0], exc) for i, exc in report.refused]
-    batch.clear()
+    report = EnqueueReport()
+    try:  # a call that fails part-way still counts what it queued
+        producer.enqueue_many((event for _, event in batch), destination=names, report=report)
+    finally:
+        total.queued += report.queued
+        total.duplicates += report.duplicates
+        total.refused += [(batch[i][0], exc) for i, exc in report.refused]
+        batch.clear()
 
 
 @cli.command("status")

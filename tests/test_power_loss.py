@@ -12,8 +12,6 @@ import pytest
 from tests.powerloss import failover, power_loss
 from tests.servers import ServerKind, aof_kinds, redis_system, valkey
 
-pytestmark = pytest.mark.slow
-
 
 def _seed() -> int:
     seed = random.randrange(2**32)

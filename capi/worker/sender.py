@@ -47,17 +47,19 @@ import redis.exceptions
 from capi import destinations
 from capi.batches import split_rejected
 from capi.client import ConversionsClient, build_body
-from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES, STALE_MARGIN_MS
+from capi.constants import API_MAX_BODY_BYTES
 from capi.destinations import Destination
-from capi.errors import InvalidEventError, SendError
+from capi.errors import SendError
 from capi.events import Clock
 from capi.failures import Reason
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
 from capi.settings import Settings
 from capi.trouble import Trouble
+from capi.worker import decisions
+from capi.worker.decisions import Action, Fate, Outcome, Verdict
 from capi.worker.fates import Fates
-from capi.worker.keyguard import KeyGuard, Verdict
+from capi.worker.keyguard import KeyGuard
 
 log = logging.getLogger("capi.sender")
 
@@ -129,8 +131,8 @@ class Sender:
             self.metrics,
             api_key=api_key,
             clock=clock,
-            rand=rand,
         )
+        self._rand = rand
 
     @classmethod
     def from_settings(
@@ -339,10 +341,12 @@ class Sender:
         for e in entries:
             self._inflight[e.stream_id] = e
             self._owner[e.stream_id] = owner
-        limit = self._now() - API_MAX_AGE_MS + STALE_MARGIN_MS
+        limit = decisions.stale_before_ms(self._now())
         stale = [e for e in entries if e.timestamp_ms < limit]
         if stale:
-            await self._dead_letter(stale, Reason.OUTSIDE_TIME_WINDOW, None, attempted=False)
+            gone = decisions.fate(Outcome.STALE)
+            assert gone.reason is not None
+            await self._dead_letter(stale, gone.reason, None, attempted=gone.attempted)
         fresh = [e for e in entries if e.timestamp_ms >= limit]
         for chunk in _by_size(fresh, API_MAX_BODY_BYTES - 1024):
             await self._send(chunk)
@@ -371,52 +375,55 @@ class Sender:
             started = time.perf_counter()
             try:
                 accepted = await self.client.send_body(body)
-            except InvalidEventError as err:
-                self.metrics.send_latency.observe(time.perf_counter() - started)
-                work.extend(await self._split(group, err))
-                continue
             except SendError as err:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
-                await self._failed(group, err)
+                work.extend(await self._failed(group, err, decisions.fate(err.reason)))
                 continue
             self._delivered.update(e.stream_id for e in group)
+            done = decisions.fate(decisions.delivered(accepted.accepted_events, len(group)))
             failing_since_ms: int | None = await self.durably(
-                "recording a delivery", functools.partial(self.fates.delivered, group, accepted)
+                "recording a delivery",
+                functools.partial(
+                    self.fates.delivered, group, accepted, count_mismatch=done.count_mismatch
+                ),
             )
             self._done(group)
             if failing_since_ms is not None or self.endpoint_failing_since is not None:
                 await self._endpoint_recovered(failing_since_ms)
 
-    async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
-        bad, again = split_rejected(group, err.event_index)
-        if bad is not None:
-            await self._dead_letter([bad], err.reason, err)
-        return again
-
-    async def _failed(self, group: list[Entry], err: SendError) -> None:
-        if err.reason.key_problem:
-            try:
-                verdict = await self.guard.confirm(err)
-            except redis.exceptions.RedisError as exc:
-                # The hold cannot be recorded while Redis is in trouble: retry the batch;
-                # the failure is confirmed again once Redis answers.
-                self.trouble.failed(exc, "confirming a key failure")
-                verdict = Verdict.TRANSIENT
-            self.metrics.key_ok.set(0 if self.guard.held else 1)
-            if verdict is Verdict.TRANSIENT:
-                self.metrics.transient_key_failures.labels(err.reason.value).inc()
-                await self._retry(group, err)
-            elif verdict is Verdict.CONFIRMED:
-                await self._dead_letter(group, err.reason, err)
-            else:
-                await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
-                self._done(group)
-        elif err.reason.retryable:
-            if err.reason is not Reason.RATE_LIMITED:  # 429 is "slow down", not "down"
+    async def _failed(self, group: list[Entry], err: SendError, fate: Fate) -> list[list[Entry]]:
+        """Carry out ``fate`` for a failed send; the groups to send again at once."""
+        if fate.action is Action.REPROBE:
+            fate = decisions.AFTER_PROBE[await self._reprobe(err)]
+        if fate.action is Action.DROP_REJECTED:
+            bad, again = split_rejected(group, err.response.event_index)
+            if bad is not None:
+                await self._dead_letter([bad], err.reason, err)
+            return again
+        if fate.action is Action.RETRY:
+            if fate.endpoint_down:
                 self._endpoint_failed(err)
             await self._retry(group, err)
+        elif fate.action is Action.HAND_BACK:
+            await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
+            self._done(group)
         else:
-            await self._dead_letter(group, err.reason, err)
+            await self._dead_letter(group, fate.reason or err.reason, err, attempted=fate.attempted)
+        return []
+
+    async def _reprobe(self, err: SendError) -> Verdict:
+        """The key guard's verdict on a key failure (transient while Redis is in trouble)."""
+        try:
+            verdict = await self.guard.confirm(err)
+        except redis.exceptions.RedisError as exc:
+            # The hold cannot be recorded while Redis is in trouble: retry the batch;
+            # the failure is confirmed again once Redis answers.
+            self.trouble.failed(exc, "confirming a key failure")
+            verdict = Verdict.TRANSIENT
+        self.metrics.key_ok.set(0 if self.guard.held else 1)
+        if verdict is Verdict.TRANSIENT:
+            self.metrics.transient_key_failures.labels(err.reason.value).inc()
+        return verdict
 
     def _endpoint_failed(self, err: SendError) -> None:
         now = time.monotonic()
@@ -450,7 +457,19 @@ class Sender:
         )
 
     async def _retry(self, group: list[Entry], err: SendError) -> None:
-        await self.durably("scheduling a retry", lambda: self.fates.retry(group, err))
+        async def record() -> None:
+            plan = decisions.plan_retry(
+                group,
+                now_ms=self._now(),
+                retry_after_s=err.response.retry_after_s,
+                base_s=self.settings.retry_base_s,
+                cap_s=self.settings.retry_cap_s,
+                max_attempts=self.settings.max_attempts,
+                rand=self._rand,
+            )
+            await self.fates.retry(plan, err)
+
+        await self.durably("scheduling a retry", record)
         self._done(group)
 
     async def _dead_letter(

@@ -56,11 +56,17 @@ class _Entry(BaseModel):
     integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     intake_tokens_sha256: list[str] = []
+    validate_only: bool = False
+    advertiser_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    advertiser_key_file: Path | None = None
+    ads_api_base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
         if (self.api_key_env is None) == (self.api_key_file is None):
             raise ValueError("give exactly one of api_key_env and api_key_file")
+        if self.advertiser_key_env is not None and self.advertiser_key_file is not None:
+            raise ValueError("give at most one of advertiser_key_env and advertiser_key_file")
         for token in self.intake_tokens_sha256:
             if not re.match(SHA256_HEX, token):
                 raise ValueError(
@@ -81,11 +87,23 @@ class Destination:
     base_url: str = DEFAULT_BASE_URL
     integration_source: str | None = None
     intake_tokens_sha256: frozenset[str] = frozenset()
+    validate_only: bool = False  # test mode: the API checks every batch and saves nothing
+    reads: ReadBack | None = None  # the Advertiser API key for capi verify, when configured
 
     @property
     def key_fingerprint(self) -> str:
         """The key's fingerprint, the only form in which it is ever shown."""
         return fingerprint(self.api_key)
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """Where ``capi verify`` reads a destination's events back: the Advertiser API, with an
+    Advertiser API key (never the Conversion Key, never shown)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    key_source: str
 
 
 def source(settings: Settings) -> Path | None:
@@ -241,8 +259,29 @@ def parse(
             base_url=(entry.base_url or settings.base_url).rstrip("/"),
             integration_source=entry.integration_source or settings.integration_source,
             intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
+            validate_only=entry.validate_only,
+            reads=_reads(entry, settings, environ) if keys != "skip" else None,
         )
     return out
+
+
+def _reads(entry: _Entry, settings: Settings, environ: Mapping[str, str]) -> ReadBack | None:
+    """The destination's read-back key, from its own advertiser_key_env or _file (None when
+    neither is given; an empty key when the variable is unset or the file unreadable, which
+    capi verify reports naming the source)."""
+    base = (entry.ads_api_base_url or settings.ads_api_base_url).rstrip("/")
+    if entry.advertiser_key_env:
+        value = environ.get(entry.advertiser_key_env, "").strip()
+        source = f"${entry.advertiser_key_env}"
+    elif entry.advertiser_key_file:
+        try:
+            value = entry.advertiser_key_file.read_text().strip()
+        except OSError:
+            value = ""
+        source = str(entry.advertiser_key_file)
+    else:
+        return None
+    return ReadBack(base, value, source)
 
 
 def default_token_digests(settings: Settings) -> list[str]:
@@ -269,7 +308,17 @@ def default(settings: Settings) -> Destination:
         base_url=settings.base_url,
         integration_source=settings.integration_source,
         intake_tokens_sha256=frozenset(tokens),
+        validate_only=settings.validate_only,
+        reads=default_reads(settings),
     )
+
+
+def default_reads(settings: Settings) -> ReadBack | None:
+    """The read-back of ``default``: CAPI_ADVERTISER_KEY at CAPI_ADS_API_BASE_URL."""
+    if settings.advertiser_key is None:
+        return None
+    key = settings.advertiser_key.get_secret_value().strip()
+    return ReadBack(settings.ads_api_base_url.rstrip("/"), key, "CAPI_ADVERTISER_KEY")
 
 
 def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, str]:

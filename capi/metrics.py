@@ -43,6 +43,12 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         d = ["destination"]
         self.delivered = Counter("capi_events_delivered", "Events the API accepted.", d, registry=r)
+        self.validated = Counter(
+            "capi_events_validated",
+            "Events the API checked and did not save (a validate_only destination).",
+            d,
+            registry=r,
+        )
         self.retried = Counter(
             "capi_events_retried",
             "Events scheduled for another attempt.",
@@ -201,6 +207,7 @@ class DestinationMetrics:
         self.parent = parent
         self.name = name
         self.delivered = parent.delivered.labels(name)
+        self.validated = parent.validated.labels(name)
         self.accepted_mismatches = parent.accepted_mismatches.labels(name)
         self.batch_size = parent.batch_size.labels(name)
         self.send_latency = parent.send_latency.labels(name)

@@ -130,12 +130,13 @@ return r[1][2]
 # pending), so a worker that lost its answer to a timeout may simply run it again.
 
 DELIVER_LUA = """#!lua flags=allow-oom
--- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
+-- KEYS: stream, stats, endpoint. ARGV: group, now_ms, counter ('delivered', or 'validated'
+-- in test mode), then stream ids.
 -- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 4))
 if n > 0 then
-  redis.call('HINCRBY', KEYS[2], 'delivered', n)
+  redis.call('HINCRBY', KEYS[2], ARGV[3], n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
 end
 local since = redis.call('HGET', KEYS[3], 'failing_since')
@@ -499,12 +500,16 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
-    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> int | None:
-        """Acknowledge delivered entries and count them; if the endpoint was marked as
-        failing until now (this delivery ends an outage), since when (ms)."""
+    async def deliver(
+        self, entries: Sequence[Entry], now_ms: int, *, validated: bool = False
+    ) -> int | None:
+        """Acknowledge delivered entries and count them (as ``validated`` in test mode);
+        if the endpoint was marked as failing until now (this delivery ends an outage),
+        since when (ms)."""
+        counter = "validated" if validated else "delivered"
         _, since = await self._deliver(
             keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
-            args=[self.group, now_ms, *(e.stream_id for e in entries)],
+            args=[self.group, now_ms, counter, *(e.stream_id for e in entries)],
         )
         return int(since) if since else None
 

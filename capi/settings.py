@@ -106,6 +106,28 @@ class Settings(BaseSettings):
     intake_tokens_sha256: str | None = Field(
         None, description="SHA-256 of the intake tokens granted 'default', comma-separated."
     )
+    validate_only: bool = Field(
+        False,
+        description="Test mode: every batch is sent with validate_only (the API checks each "
+        "event and saves nothing); outcomes are counted as validated, never delivered.",
+    )
+    tail_entries: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Entries (of up to 100 outcomes each) kept per destination for capi tail; "
+        "0 turns the ring off.",
+    )
+    advertiser_key: SecretStr | None = Field(
+        None,
+        description="An Advertiser API key (Ads Manager -> Settings -> API keys), for capi "
+        "verify's read-back; never the Conversion Key.",
+    )
+    ads_api_base_url: str = Field(
+        "https://api.ads.openai.com",
+        pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+        description="The Advertiser API's base URL (event monitoring, for capi verify).",
+    )
     intake_max_body_bytes: int = Field(
         4_000_000,
         ge=1024,

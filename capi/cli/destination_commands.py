@@ -79,6 +79,7 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
                     "key_source": dest.key_source,
                     "base_url": dest.base_url,
                     "integration_source": dest.integration_source,
+                    "validate_only": dest.validate_only,
                 }
             )
         for name in await _left_behind(client, settings, set(configured)):
@@ -110,12 +111,14 @@ def _row(
         "key_source": None,
         "base_url": None,
         "integration_source": None,
+        "validate_only": False,
         "key_state": state,
         "queued": status["queued"],
         "in_flight": status["in_flight"],
         "retry_batches_scheduled": status["retry_batches_scheduled"],
         "oldest_queued_age_s": status["oldest_queued_age_s"],
         "delivered": status["counters"].get("delivered", 0),
+        "validated": status["counters"].get("validated", 0),
         "dead_letters": status["dead_letters"],
         "dead_lettered": status["counters"].get("dead_lettered", 0),
         "endpoint": status["endpoint"]["state"],

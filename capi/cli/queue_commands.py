@@ -314,6 +314,11 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
         out.print(f"{name + ':':<15}{counters.get(name, 0)}")
+    if counters.get("validated"):
+        out.print(
+            f"validated:     {counters['validated']} (test mode: checked by the API with "
+            "validate_only, never saved nor counted as delivered)"
+        )
     if counters.get("accepted_mismatches"):
         out.print(
             f"accepted_events mismatches: {counters['accepted_mismatches']} batches answered 200 "

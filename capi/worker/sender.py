@@ -445,7 +445,9 @@ class Sender:
         while work:
             group = work.pop()
             body = build_body(
-                [e.event for e in group], integration_source=self.client.integration_source
+                [e.event for e in group],
+                validate_only=self.client.validate_only,
+                integration_source=self.client.integration_source,
             )
             started = time.perf_counter()
             try:
@@ -482,6 +484,7 @@ class Sender:
         elif fate.action is Action.HAND_BACK:
             await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
             self._done(group)
+            await self.fates.held(group, err.reason.value)
         else:
             await self._dead_letter(group, fate.reason or err.reason, err, attempted=fate.attempted)
         return []

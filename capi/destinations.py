@@ -134,7 +134,12 @@ def parse_file(
         try:
             return {DEFAULT_NAME: default(settings)}
         except ConfigError:
-            return {DEFAULT_NAME: Destination(DEFAULT_NAME, settings.pixel_id or "", "", "")}
+            reads = default_reads(settings)
+            return {
+                DEFAULT_NAME: Destination(
+                    DEFAULT_NAME, settings.pixel_id or "", "", "", reads=reads
+                )
+            }
     return parse(_read(path), path, settings, environ, keys="optional")
 
 

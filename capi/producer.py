@@ -40,8 +40,9 @@ from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
-# A refused event for the live-outcomes ring: (its first rule broken, (id, type, kinds)).
-Refusal = tuple[str, tuple[str, str, list[str]]]
+# A refused event for the live-outcomes ring: (its first rule broken, (id, type, kinds,
+# timestamp_ms or 0)).
+Refusal = tuple[str, tuple[str, str, list[str], int]]
 log = logging.getLogger("capi.producer")
 
 
@@ -301,7 +302,7 @@ class _BaseProducer:
 
     def _ring(self, targets: list[RedisKeys], refusals: list[Refusal]) -> list[tail.Write]:
         """The XADDs that put refused events in each target's live-outcomes ring."""
-        by_rule: dict[str, list[tuple[str, str, list[str]]]] = {}
+        by_rule: dict[str, list[tuple[str, str, list[str], int]]] = {}
         for rule, event in refusals:
             by_rule.setdefault(rule, []).append(event)
         return [
@@ -476,4 +477,5 @@ def _described(raw: RawEvent, exc: EventRejected) -> Refusal:
         found = kinds.of(data)
     except Exception:  # a hostile Mapping: the refusal itself already says why
         found = []
-    return first, (event_id, kind, found)
+    stamp = data.get("timestamp_ms")
+    return first, (event_id, kind, found, stamp if type(stamp) is int else 0)

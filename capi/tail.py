@@ -8,7 +8,7 @@ producer (so the intake and ``capi enqueue`` too).
 Redis layout (see :mod:`capi.constants`)::
 
     {d}:tail   STREAM  one entry per outcome of up to CHUNK events; fields:
-                       s = status, v = JSON [[id, type, [kind, ...]], ...],
+                       s = status, v = JSON [[id, type, [kind, ...], timestamp_ms], ...],
                        and where they apply r = request id, x = reason or rule,
                        l = latency (ms), a = next attempt (Unix ms)
 
@@ -51,7 +51,8 @@ class Outcome:
     """What became of some events, as one ring entry says it."""
 
     status: str
-    events: Sequence[tuple[str, str, Sequence[str]]]  # (id, type, identifier kinds)
+    # (id, type, identifier kinds, the event's timestamp_ms or 0 when unknown)
+    events: Sequence[tuple[str, str, Sequence[str], int]]
     request_id: str | None = None
     reason: str | None = None
     latency_ms: float | None = None
@@ -113,6 +114,7 @@ class Line:
     type: str
     status: str
     identifiers: list[str]
+    timestamp_ms: int = 0  # the event's own time (0 when unknown)
     request_id: str | None = None
     reason: str | None = None
     latency_ms: float | None = None
@@ -156,13 +158,14 @@ def lines(destination: str, stream_id: bytes, fields: dict[bytes, bytes]) -> lis
                 type=str(t),
                 status=status,
                 identifiers=[str(k) for k in found],
+                timestamp_ms=int(ts),
                 request_id=_text(fields.get(b"r")),
                 reason=_text(fields.get(b"x")),
                 latency_ms=latency,
                 next_attempt_ms=next_attempt,
                 stream_id=stream_id.decode(),
             )
-            for i, t, found in rows
+            for i, t, found, ts in rows
         ]
     except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
         return []

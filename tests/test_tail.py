@@ -156,7 +156,8 @@ def test_the_ring_stays_within_its_bound_after_100000_events(redis_url: str) -> 
     entries = settings.tail_entries
     for batch in range(200):  # 100,000 events in batches of 500, as a busy worker writes
         found = [
-            (f"event-{batch}-{i:03d}", "order_created", ["email", "phone"]) for i in range(500)
+            (f"event-{batch}-{i:03d}", "order_created", ["email", "phone"], 1_764_000_000_000)
+            for i in range(500)
         ]
         outcome = tail.Outcome("delivered", found, request_id="req_x", latency_ms=3.2)
         tail.append_sync(client, tail.writes(key, outcome, entries), entries)

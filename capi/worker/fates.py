@@ -236,15 +236,15 @@ class Fates:
         )
 
 
-def _described(group: Sequence[Entry]) -> list[tuple[str, str, list[str]]]:
-    """(id, type, identifier kinds) of each event, for the ring: names only, no values."""
-    out: list[tuple[str, str, list[str]]] = []
+def _described(group: Sequence[Entry]) -> list[tuple[str, str, list[str], int]]:
+    """(id, type, identifier kinds, timestamp) of each event, for the ring: names only."""
+    out: list[tuple[str, str, list[str], int]] = []
     for entry in group:
         try:
             event = orjson.loads(entry.event)
         except orjson.JSONDecodeError:
-            out.append((entry.event_id, "?", []))
+            out.append((entry.event_id, "?", [], entry.timestamp_ms))
             continue
         name = event.get("custom_event_name") or event.get("type") or "?"
-        out.append((entry.event_id, str(name), kinds.of(event)))
+        out.append((entry.event_id, str(name), kinds.of(event), entry.timestamp_ms))
     return out

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from capi.client import ConversionsClient
+from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.events import Clock, now_ms
 from capi.guidance import Diagnosis, diagnose
 
 Sleep = Callable[[float], Awaitable[None]]

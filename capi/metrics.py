@@ -27,9 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from capi.clock import LIVENESS_S
 from capi.errors import ConfigError
-
-LIVENESS_S = 30.0
 
 
 class Metrics:
@@ -139,7 +138,7 @@ class Metrics:
     def ready(self) -> tuple[bool, str]:
         """Readiness: Redis answered recently, and some destination can send (its key not
         held, its endpoint not failing)."""
-        if time.monotonic() - self.last_redis_ok > LIVENESS_S / 3:
+        if time.monotonic() - self.last_redis_ok > LIVENESS_S:
             return False, "Redis has not answered recently"
         views = list(self._views.values())
         held = [v.name for v in views if v.key_ok._value.get() != 1]

@@ -33,3 +33,11 @@ def test_a_rotation_takes_each_destination_in_turn() -> None:
     assert turn.take(senders, 2) == ["e", "a"]
     assert turn.take(senders, 9) == ["b", "c", "d", "e", "a"]  # each at most once
     assert turn.take({}, 3) == []
+
+
+def test_one_liveness_rule_in_milliseconds_too() -> None:
+    from capi import clock
+
+    assert clock.ms(clock.LIVENESS_S) == clock.LIVENESS_MS
+    assert clock.LIVENESS_S >= 4 * clock.HEARTBEAT_S  # a late beat or two is not a death
+    assert clock.now_ms(lambda: 1.5) == 1500

@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING
 import orjson
 import redis.exceptions
 
-from capi import replay
+from capi import clock, replay
+from capi.clock import HEARTBEAT_S, LIVENESS_MS, LIVENESS_S, ms
 from capi.deadletters import Unreadable
 from capi.status import destination_status, redis_full
 
@@ -59,9 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("capi.housekeeping")
 
 TICK_S = 0.1
-HEARTBEAT_S = 1.0
-# A worker silent this long is taken for stopped (status, and reclaiming its entries).
-LIVENESS_S = 10.0
 SYNC_S = 1.0
 SYNC_ALL_S = 5.0
 GAUGES_S = 2.0
@@ -135,7 +133,7 @@ class Housekeeping:
         self._errors = 0
         self._delay = TICK_S
         settings = lanes.settings
-        self.claim_idle_ms = int(settings.claim_idle_s * 1000)
+        self.claim_idle_ms = ms(settings.claim_idle_s)
         self.lease_s = max(0.25, settings.claim_idle_s / 4)
         self._reclaim_more: set[str] = set()
         self._reclaim_turn = Rotation()
@@ -226,7 +224,7 @@ class Housekeeping:
         """Run every job that is due; each job's error is its own."""
         lanes = self.lanes
         senders = dict(lanes.senders)
-        now_ms = int(lanes.clock() * 1000)
+        now_ms = clock.now_ms(lanes.clock)
         for job in self.jobs:
             if job.schedule.due(len(senders)):
                 await self._job(job.name, functools.partial(job.run, senders, now_ms))
@@ -245,7 +243,7 @@ class Housekeeping:
             schedule = self._reprobes.setdefault(name, Schedule(self._reprobe_s(s)))
             if schedule.due():
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
-        now_ms = int(self.lanes.clock() * 1000)
+        now_ms = clock.now_ms(self.lanes.clock)
         for job in (self.lease, self.reclaim, self.forget):
             if (job is self.lease and self._touch_now) or job.schedule.due():
                 ok = await self._job(job.name, functools.partial(job.run, senders, now_ms))
@@ -297,7 +295,7 @@ class Housekeeping:
         state, detail, where = lanes.state()
         await lanes.queue.heartbeat(
             lanes.name,
-            int(time.time() * 1000),
+            clock.now_ms(),
             {"state": state, "detail": detail, "destination": where},
         )
 
@@ -336,7 +334,7 @@ class Housekeeping:
         if connected is None or time.monotonic() - connected < LIVENESS_S:
             return
         lanes = self.lanes
-        live = await lanes.queue.live_workers(int(time.time() * 1000), int(LIVENESS_S * 1000))
+        live = await lanes.queue.live_workers(clock.now_ms(), LIVENESS_MS)
         live.add(lanes.name)
         todo = {s.destination.name: s for s in self._busy(senders)}
         todo.update(
@@ -382,7 +380,7 @@ class Housekeeping:
             await self._job("forgetting stopped workers", functools.partial(self._forget, s), s)
 
     async def _forget(self, s: Sender) -> None:
-        await s.queue.forget_stopped(int(time.time() * 1000), self.claim_idle_ms * 10)
+        await s.queue.forget_stopped(clock.now_ms(), self.claim_idle_ms * 10)
         # Checks of the indexes (should Redis ever have lost part of them): the next read
         # finds out whether the stream is empty.
         await s.queue.index_retries()

@@ -47,10 +47,10 @@ import redis.exceptions
 from capi import destinations
 from capi.batches import split_rejected
 from capi.client import ConversionsClient, build_body
+from capi.clock import Clock, ms, now_ms
 from capi.constants import API_MAX_BODY_BYTES
 from capi.destinations import Destination
 from capi.errors import SendError
-from capi.events import Clock
 from capi.failures import Reason
 from capi.keycheck import KeyCheck
 from capi.metrics import Metrics
@@ -402,7 +402,7 @@ class Sender:
         wait_s = self.settings.batch_wait_ms / 1000 if fill else 0.0
         deadline = time.monotonic() + wait_s
         while entries and len(entries) < size and not self.stopping:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            remaining_ms = ms(deadline - time.monotonic())
             if remaining_ms <= 0:
                 break
             more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
@@ -568,7 +568,7 @@ class Sender:
             self._delivered.discard(e.stream_id)
 
     def _now(self) -> int:
-        return int(self.clock() * 1000)
+        return now_ms(self.clock)
 
 
 def redis_pool(settings: Settings) -> aioredis.Redis:

@@ -5,8 +5,9 @@ at most 16 connections, each dropped after 5 s idle) with:
 
 - ``/metrics``: the counters, histograms and gauges below (prometheus text format);
 - ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
-- ``/readyz``: readiness: 200 when Redis answered recently, the key is not held and the
-  endpoint is not failing.
+- ``/readyz``: readiness: 200 when Redis answered within the liveness window
+  (:data:`capi.clock.LIVENESS_S`) and some destination can send (its key not held, its
+  endpoint not failing); the others are named in the answer.
 """
 
 from __future__ import annotations

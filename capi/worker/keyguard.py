@@ -176,7 +176,7 @@ class KeyGuard:
         )
 
     async def hold(self, check: KeyCheck) -> None:
-        """Hold this destination after a failed key check (its sender re-probes)."""
+        """Hold this destination after a failed key check (housekeeping re-probes it)."""
         assert check.error is not None
         await self._hold(check.error)
 

@@ -12,7 +12,8 @@ network) or a Redis that is away is waited out with backoff, and said so in the 
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
-(:mod:`capi.worker.lanes`, fair turns; a held or slow destination holds at most a quarter of them),
+(:mod:`capi.worker.lanes`, fair turns: a held destination holds none of them, a slow one at
+most a quarter),
 its housekeeping and one Redis pool, so a broken key or a slow endpoint costs the others
 little, and a thousand idle destinations cost little more than one. Startup key checks
 run at most ``STARTUP_CHECKS_AT_ONCE`` at a time. A destination whose key is confirmed
@@ -81,8 +82,8 @@ async def start_sender(
     """A sender whose key passed the startup check; None if a stop came first.
 
     Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken, unless
-    ``hold_if_broken``: then the destination is held (its sender re-probes and resumes
-    once the key is fixed) and the sender is returned all the same. The sender uses
+    ``hold_if_broken``: then the destination is held (housekeeping re-probes it, and it
+    resumes once the key is fixed) and the sender is returned all the same. The sender uses
     ``pool`` and ``http`` (a worker's shared Redis and HTTP pools) if given; ``checks``
     limits how many destinations check their keys at once.
     """

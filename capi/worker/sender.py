@@ -7,13 +7,16 @@ from the destination's stream through the consumer group (waiting at most
 already outside the API's time window into dead letters, and sends the rest. Then, per
 event:
 
+The fate of each outcome is looked up in :mod:`capi.worker.decisions`; in short:
+
 - accepted: acknowledged;
 - rejected at ``events[i]``: that event is dead-lettered, the rest resent at once; with no
   index the batch is bisected until the bad events are isolated;
 - key problem: the :class:`~capi.worker.keyguard.KeyGuard` re-probes; transient -> retry,
   confirmed -> dead-letter this batch and hold every worker; already held -> hand back;
 - retryable (429, 5xx, network): scheduled for retry with capped jittered backoff for as
-  long as the event's 7-day window allows (see :mod:`capi.retry`); meanwhile the endpoint
+  long as the event's 7-day window allows (see :func:`capi.worker.decisions.plan_retry`);
+  meanwhile the endpoint
   is marked failing (5xx, network; a 429 is "slow down", not "down"), and the first
   delivery after an outage of ``OUTAGE_RELEASE_S`` or more releases every scheduled retry
   at once (except waits the server asked for), so the backlog drains at full speed;
@@ -72,7 +75,9 @@ OUTAGE_RELEASE_S = 5.0
 
 
 class Sender:
-    """Sends queued events in batches until stopped (or, in burst mode, until drained)."""
+    """One destination's sender: takes the turns the lanes give it (read a batch, send it,
+    carry out each outcome's fate) until stopped; burst mode is the lanes' (see
+    :func:`capi.worker.lanes.run_sender`)."""
 
     def __init__(
         self,
@@ -255,7 +260,7 @@ class Sender:
         return len(self._inflight)
 
     def state(self) -> tuple[str, str]:
-        """What this worker is doing, for ``capi status``: a state and a detail line."""
+        """What this sender is doing, for ``capi status``: a state and a detail line."""
         if not self._trouble.redis_ok:
             return "waiting for Redis", self._trouble.describe()
         if self._guard.held:

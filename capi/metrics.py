@@ -4,7 +4,9 @@
 at most 16 connections, each dropped after 5 s idle) with:
 
 - ``/metrics``: the counters, histograms and gauges below (prometheus text format);
-- ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
+- ``/healthz``: liveness: 200 while the worker's event loop runs: a task that does nothing
+  else beats every :data:`capi.clock.HEARTBEAT_S`, so a Redis that is frozen or away
+  does not make a healthy worker look stuck (a restart would not help it);
 - ``/readyz``: readiness: 200 when Redis answered within the liveness window
   (:data:`capi.clock.LIVENESS_S`) and some destination can send (its key not held, its
   endpoint not failing); the others are named in the answer.
@@ -126,14 +128,16 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
 
-    def tick(self, redis_ok: bool = True) -> None:
-        """Record that the event loop is alive (and whether Redis answered)."""
+    def beat(self) -> None:
+        """Record that the event loop runs (a task that touches nothing else beats it)."""
         self.last_tick = time.monotonic()
-        if redis_ok:
-            self.last_redis_ok = self.last_tick
+
+    def redis_answered(self) -> None:
+        """Record that Redis answered the worker (readiness)."""
+        self.last_redis_ok = time.monotonic()
 
     def alive(self) -> bool:
-        """Liveness: the loop ticked recently."""
+        """Liveness: the event loop beat within the liveness window, whatever Redis does."""
         return time.monotonic() - self.last_tick < LIVENESS_S
 
     def ready(self) -> tuple[bool, str]:
@@ -215,10 +219,6 @@ class DestinationMetrics:
         self.transient_key_failures = _ByReason(parent.transient_key_failures, name)
         self.redis_up = parent.redis_up
         self.redis_full = parent.redis_full
-
-    def tick(self, redis_ok: bool = True) -> None:
-        """Record that the event loop is alive (see :meth:`Metrics.tick`)."""
-        self.parent.tick(redis_ok)
 
 
 class _ByReason:

@@ -187,7 +187,8 @@ class Housekeeping:
                 if self._connected_since is None:
                     self._connected_since = time.monotonic()
                     self._touch_now = True
-            lanes.metrics.tick(redis_ok=lanes.trouble.redis_ok)
+            if lanes.trouble.redis_ok:
+                lanes.metrics.redis_answered()
             # Jittered, so that workers meeting the same trouble do not tick in lockstep.
             await asyncio.sleep(
                 (self._delay if self._errors else TICK_S) * (0.75 + random.random() / 2)

@@ -30,10 +30,11 @@ import redis.exceptions
 
 from capi import dedup, kinds, tail
 from capi import destinations as destinations_
+from capi.clock import Clock
 from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import Clock, PreparedEvent, prepare
+from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.schema import Event
 from capi.settings import Settings

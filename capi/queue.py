@@ -14,7 +14,8 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - replay: a dead letter's event back on the stream + the record removed;
 - hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
-- reclaim: entries pending in a worker with no heartbeat are taken over (``XCLAIM``).
+- reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
+  answer was lost, are taken over (``XCLAIM``).
 
 This module holds every script that writes to a stream (the producers run its enqueue
 script); key names live in :mod:`capi.constants`.
@@ -403,7 +404,8 @@ class Entry:
 
 
 class Queue:
-    """capi's Redis queue for one prefix; the worker side of it."""
+    """One destination's queue in Redis (its stream, consumer group and retry schedule):
+    the worker side of it, and the only writer of its stream entries' fates."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, group: str = CONSUMER_GROUP):
         self.redis = client
@@ -585,7 +587,8 @@ class Queue:
         )
 
     async def hand_back(self, entries: Sequence[Entry]) -> None:
-        """Return entries to the queue as new (on shutdown), so any worker takes them at once."""
+        """Return entries to the queue as new (on shutdown, when the key is already held, or
+        after a bug in a turn), so any worker takes them at once."""
         if entries:
             k = self.keys
             await self._handback(

@@ -371,8 +371,8 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
 def health_command(ctx: click.Context, url: str | None) -> None:
     """Exit 0 when capi is ready, 1 otherwise (for Docker and Kubernetes probes).
 
-    Without --url: Redis answers, the key is not held, and a worker sent a heartbeat in
-    the last 30 s.
+    Without --url: Redis answers, some destination's key is not held, and a worker sent a
+    heartbeat in the last 5 s.
 
     \b
     Examples:

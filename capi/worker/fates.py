@@ -18,8 +18,8 @@ import redis.exceptions
 from capi import deadletters, kinds, tail
 from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
+from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.events import Clock
 from capi.failures import Reason
 from capi.guidance import diagnose
 from capi.metrics import DestinationMetrics
@@ -54,7 +54,7 @@ class Fates:
 
     def now_ms(self) -> int:
         """The clock's time in Unix milliseconds."""
-        return int(self.clock() * 1000)
+        return now_ms(self.clock)
 
     async def delivered(
         self, group: Sequence[Entry], accepted: Accepted, *, count_mismatch: bool = False

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from capi._aio import aw
 from capi.client import ConversionsClient
+from capi.clock import ms, now_ms
 from capi.constants import RedisKeys
 from capi.deadletters import iso
 from capi.errors import SendError
@@ -125,7 +126,7 @@ class KeyGuard:
     async def try_release(self) -> bool:
         """While held: re-probe if no other worker did within the interval; True if released."""
         got = await self._lock_script(
-            keys=[self.keys.probe_lock], args=[max(1, int(self.reprobe_interval_s * 1000))]
+            keys=[self.keys.probe_lock], args=[max(1, ms(self.reprobe_interval_s))]
         )
         if got:
             result = await self._probe(confirmations=1)
@@ -135,7 +136,7 @@ class KeyGuard:
                 return True
             await self._state_script(
                 keys=[self.keys.key_state, self.keys.stats],
-                args=[0, 0, "checked_at", iso(_ms()) or ""],
+                args=[0, 0, "checked_at", iso(now_ms()) or ""],
             )
         await self.sync()
         return not self.held
@@ -154,7 +155,7 @@ class KeyGuard:
 
     async def _set_ok(self) -> None:
         self.held = False
-        now = iso(_ms()) or ""
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "ok",
@@ -175,7 +176,7 @@ class KeyGuard:
         )
 
     async def hold(self, check: KeyCheck) -> None:
-        """Hold this destination after a failed key check (its sender re-probes)."""
+        """Hold this destination after a failed key check (housekeeping re-probes it)."""
         assert check.error is not None
         await self._hold(check.error)
 
@@ -184,7 +185,7 @@ class KeyGuard:
         diagnosis = diagnose(
             error, pixel_id=self.client.pixel_id, api_key=self._api_key, labels=self.client.labels
         )
-        now = iso(_ms()) or ""
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "held",
@@ -205,7 +206,3 @@ class KeyGuard:
             diagnosis.cause,
             extra={"destination": self.keys.destination},
         )
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)

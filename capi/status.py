@@ -4,6 +4,7 @@ the endpoint's state, Redis's memory, and each live worker with what it is doing
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -99,6 +100,36 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
             "role": role,
         },
     }
+
+
+async def stranded(
+    client: aioredis.Redis, keys: RedisKeys, configured: Collection[str]
+) -> dict[str, dict[str, Any]]:
+    """Destinations that are not configured (any more) but still hold events queued, in
+    flight, scheduled for retry, or dead letters, with their :func:`destination_status`.
+
+    The typical case: events queued under ``default`` before a destinations file was added.
+    No worker sends them until the destination is configured again. Found by a scan of the
+    prefix (for operators' commands, not for a hot path).
+    """
+    found: set[str] = set()
+    if "default" not in configured and await client.exists(keys.stats):
+        found.add("default")
+    head = f"{keys.prefix}:d:"
+    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
+        name = raw.decode()[len(head) : -len(":stats")]
+        if name not in configured and ":" not in name:
+            found.add(name)
+    out = {}
+    for name in sorted(found):
+        status = await destination_status(client, keys.for_destination(name))
+        if any(status[what] for what in WAITING):
+            out[name] = status
+    return out
+
+
+# What makes a destination's keys worth showing: something still waits in them.
+WAITING = ("queued", "in_flight", "retry_batches_scheduled", "dead_letters")
 
 
 def redis_full(memory: dict[str, Any]) -> bool:

@@ -8,6 +8,7 @@ from capi.cli import (
     deadletter_commands,
     destination_commands,
     queue_commands,
+    queue_group,
     replay_commands,
     support_commands,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "deadletter_commands",
     "destination_commands",
     "queue_commands",
+    "queue_group",
     "replay_commands",
     "support_commands",
 ]

@@ -21,6 +21,7 @@ from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
     err,
+    fail,
     handle_errors,
     out,
     plural,
@@ -157,8 +158,10 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
         sys.stdout.buffer.write(u.raw + b"\n")
     warn_unreadable([u for u in unreadable if u not in named])
     if not records and not named:
-        err.print(f"no dead letter with id {dl_id!r}", markup=False)
-        sys.exit(ExitCode.FAILURE)
+        fail(
+            f"no dead letter with id or key {dl_id!r} (see capi dead-letters list)",
+            ExitCode.NOT_FOUND,
+        )
     try:
         configured = destinations.parse_file(settings)
     except ConfigError:  # a broken file: the curl falls back to the CAPI_* settings

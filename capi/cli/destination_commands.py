@@ -13,7 +13,7 @@ from capi.cli.common import handle_errors, out, print_json, redis_client, run, s
 from capi.cli.main import cli
 from capi.fingerprint import fingerprint
 from capi.settings import Settings
-from capi.status import destination_status
+from capi.status import destination_status, stranded
 
 
 @cli.command("destinations")
@@ -81,11 +81,8 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
                     "integration_source": dest.integration_source,
                 }
             )
-        for name in await _left_behind(client, settings, set(configured)):
-            status = await destination_status(client, settings.keys.for_destination(name))
-            waiting = ("queued", "in_flight", "retry_batches_scheduled", "dead_letters")
-            if any(status[what] for what in waiting):
-                rows.append(_row(name, status, "unchecked", configured=False))
+        for name, status in (await stranded(client, settings.keys, configured)).items():
+            rows.append(_row(name, status, "unchecked", configured=False))
         return rows
     finally:
         await client.aclose()
@@ -121,18 +118,3 @@ def _row(
         "endpoint": status["endpoint"]["state"],
         "last_error": last_error,
     }
-
-
-async def _left_behind(client: Any, settings: Settings, configured: set[str]) -> list[str]:
-    """Destinations with keys in Redis that the file no longer names (a scan of the
-    prefix: this command is for operators, not for a hot path)."""
-    keys = settings.keys
-    found: set[str] = set()
-    if "default" not in configured and await client.exists(keys.stats):
-        found.add("default")
-    head = f"{keys.prefix}:d:"
-    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
-        name = raw.decode()[len(head) : -len(":stats")]
-        if name not in configured and ":" not in name:
-            found.add(name)
-    return sorted(found)

@@ -8,7 +8,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import click
@@ -29,6 +29,7 @@ from capi.cli.main import cli
 from capi.cli.selection import destination_names, destination_option
 from capi.constants import MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem, QueueUnavailable
+from capi.events import prepare
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
 from capi.settings import Settings
@@ -49,10 +50,15 @@ _NOTHING = object()  # not an event: a blank or refused line (a line may hold JS
     "more than one destination is configured.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only validate: report each line as enqueue would, queue nothing, contact no Redis.",
+)
 @click.pass_context
 @handle_errors
 def enqueue_command(
-    ctx: click.Context, file: IO[bytes], destination: str | None, as_json: bool
+    ctx: click.Context, file: IO[bytes], destination: str | None, as_json: bool, dry_run: bool
 ) -> None:
     """Validate and enqueue events from JSON Lines (FILE, or stdin).
 
@@ -60,14 +66,17 @@ def enqueue_command(
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
     Each refused line is reported with its reason and the others are queued; the exit code
     is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read
-    whole), is not UTF-8 JSON, or repeats a key within one object.
+    whole), is not UTF-8 JSON, or repeats a key within one object. With --dry-run the file
+    is only checked: nothing is queued and Redis is not contacted (so duplicates of events
+    already queued are not known).
 
     \b
-    Example (one purchase, timestamped now):
+    Examples (one purchase, timestamped now; then a file checked before it is queued):
       printf '%s' '{"id":"o-1","type":"order_created","timestamp_ms":'"$(date +%s000)"',' \\
         '"action_source":"web","source_url":"https://shop.example/thanks",' \\
         '"user":{"email":"ada@example.com"},' \\
         '"data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
+      capi enqueue --dry-run events.jsonl && capi enqueue events.jsonl
     """
     settings = settings_from(ctx)  # the producer warns when the Redis is the default
     names = destination_names(settings, destination) if destination else None
@@ -78,9 +87,12 @@ def enqueue_command(
         )
     total = EnqueueReport()
     lines_read = 0
+    target: contextlib.AbstractContextManager[SyncProducer | _Validator] = (
+        contextlib.nullcontext(_Validator()) if dry_run else SyncProducer.from_settings(settings)
+    )
     with (
         _say_how_far(total),
-        SyncProducer.from_settings(settings) as producer,
+        target as producer,
         _file_progress(file) as advance,
     ):
         batch: list[tuple[int, Any]] = []
@@ -104,8 +116,14 @@ def enqueue_command(
         "duplicates": total.duplicates,
         "refused": len(total.refused),
     }
+    if dry_run:
+        summary |= {"dry_run": True, "queued": 0, "valid": total.queued}
     if as_json:
         print_json(summary)
+    elif dry_run:
+        out.print(
+            f"dry run: {total.queued} valid, refused {len(total.refused)}; nothing was queued"
+        )
     else:
         out.print(
             f"queued {total.queued}, duplicates {total.duplicates} (already queued), "
@@ -113,6 +131,25 @@ def enqueue_command(
         )
     if total.refused:
         sys.exit(ExitCode.REFUSED)
+
+
+class _Validator:
+    """What ``enqueue --dry-run`` uses in place of a producer: the same checks and hashing
+    (:func:`capi.events.prepare`), and no Redis. ``queued`` counts the valid events."""
+
+    def enqueue_many(self, events: Iterable[Any], destination: Any = None) -> EnqueueReport:
+        report = EnqueueReport()
+        for i, event in enumerate(events):
+            try:
+                prepare(event)
+            except EventRejected as exc:
+                report.refused.append((i, exc))
+            except Exception as exc:  # a hostile line must cost only itself, as in enqueue
+                why = f"could not be read as an event ({type(exc).__name__})"
+                report.refused.append((i, EventRejected([Problem("(event)", why)])))
+            else:
+                report.queued += 1
+        return report
 
 
 @contextlib.contextmanager
@@ -247,7 +284,7 @@ def _say_how_far(total: EnqueueReport) -> Iterator[None]:
 
 
 def _flush(
-    producer: SyncProducer,
+    producer: SyncProducer | _Validator,
     batch: list[tuple[int, Any]],
     total: EnqueueReport,
     names: list[str] | None,

@@ -1,0 +1,167 @@
+"""Papercuts a new operator meets: --version, exit codes of replay, enqueue --dry-run,
+emptying a queue, unknown CAPI_* names, keys named in config/capi.env, and the commands
+that must work while the destinations file is broken."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from click.testing import CliRunner, Result
+
+import capi
+from capi.exitcodes import ExitCode
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
+from tests.helpers import drain, enqueue, events, make_settings
+from workers.cli import cli
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, redis_url: str, sandbox: SandboxThread) -> dict[str, str]:
+    for k in list(os.environ):
+        if k.startswith("CAPI_"):
+            monkeypatch.delenv(k)
+    return {
+        "CAPI_REDIS_URL": redis_url,
+        "CAPI_CONFIG_FILE": os.devnull,
+        "CAPI_API_KEY": DEFAULT_KEY,
+        "CAPI_PIXEL_ID": DEFAULT_PIXEL,
+        "CAPI_BASE_URL": sandbox.url,
+    }
+
+
+def invoke(env: dict[str, str], *args: str, **kw: Any) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, **kw)
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"capi {version('capi')}"
+    assert capi.__version__ == version("capi")
+
+
+@pytest.fixture
+def scope_dead_letters(env: dict[str, str], sandbox: SandboxThread, redis_url: str) -> None:
+    """Two dead letters (missing_scope): the key lacked the scope."""
+    settings = make_settings(
+        sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=1
+    )
+    enqueue(settings, events(2))
+    drain(settings)
+
+
+def test_replay_dry_run_exits_non_zero_when_the_api_would_reject(
+    env: dict[str, str], scope_dead_letters: None
+) -> None:
+    still_broken = {**env, "CAPI_API_KEY": DEFAULT_SCOPELESS_KEY}
+    result = invoke(still_broken, "dead-letters", "replay", "--all", "--dry-run")
+    assert result.exit_code == ExitCode.REFUSED, result.output
+    assert "2 of the selected events would be rejected by the API" in result.output
+    as_json = invoke(still_broken, "dead-letters", "replay", "--all", "--dry-run", "--json")
+    assert as_json.exit_code == ExitCode.REFUSED
+    fixed = invoke(env, "dead-letters", "replay", "--all", "--dry-run")
+    assert fixed.exit_code == 0, fixed.output
+    assert "dry run: 2 would be accepted, 0 rejected" in fixed.output
+
+
+def test_replay_of_an_unknown_id_exits_non_zero(
+    env: dict[str, str], scope_dead_letters: None
+) -> None:
+    result = invoke(env, "dead-letters", "replay", "no-such-id")
+    assert result.exit_code == ExitCode.NOT_FOUND, result.output
+    assert "1 id named matched no dead letter: no-such-id" in result.output
+    dry = invoke(env, "dead-letters", "replay", "no-such-id", "--dry-run")
+    assert dry.exit_code == ExitCode.NOT_FOUND
+    # The ids found are replayed all the same; the exit code still says one was not.
+    mixed = invoke(env, "dead-letters", "replay", "p-0", "no-such-id")
+    assert mixed.exit_code == ExitCode.NOT_FOUND
+    assert "replayed 1 of 1 selected" in mixed.output
+    show = invoke(env, "dead-letters", "show", "no-such-id")
+    assert show.exit_code == ExitCode.NOT_FOUND
+
+
+def _jsonl(evts: list[dict[str, Any]], *extra: str) -> str:
+    import json
+
+    return "".join(json.dumps(e) + "\n" for e in evts) + "".join(x + "\n" for x in extra)
+
+
+def test_enqueue_dry_run_reports_each_line_and_queues_nothing(
+    env: dict[str, str], redis_url: str, tmp_path: Path
+) -> None:
+    from tests.conftest import free_port
+
+    file = tmp_path / "events.jsonl"
+    file.write_text(_jsonl(events(2), '{"id": "x", "type": "order_created"}', "not json"))
+    result = invoke(env, "enqueue", "--dry-run", str(file))
+    assert result.exit_code == ExitCode.REFUSED, result.output
+    assert "line 3: " in result.output and "line 4: " in result.output
+    assert "dry run: 2 valid, refused 2; nothing was queued" in result.output
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
+    # Redis is not contacted at all: a dry run works with no Redis there.
+    away = {**env, "CAPI_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(_jsonl(events(3)))
+    ok = invoke(away, "enqueue", "--dry-run", "--json", str(clean))
+    assert ok.exit_code == 0, ok.output
+    assert '"valid":3' in ok.output and '"queued":0' in ok.output
+
+
+def test_queue_purge_empties_the_queue_but_keeps_dead_letters_and_in_flight(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str
+) -> None:
+    import asyncio
+
+    from capi.queue import Queue
+    from capi.status import destination_status
+
+    broken = make_settings(sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=1)
+    enqueue(broken, events(1, prefix="dl-"))
+    drain(broken)  # one dead letter
+    settings = make_settings(sandbox, redis_url)
+    enqueue(settings, events(10))
+
+    async def take_some() -> None:  # as a worker would: 3 in flight, 2 scheduled for retry
+        client = settings.async_redis()
+        queue = Queue(client, settings.keys)
+        await queue.ensure_group()
+        await queue.read("w:0", 3)
+        later = await queue.read("w:1", 2)
+        await queue.schedule_retry(later, 2**42, {"reason": "network"}, 1)
+        await client.aclose()
+
+    def status() -> dict[str, Any]:
+        async def go() -> dict[str, Any]:
+            client = settings.async_redis()
+            try:
+                return await destination_status(client, settings.keys)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(go())
+
+    asyncio.run(take_some())
+    before = status()
+    assert (before["queued"], before["in_flight"], before["retry_batches_scheduled"]) == (5, 3, 1)
+    declined = invoke(env, "queue", "purge", input="n\n")
+    assert "Delete 5 queued events and 1 scheduled retry batch of destination 'default'?" in (
+        declined.output
+    )
+    assert "Nothing deleted." in declined.output and status()["queued"] == 5
+    result = invoke(env, "queue", "purge", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "purged 5 queued events and 2 events scheduled for retry from default" in result.output
+    assert "3 events in flight were left to finish" in result.output
+    after = status()
+    assert (after["queued"], after["in_flight"], after["retry_batches_scheduled"]) == (0, 3, 0)
+    assert after["dead_letters"] == 1 and after["counters"]["purged"] == 7
+    again = invoke(env, "queue", "purge", "--yes")
+    assert again.exit_code == 0 and "Nothing queued for default." in again.output
+    assert "capi queue purge --destination" in invoke(env, "queue", "--help").output

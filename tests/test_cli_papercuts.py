@@ -5,6 +5,8 @@ that must work while the destinations file is broken."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,84 @@ def test_queue_purge_empties_the_queue_but_keeps_dead_letters_and_in_flight(
     again = invoke(env, "queue", "purge", "--yes")
     assert again.exit_code == 0 and "Nothing queued for default." in again.output
     assert "capi queue purge --destination" in invoke(env, "queue", "--help").output
+
+
+def run_capi(
+    env: dict[str, str], *args: str, cwd: Path | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``capi`` in a process of its own, with exactly these CAPI_* variables."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    full.update(env)
+    full["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=full,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_unknown_capi_variables_are_warned_about_with_the_closest_setting(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    typo = run_capi({**env, "CAPI_REDIS_URI": "redis://elsewhere:6379/0"}, "status")
+    assert typo.returncode == 0, typo.stderr
+    assert (
+        "warning: CAPI_REDIS_URI (in the environment) is not a capi setting and is ignored; "
+        "did you mean CAPI_REDIS_URL?" in typo.stderr
+    )
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL={env['CAPI_REDIS_URL']}\nCAPI_BATCH_SIZ=10\n")
+    in_file = run_capi({**env, "CAPI_CONFIG_FILE": str(config)}, "destinations")
+    assert in_file.returncode == 0, in_file.stderr
+    assert f"CAPI_BATCH_SIZ (in {config}) is not a capi setting" in in_file.stderr
+    assert "did you mean CAPI_BATCH_SIZE?" in in_file.stderr
+    # The worker says it too (and a variable a destinations file names is no typo).
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = "CAPI_KEY_BRAND_A"\n')
+    worker = run_capi(
+        {
+            **env,
+            "CAPI_DESTINATIONS_FILE": str(dests),
+            "CAPI_KEY_BRAND_A": DEFAULT_KEY,
+            "CAPI_PIXEL_ID": "p",
+            "CAPI_CONCURENCY": "4",
+        },
+        "worker",
+        "--burst",
+    )
+    assert "CAPI_CONCURENCY (in the environment) is not a capi setting" in worker.stderr
+    assert "did you mean CAPI_CONCURRENCY?" in worker.stderr
+    assert "CAPI_KEY_BRAND_A" not in worker.stderr
+
+
+def test_api_key_env_is_read_from_the_config_file_too(
+    env: dict[str, str], sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    sandbox.state.pixels.add("pix-a")
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "pix-a"\napi_key_env = "KEY_A"\n')
+    config = tmp_path / "capi.env"
+    config.write_text(f"KEY_A={DEFAULT_KEY}\n")
+    base = {k: v for k, v in env.items() if k not in ("CAPI_API_KEY", "CAPI_PIXEL_ID")}
+    ok = run_capi(
+        {**base, "CAPI_CONFIG_FILE": str(config), "CAPI_DESTINATIONS_FILE": str(dests)},
+        "check-key",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "can write events to pixel 'pix-a'" in ok.stdout
+    assert DEFAULT_KEY not in ok.stdout + ok.stderr
+    # Unset in both: the message says where it was looked for.
+    config.write_text("")
+    missing = run_capi(
+        {**base, "CAPI_CONFIG_FILE": str(config), "CAPI_DESTINATIONS_FILE": str(dests)},
+        "check-key",
+    )
+    assert missing.returncode == ExitCode.CONFIG
+    assert f"KEY_A, which is not set (looked for in the environment or {config})" in (
+        missing.stderr
+    )

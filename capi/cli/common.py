@@ -30,10 +30,15 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def settings_from(ctx: click.Context) -> Settings:
-    """The settings for this invocation (loaded once, on first use)."""
+    """The settings for this invocation (loaded once, on first use; a ``CAPI_*`` variable
+    that is no setting is warned about on stderr, with the setting it may be a typo of)."""
     obj = ctx.ensure_object(dict)
     if "settings" not in obj:
-        obj["settings"] = Settings.load(obj.get("config_file"))
+        loaded = obj["settings"] = Settings.load(obj.get("config_file"))
+        from capi.destinations import key_variables
+
+        for warning in loaded.unknown_variables(key_variables(loaded)):
+            err.print(f"warning: {warning}", markup=False)
     settings: Settings = obj["settings"]
     return settings
 

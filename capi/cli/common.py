@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
+from capi.destinations import key_variables
 from capi.errors import CapiError, ConfigError, QueueFull, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.settings import Settings
@@ -35,8 +36,6 @@ def settings_from(ctx: click.Context) -> Settings:
     obj = ctx.ensure_object(dict)
     if "settings" not in obj:
         loaded = obj["settings"] = Settings.load(obj.get("config_file"))
-        from capi.destinations import key_variables
-
         for warning in loaded.unknown_variables(key_variables(loaded)):
             err.print(f"warning: {warning}", markup=False)
     settings: Settings = obj["settings"]

@@ -6,7 +6,7 @@ at most 16 connections, each dropped after 5 s idle) with:
 - ``/metrics``: the counters, histograms and gauges below (prometheus text format);
 - ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
 - ``/readyz``: readiness: 200 when Redis answered recently, the key is not held and the
-  endpoint is not failing.
+  endpoint is not failing; 503 ``starting: ...`` while the startup key check is under way.
 """
 
 from __future__ import annotations
@@ -110,6 +110,9 @@ class Metrics:
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
         self._views: dict[str, DestinationMetrics] = {}
+        # Destinations whose startup key check is under way, with what it waits for (the
+        # runner writes it; readiness and the worker's heartbeat read it).
+        self.starting: dict[str, str] = {}
 
     def for_destination(self, name: str) -> DestinationMetrics:
         """The view a destination's sender writes through (its label filled in)."""
@@ -138,10 +141,16 @@ class Metrics:
 
     def ready(self) -> tuple[bool, str]:
         """Readiness: Redis answered recently, and some destination can send (its key not
-        held, its endpoint not failing)."""
+        held, its endpoint not failing). While every destination's startup key check is
+        under way, not ready, saying what the check waits for."""
         if time.monotonic() - self.last_redis_ok > LIVENESS_S / 3:
             return False, "Redis has not answered recently"
-        views = list(self._views.values())
+        starting = dict(self.starting)
+        views = [v for v in self._views.values() if v.name not in starting]
+        if starting and not views:
+            return False, "starting: " + "; ".join(
+                why if name == "default" else f"{name}: {why}" for name, why in starting.items()
+            )
         held = [v.name for v in views if v.key_ok._value.get() != 1]
         failing = [v.name for v in views if v.endpoint_failing_since._value.get()]
         if views and len(held) == len(views):
@@ -219,6 +228,13 @@ class DestinationMetrics:
     def tick(self, redis_ok: bool = True) -> None:
         """Record that the event loop is alive (see :meth:`Metrics.tick`)."""
         self.parent.tick(redis_ok)
+
+    def set_depth(self, queued: int, in_flight: int, retries: int, oldest_age_s: float) -> None:
+        """Set the queue gauges (from :meth:`capi.queue.Queue.depth`)."""
+        self.queue_depth.set(queued)
+        self.in_flight.set(in_flight)
+        self.retries_scheduled.set(retries)
+        self.oldest_age.set(max(0.0, oldest_age_s))
 
 
 class _ByReason:

@@ -4,6 +4,7 @@ that must work while the destinations file is broken."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -248,3 +249,44 @@ def test_api_key_env_is_read_from_the_config_file_too(
     assert f"KEY_A, which is not set (looked for in the environment or {config})" in (
         missing.stderr
     )
+
+
+def test_status_names_a_destination_left_behind_by_a_destinations_file(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
+) -> None:
+    enqueue(make_settings(sandbox, redis_url), events(27))  # queued under "default"
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = "CAPI_API_KEY"\n')
+    with_file = {**env, "CAPI_DESTINATIONS_FILE": str(dests)}
+    result = invoke(with_file, "status")
+    assert result.exit_code == 0, result.output
+    assert "destination default: NOT CONFIGURED" in result.output
+    assert "it still holds 27 queued" in result.output
+    assert "add [destinations.default] to the destinations file" in result.output
+    assert "capi queue purge --destination default" in result.output
+    as_json = invoke(with_file, "status", "--json")
+    assert json.loads(as_json.output)["stranded"]["default"]["queued"] == 27
+    listed = invoke(with_file, "destinations").output
+    assert "default" in listed and "removed" in listed
+    # The way out it names works: the stranded queue can be emptied.
+    purged = invoke(with_file, "queue", "purge", "--destination", "default", "--yes")
+    assert "purged 27 queued events" in purged.output, purged.output
+    assert "NOT CONFIGURED" not in invoke(with_file, "status").output
+
+
+def test_status_runs_with_a_broken_destinations_file_and_shows_its_error_on_top(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
+) -> None:
+    enqueue(make_settings(sandbox, redis_url), events(4))
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = \n')  # no value
+    broken = {**env, "CAPI_DESTINATIONS_FILE": str(dests)}
+    result = invoke(broken, "status")
+    assert result.exit_code == ExitCode.CONFIG
+    first = result.output.splitlines()[0]
+    assert first.startswith("destinations file: BROKEN:") and "is not valid TOML" in first
+    assert "destination default" in result.output and "queued:        4" in result.output
+    assert "Traceback" not in result.output
+    as_json = json.loads(invoke(broken, "status", "--json").output)
+    assert "is not valid TOML" in as_json["destinations_file_error"]
+    assert as_json["queued"] == 4

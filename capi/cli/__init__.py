@@ -10,6 +10,7 @@ from capi.cli import (
     queue_commands,
     queue_group,
     replay_commands,
+    status_commands,
     support_commands,
 )
 from capi.cli.main import cli
@@ -21,5 +22,6 @@ __all__ = [
     "queue_commands",
     "queue_group",
     "replay_commands",
+    "status_commands",
     "support_commands",
 ]

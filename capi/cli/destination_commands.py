@@ -23,8 +23,9 @@ from capi.status import destination_status, stranded
 def destinations_command(ctx: click.Context, as_json: bool) -> None:
     """List the destinations: pixel, key fingerprint, key state, queue, counts, last error.
 
-    The key state is ok, held (see capi status) or unchecked (no worker has checked it
-    yet). Without a destinations file the one destination is "default". A destination
+    The key state is ok, held (see capi status), confirming (a probe met a key problem
+    and more probes are deciding whether to hold it) or unchecked (no worker has checked
+    it yet). Without a destinations file the one destination is "default". A destination
     removed from the file whose events or dead letters are still in Redis is listed too,
     as removed (configured: false): add it back to the file to send them.
 
@@ -69,7 +70,9 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
             key = status["key"]
             state = key.get("state", "unchecked")
             current = fingerprint(dest.api_key) if dest.api_key else None
-            if state == "unknown" or (current and key.get("fingerprint") != current):
+            if state == "unknown" or (
+                state != "confirming" and current and key.get("fingerprint") != current
+            ):
                 state = "unchecked"  # never checked, or checked with another key
             rows.append(
                 _row(name, status, state)
@@ -97,6 +100,8 @@ def _row(
         last_error = "not in the destinations file: add it back to send its queued events"
     elif state == "held":
         last_error = f"key held: {key.get('reason')}"
+    elif state == "confirming":
+        last_error = f"key problem being confirmed: {key.get('confirming_reason')}"
     elif status["endpoint"]["state"] == "failing":
         last_error = status["endpoint"]["last_error"]
     return {

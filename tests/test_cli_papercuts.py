@@ -290,3 +290,36 @@ def test_status_runs_with_a_broken_destinations_file_and_shows_its_error_on_top(
     as_json = json.loads(invoke(broken, "status", "--json").output)
     assert "is not valid TOML" in as_json["destinations_file_error"]
     assert as_json["queued"] == 4
+
+
+def test_destinations_fits_80_columns_without_cutting_names_or_pixels(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
+) -> None:
+    enqueue(make_settings(sandbox, redis_url), events(3))  # left under "default"
+    dests = tmp_path / "destinations.toml"
+    dests.write_text(
+        '[destinations.brand-a]\npixel_id = "pix_brand_a_000000001"\napi_key_env = "KEY_A"\n'
+        '[destinations.brand-nw]\npixel_id = "sandbox-pixel-00000001"\napi_key_env = "KEY_B"\n'
+    )
+    result = run_capi(
+        {
+            **env,
+            "CAPI_DESTINATIONS_FILE": str(dests),
+            "KEY_A": DEFAULT_KEY,
+            "KEY_B": DEFAULT_SCOPELESS_KEY,
+            "COLUMNS": "80",
+        },
+        "destinations",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    for name, pixel in (
+        ("brand-a", "pix_brand_a_000000001"),
+        ("brand-nw", "sandbox-pixel-00000001"),
+    ):
+        assert any(name in line and pixel in line for line in lines), result.stdout
+    assert "  default: not in the destinations file: add it back to send its events," in (
+        result.stdout
+    )
+    assert "capi queue purge --destination default" in result.stdout

@@ -40,24 +40,45 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
         for row in rows:
             print_json(row)
         return
-    table = Table(
-        "name", "pixel", "key", "state", "queued", "oldest", "delivered", "dead letters",
-        "last error", box=None,
-    )  # fmt: skip
+    _print_table(rows)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a table that fits 80 columns: names and pixels fold rather than being
+    cut, the key is its last four characters (the whole fingerprint is in --json), and
+    each last error is a line of its own under the table."""
+    table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False)
+    for header in ("name", "pixel"):
+        table.add_column(header, overflow="fold")
+    table.add_column("key", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for header in ("queued", "oldest", "delivered", "dead\nletters"):
+        table.add_column(header, justify="right", no_wrap=True, max_width=12)
     for r in rows:
         oldest = r["oldest_queued_age_s"]
         table.add_row(
             Text(r["name"]),
             Text(r["pixel_id"] or "-"),
-            Text(r["key_fingerprint"]),
+            Text(_short(r["key_fingerprint"])),
             r["key_state"] if r["configured"] else "removed",
             str(r["queued"]),
             "-" if oldest is None else f"{oldest:.0f} s",
             str(r["delivered"]),
             str(r["dead_letters"]),
-            Text(r["last_error"] or "-"),
         )
     out.print(table)
+    errors = [(r["name"], r["last_error"]) for r in rows if r["last_error"]]
+    if errors:
+        out.print("\nlast errors:")
+    for name, error in errors:
+        out.print(Text(f"  {name}: {error}"), soft_wrap=False)
+
+
+def _short(key_fingerprint: str) -> str:
+    """``…0001`` of ``…0001 (sha256:…)``; ``-`` for a key not set here."""
+    if key_fingerprint.startswith("…"):
+        return key_fingerprint.split(" ", maxsplit=1)[0]
+    return "-" if key_fingerprint in ("(not set)", "-") else key_fingerprint
 
 
 async def _rows(settings: Settings) -> list[dict[str, Any]]:
@@ -97,7 +118,10 @@ def _row(
     key = status["key"]
     last_error = None
     if not configured:
-        last_error = "not in the destinations file: add it back to send its queued events"
+        last_error = (
+            "not in the destinations file: add it back to send its events, or drop them: "
+            f"capi queue purge --destination {name}"
+        )
     elif state == "held":
         last_error = f"key held: {key.get('reason')}"
     elif state == "confirming":

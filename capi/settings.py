@@ -245,6 +245,10 @@ class Settings(BaseSettings):
             "with --config or CAPI_CONFIG_FILE)"
         )
 
+    def config_file_path(self) -> str | None:
+        """The config file read (absolute), or None when there is none."""
+        return str(self._config_file) if self._config_found else None
+
     def file_values(self) -> dict[str, str]:
         """The variables of the config file as settings read them (empty without a file)."""
         if not self._config_found or self._config_file is None:

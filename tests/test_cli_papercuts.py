@@ -323,3 +323,22 @@ def test_destinations_fits_80_columns_without_cutting_names_or_pixels(
         result.stdout
     )
     assert "capi queue purge --destination default" in result.stdout
+
+
+def test_the_curl_of_dead_letters_show_works_in_a_fresh_shell_with_the_key_in_the_file(
+    env: dict[str, str], sandbox: SandboxThread, scope_dead_letters: None, tmp_path: Path
+) -> None:
+    config = tmp_path / "capi.env"
+    config.write_text(
+        f'CAPI_API_KEY="{DEFAULT_KEY}"\nCAPI_PIXEL_ID={DEFAULT_PIXEL}\n'
+        f"CAPI_BASE_URL={sandbox.url}\nCAPI_REDIS_URL={env['CAPI_REDIS_URL']}\n"
+    )
+    shown = run_capi({"CAPI_CONFIG_FILE": str(config)}, "dead-letters", "show", "p-0")
+    assert shown.returncode == 0, shown.stderr
+    assert DEFAULT_KEY not in shown.stdout + shown.stderr
+    curl = shown.stdout.split("never shown):\n", 1)[1]
+    fresh = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    answer = subprocess.run(
+        ["bash", "-c", curl], env=fresh, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert answer.stdout.startswith("HTTP/1.1 200"), answer.stdout + answer.stderr

@@ -4,6 +4,7 @@ have modules of their own; the shared filters are in :mod:`capi.cli.selection`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 from collections import Counter
@@ -203,16 +204,26 @@ def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> st
     ]
     if r.error_body is not None:
         lines += ["", "API response body:", orjson.dumps(r.error_body).decode()]
-    source = dest.key_source if dest is not None else "CAPI_API_KEY"
-    key = f"${source}" if source == "CAPI_API_KEY" else source
-    if not key.startswith("$"):  # a key file
-        key = f"$(cat {shlex.quote(key)})"
+    key, env_file = _key_expression(settings, dest.key_source if dest is not None else "")
+    where = f"{key}, set from {env_file} in a subshell" if env_file else key
     lines += [
         "",
-        f"Reproduce (validate_only; the key is read from {key}, never shown):",
-        curl_for(r, dest.base_url if dest is not None else settings.base_url, key),
+        f"Reproduce (validate_only; the key is read from {where}; never shown):",
+        curl_for(r, dest.base_url if dest is not None else settings.base_url, key, env_file),
     ]
     return "\n".join(lines)
+
+
+def _key_expression(settings: Settings, key_source: str) -> tuple[str, str | None]:
+    """The shell expression a reproducing curl reads the key from, never the key: a
+    variable (``$CAPI_API_KEY``, or a destination's ``api_key_env``), or reading a key
+    file; with the env file to load first when the variable is set only there."""
+    if key_source not in ("", "CAPI_API_KEY") and not key_source.startswith("$"):  # a file
+        return f"$(cat {shlex.quote(key_source)})", None
+    variable = key_source.removeprefix("$") or "CAPI_API_KEY"
+    if variable not in os.environ and variable in settings.file_values():
+        return f"${variable}", settings.config_file_path()
+    return f"${variable}", None
 
 
 def _code_and_param(r: DeadLetter) -> str:
@@ -224,17 +235,23 @@ def _code_and_param(r: DeadLetter) -> str:
     return f" ({', '.join(bits)})" if bits else ""
 
 
-def curl_for(record: DeadLetter, base_url: str, key: str = "$CAPI_API_KEY") -> str:
+def curl_for(
+    record: DeadLetter, base_url: str, key: str = "$CAPI_API_KEY", env_file: str | None = None
+) -> str:
     """A curl command that sends the event with validate_only; the key stays a shell
-    expression (``key``: a variable, or reading a key file)."""
+    expression (``key``: a variable, or reading a key file). With ``env_file``, the
+    command runs in a subshell that loads that file first (the variable is set there)."""
     url = f"{base_url}{EVENTS_PATH}?pid={record.pixel_id}"
     body = build_body([record.event_json.encode()], validate_only=True).decode()
-    return (
+    curl = (
         f"curl -sS -i -X POST {shlex.quote(url)} \\\n"
         f'  -H "Authorization: Bearer {key}" \\\n'
         "  -H 'Content-Type: application/json' \\\n"
         f"  --data-binary {shlex.quote(body)}"
     )
+    if env_file is None:
+        return curl
+    return f"(set -a; . {shlex.quote(env_file)}; set +a\n {curl})"
 
 
 @dead_letters.command("replays")

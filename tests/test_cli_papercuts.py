@@ -342,3 +342,37 @@ def test_the_curl_of_dead_letters_show_works_in_a_fresh_shell_with_the_key_in_th
         ["bash", "-c", curl], env=fresh, capture_output=True, text=True, timeout=30, check=False
     )
     assert answer.stdout.startswith("HTTP/1.1 200"), answer.stdout + answer.stderr
+
+
+def test_support_bundle_covers_every_destination(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
+) -> None:
+    from capi.destinations import Destination
+    from capi.producer import SyncProducer
+
+    dests = tmp_path / "destinations.toml"
+    dests.write_text(
+        f'[destinations.brand-a]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "KEY_A"\n'
+        f'[destinations.brand-b]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "KEY_B"\n'
+    )
+    settings = make_settings(sandbox, redis_url, destinations_file=dests, probe_confirmations=1)
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue_many(events(2), destination="brand-b").queued == 2
+    b = Destination("brand-b", DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY, "$KEY_B", sandbox.url)
+    drain(settings, destination=b)  # brand-b's key lacks the scope: two dead letters
+    multi = {
+        **env,
+        "CAPI_DESTINATIONS_FILE": str(dests),
+        "KEY_A": DEFAULT_KEY,
+        "KEY_B": DEFAULT_SCOPELESS_KEY,
+    }
+    result = invoke(multi, "support-bundle")
+    assert result.exit_code == 0, result.output
+    a_part, b_part = result.output.split("destination:         brand-b")
+    assert "destination:         brand-a" in a_part and "No dead letters recorded." in a_part
+    assert "- event p-0 (order_created): missing_scope, HTTP 401" in b_part
+    assert "No dead letters recorded." not in b_part
+    assert "key fingerprint:     …0002" in b_part
+    assert DEFAULT_SCOPELESS_KEY not in result.output and DEFAULT_KEY not in result.output
+    only_a = invoke(multi, "support-bundle", "--destination", "brand-a").output
+    assert "brand-b" not in only_a

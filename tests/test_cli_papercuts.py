@@ -376,3 +376,69 @@ def test_support_bundle_covers_every_destination(
     assert DEFAULT_SCOPELESS_KEY not in result.output and DEFAULT_KEY not in result.output
     only_a = invoke(multi, "support-bundle", "--destination", "brand-a").output
     assert "brand-b" not in only_a
+
+
+def test_intake_token_write_grants_every_token_in_the_one_env_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    from capi.intake import tokens
+    from capi.settings import Settings
+
+    for k in list(os.environ):
+        if k.startswith("CAPI_"):
+            monkeypatch.delenv(k)
+    config = tmp_path / "capi.env"
+    old = "a" * 64  # granted by the old recipe, whose second `>>` line hid it
+    config.write_text(f"CAPI_REDIS_URL={redis_url}\nCAPI_INTAKE_TOKENS_SHA256={old}\n")
+    config.chmod(0o600)
+    env = {"CAPI_CONFIG_FILE": str(config)}
+    made = []
+    for i in range(2):
+        output = tmp_path / f"token-{i}.json"
+        result = run_capi(env, "intake-token", "--write", "--output", str(output))
+        assert result.returncode == 0, result.stderr
+        assert "restart capi serve" in result.stderr
+        assert oct(output.stat().st_mode & 0o777) == "0o600"
+        made.append(json.loads(output.read_text())["token"])
+        assert made[-1] not in result.stdout + result.stderr  # only in the file
+    lines = [x for x in config.read_text().splitlines() if "INTAKE_TOKENS" in x]
+    assert len(lines) == 1
+    assert oct(config.stat().st_mode & 0o777) == "0o600"
+    grants = tokens.read_grants(Settings.load(config))
+    assert set(grants) == {old, *map(tokens.digest, made)}
+
+
+def test_intake_token_write_lands_in_the_destinations_own_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capi.intake import tokens
+    from capi.settings import Settings
+
+    for k in list(os.environ):
+        if k.startswith("CAPI_"):
+            monkeypatch.delenv(k)
+    dests = tmp_path / "destinations.toml"
+    dests.write_text(
+        "# our pixels\n"
+        '[destinations.brand-a]\npixel_id = "pa"  # the shop\napi_key_env = "KEY_A"\n\n'
+        '[destinations.brand-b]\npixel_id = "pb"\napi_key_env = "KEY_B"\n'
+    )
+    env = {"CAPI_CONFIG_FILE": os.devnull, "CAPI_DESTINATIONS_FILE": str(dests)}
+    result = run_capi(env, "intake-token", "--destination", "brand-a", "--write", "--json")
+    assert result.returncode == 0, result.stderr
+    token = json.loads(result.stdout)["token"]
+    settings = Settings.load(os.devnull, destinations_file=dests)
+    assert tokens.read_grants(settings) == {tokens.digest(token): frozenset({"brand-a"})}
+    assert "# our pixels" in dests.read_text() and '"pa"  # the shop' in dests.read_text()
+    # Without --write, the instructions name the table (and warn against the file's end).
+    shown = run_capi(env, "intake-token", "--destination", "brand-a")
+    assert "in the [destinations.brand-a] table of" in shown.stdout
+    assert "not at the end of the file" in shown.stdout
+
+
+def test_intake_token_json_is_git_ignored() -> None:
+    root = Path(__file__).resolve().parents[1]
+    check = subprocess.run(
+        ["git", "check-ignore", "-q", "intake-token.json"], cwd=root, check=False
+    )
+    assert check.returncode == 0

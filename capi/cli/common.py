@@ -119,14 +119,22 @@ class PrivateFile(click.ParamType[IO[bytes]]):
         if value == "-":
             return sys.stdout.buffer
         try:
-            fd = os.open(value, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+            file = open_private(value)
         except OSError as exc:
             self.fail(f"{value}: {exc.strerror}", param, ctx)
-        file = os.fdopen(fd, "wb")
         if ctx is not None:
             ctx.call_on_close(file.close)
         return file
+
+
+def open_private(path: str) -> IO[bytes]:
+    """``path`` opened for binary writing, truncated, mode 0600 (also when it existed);
+    the file's ``name`` is the path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    file = os.fdopen(fd, "wb")
+    file.raw.name = path  # type: ignore[attr-defined]  # for messages; an fd otherwise
+    return file
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

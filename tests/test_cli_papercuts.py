@@ -344,9 +344,12 @@ def test_the_curl_of_dead_letters_show_works_in_a_fresh_shell_with_the_key_in_th
     assert answer.stdout.startswith("HTTP/1.1 200"), answer.stdout + answer.stderr
 
 
-def test_support_bundle_covers_every_destination(
+@pytest.fixture
+def two_destinations(
     env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
-) -> None:
+) -> dict[str, str]:
+    """brand-a (a good key) and brand-b (a key lacking the scope, so two dead letters);
+    the environment of a capi command for them."""
     from capi.destinations import Destination
     from capi.producer import SyncProducer
 
@@ -359,13 +362,17 @@ def test_support_bundle_covers_every_destination(
     with SyncProducer.from_settings(settings) as producer:
         assert producer.enqueue_many(events(2), destination="brand-b").queued == 2
     b = Destination("brand-b", DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY, "$KEY_B", sandbox.url)
-    drain(settings, destination=b)  # brand-b's key lacks the scope: two dead letters
-    multi = {
+    drain(settings, destination=b)
+    return {
         **env,
         "CAPI_DESTINATIONS_FILE": str(dests),
         "KEY_A": DEFAULT_KEY,
         "KEY_B": DEFAULT_SCOPELESS_KEY,
     }
+
+
+def test_support_bundle_covers_every_destination(two_destinations: dict[str, str]) -> None:
+    multi = two_destinations
     result = invoke(multi, "support-bundle")
     assert result.exit_code == 0, result.output
     a_part, b_part = result.output.split("destination:         brand-b")
@@ -442,3 +449,47 @@ def test_intake_token_json_is_git_ignored() -> None:
         ["git", "check-ignore", "-q", "intake-token.json"], cwd=root, check=False
     )
     assert check.returncode == 0
+
+
+# Product section 7: --destination on status, check-key, worker, every dead-letters command
+# (and enqueue); the help says so and the option does what it says.
+DESTINATION_COMMANDS = [
+    ("status",),
+    ("check-key",),
+    ("worker", "--burst"),
+    ("enqueue",),
+    ("dead-letters", "list"),
+    ("dead-letters", "show", "p-0"),
+    ("dead-letters", "replay", "--all"),
+    ("dead-letters", "replays"),
+    ("dead-letters", "export"),
+    ("dead-letters", "purge", "--all", "--yes"),
+    ("support-bundle",),
+]
+
+
+@pytest.mark.parametrize("command", DESTINATION_COMMANDS, ids=" ".join)
+def test_every_command_product_names_takes_destination(
+    two_destinations: dict[str, str], command: tuple[str, ...]
+) -> None:
+    words = [w for w in command if not w.startswith("-") and w != "p-0"]
+    assert "--destination" in invoke(two_destinations, *words, "--help").output
+    result = invoke(two_destinations, *command, "--destination", "nope", input="")
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "'nope' is not configured" in result.output
+
+
+def test_show_and_replays_keep_to_the_destination_named(two_destinations: dict[str, str]) -> None:
+    multi = two_destinations
+    absent = invoke(multi, "dead-letters", "show", "p-0", "--destination", "brand-a")
+    assert absent.exit_code == ExitCode.NOT_FOUND
+    shown = invoke(multi, "dead-letters", "show", "p-0", "--destination", "brand-b")
+    assert shown.exit_code == 0 and "destination:      brand-b" in shown.output
+    assert invoke(multi, "dead-letters", "replay", "--all").exit_code == 0
+    assert (
+        "No replays yet."
+        in invoke(multi, "dead-letters", "replays", "--destination", "brand-a").output
+    )
+    assert (
+        "completed" in invoke(multi, "dead-letters", "replays", "--destination", "brand-b").output
+    )

@@ -35,6 +35,7 @@ from capi.cli.common import (
 from capi.cli.main import cli
 from capi.cli.selection import (
     destination_names,
+    destination_option,
     filters,
     human_duration,
     now_ms,
@@ -140,19 +141,24 @@ def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int)
 @dead_letters.command("show")
 @click.argument("dl_id")
 @click.option("--json", "as_json", is_flag=True, help="The record as JSON.")
+@destination_option()
 @click.pass_context
 @handle_errors
-def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
+def show_command(ctx: click.Context, dl_id: str, as_json: bool, destination: str | None) -> None:
     """Show everything recorded about a dead letter, and a curl that reproduces it.
 
-    DL_ID is an event id (every dead letter with that id is shown) or a key name:id.
+    DL_ID is an event id (every dead letter with that id is shown, in every destination
+    unless --destination names some) or a key name:id.
 
     \b
-    Example:
+    Examples:
       capi dead-letters show order-1042
+      capi dead-letters show order-1042 --destination brand-a
     """
     settings = settings_from(ctx)
-    records, unreadable = run(select_with_unreadable(settings, Selection(ids=[dl_id])))
+    names = destination_names(settings, destination)
+    selection = Selection(ids=[dl_id], destinations=names)
+    records, unreadable = run(select_with_unreadable(settings, selection))
     named = [u for u in unreadable if dl_id in (u.key, u.id)]
     for u in named:
         err.print(f"dead letter {u.key} cannot be read ({u.why}); as stored:", markup=False)
@@ -257,24 +263,29 @@ def curl_for(
 @dead_letters.command("replays")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per audit entry.")
 @click.option("--limit", default=20, show_default=True, help="Newest entries to show.")
+@destination_option()
 @click.pass_context
 @handle_errors
-def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
+def replays_command(
+    ctx: click.Context, /, as_json: bool, limit: int, destination: str | None
+) -> None:
     """Show the replay audit log: when, what was selected, what was replayed.
 
-    A replay with "started" and no "completed" entry was interrupted: run it again.
+    A replay with "started" and no "completed" entry was interrupted: run it again. Each
+    destination keeps its own log; all are shown unless --destination names some.
 
     \b
     Example:
       capi dead-letters replays --limit 5
     """
     settings = settings_from(ctx)
+    names = destination_names(settings, destination)
 
     async def go() -> list[bytes]:
         client = redis_client(settings)
         rows: list[bytes] = []
         try:
-            for name in destination_names(settings, None):
+            for name in names:
                 keys = settings.keys.for_destination(name)
                 rows += await aw(client.lrange(keys.replays, 0, limit - 1))
             return rows

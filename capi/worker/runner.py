@@ -87,13 +87,13 @@ async def start_sender(
     ``pool`` and ``http`` (a worker's shared Redis and HTTP pools) if given; ``checks``
     limits how many destinations check their keys at once.
     """
-    sender = Sender.from_settings(settings, destination, metrics=metrics, redis=pool, http=http)
-    name = sender.destination.name
-    metrics.starting[name] = UNDER_WAY
+    dest = destination or destinations.default(settings)
+    sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
+    metrics.starting[dest.name] = UNDER_WAY
     try:
         return await _checked(sender, stopping or asyncio.Event(), checks, hold_if_broken)
     finally:
-        metrics.starting.pop(name, None)
+        metrics.starting.pop(dest.name, None)
 
 
 async def _checked(
@@ -104,7 +104,8 @@ async def _checked(
 ) -> Sender | None:
     """:func:`start_sender`'s check loop; says in ``metrics.starting`` what it waits for."""
     checks = checks or asyncio.Semaphore(1)
-    name = sender.destination.name
+    dest = sender.destination
+    name = dest.name
     starting = sender.metrics.parent.starting
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
@@ -122,18 +123,15 @@ async def _checked(
                     "destination %s: key %s can write events to pixel %s; sender starting",
                     name,
                     result.key_fingerprint,
-                    sender.client.pixel_id,
+                    dest.pixel_id,
                 )
-                sender.metrics.key_ok.set(1)
                 return sender
             assert result.error is not None and result.diagnosis is not None
             if not result.error.retryable:
                 if not hold_if_broken:
                     await sender.aclose()
                     raise KeyCheckFailed(result.diagnosis.text, result.error)
-                await sender.durably(
-                    "holding a broken key", functools.partial(sender.guard.hold, result)
-                )
+                await sender.durably("holding a broken key", functools.partial(sender.hold, result))
                 log.error(
                     "destination %s is held: %s; its events stay queued, the other "
                     "destinations are served; it resumes by itself once a re-probe passes",
@@ -168,7 +166,9 @@ class Fleet:
         self.lanes = Lanes(settings, self.redis, metrics=metrics)
         # One HTTP pool for every destination (all usually send to the same API host).
         self.http = http_pool(settings.request_timeout_s, 2 * self.lanes.lane_count + 8)
-        self.senders: dict[str, Sender] = {}
+        # Senders checked by start() before run(), handed to the lanes by _serve (the lanes
+        # track the senders they serve; the fleet tracks destinations and their tasks).
+        self._checked: dict[str, Sender] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stops: dict[str, asyncio.Event] = {}
         self._retiring: list[asyncio.Task[None]] = []
@@ -215,7 +215,7 @@ class Fleet:
                 )
                 if sender is None:
                     return False
-                self.senders[dest.name] = sender
+                self._checked[dest.name] = sender
             started = True
             return True
         finally:
@@ -246,16 +246,16 @@ class Fleet:
     async def aclose(self) -> None:
         """Close what :meth:`start` opened, when :meth:`run` is not to follow."""
         await self._unwatch_startup()
-        for sender in self.senders.values():
+        for sender in self._checked.values():
             await sender.aclose()
-        self.senders.clear()
+        self._checked.clear()
         await self.redis.aclose()
         await self.http.aclose()
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve every destination until stopped (with ``burst``: until all that can send
         are drained)."""
-        self.lanes.starting = len(self.destinations)
+        self.lanes.expect(len(self.destinations))
         self._watch_startup()
         self._startup.heartbeat = False  # the lanes' housekeeping heartbeats from now on
         lanes = asyncio.create_task(self.lanes.run(burst=burst))
@@ -298,7 +298,7 @@ class Fleet:
         """Check a destination's key, serve it on the lanes until ``stop``, then take it
         off them (its in-flight batches finish)."""
         starting = True
-        sender = self.senders.get(dest.name)
+        sender = self._checked.pop(dest.name, None)
         try:
             if sender is None:
                 sender = await start_sender(
@@ -314,23 +314,20 @@ class Fleet:
                 if sender is None:
                     return
                 if stop.is_set():  # removed or changed while its key was being checked
-                    await sender.aclose()
                     return
-                self.senders[dest.name] = sender
             stopper = asyncio.create_task(_stop_when(stop, sender))
             await sender.start()
             if not sender.stopping:
                 self.lanes.add(sender)
-            self.lanes.starting -= 1
+            self.lanes.started()
             starting = False
             await stop.wait()
             await stopper
             await self.lanes.remove(sender)
         finally:
             if starting:
-                self.lanes.starting -= 1
-            if sender is not None and self.senders.get(dest.name) is sender:
-                del self.senders[dest.name]
+                self.lanes.started()
+            if sender is not None:
                 await sender.aclose()
 
     async def _watch(self) -> None:
@@ -433,7 +430,7 @@ async def _check_in_slot(
     async with checks:
         if stop.is_set():
             return None
-        return await sender.guard.check()
+        return await sender.check_key()
 
 
 async def _stop_when(stop: asyncio.Event, sender: Sender) -> None:

@@ -1,7 +1,8 @@
 """Destinations: the pixels (and their Conversion Keys) one deployment sends to.
 
-A destination is a name, a pixel id, where its Conversion Key comes from (an environment
-variable or a file: never the TOML itself), an optional ``integration_source`` and base
+A destination is a name, a pixel id, where its Conversion Key comes from (a variable, set
+in the environment or in the config file ``config/capi.env`` as settings are, or a file:
+never the TOML itself), an optional ``integration_source`` and base
 URL, and the SHA-256 of the intake tokens granted it. They are read from
 ``config/destinations.toml``, or the file named by ``CAPI_DESTINATIONS_FILE``::
 
@@ -21,7 +22,6 @@ destinations meanwhile.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import tomllib
@@ -115,12 +115,15 @@ def source(settings: Settings) -> Path | None:
 
 
 def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Destination]:
-    """The configured destinations by name; ConfigError names what is wrong, and where."""
-    environ = os.environ if environ is None else environ
+    """The configured destinations by name; ConfigError names what is wrong, and where.
+
+    A key named by ``api_key_env`` is looked up in ``environ``: by default the environment
+    and the config file (``config/capi.env``), the environment winning, as for settings."""
+    environ = settings.environ() if environ is None else environ
     path = source(settings)
     if path is None:
         return {DEFAULT_NAME: default(settings)}
-    return parse(_read(path), path, settings, environ)
+    return parse(_read(path), path, settings, environ, where=settings.config_source())
 
 
 def parse_file(
@@ -128,7 +131,7 @@ def parse_file(
 ) -> dict[str, Destination]:
     """Like :func:`load`, but a key that cannot be read here is left empty rather than
     refused (for listing destinations on a host that does not hold every key)."""
-    environ = os.environ if environ is None else environ
+    environ = settings.environ() if environ is None else environ
     path = source(settings)
     if path is None:
         try:
@@ -140,7 +143,9 @@ def parse_file(
                     DEFAULT_NAME, settings.pixel_id or "", "", "", reads=reads
                 )
             }
-    return parse(_read(path), path, settings, environ, keys="optional")
+    return parse(
+        _read(path), path, settings, environ, keys="optional", where=settings.config_source()
+    )
 
 
 def _read(path: Path) -> str:
@@ -218,10 +223,12 @@ def parse(
     environ: Mapping[str, str],
     *,
     keys: Literal["required", "optional", "skip"] = "required",
+    where: str = "the environment",
 ) -> dict[str, Destination]:
     """The destinations of one TOML text (``path`` only names it in errors). Each key is
     read and must be usable (``required``), is left empty when it cannot be read here
-    (``optional``), or is not read at all (``skip``)."""
+    (``optional``), or is not read at all (``skip``); ``where`` says where ``environ``
+    comes from, for the message about a variable that is not set."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -237,22 +244,22 @@ def parse(
         raise ConfigError(f"{path}: names no destination; add a [destinations.NAME] table")
     out: dict[str, Destination] = {}
     for name, table in tables.items():
-        where = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
+        at = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
         if not NAME.fullmatch(name):
             raise ConfigError(
-                f"{where}: a destination name is 1-63 lowercase letters, digits, - or _, "
+                f"{at}: a destination name is 1-63 lowercase letters, digits, - or _, "
                 "starting with a letter or digit"
             )
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: must be a table of settings")
+            raise ConfigError(f"{at}: must be a table of settings")
         try:
             entry = _Entry.model_validate(table)
         except ValidationError as exc:
-            raise ConfigError(f"{where}: {_first(exc)}") from None
+            raise ConfigError(f"{at}: {_first(exc)}") from None
         key, key_source = "", ""
         if keys != "skip":
             try:
-                key, key_source = _key(entry, where, environ)
+                key, key_source = _key(entry, at, environ, where)
             except ConfigError:
                 if keys == "required":
                     raise
@@ -326,12 +333,15 @@ def default_reads(settings: Settings) -> ReadBack | None:
     return ReadBack(settings.ads_api_base_url.rstrip("/"), key, "CAPI_ADVERTISER_KEY")
 
 
-def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, str]:
+def _key(entry: _Entry, where: str, environ: Mapping[str, str], source: str) -> tuple[str, str]:
     if entry.api_key_env is not None:
         key = environ.get(entry.api_key_env, "").strip()
         label = f"${entry.api_key_env}"
         if not key:
-            raise ConfigError(f"{where}: api_key_env names {entry.api_key_env}, which is not set")
+            raise ConfigError(
+                f"{where}: api_key_env names {entry.api_key_env}, which is not set (looked "
+                f"for in {source})"
+            )
     else:
         assert entry.api_key_file is not None
         label = str(entry.api_key_file)
@@ -344,6 +354,17 @@ def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, st
         problem = problem.replace("the CAPI_API_KEY= line of the config file", "its own line")
         raise ConfigError(f"{where}: the key in {label} {problem}")
     return key, label
+
+
+def key_variables(settings: Settings) -> set[str]:
+    """The variables the destinations file names in ``api_key_env`` (read loosely, so that a
+    broken file still tells them): known names, not typos of settings."""
+    path = source(settings)
+    try:
+        text = path.read_text(encoding="utf-8") if path is not None else ""
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return set(re.findall(r"^\s*api_key_env\s*=\s*[\"']([A-Za-z0-9_]+)[\"']", text, re.MULTILINE))
 
 
 def _line_of(text: str, name: str) -> int:

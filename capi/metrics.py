@@ -9,7 +9,8 @@ at most 16 connections, each dropped after 5 s idle) with:
   does not make a healthy worker look stuck (a restart would not help it);
 - ``/readyz``: readiness: 200 when Redis answered within the liveness window
   (:data:`capi.clock.LIVENESS_S`) and some destination can send (its key not held, its
-  endpoint not failing); the others are named in the answer.
+  endpoint not failing); the others are named in the answer. 503 ``starting: ...``
+  while the startup key check is under way.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ class Metrics:
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
         self._views: dict[str, DestinationMetrics] = {}
+        # Destinations whose startup key check is under way, with what it waits for (the
+        # runner writes it; readiness and the worker's heartbeat read it).
+        self.starting: dict[str, str] = {}
 
     def for_destination(self, name: str) -> DestinationMetrics:
         """The view a destination's sender writes through (its label filled in)."""
@@ -148,10 +152,16 @@ class Metrics:
 
     def ready(self) -> tuple[bool, str]:
         """Readiness: Redis answered recently, and some destination can send (its key not
-        held, its endpoint not failing)."""
+        held, its endpoint not failing). While every destination's startup key check is
+        under way, not ready, saying what the check waits for."""
         if time.monotonic() - self.last_redis_ok > LIVENESS_S:
             return False, "Redis has not answered recently"
-        views = list(self._views.values())
+        starting = dict(self.starting)
+        views = [v for v in self._views.values() if v.name not in starting]
+        if starting and not views:
+            return False, "starting: " + "; ".join(
+                why if name == "default" else f"{name}: {why}" for name, why in starting.items()
+            )
         held = [v.name for v in views if v.key_ok._value.get() != 1]
         failing = [v.name for v in views if v.endpoint_failing_since._value.get()]
         if views and len(held) == len(views):
@@ -226,6 +236,13 @@ class DestinationMetrics:
         self.transient_key_failures = _ByReason(parent.transient_key_failures, name)
         self.redis_up = parent.redis_up
         self.redis_full = parent.redis_full
+
+    def set_depth(self, queued: int, in_flight: int, retries: int, oldest_age_s: float) -> None:
+        """Set the queue gauges (from :meth:`capi.queue.Queue.depth`)."""
+        self.queue_depth.set(queued)
+        self.in_flight.set(in_flight)
+        self.retries_scheduled.set(retries)
+        self.oldest_age.set(max(0.0, oldest_age_s))
 
 
 class _ByReason:

@@ -14,6 +14,7 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - replay: a dead letter's event back on the stream + the record removed;
 - hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
+- purge (``capi queue purge``): ``XDEL`` of entries not in flight + the retry schedule;
 - reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
   answer was lost, are taken over (``XCLAIM``).
 
@@ -265,6 +266,41 @@ if ok then return 1 end
 if string.find(tostring(err), 'BUSYGROUP') then return 0 end
 return redis.error_reply(tostring(err))
 """
+
+PURGE_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _INDEX_RETRIES
+    + """
+-- KEYS: stream, retry zset, stats, retry-due index. ARGV: group, destination, start (a
+-- stream id range start: '-' or '(' .. id), count, '1' to purge the retry schedule too.
+-- Deletes up to count entries from start on that no worker has in flight (those finish);
+-- dead letters are not touched. Returns {entries deleted, retry events deleted, last id}.
+local rows = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', tonumber(ARGV[4]))
+local pending = {}
+if #rows > 0 then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], rows[1][1], rows[#rows][1],
+                      #rows)
+  if ok then for _, row in ipairs(p) do pending[row[1]] = true end end
+end
+local ids = {}
+for _, row in ipairs(rows) do
+  if not pending[row[1]] then ids[#ids + 1] = row[1] end
+end
+if #ids > 0 then redis.call('XDEL', KEYS[1], unpack(ids)) end
+local retried = 0
+if ARGV[5] == '1' then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    retried = retried + #cjson.decode(member)['entries']
+  end
+  redis.call('DEL', KEYS[2])
+  index_retries(KEYS[2], KEYS[4], ARGV[2])
+end
+if #ids + retried > 0 then redis.call('HINCRBY', KEYS[3], 'purged', #ids + retried) end
+local last = ''
+if #rows > 0 then last = rows[#rows][1] end
+return {#ids, retried, last}
+"""
+)
 
 HEARTBEAT_LUA = """#!lua flags=allow-oom
 -- KEYS: workers zset, worker states hash. ARGV: worker, now_ms, state JSON.
@@ -619,6 +655,24 @@ class Queue:
         in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
         oldest = int(first[0][0].split(b"-")[0]) if first else None
         return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
+
+    async def purge(self, chunk: int = 1000) -> tuple[int, int]:
+        """Delete every queued event and scheduled retry of this destination, except the
+        entries a worker has in flight (they finish); dead letters stay. In chunks, so
+        Redis is never blocked for long. Returns (queued events, retry events) deleted."""
+        k = self.keys
+        script = self.redis.register_script(PURGE_LUA)
+        queued = retried = 0
+        start, first = "-", True
+        while True:
+            n, r, last = await script(
+                keys=[k.stream, k.retry, k.stats, k.retry_due],
+                args=[self.group, k.destination, start, chunk, "1" if first else "0"],
+            )
+            queued, retried, first = queued + int(n), retried + int(r), False
+            if not last:
+                return queued, retried
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
     async def heartbeat(self, worker: str, now_ms: int, state: dict[str, Any]) -> None:
         """Record that this worker is alive, and what it is doing (for ``capi status``)."""

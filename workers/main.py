@@ -45,6 +45,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     metrics = Metrics()
     fleet = Fleet(settings, metrics)
     configure_logging(settings, fleet.api_keys())
+    for warning in settings.unknown_variables(destinations.key_variables(settings)):
+        log.warning("%s", warning)
     await fleet.start()
     if settings.metrics_port is not None:
         try:

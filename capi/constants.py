@@ -15,8 +15,9 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
     {d}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {d}:dl:replays          LIST    replay audit entries (JSON), newest first
-    {d}:stats               HASH    counters: enqueued, delivered, validated (test
-                                    mode), retried, dead_lettered, transient_key_failures,
+    {d}:stats               HASH    counters: enqueued, duplicates (enqueues the dedup
+                                    window refused), delivered, validated (test mode),
+                                    retried, dead_lettered, transient_key_failures,
                                     requests, accepted_mismatches
     {d}:stats:dl_reasons    HASH    dead-letter reason -> count
     {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,

@@ -33,7 +33,8 @@ from capi import destinations as destinations_
 from capi.clock import Clock
 from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
-from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
+from capi.durability import Durability
+from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.schema import Event
@@ -157,6 +158,7 @@ class _BaseProducer:
         self._names = destinations
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
+        self._durability = Durability(durability, durability_timeout_ms)
         self.keys = keys or RedisKeys()
         self.dedup_window_s = dedup_window_s
         self.clock = clock
@@ -187,36 +189,27 @@ class _BaseProducer:
     def _connect(settings: Settings) -> Any:
         raise NotImplementedError
 
-    def _durability_command(self) -> tuple[Any, ...] | None:
-        if self.durability == "aof":
-            return ("WAITAOF", 1, 0, self.durability_timeout_ms)
-        if self.durability == "replica":
-            return ("WAIT", 1, self.durability_timeout_ms)
-        return None
+    def _pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> Any:
+        """The enqueue script's calls, then the durability wait, as one pipeline: the wait
+        covers the last write of its own connection (see :mod:`capi.durability`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        for command in self._durability.commands():
+            pipe.execute_command(*command)
+        return pipe
 
-    def _check_durable(self, answer: Any) -> None:
-        """Raise unless the durability wait confirmed the write."""
-        confirmed = answer[0] if isinstance(answer, list) else answer
-        if int(confirmed) < 1:
-            where = "in the append-only file" if self.durability == "aof" else "on a replica"
-            raise QueueUnavailable(
-                f"the event reached Redis but was not confirmed {where} within "
-                f"CAPI_DURABILITY_TIMEOUT_MS={self.durability_timeout_ms}; it may be lost if "
-                "Redis fails now. Enqueueing it again is safe (the event id dedups)."
-            )
-
-    def _durability_refused(self, exc: redis.exceptions.ResponseError) -> ConfigError:
-        text = str(exc)
-        if "unknown command" in text.lower():
-            need = "Redis 7.2+ or Valkey 8+" if self.durability == "aof" else "Redis"
-            return ConfigError(
-                f"CAPI_ENQUEUE_DURABILITY={self.durability} needs {need} "
-                f"(the server said: {text[:120]})"
-            )
-        return ConfigError(
-            f"CAPI_ENQUEUE_DURABILITY={self.durability} cannot be honoured by this Redis "
-            f"({text[:160]}); for aof, set appendonly yes on the server"
-        )
+    def _confirmed(self, calls: int, answers: list[Any]) -> list[list[int]] | None:
+        """The scripts' answers once the wait confirmed them; None if the script must be
+        loaded first (NOSCRIPT: nothing was written). Raises what Redis refused."""
+        flags = answers[:calls]
+        if any(isinstance(f, redis.exceptions.NoScriptError) for f in flags):
+            return None
+        for flag in flags:
+            if isinstance(flag, Exception):
+                raise flag
+        self._durability.check(answers[calls:])
+        return flags
 
     def _prepare(self, event: RawEvent) -> PreparedEvent:
         """prepare(), with any failure it did not foresee turned into a refusal of this event:
@@ -332,15 +325,17 @@ class Producer(_BaseProducer):
     def _connect(settings: Settings) -> aioredis.Redis:
         return settings.async_redis()
 
-    async def _durable(self) -> None:
-        command = self._durability_command()
-        if command is None:
-            return
-        try:
-            answer = await self.redis.execute_command(*command)
-        except redis.exceptions.ResponseError as exc:
-            raise self._durability_refused(exc) from None
-        self._check_durable(answer)
+    async def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        if not self._durability.waits:
+            return [await self._script(keys=keys, args=args) for keys, args in calls]
+        for _ in range(2):
+            answers = await self._pipeline(calls).execute(raise_on_error=False)
+            flags = self._confirmed(len(calls), answers)
+            if flags is not None:
+                return flags
+            await self.redis.script_load(ENQUEUE_LUA)
+        raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
 
     async def __aenter__(self) -> Self:
         return self
@@ -369,12 +364,10 @@ class Producer(_BaseProducer):
         destination.
         """
         targets = self._targets(destination)
-        added = {}
+        calls = [self._one(event, target) for target in targets]
         with _translated(self.redis):
-            for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool((await self._script(keys=keys, args=args))[0])
-            await self._durable()
+            flags = await self._run(calls)
+        added = {t.destination: bool(f[0]) for t, f in zip(targets, flags, strict=True)}
         return _answer(added, destination)
 
     async def enqueue_many(
@@ -392,8 +385,7 @@ class Producer(_BaseProducer):
         refusals: list[Refusal] = []
         with _partial(report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
-                self._count(report, await self._script(keys=keys, args=args), positions)
-            await self._durable()
+                self._count(report, (await self._run([(keys, args)]))[0], positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
             await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
@@ -406,15 +398,17 @@ class SyncProducer(_BaseProducer):
     def _connect(settings: Settings) -> redis.Redis:
         return settings.sync_redis()
 
-    def _durable(self) -> None:
-        command = self._durability_command()
-        if command is None:
-            return
-        try:
-            answer = self.redis.execute_command(*command)
-        except redis.exceptions.ResponseError as exc:
-            raise self._durability_refused(exc) from None
-        self._check_durable(answer)
+    def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        if not self._durability.waits:
+            return [self._script(keys=keys, args=args) for keys, args in calls]
+        for _ in range(2):
+            answers = self._pipeline(calls).execute(raise_on_error=False)
+            flags = self._confirmed(len(calls), answers)
+            if flags is not None:
+                return flags
+            self.redis.script_load(ENQUEUE_LUA)
+        raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
 
     def __enter__(self) -> Self:
         return self
@@ -436,12 +430,10 @@ class SyncProducer(_BaseProducer):
         """Enqueue one event; False if its id was already enqueued within the dedup window
         (see :meth:`Producer.enqueue` for ``destination``)."""
         targets = self._targets(destination)
-        added = {}
+        calls = [self._one(event, target) for target in targets]
         with _translated(self.redis):
-            for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool(self._script(keys=keys, args=args)[0])
-            self._durable()
+            flags = self._run(calls)
+        added = {t.destination: bool(f[0]) for t, f in zip(targets, flags, strict=True)}
         return _answer(added, destination)
 
     def enqueue_many(
@@ -458,8 +450,7 @@ class SyncProducer(_BaseProducer):
         refusals: list[Refusal] = []
         with _partial(report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
-                self._count(report, self._script(keys=keys, args=args), positions)
-            self._durable()
+                self._count(report, self._run([(keys, args)])[0], positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
             tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report

@@ -71,7 +71,8 @@ ENQUEUE_LUA = (
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
 -- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
--- in the window.
+-- in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent after this
+-- script cover the earlier write of the same event (see capi.durability).
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
 for j = 5, #ARGV, 4 do
@@ -88,6 +89,9 @@ end
 if added > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', added)
   activate(KEYS[3], KEYS[4], ARGV[4])
+end
+if added < #out then
+  redis.call('HINCRBY', KEYS[2], 'duplicates', #out - added)
 end
 return out
 """
@@ -227,6 +231,17 @@ requeued(moved)
 return {moved, skipped, #rows}
 """
 )
+
+OLDEST_RETRY_LUA = """#!lua flags=no-writes,allow-oom
+-- KEYS: retry zset. The earliest enqueue time (ms) of the events scheduled for retry, or
+-- false. Each member begins {"u":"<hex>","q":<ms>: read without decoding the events.
+local oldest = false
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local q = tonumber(string.match(member, '^{"u":"%x+","q":(%d+)'))
+  if q and (not oldest or q < oldest) then oldest = q end
+end
+return oldest
+"""
 
 HANDBACK_LUA = (
     "#!lua flags=allow-oom\n"
@@ -456,6 +471,7 @@ class Queue:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(READ_LUA)
         self._index_retries = client.register_script(INDEX_RETRIES_LUA)
+        self._oldest_retry = client.register_script(OLDEST_RETRY_LUA)
         # The keys a script that moves retries back to the stream needs (_REQUEUE_MEMBER).
         self._requeue_keys = [keys.retry, keys.stream, keys.active, keys.wake, keys.retry_due]
 
@@ -577,9 +593,12 @@ class Queue:
         with ``endpoint_error``, mark the endpoint as failing (since now, unless it already
         was); ``server_asked`` when the wait is the server's own (``Retry-After``)."""
         rows = []
+        oldest = now
         for e in entries:
             meta = dict(e.meta or {})
             meta.setdefault("f", now)
+            meta.setdefault("q", int(e.stream_id.split(b"-")[0]))  # first enqueued (ms)
+            oldest = min(oldest, meta["q"])
             meta.update(l=now, err=error)
             rows.append(
                 {
@@ -590,7 +609,8 @@ class Queue:
                     "m": orjson.dumps(meta).decode(),
                 }
             )
-        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "entries": rows}
+        # "q" second: OLDEST_RETRY_LUA reads it from the member's start.
+        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "q": oldest, "entries": rows}
         if server_asked:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
         member = orjson.dumps(batch)
@@ -641,7 +661,8 @@ class Queue:
         return int(queued) == 0 and int(retries) == 0
 
     async def depth(self) -> tuple[int, int, int | None, int]:
-        """Queued (not yet read), in flight, oldest entry time (ms), scheduled retry batches."""
+        """Queued (not yet read), in flight, the enqueue time (ms) of the oldest event not yet
+        delivered (queued, in flight or scheduled for retry), scheduled retry batches."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.keys.stream)
         pipe.xrange(self.keys.stream, count=1)
@@ -654,6 +675,10 @@ class Queue:
         # No consumer group yet (no worker has run): nothing is in flight.
         in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
         oldest = int(first[0][0].split(b"-")[0]) if first else None
+        if retries:
+            waiting = await self._oldest_retry(keys=[self.keys.retry])
+            if waiting:
+                oldest = min(int(waiting), oldest or int(waiting))
         return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
 
     async def purge(self, chunk: int = 1000) -> tuple[int, int]:

@@ -21,6 +21,7 @@ destinations meanwhile.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -38,6 +39,7 @@ from capi.fingerprint import fingerprint, shape_problem
 from capi.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger("capi.destinations")
 
 DEFAULT_FILE = Path("config/destinations.toml")
 DEFAULT_NAME = "default"
@@ -142,7 +144,9 @@ def file_stamp(settings: Settings) -> tuple[str, float] | None:
 
 class Following(Generic[T]):
     """What ``read`` makes of the destinations file, read again when the file changes
-    (looked at at most once a second); a broken file keeps the last good result."""
+    (looked at at most once a second; ``stamp`` tells a change, :func:`file_stamp` unless
+    given). A broken file goes to :meth:`broken`, which logs it and keeps the last good
+    result unless a subclass decides otherwise."""
 
     def __init__(
         self,
@@ -150,12 +154,14 @@ class Following(Generic[T]):
         read: Callable[[Settings], T],
         *,
         monotonic: Callable[[], float] | None = None,
+        stamp: Callable[[Settings], object] | None = None,
     ) -> None:
         self.settings = settings
         self._read = read
+        self._stamp_of: Callable[[Settings], object] = stamp or file_stamp
         self._monotonic = monotonic or time.monotonic
         self._checked = self._monotonic()
-        self._stamp = file_stamp(settings)
+        self._stamp = self._stamp_of(settings)
         self._value = read(settings)
 
     def current(self) -> T:
@@ -163,14 +169,19 @@ class Following(Generic[T]):
         now = self._monotonic()
         if now - self._checked >= 1.0:
             self._checked = now
-            stamp = file_stamp(self.settings)
+            stamp = self._stamp_of(self.settings)
             if stamp != self._stamp:
+                self._stamp = stamp
                 try:
                     self._value = self._read(self.settings)
-                    self._stamp = stamp
-                except ConfigError:
-                    pass
+                except ConfigError as exc:
+                    self._value = self.broken(self._value, exc)
         return self._value
+
+    def broken(self, last: T, exc: ConfigError) -> T:
+        """The result while the file is broken (``exc`` says how): the last good one."""
+        log.error("%s; keeping the destinations read before until it is fixed", exc)
+        return last
 
 
 class Names(Following[list[str]]):

@@ -166,7 +166,7 @@ class Demo:
     async def _drain(self, settings: Settings, timeout_s: float = 20) -> None:
         sender = Sender.from_settings(settings)
         try:
-            if not (await sender.guard.check()).ok:
+            if not (await sender.check_key()).ok:
                 raise RuntimeError("the demo key check failed")
             await asyncio.wait_for(run_sender(sender, burst=True), timeout_s)
         finally:

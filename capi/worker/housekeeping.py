@@ -162,7 +162,7 @@ class Housekeeping:
         except Exception as exc:
             self._failed(exc, name)
             if sender is not None and "NOGROUP" in str(exc):
-                await sender._recreate_group()
+                await sender.recreate_group()
             return False
         return True
 
@@ -198,7 +198,7 @@ class Housekeeping:
         """The jobs that look after destinations' keys and entries in flight."""
         for s in senders.values():
             name = s.destination.name
-            if name in self._probes or not s.guard.held:
+            if name in self._probes or not s.held:
                 continue
             if self._due(f"reprobe:{name}", self._reprobe_s(s)):
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
@@ -214,8 +214,12 @@ class Housekeeping:
         """Re-probe a held key (at most one worker per interval: a lock in Redis)."""
         name = s.destination.name
         try:
-            if await self._job("key re-probe", s.guard.try_release, s) and not s.guard.held:
-                s.metrics.key_ok.set(1)
+            released: list[bool] = []
+
+            async def probe() -> None:
+                released.append(await s.try_release())
+
+            if await self._job("key re-probe", probe, s) and all(released):
                 self.lanes.activate(name)
         finally:
             del self._probes[name]
@@ -237,7 +241,7 @@ class Housekeeping:
     def _busy(self, senders: dict[str, Sender], *, held: bool = False) -> Iterable[Sender]:
         """The senders with work (and, with ``held``, the held ones)."""
         for name, s in senders.items():
-            if name in self.lanes.active or s.in_flight or s.reclaimed or (held and s.guard.held):
+            if name in self.lanes.active or s.holding or (held and s.held):
                 yield s
 
     async def _move_due(self, senders: dict[str, Sender], now_ms: int) -> None:
@@ -266,8 +270,7 @@ class Housekeeping:
             pipe.hget(s.keys.key_state, "state")
         states = await pipe.execute()
         for s, state in zip(senders.values(), states, strict=True):
-            await s.guard.adopt(state)
-            s.metrics.key_ok.set(0 if s.guard.held else 1)
+            await s.adopt_key_state(state)
 
     async def _log_status(self, senders: dict[str, Sender]) -> None:
         shown = list(self._busy(senders))[:20] or list(senders.values())[:1]
@@ -305,7 +308,7 @@ class Housekeeping:
     async def _reclaim_one(self, s: Sender, live: set[str]) -> None:
         size = s.settings.batch_size
         name = s.destination.name
-        while len(s.reclaimed) < s.settings.concurrency * 4:
+        while s.reclaim_room():
             claimed = await s.queue.reclaim(
                 f"{self.lanes.name}:reclaim",
                 self.claim_idle_ms,
@@ -323,7 +326,7 @@ class Housekeeping:
                 name,
                 extra={"count": len(claimed), "destination": name},
             )
-            s.reclaimed.append(claimed)
+            s.take_over(claimed)
             self.lanes.activate(name)
             if len(claimed) < size:
                 return
@@ -345,12 +348,7 @@ class Housekeeping:
             (s.destination.name, s) for s in self._next(senders, "_gauges_turn", GAUGES_SLICE)
         )
         for s in todo.values():
-            depth, in_flight, oldest_ms, retries = await s.queue.depth()
-            m = s.metrics
-            m.queue_depth.set(depth)
-            m.in_flight.set(in_flight)
-            m.retries_scheduled.set(retries)
-            m.oldest_age.set(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms else 0)
+            await s.refresh_gauges(now_ms)
         try:
             memory = await self.lanes.redis.info("memory")
         except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
@@ -362,13 +360,13 @@ class Housekeeping:
         scheduled (a held destination's events stay queued, and are said to)."""
         if self.lanes.starting or self._errors:
             return False
-        sendable = [s for s in senders.values() if not s.guard.held]
-        if any(s.in_flight or s.reclaimed for s in sendable):
+        sendable = [s for s in senders.values() if not s.held]
+        if any(s.holding for s in sendable):
             return False
         for s in sendable:
             if not await s.queue.drained():
                 return False
-        held = [name for name, s in senders.items() if s.guard.held]
+        held = [name for name, s in senders.items() if s.held]
         if held:
             log.warning("burst: held (key broken), their events stay queued: %s", ", ".join(held))
         return True

@@ -12,7 +12,6 @@ taking new events, and one worker at a time (a Redis lock) re-probes every
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from capi.deadletters import iso
 from capi.errors import SendError
 from capi.guidance import diagnose
 from capi.keycheck import KeyCheck, check_key
+from capi.worker.decisions import Verdict
 
 log = logging.getLogger("capi.keyguard")
 
@@ -46,14 +46,6 @@ LOCK_LUA = """#!lua flags=allow-oom
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end
 return 0
 """
-
-
-class Verdict(enum.Enum):
-    """What a key failure turned out to be."""
-
-    TRANSIENT = "transient"
-    CONFIRMED = "confirmed"
-    ALREADY_HELD = "already_held"
 
 
 class KeyGuard:

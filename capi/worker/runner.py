@@ -86,9 +86,10 @@ async def start_sender(
     ``pool`` and ``http`` (a worker's shared Redis and HTTP pools) if given; ``checks``
     limits how many destinations check their keys at once.
     """
-    sender = Sender.from_settings(settings, destination, metrics=metrics, redis=pool, http=http)
+    dest = destination or destinations.default(settings)
+    sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
     checks = checks or asyncio.Semaphore(1)
-    name = sender.destination.name
+    name = dest.name
     stop = stopping or asyncio.Event()
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
@@ -105,18 +106,15 @@ async def start_sender(
                     "destination %s: key %s can write events to pixel %s; sender starting",
                     name,
                     result.key_fingerprint,
-                    sender.client.pixel_id,
+                    dest.pixel_id,
                 )
-                sender.metrics.key_ok.set(1)
                 return sender
             assert result.error is not None and result.diagnosis is not None
             if not result.error.retryable:
                 if not hold_if_broken:
                     await sender.aclose()
                     raise KeyCheckFailed(result.diagnosis.text, result.error)
-                await sender.durably(
-                    "holding a broken key", functools.partial(sender.guard.hold, result)
-                )
+                await sender.durably("holding a broken key", functools.partial(sender.hold, result))
                 log.error(
                     "destination %s is held: %s; its events stay queued, the other "
                     "destinations are served; it resumes by itself once a re-probe passes",
@@ -150,7 +148,9 @@ class Fleet:
         self.lanes = Lanes(settings, self.redis, metrics=metrics)
         # One HTTP pool for every destination (all usually send to the same API host).
         self.http = http_pool(settings.request_timeout_s, 2 * self.lanes.lane_count + 8)
-        self.senders: dict[str, Sender] = {}
+        # Senders checked by start() before run(), handed to the lanes by _serve (the lanes
+        # track the senders they serve; the fleet tracks destinations and their tasks).
+        self._checked: dict[str, Sender] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stops: dict[str, asyncio.Event] = {}
         self._retiring: list[asyncio.Task[None]] = []
@@ -192,7 +192,7 @@ class Fleet:
             )
             if sender is None:
                 return False
-            self.senders[dest.name] = sender
+            self._checked[dest.name] = sender
         return True
 
     def stop(self) -> None:
@@ -207,16 +207,16 @@ class Fleet:
 
     async def aclose(self) -> None:
         """Close what :meth:`start` opened, when :meth:`run` is not to follow."""
-        for sender in self.senders.values():
+        for sender in self._checked.values():
             await sender.aclose()
-        self.senders.clear()
+        self._checked.clear()
         await self.redis.aclose()
         await self.http.aclose()
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve every destination until stopped (with ``burst``: until all that can send
         are drained)."""
-        self.lanes.starting = len(self.destinations)
+        self.lanes.expect(len(self.destinations))
         lanes = asyncio.create_task(self.lanes.run(burst=burst))
         for dest in self.destinations.values():
             self._launch(dest)
@@ -254,7 +254,7 @@ class Fleet:
         """Check a destination's key, serve it on the lanes until ``stop``, then take it
         off them (its in-flight batches finish)."""
         starting = True
-        sender = self.senders.get(dest.name)
+        sender = self._checked.pop(dest.name, None)
         try:
             if sender is None:
                 sender = await start_sender(
@@ -270,23 +270,20 @@ class Fleet:
                 if sender is None:
                     return
                 if stop.is_set():  # removed or changed while its key was being checked
-                    await sender.aclose()
                     return
-                self.senders[dest.name] = sender
             stopper = asyncio.create_task(_stop_when(stop, sender))
             await sender.start()
             if not sender.stopping:
                 self.lanes.add(sender)
-            self.lanes.starting -= 1
+            self.lanes.started()
             starting = False
             await stop.wait()
             await stopper
             await self.lanes.remove(sender)
         finally:
             if starting:
-                self.lanes.starting -= 1
-            if sender is not None and self.senders.get(dest.name) is sender:
-                del self.senders[dest.name]
+                self.lanes.started()
+            if sender is not None:
                 await sender.aclose()
 
     async def _watch(self) -> None:
@@ -389,7 +386,7 @@ async def _check_in_slot(
     async with checks:
         if stop.is_set():
             return None
-        return await sender.guard.check()
+        return await sender.check_key()
 
 
 async def _stop_when(stop: asyncio.Event, sender: Sender) -> None:

@@ -31,11 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
 from capi.fingerprint import fingerprint, shape_problem
+from capi.safetext import shown
 from capi.settings import Settings
 
 T = TypeVar("T")
@@ -59,6 +67,11 @@ class _Entry(BaseModel):
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     intake_tokens_sha256: list[str] = []
 
+    @field_validator("pixel_id")
+    @classmethod
+    def _pixel_id(cls, value: str) -> str:
+        return checked_pixel_id(value)
+
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
         if (self.api_key_env is None) == (self.api_key_file is None):
@@ -70,6 +83,17 @@ class _Entry(BaseModel):
                     "each (capi intake-token prints the line to paste)"
                 )
         return self
+
+
+def checked_pixel_id(value: str) -> str:
+    """``value`` if it can be a pixel id (it is printed and sent as ?pid=); ValueError if
+    it holds a space, a control character or an invisible formatting character."""
+    if any(c.isspace() for c in value) or shown(value) != value:
+        raise ValueError(
+            f"{shown(value)[:80]!r} is not a pixel id: no spaces, control characters or "
+            "invisible (bidi, zero-width) characters; copy it from Ads Manager -> Conversions"
+        )
+    return value
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from capi import destinations
 from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.main import cli
 from capi.fingerprint import fingerprint
+from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import destination_status
 
@@ -46,15 +47,15 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
     for r in rows:
         oldest = r["oldest_queued_age_s"]
         table.add_row(
-            Text(r["name"]),
-            Text(r["pixel_id"] or "-"),
+            Text(shown(r["name"])),
+            Text(shown(r["pixel_id"] or "-")),
             Text(r["key_fingerprint"]),
             r["key_state"] if r["configured"] else "removed",
             str(r["queued"]),
             "-" if oldest is None else f"{oldest:.0f} s",
             str(r["delivered"]),
             str(r["dead_letters"]),
-            Text(r["last_error"] or "-"),
+            Text(shown(r["last_error"] or "-")),
         )
     out.print(table)
 

@@ -31,6 +31,7 @@ from capi.constants import MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
+from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import destination_status, shared_status
 
@@ -326,17 +327,18 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     line = f"key:           {key.get('state')}"
     if key.get("state") == "held":
         line += f" since {key.get('since')} ({key.get('reason')})"
-    out.print(line)
+    out.print(shown(line), markup=False)
     if workers:
         out.print(f"workers alive: {len(status['workers'])}")
         for w in status["workers"]:
             where = f" [{w['destination']}]" if w.get("destination") else ""
-            out.print(f"  {w['name']}{where}: {w['state']} ({w['detail']})", markup=False)
+            line = f"  {w['name']}{where}: {w['state']} ({w['detail']})"
+            out.print(shown(line), markup=False)
     endpoint = status["endpoint"]
     if endpoint["state"] == "failing":
         out.print(
             f"endpoint:      failing since {endpoint['failing_since']} "
-            f"(last error {endpoint['last_error']})",
+            f"(last error {shown(endpoint['last_error'])})",
             markup=False,
         )
     else:
@@ -356,7 +358,7 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
             markup=False,
         )
     if key.get("state") == "held":
-        out.print(key.get("guidance", ""), markup=False)
+        out.print(shown(key.get("guidance", ""), lines=True), markup=False)
 
 
 @cli.command("health")

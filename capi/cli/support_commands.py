@@ -15,6 +15,7 @@ from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter, Unreadable
 from capi.fingerprint import fingerprint
 from capi.replay import Selection
+from capi.safetext import shown
 from capi.status import gather
 
 
@@ -72,13 +73,13 @@ def support_bundle_command(ctx: click.Context, ids: tuple[str, ...], limit: int)
         lines.append("No dead letters recorded.")
     for r in records:
         lines += [
-            f"- event {r.id} ({r.event_type}): {r.reason.value}, HTTP {r.status}",
+            f"- event {shown(r.id)} ({shown(r.event_type)}): {r.reason.value}, HTTP {r.status}",
             f"  first attempt (UTC): {r.first_attempt_at}",
             f"  last attempt (UTC):  {r.last_attempt_at}",
-            f"  request ids: {_ids(r)}",
-            f"  error: {r.error_message or '-'}",
+            f"  request ids: {shown(_ids(r))}",
+            f"  error: {shown(r.error_message or '-')}",
         ]
-    out.print("\n".join(lines), markup=False)
+    out.print(shown("\n".join(lines), lines=True), markup=False)
 
 
 def _ids(record: DeadLetter) -> str:

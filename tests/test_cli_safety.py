@@ -51,9 +51,7 @@ def test_an_endpoints_text_is_shown_inert_by_every_command(
     worker(settings)
     wait(lambda: dead_letters(settings), what="the dead letter")
     enqueue(settings, events(1, prefix="then-"))
-    wait(
-        lambda: "failing since" in capi(settings, "status").stdout, what="the endpoint failing"
-    )
+    wait(lambda: "failing since" in capi(settings, "status").stdout, what="the endpoint failing")
     (dl_id,) = dead_letters(settings)
     for args in (
         ["status"],

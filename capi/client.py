@@ -97,15 +97,24 @@ def classify(
     )
     params, codes = [param, *_details(error, "param")], [code, *_details(error, "code")]
     response.event_index = _event_index(params)
-    reason = _reason(status, message, codes, params)
+    if status in (400, 422) and response.event_index is None:
+        response.request_field = _request_field(params, parsed, message)
+    reason = _reason(status, message, codes, params, response)
     if reason is Reason.MISSING_SCOPE:
         response.missing_scopes = _missing_scopes(message) or [CONVERSIONS_SCOPE]
     return ERROR_BY_REASON[reason](response, key_fingerprint)
 
 
-def _reason(status: int, message: str, codes: list[str | None], params: list[str | None]) -> Reason:
+def _reason(
+    status: int, message: str, codes: list[str | None], params: list[str | None], r: Response
+) -> Reason:
     code = codes[0]
     lowered = message.lower()
+    if status in (400, 422) and r.event_index is not None:
+        # An answer that names events[i] is that event's rejection, whatever its message.
+        return (
+            Reason.OUTSIDE_TIME_WINDOW if _too_old(status, codes, params) else Reason.INVALID_EVENT
+        )
     if "missing scope" in lowered or code == "missing_scope":
         return Reason.MISSING_SCOPE
     if "rbac" in lowered or "access denied" in lowered:
@@ -115,14 +124,18 @@ def _reason(status: int, message: str, codes: list[str | None], params: list[str
     if status == 403 and ("pid" in lowered or "pixel" in lowered):
         return Reason.UNKNOWN_PIXEL
     if status in (400, 422):
-        # Codes are undocumented: only the code or param says "too old"; any other 400/422
-        # is an event's rejection (at events[i] if named; the sender bisects otherwise).
-        too_old = _TOO_OLD in codes or (
-            status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
-        )
-        return Reason.OUTSIDE_TIME_WINDOW if too_old else Reason.INVALID_EVENT
+        # Codes are undocumented: only the code or param says "too old"; a request-level
+        # field (pid, validate_only, ...) is a configuration problem; any other 400/422 is
+        # an event's rejection (the sender bisects to find it).
+        if _too_old(status, codes, params):
+            return Reason.OUTSIDE_TIME_WINDOW
+        return Reason.REQUEST_INVALID if r.request_field else Reason.INVALID_EVENT
     if code == _TOO_OLD:
         return Reason.OUTSIDE_TIME_WINDOW
+    if status == 404:
+        return Reason.NOT_FOUND
+    if status == 413:
+        return Reason.TOO_LARGE
     if status == 429:
         return Reason.RATE_LIMITED
     if status >= 500:
@@ -130,6 +143,31 @@ def _reason(status: int, message: str, codes: list[str | None], params: list[str
     return Reason.UNEXPECTED
 
 
+def _too_old(status: int, codes: list[str | None], params: list[str | None]) -> bool:
+    return _TOO_OLD in codes or (
+        status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
+    )
+
+
+def _request_field(params: list[str | None], parsed: Any, message: str) -> str | None:
+    """The request-level field (not ``events[i]``) a 400/422 names: in ``param`` or an
+    ``errors[].param``, a pydantic-style ``detail[].loc``, or its message."""
+    for p in params:
+        if p and not p.startswith("events["):
+            return p[:100]
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    for d in detail if isinstance(detail, list) else []:
+        loc: Any = d.get("loc") if isinstance(d, dict) else None
+        in_request = isinstance(loc, list) and len(loc) > 1 and loc[0] in ("query", "body")
+        if in_request and not (loc[1] == "events" and len(loc) > 2 and isinstance(loc[2], int)):
+            return ".".join(str(x) for x in loc[1:])[:100]
+    m = _FIELD_IN_MESSAGE.search(message)
+    return m.group(1) if m else None
+
+
+_FIELD_IN_MESSAGE = re.compile(
+    r"(?:Missing required field:\s*|\('query',\s*')([A-Za-z_][A-Za-z0-9_]{0,63})"
+)
 _TOO_OLD = "event_timestamp_too_old"
 MAX_BODY_DEPTH = 32
 

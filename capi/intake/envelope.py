@@ -69,16 +69,24 @@ def too_large(limit: int) -> EnvelopeError:
 
 def events_of(body: bytes, kind: str, max_events: int) -> list[Any]:
     """The events of a body of media type ``kind``; EnvelopeError if it is malformed or
-    holds more than ``max_events``."""
-    events = _json_events(body) if kind == JSON else _ndjson_events(body)
-    if len(events) > max_events:
-        raise EnvelopeError(
-            413,
-            "too_many_events",
-            f"the body holds {len(events):,} events; at most {max_events:,} per request "
-            "(CAPI_INTAKE_MAX_EVENTS)",
-        )
-    return events
+    holds more than ``max_events`` (NDJSON is counted while it is split: parsing stops at
+    the first line past the limit)."""
+    if kind == JSON:
+        events = _json_events(body)
+        if len(events) > max_events:
+            raise too_many(max_events)
+        return events
+    return _ndjson_events(body, max_events)
+
+
+def too_many(max_events: int) -> EnvelopeError:
+    """The 413 for a body of more than ``max_events`` events."""
+    return EnvelopeError(
+        413,
+        "too_many_events",
+        f"the body holds more than {max_events:,} events; at most {max_events:,} per "
+        "request (CAPI_INTAKE_MAX_EVENTS)",
+    )
 
 
 def _json_events(body: bytes) -> list[Any]:
@@ -104,11 +112,17 @@ def _json_events(body: bytes) -> list[Any]:
     return events
 
 
-def _ndjson_events(body: bytes) -> list[Any]:
+def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
     events: list[Any] = []
-    for number, line in enumerate(body.split(b"\n"), start=1):
+    start, number = 0, 0
+    while start <= len(body):
+        end = body.find(b"\n", start)
+        end = len(body) if end < 0 else end
+        line, start, number = body[start:end], end + 1, number + 1
         if not line.strip():
             continue
+        if len(events) == max_events:
+            raise too_many(max_events)
         try:
             events.append(orjson.loads(line))
         except orjson.JSONDecodeError:

@@ -8,7 +8,10 @@ SIGTERM or SIGINT and otherwise runs until stopped, whatever Redis or the endpoi
 
 The startup check refuses to start only on a confirmed key or pixel problem (exit 10-13,
 :class:`~capi.errors.KeyCheckFailed`). An endpoint that fails transiently (5xx, 429,
-network) or a Redis that is away is waited out with backoff, and said so in the log.
+network) or a Redis that is away is waited out with backoff, and said so in the log, on
+``/readyz`` (``starting: key check waiting for ...``) and in ``capi status`` (a worker
+``starting``): :class:`~capi.worker.startup.StartupWatch` keeps the metrics and the
+heartbeat true meanwhile.
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes

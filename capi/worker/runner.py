@@ -92,15 +92,16 @@ async def start_sender(
     """
     dest = destination or destinations.default(settings)
     sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
-    metrics.starting[dest.name] = UNDER_WAY
+    metrics.starting_for(dest.name, UNDER_WAY)
     try:
-        return await _checked(sender, stopping or asyncio.Event(), checks, hold_if_broken)
+        return await _checked(sender, metrics, stopping or asyncio.Event(), checks, hold_if_broken)
     finally:
-        metrics.starting.pop(dest.name, None)
+        metrics.started(dest.name)
 
 
 async def _checked(
     sender: Sender,
+    metrics: Metrics,
     stop: asyncio.Event,
     checks: asyncio.Semaphore | None,
     hold_if_broken: bool,
@@ -109,7 +110,6 @@ async def _checked(
     checks = checks or asyncio.Semaphore(1)
     dest = sender.destination
     name = dest.name
-    starting = sender.metrics.parent.starting
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
         try:
@@ -118,7 +118,7 @@ async def _checked(
                 break
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
-            starting[name] = f"key check waiting for Redis ({sender.trouble.describe()})"
+            metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
         else:
             sender.trouble.ok()
             if result.ok:
@@ -143,7 +143,7 @@ async def _checked(
                 )
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
-            starting[name] = f"key check waiting for the endpoint ({result.error})"
+            metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",

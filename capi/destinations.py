@@ -86,7 +86,7 @@ class _Entry(BaseModel):
             if not re.match(SHA256_HEX, token):
                 raise ValueError(
                     "intake_tokens_sha256 holds SHA-256 digests: 64 lowercase hex characters "
-                    "each (capi intake-token prints the line to paste)"
+                    "each (capi intake-token --write adds one)"
                 )
         return self
 
@@ -338,7 +338,7 @@ def default_token_digests(settings: Settings) -> list[str]:
         if not re.match(SHA256_HEX, d):
             raise ConfigError(
                 "CAPI_INTAKE_TOKENS_SHA256: comma-separated SHA-256 digests, 64 lowercase hex "
-                "characters each (capi intake-token prints the line to paste)"
+                "characters each (capi intake-token --write adds one)"
             )
     return digests
 

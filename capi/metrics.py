@@ -119,8 +119,8 @@ class Metrics:
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
         self._views: dict[str, DestinationMetrics] = {}
-        # Destinations whose startup key check is under way, with what it waits for (the
-        # runner writes it; readiness and the worker's heartbeat read it).
+        # Destinations whose startup key check is under way, with what it waits for
+        # (written through starting_for/started; readiness and the heartbeat read it).
         self.starting: dict[str, str] = {}
 
     def for_destination(self, name: str) -> DestinationMetrics:
@@ -128,6 +128,14 @@ class Metrics:
         if name not in self._views:
             self._views[name] = DestinationMetrics(self, name)
         return self._views[name]
+
+    def starting_for(self, name: str, why: str) -> None:
+        """A destination's startup key check is under way, waiting for ``why``."""
+        self.starting[name] = why
+
+    def started(self, name: str) -> None:
+        """A destination's startup key check is over (passed, held, refused or stopped)."""
+        self.starting.pop(name, None)
 
     def forget(self, name: str) -> None:
         """A destination removed from the file: its gauges are no longer exported and

@@ -153,7 +153,7 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool, destination: str
     \b
     Examples:
       capi dead-letters show order-1042
-      capi dead-letters show order-1042 --destination brand-a
+      capi dead-letters show order-1042 --destination default
     """
     settings = settings_from(ctx)
     names = destination_names(settings, destination)

@@ -46,7 +46,7 @@ def support_bundle_command(
     Examples:
       capi support-bundle                 # the latest key-related dead letters
       capi support-bundle order-1042
-      capi support-bundle --destination brand-a
+      capi support-bundle --destination default
     """
     settings = settings_from(ctx)
     names = destination_names(settings, destination)

@@ -234,11 +234,8 @@ class Sender:
     async def refresh_gauges(self, now_ms: int) -> None:
         """Read queue depth, in flight, retries and the oldest age into the gauges."""
         depth, in_flight, oldest_ms, retries = await self.queue.depth()
-        m = self.metrics
-        m.queue_depth.set(depth)
-        m.in_flight.set(in_flight)
-        m.retries_scheduled.set(retries)
-        m.oldest_age.set(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms else 0)
+        age_s = (now_ms - oldest_ms) / 1000 if oldest_ms else 0.0
+        self.metrics.set_depth(depth, in_flight, retries, age_s)
 
     # -- lifecycle -------------------------------------------------------------------
     def stop(self) -> None:

@@ -1,33 +1,30 @@
-"""The failure classes: every way a send can fail, what it means, and its fate.
+"""The failure classes: every way a send can fail, and what it means.
 
-=====================  ==============================================  ======================
-reason                 meaning                                         fate
-=====================  ==============================================  ======================
-missing_scope          401: the key lacks ads.third_party_events.write  re-probe; transient ->
-                                                                       retry, confirmed ->
-                                                                       dead-letter + hold
-unauthorized           401: the API does not know the key               dead-letter + hold
-unknown_pixel          403: the API does not know the pixel id          hold, events kept
-access_denied          401/403 such as plain-text "RBAC: access denied" like missing_scope
-invalid_event          400/422 of any code naming events[i] (whatever   dead-letter that event
-                       its message), or naming no field: an event
-                       breaks a rule (no index: bisect)
-request_invalid        400/422 naming a request-level field (pid,       hold the destination,
-                       validate_only, events, ...): configuration       events kept
-too_large              413: the request is too large                   split the batch; a
-                                                                       single event:
-                                                                       dead-letter
-not_found              404: nothing at CAPI_BASE_URL + /v1/events        hold the destination,
-                                                                       events kept
-outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms,  dead-letter, no replay
-                       or caught locally: older than 7 days
-rate_limited           429                                             retry (Retry-After,
-                                                                       whatever its length)
-server_error           5xx                                             retry
-network                timeout, reset, refused, dropped response        retry
-retries_exhausted      a retryable failure past CAPI_MAX_ATTEMPTS       dead-letter
-unexpected             anything else                                    dead-letter, raw body
-=====================  ==============================================  ======================
+What the worker then does with the batch (the fate) is decided in one table,
+:data:`capi.worker.decisions.FATES`, which has a row for every reason.
+
+=====================  ===================================================================
+reason                 meaning
+=====================  ===================================================================
+missing_scope          401: the key lacks ads.third_party_events.write
+unauthorized           401: the API does not know the key
+unknown_pixel          403: the API does not know the pixel id
+access_denied          401/403 such as plain-text "RBAC: access denied"
+invalid_event          400/422 of any code naming events[i] (whatever its message), or
+                       naming no field: an event breaks a rule (no index: bisect)
+request_invalid        400/422 naming a request-level field (pid, validate_only, events,
+                       ...): a configuration problem, not an event's
+too_large              413: the request is too large
+not_found              404: nothing at CAPI_BASE_URL + /v1/events
+outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms, or caught locally:
+                       older than 7 days (never replayable)
+rate_limited           429
+server_error           5xx
+network                timeout, reset, refused, dropped response
+retries_exhausted      a retryable failure whose next attempt would fall past the event's
+                       7-day window, or past CAPI_MAX_ATTEMPTS when set
+unexpected             anything else (the raw body is kept)
+=====================  ===================================================================
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar
 
+from capi.clock import ms
 from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
 from capi.failures import Reason
 from capi.retry import backoff_s, within_budget
@@ -189,7 +190,7 @@ def plan_retry(
     is exhausted (dead-lettered as ``retries_exhausted``)."""
     attempt = max(e.attempts for e in group) + 1
     delay = backoff_s(attempt, base_s=base_s, cap_s=cap_s, retry_after_s=retry_after_s, rand=rand)
-    due = now_ms + int(delay * 1000)
+    due = now_ms + ms(delay)
 
     def fits(e: E) -> bool:
         deadline = e.timestamp_ms + API_MAX_AGE_MS - STALE_MARGIN_MS

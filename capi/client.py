@@ -11,11 +11,14 @@ even when an endpoint or proxy echoes the ``Authorization`` header.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -27,9 +30,11 @@ from capi.failures import Reason
 from capi.fingerprint import fingerprint, redact, redact_bytes, shape_problem
 from capi.guidance import Labels
 from capi.retry import parse_retry_after
+from capi.settings import safe_url
 
 _EVENT_INDEX = re.compile(r"^events\[(\d{1,9})\]")
 _SCOPES = re.compile(r"Missing scopes?:\s*([A-Za-z0-9_.:\-, ]+?)(?:\.\s|\.$|$)")
+log = logging.getLogger("capi.client")
 USER_AGENT = "capi/0.1 (+https://github.com/capi)"
 
 
@@ -247,6 +252,13 @@ class ConversionsClient:
         self.key_fingerprint = fingerprint(api_key)
         self._own_http = http is None
         self._http = http or http_pool(timeout_s)
+        if _in_clear(self.url):
+            log.warning(
+                "%s is plain http:// to a host that is not this machine: the Conversion Key "
+                "and every event travel unencrypted; use https:// (http:// is meant for a "
+                "local sandbox)",
+                safe_url(self.url),
+            )
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -328,6 +340,20 @@ class ConversionsClient:
         return NetworkError(
             Response(message=f"{what}: {detail} ({self.url})"), key_fingerprint=self.key_fingerprint
         )
+
+
+def _in_clear(url: str) -> bool:
+    """Whether ``url`` is plain http to a host other than this machine's loopback."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def _accepted_count(content: bytes) -> int | None:

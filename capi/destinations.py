@@ -44,7 +44,7 @@ from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
 from capi.fingerprint import fingerprint, shape_problem
 from capi.safetext import shown
-from capi.settings import Settings
+from capi.settings import Settings, checked_base_url
 
 T = TypeVar("T")
 log = logging.getLogger("capi.destinations")
@@ -75,6 +75,11 @@ class _Entry(BaseModel):
     @classmethod
     def _pixel_id(cls, value: str) -> str:
         return checked_pixel_id(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else checked_base_url(value)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:

@@ -214,9 +214,7 @@ class Settings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return checked_base_url(value)
 
     @field_validator("redis_url")
     @classmethod
@@ -367,6 +365,27 @@ class Settings(BaseSettings):
         if problem := shape_problem(key or self.api_key.get_secret_value()):
             raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
         return key, self.pixel_id.strip()
+
+
+def checked_base_url(value: str) -> str:
+    """A base URL of the events endpoint, without its trailing slash; ValueError if it is
+    not http(s), or holds ``user@`` (httpx would send that as Basic auth in place of the
+    key), or a space or control character in its host."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not hold user@ or user:password@ before the host: it would be sent as "
+            "Basic auth in place of the Conversion Key (the key comes from its own setting)"
+        )
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname or any(c.isspace() or not c.isprintable() for c in parts.netloc):
+        raise ValueError("must name a host, with no space or control character in it")
+    return value.rstrip("/")
 
 
 def safe_url(url: str) -> str:

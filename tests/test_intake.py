@@ -179,8 +179,7 @@ def test_tokens_follow_the_destinations_file(tmp_path: Path, redis_url: str) -> 
         wait_for(lambda: server.post(events(1), token=new).status_code == 200, what="reload")
         assert server.post(events(1), token=TOKENS["a"]).status_code == 401  # revoked
         # Broken, the digest still in it: its grant stays (a removed one would be revoked).
-        path.write_text(f'[destinations.a]
-intake_tokens_sha256 = ["{tokens.digest(new)}"')
+        path.write_text(f'[destinations.a]\nintake_tokens_sha256 = ["{tokens.digest(new)}"')
         until = time.monotonic() + 1.5  # past the next look at the file (once a second)
         while time.monotonic() < until:
             assert server.post(events(1), token=new).status_code == 200

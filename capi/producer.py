@@ -28,19 +28,23 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import dedup
+from capi import dedup, kinds, tail
 from capi import destinations as destinations_
+from capi.clock import Clock
 from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import Clock, PreparedEvent, prepare
+from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
+# A refused event for the live-outcomes ring: (its first rule broken, (id, type, kinds,
+# timestamp_ms or 0)).
+Refusal = tuple[str, tuple[str, str, list[str], int]]
 log = logging.getLogger("capi.producer")
 
 
@@ -147,8 +151,10 @@ class _BaseProducer:
         durability: str = "memory",
         durability_timeout_ms: int = 1000,
         destinations: Sequence[str] | destinations_.Names = (DEFAULT_DESTINATION,),
+        tail_entries: int = 200,
     ) -> None:
         self.redis = client
+        self.tail_entries = tail_entries
         self._names = destinations
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
@@ -171,6 +177,7 @@ class _BaseProducer:
         kwargs.setdefault("destinations", destinations_.Names(settings))
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
+        kwargs.setdefault("tail_entries", settings.tail_entries)
         return cls(
             cls._connect(settings),
             keys=settings.keys,
@@ -258,9 +265,14 @@ class _BaseProducer:
         return self._args([self._prepare(event)], target)
 
     def _chunks(
-        self, events: Iterable[RawEvent], report: EnqueueReport, targets: list[RedisKeys]
+        self,
+        events: Iterable[RawEvent],
+        report: EnqueueReport,
+        targets: list[RedisKeys],
+        refusals: list[Refusal],
     ) -> Iterator[tuple[list[str], list[Any], list[int]]]:
-        """Script arguments per chunk of prepared events, with the chunk's positions."""
+        """Script arguments per chunk of prepared events, with the chunk's positions; each
+        refused event is described in ``refusals`` for the live-outcomes ring."""
         prepared = []
         positions = []
         for i, raw in enumerate(events):
@@ -269,6 +281,7 @@ class _BaseProducer:
                 positions.append(i)
             except EventRejected as exc:
                 report.refused.append((i, exc))
+                refusals.append(_described(raw, exc))
         for start in range(0, len(prepared), self.chunk):
             end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
@@ -280,6 +293,20 @@ class _BaseProducer:
             self.dedup_window_s,
             ((dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json) for p in batch),
         )
+
+    def _ring(self, targets: list[RedisKeys], refusals: list[Refusal]) -> list[tail.Write]:
+        """The XADDs that put refused events in each target's live-outcomes ring."""
+        by_rule: dict[str, list[tuple[str, str, list[str], int]]] = {}
+        for rule, event in refusals:
+            by_rule.setdefault(rule, []).append(event)
+        return [
+            command
+            for target in targets
+            for rule, events in by_rule.items()
+            for command in tail.writes(
+                target.tail, tail.Outcome("refused", events, reason=rule), self.tail_entries
+            )
+        ]
 
     @staticmethod
     def _count(report: EnqueueReport, flags: list[int], positions: list[int]) -> None:
@@ -355,9 +382,12 @@ class Producer(_BaseProducer):
         part-way (the call then raises QueueUnavailable)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
+        refusals: list[Refusal] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets):
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, (await self._run([(keys, args)]))[0], positions)
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
 
 
@@ -417,7 +447,27 @@ class SyncProducer(_BaseProducer):
         position), the rest queued (see :meth:`Producer.enqueue_many` for ``report``)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
+        refusals: list[Refusal] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets):
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, self._run([(keys, args)])[0], positions)
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
+
+
+def _described(raw: RawEvent, exc: EventRejected) -> Refusal:
+    """A refused event as the ring shows it: its first broken rule, id, type and identifier
+    kinds (names only; ids and types cut short, since they come from outside)."""
+    data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    if isinstance(raw, Event):
+        data = raw.model_dump(exclude_none=True)
+    first = str(exc.problems[0])[:200] if exc.problems else "refused"
+    event_id = str(data.get("id") or "?")[:128]
+    kind = str(data.get("custom_event_name") or data.get("type") or "?")[:64]
+    try:
+        found = kinds.of(data)
+    except Exception:  # a hostile Mapping: the refusal itself already says why
+        found = []
+    stamp = data.get("timestamp_ms")
+    return first, (event_id, kind, found, stamp if type(stamp) is int else 0)

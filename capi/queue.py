@@ -14,7 +14,9 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - replay: a dead letter's event back on the stream + the record removed;
 - hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
-- reclaim: entries pending in a worker with no heartbeat are taken over (``XCLAIM``).
+- purge (``capi queue purge``): ``XDEL`` of entries not in flight + the retry schedule;
+- reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
+  answer was lost, are taken over (``XCLAIM``).
 
 This module holds every script that writes to a stream (the producers run its enqueue
 script); key names live in :mod:`capi.constants`.
@@ -134,12 +136,13 @@ return r[1][2]
 # pending), so a worker that lost its answer to a timeout may simply run it again.
 
 DELIVER_LUA = """#!lua flags=allow-oom
--- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
+-- KEYS: stream, stats, endpoint. ARGV: group, now_ms, counter ('delivered', or 'validated'
+-- in test mode), then stream ids.
 -- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 4))
 if n > 0 then
-  redis.call('HINCRBY', KEYS[2], 'delivered', n)
+  redis.call('HINCRBY', KEYS[2], ARGV[3], n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
 end
 local since = redis.call('HGET', KEYS[3], 'failing_since')
@@ -279,6 +282,41 @@ if string.find(tostring(err), 'BUSYGROUP') then return 0 end
 return redis.error_reply(tostring(err))
 """
 
+PURGE_LUA = (
+    "#!lua flags=allow-oom\n"
+    + _INDEX_RETRIES
+    + """
+-- KEYS: stream, retry zset, stats, retry-due index. ARGV: group, destination, start (a
+-- stream id range start: '-' or '(' .. id), count, '1' to purge the retry schedule too.
+-- Deletes up to count entries from start on that no worker has in flight (those finish);
+-- dead letters are not touched. Returns {entries deleted, retry events deleted, last id}.
+local rows = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', tonumber(ARGV[4]))
+local pending = {}
+if #rows > 0 then
+  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], rows[1][1], rows[#rows][1],
+                      #rows)
+  if ok then for _, row in ipairs(p) do pending[row[1]] = true end end
+end
+local ids = {}
+for _, row in ipairs(rows) do
+  if not pending[row[1]] then ids[#ids + 1] = row[1] end
+end
+if #ids > 0 then redis.call('XDEL', KEYS[1], unpack(ids)) end
+local retried = 0
+if ARGV[5] == '1' then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    retried = retried + #cjson.decode(member)['entries']
+  end
+  redis.call('DEL', KEYS[2])
+  index_retries(KEYS[2], KEYS[4], ARGV[2])
+end
+if #ids + retried > 0 then redis.call('HINCRBY', KEYS[3], 'purged', #ids + retried) end
+local last = ''
+if #rows > 0 then last = rows[#rows][1] end
+return {#ids, retried, last}
+"""
+)
+
 HEARTBEAT_LUA = """#!lua flags=allow-oom
 -- KEYS: workers zset, worker states hash. ARGV: worker, now_ms, state JSON.
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
@@ -417,7 +455,8 @@ class Entry:
 
 
 class Queue:
-    """capi's Redis queue for one prefix; the worker side of it."""
+    """One destination's queue in Redis (its stream, consumer group and retry schedule):
+    the worker side of it, and the only writer of its stream entries' fates."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, group: str = CONSUMER_GROUP):
         self.redis = client
@@ -515,12 +554,16 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
-    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> int | None:
-        """Acknowledge delivered entries and count them; if the endpoint was marked as
-        failing until now (this delivery ends an outage), since when (ms)."""
+    async def deliver(
+        self, entries: Sequence[Entry], now_ms: int, *, validated: bool = False
+    ) -> int | None:
+        """Acknowledge delivered entries and count them (as ``validated`` in test mode);
+        if the endpoint was marked as failing until now (this delivery ends an outage),
+        since when (ms)."""
+        counter = "validated" if validated else "delivered"
         _, since = await self._deliver(
             keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
-            args=[self.group, now_ms, *(e.stream_id for e in entries)],
+            args=[self.group, now_ms, counter, *(e.stream_id for e in entries)],
         )
         return int(since) if since else None
 
@@ -600,7 +643,8 @@ class Queue:
         )
 
     async def hand_back(self, entries: Sequence[Entry]) -> None:
-        """Return entries to the queue as new (on shutdown), so any worker takes them at once."""
+        """Return entries to the queue as new (on shutdown, when the key is already held, or
+        after a bug in a turn), so any worker takes them at once."""
         if entries:
             k = self.keys
             await self._handback(
@@ -636,6 +680,24 @@ class Queue:
             if waiting:
                 oldest = min(int(waiting), oldest or int(waiting))
         return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
+
+    async def purge(self, chunk: int = 1000) -> tuple[int, int]:
+        """Delete every queued event and scheduled retry of this destination, except the
+        entries a worker has in flight (they finish); dead letters stay. In chunks, so
+        Redis is never blocked for long. Returns (queued events, retry events) deleted."""
+        k = self.keys
+        script = self.redis.register_script(PURGE_LUA)
+        queued = retried = 0
+        start, first = "-", True
+        while True:
+            n, r, last = await script(
+                keys=[k.stream, k.retry, k.stats, k.retry_due],
+                args=[self.group, k.destination, start, chunk, "1" if first else "0"],
+            )
+            queued, retried, first = queued + int(n), retried + int(r), False
+            if not last:
+                return queued, retried
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
 
     async def heartbeat(self, worker: str, now_ms: int, state: dict[str, Any]) -> None:
         """Record that this worker is alive, and what it is doing (for ``capi status``)."""

@@ -11,6 +11,8 @@ URL, and the SHA-256 of the intake tokens granted it. They are read from
     integration_source = "acme-platform"    # optional
     # base_url = "https://bzr.openai.com"   # optional
     intake_tokens_sha256 = ["<64 hex>"]     # optional
+    consent_policy = "drop"                 # optional: "drop" | "opt_out"
+    consent_default = "granted"             # optional: "granted" | "denied"
 
 Without the file, ``CAPI_API_KEY`` and ``CAPI_PIXEL_ID`` form the one destination
 ``default`` (and ``CAPI_INTAKE_TOKENS_SHA256`` lists its tokens), so a single-pixel set-up
@@ -56,6 +58,8 @@ class _Entry(BaseModel):
     integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     intake_tokens_sha256: list[str] = []
+    consent_policy: Literal["drop", "opt_out"] | None = None
+    consent_default: Literal["granted", "denied"] | None = None
 
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
@@ -71,6 +75,21 @@ class _Entry(BaseModel):
 
 
 @dataclass(frozen=True)
+class Consent:
+    """What a destination does with an event whose consent is denied (``policy``), and the
+    consent of an event that carries none (``default``)."""
+
+    policy: Literal["drop", "opt_out"] = "drop"
+    default: Literal["granted", "denied"] = "granted"
+
+    def fate(self, given: str | None) -> Literal["send", "drop", "opt_out"]:
+        """What becomes of an event with consent ``given`` (None: not given)."""
+        if (given or self.default) == "granted":
+            return "send"
+        return self.policy
+
+
+@dataclass(frozen=True)
 class Destination:
     """One pixel to send to, with its key (never shown: see :attr:`key_fingerprint`)."""
 
@@ -81,6 +100,7 @@ class Destination:
     base_url: str = DEFAULT_BASE_URL
     integration_source: str | None = None
     intake_tokens_sha256: frozenset[str] = frozenset()
+    consent: Consent = Consent()
 
     @property
     def key_fingerprint(self) -> str:
@@ -180,6 +200,29 @@ class Names(Following[list[str]]):
         super().__init__(settings, names, monotonic=monotonic)
 
 
+class Consents(Following[dict[str, Consent]]):
+    """Each destination's consent rules by name, following the file, for producers."""
+
+    def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
+        super().__init__(settings, consents, monotonic=monotonic)
+
+
+def consents(settings: Settings) -> dict[str, Consent]:
+    """Each configured destination's consent rules, without reading any key."""
+    path = source(settings)
+    if path is None:
+        return {DEFAULT_NAME: _consent(None, settings)}
+    return {n: d.consent for n, d in parse(_read(path), path, settings, {}, keys="skip").items()}
+
+
+def _consent(entry: _Entry | None, settings: Settings) -> Consent:
+    """A destination's consent rules: its own, else CAPI_CONSENT_POLICY / _DEFAULT."""
+    return Consent(
+        policy=(entry and entry.consent_policy) or settings.consent_policy,
+        default=(entry and entry.consent_default) or settings.consent_default,
+    )
+
+
 def names(settings: Settings) -> list[str]:
     """The configured destinations' names, without reading any key (producers need no key)."""
     path = source(settings)
@@ -241,6 +284,7 @@ def parse(
             base_url=(entry.base_url or settings.base_url).rstrip("/"),
             integration_source=entry.integration_source or settings.integration_source,
             intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
+            consent=_consent(entry, settings),
         )
     return out
 
@@ -269,6 +313,7 @@ def default(settings: Settings) -> Destination:
         base_url=settings.base_url,
         integration_source=settings.integration_source,
         intake_tokens_sha256=frozenset(tokens),
+        consent=_consent(None, settings),
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,13 @@ from typing import Any, Self, overload
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+from prometheus_client import CollectorRegistry, Counter
 
 from capi import dedup
 from capi import destinations as destinations_
 from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
+from capi.destinations import Consent
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Clock, PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
@@ -41,6 +44,30 @@ from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
 log = logging.getLogger("capi.producer")
+_NO_RULES = Consent()
+_INDEX = re.compile(r"\[\d+\]")
+
+
+class ProducerMetrics:
+    """A producer's Prometheus counters, in the registry its owner exports (the intake's)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.identifiers_dropped = Counter(
+            "capi_identifiers_dropped",
+            "Invalid optional identifiers left out of queued events, by destination and field.",
+            ["destination", "field"],
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "capi_events_skipped",
+            "Events not queued because their consent was denied (consent_policy drop).",
+            ["destination"],
+            registry=registry,
+        )
+
+    def dropped(self, destination: str, path: str) -> None:
+        """Count one identifier left out (the field without list positions)."""
+        self.identifiers_dropped.labels(destination, _INDEX.sub("", path)).inc()
 
 
 @dataclass
@@ -48,7 +75,10 @@ class EnqueueReport:
     """What a bulk enqueue did: how many were queued, duplicates, and each refusal.
 
     ``added`` holds, by position, the answer for each event Redis took: True queued, False a
-    duplicate. A position in neither ``added`` nor ``refused`` did not reach Redis, or its
+    duplicate. ``warnings`` holds, by position, the invalid optional identifiers left out
+    of an event that was taken (field and rule); ``skipped`` the events not sent to a
+    destination because their consent was denied under its ``drop`` policy, with why. A
+    position in none of ``added``, ``refused`` and ``skipped`` did not reach Redis, or its
     call failed before Redis answered (sending it again is safe: the id dedups).
     """
 
@@ -56,6 +86,19 @@ class EnqueueReport:
     duplicates: int = 0
     refused: list[tuple[int, EventRejected]] = field(default_factory=list)
     added: dict[int, bool] = field(default_factory=dict)
+    warnings: dict[int, list[Problem]] = field(default_factory=dict)
+    skipped: dict[int, list[Problem]] = field(default_factory=dict)
+
+    def status(self, i: int) -> str | None:
+        """The answer for the event at position ``i``: queued, duplicate, skipped or
+        refused (None: it did not reach Redis)."""
+        if i in self.added:
+            return "queued" if self.added[i] else "duplicate"
+        if i in self.skipped:
+            return "skipped"
+        if any(j == i for j, _ in self.refused):
+            return "refused"
+        return None
 
     @property
     def ok(self) -> bool:
@@ -146,9 +189,15 @@ class _BaseProducer:
         durability: str = "memory",
         durability_timeout_ms: int = 1000,
         destinations: Sequence[str] | destinations_.Names = (DEFAULT_DESTINATION,),
+        consents: Mapping[str, Consent] | destinations_.Consents | None = None,
+        strict_identifiers: bool = False,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.redis = client
         self._names = destinations
+        self._consents = consents
+        self.strict_identifiers = strict_identifiers
+        self.metrics = ProducerMetrics(registry) if registry is not None else None
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
         self.keys = keys or RedisKeys()
@@ -167,6 +216,8 @@ class _BaseProducer:
                 settings.redis_url,
             )
         kwargs.setdefault("destinations", destinations_.Names(settings))
+        kwargs.setdefault("consents", destinations_.Consents(settings))
+        kwargs.setdefault("strict_identifiers", settings.strict_identifiers)
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
         return cls(
@@ -216,7 +267,7 @@ class _BaseProducer:
         a caller's hostile object (a Mapping whose ``items()`` raises, say) must not cost the
         other events of a bulk call, nor surface as anything but EventRejected."""
         try:
-            return prepare(event, clock=self.clock)
+            return prepare(event, clock=self.clock, strict_identifiers=self.strict_identifiers)
         except EventRejected:
             raise
         except Exception as exc:
@@ -261,8 +312,23 @@ class _BaseProducer:
             )
         return [self.keys.for_destination(n) for n in dict.fromkeys(names)]
 
-    def _one(self, event: RawEvent, target: RedisKeys) -> tuple[list[str], list[Any]]:
-        return self._args([self._prepare(event)], target)
+    def consent(self, destination: str) -> Consent:
+        """The consent rules of a destination (drop, granted unless configured)."""
+        rules = self._consents
+        if rules is None:
+            return _NO_RULES
+        current = rules.current() if isinstance(rules, destinations_.Consents) else rules
+        return current.get(destination, _NO_RULES)
+
+    def _one(self, event: RawEvent, target: RedisKeys) -> tuple[list[str], list[Any], bool]:
+        """The script call for one event to one destination, and whether it is sent."""
+        report = EnqueueReport()
+        prepared = self._prepare(event)
+        self._warn(0, prepared, report, [target])
+        for p in report.warnings.get(0, ()):
+            log.warning("event %r: %s: left out: %s", prepared.id[:64], p.path, p.rule)
+        keys, args, positions = self._for_target([prepared], [0], target, report)
+        return keys, args, bool(positions)
 
     def _chunks(
         self, events: Iterable[RawEvent], report: EnqueueReport, targets: list[RedisKeys]
@@ -272,20 +338,62 @@ class _BaseProducer:
         positions = []
         for i, raw in enumerate(events):
             try:
-                prepared.append(self._prepare(raw))
-                positions.append(i)
+                p = self._prepare(raw)
             except EventRejected as exc:
                 report.refused.append((i, exc))
+                continue
+            prepared.append(p)
+            positions.append(i)
+            if p.warnings:
+                self._warn(i, p, report, targets)
         for start in range(0, len(prepared), self.chunk):
             end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
-                yield (*self._args(prepared[start:end], target), positions[start:end])
+                yield self._for_target(prepared[start:end], positions[start:end], target, report)
 
-    def _args(self, batch: list[PreparedEvent], target: RedisKeys) -> tuple[list[str], list[Any]]:
+    def _warn(
+        self, i: int, p: PreparedEvent, report: EnqueueReport, targets: list[RedisKeys]
+    ) -> None:
+        report.warnings[i] = list(p.warnings)
+        if self.metrics is not None:
+            for t in targets:
+                for w in p.warnings:
+                    self.metrics.dropped(t.destination, w.path)
+
+    def _for_target(
+        self,
+        batch: list[PreparedEvent],
+        positions: list[int],
+        target: RedisKeys,
+        report: EnqueueReport,
+    ) -> tuple[list[str], list[Any], list[int]]:
+        """The script call for one destination: each event as its consent rules make it
+        (sent, sent opted out, or skipped: counted, never stored), with the positions sent."""
+        rules = self.consent(target.destination)
+        if rules == _NO_RULES and not any(p.consent for p in batch):
+            return (*self._args(batch, target), positions)  # the usual case: all sent
+        sent, where, skipped = [], [], 0
+        for p, i in zip(batch, positions, strict=True):
+            fate = rules.fate(p.consent)
+            if fate == "drop":
+                skipped += 1
+                why = f"consent denied: not sent to {target.destination} (consent_policy drop)"
+                report.skipped.setdefault(i, []).append(Problem("consent", why))
+                continue
+            sent.append(p if fate == "send" else p.opted_out())
+            where.append(i)
+        if skipped and self.metrics is not None:
+            self.metrics.skipped.labels(target.destination).inc(skipped)
+        return (*self._args(sent, target, skipped), where)
+
+    def _args(
+        self, batch: list[PreparedEvent], target: RedisKeys, skipped: int = 0
+    ) -> tuple[list[str], list[Any]]:
         return enqueue_call(
             target,
             self.dedup_window_s,
             ((dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json) for p in batch),
+            skipped,
         )
 
     @staticmethod
@@ -334,19 +442,22 @@ class Producer(_BaseProducer):
     async def enqueue(
         self, event: RawEvent, destination: Destination_ = None
     ) -> bool | dict[str, bool]:
-        """Enqueue one event; False if its id was already enqueued within the dedup window.
+        """Enqueue one event; False if its id was already enqueued within the dedup window,
+        or its consent is denied and the destination's policy is ``drop`` (not stored).
 
         ``destination`` names where it goes (``None``: the only one); a list fans it out,
         one copy per destination, and the answer is then per destination. Raises
         :class:`~capi.errors.EventRejected` if the event breaks a rule or names an unknown
-        destination.
+        destination. Invalid optional identifiers are left out and logged as warnings
+        (:meth:`enqueue_many` reports them per event).
         """
         targets = self._targets(destination)
         added = {}
         with _translated(self.redis):
             for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool((await self._script(keys=keys, args=args))[0])
+                keys, args, sent = self._one(event, target)
+                answer = await self._script(keys=keys, args=args)
+                added[target.destination] = sent and bool(answer[0])
             await self._durable()
         return _answer(added, destination)
 
@@ -403,14 +514,15 @@ class SyncProducer(_BaseProducer):
         self, event: RawEvent, destination: list[str] | tuple[str, ...]
     ) -> dict[str, bool]: ...
     def enqueue(self, event: RawEvent, destination: Destination_ = None) -> bool | dict[str, bool]:
-        """Enqueue one event; False if its id was already enqueued within the dedup window
-        (see :meth:`Producer.enqueue` for ``destination``)."""
+        """Enqueue one event; False if its id was already enqueued within the dedup window or
+        it was skipped for consent (see :meth:`Producer.enqueue`)."""
         targets = self._targets(destination)
         added = {}
         with _translated(self.redis):
             for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool(self._script(keys=keys, args=args)[0])
+                keys, args, sent = self._one(event, target)
+                answer = self._script(keys=keys, args=args)
+                added[target.destination] = sent and bool(answer[0])
             self._durable()
         return _answer(added, destination)
 

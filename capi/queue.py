@@ -68,11 +68,12 @@ ENQUEUE_LUA = (
     + _ACTIVATE
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
--- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
--- in the window.
+-- events skipped (consent denied: counted, never stored), then per event: digest, id,
+-- timestamp_ms, JSON. Queues each event unless its digest is in the window.
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
-for j = 5, #ARGV, 4 do
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5]) end
+for j = 6, #ARGV, 4 do
   local d = ARGV[j]
   if window > 0 and dd_seen(d) then
     out[#out + 1] = 0
@@ -93,15 +94,20 @@ return out
 
 
 def enqueue_call(
-    keys: RedisKeys, dedup_window_s: int, events: Iterable[tuple[bytes, str, int, bytes | str]]
+    keys: RedisKeys,
+    dedup_window_s: int,
+    events: Iterable[tuple[bytes, str, int, bytes | str]],
+    skipped: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """The keys and arguments of :data:`ENQUEUE_LUA` for events prepared for one
-    destination, each given as (dedup digest, id, timestamp_ms, JSON)."""
+    destination, each given as (dedup digest, id, timestamp_ms, JSON), and the number of
+    events skipped for it (consent denied under the ``drop`` policy)."""
     args: list[Any] = [
         keys.dedup_prefix,
         dedup.bucket_s(dedup_window_s),
         dedup_window_s,
         keys.destination,
+        skipped,
     ]
     for event in events:
         args += event

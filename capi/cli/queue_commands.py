@@ -59,8 +59,12 @@ def enqueue_command(
     One event per line in the API's format; raw identifiers may be given under ``user``
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
     Each refused line is reported with its reason and the others are queued; the exit code
-    is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read
-    whole), is not UTF-8 JSON, or repeats a key within one object.
+    is 4 if any was refused. An invalid optional identifier (a bad phone beside a good
+    email, say) is left out and reported as a warning (CAPI_STRICT_IDENTIFIERS=true refuses
+    the line instead); a line whose "consent" is "denied" is skipped under the destination's
+    consent_policy "drop" (never stored) or sent opted out under "opt_out". A line is
+    refused if it is longer than 256 KiB (it is never read whole), is not UTF-8 JSON, or
+    repeats a key within one object.
 
     \b
     Example (one purchase, timestamped now):
@@ -98,18 +102,29 @@ def enqueue_command(
         _flush(producer, batch, total, names)
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
+    for lineno, problems in sorted(total.warnings.items()):
+        for p in problems:
+            err.print(f"line {lineno}: warning: {p.path}: left out: {p.rule}", markup=False)
+    skipped = {n: why for n, why in total.skipped.items() if n not in total.added}
+    for lineno, problems in sorted(total.skipped.items()):
+        what = "skipped" if lineno in skipped else "warning"
+        for p in problems:
+            err.print(f"line {lineno}: {what}: {p.rule}", markup=False)
     summary = {
         "lines": lines_read,
         "queued": total.queued,
         "duplicates": total.duplicates,
         "refused": len(total.refused),
+        "warned": len(total.warnings),
+        "skipped": len(skipped),
     }
     if as_json:
         print_json(summary)
     else:
         out.print(
             f"queued {total.queued}, duplicates {total.duplicates} (already queued), "
-            f"refused {len(total.refused)}"
+            f"refused {len(total.refused)}, warned {len(total.warnings)} (identifiers left "
+            f"out), skipped {len(skipped)} (consent denied)"
         )
     if total.refused:
         sys.exit(ExitCode.REFUSED)
@@ -258,6 +273,10 @@ def _flush(
     total.queued += report.queued
     total.duplicates += report.duplicates
     total.refused += [(batch[i][0], exc) for i, exc in report.refused]
+    for i, flag in report.added.items():
+        total.added[batch[i][0]] = flag
+    total.warnings.update((batch[i][0], w) for i, w in report.warnings.items() if w)
+    total.skipped.update((batch[i][0], why) for i, why in report.skipped.items())
     batch.clear()
 
 

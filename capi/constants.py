@@ -16,8 +16,12 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {d}:dl:replays          LIST    replay audit entries (JSON), newest first
     {d}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
-                                    transient_key_failures, requests, accepted_mismatches
+                                    transient_key_failures, requests, accepted_mismatches,
+                                    skipped (consent denied under consent_policy drop)
     {d}:stats:dl_reasons    HASH    dead-letter reason -> count
+    {d}:coverage:{hour}     HASH    deliveries in one hour (since the epoch): events, and per
+                                    identifier kind how many carried it (capi.coverage);
+                                    expires after 25 hours
     {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
     {d}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
@@ -112,6 +116,10 @@ class RedisKeys:
     def stats(self) -> str:
         """The hash of counters."""
         return f"{self.ns}:stats"
+
+    def coverage(self, hour: int) -> str:
+        """The hash of one hour's match-coverage counts (hours since the epoch)."""
+        return f"{self.ns}:coverage:{hour}"
 
     @property
     def dl_reasons(self) -> str:

@@ -6,7 +6,7 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 
 - enqueue: dedup record (:mod:`capi.dedup`) and ``XADD`` in one script (no record without
   event);
-- deliver: ``XACK`` + ``XDEL`` + counter;
+- deliver: ``XACK`` + ``XDEL`` + counters (with match coverage);
 - retry: ``XACK`` + ``ZADD`` to the retry schedule + ``XDEL``; a script moves due retries
   back into the stream (``XADD`` + ``ZREM``);
 - dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (the records themselves are
@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from capi import dedup
+from capi import coverage, dedup
 from capi._aio import aw
 from capi.constants import CONSUMER_GROUP, RedisKeys
 
@@ -136,13 +136,20 @@ return r[1][2]
 # pending), so a worker that lost its answer to a timeout may simply run it again.
 
 DELIVER_LUA = """#!lua flags=allow-oom
--- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
--- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+-- KEYS: stream, stats, endpoint, coverage hour. ARGV: group, now_ms, coverage counts (JSON
+-- object, see capi.coverage), coverage TTL (s), then stream ids.
+-- Ack and delete delivered entries; count them and the identifier kinds they carried
+-- (only if this call acknowledged them: a repeat counts nothing); clear the endpoint's
+-- failing mark, returning it.
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 5))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 5))
 if n > 0 then
   redis.call('HINCRBY', KEYS[2], 'delivered', n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
+  for kind, count in pairs(cjson.decode(ARGV[3])) do
+    redis.call('HINCRBY', KEYS[4], kind, count)
+  end
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
 end
 local since = redis.call('HGET', KEYS[3], 'failing_since')
 redis.call('HDEL', KEYS[3], 'failing_since')
@@ -506,11 +513,19 @@ class Queue:
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
     async def deliver(self, entries: Sequence[Entry], now_ms: int) -> int | None:
-        """Acknowledge delivered entries and count them; if the endpoint was marked as
-        failing until now (this delivery ends an outage), since when (ms)."""
+        """Acknowledge delivered entries and count them, with the identifier kinds they
+        carried (:mod:`capi.coverage`); if the endpoint was marked as failing until now
+        (this delivery ends an outage), since when (ms)."""
+        k = self.keys
         _, since = await self._deliver(
-            keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
-            args=[self.group, now_ms, *(e.stream_id for e in entries)],
+            keys=[k.stream, k.stats, k.endpoint, k.coverage(coverage.bucket(now_ms))],
+            args=[
+                self.group,
+                now_ms,
+                orjson.dumps(coverage.count(e.event for e in entries)),
+                coverage.TTL_S,
+                *(e.stream_id for e in entries),
+            ],
         )
         return int(since) if since else None
 

@@ -13,6 +13,7 @@ import orjson
 import pytest
 import redis
 
+from capi import coverage
 from capi.errors import EventRejected
 from capi.events import now_ms, prepare, purchase, signup
 from capi.hashing import sha256_hex
@@ -361,3 +362,88 @@ def test_skipped_is_answered_by_the_intake_and_counted_by_the_cli(
     done = capi(settings, "enqueue", "--json", input=line + "\n")
     assert json.loads(done.stdout)["skipped"] == 1, done.stderr
     assert "line 1: skipped: consent denied" in done.stderr
+
+
+# -- 6. match coverage -------------------------------------------------------------------------
+
+
+def test_kinds_are_told_from_fields_never_from_values_or_custom_data() -> None:
+    evt = {
+        **purchase("k", amount=1, currency="USD", source_url="https://s.example/"),
+        "type": "custom",
+        "custom_event_name": "quiz",
+        "data": {"type": "custom", "emails_sha256": ["x"], "note": '"oppref":"x"'},
+        "user": {"user_agent": 'Mozilla "obref": "phone_numbers_sha256":', "cities": ["Oslo"]},
+    }
+    assert coverage.kinds_of(prepare(evt).json) == ["geo"]
+    full = prepare(
+        purchase(
+            "f",
+            amount=1,
+            currency="USD",
+            source_url="https://s.example/?oppref=o",
+            email=GOOD,
+            phone="+14155552671",
+            external_id="c-1",
+            user={
+                "first_name": "Ada",
+                "obref": "ob",
+                "ip_address": "203.0.113.9",
+                "user_agent": "UA",
+                "postal_codes": ["0150"],
+                "android_advertising_id": "38400000-8cf0-11bd-b23e-10b96e40000d",
+            },
+        )
+    )
+    assert sorted(coverage.kinds_of(full.json)) == sorted(coverage.KINDS)
+
+
+def test_match_coverage_of_delivered_events_is_listed_and_a_weak_mix_warned(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    strong = [
+        purchase(
+            f"m-{i}",
+            amount=1,
+            currency="USD",
+            email=f"u{i}@example.com",
+            source_url="https://s.example/?oppref=c" if i % 2 else "https://s.example/",
+        )
+        for i in range(10)
+    ]
+    weak = [
+        purchase(
+            f"w-{i}",
+            amount=1,
+            currency="USD",
+            source_url="https://s.example/",
+            user={"ip_address": "203.0.113.9", "user_agent": "UA"},
+        )
+        for i in range(30)
+    ]
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue_many([*strong, *weak]).queued == 40
+    drain(settings)
+    assert len(sandbox.state.delivered_ids()) == 40
+    listed = json.loads(capi(settings, "destinations", "--json").stdout)
+    assert listed["match_coverage_events"] == 40
+    assert listed["match_coverage"] == {
+        "email": 0.25,
+        "phone": 0.0,
+        "external_id": 0.0,
+        "name": 0.0,
+        "oppref": 0.125,
+        "obref": 0.0,
+        "ip_user_agent": 0.75,
+        "aaid": 0.0,
+        "geo": 0.0,
+    }
+    status = capi(settings, "status")
+    assert (
+        "match coverage: 75% of the 40 events delivered in the last 24 h carried no "
+        "email, phone, external id or oppref"
+    ) in status.stdout, status.stdout
+    drain(settings)  # nothing left: a second drain counts nothing twice
+    again = json.loads(capi(settings, "destinations", "--json").stdout)
+    assert again["match_coverage_events"] == 40

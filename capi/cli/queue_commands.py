@@ -15,7 +15,7 @@ import click
 from rich.markup import escape
 from rich.progress import Progress
 
-from capi import destinations
+from capi import coverage, destinations
 from capi.cli.common import (
     err,
     handle_errors,
@@ -376,6 +376,8 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
         )
     if key.get("state") == "held":
         out.print(key.get("guidance", ""), markup=False)
+    if warning := coverage.weak_warning(status["match_coverage"]):
+        out.print(warning, markup=False)
 
 
 @cli.command("health")

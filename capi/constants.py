@@ -5,7 +5,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
 ``{p}:d:{name}`` for any other (see ``config/destinations.toml``)::
 
     {d}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
-                                    i=event id, n=attempts so far (retries only),
+                                    i=event id, k=identifier kinds (bits, capi.coverage),
+                                    n=attempts so far (retries only),
                                     m=retry metadata JSON (retries only)
     {d}:events  group "senders"     the consumer group the workers read through
     {d}:retry               ZSET    member = JSON {u, entries: [...], ra: 1 if the wait is the

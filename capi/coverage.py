@@ -1,10 +1,12 @@
 """Match coverage: which identifier kinds the delivered events carried, and how often.
 
 The API attributes a conversion to an ad by matching it to a person; each identifier kind
-is one way to match (docs/attribution.md says what each is worth). The kinds are told from
-the event's JSON as it is sent, at delivery (:func:`kinds_of`), so nothing new is stored
-for them and an event replayed or retried is judged as it finally went out (an opted-out
-event has no ``obref``). No value is read: only which fields are present.
+is one way to match (docs/attribution.md says what each is worth). The producer notes which
+fields an event carries as it will be sent (:func:`mask`: a small integer of bits, the
+stream entry's ``k``; an opted-out copy has no ``obref``), so the worker knows the kinds at
+delivery without reading any value or storing anything personal; an entry without ``k``
+(a replayed dead letter, or one queued by an older capi) is judged from its JSON
+(:func:`mask_of_json`).
 
 Counts live in hourly Redis hashes (:meth:`capi.constants.RedisKeys.coverage`), written by
 the deliver script atomically with the acknowledgement (:mod:`capi.queue`), field
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
+
+from capi import schema
 
 KINDS = (
     "email",
@@ -43,23 +48,43 @@ TTL_S = (WINDOW_HOURS + 1) * 3600
 WEAK_SHARE_WARNING = 0.5
 """``capi status`` warns when more than this share of recent deliveries has no strong kind."""
 
-# JSON keys whose presence shows a kind (all of them: any; "ip_user_agent" needs both).
-_ANY: dict[str, tuple[bytes, ...]] = {
-    "email": (b'"emails_sha256":',),
-    "phone": (b'"phone_numbers_sha256":',),
-    "external_id": (b'"external_ids_sha256":',),
-    "name": (b'"first_names_sha256":', b'"last_names_sha256":'),
-    "oppref": (b'"oppref":',),
-    "obref": (b'"obref":',),
-    "aaid": (b'"android_advertising_id":',),
-    "geo": (b'"regions":', b'"postal_codes":', b'"cities":', b'"countries":'),
-}
-_IP_UA = (b'"ip_address":', b'"user_agent":')
+# Each signal an event can carry, as a bit: a user field, or the event's oppref. A kind is
+# present when any of its signals is ("ip_user_agent" needs both of its own).
+_SIGNALS = (
+    ("emails_sha256", "email"),
+    ("phone_numbers_sha256", "phone"),
+    ("external_ids_sha256", "external_id"),
+    ("first_names_sha256", "name"),
+    ("last_names_sha256", "name"),
+    ("oppref", "oppref"),
+    ("obref", "obref"),
+    ("android_advertising_id", "aaid"),
+    ("regions", "geo"),
+    ("postal_codes", "geo"),
+    ("cities", "geo"),
+    ("countries", "geo"),
+    ("ip_address", "ip"),
+    ("user_agent", "ua"),
+)
+_BIT = {field: 1 << i for i, (field, _) in enumerate(_SIGNALS)}
+_JSON_KEYS = tuple((f'"{field}":'.encode(), bit) for field, bit in _BIT.items())
 _DATA = b',"data":{'
 
 
-def kinds_of(event_json: bytes) -> list[str]:
-    """The identifier kinds an event carries, from its JSON as capi sends it.
+def mask(event: schema.Event) -> int:
+    """The signals an event carries, as bits (what the stream entry keeps as ``k``)."""
+    bits = _BIT["oppref"] if event.oppref is not None else 0
+    user = event.user
+    if user is not None:
+        for name in user.model_fields_set:
+            if getattr(user, name) is not None:
+                bits |= _BIT.get(name, 0)
+    return bits
+
+
+def mask_of_json(event_json: bytes) -> int:
+    """:func:`mask`, told from an event's JSON as capi sends it (for entries queued
+    without ``k``: replayed dead letters, or queued by an older capi).
 
     capi serializes ``data`` last, and every field before it is flat (``user`` holds only
     strings and lists of strings), so a key found before ``"data"`` is a real field: inside
@@ -67,24 +92,30 @@ def kinds_of(event_json: bytes) -> list[str]:
     """
     end = event_json.find(_DATA)
     head = event_json if end < 0 else event_json[:end]
-    found = [kind for kind, keys in _ANY.items() if any(k in head for k in keys)]
-    if _IP_UA[0] in head and _IP_UA[1] in head:
-        found.append("ip_user_agent")
-    return found
+    return sum(bit for key, bit in _JSON_KEYS if key in head)
 
 
-def count(events: Iterable[bytes]) -> dict[str, int]:
-    """``events`` (the number of events), per kind how many carry it, and ``any_strong``:
-    how many carry at least one of :data:`STRONG`."""
+@lru_cache(maxsize=1024)
+def kinds(bits: int) -> tuple[str, ...]:
+    """The kinds (:data:`KINDS`) that a signal mask shows."""
+    found = {kind for field, kind in _SIGNALS if bits & _BIT[field]}
+    if {"ip", "ua"} <= found:
+        found.add("ip_user_agent")
+    return tuple(k for k in KINDS if k in found)
+
+
+def count(masks: Iterable[int]) -> dict[str, int]:
+    """``events`` (the number of masks), per kind how many events carry it, and
+    ``any_strong``: how many carry at least one of :data:`STRONG`."""
+    by_mask = Counter(masks)
     counts: Counter[str] = Counter()
-    n = 0
-    for e in events:
-        n += 1
-        kinds = kinds_of(e)
-        counts.update(kinds)
-        if any(k in _STRONG for k in kinds):
-            counts["any_strong"] += 1
-    return {"events": n, **counts}
+    for bits, n in by_mask.items():
+        shown = kinds(bits)
+        for k in shown:
+            counts[k] += n
+        if not _STRONG.isdisjoint(shown):
+            counts["any_strong"] += n
+    return {"events": sum(by_mask.values()), **counts}
 
 
 def bucket(now_ms: int) -> int:

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter
 from capi import dedup
 from capi import destinations as destinations_
 from capi.constants import RedisKeys
+from capi.coverage import mask
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
@@ -392,7 +393,10 @@ class _BaseProducer:
         return enqueue_call(
             target,
             self.dedup_window_s,
-            ((dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json) for p in batch),
+            (
+                (dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json, mask(p.event))
+                for p in batch
+            ),
             skipped,
         )
 

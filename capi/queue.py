@@ -69,17 +69,19 @@ ENQUEUE_LUA = (
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
 -- events skipped (consent denied: counted, never stored), then per event: digest, id,
--- timestamp_ms, JSON. Queues each event unless its digest is in the window.
+-- timestamp_ms, JSON, identifier kinds (capi.coverage mask). Queues each event unless its
+-- digest is in the window.
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5]) end
-for j = 6, #ARGV, 4 do
+for j = 6, #ARGV, 5 do
   local d = ARGV[j]
   if window > 0 and dd_seen(d) then
     out[#out + 1] = 0
   else
     if window > 0 then dd_add(d) end
-    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1])
+    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1],
+               'k', ARGV[j + 4])
     added = added + 1
     out[#out + 1] = 1
   end
@@ -96,12 +98,12 @@ return out
 def enqueue_call(
     keys: RedisKeys,
     dedup_window_s: int,
-    events: Iterable[tuple[bytes, str, int, bytes | str]],
+    events: Iterable[tuple[bytes, str, int, bytes | str, int]],
     skipped: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """The keys and arguments of :data:`ENQUEUE_LUA` for events prepared for one
-    destination, each given as (dedup digest, id, timestamp_ms, JSON), and the number of
-    events skipped for it (consent denied under the ``drop`` policy)."""
+    destination, each given as (dedup digest, id, timestamp_ms, JSON, identifier kinds
+    mask), and the number of events skipped for it (consent denied under ``drop``)."""
     args: list[Any] = [
         keys.dedup_prefix,
         dedup.bucket_s(dedup_window_s),
@@ -189,8 +191,12 @@ _REQUEUE_MEMBER = (
 local function requeue(member)
   local n = 0
   for _, en in ipairs(cjson.decode(member)['entries']) do
-    redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
-               'm', en['m'])
+    local fields = {'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'], 'm', en['m']}
+    if en['k'] then
+      fields[#fields + 1] = 'k'
+      fields[#fields + 1] = en['k']
+    end
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
     n = n + 1
   end
   redis.call('ZREM', KEYS[1], member)
@@ -394,11 +400,13 @@ class Entry:
     timestamp_ms: int
     attempts: int = 0
     meta: dict[str, Any] | None = None
+    kinds: int | None = None  # identifier kinds (capi.coverage); None: tell from the JSON
 
     @classmethod
     def from_fields(cls, stream_id: bytes, fields: dict[bytes, bytes]) -> Entry:
         """Build an entry from a stream entry's fields."""
         meta = fields.get(b"m")
+        kinds = fields.get(b"k")
         return cls(
             stream_id=stream_id,
             event=fields[b"e"],
@@ -406,6 +414,7 @@ class Entry:
             timestamp_ms=int(fields[b"t"]),
             attempts=int(fields.get(b"n", 0)),
             meta=orjson.loads(meta) if meta else None,
+            kinds=int(kinds) if kinds else None,
         )
 
     @property
@@ -522,7 +531,7 @@ class Queue:
             args=[
                 self.group,
                 now_ms,
-                orjson.dumps(coverage.count(e.event for e in entries)),
+                orjson.dumps(coverage.count(_kinds(e) for e in entries)),
                 coverage.TTL_S,
                 *(e.stream_id for e in entries),
             ],
@@ -568,6 +577,8 @@ class Queue:
                     "m": orjson.dumps(meta).decode(),
                 }
             )
+            if e.kinds is not None:
+                rows[-1]["k"] = str(e.kinds)
         batch: dict[str, Any] = {"u": uuid.uuid4().hex, "entries": rows}
         if server_asked:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
@@ -663,6 +674,10 @@ class Queue:
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)
             await aw(self.redis.hdel(self.keys.worker_states, *gone))
+
+
+def _kinds(entry: Entry) -> int:
+    return entry.kinds if entry.kinds is not None else coverage.mask_of_json(entry.event)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -420,8 +421,9 @@ def signup(
 def purchase(
     event_id: str,
     *,
-    amount: int,
+    amount: int | None = None,
     currency: str,
+    value: str | Decimal | None = None,
     contents: list[Mapping[str, Any]] | None = None,
     timestamp_ms: int | None = None,
     email: str | list[str] | None = None,
@@ -433,8 +435,12 @@ def purchase(
     user: Mapping[str, Any] | None = None,
     clock: Clock = time.time,
 ) -> dict[str, Any]:
-    """A purchase: an ``order_created`` event; ``amount`` in the currency's minor unit."""
-    data: dict[str, Any] = {"type": "contents", "amount": amount, "currency": currency}
+    """A purchase: an ``order_created`` event; ``amount`` in the currency's minor unit, or
+    ``value`` as written (``"129.99"``: see :mod:`capi.money`)."""
+    if (amount is None) == (value is None):
+        raise TypeError("purchase() takes one of amount= (minor units) and value= (a decimal)")
+    data: dict[str, Any] = {"type": "contents", "currency": currency}
+    data.update({"amount": amount} if value is None else {"value": value})
     if contents is not None:
         data["contents"] = [dict(c) for c in contents]
     return _event(

@@ -193,6 +193,7 @@ class ConversionsClient:
         pixel_id: str,
         timeout_s: float = 30.0,
         integration_source: str | None = None,
+        validate_only: bool = False,
         http: httpx.AsyncClient | None = None,
         labels: Labels | None = None,
     ) -> None:
@@ -203,6 +204,8 @@ class ConversionsClient:
         self.pixel_id = pixel_id
         self.url = base_url.rstrip("/") + EVENTS_PATH
         self.integration_source = integration_source
+        # Test mode: batches go with validate_only (the API checks them, saves nothing).
+        self.validate_only = validate_only
         self.key_fingerprint = fingerprint(api_key)
         self._own_http = http is None
         self._http = http or http_pool(timeout_s)
@@ -229,6 +232,7 @@ class ConversionsClient:
             pixel_id=destination.pixel_id,
             timeout_s=timeout_s,
             integration_source=destination.integration_source,
+            validate_only=destination.validate_only,
             labels=Labels(destination.name, destination.key_source),
             http=http,
         )

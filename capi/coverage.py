@@ -22,19 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from capi import schema
-
-KINDS = (
-    "email",
-    "phone",
-    "external_id",
-    "name",
-    "oppref",
-    "obref",
-    "ip_user_agent",
-    "aaid",
-    "geo",
-)
-"""The identifier kinds counted, as named in ``capi destinations --json``'s match_coverage."""
+from capi.kinds import KINDS  # the one list of kind names (capi tail shows them too)
 
 STRONG = ("email", "phone", "external_id", "oppref")
 """The kinds that identify a person or a click on their own; an event with none of them

@@ -1,7 +1,8 @@
 """Destinations: the pixels (and their Conversion Keys) one deployment sends to.
 
-A destination is a name, a pixel id, where its Conversion Key comes from (an environment
-variable or a file: never the TOML itself), an optional ``integration_source`` and base
+A destination is a name, a pixel id, where its Conversion Key comes from (a variable, set
+in the environment or in the config file ``config/capi.env`` as settings are, or a file:
+never the TOML itself), an optional ``integration_source`` and base
 URL, and the SHA-256 of the intake tokens granted it. They are read from
 ``config/destinations.toml``, or the file named by ``CAPI_DESTINATIONS_FILE``::
 
@@ -23,7 +24,6 @@ destinations meanwhile.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import tomllib
@@ -60,11 +60,17 @@ class _Entry(BaseModel):
     intake_tokens_sha256: list[str] = []
     consent_policy: Literal["drop", "opt_out"] | None = None
     consent_default: Literal["granted", "denied"] | None = None
+    validate_only: bool = False
+    advertiser_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    advertiser_key_file: Path | None = None
+    ads_api_base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
         if (self.api_key_env is None) == (self.api_key_file is None):
             raise ValueError("give exactly one of api_key_env and api_key_file")
+        if self.advertiser_key_env is not None and self.advertiser_key_file is not None:
+            raise ValueError("give at most one of advertiser_key_env and advertiser_key_file")
         for token in self.intake_tokens_sha256:
             if not re.match(SHA256_HEX, token):
                 raise ValueError(
@@ -101,11 +107,23 @@ class Destination:
     integration_source: str | None = None
     intake_tokens_sha256: frozenset[str] = frozenset()
     consent: Consent = Consent()
+    validate_only: bool = False  # test mode: the API checks every batch and saves nothing
+    reads: ReadBack | None = None  # the Advertiser API key for capi verify, when configured
 
     @property
     def key_fingerprint(self) -> str:
         """The key's fingerprint, the only form in which it is ever shown."""
         return fingerprint(self.api_key)
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """Where ``capi verify`` reads a destination's events back: the Advertiser API, with an
+    Advertiser API key (never the Conversion Key, never shown)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    key_source: str
 
 
 def source(settings: Settings) -> Path | None:
@@ -117,12 +135,15 @@ def source(settings: Settings) -> Path | None:
 
 
 def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Destination]:
-    """The configured destinations by name; ConfigError names what is wrong, and where."""
-    environ = os.environ if environ is None else environ
+    """The configured destinations by name; ConfigError names what is wrong, and where.
+
+    A key named by ``api_key_env`` is looked up in ``environ``: by default the environment
+    and the config file (``config/capi.env``), the environment winning, as for settings."""
+    environ = settings.environ() if environ is None else environ
     path = source(settings)
     if path is None:
         return {DEFAULT_NAME: default(settings)}
-    return parse(_read(path), path, settings, environ)
+    return parse(_read(path), path, settings, environ, where=settings.config_source())
 
 
 def parse_file(
@@ -130,14 +151,21 @@ def parse_file(
 ) -> dict[str, Destination]:
     """Like :func:`load`, but a key that cannot be read here is left empty rather than
     refused (for listing destinations on a host that does not hold every key)."""
-    environ = os.environ if environ is None else environ
+    environ = settings.environ() if environ is None else environ
     path = source(settings)
     if path is None:
         try:
             return {DEFAULT_NAME: default(settings)}
         except ConfigError:
-            return {DEFAULT_NAME: Destination(DEFAULT_NAME, settings.pixel_id or "", "", "")}
-    return parse(_read(path), path, settings, environ, keys="optional")
+            reads = default_reads(settings)
+            return {
+                DEFAULT_NAME: Destination(
+                    DEFAULT_NAME, settings.pixel_id or "", "", "", reads=reads
+                )
+            }
+    return parse(
+        _read(path), path, settings, environ, keys="optional", where=settings.config_source()
+    )
 
 
 def _read(path: Path) -> str:
@@ -238,10 +266,12 @@ def parse(
     environ: Mapping[str, str],
     *,
     keys: Literal["required", "optional", "skip"] = "required",
+    where: str = "the environment",
 ) -> dict[str, Destination]:
     """The destinations of one TOML text (``path`` only names it in errors). Each key is
     read and must be usable (``required``), is left empty when it cannot be read here
-    (``optional``), or is not read at all (``skip``)."""
+    (``optional``), or is not read at all (``skip``); ``where`` says where ``environ``
+    comes from, for the message about a variable that is not set."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -257,22 +287,22 @@ def parse(
         raise ConfigError(f"{path}: names no destination; add a [destinations.NAME] table")
     out: dict[str, Destination] = {}
     for name, table in tables.items():
-        where = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
+        at = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
         if not NAME.fullmatch(name):
             raise ConfigError(
-                f"{where}: a destination name is 1-63 lowercase letters, digits, - or _, "
+                f"{at}: a destination name is 1-63 lowercase letters, digits, - or _, "
                 "starting with a letter or digit"
             )
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: must be a table of settings")
+            raise ConfigError(f"{at}: must be a table of settings")
         try:
             entry = _Entry.model_validate(table)
         except ValidationError as exc:
-            raise ConfigError(f"{where}: {_first(exc)}") from None
+            raise ConfigError(f"{at}: {_first(exc)}") from None
         key, key_source = "", ""
         if keys != "skip":
             try:
-                key, key_source = _key(entry, where, environ)
+                key, key_source = _key(entry, at, environ, where)
             except ConfigError:
                 if keys == "required":
                     raise
@@ -285,8 +315,29 @@ def parse(
             integration_source=entry.integration_source or settings.integration_source,
             intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
             consent=_consent(entry, settings),
+            validate_only=entry.validate_only,
+            reads=_reads(entry, settings, environ) if keys != "skip" else None,
         )
     return out
+
+
+def _reads(entry: _Entry, settings: Settings, environ: Mapping[str, str]) -> ReadBack | None:
+    """The destination's read-back key, from its own advertiser_key_env or _file (None when
+    neither is given; an empty key when the variable is unset or the file unreadable, which
+    capi verify reports naming the source)."""
+    base = (entry.ads_api_base_url or settings.ads_api_base_url).rstrip("/")
+    if entry.advertiser_key_env:
+        value = environ.get(entry.advertiser_key_env, "").strip()
+        source = f"${entry.advertiser_key_env}"
+    elif entry.advertiser_key_file:
+        try:
+            value = entry.advertiser_key_file.read_text().strip()
+        except OSError:
+            value = ""
+        source = str(entry.advertiser_key_file)
+    else:
+        return None
+    return ReadBack(base, value, source)
 
 
 def default_token_digests(settings: Settings) -> list[str]:
@@ -314,15 +365,28 @@ def default(settings: Settings) -> Destination:
         integration_source=settings.integration_source,
         intake_tokens_sha256=frozenset(tokens),
         consent=_consent(None, settings),
+        validate_only=settings.validate_only,
+        reads=default_reads(settings),
     )
 
 
-def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, str]:
+def default_reads(settings: Settings) -> ReadBack | None:
+    """The read-back of ``default``: CAPI_ADVERTISER_KEY at CAPI_ADS_API_BASE_URL."""
+    if settings.advertiser_key is None:
+        return None
+    key = settings.advertiser_key.get_secret_value().strip()
+    return ReadBack(settings.ads_api_base_url.rstrip("/"), key, "CAPI_ADVERTISER_KEY")
+
+
+def _key(entry: _Entry, where: str, environ: Mapping[str, str], source: str) -> tuple[str, str]:
     if entry.api_key_env is not None:
         key = environ.get(entry.api_key_env, "").strip()
         label = f"${entry.api_key_env}"
         if not key:
-            raise ConfigError(f"{where}: api_key_env names {entry.api_key_env}, which is not set")
+            raise ConfigError(
+                f"{where}: api_key_env names {entry.api_key_env}, which is not set (looked "
+                f"for in {source})"
+            )
     else:
         assert entry.api_key_file is not None
         label = str(entry.api_key_file)
@@ -335,6 +399,17 @@ def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, st
         problem = problem.replace("the CAPI_API_KEY= line of the config file", "its own line")
         raise ConfigError(f"{where}: the key in {label} {problem}")
     return key, label
+
+
+def key_variables(settings: Settings) -> set[str]:
+    """The variables the destinations file names in ``api_key_env`` (read loosely, so that a
+    broken file still tells them): known names, not typos of settings."""
+    path = source(settings)
+    try:
+        text = path.read_text(encoding="utf-8") if path is not None else ""
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return set(re.findall(r"^\s*api_key_env\s*=\s*[\"']([A-Za-z0-9_]+)[\"']", text, re.MULTILINE))
 
 
 def _line_of(text: str, name: str) -> int:

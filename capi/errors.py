@@ -14,7 +14,7 @@
         ├── UnknownPixelError        403, unknown pid
         ├── AccessDeniedError        401/403, RBAC: access denied
         ├── InvalidEventError        400/422 of any code, at events[i] or (bisect) none
-        ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
+        │   └── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
         ├── RateLimitedError         429                               retryable
         ├── ServerError              5xx                               retryable
         ├── NetworkError             timeout, reset, dropped response  retryable

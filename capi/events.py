@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
@@ -24,12 +24,12 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from pydantic import ValidationError
 
 from capi import identifiers, money, schema
+from capi.clock import Clock, now_ms
 from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS, MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
 from capi.hashing import Identifier
 from capi.jsondata import plain_copy
 
-Clock = Callable[[], float]
 """Returns the current Unix time in seconds (``time.time`` unless a test injects one)."""
 
 _CUSTOM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
@@ -71,11 +71,6 @@ class PreparedEvent:
             user = user.model_copy(update={"obref": None})
         event = self.event.model_copy(update={"opt_out": True, "user": user})
         return PreparedEvent(event, event.to_json(), self.warnings, self.consent)
-
-
-def now_ms(clock: Clock = time.time) -> int:
-    """The clock's time in Unix milliseconds."""
-    return int(clock() * 1000)
 
 
 def prepare(

@@ -5,9 +5,10 @@
   1  FAILURE                an unexpected error
   2  USAGE                  bad command line (click's own code)
   3  CONFIG                 a setting is missing or invalid
-  4  REFUSED                some input events were refused (enqueue)
+  4  REFUSED                some events were refused (enqueue), or would be (replay --dry-run)
   5  REDIS                  Redis cannot be reached, did not answer in time, or refused
   6  REDIS_FULL             Redis is full (maxmemory under noeviction): nothing was queued
+  7  NOT_FOUND              a dead letter named by id does not exist (show, replay)
  10  MISSING_SCOPE          the key lacks ads.third_party_events.write
  11  UNAUTHORIZED           the key is unknown or revoked
  12  UNKNOWN_PIXEL          the pixel id is unknown for this key
@@ -34,6 +35,7 @@ class ExitCode(IntEnum):
     REFUSED = 4
     REDIS = 5
     REDIS_FULL = 6
+    NOT_FOUND = 7
     MISSING_SCOPE = 10
     UNAUTHORIZED = 11
     UNKNOWN_PIXEL = 12
@@ -47,9 +49,10 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.FAILURE: "an unexpected error, or a check that did not pass (capi health)",
     ExitCode.USAGE: "bad command line (a misspelled option or value)",
     ExitCode.CONFIG: "a setting is missing or invalid (the message names it)",
-    ExitCode.REFUSED: "some input events were refused (capi enqueue)",
+    ExitCode.REFUSED: "some events were refused (capi enqueue), or would be (replay --dry-run)",
     ExitCode.REDIS: "Redis cannot be reached, did not answer in time, or refused",
     ExitCode.REDIS_FULL: "Redis is full (maxmemory under noeviction): nothing was queued",
+    ExitCode.NOT_FOUND: "a dead letter named by id does not exist (dead-letters show, replay)",
     ExitCode.MISSING_SCOPE: "the key lacks ads.third_party_events.write",
     ExitCode.UNAUTHORIZED: "the key is unknown or revoked",
     ExitCode.UNKNOWN_PIXEL: "the pixel id is unknown for this key",

@@ -1,24 +1,25 @@
-"""The failure classes: every way a send can fail, what it means, and its fate.
+"""The failure classes: every way a send can fail, and what it means.
 
-=====================  ==============================================  ======================
-reason                 meaning                                         fate
-=====================  ==============================================  ======================
-missing_scope          401: the key lacks ads.third_party_events.write  re-probe; transient ->
-                                                                       retry, confirmed ->
-                                                                       dead-letter + hold
-unauthorized           401: the API does not know the key               dead-letter + hold
-unknown_pixel          403: the API does not know the pixel id          dead-letter + hold
-access_denied          401/403 such as plain-text "RBAC: access denied" like missing_scope
-invalid_event          400/422 of any code: an event breaks a rule      dead-letter that event
-                       (events[i]; no index: bisect)
-outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms,  dead-letter, no replay
-                       or caught locally: older than 7 days
-rate_limited           429                                             retry (Retry-After)
-server_error           5xx                                             retry
-network                timeout, reset, refused, dropped response        retry
-retries_exhausted      a retryable failure past CAPI_MAX_ATTEMPTS       dead-letter
-unexpected             anything else                                    dead-letter, raw body
-=====================  ==============================================  ======================
+What the worker then does with the batch (the fate) is decided in one table,
+:data:`capi.worker.decisions.FATES`, which has a row for every reason.
+
+=====================  ===================================================================
+reason                 meaning
+=====================  ===================================================================
+missing_scope          401: the key lacks ads.third_party_events.write
+unauthorized           401: the API does not know the key
+unknown_pixel          403: the API does not know the pixel id
+access_denied          401/403 such as plain-text "RBAC: access denied"
+invalid_event          400/422 of any code: an event breaks a rule (at events[i], or none)
+outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms, or caught locally:
+                       older than 7 days (never replayable)
+rate_limited           429
+server_error           5xx
+network                timeout, reset, refused, dropped response
+retries_exhausted      a retryable failure whose next attempt would fall past the event's
+                       7-day window, or past CAPI_MAX_ATTEMPTS when set
+unexpected             anything else (the raw body is kept)
+=====================  ===================================================================
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ SUPPORT_ASKS = (
 class Labels:
     """How guidance names a destination's settings. Without a destinations file they are
     the ``CAPI_*`` settings; a destination of the file has its own entries there, its own
-    key source (``$VAR`` or a file) and its own ``--destination`` on every command."""
+    key source (``$VAR`` or a file) and its own ``--destination`` on the commands that
+    take one."""
 
     destination: str = "default"
     key: str = "CAPI_API_KEY"

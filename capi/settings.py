@@ -7,14 +7,16 @@ environment wins over the file. Messages about missing settings say which file w
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+from dotenv import dotenv_values
 from pydantic import (
     Field,
     PrivateAttr,
@@ -36,6 +38,9 @@ from capi.fingerprint import shape_problem
 from capi.redisconn import async_client, connection_kwargs, sync_client
 
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
+# CAPI_* names that are not settings yet are known: the config file's name, and the two
+# that docker-compose.yml reads (from .env) to configure the containers.
+NOT_SETTINGS = frozenset({"CAPI_CONFIG_FILE", "CAPI_ENV_FILE", "CAPI_REDIS_PASSWORD"})
 
 
 class Settings(BaseSettings):
@@ -105,6 +110,28 @@ class Settings(BaseSettings):
     )
     intake_tokens_sha256: str | None = Field(
         None, description="SHA-256 of the intake tokens granted 'default', comma-separated."
+    )
+    validate_only: bool = Field(
+        False,
+        description="Test mode: every batch is sent with validate_only (the API checks each "
+        "event and saves nothing); outcomes are counted as validated, never delivered.",
+    )
+    tail_entries: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Entries (of up to 100 outcomes each) kept per destination for capi tail; "
+        "0 turns the ring off.",
+    )
+    advertiser_key: SecretStr | None = Field(
+        None,
+        description="An Advertiser API key (Ads Manager -> Settings -> API keys), for capi "
+        "verify's read-back; never the Conversion Key.",
+    )
+    ads_api_base_url: str = Field(
+        "https://api.ads.openai.com",
+        pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+        description="The Advertiser API's base URL (event monitoring, for capi verify).",
     )
     intake_max_body_bytes: int = Field(
         4_000_000,
@@ -255,6 +282,38 @@ class Settings(BaseSettings):
             "taken from the current directory; run capi where config/ is, or name the file "
             "with --config or CAPI_CONFIG_FILE)"
         )
+
+    def config_file_path(self) -> str | None:
+        """The config file read (absolute), or None when there is none."""
+        return str(self._config_file) if self._config_found else None
+
+    def file_values(self) -> dict[str, str]:
+        """The variables of the config file as settings read them (empty without a file)."""
+        if not self._config_found or self._config_file is None:
+            return {}
+        values = dotenv_values(self._config_file, encoding="utf-8")
+        return {k: v for k, v in values.items() if v is not None}
+
+    def environ(self) -> dict[str, str]:
+        """Variables as settings see them: the config file's, the environment winning (a
+        destination's ``api_key_env`` is looked up here)."""
+        return {**self.file_values(), **os.environ}
+
+    def unknown_variables(self, also_known: Iterable[str] = ()) -> list[str]:
+        """A warning for each ``CAPI_*`` variable in the environment or the config file that
+        is no setting (and not in ``also_known``): it is ignored, which a typo should not be."""
+        known = {f"CAPI_{name.upper()}" for name in type(self).model_fields} | NOT_SETTINGS
+        known |= {n.upper() for n in also_known}
+        found = [(n, "the environment") for n in os.environ]
+        found += [(n, str(self._config_file)) for n in self.file_values()]
+        warnings = []
+        for name, where in found:
+            if not name.upper().startswith("CAPI_") or name.upper() in known:
+                continue
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see config/capi.env.example"
+            warnings.append(f"{name} (in {where}) is not a capi setting and is ignored; {hint}")
+        return warnings
 
     def async_redis(self, **extra: Any) -> aioredis.Redis:
         """An asyncio Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""

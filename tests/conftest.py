@@ -16,6 +16,7 @@ from hypothesis import settings as hypothesis_settings
 
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+from tests.helpers import stop_spawned
 
 # CI runs reproducibly (a fixed seed); local runs keep exploring new examples.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -27,6 +28,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def stop_spawned_processes() -> Iterator[None]:
+    """Every process a test started through ``tests.helpers.spawn`` (workers, ``capi
+    serve``, ...) is stopped when the test ends, passed or failed: none outlives its test
+    to eat the next test's events."""
+    yield
+    stop_spawned()
 
 
 @pytest.fixture(scope="session")

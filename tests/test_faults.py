@@ -250,7 +250,7 @@ def test_an_endpoint_outage_dead_letters_nothing_and_status_says_so(
     sandbox.state.faults = [Fault("server_error", every=1, status=503)]
     evts = events(300)
     enqueue(settings, evts)
-    wait_for(lambda: sandbox.state.summary()["requests"] >= 60, what="many failed attempts")
+    wait_for(lambda: sandbox.state.summary()["requests"] >= 20, what="many failed attempts")
     failing = status(settings)["endpoint"]
     assert failing["state"] == "failing", failing  # type: ignore[index]
     assert "503" in failing["last_error"]  # type: ignore[index]
@@ -263,9 +263,10 @@ def test_an_endpoint_outage_dead_letters_nothing_and_status_says_so(
     sandbox.state.faults = []
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 300, 30, "delivery after outage")
     output = stop(proc)
-    assert not dead_letters(settings)  # 10+ attempts each, and none gave up
+    assert not dead_letters(settings)  # many attempts each, and none gave up
     assert "the endpoint is failing since" in output and "answers again" in output
-    assert status(settings)["endpoint"]["state"] == "ok"  # type: ignore[index]
+    # No worker runs now: the endpoint is unknown, and was last recorded ok.
+    assert status(settings)["endpoint"]["recorded_state"] == "ok"  # type: ignore[index]
 
 
 def test_recovery_releases_scheduled_retries_at_once(
@@ -301,14 +302,16 @@ def test_a_batch_slower_than_claim_idle_is_not_reclaimed(
     enqueue(settings, evts)
     doomed = set(doom(settings, positions=list(range(0, 64, 4))))  # 16 rejected, no index
     sandbox.state.report_index = False  # so the batch is bisected: many slow requests
-    sandbox.state.faults = [Fault("latency", every=1, latency_ms=400)]
+    # (some 40 requests of 100 ms one after the other: twice claim_idle_s and more)
+    sandbox.state.faults = [Fault("latency", every=1, latency_ms=100)]
     workers = [start_worker(settings), start_worker(settings)]
     wait_for(
         lambda: len(sandbox.state.delivered_ids()) == 48 and len(dead_letters(settings)) == 16,
         90,
         "bisection done",
     )
-    time.sleep(2.5)  # a wrongful reclaim would show now
+    with redis.Redis.from_url(redis_url) as c:  # every entry acked: none left to reclaim
+        wait_for(lambda: c.xlen(settings.keys.stream) == 0, what="acks")
     outputs = [stop(p) for p in workers]
     once_each(sandbox, ids(evts) - doomed)
     with redis.Redis.from_url(redis_url) as c:
@@ -322,7 +325,7 @@ def test_a_batch_slower_than_claim_idle_is_not_reclaimed(
 def test_worker_start_waits_out_503s_then_sends(redis_url: str, sandbox: SandboxThread) -> None:
     settings = make_settings(sandbox, redis_url, probe_confirmations=2)
     enqueue(settings, events(50))
-    sandbox.state.faults = [Fault("server_error", every=1, status=503, remaining=6)]
+    sandbox.state.faults = [Fault("server_error", every=1, status=503, remaining=2)]
     proc = start_worker(settings)
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 50, 60, "delivery after 503s")
     output = stop(proc)

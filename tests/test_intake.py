@@ -29,6 +29,7 @@ from tests.helpers import (
     capi,
     events,
     make_settings,
+    read_http_answer,
     redis_dump,
     start_worker,
     stop_worker,
@@ -251,7 +252,7 @@ def test_a_body_that_never_finishes_gets_408_and_the_server_goes_on(
                 + b'{"events": ['
             )
             started = time.monotonic()
-            answer = conn.recv(65536)
+            answer = read_http_answer(conn)
             waited = time.monotonic() - started
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"CAPI_INTAKE_READ_TIMEOUT_S" in answer

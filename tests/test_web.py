@@ -219,7 +219,6 @@ def shop_server(tmp_path: Path, redis_url: str) -> Iterator[Any]:
             proc.wait()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SERVERS))
 def test_a_shop_in_chromium_delivers_the_click_id_and_user_agent(
     name: str, browser: Any, shop_server: Any, redis_url: str, sandbox: SandboxThread

@@ -7,7 +7,7 @@ Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer)
   and hashed exactly as a Python producer would, and answered one by one, in order
   (``queued``, ``duplicate``, ``skipped`` (consent denied) or ``refused`` with each field
   and rule; ``warnings`` name invalid optional identifiers left out);
-- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING),
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full),
   ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
 
 The order of checks on ``POST /v1/events``: token (401), destination (403), content type
@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+import redis.exceptions
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -45,6 +46,7 @@ from capi.intake import envelope, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.settings import Settings
+from capi.status import redis_full
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -300,8 +302,14 @@ class Intake:
         assert self.producer is not None
         try:
             await self.producer.redis.ping()
+            memory = await self.producer.redis.info("memory")
+        except redis.exceptions.NoPermissionError:
+            memory = {}  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready
             why = f"Redis does not answer ({type(exc).__name__})"
+            return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
+        if redis_full(memory):  # every POST would get 503 until workers free memory
+            why = "Redis is full (maxmemory reached under noeviction)"
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         return 200, b'{"status": "ready"}', "application/json"
 

@@ -23,6 +23,7 @@ import orjson
 
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, CONVERSIONS_SCOPE
 from capi.sandbox.contract import Issue, check_event, is_too_old
+from capi.sandbox.monitoring import Monitoring
 
 Clock = Callable[[], float]
 
@@ -107,6 +108,7 @@ class SandboxState:
         self.rejection_code: str | None = "invalid_event"
         self.accepted_delta = 0  # added to accepted_events in a 200 (the docs say never)
         self.clock = clock
+        self.monitoring = Monitoring(clock)  # the read-back endpoint's view of accepted events
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.reset()
@@ -125,6 +127,7 @@ class SandboxState:
             self.last_batch_at: float | None = None
             # The last events accepted, as received, so tests can see what was sent.
             self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.monitoring.reset()
 
     # -- what tests read -------------------------------------------------------------
     def delivered_counts(self) -> Counter[tuple[str, str, str]]:
@@ -182,6 +185,8 @@ class SandboxState:
                 self.accepted_delta = int(config["accepted_delta"])
             if "seed" in config:
                 self.rng = random.Random(config["seed"])
+            if "monitoring" in config:
+                self.monitoring.configure(config["monitoring"])
 
     def config(self) -> dict[str, Any]:
         """The current configuration, keys shown in full (the sandbox's keys are not secret)."""
@@ -265,6 +270,11 @@ class SandboxState:
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
                 self.recent.extend(events)
+                self.monitoring.record(
+                    pid,
+                    [(e["type"], e["id"], e["timestamp_ms"]) for e in events],
+                    "server_to_server",
+                )
                 source = payload.get("integration_source")
                 self.senders[(pid, key, source if isinstance(source, str) else None)] += len(
                     checked

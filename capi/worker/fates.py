@@ -11,11 +11,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import deadletters, kinds, tail
+from capi import coverage, deadletters, tail
 from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
 from capi.clock import Clock, now_ms
@@ -237,14 +236,17 @@ class Fates:
 
 
 def _described(group: Sequence[Entry]) -> list[tuple[str, str, list[str], int]]:
-    """(id, type, identifier kinds, timestamp) of each event, for the ring: names only."""
-    out: list[tuple[str, str, list[str], int]] = []
-    for entry in group:
-        try:
-            event = orjson.loads(entry.event)
-        except orjson.JSONDecodeError:
-            out.append((entry.event_id, "?", [], entry.timestamp_ms))
-            continue
-        name = event.get("custom_event_name") or event.get("type") or "?"
-        out.append((entry.event_id, str(name), kinds.of(event), entry.timestamp_ms))
-    return out
+    """(id, name, identifier kinds, timestamp) of each event, for the ring: names only.
+    Read without parsing the event: the kinds from the entry's mask (:mod:`capi.coverage`),
+    the name from the JSON's bytes (:func:`capi.tail.name_of_json`)."""
+    return [
+        (
+            e.event_id,
+            tail.name_of_json(e.event),
+            list(
+                coverage.kinds(e.kinds if e.kinds is not None else coverage.mask_of_json(e.event))
+            ),
+            e.timestamp_ms,
+        )
+        for e in group
+    ]

@@ -39,9 +39,9 @@ from capi import deadletters
 from capi.events import prepare, purchase
 from capi.failures import Reason
 from capi.guidance import diagnose
+from capi.producer import SyncProducer
 from capi.queue import Entry
 from capi.sandbox import SandboxThread
-from capi.producer import SyncProducer
 from capi.sandbox.monitoring import DEFAULT_ADVERTISER_KEY
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings

@@ -26,8 +26,14 @@ reclaim             RECLAIM_S        entries of a stopped worker (no heartbeat f
                                      LIVENESS_S, idle for claim_idle) go back to work:
                                      active destinations, and RECLAIM_SLICE idle ones in
                                      turn (every destination within claim_idle)
-forget stopped      FORGET_S         consumers and heartbeats of long-gone workers; the
-                                     retry-due index and active set are checked too
+lost reads          LOST_S           this worker's own entries whose read answer was lost
+                                     (a timeout, a dropped connection) go back to work
+                                     once idle for CAPI_REDIS_TIMEOUT_S + 1 s: busy
+                                     destinations
+forget stopped      FORGET_S, and    consumers that hold nothing of workers without a
+                    at once for a    heartbeat (or idle 10 x claim_idle), and heartbeats
+                    new destination  of long-gone workers; the retry-due index and
+                                     active set are checked too
 status log line     STATUS_LOG_S     one line of counters for log-only deployments
 prune dead letters  PRUNE_S          retention, and a warning before replay deadlines
 ==================  ===============  ====================================================
@@ -66,6 +72,7 @@ GAUGES_S = 2.0
 GAUGES_SLICE = 50
 RECLAIM_S = 0.5
 RECLAIM_SLICE = 25
+LOST_S = 1.0
 FORGET_S = 60.0
 STATUS_LOG_S = 60.0
 PRUNE_S = 3600.0
@@ -141,6 +148,7 @@ class Housekeeping:
         self._prune_turn = Rotation()
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._reprobes: dict[str, Schedule] = {}
+        self._forgotten: set[str] = set()
         self._sync_all = Schedule(SYNC_ALL_S)
         # The jobs, in the order a tick runs them; the burst check comes between the two.
         self.jobs = [
@@ -152,6 +160,9 @@ class Housekeeping:
         ]
         self.lease = Job("lease renewal", Schedule(self.lease_s), self._leases)
         self.reclaim = Job("reclaim", Schedule(RECLAIM_S), self._reclaim)
+        self.lost = Job("taking back lost reads", Schedule(LOST_S), self._take_back_lost)
+        # A read's answer not parsed by now is lost: the call itself has timed out.
+        self.lost_idle_ms = ms(settings.redis_timeout_s + settings.batch_wait_ms / 1000) + 1000
         self.forget = Job("forgetting stopped workers", Schedule(FORGET_S), self._forget_all)
 
     async def run(self) -> None:
@@ -245,7 +256,8 @@ class Housekeeping:
             if schedule.due():
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
         now_ms = clock.now_ms(self.lanes.clock)
-        for job in (self.lease, self.reclaim, self.forget):
+        await self._forget_new(senders)
+        for job in (self.lease, self.reclaim, self.lost, self.forget):
             if (job is self.lease and self._touch_now) or job.schedule.due():
                 ok = await self._job(job.name, functools.partial(job.run, senders, now_ms))
                 if job is self.lease:
@@ -376,12 +388,56 @@ class Housekeeping:
         self._reclaim_more.add(name)
         self.reclaim.schedule.now_again()
 
-    async def _forget_all(self, senders: dict[str, Sender], now_ms: int) -> None:
-        for s in senders.values():
-            await self._job("forgetting stopped workers", functools.partial(self._forget, s), s)
+    async def _take_back_lost(self, senders: dict[str, Sender], now_ms: int) -> None:
+        """Entries this worker's own reads took whose answer was lost (a timeout, or a
+        connection dropped under a call that was then sent again): back to work within
+        seconds, not after claim_idle."""
+        for s in self._busy(senders):
+            await self._job("taking back lost reads", functools.partial(self._lost_one, s), s)
 
-    async def _forget(self, s: Sender) -> None:
-        await s.queue.forget_stopped(clock.now_ms(), self.claim_idle_ms * 10)
+    async def _lost_one(self, s: Sender) -> None:
+        name = s.destination.name
+        me = self.lanes.name
+        size = s.settings.batch_size
+        while s.reclaim_room():
+            claimed = await s.queue.reclaim_lost(
+                f"{me}:reclaim", me, s.held_ids(), self.lost_idle_ms, size
+            )
+            if not claimed:
+                return
+            log.warning(
+                "took back %d events of %s whose read answer was lost",
+                len(claimed),
+                name,
+                extra={"count": len(claimed), "destination": name},
+            )
+            s.take_over(claimed)
+            self.lanes.activate(name)
+            if len(claimed) < size:
+                return
+
+    async def _forget_all(self, senders: dict[str, Sender], now_ms: int) -> None:
+        await self._forget_some(list(senders.values()))
+
+    async def _forget_new(self, senders: dict[str, Sender]) -> None:
+        """A destination this worker just began to serve is looked after at once (a
+        replacement worker cleans up after a kill storm without waiting FORGET_S)."""
+        new = [s for name, s in senders.items() if name not in self._forgotten]
+        if new:
+            await self._forget_some(new)
+
+    async def _forget_some(self, senders: list[Sender]) -> None:
+        live = await self.lanes.queue.live_workers(clock.now_ms(), LIVENESS_MS)
+        live.add(self.lanes.name)
+        for s in senders:
+            step = functools.partial(self._forget, s, live)
+            if await self._job("forgetting stopped workers", step, s):
+                self._forgotten.add(s.destination.name)
+
+    async def _forget(self, s: Sender, live: set[str]) -> None:
+        await s.queue.forget_stopped(
+            clock.now_ms(), self.claim_idle_ms * 10, live=live, silent_ms=LIVENESS_MS
+        )
         # Checks of the indexes (should Redis ever have lost part of them): the next read
         # finds out whether the stream is empty.
         await s.queue.index_retries()

@@ -48,12 +48,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi import destinations
-from capi.batches import split_rejected
+from capi.batches import drop_rejected
 from capi.client import ConversionsClient, build_body
 from capi.clock import Clock, ms, now_ms
 from capi.constants import API_MAX_BODY_BYTES
 from capi.destinations import Destination
-from capi.errors import SendError
+from capi.errors import InvalidEventError, SendError
 from capi.failures import Reason
 from capi.keycheck import KeyCheck
 from capi.metrics import Metrics
@@ -403,24 +403,36 @@ class Sender:
 
     async def _read(self, consumer: str, fill: bool) -> list[Entry]:
         size = self.settings.batch_size
-        entries = await self.queue.read(consumer, size)
+        entries = self._hold(await self.queue.read(consumer, size), consumer)
         wait_s = self.settings.batch_wait_ms / 1000 if fill else 0.0
         deadline = time.monotonic() + wait_s
         while entries and len(entries) < size and not self.stopping:
             remaining_ms = ms(deadline - time.monotonic())
             if remaining_ms <= 0:
                 break
-            more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
+            try:
+                more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
+            except redis.exceptions.RedisError as exc:
+                # Send what was read; entries this read may have taken are pending in
+                # ``consumer`` and taken back by housekeeping (Queue.reclaim_lost).
+                self._trouble.failed(exc, "filling a batch")
+                break
             if not more:
                 break
-            entries += more
+            entries += self._hold(more, consumer)
+        return entries
+
+    def _hold(self, entries: list[Entry], owner: str) -> list[Entry]:
+        """Count entries as held from the moment a read returns them: whatever this worker
+        does not hold of its own consumers' pending entries had its answer lost."""
+        for e in entries:
+            self._inflight[e.stream_id] = e
+            self._owner[e.stream_id] = owner
         return entries
 
     async def process(self, entries: Sequence[Entry], *, owner: str = "") -> None:
         """Give every entry of a batch its fate."""
-        for e in entries:
-            self._inflight[e.stream_id] = e
-            self._owner[e.stream_id] = owner
+        self._hold(list(entries), owner)
         limit = decisions.stale_before_ms(self._now())
         stale = [e for e in entries if e.timestamp_ms < limit]
         if stale:
@@ -457,6 +469,7 @@ class Sender:
                 accepted = await self.client.send_body(body)
             except SendError as err:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
+                await self.fates.request_failed()
                 work.extend(await self._failed(group, err, decisions.fate(err.reason)))
                 continue
             self._delivered.update(e.stream_id for e in group)
@@ -476,9 +489,14 @@ class Sender:
         if fate.action is Action.REPROBE:
             fate = decisions.AFTER_PROBE[await self._reprobe(err)]
         if fate.action is Action.DROP_REJECTED:
-            bad, again = split_rejected(group, err.response.event_index)
-            if bad is not None:
-                await self._dead_letter([bad], err.reason, err)
+            bad, again = drop_rejected(group, err.response.event_indexes)
+            if bad:
+                named = set(err.response.event_indexes)
+                own = [
+                    err.for_event(i) if isinstance(err, InvalidEventError) and i in named else err
+                    for i in bad
+                ]
+                await self._dead_letter([group[i] for i in bad], err.reason, err, errors=own)
             return again
         if fate.action is Action.RETRY:
             if fate.endpoint_down:
@@ -559,10 +577,11 @@ class Sender:
         err: SendError | None,
         *,
         attempted: bool = True,
+        errors: Sequence[SendError] | None = None,
     ) -> None:
         await self.durably(
             "recording dead letters",
-            lambda: self.fates.dead_letter(group, reason, err, attempted=attempted),
+            lambda: self.fates.dead_letter(group, reason, err, attempted=attempted, errors=errors),
         )
         self._done(group)
 

@@ -62,16 +62,15 @@ from capi.settings import Settings
 from capi.trouble import Trouble
 from capi.worker import decisions
 from capi.worker.decisions import Action, Fate, Outcome, Verdict
+from capi.worker.endpoint import OUTAGE_RELEASE_S, Endpoint
 from capi.worker.fates import Fates
 from capi.worker.keyguard import KeyGuard
+
+__all__ = ["OUTAGE_RELEASE_S", "Sender", "redis_pool"]
 
 log = logging.getLogger("capi.sender")
 
 _MUST = object()  # durably(): the step must happen, stopping or not
-ENDPOINT_REMIND_S = 60.0
-# An endpoint failing at least this long before a delivery had an outage: its scheduled
-# retries are released at once. A shorter failure is a hiccup: backoff stands.
-OUTAGE_RELEASE_S = 5.0
 
 
 class Sender:
@@ -122,9 +121,7 @@ class Sender:
         self._delivered: set[bytes] = set()
         # Batches taken over from stopped workers, waiting for a lane.
         self._reclaimed: collections.deque[list[Entry]] = collections.deque()
-        self.endpoint_failing_since: float | None = None
-        self.endpoint_last_error = ""
-        self._endpoint_reminded = 0.0
+        self._endpoint = Endpoint(self.metrics, clock)
         self.fates = Fates(
             settings,
             redis,
@@ -265,18 +262,11 @@ class Sender:
             return "waiting for Redis", self._trouble.describe()
         if self._guard.held:
             return "held", "the Conversion Key is held (see capi status, key)"
-        if self.endpoint_failing_since is not None:
-            return "waiting for the endpoint", self.endpoint_failing()
+        if self._endpoint.failing:
+            return "waiting for the endpoint", self._endpoint.describe()
         if self._inflight or self._reclaimed:
             return "sending", f"{len(self._inflight)} events in flight"
         return "idle", "nothing queued"
-
-    def endpoint_failing(self) -> str:
-        """``the endpoint is failing since T (last error ...)``, or empty when it is not."""
-        if self.endpoint_failing_since is None:
-            return ""
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.endpoint_failing_since))
-        return f"the endpoint is failing since {since} (last error {self.endpoint_last_error})"
 
     async def start(self) -> None:
         """Get ready to send: the consumer group exists, the key state and the retry index
@@ -481,7 +471,7 @@ class Sender:
                 ),
             )
             self._done(group)
-            if failing_since_ms is not None or self.endpoint_failing_since is not None:
+            if failing_since_ms is not None or self._endpoint.failing:
                 await self._endpoint_recovered(failing_since_ms)
 
     async def _failed(self, group: list[Entry], err: SendError, fate: Fate) -> list[list[Entry]]:
@@ -500,7 +490,7 @@ class Sender:
             return again
         if fate.action is Action.RETRY:
             if fate.endpoint_down:
-                self._endpoint_failed(err)
+                self._endpoint.failed(err)
             await self._retry(group, err)
         elif fate.action is Action.HAND_BACK:
             await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
@@ -523,30 +513,13 @@ class Sender:
             self.metrics.transient_key_failures.labels(err.reason.value).inc()
         return verdict
 
-    def _endpoint_failed(self, err: SendError) -> None:
-        now = time.monotonic()
-        self.endpoint_last_error = str(err)[:300]
-        if self.endpoint_failing_since is None:
-            self.endpoint_failing_since = self.clock()
-            self.metrics.endpoint_failing_since.set(self.endpoint_failing_since)
-        # Said when it starts and once a minute while it lasts; a flapping endpoint (every
-        # other request failing) is not said on every flap.
-        if now - self._endpoint_reminded >= ENDPOINT_REMIND_S:
-            self._endpoint_reminded = now
-            log.error("%s; events are kept and retried", self.endpoint_failing())
-
     async def _endpoint_recovered(self, failing_since_ms: int | None) -> None:
-        local = self.endpoint_failing_since
-        self.endpoint_failing_since = None
-        self.metrics.endpoint_failing_since.set(0)
-        starts = [t for t in (local, failing_since_ms and failing_since_ms / 1000) if t]
-        lasted = self.clock() - min(starts) if starts else 0.0
-        if lasted < OUTAGE_RELEASE_S:
+        lasted = self._endpoint.delivered(failing_since_ms)
+        if lasted is None:
             return  # a hiccup: scheduled retries keep their backoff
         # After an outage the backlog goes now, not at the pace of the longest backoff
         # (except retries whose wait the server asked for with Retry-After).
         moved = await self.durably("releasing retries", self.queue.release_retries)
-        self._endpoint_reminded = 0.0
         log.warning(
             "the endpoint answers again after %.0f s of failures; %d scheduled retries "
             "released at once",

@@ -61,10 +61,15 @@ async def check_key(
     clock: Clock = time.time,
     sleep: Sleep = asyncio.sleep,
     api_key: str | None = None,
+    on_suspect: Callable[[SendError], Awaitable[None]] | None = None,
 ) -> KeyCheck:
     """Probe the key until it passes or fails ``confirmations`` times in a row; a failure
-    that is never spurious (unknown pixel, an unexpected answer) ends the check at once."""
+    that is never spurious (unknown pixel, an unexpected answer) ends the check at once.
+
+    ``on_suspect`` is awaited once, at the first key problem that more probes are to
+    confirm (so that the wait can be shown as such)."""
     error: SendError | None = None
+    suspected = False
     for attempt in range(1, confirmations + 1):
         error = await probe(client, clock=clock)
         if error is None:
@@ -72,6 +77,9 @@ async def check_key(
         if not (error.retryable or error.reason.maybe_transient):
             break
         if attempt < confirmations:
+            if on_suspect is not None and not suspected and not error.retryable:
+                suspected = True
+                await on_suspect(error)
             await sleep(pause_s * attempt)
     assert error is not None
     return KeyCheck(

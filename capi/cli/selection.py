@@ -184,13 +184,14 @@ def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
         )
 
 
-def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter | Unreadable]) -> None:
-    """Say which of the ids the operator named match no dead letter."""
+def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter | Unreadable]) -> list[str]:
+    """Say which of the ids the operator named match no dead letter; return them."""
     found = {r.id for r in records} | {r.key for r in records}
     missing = [i for i in ids if i not in found]
     if missing:
         err.print(
-            f"not found: {', '.join(missing)} (no dead letter with that id or key; "
-            "see capi dead-letters list)",
+            f"not found: {', '.join(missing)} (no dead letter with that id or key: already "
+            "replayed or purged, or misspelled; see capi dead-letters list)",
             markup=False,
         )
+    return missing

@@ -300,6 +300,9 @@ class Lanes:
     def state(self) -> tuple[str, str, str]:
         """What this worker is doing: a state, a detail line, and the destinations."""
         senders = list(self.senders.values())
+        if not senders and (starting := dict(self.metrics.starting)):
+            detail = "; ".join(f"{n}: {why}" for n, why in starting.items())
+            return "starting", detail, ", ".join(starting) if len(starting) <= 5 else ""
         names = [s.destination.name for s in senders]
         where = ", ".join(names) if len(names) <= 5 else f"{len(names)} destinations"
         if len(senders) == 1:

@@ -8,7 +8,10 @@ SIGTERM or SIGINT and otherwise runs until stopped, whatever Redis or the endpoi
 
 The startup check refuses to start only on a confirmed key or pixel problem (exit 10-13,
 :class:`~capi.errors.KeyCheckFailed`). An endpoint that fails transiently (5xx, 429,
-network) or a Redis that is away is waited out with backoff, and said so in the log.
+network) or a Redis that is away is waited out with backoff, and said so in the log, on
+``/readyz`` (``starting: key check waiting for ...``) and in ``capi status`` (a worker
+``starting``): :class:`~capi.worker.startup.StartupWatch` keeps the metrics and the
+heartbeat true meanwhile.
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
@@ -49,6 +52,7 @@ from capi.metrics import Metrics, serve
 from capi.settings import Settings
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
+from capi.worker.startup import UNDER_WAY, StartupWatch
 
 log = logging.getLogger("capi.worker")
 
@@ -90,9 +94,24 @@ async def start_sender(
     """
     dest = destination or destinations.default(settings)
     sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
+    metrics.starting_for(dest.name, UNDER_WAY)
+    try:
+        return await _checked(sender, metrics, stopping or asyncio.Event(), checks, hold_if_broken)
+    finally:
+        metrics.started(dest.name)
+
+
+async def _checked(
+    sender: Sender,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    checks: asyncio.Semaphore | None,
+    hold_if_broken: bool,
+) -> Sender | None:
+    """:func:`start_sender`'s check loop; says in ``metrics.starting`` what it waits for."""
     checks = checks or asyncio.Semaphore(1)
+    dest = sender.destination
     name = dest.name
-    stop = stopping or asyncio.Event()
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
         try:
@@ -101,6 +120,7 @@ async def start_sender(
                 break
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
+            metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
         else:
             sender.trouble.ok()
             if result.ok:
@@ -125,6 +145,7 @@ async def start_sender(
                 )
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
+            metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",
@@ -163,6 +184,8 @@ class Fleet:
         self._alive: asyncio.Task[None] | None = None
         self.destinations = self._select(destinations.load(settings))
         self.single = len(self.destinations) == 1
+        self._startup = StartupWatch(metrics, self.redis, settings.keys, self.lanes.name)
+        self._watching: asyncio.Task[None] | None = None
 
     def _select(self, found: dict[str, Destination]) -> dict[str, Destination]:
         unknown = [n for n in self.only if n not in found]
@@ -182,22 +205,40 @@ class Fleet:
         broken; False if a stop came first). With several, each is checked as it starts,
         in :meth:`run`."""
         self._beat()
+        self._watch_startup()
         if not (self.single or self.settings.strict_key_check):
             return True
-        for dest in self.destinations.values():
-            sender = await start_sender(
-                self.settings,
-                self.metrics,
-                stopping=self.stopping,
-                destination=dest,
-                pool=self.redis,
-                http=self.http,
-                checks=self._checks,
-            )
-            if sender is None:
-                return False
-            self._checked[dest.name] = sender
-        return True
+        started = False
+        try:
+            for dest in self.destinations.values():
+                sender = await start_sender(
+                    self.settings,
+                    self.metrics,
+                    stopping=self.stopping,
+                    destination=dest,
+                    pool=self.redis,
+                    http=self.http,
+                    checks=self._checks,
+                )
+                if sender is None:
+                    return False
+                self._checked[dest.name] = sender
+            started = True
+            return True
+        finally:
+            if not started:  # no lanes will follow: this worker was only starting
+                await self._unwatch_startup()
+
+    def _watch_startup(self) -> None:
+        if self._watching is None:
+            self._watching = asyncio.create_task(self._startup.run())
+
+    async def _unwatch_startup(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+            self._watching = None
+        await self._startup.sign_off()
 
     def stop(self) -> None:
         """Stop every sender: in-flight batches finish, the rest stays queued."""
@@ -223,6 +264,7 @@ class Fleet:
     async def aclose(self) -> None:
         """Close what :meth:`start` opened, when :meth:`run` is not to follow."""
         await self._stop_beat()
+        await self._unwatch_startup()
         for sender in self._checked.values():
             await sender.aclose()
         self._checked.clear()
@@ -234,6 +276,8 @@ class Fleet:
         are drained)."""
         self._beat()
         self.lanes.expect(len(self.destinations))
+        self._watch_startup()
+        self._startup.heartbeat = False  # the lanes' housekeeping heartbeats from now on
         lanes = asyncio.create_task(self.lanes.run(burst=burst))
         for dest in self.destinations.values():
             self._launch(dest)
@@ -253,6 +297,9 @@ class Fleet:
             self.lanes.stop()
             await asyncio.gather(lanes, return_exceptions=True)
             await self._stop_beat()
+            if self._watching is not None:
+                self._watching.cancel()
+                await asyncio.gather(self._watching, return_exceptions=True)
             await self.redis.aclose()
             await self.http.aclose()
 

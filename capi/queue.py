@@ -578,6 +578,34 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
+    async def reclaim_lost(
+        self, consumer: str, me: str, mine: Collection[bytes], min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take back up to ``count`` entries pending in this worker's own consumers (``me``)
+        that it does not hold (``mine``) and that are idle for ``min_idle_ms``: a read whose
+        answer was lost (a timeout, or a connection dropped and the call sent again)."""
+        consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
+        ids: list[Any] = []
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if worker_of(name) != me or int(c["pending"]) == 0:
+                continue
+            pending = await self.redis.xpending_range(
+                self.keys.stream, self.group, "-", "+", count, consumername=name, idle=min_idle_ms
+            )
+            ids += [p["message_id"] for p in pending if p["message_id"] not in mine]
+            if len(ids) >= count:
+                break
+        if not ids:
+            return []
+        claimed = await self.redis.xclaim(
+            self.keys.stream, self.group, consumer, min_idle_ms, ids[:count]
+        )
+        gone = [sid for sid, f in claimed if not f]
+        if gone:  # deleted from the stream while pending: nothing left to send
+            await self.redis.xack(self.keys.stream, self.group, *gone)
+        return [Entry.from_fields(sid, f) for sid, f in claimed if f]
+
     async def deliver(
         self,
         entries: Sequence[Entry],
@@ -761,12 +789,24 @@ class Queue:
         names = await self.redis.zrangebyscore(self.keys.workers, now_ms - within_ms, "+inf")
         return {n.decode() for n in names}
 
-    async def forget_stopped(self, now_ms: int, idle_ms: int) -> None:
-        """Drop consumers that hold nothing and have been idle for ``idle_ms``, and the
-        heartbeats of workers silent for as long."""
+    async def forget_stopped(
+        self,
+        now_ms: int,
+        idle_ms: int,
+        *,
+        live: Collection[str] = (),
+        silent_ms: int | None = None,
+    ) -> None:
+        """Drop consumers that hold nothing and have been idle for ``idle_ms`` (or, with
+        ``silent_ms``, for that long when their worker is not ``live``: its heartbeat is
+        gone), and the heartbeats of workers silent for ``idle_ms``. A consumer dropped
+        while its worker still runs costs nothing: its next read creates it again."""
         consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
         for c in consumers:
-            if int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            idle = int(c["idle"])
+            gone = silent_ms is not None and worker_of(name) not in live and idle > silent_ms
+            if int(c["pending"]) == 0 and (idle > idle_ms or gone):
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.group, c["name"])
         gone = await self.redis.zrangebyscore(self.keys.workers, "-inf", now_ms - idle_ms)
         if gone:

@@ -15,8 +15,10 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
     {d}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {d}:dl:replays          LIST    replay audit entries (JSON), newest first
-    {d}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
-                                    transient_key_failures, requests, accepted_mismatches
+    {d}:stats               HASH    counters: enqueued, duplicates (enqueues the dedup
+                                    window refused), delivered, validated (test mode),
+                                    retried, dead_lettered, transient_key_failures,
+                                    requests, accepted_mismatches
     {d}:stats:dl_reasons    HASH    dead-letter reason -> count
     {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
@@ -33,6 +35,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {p}:workers:state       HASH    worker name -> JSON {state, since_ms, detail}
     {d}:endpoint            HASH    failing_since (ms, while sends fail transiently),
                                     last_error, last_error_ms, last_ok_ms
+    {d}:tail                STREAM  the most recent outcomes, PII-free (see capi.tail),
+                                    capped with MAXLEN ~ CAPI_TAIL_ENTRIES
 
 Nothing here ever holds the Conversion Key or a raw identifier.
 """
@@ -152,6 +156,11 @@ class RedisKeys:
     def worker_states(self) -> str:
         """The hash of what each worker is doing."""
         return f"{self.prefix}:workers:state"
+
+    @property
+    def tail(self) -> str:
+        """The ring of recent outcomes read by ``capi tail`` (see :mod:`capi.tail`)."""
+        return f"{self.ns}:tail"
 
     @property
     def endpoint(self) -> str:

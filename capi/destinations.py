@@ -22,6 +22,7 @@ destinations meanwhile.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import tomllib
@@ -30,14 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
 from capi.fingerprint import fingerprint, shape_problem
-from capi.settings import Settings
+from capi.safetext import shown
+from capi.settings import Settings, checked_base_url
 
 T = TypeVar("T")
+log = logging.getLogger("capi.destinations")
 
 DEFAULT_FILE = Path("config/destinations.toml")
 DEFAULT_NAME = "default"
@@ -56,11 +66,27 @@ class _Entry(BaseModel):
     integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     intake_tokens_sha256: list[str] = []
+    validate_only: bool = False
+    advertiser_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    advertiser_key_file: Path | None = None
+    ads_api_base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
+
+    @field_validator("pixel_id")
+    @classmethod
+    def _pixel_id(cls, value: str) -> str:
+        return checked_pixel_id(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else checked_base_url(value)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
         if (self.api_key_env is None) == (self.api_key_file is None):
             raise ValueError("give exactly one of api_key_env and api_key_file")
+        if self.advertiser_key_env is not None and self.advertiser_key_file is not None:
+            raise ValueError("give at most one of advertiser_key_env and advertiser_key_file")
         for token in self.intake_tokens_sha256:
             if not re.match(SHA256_HEX, token):
                 raise ValueError(
@@ -68,6 +94,17 @@ class _Entry(BaseModel):
                     "each (capi intake-token --write adds one)"
                 )
         return self
+
+
+def checked_pixel_id(value: str) -> str:
+    """``value`` if it can be a pixel id (it is printed and sent as ?pid=); ValueError if
+    it holds a space, a control character or an invisible formatting character."""
+    if any(c.isspace() for c in value) or shown(value) != value:
+        raise ValueError(
+            f"{shown(value)[:80]!r} is not a pixel id: no spaces, control characters or "
+            "invisible (bidi, zero-width) characters; copy it from Ads Manager -> Conversions"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -81,11 +118,23 @@ class Destination:
     base_url: str = DEFAULT_BASE_URL
     integration_source: str | None = None
     intake_tokens_sha256: frozenset[str] = frozenset()
+    validate_only: bool = False  # test mode: the API checks every batch and saves nothing
+    reads: ReadBack | None = None  # the Advertiser API key for capi verify, when configured
 
     @property
     def key_fingerprint(self) -> str:
         """The key's fingerprint, the only form in which it is ever shown."""
         return fingerprint(self.api_key)
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """Where ``capi verify`` reads a destination's events back: the Advertiser API, with an
+    Advertiser API key (never the Conversion Key, never shown)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    key_source: str
 
 
 def source(settings: Settings) -> Path | None:
@@ -119,7 +168,12 @@ def parse_file(
         try:
             return {DEFAULT_NAME: default(settings)}
         except ConfigError:
-            return {DEFAULT_NAME: Destination(DEFAULT_NAME, settings.pixel_id or "", "", "")}
+            reads = default_reads(settings)
+            return {
+                DEFAULT_NAME: Destination(
+                    DEFAULT_NAME, settings.pixel_id or "", "", "", reads=reads
+                )
+            }
     return parse(
         _read(path), path, settings, environ, keys="optional", where=settings.config_source()
     )
@@ -147,7 +201,9 @@ def file_stamp(settings: Settings) -> tuple[str, float] | None:
 
 class Following(Generic[T]):
     """What ``read`` makes of the destinations file, read again when the file changes
-    (looked at at most once a second); a broken file keeps the last good result."""
+    (looked at at most once a second; ``stamp`` tells a change, :func:`file_stamp` unless
+    given). A broken file goes to :meth:`broken`, which logs it and keeps the last good
+    result unless a subclass decides otherwise."""
 
     def __init__(
         self,
@@ -155,12 +211,14 @@ class Following(Generic[T]):
         read: Callable[[Settings], T],
         *,
         monotonic: Callable[[], float] | None = None,
+        stamp: Callable[[Settings], object] | None = None,
     ) -> None:
         self.settings = settings
         self._read = read
+        self._stamp_of: Callable[[Settings], object] = stamp or file_stamp
         self._monotonic = monotonic or time.monotonic
         self._checked = self._monotonic()
-        self._stamp = file_stamp(settings)
+        self._stamp = self._stamp_of(settings)
         self._value = read(settings)
 
     def current(self) -> T:
@@ -168,14 +226,19 @@ class Following(Generic[T]):
         now = self._monotonic()
         if now - self._checked >= 1.0:
             self._checked = now
-            stamp = file_stamp(self.settings)
+            stamp = self._stamp_of(self.settings)
             if stamp != self._stamp:
+                self._stamp = stamp
                 try:
                     self._value = self._read(self.settings)
-                    self._stamp = stamp
-                except ConfigError:
-                    pass
+                except ConfigError as exc:
+                    self._value = self.broken(self._value, exc)
         return self._value
+
+    def broken(self, last: T, exc: ConfigError) -> T:
+        """The result while the file is broken (``exc`` says how): the last good one."""
+        log.error("%s; keeping the destinations read before until it is fixed", exc)
+        return last
 
 
 class Names(Following[list[str]]):
@@ -248,8 +311,29 @@ def parse(
             base_url=(entry.base_url or settings.base_url).rstrip("/"),
             integration_source=entry.integration_source or settings.integration_source,
             intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
+            validate_only=entry.validate_only,
+            reads=_reads(entry, settings, environ) if keys != "skip" else None,
         )
     return out
+
+
+def _reads(entry: _Entry, settings: Settings, environ: Mapping[str, str]) -> ReadBack | None:
+    """The destination's read-back key, from its own advertiser_key_env or _file (None when
+    neither is given; an empty key when the variable is unset or the file unreadable, which
+    capi verify reports naming the source)."""
+    base = (entry.ads_api_base_url or settings.ads_api_base_url).rstrip("/")
+    if entry.advertiser_key_env:
+        value = environ.get(entry.advertiser_key_env, "").strip()
+        source = f"${entry.advertiser_key_env}"
+    elif entry.advertiser_key_file:
+        try:
+            value = entry.advertiser_key_file.read_text().strip()
+        except OSError:
+            value = ""
+        source = str(entry.advertiser_key_file)
+    else:
+        return None
+    return ReadBack(base, value, source)
 
 
 def default_token_digests(settings: Settings) -> list[str]:
@@ -276,7 +360,17 @@ def default(settings: Settings) -> Destination:
         base_url=settings.base_url,
         integration_source=settings.integration_source,
         intake_tokens_sha256=frozenset(tokens),
+        validate_only=settings.validate_only,
+        reads=default_reads(settings),
     )
+
+
+def default_reads(settings: Settings) -> ReadBack | None:
+    """The read-back of ``default``: CAPI_ADVERTISER_KEY at CAPI_ADS_API_BASE_URL."""
+    if settings.advertiser_key is None:
+        return None
+    key = settings.advertiser_key.get_secret_value().strip()
+    return ReadBack(settings.ads_api_base_url.rstrip("/"), key, "CAPI_ADVERTISER_KEY")
 
 
 def _key(entry: _Entry, where: str, environ: Mapping[str, str], source: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -23,12 +23,12 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import ValidationError
 
 from capi import schema
+from capi.clock import Clock, now_ms
 from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS, MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
 from capi.hashing import Identifier, hash_identifier
 from capi.jsondata import plain_copy
 
-Clock = Callable[[], float]
 """Returns the current Unix time in seconds (``time.time`` unless a test injects one)."""
 
 _CUSTOM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
@@ -67,11 +67,6 @@ class PreparedEvent:
     def timestamp_ms(self) -> int:
         """When the conversion happened, Unix milliseconds."""
         return self.event.timestamp_ms
-
-
-def now_ms(clock: Clock = time.time) -> int:
-    """The clock's time in Unix milliseconds."""
-    return int(clock() * 1000)
 
 
 def prepare(
@@ -259,6 +254,9 @@ def _source_problems(event: schema.Event) -> list[Problem]:
     return problems
 
 
+_BAD_HOST = re.compile(r"[\s\x00-\x1f\x7f<>\"{}|\\^`%]")
+
+
 # Events come from a few pages. urlsplit() caches as many URLs itself, so this keeps no more.
 @lru_cache(maxsize=128)
 def _sent_url(url: str) -> str | None:
@@ -266,6 +264,12 @@ def _sent_url(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return None
+    try:
+        hostname, _ = parts.hostname, parts.port  # a port that is not a number: ValueError
+    except ValueError:
+        return None
+    if not hostname or _BAD_HOST.search(hostname):
+        return None  # https://:443/, a space or a control character in the host
     # Query strings, fragments and user:password@ carry PII and secrets: never send them.
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -28,18 +28,23 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import dedup
+from capi import dedup, kinds, tail
 from capi import destinations as destinations_
+from capi.clock import Clock
 from capi.constants import RedisKeys
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
-from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import Clock, PreparedEvent, prepare
+from capi.durability import Durability
+from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
+from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
+# A refused event for the live-outcomes ring: (its first rule broken, (id, type, kinds,
+# timestamp_ms or 0)).
+Refusal = tuple[str, tuple[str, str, list[str], int]]
 log = logging.getLogger("capi.producer")
 
 
@@ -146,11 +151,14 @@ class _BaseProducer:
         durability: str = "memory",
         durability_timeout_ms: int = 1000,
         destinations: Sequence[str] | destinations_.Names = (DEFAULT_DESTINATION,),
+        tail_entries: int = 200,
     ) -> None:
         self.redis = client
+        self.tail_entries = tail_entries
         self._names = destinations
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
+        self._durability = Durability(durability, durability_timeout_ms)
         self.keys = keys or RedisKeys()
         self.dedup_window_s = dedup_window_s
         self.clock = clock
@@ -169,6 +177,7 @@ class _BaseProducer:
         kwargs.setdefault("destinations", destinations_.Names(settings))
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
+        kwargs.setdefault("tail_entries", settings.tail_entries)
         return cls(
             cls._connect(settings),
             keys=settings.keys,
@@ -180,36 +189,27 @@ class _BaseProducer:
     def _connect(settings: Settings) -> Any:
         raise NotImplementedError
 
-    def _durability_command(self) -> tuple[Any, ...] | None:
-        if self.durability == "aof":
-            return ("WAITAOF", 1, 0, self.durability_timeout_ms)
-        if self.durability == "replica":
-            return ("WAIT", 1, self.durability_timeout_ms)
-        return None
+    def _pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> Any:
+        """The enqueue script's calls, then the durability wait, as one pipeline: the wait
+        covers the last write of its own connection (see :mod:`capi.durability`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        for command in self._durability.commands():
+            pipe.execute_command(*command)
+        return pipe
 
-    def _check_durable(self, answer: Any) -> None:
-        """Raise unless the durability wait confirmed the write."""
-        confirmed = answer[0] if isinstance(answer, list) else answer
-        if int(confirmed) < 1:
-            where = "in the append-only file" if self.durability == "aof" else "on a replica"
-            raise QueueUnavailable(
-                f"the event reached Redis but was not confirmed {where} within "
-                f"CAPI_DURABILITY_TIMEOUT_MS={self.durability_timeout_ms}; it may be lost if "
-                "Redis fails now. Enqueueing it again is safe (the event id dedups)."
-            )
-
-    def _durability_refused(self, exc: redis.exceptions.ResponseError) -> ConfigError:
-        text = str(exc)
-        if "unknown command" in text.lower():
-            need = "Redis 7.2+ or Valkey 8+" if self.durability == "aof" else "Redis"
-            return ConfigError(
-                f"CAPI_ENQUEUE_DURABILITY={self.durability} needs {need} "
-                f"(the server said: {text[:120]})"
-            )
-        return ConfigError(
-            f"CAPI_ENQUEUE_DURABILITY={self.durability} cannot be honoured by this Redis "
-            f"({text[:160]}); for aof, set appendonly yes on the server"
-        )
+    def _confirmed(self, calls: int, answers: list[Any]) -> list[list[int]] | None:
+        """The scripts' answers once the wait confirmed them; None if the script must be
+        loaded first (NOSCRIPT: nothing was written). Raises what Redis refused."""
+        flags = answers[:calls]
+        if any(isinstance(f, redis.exceptions.NoScriptError) for f in flags):
+            return None
+        for flag in flags:
+            if isinstance(flag, Exception):
+                raise flag
+        self._durability.check(answers[calls:])
+        return flags
 
     def _prepare(self, event: RawEvent) -> PreparedEvent:
         """prepare(), with any failure it did not foresee turned into a refusal of this event:
@@ -265,9 +265,14 @@ class _BaseProducer:
         return self._args([self._prepare(event)], target)
 
     def _chunks(
-        self, events: Iterable[RawEvent], report: EnqueueReport, targets: list[RedisKeys]
+        self,
+        events: Iterable[RawEvent],
+        report: EnqueueReport,
+        targets: list[RedisKeys],
+        refusals: list[Refusal],
     ) -> Iterator[tuple[list[str], list[Any], list[int]]]:
-        """Script arguments per chunk of prepared events, with the chunk's positions."""
+        """Script arguments per chunk of prepared events, with the chunk's positions; each
+        refused event is described in ``refusals`` for the live-outcomes ring."""
         prepared = []
         positions = []
         for i, raw in enumerate(events):
@@ -276,6 +281,7 @@ class _BaseProducer:
                 positions.append(i)
             except EventRejected as exc:
                 report.refused.append((i, exc))
+                refusals.append(_described(raw, exc))
         for start in range(0, len(prepared), self.chunk):
             end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
@@ -287,6 +293,20 @@ class _BaseProducer:
             self.dedup_window_s,
             ((dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json) for p in batch),
         )
+
+    def _ring(self, targets: list[RedisKeys], refusals: list[Refusal]) -> list[tail.Write]:
+        """The XADDs that put refused events in each target's live-outcomes ring."""
+        by_rule: dict[str, list[tuple[str, str, list[str], int]]] = {}
+        for rule, event in refusals:
+            by_rule.setdefault(rule, []).append(event)
+        return [
+            command
+            for target in targets
+            for rule, events in by_rule.items()
+            for command in tail.writes(
+                target.tail, tail.Outcome("refused", events, reason=rule), self.tail_entries
+            )
+        ]
 
     @staticmethod
     def _count(report: EnqueueReport, flags: list[int], positions: list[int]) -> None:
@@ -305,15 +325,17 @@ class Producer(_BaseProducer):
     def _connect(settings: Settings) -> aioredis.Redis:
         return settings.async_redis()
 
-    async def _durable(self) -> None:
-        command = self._durability_command()
-        if command is None:
-            return
-        try:
-            answer = await self.redis.execute_command(*command)
-        except redis.exceptions.ResponseError as exc:
-            raise self._durability_refused(exc) from None
-        self._check_durable(answer)
+    async def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        if not self._durability.waits:
+            return [await self._script(keys=keys, args=args) for keys, args in calls]
+        for _ in range(2):
+            answers = await self._pipeline(calls).execute(raise_on_error=False)
+            flags = self._confirmed(len(calls), answers)
+            if flags is not None:
+                return flags
+            await self.redis.script_load(ENQUEUE_LUA)
+        raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
 
     async def __aenter__(self) -> Self:
         return self
@@ -342,12 +364,10 @@ class Producer(_BaseProducer):
         destination.
         """
         targets = self._targets(destination)
-        added = {}
+        calls = [self._one(event, target) for target in targets]
         with _translated(self.redis):
-            for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool((await self._script(keys=keys, args=args))[0])
-            await self._durable()
+            flags = await self._run(calls)
+        added = {t.destination: bool(f[0]) for t, f in zip(targets, flags, strict=True)}
         return _answer(added, destination)
 
     async def enqueue_many(
@@ -362,10 +382,12 @@ class Producer(_BaseProducer):
         part-way (the call then raises QueueUnavailable)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
+        refusals: list[Refusal] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets):
-                self._count(report, await self._script(keys=keys, args=args), positions)
-            await self._durable()
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
+                self._count(report, (await self._run([(keys, args)]))[0], positions)
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
 
 
@@ -376,15 +398,17 @@ class SyncProducer(_BaseProducer):
     def _connect(settings: Settings) -> redis.Redis:
         return settings.sync_redis()
 
-    def _durable(self) -> None:
-        command = self._durability_command()
-        if command is None:
-            return
-        try:
-            answer = self.redis.execute_command(*command)
-        except redis.exceptions.ResponseError as exc:
-            raise self._durability_refused(exc) from None
-        self._check_durable(answer)
+    def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        if not self._durability.waits:
+            return [self._script(keys=keys, args=args) for keys, args in calls]
+        for _ in range(2):
+            answers = self._pipeline(calls).execute(raise_on_error=False)
+            flags = self._confirmed(len(calls), answers)
+            if flags is not None:
+                return flags
+            self.redis.script_load(ENQUEUE_LUA)
+        raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
 
     def __enter__(self) -> Self:
         return self
@@ -406,12 +430,10 @@ class SyncProducer(_BaseProducer):
         """Enqueue one event; False if its id was already enqueued within the dedup window
         (see :meth:`Producer.enqueue` for ``destination``)."""
         targets = self._targets(destination)
-        added = {}
+        calls = [self._one(event, target) for target in targets]
         with _translated(self.redis):
-            for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool(self._script(keys=keys, args=args)[0])
-            self._durable()
+            flags = self._run(calls)
+        added = {t.destination: bool(f[0]) for t, f in zip(targets, flags, strict=True)}
         return _answer(added, destination)
 
     def enqueue_many(
@@ -425,8 +447,27 @@ class SyncProducer(_BaseProducer):
         position), the rest queued (see :meth:`Producer.enqueue_many` for ``report``)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
+        refusals: list[Refusal] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets):
-                self._count(report, self._script(keys=keys, args=args), positions)
-            self._durable()
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
+                self._count(report, self._run([(keys, args)])[0], positions)
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
+
+
+def _described(raw: RawEvent, exc: EventRejected) -> Refusal:
+    """A refused event as the ring shows it: its first broken rule, id, type and identifier
+    kinds (names only; ids and types cut short, since they come from outside)."""
+    data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    if isinstance(raw, Event):
+        data = raw.model_dump(exclude_none=True)
+    first = str(exc.problems[0])[:200] if exc.problems else "refused"
+    event_id = str(data.get("id") or "?")[:128]
+    kind = str(data.get("custom_event_name") or data.get("type") or "?")[:64]
+    try:
+        found = kinds.of(data)
+    except Exception:  # a hostile Mapping: the refusal itself already says why
+        found = []
+    stamp = data.get("timestamp_ms")
+    return first, (event_id, kind, found, stamp if type(stamp) is int else 0)

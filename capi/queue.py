@@ -16,7 +16,8 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
 - purge (``capi queue purge``): ``XDEL`` of entries not in flight, ``ZREM`` of scheduled
   retries, their dedup digests forgotten;
-- reclaim: entries pending in a worker with no heartbeat are taken over (``XCLAIM``).
+- reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
+  answer was lost, are taken over (``XCLAIM``).
 
 This module holds every script that writes to a stream (the producers run its enqueue
 script); key names live in :mod:`capi.constants`.
@@ -71,7 +72,8 @@ ENQUEUE_LUA = (
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
 -- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
--- in the window.
+-- in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent after this
+-- script cover the earlier write of the same event (see capi.durability).
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
 for j = 5, #ARGV, 4 do
@@ -88,6 +90,9 @@ end
 if added > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', added)
   activate(KEYS[3], KEYS[4], ARGV[4])
+end
+if added < #out then
+  redis.call('HINCRBY', KEYS[2], 'duplicates', #out - added)
 end
 return out
 """
@@ -132,12 +137,13 @@ return r[1][2]
 # pending), so a worker that lost its answer to a timeout may simply run it again.
 
 DELIVER_LUA = """#!lua flags=allow-oom
--- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
+-- KEYS: stream, stats, endpoint. ARGV: group, now_ms, counter ('delivered', or 'validated'
+-- in test mode), then stream ids.
 -- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 4))
 if n > 0 then
-  redis.call('HINCRBY', KEYS[2], 'delivered', n)
+  redis.call('HINCRBY', KEYS[2], ARGV[3], n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
 end
 local since = redis.call('HGET', KEYS[3], 'failing_since')
@@ -226,6 +232,17 @@ requeued(moved)
 return {moved, skipped, #rows}
 """
 )
+
+OLDEST_RETRY_LUA = """#!lua flags=no-writes,allow-oom
+-- KEYS: retry zset. The earliest enqueue time (ms) of the events scheduled for retry, or
+-- false. Each member begins {"u":"<hex>","q":<ms>: read without decoding the events.
+local oldest = false
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local q = tonumber(string.match(member, '^{"u":"%x+","q":(%d+)'))
+  if q and (not oldest or q < oldest) then oldest = q end
+end
+return oldest
+"""
 
 HANDBACK_LUA = (
     "#!lua flags=allow-oom\n"
@@ -453,7 +470,8 @@ class Entry:
 
 
 class Queue:
-    """capi's Redis queue for one prefix; the worker side of it."""
+    """One destination's queue in Redis (its stream, consumer group and retry schedule):
+    the worker side of it, and the only writer of its stream entries' fates."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, group: str = CONSUMER_GROUP):
         self.redis = client
@@ -468,6 +486,7 @@ class Queue:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(READ_LUA)
         self._index_retries = client.register_script(INDEX_RETRIES_LUA)
+        self._oldest_retry = client.register_script(OLDEST_RETRY_LUA)
         # The keys a script that moves retries back to the stream needs (_REQUEUE_MEMBER).
         self._requeue_keys = [keys.retry, keys.stream, keys.active, keys.wake, keys.retry_due]
 
@@ -550,12 +569,16 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
-    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> int | None:
-        """Acknowledge delivered entries and count them; if the endpoint was marked as
-        failing until now (this delivery ends an outage), since when (ms)."""
+    async def deliver(
+        self, entries: Sequence[Entry], now_ms: int, *, validated: bool = False
+    ) -> int | None:
+        """Acknowledge delivered entries and count them (as ``validated`` in test mode);
+        if the endpoint was marked as failing until now (this delivery ends an outage),
+        since when (ms)."""
+        counter = "validated" if validated else "delivered"
         _, since = await self._deliver(
             keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
-            args=[self.group, now_ms, *(e.stream_id for e in entries)],
+            args=[self.group, now_ms, counter, *(e.stream_id for e in entries)],
         )
         return int(since) if since else None
 
@@ -585,9 +608,12 @@ class Queue:
         with ``endpoint_error``, mark the endpoint as failing (since now, unless it already
         was); ``server_asked`` when the wait is the server's own (``Retry-After``)."""
         rows = []
+        oldest = now
         for e in entries:
             meta = dict(e.meta or {})
             meta.setdefault("f", now)
+            meta.setdefault("q", int(e.stream_id.split(b"-")[0]))  # first enqueued (ms)
+            oldest = min(oldest, meta["q"])
             meta.update(l=now, err=error)
             rows.append(
                 {
@@ -598,7 +624,8 @@ class Queue:
                     "m": orjson.dumps(meta).decode(),
                 }
             )
-        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "entries": rows}
+        # "q" second: OLDEST_RETRY_LUA reads it from the member's start.
+        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "q": oldest, "entries": rows}
         if server_asked:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
         member = orjson.dumps(batch)
@@ -631,7 +658,8 @@ class Queue:
         )
 
     async def hand_back(self, entries: Sequence[Entry]) -> None:
-        """Return entries to the queue as new (on shutdown), so any worker takes them at once."""
+        """Return entries to the queue as new (on shutdown, when the key is already held, or
+        after a bug in a turn), so any worker takes them at once."""
         if entries:
             k = self.keys
             await self._handback(
@@ -648,7 +676,8 @@ class Queue:
         return int(queued) == 0 and int(retries) == 0
 
     async def depth(self) -> tuple[int, int, int | None, int]:
-        """Queued (not yet read), in flight, oldest entry time (ms), scheduled retry batches."""
+        """Queued (not yet read), in flight, the enqueue time (ms) of the oldest event not yet
+        delivered (queued, in flight or scheduled for retry), scheduled retry batches."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.keys.stream)
         pipe.xrange(self.keys.stream, count=1)
@@ -661,6 +690,10 @@ class Queue:
         # No consumer group yet (no worker has run): nothing is in flight.
         in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
         oldest = int(first[0][0].split(b"-")[0]) if first else None
+        if retries:
+            waiting = await self._oldest_retry(keys=[self.keys.retry])
+            if waiting:
+                oldest = min(int(waiting), oldest or int(waiting))
         return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
 
     async def purge(self, dedup_window_s: int, chunk: int = 500) -> tuple[int, int]:

@@ -12,11 +12,9 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from capi.clock import LIVENESS_MS, now_ms
 from capi.constants import RedisKeys
 from capi.queue import Queue
-
-# A worker heartbeats every second; one silent this long is not counted as alive.
-ALIVE_WITHIN_MS = 5_000
 
 
 def _iso(ms: int | None) -> str | None:
@@ -33,7 +31,7 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
 
 async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     """One destination's part of :func:`gather`."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     queued, in_flight, oldest_ms, retries = await Queue(client, keys).depth()
     pipe = client.pipeline(transaction=False)
     pipe.zrange(keys.retry, 0, 0, withscores=True)
@@ -89,9 +87,9 @@ def key_state(fields: dict[str, str], now_ms: int) -> dict[str, str]:
 
 async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     """The part of :func:`gather` every destination shares: live workers and Redis."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     pipe = client.pipeline(transaction=False)
-    pipe.zrangebyscore(keys.workers, now - ALIVE_WITHIN_MS, "+inf", withscores=True)
+    pipe.zrangebyscore(keys.workers, now - LIVENESS_MS, "+inf", withscores=True)
     pipe.hgetall(keys.worker_states)
     workers, states = await pipe.execute()
     try:

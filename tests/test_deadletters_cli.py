@@ -21,7 +21,17 @@ from capi.replay import Selection, replay, select
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from capi.settings import Settings
-from tests.helpers import dead_letters, doom, drain, enqueue, events, ids, make_settings, wait_for
+from tests.helpers import (
+    dead_letters,
+    doom,
+    drain,
+    enqueue,
+    events,
+    ids,
+    make_settings,
+    spawn,
+    wait_for,
+)
 
 SCOPE_FAILS, STALE, INVALID = 10, 4, 3
 
@@ -168,7 +178,7 @@ def test_interrupted_replay_resumes_without_loss_or_double_sends(
     mixed: Settings, sandbox: SandboxThread
 ) -> None:
     env = {**os.environ, "CAPI_REDIS_URL": mixed.redis_url, "CAPI_CONFIG_FILE": os.devnull}
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             sys.executable,
             "-m",

@@ -7,6 +7,10 @@ a dead letter ``order-1042`` (missing scope), and a worker serving metrics on po
 ``capi health``). A long-running command (a worker, the sandbox) is started, must become
 ready, keeps running while the rest of its block runs, and must then stop cleanly.
 
+The ports the examples name (9464, 8080, 8787: after ``--port``, ``--metrics-port`` or in an
+``http://127.0.0.1:`` URL) are mapped to free ports of this run, 9464 to the worker's, so
+that runs in parallel (pytest-xdist, other checkouts) never meet on a port.
+
 Not run here, each for a stated reason: installing (``python3 -m venv``, ``pip``: the suite
 runs inside the installed environment), running this suite itself, and Docker (no engine on
 the build machines; ``tests/test_deploy.py`` checks the compose file).
@@ -39,11 +43,15 @@ from capi.queue import Entry
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
-from tests.helpers import wait_for
+from tests.conftest import free_port
+from tests.helpers import spawn, wait_for
 from workers.cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+# One xdist worker runs them all, in order: one examples' worker (``services``) for all.
+pytestmark = pytest.mark.xdist_group("examples")
 METRICS_PORT = 9464  # the port the help texts and README name
+PORT_NAMED = re.compile(r"(--port[ =]|--metrics-port[ =]|http://(?:127\.0\.0\.1|localhost):)(\d+)")
 SKIP = {
     "python3 -m venv": "installs the package: the suite already runs inside the installed env",
     ".venv/bin/pytest": "this test suite itself",
@@ -141,9 +149,11 @@ def test_examples_are_found() -> None:
 def services(
     tmp_path_factory: pytest.TempPathFactory, redis_server: str
 ) -> Iterator[dict[str, str]]:
-    """The test Redis, a sandbox, and a worker with metrics on 9464, for every example."""
+    """The test Redis, a sandbox, and a worker serving metrics (the examples' port 9464 is
+    mapped to its port, ``PORTS["9464"]``), for every example."""
     client = redis.Redis.from_url(redis_server)
     client.flushall()
+    port = free_port()
     with SandboxThread() as sandbox:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
         env.update(
@@ -157,18 +167,27 @@ def services(
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         worker = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "worker", "--metrics-port", str(METRICS_PORT)],
+            [sys.executable, "-m", "workers.cli", "worker", "--metrics-port", str(port)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=tmp_path_factory.mktemp("worker"),
         )
         try:
-            wait_for(lambda: _ready(f"http://127.0.0.1:{METRICS_PORT}/readyz"), what="worker")
+            wait_for(
+                lambda: worker.poll() is not None or _ready(f"http://127.0.0.1:{port}/readyz"),
+                what="worker",
+            )
+            assert worker.poll() is None, "the examples' worker exited"
+            env["_EXAMPLES_METRICS_PORT"] = str(port)
             yield env
         finally:
             worker.send_signal(signal.SIGTERM)
-            worker.communicate(timeout=30)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
             client.close()
 
 
@@ -217,10 +236,12 @@ def _run_block(example: Example, env: dict[str, str], cwd: Path) -> None:
     long-running command in the background until the block ends."""
     background: list[tuple[str, subprocess.Popen[str]]] = []
     script: list[str] = []
+    ports = {str(METRICS_PORT): env["_EXAMPLES_METRICS_PORT"]}
     try:
-        for line in [*example.lines, ""]:
-            if _skip_reason(line):
+        for named in [*example.lines, ""]:
+            if _skip_reason(named):
                 continue
+            line = _on_free_ports(named, ports)
             ready = next((text for cmd, text in LONG_RUNNING.items() if _starts(line, cmd)), None)
             if line and not (ready and "--burst" not in line):
                 script.append(line)
@@ -235,6 +256,19 @@ def _run_block(example: Example, env: dict[str, str], cwd: Path) -> None:
             proc.send_signal(signal.SIGINT if "sandbox" in line else signal.SIGTERM)
             output, _ = proc.communicate(timeout=30)
             assert proc.returncode == 0, f"{example.where}: {line} did not stop cleanly\n{output}"
+
+
+def _on_free_ports(line: str, ports: dict[str, str]) -> str:
+    """The line with each port it names replaced by a free one (the same one throughout a
+    block), 9464 by the examples' worker's."""
+
+    def mapped(match: re.Match[str]) -> str:
+        if match[2] == "0":  # the system's choice already
+            return match[0]
+        port = ports.setdefault(match[2], str(free_port()))
+        return match[1] + port
+
+    return PORT_NAMED.sub(mapped, line)
 
 
 def _run_script(example: Example, lines: list[str], env: dict[str, str], cwd: Path) -> None:
@@ -257,7 +291,7 @@ def _starts(line: str, command: str) -> bool:
 
 
 def _start(line: str, ready: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+    proc = spawn(
         ["bash", "-c", f"exec {line}"],
         env=env,
         cwd=cwd,

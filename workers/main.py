@@ -4,7 +4,7 @@ arq gives the process its shape (signal handling, a health check key); the event
 themselves never become arq jobs: they ride a Redis stream that :class:`capi.worker.sender.Sender`
 reads in batches (see README, "How it works"). ``capi worker`` runs the same sender
 without arq's loop (:mod:`capi.worker.runner`). capi's scheduled work (status line, dead-letter
-retention) runs in the sender's housekeeping, not as arq cron jobs, so every key arq
+retention) runs in the worker's housekeeping, not as arq cron jobs, so every key arq
 touches lives under ``CAPI_REDIS_PREFIX`` (``{p}:arq`` and ``{p}:arq:health``).
 
 arq's own loop polls its job queue and writes its health key; its Redis pool here never

@@ -12,6 +12,7 @@ from capi import destinations
 from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.main import cli
 from capi.fingerprint import fingerprint
+from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import destination_status, stranded
 
@@ -57,8 +58,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         oldest = r["oldest_queued_age_s"]
         table.add_row(
-            Text(r["name"]),
-            Text(r["pixel_id"] or "-"),
+            Text(shown(r["name"])),
+            Text(shown(r["pixel_id"] or "-")),
             Text(_short(r["key_fingerprint"])),
             r["key_state"] if r["configured"] else "removed",
             str(r["queued"]),
@@ -71,7 +72,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     if errors:
         out.print("\nlast errors:")
     for name, error in errors:
-        out.print(Text(f"  {name}: {error}"), soft_wrap=False)
+        out.print(Text(f"  {shown(name)}: {shown(error)}"), soft_wrap=False)
 
 
 def _short(key_fingerprint: str) -> str:
@@ -103,6 +104,7 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
                     "key_source": dest.key_source,
                     "base_url": dest.base_url,
                     "integration_source": dest.integration_source,
+                    "validate_only": dest.validate_only,
                 }
             )
         for name, status in (await stranded(client, settings.keys, configured)).items():
@@ -136,12 +138,14 @@ def _row(
         "key_source": None,
         "base_url": None,
         "integration_source": None,
+        "validate_only": False,
         "key_state": state,
         "queued": status["queued"],
         "in_flight": status["in_flight"],
         "retry_batches_scheduled": status["retry_batches_scheduled"],
         "oldest_queued_age_s": status["oldest_queued_age_s"],
         "delivered": status["counters"].get("delivered", 0),
+        "validated": status["counters"].get("validated", 0),
         "dead_letters": status["dead_letters"],
         "dead_lettered": status["counters"].get("dead_lettered", 0),
         "endpoint": status["endpoint"]["state"],

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import click
+import redis.exceptions
 from rich.progress import Progress
 
 from capi import destinations
@@ -23,7 +24,7 @@ from capi.cli.common import (
 from capi.cli.main import cli
 from capi.cli.selection import destination_names
 from capi.constants import MAX_EVENT_BYTES
-from capi.errors import EventRejected, Problem, QueueUnavailable
+from capi.errors import CapiError, EventRejected, Problem, QueueUnavailable
 from capi.events import prepare
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
@@ -79,59 +80,87 @@ def enqueue_command(
             "(see capi destinations)"
         )
     total = EnqueueReport()
-    lines_read = 0
-    target: contextlib.AbstractContextManager[SyncProducer | _Validator] = (
-        contextlib.nullcontext(_Validator()) if dry_run else SyncProducer.from_settings(settings)
-    )
-    with (
-        _say_how_far(total),
-        target as producer,
-        _file_progress(file) as advance,
-    ):
-        batch: list[tuple[int, Any]] = []
-        batch_bytes = 0
-        for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
-            lines_read = lineno
-            advance(size)
-            parsed = _parse_line(lineno, line, total)
-            if parsed is not _NOTHING:
-                batch.append((lineno, parsed))
-                batch_bytes += size
-            if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
-                _flush(producer, batch, total, names)
-                batch_bytes = 0
-        _flush(producer, batch, total, names)
+    lines_read = [0]
+    failure: CapiError | redis.exceptions.RedisError | None = None
+    try:
+        target: contextlib.AbstractContextManager[SyncProducer | _Validator] = (
+            contextlib.nullcontext(_Validator())
+            if dry_run
+            else SyncProducer.from_settings(settings)
+        )
+        with (
+            _say_how_far(total),
+            target as producer,
+            _file_progress(file) as advance,
+        ):
+            _enqueue_lines(producer, file, advance, total, names, lines_read)
+    except (CapiError, redis.exceptions.RedisError) as error:  # Redis away, full, ...
+        failure = error
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
-    summary = {
-        "lines": lines_read,
+    summary: dict[str, Any] = {
+        "lines": lines_read[0],
         "queued": total.queued,
         "duplicates": total.duplicates,
         "refused": len(total.refused),
     }
     if dry_run:
         summary |= {"dry_run": True, "queued": 0, "valid": total.queued}
-    if as_json:
+    if as_json:  # whatever the exit: a script reads how far it got
+        if failure is not None:
+            summary["error"] = str(failure)
         print_json(summary)
     elif dry_run:
         out.print(
             f"dry run: {total.queued} valid, refused {len(total.refused)}; nothing was queued"
         )
-    else:
+    elif failure is None or total.queued or total.duplicates or total.refused:
         out.print(
             f"queued {total.queued}, duplicates {total.duplicates} (already queued), "
             f"refused {len(total.refused)}"
         )
+    if failure is not None:
+        raise failure  # handle_errors says it on stderr, with its exit code
     if total.refused:
         sys.exit(ExitCode.REFUSED)
+
+
+def _enqueue_lines(
+    producer: SyncProducer | _Validator,
+    file: IO[bytes],
+    advance: Callable[[int], None],
+    total: EnqueueReport,
+    names: list[str] | None,
+    lines_read: list[int],
+) -> None:
+    """Read, check and enqueue FILE's lines in bulk calls, counting into ``total``."""
+    batch: list[tuple[int, Any]] = []
+    batch_bytes = 0
+    for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
+        lines_read[0] = lineno
+        advance(size)
+        parsed = _parse_line(lineno, line, total)
+        if parsed is not _NOTHING:
+            batch.append((lineno, parsed))
+            batch_bytes += size
+        if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
+            _flush(producer, batch, total, names)
+            batch_bytes = 0
+    _flush(producer, batch, total, names)
 
 
 class _Validator:
     """What ``enqueue --dry-run`` uses in place of a producer: the same checks and hashing
     (:func:`capi.events.prepare`), and no Redis. ``queued`` counts the valid events."""
 
-    def enqueue_many(self, events: Iterable[Any], destination: Any = None) -> EnqueueReport:
-        report = EnqueueReport()
+    def enqueue_many(
+        self,
+        events: Iterable[Any],
+        destination: Any = None,
+        *,
+        report: EnqueueReport | None = None,
+    ) -> EnqueueReport:
+        report = EnqueueReport() if report is None else report
         for i, event in enumerate(events):
             try:
                 prepare(event)
@@ -284,8 +313,11 @@ def _flush(
 ) -> None:
     if not batch:
         return
-    report = producer.enqueue_many((event for _, event in batch), destination=names)
-    total.queued += report.queued
-    total.duplicates += report.duplicates
-    total.refused += [(batch[i][0], exc) for i, exc in report.refused]
-    batch.clear()
+    report = EnqueueReport()
+    try:  # a call that fails part-way still counts what it queued
+        producer.enqueue_many((event for _, event in batch), destination=names, report=report)
+    finally:
+        total.queued += report.queued
+        total.duplicates += report.duplicates
+        total.refused += [(batch[i][0], exc) for i, exc in report.refused]
+        batch.clear()

@@ -23,6 +23,7 @@ import orjson
 
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, CONVERSIONS_SCOPE
 from capi.sandbox.contract import Issue, check_event, is_too_old
+from capi.sandbox.monitoring import Monitoring
 
 Clock = Callable[[], float]
 
@@ -106,6 +107,7 @@ class SandboxState:
         self.rejection_code: str | None = "invalid_event"
         self.accepted_delta = 0  # added to accepted_events in a 200 (the docs say never)
         self.clock = clock
+        self.monitoring = Monitoring(clock)  # the read-back endpoint's view of accepted events
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.reset()
@@ -122,6 +124,7 @@ class SandboxState:
             self.validate_only_requests = 0
             self.first_batch_at: float | None = None  # wall clock, for benchmarks
             self.last_batch_at: float | None = None
+        self.monitoring.reset()
 
     # -- what tests read -------------------------------------------------------------
     def delivered_counts(self) -> Counter[tuple[str, str, str]]:
@@ -174,6 +177,8 @@ class SandboxState:
                 self.accepted_delta = int(config["accepted_delta"])
             if "seed" in config:
                 self.rng = random.Random(config["seed"])
+            if "monitoring" in config:
+                self.monitoring.configure(config["monitoring"])
 
     def config(self) -> dict[str, Any]:
         """The current configuration, keys shown in full (the sandbox's keys are not secret)."""
@@ -256,6 +261,11 @@ class SandboxState:
                 self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
+                self.monitoring.record(
+                    pid,
+                    [(e["type"], e["id"], e["timestamp_ms"]) for e in events],
+                    "server_to_server",
+                )
                 source = payload.get("integration_source")
                 self.senders[(pid, key, source if isinstance(source, str) else None)] += len(
                     checked

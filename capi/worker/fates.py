@@ -1,5 +1,6 @@
 """Recording an event's fate: the Redis write (atomic with the acknowledgement), the metric,
-and one log line with event ids and request ids. :mod:`capi.worker.decisions` decides,
+one log line with event ids and request ids, and a line in the live-outcomes ring that
+``capi tail`` reads (:mod:`capi.tail`). :mod:`capi.worker.decisions` decides,
 :mod:`capi.worker.sender` carries the decision out; this records it.
 """
 
@@ -10,14 +11,15 @@ import logging
 import time
 from collections.abc import Sequence
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import deadletters
+from capi import deadletters, kinds, tail
 from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
+from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.events import Clock
 from capi.failures import Reason
 from capi.guidance import diagnose
 from capi.metrics import DestinationMetrics
@@ -52,32 +54,60 @@ class Fates:
 
     def now_ms(self) -> int:
         """The clock's time in Unix milliseconds."""
-        return int(self.clock() * 1000)
+        return now_ms(self.clock)
 
     async def delivered(
         self, group: Sequence[Entry], accepted: Accepted, *, count_mismatch: bool = False
     ) -> int | None:
         """Acknowledge a delivered batch (and, with ``count_mismatch``, count the 200 whose
-        accepted_events disagreed); if this ends an endpoint outage, since when (ms)."""
-        recovered = await self.queue.deliver(group, self.now_ms())
+        accepted_events disagreed); if this ends an endpoint outage, since when (ms).
+        A test-mode (validate_only) destination's batches are counted as validated."""
+        validated = self.client.validate_only
+        recovered = await self.queue.deliver(group, self.now_ms(), validated=validated)
         if count_mismatch:
             await self._accepted_mismatch(group, accepted)
-        self.metrics.delivered.inc(len(group))
+        (self.metrics.validated if validated else self.metrics.delivered).inc(len(group))
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
+        request_id = next(iter(accepted.request_ids.values()), None)
+        status = "validated" if validated else "delivered"
+        await self._tail(
+            tail.Outcome(
+                status,
+                _described(group),
+                request_id=request_id,
+                latency_ms=accepted.elapsed_s * 1000,
+            )
+        )
         log.info(
-            "delivered %d events",
+            "%s %d events",
+            status,
             len(group),
             extra={
                 "destination": self.queue.keys.destination,
                 "count": len(group),
                 "first_id": group[0].event_id,
                 "last_id": group[-1].event_id,
-                "request_id": next(iter(accepted.request_ids.values()), None),
+                "request_id": request_id,
                 "latency_ms": round(accepted.elapsed_s * 1000, 1),
             },
         )
         return recovered
+
+    async def held(self, group: Sequence[Entry], reason: str) -> None:
+        """Record (in the ring only) that these events went back to the queue unsent
+        because the destination is held; they stay queued."""
+        await self._tail(tail.Outcome("held", _described(group), reason=reason))
+
+    async def _tail(self, outcome: tail.Outcome) -> None:
+        """Add ``outcome`` to the live-outcomes ring. The ring is a view: the fate itself is
+        already recorded, so a failed write is logged and otherwise ignored."""
+        entries = self.settings.tail_entries
+        found = tail.writes(self.queue.keys.tail, outcome, entries)
+        try:
+            await tail.append(self.redis, found, entries)
+        except redis.exceptions.RedisError as exc:
+            log.debug("the live-outcomes ring missed a %s line: %s", outcome.status, exc)
 
     async def _accepted_mismatch(self, group: Sequence[Entry], accepted: Accepted) -> None:
         """The docs promise all-or-nothing batches: a 200 counting otherwise is news."""
@@ -121,6 +151,15 @@ class Fates:
             server_asked=err.response.retry_after_s is not None,
         )
         self.metrics.retried.labels(err.reason.value).inc(len(again))
+        await self._tail(
+            tail.Outcome(
+                "retrying",
+                _described(again),
+                request_id=err.request_id,
+                reason=err.reason.value,
+                next_attempt_ms=plan.due_ms,
+            )
+        )
         log.warning(
             "retrying %d events in %.2f s after %s (attempt %d)",
             len(again),
@@ -174,6 +213,14 @@ class Fates:
             dedup_window_s=self.settings.dedup_window_s,
         )
         self.metrics.dead_lettered.labels(reason.value).inc(len(group))
+        await self._tail(
+            tail.Outcome(
+                "dead_lettered",
+                _described(group),
+                request_id=err.request_id if err else None,
+                reason=reason.value,
+            )
+        )
         log.warning(
             "dead-lettered %d events (%s)",
             len(group),
@@ -187,3 +234,17 @@ class Fates:
                 "request_id": err.request_id if err else None,
             },
         )
+
+
+def _described(group: Sequence[Entry]) -> list[tuple[str, str, list[str], int]]:
+    """(id, type, identifier kinds, timestamp) of each event, for the ring: names only."""
+    out: list[tuple[str, str, list[str], int]] = []
+    for entry in group:
+        try:
+            event = orjson.loads(entry.event)
+        except orjson.JSONDecodeError:
+            out.append((entry.event_id, "?", [], entry.timestamp_ms))
+            continue
+        name = event.get("custom_event_name") or event.get("type") or "?"
+        out.append((entry.event_id, str(name), kinds.of(event), entry.timestamp_ms))
+    return out

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from capi._aio import aw
 from capi.client import ConversionsClient
+from capi.clock import ms, now_ms
 from capi.constants import RedisKeys
 from capi.deadletters import iso
 from capi.errors import SendError
@@ -100,7 +101,13 @@ class KeyGuard:
         async with self._lock:
             if self.held:
                 return Verdict.ALREADY_HELD
-            recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
+            # A key that passed a probe moments ago is not re-probed for a key failure (the
+            # platform's spikes); a configuration failure (404, unknown pixel, a request
+            # field) is always probed: retrying it blindly resends every batch meanwhile.
+            recently_ok = (
+                not error.reason.config_problem
+                and self._monotonic() - self._last_ok < self.min_probe_interval_s
+            )
             result = None if recently_ok else await self._probe()
             # Probes that met 429s, 5xx or lost answers say nothing about the key: only a
             # key problem answered to the probes themselves confirms one.
@@ -133,7 +140,7 @@ class KeyGuard:
     async def try_release(self) -> bool:
         """While held: re-probe if no other worker did within the interval; True if released."""
         got = await self._lock_script(
-            keys=[self.keys.probe_lock], args=[max(1, int(self.reprobe_interval_s * 1000))]
+            keys=[self.keys.probe_lock], args=[max(1, ms(self.reprobe_interval_s))]
         )
         if got:
             result = await self._probe(confirmations=1)
@@ -143,7 +150,7 @@ class KeyGuard:
                 return True
             await self._state_script(
                 keys=[self.keys.key_state, self.keys.stats],
-                args=[0, 0, "checked_at", iso(_ms()) or ""],
+                args=[0, 0, "checked_at", iso(now_ms()) or ""],
             )
         await self.sync()
         return not self.held
@@ -170,7 +177,7 @@ class KeyGuard:
         self._confirming = True
         await self._state_script(
             keys=[self.keys.key_state, self.keys.stats],
-            args=[0, 0, "confirming_since", iso(_ms()) or "", "confirming_reason",
+            args=[0, 0, "confirming_since", iso(now_ms()) or "", "confirming_reason",
                   error.reason.value],
         )  # fmt: skip
 
@@ -183,7 +190,7 @@ class KeyGuard:
     async def _set_ok(self) -> None:
         self.held = False
         self._confirming = False  # the state below replaces the confirming fields
-        now = iso(_ms()) or ""
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "ok",
@@ -204,7 +211,7 @@ class KeyGuard:
         )
 
     async def hold(self, check: KeyCheck) -> None:
-        """Hold this destination after a failed key check (its sender re-probes)."""
+        """Hold this destination after a failed key check (housekeeping re-probes it)."""
         assert check.error is not None
         await self._hold(check.error)
 
@@ -214,7 +221,7 @@ class KeyGuard:
         diagnosis = diagnose(
             error, pixel_id=self.client.pixel_id, api_key=self._api_key, labels=self.client.labels
         )
-        now = iso(_ms()) or ""
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "held",
@@ -228,14 +235,12 @@ class KeyGuard:
             }
         )
         where = "" if self.keys.destination == "default" else f" of {self.keys.destination}"
+        what = "settings" if error.reason.config_problem else "key"
         log.error(
-            "key%s confirmed broken; holding all workers' sends%s: %s",
+            "%s%s confirmed broken; holding all workers' sends%s: %s",
+            what,
             where,
             where,
             diagnosis.cause,
             extra={"destination": self.keys.destination},
         )
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi.events import Clock
+from capi.clock import LIVENESS_S, Clock
 from capi.metrics import Metrics
 from capi.queue import Queue
 from capi.settings import Settings
@@ -196,7 +196,9 @@ class Lanes:
             async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s)):
                 await self.queue.sign_off(self.name)
         except (TimeoutError, redis.exceptions.RedisError) as exc:
-            log.warning("could not sign off (%s); status drops this worker within 5 s", exc)
+            log.warning(
+                "could not sign off (%s); status drops this worker within %g s", exc, LIVENESS_S
+            )
 
     # -- the lanes -------------------------------------------------------------------
     async def _lane(self, index: int) -> None:

@@ -15,7 +15,8 @@ heartbeat true meanwhile.
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
-(:mod:`capi.worker.lanes`, fair turns; a held or slow destination holds at most a quarter of them),
+(:mod:`capi.worker.lanes`, fair turns: a held destination holds none of them, a slow one at
+most a quarter),
 its housekeeping and one Redis pool, so a broken key or a slow endpoint costs the others
 little, and a thousand idle destinations cost little more than one. Startup key checks
 run at most ``STARTUP_CHECKS_AT_ONCE`` at a time. A destination whose key is confirmed
@@ -43,6 +44,7 @@ import redis.exceptions
 
 from capi import destinations, logs
 from capi.client import http_pool
+from capi.clock import HEARTBEAT_S
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed
 from capi.keycheck import KeyCheck
@@ -85,8 +87,8 @@ async def start_sender(
     """A sender whose key passed the startup check; None if a stop came first.
 
     Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken, unless
-    ``hold_if_broken``: then the destination is held (its sender re-probes and resumes
-    once the key is fixed) and the sender is returned all the same. The sender uses
+    ``hold_if_broken``: then the destination is held (housekeeping re-probes it, and it
+    resumes once the key is fixed) and the sender is returned all the same. The sender uses
     ``pool`` and ``http`` (a worker's shared Redis and HTTP pools) if given; ``checks``
     limits how many destinations check their keys at once.
     """
@@ -179,6 +181,7 @@ class Fleet:
         self._reload = asyncio.Event()
         self._file_stamp: tuple[str, float] | None = None
         self._checks = asyncio.Semaphore(STARTUP_CHECKS_AT_ONCE)
+        self._alive: asyncio.Task[None] | None = None
         self.destinations = self._select(destinations.load(settings))
         self.single = len(self.destinations) == 1
         self._startup = StartupWatch(metrics, self.redis, settings.keys, self.lanes.name)
@@ -201,6 +204,7 @@ class Fleet:
         """The startup check of a single destination (raises KeyCheckFailed if it is
         broken; False if a stop came first). With several, each is checked as it starts,
         in :meth:`run`."""
+        self._beat()
         self._watch_startup()
         if not (self.single or self.settings.strict_key_check):
             return True
@@ -246,8 +250,20 @@ class Fleet:
         """Read the destinations file again now (SIGHUP)."""
         self._reload.set()
 
+    def _beat(self) -> None:
+        """Start the liveness beat (``/healthz``), from the startup checks on."""
+        if self._alive is None:
+            self._alive = asyncio.create_task(_beat_while_running(self.metrics))
+
+    async def _stop_beat(self) -> None:
+        if self._alive is not None:
+            self._alive.cancel()
+            await asyncio.gather(self._alive, return_exceptions=True)
+            self._alive = None
+
     async def aclose(self) -> None:
         """Close what :meth:`start` opened, when :meth:`run` is not to follow."""
+        await self._stop_beat()
         await self._unwatch_startup()
         for sender in self._checked.values():
             await sender.aclose()
@@ -258,6 +274,7 @@ class Fleet:
     async def run(self, *, burst: bool = False) -> None:
         """Serve every destination until stopped (with ``burst``: until all that can send
         are drained)."""
+        self._beat()
         self.lanes.expect(len(self.destinations))
         self._watch_startup()
         self._startup.heartbeat = False  # the lanes' housekeeping heartbeats from now on
@@ -279,6 +296,7 @@ class Fleet:
             await asyncio.gather(*self._tasks.values(), *self._retiring, return_exceptions=True)
             self.lanes.stop()
             await asyncio.gather(lanes, return_exceptions=True)
+            await self._stop_beat()
             if self._watching is not None:
                 self._watching.cancel()
                 await asyncio.gather(self._watching, return_exceptions=True)
@@ -434,6 +452,14 @@ async def _check_in_slot(
         if stop.is_set():
             return None
         return await sender.check_key()
+
+
+async def _beat_while_running(metrics: Metrics) -> None:
+    """Say the event loop runs (liveness, ``/healthz``) every ``HEARTBEAT_S``: this task
+    waits for nothing else (not Redis, not the endpoint), so only a stuck process stops it."""
+    while True:
+        metrics.beat()
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _stop_when(stop: asyncio.Event, sender: Sender) -> None:

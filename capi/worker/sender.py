@@ -7,13 +7,16 @@ from the destination's stream through the consumer group (waiting at most
 already outside the API's time window into dead letters, and sends the rest. Then, per
 event:
 
+The fate of each outcome is looked up in :mod:`capi.worker.decisions`; in short:
+
 - accepted: acknowledged;
 - rejected at ``events[i]``: that event is dead-lettered, the rest resent at once; with no
   index the batch is bisected until the bad events are isolated;
 - key problem: the :class:`~capi.worker.keyguard.KeyGuard` re-probes; transient -> retry,
   confirmed -> dead-letter this batch and hold every worker; already held -> hand back;
 - retryable (429, 5xx, network): scheduled for retry with capped jittered backoff for as
-  long as the event's 7-day window allows (see :mod:`capi.retry`); meanwhile the endpoint
+  long as the event's 7-day window allows (see :func:`capi.worker.decisions.plan_retry`);
+  meanwhile the endpoint
   is marked failing (5xx, network; a 429 is "slow down", not "down"), and the first
   delivery after an outage of ``OUTAGE_RELEASE_S`` or more releases every scheduled retry
   at once (except waits the server asked for), so the backlog drains at full speed;
@@ -47,10 +50,10 @@ import redis.exceptions
 from capi import destinations
 from capi.batches import split_rejected
 from capi.client import ConversionsClient, build_body
+from capi.clock import Clock, ms, now_ms
 from capi.constants import API_MAX_BODY_BYTES
 from capi.destinations import Destination
 from capi.errors import SendError
-from capi.events import Clock
 from capi.failures import Reason
 from capi.keycheck import KeyCheck
 from capi.metrics import Metrics
@@ -72,7 +75,9 @@ OUTAGE_RELEASE_S = 5.0
 
 
 class Sender:
-    """Sends queued events in batches until stopped (or, in burst mode, until drained)."""
+    """One destination's sender: takes the turns the lanes give it (read a batch, send it,
+    carry out each outcome's fate) until stopped; burst mode is the lanes' (see
+    :func:`capi.worker.lanes.run_sender`)."""
 
     def __init__(
         self,
@@ -252,7 +257,7 @@ class Sender:
         return len(self._inflight)
 
     def state(self) -> tuple[str, str]:
-        """What this worker is doing, for ``capi status``: a state and a detail line."""
+        """What this sender is doing, for ``capi status``: a state and a detail line."""
         if not self._trouble.redis_ok:
             return "waiting for Redis", self._trouble.describe()
         if self._guard.held:
@@ -399,7 +404,7 @@ class Sender:
         wait_s = self.settings.batch_wait_ms / 1000 if fill else 0.0
         deadline = time.monotonic() + wait_s
         while entries and len(entries) < size and not self.stopping:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            remaining_ms = ms(deadline - time.monotonic())
             if remaining_ms <= 0:
                 break
             more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
@@ -442,7 +447,9 @@ class Sender:
         while work:
             group = work.pop()
             body = build_body(
-                [e.event for e in group], integration_source=self.client.integration_source
+                [e.event for e in group],
+                validate_only=self.client.validate_only,
+                integration_source=self.client.integration_source,
             )
             started = time.perf_counter()
             try:
@@ -467,6 +474,8 @@ class Sender:
         """Carry out ``fate`` for a failed send; the groups to send again at once."""
         if fate.action is Action.REPROBE:
             fate = decisions.AFTER_PROBE[await self._reprobe(err)]
+        elif fate.action is Action.HOLD:
+            fate = decisions.AFTER_HOLD[await self._reprobe(err)]
         if fate.action is Action.DROP_REJECTED:
             bad, again = split_rejected(group, err.response.event_index)
             if bad is not None:
@@ -479,6 +488,7 @@ class Sender:
         elif fate.action is Action.HAND_BACK:
             await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
             self._done(group)
+            await self.fates.held(group, err.reason.value)
         else:
             await self._dead_letter(group, fate.reason or err.reason, err, attempted=fate.attempted)
         return []
@@ -539,6 +549,17 @@ class Sender:
                 max_attempts=self.settings.max_attempts,
                 rand=self._rand,
             )
+            if err.response.retry_after_s and plan.delay_s > self.settings.retry_cap_s:
+                log.warning(
+                    "the endpoint asked for Retry-After: %.0f s (longer than "
+                    "CAPI_RETRY_CAP_S=%g): %d events wait that long; %d past their 7-day "
+                    "window are dead-lettered",
+                    plan.delay_s,
+                    self.settings.retry_cap_s,
+                    len(plan.again),
+                    len(plan.exhausted),
+                    extra={"destination": self.destination.name},
+                )
             await self.fates.retry(plan, err)
 
         await self.durably("scheduling a retry", record)
@@ -565,7 +586,7 @@ class Sender:
             self._delivered.discard(e.stream_id)
 
     def _now(self) -> int:
-        return int(self.clock() * 1000)
+        return now_ms(self.clock)
 
 
 def redis_pool(settings: Settings) -> aioredis.Redis:

@@ -71,7 +71,6 @@ class StartupWatch:
             await self._beat()
         except redis.exceptions.RedisError as exc:
             self.metrics.redis_up.set(0)
-            self.metrics.tick(redis_ok=False)
             if not self._failing:
                 log.warning("while starting: Redis does not answer (%s); trying again", exc)
             self._failing = True
@@ -79,7 +78,7 @@ class StartupWatch:
             log.error("while starting: the startup watch failed: %r; it goes on", exc)
         else:
             self.metrics.redis_up.set(1)
-            self.metrics.tick(redis_ok=True)
+            self.metrics.redis_answered()
             if self._failing:
                 log.warning("while starting: Redis answers again")
             self._failing = False

@@ -5,7 +5,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
 ``{p}:d:{name}`` for any other (see ``config/destinations.toml``)::
 
     {d}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
-                                    i=event id, n=attempts so far (retries only),
+                                    i=event id, k=identifier kinds (bits, capi.coverage),
+                                    n=attempts so far (retries only),
                                     m=retry metadata JSON (retries only)
     {d}:events  group "senders"     the consumer group the workers read through
     {d}:retry               ZSET    member = JSON {u, entries: [...], ra: 1 if the wait is the
@@ -18,8 +19,12 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:stats               HASH    counters: enqueued, duplicates (enqueues the dedup
                                     window refused), delivered, validated (test mode),
                                     retried, dead_lettered, transient_key_failures,
-                                    requests, accepted_mismatches
+                                    requests, accepted_mismatches, skipped (consent
+                                    denied under consent_policy drop)
     {d}:stats:dl_reasons    HASH    dead-letter reason -> count
+    {d}:coverage:{hour}     HASH    deliveries in one hour (since the epoch): events, and per
+                                    identifier kind how many carried it (capi.coverage);
+                                    expires after 25 hours
     {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
     {d}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
@@ -116,6 +121,10 @@ class RedisKeys:
     def stats(self) -> str:
         """The hash of counters."""
         return f"{self.ns}:stats"
+
+    def coverage(self, hour: int) -> str:
+        """The hash of one hour's match-coverage counts (hours since the epoch)."""
+        return f"{self.ns}:coverage:{hour}"
 
     @property
     def dl_reasons(self) -> str:

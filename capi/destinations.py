@@ -12,6 +12,8 @@ URL, and the SHA-256 of the intake tokens granted it. They are read from
     integration_source = "acme-platform"    # optional
     # base_url = "https://bzr.openai.com"   # optional
     intake_tokens_sha256 = ["<64 hex>"]     # optional
+    consent_policy = "drop"                 # optional: "drop" | "opt_out"
+    consent_default = "granted"             # optional: "granted" | "denied"
 
 Without the file, ``CAPI_API_KEY`` and ``CAPI_PIXEL_ID`` form the one destination
 ``default`` (and ``CAPI_INTAKE_TOKENS_SHA256`` lists its tokens), so a single-pixel set-up
@@ -66,6 +68,8 @@ class _Entry(BaseModel):
     integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     intake_tokens_sha256: list[str] = []
+    consent_policy: Literal["drop", "opt_out"] | None = None
+    consent_default: Literal["granted", "denied"] | None = None
     validate_only: bool = False
     advertiser_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
     advertiser_key_file: Path | None = None
@@ -108,6 +112,21 @@ def checked_pixel_id(value: str) -> str:
 
 
 @dataclass(frozen=True)
+class Consent:
+    """What a destination does with an event whose consent is denied (``policy``), and the
+    consent of an event that carries none (``default``)."""
+
+    policy: Literal["drop", "opt_out"] = "drop"
+    default: Literal["granted", "denied"] = "granted"
+
+    def fate(self, given: str | None) -> Literal["send", "drop", "opt_out"]:
+        """What becomes of an event with consent ``given`` (None: not given)."""
+        if (given or self.default) == "granted":
+            return "send"
+        return self.policy
+
+
+@dataclass(frozen=True)
 class Destination:
     """One pixel to send to, with its key (never shown: see :attr:`key_fingerprint`)."""
 
@@ -118,6 +137,7 @@ class Destination:
     base_url: str = DEFAULT_BASE_URL
     integration_source: str | None = None
     intake_tokens_sha256: frozenset[str] = frozenset()
+    consent: Consent = Consent()
     validate_only: bool = False  # test mode: the API checks every batch and saves nothing
     reads: ReadBack | None = None  # the Advertiser API key for capi verify, when configured
 
@@ -248,6 +268,29 @@ class Names(Following[list[str]]):
         super().__init__(settings, names, monotonic=monotonic)
 
 
+class Consents(Following[dict[str, Consent]]):
+    """Each destination's consent rules by name, following the file, for producers."""
+
+    def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
+        super().__init__(settings, consents, monotonic=monotonic)
+
+
+def consents(settings: Settings) -> dict[str, Consent]:
+    """Each configured destination's consent rules, without reading any key."""
+    path = source(settings)
+    if path is None:
+        return {DEFAULT_NAME: _consent(None, settings)}
+    return {n: d.consent for n, d in parse(_read(path), path, settings, {}, keys="skip").items()}
+
+
+def _consent(entry: _Entry | None, settings: Settings) -> Consent:
+    """A destination's consent rules: its own, else CAPI_CONSENT_POLICY / _DEFAULT."""
+    return Consent(
+        policy=(entry and entry.consent_policy) or settings.consent_policy,
+        default=(entry and entry.consent_default) or settings.consent_default,
+    )
+
+
 def names(settings: Settings) -> list[str]:
     """The configured destinations' names, without reading any key (producers need no key)."""
     path = source(settings)
@@ -311,6 +354,7 @@ def parse(
             base_url=(entry.base_url or settings.base_url).rstrip("/"),
             integration_source=entry.integration_source or settings.integration_source,
             intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
+            consent=_consent(entry, settings),
             validate_only=entry.validate_only,
             reads=_reads(entry, settings, environ) if keys != "skip" else None,
         )
@@ -360,6 +404,7 @@ def default(settings: Settings) -> Destination:
         base_url=settings.base_url,
         integration_source=settings.integration_source,
         intake_tokens_sha256=frozenset(tokens),
+        consent=_consent(None, settings),
         validate_only=settings.validate_only,
         reads=default_reads(settings),
     )

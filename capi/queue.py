@@ -6,7 +6,7 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 
 - enqueue: dedup record (:mod:`capi.dedup`) and ``XADD`` in one script (no record without
   event);
-- deliver: ``XACK`` + ``XDEL`` + counter;
+- deliver: ``XACK`` + ``XDEL`` + counters (with match coverage);
 - retry: ``XACK`` + ``ZADD`` to the retry schedule + ``XDEL``; a script moves due retries
   back into the stream (``XADD`` + ``ZREM``);
 - dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (the records themselves are
@@ -26,14 +26,14 @@ script); key names live in :mod:`capi.constants`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from capi import dedup
+from capi import coverage, dedup
 from capi._aio import aw
 from capi.constants import CONSUMER_GROUP, RedisKeys
 
@@ -71,18 +71,21 @@ ENQUEUE_LUA = (
     + _ACTIVATE
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
--- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
--- in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent after this
--- script cover the earlier write of the same event (see capi.durability).
+-- events skipped (consent denied: counted, never stored), then per event: digest, id,
+-- timestamp_ms, JSON, identifier kinds (capi.coverage mask). Queues each event unless its
+-- digest is in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent
+-- after this script cover the earlier write of the same event (see capi.durability).
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
-for j = 5, #ARGV, 4 do
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5]) end
+for j = 6, #ARGV, 5 do
   local d = ARGV[j]
   if window > 0 and dd_seen(d) then
     out[#out + 1] = 0
   else
     if window > 0 then dd_add(d) end
-    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1])
+    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1],
+               'k', ARGV[j + 4])
     added = added + 1
     out[#out + 1] = 1
   end
@@ -100,15 +103,20 @@ return out
 
 
 def enqueue_call(
-    keys: RedisKeys, dedup_window_s: int, events: Iterable[tuple[bytes, str, int, bytes | str]]
+    keys: RedisKeys,
+    dedup_window_s: int,
+    events: Iterable[tuple[bytes, str, int, bytes | str, int]],
+    skipped: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """The keys and arguments of :data:`ENQUEUE_LUA` for events prepared for one
-    destination, each given as (dedup digest, id, timestamp_ms, JSON)."""
+    destination, each given as (dedup digest, id, timestamp_ms, JSON, identifier kinds
+    mask), and the number of events skipped for it (consent denied under ``drop``)."""
     args: list[Any] = [
         keys.dedup_prefix,
         dedup.bucket_s(dedup_window_s),
         dedup_window_s,
         keys.destination,
+        skipped,
     ]
     for event in events:
         args += event
@@ -137,14 +145,23 @@ return r[1][2]
 # pending), so a worker that lost its answer to a timeout may simply run it again.
 
 DELIVER_LUA = """#!lua flags=allow-oom
--- KEYS: stream, stats, endpoint. ARGV: group, now_ms, counter ('delivered', or 'validated'
--- in test mode), then stream ids.
--- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 4))
+-- KEYS: stream, stats, endpoint, coverage hour. ARGV: group, now_ms, counter ('delivered',
+-- or 'validated' in test mode), coverage counts (JSON object, see capi.coverage; '' in
+-- test mode), coverage TTL (s), then stream ids.
+-- Ack and delete delivered entries; count them and the identifier kinds they carried
+-- (only if this call acknowledged them: a repeat counts nothing); clear the endpoint's
+-- failing mark, returning it.
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 6))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 6))
 if n > 0 then
   redis.call('HINCRBY', KEYS[2], ARGV[3], n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
+  if ARGV[4] ~= '' then
+    for kind, count in pairs(cjson.decode(ARGV[4])) do
+      redis.call('HINCRBY', KEYS[4], kind, count)
+    end
+    redis.call('EXPIRE', KEYS[4], ARGV[5])
+  end
 end
 local since = redis.call('HGET', KEYS[3], 'failing_since')
 redis.call('HDEL', KEYS[3], 'failing_since')
@@ -184,8 +201,12 @@ _REQUEUE_MEMBER = (
 local function requeue(member)
   local n = 0
   for _, en in ipairs(cjson.decode(member)['entries']) do
-    redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
-               'm', en['m'])
+    local fields = {'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'], 'm', en['m']}
+    if en['k'] then
+      fields[#fields + 1] = 'k'
+      fields[#fields + 1] = en['k']
+    end
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
     n = n + 1
   end
   redis.call('ZREM', KEYS[1], member)
@@ -449,11 +470,13 @@ class Entry:
     timestamp_ms: int
     attempts: int = 0
     meta: dict[str, Any] | None = None
+    kinds: int | None = None  # identifier kinds (capi.coverage); None: tell from the JSON
 
     @classmethod
     def from_fields(cls, stream_id: bytes, fields: dict[bytes, bytes]) -> Entry:
         """Build an entry from a stream entry's fields."""
         meta = fields.get(b"m")
+        kinds = fields.get(b"k")
         return cls(
             stream_id=stream_id,
             event=fields[b"e"],
@@ -461,6 +484,7 @@ class Entry:
             timestamp_ms=int(fields[b"t"]),
             attempts=int(fields.get(b"n", 0)),
             meta=orjson.loads(meta) if meta else None,
+            kinds=int(kinds) if kinds else None,
         )
 
     @property
@@ -570,15 +594,32 @@ class Queue:
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
     async def deliver(
-        self, entries: Sequence[Entry], now_ms: int, *, validated: bool = False
+        self,
+        entries: Sequence[Entry],
+        now_ms: int,
+        *,
+        validated: bool = False,
+        counts: Mapping[str, int] | None = None,
     ) -> int | None:
-        """Acknowledge delivered entries and count them (as ``validated`` in test mode);
-        if the endpoint was marked as failing until now (this delivery ends an outage),
-        since when (ms)."""
+        """Acknowledge delivered entries and count them (as ``validated`` in test mode),
+        with the identifier kinds delivered events carried (``counts``, from
+        :func:`identifier_counts`, when the caller has them already); if the endpoint was
+        marked as failing until now (this delivery ends an outage), since when (ms)."""
+        k = self.keys
         counter = "validated" if validated else "delivered"
+        if counts is None and not validated:
+            counts = identifier_counts(entries)
+        matching = b"" if validated else orjson.dumps(counts)
         _, since = await self._deliver(
-            keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
-            args=[self.group, now_ms, counter, *(e.stream_id for e in entries)],
+            keys=[k.stream, k.stats, k.endpoint, k.coverage(coverage.bucket(now_ms))],
+            args=[
+                self.group,
+                now_ms,
+                counter,
+                matching,
+                coverage.TTL_S,
+                *(e.stream_id for e in entries),
+            ],
         )
         return int(since) if since else None
 
@@ -624,6 +665,8 @@ class Queue:
                     "m": orjson.dumps(meta).decode(),
                 }
             )
+            if e.kinds is not None:
+                rows[-1]["k"] = str(e.kinds)
         # "q" second: OLDEST_RETRY_LUA reads it from the member's start.
         batch: dict[str, Any] = {"u": uuid.uuid4().hex, "q": oldest, "entries": rows}
         if server_asked:
@@ -762,6 +805,15 @@ def _key_of(event: bytes | str, event_id: bytes | str) -> str:
         return dedup.event_key(orjson.loads(event), eid)
     except (ValueError, TypeError, AttributeError):  # unreadable: nothing to forget
         return f"(unreadable):{eid}"
+
+
+def identifier_counts(entries: Iterable[Entry]) -> dict[str, int]:
+    """How many of ``entries`` carry each identifier kind (:func:`capi.coverage.count`)."""
+    return coverage.count(map(_kinds, entries))
+
+
+def _kinds(entry: Entry) -> int:
+    return entry.kinds if entry.kinds is not None else coverage.mask_of_json(entry.event)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

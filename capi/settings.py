@@ -196,6 +196,22 @@ class Settings(BaseSettings):
         description="Refuse to start a worker unless every destination's key passes "
         "(with one destination a broken key always refuses the start).",
     )
+    strict_identifiers: bool = Field(
+        False,
+        description="Refuse an event over an invalid optional identifier (email, phone, "
+        "country, ...) instead of leaving that identifier out with a warning.",
+    )
+    consent_policy: Literal["drop", "opt_out"] = Field(
+        "drop",
+        description="What an event whose consent is denied becomes: never sent (drop), or "
+        "sent with opt_out: true and without obref (opt_out). Destinations file: "
+        "consent_policy.",
+    )
+    consent_default: Literal["granted", "denied"] = Field(
+        "granted",
+        description="The consent of an event that carries none. Destinations file: "
+        "consent_default.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     metrics_host: str = Field(

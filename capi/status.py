@@ -1,5 +1,6 @@
 """What ``capi status`` shows: queue depth and age, in flight, retries, counters, key state,
-the endpoint's state, Redis's memory, and each live worker with what it is doing."""
+the endpoint's state, match coverage, Redis's memory, and each live worker with what it is
+doing."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from capi import coverage
 from capi.clock import LIVENESS_MS, now_ms
 from capi.constants import RedisKeys
 from capi.queue import Queue
@@ -42,6 +44,7 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
     pipe.hgetall(keys.endpoint)
     next_retry, stats, reasons, key, dl, endpoint = await pipe.execute()
     ep = {k.decode(): v.decode() for k, v in endpoint.items()}
+    matching = await coverage.read(client, keys, now)
     failing_since = int(ep["failing_since"]) if ep.get("failing_since") else None
     return {
         "queued": queued,
@@ -61,6 +64,7 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
             "last_error_at": _iso(int(ep.get("last_error_ms") or 0)),
             "last_ok_at": _iso(int(ep.get("last_ok_ms") or 0)),
         },
+        "match_coverage": matching,
     }
 
 

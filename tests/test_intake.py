@@ -94,6 +94,7 @@ def test_a_mixed_batch_is_answered_per_event_and_only_good_events_are_delivered(
         "id": "bad-amount",
         "status": "refused",
         "errors": [{"field": "data.amount", "rule": answer["results"][1]["errors"][0]["rule"]}],
+        "warnings": [],
     }
     assert "integer" in answer["results"][1]["errors"][0]["rule"]
     assert answer["results"][4]["errors"][0]["field"] == "(event)"

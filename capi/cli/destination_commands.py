@@ -26,9 +26,11 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
 
     The key state is ok, held (see capi status), confirming (a probe met a key problem
     and more probes are deciding whether to hold it) or unchecked (no worker has checked
-    it yet). Without a destinations file the one destination is "default". A destination
-    removed from the file whose events or dead letters are still in Redis is listed too,
-    as removed (configured: false): add it back to the file to send them.
+    it yet). match_coverage (--json) is the share of the events delivered in the last 24
+    hours that carried each identifier kind (docs/attribution.md); match_coverage_events
+    how many that was. Without a destinations file the one destination is "default". A
+    destination removed from the file whose events or dead letters are still in Redis is
+    listed too, as removed (configured: false): add it back to the file to send them.
 
     \b
     Examples:
@@ -150,4 +152,6 @@ def _row(
         "dead_lettered": status["counters"].get("dead_lettered", 0),
         "endpoint": status["endpoint"]["state"],
         "last_error": last_error,
+        "match_coverage": status["match_coverage"]["shares"],
+        "match_coverage_events": status["match_coverage"]["events"],
     }

@@ -60,7 +60,11 @@ def enqueue_command(
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
     Each refused line is reported with its reason and the others are queued; the exit code
     is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read
-    whole), is not UTF-8 JSON, or repeats a key within one object. With --dry-run the file
+    whole), is not UTF-8 JSON, or repeats a key within one object. An invalid optional
+    identifier (a bad phone beside a good email, say) is left out and reported as a warning
+    (CAPI_STRICT_IDENTIFIERS=true refuses the line instead); a line whose "consent" is
+    "denied" is skipped under the destination's consent_policy "drop" (never stored) or
+    sent opted out under "opt_out". With --dry-run the file
     is only checked: nothing is queued and Redis is not contacted (so duplicates of events
     already queued are not known).
 
@@ -84,7 +88,7 @@ def enqueue_command(
     failure: CapiError | redis.exceptions.RedisError | None = None
     try:
         target: contextlib.AbstractContextManager[SyncProducer | _Validator] = (
-            contextlib.nullcontext(_Validator())
+            contextlib.nullcontext(_Validator(settings.strict_identifiers))
             if dry_run
             else SyncProducer.from_settings(settings)
         )
@@ -98,11 +102,14 @@ def enqueue_command(
         failure = error
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
+    skipped = _print_warnings(total)
     summary: dict[str, Any] = {
         "lines": lines_read[0],
         "queued": total.queued,
         "duplicates": total.duplicates,
         "refused": len(total.refused),
+        "warned": len(total.warnings),
+        "skipped": skipped,
     }
     if dry_run:
         summary |= {"dry_run": True, "queued": 0, "valid": total.queued}
@@ -117,7 +124,8 @@ def enqueue_command(
     elif failure is None or total.queued or total.duplicates or total.refused:
         out.print(
             f"queued {total.queued}, duplicates {total.duplicates} (already queued), "
-            f"refused {len(total.refused)}"
+            f"refused {len(total.refused)}, warned {len(total.warnings)} (identifiers left "
+            f"out), skipped {skipped} (consent denied)"
         )
     if failure is not None:
         raise failure  # handle_errors says it on stderr, with its exit code
@@ -149,9 +157,28 @@ def _enqueue_lines(
     _flush(producer, batch, total, names)
 
 
+def _print_warnings(total: EnqueueReport) -> int:
+    """Print each identifier left out and each consent skip by line; how many lines were
+    skipped everywhere (a line skipped for one destination but queued to another is a
+    warning there)."""
+    for lineno, problems in sorted(total.warnings.items()):
+        for p in problems:
+            err.print(f"line {lineno}: warning: {p.path}: left out: {p.rule}", markup=False)
+    skipped = 0
+    for lineno, problems in sorted(total.skipped.items()):
+        what = "warning" if lineno in total.added else "skipped"
+        skipped += what == "skipped"
+        for p in problems:
+            err.print(f"line {lineno}: {what}: {p.rule}", markup=False)
+    return skipped
+
+
 class _Validator:
     """What ``enqueue --dry-run`` uses in place of a producer: the same checks and hashing
     (:func:`capi.events.prepare`), and no Redis. ``queued`` counts the valid events."""
+
+    def __init__(self, strict_identifiers: bool) -> None:
+        self.strict_identifiers = strict_identifiers
 
     def enqueue_many(
         self,
@@ -163,7 +190,7 @@ class _Validator:
         report = EnqueueReport() if report is None else report
         for i, event in enumerate(events):
             try:
-                prepare(event)
+                prepared = prepare(event, strict_identifiers=self.strict_identifiers)
             except EventRejected as exc:
                 report.refused.append((i, exc))
             except Exception as exc:  # a hostile line must cost only itself, as in enqueue
@@ -171,6 +198,8 @@ class _Validator:
                 report.refused.append((i, EventRejected([Problem("(event)", why)])))
             else:
                 report.queued += 1
+                if prepared.warnings:
+                    report.warnings[i] = list(prepared.warnings)
         return report
 
 
@@ -320,4 +349,8 @@ def _flush(
         total.queued += report.queued
         total.duplicates += report.duplicates
         total.refused += [(batch[i][0], exc) for i, exc in report.refused]
+        for i, flag in report.added.items():
+            total.added[batch[i][0]] = flag
+        total.warnings.update((batch[i][0], w) for i, w in report.warnings.items() if w)
+        total.skipped.update((batch[i][0], why) for i, why in report.skipped.items())
         batch.clear()

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.markup import escape
 
-from capi import destinations
+from capi import coverage, destinations
 from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.main import cli
 from capi.cli.selection import destination_names, destination_option
@@ -176,6 +176,8 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     _print_redis(status["redis"])
     if status["key"].get("state") == "held":
         out.print(shown(status["key"].get("guidance", ""), lines=True), markup=False)
+    if warning := coverage.weak_warning(status["match_coverage"]):
+        out.print(warning, markup=False)
 
 
 def _key_line(key: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@ Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer)
 - ``POST /v1/events[?destination=NAME]`` with ``Authorization: Bearer <intake token>``:
   every event goes through :meth:`capi.producer.Producer.enqueue_many`, so it is validated
   and hashed exactly as a Python producer would, and answered one by one, in order
-  (``queued``, ``duplicate`` or ``refused`` with each field and rule);
+  (``queued``, ``duplicate``, ``skipped`` (consent denied) or ``refused`` with each field
+  and rule; ``warnings`` name invalid optional identifiers left out);
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full),
   ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
 
@@ -26,7 +27,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -41,7 +42,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from capi.errors import ConfigError, EventRejected, QueueFull, QueueUnavailable
+from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.intake import envelope, guard, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
@@ -121,7 +122,9 @@ class Intake:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.producer = Producer.from_settings(self.settings)
+                self.producer = Producer.from_settings(
+                    self.settings, registry=self.metrics.registry
+                )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.producer is not None:
@@ -217,6 +220,7 @@ class Intake:
             "queued": report.queued,
             "duplicates": report.duplicates,
             "refused": len(report.refused),
+            "skipped": sum(1 for i in report.skipped if i not in report.added),
         }
         return 200, orjson.dumps(answer)
 
@@ -339,6 +343,9 @@ class Intake:
             events.labels("duplicate", destination).inc(report.duplicates)
         if report.refused:
             events.labels("refused", destination).inc(len(report.refused))
+        skipped = sum(1 for i in report.skipped if i not in report.added)
+        if skipped:
+            events.labels("skipped", destination).inc(skipped)
 
     async def _healthz(self) -> tuple[int, bytes, str]:
         return 200, b'{"status": "alive"}', "application/json"
@@ -389,12 +396,17 @@ def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> lis
             "id": event_id if isinstance(event_id, str) else None,
             "status": "",
             "errors": [],
+            "warnings": _fields(report.warnings.get(i, ())),
         }
         if i in refused:
             item["status"] = "refused"
             item["errors"] = _errors(refused[i], event)
         elif i in report.added:
             item["status"] = "queued" if report.added[i] else "duplicate"
+            item["warnings"] += _fields(report.skipped.get(i, ()))  # skipped elsewhere
+        elif i in report.skipped:
+            item["status"] = "skipped"
+            item["errors"] = _fields(report.skipped[i])
         elif unavailable:
             item["status"] = "not_queued"
         results.append(item)
@@ -404,7 +416,11 @@ def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> lis
 def _errors(exc: EventRejected, event: Any) -> list[dict[str, str]]:
     if isinstance(event, envelope.BadLine):
         return [{"field": "(event)", "rule": event.rule()}]
-    return [{"field": p.path, "rule": p.rule} for p in exc.problems]
+    return _fields(exc.problems)
+
+
+def _fields(problems: Iterable[Problem]) -> list[dict[str, str]]:
+    return [{"field": p.path, "rule": p.rule} for p in problems]
 
 
 def _unavailable_message(exc: QueueUnavailable, report: EnqueueReport) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -38,6 +38,7 @@ SCOPE_MESSAGE = (
 DEFAULT_KEY = "sk-svcacct-sandbox-conversion-key-0001"
 DEFAULT_SCOPELESS_KEY = "sk-proj-sandbox-advertiser-key-0002"
 DEFAULT_PIXEL = "sandbox-pixel-00000001"
+RECENT_EVENTS = 1000
 
 
 @dataclass
@@ -124,6 +125,8 @@ class SandboxState:
             self.validate_only_requests = 0
             self.first_batch_at: float | None = None  # wall clock, for benchmarks
             self.last_batch_at: float | None = None
+            # The last events accepted, as received, so tests can see what was sent.
+            self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.monitoring.reset()
 
     # -- what tests read -------------------------------------------------------------
@@ -139,6 +142,11 @@ class SandboxState:
             for (_, _, event_id), n in self.received.items():
                 out[event_id] += n
             return out
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        """The last :data:`RECENT_EVENTS` events accepted (not validate-only), oldest first."""
+        with self.lock:
+            return list(self.recent)
 
     def summary(self) -> dict[str, Any]:
         """Counts, as JSON-ready data."""
@@ -261,6 +269,7 @@ class SandboxState:
                 self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
+                self.recent.extend(events)
                 self.monitoring.record(
                     pid,
                     [(e["type"], e["id"], e["timestamp_ms"]) for e in events],

@@ -30,11 +30,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter
 
-from capi import dedup, kinds, tail
+from capi import coverage, dedup, kinds, tail
 from capi import destinations as destinations_
 from capi.clock import Clock
 from capi.constants import RedisKeys
-from capi.coverage import mask
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.durability import Durability
@@ -51,6 +50,7 @@ RawEvent = Mapping[str, Any] | Event
 Refusal = tuple[str, tuple[str, str, list[str], int]]
 log = logging.getLogger("capi.producer")
 _NO_RULES = Consent()
+_SKIPPED = "consent denied: not sent (consent_policy drop)"
 _INDEX = re.compile(r"\[\d+\]")
 
 
@@ -322,10 +322,11 @@ class _BaseProducer:
         return current.get(destination, _NO_RULES)
 
     def _one(
-        self, event: RawEvent, targets: list[RedisKeys]
+        self, event: RawEvent, targets: list[RedisKeys], ring: list[tail.Write]
     ) -> list[tuple[list[str], list[Any], bool]]:
         """The script call for one event to each destination, and whether it is sent
-        there; its warnings are logged (one event has no report to carry them)."""
+        there (a skip is named in ``ring`` writes); its warnings are logged (one event has
+        no report to carry them)."""
         report = EnqueueReport()
         prepared = self._prepare(event)
         self._warn(0, prepared, report, targets)
@@ -333,7 +334,7 @@ class _BaseProducer:
             log.warning("event %r: %s: left out: %s", prepared.id[:64], p.path, p.rule)
         calls = []
         for target in targets:
-            keys, args, positions = self._for_target([prepared], [0], target, report)
+            keys, args, positions = self._for_target([prepared], [0], target, report, ring)
             calls.append((keys, args, bool(positions)))
         return calls
 
@@ -343,9 +344,11 @@ class _BaseProducer:
         report: EnqueueReport,
         targets: list[RedisKeys],
         refusals: list[Refusal],
+        ring: list[tail.Write],
     ) -> Iterator[tuple[list[str], list[Any], list[int]]]:
         """Script arguments per chunk of prepared events, with the chunk's positions; each
-        refused event is described in ``refusals`` for the live-outcomes ring."""
+        refused event is described in ``refusals``, and each skipped one in ``ring``
+        writes, for the live-outcomes ring."""
         prepared = []
         positions = []
         for i, raw in enumerate(events):
@@ -362,7 +365,9 @@ class _BaseProducer:
         for start in range(0, len(prepared), self.chunk):
             end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
-                yield self._for_target(prepared[start:end], positions[start:end], target, report)
+                yield self._for_target(
+                    prepared[start:end], positions[start:end], target, report, ring
+                )
 
     def _warn(
         self, i: int, p: PreparedEvent, report: EnqueueReport, targets: list[RedisKeys]
@@ -379,25 +384,30 @@ class _BaseProducer:
         positions: list[int],
         target: RedisKeys,
         report: EnqueueReport,
+        ring: list[tail.Write],
     ) -> tuple[list[str], list[Any], list[int]]:
         """The script call for one destination: each event as its consent rules make it
-        (sent, sent opted out, or skipped: counted, never stored), with the positions sent."""
+        (sent, sent opted out, or skipped: counted, never stored, and named in ``ring``
+        writes for the live-outcomes ring), with the positions sent."""
         rules = self.consent(target.destination)
         if rules == _NO_RULES and not any(p.consent for p in batch):
             return (*self._args(batch, target), positions)  # the usual case: all sent
-        sent, where, skipped = [], [], 0
+        sent, where, skipped = [], [], []
         for p, i in zip(batch, positions, strict=True):
             fate = rules.fate(p.consent)
             if fate == "drop":
-                skipped += 1
-                why = f"consent denied: not sent to {target.destination} (consent_policy drop)"
-                report.skipped.setdefault(i, []).append(Problem("consent", why))
+                found = coverage.kinds(coverage.mask(p.event))
+                skipped.append((p.id, p.name, found, p.timestamp_ms))
+                report.skipped.setdefault(i, []).append(Problem("consent", _SKIPPED))
                 continue
             sent.append(p if fate == "send" else p.opted_out())
             where.append(i)
-        if skipped and self.metrics is not None:
-            self.metrics.skipped.labels(target.destination).inc(skipped)
-        return (*self._args(sent, target, skipped), where)
+        if skipped:
+            if self.metrics is not None:
+                self.metrics.skipped.labels(target.destination).inc(len(skipped))
+            outcome = tail.Outcome("skipped", skipped, reason=_SKIPPED)
+            ring += tail.writes(target.tail, outcome, self.tail_entries)
+        return (*self._args(sent, target, len(skipped)), where)
 
     def _args(
         self, batch: list[PreparedEvent], target: RedisKeys, skipped: int = 0
@@ -406,7 +416,13 @@ class _BaseProducer:
             target,
             self.dedup_window_s,
             (
-                (dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json, mask(p.event))
+                (
+                    dedup.digest(f"{p.name}:{p.id}"),
+                    p.id,
+                    p.timestamp_ms,
+                    p.json,
+                    coverage.mask(p.event),  # the identifier kinds it carries, as bits
+                )
                 for p in batch
             ),
             skipped,
@@ -484,9 +500,12 @@ class Producer(_BaseProducer):
         (:meth:`enqueue_many` reports them per event).
         """
         targets = self._targets(destination)
-        calls = self._one(event, targets)
+        ring: list[tail.Write] = []
+        calls = self._one(event, targets, ring)
         with _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            await tail.append(self.redis, ring, self.tail_entries)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -506,11 +525,13 @@ class Producer(_BaseProducer):
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         refusals: list[Refusal] = []
+        ring: list[tail.Write] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets, refusals):
+            for keys, args, positions in self._chunks(events, report, targets, refusals, ring):
                 self._count(report, (await self._run([(keys, args)]))[0], positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
+            ring += self._ring(targets, refusals)
+            await tail.append(self.redis, ring, self.tail_entries)
         return report
 
 
@@ -553,9 +574,12 @@ class SyncProducer(_BaseProducer):
         """Enqueue one event; False if its id was already enqueued within the dedup window or
         it was skipped for consent (see :meth:`Producer.enqueue`)."""
         targets = self._targets(destination)
-        calls = self._one(event, targets)
+        ring: list[tail.Write] = []
+        calls = self._one(event, targets, ring)
         with _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            tail.append_sync(self.redis, ring, self.tail_entries)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -574,11 +598,13 @@ class SyncProducer(_BaseProducer):
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         refusals: list[Refusal] = []
+        ring: list[tail.Write] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets, refusals):
+            for keys, args, positions in self._chunks(events, report, targets, refusals, ring):
                 self._count(report, self._run([(keys, args)])[0], positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
+            ring += self._ring(targets, refusals)
+            tail.append_sync(self.redis, ring, self.tail_entries)
         return report
 
 

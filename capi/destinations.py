@@ -24,6 +24,7 @@ destinations meanwhile.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import tomllib
@@ -32,14 +33,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
 from capi.fingerprint import fingerprint, shape_problem
-from capi.settings import Settings
+from capi.safetext import shown
+from capi.settings import Settings, checked_base_url
 
 T = TypeVar("T")
+log = logging.getLogger("capi.destinations")
 
 DEFAULT_FILE = Path("config/destinations.toml")
 DEFAULT_NAME = "default"
@@ -65,6 +75,16 @@ class _Entry(BaseModel):
     advertiser_key_file: Path | None = None
     ads_api_base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
 
+    @field_validator("pixel_id")
+    @classmethod
+    def _pixel_id(cls, value: str) -> str:
+        return checked_pixel_id(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else checked_base_url(value)
+
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
         if (self.api_key_env is None) == (self.api_key_file is None):
@@ -75,9 +95,20 @@ class _Entry(BaseModel):
             if not re.match(SHA256_HEX, token):
                 raise ValueError(
                     "intake_tokens_sha256 holds SHA-256 digests: 64 lowercase hex characters "
-                    "each (capi intake-token prints the line to paste)"
+                    "each (capi intake-token --write adds one)"
                 )
         return self
+
+
+def checked_pixel_id(value: str) -> str:
+    """``value`` if it can be a pixel id (it is printed and sent as ?pid=); ValueError if
+    it holds a space, a control character or an invisible formatting character."""
+    if any(c.isspace() for c in value) or shown(value) != value:
+        raise ValueError(
+            f"{shown(value)[:80]!r} is not a pixel id: no spaces, control characters or "
+            "invisible (bidi, zero-width) characters; copy it from Ads Manager -> Conversions"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -190,7 +221,9 @@ def file_stamp(settings: Settings) -> tuple[str, float] | None:
 
 class Following(Generic[T]):
     """What ``read`` makes of the destinations file, read again when the file changes
-    (looked at at most once a second); a broken file keeps the last good result."""
+    (looked at at most once a second; ``stamp`` tells a change, :func:`file_stamp` unless
+    given). A broken file goes to :meth:`broken`, which logs it and keeps the last good
+    result unless a subclass decides otherwise."""
 
     def __init__(
         self,
@@ -198,12 +231,14 @@ class Following(Generic[T]):
         read: Callable[[Settings], T],
         *,
         monotonic: Callable[[], float] | None = None,
+        stamp: Callable[[Settings], object] | None = None,
     ) -> None:
         self.settings = settings
         self._read = read
+        self._stamp_of: Callable[[Settings], object] = stamp or file_stamp
         self._monotonic = monotonic or time.monotonic
         self._checked = self._monotonic()
-        self._stamp = file_stamp(settings)
+        self._stamp = self._stamp_of(settings)
         self._value = read(settings)
 
     def current(self) -> T:
@@ -211,14 +246,19 @@ class Following(Generic[T]):
         now = self._monotonic()
         if now - self._checked >= 1.0:
             self._checked = now
-            stamp = file_stamp(self.settings)
+            stamp = self._stamp_of(self.settings)
             if stamp != self._stamp:
+                self._stamp = stamp
                 try:
                     self._value = self._read(self.settings)
-                    self._stamp = stamp
-                except ConfigError:
-                    pass
+                except ConfigError as exc:
+                    self._value = self.broken(self._value, exc)
         return self._value
+
+    def broken(self, last: T, exc: ConfigError) -> T:
+        """The result while the file is broken (``exc`` says how): the last good one."""
+        log.error("%s; keeping the destinations read before until it is fixed", exc)
+        return last
 
 
 class Names(Following[list[str]]):
@@ -347,7 +387,7 @@ def default_token_digests(settings: Settings) -> list[str]:
         if not re.match(SHA256_HEX, d):
             raise ConfigError(
                 "CAPI_INTAKE_TOKENS_SHA256: comma-separated SHA-256 digests, 64 lowercase hex "
-                "characters each (capi intake-token prints the line to paste)"
+                "characters each (capi intake-token --write adds one)"
             )
     return digests
 

@@ -253,6 +253,9 @@ def _source_problems(event: schema.Event) -> list[Problem]:
     return problems
 
 
+_BAD_HOST = re.compile(r"[\s\x00-\x1f\x7f<>\"{}|\\^`%]")
+
+
 # Events come from a few pages. urlsplit() caches as many URLs itself, so this keeps no more.
 @lru_cache(maxsize=128)
 def _sent_url(url: str) -> tuple[str | None, str | None]:
@@ -261,6 +264,12 @@ def _sent_url(url: str) -> tuple[str | None, str | None]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return None, None
+    try:
+        hostname, _ = parts.hostname, parts.port  # a port that is not a number: ValueError
+    except ValueError:
+        return None, None
+    if not hostname or _BAD_HOST.search(hostname):
+        return None, None  # https://:443/, a space or a control character in the host
     # Query strings, fragments and user:password@ carry PII and secrets: never send them.
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", "")), query_param(parts.query)

@@ -46,6 +46,14 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         d = ["destination"]
         self.delivered = Counter("capi_events_delivered", "Events the API accepted.", d, registry=r)
+        self.with_identifier = Counter(
+            "capi_events_delivered_with_identifier",
+            "Delivered events carrying each identifier kind (match coverage: divide by "
+            "capi_events_delivered_total); kind any_strong: at least one of email, phone, "
+            "external_id, oppref.",
+            [*d, "kind"],
+            registry=r,
+        )
         self.validated = Counter(
             "capi_events_validated",
             "Events the API checked and did not save (a validate_only destination).",
@@ -119,8 +127,8 @@ class Metrics:
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
         self._views: dict[str, DestinationMetrics] = {}
-        # Destinations whose startup key check is under way, with what it waits for (the
-        # runner writes it; readiness and the worker's heartbeat read it).
+        # Destinations whose startup key check is under way, with what it waits for
+        # (written through starting_for/started; readiness and the heartbeat read it).
         self.starting: dict[str, str] = {}
 
     def for_destination(self, name: str) -> DestinationMetrics:
@@ -128,6 +136,14 @@ class Metrics:
         if name not in self._views:
             self._views[name] = DestinationMetrics(self, name)
         return self._views[name]
+
+    def starting_for(self, name: str, why: str) -> None:
+        """A destination's startup key check is under way, waiting for ``why``."""
+        self.starting[name] = why
+
+    def started(self, name: str) -> None:
+        """A destination's startup key check is over (passed, held, refused or stopped)."""
+        self.starting.pop(name, None)
 
     def forget(self, name: str) -> None:
         """A destination removed from the file: its gauges are no longer exported and
@@ -222,6 +238,7 @@ class DestinationMetrics:
         self.name = name
         self.delivered = parent.delivered.labels(name)
         self.validated = parent.validated.labels(name)
+        self.with_identifier = _ByReason(parent.with_identifier, name)
         self.accepted_mismatches = parent.accepted_mismatches.labels(name)
         self.batch_size = parent.batch_size.labels(name)
         self.send_latency = parent.send_latency.labels(name)
@@ -246,7 +263,8 @@ class DestinationMetrics:
 
 
 class _ByReason:
-    """A counter labelled by destination and reason, with the destination filled in."""
+    """A counter labelled by destination and one more label (a reason, an identifier kind),
+    with the destination filled in."""
 
     def __init__(self, counter: Counter, destination: str) -> None:
         self.counter = counter

@@ -30,10 +30,11 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter
 
-from capi import coverage, dedup, kinds, tail
+from capi import dedup, kinds, tail
 from capi import destinations as destinations_
 from capi.clock import Clock
 from capi.constants import RedisKeys
+from capi.coverage import mask
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.durability import Durability
@@ -45,12 +46,11 @@ from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
-# A refused event for the live-outcomes ring: (its first rule broken, (id, type, kinds,
-# timestamp_ms or 0)).
-Refusal = tuple[str, tuple[str, str, list[str], int]]
+# An event for the live-outcomes ring: (the ring's key, or "" for every target's; status,
+# refused or skipped; the rule; (id, type, kinds, timestamp_ms or 0)).
+RingNote = tuple[str, str, str, tuple[str, str, list[str], int]]
 log = logging.getLogger("capi.producer")
 _NO_RULES = Consent()
-_SKIPPED = "consent denied: not sent (consent_policy drop)"
 _INDEX = re.compile(r"\[\d+\]")
 
 
@@ -322,11 +322,10 @@ class _BaseProducer:
         return current.get(destination, _NO_RULES)
 
     def _one(
-        self, event: RawEvent, targets: list[RedisKeys], ring: list[tail.Write]
+        self, event: RawEvent, targets: list[RedisKeys]
     ) -> list[tuple[list[str], list[Any], bool]]:
         """The script call for one event to each destination, and whether it is sent
-        there (a skip is named in ``ring`` writes); its warnings are logged (one event has
-        no report to carry them)."""
+        there; its warnings are logged (one event has no report to carry them)."""
         report = EnqueueReport()
         prepared = self._prepare(event)
         self._warn(0, prepared, report, targets)
@@ -334,7 +333,7 @@ class _BaseProducer:
             log.warning("event %r: %s: left out: %s", prepared.id[:64], p.path, p.rule)
         calls = []
         for target in targets:
-            keys, args, positions = self._for_target([prepared], [0], target, report, ring)
+            keys, args, positions = self._for_target([prepared], [0], target, report)
             calls.append((keys, args, bool(positions)))
         return calls
 
@@ -343,12 +342,10 @@ class _BaseProducer:
         events: Iterable[RawEvent],
         report: EnqueueReport,
         targets: list[RedisKeys],
-        refusals: list[Refusal],
-        ring: list[tail.Write],
+        refusals: list[RingNote],
     ) -> Iterator[tuple[list[str], list[Any], list[int]]]:
         """Script arguments per chunk of prepared events, with the chunk's positions; each
-        refused event is described in ``refusals``, and each skipped one in ``ring``
-        writes, for the live-outcomes ring."""
+        refused event is described in ``refusals`` for the live-outcomes ring."""
         prepared = []
         positions = []
         for i, raw in enumerate(events):
@@ -356,7 +353,7 @@ class _BaseProducer:
                 p = self._prepare(raw)
             except EventRejected as exc:
                 report.refused.append((i, exc))
-                refusals.append(_described(raw, exc))
+                refusals.append(("", "refused", *_described(raw, exc)))
                 continue
             prepared.append(p)
             positions.append(i)
@@ -366,7 +363,7 @@ class _BaseProducer:
             end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
                 yield self._for_target(
-                    prepared[start:end], positions[start:end], target, report, ring
+                    prepared[start:end], positions[start:end], target, report, refusals
                 )
 
     def _warn(
@@ -384,30 +381,37 @@ class _BaseProducer:
         positions: list[int],
         target: RedisKeys,
         report: EnqueueReport,
-        ring: list[tail.Write],
+        ring: list[RingNote] | None = None,
     ) -> tuple[list[str], list[Any], list[int]]:
         """The script call for one destination: each event as its consent rules make it
-        (sent, sent opted out, or skipped: counted, never stored, and named in ``ring``
-        writes for the live-outcomes ring), with the positions sent."""
+        (sent, sent opted out, or skipped: counted, never stored), with the positions sent;
+        skipped events are noted in ``ring`` (id and name only: no identifier kinds)."""
         rules = self.consent(target.destination)
         if rules == _NO_RULES and not any(p.consent for p in batch):
             return (*self._args(batch, target), positions)  # the usual case: all sent
-        sent, where, skipped = [], [], []
+        sent, where, skipped = [], [], 0
         for p, i in zip(batch, positions, strict=True):
             fate = rules.fate(p.consent)
             if fate == "drop":
-                found = coverage.kinds(coverage.mask(p.event))
-                skipped.append((p.id, p.name, found, p.timestamp_ms))
-                report.skipped.setdefault(i, []).append(Problem("consent", _SKIPPED))
+                skipped += 1
+                why = f"consent denied: not sent to {target.destination} (consent_policy drop)"
+                report.skipped.setdefault(i, []).append(Problem("consent", why))
+                if ring is not None:
+                    note: tuple[str, str, list[str], int] = (
+                        p.id[:128],
+                        p.name[:64],
+                        [],
+                        p.timestamp_ms,
+                    )
+                    ring.append(
+                        (target.tail, "skipped", "consent: denied (consent_policy drop)", note)
+                    )
                 continue
             sent.append(p if fate == "send" else p.opted_out())
             where.append(i)
-        if skipped:
-            if self.metrics is not None:
-                self.metrics.skipped.labels(target.destination).inc(len(skipped))
-            outcome = tail.Outcome("skipped", skipped, reason=_SKIPPED)
-            ring += tail.writes(target.tail, outcome, self.tail_entries)
-        return (*self._args(sent, target, len(skipped)), where)
+        if skipped and self.metrics is not None:
+            self.metrics.skipped.labels(target.destination).inc(skipped)
+        return (*self._args(sent, target, skipped), where)
 
     def _args(
         self, batch: list[PreparedEvent], target: RedisKeys, skipped: int = 0
@@ -416,29 +420,24 @@ class _BaseProducer:
             target,
             self.dedup_window_s,
             (
-                (
-                    dedup.digest(f"{p.name}:{p.id}"),
-                    p.id,
-                    p.timestamp_ms,
-                    p.json,
-                    coverage.mask(p.event),  # the identifier kinds it carries, as bits
-                )
+                (dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json, mask(p.event))
                 for p in batch
             ),
             skipped,
         )
 
-    def _ring(self, targets: list[RedisKeys], refusals: list[Refusal]) -> list[tail.Write]:
-        """The XADDs that put refused events in each target's live-outcomes ring."""
-        by_rule: dict[str, list[tuple[str, str, list[str], int]]] = {}
-        for rule, event in refusals:
-            by_rule.setdefault(rule, []).append(event)
+    def _ring(self, targets: list[RedisKeys], notes: list[RingNote]) -> list[tail.Write]:
+        """The XADDs that put refused and skipped events in the live-outcomes rings (a
+        refused event in every target's)."""
+        grouped: dict[tuple[str, str, str], list[tuple[str, str, list[str], int]]] = {}
+        for key, status, rule, event in notes:
+            for ring in [key] if key else [t.tail for t in targets]:
+                grouped.setdefault((ring, status, rule), []).append(event)
         return [
             command
-            for target in targets
-            for rule, events in by_rule.items()
+            for (ring, status, rule), events in grouped.items()
             for command in tail.writes(
-                target.tail, tail.Outcome("refused", events, reason=rule), self.tail_entries
+                ring, tail.Outcome(status, events, reason=rule), self.tail_entries
             )
         ]
 
@@ -500,12 +499,9 @@ class Producer(_BaseProducer):
         (:meth:`enqueue_many` reports them per event).
         """
         targets = self._targets(destination)
-        ring: list[tail.Write] = []
-        calls = self._one(event, targets, ring)
+        calls = self._one(event, targets)
         with _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
-        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            await tail.append(self.redis, ring, self.tail_entries)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -524,14 +520,12 @@ class Producer(_BaseProducer):
         part-way (the call then raises QueueUnavailable)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
-        refusals: list[Refusal] = []
-        ring: list[tail.Write] = []
+        refusals: list[RingNote] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets, refusals, ring):
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, (await self._run([(keys, args)]))[0], positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            ring += self._ring(targets, refusals)
-            await tail.append(self.redis, ring, self.tail_entries)
+            await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
 
 
@@ -574,12 +568,9 @@ class SyncProducer(_BaseProducer):
         """Enqueue one event; False if its id was already enqueued within the dedup window or
         it was skipped for consent (see :meth:`Producer.enqueue`)."""
         targets = self._targets(destination)
-        ring: list[tail.Write] = []
-        calls = self._one(event, targets, ring)
+        calls = self._one(event, targets)
         with _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
-        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            tail.append_sync(self.redis, ring, self.tail_entries)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -597,18 +588,16 @@ class SyncProducer(_BaseProducer):
         position), the rest queued (see :meth:`Producer.enqueue_many` for ``report``)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
-        refusals: list[Refusal] = []
-        ring: list[tail.Write] = []
+        refusals: list[RingNote] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets, refusals, ring):
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, self._run([(keys, args)])[0], positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            ring += self._ring(targets, refusals)
-            tail.append_sync(self.redis, ring, self.tail_entries)
+            tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
 
 
-def _described(raw: RawEvent, exc: EventRejected) -> Refusal:
+def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:
     """A refused event as the ring shows it: its first broken rule, id, type and identifier
     kinds (names only; ids and types cut short, since they come from outside)."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}

@@ -152,7 +152,41 @@ class Settings(BaseSettings):
         1000,
         ge=1,
         le=100_000,
-        description="Most connections capi serve holds at once (per process); more get 503.",
+        description="Most connections capi serve holds at once (per process); at the limit "
+        "a new one closes the connection waiting longest with no request being answered "
+        "(503 only when every connection has one).",
+    )
+    intake_max_header_bytes: int = Field(
+        16_384,
+        ge=1024,
+        le=1_048_576,
+        description="Largest request line and headers capi serve reads (else 431).",
+    )
+    intake_header_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Longest capi serve waits for a request's line and headers from their "
+        "first byte (else 408).",
+    )
+    intake_idle_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How long capi serve keeps a connection that sends nothing, before its "
+        "first request or between keep-alive requests.",
+    )
+    intake_max_buffered_bytes: int = Field(
+        64_000_000,
+        ge=1_000_000,
+        le=10_000_000_000,
+        description="Most request-body bytes capi serve holds at once across connections "
+        "(per process; each request's first 64 KiB aside); a body beyond gets 503.",
+    )
+    trusted_proxies: str | None = Field(
+        None,
+        description="Comma-separated addresses (or CIDR networks) of reverse proxies whose "
+        "X-Forwarded-For capi serve believes; unset, it believes none.",
     )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
@@ -196,9 +230,7 @@ class Settings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return checked_base_url(value)
 
     @field_validator("redis_url")
     @classmethod
@@ -270,6 +302,10 @@ class Settings(BaseSettings):
         settings._config_file = path.absolute()
         settings._config_found = env_file is not None
         return settings
+
+    def config_file(self) -> Path | None:
+        """The config file these settings were read from (None if there was none)."""
+        return self._config_file if self._config_found else None
 
     def config_source(self) -> str:
         """Where settings come from, for messages: the environment, and which file."""
@@ -345,6 +381,27 @@ class Settings(BaseSettings):
         if problem := shape_problem(key or self.api_key.get_secret_value()):
             raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
         return key, self.pixel_id.strip()
+
+
+def checked_base_url(value: str) -> str:
+    """A base URL of the events endpoint, without its trailing slash; ValueError if it is
+    not http(s), or holds ``user@`` (httpx would send that as Basic auth in place of the
+    key), or a space or control character in its host."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not hold user@ or user:password@ before the host: it would be sent as "
+            "Basic auth in place of the Conversion Key (the key comes from its own setting)"
+        )
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname or any(c.isspace() or not c.isprintable() for c in parts.netloc):
+        raise ValueError("must name a host, with no space or control character in it")
+    return value.rstrip("/")
 
 
 def safe_url(url: str) -> str:

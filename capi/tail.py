@@ -182,6 +182,25 @@ def matching(
     ]
 
 
+_TYPE = b'"type":"'
+_CUSTOM = b'"custom_event_name":"'
+
+
+def name_of_json(event_json: bytes) -> str:
+    """An event's name (``custom_event_name`` for a custom event, else its ``type``), read
+    from the JSON capi sends without parsing it: capi writes ``type`` before ``data`` and
+    these values are plain names (no escapes), and a ``"type":"`` inside a string value
+    would have its quotes escaped."""
+    for key in (_CUSTOM, _TYPE):
+        start = event_json.find(key)
+        if start >= 0:
+            start += len(key)
+            end = event_json.find(b'"', start)
+            if end > start:
+                return event_json[start:end].decode(errors="replace")
+    return "?"
+
+
 def iso(ms: int) -> str:
     """Unix milliseconds as an ISO 8601 UTC time with milliseconds."""
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -24,6 +24,26 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 
+# The modules whose tests take longest, run first (pytest-xdist hands tests out in collection
+# order): the parallel workers then finish together instead of waiting on one late long test.
+LONG_FIRST = (
+    "test_faults.py",
+    "test_destinations_scale.py",
+    "test_fuzz_hostile.py",
+    "test_worker_process.py",
+    "test_intake.py",
+    "test_prepare_fast.py",
+    "test_examples.py",
+    "test_destinations.py",
+    "test_redis_connections.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

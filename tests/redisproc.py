@@ -104,6 +104,17 @@ class RedisProcess:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
 
+    def unread_bytes(self) -> int:
+        """Bytes clients sent that the server has not read yet (the receive queues of its
+        connections, from /proc/net/tcp): above 0 while a frozen server is sent a command."""
+        total = 0
+        for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == self.port and fields[3] == "01":  # ESTABLISHED
+                total += int(fields[4].split(":")[1], 16)
+        return total
+
     def fill(self, margin: int = 1024) -> None:
         """maxmemory ``margin`` bytes under the memory in use, under noeviction: every
         growing write is refused (until as much memory is freed)."""

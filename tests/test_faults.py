@@ -86,14 +86,17 @@ def once_each(sandbox: SandboxThread, expected: set[str]) -> None:
 def test_worker_rides_out_a_redis_restart_and_sends_nothing_twice(
     durable_redis: RedisProcess, sandbox: SandboxThread
 ) -> None:
-    settings = make_settings(sandbox, durable_redis.url, batch_size=100, redis_timeout_s=1.0)
+    settings = make_settings(
+        sandbox, durable_redis.url, batch_size=100, redis_timeout_s=1.0, metrics_port=free_port()
+    )
     evts = events(3000)
     enqueue(settings, evts)
     sandbox.state.faults = [Fault("latency", every=1, latency_ms=150)]
     proc = start_worker(settings)
     wait_for(lambda: len(sandbox.state.delivered_ids()) >= 300, what="first deliveries")
     durable_redis.kill()  # batches are in flight: their acks meet a dead Redis
-    time.sleep(3)
+    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    wait_for(lambda: "capi_redis_up 0.0" in get(metrics)[1], what="the worker sees Redis away")
     assert proc.poll() is None, "the worker exited while Redis was away"
     durable_redis.start()
     sandbox.state.faults = []
@@ -469,10 +472,17 @@ def test_a_connected_producer_rides_out_a_redis_restart(
 def test_sigterm_while_redis_is_away_stops_the_worker_cleanly(
     own_redis: RedisProcess, sandbox: SandboxThread
 ) -> None:
-    settings = make_settings(sandbox, own_redis.url, redis_timeout_s=0.5, shutdown_timeout_s=2.0)
+    settings = make_settings(
+        sandbox,
+        own_redis.url,
+        redis_timeout_s=0.5,
+        shutdown_timeout_s=2.0,
+        metrics_port=free_port(),
+    )
     proc = started_worker(settings)
     own_redis.kill()
-    time.sleep(1.5)
+    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    wait_for(lambda: "capi_redis_up 0.0" in get(metrics)[1], what="the worker sees Redis away")
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)  # not for as long as Redis stays away
@@ -512,8 +522,16 @@ def test_a_rate_limit_storm_keeps_the_servers_retry_after(
     sandbox.state.faults = [Fault("rate_limit", every=2, retry_after_s=30)]
     enqueue(settings, events(300))
     with redis.Redis.from_url(redis_url) as c:
-        wait_for(lambda: c.xlen(settings.keys.stream) == 0 and c.zcard(settings.keys.retry) > 0)
-        time.sleep(2)
+        # Every batch has its fate: delivered, or waiting out its 429 (the deliveries in
+        # between are done, and did not release the waits).
+        wait_for(
+            lambda: (
+                c.xlen(settings.keys.stream) == 0
+                and c.zcard(settings.keys.retry) > 0
+                and len(sandbox.state.delivered_ids()) + 50 * c.zcard(settings.keys.retry) == 300
+            ),
+            what="each batch delivered or waiting",
+        )
         waiting = c.zrange(settings.keys.retry, 0, -1, withscores=True)
         assert waiting, "some batches must be waiting out their 429"
         assert min(due for _, due in waiting) > time.time() * 1000 + 20_000

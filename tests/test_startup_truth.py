@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,15 @@ from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
 from capi.settings import Settings
 from tests.conftest import free_port
-from tests.helpers import enqueue, events, http_get, make_settings, start_worker, wait_for
+from tests.helpers import (
+    _plain,
+    enqueue,
+    events,
+    http_get,
+    make_settings,
+    start_worker,
+    wait_for,
+)
 from workers.cli import cli
 
 
@@ -55,13 +64,29 @@ def gauge(metrics: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def start_arq_worker(settings: Settings) -> subprocess.Popen[str]:
+    """``arq workers.main.WorkerSettings`` in a process of its own, configured by
+    ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
+    env["CAPI_CONFIG_FILE"] = os.devnull
+    return subprocess.Popen(
+        [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("how", ["capi worker", "arq"])
 def test_a_worker_waiting_out_an_endpoint_outage_at_startup_says_so(
-    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]]
+    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]], how: str
 ) -> None:
     sandbox.state.faults = [Fault("server_error", every=1, status=503)]
     settings = make_settings(sandbox, redis_url, metrics_port=free_port())
     enqueue(settings, events(27))
-    procs.append(start_worker(settings))
+    procs.append(start_worker(settings) if how == "capi worker" else start_arq_worker(settings))
     base = f"http://127.0.0.1:{settings.metrics_port}"
 
     def readyz() -> tuple[int, str]:

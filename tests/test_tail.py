@@ -178,3 +178,34 @@ def test_the_ring_can_be_turned_off(redis_url: str, sandbox: SandboxThread) -> N
     assert worker.returncode == 0
     assert len(sandbox.state.delivered_ids()) == 5
     assert redis.Redis.from_url(redis_url).exists(settings.keys.tail) == 0
+
+
+@pytest.mark.parametrize(
+    ("event", "name"),
+    [
+        ({"id": "a", "type": "order_created", "data": {"type": "contents"}}, "order_created"),
+        (
+            {"id": "b", "type": "custom", "custom_event_name": "quiz_done", "data": {}},
+            "quiz_done",
+        ),
+        ({"id": 'x"type":"lie', "type": "lead_created", "data": {}}, "lead_created"),
+    ],
+)
+def test_the_ring_names_an_event_from_its_json_without_parsing_it(
+    event: dict[str, object], name: str
+) -> None:
+    import orjson
+
+    assert tail.name_of_json(orjson.dumps(event)) == name
+
+
+def test_a_consent_denied_event_is_a_skipped_line_without_identifier_kinds(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    denied = {**events(1)[0], "consent": "denied"}
+    enqueue(settings, [denied])
+    shown = capi(settings, "tail", "--json")
+    [line] = [json.loads(t) for t in shown.stdout.splitlines()]
+    assert line["status"] == "skipped" and line["id"] == denied["id"]
+    assert line["identifiers"] == [] and "consent" in line["reason"]

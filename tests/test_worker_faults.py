@@ -86,3 +86,35 @@ def test_healthz_stays_up_while_redis_is_frozen_under_a_busy_worker(
     assert len(answers) > 10 and set(answers) == {200}, answers
     sandbox.state.faults = []
     wait_for(lambda: set(sandbox.state.delivered_ids()) == ids(evts), 90, "delivery after thaw")
+
+
+# -- each outage gets its own line --------------------------------------------------------
+
+
+def last_beat_ms(r: RedisProcess, settings: Settings) -> float:
+    """The newest worker heartbeat in Redis (ms), 0 if none."""
+    with r.client() as c:
+        beats = c.zrange(settings.keys.workers, 0, -1, withscores=True)
+    return max((score for _, score in beats), default=0.0)
+
+
+def test_each_of_three_redis_outages_a_few_seconds_apart_is_logged(
+    durable_redis: RedisProcess, sandbox: SandboxThread, workers: Start
+) -> None:
+    settings = make_settings(sandbox, durable_redis.url, redis_timeout_s=1.0)
+    proc = workers(settings)
+    enqueue(settings, events(10))
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 10, 30, "a started worker")
+    for _ in range(3):
+        durable_redis.kill()
+        time.sleep(1.5)  # the outage itself: Redis is away this long
+        durable_redis.start()
+        back_ms = time.time() * 1000
+        # The worker beats again, and keeps beating well past its retry backoff.
+        until = back_ms + 8000
+        wait_for(lambda t=until: last_beat_ms(durable_redis, settings) > t, 30, "8 s back")
+    output = stopped(proc)
+    lines = output.splitlines()
+    said = [line for line in lines if "ERROR" in line and "Redis cannot be reached" in line]
+    assert len(said) == 3, output
+    assert sum("recovered: Redis cannot be reached" in line for line in lines) == 3, output

@@ -47,8 +47,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     configure_logging(settings, fleet.api_keys())
     for warning in settings.unknown_variables(destinations.key_variables(settings)):
         log.warning("%s", warning)
-    await fleet.start()
-    if settings.metrics_port is not None:
+    if settings.metrics_port is not None:  # before the key check: /readyz says what it waits for
         try:
             ctx["capi_http"] = serve(metrics, settings.metrics_port, settings.metrics_host)
         except ConfigError:  # the port is taken: say so in one line, close what is open
@@ -60,6 +59,12 @@ async def startup(ctx: dict[str, Any]) -> None:
             settings.metrics_host,
             settings.metrics_port,
         )
+    try:
+        await fleet.start()
+    except BaseException:
+        if ctx.get("capi_http") is not None:
+            ctx.pop("capi_http").shutdown()
+        raise
     ctx["capi_fleet"], ctx["capi_task"] = fleet, asyncio.create_task(fleet.run())
 
 

@@ -17,7 +17,7 @@ import orjson
 from rich.table import Table
 from rich.text import Text
 
-from capi import destinations, replay
+from capi import destinations, replay, safetext
 from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
@@ -99,9 +99,9 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
         left = r.replay_deadline_ms - now
         window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
         table.add_row(
-            *([Text(r.destination)] if several else []),
-            Text(r.id),  # ids are data, never markup
-            Text(r.event_type),
+            *([Text(safetext.shown(r.destination))] if several else []),
+            Text(safetext.shown(r.id)),  # ids are data, never markup
+            Text(safetext.shown(r.event_type)),
             r.reason.value,
             human_duration(now - r.dead_lettered_ms),
             str(r.attempts),
@@ -153,7 +153,7 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool, destination: str
     \b
     Examples:
       capi dead-letters show order-1042
-      capi dead-letters show order-1042 --destination brand-a
+      capi dead-letters show order-1042 --destination default
     """
     settings = settings_from(ctx)
     names = destination_names(settings, destination)
@@ -183,18 +183,19 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool, destination: str
 
 def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> str:
     now = now_ms()
+    one = safetext.shown  # one line of outside text, made inert
     lines = [
-        f"id:               {r.id} ({r.event_type}; key {r.key})",
+        f"id:               {one(r.id)} ({one(r.event_type)}; key {one(r.key)})",
         f"reason:           {r.reason.value}: {r.meaning}",
         f"status:           {r.status if r.status is not None else '(no HTTP response)'}",
-        f"API error:        {r.error_message or '-'}" + _code_and_param(r),
-        f"request ids:      {', '.join(f'{k}={v}' for k, v in r.request_ids.items()) or '-'}",
+        f"API error:        {one(r.error_message or '-')}" + one(_code_and_param(r)),
+        "request ids:      " + one(", ".join(f"{k}={v}" for k, v in r.request_ids.items()) or "-"),
         f"attempts:         {r.attempts}",
         f"first attempt:    {r.first_attempt_at or '-'}",
         f"last attempt:     {r.last_attempt_at or '-'}",
         f"dead-lettered:    {r.dead_lettered_at}",
-        f"destination:      {r.destination}",
-        f"key:              {r.key_fingerprint}   pixel: {r.pixel_id}",
+        f"destination:      {one(r.destination)}",
+        f"key:              {r.key_fingerprint}   pixel: {one(r.pixel_id)}",
         f"replay deadline:  {r.replay_deadline} "
         + (
             f"({human_duration(r.replay_deadline_ms - now)} left)"
@@ -217,7 +218,7 @@ def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> st
         f"Reproduce (validate_only; the key is read from {where}; never shown):",
         curl_for(r, dest.base_url if dest is not None else settings.base_url, key, env_file),
     ]
-    return "\n".join(lines)
+    return safetext.shown("\n".join(lines), lines=True)  # guidance, the event and body as received
 
 
 def _key_expression(settings: Settings, key_source: str) -> tuple[str, str | None]:

@@ -12,6 +12,7 @@ from capi import destinations
 from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.main import cli
 from capi.fingerprint import fingerprint
+from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import destination_status, stranded
 
@@ -59,8 +60,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         oldest = r["oldest_queued_age_s"]
         table.add_row(
-            Text(r["name"]),
-            Text(r["pixel_id"] or "-"),
+            Text(shown(r["name"])),
+            Text(shown(r["pixel_id"] or "-")),
             Text(_short(r["key_fingerprint"])),
             r["key_state"] if r["configured"] else "removed",
             str(r["queued"]),
@@ -73,7 +74,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
     if errors:
         out.print("\nlast errors:")
     for name, error in errors:
-        out.print(Text(f"  {name}: {error}"), soft_wrap=False)
+        out.print(Text(f"  {shown(name)}: {shown(error)}"), soft_wrap=False)
 
 
 def _short(key_fingerprint: str) -> str:

@@ -79,10 +79,11 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         "log_config": None,
         "access_log": False,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "capi.intake.guard:GuardedProtocol",  # the limits: docs/intake-security.md
         "lifespan": "on",
         "server_header": False,
-        "limit_concurrency": settings.intake_max_connections,
+        "timeout_keep_alive": settings.intake_idle_timeout_s,
+        **_proxy_options(settings),
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_timeout_s)),
     }
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))
@@ -115,6 +116,14 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _proxy_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's X-Forwarded-For handling: only from CAPI_TRUSTED_PROXIES, if set."""
+    trusted = [p.strip() for p in (settings.trusted_proxies or "").split(",") if p.strip()]
+    if not trusted:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted}
 
 
 def _exit_quietly_after_shutdown() -> None:

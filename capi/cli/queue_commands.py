@@ -69,11 +69,11 @@ def enqueue_command(
     already queued are not known).
 
     \b
-    Examples (one purchase, timestamped now; then a file checked before it is queued):
+    Example (one purchase, timestamped now, checked, then queued):
       printf '%s' '{"id":"o-1","type":"order_created","timestamp_ms":'"$(date +%s000)"',' \\
         '"action_source":"web","source_url":"https://shop.example/thanks",' \\
         '"user":{"email":"ada@example.com"},' \\
-        '"data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
+        '"data":{"type":"contents","amount":12999,"currency":"USD"}}' > events.jsonl
       capi enqueue --dry-run events.jsonl && capi enqueue events.jsonl
     """
     settings = settings_from(ctx)  # the producer warns when the Redis is the default

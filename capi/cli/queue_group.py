@@ -20,7 +20,7 @@ def queue_group() -> None:
 
     \b
     Example:
-      capi queue purge --destination default
+      capi queue purge --destination default --yes
     """
 
 
@@ -42,9 +42,8 @@ def purge_command(ctx: click.Context, destination: str | None, yes: bool) -> Non
     those). This cannot be undone: the events are gone, not dead-lettered.
 
     \b
-    Examples:
-      capi queue purge --destination default
-      capi queue purge --destination brand-a --yes
+    Example (asks first, unless --yes):
+      capi queue purge --destination default --yes
     """
     settings = settings_from(ctx)
     name = run(_which(settings, destination))

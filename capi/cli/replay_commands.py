@@ -65,10 +65,13 @@ def replay_command(
     queued, so running the same replay again sends nothing twice and resumes an
     interrupted one. Events past their replay deadline are skipped and reported.
 
+    The exit code is 7 when an id named matches no dead letter, and, with --dry-run, 4
+    when the API would reject some of the events.
+
     \b
     Examples:
-      capi check-key && capi dead-letters replay --reason missing_scope
       capi dead-letters replay order-1042 --dry-run
+      capi check-key && capi dead-letters replay --reason missing_scope
       capi dead-letters replay --all --rate 200
     """
     settings = settings_from(ctx)

@@ -18,6 +18,7 @@ from capi.cli.main import cli
 from capi.cli.selection import destination_names, destination_option
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
+from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import destination_status, destinations_in_redis, shared_status, stranded
 
@@ -164,16 +165,17 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     out.print(f"dead letters:  {status['dead_letters']} now")
     if reasons:
         out.print(f"  all time, by reason (replayed and purged included): {reasons}")
-    out.print("key:           " + _key_line(status["key"]), markup=False)
+    out.print("key:           " + shown(_key_line(status["key"])), markup=False)
     if workers:
         out.print(f"workers alive: {len(status['workers'])}")
         for w in status["workers"]:
             where = f" [{w['destination']}]" if w.get("destination") else ""
-            out.print(f"  {w['name']}{where}: {w['state']} ({w['detail']})", markup=False)
-    out.print("endpoint:      " + _endpoint_line(status["endpoint"]), markup=False)
+            line = f"  {w['name']}{where}: {w['state']} ({w['detail']})"
+            out.print(shown(line), markup=False)
+    out.print("endpoint:      " + shown(_endpoint_line(status["endpoint"])), markup=False)
     _print_redis(status["redis"])
     if status["key"].get("state") == "held":
-        out.print(status["key"].get("guidance", ""), markup=False)
+        out.print(shown(status["key"].get("guidance", ""), lines=True), markup=False)
     if warning := coverage.weak_warning(status["match_coverage"]):
         out.print(warning, markup=False)
 

@@ -21,6 +21,7 @@ from capi.deadletters import DeadLetter
 from capi.destinations import Destination
 from capi.fingerprint import fingerprint
 from capi.replay import Selection
+from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import destination_status
 
@@ -45,7 +46,7 @@ def support_bundle_command(
     Examples:
       capi support-bundle                 # the latest key-related dead letters
       capi support-bundle order-1042
-      capi support-bundle --destination brand-a
+      capi support-bundle --destination default
     """
     settings = settings_from(ctx)
     names = destination_names(settings, destination)
@@ -67,7 +68,7 @@ def support_bundle_command(
             keyish = [r for r in mine if r.reason.key_problem]
             mine = (keyish or mine)[:limit]
         lines += ["", *_destination(settings, name, configured.get(name), states[name], mine)]
-    out.print("\n".join(lines), markup=False)
+    out.print(shown("\n".join(lines), lines=True), markup=False)
 
 
 def _destination(
@@ -95,11 +96,11 @@ def _destination(
         lines.append("No dead letters recorded.")
     for r in records:
         lines += [
-            f"- event {r.id} ({r.event_type}): {r.reason.value}, HTTP {r.status}",
+            f"- event {shown(r.id)} ({shown(r.event_type)}): {r.reason.value}, HTTP {r.status}",
             f"  first attempt (UTC): {r.first_attempt_at}",
             f"  last attempt (UTC):  {r.last_attempt_at}",
-            f"  request ids: {_ids(r)}",
-            f"  error: {r.error_message or '-'}",
+            f"  request ids: {shown(_ids(r))}",
+            f"  error: {shown(r.error_message or '-')}",
         ]
     return lines
 

@@ -24,6 +24,7 @@ README's Performance section).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -42,7 +43,7 @@ from prometheus_client import (
 )
 
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.intake import envelope, openapi, tokens
+from capi.intake import envelope, guard, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.settings import Settings
@@ -56,6 +57,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("capi.intake")
 access_log = logging.getLogger("capi.intake.access")
 EVENTS_PATH = "/v1/events"
+FREE_BODY_BYTES = 65_536  # each request's first bytes are outside the shared budget
 
 
 class IntakeMetrics:
@@ -98,6 +100,8 @@ class Intake:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.grants = tokens.Grants(settings)
+        self.limits = guard.Limits.of(settings)  # the connection guard's (capi.intake.guard)
+        self.buffered = 0  # body bytes held now, beyond each request's FREE_BODY_BYTES
         self.metrics = IntakeMetrics()
         self.producer: Producer | None = None
         self._openapi = orjson.dumps(openapi.document())
@@ -139,6 +143,13 @@ class Intake:
                     raise Answer(405, "method_not_allowed", "use POST", {"allow": "POST"})
                 status, body = await self._events(scope, receive, note)
                 ctype = "application/json"
+            elif (method, path) == ("GET", "/metrics") and not self._may_see_metrics(scope):
+                raise Answer(
+                    403,
+                    "forbidden",
+                    "/metrics answers clients on this host, or with an intake token "
+                    "(Authorization: Bearer <token>)",
+                )
             elif (method, path) in self._routes:
                 status, body, ctype = await self._routes[method, path]()
             elif method != "GET" and ("GET", path) in self._routes:
@@ -169,6 +180,10 @@ class Intake:
         self, scope: Scope, receive: Receive, note: dict[str, Any]
     ) -> tuple[int, bytes]:
         headers = _headers(scope)
+        if sum(1 for name, _ in scope["headers"] if name == b"authorization") > 1:
+            raise Answer(
+                400, "malformed", "the request has several Authorization headers; send one"
+            )
         destination = self._authorize(headers.get("authorization"), scope, note)
         kind = _checked(envelope.media_type, headers.get("content-type"))
         body = await self._body(headers.get("content-length"), receive)
@@ -253,8 +268,10 @@ class Intake:
 
     async def _body(self, length: str | None, receive: Receive) -> bytes:
         limit = self.settings.intake_max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+        if length is not None and length.isdigit():
+            if int(length) > limit:
+                raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+            self._reserve(int(length) - FREE_BODY_BYTES, dry_run=True)
         timeout_s = self.settings.intake_read_timeout_s
         try:
             async with asyncio.timeout(timeout_s):  # the whole body: a trickle is refused too
@@ -267,21 +284,56 @@ class Intake:
                 {"connection": "close"},
             ) from None
 
-    @staticmethod
-    async def _read(receive: Receive, limit: int) -> bytes:
+    async def _read(self, receive: Receive, limit: int) -> bytes:
+        """The body; its bytes beyond FREE_BODY_BYTES are counted in :attr:`buffered` while
+        it is read (Answer 503 when they would pass CAPI_INTAKE_MAX_BUFFERED_BYTES)."""
         chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Answer(400, "malformed", "the client left before sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise Answer(413, "body_too_large", envelope.too_large(limit).message)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        size = reserved = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Answer(400, "malformed", "the client left before sending the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+                need = size - FREE_BODY_BYTES - reserved
+                if need > 0:
+                    self._reserve(need)
+                    reserved += need
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        finally:
+            self.buffered -= reserved
+
+    def _reserve(self, size: int, *, dry_run: bool = False) -> None:
+        """Count ``size`` more body bytes held; Answer 503 if over the process's budget."""
+        budget = self.settings.intake_max_buffered_bytes
+        if size <= 0:
+            return
+        if self.buffered + size > budget:
+            raise Answer(
+                503,
+                "busy",
+                f"the intake holds {budget:,} bytes of request bodies already "
+                "(CAPI_INTAKE_MAX_BUFFERED_BYTES); send the request again after Retry-After",
+                {"retry-after": str(self.settings.intake_retry_after_s), "connection": "close"},
+            )
+        if not dry_run:
+            self.buffered += size
+
+    def _may_see_metrics(self, scope: Scope) -> bool:
+        """Whether the client is on this host (loopback) or presents a configured token."""
+        client = scope.get("client")
+        if client and _loopback(client[0]):
+            return True
+        values = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and self.grants.granted(token.strip()) is not None
 
     def _count(self, report: EnqueueReport, destination: str) -> None:
         events = self.metrics.events
@@ -394,6 +446,13 @@ def _error_body(code: str, message: str, results: list[dict[str, Any]] | None) -
 
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client(scope: Scope) -> dict[str, Any]:

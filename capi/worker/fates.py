@@ -11,19 +11,19 @@ import logging
 import time
 from collections.abc import Sequence
 
-import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import deadletters, kinds, tail
+from capi import coverage, deadletters, tail
 from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
 from capi.clock import Clock, now_ms
 from capi.errors import SendError
 from capi.failures import Reason
 from capi.guidance import diagnose
+from capi.kinds import KINDS
 from capi.metrics import DestinationMetrics
-from capi.queue import Entry, Queue
+from capi.queue import Entry, Queue, identifier_counts
 from capi.settings import Settings
 from capi.worker.decisions import RetryPlan, fate
 
@@ -63,10 +63,16 @@ class Fates:
         accepted_events disagreed); if this ends an endpoint outage, since when (ms).
         A test-mode (validate_only) destination's batches are counted as validated."""
         validated = self.client.validate_only
-        recovered = await self.queue.deliver(group, self.now_ms(), validated=validated)
+        counts = None if validated else identifier_counts(group)
+        recovered = await self.queue.deliver(
+            group, self.now_ms(), validated=validated, counts=counts
+        )
         if count_mismatch:
             await self._accepted_mismatch(group, accepted)
         (self.metrics.validated if validated else self.metrics.delivered).inc(len(group))
+        for kind, n in (counts or {}).items():
+            if n and (kind in KINDS or kind == "any_strong"):
+                self.metrics.with_identifier.labels(kind).inc(n)
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
         request_id = next(iter(accepted.request_ids.values()), None)
@@ -237,14 +243,17 @@ class Fates:
 
 
 def _described(group: Sequence[Entry]) -> list[tuple[str, str, list[str], int]]:
-    """(id, type, identifier kinds, timestamp) of each event, for the ring: names only."""
-    out: list[tuple[str, str, list[str], int]] = []
-    for entry in group:
-        try:
-            event = orjson.loads(entry.event)
-        except orjson.JSONDecodeError:
-            out.append((entry.event_id, "?", [], entry.timestamp_ms))
-            continue
-        name = event.get("custom_event_name") or event.get("type") or "?"
-        out.append((entry.event_id, str(name), kinds.of(event), entry.timestamp_ms))
-    return out
+    """(id, name, identifier kinds, timestamp) of each event, for the ring: names only.
+    Read without parsing the event: the kinds from the entry's mask (:mod:`capi.coverage`),
+    the name from the JSON's bytes (:func:`capi.tail.name_of_json`)."""
+    return [
+        (
+            e.event_id,
+            tail.name_of_json(e.event),
+            list(
+                coverage.kinds(e.kinds if e.kinds is not None else coverage.mask_of_json(e.event))
+            ),
+            e.timestamp_ms,
+        )
+        for e in group
+    ]

@@ -101,7 +101,13 @@ class KeyGuard:
         async with self._lock:
             if self.held:
                 return Verdict.ALREADY_HELD
-            recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
+            # A key that passed a probe moments ago is not re-probed for a key failure (the
+            # platform's spikes); a configuration failure (404, unknown pixel, a request
+            # field) is always probed: retrying it blindly resends every batch meanwhile.
+            recently_ok = (
+                not error.reason.config_problem
+                and self._monotonic() - self._last_ok < self.min_probe_interval_s
+            )
             result = None if recently_ok else await self._probe()
             # Probes that met 429s, 5xx or lost answers say nothing about the key: only a
             # key problem answered to the probes themselves confirms one.
@@ -229,8 +235,10 @@ class KeyGuard:
             }
         )
         where = "" if self.keys.destination == "default" else f" of {self.keys.destination}"
+        what = "settings" if error.reason.config_problem else "key"
         log.error(
-            "key%s confirmed broken; holding all workers' sends%s: %s",
+            "%s%s confirmed broken; holding all workers' sends%s: %s",
+            what,
             where,
             where,
             diagnosis.cause,

@@ -8,7 +8,10 @@ SIGTERM or SIGINT and otherwise runs until stopped, whatever Redis or the endpoi
 
 The startup check refuses to start only on a confirmed key or pixel problem (exit 10-13,
 :class:`~capi.errors.KeyCheckFailed`). An endpoint that fails transiently (5xx, 429,
-network) or a Redis that is away is waited out with backoff, and said so in the log.
+network) or a Redis that is away is waited out with backoff, and said so in the log, on
+``/readyz`` (``starting: key check waiting for ...``) and in ``capi status`` (a worker
+``starting``): :class:`~capi.worker.startup.StartupWatch` keeps the metrics and the
+heartbeat true meanwhile.
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
@@ -91,15 +94,16 @@ async def start_sender(
     """
     dest = destination or destinations.default(settings)
     sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
-    metrics.starting[dest.name] = UNDER_WAY
+    metrics.starting_for(dest.name, UNDER_WAY)
     try:
-        return await _checked(sender, stopping or asyncio.Event(), checks, hold_if_broken)
+        return await _checked(sender, metrics, stopping or asyncio.Event(), checks, hold_if_broken)
     finally:
-        metrics.starting.pop(dest.name, None)
+        metrics.started(dest.name)
 
 
 async def _checked(
     sender: Sender,
+    metrics: Metrics,
     stop: asyncio.Event,
     checks: asyncio.Semaphore | None,
     hold_if_broken: bool,
@@ -108,7 +112,6 @@ async def _checked(
     checks = checks or asyncio.Semaphore(1)
     dest = sender.destination
     name = dest.name
-    starting = sender.metrics.parent.starting
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
         try:
@@ -117,7 +120,7 @@ async def _checked(
                 break
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
-            starting[name] = f"key check waiting for Redis ({sender.trouble.describe()})"
+            metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
         else:
             sender.trouble.ok()
             if result.ok:
@@ -142,7 +145,7 @@ async def _checked(
                 )
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
-            starting[name] = f"key check waiting for the endpoint ({result.error})"
+            metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",

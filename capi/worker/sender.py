@@ -234,11 +234,8 @@ class Sender:
     async def refresh_gauges(self, now_ms: int) -> None:
         """Read queue depth, in flight, retries and the oldest age into the gauges."""
         depth, in_flight, oldest_ms, retries = await self.queue.depth()
-        m = self.metrics
-        m.queue_depth.set(depth)
-        m.in_flight.set(in_flight)
-        m.retries_scheduled.set(retries)
-        m.oldest_age.set(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms else 0)
+        age_s = (now_ms - oldest_ms) / 1000 if oldest_ms else 0.0
+        self.metrics.set_depth(depth, in_flight, retries, age_s)
 
     # -- lifecycle -------------------------------------------------------------------
     def stop(self) -> None:
@@ -477,6 +474,8 @@ class Sender:
         """Carry out ``fate`` for a failed send; the groups to send again at once."""
         if fate.action is Action.REPROBE:
             fate = decisions.AFTER_PROBE[await self._reprobe(err)]
+        elif fate.action is Action.HOLD:
+            fate = decisions.AFTER_HOLD[await self._reprobe(err)]
         if fate.action is Action.DROP_REJECTED:
             bad, again = split_rejected(group, err.response.event_index)
             if bad is not None:
@@ -550,6 +549,17 @@ class Sender:
                 max_attempts=self.settings.max_attempts,
                 rand=self._rand,
             )
+            if err.response.retry_after_s and plan.delay_s > self.settings.retry_cap_s:
+                log.warning(
+                    "the endpoint asked for Retry-After: %.0f s (longer than "
+                    "CAPI_RETRY_CAP_S=%g): %d events wait that long; %d past their 7-day "
+                    "window are dead-lettered",
+                    plan.delay_s,
+                    self.settings.retry_cap_s,
+                    len(plan.again),
+                    len(plan.exhausted),
+                    extra={"destination": self.destination.name},
+                )
             await self.fates.retry(plan, err)
 
         await self.durably("scheduling a retry", record)

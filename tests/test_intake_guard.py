@@ -60,6 +60,43 @@ def read_answer(sock: socket.socket, timeout_s: float = 5.0) -> bytes:
     return data
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response on a keep-alive connection (head, then Content-Length bytes)."""
+    sock.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (without waiting)."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)  # with a timeout, Python would wait for data despite MSG_DONTWAIT
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
 def send_quietly(sock: socket.socket, data: bytes) -> bool:
     """Send ``data``; False once the server has closed the connection."""
     try:
@@ -259,3 +296,29 @@ def test_a_trusted_proxy_that_is_not_an_address_is_refused_at_start(redis_url: s
     )
     assert result.returncode == 3
     assert "CAPI_TRUSTED_PROXIES" in result.stderr and "'proxy.internal'" in result.stderr
+
+
+def test_a_flooding_address_loses_its_own_connections_not_another_clients(
+    tmp_path: Path, redis_url: str
+) -> None:
+    server = start_intake(
+        tmp_path, redis_url, CAPI_INTAKE_MAX_CONNECTIONS="50", CAPI_INTAKE_IDLE_TIMEOUT_S="60"
+    )
+    try:
+        flood_from_one_address_beside_a_client(server)
+    finally:
+        server.stop()
+
+
+def flood_from_one_address_beside_a_client(guarded: IntakeProcess) -> None:
+    host, port = guarded.url.removeprefix("http://").split(":")
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection((host, int(port)), 5, ("127.0.0.2", 0)) as client:
+        client.sendall(request)
+        assert read_response(client).startswith(b"HTTP/1.1 200 ")  # keep-alive, now idle
+        with ExitStack() as stack:
+            flood = [stack.enter_context(connect(guarded)) for _ in range(80)]
+            # CAPI_INTAKE_MAX_CONNECTIONS=50: once the server took all 80, 30 were shed.
+            wait_for(lambda: sum(map(closed, flood)) >= 30, what="the flood taken in")
+            client.sendall(request)  # its connection was not the one shed
+            assert read_response(client).startswith(b"HTTP/1.1 200 ")

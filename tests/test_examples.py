@@ -1,15 +1,17 @@
-"""Every example in ``--help`` texts and every shell block of the README runs as written.
+"""Every example of README.md, docs/*.md and the ``--help`` texts runs as written.
 
-Each example block runs in bash (``-e -o pipefail``), one block per test, in a scratch
-directory holding ``config/capi.env.example`` and a ``.venv`` link to this environment, with
-``CAPI_*`` pointing at the test Redis and the sandbox. What an operator would have is there:
-a dead letter ``order-1042`` (missing scope), and a worker serving metrics on port 9464 (for
-``capi health``). A long-running command (a worker, the sandbox) is started, must become
-ready, keeps running while the rest of its block runs, and must then stop cleanly.
+Documents: each of README.md and docs/*.md is one test that runs its ``sh`` and ``python``
+blocks in order, in a fresh shell and a scratch working copy, against the Redis and the
+sandbox its own blocks start (see :mod:`tests.docrun` for the markers a block may carry:
+skip with a reason, background, file, slow). The README's run ends by checking that the
+events its blocks queued were delivered.
 
-Not run here, each for a stated reason: installing (``python3 -m venv``, ``pip``: the suite
-runs inside the installed environment), running this suite itself, and Docker (no engine on
-the build machines; ``tests/test_deploy.py`` checks the compose file).
+Help texts: the examples under ``Example:`` in every command's ``--help`` run with
+``capi`` on the PATH and ``CAPI_*`` pointing at the test Redis and a sandbox, with what an
+operator would have: a dead letter ``order-1042`` (missing scope) and a worker serving
+metrics (for ``capi health``). A long-running command (a worker, the sandbox, the intake)
+is started, must become ready, keeps running while the rest of its block runs, then must
+stop cleanly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,9 +32,10 @@ from pathlib import Path
 import click
 import pytest
 import redis
+import yaml
 from click.testing import CliRunner
 
-from capi import deadletters
+from capi import deadletters, destinations
 from capi.events import prepare, purchase
 from capi.failures import Reason
 from capi.guidance import diagnose
@@ -39,20 +43,12 @@ from capi.queue import Entry
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
+from tests import docrun
 from tests.helpers import wait_for
 from workers.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-METRICS_PORT = 9464  # the port the help texts and README name
-SKIP = {
-    "python3 -m venv": "installs the package: the suite already runs inside the installed env",
-    ".venv/bin/pytest": "this test suite itself",
-    "bash .ci/run": "this test suite itself, plus lint",
-    "docker compose": "no Docker engine on the build machines (test_deploy checks the file)",
-    'echo "CAPI_REDIS_PASSWORD': "writes the .env of the Docker setup (not run here)",
-    "CAPI_ENV_FILE=config/sandbox.env docker": "no Docker engine on the build machines",
-}
-LONG_RUNNING = {  # command prefix -> what it prints once ready
+ROOT = docrun.ROOT
+LONG_RUNNING = {  # command prefix in a help text -> what it prints once ready
     "capi worker": "sender starting",
     "arq workers.main.WorkerSettings": "sender starting",
     "capi sandbox": "capi sandbox on",
@@ -60,9 +56,166 @@ LONG_RUNNING = {  # command prefix -> what it prints once ready
 }
 
 
+# --- documents ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[docrun.Session]:
+    """A scratch working copy; every background block is stopped whatever happens."""
+    started = docrun.Session(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.mark.parametrize("doc", docrun.DOCUMENTS, ids=lambda p: p.name)
+def test_document_runs_as_written(doc: Path, session: docrun.Session) -> None:
+    for block in [*docrun.setup_of(doc), *docrun.blocks(doc)]:
+        session.run(block)
+    print(*(f"{where}: {s:.1f} s" for where, s in session.took.items()), sep="\n")
+    if doc.name == "README.md":
+        _all_delivered(session)
+
+
+def _all_delivered(session: docrun.Session) -> None:
+    """What the README's blocks queued, the worker of its terminal 3 delivered."""
+    client = redis.Redis(port=session.port(6390), socket_timeout=5)
+    stats: dict[str, int] = {}
+    try:
+
+        def drained() -> bool:
+            stats.update({k.decode(): int(v) for k, v in client.hgetall("capi:stats").items()})
+            return stats.get("enqueued", 0) > 100 and stats.get("delivered") == stats["enqueued"]
+
+        wait_for(drained, timeout_s=30, what="the README's events delivered")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {stats}") from None
+    finally:
+        client.close()
+
+
+def test_every_document_block_is_run_or_says_why() -> None:
+    for doc in docrun.DOCUMENTS:
+        for block in docrun.blocks(doc):
+            assert block.lang not in ("bash", "shell", "console", "zsh"), (
+                f"{block.where}: a shell block is ```sh, which the tests run"
+            )
+            if block.verb == "skip":
+                assert len(block.arg) > 10, f"{block.where}: say why it is not run"
+
+
+def test_documents_name_no_issues_and_the_readme_is_short() -> None:
+    for doc in docrun.DOCUMENTS:
+        text = doc.read_text()
+        found = re.search(r"\b(issues?|seed) #?\d+|#\d+\b", text, re.I)
+        assert not found, f"{doc.name}: {found.group(0)}"
+    assert len((ROOT / "README.md").read_text().splitlines()) < 300
+
+
+def test_documented_options_exist() -> None:
+    """Every ``capi ...`` command line in the documents names options its command has."""
+    for doc in docrun.DOCUMENTS:
+        text = doc.read_text()
+        spans = re.findall(r"`((?:\.venv/bin/)?capi [^`]+)`", text)
+        lines = [ln for b in docrun.blocks(doc) if b.lang == "sh" for ln in b.text.splitlines()]
+        for line in [*spans, *lines]:
+            for part in re.split(r"\||&&|;|\$\(", line):
+                words = part.split("#")[0].split()
+                if words and words[0] in ("capi", ".venv/bin/capi"):
+                    _check_options(doc.name, words[1:])
+
+
+def _check_options(where: str, words: list[str]) -> None:
+    command: click.Command = cli
+    options = {o for p in cli.params for o in getattr(p, "opts", [])} | {"--help"}
+    for word in words:
+        if isinstance(command, click.Group) and word in command.commands:
+            command = command.commands[word]
+            options |= {o for p in command.params for o in [*p.opts, *p.secondary_opts]}
+        elif word.startswith("-") and word not in ("-", "--"):
+            name = word.split("=")[0]
+            assert name in options, f"{where}: capi {' '.join(words)}: no option {name}"
+
+
+def test_compose_profiles_are_named_where_compose_is_shown() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    profiles = {p for s in compose["services"].values() for p in s.get("profiles", [])}
+    readme = (ROOT / "README.md").read_text()
+    assert profiles and all(f"--profile {p} up" in readme for p in profiles), profiles
+
+
+def test_config_blocks_are_valid(tmp_path: Path) -> None:
+    """A destinations file shown in the documents is one capi accepts."""
+    shown = [b for doc in docrun.DOCUMENTS for b in docrun.blocks(doc) if b.lang == "toml"]
+    assert shown
+    for block in shown:
+        path = tmp_path / "destinations.toml"
+        path.write_text(block.text)
+        tomllib.loads(block.text)
+        settings = Settings(_env_file=None, destinations_file=path)
+        environ = {n: DEFAULT_KEY for n in re.findall(r'api_key_env = "(\w+)"', block.text)}
+        for n in re.findall(r'api_key_file = "([^"]+)"', block.text):
+            environ[n] = ""
+        assert destinations.parse_file(settings, environ), block.where
+
+
+def test_documents_point_nowhere_outside_the_repository() -> None:
+    users_copies = ("config/capi.env", "config/destinations.toml")
+    for doc in docrun.DOCUMENTS:
+        text = doc.read_text()
+        if doc.name == "README.md":
+            assert "../" not in text
+        for path in re.findall(r"`((?:capi|docs|config|tests|workers)/[\w./-]+)`", text):
+            assert (ROOT / path).exists() or path in users_copies, f"{doc.name}: {path}"
+        for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (doc.parent / link).resolve().exists(), f"{doc.name}: link {link}"
+
+
+def test_the_event_format_page_names_every_field() -> None:
+    from capi import schema
+
+    doc = (ROOT / "docs" / "api-format.md").read_text()
+    for model in (schema.Event, schema.User, schema.Item):
+        for field in model.model_fields:
+            assert f"`{field}`" in doc, field
+    for event_type in schema.DATA_TYPE_OF:
+        assert f"`{event_type}`" in doc, event_type
+
+
+def test_the_profiling_command_says_how_to_install_what_it_needs() -> None:
+    text = " ".join((ROOT / "docs" / "performance.md").read_text().split())
+    assert "pip install -e '.[dev,profile]'" in text and "profile_sender" in text
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^profile = \["pyinstrument', pyproject, re.M)
+    try:
+        import pyinstrument  # noqa: F401
+    except ImportError:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.benchmarks.profile_sender", "--events", "1"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "pip install -e '.[dev,profile]'" in proc.stderr
+
+
+def test_examples_keep_the_key_off_the_command_line() -> None:
+    lines = [line for e in help_examples() for line in e.lines]
+    for doc in docrun.DOCUMENTS:
+        lines += [ln for b in docrun.blocks(doc) if b.lang == "sh" for ln in b.text.splitlines()]
+    for line in lines:
+        assert not re.search(r"CAPI_API_KEY=\S", line), line
+
+
+# --- help texts -------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Example:
-    """One block of example lines, from a help text or a README shell block."""
+    """The example lines of one command's ``--help``."""
 
     where: str
     lines: tuple[str, ...]
@@ -110,42 +263,25 @@ def help_examples() -> list[Example]:
     return examples
 
 
-def readme_examples() -> list[Example]:
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.M | re.S)
-    return [
-        Example(f"README sh block {i + 1}", tuple(_joined(block.splitlines())))
-        for i, block in enumerate(blocks)
-    ]
+EXAMPLES = help_examples()
 
 
-def _skip_reason(line: str) -> str | None:
-    return next((why for prefix, why in SKIP.items() if line.startswith(prefix)), None)
-
-
-EXAMPLES = [
-    e
-    for e in help_examples() + readme_examples()
-    if not all(_skip_reason(line) for line in e.lines)
-]
-
-
-def test_examples_are_found() -> None:
+def test_every_command_has_help_examples() -> None:
     where = {e.where for e in EXAMPLES}
     assert "capi enqueue --help" in where and "capi dead-letters list --help" in where
-    assert sum(w.startswith("README") for w in where) >= 3
-    assert len(help_examples()) == len(_commands(cli))  # every command has examples
+    assert len(EXAMPLES) == len(_commands(cli))
 
 
 @pytest.fixture(scope="module")
 def services(
     tmp_path_factory: pytest.TempPathFactory, redis_server: str
-) -> Iterator[dict[str, str]]:
-    """The test Redis, a sandbox, and a worker with metrics on 9464, for every example."""
+) -> Iterator[tuple[dict[str, str], docrun.Ports]]:
+    """The test Redis, a sandbox, and a worker serving metrics, for every help example."""
     client = redis.Redis.from_url(redis_server)
     client.flushall()
+    ports = docrun.Ports()
     with SandboxThread() as sandbox:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+        env = docrun.fresh_env()
         env.update(
             CAPI_API_KEY=DEFAULT_KEY,
             CAPI_PIXEL_ID=DEFAULT_PIXEL,
@@ -154,22 +290,27 @@ def services(
             CAPI_RETRY_BASE_S="0.05",
             CAPI_RETRY_CAP_S="0.5",
             CAPI_PROBE_CONFIRMATIONS="1",
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
         )
+        metrics = ports.port(9464)
         worker = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "worker", "--metrics-port", str(METRICS_PORT)],
+            [sys.executable, "-m", "workers.cli", "worker", "--metrics-port", str(metrics)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=tmp_path_factory.mktemp("worker"),
         )
         try:
-            wait_for(lambda: _ready(f"http://127.0.0.1:{METRICS_PORT}/readyz"), what="worker")
-            yield env
+            wait_for(lambda: _ready(f"http://127.0.0.1:{metrics}/readyz"), what="worker")
+            yield env, ports
         finally:
             worker.send_signal(signal.SIGTERM)
-            worker.communicate(timeout=30)
-            client.close()
+            try:
+                worker.communicate(timeout=30)
+            finally:
+                worker.kill()
+                worker.wait()
+                client.close()
 
 
 def _ready(url: str) -> bool:
@@ -212,16 +353,26 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _run_block(example: Example, env: dict[str, str], cwd: Path) -> None:
-    """Run a block: consecutive lines as one bash script (so ``export`` carries), each
-    long-running command in the background until the block ends."""
-    background: list[tuple[str, subprocess.Popen[str]]] = []
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.where)
+def test_help_example_runs_as_written(
+    example: Example,
+    services: tuple[dict[str, str], docrun.Ports],
+    workdir: Path,
+    redis_server: str,
+) -> None:
+    env, ports = services
+    seed_dead_letter(redis_server)
+    _run_help_block(example, [ports.mapped(line) for line in example.lines], env, workdir)
+
+
+def _run_help_block(example: Example, lines: list[str], env: dict[str, str], cwd: Path) -> None:
+    """Consecutive lines as one bash script (so ``export`` carries), each long-running
+    command in the background until the block ends."""
+    background: list[docrun.Background] = []
     script: list[str] = []
     try:
-        for line in [*example.lines, ""]:
-            if _skip_reason(line):
-                continue
-            ready = next((text for cmd, text in LONG_RUNNING.items() if _starts(line, cmd)), None)
+        for line in [*lines, ""]:
+            ready = next((text for cmd, text in LONG_RUNNING.items() if line.startswith(cmd)), None)
             if line and not (ready and "--burst" not in line):
                 script.append(line)
                 continue
@@ -229,12 +380,11 @@ def _run_block(example: Example, env: dict[str, str], cwd: Path) -> None:
                 _run_script(example, script, env, cwd)
                 script = []
             if line and ready:
-                background.append((line, _start(line, ready, env, cwd)))
+                background.append(docrun.Background(f"{example.where}: {line}", line, env, cwd))
+                background[-1].wait_ready(ready)
     finally:
-        for line, proc in background:
-            proc.send_signal(signal.SIGINT if "sandbox" in line else signal.SIGTERM)
-            output, _ = proc.communicate(timeout=30)
-            assert proc.returncode == 0, f"{example.where}: {line} did not stop cleanly\n{output}"
+        complaints = [c for bg in reversed(background) if (c := bg.stop())]
+        assert not complaints, "\n".join(complaints)
 
 
 def _run_script(example: Example, lines: list[str], env: dict[str, str], cwd: Path) -> None:
@@ -243,83 +393,9 @@ def _run_script(example: Example, lines: list[str], env: dict[str, str], cwd: Pa
         check=False,
         env=env,
         cwd=cwd,
-        input=f"{DEFAULT_KEY}\n{DEFAULT_PIXEL}\n",  # for the README's `read` of key and pixel
         capture_output=True,
         text=True,
         timeout=120,
     )
     shown = "\n".join(lines)
     assert proc.returncode == 0, f"{example.where}:\n{shown}\n{proc.stdout}{proc.stderr}"
-
-
-def _starts(line: str, command: str) -> bool:
-    return line.startswith(command) or line.startswith(".venv/bin/" + command)
-
-
-def _start(line: str, ready: str, env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        ["bash", "-c", f"exec {line}"],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    seen = ""
-    for out_line in proc.stdout:
-        seen += out_line
-        if ready in out_line:
-            return proc
-    raise AssertionError(f"{line} exited before it was ready:\n{seen}")
-
-
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.where)
-def test_example_runs_as_written(
-    example: Example, services: dict[str, str], workdir: Path, redis_server: str
-) -> None:
-    seed_dead_letter(redis_server)
-    _run_block(example, services, workdir)
-
-
-def test_examples_keep_the_key_off_the_command_line() -> None:
-    for example in help_examples() + readme_examples():
-        for line in example.lines:
-            assert not re.search(r"CAPI_API_KEY=\S", line), f"{example.where}: {line}"
-
-
-def test_readme_points_nowhere_outside_the_repository() -> None:
-    text = (ROOT / "README.md").read_text()
-    assert "../" not in text
-    for path in re.findall(r"`((?:capi|docs|config|tests|workers)/[\w./-]+)`", text):
-        assert (ROOT / path).exists() or path in ("config/capi.env", "config/destinations.toml"), (
-            path
-        )  # the user's copies
-    doc = (ROOT / "docs" / "api-format.md").read_text()
-    from capi import schema
-
-    for model in (schema.Event, schema.User, schema.Item):
-        for field in model.model_fields:
-            assert f"`{field}`" in doc, field
-    for event_type in schema.DATA_TYPE_OF:
-        assert f"`{event_type}`" in doc, event_type
-
-
-def test_the_profiling_command_says_how_to_install_what_it_needs() -> None:
-    text = " ".join((ROOT / "README.md").read_text().split())
-    assert "profile_sender` profiles the hot path; it needs pyinstrument" in text
-    assert "pip install -e '.[dev,profile]'" in text
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^profile = \["pyinstrument', pyproject, re.M)
-    try:
-        import pyinstrument  # noqa: F401
-    except ImportError:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tests.benchmarks.profile_sender", "--events", "1"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=ROOT,
-        )
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr
-        assert "pip install -e '.[dev,profile]'" in proc.stderr

@@ -265,25 +265,38 @@ class Session(Ports):
             self.ran.append(block.where)
 
     def _run(self, block: Block) -> None:
+        assert not re.search(r"pip install|-m venv", block.text), (
+            f"{block.where} installs into the test environment: mark it skip, with why"
+        )
         if block.lang == "python":
             script = self.workdir / f".example-{len(self.ran)}.py"
             script.write_text(self.mapped(block.text))
             command = [str(self.workdir / ".venv" / "bin" / "python"), str(script)]
         else:
             command = ["bash", "-e", "-o", "pipefail", "-c", self.mapped(block.text)]
-        proc = subprocess.run(
+        with subprocess.Popen(
             command,
             env=self.env,
             cwd=self.workdir,
-            input=f"{DEFAULT_KEY}\n{DEFAULT_PIXEL}\n",  # for a block that reads key and pixel
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
-            timeout=1800 if block.verb == "slow" else 120,
-            check=False,
-        )
+            start_new_session=True,
+        ) as proc:
+            try:
+                # The input answers a block that reads a key and a pixel (`read`).
+                output, _ = proc.communicate(
+                    f"{DEFAULT_KEY}\n{DEFAULT_PIXEL}\n",
+                    timeout=1800 if block.verb == "slow" else 60,
+                )
+            except subprocess.TimeoutExpired:
+                output = f"(no end within its time limit)\n{block.text}"
+            finally:
+                with _quiet():
+                    os.killpg(proc.pid, signal.SIGKILL)  # whatever it left behind
         assert proc.returncode == 0, (
-            f"{block.where} exited {proc.returncode}:\n{block.text}\n--- output:\n"
-            f"{proc.stdout}{proc.stderr}"
+            f"{block.where} exited {proc.returncode}:\n{block.text}\n--- output:\n{output}"
         )
 
     def close(self) -> None:

@@ -69,30 +69,55 @@ def session(tmp_path: Path) -> Iterator[docrun.Session]:
         started.close()
 
 
+# Events a document's blocks queue in the sandbox set-up (its Redis on 6390), all delivered.
+QUEUED = {"README.md": 103, "intake.md": 3}
+
+
 @pytest.mark.parametrize("doc", docrun.DOCUMENTS, ids=lambda p: p.name)
 def test_document_runs_as_written(doc: Path, session: docrun.Session) -> None:
     for block in [*docrun.setup_of(doc), *docrun.blocks(doc)]:
         session.run(block)
     print(*(f"{where}: {s:.1f} s" for where, s in session.took.items()), sep="\n")
-    if doc.name == "README.md":
-        _all_delivered(session)
+    if doc.name in QUEUED:
+        _all_delivered(session, QUEUED[doc.name])
 
 
-def _all_delivered(session: docrun.Session) -> None:
-    """What the README's blocks queued, the worker of its terminal 3 delivered."""
+def _all_delivered(session: docrun.Session, queued: int) -> None:
+    """What the blocks queued, the worker of the README's terminal 3 delivered."""
     client = redis.Redis(port=session.port(6390), socket_timeout=5)
     stats: dict[str, int] = {}
     try:
 
         def drained() -> bool:
             stats.update({k.decode(): int(v) for k, v in client.hgetall("capi:stats").items()})
-            return stats.get("enqueued", 0) > 100 and stats.get("delivered") == stats["enqueued"]
+            return stats.get("enqueued") == queued == stats.get("delivered")
 
-        wait_for(drained, timeout_s=30, what="the README's events delivered")
+        wait_for(drained, timeout_s=30, what=f"{queued} events queued and delivered")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {stats}") from None
     finally:
         client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "doc",
+    [d for d in docrun.DOCUMENTS if any(b.verb == "slow" for b in docrun.blocks(d))],
+    ids=lambda p: p.name,
+)
+def test_slow_blocks_run_as_written(
+    doc: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The blocks marked slow (benchmarks), only when ``-m slow`` asks for them."""
+    if "slow" not in (request.config.getoption("markexpr") or "").replace("not slow", ""):
+        pytest.skip("benchmarks run with pytest -m slow")
+    started = docrun.Session(tmp_path, slow=True)
+    try:
+        for block in [*docrun.setup_of(doc), *docrun.blocks(doc)]:
+            started.run(block)
+        print(*(f"{where}: {s:.1f} s" for where, s in started.took.items()), sep="\n")
+    finally:
+        started.close()
 
 
 def test_every_document_block_is_run_or_says_why() -> None:
@@ -380,11 +405,35 @@ def _run_help_block(example: Example, lines: list[str], env: dict[str, str], cwd
                 _run_script(example, script, env, cwd)
                 script = []
             if line and ready:
+                before = set(_heartbeats(env))
                 background.append(docrun.Background(f"{example.where}: {line}", line, env, cwd))
                 background[-1].wait_ready(ready)
+                if "worker" in line.lower():
+                    _wait_past_startup(env, before)
     finally:
         complaints = [c for bg in reversed(background) if (c := bg.stop())]
         assert not complaints, "\n".join(complaints)
+
+
+def _heartbeats(env: dict[str, str]) -> dict[bytes, float]:
+    """Each live worker's last heartbeat, by name."""
+    with redis.Redis.from_url(env["CAPI_REDIS_URL"]) as client:
+        return dict(client.zrange("capi:workers", 0, -1, withscores=True))
+
+
+def _wait_past_startup(env: dict[str, str], before: set[bytes]) -> None:
+    """Until the new worker has sent two heartbeats (a second apart): a signal that comes
+    while arq is still starting is not heeded (SIGINT or SIGTERM just after the startup
+    hook leaves ``arq workers.main.WorkerSettings`` running)."""
+    first: dict[bytes, float] = {}
+
+    def beat_twice() -> bool:
+        for name, score in _heartbeats(env).items():
+            if name not in before and first.setdefault(name, score) != score:
+                return True
+        return False
+
+    wait_for(beat_twice, what="the new worker's second heartbeat")
 
 
 def _run_script(example: Example, lines: list[str], env: dict[str, str], cwd: Path) -> None:

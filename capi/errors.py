@@ -14,7 +14,10 @@
         ├── UnknownPixelError        403, unknown pid
         ├── AccessDeniedError        401/403, RBAC: access denied
         ├── InvalidEventError        400/422 of any code, at events[i] or (bisect) none
-        ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
+        │   ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
+        │   └── TooLargeError            413: the request is too large (split the batch)
+        ├── RequestInvalidError      400/422 naming a request-level field (pid, ...)
+        ├── NotFoundError            404: nothing at the base URL + /v1/events
         ├── RateLimitedError         429                               retryable
         ├── ServerError              5xx                               retryable
         ├── NetworkError             timeout, reset, dropped response  retryable
@@ -93,6 +96,7 @@ class Response:
     request_ids: dict[str, str] = field(default_factory=dict)
     retry_after_s: float | None = None
     event_index: int | None = None
+    request_field: str | None = None
     missing_scopes: list[str] = field(default_factory=list)
 
 
@@ -188,6 +192,30 @@ class InvalidEventError(SendError):
         return self.response.event_index
 
 
+class TooLargeError(InvalidEventError):
+    """Raised on 413: the request is too large; the batch is split (no event is named)."""
+
+    reason = Reason.TOO_LARGE
+
+    @property
+    def event_index(self) -> int | None:
+        """No event is named: a 413 is about the whole request."""
+        return None
+
+
+class RequestInvalidError(SendError):
+    """Raised on a 400 or 422 that names a request-level field (``response.request_field``:
+    pid, validate_only, ...), not an event: a configuration problem."""
+
+    reason = Reason.REQUEST_INVALID
+
+
+class NotFoundError(SendError):
+    """Raised on 404: nothing answers at the configured base URL + /v1/events."""
+
+    reason = Reason.NOT_FOUND
+
+
 class OutsideTimeWindowError(InvalidEventError):
     """Raised when the code is event_timestamp_too_old, or a 422 names ``...timestamp_ms``:
     the event can never be accepted."""
@@ -227,6 +255,9 @@ ERROR_BY_REASON: dict[Reason, type[SendError]] = {
         UnknownPixelError,
         AccessDeniedError,
         InvalidEventError,
+        TooLargeError,
+        RequestInvalidError,
+        NotFoundError,
         OutsideTimeWindowError,
         RateLimitedError,
         ServerError,

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from capi import deadletters, queue
+from capi import clock, deadletters, queue
 from capi._aio import aw
 from capi.batches import split_rejected
 from capi.client import ConversionsClient
@@ -106,7 +106,7 @@ async def replay(
     monotonic: Callable[[], float] = time.monotonic,
 ) -> ReplayReport:
     """Put records' events back on the queue at most ``rate_per_s`` per second."""
-    now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+    now_ms = now_ms if now_ms is not None else clock.now_ms()
     report = ReplayReport(selected=len(records))
     todo = []
     for r in records:

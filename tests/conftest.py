@@ -16,6 +16,7 @@ from hypothesis import settings as hypothesis_settings
 
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+from tests.helpers import stop_spawned
 
 # CI runs reproducibly (a fixed seed); local runs keep exploring new examples.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -23,10 +24,39 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 
+# The modules whose tests take longest, run first (pytest-xdist hands tests out in collection
+# order): the parallel workers then finish together instead of waiting on one late long test.
+LONG_FIRST = (
+    "test_faults.py",
+    "test_destinations_scale.py",
+    "test_fuzz_hostile.py",
+    "test_worker_process.py",
+    "test_intake.py",
+    "test_prepare_fast.py",
+    "test_examples.py",
+    "test_destinations.py",
+    "test_redis_connections.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def stop_spawned_processes() -> Iterator[None]:
+    """Every process a test started through ``tests.helpers.spawn`` (workers, ``capi
+    serve``, ...) is stopped when the test ends, passed or failed: none outlives its test
+    to eat the next test's events."""
+    yield
+    stop_spawned()
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,16 +25,40 @@ from capi.settings import Settings
 from capi.worker.lanes import run_sender
 from capi.worker.sender import Sender
 
+_SPAWNED: list[subprocess.Popen[Any]] = []
+
+
+def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen`` for a process a test (or a function-scoped fixture) starts: in
+    a process group of its own, stopped after the test whatever happened (the autouse
+    fixture ``stop_spawned_processes`` in conftest calls ``stop_spawned``)."""
+    proc: subprocess.Popen[Any] = subprocess.Popen(args, start_new_session=True, **kwargs)
+    _SPAWNED.append(proc)
+    return proc
+
+
+def stop_spawned() -> None:
+    """SIGKILL the process group of each process ``spawn`` started that the test left
+    running (its children too: ``capi serve --workers 2``), then reap it and close its pipes.
+    A test that stopped its processes itself finds nothing to do here."""
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives a leader that exited
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError, OSError):
+            proc.communicate(timeout=10)
+
 
 def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
-    """``capi worker`` in a process of its own, configured by ``settings``."""
+    """``capi worker`` in a process of its own, configured by ``settings``; stopped after
+    the test if the test did not stop it (``spawn``)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
     full_env.update(
         {f"CAPI_{name.upper()}": str(value) for name, value in _plain(settings).items()}
     )
     full_env.update(env)
     full_env["CAPI_CONFIG_FILE"] = os.devnull
-    return subprocess.Popen(
+    return spawn(
         [sys.executable, "-m", "workers.cli", "worker", *args],
         env=full_env,
         stdout=subprocess.PIPE,
@@ -80,6 +107,8 @@ def capi(
 def _plain(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(exclude_none=True)
     data["api_key"] = settings.api_key.get_secret_value() if settings.api_key else ""
+    if settings.advertiser_key is not None:
+        data["advertiser_key"] = settings.advertiser_key.get_secret_value()
     return data
 
 
@@ -183,6 +212,29 @@ def redis_dump(url: str) -> bytes:
                 blob += v + b"\n"
     client.close()
     return bytes(blob)
+
+
+def read_http_answer(conn: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """A whole HTTP/1.1 answer from a raw socket: read until its headers and its
+    Content-Length of body are in, or the server closes; AssertionError past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    answer = b""
+    while True:
+        head, blank, body = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head)
+        if blank and length and len(body) >= int(length[1]):
+            return answer
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no whole answer within {timeout_s} s: {answer[:300]!r}")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:  # closed: what came is the answer
+            return answer
+        answer += chunk
 
 
 def wait_for(predicate: Any, timeout_s: float = 20.0, what: str = "condition") -> None:

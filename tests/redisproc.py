@@ -26,6 +26,7 @@ class RedisProcess:
         binary: str | None = None,
         extra_args: list[str] | None = None,
         password: str | None = None,
+        env: dict[str, str] | None = None,
     ):
         found = binary or shutil.which("redis-server")
         assert found, "redis-server is not installed (.ci/run installs it)"
@@ -35,6 +36,7 @@ class RedisProcess:
         self.port = free_port()
         self.extra_args = extra_args or []
         self.password = password
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,7 +68,12 @@ class RedisProcess:
             "always",
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=None if self.env is None else {**os.environ, **self.env},
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -96,6 +103,17 @@ class RedisProcess:
     def thaw(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
+
+    def unread_bytes(self) -> int:
+        """Bytes clients sent that the server has not read yet (the receive queues of its
+        connections, from /proc/net/tcp): above 0 while a frozen server is sent a command."""
+        total = 0
+        for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = row.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == self.port and fields[3] == "01":  # ESTABLISHED
+                total += int(fields[4].split(":")[1], 16)
+        return total
 
     def fill(self, margin: int = 1024) -> None:
         """maxmemory ``margin`` bytes under the memory in use, under noeviction: every

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from capi.exitcodes import ExitCode
+from tests.helpers import spawn
 from workers.cli import cli
 
 
@@ -94,7 +95,7 @@ def test_a_missing_named_config_file_is_named_in_full(
 
 
 def sandbox_process(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    return spawn(
         [sys.executable, "-m", "workers.cli", "sandbox", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

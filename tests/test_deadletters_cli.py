@@ -16,11 +16,22 @@ import redis
 from click.testing import CliRunner, Result
 
 from capi.cli import cli
+from capi.exitcodes import ExitCode
 from capi.replay import Selection, replay, select
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from capi.settings import Settings
-from tests.helpers import dead_letters, doom, drain, enqueue, events, ids, make_settings, wait_for
+from tests.helpers import (
+    dead_letters,
+    doom,
+    drain,
+    enqueue,
+    events,
+    ids,
+    make_settings,
+    spawn,
+    wait_for,
+)
 
 SCOPE_FAILS, STALE, INVALID = 10, 4, 3
 
@@ -112,7 +123,7 @@ def test_show_everything_with_a_redacted_curl(mixed: Settings) -> None:
     ):
         assert needle in out, needle
     assert DEFAULT_KEY not in out
-    assert cli_run(mixed, "dead-letters", "show", "nope").exit_code == 1
+    assert cli_run(mixed, "dead-letters", "show", "nope").exit_code == ExitCode.NOT_FOUND
 
 
 def test_replay_after_fix_delivers_once_and_a_second_replay_sends_nothing(
@@ -135,7 +146,8 @@ def test_dry_run_queues_nothing_and_reports_each_event(
     mixed: Settings, sandbox: SandboxThread
 ) -> None:
     result = cli_run(mixed, "dead-letters", "replay", "--all", "--dry-run", "--json")
-    rows = {r["id"]: r for r in map(json.loads, result.output.splitlines())}
+    assert result.exit_code == ExitCode.REFUSED  # some would be rejected
+    rows = {r["id"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert len(rows) == SCOPE_FAILS + STALE + INVALID
     assert all(rows[f"scope-{i}"]["accepted"] for i in ["p-0", "s-1"])
     assert rows["bad-p-0"]["reason"] == "invalid_event"
@@ -166,7 +178,7 @@ def test_interrupted_replay_resumes_without_loss_or_double_sends(
     mixed: Settings, sandbox: SandboxThread
 ) -> None:
     env = {**os.environ, "CAPI_REDIS_URL": mixed.redis_url, "CAPI_CONFIG_FILE": os.devnull}
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             sys.executable,
             "-m",

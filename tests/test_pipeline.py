@@ -159,7 +159,7 @@ def test_key_losing_its_scope_mid_run_holds_the_queue(
         enqueue(settings, later)
         client = redis.Redis.from_url(redis_url)
         wait_for(lambda: client.hget(settings.keys.key_state, "state") == b"held", what="hold")
-        time.sleep(0.5)
+        wait_for(lambda: bool(dead_letters(settings)), what="the batch that met the broken key")
         dls = dead_letters(settings)
         assert dls, "the batch that met the broken key is dead-lettered"
         assert len(dls) <= 100

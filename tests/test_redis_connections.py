@@ -17,7 +17,7 @@ from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.conftest import free_port
-from tests.helpers import capi, events, ids, make_settings, start_worker, wait_for
+from tests.helpers import capi, events, ids, make_settings, spawn, start_worker, wait_for
 from tests.redisproc import RedisProcess
 
 PASSWORD = "p@ss:w/rd%?#"  # every character a URL gives a meaning to
@@ -83,7 +83,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
              "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem",
              cwd=tmp_path)  # fmt: skip
     port = free_port()
-    proc = subprocess.Popen(
+    proc = spawn(
         [
             "redis-server",
             "--port",

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from capi.sandbox import SandboxThread
 from tests.benchmarks.soak import Phases, soak, soak_settings
 from tests.redisproc import RedisProcess
 
 
+@pytest.mark.slow
 def test_soak_accounts_for_every_event(tmp_path: Path, sandbox: SandboxThread) -> None:
     (tmp_path / "redis").mkdir()
     (tmp_path / "logs").mkdir()

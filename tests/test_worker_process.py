@@ -19,6 +19,7 @@ from tests.helpers import (
     events,
     ids,
     make_settings,
+    spawn,
     wait_for,
 )
 from tests.helpers import start_worker as worker
@@ -91,7 +92,7 @@ def test_arq_entry_point_runs_the_sender(redis_url: str, sandbox: SandboxThread)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
     env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
     env["CAPI_CONFIG_FILE"] = os.devnull
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
         env=env,
         stdout=subprocess.PIPE,
@@ -122,7 +123,7 @@ def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThre
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
     env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
     env["CAPI_CONFIG_FILE"] = os.devnull
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
         env=env,
         stdout=subprocess.PIPE,

@@ -64,12 +64,20 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": ["string", "null"], "description": "The event's id, if it has one."},
             "status": {
                 "type": "string",
-                "enum": ["queued", "duplicate", "refused", "not_queued"],
+                "enum": ["queued", "duplicate", "skipped", "refused", "not_queued"],
                 "description": "queued; duplicate (its name and id were queued within the "
-                "dedup window); refused (errors say why; sending it again will not help); "
-                "not_queued (503 only: Redis failed before taking it; send it again).",
+                "dedup window); skipped (its consent is denied and the destination's "
+                "consent_policy is drop: never stored nor sent; errors say why); refused "
+                "(errors say why; sending it again will not help); not_queued (503 only: "
+                "Redis failed before taking it; send it again).",
             },
             "errors": {"type": "array", "items": {"$ref": _REF + "FieldError"}},
+            "warnings": {
+                "type": "array",
+                "items": {"$ref": _REF + "FieldError"},
+                "description": "Invalid optional identifiers left out of the queued event "
+                "(CAPI_STRICT_IDENTIFIERS=true refuses the event instead).",
+            },
         },
     },
     "EventsAnswer": {
@@ -81,6 +89,7 @@ _SCHEMAS: dict[str, Any] = {
             "queued": {"type": "integer", "minimum": 0},
             "duplicates": {"type": "integer", "minimum": 0},
             "refused": {"type": "integer", "minimum": 0},
+            "skipped": {"type": "integer", "minimum": 0},
         },
     },
     "Error": {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -23,6 +23,7 @@ import orjson
 
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, CONVERSIONS_SCOPE
 from capi.sandbox.contract import Issue, check_event, is_too_old
+from capi.sandbox.monitoring import Monitoring
 
 Clock = Callable[[], float]
 
@@ -37,6 +38,7 @@ SCOPE_MESSAGE = (
 DEFAULT_KEY = "sk-svcacct-sandbox-conversion-key-0001"
 DEFAULT_SCOPELESS_KEY = "sk-proj-sandbox-advertiser-key-0002"
 DEFAULT_PIXEL = "sandbox-pixel-00000001"
+RECENT_EVENTS = 1000
 
 
 @dataclass
@@ -106,6 +108,7 @@ class SandboxState:
         self.rejection_code: str | None = "invalid_event"
         self.accepted_delta = 0  # added to accepted_events in a 200 (the docs say never)
         self.clock = clock
+        self.monitoring = Monitoring(clock)  # the read-back endpoint's view of accepted events
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.reset()
@@ -122,6 +125,9 @@ class SandboxState:
             self.validate_only_requests = 0
             self.first_batch_at: float | None = None  # wall clock, for benchmarks
             self.last_batch_at: float | None = None
+            # The last events accepted, as received, so tests can see what was sent.
+            self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.monitoring.reset()
 
     # -- what tests read -------------------------------------------------------------
     def delivered_counts(self) -> Counter[tuple[str, str, str]]:
@@ -136,6 +142,11 @@ class SandboxState:
             for (_, _, event_id), n in self.received.items():
                 out[event_id] += n
             return out
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        """The last :data:`RECENT_EVENTS` events accepted (not validate-only), oldest first."""
+        with self.lock:
+            return list(self.recent)
 
     def summary(self) -> dict[str, Any]:
         """Counts, as JSON-ready data."""
@@ -174,6 +185,8 @@ class SandboxState:
                 self.accepted_delta = int(config["accepted_delta"])
             if "seed" in config:
                 self.rng = random.Random(config["seed"])
+            if "monitoring" in config:
+                self.monitoring.configure(config["monitoring"])
 
     def config(self) -> dict[str, Any]:
         """The current configuration, keys shown in full (the sandbox's keys are not secret)."""
@@ -256,6 +269,12 @@ class SandboxState:
                 self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
+                self.recent.extend(events)
+                self.monitoring.record(
+                    pid,
+                    [(e["type"], e["id"], e["timestamp_ms"]) for e in events],
+                    "server_to_server",
+                )
                 source = payload.get("integration_source")
                 self.senders[(pid, key, source if isinstance(source, str) else None)] += len(
                     checked

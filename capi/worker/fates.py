@@ -1,30 +1,30 @@
 """Recording an event's fate: the Redis write (atomic with the acknowledgement), the metric,
-and one log line with event ids and request ids. :mod:`capi.worker.sender` decides; this records.
+one log line with event ids and request ids, and a line in the live-outcomes ring that
+``capi tail`` reads (:mod:`capi.tail`). :mod:`capi.worker.decisions` decides,
+:mod:`capi.worker.sender` carries the decision out; this records it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import deadletters
+from capi import coverage, deadletters, tail
 from capi._aio import aw
 from capi.client import Accepted, ConversionsClient
-from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
+from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.events import Clock
 from capi.failures import Reason
 from capi.guidance import diagnose
 from capi.metrics import DestinationMetrics
 from capi.queue import Entry, Queue
-from capi.retry import backoff_s, within_budget
 from capi.settings import Settings
+from capi.worker.decisions import RetryPlan, fate
 
 log = logging.getLogger("capi.sender")
 
@@ -42,7 +42,6 @@ class Fates:
         *,
         api_key: str,
         clock: Clock = time.time,
-        rand: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
         self.redis = redis
@@ -51,33 +50,63 @@ class Fates:
         self.metrics = metrics
         self._api_key = api_key
         self.clock = clock
-        self.rand = rand
 
     def now_ms(self) -> int:
         """The clock's time in Unix milliseconds."""
-        return int(self.clock() * 1000)
+        return now_ms(self.clock)
 
-    async def delivered(self, group: Sequence[Entry], accepted: Accepted) -> int | None:
-        """Acknowledge a delivered batch; if this ends an endpoint outage, since when (ms)."""
-        recovered = await self.queue.deliver(group, self.now_ms())
-        if accepted.accepted_events is not None and accepted.accepted_events != len(group):
+    async def delivered(
+        self, group: Sequence[Entry], accepted: Accepted, *, count_mismatch: bool = False
+    ) -> int | None:
+        """Acknowledge a delivered batch (and, with ``count_mismatch``, count the 200 whose
+        accepted_events disagreed); if this ends an endpoint outage, since when (ms).
+        A test-mode (validate_only) destination's batches are counted as validated."""
+        validated = self.client.validate_only
+        recovered = await self.queue.deliver(group, self.now_ms(), validated=validated)
+        if count_mismatch:
             await self._accepted_mismatch(group, accepted)
-        self.metrics.delivered.inc(len(group))
+        (self.metrics.validated if validated else self.metrics.delivered).inc(len(group))
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
+        request_id = next(iter(accepted.request_ids.values()), None)
+        status = "validated" if validated else "delivered"
+        await self._tail(
+            tail.Outcome(
+                status,
+                _described(group),
+                request_id=request_id,
+                latency_ms=accepted.elapsed_s * 1000,
+            )
+        )
         log.info(
-            "delivered %d events",
+            "%s %d events",
+            status,
             len(group),
             extra={
                 "destination": self.queue.keys.destination,
                 "count": len(group),
                 "first_id": group[0].event_id,
                 "last_id": group[-1].event_id,
-                "request_id": next(iter(accepted.request_ids.values()), None),
+                "request_id": request_id,
                 "latency_ms": round(accepted.elapsed_s * 1000, 1),
             },
         )
         return recovered
+
+    async def held(self, group: Sequence[Entry], reason: str) -> None:
+        """Record (in the ring only) that these events went back to the queue unsent
+        because the destination is held; they stay queued."""
+        await self._tail(tail.Outcome("held", _described(group), reason=reason))
+
+    async def _tail(self, outcome: tail.Outcome) -> None:
+        """Add ``outcome`` to the live-outcomes ring. The ring is a view: the fate itself is
+        already recorded, so a failed write is logged and otherwise ignored."""
+        entries = self.settings.tail_entries
+        found = tail.writes(self.queue.keys.tail, outcome, entries)
+        try:
+            await tail.append(self.redis, found, entries)
+        except redis.exceptions.RedisError as exc:
+            log.debug("the live-outcomes ring missed a %s line: %s", outcome.status, exc)
 
     async def _accepted_mismatch(self, group: Sequence[Entry], accepted: Accepted) -> None:
         """The docs promise all-or-nothing batches: a 200 counting otherwise is news."""
@@ -98,38 +127,12 @@ class Fates:
             },
         )
 
-    def retry_plan(self, group: Sequence[Entry], err: SendError) -> tuple[float, int]:
-        """The wait before the next attempt of ``group`` and the attempt number."""
-        attempt = max(e.attempts for e in group) + 1
-        delay = backoff_s(
-            attempt,
-            base_s=self.settings.retry_base_s,
-            cap_s=self.settings.retry_cap_s,
-            retry_after_s=err.response.retry_after_s,
-            rand=self.rand,
-        )
-        return delay, attempt
-
-    async def retry(self, group: Sequence[Entry], err: SendError) -> None:
-        """Schedule another attempt; dead-letter only events whose next attempt would fall
-        past their 7-day window (or past CAPI_MAX_ATTEMPTS, when set)."""
-        delay, attempt = self.retry_plan(group, err)
-        now = self.now_ms()
-        due = now + int(delay * 1000)
-
-        def fits(e: Entry) -> bool:
-            deadline = e.timestamp_ms + API_MAX_AGE_MS - STALE_MARGIN_MS
-            return within_budget(
-                e.attempts + 1,
-                self.settings.max_attempts,
-                next_attempt_ms=due,
-                deadline_ms=deadline,
-            )
-
-        again = [e for e in group if fits(e)]
-        exhausted = [e for e in group if not fits(e)]
-        if exhausted:
-            await self.dead_letter(exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
+    async def retry(self, plan: RetryPlan[Entry], err: SendError) -> None:
+        """Record a retry as planned (:func:`~capi.worker.decisions.plan_retry`): the events
+        that may go again are scheduled, the exhausted ones dead-lettered."""
+        if plan.exhausted:
+            await self.dead_letter(plan.exhausted, Reason.RETRIES_EXHAUSTED, err, attempted=True)
+        again = plan.again
         if not again:
             return
         error = {
@@ -138,22 +141,30 @@ class Fates:
             "message": err.response.message[:500],
             "request_ids": err.response.request_ids,
         }
-        down = err.reason in (Reason.SERVER_ERROR, Reason.NETWORK)  # 429 is "slow down"
         await self.queue.schedule_retry(
             again,
-            due,
+            plan.due_ms,
             error,
-            now,
-            endpoint_error=str(err)[:300] if down else "",
+            self.now_ms(),
+            endpoint_error=str(err)[:300] if fate(err.reason).endpoint_down else "",
             server_asked=err.response.retry_after_s is not None,
         )
         self.metrics.retried.labels(err.reason.value).inc(len(again))
+        await self._tail(
+            tail.Outcome(
+                "retrying",
+                _described(again),
+                request_id=err.request_id,
+                reason=err.reason.value,
+                next_attempt_ms=plan.due_ms,
+            )
+        )
         log.warning(
             "retrying %d events in %.2f s after %s (attempt %d)",
             len(again),
-            delay,
+            plan.delay_s,
             err.reason.value,
-            attempt,
+            plan.attempt,
             extra={
                 "destination": self.queue.keys.destination,
                 "count": len(again),
@@ -161,8 +172,8 @@ class Fates:
                 "reason": err.reason.value,
                 "status": err.status,
                 "request_id": err.request_id,
-                "delay_s": round(delay, 3),
-                "attempt": attempt,
+                "delay_s": round(plan.delay_s, 3),
+                "attempt": plan.attempt,
             },
         )
 
@@ -201,6 +212,14 @@ class Fates:
             dedup_window_s=self.settings.dedup_window_s,
         )
         self.metrics.dead_lettered.labels(reason.value).inc(len(group))
+        await self._tail(
+            tail.Outcome(
+                "dead_lettered",
+                _described(group),
+                request_id=err.request_id if err else None,
+                reason=reason.value,
+            )
+        )
         log.warning(
             "dead-lettered %d events (%s)",
             len(group),
@@ -214,3 +233,20 @@ class Fates:
                 "request_id": err.request_id if err else None,
             },
         )
+
+
+def _described(group: Sequence[Entry]) -> list[tuple[str, str, list[str], int]]:
+    """(id, name, identifier kinds, timestamp) of each event, for the ring: names only.
+    Read without parsing the event: the kinds from the entry's mask (:mod:`capi.coverage`),
+    the name from the JSON's bytes (:func:`capi.tail.name_of_json`)."""
+    return [
+        (
+            e.event_id,
+            tail.name_of_json(e.event),
+            list(
+                coverage.kinds(e.kinds if e.kinds is not None else coverage.mask_of_json(e.event))
+            ),
+            e.timestamp_ms,
+        )
+        for e in group
+    ]

@@ -12,7 +12,6 @@ taking new events, and one worker at a time (a Redis lock) re-probes every
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,11 +20,13 @@ import redis.asyncio as aioredis
 
 from capi._aio import aw
 from capi.client import ConversionsClient
+from capi.clock import ms, now_ms
 from capi.constants import RedisKeys
 from capi.deadletters import iso
 from capi.errors import SendError
 from capi.guidance import diagnose
 from capi.keycheck import KeyCheck, check_key
+from capi.worker.decisions import Verdict
 
 log = logging.getLogger("capi.keyguard")
 
@@ -39,6 +40,9 @@ if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'transient_key_failures', 
 return 1
 """
 
+# Written beside the key state while probes confirm a key problem (see KeyGuard._suspect).
+CONFIRMING_FIELDS = ("confirming_since", "confirming_reason")
+
 # The re-probe lock: one worker at a time re-probes a held key. allow-oom: a key incident
 # is exactly when the queue grows until Redis is full, and the re-probe is the way out.
 LOCK_LUA = """#!lua flags=allow-oom
@@ -46,14 +50,6 @@ LOCK_LUA = """#!lua flags=allow-oom
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 1 end
 return 0
 """
-
-
-class Verdict(enum.Enum):
-    """What a key failure turned out to be."""
-
-    TRANSIENT = "transient"
-    CONFIRMED = "confirmed"
-    ALREADY_HELD = "already_held"
 
 
 class KeyGuard:
@@ -88,12 +84,16 @@ class KeyGuard:
         self._lock_script = redis.register_script(LOCK_LUA)
         self._last_ok = float("-inf")
         self.held = False
+        self._confirming = False
 
     async def check(self) -> KeyCheck:
-        """The startup check; records the key as ok in Redis when it passes."""
+        """The startup check; records the key as ok in Redis when it passes (and, while
+        more probes confirm a key problem, that it is being confirmed)."""
         result = await self._probe()
         if result.ok:
             await self._set_ok()
+        elif self._confirming:  # the caller holds the key, or refuses to start
+            await self._unconfirming()
         return result
 
     async def confirm(self, error: SendError) -> Verdict:
@@ -101,12 +101,19 @@ class KeyGuard:
         async with self._lock:
             if self.held:
                 return Verdict.ALREADY_HELD
-            recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
+            # A key that passed a probe moments ago is not re-probed for a key failure (the
+            # platform's spikes); a configuration failure (404, unknown pixel, a request
+            # field) is always probed: retrying it blindly resends every batch meanwhile.
+            recently_ok = (
+                not error.reason.config_problem
+                and self._monotonic() - self._last_ok < self.min_probe_interval_s
+            )
             result = None if recently_ok else await self._probe()
             # Probes that met 429s, 5xx or lost answers say nothing about the key: only a
             # key problem answered to the probes themselves confirms one.
             if result is None or result.ok or (result.error is not None and result.error.retryable):
                 await self._write_state(None, count_transient=True)
+                await self._unconfirming()
                 log.warning(
                     "transient %s on a key that passes its probe; retrying (request id %s)",
                     error.reason.value,
@@ -133,7 +140,7 @@ class KeyGuard:
     async def try_release(self) -> bool:
         """While held: re-probe if no other worker did within the interval; True if released."""
         got = await self._lock_script(
-            keys=[self.keys.probe_lock], args=[max(1, int(self.reprobe_interval_s * 1000))]
+            keys=[self.keys.probe_lock], args=[max(1, ms(self.reprobe_interval_s))]
         )
         if got:
             result = await self._probe(confirmations=1)
@@ -143,7 +150,7 @@ class KeyGuard:
                 return True
             await self._state_script(
                 keys=[self.keys.key_state, self.keys.stats],
-                args=[0, 0, "checked_at", iso(_ms()) or ""],
+                args=[0, 0, "checked_at", iso(now_ms()) or ""],
             )
         await self.sync()
         return not self.held
@@ -155,14 +162,35 @@ class KeyGuard:
             pause_s=self.probe_pause_s,
             sleep=self._sleep,
             api_key=self._api_key,
+            on_suspect=self._suspect,
         )
         if result.ok:
             self._last_ok = self._monotonic()
         return result
 
+    async def _suspect(self, error: SendError) -> None:
+        """A probe met a key problem that more probes are to confirm: say so beside the key
+        state (``confirming_since``, ``confirming_reason``), which stays as it is until
+        they decide (capi status and capi destinations show "confirming")."""
+        if self.held:
+            return
+        self._confirming = True
+        await self._state_script(
+            keys=[self.keys.key_state, self.keys.stats],
+            args=[0, 0, "confirming_since", iso(now_ms()) or "", "confirming_reason",
+                  error.reason.value],
+        )  # fmt: skip
+
+    async def _unconfirming(self) -> None:
+        """The probes decided without holding the key: the confirmation is over."""
+        if self._confirming:
+            self._confirming = False
+            await aw(self.redis.hdel(self.keys.key_state, *CONFIRMING_FIELDS))
+
     async def _set_ok(self) -> None:
         self.held = False
-        now = iso(_ms()) or ""
+        self._confirming = False  # the state below replaces the confirming fields
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "ok",
@@ -183,16 +211,17 @@ class KeyGuard:
         )
 
     async def hold(self, check: KeyCheck) -> None:
-        """Hold this destination after a failed key check (its sender re-probes)."""
+        """Hold this destination after a failed key check (housekeeping re-probes it)."""
         assert check.error is not None
         await self._hold(check.error)
 
     async def _hold(self, error: SendError) -> None:
         self.held = True
+        self._confirming = False  # the state below replaces the confirming fields
         diagnosis = diagnose(
             error, pixel_id=self.client.pixel_id, api_key=self._api_key, labels=self.client.labels
         )
-        now = iso(_ms()) or ""
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "held",
@@ -206,14 +235,12 @@ class KeyGuard:
             }
         )
         where = "" if self.keys.destination == "default" else f" of {self.keys.destination}"
+        what = "settings" if error.reason.config_problem else "key"
         log.error(
-            "key%s confirmed broken; holding all workers' sends%s: %s",
+            "%s%s confirmed broken; holding all workers' sends%s: %s",
+            what,
             where,
             where,
             diagnosis.cause,
             extra={"destination": self.keys.destination},
         )
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi.events import Clock
+from capi.clock import LIVENESS_S, Clock
 from capi.metrics import Metrics
 from capi.queue import Queue
 from capi.settings import Settings
@@ -83,26 +83,48 @@ class Lanes:
         # For what the worker does as a whole: heartbeats, live workers, signing off.
         self.queue = Queue(redis, self.keys)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.senders: dict[str, Sender] = {}
+        # The destinations served, each with its seat (its sender and its turns).
+        self._seats: dict[str, _Seat] = {}
+        # Seats of senders replaced by a newer one of the same destination, not yet removed.
+        self._replaced: dict[Sender, _Seat] = {}
         self.trouble = Trouble(log)
         # Destinations that may have work, each with a count of its activations: a lane
         # that found a stream empty drops it only if it was not activated meanwhile.
         self.active: dict[str, int] = {}
         # Destinations whose start (key check) is still under way (burst mode waits).
-        self.starting = 0
+        self._starting = 0
         self.per_destination = settings.concurrency
         self.lane_count = LANES_PER_SLOT * settings.concurrency
-        self._turns: dict[Sender, set[asyncio.Task[bool]]] = {}
         self._changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._turn = 0
 
     # -- membership ------------------------------------------------------------------
+    @property
+    def senders(self) -> dict[str, Sender]:
+        """The senders served, by destination name (a copy)."""
+        return {name: seat.sender for name, seat in self._seats.items()}
+
+    @property
+    def starting(self) -> int:
+        """How many destinations are still being started (their key checked)."""
+        return self._starting
+
+    def expect(self, count: int) -> None:
+        """``count`` more destinations are being started (burst mode waits for them)."""
+        self._starting += count
+
+    def started(self) -> None:
+        """One of the destinations expected has started (or given up)."""
+        self._starting -= 1
+
     def add(self, sender: Sender) -> None:
         """Serve a destination's sender (started: see :meth:`Sender.start`)."""
-        sender.name = self.name
-        sender.trouble = self.trouble
-        self.senders[sender.destination.name] = sender
+        sender.join(self.name, self.trouble)
+        old = self._seats.get(sender.destination.name)
+        if old is not None:
+            self._replaced[old.sender] = old
+        self._seats[sender.destination.name] = _Seat(sender)
         self.activate(sender.destination.name)
 
     async def remove(self, sender: Sender) -> None:
@@ -111,24 +133,27 @@ class Lanes:
         this), then what it still holds is recorded or handed back."""
         sender.stop()
         self._changed.set()
+        name = sender.destination.name
+        seat = self._seats.get(name)
+        if seat is None or seat.sender is not sender:
+            seat = self._replaced.pop(sender, None) or _Seat(sender)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                while sender.batches:
+                while seat.batches:
                     self._changed.clear()
                     await self._changed.wait()
-        turns = self._turns.pop(sender, set())
+        turns = set(seat.turns)
         for turn in turns:
             turn.cancel()
         await asyncio.gather(*turns, return_exceptions=True)
         await sender.leave()
-        name = sender.destination.name
-        if self.senders.get(name) is sender:
-            del self.senders[name]
+        if self._seats.get(name) is seat:
+            del self._seats[name]
             self.active.pop(name, None)
 
     def activate(self, name: str) -> None:
         """Mark a destination as having work (if this worker serves it)."""
-        if name in self.senders:
+        if name in self._seats:
             self.active[name] = self.active.get(name, 0) + 1
             self._changed.set()
 
@@ -162,8 +187,8 @@ class Lanes:
             for task in (*helpers, *lanes):
                 task.cancel()
             await asyncio.gather(*helpers, *lanes, return_exceptions=True)
-            for sender in list(self.senders.values()):
-                await sender.leave()
+            for seat in list(self._seats.values()):
+                await seat.sender.leave()
             await self._sign_off()
 
     async def _sign_off(self) -> None:
@@ -171,7 +196,9 @@ class Lanes:
             async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s)):
                 await self.queue.sign_off(self.name)
         except (TimeoutError, redis.exceptions.RedisError) as exc:
-            log.warning("could not sign off (%s); status drops this worker within 5 s", exc)
+            log.warning(
+                "could not sign off (%s); status drops this worker within %g s", exc, LIVENESS_S
+            )
 
     # -- the lanes -------------------------------------------------------------------
     async def _lane(self, index: int) -> None:
@@ -183,15 +210,14 @@ class Lanes:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), IDLE_WAIT_S)
                 continue
-            name, sender, activations = picked
-            sender.batches += 1
+            name, seat, activations = picked
             started = time.monotonic()
             # The turn is a task of its own, so that removing its destination can cancel
             # it (and only it) once the shutdown timeout has passed.
             turn = asyncio.create_task(
-                sender.take_turn(consumer, fill=not self._others_waiting(name))
+                seat.sender.take_turn(consumer, fill=not self._others_waiting(name))
             )
-            self._turns.setdefault(sender, set()).add(turn)
+            seat.begin(turn)
             try:
                 await asyncio.wait({turn})
             except asyncio.CancelledError:
@@ -199,37 +225,35 @@ class Lanes:
                 await asyncio.gather(turn, return_exceptions=True)
                 raise
             finally:
-                self._turns.get(sender, set()).discard(turn)
-                sender.batches -= 1
+                seat.end(turn)
                 self._changed.set()
             sent = not turn.cancelled() and turn.exception() is None and turn.result()
             if sent:
-                took = time.monotonic() - started
-                sender.turn_s = took if not sender.turn_s else 0.7 * sender.turn_s + 0.3 * took
+                seat.took(time.monotonic() - started)
             if (
                 not sent
-                and not sender.reclaimed
-                and self.senders.get(name) is sender
+                and not seat.sender.has_reclaimed()
+                and self._seats.get(name) is seat
                 and self.active.get(name) == activations
             ):
                 del self.active[name]  # read empty, and not activated since
 
-    def _eligible(self) -> Iterator[tuple[str, Sender]]:
+    def _eligible(self) -> Iterator[tuple[str, _Seat]]:
         # Slow destinations (turns over SLOW_TURN_S) together hold at most half the lanes,
         # however many there are.
-        slow = sum(s.batches for n in self.active if (s := self.senders.get(n)) and _slow(s))
+        slow = sum(s.batches for n in self.active if (s := self._seats.get(n)) and s.slow)
         for name in self.active:
-            sender = self.senders.get(name)
+            seat = self._seats.get(name)
             if (
-                sender is not None
-                and not sender.stopping
-                and not sender.guard.held
-                and sender.batches < self.per_destination
-                and not (_slow(sender) and slow >= self.lane_count // 2)
+                seat is not None
+                and not seat.sender.stopping
+                and not seat.sender.held
+                and seat.batches < self.per_destination
+                and not (seat.slow and slow >= self.lane_count // 2)
             ):
-                yield name, sender
+                yield name, seat
 
-    def _pick(self) -> tuple[str, Sender, int] | None:
+    def _pick(self) -> tuple[str, _Seat, int] | None:
         """The eligible destination with the fewest batches in flight; ties in turn."""
         candidates = list(self._eligible())
         if not candidates:
@@ -237,8 +261,8 @@ class Lanes:
         self._turn += 1
         start = self._turn % len(candidates)
         order = candidates[start:] + candidates[:start]
-        name, sender = min(order, key=lambda c: c[1].batches)
-        return name, sender, self.active[name]
+        name, seat = min(order, key=lambda c: c[1].batches)
+        return name, seat, self.active[name]
 
     def _others_waiting(self, name: str) -> bool:
         return any(other != name for other, _ in self._eligible())
@@ -276,6 +300,9 @@ class Lanes:
     def state(self) -> tuple[str, str, str]:
         """What this worker is doing: a state, a detail line, and the destinations."""
         senders = list(self.senders.values())
+        if not senders and (starting := dict(self.metrics.starting)):
+            detail = "; ".join(f"{n}: {why}" for n, why in starting.items())
+            return "starting", detail, ", ".join(starting) if len(starting) <= 5 else ""
         names = [s.destination.name for s in senders]
         where = ", ".join(names) if len(names) <= 5 else f"{len(names)} destinations"
         if len(senders) == 1:
@@ -322,5 +349,33 @@ async def run_sender(sender: Sender, *, burst: bool = False) -> None:
         await watch
 
 
-def _slow(sender: Sender) -> bool:
-    return sender.turn_s > SLOW_TURN_S
+class _Seat:
+    """A destination's place on the lanes: its sender, the turns it has in flight, and a
+    moving average of how long a turn takes. Written by its own methods only."""
+
+    def __init__(self, sender: Sender) -> None:
+        self.sender = sender
+        self.turns: set[asyncio.Task[bool]] = set()
+        self._turn_s = 0.0
+
+    @property
+    def batches(self) -> int:
+        """Batches of this destination that lanes are working on now."""
+        return len(self.turns)
+
+    @property
+    def slow(self) -> bool:
+        """Whether its turns take over ``SLOW_TURN_S`` on average."""
+        return self._turn_s > SLOW_TURN_S
+
+    def begin(self, turn: asyncio.Task[bool]) -> None:
+        """A lane starts a turn."""
+        self.turns.add(turn)
+
+    def end(self, turn: asyncio.Task[bool]) -> None:
+        """A lane's turn ended (sent, empty, failed or cancelled)."""
+        self.turns.discard(turn)
+
+    def took(self, seconds: float) -> None:
+        """A turn that sent a batch took ``seconds``."""
+        self._turn_s = seconds if not self._turn_s else 0.7 * self._turn_s + 0.3 * seconds

@@ -7,13 +7,16 @@ from the destination's stream through the consumer group (waiting at most
 already outside the API's time window into dead letters, and sends the rest. Then, per
 event:
 
+The fate of each outcome is looked up in :mod:`capi.worker.decisions`; in short:
+
 - accepted: acknowledged;
 - rejected at ``events[i]``: that event is dead-lettered, the rest resent at once; with no
   index the batch is bisected until the bad events are isolated;
 - key problem: the :class:`~capi.worker.keyguard.KeyGuard` re-probes; transient -> retry,
   confirmed -> dead-letter this batch and hold every worker; already held -> hand back;
 - retryable (429, 5xx, network): scheduled for retry with capped jittered backoff for as
-  long as the event's 7-day window allows (see :mod:`capi.retry`); meanwhile the endpoint
+  long as the event's 7-day window allows (see :func:`capi.worker.decisions.plan_retry`);
+  meanwhile the endpoint
   is marked failing (5xx, network; a 429 is "slow down", not "down"), and the first
   delivery after an outage of ``OUTAGE_RELEASE_S`` or more releases every scheduled retry
   at once (except waits the server asked for), so the backlog drains at full speed;
@@ -47,17 +50,20 @@ import redis.exceptions
 from capi import destinations
 from capi.batches import split_rejected
 from capi.client import ConversionsClient, build_body
-from capi.constants import API_MAX_AGE_MS, API_MAX_BODY_BYTES, STALE_MARGIN_MS
+from capi.clock import Clock, ms, now_ms
+from capi.constants import API_MAX_BODY_BYTES
 from capi.destinations import Destination
-from capi.errors import InvalidEventError, SendError
-from capi.events import Clock
+from capi.errors import SendError
 from capi.failures import Reason
+from capi.keycheck import KeyCheck
 from capi.metrics import Metrics
 from capi.queue import Entry, Queue
 from capi.settings import Settings
 from capi.trouble import Trouble
+from capi.worker import decisions
+from capi.worker.decisions import Action, Fate, Outcome, Verdict
 from capi.worker.fates import Fates
-from capi.worker.keyguard import KeyGuard, Verdict
+from capi.worker.keyguard import KeyGuard
 
 log = logging.getLogger("capi.sender")
 
@@ -69,7 +75,9 @@ OUTAGE_RELEASE_S = 5.0
 
 
 class Sender:
-    """Sends queued events in batches until stopped (or, in burst mode, until drained)."""
+    """One destination's sender: takes the turns the lanes give it (read a batch, send it,
+    carry out each outcome's fate) until stopped; burst mode is the lanes' (see
+    :func:`capi.worker.lanes.run_sender`)."""
 
     def __init__(
         self,
@@ -84,16 +92,16 @@ class Sender:
         destination: Destination | None = None,
     ) -> None:
         self.settings = settings
-        self.destination = destination or destinations.default(settings)
-        self.metrics = (metrics or Metrics()).for_destination(self.destination.name)
+        self._destination = destination or destinations.default(settings)
+        self.metrics = (metrics or Metrics()).for_destination(self._destination.name)
         self.redis = redis
         self.client = client
-        self.keys = settings.keys.for_destination(self.destination.name)
+        self.keys = settings.keys.for_destination(self._destination.name)
         self.queue = Queue(redis, self.keys)
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock
-        api_key = self.destination.api_key
-        self.guard = KeyGuard(
+        api_key = self._destination.api_key
+        self._guard = KeyGuard(
             client,
             redis,
             self.keys,
@@ -103,12 +111,8 @@ class Sender:
             min_probe_interval_s=min(5.0, settings.reprobe_interval_s),
             probe_pause_s=min(0.5, settings.reprobe_interval_s),
         )
-        self.trouble = Trouble(log, rand=rand)
+        self._trouble = Trouble(log, rand=rand)
         self._stopping = asyncio.Event()
-        # Batches of this destination that the worker's lanes are working on now, and a
-        # moving average of how long a turn takes (capi.worker.lanes keeps both).
-        self.batches = 0
-        self.turn_s = 0.0
         # Whether the Redis pool is this sender's own (closed by aclose) or its worker's.
         self._owns_redis = True
         # Entries read and not yet given a fate, and the consumer that holds each.
@@ -117,7 +121,7 @@ class Sender:
         # Of those, the ones the API accepted whose acknowledgement waits for Redis.
         self._delivered: set[bytes] = set()
         # Batches taken over from stopped workers, waiting for a lane.
-        self.reclaimed: collections.deque[list[Entry]] = collections.deque()
+        self._reclaimed: collections.deque[list[Entry]] = collections.deque()
         self.endpoint_failing_since: float | None = None
         self.endpoint_last_error = ""
         self._endpoint_reminded = 0.0
@@ -129,8 +133,8 @@ class Sender:
             self.metrics,
             api_key=api_key,
             clock=clock,
-            rand=rand,
         )
+        self._rand = rand
 
     @classmethod
     def from_settings(
@@ -159,6 +163,80 @@ class Sender:
         if self._owns_redis:
             await self.redis.aclose()
 
+    # -- what others ask -------------------------------------------------------------
+    @property
+    def destination(self) -> Destination:
+        """The destination this sender serves."""
+        return self._destination
+
+    @property
+    def name(self) -> str:
+        """The worker name its consumers are named after (``NAME:lane``)."""
+        return self._name
+
+    @property
+    def trouble(self) -> Trouble:
+        """The Redis trouble this sender reports to (its worker's, once on the lanes)."""
+        return self._trouble
+
+    def join(self, name: str, trouble: Trouble) -> None:
+        """Serve on a worker's lanes: consumers named after the worker, Redis trouble said
+        once per worker."""
+        self._name = name
+        self._trouble = trouble
+
+    @property
+    def held(self) -> bool:
+        """Whether this destination's key is held (broken; its events stay queued)."""
+        return self._guard.held
+
+    @property
+    def holding(self) -> bool:
+        """Whether this sender holds entries: in flight, or reclaimed and waiting."""
+        return bool(self._inflight or self._reclaimed)
+
+    def has_reclaimed(self) -> bool:
+        """Whether batches taken over from stopped workers wait for a lane."""
+        return bool(self._reclaimed)
+
+    def reclaim_room(self) -> bool:
+        """Whether more reclaimed batches may wait (at most four per concurrency slot)."""
+        return len(self._reclaimed) < self.settings.concurrency * 4
+
+    def take_over(self, batch: list[Entry]) -> None:
+        """Queue a batch reclaimed from a stopped worker for the next lane."""
+        self._reclaimed.append(batch)
+
+    async def check_key(self) -> KeyCheck:
+        """The startup key check (see :meth:`KeyGuard.check`)."""
+        result = await self._guard.check()
+        if result.ok:
+            self.metrics.key_ok.set(1)
+        return result
+
+    async def hold(self, check: KeyCheck) -> None:
+        """Hold this destination after a failed startup key check."""
+        await self._guard.hold(check)
+        self.metrics.key_ok.set(0)
+
+    async def adopt_key_state(self, state: bytes | None) -> None:
+        """Adopt the key state another worker may have written (see :meth:`KeyGuard.adopt`)."""
+        await self._guard.adopt(state)
+        self.metrics.key_ok.set(0 if self._guard.held else 1)
+
+    async def try_release(self) -> bool:
+        """While held: re-probe (one worker at a time); True once the key works again."""
+        released = await self._guard.try_release() and not self._guard.held
+        if released:
+            self.metrics.key_ok.set(1)
+        return released
+
+    async def refresh_gauges(self, now_ms: int) -> None:
+        """Read queue depth, in flight, retries and the oldest age into the gauges."""
+        depth, in_flight, oldest_ms, retries = await self.queue.depth()
+        age_s = (now_ms - oldest_ms) / 1000 if oldest_ms else 0.0
+        self.metrics.set_depth(depth, in_flight, retries, age_s)
+
     # -- lifecycle -------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the sender to stop reading; in-flight batches finish."""
@@ -179,14 +257,14 @@ class Sender:
         return len(self._inflight)
 
     def state(self) -> tuple[str, str]:
-        """What this worker is doing, for ``capi status``: a state and a detail line."""
-        if not self.trouble.redis_ok:
-            return "waiting for Redis", self.trouble.describe()
-        if self.guard.held:
+        """What this sender is doing, for ``capi status``: a state and a detail line."""
+        if not self._trouble.redis_ok:
+            return "waiting for Redis", self._trouble.describe()
+        if self._guard.held:
             return "held", "the Conversion Key is held (see capi status, key)"
         if self.endpoint_failing_since is not None:
             return "waiting for the endpoint", self.endpoint_failing()
-        if self._inflight or self.reclaimed:
+        if self._inflight or self._reclaimed:
             return "sending", f"{len(self._inflight)} events in flight"
         return "idle", "nothing queued"
 
@@ -205,16 +283,16 @@ class Sender:
     async def _start(self) -> None:
         await self.queue.ensure_group()
         await self.queue.index_retries()
-        await self.guard.sync()
-        self.metrics.key_ok.set(0 if self.guard.held else 1)
+        await self._guard.sync()
+        self.metrics.key_ok.set(0 if self._guard.held else 1)
 
     async def leave(self) -> None:
         """Record deliveries still waiting for Redis and hand back the rest of what is in
         flight (briefly: Redis may be away). Called once no lane works for this sender."""
-        for batch in self.reclaimed:
+        for batch in self._reclaimed:
             for e in batch:
                 self._inflight.setdefault(e.stream_id, e)
-        self.reclaimed.clear()
+        self._reclaimed.clear()
         delivered = [e for sid, e in self._inflight.items() if sid in self._delivered]
         unsent = [e for sid, e in self._inflight.items() if sid not in self._delivered]
         try:
@@ -229,7 +307,7 @@ class Sender:
                     unsent = []
         except (TimeoutError, redis.exceptions.RedisError) as exc:
             why = str(exc) or type(exc).__name__
-            where = self.destination.name
+            where = self._destination.name
             if delivered:
                 log.error(
                     "destination %s: could not reach Redis while stopping (%s): %d events the "
@@ -268,17 +346,18 @@ class Sender:
             try:
                 result = await step()
             except redis.exceptions.RedisError as exc:
-                delay = self.trouble.failed(exc, what)
+                delay = self._trouble.failed(exc, what)
                 self.metrics.redis_up.set(0)
                 if "NOGROUP" in str(exc):
-                    await self._recreate_group()
+                    await self.recreate_group()
                 await asyncio.sleep(delay)
                 continue
-            self.trouble.ok()
+            self._trouble.ok()
             self.metrics.redis_up.set(1)
             return result
 
-    async def _recreate_group(self) -> None:
+    async def recreate_group(self) -> None:
+        """Recreate the consumer group if Redis lost it (NOGROUP)."""
         try:
             if await self.queue.ensure_group():
                 log.error(
@@ -295,9 +374,9 @@ class Sender:
         each its fate; False when there was nothing to send. Never raises but on cancel."""
         batch: list[Entry] = []
         try:
-            if self.reclaimed:
-                batch = self.reclaimed.popleft()
-                owner = f"{self.name}:reclaim"
+            if self._reclaimed:
+                batch = self._reclaimed.popleft()
+                owner = f"{self._name}:reclaim"
             else:
                 batch = await self.durably(
                     "reading the queue",
@@ -309,7 +388,7 @@ class Sender:
                 await self.process(batch, owner=owner)
             return bool(batch)
         except Exception as exc:  # a bug, not Redis: say so, keep the events, go on
-            delay = self.trouble.failed(exc, f"sending for {self.destination.name}")
+            delay = self._trouble.failed(exc, f"sending for {self._destination.name}")
             left = [e for e in batch if e.stream_id in self._inflight]
             if left:
                 await self.durably(
@@ -325,7 +404,7 @@ class Sender:
         wait_s = self.settings.batch_wait_ms / 1000 if fill else 0.0
         deadline = time.monotonic() + wait_s
         while entries and len(entries) < size and not self.stopping:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            remaining_ms = ms(deadline - time.monotonic())
             if remaining_ms <= 0:
                 break
             more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
@@ -339,10 +418,12 @@ class Sender:
         for e in entries:
             self._inflight[e.stream_id] = e
             self._owner[e.stream_id] = owner
-        limit = self._now() - API_MAX_AGE_MS + STALE_MARGIN_MS
+        limit = decisions.stale_before_ms(self._now())
         stale = [e for e in entries if e.timestamp_ms < limit]
         if stale:
-            await self._dead_letter(stale, Reason.OUTSIDE_TIME_WINDOW, None, attempted=False)
+            gone = decisions.fate(Outcome.STALE)
+            assert gone.reason is not None
+            await self._dead_letter(stale, gone.reason, None, attempted=gone.attempted)
         fresh = [e for e in entries if e.timestamp_ms >= limit]
         for chunk in _by_size(fresh, API_MAX_BODY_BYTES - 1024):
             await self._send(chunk)
@@ -350,7 +431,7 @@ class Sender:
     def held_ids(self) -> set[bytes]:
         """The stream ids this worker holds: in flight, or reclaimed and waiting for a lane."""
         held = set(self._inflight)
-        for batch in self.reclaimed:
+        for batch in self._reclaimed:
             held.update(e.stream_id for e in batch)
         return held
 
@@ -358,7 +439,7 @@ class Sender:
         """The stream ids in flight, by the consumer that holds them."""
         by_owner: dict[str, list[bytes]] = {}
         for sid in self._inflight:
-            by_owner.setdefault(self._owner.get(sid) or f"{self.name}:0", []).append(sid)
+            by_owner.setdefault(self._owner.get(sid) or f"{self._name}:0", []).append(sid)
         return by_owner
 
     async def _send(self, entries: list[Entry]) -> None:
@@ -366,57 +447,65 @@ class Sender:
         while work:
             group = work.pop()
             body = build_body(
-                [e.event for e in group], integration_source=self.client.integration_source
+                [e.event for e in group],
+                validate_only=self.client.validate_only,
+                integration_source=self.client.integration_source,
             )
             started = time.perf_counter()
             try:
                 accepted = await self.client.send_body(body)
-            except InvalidEventError as err:
-                self.metrics.send_latency.observe(time.perf_counter() - started)
-                work.extend(await self._split(group, err))
-                continue
             except SendError as err:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
-                await self._failed(group, err)
+                work.extend(await self._failed(group, err, decisions.fate(err.reason)))
                 continue
             self._delivered.update(e.stream_id for e in group)
+            done = decisions.fate(decisions.delivered(accepted.accepted_events, len(group)))
             failing_since_ms: int | None = await self.durably(
-                "recording a delivery", functools.partial(self.fates.delivered, group, accepted)
+                "recording a delivery",
+                functools.partial(
+                    self.fates.delivered, group, accepted, count_mismatch=done.count_mismatch
+                ),
             )
             self._done(group)
             if failing_since_ms is not None or self.endpoint_failing_since is not None:
                 await self._endpoint_recovered(failing_since_ms)
 
-    async def _split(self, group: list[Entry], err: InvalidEventError) -> list[list[Entry]]:
-        bad, again = split_rejected(group, err.event_index)
-        if bad is not None:
-            await self._dead_letter([bad], err.reason, err)
-        return again
-
-    async def _failed(self, group: list[Entry], err: SendError) -> None:
-        if err.reason.key_problem:
-            try:
-                verdict = await self.guard.confirm(err)
-            except redis.exceptions.RedisError as exc:
-                # The hold cannot be recorded while Redis is in trouble: retry the batch;
-                # the failure is confirmed again once Redis answers.
-                self.trouble.failed(exc, "confirming a key failure")
-                verdict = Verdict.TRANSIENT
-            self.metrics.key_ok.set(0 if self.guard.held else 1)
-            if verdict is Verdict.TRANSIENT:
-                self.metrics.transient_key_failures.labels(err.reason.value).inc()
-                await self._retry(group, err)
-            elif verdict is Verdict.CONFIRMED:
-                await self._dead_letter(group, err.reason, err)
-            else:
-                await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
-                self._done(group)
-        elif err.reason.retryable:
-            if err.reason is not Reason.RATE_LIMITED:  # 429 is "slow down", not "down"
+    async def _failed(self, group: list[Entry], err: SendError, fate: Fate) -> list[list[Entry]]:
+        """Carry out ``fate`` for a failed send; the groups to send again at once."""
+        if fate.action is Action.REPROBE:
+            fate = decisions.AFTER_PROBE[await self._reprobe(err)]
+        elif fate.action is Action.HOLD:
+            fate = decisions.AFTER_HOLD[await self._reprobe(err)]
+        if fate.action is Action.DROP_REJECTED:
+            bad, again = split_rejected(group, err.response.event_index)
+            if bad is not None:
+                await self._dead_letter([bad], err.reason, err)
+            return again
+        if fate.action is Action.RETRY:
+            if fate.endpoint_down:
                 self._endpoint_failed(err)
             await self._retry(group, err)
+        elif fate.action is Action.HAND_BACK:
+            await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
+            self._done(group)
+            await self.fates.held(group, err.reason.value)
         else:
-            await self._dead_letter(group, err.reason, err)
+            await self._dead_letter(group, fate.reason or err.reason, err, attempted=fate.attempted)
+        return []
+
+    async def _reprobe(self, err: SendError) -> Verdict:
+        """The key guard's verdict on a key failure (transient while Redis is in trouble)."""
+        try:
+            verdict = await self._guard.confirm(err)
+        except redis.exceptions.RedisError as exc:
+            # The hold cannot be recorded while Redis is in trouble: retry the batch;
+            # the failure is confirmed again once Redis answers.
+            self._trouble.failed(exc, "confirming a key failure")
+            verdict = Verdict.TRANSIENT
+        self.metrics.key_ok.set(0 if self._guard.held else 1)
+        if verdict is Verdict.TRANSIENT:
+            self.metrics.transient_key_failures.labels(err.reason.value).inc()
+        return verdict
 
     def _endpoint_failed(self, err: SendError) -> None:
         now = time.monotonic()
@@ -450,7 +539,30 @@ class Sender:
         )
 
     async def _retry(self, group: list[Entry], err: SendError) -> None:
-        await self.durably("scheduling a retry", lambda: self.fates.retry(group, err))
+        async def record() -> None:
+            plan = decisions.plan_retry(
+                group,
+                now_ms=self._now(),
+                retry_after_s=err.response.retry_after_s,
+                base_s=self.settings.retry_base_s,
+                cap_s=self.settings.retry_cap_s,
+                max_attempts=self.settings.max_attempts,
+                rand=self._rand,
+            )
+            if err.response.retry_after_s and plan.delay_s > self.settings.retry_cap_s:
+                log.warning(
+                    "the endpoint asked for Retry-After: %.0f s (longer than "
+                    "CAPI_RETRY_CAP_S=%g): %d events wait that long; %d past their 7-day "
+                    "window are dead-lettered",
+                    plan.delay_s,
+                    self.settings.retry_cap_s,
+                    len(plan.again),
+                    len(plan.exhausted),
+                    extra={"destination": self.destination.name},
+                )
+            await self.fates.retry(plan, err)
+
+        await self.durably("scheduling a retry", record)
         self._done(group)
 
     async def _dead_letter(
@@ -474,7 +586,7 @@ class Sender:
             self._delivered.discard(e.stream_id)
 
     def _now(self) -> int:
-        return int(self.clock() * 1000)
+        return now_ms(self.clock)
 
 
 def redis_pool(settings: Settings) -> aioredis.Redis:

@@ -235,8 +235,9 @@ class Session(Ports):
             (workdir / entry.name).symlink_to(entry)
         (workdir / ".venv").symlink_to(Path(sys.prefix))
         shutil.copytree(ROOT / "config", workdir / "config")
-        for path in (workdir / "config").iterdir():
-            path.write_text(self.mapped(path.read_text()))
+        for path in (workdir / "config").rglob("*"):
+            if path.is_file():
+                path.write_text(self.mapped(path.read_text()))
 
     def run(self, block: Block) -> None:
         """Run one block as its marker says; AssertionError naming it if it fails."""

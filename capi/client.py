@@ -155,10 +155,17 @@ def _too_old(status: int, codes: list[str | None], params: list[str | None]) -> 
 
 
 def _request_field(params: list[str | None], parsed: Any, message: str) -> str | None:
-    """The request-level field (not ``events[i]``) a 400/422 names: in ``param`` or an
-    ``errors[].param``, a pydantic-style ``detail[].loc``, or its message."""
+    """The request-level field (a top-level field of the request: ``pid``, ``events`` as a
+    whole, ``validate_only``, ``integration_source``; never ``events[i]``) a 400/422 names:
+    in ``param`` or an ``errors[].param``, a pydantic-style ``detail[].loc``, or its
+    message. A field of an event named without an index (``data.coupon``) is not one: that
+    is an event's rejection, found by bisecting."""
     for p in params:
-        if p and not p.startswith("events["):
+        if (
+            p
+            and re.split(r"[.\[]", p, maxsplit=1)[0] in REQUEST_FIELDS
+            and not p.startswith("events[")
+        ):
             return p[:100]
     detail = parsed.get("detail") if isinstance(parsed, dict) else None
     for d in detail if isinstance(detail, list) else []:
@@ -170,6 +177,7 @@ def _request_field(params: list[str | None], parsed: Any, message: str) -> str |
     return m.group(1) if m else None
 
 
+REQUEST_FIELDS = frozenset({"pid", "events", "validate_only", "integration_source"})
 _FIELD_IN_MESSAGE = re.compile(
     r"(?:Missing required field:\s*|\('query',\s*')([A-Za-z_][A-Za-z0-9_]{0,63})"
 )

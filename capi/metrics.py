@@ -46,6 +46,14 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         d = ["destination"]
         self.delivered = Counter("capi_events_delivered", "Events the API accepted.", d, registry=r)
+        self.with_identifier = Counter(
+            "capi_events_delivered_with_identifier",
+            "Delivered events carrying each identifier kind (match coverage: divide by "
+            "capi_events_delivered_total); kind any_strong: at least one of email, phone, "
+            "external_id, oppref.",
+            [*d, "kind"],
+            registry=r,
+        )
         self.validated = Counter(
             "capi_events_validated",
             "Events the API checked and did not save (a validate_only destination).",
@@ -230,6 +238,7 @@ class DestinationMetrics:
         self.name = name
         self.delivered = parent.delivered.labels(name)
         self.validated = parent.validated.labels(name)
+        self.with_identifier = _ByReason(parent.with_identifier, name)
         self.accepted_mismatches = parent.accepted_mismatches.labels(name)
         self.batch_size = parent.batch_size.labels(name)
         self.send_latency = parent.send_latency.labels(name)
@@ -254,7 +263,8 @@ class DestinationMetrics:
 
 
 class _ByReason:
-    """A counter labelled by destination and reason, with the destination filled in."""
+    """A counter labelled by destination and one more label (a reason, an identifier kind),
+    with the destination filled in."""
 
     def __init__(self, counter: Counter, destination: str) -> None:
         self.counter = counter

@@ -25,7 +25,7 @@ script); key names live in :mod:`capi.constants`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -579,15 +579,22 @@ class Queue:
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
     async def deliver(
-        self, entries: Sequence[Entry], now_ms: int, *, validated: bool = False
+        self,
+        entries: Sequence[Entry],
+        now_ms: int,
+        *,
+        validated: bool = False,
+        counts: Mapping[str, int] | None = None,
     ) -> int | None:
         """Acknowledge delivered entries and count them (as ``validated`` in test mode),
-        with the identifier kinds delivered events carried (:mod:`capi.coverage`); if the
-        endpoint was marked as failing until now (this delivery ends an outage), since
-        when (ms)."""
+        with the identifier kinds delivered events carried (``counts``, from
+        :func:`identifier_counts`, when the caller has them already); if the endpoint was
+        marked as failing until now (this delivery ends an outage), since when (ms)."""
         k = self.keys
         counter = "validated" if validated else "delivered"
-        matching = b"" if validated else orjson.dumps(coverage.count(map(_kinds, entries)))
+        if counts is None and not validated:
+            counts = identifier_counts(entries)
+        matching = b"" if validated else orjson.dumps(counts)
         _, since = await self._deliver(
             keys=[k.stream, k.stats, k.endpoint, k.coverage(coverage.bucket(now_ms))],
             args=[
@@ -765,6 +772,11 @@ class Queue:
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)
             await aw(self.redis.hdel(self.keys.worker_states, *gone))
+
+
+def identifier_counts(entries: Iterable[Entry]) -> dict[str, int]:
+    """How many of ``entries`` carry each identifier kind (:func:`capi.coverage.count`)."""
+    return coverage.count(map(_kinds, entries))
 
 
 def _kinds(entry: Entry) -> int:

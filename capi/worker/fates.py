@@ -21,8 +21,9 @@ from capi.clock import Clock, now_ms
 from capi.errors import SendError
 from capi.failures import Reason
 from capi.guidance import diagnose
+from capi.kinds import KINDS
 from capi.metrics import DestinationMetrics
-from capi.queue import Entry, Queue
+from capi.queue import Entry, Queue, identifier_counts
 from capi.settings import Settings
 from capi.worker.decisions import RetryPlan, fate
 
@@ -62,10 +63,16 @@ class Fates:
         accepted_events disagreed); if this ends an endpoint outage, since when (ms).
         A test-mode (validate_only) destination's batches are counted as validated."""
         validated = self.client.validate_only
-        recovered = await self.queue.deliver(group, self.now_ms(), validated=validated)
+        counts = None if validated else identifier_counts(group)
+        recovered = await self.queue.deliver(
+            group, self.now_ms(), validated=validated, counts=counts
+        )
         if count_mismatch:
             await self._accepted_mismatch(group, accepted)
         (self.metrics.validated if validated else self.metrics.delivered).inc(len(group))
+        for kind, n in (counts or {}).items():
+            if n and (kind in KINDS or kind == "any_strong"):
+                self.metrics.with_identifier.labels(kind).inc(n)
         self.metrics.batch_size.observe(len(group))
         self.metrics.send_latency.observe(accepted.elapsed_s)
         request_id = next(iter(accepted.request_ids.values()), None)

@@ -266,8 +266,11 @@ class Session(Ports):
             self.ran.append(block.where)
 
     def _run(self, block: Block) -> None:
-        assert not re.search(r"pip install|-m venv", block.text), (
+        assert not re.search(r"\b(pip|apt-get|apt) install|install\w*\.sh|-m venv", block.text), (
             f"{block.where} installs into the test environment: mark it skip, with why"
+        )
+        assert not re.search(r"\bpytest\b", block.text), (
+            f"{block.where} runs tests inside the tests: mark it skip, with why"
         )
         if block.lang == "python":
             script = self.workdir / f".example-{len(self.ran)}.py"

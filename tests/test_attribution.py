@@ -293,10 +293,7 @@ def test_a_denied_event_under_drop_is_never_sent_and_leaves_no_identifier_in_red
     # capi tail shows a skipped event by id and name alone: no identifier, not even a kind.
     ring = client.xrange(settings.keys.tail)
     denied = [
-        (f[b"s"], row)
-        for _, f in ring
-        for row in orjson.loads(f[b"v"])
-        if row[0] in ("c-1", "c-3")
+        (f[b"s"], row) for _, f in ring for row in orjson.loads(f[b"v"]) if row[0] in ("c-1", "c-3")
     ]
     assert sorted(row[0] for _, row in denied) == ["c-1", "c-3"]
     assert all(status == b"skipped" and row[2] == [] for status, row in denied)

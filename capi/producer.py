@@ -322,10 +322,11 @@ class _BaseProducer:
         return current.get(destination, _NO_RULES)
 
     def _one(
-        self, event: RawEvent, targets: list[RedisKeys]
+        self, event: RawEvent, targets: list[RedisKeys], ring: list[RingNote]
     ) -> list[tuple[list[str], list[Any], bool]]:
         """The script call for one event to each destination, and whether it is sent
-        there; its warnings are logged (one event has no report to carry them)."""
+        there; its warnings are logged (one event has no report to carry them); a skip is
+        noted in ``ring``."""
         report = EnqueueReport()
         prepared = self._prepare(event)
         self._warn(0, prepared, report, targets)
@@ -333,7 +334,7 @@ class _BaseProducer:
             log.warning("event %r: %s: left out: %s", prepared.id[:64], p.path, p.rule)
         calls = []
         for target in targets:
-            keys, args, positions = self._for_target([prepared], [0], target, report)
+            keys, args, positions = self._for_target([prepared], [0], target, report, ring)
             calls.append((keys, args, bool(positions)))
         return calls
 
@@ -499,9 +500,13 @@ class Producer(_BaseProducer):
         (:meth:`enqueue_many` reports them per event).
         """
         targets = self._targets(destination)
-        calls = self._one(event, targets)
+        ring: list[RingNote] = []
+        calls = self._one(event, targets, ring)
         with _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
+        if ring:
+            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+                await tail.append(self.redis, self._ring(targets, ring), self.tail_entries)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -568,9 +573,13 @@ class SyncProducer(_BaseProducer):
         """Enqueue one event; False if its id was already enqueued within the dedup window or
         it was skipped for consent (see :meth:`Producer.enqueue`)."""
         targets = self._targets(destination)
-        calls = self._one(event, targets)
+        ring: list[RingNote] = []
+        calls = self._one(event, targets, ring)
         with _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
+        if ring:
+            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+                tail.append_sync(self.redis, self._ring(targets, ring), self.tail_entries)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -599,16 +608,23 @@ class SyncProducer(_BaseProducer):
 
 def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:
     """A refused event as the ring shows it: its first broken rule, id, type and identifier
-    kinds (names only; ids and types cut short, since they come from outside)."""
+    kinds (names only; ids and types cut short and made valid UTF-8, since they come from
+    outside; a timestamp only when it is a plausible one)."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     if isinstance(raw, Event):
         data = raw.model_dump(exclude_none=True)
-    first = str(exc.problems[0])[:200] if exc.problems else "refused"
-    event_id = str(data.get("id") or "?")[:128]
-    kind = str(data.get("custom_event_name") or data.get("type") or "?")[:64]
+    first = _text(str(exc.problems[0]), 200) if exc.problems else "refused"
     try:
+        event_id = _text(str(data.get("id") or "?"), 128)
+        kind = _text(str(data.get("custom_event_name") or data.get("type") or "?"), 64)
         found = kinds.of(data)
+        stamp = data.get("timestamp_ms")
     except Exception:  # a hostile Mapping: the refusal itself already says why
-        found = []
-    stamp = data.get("timestamp_ms")
-    return first, (event_id, kind, found, stamp if type(stamp) is int else 0)
+        event_id, kind, found, stamp = "?", "?", [], 0
+    when = stamp if isinstance(stamp, int) and 0 <= stamp < 2**53 else 0
+    return first, (event_id, kind, found, when)
+
+
+def _text(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, lone surrogates and all made valid UTF-8."""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")

@@ -43,7 +43,7 @@ from capi.errors import ConfigError, QueueUnavailable
 from capi.producer import Producer
 from capi.settings import Settings
 from tests.conftest import free_port
-from tests.helpers import events
+from tests.helpers import events, spawn
 from tests.redisproc import RedisProcess
 from tests.servers import ServerKind, aof_kinds, redis_system
 
@@ -136,6 +136,7 @@ def fsynced_length(trace: str) -> tuple[int, int]:
     started: dict[str, int] = {}
     for line in trace.splitlines():
         pid, _, call = line.partition(" ")
+        call = call.lstrip()  # strace pads short pids: "4964  write(..."
         resumed = call.startswith("<... ")
         name = call[5:].split(" ", 1)[0] if resumed else call.split("(", 1)[0]
         result = None
@@ -158,7 +159,7 @@ def power_loss(
     crash_after_s = random.Random(seed).uniform(0.5, 2.5)
     port = free_port()
     trace, pidfile = workdir / "aof.trace", workdir / "server.pid"
-    tracer = subprocess.Popen(
+    tracer = spawn(  # its process group is killed after a test, whatever happens
         ["strace", "-f", "-qq", "-y", "-e", "trace=write,writev,pwrite64,fdatasync,fsync",
          "-e", "signal=none", "-P", str(workdir / INCR_AOF), "-o", str(trace),
          kind.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.powerloss import failover, power_loss
+from tests.powerloss import failover, fsynced_length, power_loss
 from tests.servers import ServerKind, aof_kinds, redis_system, valkey
-
-pytestmark = pytest.mark.slow
 
 
 def _seed() -> int:
@@ -21,10 +19,10 @@ def _seed() -> int:
     return seed
 
 
-def _runnable(kind: ServerKind) -> ServerKind:
+def _runnable(kind: ServerKind, *, traced: bool = True) -> ServerKind:
     if kind.missing:
         pytest.skip(f"{kind.name}: {kind.missing}")
-    if shutil.which("strace") is None:
+    if traced and shutil.which("strace") is None:
         pytest.skip("strace is not installed (tests/install_test_servers.sh)")
     return kind
 
@@ -66,6 +64,22 @@ def test_the_power_loss_harness_sees_what_a_power_loss_takes(tmp_path: Path) -> 
 def test_replica_durability_loses_nothing_acknowledged_in_a_failover(
     kind: ServerKind, tmp_path: Path
 ) -> None:
-    outcome = failover(_runnable(kind), tmp_path, durability="replica", seed=_seed())
+    outcome = failover(_runnable(kind, traced=False), tmp_path, durability="replica", seed=_seed())
     assert outcome.acked, outcome.line()
     assert len(outcome.lost) == 0, outcome.line()
+
+
+def test_the_fsynced_length_is_what_was_written_before_the_last_completed_fsync_began() -> None:
+    trace = "\n".join(
+        [
+            '4964  write(9</d/a.aof>, "*2\\r\\n"..., 50) = 50',
+            "4965  fdatasync(9</d/a.aof> <unfinished ...>",
+            '4964  write(9</d/a.aof>, "*3\\r\\n"..., 27) = 27',  # after the fsync began
+            "4965  <... fdatasync resumed>) = 0",
+            '12345 write(9</d/a.aof>, "*3\\r\\n"..., 30 <unfinished ...>',
+            "4965  fdatasync(9</d/a.aof>) = 0",  # the write above had not returned
+            "12345 <... write resumed>) = 30",
+            "4965  fdatasync(9</d/a.aof> <unfinished ...>",  # never returned: the crash
+        ]
+    )
+    assert fsynced_length(trace) == (107, 77)

@@ -1,5 +1,7 @@
 """A switchover under CAPI_ENQUEUE_DURABILITY=replica is QueueUnavailable, which callers
-retry, never ConfigError: the master a producer waits on becomes a replica mid-WAIT."""
+retry, never ConfigError: the master a producer waits on becomes a replica mid-WAIT.
+ConfigError is for what the operator must change, e.g. a Redis user that may not read the
+fsync policy that ``aof`` depends on."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from capi.errors import QueueUnavailable
+from capi.errors import ConfigError, QueueUnavailable
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from tests.helpers import events, make_settings, wait_for
@@ -75,3 +77,20 @@ def test_a_switchover_during_the_replica_wait_is_queue_unavailable_and_a_retry_l
             producer.enqueue(event)
         with new.client() as c:
             assert c.xlen(retry.keys.stream) == 1
+
+
+def test_aof_is_refused_clearly_when_capi_may_not_read_the_fsync_policy(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    kind = valkey()
+    if kind.missing:
+        pytest.skip(f"{kind.name}: {kind.missing}")
+    with RedisProcess(tmp_path, persist=True, binary=kind.binary) as server:
+        with server.client() as c:
+            c.execute_command("ACL", "SETUSER", "capi", "on", ">pw", "~*", "&*", "+@all", "-config")
+        url = f"redis://capi:pw@127.0.0.1:{server.port}/0"
+        settings = make_settings(sandbox, url, enqueue_durability="aof")
+        with SyncProducer.from_settings(settings) as producer, pytest.raises(ConfigError) as caught:
+            producer.enqueue(events(1)[0])
+    assert "+config|get" in str(caught.value)
+    assert "CAPI_ENQUEUE_DURABILITY=aof" in str(caught.value)

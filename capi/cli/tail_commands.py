@@ -59,8 +59,9 @@ def tail_command(
     \b
     Examples:
       capi tail
-      capi tail --follow --status dead_lettered
-      capi tail --id order-1042 --json
+      capi tail --follow
+      capi tail --status dead_lettered --status retrying
+      capi tail --id order-1 --json
     """
     settings = settings_from(ctx)
     names = destination_names(settings, destination)

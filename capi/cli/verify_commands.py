@@ -60,7 +60,7 @@ def verify_command(
     \b
     Examples:
       capi verify
-      capi verify --destination brand-a --json
+      capi verify --json --grace 0
     """
     settings = settings_from(ctx)
     names = destination_names(settings, destination)

@@ -11,11 +11,14 @@ even when an endpoint or proxy echoes the ``Authorization`` header.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -27,9 +30,11 @@ from capi.failures import Reason
 from capi.fingerprint import fingerprint, redact, redact_bytes, shape_problem
 from capi.guidance import Labels
 from capi.retry import parse_retry_after
+from capi.settings import safe_url
 
 _EVENT_INDEX = re.compile(r"^events\[(\d{1,9})\]")
 _SCOPES = re.compile(r"Missing scopes?:\s*([A-Za-z0-9_.:\-, ]+?)(?:\.\s|\.$|$)")
+log = logging.getLogger("capi.client")
 USER_AGENT = "capi/0.1 (+https://github.com/capi)"
 
 
@@ -97,15 +102,24 @@ def classify(
     )
     params, codes = [param, *_details(error, "param")], [code, *_details(error, "code")]
     response.event_index = _event_index(params)
-    reason = _reason(status, message, codes, params)
+    if status in (400, 422) and response.event_index is None:
+        response.request_field = _request_field(params, parsed, message)
+    reason = _reason(status, message, codes, params, response)
     if reason is Reason.MISSING_SCOPE:
         response.missing_scopes = _missing_scopes(message) or [CONVERSIONS_SCOPE]
     return ERROR_BY_REASON[reason](response, key_fingerprint)
 
 
-def _reason(status: int, message: str, codes: list[str | None], params: list[str | None]) -> Reason:
+def _reason(
+    status: int, message: str, codes: list[str | None], params: list[str | None], r: Response
+) -> Reason:
     code = codes[0]
     lowered = message.lower()
+    if status in (400, 422) and r.event_index is not None:
+        # An answer that names events[i] is that event's rejection, whatever its message.
+        return (
+            Reason.OUTSIDE_TIME_WINDOW if _too_old(status, codes, params) else Reason.INVALID_EVENT
+        )
     if "missing scope" in lowered or code == "missing_scope":
         return Reason.MISSING_SCOPE
     if "rbac" in lowered or "access denied" in lowered:
@@ -115,14 +129,18 @@ def _reason(status: int, message: str, codes: list[str | None], params: list[str
     if status == 403 and ("pid" in lowered or "pixel" in lowered):
         return Reason.UNKNOWN_PIXEL
     if status in (400, 422):
-        # Codes are undocumented: only the code or param says "too old"; any other 400/422
-        # is an event's rejection (at events[i] if named; the sender bisects otherwise).
-        too_old = _TOO_OLD in codes or (
-            status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
-        )
-        return Reason.OUTSIDE_TIME_WINDOW if too_old else Reason.INVALID_EVENT
+        # Codes are undocumented: only the code or param says "too old"; a request-level
+        # field (pid, validate_only, ...) is a configuration problem; any other 400/422 is
+        # an event's rejection (the sender bisects to find it).
+        if _too_old(status, codes, params):
+            return Reason.OUTSIDE_TIME_WINDOW
+        return Reason.REQUEST_INVALID if r.request_field else Reason.INVALID_EVENT
     if code == _TOO_OLD:
         return Reason.OUTSIDE_TIME_WINDOW
+    if status == 404:
+        return Reason.NOT_FOUND
+    if status == 413:
+        return Reason.TOO_LARGE
     if status == 429:
         return Reason.RATE_LIMITED
     if status >= 500:
@@ -130,6 +148,35 @@ def _reason(status: int, message: str, codes: list[str | None], params: list[str
     return Reason.UNEXPECTED
 
 
+def _too_old(status: int, codes: list[str | None], params: list[str | None]) -> bool:
+    return _TOO_OLD in codes or (
+        status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
+    )
+
+
+def _request_field(params: list[str | None], parsed: Any, message: str) -> str | None:
+    """The request-level field (``pid``, ``validate_only``, ``integration_source``, or the
+    ``events`` envelope itself; never ``events[i]``) that a 400/422 names: in its ``param``,
+    a pydantic-style ``detail[].loc``, or its message. ``errors[].param`` describe an
+    event's fields and never count."""
+    param = params[0]
+    if param and param.split(".", 1)[0] in REQUEST_FIELDS:
+        return param[:100]
+    detail = parsed.get("detail") if isinstance(parsed, dict) else None
+    for d in detail if isinstance(detail, list) else []:
+        loc: Any = d.get("loc") if isinstance(d, dict) else None
+        if isinstance(loc, list) and len(loc) > 1 and loc[0] in ("query", "body"):
+            named = loc[1] if loc[0] == "body" else "pid" if loc[1] == "pid" else None
+            if named in REQUEST_FIELDS and not (len(loc) > 2 and isinstance(loc[2], int)):
+                return ".".join(str(x) for x in loc[1:])[:100]
+    m = _FIELD_IN_MESSAGE.search(message)
+    return m.group(1) if m and m.group(1) in REQUEST_FIELDS else None
+
+
+REQUEST_FIELDS = frozenset({"pid", "validate_only", "integration_source", "events"})
+_FIELD_IN_MESSAGE = re.compile(
+    r"(?:Missing required field:\s*|\('query',\s*')([A-Za-z_][A-Za-z0-9_]{0,63})"
+)
 _TOO_OLD = "event_timestamp_too_old"
 MAX_BODY_DEPTH = 32
 
@@ -193,6 +240,7 @@ class ConversionsClient:
         pixel_id: str,
         timeout_s: float = 30.0,
         integration_source: str | None = None,
+        validate_only: bool = False,
         http: httpx.AsyncClient | None = None,
         labels: Labels | None = None,
     ) -> None:
@@ -203,9 +251,18 @@ class ConversionsClient:
         self.pixel_id = pixel_id
         self.url = base_url.rstrip("/") + EVENTS_PATH
         self.integration_source = integration_source
+        # Test mode: batches go with validate_only (the API checks them, saves nothing).
+        self.validate_only = validate_only
         self.key_fingerprint = fingerprint(api_key)
         self._own_http = http is None
         self._http = http or http_pool(timeout_s)
+        if _in_clear(self.url):
+            log.warning(
+                "%s is plain http:// to a host that is not this machine: the Conversion Key "
+                "and every event travel unencrypted; use https:// (http:// is meant for a "
+                "local sandbox)",
+                safe_url(self.url),
+            )
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
@@ -229,6 +286,7 @@ class ConversionsClient:
             pixel_id=destination.pixel_id,
             timeout_s=timeout_s,
             integration_source=destination.integration_source,
+            validate_only=destination.validate_only,
             labels=Labels(destination.name, destination.key_source),
             http=http,
         )
@@ -286,6 +344,20 @@ class ConversionsClient:
         return NetworkError(
             Response(message=f"{what}: {detail} ({self.url})"), key_fingerprint=self.key_fingerprint
         )
+
+
+def _in_clear(url: str) -> bool:
+    """Whether ``url`` is plain http to a host other than this machine's loopback."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def _accepted_count(content: bytes) -> int | None:

@@ -5,7 +5,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
 ``{p}:d:{name}`` for any other (see ``config/destinations.toml``)::
 
     {d}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
-                                    i=event id, n=attempts so far (retries only),
+                                    i=event id, k=identifier kinds (bits, capi.coverage),
+                                    n=attempts so far (retries only),
                                     m=retry metadata JSON (retries only)
     {d}:events  group "senders"     the consumer group the workers read through
     {d}:retry               ZSET    member = JSON {u, entries: [...], ra: 1 if the wait is the
@@ -15,9 +16,15 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:dl                  HASH    "{name}:{id}" -> dead letter record JSON
     {d}:dl:index            ZSET    "{name}:{id}", score = dead-lettered at (ms)
     {d}:dl:replays          LIST    replay audit entries (JSON), newest first
-    {d}:stats               HASH    counters: enqueued, delivered, retried, dead_lettered,
-                                    transient_key_failures, requests, accepted_mismatches
+    {d}:stats               HASH    counters: enqueued, duplicates (enqueues the dedup
+                                    window refused), delivered, validated (test mode),
+                                    retried, dead_lettered, transient_key_failures,
+                                    requests, accepted_mismatches, skipped (consent
+                                    denied under consent_policy drop)
     {d}:stats:dl_reasons    HASH    dead-letter reason -> count
+    {d}:coverage:{hour}     HASH    deliveries in one hour (since the epoch): events, and per
+                                    identifier kind how many carried it (capi.coverage);
+                                    expires after 25 hours
     {d}:key                 HASH    key state: state (ok|held), since, reason, fingerprint,
                                     checked_at, guidance
     {d}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
@@ -33,6 +40,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {p}:workers:state       HASH    worker name -> JSON {state, since_ms, detail}
     {d}:endpoint            HASH    failing_since (ms, while sends fail transiently),
                                     last_error, last_error_ms, last_ok_ms
+    {d}:tail                STREAM  the most recent outcomes, PII-free (see capi.tail),
+                                    capped with MAXLEN ~ CAPI_TAIL_ENTRIES
 
 Nothing here ever holds the Conversion Key or a raw identifier.
 """
@@ -113,6 +122,10 @@ class RedisKeys:
         """The hash of counters."""
         return f"{self.ns}:stats"
 
+    def coverage(self, hour: int) -> str:
+        """The hash of one hour's match-coverage counts (hours since the epoch)."""
+        return f"{self.ns}:coverage:{hour}"
+
     @property
     def dl_reasons(self) -> str:
         """The hash of dead letter counts by reason."""
@@ -152,6 +165,11 @@ class RedisKeys:
     def worker_states(self) -> str:
         """The hash of what each worker is doing."""
         return f"{self.prefix}:workers:state"
+
+    @property
+    def tail(self) -> str:
+        """The ring of recent outcomes read by ``capi tail`` (see :mod:`capi.tail`)."""
+        return f"{self.ns}:tail"
 
     @property
     def endpoint(self) -> str:

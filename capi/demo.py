@@ -27,6 +27,7 @@ from rich.console import Console
 from capi import replay
 from capi._aio import aw
 from capi.client import ConversionsClient
+from capi.clock import now_ms
 from capi.events import purchase, signup
 from capi.keycheck import check_key
 from capi.producer import Producer
@@ -240,9 +241,7 @@ class Demo:
         await task
         await sender.aclose()
         status = await gather(client, settings.keys)
-        records = await replay.select(
-            client, settings.keys, replay.Selection(), int(time.time() * 1000)
-        )
+        records = await replay.select(client, settings.keys, replay.Selection(), now_ms())
         self.out.print(
             f"  the worker re-probed the key, confirmed it broken, dead-lettered "
             f"{len(records)} events and holds all workers (key state: "
@@ -265,9 +264,7 @@ class Demo:
         self.step(4, "You create a fresh Conversion Key, restart the worker and replay")
         sandbox.state.conversion_keys.add(FRESH_KEY)
         fresh = settings.model_copy(update={"api_key": SecretStr(FRESH_KEY)})
-        records = await replay.select(
-            client, settings.keys, replay.Selection(), int(time.time() * 1000)
-        )
+        records = await replay.select(client, settings.keys, replay.Selection(), now_ms())
         report = await replay.replay(client, settings.keys, records, rate_per_s=100)
         self.out.print(
             f"  capi dead-letters replay --reason missing_scope: {report.replayed} "

@@ -1,7 +1,8 @@
 """Destinations: the pixels (and their Conversion Keys) one deployment sends to.
 
-A destination is a name, a pixel id, where its Conversion Key comes from (an environment
-variable or a file: never the TOML itself), an optional ``integration_source`` and base
+A destination is a name, a pixel id, where its Conversion Key comes from (a variable, set
+in the environment or in the config file ``config/capi.env`` as settings are, or a file:
+never the TOML itself), an optional ``integration_source`` and base
 URL, and the SHA-256 of the intake tokens granted it. They are read from
 ``config/destinations.toml``, or the file named by ``CAPI_DESTINATIONS_FILE``::
 
@@ -11,6 +12,8 @@ URL, and the SHA-256 of the intake tokens granted it. They are read from
     integration_source = "acme-platform"    # optional
     # base_url = "https://bzr.openai.com"   # optional
     intake_tokens_sha256 = ["<64 hex>"]     # optional
+    consent_policy = "drop"                 # optional: "drop" | "opt_out"
+    consent_default = "granted"             # optional: "granted" | "denied"
 
 Without the file, ``CAPI_API_KEY`` and ``CAPI_PIXEL_ID`` form the one destination
 ``default`` (and ``CAPI_INTAKE_TOKENS_SHA256`` lists its tokens), so a single-pixel set-up
@@ -21,7 +24,7 @@ destinations meanwhile.
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 import time
 import tomllib
@@ -30,14 +33,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
 from capi.fingerprint import fingerprint, shape_problem
-from capi.settings import Settings
+from capi.safetext import shown
+from capi.settings import Settings, checked_base_url
 
 T = TypeVar("T")
+log = logging.getLogger("capi.destinations")
 
 DEFAULT_FILE = Path("config/destinations.toml")
 DEFAULT_NAME = "default"
@@ -56,18 +68,62 @@ class _Entry(BaseModel):
     integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     intake_tokens_sha256: list[str] = []
+    consent_policy: Literal["drop", "opt_out"] | None = None
+    consent_default: Literal["granted", "denied"] | None = None
+    validate_only: bool = False
+    advertiser_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    advertiser_key_file: Path | None = None
+    ads_api_base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
+
+    @field_validator("pixel_id")
+    @classmethod
+    def _pixel_id(cls, value: str) -> str:
+        return checked_pixel_id(value)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else checked_base_url(value)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> _Entry:
         if (self.api_key_env is None) == (self.api_key_file is None):
             raise ValueError("give exactly one of api_key_env and api_key_file")
+        if self.advertiser_key_env is not None and self.advertiser_key_file is not None:
+            raise ValueError("give at most one of advertiser_key_env and advertiser_key_file")
         for token in self.intake_tokens_sha256:
             if not re.match(SHA256_HEX, token):
                 raise ValueError(
                     "intake_tokens_sha256 holds SHA-256 digests: 64 lowercase hex characters "
-                    "each (capi intake-token prints the line to paste)"
+                    "each (capi intake-token --write adds one)"
                 )
         return self
+
+
+def checked_pixel_id(value: str) -> str:
+    """``value`` if it can be a pixel id (it is printed and sent as ?pid=); ValueError if
+    it holds a space, a control character or an invisible formatting character."""
+    if any(c.isspace() for c in value) or shown(value) != value:
+        raise ValueError(
+            f"{shown(value)[:80]!r} is not a pixel id: no spaces, control characters or "
+            "invisible (bidi, zero-width) characters; copy it from Ads Manager -> Conversions"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Consent:
+    """What a destination does with an event whose consent is denied (``policy``), and the
+    consent of an event that carries none (``default``)."""
+
+    policy: Literal["drop", "opt_out"] = "drop"
+    default: Literal["granted", "denied"] = "granted"
+
+    def fate(self, given: str | None) -> Literal["send", "drop", "opt_out"]:
+        """What becomes of an event with consent ``given`` (None: not given)."""
+        if (given or self.default) == "granted":
+            return "send"
+        return self.policy
 
 
 @dataclass(frozen=True)
@@ -81,11 +137,24 @@ class Destination:
     base_url: str = DEFAULT_BASE_URL
     integration_source: str | None = None
     intake_tokens_sha256: frozenset[str] = frozenset()
+    consent: Consent = Consent()
+    validate_only: bool = False  # test mode: the API checks every batch and saves nothing
+    reads: ReadBack | None = None  # the Advertiser API key for capi verify, when configured
 
     @property
     def key_fingerprint(self) -> str:
         """The key's fingerprint, the only form in which it is ever shown."""
         return fingerprint(self.api_key)
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """Where ``capi verify`` reads a destination's events back: the Advertiser API, with an
+    Advertiser API key (never the Conversion Key, never shown)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    key_source: str
 
 
 def source(settings: Settings) -> Path | None:
@@ -97,12 +166,15 @@ def source(settings: Settings) -> Path | None:
 
 
 def load(settings: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Destination]:
-    """The configured destinations by name; ConfigError names what is wrong, and where."""
-    environ = os.environ if environ is None else environ
+    """The configured destinations by name; ConfigError names what is wrong, and where.
+
+    A key named by ``api_key_env`` is looked up in ``environ``: by default the environment
+    and the config file (``config/capi.env``), the environment winning, as for settings."""
+    environ = settings.environ() if environ is None else environ
     path = source(settings)
     if path is None:
         return {DEFAULT_NAME: default(settings)}
-    return parse(_read(path), path, settings, environ)
+    return parse(_read(path), path, settings, environ, where=settings.config_source())
 
 
 def parse_file(
@@ -110,14 +182,21 @@ def parse_file(
 ) -> dict[str, Destination]:
     """Like :func:`load`, but a key that cannot be read here is left empty rather than
     refused (for listing destinations on a host that does not hold every key)."""
-    environ = os.environ if environ is None else environ
+    environ = settings.environ() if environ is None else environ
     path = source(settings)
     if path is None:
         try:
             return {DEFAULT_NAME: default(settings)}
         except ConfigError:
-            return {DEFAULT_NAME: Destination(DEFAULT_NAME, settings.pixel_id or "", "", "")}
-    return parse(_read(path), path, settings, environ, keys="optional")
+            reads = default_reads(settings)
+            return {
+                DEFAULT_NAME: Destination(
+                    DEFAULT_NAME, settings.pixel_id or "", "", "", reads=reads
+                )
+            }
+    return parse(
+        _read(path), path, settings, environ, keys="optional", where=settings.config_source()
+    )
 
 
 def _read(path: Path) -> str:
@@ -142,7 +221,9 @@ def file_stamp(settings: Settings) -> tuple[str, float] | None:
 
 class Following(Generic[T]):
     """What ``read`` makes of the destinations file, read again when the file changes
-    (looked at at most once a second); a broken file keeps the last good result."""
+    (looked at at most once a second; ``stamp`` tells a change, :func:`file_stamp` unless
+    given). A broken file goes to :meth:`broken`, which logs it and keeps the last good
+    result unless a subclass decides otherwise."""
 
     def __init__(
         self,
@@ -150,12 +231,14 @@ class Following(Generic[T]):
         read: Callable[[Settings], T],
         *,
         monotonic: Callable[[], float] | None = None,
+        stamp: Callable[[Settings], object] | None = None,
     ) -> None:
         self.settings = settings
         self._read = read
+        self._stamp_of: Callable[[Settings], object] = stamp or file_stamp
         self._monotonic = monotonic or time.monotonic
         self._checked = self._monotonic()
-        self._stamp = file_stamp(settings)
+        self._stamp = self._stamp_of(settings)
         self._value = read(settings)
 
     def current(self) -> T:
@@ -163,14 +246,19 @@ class Following(Generic[T]):
         now = self._monotonic()
         if now - self._checked >= 1.0:
             self._checked = now
-            stamp = file_stamp(self.settings)
+            stamp = self._stamp_of(self.settings)
             if stamp != self._stamp:
+                self._stamp = stamp
                 try:
                     self._value = self._read(self.settings)
-                    self._stamp = stamp
-                except ConfigError:
-                    pass
+                except ConfigError as exc:
+                    self._value = self.broken(self._value, exc)
         return self._value
+
+    def broken(self, last: T, exc: ConfigError) -> T:
+        """The result while the file is broken (``exc`` says how): the last good one."""
+        log.error("%s; keeping the destinations read before until it is fixed", exc)
+        return last
 
 
 class Names(Following[list[str]]):
@@ -178,6 +266,29 @@ class Names(Following[list[str]]):
 
     def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
         super().__init__(settings, names, monotonic=monotonic)
+
+
+class Consents(Following[dict[str, Consent]]):
+    """Each destination's consent rules by name, following the file, for producers."""
+
+    def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
+        super().__init__(settings, consents, monotonic=monotonic)
+
+
+def consents(settings: Settings) -> dict[str, Consent]:
+    """Each configured destination's consent rules, without reading any key."""
+    path = source(settings)
+    if path is None:
+        return {DEFAULT_NAME: _consent(None, settings)}
+    return {n: d.consent for n, d in parse(_read(path), path, settings, {}, keys="skip").items()}
+
+
+def _consent(entry: _Entry | None, settings: Settings) -> Consent:
+    """A destination's consent rules: its own, else CAPI_CONSENT_POLICY / _DEFAULT."""
+    return Consent(
+        policy=(entry and entry.consent_policy) or settings.consent_policy,
+        default=(entry and entry.consent_default) or settings.consent_default,
+    )
 
 
 def names(settings: Settings) -> list[str]:
@@ -195,10 +306,12 @@ def parse(
     environ: Mapping[str, str],
     *,
     keys: Literal["required", "optional", "skip"] = "required",
+    where: str = "the environment",
 ) -> dict[str, Destination]:
     """The destinations of one TOML text (``path`` only names it in errors). Each key is
     read and must be usable (``required``), is left empty when it cannot be read here
-    (``optional``), or is not read at all (``skip``)."""
+    (``optional``), or is not read at all (``skip``); ``where`` says where ``environ``
+    comes from, for the message about a variable that is not set."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -214,22 +327,22 @@ def parse(
         raise ConfigError(f"{path}: names no destination; add a [destinations.NAME] table")
     out: dict[str, Destination] = {}
     for name, table in tables.items():
-        where = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
+        at = f"{path}:{_line_of(text, name)}: [destinations.{name}]"
         if not NAME.fullmatch(name):
             raise ConfigError(
-                f"{where}: a destination name is 1-63 lowercase letters, digits, - or _, "
+                f"{at}: a destination name is 1-63 lowercase letters, digits, - or _, "
                 "starting with a letter or digit"
             )
         if not isinstance(table, dict):
-            raise ConfigError(f"{where}: must be a table of settings")
+            raise ConfigError(f"{at}: must be a table of settings")
         try:
             entry = _Entry.model_validate(table)
         except ValidationError as exc:
-            raise ConfigError(f"{where}: {_first(exc)}") from None
+            raise ConfigError(f"{at}: {_first(exc)}") from None
         key, key_source = "", ""
         if keys != "skip":
             try:
-                key, key_source = _key(entry, where, environ)
+                key, key_source = _key(entry, at, environ, where)
             except ConfigError:
                 if keys == "required":
                     raise
@@ -241,8 +354,30 @@ def parse(
             base_url=(entry.base_url or settings.base_url).rstrip("/"),
             integration_source=entry.integration_source or settings.integration_source,
             intake_tokens_sha256=frozenset(entry.intake_tokens_sha256),
+            consent=_consent(entry, settings),
+            validate_only=entry.validate_only,
+            reads=_reads(entry, settings, environ) if keys != "skip" else None,
         )
     return out
+
+
+def _reads(entry: _Entry, settings: Settings, environ: Mapping[str, str]) -> ReadBack | None:
+    """The destination's read-back key, from its own advertiser_key_env or _file (None when
+    neither is given; an empty key when the variable is unset or the file unreadable, which
+    capi verify reports naming the source)."""
+    base = (entry.ads_api_base_url or settings.ads_api_base_url).rstrip("/")
+    if entry.advertiser_key_env:
+        value = environ.get(entry.advertiser_key_env, "").strip()
+        source = f"${entry.advertiser_key_env}"
+    elif entry.advertiser_key_file:
+        try:
+            value = entry.advertiser_key_file.read_text().strip()
+        except OSError:
+            value = ""
+        source = str(entry.advertiser_key_file)
+    else:
+        return None
+    return ReadBack(base, value, source)
 
 
 def default_token_digests(settings: Settings) -> list[str]:
@@ -252,7 +387,7 @@ def default_token_digests(settings: Settings) -> list[str]:
         if not re.match(SHA256_HEX, d):
             raise ConfigError(
                 "CAPI_INTAKE_TOKENS_SHA256: comma-separated SHA-256 digests, 64 lowercase hex "
-                "characters each (capi intake-token prints the line to paste)"
+                "characters each (capi intake-token --write adds one)"
             )
     return digests
 
@@ -269,15 +404,29 @@ def default(settings: Settings) -> Destination:
         base_url=settings.base_url,
         integration_source=settings.integration_source,
         intake_tokens_sha256=frozenset(tokens),
+        consent=_consent(None, settings),
+        validate_only=settings.validate_only,
+        reads=default_reads(settings),
     )
 
 
-def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, str]:
+def default_reads(settings: Settings) -> ReadBack | None:
+    """The read-back of ``default``: CAPI_ADVERTISER_KEY at CAPI_ADS_API_BASE_URL."""
+    if settings.advertiser_key is None:
+        return None
+    key = settings.advertiser_key.get_secret_value().strip()
+    return ReadBack(settings.ads_api_base_url.rstrip("/"), key, "CAPI_ADVERTISER_KEY")
+
+
+def _key(entry: _Entry, where: str, environ: Mapping[str, str], source: str) -> tuple[str, str]:
     if entry.api_key_env is not None:
         key = environ.get(entry.api_key_env, "").strip()
         label = f"${entry.api_key_env}"
         if not key:
-            raise ConfigError(f"{where}: api_key_env names {entry.api_key_env}, which is not set")
+            raise ConfigError(
+                f"{where}: api_key_env names {entry.api_key_env}, which is not set (looked "
+                f"for in {source})"
+            )
     else:
         assert entry.api_key_file is not None
         label = str(entry.api_key_file)
@@ -290,6 +439,17 @@ def _key(entry: _Entry, where: str, environ: Mapping[str, str]) -> tuple[str, st
         problem = problem.replace("the CAPI_API_KEY= line of the config file", "its own line")
         raise ConfigError(f"{where}: the key in {label} {problem}")
     return key, label
+
+
+def key_variables(settings: Settings) -> set[str]:
+    """The variables the destinations file names in ``api_key_env`` (read loosely, so that a
+    broken file still tells them): known names, not typos of settings."""
+    path = source(settings)
+    try:
+        text = path.read_text(encoding="utf-8") if path is not None else ""
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return set(re.findall(r"^\s*api_key_env\s*=\s*[\"']([A-Za-z0-9_]+)[\"']", text, re.MULTILINE))
 
 
 def _line_of(text: str, name: str) -> int:

@@ -14,7 +14,10 @@
         ├── UnknownPixelError        403, unknown pid
         ├── AccessDeniedError        401/403, RBAC: access denied
         ├── InvalidEventError        400/422 of any code, at events[i] or (bisect) none
-        ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
+        │   ├── OutsideTimeWindowError   event_timestamp_too_old, or 422 at ...timestamp_ms
+        │   └── TooLargeError            413: the request is too large (split the batch)
+        ├── RequestInvalidError      400/422 naming a request-level field (pid, ...)
+        ├── NotFoundError            404: nothing at the base URL + /v1/events
         ├── RateLimitedError         429                               retryable
         ├── ServerError              5xx                               retryable
         ├── NetworkError             timeout, reset, dropped response  retryable
@@ -26,6 +29,7 @@ is one, and never the key: a key appears only as its fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -93,6 +97,9 @@ class Response:
     request_ids: dict[str, str] = field(default_factory=dict)
     retry_after_s: float | None = None
     event_index: int | None = None
+    # Every events[i] the answer names (in param or errors[].param), first named first.
+    event_indexes: list[int] = field(default_factory=list)
+    request_field: str | None = None
     missing_scopes: list[str] = field(default_factory=list)
 
 
@@ -187,6 +194,53 @@ class InvalidEventError(SendError):
         """The index of the rejected event within the batch, from ``param: events[i]``."""
         return self.response.event_index
 
+    def for_event(self, index: int) -> InvalidEventError:
+        """This rejection as it concerns ``events[index]`` alone: its param, and only the
+        ``errors[]`` entries that name it (for that event's dead letter)."""
+        r = self.response
+        mine = f"events[{index}]"
+        body = r.body
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("errors"), list):
+            own = [
+                e
+                for e in error["errors"]
+                if isinstance(e, dict) and str(e.get("param") or "").startswith(mine)
+            ]
+            body = {**body, "error": {**error, "errors": own or error["errors"]}}
+        narrowed = dataclasses.replace(
+            r,
+            param=mine if r.param is None or not r.param.startswith(mine) else r.param,
+            body=body,
+            event_index=index,
+            event_indexes=[index],
+        )
+        return type(self)(narrowed, self.key_fingerprint)
+
+
+class TooLargeError(InvalidEventError):
+    """Raised on 413: the request is too large; the batch is split (no event is named)."""
+
+    reason = Reason.TOO_LARGE
+
+    @property
+    def event_index(self) -> int | None:
+        """No event is named: a 413 is about the whole request."""
+        return None
+
+
+class RequestInvalidError(SendError):
+    """Raised on a 400 or 422 that names a request-level field (``response.request_field``:
+    pid, validate_only, ...), not an event: a configuration problem."""
+
+    reason = Reason.REQUEST_INVALID
+
+
+class NotFoundError(SendError):
+    """Raised on 404: nothing answers at the configured base URL + /v1/events."""
+
+    reason = Reason.NOT_FOUND
+
 
 class OutsideTimeWindowError(InvalidEventError):
     """Raised when the code is event_timestamp_too_old, or a 422 names ``...timestamp_ms``:
@@ -227,6 +281,9 @@ ERROR_BY_REASON: dict[Reason, type[SendError]] = {
         UnknownPixelError,
         AccessDeniedError,
         InvalidEventError,
+        TooLargeError,
+        RequestInvalidError,
+        NotFoundError,
         OutsideTimeWindowError,
         RateLimitedError,
         ServerError,

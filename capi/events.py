@@ -14,44 +14,39 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import ValidationError
 
-from capi import schema
+from capi import identifiers, money, schema
+from capi.clock import Clock, now_ms
 from capi.constants import API_MAX_AGE_MS, API_MAX_FUTURE_MS, MAX_EVENT_BYTES
 from capi.errors import EventRejected, Problem
-from capi.hashing import Identifier, hash_identifier
+from capi.hashing import Identifier
 from capi.jsondata import plain_copy
 
-Clock = Callable[[], float]
 """Returns the current Unix time in seconds (``time.time`` unless a test injects one)."""
 
 _CUSTOM_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9])?")
 MAX_PROBLEMS = 20
-_LEGACY_USER_FIELDS = {
-    "email_sha256": "emails_sha256",
-    "external_id_sha256": "external_ids_sha256",
-    "phone_number_sha256": "phone_numbers_sha256",
-    "country": "countries",
-    "city": "cities",
-    "zip_code": "postal_codes",
-    "emails": "email",
-    "phones": "phone",
-}
+CONSENT_VALUES = ("granted", "denied")
 _MONEY_HINT = "an integer in the currency's minor unit (12999 for 129.99 USD, 8900 for ¥8900)"
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedEvent:
-    """A validated event with identifiers hashed, and its JSON as it will be sent."""
+    """A validated event with identifiers hashed, and its JSON as it will be sent; with
+    the optional identifiers left out as invalid (``warnings``) and the event's consent."""
 
     event: schema.Event
     json: bytes
+    warnings: tuple[Problem, ...] = ()
+    consent: str | None = None
 
     @property
     def id(self) -> str:
@@ -68,10 +63,14 @@ class PreparedEvent:
         """When the conversion happened, Unix milliseconds."""
         return self.event.timestamp_ms
 
-
-def now_ms(clock: Clock = time.time) -> int:
-    """The clock's time in Unix milliseconds."""
-    return int(clock() * 1000)
+    def opted_out(self) -> PreparedEvent:
+        """This event as sent when consent is denied under the ``opt_out`` policy: with
+        ``opt_out: true`` and without ``obref`` (the Pixel's browser id)."""
+        user = self.event.user
+        if user is not None and user.obref is not None:
+            user = user.model_copy(update={"obref": None})
+        event = self.event.model_copy(update={"opt_out": True, "user": user})
+        return PreparedEvent(event, event.to_json(), self.warnings, self.consent)
 
 
 def prepare(
@@ -80,11 +79,14 @@ def prepare(
     clock: Clock = time.time,
     hash_identifiers: bool = True,
     check_time: bool = True,
+    strict_identifiers: bool = False,
 ) -> PreparedEvent:
     """Hash, validate and serialize one event; raise EventRejected naming every problem.
 
     The event is first copied as plain JSON data of bounded size and depth
-    (:func:`capi.jsondata.plain_copy`); the input is never changed.
+    (:func:`capi.jsondata.plain_copy`); the input is never changed. An invalid optional
+    identifier is left out and named in :attr:`PreparedEvent.warnings`
+    (:mod:`capi.identifiers`), or refuses the event with ``strict_identifiers``.
     ``hash_identifiers=False`` treats raw identifier fields as unknown (the API's view);
     ``check_time=False`` leaves the time window to the caller.
     """
@@ -101,13 +103,11 @@ def prepare(
         raise EventRejected(exc.problems, given if isinstance(given, str) else None) from None
     event_id = data.get("id") if isinstance(data.get("id"), str) else None
     problems: list[Problem] = []
-    if hash_identifiers and isinstance(data.get("user"), dict):
-        _hash_user(data["user"], problems)
-    try:
-        event: schema.Event = _validate_event(data)
-    except ValidationError as exc:
-        problems.extend(_problems(exc, data))
-        raise EventRejected(_capped(problems), event_id) from None
+    warnings: list[Problem] = []
+    consent = _consent(data, problems) if "consent" in data else None
+    if type(data.get("data")) is dict:
+        money.apply_values(data["data"], problems)
+    event = _validated(data, event_id, problems, warnings, hash_identifiers, strict_identifiers)
     problems.extend(_cross_checks(event))
     if check_time:
         problems.extend(time_window_problems(event.timestamp_ms, now_ms(clock)))
@@ -119,7 +119,51 @@ def prepare(
         raise EventRejected(
             [Problem("(event)", f"is {size}; at most {MAX_EVENT_BYTES // 1024} KiB")], event_id
         )
-    return PreparedEvent(event, data_json)
+    return PreparedEvent(event, data_json, tuple(warnings), consent)
+
+
+def _validated(
+    data: dict[str, Any],
+    event_id: str | None,
+    problems: list[Problem],
+    warnings: list[Problem],
+    hash_identifiers: bool,
+    strict: bool,
+) -> schema.Event:
+    """The event validated; invalid optional identifiers left out as warnings (problems when
+    ``strict``); EventRejected with every problem otherwise."""
+    user = data.get("user")
+    long = False
+    if type(user) is dict:
+        if hash_identifiers:
+            identifiers.hash_raw(user, problems, problems if strict else warnings)
+        long = identifiers.dedupe(user)
+    try:
+        event: schema.Event = _validate_event(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if strict or type(user) is not dict or not identifiers.droppable(errors):
+            problems.extend(_problems(exc, data))
+            raise EventRejected(_capped(problems), event_id) from None
+        warnings.extend(_problems(exc, data))
+        identifiers.drop(user, (err["loc"] for err in errors))
+        try:
+            event = _validate_event(data)  # only bad values were removed: valid now
+        except ValidationError as again:
+            problems.extend(_problems(again, data))
+            raise EventRejected(_capped(problems), event_id) from None
+    if long and event.user is not None:
+        identifiers.cut(event.user)
+    return event
+
+
+def _consent(data: dict[str, Any], problems: list[Problem]) -> str | None:
+    """The event's ``consent`` (taken out: it is capi's, never sent to the API)."""
+    consent = data.pop("consent")
+    if consent in CONSENT_VALUES:
+        return str(consent)
+    problems.append(Problem("consent", "must be 'granted' or 'denied'"))
+    return None
 
 
 # What Event.model_validate() calls, without its per-call Python wrapper.
@@ -144,58 +188,6 @@ def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:
     if timestamp_ms > now + API_MAX_FUTURE_MS:
         return [Problem("timestamp_ms", "is more than 10 minutes in the future")]
     return []
-
-
-def _hash_user(user: dict[str, Any], problems: list[Problem]) -> None:
-    """Replace raw identifiers in ``user`` (the event's own copy) by their hashes, in place."""
-    if not user.keys().isdisjoint(_LEGACY_USER_FIELDS):
-        for legacy, plural in _LEGACY_USER_FIELDS.items():
-            if legacy in user:
-                user.pop(legacy)
-                problems.append(Problem(f"user.{legacy}", f"is not a field; use user.{plural}"))
-    if user.keys().isdisjoint(_RAW_FIELDS):
-        return
-    for kind, raw_field, hashed_field in _IDENTIFIERS:
-        if raw_field not in user:
-            continue
-        values = user.pop(raw_field)
-        if isinstance(values, str):
-            values = [values]
-        if not isinstance(values, list) or not values:
-            problems.append(
-                Problem(f"user.{raw_field}", "must be a string or a non-empty list of strings")
-            )
-            continue
-        given = user.get(hashed_field)
-        hashed: list[Any] = list(given) if isinstance(given, list) else []
-        for i, value in enumerate(values):
-            try:
-                hashed.append(hash_identifier(kind, value))
-            except ValueError as exc:
-                problems.append(Problem(f"user.{raw_field}[{i}]", str(exc)))
-        if given is not None and not isinstance(given, list):
-            continue  # leave the bad value for the schema to name
-        user[hashed_field] = _unique(hashed)
-
-
-# Each raw identifier with its field names, looked up once rather than per event.
-_IDENTIFIERS = tuple((kind, kind.value, kind.hashed_field) for kind in Identifier)
-_RAW_FIELDS = frozenset(raw for _, raw, _ in _IDENTIFIERS)
-
-
-def _unique(values: list[Any]) -> list[Any]:
-    """Unique hex digests, order kept, in linear time; other values stay for the schema."""
-    if len(values) < 2:
-        return values  # the usual single identifier
-    seen: set[str] = set()
-    out = []
-    for v in values:
-        if isinstance(v, str):
-            if v.lower() in seen:
-                continue
-            seen.add(v.lower())
-        out.append(v)
-    return out
 
 
 def _cross_checks(event: schema.Event) -> list[Problem]:
@@ -249,26 +241,50 @@ def _source_problems(event: schema.Event) -> list[Problem]:
             Problem("action_source", f"must be 'mobile_app' for an event of type {event.type!r}")
         )
     if event.source_url is not None:
-        sent = _sent_url(event.source_url)
+        sent, oppref = _sent_url(event.source_url)
         if sent is None:
             problems.append(Problem("source_url", "must be an absolute http(s) URL"))
         elif sent != event.source_url:  # pydantic's __setattr__ is slow: only when it changes
+            if oppref and event.oppref is None:  # the click id, before the query goes
+                event.oppref = oppref
             event.source_url = sent
     elif event.action_source == "web":
         problems.append(Problem("source_url", "is required when action_source is 'web'"))
     return problems
 
 
+_BAD_HOST = re.compile(r"[\s\x00-\x1f\x7f<>\"{}|\\^`%]")
+
+
 # Events come from a few pages. urlsplit() caches as many URLs itself, so this keeps no more.
 @lru_cache(maxsize=128)
-def _sent_url(url: str) -> str | None:
-    """The URL as sent, or None if it is not an absolute http(s) URL."""
+def _sent_url(url: str) -> tuple[str | None, str | None]:
+    """The URL as sent (None if it is not an absolute http(s) URL), and the ``oppref``
+    of its query if it has one."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        return None
+        return None, None
+    try:
+        hostname, _ = parts.hostname, parts.port  # a port that is not a number: ValueError
+    except ValueError:
+        return None, None
+    if not hostname or _BAD_HOST.search(hostname):
+        return None, None  # https://:443/, a space or a control character in the host
     # Query strings, fragments and user:password@ carry PII and secrets: never send them.
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    return urlunsplit((parts.scheme, host, parts.path, "", "")), query_param(parts.query)
+
+
+def query_param(query: str, name: str = "oppref") -> str | None:
+    """The first value of ``name`` in a URL query as a browser's
+    ``URLSearchParams.get(name)`` gives it (``+`` as space, percent-decoded as UTF-8,
+    invalid sequences as U+FFFD), or None when absent."""
+    if not query:
+        return None
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key == name:
+            return value
+    return None
 
 
 def _money_problems(path: str, priced: schema._Priced) -> list[Problem]:
@@ -409,8 +425,9 @@ def signup(
 def purchase(
     event_id: str,
     *,
-    amount: int,
+    amount: int | None = None,
     currency: str,
+    value: str | Decimal | None = None,
     contents: list[Mapping[str, Any]] | None = None,
     timestamp_ms: int | None = None,
     email: str | list[str] | None = None,
@@ -422,8 +439,12 @@ def purchase(
     user: Mapping[str, Any] | None = None,
     clock: Clock = time.time,
 ) -> dict[str, Any]:
-    """A purchase: an ``order_created`` event; ``amount`` in the currency's minor unit."""
-    data: dict[str, Any] = {"type": "contents", "amount": amount, "currency": currency}
+    """A purchase: an ``order_created`` event; ``amount`` in the currency's minor unit, or
+    ``value`` as written (``"129.99"``: see :mod:`capi.money`)."""
+    if (amount is None) == (value is None):
+        raise TypeError("purchase() takes one of amount= (minor units) and value= (a decimal)")
+    data: dict[str, Any] = {"type": "contents", "currency": currency}
+    data.update({"amount": amount} if value is None else {"value": value})
     if contents is not None:
         data["contents"] = [dict(c) for c in contents]
     return _event(

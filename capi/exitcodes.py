@@ -4,10 +4,12 @@
   0  OK                     done, or nothing to do
   1  FAILURE                an unexpected error
   2  USAGE                  bad command line (click's own code)
-  3  CONFIG                 a setting is missing or invalid
-  4  REFUSED                some input events were refused (enqueue)
+  3  CONFIG                 a setting is missing or invalid (also: the endpoint answered
+                            404, or refused a request-level field such as pid)
+  4  REFUSED                some events were refused (enqueue), or would be (replay --dry-run)
   5  REDIS                  Redis cannot be reached, did not answer in time, or refused
   6  REDIS_FULL             Redis is full (maxmemory under noeviction): nothing was queued
+  7  NOT_FOUND              a dead letter named by id does not exist (show, replay)
  10  MISSING_SCOPE          the key lacks ads.third_party_events.write
  11  UNAUTHORIZED           the key is unknown or revoked
  12  UNKNOWN_PIXEL          the pixel id is unknown for this key
@@ -34,6 +36,7 @@ class ExitCode(IntEnum):
     REFUSED = 4
     REDIS = 5
     REDIS_FULL = 6
+    NOT_FOUND = 7
     MISSING_SCOPE = 10
     UNAUTHORIZED = 11
     UNKNOWN_PIXEL = 12
@@ -46,10 +49,12 @@ MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "done, or nothing to do",
     ExitCode.FAILURE: "an unexpected error, or a check that did not pass (capi health)",
     ExitCode.USAGE: "bad command line (a misspelled option or value)",
-    ExitCode.CONFIG: "a setting is missing or invalid (the message names it)",
-    ExitCode.REFUSED: "some input events were refused (capi enqueue)",
+    ExitCode.CONFIG: "a setting is missing or invalid (the message names it; also a 404 "
+    "from the endpoint, or a request-level field it refused)",
+    ExitCode.REFUSED: "some events were refused (capi enqueue), or would be (replay --dry-run)",
     ExitCode.REDIS: "Redis cannot be reached, did not answer in time, or refused",
     ExitCode.REDIS_FULL: "Redis is full (maxmemory under noeviction): nothing was queued",
+    ExitCode.NOT_FOUND: "a dead letter named by id does not exist (dead-letters show, replay)",
     ExitCode.MISSING_SCOPE: "the key lacks ads.third_party_events.write",
     ExitCode.UNAUTHORIZED: "the key is unknown or revoked",
     ExitCode.UNKNOWN_PIXEL: "the pixel id is unknown for this key",
@@ -67,6 +72,8 @@ _BY_REASON = {
     Reason.NETWORK: ExitCode.UNREACHABLE,
     Reason.SERVER_ERROR: ExitCode.UNREACHABLE,
     Reason.RATE_LIMITED: ExitCode.UNREACHABLE,
+    Reason.NOT_FOUND: ExitCode.CONFIG,  # CAPI_BASE_URL is wrong
+    Reason.REQUEST_INVALID: ExitCode.CONFIG,  # a setting sent with every request is wrong
 }
 
 

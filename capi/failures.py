@@ -1,24 +1,30 @@
-"""The failure classes: every way a send can fail, what it means, and its fate.
+"""The failure classes: every way a send can fail, and what it means.
 
-=====================  ==============================================  ======================
-reason                 meaning                                         fate
-=====================  ==============================================  ======================
-missing_scope          401: the key lacks ads.third_party_events.write  re-probe; transient ->
-                                                                       retry, confirmed ->
-                                                                       dead-letter + hold
-unauthorized           401: the API does not know the key               dead-letter + hold
-unknown_pixel          403: the API does not know the pixel id          dead-letter + hold
-access_denied          401/403 such as plain-text "RBAC: access denied" like missing_scope
-invalid_event          400/422 of any code: an event breaks a rule      dead-letter that event
-                       (events[i]; no index: bisect)
-outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms,  dead-letter, no replay
-                       or caught locally: older than 7 days
-rate_limited           429                                             retry (Retry-After)
-server_error           5xx                                             retry
-network                timeout, reset, refused, dropped response        retry
-retries_exhausted      a retryable failure past CAPI_MAX_ATTEMPTS       dead-letter
-unexpected             anything else                                    dead-letter, raw body
-=====================  ==============================================  ======================
+What the worker then does with the batch (the fate) is decided in one table,
+:data:`capi.worker.decisions.FATES`, which has a row for every reason.
+
+=====================  ===================================================================
+reason                 meaning
+=====================  ===================================================================
+missing_scope          401: the key lacks ads.third_party_events.write
+unauthorized           401: the API does not know the key
+unknown_pixel          403: the API does not know the pixel id
+access_denied          401/403 such as plain-text "RBAC: access denied"
+invalid_event          400/422 of any code naming events[i] (whatever its message), or
+                       naming no field: an event breaks a rule (no index: bisect)
+request_invalid        400/422 naming a request-level field (pid, validate_only, events,
+                       ...): a configuration problem, not an event's
+too_large              413: the request is too large
+not_found              404: nothing at CAPI_BASE_URL + /v1/events
+outside_time_window    event_timestamp_too_old, 422 at ..timestamp_ms, or caught locally:
+                       older than 7 days (never replayable)
+rate_limited           429
+server_error           5xx
+network                timeout, reset, refused, dropped response
+retries_exhausted      a retryable failure whose next attempt would fall past the event's
+                       7-day window, or past CAPI_MAX_ATTEMPTS when set
+unexpected             anything else (the raw body is kept)
+=====================  ===================================================================
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ class Reason(StrEnum):
     UNKNOWN_PIXEL = "unknown_pixel"
     ACCESS_DENIED = "access_denied"
     INVALID_EVENT = "invalid_event"
+    REQUEST_INVALID = "request_invalid"
+    TOO_LARGE = "too_large"
+    NOT_FOUND = "not_found"
     OUTSIDE_TIME_WINDOW = "outside_time_window"
     RATE_LIMITED = "rate_limited"
     SERVER_ERROR = "server_error"
@@ -57,6 +66,17 @@ class Reason(StrEnum):
         return self in _KEY_PROBLEMS
 
     @property
+    def config_problem(self) -> bool:
+        """Whether the failure is about the destination's settings (pixel id, base URL, a
+        request-level field), not its events: the worker holds it and keeps the events."""
+        return self in _CONFIG_PROBLEMS
+
+    @property
+    def holds(self) -> bool:
+        """Whether a confirmed failure of this kind holds the destination (key or config)."""
+        return self in _KEY_PROBLEMS or self in _CONFIG_PROBLEMS
+
+    @property
     def maybe_transient(self) -> bool:
         """Whether a key failure is known to happen spuriously and needs a re-probe to confirm."""
         return self in (Reason.MISSING_SCOPE, Reason.ACCESS_DENIED, Reason.UNAUTHORIZED)
@@ -73,6 +93,9 @@ _MEANINGS = {
     Reason.UNKNOWN_PIXEL: "the API does not recognise the pixel id for this key",
     Reason.ACCESS_DENIED: "the platform denied access (RBAC), often transiently",
     Reason.INVALID_EVENT: "the API rejected the event as invalid",
+    Reason.REQUEST_INVALID: "the API rejected a request-level field (not an event)",
+    Reason.TOO_LARGE: "the API refused the request as too large (413)",
+    Reason.NOT_FOUND: "nothing answers at the events endpoint's URL (404)",
     Reason.OUTSIDE_TIME_WINDOW: "the event is older than 7 days (or too far ahead)",
     Reason.RATE_LIMITED: "the API asked us to slow down (429)",
     Reason.SERVER_ERROR: "the API failed on its side (5xx)",
@@ -84,3 +107,4 @@ _RETRYABLE = frozenset({Reason.RATE_LIMITED, Reason.SERVER_ERROR, Reason.NETWORK
 _KEY_PROBLEMS = frozenset(
     {Reason.MISSING_SCOPE, Reason.UNAUTHORIZED, Reason.UNKNOWN_PIXEL, Reason.ACCESS_DENIED}
 )
+_CONFIG_PROBLEMS = frozenset({Reason.UNKNOWN_PIXEL, Reason.NOT_FOUND, Reason.REQUEST_INVALID})

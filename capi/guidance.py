@@ -34,7 +34,8 @@ SUPPORT_ASKS = (
 class Labels:
     """How guidance names a destination's settings. Without a destinations file they are
     the ``CAPI_*`` settings; a destination of the file has its own entries there, its own
-    key source (``$VAR`` or a file) and its own ``--destination`` on every command."""
+    key source (``$VAR`` or a file) and its own ``--destination`` on the commands that
+    take one."""
 
     destination: str = "default"
     key: str = "CAPI_API_KEY"
@@ -274,9 +275,55 @@ def _unexpected(
         reason,
         "The API answered in a way capi does not recognise." + _status(err),
         [
-            f"Check CAPI_BASE_URL (a 404 usually means a wrong one): {BASE_URL_RULE}.",
+            f"Check CAPI_BASE_URL: {BASE_URL_RULE}.",
             "The raw response is printed by `capi check-key --json`, and kept in each dead "
             "letter it caused (`capi dead-letters show ID`). " + SUPPORT_ASKS,
+        ],
+    )
+
+
+def _request_invalid(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    field = err.response.request_field if err else None
+    named = f" {field!r}" if field else ""
+    return Diagnosis(
+        reason,
+        f"The API rejected the request's field{named}, not an event: every request of this "
+        f"destination would fail the same way, so it is held and its events kept.{_status(err)}",
+        [
+            f"Check what sets{named or ' it'}: the pixel id (CAPI_PIXEL_ID, sent as ?pid=), "
+            "CAPI_INTEGRATION_SOURCE, and CAPI_BASE_URL "
+            f"({BASE_URL_RULE}).",
+            "Then run `capi check-key`: once it passes, the worker's re-probe resumes sending.",
+        ],
+    )
+
+
+def _too_large(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    return Diagnosis(
+        reason,
+        "The API refused even this event alone as too large (413)." + _status(err),
+        [
+            "Shorten the event's largest fields (contents, custom data) where your backend "
+            "builds it, then enqueue it again under the same id.",
+            "A 413 on a batch only splits it: lowering CAPI_BATCH_SIZE saves the extra requests.",
+        ],
+    )
+
+
+def _not_found(
+    reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
+) -> Diagnosis:
+    return Diagnosis(
+        reason,
+        "Nothing answers at CAPI_BASE_URL + /v1/events (404): the destination is held and its "
+        "events kept." + _status(err),
+        [
+            f"Check CAPI_BASE_URL: {BASE_URL_RULE}.",
+            "Then run `capi check-key`: once it passes, the worker's re-probe resumes sending.",
         ],
     )
 
@@ -287,6 +334,9 @@ _BUILDERS = {
     Reason.UNAUTHORIZED: _unauthorized,
     Reason.UNKNOWN_PIXEL: _unknown_pixel,
     Reason.INVALID_EVENT: _invalid_event,
+    Reason.REQUEST_INVALID: _request_invalid,
+    Reason.TOO_LARGE: _too_large,
+    Reason.NOT_FOUND: _not_found,
     Reason.OUTSIDE_TIME_WINDOW: _too_old,
     Reason.RATE_LIMITED: _transient,
     Reason.SERVER_ERROR: _transient,

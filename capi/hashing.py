@@ -3,7 +3,8 @@
 Each identifier is normalized, encoded as UTF-8 and hashed with SHA-256 (lowercase hex):
 
 ===========  ===============================================================
-email        trim, lowercase; must look like ``local@domain``
+email        trim, lowercase; must look like ``local@domain``; a BOM or zero-width
+             character is dropped, a control or bidi character refused
 phone        drop spaces, ``()``, ``.``, ``-``, then a leading ``+`` and leading
              zeros; the country code stays; 8-15 digits
 external id  trim only: case and inner characters are kept
@@ -32,6 +33,8 @@ _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _WHITESPACE = re.compile(r"\s")  # for str patterns, exactly the characters str.isspace() accepts
 _PHONE_SEPARATORS = str.maketrans("", "", " ()-.\t")
 _NAME_DROP = str.maketrans("", "", string.punctuation)
+_INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff]")  # zero-width, word joiner, BOM
+_UNSEEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class Identifier(StrEnum):
@@ -69,8 +72,17 @@ def sha256_hex(normalized: str) -> str:
 
 
 def normalize_email(value: str) -> str:
-    """Trim and lowercase an email address; raise ValueError if it is not one."""
+    """Trim and lowercase an email address; raise ValueError if it is not one. A byte order
+    mark or zero-width character (copy-paste leaves them, invisible) is dropped wherever it
+    is; a control or bidi character is refused."""
     email = value.strip().lower()
+    if not email.isascii():
+        email = _INVISIBLE.sub("", email).strip()
+        if _UNSEEN.search(email):
+            raise ValueError(
+                "must be an email address like name@example.com; it holds a control or "
+                "bidi (text direction) character"
+            )
     local, at, domain = email.partition("@")
     if not at or not local or not domain or "@" in domain or _WHITESPACE.search(email):
         raise ValueError("must be an email address like name@example.com")

@@ -2,10 +2,11 @@
 
 :func:`plain_copy` walks a value depth first and returns a copy made only of ``dict``
 (string keys), ``list``, ``str``, ``int`` (64-bit), finite ``float``, ``bool`` and ``None``;
-tuples become lists and ``str``/``int``/``dict`` subclasses become the plain types. It refuses,
-with :class:`~capi.errors.EventRejected` naming the path and the rule, anything else: bytes,
-arbitrary objects, NaN and infinity, integers beyond 64 bits, text with lone surrogates,
-nesting deeper than :data:`MAX_DEPTH` (which also stops cycles), and more data than the
+tuples become lists, ``str``/``int``/``dict`` subclasses become the plain types, and a
+finite :class:`~decimal.Decimal` becomes its exact text (a money ``value``: :mod:`capi.money`).
+It refuses, with :class:`~capi.errors.EventRejected` naming the path and the rule, anything
+else: bytes, arbitrary objects, NaN and infinity, integers beyond 64 bits, text with lone
+surrogates, nesting deeper than :data:`MAX_DEPTH` (which also stops cycles), and more data than the
 byte budget (counted as a lower bound of the value's size as JSON). The walk stops at the
 first problem and never spends more than the budget, so its time and memory are bounded
 whatever the input (a cycle, a shared list repeated a million times, 80,000 emails).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from capi.errors import EventRejected, Problem
@@ -175,6 +177,8 @@ def _copy(value: Any, path: Path, depth: int, budget: _Budget) -> Any:
         if not math.isfinite(real):
             raise _refused(path, "must be a finite number (not NaN or infinity)")
         return real
+    if isinstance(value, Decimal) and value.is_finite():
+        return _text(format(value, "f"), path, budget)  # exact text: a money value (capi.money)
     raise _refused(path, f"{_JSON_ONLY}, got {_type(value)}")
 
 

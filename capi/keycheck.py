@@ -1,9 +1,9 @@
 """The key check: prove the Conversion Key can write events before trusting it.
 
 One ``validate_only`` request with a synthetic signup: the API checks it without saving it,
-and such requests never show in monitoring. Failures that are known to be spurious
-(missing scope, RBAC denials, network trouble) are probed again a few times before the
-check calls the key broken.
+and such requests never show in monitoring. Failures that may be spurious (missing scope,
+RBAC denials, unauthorized, and anything retryable: 429, 5xx, network) are probed again a
+few times before the check calls the key broken.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from capi.client import ConversionsClient
+from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.events import Clock, now_ms
 from capi.guidance import Diagnosis, diagnose
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -61,9 +61,15 @@ async def check_key(
     clock: Clock = time.time,
     sleep: Sleep = asyncio.sleep,
     api_key: str | None = None,
+    on_suspect: Callable[[SendError], Awaitable[None]] | None = None,
 ) -> KeyCheck:
-    """Probe the key until it passes or fails ``confirmations`` times in a row."""
+    """Probe the key until it passes or fails ``confirmations`` times in a row; a failure
+    that is never spurious (unknown pixel, an unexpected answer) ends the check at once.
+
+    ``on_suspect`` is awaited once, at the first key problem that more probes are to
+    confirm (so that the wait can be shown as such)."""
     error: SendError | None = None
+    suspected = False
     for attempt in range(1, confirmations + 1):
         error = await probe(client, clock=clock)
         if error is None:
@@ -71,6 +77,9 @@ async def check_key(
         if not (error.retryable or error.reason.maybe_transient):
             break
         if attempt < confirmations:
+            if on_suspect is not None and not suspected and not error.retryable:
+                suspected = True
+                await on_suspect(error)
             await sleep(pause_s * attempt)
     assert error is not None
     return KeyCheck(

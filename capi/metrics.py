@@ -4,9 +4,13 @@
 at most 16 connections, each dropped after 5 s idle) with:
 
 - ``/metrics``: the counters, histograms and gauges below (prometheus text format);
-- ``/healthz``: liveness: 200 while the sender's event loop keeps ticking;
-- ``/readyz``: readiness: 200 when Redis answered recently, the key is not held and the
-  endpoint is not failing.
+- ``/healthz``: liveness: 200 while the worker's event loop runs: a task that does nothing
+  else beats every :data:`capi.clock.HEARTBEAT_S`, so a Redis that is frozen or away
+  does not make a healthy worker look stuck (a restart would not help it);
+- ``/readyz``: readiness: 200 when Redis answered within the liveness window
+  (:data:`capi.clock.LIVENESS_S`) and some destination can send (its key not held, its
+  endpoint not failing); the others are named in the answer. 503 ``starting: ...``
+  while the startup key check is under way.
 """
 
 from __future__ import annotations
@@ -27,9 +31,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from capi.clock import LIVENESS_S
 from capi.errors import ConfigError
-
-LIVENESS_S = 30.0
 
 
 class Metrics:
@@ -43,6 +46,20 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         d = ["destination"]
         self.delivered = Counter("capi_events_delivered", "Events the API accepted.", d, registry=r)
+        self.with_identifier = Counter(
+            "capi_events_delivered_with_identifier",
+            "Delivered events carrying each identifier kind (match coverage: divide by "
+            "capi_events_delivered_total); kind any_strong: at least one of email, phone, "
+            "external_id, oppref.",
+            [*d, "kind"],
+            registry=r,
+        )
+        self.validated = Counter(
+            "capi_events_validated",
+            "Events the API checked and did not save (a validate_only destination).",
+            d,
+            registry=r,
+        )
         self.retried = Counter(
             "capi_events_retried",
             "Events scheduled for another attempt.",
@@ -110,12 +127,23 @@ class Metrics:
         self.last_tick = time.monotonic()
         self.last_redis_ok = 0.0
         self._views: dict[str, DestinationMetrics] = {}
+        # Destinations whose startup key check is under way, with what it waits for
+        # (written through starting_for/started; readiness and the heartbeat read it).
+        self.starting: dict[str, str] = {}
 
     def for_destination(self, name: str) -> DestinationMetrics:
         """The view a destination's sender writes through (its label filled in)."""
         if name not in self._views:
             self._views[name] = DestinationMetrics(self, name)
         return self._views[name]
+
+    def starting_for(self, name: str, why: str) -> None:
+        """A destination's startup key check is under way, waiting for ``why``."""
+        self.starting[name] = why
+
+    def started(self, name: str) -> None:
+        """A destination's startup key check is over (passed, held, refused or stopped)."""
+        self.starting.pop(name, None)
 
     def forget(self, name: str) -> None:
         """A destination removed from the file: its gauges are no longer exported and
@@ -126,22 +154,30 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(name)
 
-    def tick(self, redis_ok: bool = True) -> None:
-        """Record that the event loop is alive (and whether Redis answered)."""
+    def beat(self) -> None:
+        """Record that the event loop runs (a task that touches nothing else beats it)."""
         self.last_tick = time.monotonic()
-        if redis_ok:
-            self.last_redis_ok = self.last_tick
+
+    def redis_answered(self) -> None:
+        """Record that Redis answered the worker (readiness)."""
+        self.last_redis_ok = time.monotonic()
 
     def alive(self) -> bool:
-        """Liveness: the loop ticked recently."""
+        """Liveness: the event loop beat within the liveness window, whatever Redis does."""
         return time.monotonic() - self.last_tick < LIVENESS_S
 
     def ready(self) -> tuple[bool, str]:
         """Readiness: Redis answered recently, and some destination can send (its key not
-        held, its endpoint not failing)."""
-        if time.monotonic() - self.last_redis_ok > LIVENESS_S / 3:
+        held, its endpoint not failing). While every destination's startup key check is
+        under way, not ready, saying what the check waits for."""
+        if time.monotonic() - self.last_redis_ok > LIVENESS_S:
             return False, "Redis has not answered recently"
-        views = list(self._views.values())
+        starting = dict(self.starting)
+        views = [v for v in self._views.values() if v.name not in starting]
+        if starting and not views:
+            return False, "starting: " + "; ".join(
+                why if name == "default" else f"{name}: {why}" for name, why in starting.items()
+            )
         held = [v.name for v in views if v.key_ok._value.get() != 1]
         failing = [v.name for v in views if v.endpoint_failing_since._value.get()]
         if views and len(held) == len(views):
@@ -201,6 +237,8 @@ class DestinationMetrics:
         self.parent = parent
         self.name = name
         self.delivered = parent.delivered.labels(name)
+        self.validated = parent.validated.labels(name)
+        self.with_identifier = _ByReason(parent.with_identifier, name)
         self.accepted_mismatches = parent.accepted_mismatches.labels(name)
         self.batch_size = parent.batch_size.labels(name)
         self.send_latency = parent.send_latency.labels(name)
@@ -216,13 +254,17 @@ class DestinationMetrics:
         self.redis_up = parent.redis_up
         self.redis_full = parent.redis_full
 
-    def tick(self, redis_ok: bool = True) -> None:
-        """Record that the event loop is alive (see :meth:`Metrics.tick`)."""
-        self.parent.tick(redis_ok)
+    def set_depth(self, queued: int, in_flight: int, retries: int, oldest_age_s: float) -> None:
+        """Set the queue gauges (from :meth:`capi.queue.Queue.depth`)."""
+        self.queue_depth.set(queued)
+        self.in_flight.set(in_flight)
+        self.retries_scheduled.set(retries)
+        self.oldest_age.set(max(0.0, oldest_age_s))
 
 
 class _ByReason:
-    """A counter labelled by destination and reason, with the destination filled in."""
+    """A counter labelled by destination and one more label (a reason, an identifier kind),
+    with the destination filled in."""
 
     def __init__(self, counter: Counter, destination: str) -> None:
         self.counter = counter

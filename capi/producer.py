@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,20 +28,52 @@ from typing import Any, Self, overload
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
+from prometheus_client import CollectorRegistry, Counter
 
-from capi import dedup
+from capi import dedup, kinds, tail
 from capi import destinations as destinations_
+from capi.clock import Clock
 from capi.constants import RedisKeys
+from capi.coverage import mask
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
-from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import Clock, PreparedEvent, prepare
+from capi.destinations import Consent
+from capi.durability import Durability
+from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
+from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
+# An event for the live-outcomes ring: (the ring's key, or "" for every target's; status,
+# refused or skipped; the rule; (id, type, kinds, timestamp_ms or 0)).
+RingNote = tuple[str, str, str, tuple[str, str, list[str], int]]
 log = logging.getLogger("capi.producer")
+_NO_RULES = Consent()
+_INDEX = re.compile(r"\[\d+\]")
+
+
+class ProducerMetrics:
+    """A producer's Prometheus counters, in the registry its owner exports (the intake's)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.identifiers_dropped = Counter(
+            "capi_identifiers_dropped",
+            "Invalid optional identifiers left out of queued events, by destination and field.",
+            ["destination", "field"],
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "capi_events_skipped",
+            "Events not queued because their consent was denied (consent_policy drop).",
+            ["destination"],
+            registry=registry,
+        )
+
+    def dropped(self, destination: str, path: str) -> None:
+        """Count one identifier left out (the field without list positions)."""
+        self.identifiers_dropped.labels(destination, _INDEX.sub("", path)).inc()
 
 
 @dataclass
@@ -48,7 +81,10 @@ class EnqueueReport:
     """What a bulk enqueue did: how many were queued, duplicates, and each refusal.
 
     ``added`` holds, by position, the answer for each event Redis took: True queued, False a
-    duplicate. A position in neither ``added`` nor ``refused`` did not reach Redis, or its
+    duplicate. ``warnings`` holds, by position, the invalid optional identifiers left out
+    of an event that was taken (field and rule); ``skipped`` the events not sent to a
+    destination because their consent was denied under its ``drop`` policy, with why. A
+    position in none of ``added``, ``refused`` and ``skipped`` did not reach Redis, or its
     call failed before Redis answered (sending it again is safe: the id dedups).
     """
 
@@ -56,6 +92,19 @@ class EnqueueReport:
     duplicates: int = 0
     refused: list[tuple[int, EventRejected]] = field(default_factory=list)
     added: dict[int, bool] = field(default_factory=dict)
+    warnings: dict[int, list[Problem]] = field(default_factory=dict)
+    skipped: dict[int, list[Problem]] = field(default_factory=dict)
+
+    def status(self, i: int) -> str | None:
+        """The answer for the event at position ``i``: queued, duplicate, skipped or
+        refused (None: it did not reach Redis)."""
+        if i in self.added:
+            return "queued" if self.added[i] else "duplicate"
+        if i in self.skipped:
+            return "skipped"
+        if any(j == i for j, _ in self.refused):
+            return "refused"
+        return None
 
     @property
     def ok(self) -> bool:
@@ -146,11 +195,20 @@ class _BaseProducer:
         durability: str = "memory",
         durability_timeout_ms: int = 1000,
         destinations: Sequence[str] | destinations_.Names = (DEFAULT_DESTINATION,),
+        tail_entries: int = 200,
+        consents: Mapping[str, Consent] | destinations_.Consents | None = None,
+        strict_identifiers: bool = False,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.redis = client
+        self.tail_entries = tail_entries
         self._names = destinations
+        self._consents = consents
+        self.strict_identifiers = strict_identifiers
+        self.metrics = ProducerMetrics(registry) if registry is not None else None
         self.durability = durability
         self.durability_timeout_ms = durability_timeout_ms
+        self._durability = Durability(durability, durability_timeout_ms)
         self.keys = keys or RedisKeys()
         self.dedup_window_s = dedup_window_s
         self.clock = clock
@@ -167,8 +225,11 @@ class _BaseProducer:
                 settings.redis_url,
             )
         kwargs.setdefault("destinations", destinations_.Names(settings))
+        kwargs.setdefault("consents", destinations_.Consents(settings))
+        kwargs.setdefault("strict_identifiers", settings.strict_identifiers)
         kwargs.setdefault("durability", settings.enqueue_durability)
         kwargs.setdefault("durability_timeout_ms", settings.durability_timeout_ms)
+        kwargs.setdefault("tail_entries", settings.tail_entries)
         return cls(
             cls._connect(settings),
             keys=settings.keys,
@@ -180,43 +241,34 @@ class _BaseProducer:
     def _connect(settings: Settings) -> Any:
         raise NotImplementedError
 
-    def _durability_command(self) -> tuple[Any, ...] | None:
-        if self.durability == "aof":
-            return ("WAITAOF", 1, 0, self.durability_timeout_ms)
-        if self.durability == "replica":
-            return ("WAIT", 1, self.durability_timeout_ms)
-        return None
+    def _pipeline(self, calls: list[tuple[list[str], list[Any]]]) -> Any:
+        """The enqueue script's calls, then the durability wait, as one pipeline: the wait
+        covers the last write of its own connection (see :mod:`capi.durability`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        for command in self._durability.commands():
+            pipe.execute_command(*command)
+        return pipe
 
-    def _check_durable(self, answer: Any) -> None:
-        """Raise unless the durability wait confirmed the write."""
-        confirmed = answer[0] if isinstance(answer, list) else answer
-        if int(confirmed) < 1:
-            where = "in the append-only file" if self.durability == "aof" else "on a replica"
-            raise QueueUnavailable(
-                f"the event reached Redis but was not confirmed {where} within "
-                f"CAPI_DURABILITY_TIMEOUT_MS={self.durability_timeout_ms}; it may be lost if "
-                "Redis fails now. Enqueueing it again is safe (the event id dedups)."
-            )
-
-    def _durability_refused(self, exc: redis.exceptions.ResponseError) -> ConfigError:
-        text = str(exc)
-        if "unknown command" in text.lower():
-            need = "Redis 7.2+ or Valkey 8+" if self.durability == "aof" else "Redis"
-            return ConfigError(
-                f"CAPI_ENQUEUE_DURABILITY={self.durability} needs {need} "
-                f"(the server said: {text[:120]})"
-            )
-        return ConfigError(
-            f"CAPI_ENQUEUE_DURABILITY={self.durability} cannot be honoured by this Redis "
-            f"({text[:160]}); for aof, set appendonly yes on the server"
-        )
+    def _confirmed(self, calls: int, answers: list[Any]) -> list[list[int]] | None:
+        """The scripts' answers once the wait confirmed them; None if the script must be
+        loaded first (NOSCRIPT: nothing was written). Raises what Redis refused."""
+        flags = answers[:calls]
+        if any(isinstance(f, redis.exceptions.NoScriptError) for f in flags):
+            return None
+        for flag in flags:
+            if isinstance(flag, Exception):
+                raise flag
+        self._durability.check(answers[calls:])
+        return flags
 
     def _prepare(self, event: RawEvent) -> PreparedEvent:
         """prepare(), with any failure it did not foresee turned into a refusal of this event:
         a caller's hostile object (a Mapping whose ``items()`` raises, say) must not cost the
         other events of a bulk call, nor surface as anything but EventRejected."""
         try:
-            return prepare(event, clock=self.clock)
+            return prepare(event, clock=self.clock, strict_identifiers=self.strict_identifiers)
         except EventRejected:
             raise
         except Exception as exc:
@@ -261,32 +313,134 @@ class _BaseProducer:
             )
         return [self.keys.for_destination(n) for n in dict.fromkeys(names)]
 
-    def _one(self, event: RawEvent, target: RedisKeys) -> tuple[list[str], list[Any]]:
-        return self._args([self._prepare(event)], target)
+    def consent(self, destination: str) -> Consent:
+        """The consent rules of a destination (drop, granted unless configured)."""
+        rules = self._consents
+        if rules is None:
+            return _NO_RULES
+        current = rules.current() if isinstance(rules, destinations_.Consents) else rules
+        return current.get(destination, _NO_RULES)
+
+    def _one(
+        self, event: RawEvent, targets: list[RedisKeys], ring: list[RingNote]
+    ) -> list[tuple[list[str], list[Any], bool]]:
+        """The script call for one event to each destination, and whether it is sent
+        there; its warnings are logged (one event has no report to carry them); a skip is
+        noted in ``ring``."""
+        report = EnqueueReport()
+        prepared = self._prepare(event)
+        self._warn(0, prepared, report, targets)
+        for p in report.warnings.get(0, ()):
+            log.warning("event %r: %s: left out: %s", prepared.id[:64], p.path, p.rule)
+        calls = []
+        for target in targets:
+            keys, args, positions = self._for_target([prepared], [0], target, report, ring)
+            calls.append((keys, args, bool(positions)))
+        return calls
 
     def _chunks(
-        self, events: Iterable[RawEvent], report: EnqueueReport, targets: list[RedisKeys]
+        self,
+        events: Iterable[RawEvent],
+        report: EnqueueReport,
+        targets: list[RedisKeys],
+        refusals: list[RingNote],
     ) -> Iterator[tuple[list[str], list[Any], list[int]]]:
-        """Script arguments per chunk of prepared events, with the chunk's positions."""
+        """Script arguments per chunk of prepared events, with the chunk's positions; each
+        refused event is described in ``refusals`` for the live-outcomes ring."""
         prepared = []
         positions = []
         for i, raw in enumerate(events):
             try:
-                prepared.append(self._prepare(raw))
-                positions.append(i)
+                p = self._prepare(raw)
             except EventRejected as exc:
                 report.refused.append((i, exc))
+                refusals.append(("", "refused", *_described(raw, exc)))
+                continue
+            prepared.append(p)
+            positions.append(i)
+            if p.warnings:
+                self._warn(i, p, report, targets)
         for start in range(0, len(prepared), self.chunk):
             end = start + self.chunk
             for target in targets:  # fan-out: one copy per destination, each on its own
-                yield (*self._args(prepared[start:end], target), positions[start:end])
+                yield self._for_target(
+                    prepared[start:end], positions[start:end], target, report, refusals
+                )
 
-    def _args(self, batch: list[PreparedEvent], target: RedisKeys) -> tuple[list[str], list[Any]]:
+    def _warn(
+        self, i: int, p: PreparedEvent, report: EnqueueReport, targets: list[RedisKeys]
+    ) -> None:
+        report.warnings[i] = list(p.warnings)
+        if self.metrics is not None:
+            for t in targets:
+                for w in p.warnings:
+                    self.metrics.dropped(t.destination, w.path)
+
+    def _for_target(
+        self,
+        batch: list[PreparedEvent],
+        positions: list[int],
+        target: RedisKeys,
+        report: EnqueueReport,
+        ring: list[RingNote] | None = None,
+    ) -> tuple[list[str], list[Any], list[int]]:
+        """The script call for one destination: each event as its consent rules make it
+        (sent, sent opted out, or skipped: counted, never stored), with the positions sent;
+        skipped events are noted in ``ring`` (id and name only: no identifier kinds)."""
+        rules = self.consent(target.destination)
+        if rules == _NO_RULES and not any(p.consent for p in batch):
+            return (*self._args(batch, target), positions)  # the usual case: all sent
+        sent, where, skipped = [], [], 0
+        for p, i in zip(batch, positions, strict=True):
+            fate = rules.fate(p.consent)
+            if fate == "drop":
+                skipped += 1
+                why = f"consent denied: not sent to {target.destination} (consent_policy drop)"
+                report.skipped.setdefault(i, []).append(Problem("consent", why))
+                if ring is not None:
+                    note: tuple[str, str, list[str], int] = (
+                        p.id[:128],
+                        p.name[:64],
+                        [],
+                        p.timestamp_ms,
+                    )
+                    ring.append(
+                        (target.tail, "skipped", "consent: denied (consent_policy drop)", note)
+                    )
+                continue
+            sent.append(p if fate == "send" else p.opted_out())
+            where.append(i)
+        if skipped and self.metrics is not None:
+            self.metrics.skipped.labels(target.destination).inc(skipped)
+        return (*self._args(sent, target, skipped), where)
+
+    def _args(
+        self, batch: list[PreparedEvent], target: RedisKeys, skipped: int = 0
+    ) -> tuple[list[str], list[Any]]:
         return enqueue_call(
             target,
             self.dedup_window_s,
-            ((dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json) for p in batch),
+            (
+                (dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json, mask(p.event))
+                for p in batch
+            ),
+            skipped,
         )
+
+    def _ring(self, targets: list[RedisKeys], notes: list[RingNote]) -> list[tail.Write]:
+        """The XADDs that put refused and skipped events in the live-outcomes rings (a
+        refused event in every target's)."""
+        grouped: dict[tuple[str, str, str], list[tuple[str, str, list[str], int]]] = {}
+        for key, status, rule, event in notes:
+            for ring in [key] if key else [t.tail for t in targets]:
+                grouped.setdefault((ring, status, rule), []).append(event)
+        return [
+            command
+            for (ring, status, rule), events in grouped.items()
+            for command in tail.writes(
+                ring, tail.Outcome(status, events, reason=rule), self.tail_entries
+            )
+        ]
 
     @staticmethod
     def _count(report: EnqueueReport, flags: list[int], positions: list[int]) -> None:
@@ -305,15 +459,17 @@ class Producer(_BaseProducer):
     def _connect(settings: Settings) -> aioredis.Redis:
         return settings.async_redis()
 
-    async def _durable(self) -> None:
-        command = self._durability_command()
-        if command is None:
-            return
-        try:
-            answer = await self.redis.execute_command(*command)
-        except redis.exceptions.ResponseError as exc:
-            raise self._durability_refused(exc) from None
-        self._check_durable(answer)
+    async def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        if not self._durability.waits:
+            return [await self._script(keys=keys, args=args) for keys, args in calls]
+        for _ in range(2):
+            answers = await self._pipeline(calls).execute(raise_on_error=False)
+            flags = self._confirmed(len(calls), answers)
+            if flags is not None:
+                return flags
+            await self.redis.script_load(ENQUEUE_LUA)
+        raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
 
     async def __aenter__(self) -> Self:
         return self
@@ -334,20 +490,27 @@ class Producer(_BaseProducer):
     async def enqueue(
         self, event: RawEvent, destination: Destination_ = None
     ) -> bool | dict[str, bool]:
-        """Enqueue one event; False if its id was already enqueued within the dedup window.
+        """Enqueue one event; False if its id was already enqueued within the dedup window,
+        or its consent is denied and the destination's policy is ``drop`` (not stored).
 
         ``destination`` names where it goes (``None``: the only one); a list fans it out,
         one copy per destination, and the answer is then per destination. Raises
         :class:`~capi.errors.EventRejected` if the event breaks a rule or names an unknown
-        destination.
+        destination. Invalid optional identifiers are left out and logged as warnings
+        (:meth:`enqueue_many` reports them per event).
         """
         targets = self._targets(destination)
-        added = {}
+        ring: list[RingNote] = []
+        calls = self._one(event, targets, ring)
         with _translated(self.redis):
-            for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool((await self._script(keys=keys, args=args))[0])
-            await self._durable()
+            flags = await self._run([(keys, args) for keys, args, _ in calls])
+        if ring:
+            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+                await tail.append(self.redis, self._ring(targets, ring), self.tail_entries)
+        added = {
+            t.destination: sent and bool(f[0])  # not sent: skipped for consent
+            for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
+        }
         return _answer(added, destination)
 
     async def enqueue_many(
@@ -362,10 +525,12 @@ class Producer(_BaseProducer):
         part-way (the call then raises QueueUnavailable)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
+        refusals: list[RingNote] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets):
-                self._count(report, await self._script(keys=keys, args=args), positions)
-            await self._durable()
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
+                self._count(report, (await self._run([(keys, args)]))[0], positions)
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
 
 
@@ -376,15 +541,17 @@ class SyncProducer(_BaseProducer):
     def _connect(settings: Settings) -> redis.Redis:
         return settings.sync_redis()
 
-    def _durable(self) -> None:
-        command = self._durability_command()
-        if command is None:
-            return
-        try:
-            answer = self.redis.execute_command(*command)
-        except redis.exceptions.ResponseError as exc:
-            raise self._durability_refused(exc) from None
-        self._check_durable(answer)
+    def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        if not self._durability.waits:
+            return [self._script(keys=keys, args=args) for keys, args in calls]
+        for _ in range(2):
+            answers = self._pipeline(calls).execute(raise_on_error=False)
+            flags = self._confirmed(len(calls), answers)
+            if flags is not None:
+                return flags
+            self.redis.script_load(ENQUEUE_LUA)
+        raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
 
     def __enter__(self) -> Self:
         return self
@@ -403,15 +570,20 @@ class SyncProducer(_BaseProducer):
         self, event: RawEvent, destination: list[str] | tuple[str, ...]
     ) -> dict[str, bool]: ...
     def enqueue(self, event: RawEvent, destination: Destination_ = None) -> bool | dict[str, bool]:
-        """Enqueue one event; False if its id was already enqueued within the dedup window
-        (see :meth:`Producer.enqueue` for ``destination``)."""
+        """Enqueue one event; False if its id was already enqueued within the dedup window or
+        it was skipped for consent (see :meth:`Producer.enqueue`)."""
         targets = self._targets(destination)
-        added = {}
+        ring: list[RingNote] = []
+        calls = self._one(event, targets, ring)
         with _translated(self.redis):
-            for target in targets:
-                keys, args = self._one(event, target)
-                added[target.destination] = bool(self._script(keys=keys, args=args)[0])
-            self._durable()
+            flags = self._run([(keys, args) for keys, args, _ in calls])
+        if ring:
+            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+                tail.append_sync(self.redis, self._ring(targets, ring), self.tail_entries)
+        added = {
+            t.destination: sent and bool(f[0])  # not sent: skipped for consent
+            for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
+        }
         return _answer(added, destination)
 
     def enqueue_many(
@@ -425,8 +597,34 @@ class SyncProducer(_BaseProducer):
         position), the rest queued (see :meth:`Producer.enqueue_many` for ``report``)."""
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
+        refusals: list[RingNote] = []
         with _partial(report), _translated(self.redis):
-            for keys, args, positions in self._chunks(events, report, targets):
-                self._count(report, self._script(keys=keys, args=args), positions)
-            self._durable()
+            for keys, args, positions in self._chunks(events, report, targets, refusals):
+                self._count(report, self._run([(keys, args)])[0], positions)
+        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
+
+
+def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:
+    """A refused event as the ring shows it: its first broken rule, id, type and identifier
+    kinds (names only; ids and types cut short and made valid UTF-8, since they come from
+    outside; a timestamp only when it is a plausible one)."""
+    data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    if isinstance(raw, Event):
+        data = raw.model_dump(exclude_none=True)
+    first = _text(str(exc.problems[0]), 200) if exc.problems else "refused"
+    try:
+        event_id = _text(str(data.get("id") or "?"), 128)
+        kind = _text(str(data.get("custom_event_name") or data.get("type") or "?"), 64)
+        found = kinds.of(data)
+        stamp = data.get("timestamp_ms")
+    except Exception:  # a hostile Mapping: the refusal itself already says why
+        event_id, kind, found, stamp = "?", "?", [], 0
+    when = stamp if isinstance(stamp, int) and 0 <= stamp < 2**53 else 0
+    return first, (event_id, kind, found, when)
+
+
+def _text(value: str, limit: int) -> str:
+    """``value`` cut to ``limit`` characters, lone surrogates and all made valid UTF-8."""
+    return value[:limit].encode("utf-8", "replace").decode("utf-8")

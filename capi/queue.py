@@ -6,7 +6,7 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 
 - enqueue: dedup record (:mod:`capi.dedup`) and ``XADD`` in one script (no record without
   event);
-- deliver: ``XACK`` + ``XDEL`` + counter;
+- deliver: ``XACK`` + ``XDEL`` + counters (with match coverage);
 - retry: ``XACK`` + ``ZADD`` to the retry schedule + ``XDEL``; a script moves due retries
   back into the stream (``XADD`` + ``ZREM``);
 - dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (the records themselves are
@@ -14,7 +14,10 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - replay: a dead letter's event back on the stream + the record removed;
 - hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
-- reclaim: entries pending in a worker with no heartbeat are taken over (``XCLAIM``).
+- purge (``capi queue purge``): ``XDEL`` of entries not in flight, ``ZREM`` of scheduled
+  retries, their dedup digests forgotten;
+- reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
+  answer was lost, are taken over (``XCLAIM``).
 
 This module holds every script that writes to a stream (the producers run its enqueue
 script); key names live in :mod:`capi.constants`.
@@ -23,14 +26,14 @@ script); key names live in :mod:`capi.constants`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from capi import dedup
+from capi import coverage, dedup
 from capi._aio import aw
 from capi.constants import CONSUMER_GROUP, RedisKeys
 
@@ -68,17 +71,21 @@ ENQUEUE_LUA = (
     + _ACTIVATE
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
--- then per event: digest, id, timestamp_ms, JSON. Queues each event unless its digest is
--- in the window.
+-- events skipped (consent denied: counted, never stored), then per event: digest, id,
+-- timestamp_ms, JSON, identifier kinds (capi.coverage mask). Queues each event unless its
+-- digest is in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent
+-- after this script cover the earlier write of the same event (see capi.durability).
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
-for j = 5, #ARGV, 4 do
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5]) end
+for j = 6, #ARGV, 5 do
   local d = ARGV[j]
   if window > 0 and dd_seen(d) then
     out[#out + 1] = 0
   else
     if window > 0 then dd_add(d) end
-    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1])
+    redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1],
+               'k', ARGV[j + 4])
     added = added + 1
     out[#out + 1] = 1
   end
@@ -87,21 +94,29 @@ if added > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', added)
   activate(KEYS[3], KEYS[4], ARGV[4])
 end
+if added < #out then
+  redis.call('HINCRBY', KEYS[2], 'duplicates', #out - added)
+end
 return out
 """
 )
 
 
 def enqueue_call(
-    keys: RedisKeys, dedup_window_s: int, events: Iterable[tuple[bytes, str, int, bytes | str]]
+    keys: RedisKeys,
+    dedup_window_s: int,
+    events: Iterable[tuple[bytes, str, int, bytes | str, int]],
+    skipped: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """The keys and arguments of :data:`ENQUEUE_LUA` for events prepared for one
-    destination, each given as (dedup digest, id, timestamp_ms, JSON)."""
+    destination, each given as (dedup digest, id, timestamp_ms, JSON, identifier kinds
+    mask), and the number of events skipped for it (consent denied under ``drop``)."""
     args: list[Any] = [
         keys.dedup_prefix,
         dedup.bucket_s(dedup_window_s),
         dedup_window_s,
         keys.destination,
+        skipped,
     ]
     for event in events:
         args += event
@@ -130,13 +145,23 @@ return r[1][2]
 # pending), so a worker that lost its answer to a timeout may simply run it again.
 
 DELIVER_LUA = """#!lua flags=allow-oom
--- KEYS: stream, stats, endpoint. ARGV: group, now_ms, then stream ids.
--- Ack and delete delivered entries; clear the endpoint's failing mark, returning it.
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+-- KEYS: stream, stats, endpoint, coverage hour. ARGV: group, now_ms, counter ('delivered',
+-- or 'validated' in test mode), coverage counts (JSON object, see capi.coverage; '' in
+-- test mode), coverage TTL (s), then stream ids.
+-- Ack and delete delivered entries; count them and the identifier kinds they carried
+-- (only if this call acknowledged them: a repeat counts nothing); clear the endpoint's
+-- failing mark, returning it.
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 6))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 6))
 if n > 0 then
-  redis.call('HINCRBY', KEYS[2], 'delivered', n)
+  redis.call('HINCRBY', KEYS[2], ARGV[3], n)
   redis.call('HINCRBY', KEYS[2], 'requests', 1)
+  if ARGV[4] ~= '' then
+    for kind, count in pairs(cjson.decode(ARGV[4])) do
+      redis.call('HINCRBY', KEYS[4], kind, count)
+    end
+    redis.call('EXPIRE', KEYS[4], ARGV[5])
+  end
 end
 local since = redis.call('HGET', KEYS[3], 'failing_since')
 redis.call('HDEL', KEYS[3], 'failing_since')
@@ -176,8 +201,12 @@ _REQUEUE_MEMBER = (
 local function requeue(member)
   local n = 0
   for _, en in ipairs(cjson.decode(member)['entries']) do
-    redis.call('XADD', KEYS[2], '*', 'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'],
-               'm', en['m'])
+    local fields = {'e', en['e'], 't', en['t'], 'i', en['i'], 'n', en['n'], 'm', en['m']}
+    if en['k'] then
+      fields[#fields + 1] = 'k'
+      fields[#fields + 1] = en['k']
+    end
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
     n = n + 1
   end
   redis.call('ZREM', KEYS[1], member)
@@ -225,6 +254,17 @@ return {moved, skipped, #rows}
 """
 )
 
+OLDEST_RETRY_LUA = """#!lua flags=no-writes,allow-oom
+-- KEYS: retry zset. The earliest enqueue time (ms) of the events scheduled for retry, or
+-- false. Each member begins {"u":"<hex>","q":<ms>: read without decoding the events.
+local oldest = false
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local q = tonumber(string.match(member, '^{"u":"%x+","q":(%d+)'))
+  if q and (not oldest or q < oldest) then oldest = q end
+end
+return oldest
+"""
+
 HANDBACK_LUA = (
     "#!lua flags=allow-oom\n"
     + _ACTIVATE
@@ -263,6 +303,55 @@ if ok then return 1 end
 if string.find(tostring(err), 'BUSYGROUP') then return 0 end
 return redis.error_reply(tostring(err))
 """
+
+PURGE_LUA = (
+    "#!lua flags=allow-oom\n"
+    + DEDUP_HEADER
+    + """
+-- KEYS: stream, stats. ARGV: dedup prefix, bucket_s, group, then stream id and dedup digest
+-- per entry (ascending ids). Deletes the entries no worker has in flight (those finish)
+-- and forgets their digests, so the same events may be enqueued again. Dead letters are
+-- not touched. Returns the entries deleted.
+local pending = {}
+if #ARGV >= 5 then
+  local ok, rows = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[3], ARGV[4], ARGV[#ARGV - 1],
+                         (#ARGV - 3) / 2)
+  if ok then for _, row in ipairs(rows) do pending[row[1]] = true end end
+end
+local n = 0
+for i = 4, #ARGV, 2 do
+  if not pending[ARGV[i]] and redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    dd_forget(ARGV[i + 1])
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'purged', n) end
+return n
+"""
+)
+
+PURGE_RETRIES_LUA = (
+    "#!lua flags=allow-oom\n"
+    + DEDUP_HEADER
+    + _INDEX_RETRIES
+    + """
+-- KEYS: retry zset, stats, retry-due index. ARGV: dedup prefix, bucket_s, destination, then
+-- per retry batch: its member, the number of its events, their dedup digests. Removes the
+-- batches still scheduled and forgets their events' digests. Returns the events removed.
+local n, i = 0, 4
+while i <= #ARGV do
+  local count = tonumber(ARGV[i + 1])
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    for j = i + 2, i + 1 + count do dd_forget(ARGV[j]) end
+    n = n + count
+  end
+  i = i + 2 + count
+end
+index_retries(KEYS[1], KEYS[3], ARGV[3])
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'purged', n) end
+return n
+"""
+)
 
 HEARTBEAT_LUA = """#!lua flags=allow-oom
 -- KEYS: workers zset, worker states hash. ARGV: worker, now_ms, state JSON.
@@ -381,11 +470,13 @@ class Entry:
     timestamp_ms: int
     attempts: int = 0
     meta: dict[str, Any] | None = None
+    kinds: int | None = None  # identifier kinds (capi.coverage); None: tell from the JSON
 
     @classmethod
     def from_fields(cls, stream_id: bytes, fields: dict[bytes, bytes]) -> Entry:
         """Build an entry from a stream entry's fields."""
         meta = fields.get(b"m")
+        kinds = fields.get(b"k")
         return cls(
             stream_id=stream_id,
             event=fields[b"e"],
@@ -393,6 +484,7 @@ class Entry:
             timestamp_ms=int(fields[b"t"]),
             attempts=int(fields.get(b"n", 0)),
             meta=orjson.loads(meta) if meta else None,
+            kinds=int(kinds) if kinds else None,
         )
 
     @property
@@ -402,7 +494,8 @@ class Entry:
 
 
 class Queue:
-    """capi's Redis queue for one prefix; the worker side of it."""
+    """One destination's queue in Redis (its stream, consumer group and retry schedule):
+    the worker side of it, and the only writer of its stream entries' fates."""
 
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, group: str = CONSUMER_GROUP):
         self.redis = client
@@ -417,6 +510,7 @@ class Queue:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(READ_LUA)
         self._index_retries = client.register_script(INDEX_RETRIES_LUA)
+        self._oldest_retry = client.register_script(OLDEST_RETRY_LUA)
         # The keys a script that moves retries back to the stream needs (_REQUEUE_MEMBER).
         self._requeue_keys = [keys.retry, keys.stream, keys.active, keys.wake, keys.retry_due]
 
@@ -499,12 +593,61 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
-    async def deliver(self, entries: Sequence[Entry], now_ms: int) -> int | None:
-        """Acknowledge delivered entries and count them; if the endpoint was marked as
-        failing until now (this delivery ends an outage), since when (ms)."""
+    async def reclaim_lost(
+        self, consumer: str, me: str, mine: Collection[bytes], min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take back up to ``count`` entries pending in this worker's own consumers (``me``)
+        that it does not hold (``mine``) and that are idle for ``min_idle_ms``: a read whose
+        answer was lost (a timeout, or a connection dropped and the call sent again)."""
+        consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
+        ids: list[Any] = []
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if worker_of(name) != me or int(c["pending"]) == 0:
+                continue
+            pending = await self.redis.xpending_range(
+                self.keys.stream, self.group, "-", "+", count, consumername=name, idle=min_idle_ms
+            )
+            ids += [p["message_id"] for p in pending if p["message_id"] not in mine]
+            if len(ids) >= count:
+                break
+        if not ids:
+            return []
+        claimed = await self.redis.xclaim(
+            self.keys.stream, self.group, consumer, min_idle_ms, ids[:count]
+        )
+        gone = [sid for sid, f in claimed if not f]
+        if gone:  # deleted from the stream while pending: nothing left to send
+            await self.redis.xack(self.keys.stream, self.group, *gone)
+        return [Entry.from_fields(sid, f) for sid, f in claimed if f]
+
+    async def deliver(
+        self,
+        entries: Sequence[Entry],
+        now_ms: int,
+        *,
+        validated: bool = False,
+        counts: Mapping[str, int] | None = None,
+    ) -> int | None:
+        """Acknowledge delivered entries and count them (as ``validated`` in test mode),
+        with the identifier kinds delivered events carried (``counts``, from
+        :func:`identifier_counts`, when the caller has them already); if the endpoint was
+        marked as failing until now (this delivery ends an outage), since when (ms)."""
+        k = self.keys
+        counter = "validated" if validated else "delivered"
+        if counts is None and not validated:
+            counts = identifier_counts(entries)
+        matching = b"" if validated else orjson.dumps(counts)
         _, since = await self._deliver(
-            keys=[self.keys.stream, self.keys.stats, self.keys.endpoint],
-            args=[self.group, now_ms, *(e.stream_id for e in entries)],
+            keys=[k.stream, k.stats, k.endpoint, k.coverage(coverage.bucket(now_ms))],
+            args=[
+                self.group,
+                now_ms,
+                counter,
+                matching,
+                coverage.TTL_S,
+                *(e.stream_id for e in entries),
+            ],
         )
         return int(since) if since else None
 
@@ -534,9 +677,12 @@ class Queue:
         with ``endpoint_error``, mark the endpoint as failing (since now, unless it already
         was); ``server_asked`` when the wait is the server's own (``Retry-After``)."""
         rows = []
+        oldest = now
         for e in entries:
             meta = dict(e.meta or {})
             meta.setdefault("f", now)
+            meta.setdefault("q", int(e.stream_id.split(b"-")[0]))  # first enqueued (ms)
+            oldest = min(oldest, meta["q"])
             meta.update(l=now, err=error)
             rows.append(
                 {
@@ -547,7 +693,10 @@ class Queue:
                     "m": orjson.dumps(meta).decode(),
                 }
             )
-        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "entries": rows}
+            if e.kinds is not None:
+                rows[-1]["k"] = str(e.kinds)
+        # "q" second: OLDEST_RETRY_LUA reads it from the member's start.
+        batch: dict[str, Any] = {"u": uuid.uuid4().hex, "q": oldest, "entries": rows}
         if server_asked:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
         member = orjson.dumps(batch)
@@ -580,7 +729,8 @@ class Queue:
         )
 
     async def hand_back(self, entries: Sequence[Entry]) -> None:
-        """Return entries to the queue as new (on shutdown), so any worker takes them at once."""
+        """Return entries to the queue as new (on shutdown, when the key is already held, or
+        after a bug in a turn), so any worker takes them at once."""
         if entries:
             k = self.keys
             await self._handback(
@@ -597,7 +747,8 @@ class Queue:
         return int(queued) == 0 and int(retries) == 0
 
     async def depth(self) -> tuple[int, int, int | None, int]:
-        """Queued (not yet read), in flight, oldest entry time (ms), scheduled retry batches."""
+        """Queued (not yet read), in flight, the enqueue time (ms) of the oldest event not yet
+        delivered (queued, in flight or scheduled for retry), scheduled retry batches."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.keys.stream)
         pipe.xrange(self.keys.stream, count=1)
@@ -610,7 +761,38 @@ class Queue:
         # No consumer group yet (no worker has run): nothing is in flight.
         in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
         oldest = int(first[0][0].split(b"-")[0]) if first else None
+        if retries:
+            waiting = await self._oldest_retry(keys=[self.keys.retry])
+            if waiting:
+                oldest = min(int(waiting), oldest or int(waiting))
         return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
+
+    async def purge(self, dedup_window_s: int, chunk: int = 500) -> tuple[int, int]:
+        """Delete every scheduled retry and queued event of this destination, except the
+        entries a worker has in flight (they finish), and forget their dedup digests (the
+        same events may be enqueued again); dead letters stay. In chunks, so Redis is never
+        blocked for long. Returns (queued events, retry events) deleted."""
+        k = self.keys
+        head = [k.dedup_prefix, dedup.bucket_s(dedup_window_s)]
+        # Retries first: one coming due meanwhile moves to the stream, purged next.
+        retries_script = self.redis.register_script(PURGE_RETRIES_LUA)
+        retried = 0
+        while members := await self.redis.zrange(k.retry, 0, chunk // 10):
+            args: list[Any] = [*head, k.destination]
+            for member in members:
+                rows = orjson.loads(member)["entries"]
+                args += [member, len(rows)]
+                args += [dedup.digest(_key_of(row["e"], row["i"])) for row in rows]
+            retried += int(await retries_script(keys=[k.retry, k.stats, k.retry_due], args=args))
+        script = self.redis.register_script(PURGE_LUA)
+        queued, start = 0, "-"
+        while rows := await self.redis.xrange(k.stream, start, "+", count=chunk):
+            args = [*head, self.group]
+            for stream_id, fields in rows:
+                args += [stream_id, dedup.digest(_key_of(fields[b"e"], fields[b"i"]))]
+            queued += int(await script(keys=[k.stream, k.stats], args=args))
+            start = "(" + rows[-1][0].decode()
+        return queued, retried
 
     async def heartbeat(self, worker: str, now_ms: int, state: dict[str, Any]) -> None:
         """Record that this worker is alive, and what it is doing (for ``capi status``)."""
@@ -631,17 +813,47 @@ class Queue:
         names = await self.redis.zrangebyscore(self.keys.workers, now_ms - within_ms, "+inf")
         return {n.decode() for n in names}
 
-    async def forget_stopped(self, now_ms: int, idle_ms: int) -> None:
-        """Drop consumers that hold nothing and have been idle for ``idle_ms``, and the
-        heartbeats of workers silent for as long."""
+    async def forget_stopped(
+        self,
+        now_ms: int,
+        idle_ms: int,
+        *,
+        live: Collection[str] = (),
+        silent_ms: int | None = None,
+    ) -> None:
+        """Drop consumers that hold nothing and have been idle for ``idle_ms`` (or, with
+        ``silent_ms``, for that long when their worker is not ``live``: its heartbeat is
+        gone), and the heartbeats of workers silent for ``idle_ms``. A consumer dropped
+        while its worker still runs costs nothing: its next read creates it again."""
         consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
         for c in consumers:
-            if int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            idle = int(c["idle"])
+            gone = silent_ms is not None and worker_of(name) not in live and idle > silent_ms
+            if int(c["pending"]) == 0 and (idle > idle_ms or gone):
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.group, c["name"])
         gone = await self.redis.zrangebyscore(self.keys.workers, "-inf", now_ms - idle_ms)
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)
             await aw(self.redis.hdel(self.keys.worker_states, *gone))
+
+
+def _key_of(event: bytes | str, event_id: bytes | str) -> str:
+    """The dedup key (``name:id``) of a stream entry's or retry member's event."""
+    eid = event_id.decode() if isinstance(event_id, bytes) else event_id
+    try:
+        return dedup.event_key(orjson.loads(event), eid)
+    except (ValueError, TypeError, AttributeError):  # unreadable: nothing to forget
+        return f"(unreadable):{eid}"
+
+
+def identifier_counts(entries: Iterable[Entry]) -> dict[str, int]:
+    """How many of ``entries`` carry each identifier kind (:func:`capi.coverage.count`)."""
+    return coverage.count(map(_kinds, entries))
+
+
+def _kinds(entry: Entry) -> int:
+    return entry.kinds if entry.kinds is not None else coverage.mask_of_json(entry.event)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

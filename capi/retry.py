@@ -5,7 +5,7 @@ again as long as the next attempt still falls inside the API's 7-day window for 
 (``within_budget``); an attempt cap exists only when ``CAPI_MAX_ATTEMPTS`` is set.
 ``should_retry`` says whether a failure may be retried at all, ``parse_retry_after`` reads
 the server's wish, and ``backoff_s`` picks the wait: capped, jittered exponential backoff
-that honours ``Retry-After`` (itself capped). Randomness and the clock are parameters, so
+that honours ``Retry-After`` (whatever its length). Randomness and the clock are parameters, so
 the policy is tested table-driven.
 """
 
@@ -76,12 +76,14 @@ def backoff_s(
 ) -> float:
     """The wait before send number ``attempt + 1``, after ``attempt`` failed sends.
 
-    With ``Retry-After`` the server's figure wins, capped at ``cap_s``. Otherwise the wait is
+    With ``Retry-After`` the server's figure wins, whatever its length (the event's 7-day
+    window is the only cap: the caller dead-letters what cannot wait that long; see
+    :func:`within_budget`). Otherwise the wait is
     drawn uniformly from ``[base/2, min(cap, base * 2**(attempt-1))]`` ("equal jitter"): it
     grows exponentially, never exceeds the cap, and spreads retries of many workers apart.
     """
     if retry_after_s is not None:
-        return min(max(retry_after_s, 0.0), cap_s)
+        return max(retry_after_s, 0.0)
     exponent = min(max(attempt - 1, 0), 62)
     ceiling = min(cap_s, base_s * (2**exponent))
     floor = min(base_s / 2, ceiling)

@@ -232,7 +232,7 @@ class User(_Model):
     cities: list[Place] | None = None
     countries: list[Country] | None = None
     ip_address: Annotated[str, AfterValidator(_ip)] | None = None
-    user_agent: NonEmpty | None = None
+    user_agent: NonBlank | None = None
     obref: NonBlank | None = None
     android_advertising_id: Annotated[str, AfterValidator(_gaid)] | None = None
 

@@ -7,14 +7,17 @@ environment wins over the file. Messages about missing settings say which file w
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+from dotenv import dotenv_values
 from pydantic import (
     Field,
     PrivateAttr,
@@ -36,6 +39,9 @@ from capi.fingerprint import shape_problem
 from capi.redisconn import async_client, connection_kwargs, sync_client
 
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
+# CAPI_* names that are not settings yet are known: the config file's name, and the two
+# that docker-compose.yml reads (from .env) to configure the containers.
+NOT_SETTINGS = frozenset({"CAPI_CONFIG_FILE", "CAPI_ENV_FILE", "CAPI_REDIS_PASSWORD"})
 
 
 class Settings(BaseSettings):
@@ -106,6 +112,28 @@ class Settings(BaseSettings):
     intake_tokens_sha256: str | None = Field(
         None, description="SHA-256 of the intake tokens granted 'default', comma-separated."
     )
+    validate_only: bool = Field(
+        False,
+        description="Test mode: every batch is sent with validate_only (the API checks each "
+        "event and saves nothing); outcomes are counted as validated, never delivered.",
+    )
+    tail_entries: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Entries (of up to 100 outcomes each) kept per destination for capi tail; "
+        "0 turns the ring off.",
+    )
+    advertiser_key: SecretStr | None = Field(
+        None,
+        description="An Advertiser API key (Ads Manager -> Settings -> API keys), for capi "
+        "verify's read-back; never the Conversion Key.",
+    )
+    ads_api_base_url: str = Field(
+        "https://api.ads.openai.com",
+        pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+        description="The Advertiser API's base URL (event monitoring, for capi verify).",
+    )
     intake_max_body_bytes: int = Field(
         4_000_000,
         ge=1024,
@@ -125,7 +153,41 @@ class Settings(BaseSettings):
         1000,
         ge=1,
         le=100_000,
-        description="Most connections capi serve holds at once (per process); more get 503.",
+        description="Most connections capi serve holds at once (per process); at the limit "
+        "a new one closes the connection waiting longest with no request being answered "
+        "(503 only when every connection has one).",
+    )
+    intake_max_header_bytes: int = Field(
+        16_384,
+        ge=1024,
+        le=1_048_576,
+        description="Largest request line and headers capi serve reads (else 431).",
+    )
+    intake_header_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Longest capi serve waits for a request's line and headers from their "
+        "first byte (else 408).",
+    )
+    intake_idle_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How long capi serve keeps a connection that sends nothing, before its "
+        "first request or between keep-alive requests.",
+    )
+    intake_max_buffered_bytes: int = Field(
+        64_000_000,
+        ge=1_000_000,
+        le=10_000_000_000,
+        description="Most request-body bytes capi serve holds at once across connections "
+        "(per process; each request's first 64 KiB aside); a body beyond gets 503.",
+    )
+    trusted_proxies: str | None = Field(
+        None,
+        description="Comma-separated addresses (or CIDR networks) of reverse proxies whose "
+        "X-Forwarded-For capi serve believes; unset, it believes none.",
     )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
@@ -134,6 +196,22 @@ class Settings(BaseSettings):
         False,
         description="Refuse to start a worker unless every destination's key passes "
         "(with one destination a broken key always refuses the start).",
+    )
+    strict_identifiers: bool = Field(
+        False,
+        description="Refuse an event over an invalid optional identifier (email, phone, "
+        "country, ...) instead of leaving that identifier out with a warning.",
+    )
+    consent_policy: Literal["drop", "opt_out"] = Field(
+        "drop",
+        description="What an event whose consent is denied becomes: never sent (drop), or "
+        "sent with opt_out: true and without obref (opt_out). Destinations file: "
+        "consent_policy.",
+    )
+    consent_default: Literal["granted", "denied"] = Field(
+        "granted",
+        description="The consent of an event that carries none. Destinations file: "
+        "consent_default.",
     )
     log_format: Literal["text", "json"] = Field("text", description="Worker log lines.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
@@ -153,9 +231,21 @@ class Settings(BaseSettings):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        return checked_base_url(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip())
+                except ValueError:
+                    raise ValueError(
+                        f"{item.strip()[:60]!r} is not an IP address or network (CIDR); give "
+                        "the reverse proxies' addresses, comma-separated, e.g. 10.0.0.5,10.1.0.0/16"
+                    ) from None
+        return value
 
     @field_validator("redis_url")
     @classmethod
@@ -228,6 +318,10 @@ class Settings(BaseSettings):
         settings._config_found = env_file is not None
         return settings
 
+    def config_file(self) -> Path | None:
+        """The config file these settings were read from (None if there was none)."""
+        return self._config_file if self._config_found else None
+
     def config_source(self) -> str:
         """Where settings come from, for messages: the environment, and which file."""
         if self._config_file is None:
@@ -239,6 +333,38 @@ class Settings(BaseSettings):
             "taken from the current directory; run capi where config/ is, or name the file "
             "with --config or CAPI_CONFIG_FILE)"
         )
+
+    def config_file_path(self) -> str | None:
+        """The config file read (absolute), or None when there is none."""
+        return str(self._config_file) if self._config_found else None
+
+    def file_values(self) -> dict[str, str]:
+        """The variables of the config file as settings read them (empty without a file)."""
+        if not self._config_found or self._config_file is None:
+            return {}
+        values = dotenv_values(self._config_file, encoding="utf-8")
+        return {k: v for k, v in values.items() if v is not None}
+
+    def environ(self) -> dict[str, str]:
+        """Variables as settings see them: the config file's, the environment winning (a
+        destination's ``api_key_env`` is looked up here)."""
+        return {**self.file_values(), **os.environ}
+
+    def unknown_variables(self, also_known: Iterable[str] = ()) -> list[str]:
+        """A warning for each ``CAPI_*`` variable in the environment or the config file that
+        is no setting (and not in ``also_known``): it is ignored, which a typo should not be."""
+        known = {f"CAPI_{name.upper()}" for name in type(self).model_fields} | NOT_SETTINGS
+        known |= {n.upper() for n in also_known}
+        found = [(n, "the environment") for n in os.environ]
+        found += [(n, str(self._config_file)) for n in self.file_values()]
+        warnings = []
+        for name, where in found:
+            if not name.upper().startswith("CAPI_") or name.upper() in known:
+                continue
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see config/capi.env.example"
+            warnings.append(f"{name} (in {where}) is not a capi setting and is ignored; {hint}")
+        return warnings
 
     def async_redis(self, **extra: Any) -> aioredis.Redis:
         """An asyncio Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""
@@ -270,6 +396,27 @@ class Settings(BaseSettings):
         if problem := shape_problem(key or self.api_key.get_secret_value()):
             raise ConfigError(f"CAPI_API_KEY {problem} (the key is not shown)")
         return key, self.pixel_id.strip()
+
+
+def checked_base_url(value: str) -> str:
+    """A base URL of the events endpoint, without its trailing slash; ValueError if it is
+    not http(s), or holds ``user@`` (httpx would send that as Basic auth in place of the
+    key), or a space or control character in its host."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    parts = urlsplit(value)
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not hold user@ or user:password@ before the host: it would be sent as "
+            "Basic auth in place of the Conversion Key (the key comes from its own setting)"
+        )
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname or any(c.isspace() or not c.isprintable() for c in parts.netloc):
+        raise ValueError("must name a host, with no space or control character in it")
+    return value.rstrip("/")
 
 
 def safe_url(url: str) -> str:

@@ -1,20 +1,22 @@
 """What ``capi status`` shows: queue depth and age, in flight, retries, counters, key state,
-the endpoint's state, Redis's memory, and each live worker with what it is doing."""
+the endpoint's state, match coverage, Redis's memory, and each live worker with what it is
+doing."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from capi import coverage
+from capi.clock import LIVENESS_MS, now_ms
 from capi.constants import RedisKeys
 from capi.queue import Queue
-
-# A worker heartbeats every second; one silent this long is not counted as alive.
-ALIVE_WITHIN_MS = 5_000
 
 
 def _iso(ms: int | None) -> str | None:
@@ -31,7 +33,7 @@ async def gather(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
 
 async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     """One destination's part of :func:`gather`."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     queued, in_flight, oldest_ms, retries = await Queue(client, keys).depth()
     pipe = client.pipeline(transaction=False)
     pipe.zrange(keys.retry, 0, 0, withscores=True)
@@ -42,6 +44,7 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
     pipe.hgetall(keys.endpoint)
     next_retry, stats, reasons, key, dl, endpoint = await pipe.execute()
     ep = {k.decode(): v.decode() for k, v in endpoint.items()}
+    matching = await coverage.read(client, keys, now)
     failing_since = int(ep["failing_since"]) if ep.get("failing_since") else None
     return {
         "queued": queued,
@@ -53,7 +56,7 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
         "dead_letters": int(dl),
         # All-time totals (a replayed or purged dead letter still counts), not the current.
         "dead_letters_by_reason": {k.decode(): int(v) for k, v in reasons.items()},
-        "key": {k.decode(): v.decode() for k, v in key.items()} or {"state": "unknown"},
+        "key": key_state({k.decode(): v.decode() for k, v in key.items()}, now),
         "endpoint": {
             "state": "failing" if failing_since else "ok",
             "failing_since": _iso(failing_since),
@@ -61,14 +64,36 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
             "last_error_at": _iso(int(ep.get("last_error_ms") or 0)),
             "last_ok_at": _iso(int(ep.get("last_ok_ms") or 0)),
         },
+        "match_coverage": matching,
     }
+
+
+# A confirmation older than this was left by a worker that stopped mid-way: not shown.
+CONFIRMING_FRESH_MS = 300_000
+
+
+def key_state(fields: dict[str, str], now_ms: int) -> dict[str, str]:
+    """The key state hash as shown: ``state`` is ok, held, confirming (probes are deciding
+    whether a key problem holds the key: ``confirming_since``, ``confirming_reason``) or
+    unknown (never checked)."""
+    shown = dict(fields)
+    shown.setdefault("state", "unknown")
+    since = fields.get("confirming_since")
+    if since and shown["state"] != "held":
+        try:
+            at_ms = datetime.fromisoformat(since).timestamp() * 1000
+        except ValueError:
+            at_ms = 0
+        if now_ms - at_ms < CONFIRMING_FRESH_MS:
+            shown["state"] = "confirming"
+    return shown
 
 
 async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, Any]:
     """The part of :func:`gather` every destination shares: live workers and Redis."""
-    now = int(time.time() * 1000)
+    now = now_ms()
     pipe = client.pipeline(transaction=False)
-    pipe.zrangebyscore(keys.workers, now - ALIVE_WITHIN_MS, "+inf", withscores=True)
+    pipe.zrangebyscore(keys.workers, now - LIVENESS_MS, "+inf", withscores=True)
     pipe.hgetall(keys.worker_states)
     workers, states = await pipe.execute()
     try:
@@ -99,6 +124,43 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
             "role": role,
         },
     }
+
+
+async def destinations_in_redis(client: aioredis.Redis, keys: RedisKeys) -> list[str]:
+    """Every destination with counters in Redis (configured or not), found by a scan of
+    the prefix (for operators' commands, not for a hot path)."""
+    found: set[str] = set()
+    if await client.exists(keys.stats):
+        found.add("default")
+    head = f"{keys.prefix}:d:"
+    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
+        name = raw.decode()[len(head) : -len(":stats")]
+        if ":" not in name:
+            found.add(name)
+    return sorted(found)
+
+
+async def stranded(
+    client: aioredis.Redis, keys: RedisKeys, configured: Collection[str]
+) -> dict[str, dict[str, Any]]:
+    """Destinations that are not configured (any more) but still hold events queued, in
+    flight, scheduled for retry, or dead letters, with their :func:`destination_status`.
+
+    The typical case: events queued under ``default`` before a destinations file was added.
+    No worker sends them until the destination is configured again.
+    """
+    out = {}
+    for name in await destinations_in_redis(client, keys):
+        if name in configured:
+            continue
+        status = await destination_status(client, keys.for_destination(name))
+        if any(status[what] for what in WAITING):
+            out[name] = status
+    return out
+
+
+# What makes a destination's keys worth showing: something still waits in them.
+WAITING = ("queued", "in_flight", "retry_batches_scheduled", "dead_letters")
 
 
 def redis_full(memory: dict[str, Any]) -> bool:

@@ -3,7 +3,9 @@
 A worker never stops on such an error. :class:`Trouble` names the kind of trouble, logs it
 once when it starts (with its cause), reminds every minute while it lasts, logs once when
 it ends, and tells the caller how long to wait before trying again (capped, jittered
-exponential backoff). The worker's state line (``capi status``) and metrics read it.
+exponential backoff). Each outage is said, however soon after the last (a failure after
+``NEW_OUTAGE_AFTER_S`` without any starts a new one); a flapping error within one outage
+is not said on every flap. The worker's state line (``capi status``) and metrics read it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import redis.exceptions
 REMIND_EVERY_S = 60.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 5.0
+# While trouble lasts, callers fail at least every BACKOFF_CAP_S (their retries are capped
+# there): a failure after a longer quiet spell starts a new outage, said anew.
+NEW_OUTAGE_AFTER_S = BACKOFF_CAP_S + 1.0
 
 # Redis's error prefixes, and what each means for an operator.
 _RESPONSES = {
@@ -60,7 +65,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 class Trouble:
-    """Logs a worker's troubles once per kind and paces its retries."""
+    """Logs each of a worker's outages once per kind (reminding every minute while one
+    lasts) and paces its retries."""
 
     def __init__(
         self,
@@ -79,6 +85,7 @@ class Trouble:
         self.last_ok = monotonic()
         self._failures = 0
         self._logged: dict[str, float] = {}
+        self._last_failed = float("-inf")
 
     @property
     def redis_ok(self) -> bool:
@@ -89,6 +96,9 @@ class Trouble:
         """Record a failure; log it if it is news; return how long to wait before retrying."""
         kind, meaning = classify(exc)
         now = self._monotonic()
+        if now - self._last_failed >= NEW_OUTAGE_AFTER_S:
+            self._logged.clear()  # a new outage: its start is said, however soon after the last
+        self._last_failed = now
         if kind != self.kind:
             self.since = now
         self.kind, self.meaning, self.cause = kind, meaning, f"{type(exc).__name__}: {exc}"

@@ -107,6 +107,8 @@ def capi(
 def _plain(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(exclude_none=True)
     data["api_key"] = settings.api_key.get_secret_value() if settings.api_key else ""
+    if settings.advertiser_key is not None:
+        data["advertiser_key"] = settings.advertiser_key.get_secret_value()
     return data
 
 

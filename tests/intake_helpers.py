@@ -18,6 +18,7 @@ from tests.conftest import free_port
 from tests.helpers import http_get, spawn, wait_for
 
 TOKEN = "test-intake-token-for-default-0001"
+UNSET = "\0unset"  # an env value that removes the variable
 
 
 @dataclass
@@ -76,7 +77,7 @@ def intake_env(redis_url: str, **env: str) -> dict[str, str]:
         CAPI_INTAKE_RETRY_AFTER_S="3",
     )
     full.update(env)
-    return full
+    return {k: v for k, v in full.items() if v != UNSET}
 
 
 def start_intake(tmp_path: Path, redis_url: str, *args: str, **env: str) -> IntakeProcess:

@@ -26,6 +26,7 @@ class RedisProcess:
         binary: str | None = None,
         extra_args: list[str] | None = None,
         password: str | None = None,
+        env: dict[str, str] | None = None,
     ):
         found = binary or shutil.which("redis-server")
         assert found, "redis-server is not installed (.ci/run installs it)"
@@ -35,6 +36,7 @@ class RedisProcess:
         self.port = free_port()
         self.extra_args = extra_args or []
         self.password = password
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,7 +68,12 @@ class RedisProcess:
             "always",
             *self.extra_args,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=None if self.env is None else {**os.environ, **self.env},
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

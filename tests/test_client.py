@@ -145,15 +145,56 @@ def test_unreachable_endpoint_is_a_network_error() -> None:
             Reason.UNKNOWN_PIXEL,
             [],
         ),
-        # A 400 naming no event: the sender bisects (one event alone is that event's fault).
+        # A 400 naming no event and no field: the sender bisects (one event alone is that
+        # event's fault).
+        (400, {}, b'{"error":{"message":"Invalid request"}}', Reason.INVALID_EVENT, []),
+        # errors[].param describes an event's field, not the request's: bisect.
+        (
+            400,
+            {},
+            b'{"error":{"message":"Invalid event","errors":[{"param":"data.coupon"}]}}',
+            Reason.INVALID_EVENT,
+            [],
+        ),
+        # A 400 naming a request-level field: the destination's settings, not an event.
         (
             400,
             {},
             b'{"error":{"message":"Missing required field: events"}}',
+            Reason.REQUEST_INVALID,
+            [],
+        ),
+        (
+            400,
+            {},
+            b'{"error":{"message":"bad value","param":"validate_only"}}',
+            Reason.REQUEST_INVALID,
+            [],
+        ),
+        (
+            422,
+            {},
+            b'{"detail":[{"loc":["query","pid"],"msg":"Field required"}]}',
+            Reason.REQUEST_INVALID,
+            [],
+        ),
+        # events[i] named: that event's rejection, whatever the message says.
+        (
+            400,
+            {},
+            b'{"error":{"message":"access denied: rbac missing scope","param":"events[1]"}}',
             Reason.INVALID_EVENT,
             [],
         ),
-        (404, {}, b"<html>not found</html>", Reason.UNEXPECTED, []),
+        (
+            422,
+            {},
+            b'{"error":{"message":"RBAC","errors":[{"param":"events[0].data","code":"x"}]}}',
+            Reason.INVALID_EVENT,
+            [],
+        ),
+        (413, {}, b"<html>Request Entity Too Large</html>", Reason.TOO_LARGE, []),
+        (404, {}, b"<html>not found</html>", Reason.NOT_FOUND, []),
         (503, {"retry-after": "3"}, b"", Reason.SERVER_ERROR, []),
         (
             422,

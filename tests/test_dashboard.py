@@ -56,10 +56,14 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
         targets = {"capi-worker": f"127.0.0.1:{worker_port}", "capi-intake": intake.url[7:]}
         with prometheus(tmp_path, targets) as url:
             bad = {"id": "bad-1", "type": "registration_completed"}  # refused: no timestamp
+            [weak, denied] = events(2, start=2000, prefix="w-")
+            weak["user"] = {**weak.get("user", {}), "phone": "12"}  # left out, event queued
+            denied["consent"] = "denied"  # skipped under the default consent_policy drop
             for i in range(5):
                 answer = intake.post([*events(4, start=1000 + 4 * i, prefix="in-"), bad])
                 assert answer.status_code == 200, answer.text
-            wait_for(lambda: len(sandbox.state.delivered_ids()) >= 219, 60, "deliveries")
+            assert intake.post([weak, denied]).status_code == 200
+            wait_for(lambda: len(sandbox.state.delivered_ids()) >= 220, 60, "deliveries")
             pending = {expr: title for title, expr in panel_queries()}
 
             def all_answer() -> bool:

@@ -16,6 +16,7 @@ import redis
 from click.testing import CliRunner, Result
 
 from capi.cli import cli
+from capi.exitcodes import ExitCode
 from capi.replay import Selection, replay, select
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
@@ -122,7 +123,7 @@ def test_show_everything_with_a_redacted_curl(mixed: Settings) -> None:
     ):
         assert needle in out, needle
     assert DEFAULT_KEY not in out
-    assert cli_run(mixed, "dead-letters", "show", "nope").exit_code == 1
+    assert cli_run(mixed, "dead-letters", "show", "nope").exit_code == ExitCode.NOT_FOUND
 
 
 def test_replay_after_fix_delivers_once_and_a_second_replay_sends_nothing(
@@ -145,7 +146,8 @@ def test_dry_run_queues_nothing_and_reports_each_event(
     mixed: Settings, sandbox: SandboxThread
 ) -> None:
     result = cli_run(mixed, "dead-letters", "replay", "--all", "--dry-run", "--json")
-    rows = {r["id"]: r for r in map(json.loads, result.output.splitlines())}
+    assert result.exit_code == ExitCode.REFUSED  # some would be rejected
+    rows = {r["id"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert len(rows) == SCOPE_FAILS + STALE + INVALID
     assert all(rows[f"scope-{i}"]["accepted"] for i in ["p-0", "s-1"])
     assert rows["bad-p-0"]["reason"] == "invalid_event"

@@ -9,7 +9,7 @@ import pytest
 from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
 from capi.failures import Reason
 from capi.worker import decisions
-from capi.worker.decisions import AFTER_PROBE, FATES, Action, Outcome, Verdict
+from capi.worker.decisions import AFTER_HOLD, AFTER_PROBE, FATES, Action, Outcome, Verdict
 
 NOW_MS = 1_800_000_000_000
 
@@ -28,9 +28,12 @@ def test_every_reason_and_outcome_has_a_fate() -> None:
         (Outcome.STALE, Action.DEAD_LETTER, False),
         (Reason.MISSING_SCOPE, Action.REPROBE, False),
         (Reason.UNAUTHORIZED, Action.REPROBE, False),
-        (Reason.UNKNOWN_PIXEL, Action.REPROBE, False),
         (Reason.ACCESS_DENIED, Action.REPROBE, False),
+        (Reason.UNKNOWN_PIXEL, Action.HOLD, False),
+        (Reason.NOT_FOUND, Action.HOLD, False),
+        (Reason.REQUEST_INVALID, Action.HOLD, False),
         (Reason.INVALID_EVENT, Action.DROP_REJECTED, False),
+        (Reason.TOO_LARGE, Action.DROP_REJECTED, False),
         (Reason.OUTSIDE_TIME_WINDOW, Action.DROP_REJECTED, False),
         (Reason.RATE_LIMITED, Action.RETRY, False),  # "slow down", not "down"
         (Reason.SERVER_ERROR, Action.RETRY, True),
@@ -51,7 +54,8 @@ def test_the_table_agrees_with_the_reasons_own_flags() -> None:
     for reason in Reason:
         action = FATES[reason].action
         assert (action is Action.RETRY) == reason.retryable, reason
-        assert (action is Action.REPROBE) == reason.key_problem, reason
+        assert (action in (Action.REPROBE, Action.HOLD)) == reason.holds, reason
+        assert (action is Action.HOLD) == reason.config_problem, reason
 
 
 def test_a_stale_event_is_dead_lettered_unsent_as_outside_the_window() -> None:
@@ -71,6 +75,12 @@ def test_a_stale_event_is_dead_lettered_unsent_as_outside_the_window() -> None:
 )
 def test_fate_after_a_reprobe(verdict: Verdict, action: Action) -> None:
     assert AFTER_PROBE[verdict].action is action
+
+
+def test_a_confirmed_configuration_problem_keeps_the_events() -> None:
+    assert AFTER_HOLD[Verdict.TRANSIENT].action is Action.RETRY
+    assert AFTER_HOLD[Verdict.CONFIRMED].action is Action.HAND_BACK
+    assert AFTER_HOLD[Verdict.ALREADY_HELD].action is Action.HAND_BACK
 
 
 @pytest.mark.parametrize(
@@ -102,7 +112,8 @@ class Ev:
         ([Ev(0, NOW_MS)], None, None, 1, 0, 0.75),
         ([Ev(2, NOW_MS), Ev(0, NOW_MS)], None, None, 2, 0, 2.25),  # attempt 3: [0.5, 4]
         ([Ev(0, NOW_MS)], 7.0, None, 1, 0, 7.0),  # Retry-After wins
-        ([Ev(0, NOW_MS)], 900.0, None, 1, 0, 60.0),  # ... capped
+        ([Ev(0, NOW_MS)], 900.0, None, 1, 0, 900.0),  # ... whatever its length
+        ([Ev(0, NOW_MS)], 8 * 86_400.0, None, 0, 1, 8 * 86_400.0),  # past the 7-day window
         ([Ev(2, NOW_MS), Ev(1, NOW_MS)], None, 3, 1, 1, 2.25),  # the cap exhausts one
         # Its next attempt falls past its 7-day window: exhausted.
         ([Ev(0, NOW_MS - API_MAX_AGE_MS + STALE_MARGIN_MS + 500)], None, None, 0, 1, 0.75),

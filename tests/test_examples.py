@@ -39,8 +39,10 @@ from capi import deadletters
 from capi.events import prepare, purchase
 from capi.failures import Reason
 from capi.guidance import diagnose
+from capi.producer import SyncProducer
 from capi.queue import Entry
 from capi.sandbox import SandboxThread
+from capi.sandbox.monitoring import DEFAULT_ADVERTISER_KEY
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
 from tests.conftest import free_port
@@ -51,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One xdist worker runs them all, in order: one examples' worker (``services``) for all.
 pytestmark = pytest.mark.xdist_group("examples")
 METRICS_PORT = 9464  # the port the help texts and README name
+SHOP = "https://shop.example/thanks"
 PORT_NAMED = re.compile(r"(--port[ =]|--metrics-port[ =]|http://(?:127\.0\.0\.1|localhost):)(\d+)")
 SKIP = {
     "python3 -m venv": "installs the package: the suite already runs inside the installed env",
@@ -61,6 +64,7 @@ SKIP = {
     "CAPI_ENV_FILE=config/sandbox.env docker": "no Docker engine on the build machines",
 }
 LONG_RUNNING = {  # command prefix -> what it prints once ready
+    "capi tail --follow": "delivered",
     "capi worker": "sender starting",
     "arq workers.main.WorkerSettings": "sender starting",
     "capi sandbox": "capi sandbox on",
@@ -164,6 +168,8 @@ def services(
             CAPI_RETRY_BASE_S="0.05",
             CAPI_RETRY_CAP_S="0.5",
             CAPI_PROBE_CONFIRMATIONS="1",
+            CAPI_ADVERTISER_KEY=DEFAULT_ADVERTISER_KEY,
+            CAPI_ADS_API_BASE_URL=sandbox.url,
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         worker = subprocess.Popen(
@@ -179,6 +185,14 @@ def services(
                 what="worker",
             )
             assert worker.poll() is None, "the examples' worker exited"
+            # A few deliveries, for the examples that show them (capi tail, capi verify).
+            settings = Settings(_env_file=None, redis_url=redis_server)
+            with SyncProducer.from_settings(settings) as producer:
+                producer.enqueue_many(
+                    purchase(f"order-{i}", amount=1000, currency="USD", source_url=SHOP)
+                    for i in range(1, 4)
+                )
+            wait_for(lambda: len(sandbox.state.delivered_ids()) == 3, what="deliveries")
             env["_EXAMPLES_METRICS_PORT"] = str(port)
             yield env
         finally:

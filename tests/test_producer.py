@@ -27,7 +27,8 @@ def test_sync_enqueue_dedups_by_id(redis_url: str, sandbox: SandboxThread) -> No
 
 
 def test_async_enqueue_and_refusal_touches_nothing(redis_url: str, sandbox: SandboxThread) -> None:
-    settings = make_settings(sandbox, redis_url)
+    # Strict: a bad email refuses the event (by default it is left out: test_attribution).
+    settings = make_settings(sandbox, redis_url, strict_identifiers=True)
 
     async def go() -> None:
         async with Producer.from_settings(settings) as producer:

@@ -46,8 +46,12 @@ def test_backoff_is_exponential_jittered_and_capped(
     assert backoff_s(attempt, base_s=1.0, cap_s=60.0, rand=lambda: rand) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("retry_after", "expected"), [(5.0, 5.0), (0.0, 0.0), (999.0, 60.0)])
-def test_backoff_honours_retry_after_up_to_the_cap(retry_after: float, expected: float) -> None:
+@pytest.mark.parametrize(
+    ("retry_after", "expected"), [(5.0, 5.0), (0.0, 0.0), (999.0, 999.0), (86_400.0, 86_400.0)]
+)
+def test_backoff_honours_retry_after_whatever_its_length(
+    retry_after: float, expected: float
+) -> None:
     assert backoff_s(3, base_s=1.0, cap_s=60.0, retry_after_s=retry_after) == expected
 
 

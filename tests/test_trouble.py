@@ -73,3 +73,21 @@ def test_backoff_grows_and_is_capped() -> None:
     assert max(waits) == BACKOFF_CAP_S
     trouble.ok()
     assert trouble.failed(redis.exceptions.ConnectionError("x"), "lane") == waits[0]
+
+
+def test_each_outage_is_said_however_soon_after_the_last(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    trouble = Trouble(logging.getLogger("t"), monotonic=clock, rand=lambda: 1.0)
+    caplog.set_level(logging.WARNING)
+    away = redis.exceptions.ConnectionError("Connection refused")
+    for _ in range(3):  # three restarts 12 s apart, each 2 s long
+        for _ in range(10):
+            trouble.failed(away, "lane 0")
+            clock.now += 0.2
+        trouble.ok()
+        clock.now += 10
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot be reached" in m and "recovered" not in m for m in messages) == 3
+    assert sum(m.startswith("recovered") for m in messages) == 3

@@ -8,6 +8,7 @@ import click
 
 from capi.cli import cli
 from capi.cli.common import err, handle_errors, note_default_redis, settings_from
+from capi.cli.selection import destination_names
 from capi.errors import KeyCheckFailed
 from capi.exitcodes import for_reason
 
@@ -62,17 +63,14 @@ def worker_command(
     if metrics_port is not None:
         overrides["metrics_port"] = metrics_port
     settings = settings.model_copy(update=overrides)
+    only = destination_names(settings, destination) if destination else []
     note_default_redis(settings)
     try:
-        run_worker(settings, burst=burst, only=_names(destination))
+        run_worker(settings, burst=burst, only=only)
     except KeyCheckFailed as exc:
         err.print(exc.diagnosis, markup=False)
         err.print("The worker did not start; queued events stay queued.", markup=False)
         sys.exit(for_reason(exc.error.reason))
-
-
-def _names(value: str | None) -> list[str]:
-    return [n.strip() for n in (value or "").split(",") if n.strip()]
 
 
 def main() -> None:

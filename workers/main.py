@@ -4,7 +4,7 @@ arq gives the process its shape (signal handling, a health check key); the event
 themselves never become arq jobs: they ride a Redis stream that :class:`capi.worker.sender.Sender`
 reads in batches (see README, "How it works"). ``capi worker`` runs the same sender
 without arq's loop (:mod:`capi.worker.runner`). capi's scheduled work (status line, dead-letter
-retention) runs in the sender's housekeeping, not as arq cron jobs, so every key arq
+retention) runs in the worker's housekeeping, not as arq cron jobs, so every key arq
 touches lives under ``CAPI_REDIS_PREFIX`` (``{p}:arq`` and ``{p}:arq:health``).
 
 arq's own loop polls its job queue and writes its health key; its Redis pool here never
@@ -45,8 +45,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     metrics = Metrics()
     fleet = Fleet(settings, metrics)
     configure_logging(settings, fleet.api_keys())
-    await fleet.start()
-    if settings.metrics_port is not None:
+    for warning in settings.unknown_variables(destinations.key_variables(settings)):
+        log.warning("%s", warning)
+    if settings.metrics_port is not None:  # before the key check: /readyz says what it waits for
         try:
             ctx["capi_http"] = serve(metrics, settings.metrics_port, settings.metrics_host)
         except ConfigError:  # the port is taken: say so in one line, close what is open
@@ -58,6 +59,12 @@ async def startup(ctx: dict[str, Any]) -> None:
             settings.metrics_host,
             settings.metrics_port,
         )
+    try:
+        await fleet.start()
+    except BaseException:
+        if ctx.get("capi_http") is not None:
+            ctx.pop("capi_http").shutdown()
+        raise
     ctx["capi_fleet"], ctx["capi_task"] = fleet, asyncio.create_task(fleet.run())
 
 

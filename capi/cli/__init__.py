@@ -8,7 +8,9 @@ from capi.cli import (
     deadletter_commands,
     destination_commands,
     queue_commands,
+    queue_group,
     replay_commands,
+    status_commands,
     support_commands,
 )
 from capi.cli.main import cli
@@ -18,6 +20,8 @@ __all__ = [
     "deadletter_commands",
     "destination_commands",
     "queue_commands",
+    "queue_group",
     "replay_commands",
+    "status_commands",
     "support_commands",
 ]

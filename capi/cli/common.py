@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
+from capi.destinations import key_variables
 from capi.errors import CapiError, ConfigError, QueueFull, QueueUnavailable
 from capi.exitcodes import ExitCode
 from capi.settings import Settings
@@ -30,10 +31,13 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def settings_from(ctx: click.Context) -> Settings:
-    """The settings for this invocation (loaded once, on first use)."""
+    """The settings for this invocation (loaded once, on first use; a ``CAPI_*`` variable
+    that is no setting is warned about on stderr, with the setting it may be a typo of)."""
     obj = ctx.ensure_object(dict)
     if "settings" not in obj:
-        obj["settings"] = Settings.load(obj.get("config_file"))
+        loaded = obj["settings"] = Settings.load(obj.get("config_file"))
+        for warning in loaded.unknown_variables(key_variables(loaded)):
+            err.print(f"warning: {warning}", markup=False)
     settings: Settings = obj["settings"]
     return settings
 
@@ -115,14 +119,22 @@ class PrivateFile(click.ParamType[IO[bytes]]):
         if value == "-":
             return sys.stdout.buffer
         try:
-            fd = os.open(value, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+            file = open_private(value)
         except OSError as exc:
             self.fail(f"{value}: {exc.strerror}", param, ctx)
-        file = os.fdopen(fd, "wb")
         if ctx is not None:
             ctx.call_on_close(file.close)
         return file
+
+
+def open_private(path: str) -> IO[bytes]:
+    """``path`` opened for binary writing, truncated, mode 0600 (also when it existed);
+    the file's ``name`` is the path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    file = os.fdopen(fd, "wb")
+    file.raw.name = path  # type: ignore[attr-defined]  # for messages; an fd otherwise
+    return file
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -4,6 +4,7 @@ have modules of their own; the shared filters are in :mod:`capi.cli.selection`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 from collections import Counter
@@ -16,11 +17,12 @@ import orjson
 from rich.table import Table
 from rich.text import Text
 
-from capi import destinations, replay
+from capi import destinations, replay, safetext
 from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
     err,
+    fail,
     handle_errors,
     out,
     plural,
@@ -33,6 +35,7 @@ from capi.cli.common import (
 from capi.cli.main import cli
 from capi.cli.selection import (
     destination_names,
+    destination_option,
     filters,
     human_duration,
     now_ms,
@@ -96,9 +99,9 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
         left = r.replay_deadline_ms - now
         window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
         table.add_row(
-            *([Text(r.destination)] if several else []),
-            Text(r.id),  # ids are data, never markup
-            Text(r.event_type),
+            *([Text(safetext.shown(r.destination))] if several else []),
+            Text(safetext.shown(r.id)),  # ids are data, never markup
+            Text(safetext.shown(r.event_type)),
             r.reason.value,
             human_duration(now - r.dead_lettered_ms),
             str(r.attempts),
@@ -138,27 +141,34 @@ def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int)
 @dead_letters.command("show")
 @click.argument("dl_id")
 @click.option("--json", "as_json", is_flag=True, help="The record as JSON.")
+@destination_option()
 @click.pass_context
 @handle_errors
-def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
+def show_command(ctx: click.Context, dl_id: str, as_json: bool, destination: str | None) -> None:
     """Show everything recorded about a dead letter, and a curl that reproduces it.
 
-    DL_ID is an event id (every dead letter with that id is shown) or a key name:id.
+    DL_ID is an event id (every dead letter with that id is shown, in every destination
+    unless --destination names some) or a key name:id.
 
     \b
-    Example:
+    Examples:
       capi dead-letters show order-1042
+      capi dead-letters show order-1042 --destination default
     """
     settings = settings_from(ctx)
-    records, unreadable = run(select_with_unreadable(settings, Selection(ids=[dl_id])))
+    names = destination_names(settings, destination)
+    selection = Selection(ids=[dl_id], destinations=names)
+    records, unreadable = run(select_with_unreadable(settings, selection))
     named = [u for u in unreadable if dl_id in (u.key, u.id)]
     for u in named:
         err.print(f"dead letter {u.key} cannot be read ({u.why}); as stored:", markup=False)
         sys.stdout.buffer.write(u.raw + b"\n")
     warn_unreadable([u for u in unreadable if u not in named])
     if not records and not named:
-        err.print(f"no dead letter with id {dl_id!r}", markup=False)
-        sys.exit(ExitCode.FAILURE)
+        fail(
+            f"no dead letter with id or key {dl_id!r} (see capi dead-letters list)",
+            ExitCode.NOT_FOUND,
+        )
     try:
         configured = destinations.parse_file(settings)
     except ConfigError:  # a broken file: the curl falls back to the CAPI_* settings
@@ -173,18 +183,19 @@ def show_command(ctx: click.Context, dl_id: str, as_json: bool) -> None:
 
 def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> str:
     now = now_ms()
+    one = safetext.shown  # one line of outside text, made inert
     lines = [
-        f"id:               {r.id} ({r.event_type}; key {r.key})",
+        f"id:               {one(r.id)} ({one(r.event_type)}; key {one(r.key)})",
         f"reason:           {r.reason.value}: {r.meaning}",
         f"status:           {r.status if r.status is not None else '(no HTTP response)'}",
-        f"API error:        {r.error_message or '-'}" + _code_and_param(r),
-        f"request ids:      {', '.join(f'{k}={v}' for k, v in r.request_ids.items()) or '-'}",
+        f"API error:        {one(r.error_message or '-')}" + one(_code_and_param(r)),
+        "request ids:      " + one(", ".join(f"{k}={v}" for k, v in r.request_ids.items()) or "-"),
         f"attempts:         {r.attempts}",
         f"first attempt:    {r.first_attempt_at or '-'}",
         f"last attempt:     {r.last_attempt_at or '-'}",
         f"dead-lettered:    {r.dead_lettered_at}",
-        f"destination:      {r.destination}",
-        f"key:              {r.key_fingerprint}   pixel: {r.pixel_id}",
+        f"destination:      {one(r.destination)}",
+        f"key:              {r.key_fingerprint}   pixel: {one(r.pixel_id)}",
         f"replay deadline:  {r.replay_deadline} "
         + (
             f"({human_duration(r.replay_deadline_ms - now)} left)"
@@ -200,16 +211,26 @@ def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> st
     ]
     if r.error_body is not None:
         lines += ["", "API response body:", orjson.dumps(r.error_body).decode()]
-    source = dest.key_source if dest is not None else "CAPI_API_KEY"
-    key = f"${source}" if source == "CAPI_API_KEY" else source
-    if not key.startswith("$"):  # a key file
-        key = f"$(cat {shlex.quote(key)})"
+    key, env_file = _key_expression(settings, dest.key_source if dest is not None else "")
+    where = f"{key}, set from {env_file} in a subshell" if env_file else key
     lines += [
         "",
-        f"Reproduce (validate_only; the key is read from {key}, never shown):",
-        curl_for(r, dest.base_url if dest is not None else settings.base_url, key),
+        f"Reproduce (validate_only; the key is read from {where}; never shown):",
+        curl_for(r, dest.base_url if dest is not None else settings.base_url, key, env_file),
     ]
-    return "\n".join(lines)
+    return safetext.shown("\n".join(lines), lines=True)  # guidance, the event and body as received
+
+
+def _key_expression(settings: Settings, key_source: str) -> tuple[str, str | None]:
+    """The shell expression a reproducing curl reads the key from, never the key: a
+    variable (``$CAPI_API_KEY``, or a destination's ``api_key_env``), or reading a key
+    file; with the env file to load first when the variable is set only there."""
+    if key_source not in ("", "CAPI_API_KEY") and not key_source.startswith("$"):  # a file
+        return f"$(cat {shlex.quote(key_source)})", None
+    variable = key_source.removeprefix("$") or "CAPI_API_KEY"
+    if variable not in os.environ and variable in settings.file_values():
+        return f"${variable}", settings.config_file_path()
+    return f"${variable}", None
 
 
 def _code_and_param(r: DeadLetter) -> str:
@@ -221,40 +242,51 @@ def _code_and_param(r: DeadLetter) -> str:
     return f" ({', '.join(bits)})" if bits else ""
 
 
-def curl_for(record: DeadLetter, base_url: str, key: str = "$CAPI_API_KEY") -> str:
+def curl_for(
+    record: DeadLetter, base_url: str, key: str = "$CAPI_API_KEY", env_file: str | None = None
+) -> str:
     """A curl command that sends the event with validate_only; the key stays a shell
-    expression (``key``: a variable, or reading a key file)."""
+    expression (``key``: a variable, or reading a key file). With ``env_file``, the
+    command runs in a subshell that loads that file first (the variable is set there)."""
     url = f"{base_url}{EVENTS_PATH}?pid={record.pixel_id}"
     body = build_body([record.event_json.encode()], validate_only=True).decode()
-    return (
+    curl = (
         f"curl -sS -i -X POST {shlex.quote(url)} \\\n"
         f'  -H "Authorization: Bearer {key}" \\\n'
         "  -H 'Content-Type: application/json' \\\n"
         f"  --data-binary {shlex.quote(body)}"
     )
+    if env_file is None:
+        return curl
+    return f"(set -a; . {shlex.quote(env_file)}; set +a\n {curl})"
 
 
 @dead_letters.command("replays")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per audit entry.")
 @click.option("--limit", default=20, show_default=True, help="Newest entries to show.")
+@destination_option()
 @click.pass_context
 @handle_errors
-def replays_command(ctx: click.Context, /, as_json: bool, limit: int) -> None:
+def replays_command(
+    ctx: click.Context, /, as_json: bool, limit: int, destination: str | None
+) -> None:
     """Show the replay audit log: when, what was selected, what was replayed.
 
-    A replay with "started" and no "completed" entry was interrupted: run it again.
+    A replay with "started" and no "completed" entry was interrupted: run it again. Each
+    destination keeps its own log; all are shown unless --destination names some.
 
     \b
     Example:
       capi dead-letters replays --limit 5
     """
     settings = settings_from(ctx)
+    names = destination_names(settings, destination)
 
     async def go() -> list[bytes]:
         client = redis_client(settings)
         rows: list[bytes] = []
         try:
-            for name in destination_names(settings, None):
+            for name in names:
                 keys = settings.keys.for_destination(name)
                 rows += await aw(client.lrange(keys.replays, 0, limit - 1))
             return rows

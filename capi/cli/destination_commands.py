@@ -12,8 +12,9 @@ from capi import destinations
 from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.main import cli
 from capi.fingerprint import fingerprint
+from capi.safetext import shown
 from capi.settings import Settings
-from capi.status import destination_status
+from capi.status import destination_status, stranded
 
 
 @cli.command("destinations")
@@ -23,10 +24,13 @@ from capi.status import destination_status
 def destinations_command(ctx: click.Context, as_json: bool) -> None:
     """List the destinations: pixel, key fingerprint, key state, queue, counts, last error.
 
-    The key state is ok, held (see capi status) or unchecked (no worker has checked it
-    yet). Without a destinations file the one destination is "default". A destination
-    removed from the file whose events or dead letters are still in Redis is listed too,
-    as removed (configured: false): add it back to the file to send them.
+    The key state is ok, held (see capi status), confirming (a probe met a key problem
+    and more probes are deciding whether to hold it) or unchecked (no worker has checked
+    it yet). match_coverage (--json) is the share of the events delivered in the last 24
+    hours that carried each identifier kind (docs/attribution.md); match_coverage_events
+    how many that was. Without a destinations file the one destination is "default". A
+    destination removed from the file whose events or dead letters are still in Redis is
+    listed too, as removed (configured: false): add it back to the file to send them.
 
     \b
     Examples:
@@ -39,24 +43,45 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
         for row in rows:
             print_json(row)
         return
-    table = Table(
-        "name", "pixel", "key", "state", "queued", "oldest", "delivered", "dead letters",
-        "last error", box=None,
-    )  # fmt: skip
+    _print_table(rows)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a table that fits 80 columns: names and pixels fold rather than being
+    cut, the key is its last four characters (the whole fingerprint is in --json), and
+    each last error is a line of its own under the table."""
+    table = Table(box=None, padding=(0, 1, 0, 0), pad_edge=False)
+    for header in ("name", "pixel"):
+        table.add_column(header, overflow="fold")
+    table.add_column("key", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for header in ("queued", "oldest", "delivered", "dead\nletters"):
+        table.add_column(header, justify="right", no_wrap=True, max_width=12)
     for r in rows:
         oldest = r["oldest_queued_age_s"]
         table.add_row(
-            Text(r["name"]),
-            Text(r["pixel_id"] or "-"),
-            Text(r["key_fingerprint"]),
+            Text(shown(r["name"])),
+            Text(shown(r["pixel_id"] or "-")),
+            Text(_short(r["key_fingerprint"])),
             r["key_state"] if r["configured"] else "removed",
             str(r["queued"]),
             "-" if oldest is None else f"{oldest:.0f} s",
             str(r["delivered"]),
             str(r["dead_letters"]),
-            Text(r["last_error"] or "-"),
         )
     out.print(table)
+    errors = [(r["name"], r["last_error"]) for r in rows if r["last_error"]]
+    if errors:
+        out.print("\nlast errors:")
+    for name, error in errors:
+        out.print(Text(f"  {shown(name)}: {shown(error)}"), soft_wrap=False)
+
+
+def _short(key_fingerprint: str) -> str:
+    """``…0001`` of ``…0001 (sha256:…)``; ``-`` for a key not set here."""
+    if key_fingerprint.startswith("…"):
+        return key_fingerprint.split(" ", maxsplit=1)[0]
+    return "-" if key_fingerprint in ("(not set)", "-") else key_fingerprint
 
 
 async def _rows(settings: Settings) -> list[dict[str, Any]]:
@@ -69,7 +94,9 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
             key = status["key"]
             state = key.get("state", "unchecked")
             current = fingerprint(dest.api_key) if dest.api_key else None
-            if state == "unknown" or (current and key.get("fingerprint") != current):
+            if state == "unknown" or (
+                state != "confirming" and current and key.get("fingerprint") != current
+            ):
                 state = "unchecked"  # never checked, or checked with another key
             rows.append(
                 _row(name, status, state)
@@ -79,13 +106,11 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
                     "key_source": dest.key_source,
                     "base_url": dest.base_url,
                     "integration_source": dest.integration_source,
+                    "validate_only": dest.validate_only,
                 }
             )
-        for name in await _left_behind(client, settings, set(configured)):
-            status = await destination_status(client, settings.keys.for_destination(name))
-            waiting = ("queued", "in_flight", "retry_batches_scheduled", "dead_letters")
-            if any(status[what] for what in waiting):
-                rows.append(_row(name, status, "unchecked", configured=False))
+        for name, status in (await stranded(client, settings.keys, configured)).items():
+            rows.append(_row(name, status, "unchecked", configured=False))
         return rows
     finally:
         await client.aclose()
@@ -97,9 +122,14 @@ def _row(
     key = status["key"]
     last_error = None
     if not configured:
-        last_error = "not in the destinations file: add it back to send its queued events"
+        last_error = (
+            "not in the destinations file: add it back to send its events, or drop them: "
+            f"capi queue purge --destination {name}"
+        )
     elif state == "held":
         last_error = f"key held: {key.get('reason')}"
+    elif state == "confirming":
+        last_error = f"key problem being confirmed: {key.get('confirming_reason')}"
     elif status["endpoint"]["state"] == "failing":
         last_error = status["endpoint"]["last_error"]
     return {
@@ -110,29 +140,18 @@ def _row(
         "key_source": None,
         "base_url": None,
         "integration_source": None,
+        "validate_only": False,
         "key_state": state,
         "queued": status["queued"],
         "in_flight": status["in_flight"],
         "retry_batches_scheduled": status["retry_batches_scheduled"],
         "oldest_queued_age_s": status["oldest_queued_age_s"],
         "delivered": status["counters"].get("delivered", 0),
+        "validated": status["counters"].get("validated", 0),
         "dead_letters": status["dead_letters"],
         "dead_lettered": status["counters"].get("dead_lettered", 0),
         "endpoint": status["endpoint"]["state"],
         "last_error": last_error,
+        "match_coverage": status["match_coverage"]["shares"],
+        "match_coverage_events": status["match_coverage"]["events"],
     }
-
-
-async def _left_behind(client: Any, settings: Settings, configured: set[str]) -> list[str]:
-    """Destinations with keys in Redis that the file no longer names (a scan of the
-    prefix: this command is for operators, not for a hot path)."""
-    keys = settings.keys
-    found: set[str] = set()
-    if "default" not in configured and await client.exists(keys.stats):
-        found.add("default")
-    head = f"{keys.prefix}:d:"
-    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
-        name = raw.decode()[len(head) : -len(":stats")]
-        if name not in configured and ":" not in name:
-            found.add(name)
-    return sorted(found)

@@ -10,15 +10,18 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import click
+import orjson
 
 from capi import destinations, logs
-from capi.cli.common import fail, handle_errors, out, print_json, settings_from
+from capi.cli import grants
+from capi.cli.common import PrivateFile, err, fail, handle_errors, out, print_json, settings_from
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
-from capi.settings import Settings
+from capi.settings import DEFAULT_CONFIG_FILE, Settings
 
 if TYPE_CHECKING:
     from capi.intake.app import Intake
@@ -53,8 +56,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
 
     \b
     Example:
-      capi intake-token --json > intake-token.json
-      jq -r .config_line intake-token.json >> config/capi.env
+      capi intake-token --write --output intake-token.json   # grant a token; file 0600
       capi serve --port 8080
       curl -sS http://127.0.0.1:8080/readyz
     """
@@ -68,8 +70,8 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     if not grants:
         raise ConfigError(
             "no intake token is configured (CAPI_INTAKE_TOKENS_SHA256, or "
-            "intake_tokens_sha256 in the destinations file); capi intake-token makes one "
-            "and prints the line to add"
+            "intake_tokens_sha256 in the destinations file); capi intake-token --write makes one "
+            "and grants it"
         )
     configure_logging(settings)
     where = f"http://{host}:{port}"
@@ -77,10 +79,11 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         "log_config": None,
         "access_log": False,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "capi.intake.guard:GuardedProtocol",  # the limits: docs/intake-security.md
         "lifespan": "on",
         "server_header": False,
-        "limit_concurrency": settings.intake_max_connections,
+        "timeout_keep_alive": settings.intake_idle_timeout_s,
+        **_proxy_options(settings),
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_timeout_s)),
     }
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))
@@ -113,6 +116,14 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _proxy_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's X-Forwarded-For handling: only from CAPI_TRUSTED_PROXIES, if set."""
+    trusted = [p.strip() for p in (settings.trusted_proxies or "").split(",") if p.strip()]
+    if not trusted:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted}
 
 
 def _exit_quietly_after_shutdown() -> None:
@@ -149,21 +160,92 @@ def app_from_environment() -> Intake:
     help="The destination it grants (default: the only one configured).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--write",
+    is_flag=True,
+    help="Grant it: add its SHA-256 to the configuration in place (config/capi.env, or the "
+    "destination's table in the destinations file).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=PrivateFile(),
+    help="Write the JSON object (token included) to this file, mode 0600, not to stdout.",
+)
 @click.pass_context
 @handle_errors
-def intake_token_command(ctx: click.Context, destination: str | None, as_json: bool) -> None:
-    """Make a new intake token for capi serve, and print it once with the line to configure.
+def intake_token_command(
+    ctx: click.Context,
+    destination: str | None,
+    as_json: bool,
+    write: bool,
+    output: IO[bytes] | None,
+) -> None:
+    """Make a new intake token for capi serve, and print it once with how to grant it.
 
     Only the token's SHA-256 goes in the configuration; the token itself is shown here
     once: hand it to the client that will POST events, and keep it out of logs and
-    repositories. To revoke it, remove its SHA-256 from the configuration.
+    repositories. --write adds the SHA-256 to the configuration for you (to the one
+    CAPI_INTAKE_TOKENS_SHA256 line of config/capi.env, or to intake_tokens_sha256 of
+    the destination's own table in the destinations file). To revoke a token, remove
+    its SHA-256 from the configuration.
 
     \b
     Examples:
-      capi intake-token
-      capi intake-token --json | jq -r .config_line
+      capi intake-token --write
+      capi intake-token --write --output intake-token.json   # the token, mode 0600
+      jq -r .token intake-token.json
     """
     settings = settings_from(ctx)
+    destination = _granted(settings, destination)
+    from capi.intake import tokens
+
+    token = tokens.new_token()
+    digest = tokens.digest(token)
+    path = destinations.source(settings)
+    note, line = _write(settings, path, destination, digest) if write else ("", "")
+    if path is None:
+        digests = [*destinations.default_token_digests(settings), digest]
+        line = line or f"CAPI_INTAKE_TOKENS_SHA256={','.join(dict.fromkeys(digests))}"
+        env_file = settings.config_file_path() or str(DEFAULT_CONFIG_FILE)
+        how = (
+            f"set this one line in {env_file} (replacing any CAPI_INTAKE_TOKENS_SHA256 "
+            "line there: the last one counts), then restart capi serve"
+        )
+    else:
+        line = f'intake_tokens_sha256 = ["{digest}"]'
+        how = (
+            f"add the SHA-256 to intake_tokens_sha256 in the [destinations.{destination}] "
+            f"table of {path} (inside that table, not at the end of the file, where it would "
+            "belong to the last table); capi serve picks the change up by itself"
+        )
+    data = {
+        "token": token,
+        "sha256": digest,
+        "destination": destination,
+        "config_line": line,
+        "config_file": str(path) if path is not None else None,
+        "written": write,
+    }
+    if output is not None:
+        output.write(orjson.dumps(data) + b"\n")
+        out.print(f"token for {destination!r} written to {output.name} (mode 0600)", markup=False)
+    elif as_json:
+        print_json(data)
+    else:
+        out.print(
+            f"New intake token for destination {destination!r}, shown only this once (give it "
+            f"to the client; keep it secret):\n  {token}\nIts SHA-256:\n  {digest}",
+            markup=False,
+        )
+    if write:
+        err.print(f"granted: {note or 'its SHA-256 is in the configuration'}", markup=False)
+    elif not as_json and output is None:
+        out.print(f"Grant it: run this again with --write, or {how}:\n  {line}", markup=False)
+
+
+def _granted(settings: Settings, destination: str | None) -> str:
+    """The destination a new token grants: the one named, or the only one."""
     names = destinations.names(settings)
     if destination is None:
         if len(names) != 1:
@@ -172,39 +254,36 @@ def intake_token_command(ctx: click.Context, destination: str | None, as_json: b
                 + ", ".join(names),
                 ExitCode.USAGE,
             )
-        destination = names[0]
-    elif destination not in names:
+        return names[0]
+    if destination not in names:
         fail(
             f"--destination: {destination[:64]!r} is not configured; the destinations are: "
             + ", ".join(names),
             ExitCode.USAGE,
         )
-    from capi.intake import tokens
+    return destination
 
-    token = tokens.new_token()
-    digest = tokens.digest(token)
-    path = destinations.source(settings)
+
+def _write(settings: Settings, path: Path | None, destination: str, digest: str) -> tuple[str, str]:
+    """Add the digest to the configuration file in place; a note on what was done, and
+    the env file's line as written (empty for the destinations file)."""
     if path is None:
-        line = f"CAPI_INTAKE_TOKENS_SHA256={digest}"
-        where = "config/capi.env or the environment (several tokens: comma-separated, one line)"
-    else:
-        line = f'intake_tokens_sha256 = ["{digest}"]'
-        where = f"[destinations.{destination}] in {path} (or add the digest to its list)"
-    if as_json:
-        print_json(
-            {
-                "token": token,
-                "sha256": digest,
-                "destination": destination,
-                "config_line": line,
-                "config_file": str(path) if path is not None else None,
-            }
-        )
-        return
-    out.print(
-        f"New intake token for destination {destination!r}, shown only this once (give it to "
-        f"the client; keep it secret):\n  {token}\n"
-        f"Its SHA-256:\n  {digest}\n"
-        f"Grant it: add this line to {where}:\n  {line}",
-        markup=False,
+        env_file = Path(settings.config_file_path() or DEFAULT_CONFIG_FILE)
+        text, line, note = grants.grant_in_env_file(env_file, digest)
+        grants.replace(env_file, text)
+        where = f"CAPI_INTAKE_TOKENS_SHA256 in {env_file}"
+        if "CAPI_INTAKE_TOKENS_SHA256" in os.environ:
+            where += (
+                "; but CAPI_INTAKE_TOKENS_SHA256 is also set in the environment, which wins "
+                "over the file: add the SHA-256 there too"
+            )
+        done = "; ".join(filter(None, [f"added to {where}", note])) + "; restart capi serve"
+        return done, line
+    text = grants.grant_in_destinations_file(path, destination, digest)
+    destinations.parse(text, path, settings, {}, keys="skip")  # still a valid file
+    grants.replace(path, text)
+    done = (
+        f"added to intake_tokens_sha256 of [destinations.{destination}] in {path}; "
+        "capi serve picks it up by itself"
     )
+    return done, ""

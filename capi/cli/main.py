@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from capi import destinations
+from capi import __version__, destinations
 from capi.cli.common import err, fail, handle_errors, out, print_json, run, settings_from
 from capi.cli.selection import destination_names
 from capi.client import ConversionsClient
@@ -22,6 +22,7 @@ from capi.sandbox.server import start
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="capi", message="%(prog)s %(version)s")
 @click.option(
     "--config",
     "config_file",
@@ -270,6 +271,10 @@ def demo_command(ctx: click.Context) -> None:
 
 # The intake's commands live in their own module; the group is defined above.
 from capi.cli.intake_commands import intake_token_command, serve_command  # noqa: E402
+from capi.cli.tail_commands import tail_command  # noqa: E402
+from capi.cli.verify_commands import verify_command  # noqa: E402
 
 cli.add_command(serve_command)
 cli.add_command(intake_token_command)
+cli.add_command(tail_command)
+cli.add_command(verify_command)

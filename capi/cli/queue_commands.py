@@ -1,4 +1,4 @@
-"""``capi enqueue`` and ``capi status``."""
+"""``capi enqueue``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import contextlib
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import click
-from rich.markup import escape
+import redis.exceptions
 from rich.progress import Progress
 
 from capi import destinations
@@ -21,18 +19,15 @@ from capi.cli.common import (
     handle_errors,
     out,
     print_json,
-    redis_client,
-    run,
     settings_from,
 )
 from capi.cli.main import cli
-from capi.cli.selection import destination_names, destination_option
+from capi.cli.selection import destination_names
 from capi.constants import MAX_EVENT_BYTES
-from capi.errors import EventRejected, Problem, QueueUnavailable
+from capi.errors import CapiError, EventRejected, Problem, QueueUnavailable
+from capi.events import prepare
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
-from capi.settings import Settings
-from capi.status import destination_status, shared_status
 
 _CHUNK = 500
 _CHUNK_BYTES = 4 * 1024 * 1024  # of JSON per bulk call, so memory stays near the input's
@@ -49,10 +44,15 @@ _NOTHING = object()  # not an event: a blank or refused line (a line may hold JS
     "more than one destination is configured.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only validate: report each line as enqueue would, queue nothing, contact no Redis.",
+)
 @click.pass_context
 @handle_errors
 def enqueue_command(
-    ctx: click.Context, file: IO[bytes], destination: str | None, as_json: bool
+    ctx: click.Context, file: IO[bytes], destination: str | None, as_json: bool, dry_run: bool
 ) -> None:
     """Validate and enqueue events from JSON Lines (FILE, or stdin).
 
@@ -60,14 +60,21 @@ def enqueue_command(
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
     Each refused line is reported with its reason and the others are queued; the exit code
     is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read
-    whole), is not UTF-8 JSON, or repeats a key within one object.
+    whole), is not UTF-8 JSON, or repeats a key within one object. An invalid optional
+    identifier (a bad phone beside a good email, say) is left out and reported as a warning
+    (CAPI_STRICT_IDENTIFIERS=true refuses the line instead); a line whose "consent" is
+    "denied" is skipped under the destination's consent_policy "drop" (never stored) or
+    sent opted out under "opt_out". With --dry-run the file
+    is only checked: nothing is queued and Redis is not contacted (so duplicates of events
+    already queued are not known).
 
     \b
-    Example (one purchase, timestamped now):
+    Example (one purchase, timestamped now, checked, then queued):
       printf '%s' '{"id":"o-1","type":"order_created","timestamp_ms":'"$(date +%s000)"',' \\
         '"action_source":"web","source_url":"https://shop.example/thanks",' \\
         '"user":{"email":"ada@example.com"},' \\
-        '"data":{"type":"contents","amount":12999,"currency":"USD"}}' | capi enqueue
+        '"data":{"type":"contents","amount":12999,"currency":"USD"}}' > events.jsonl
+      capi enqueue --dry-run events.jsonl && capi enqueue events.jsonl
     """
     settings = settings_from(ctx)  # the producer warns when the Redis is the default
     names = destination_names(settings, destination) if destination else None
@@ -77,42 +84,123 @@ def enqueue_command(
             "(see capi destinations)"
         )
     total = EnqueueReport()
-    lines_read = 0
-    with (
-        _say_how_far(total),
-        SyncProducer.from_settings(settings) as producer,
-        _file_progress(file) as advance,
-    ):
-        batch: list[tuple[int, Any]] = []
-        batch_bytes = 0
-        for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
-            lines_read = lineno
-            advance(size)
-            parsed = _parse_line(lineno, line, total)
-            if parsed is not _NOTHING:
-                batch.append((lineno, parsed))
-                batch_bytes += size
-            if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
-                _flush(producer, batch, total, names)
-                batch_bytes = 0
-        _flush(producer, batch, total, names)
+    lines_read = [0]
+    failure: CapiError | redis.exceptions.RedisError | None = None
+    try:
+        target: contextlib.AbstractContextManager[SyncProducer | _Validator] = (
+            contextlib.nullcontext(_Validator(settings.strict_identifiers))
+            if dry_run
+            else SyncProducer.from_settings(settings)
+        )
+        with (
+            _say_how_far(total),
+            target as producer,
+            _file_progress(file) as advance,
+        ):
+            _enqueue_lines(producer, file, advance, total, names, lines_read)
+    except (CapiError, redis.exceptions.RedisError) as error:  # Redis away, full, ...
+        failure = error
     for lineno, exc in sorted(total.refused, key=lambda r: r[0]):
         err.print(f"line {lineno}: {exc}", markup=False)
-    summary = {
-        "lines": lines_read,
+    skipped = _print_warnings(total)
+    summary: dict[str, Any] = {
+        "lines": lines_read[0],
         "queued": total.queued,
         "duplicates": total.duplicates,
         "refused": len(total.refused),
+        "warned": len(total.warnings),
+        "skipped": skipped,
     }
-    if as_json:
+    if dry_run:
+        summary |= {"dry_run": True, "queued": 0, "valid": total.queued}
+    if as_json:  # whatever the exit: a script reads how far it got
+        if failure is not None:
+            summary["error"] = str(failure)
         print_json(summary)
-    else:
+    elif dry_run:
+        out.print(
+            f"dry run: {total.queued} valid, refused {len(total.refused)}; nothing was queued"
+        )
+    elif failure is None or total.queued or total.duplicates or total.refused:
         out.print(
             f"queued {total.queued}, duplicates {total.duplicates} (already queued), "
-            f"refused {len(total.refused)}"
+            f"refused {len(total.refused)}, warned {len(total.warnings)} (identifiers left "
+            f"out), skipped {skipped} (consent denied)"
         )
+    if failure is not None:
+        raise failure  # handle_errors says it on stderr, with its exit code
     if total.refused:
         sys.exit(ExitCode.REFUSED)
+
+
+def _enqueue_lines(
+    producer: SyncProducer | _Validator,
+    file: IO[bytes],
+    advance: Callable[[int], None],
+    total: EnqueueReport,
+    names: list[str] | None,
+    lines_read: list[int],
+) -> None:
+    """Read, check and enqueue FILE's lines in bulk calls, counting into ``total``."""
+    batch: list[tuple[int, Any]] = []
+    batch_bytes = 0
+    for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
+        lines_read[0] = lineno
+        advance(size)
+        parsed = _parse_line(lineno, line, total)
+        if parsed is not _NOTHING:
+            batch.append((lineno, parsed))
+            batch_bytes += size
+        if len(batch) >= _CHUNK or batch_bytes >= _CHUNK_BYTES:
+            _flush(producer, batch, total, names)
+            batch_bytes = 0
+    _flush(producer, batch, total, names)
+
+
+def _print_warnings(total: EnqueueReport) -> int:
+    """Print each identifier left out and each consent skip by line; how many lines were
+    skipped everywhere (a line skipped for one destination but queued to another is a
+    warning there)."""
+    for lineno, problems in sorted(total.warnings.items()):
+        for p in problems:
+            err.print(f"line {lineno}: warning: {p.path}: left out: {p.rule}", markup=False)
+    skipped = 0
+    for lineno, problems in sorted(total.skipped.items()):
+        what = "warning" if lineno in total.added else "skipped"
+        skipped += what == "skipped"
+        for p in problems:
+            err.print(f"line {lineno}: {what}: {p.rule}", markup=False)
+    return skipped
+
+
+class _Validator:
+    """What ``enqueue --dry-run`` uses in place of a producer: the same checks and hashing
+    (:func:`capi.events.prepare`), and no Redis. ``queued`` counts the valid events."""
+
+    def __init__(self, strict_identifiers: bool) -> None:
+        self.strict_identifiers = strict_identifiers
+
+    def enqueue_many(
+        self,
+        events: Iterable[Any],
+        destination: Any = None,
+        *,
+        report: EnqueueReport | None = None,
+    ) -> EnqueueReport:
+        report = EnqueueReport() if report is None else report
+        for i, event in enumerate(events):
+            try:
+                prepared = prepare(event, strict_identifiers=self.strict_identifiers)
+            except EventRejected as exc:
+                report.refused.append((i, exc))
+            except Exception as exc:  # a hostile line must cost only itself, as in enqueue
+                why = f"could not be read as an event ({type(exc).__name__})"
+                report.refused.append((i, EventRejected([Problem("(event)", why)])))
+            else:
+                report.queued += 1
+                if prepared.warnings:
+                    report.warnings[i] = list(prepared.warnings)
+        return report
 
 
 @contextlib.contextmanager
@@ -247,164 +335,22 @@ def _say_how_far(total: EnqueueReport) -> Iterator[None]:
 
 
 def _flush(
-    producer: SyncProducer,
+    producer: SyncProducer | _Validator,
     batch: list[tuple[int, Any]],
     total: EnqueueReport,
     names: list[str] | None,
 ) -> None:
     if not batch:
         return
-    report = producer.enqueue_many((event for _, event in batch), destination=names)
-    total.queued += report.queued
-    total.duplicates += report.duplicates
-    total.refused += [(batch[i][0], exc) for i, exc in report.refused]
-    batch.clear()
-
-
-@cli.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@destination_option()
-@click.pass_context
-@handle_errors
-def status_command(ctx: click.Context, as_json: bool, destination: str | None) -> None:
-    """Queue depth, in flight, retries, counters, dead letters by reason, key state,
-    the endpoint, Redis memory, and each live worker with what it is doing.
-
-    With several destinations, one section each (``--json``: under ``destinations``).
-
-    \b
-    Example:
-      capi status --json | jq .key
-    """
-    settings = settings_from(ctx)
-    names = destination_names(settings, destination)
-    statuses = run(_statuses(settings, names))
-    if len(names) == 1:
-        status = {"destination": names[0], **statuses[names[0]]}
-        if as_json:
-            print_json(status)
-        else:
-            _print_status(status)
-        return
-    if as_json:
-        first = statuses[names[0]]
-        print_json(
-            {
-                "destinations": statuses,
-                "workers": first["workers"],
-                "workers_alive": first["workers_alive"],
-                "redis": first["redis"],
-            }
-        )
-        return
-    for i, name in enumerate(names):
-        out.print(("\n" if i else "") + f"[bold]destination {escape(name)}[/]")
-        _print_status(statuses[name], workers=i == len(names) - 1)
-
-
-def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
-    key = status["key"]
-    counters = status["counters"]
-    oldest = status["oldest_queued_age_s"]
-    out.print(
-        f"queued:        {status['queued']}"
-        + (f" (oldest {oldest} s)" if oldest is not None else "")
-    )
-    out.print(f"in flight:     {status['in_flight']}")
-    out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
-    for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
-        out.print(f"{name + ':':<15}{counters.get(name, 0)}")
-    if counters.get("accepted_mismatches"):
-        out.print(
-            f"accepted_events mismatches: {counters['accepted_mismatches']} batches answered 200 "
-            "with a count differing from the events sent (see the worker log)"
-        )
-    reasons = ", ".join(f"{k} {v}" for k, v in status["dead_letters_by_reason"].items())
-    out.print(f"dead letters:  {status['dead_letters']} now")
-    if reasons:
-        out.print(f"  all time, by reason (replayed and purged included): {reasons}")
-    line = f"key:           {key.get('state')}"
-    if key.get("state") == "held":
-        line += f" since {key.get('since')} ({key.get('reason')})"
-    out.print(line)
-    if workers:
-        out.print(f"workers alive: {len(status['workers'])}")
-        for w in status["workers"]:
-            where = f" [{w['destination']}]" if w.get("destination") else ""
-            out.print(f"  {w['name']}{where}: {w['state']} ({w['detail']})", markup=False)
-    endpoint = status["endpoint"]
-    if endpoint["state"] == "failing":
-        out.print(
-            f"endpoint:      failing since {endpoint['failing_since']} "
-            f"(last error {endpoint['last_error']})",
-            markup=False,
-        )
-    else:
-        out.print(f"endpoint:      ok (last delivery {endpoint['last_ok_at'] or 'none yet'})")
-    mem = status["redis"]
-    if mem["role"] == "slave":
-        out.print(
-            "redis:         READ-ONLY: CAPI_REDIS_URL points at a replica (after a failover?); "
-            "producers are refused and workers wait until it is a primary again",
-            markup=False,
-        )
-    if mem["full"]:
-        out.print(
-            f"redis:         FULL: {mem['used_memory']} of maxmemory {mem['maxmemory']} bytes "
-            f"under {mem['maxmemory_policy']}; producers are refused until workers drain it "
-            "or maxmemory is raised",
-            markup=False,
-        )
-    if key.get("state") == "held":
-        out.print(key.get("guidance", ""), markup=False)
-
-
-@cli.command("health")
-@click.option("--url", help="Check this endpoint instead (e.g. a worker's /readyz).")
-@click.pass_context
-@handle_errors
-def health_command(ctx: click.Context, url: str | None) -> None:
-    """Exit 0 when capi is ready, 1 otherwise (for Docker and Kubernetes probes).
-
-    Without --url: Redis answers, the key is not held, and a worker sent a heartbeat in
-    the last 30 s.
-
-    \b
-    Examples:
-      capi health --url http://127.0.0.1:9464/readyz   # a worker run with --metrics-port 9464
-      capi health
-    """
-    if url:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
-                ok, why = resp.status == 200, f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            ok, why = False, str(exc)
-    else:
-        settings = settings_from(ctx)
-        statuses = run(_statuses(settings, destination_names(settings, None)))
-        held = [n for n, st in statuses.items() if st["key"].get("state") == "held"]
-        alive = next(iter(statuses.values()))["workers_alive"]
-        # As /readyz: ready while some destination can send; the held ones are named.
-        ok = bool(alive) and len(held) < len(statuses)
-        if not alive:
-            why = "no live worker"
-        elif held:
-            names = "" if held == ["default"] else " (" + ", ".join(held) + ")"
-            why = ("key held" if not ok else "ok, but a key is held") + names
-        else:
-            why = "ok"
-    out.print(("ok: " if ok else "not ready: ") + why, markup=False)
-    sys.exit(ExitCode.OK if ok else ExitCode.FAILURE)
-
-
-async def _statuses(settings: Settings, names: list[str]) -> dict[str, dict[str, Any]]:
-    client = redis_client(settings)
-    try:
-        shared = await shared_status(client, settings.keys)
-        return {
-            n: {**await destination_status(client, settings.keys.for_destination(n)), **shared}
-            for n in names
-        }
+    report = EnqueueReport()
+    try:  # a call that fails part-way still counts what it queued
+        producer.enqueue_many((event for _, event in batch), destination=names, report=report)
     finally:
-        await client.aclose()
+        total.queued += report.queued
+        total.duplicates += report.duplicates
+        total.refused += [(batch[i][0], exc) for i, exc in report.refused]
+        for i, flag in report.added.items():
+            total.added[batch[i][0]] = flag
+        total.warnings.update((batch[i][0], w) for i, w in report.warnings.items() if w)
+        total.skipped.update((batch[i][0], why) for i, why in report.skipped.items())
+        batch.clear()

@@ -11,8 +11,10 @@ import click
 from capi import destinations, replay
 from capi.cli.common import (
     err,
+    fail,
     handle_errors,
     out,
+    plural,
     print_json,
     progress,
     redis_client,
@@ -31,6 +33,7 @@ from capi.cli.selection import (
 from capi.client import ConversionsClient
 from capi.deadletters import DeadLetter
 from capi.errors import ConfigError
+from capi.exitcodes import ExitCode
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
 
@@ -62,10 +65,13 @@ def replay_command(
     queued, so running the same replay again sends nothing twice and resumes an
     interrupted one. Events past their replay deadline are skipped and reported.
 
+    The exit code is 7 when an id named matches no dead letter, and, with --dry-run, 4
+    when the API would reject some of the events.
+
     \b
     Examples:
-      capi check-key && capi dead-letters replay --reason missing_scope
       capi dead-letters replay order-1042 --dry-run
+      capi check-key && capi dead-letters replay --reason missing_scope
       capi dead-letters replay --all --rate 200
     """
     settings = settings_from(ctx)
@@ -75,9 +81,10 @@ def replay_command(
     if not (ids or select_all or filtered):
         raise click.UsageError("say what to replay: IDs, --all, or a filter such as --reason")
     records = run(select_records(settings, selection))
-    report_not_found(ids, records)
+    missing = report_not_found(ids, records)
     if dry_run:
-        _dry_run(settings, records, as_json, include_expired)
+        rejected = _dry_run(settings, records, as_json, include_expired)
+        _exit_if(missing, rejected)
         return
     with progress(len(records), "replaying") as advance:
         report = run(_replay(settings, records, rate, include_expired, selection, advance))
@@ -98,6 +105,23 @@ def replay_command(
     for dl_id in report.expired:
         err.print(
             f"skipped {dl_id}: past its replay deadline (--include-expired to try)", markup=False
+        )
+    _exit_if(missing, 0)
+
+
+def _exit_if(missing: list[str], rejected: int) -> None:
+    """Exit non-zero when an id named matched nothing (7), or when a dry run found events
+    the API would reject (4); 0 otherwise."""
+    if missing:
+        fail(
+            f"{plural(len(missing), 'id')} named matched no dead letter: {', '.join(missing)}",
+            ExitCode.NOT_FOUND,
+        )
+    if rejected:
+        fail(
+            f"{rejected} of the selected events would be rejected by the API (see above); "
+            "fix their cause before replaying them",
+            ExitCode.REFUSED,
         )
 
 
@@ -144,7 +168,9 @@ def _by_destination(records: list[DeadLetter]) -> dict[str, list[DeadLetter]]:
 
 def _dry_run(
     settings: Settings, records: list[DeadLetter], as_json: bool, include_expired: bool
-) -> None:
+) -> int:
+    """Ask the API about each record (validate_only); print each verdict; the number that
+    would be rejected."""
     now = now_ms()
     send = [r for r in records if include_expired or can_replay(r, now)]
     skipped = [
@@ -186,3 +212,4 @@ def _dry_run(
             f"dry run: {accepted} would be accepted, {len(results) - accepted} rejected; "
             "nothing was queued"
         )
+    return len(results) - accepted

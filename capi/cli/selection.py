@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from capi import deadletters, destinations, replay, schema
+from capi import clock, deadletters, destinations, replay, schema
 from capi.cli.common import err, redis_client
 from capi.deadletters import DeadLetter, Unreadable
 from capi.failures import Reason
@@ -35,7 +34,7 @@ def parse_when(value: str | None, now_ms: int) -> int | None:
         raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
+    return clock.ms(when.timestamp())
 
 
 def human_duration(ms: int) -> str:
@@ -124,7 +123,7 @@ def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selec
 
 def now_ms() -> int:
     """The current Unix time in milliseconds."""
-    return int(time.time() * 1000)
+    return clock.now_ms()
 
 
 async def select_with_unreadable(
@@ -185,13 +184,14 @@ def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
         )
 
 
-def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter | Unreadable]) -> None:
-    """Say which of the ids the operator named match no dead letter."""
+def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter | Unreadable]) -> list[str]:
+    """Say which of the ids the operator named match no dead letter; return them."""
     found = {r.id for r in records} | {r.key for r in records}
     missing = [i for i in ids if i not in found]
     if missing:
         err.print(
-            f"not found: {', '.join(missing)} (no dead letter with that id or key; "
-            "see capi dead-letters list)",
+            f"not found: {', '.join(missing)} (no dead letter with that id or key: already "
+            "replayed or purged, or misspelled; see capi dead-letters list)",
             markup=False,
         )
+    return missing

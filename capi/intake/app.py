@@ -5,8 +5,9 @@ Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer)
 - ``POST /v1/events[?destination=NAME]`` with ``Authorization: Bearer <intake token>``:
   every event goes through :meth:`capi.producer.Producer.enqueue_many`, so it is validated
   and hashed exactly as a Python producer would, and answered one by one, in order
-  (``queued``, ``duplicate`` or ``refused`` with each field and rule);
-- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING),
+  (``queued``, ``duplicate``, ``skipped`` (consent denied) or ``refused`` with each field
+  and rule; ``warnings`` name invalid optional identifiers left out);
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full),
   ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
 
 The order of checks on ``POST /v1/events``: token (401), destination (403), content type
@@ -23,14 +24,16 @@ README's Performance section).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
+import redis.exceptions
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -39,11 +42,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from capi.errors import ConfigError, EventRejected, QueueFull, QueueUnavailable
-from capi.intake import envelope, openapi, tokens
+from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
+from capi.intake import envelope, guard, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.settings import Settings
+from capi.status import redis_full
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,6 +57,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("capi.intake")
 access_log = logging.getLogger("capi.intake.access")
 EVENTS_PATH = "/v1/events"
+FREE_BODY_BYTES = 65_536  # each request's first bytes are outside the shared budget
 
 
 class IntakeMetrics:
@@ -95,6 +100,8 @@ class Intake:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.grants = tokens.Grants(settings)
+        self.limits = guard.Limits.of(settings)  # the connection guard's (capi.intake.guard)
+        self.buffered = 0  # body bytes held now, beyond each request's FREE_BODY_BYTES
         self.metrics = IntakeMetrics()
         self.producer: Producer | None = None
         self._openapi = orjson.dumps(openapi.document())
@@ -115,7 +122,9 @@ class Intake:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.producer = Producer.from_settings(self.settings)
+                self.producer = Producer.from_settings(
+                    self.settings, registry=self.metrics.registry
+                )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.producer is not None:
@@ -134,6 +143,13 @@ class Intake:
                     raise Answer(405, "method_not_allowed", "use POST", {"allow": "POST"})
                 status, body = await self._events(scope, receive, note)
                 ctype = "application/json"
+            elif (method, path) == ("GET", "/metrics") and not self._may_see_metrics(scope):
+                raise Answer(
+                    403,
+                    "forbidden",
+                    "/metrics answers clients on this host, or with an intake token "
+                    "(Authorization: Bearer <token>)",
+                )
             elif (method, path) in self._routes:
                 status, body, ctype = await self._routes[method, path]()
             elif method != "GET" and ("GET", path) in self._routes:
@@ -164,6 +180,10 @@ class Intake:
         self, scope: Scope, receive: Receive, note: dict[str, Any]
     ) -> tuple[int, bytes]:
         headers = _headers(scope)
+        if sum(1 for name, _ in scope["headers"] if name == b"authorization") > 1:
+            raise Answer(
+                400, "malformed", "the request has several Authorization headers; send one"
+            )
         destination = self._authorize(headers.get("authorization"), scope, note)
         kind = _checked(envelope.media_type, headers.get("content-type"))
         body = await self._body(headers.get("content-length"), receive)
@@ -200,6 +220,7 @@ class Intake:
             "queued": report.queued,
             "duplicates": report.duplicates,
             "refused": len(report.refused),
+            "skipped": sum(1 for i in report.skipped if i not in report.added),
         }
         return 200, orjson.dumps(answer)
 
@@ -247,8 +268,10 @@ class Intake:
 
     async def _body(self, length: str | None, receive: Receive) -> bytes:
         limit = self.settings.intake_max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+        if length is not None and length.isdigit():
+            if int(length) > limit:
+                raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+            self._reserve(int(length) - FREE_BODY_BYTES, dry_run=True)
         timeout_s = self.settings.intake_read_timeout_s
         try:
             async with asyncio.timeout(timeout_s):  # the whole body: a trickle is refused too
@@ -261,21 +284,56 @@ class Intake:
                 {"connection": "close"},
             ) from None
 
-    @staticmethod
-    async def _read(receive: Receive, limit: int) -> bytes:
+    async def _read(self, receive: Receive, limit: int) -> bytes:
+        """The body; its bytes beyond FREE_BODY_BYTES are counted in :attr:`buffered` while
+        it is read (Answer 503 when they would pass CAPI_INTAKE_MAX_BUFFERED_BYTES)."""
         chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Answer(400, "malformed", "the client left before sending the body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise Answer(413, "body_too_large", envelope.too_large(limit).message)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        size = reserved = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Answer(400, "malformed", "the client left before sending the body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise Answer(413, "body_too_large", envelope.too_large(limit).message)
+                need = size - FREE_BODY_BYTES - reserved
+                if need > 0:
+                    self._reserve(need)
+                    reserved += need
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+        finally:
+            self.buffered -= reserved
+
+    def _reserve(self, size: int, *, dry_run: bool = False) -> None:
+        """Count ``size`` more body bytes held; Answer 503 if over the process's budget."""
+        budget = self.settings.intake_max_buffered_bytes
+        if size <= 0:
+            return
+        if self.buffered + size > budget:
+            raise Answer(
+                503,
+                "busy",
+                f"the intake holds {budget:,} bytes of request bodies already "
+                "(CAPI_INTAKE_MAX_BUFFERED_BYTES); send the request again after Retry-After",
+                {"retry-after": str(self.settings.intake_retry_after_s), "connection": "close"},
+            )
+        if not dry_run:
+            self.buffered += size
+
+    def _may_see_metrics(self, scope: Scope) -> bool:
+        """Whether the client is on this host (loopback) or presents a configured token."""
+        client = scope.get("client")
+        if client and _loopback(client[0]):
+            return True
+        values = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and self.grants.granted(token.strip()) is not None
 
     def _count(self, report: EnqueueReport, destination: str) -> None:
         events = self.metrics.events
@@ -285,6 +343,9 @@ class Intake:
             events.labels("duplicate", destination).inc(report.duplicates)
         if report.refused:
             events.labels("refused", destination).inc(len(report.refused))
+        skipped = sum(1 for i in report.skipped if i not in report.added)
+        if skipped:
+            events.labels("skipped", destination).inc(skipped)
 
     async def _healthz(self) -> tuple[int, bytes, str]:
         return 200, b'{"status": "alive"}', "application/json"
@@ -293,8 +354,14 @@ class Intake:
         assert self.producer is not None
         try:
             await self.producer.redis.ping()
+            memory = await self.producer.redis.info("memory")
+        except redis.exceptions.NoPermissionError:
+            memory = {}  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready
             why = f"Redis does not answer ({type(exc).__name__})"
+            return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
+        if redis_full(memory):  # every POST would get 503 until workers free memory
+            why = "Redis is full (maxmemory reached under noeviction)"
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         return 200, b'{"status": "ready"}', "application/json"
 
@@ -329,12 +396,17 @@ def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> lis
             "id": event_id if isinstance(event_id, str) else None,
             "status": "",
             "errors": [],
+            "warnings": _fields(report.warnings.get(i, ())),
         }
         if i in refused:
             item["status"] = "refused"
             item["errors"] = _errors(refused[i], event)
         elif i in report.added:
             item["status"] = "queued" if report.added[i] else "duplicate"
+            item["warnings"] += _fields(report.skipped.get(i, ()))  # skipped elsewhere
+        elif i in report.skipped:
+            item["status"] = "skipped"
+            item["errors"] = _fields(report.skipped[i])
         elif unavailable:
             item["status"] = "not_queued"
         results.append(item)
@@ -344,7 +416,11 @@ def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> lis
 def _errors(exc: EventRejected, event: Any) -> list[dict[str, str]]:
     if isinstance(event, envelope.BadLine):
         return [{"field": "(event)", "rule": event.rule()}]
-    return [{"field": p.path, "rule": p.rule} for p in exc.problems]
+    return _fields(exc.problems)
+
+
+def _fields(problems: Iterable[Problem]) -> list[dict[str, str]]:
+    return [{"field": p.path, "rule": p.rule} for p in problems]
 
 
 def _unavailable_message(exc: QueueUnavailable, report: EnqueueReport) -> str:
@@ -370,6 +446,13 @@ def _error_body(code: str, message: str, results: list[dict[str, Any]] | None) -
 
 def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client(scope: Scope) -> dict[str, Any]:

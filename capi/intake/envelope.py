@@ -13,6 +13,7 @@ any event that breaks a rule. Messages never quote the body (it may hold raw ide
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,11 @@ class BadLine:
     """An NDJSON line that is not a JSON value: refused as an event, by its line number."""
 
     line: int
+    why: str = ""
 
     def rule(self) -> str:
         """Why it was refused."""
-        return f"line {self.line} is not valid JSON"
+        return self.why or f"line {self.line} is not valid JSON"
 
 
 def media_type(content_type: str | None) -> str:
@@ -69,16 +71,48 @@ def too_large(limit: int) -> EnvelopeError:
 
 def events_of(body: bytes, kind: str, max_events: int) -> list[Any]:
     """The events of a body of media type ``kind``; EnvelopeError if it is malformed or
-    holds more than ``max_events``."""
-    events = _json_events(body) if kind == JSON else _ndjson_events(body)
-    if len(events) > max_events:
-        raise EnvelopeError(
-            413,
-            "too_many_events",
-            f"the body holds {len(events):,} events; at most {max_events:,} per request "
-            "(CAPI_INTAKE_MAX_EVENTS)",
-        )
-    return events
+    holds more than ``max_events`` (NDJSON is counted while it is split: parsing stops at
+    the first line past the limit)."""
+    if kind == JSON:
+        events = _json_events(body)
+        if len(events) > max_events:
+            raise too_many(max_events)
+        try:  # read again, strictly, once the count is known to be within bounds
+            _strict(body)
+        except DuplicateKey as exc:
+            raise EnvelopeError(400, "malformed", f"the body {exc}") from None
+        return events
+    return _ndjson_events(body, max_events)
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names a key twice (a parser keeps one of them: which is ambiguous)."""
+
+
+def _strict(text: bytes) -> Any:
+    """``text`` parsed with a check that no object names a key twice, as ``capi enqueue``
+    refuses such a line; DuplicateKey names the key. (orjson, which keeps the last, has
+    already refused invalid JSON and measured the nesting.)"""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKey(f"names the key {twice[:40]!r} twice in one object; send it once")
+    return found
+
+
+def too_many(max_events: int) -> EnvelopeError:
+    """The 413 for a body of more than ``max_events`` events."""
+    return EnvelopeError(
+        413,
+        "too_many_events",
+        f"the body holds more than {max_events:,} events; at most {max_events:,} per "
+        "request (CAPI_INTAKE_MAX_EVENTS)",
+    )
 
 
 def _json_events(body: bytes) -> list[Any]:
@@ -104,15 +138,24 @@ def _json_events(body: bytes) -> list[Any]:
     return events
 
 
-def _ndjson_events(body: bytes) -> list[Any]:
+def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
     events: list[Any] = []
-    for number, line in enumerate(body.split(b"\n"), start=1):
+    start, number = 0, 0
+    while start <= len(body):
+        end = body.find(b"\n", start)
+        end = len(body) if end < 0 else end
+        line, start, number = body[start:end], end + 1, number + 1
         if not line.strip():
             continue
+        if len(events) == max_events:
+            raise too_many(max_events)
         try:
             events.append(orjson.loads(line))
+            _strict(line)
         except orjson.JSONDecodeError:
             events.append(BadLine(number))
+        except DuplicateKey as exc:
+            events[-1] = BadLine(number, f"line {number} {exc}")
     if not events:
         raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")
     return events

@@ -12,18 +12,28 @@ says nothing usable about the token behind it (finding an input whose digest sha
 prefix with it gives no step toward a preimage). ``hmac.compare_digest`` against every
 configured digest would be as safe, but linear in their number.
 
-:class:`Grants` reads the file again when it changes (looked at at most once a second),
-like :class:`capi.destinations.Names`; a broken file keeps the last good grants.
+:class:`Grants` reads the file again when it changes (looked at at most once a second):
+the destinations file, or without one the config file's CAPI_INTAKE_TOKENS_SHA256. A broken
+file keeps only the grants whose digest is still in its text (fail closed: a removal
+always revokes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import secrets
 from collections.abc import Callable
 
+from dotenv import dotenv_values
+
 from capi import destinations
+from capi.errors import ConfigError
 from capi.settings import Settings
+
+log = logging.getLogger("capi.intake")
+ENV_NAME = "CAPI_INTAKE_TOKENS_SHA256"
 
 TOKEN_BYTES = 32
 
@@ -40,10 +50,12 @@ def digest(token: str) -> str:
 
 def read_grants(settings: Settings) -> dict[str, frozenset[str]]:
     """Each configured token digest and the destinations it grants; ConfigError names what
-    is wrong. Reads no Conversion Key (the intake needs none)."""
+    is wrong. Reads no Conversion Key (the intake needs none). Without a destinations file
+    the digests are CAPI_INTAKE_TOKENS_SHA256 as the config file says it now (unless the
+    environment sets it)."""
     path = destinations.source(settings)
     if path is None:
-        digests = destinations.default_token_digests(settings)
+        digests = destinations.default_token_digests(_fresh(settings))
         return {d: frozenset({destinations.DEFAULT_NAME}) for d in digests}
     text = destinations._read(path)
     grants: dict[str, set[str]] = {}
@@ -53,12 +65,62 @@ def read_grants(settings: Settings) -> dict[str, frozenset[str]]:
     return {d: frozenset(names) for d, names in grants.items()}
 
 
+def _fresh(settings: Settings) -> Settings:
+    """``settings`` with CAPI_INTAKE_TOKENS_SHA256 read again from the config file."""
+    path = settings.config_file()
+    if ENV_NAME in os.environ or path is None:
+        return settings
+    try:
+        value = dotenv_values(path).get(ENV_NAME)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({type(exc).__name__})") from None
+    return settings.model_copy(update={"intake_tokens_sha256": value})
+
+
+def _stamp(settings: Settings) -> object:
+    """What tells that the grants may have changed: the destinations file's or, without
+    one, the config file's modification time."""
+    if destinations.source(settings) is not None:
+        return destinations.file_stamp(settings)
+    path = settings.config_file()
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
+
+
+def _config_text(settings: Settings) -> str:
+    """The text of the file the grants come from ("" if it cannot be read)."""
+    path = destinations.source(settings) or settings.config_file()
+    try:
+        return path.read_text(encoding="utf-8", errors="replace") if path is not None else ""
+    except OSError:
+        return ""
+
+
 class Grants(destinations.Following[dict[str, frozenset[str]]]):
     """The configured tokens' grants, by token digest, following the destinations file
-    as it changes."""
+    (or, without one, the config file) as it changes."""
 
     def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
-        super().__init__(settings, read_grants, monotonic=monotonic)
+        super().__init__(settings, read_grants, monotonic=monotonic, stamp=_stamp)
+
+    def broken(
+        self, last: dict[str, frozenset[str]], exc: ConfigError
+    ) -> dict[str, frozenset[str]]:
+        """While the file is broken, a token stays granted only if its digest is still in
+        the file's text: removing a digest revokes it even when the same edit breaks the
+        file (fail closed); digests added by that edit wait until it reads again."""
+        text = _config_text(self.settings)
+        kept = {d: names for d, names in last.items() if d in text}
+        log.error(
+            "%s; intake tokens: keeping %d whose digest is still in the file, revoking %d "
+            "removed from it; new ones wait until the file reads again",
+            exc,
+            len(kept),
+            len(last) - len(kept),
+        )
+        return kept
 
     def granted(self, token: str) -> frozenset[str] | None:
         """The destinations ``token`` grants; None for a token that is not configured."""

@@ -4,8 +4,10 @@ Written on asyncio streams rather than on an ASGI server so that a fault can com
 and then drop the connection without answering, exactly the failure that makes senders
 resend; and because it is fast enough never to be the bottleneck of a benchmark.
 
-Routes: ``POST /v1/events`` (the API), ``GET /healthz``, ``GET /_sandbox/state``,
-``GET /_sandbox/received``, ``POST /_sandbox/config``, ``POST /_sandbox/reset``.
+Routes: ``POST /v1/events`` (the API), ``GET /v1/conversions/events`` (read-back, see
+:mod:`capi.sandbox.monitoring`), ``GET /healthz``, ``GET /_sandbox/state``,
+``GET /_sandbox/received``, ``POST /_sandbox/config``, ``POST /_sandbox/reset``,
+``POST /_sandbox/pixel`` (events as if the browser Pixel had sent them).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ def route(
         if method != "POST":
             return Reply(405, b'{"error":{"message":"Method not allowed"}}')
         return state.handle_events(query, headers, body)
+    if path == "/v1/conversions/events":
+        if method != "GET":
+            return Reply(405, b'{"error":{"message":"Method not allowed"}}')
+        key = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        status, answer = state.monitoring.answer(query, key, state.conversion_keys)
+        return Reply(status, answer)
+    if path == "/_sandbox/pixel" and method == "POST":
+        return _pixel(state, body)
     if path == "/healthz":
         return Reply(200, b'{"ok":true}')
     if path == "/_sandbox/state":
@@ -51,6 +61,18 @@ def route(
         state.reset()
         return Reply(200, b'{"ok":true}')
     return Reply(404, b'{"error":{"message":"Not found"}}')
+
+
+def _pixel(state: SandboxState, body: bytes) -> Reply:
+    """Record events as if the browser Pixel had sent them: ``{"pid", "events": [{"id",
+    "type", "timestamp_ms"}]}`` (the read-back endpoint shows them as ``pixel_sdk``)."""
+    try:
+        payload = orjson.loads(body)
+        events = [(e["type"], str(e["id"]), int(e["timestamp_ms"])) for e in payload["events"]]
+        state.monitoring.record(str(payload["pid"]), events, "pixel_sdk")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return Reply(400, orjson.dumps({"error": {"message": f"bad pixel events: {exc}"}}))
+    return Reply(200, orjson.dumps({"recorded": len(events)}))
 
 
 async def _read_request(

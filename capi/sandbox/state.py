@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -23,6 +23,7 @@ import orjson
 
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, CONVERSIONS_SCOPE
 from capi.sandbox.contract import Issue, check_event, is_too_old
+from capi.sandbox.monitoring import Monitoring
 
 Clock = Callable[[], float]
 
@@ -37,6 +38,7 @@ SCOPE_MESSAGE = (
 DEFAULT_KEY = "sk-svcacct-sandbox-conversion-key-0001"
 DEFAULT_SCOPELESS_KEY = "sk-proj-sandbox-advertiser-key-0002"
 DEFAULT_PIXEL = "sandbox-pixel-00000001"
+RECENT_EVENTS = 1000
 
 
 @dataclass
@@ -102,10 +104,14 @@ class SandboxState:
         self.key_pixels: dict[str, set[str]] = {}
         self.report_index = True  # False: rejections omit events[i] everywhere
         self.index_in_param = True  # False: only errors[].param names events[i]
+        # errors[] lists every rejected event of a batch (param names the first); False:
+        # only the first rejected event is named, one per answer.
+        self.every_rejection = True
         self.rejection_status = 400
         self.rejection_code: str | None = "invalid_event"
         self.accepted_delta = 0  # added to accepted_events in a 200 (the docs say never)
         self.clock = clock
+        self.monitoring = Monitoring(clock)  # the read-back endpoint's view of accepted events
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.reset()
@@ -122,6 +128,9 @@ class SandboxState:
             self.validate_only_requests = 0
             self.first_batch_at: float | None = None  # wall clock, for benchmarks
             self.last_batch_at: float | None = None
+            # The last events accepted, as received, so tests can see what was sent.
+            self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
+        self.monitoring.reset()
 
     # -- what tests read -------------------------------------------------------------
     def delivered_counts(self) -> Counter[tuple[str, str, str]]:
@@ -136,6 +145,11 @@ class SandboxState:
             for (_, _, event_id), n in self.received.items():
                 out[event_id] += n
             return out
+
+    def recent_events(self) -> list[dict[str, Any]]:
+        """The last :data:`RECENT_EVENTS` events accepted (not validate-only), oldest first."""
+        with self.lock:
+            return list(self.recent)
 
     def summary(self) -> dict[str, Any]:
         """Counts, as JSON-ready data."""
@@ -163,7 +177,7 @@ class SandboxState:
                     setattr(self, name, set(config[name]))
             if "faults" in config:
                 self.faults = [Fault(**f) for f in config["faults"]]
-            for name in ("report_index", "index_in_param"):
+            for name in ("report_index", "index_in_param", "every_rejection"):
                 if name in config:
                     setattr(self, name, bool(config[name]))
             if "rejection_status" in config:
@@ -174,6 +188,8 @@ class SandboxState:
                 self.accepted_delta = int(config["accepted_delta"])
             if "seed" in config:
                 self.rng = random.Random(config["seed"])
+            if "monitoring" in config:
+                self.monitoring.configure(config["monitoring"])
 
     def config(self) -> dict[str, Any]:
         """The current configuration, keys shown in full (the sandbox's keys are not secret)."""
@@ -256,6 +272,12 @@ class SandboxState:
                 self.first_batch_at = self.first_batch_at or self.last_batch_at
                 for name, event_id in checked:
                     self.received[(pid, name, event_id)] += 1
+                self.recent.extend(events)
+                self.monitoring.record(
+                    pid,
+                    [(e["type"], e["id"], e["timestamp_ms"]) for e in events],
+                    "server_to_server",
+                )
                 source = payload.get("integration_source")
                 self.senders[(pid, key, source if isinstance(source, str) else None)] += len(
                     checked
@@ -282,8 +304,11 @@ class SandboxState:
     def _validate(self, events: list[Any]) -> tuple[list[tuple[str, str]], Reply | None]:
         now = int(self.clock() * 1000)
         checked: list[tuple[str, str]] = []
+        rejected: list[tuple[int, list[Issue]]] = []
         for i, raw in enumerate(events):
             if is_too_old(raw, now):
+                if rejected:
+                    break
                 return checked, _error(
                     422,
                     f"Event at events[{i}] is older than 7 days.",
@@ -292,21 +317,30 @@ class SandboxState:
                 )
             issues = check_event(raw, now)
             if issues:
-                return checked, self._rejection(i, issues)
+                rejected.append((i, issues))
+                if not self.every_rejection:
+                    break
+                continue
             name = raw["custom_event_name"].lower() if raw["type"] == "custom" else raw["type"]
             checked.append((name, raw["id"]))
+        if rejected:
+            return checked, self._rejection(rejected)
         return checked, None
 
-    def _rejection(self, i: int, issues: list[Issue]) -> Reply:
-        where = f"events[{i}]" if self.report_index else ""
+    def _rejection(self, rejected: list[tuple[int, list[Issue]]]) -> Reply:
         errors = [
             {
                 "message": issue.message,
-                "param": ".".join(p for p in (where, issue.param) if p) or None,
+                "param": ".".join(
+                    p for p in (f"events[{i}]" if self.report_index else "", issue.param) if p
+                )
+                or None,
                 "code": issue.code,
             }
+            for i, issues in rejected
             for issue in issues
         ]
+        where = f"events[{rejected[0][0]}]" if self.report_index else ""
         at = f" at {where}" if where else ""
         return _error(
             self.rejection_status,

@@ -13,11 +13,14 @@ accepted_mismatch      acknowledge, and count it (the docs promise all or none)
 stale (caught locally) dead-letter as outside_time_window, never sent
 missing_scope          re-probe the key, then :data:`AFTER_PROBE`: transient ->
 unauthorized           retry; confirmed -> dead-letter (the guard holds the
-unknown_pixel          destination); already held -> hand back
-access_denied
+access_denied          destination); already held -> hand back
+unknown_pixel          re-probe, then :data:`AFTER_HOLD`: transient -> retry;
+not_found              confirmed or already held -> hand back (the guard holds the
+request_invalid        destination: its settings are wrong, not its events)
 invalid_event          dead-letter the events the answer names, resend the rest
 outside_time_window    at once (no index: bisect)
-rate_limited           retry with backoff (Retry-After honoured)
+too_large              split the batch (bisect); a single event: dead-letter
+rate_limited           retry with backoff (Retry-After honoured whatever its length)
 server_error, network  retry with backoff, and mark the endpoint failing
 retries_exhausted      dead-letter
 unexpected             dead-letter with the raw answer
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar
 
+from capi.clock import ms
 from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
 from capi.failures import Reason
 from capi.retry import backoff_s, within_budget
@@ -64,6 +68,7 @@ class Action(enum.StrEnum):
     ACKNOWLEDGE = "acknowledge"
     RETRY = "retry"  # backoff; events whose next attempt falls past their budget: dead letters
     REPROBE = "reprobe"  # the key guard re-probes; the verdict's row in AFTER_PROBE follows
+    HOLD = "hold"  # as REPROBE, the verdict's row in AFTER_HOLD: the events are kept
     DROP_REJECTED = "drop_rejected"  # dead-letter the events named, resend the rest at once
     DEAD_LETTER = "dead_letter"
     HAND_BACK = "hand_back"  # back to the queue, unattempted, for a later read
@@ -91,9 +96,12 @@ FATES: Mapping[Reason | Outcome, Fate] = MappingProxyType(
         Outcome.STALE: Fate(Action.DEAD_LETTER, reason=Reason.OUTSIDE_TIME_WINDOW, attempted=False),
         Reason.MISSING_SCOPE: Fate(Action.REPROBE),
         Reason.UNAUTHORIZED: Fate(Action.REPROBE),
-        Reason.UNKNOWN_PIXEL: Fate(Action.REPROBE),
         Reason.ACCESS_DENIED: Fate(Action.REPROBE),
+        Reason.UNKNOWN_PIXEL: Fate(Action.HOLD),
+        Reason.NOT_FOUND: Fate(Action.HOLD),
+        Reason.REQUEST_INVALID: Fate(Action.HOLD),
         Reason.INVALID_EVENT: Fate(Action.DROP_REJECTED),
+        Reason.TOO_LARGE: Fate(Action.DROP_REJECTED),
         Reason.OUTSIDE_TIME_WINDOW: Fate(Action.DROP_REJECTED),
         Reason.RATE_LIMITED: Fate(Action.RETRY),
         Reason.SERVER_ERROR: Fate(Action.RETRY, endpoint_down=True),
@@ -109,6 +117,18 @@ AFTER_PROBE: Mapping[Verdict, Fate] = MappingProxyType(
     {
         Verdict.TRANSIENT: Fate(Action.RETRY),
         Verdict.CONFIRMED: Fate(Action.DEAD_LETTER),
+        Verdict.ALREADY_HELD: Fate(Action.HAND_BACK),
+    }
+)
+
+
+# After a re-probe of a configuration problem (Action.HOLD): the events are not at fault,
+# so a confirmed failure hands them back; the key guard holds the destination until a
+# re-probe passes (the settings are fixed), and they go then.
+AFTER_HOLD: Mapping[Verdict, Fate] = MappingProxyType(
+    {
+        Verdict.TRANSIENT: Fate(Action.RETRY),
+        Verdict.CONFIRMED: Fate(Action.HAND_BACK),
         Verdict.ALREADY_HELD: Fate(Action.HAND_BACK),
     }
 )
@@ -170,7 +190,7 @@ def plan_retry(
     is exhausted (dead-lettered as ``retries_exhausted``)."""
     attempt = max(e.attempts for e in group) + 1
     delay = backoff_s(attempt, base_s=base_s, cap_s=cap_s, retry_after_s=retry_after_s, rand=rand)
-    due = now_ms + int(delay * 1000)
+    due = now_ms + ms(delay)
 
     def fits(e: E) -> bool:
         deadline = e.timestamp_ms + API_MAX_AGE_MS - STALE_MARGIN_MS

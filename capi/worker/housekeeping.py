@@ -26,8 +26,14 @@ reclaim             RECLAIM_S        entries of a stopped worker (no heartbeat f
                                      LIVENESS_S, idle for claim_idle) go back to work:
                                      active destinations, and RECLAIM_SLICE idle ones in
                                      turn (every destination within claim_idle)
-forget stopped      FORGET_S         consumers and heartbeats of long-gone workers; the
-                                     retry-due index and active set are checked too
+lost reads          LOST_S           this worker's own entries whose read answer was lost
+                                     (a timeout, a dropped connection) go back to work
+                                     once idle for CAPI_REDIS_TIMEOUT_S + 1 s: busy
+                                     destinations
+forget stopped      FORGET_S, and    consumers that hold nothing of workers without a
+                    at once for a    heartbeat (or idle 10 x claim_idle), and heartbeats
+                    new destination  of long-gone workers; the retry-due index and
+                                     active set are checked too
 status log line     STATUS_LOG_S     one line of counters for log-only deployments
 prune dead letters  PRUNE_S          retention, and a warning before replay deadlines
 ==================  ===============  ====================================================
@@ -37,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import random
 import time
@@ -47,9 +52,11 @@ from typing import TYPE_CHECKING
 import orjson
 import redis.exceptions
 
-from capi import replay
+from capi import clock, replay
+from capi.clock import HEARTBEAT_S, LIVENESS_MS, LIVENESS_S, ms
 from capi.deadletters import Unreadable
 from capi.status import destination_status, redis_full
+from capi.worker.jobs import Job, Rotation, Schedule
 
 if TYPE_CHECKING:
     from capi.worker.lanes import Lanes
@@ -58,15 +65,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("capi.housekeeping")
 
 TICK_S = 0.1
-HEARTBEAT_S = 1.0
-# A worker silent this long is taken for stopped (status, and reclaiming its entries).
-LIVENESS_S = 10.0
 SYNC_S = 1.0
 SYNC_ALL_S = 5.0
 GAUGES_S = 2.0
 GAUGES_SLICE = 50
 RECLAIM_S = 0.5
 RECLAIM_SLICE = 25
+LOST_S = 1.0
 FORGET_S = 60.0
 STATUS_LOG_S = 60.0
 PRUNE_S = 3600.0
@@ -79,26 +84,35 @@ class Housekeeping:
     def __init__(self, lanes: Lanes, *, burst: bool = False) -> None:
         self.lanes = lanes
         self.burst = burst
-        self._last: dict[str, float] = {}
         self._connected_since: float | None = None
         self._touch_now = False
         self._errors = 0
         self._delay = TICK_S
         settings = lanes.settings
-        self.claim_idle_ms = int(settings.claim_idle_s * 1000)
+        self.claim_idle_ms = ms(settings.claim_idle_s)
         self.lease_s = max(0.25, settings.claim_idle_s / 4)
         self._reclaim_more: set[str] = set()
-        self._reclaim_turn = 0
-        self._gauges_turn = 0
-        self._prune_turn = 0
+        self._reclaim_turn = Rotation()
+        self._gauges_turn = Rotation()
+        self._prune_turn = Rotation()
         self._probes: dict[str, asyncio.Task[None]] = {}
-
-    def _due(self, job: str, every_s: float) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(job, float("-inf")) >= every_s:
-            self._last[job] = now
-            return True
-        return False
+        self._reprobes: dict[str, Schedule] = {}
+        self._forgotten: set[str] = set()
+        self._sync_all = Schedule(SYNC_ALL_S)
+        # The jobs, in the order a tick runs them; the burst check comes between the two.
+        self.jobs = [
+            Job("moving due retries", Schedule(0.0), self._move_due),
+            Job("key state sync", Schedule(SYNC_S), self._sync_keys),
+            Job("gauges", Schedule(GAUGES_S), self._gauges),
+            Job("status log", Schedule(STATUS_LOG_S), self._log_status),
+            Job("pruning dead letters", Schedule(PRUNE_S, per_destination=True), self._prune),
+        ]
+        self.lease = Job("lease renewal", Schedule(self.lease_s), self._leases)
+        self.reclaim = Job("reclaim", Schedule(RECLAIM_S), self._reclaim)
+        self.lost = Job("taking back lost reads", Schedule(LOST_S), self._take_back_lost)
+        # A read's answer not parsed by now is lost: the call itself has timed out.
+        self.lost_idle_ms = ms(settings.redis_timeout_s + settings.batch_wait_ms / 1000) + 1000
+        self.forget = Job("forgetting stopped workers", Schedule(FORGET_S), self._forget_all)
 
     async def run(self) -> None:
         """Tick until the lanes stop; never end on an error. The heartbeat and key
@@ -133,7 +147,8 @@ class Housekeeping:
                 if self._connected_since is None:
                     self._connected_since = time.monotonic()
                     self._touch_now = True
-            lanes.metrics.tick(redis_ok=lanes.trouble.redis_ok)
+            if lanes.trouble.redis_ok:
+                lanes.metrics.redis_answered()
             # Jittered, so that workers meeting the same trouble do not tick in lockstep.
             await asyncio.sleep(
                 (self._delay if self._errors else TICK_S) * (0.75 + random.random() / 2)
@@ -170,24 +185,10 @@ class Housekeeping:
         """Run every job that is due; each job's error is its own."""
         lanes = self.lanes
         senders = dict(lanes.senders)
-        now_ms = int(lanes.clock() * 1000)
-        await self._job("moving due retries", lambda: self._move_due(senders, now_ms))
-        if self._due("sync", SYNC_S):
-            # Every destination's key state at times; the busy and held ones' each time.
-            chosen = senders
-            if not self._due("sync_all", SYNC_ALL_S):
-                chosen = {s.destination.name: s for s in self._busy(senders, held=True)}
-            await self._job("key state sync", lambda: self._sync_keys(chosen))
-        if self._due("gauges", GAUGES_S):
-            await self._job("gauges", lambda: self._gauges(senders, now_ms))
-        if self._due("status_log", STATUS_LOG_S):
-            await self._job("status log", lambda: self._log_status(senders))
-        if self._due("prune", PRUNE_S / max(1, len(senders))):
-            sender = self._next(senders, "_prune_turn", 1)
-            for s in sender:
-                await self._job(
-                    "pruning dead letters", functools.partial(prune_dead_letters, s, now_ms), s
-                )
+        now_ms = clock.now_ms(lanes.clock)
+        for job in self.jobs:
+            if job.schedule.due(len(senders)):
+                await self._job(job.name, functools.partial(job.run, senders, now_ms))
         if self.burst and await self._drained(senders):
             log.info("burst: nothing queued, in flight or scheduled; stopping")
             lanes.stop()
@@ -200,15 +201,16 @@ class Housekeeping:
             name = s.destination.name
             if name in self._probes or not s.held:
                 continue
-            if self._due(f"reprobe:{name}", self._reprobe_s(s)):
+            schedule = self._reprobes.setdefault(name, Schedule(self._reprobe_s(s)))
+            if schedule.due():
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
-        if self._touch_now or self._due("lease", self.lease_s):
-            self._touch_now = not await self._job("lease renewal", lambda: self._leases(senders))
-        if self._due("reclaim", RECLAIM_S):
-            await self._job("reclaim", lambda: self._reclaim(senders))
-        if self._due("forget", FORGET_S):
-            for s in senders.values():
-                await self._job("forgetting stopped workers", functools.partial(self._forget, s), s)
+        now_ms = clock.now_ms(self.lanes.clock)
+        await self._forget_new(senders)
+        for job in (self.lease, self.reclaim, self.lost, self.forget):
+            if (job is self.lease and self._touch_now) or job.schedule.due():
+                ok = await self._job(job.name, functools.partial(job.run, senders, now_ms))
+                if job is self.lease:
+                    self._touch_now = not ok
 
     async def _reprobe(self, s: Sender) -> None:
         """Re-probe a held key (at most one worker per interval: a lock in Redis)."""
@@ -228,21 +230,18 @@ class Housekeeping:
     def _reprobe_s(sender: Sender) -> float:
         return min(sender.settings.reprobe_interval_s, 5.0)
 
-    def _next(self, senders: dict[str, Sender], turn: str, count: int) -> list[Sender]:
-        """``count`` senders in turn (a rotation over all of them, remembered in ``turn``)."""
-        if not senders:
-            return []
-        values = list(senders.values())
-        start = getattr(self, turn) % len(values)
-        setattr(self, turn, start + count)
-        picked = itertools.islice(itertools.cycle(values), start, start + min(count, len(values)))
-        return list(picked)
-
     def _busy(self, senders: dict[str, Sender], *, held: bool = False) -> Iterable[Sender]:
         """The senders with work (and, with ``held``, the held ones)."""
         for name, s in senders.items():
             if name in self.lanes.active or s.holding or (held and s.held):
                 yield s
+
+    async def _prune(self, senders: dict[str, Sender], now_ms: int) -> None:
+        """Prune the dead letters of the next destination in turn (each within PRUNE_S)."""
+        for s in self._prune_turn.take(senders, 1):
+            await self._job(
+                "pruning dead letters", functools.partial(prune_dead_letters, s, now_ms), s
+            )
 
     async def _move_due(self, senders: dict[str, Sender], now_ms: int) -> None:
         due = await self.lanes.redis.zrangebyscore(self.lanes.keys.retry_due, "-inf", now_ms)
@@ -258,11 +257,14 @@ class Housekeeping:
         state, detail, where = lanes.state()
         await lanes.queue.heartbeat(
             lanes.name,
-            int(time.time() * 1000),
+            clock.now_ms(),
             {"state": state, "detail": detail, "destination": where},
         )
 
-    async def _sync_keys(self, senders: dict[str, Sender]) -> None:
+    async def _sync_keys(self, senders: dict[str, Sender], now_ms: int) -> None:
+        # Every destination's key state at times; the busy and held ones' each time.
+        if not self._sync_all.due():
+            senders = {s.destination.name: s for s in self._busy(senders, held=True)}
         if not senders:
             return
         pipe = self.lanes.redis.pipeline(transaction=False)
@@ -272,7 +274,7 @@ class Housekeeping:
         for s, state in zip(senders.values(), states, strict=True):
             await s.adopt_key_state(state)
 
-    async def _log_status(self, senders: dict[str, Sender]) -> None:
+    async def _log_status(self, senders: dict[str, Sender], now_ms: int) -> None:
         shown = list(self._busy(senders))[:20] or list(senders.values())[:1]
         for s in shown:
             status = await destination_status(s.redis, s.keys)
@@ -283,22 +285,22 @@ class Housekeeping:
                 extra={"destination": s.destination.name},
             )
 
-    async def _leases(self, senders: dict[str, Sender]) -> None:
+    async def _leases(self, senders: dict[str, Sender], now_ms: int) -> None:
         for s in senders.values():
             for consumer, ids in s.leases().items():
                 await s.queue.touch(consumer, ids)
 
-    async def _reclaim(self, senders: dict[str, Sender]) -> None:
+    async def _reclaim(self, senders: dict[str, Sender], now_ms: int) -> None:
         # After an outage, give every worker time to say it is alive before taking anything.
         connected = self._connected_since
         if connected is None or time.monotonic() - connected < LIVENESS_S:
             return
         lanes = self.lanes
-        live = await lanes.queue.live_workers(int(time.time() * 1000), int(LIVENESS_S * 1000))
+        live = await lanes.queue.live_workers(clock.now_ms(), LIVENESS_MS)
         live.add(lanes.name)
         todo = {s.destination.name: s for s in self._busy(senders)}
         todo.update(
-            (s.destination.name, s) for s in self._next(senders, "_reclaim_turn", RECLAIM_SLICE)
+            (s.destination.name, s) for s in self._reclaim_turn.take(senders, RECLAIM_SLICE)
         )
         todo.update((n, senders[n]) for n in self._reclaim_more if n in senders)
         self._reclaim_more.clear()
@@ -333,10 +335,58 @@ class Housekeeping:
         # More may be waiting: look again at the next tick, not in RECLAIM_S, so taken-over
         # events are re-sent as fast as the lanes send, not as fast as this job wakes.
         self._reclaim_more.add(name)
-        self._last.pop("reclaim", None)
+        self.reclaim.schedule.now_again()
 
-    async def _forget(self, s: Sender) -> None:
-        await s.queue.forget_stopped(int(time.time() * 1000), self.claim_idle_ms * 10)
+    async def _take_back_lost(self, senders: dict[str, Sender], now_ms: int) -> None:
+        """Entries this worker's own reads took whose answer was lost (a timeout, or a
+        connection dropped under a call that was then sent again): back to work within
+        seconds, not after claim_idle."""
+        for s in self._busy(senders):
+            await self._job("taking back lost reads", functools.partial(self._lost_one, s), s)
+
+    async def _lost_one(self, s: Sender) -> None:
+        name = s.destination.name
+        me = self.lanes.name
+        size = s.settings.batch_size
+        while s.reclaim_room():
+            claimed = await s.queue.reclaim_lost(
+                f"{me}:reclaim", me, s.held_ids(), self.lost_idle_ms, size
+            )
+            if not claimed:
+                return
+            log.warning(
+                "took back %d events of %s whose read answer was lost",
+                len(claimed),
+                name,
+                extra={"count": len(claimed), "destination": name},
+            )
+            s.take_over(claimed)
+            self.lanes.activate(name)
+            if len(claimed) < size:
+                return
+
+    async def _forget_all(self, senders: dict[str, Sender], now_ms: int) -> None:
+        await self._forget_some(list(senders.values()))
+
+    async def _forget_new(self, senders: dict[str, Sender]) -> None:
+        """A destination this worker just began to serve is looked after at once (a
+        replacement worker cleans up after a kill storm without waiting FORGET_S)."""
+        new = [s for name, s in senders.items() if name not in self._forgotten]
+        if new:
+            await self._forget_some(new)
+
+    async def _forget_some(self, senders: list[Sender]) -> None:
+        live = await self.lanes.queue.live_workers(clock.now_ms(), LIVENESS_MS)
+        live.add(self.lanes.name)
+        for s in senders:
+            step = functools.partial(self._forget, s, live)
+            if await self._job("forgetting stopped workers", step, s):
+                self._forgotten.add(s.destination.name)
+
+    async def _forget(self, s: Sender, live: set[str]) -> None:
+        await s.queue.forget_stopped(
+            clock.now_ms(), self.claim_idle_ms * 10, live=live, silent_ms=LIVENESS_MS
+        )
         # Checks of the indexes (should Redis ever have lost part of them): the next read
         # finds out whether the stream is empty.
         await s.queue.index_retries()
@@ -344,9 +394,7 @@ class Housekeeping:
 
     async def _gauges(self, senders: dict[str, Sender], now_ms: int) -> None:
         todo = {s.destination.name: s for s in self._busy(senders)}
-        todo.update(
-            (s.destination.name, s) for s in self._next(senders, "_gauges_turn", GAUGES_SLICE)
-        )
+        todo.update((s.destination.name, s) for s in self._gauges_turn.take(senders, GAUGES_SLICE))
         for s in todo.values():
             await s.refresh_gauges(now_ms)
         try:

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from capi._aio import aw
 from capi.client import ConversionsClient
+from capi.clock import ms, now_ms
 from capi.constants import RedisKeys
 from capi.deadletters import iso
 from capi.errors import SendError
@@ -38,6 +39,9 @@ if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[2], 'transient_key_failures', 1) end
 return 1
 """
+
+# Written beside the key state while probes confirm a key problem (see KeyGuard._suspect).
+CONFIRMING_FIELDS = ("confirming_since", "confirming_reason")
 
 # The re-probe lock: one worker at a time re-probes a held key. allow-oom: a key incident
 # is exactly when the queue grows until Redis is full, and the re-probe is the way out.
@@ -80,12 +84,16 @@ class KeyGuard:
         self._lock_script = redis.register_script(LOCK_LUA)
         self._last_ok = float("-inf")
         self.held = False
+        self._confirming = False
 
     async def check(self) -> KeyCheck:
-        """The startup check; records the key as ok in Redis when it passes."""
+        """The startup check; records the key as ok in Redis when it passes (and, while
+        more probes confirm a key problem, that it is being confirmed)."""
         result = await self._probe()
         if result.ok:
             await self._set_ok()
+        elif self._confirming:  # the caller holds the key, or refuses to start
+            await self._unconfirming()
         return result
 
     async def confirm(self, error: SendError) -> Verdict:
@@ -93,12 +101,19 @@ class KeyGuard:
         async with self._lock:
             if self.held:
                 return Verdict.ALREADY_HELD
-            recently_ok = self._monotonic() - self._last_ok < self.min_probe_interval_s
+            # A key that passed a probe moments ago is not re-probed for a key failure (the
+            # platform's spikes); a configuration failure (404, unknown pixel, a request
+            # field) is always probed: retrying it blindly resends every batch meanwhile.
+            recently_ok = (
+                not error.reason.config_problem
+                and self._monotonic() - self._last_ok < self.min_probe_interval_s
+            )
             result = None if recently_ok else await self._probe()
             # Probes that met 429s, 5xx or lost answers say nothing about the key: only a
             # key problem answered to the probes themselves confirms one.
             if result is None or result.ok or (result.error is not None and result.error.retryable):
                 await self._write_state(None, count_transient=True)
+                await self._unconfirming()
                 log.warning(
                     "transient %s on a key that passes its probe; retrying (request id %s)",
                     error.reason.value,
@@ -125,7 +140,7 @@ class KeyGuard:
     async def try_release(self) -> bool:
         """While held: re-probe if no other worker did within the interval; True if released."""
         got = await self._lock_script(
-            keys=[self.keys.probe_lock], args=[max(1, int(self.reprobe_interval_s * 1000))]
+            keys=[self.keys.probe_lock], args=[max(1, ms(self.reprobe_interval_s))]
         )
         if got:
             result = await self._probe(confirmations=1)
@@ -135,7 +150,7 @@ class KeyGuard:
                 return True
             await self._state_script(
                 keys=[self.keys.key_state, self.keys.stats],
-                args=[0, 0, "checked_at", iso(_ms()) or ""],
+                args=[0, 0, "checked_at", iso(now_ms()) or ""],
             )
         await self.sync()
         return not self.held
@@ -147,14 +162,35 @@ class KeyGuard:
             pause_s=self.probe_pause_s,
             sleep=self._sleep,
             api_key=self._api_key,
+            on_suspect=self._suspect,
         )
         if result.ok:
             self._last_ok = self._monotonic()
         return result
 
+    async def _suspect(self, error: SendError) -> None:
+        """A probe met a key problem that more probes are to confirm: say so beside the key
+        state (``confirming_since``, ``confirming_reason``), which stays as it is until
+        they decide (capi status and capi destinations show "confirming")."""
+        if self.held:
+            return
+        self._confirming = True
+        await self._state_script(
+            keys=[self.keys.key_state, self.keys.stats],
+            args=[0, 0, "confirming_since", iso(now_ms()) or "", "confirming_reason",
+                  error.reason.value],
+        )  # fmt: skip
+
+    async def _unconfirming(self) -> None:
+        """The probes decided without holding the key: the confirmation is over."""
+        if self._confirming:
+            self._confirming = False
+            await aw(self.redis.hdel(self.keys.key_state, *CONFIRMING_FIELDS))
+
     async def _set_ok(self) -> None:
         self.held = False
-        now = iso(_ms()) or ""
+        self._confirming = False  # the state below replaces the confirming fields
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "ok",
@@ -175,16 +211,17 @@ class KeyGuard:
         )
 
     async def hold(self, check: KeyCheck) -> None:
-        """Hold this destination after a failed key check (its sender re-probes)."""
+        """Hold this destination after a failed key check (housekeeping re-probes it)."""
         assert check.error is not None
         await self._hold(check.error)
 
     async def _hold(self, error: SendError) -> None:
         self.held = True
+        self._confirming = False  # the state below replaces the confirming fields
         diagnosis = diagnose(
             error, pixel_id=self.client.pixel_id, api_key=self._api_key, labels=self.client.labels
         )
-        now = iso(_ms()) or ""
+        now = iso(now_ms()) or ""
         await self._write_state(
             {
                 "state": "held",
@@ -198,14 +235,12 @@ class KeyGuard:
             }
         )
         where = "" if self.keys.destination == "default" else f" of {self.keys.destination}"
+        what = "settings" if error.reason.config_problem else "key"
         log.error(
-            "key%s confirmed broken; holding all workers' sends%s: %s",
+            "%s%s confirmed broken; holding all workers' sends%s: %s",
+            what,
             where,
             where,
             diagnosis.cause,
             extra={"destination": self.keys.destination},
         )
-
-
-def _ms() -> int:
-    return int(time.time() * 1000)

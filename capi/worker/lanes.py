@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi.events import Clock
+from capi.clock import LIVENESS_S, Clock
 from capi.metrics import Metrics
 from capi.queue import Queue
 from capi.settings import Settings
@@ -196,7 +196,9 @@ class Lanes:
             async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s)):
                 await self.queue.sign_off(self.name)
         except (TimeoutError, redis.exceptions.RedisError) as exc:
-            log.warning("could not sign off (%s); status drops this worker within 5 s", exc)
+            log.warning(
+                "could not sign off (%s); status drops this worker within %g s", exc, LIVENESS_S
+            )
 
     # -- the lanes -------------------------------------------------------------------
     async def _lane(self, index: int) -> None:
@@ -298,6 +300,9 @@ class Lanes:
     def state(self) -> tuple[str, str, str]:
         """What this worker is doing: a state, a detail line, and the destinations."""
         senders = list(self.senders.values())
+        if not senders and (starting := dict(self.metrics.starting)):
+            detail = "; ".join(f"{n}: {why}" for n, why in starting.items())
+            return "starting", detail, ", ".join(starting) if len(starting) <= 5 else ""
         names = [s.destination.name for s in senders]
         where = ", ".join(names) if len(names) <= 5 else f"{len(names)} destinations"
         if len(senders) == 1:

@@ -8,11 +8,15 @@ SIGTERM or SIGINT and otherwise runs until stopped, whatever Redis or the endpoi
 
 The startup check refuses to start only on a confirmed key or pixel problem (exit 10-13,
 :class:`~capi.errors.KeyCheckFailed`). An endpoint that fails transiently (5xx, 429,
-network) or a Redis that is away is waited out with backoff, and said so in the log.
+network) or a Redis that is away is waited out with backoff, and said so in the log, on
+``/readyz`` (``starting: key check waiting for ...``) and in ``capi status`` (a worker
+``starting``): :class:`~capi.worker.startup.StartupWatch` keeps the metrics and the
+heartbeat true meanwhile.
 
 With several destinations (``config/destinations.toml``) each gets a sender of its own:
 its own key guard, retries and endpoint state. They share the worker's lanes
-(:mod:`capi.worker.lanes`, fair turns; a held or slow destination holds at most a quarter of them),
+(:mod:`capi.worker.lanes`, fair turns: a held destination holds none of them, a slow one at
+most a quarter),
 its housekeeping and one Redis pool, so a broken key or a slow endpoint costs the others
 little, and a thousand idle destinations cost little more than one. Startup key checks
 run at most ``STARTUP_CHECKS_AT_ONCE`` at a time. A destination whose key is confirmed
@@ -40,6 +44,7 @@ import redis.exceptions
 
 from capi import destinations, logs
 from capi.client import http_pool
+from capi.clock import HEARTBEAT_S
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed
 from capi.keycheck import KeyCheck
@@ -47,6 +52,7 @@ from capi.metrics import Metrics, serve
 from capi.settings import Settings
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
+from capi.worker.startup import UNDER_WAY, StartupWatch
 
 log = logging.getLogger("capi.worker")
 
@@ -81,16 +87,31 @@ async def start_sender(
     """A sender whose key passed the startup check; None if a stop came first.
 
     Raises :class:`KeyCheckFailed` when the key or pixel is confirmed broken, unless
-    ``hold_if_broken``: then the destination is held (its sender re-probes and resumes
-    once the key is fixed) and the sender is returned all the same. The sender uses
+    ``hold_if_broken``: then the destination is held (housekeeping re-probes it, and it
+    resumes once the key is fixed) and the sender is returned all the same. The sender uses
     ``pool`` and ``http`` (a worker's shared Redis and HTTP pools) if given; ``checks``
     limits how many destinations check their keys at once.
     """
     dest = destination or destinations.default(settings)
     sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
+    metrics.starting_for(dest.name, UNDER_WAY)
+    try:
+        return await _checked(sender, metrics, stopping or asyncio.Event(), checks, hold_if_broken)
+    finally:
+        metrics.started(dest.name)
+
+
+async def _checked(
+    sender: Sender,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    checks: asyncio.Semaphore | None,
+    hold_if_broken: bool,
+) -> Sender | None:
+    """:func:`start_sender`'s check loop; says in ``metrics.starting`` what it waits for."""
     checks = checks or asyncio.Semaphore(1)
+    dest = sender.destination
     name = dest.name
-    stop = stopping or asyncio.Event()
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
         try:
@@ -99,6 +120,7 @@ async def start_sender(
                 break
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
+            metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
         else:
             sender.trouble.ok()
             if result.ok:
@@ -123,6 +145,7 @@ async def start_sender(
                 )
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
+            metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",
@@ -158,8 +181,11 @@ class Fleet:
         self._reload = asyncio.Event()
         self._file_stamp: tuple[str, float] | None = None
         self._checks = asyncio.Semaphore(STARTUP_CHECKS_AT_ONCE)
+        self._alive: asyncio.Task[None] | None = None
         self.destinations = self._select(destinations.load(settings))
         self.single = len(self.destinations) == 1
+        self._startup = StartupWatch(metrics, self.redis, settings.keys, self.lanes.name)
+        self._watching: asyncio.Task[None] | None = None
 
     def _select(self, found: dict[str, Destination]) -> dict[str, Destination]:
         unknown = [n for n in self.only if n not in found]
@@ -178,22 +204,41 @@ class Fleet:
         """The startup check of a single destination (raises KeyCheckFailed if it is
         broken; False if a stop came first). With several, each is checked as it starts,
         in :meth:`run`."""
+        self._beat()
+        self._watch_startup()
         if not (self.single or self.settings.strict_key_check):
             return True
-        for dest in self.destinations.values():
-            sender = await start_sender(
-                self.settings,
-                self.metrics,
-                stopping=self.stopping,
-                destination=dest,
-                pool=self.redis,
-                http=self.http,
-                checks=self._checks,
-            )
-            if sender is None:
-                return False
-            self._checked[dest.name] = sender
-        return True
+        started = False
+        try:
+            for dest in self.destinations.values():
+                sender = await start_sender(
+                    self.settings,
+                    self.metrics,
+                    stopping=self.stopping,
+                    destination=dest,
+                    pool=self.redis,
+                    http=self.http,
+                    checks=self._checks,
+                )
+                if sender is None:
+                    return False
+                self._checked[dest.name] = sender
+            started = True
+            return True
+        finally:
+            if not started:  # no lanes will follow: this worker was only starting
+                await self._unwatch_startup()
+
+    def _watch_startup(self) -> None:
+        if self._watching is None:
+            self._watching = asyncio.create_task(self._startup.run())
+
+    async def _unwatch_startup(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+            self._watching = None
+        await self._startup.sign_off()
 
     def stop(self) -> None:
         """Stop every sender: in-flight batches finish, the rest stays queued."""
@@ -205,8 +250,21 @@ class Fleet:
         """Read the destinations file again now (SIGHUP)."""
         self._reload.set()
 
+    def _beat(self) -> None:
+        """Start the liveness beat (``/healthz``), from the startup checks on."""
+        if self._alive is None:
+            self._alive = asyncio.create_task(_beat_while_running(self.metrics))
+
+    async def _stop_beat(self) -> None:
+        if self._alive is not None:
+            self._alive.cancel()
+            await asyncio.gather(self._alive, return_exceptions=True)
+            self._alive = None
+
     async def aclose(self) -> None:
         """Close what :meth:`start` opened, when :meth:`run` is not to follow."""
+        await self._stop_beat()
+        await self._unwatch_startup()
         for sender in self._checked.values():
             await sender.aclose()
         self._checked.clear()
@@ -216,7 +274,10 @@ class Fleet:
     async def run(self, *, burst: bool = False) -> None:
         """Serve every destination until stopped (with ``burst``: until all that can send
         are drained)."""
+        self._beat()
         self.lanes.expect(len(self.destinations))
+        self._watch_startup()
+        self._startup.alone = False  # the lanes' housekeeping speaks for the worker now
         lanes = asyncio.create_task(self.lanes.run(burst=burst))
         for dest in self.destinations.values():
             self._launch(dest)
@@ -235,6 +296,10 @@ class Fleet:
             await asyncio.gather(*self._tasks.values(), *self._retiring, return_exceptions=True)
             self.lanes.stop()
             await asyncio.gather(lanes, return_exceptions=True)
+            await self._stop_beat()
+            if self._watching is not None:
+                self._watching.cancel()
+                await asyncio.gather(self._watching, return_exceptions=True)
             await self.redis.aclose()
             await self.http.aclose()
 
@@ -387,6 +452,14 @@ async def _check_in_slot(
         if stop.is_set():
             return None
         return await sender.check_key()
+
+
+async def _beat_while_running(metrics: Metrics) -> None:
+    """Say the event loop runs (liveness, ``/healthz``) every ``HEARTBEAT_S``: this task
+    waits for nothing else (not Redis, not the endpoint), so only a stuck process stops it."""
+    while True:
+        metrics.beat()
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _stop_when(stop: asyncio.Event, sender: Sender) -> None:

@@ -1,0 +1,264 @@
+"""``capi status`` and ``capi health``: what the queue, the keys, the endpoint and the
+workers are doing, told as it is (a broken destinations file, a destination no longer
+configured that still holds events, no live worker to know the endpoint by)."""
+
+from __future__ import annotations
+
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+from rich.markup import escape
+
+from capi import coverage, destinations
+from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
+from capi.cli.main import cli
+from capi.cli.selection import destination_names, destination_option
+from capi.errors import ConfigError
+from capi.exitcodes import ExitCode
+from capi.safetext import shown
+from capi.settings import Settings
+from capi.status import destination_status, destinations_in_redis, shared_status, stranded
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@destination_option()
+@click.pass_context
+@handle_errors
+def status_command(ctx: click.Context, as_json: bool, destination: str | None) -> None:
+    """Queue depth, in flight, retries, counters, dead letters by reason, key state,
+    the endpoint, Redis memory, and each live worker with what it is doing.
+
+    With several destinations, one section each (``--json``: under ``destinations``). A
+    destination no longer configured that still holds events is shown too, with what to
+    do. A broken destinations file is reported on top, and what Redis holds is shown all
+    the same (exit code 3).
+
+    \b
+    Example:
+      capi status --json | jq .key
+    """
+    settings = settings_from(ctx)
+    file_error = None
+    try:
+        names: list[str] | None = destination_names(settings, destination)
+    except ConfigError as exc:
+        file_error = str(exc)
+        names = [n.strip() for n in destination.split(",")] if destination else None
+    report = run(_report(settings, names))
+    report["destinations_file_error"] = file_error
+    if as_json:
+        print_json(_as_json(report))
+    else:
+        _print_report(report)
+    if file_error:
+        sys.exit(ExitCode.CONFIG)
+
+
+async def _report(settings: Settings, names: list[str] | None) -> dict[str, Any]:
+    """Each destination's status (every one Redis holds when ``names`` is None: the file
+    cannot be read), the shared part, and the destinations no longer configured."""
+    client = redis_client(settings)
+    try:
+        shared = await shared_status(client, settings.keys)
+        if names is None:
+            names = await destinations_in_redis(client, settings.keys) or ["default"]
+            left: dict[str, dict[str, Any]] = {}
+        else:
+            left = await stranded(client, settings.keys, destinations.names(settings))
+        statuses = {
+            n: {**await destination_status(client, settings.keys.for_destination(n)), **shared}
+            for n in names
+        }
+    finally:
+        await client.aclose()
+    for status in [*statuses.values(), *left.values()]:
+        status["endpoint"] = endpoint_truth(status["endpoint"], shared["workers"])
+    return {"statuses": statuses, "shared": shared, "stranded": left}
+
+
+def endpoint_truth(endpoint: dict[str, Any], workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The endpoint's recorded state, unless no live worker can know it: then ``unknown``
+    (``why`` says so; ``recorded_state`` keeps what was last recorded)."""
+    starting = [w for w in workers if w["state"] == "starting"]
+    if workers and len(starting) < len(workers):
+        return endpoint
+    why = "no live worker" if not workers else f"the worker is starting: {starting[0]['detail']}"
+    return {**endpoint, "state": "unknown", "recorded_state": endpoint["state"], "why": why}
+
+
+def _as_json(report: dict[str, Any]) -> dict[str, Any]:
+    statuses, shared = report["statuses"], report["shared"]
+    extra = {
+        "stranded": report["stranded"],
+        "destinations_file_error": report["destinations_file_error"],
+    }
+    if len(statuses) == 1:
+        name, status = next(iter(statuses.items()))
+        return {"destination": name, **status, **extra}
+    return {
+        "destinations": statuses,
+        "workers": shared["workers"],
+        "workers_alive": shared["workers_alive"],
+        "redis": shared["redis"],
+        **extra,
+    }
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    statuses = report["statuses"]
+    if report["destinations_file_error"]:
+        out.print(
+            f"[bold red]destinations file: BROKEN:[/] {escape(report['destinations_file_error'])}"
+            "\n  Running workers keep the destinations they had; capi commands that need the "
+            "file refuse until it is fixed. What Redis holds:\n"
+        )
+    several = len(statuses) > 1 or report["destinations_file_error"]
+    for i, (name, status) in enumerate(statuses.items()):
+        if several:
+            out.print(("\n" if i else "") + f"[bold]destination {escape(name)}[/]")
+        _print_status(status, workers=i == len(statuses) - 1)
+    for name, status in report["stranded"].items():
+        _print_stranded(name, status)
+
+
+def _print_stranded(name: str, status: dict[str, Any]) -> None:
+    what = (
+        f"{status['queued']} queued, {status['in_flight']} in flight, "
+        f"{status['retry_batches_scheduled']} retry batches scheduled, "
+        f"{status['dead_letters']} dead letters"
+    )
+    out.print(
+        f"\n[bold]destination {escape(name)}: NOT CONFIGURED[/] (not in the destinations "
+        f"file), and it still holds {what}.\n"
+        f"  No worker sends them. To send them, add {escape(f'[destinations.{name}]')} to the "
+        "destinations file (a worker picks it up);\n"
+        f"  to drop the queued ones: capi queue purge --destination {escape(name)}"
+    )
+
+
+def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
+    counters = status["counters"]
+    oldest = status["oldest_queued_age_s"]
+    out.print(
+        f"queued:        {status['queued']}"
+        + (f" (oldest {oldest} s)" if oldest is not None else "")
+    )
+    out.print(f"in flight:     {status['in_flight']}")
+    out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
+    for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
+        out.print(f"{name + ':':<15}{counters.get(name, 0)}")
+    if counters.get("validated"):
+        out.print(
+            f"validated:     {counters['validated']} (test mode: checked by the API with "
+            "validate_only, never saved nor counted as delivered)"
+        )
+    if counters.get("accepted_mismatches"):
+        out.print(
+            f"accepted_events mismatches: {counters['accepted_mismatches']} batches answered 200 "
+            "with a count differing from the events sent (see the worker log)"
+        )
+    reasons = ", ".join(f"{k} {v}" for k, v in status["dead_letters_by_reason"].items())
+    out.print(f"dead letters:  {status['dead_letters']} now")
+    if reasons:
+        out.print(f"  all time, by reason (replayed and purged included): {reasons}")
+    out.print("key:           " + shown(_key_line(status["key"])), markup=False)
+    if workers:
+        out.print(f"workers alive: {len(status['workers'])}")
+        for w in status["workers"]:
+            where = f" [{w['destination']}]" if w.get("destination") else ""
+            line = f"  {w['name']}{where}: {w['state']} ({w['detail']})"
+            out.print(shown(line), markup=False)
+    out.print("endpoint:      " + shown(_endpoint_line(status["endpoint"])), markup=False)
+    _print_redis(status["redis"])
+    if status["key"].get("state") == "held":
+        out.print(shown(status["key"].get("guidance", ""), lines=True), markup=False)
+    if warning := coverage.weak_warning(status["match_coverage"]):
+        out.print(warning, markup=False)
+
+
+def _key_line(key: dict[str, Any]) -> str:
+    state = key.get("state")
+    if state == "held":
+        return f"held since {key.get('since')} ({key.get('reason')})"
+    if state == "confirming":
+        return (
+            f"confirming since {key.get('confirming_since')} ({key.get('confirming_reason')}): "
+            "probes are deciding whether the key is broken and must be held"
+        )
+    return str(state)
+
+
+def _endpoint_line(endpoint: dict[str, Any]) -> str:
+    last_ok = endpoint["last_ok_at"] or "none yet"
+    if endpoint["state"] == "unknown":
+        seen = (
+            f"last seen failing since {endpoint['failing_since']}"
+            if endpoint.get("recorded_state") == "failing"
+            else f"last delivery {last_ok}"
+        )
+        return f"unknown: {endpoint['why']} ({seen})"
+    if endpoint["state"] == "failing":
+        return f"failing since {endpoint['failing_since']} (last error {endpoint['last_error']})"
+    return f"ok (last delivery {last_ok})"
+
+
+def _print_redis(mem: dict[str, Any]) -> None:
+    if mem["role"] == "slave":
+        out.print(
+            "redis:         READ-ONLY: CAPI_REDIS_URL points at a replica (after a failover?); "
+            "producers are refused and workers wait until it is a primary again",
+            markup=False,
+        )
+    if mem["full"]:
+        out.print(
+            f"redis:         FULL: {mem['used_memory']} of maxmemory {mem['maxmemory']} bytes "
+            f"under {mem['maxmemory_policy']}; producers are refused until workers drain it "
+            "or maxmemory is raised",
+            markup=False,
+        )
+
+
+@cli.command("health")
+@click.option("--url", help="Check this endpoint instead (e.g. a worker's /readyz).")
+@click.pass_context
+@handle_errors
+def health_command(ctx: click.Context, url: str | None) -> None:
+    """Exit 0 when capi is ready, 1 otherwise (for Docker and Kubernetes probes).
+
+    Without --url: Redis answers, the key is not held, and a worker past its startup
+    check sent a heartbeat in the last 5 s.
+
+    \b
+    Examples:
+      capi health --url http://127.0.0.1:9464/readyz   # a worker run with --metrics-port 9464
+      capi health
+    """
+    if url:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
+                ok, why = resp.status == 200, f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            ok, why = False, str(exc)
+    else:
+        ok, why = _healthy(settings_from(ctx))
+    out.print(("ok: " if ok else "not ready: ") + why, markup=False)
+    sys.exit(ExitCode.OK if ok else ExitCode.FAILURE)
+
+
+def _healthy(settings: Settings) -> tuple[bool, str]:
+    """As /readyz: ready while a started worker lives and some destination can send."""
+    statuses = run(_report(settings, destination_names(settings, None)))["statuses"]
+    held = [n for n, st in statuses.items() if st["key"].get("state") == "held"]
+    workers = next(iter(statuses.values()))["workers"]
+    started = [w for w in workers if w["state"] != "starting"]
+    ok = bool(started) and len(held) < len(statuses)
+    if not started:
+        return False, (f"worker starting: {workers[0]['detail']}" if workers else "no live worker")
+    if held:
+        names = "" if held == ["default"] else " (" + ", ".join(held) + ")"
+        return ok, ("key held" if not ok else "ok, but a key is held") + names
+    return True, "ok"

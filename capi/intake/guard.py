@@ -1,0 +1,264 @@
+"""The connection guard of ``capi serve``: limits enforced before a request is parsed or
+authenticated (docs/intake-security.md says why this layer and what each limit costs).
+
+:class:`GuardedProtocol` is uvicorn's httptools protocol with these limits added, per
+connection, before anything reaches the application:
+
+- the request line and headers: at most ``CAPI_INTAKE_MAX_HEADER_BYTES`` (else 431 and
+  the connection is closed), read within ``CAPI_INTAKE_HEADER_TIMEOUT_S`` of their first
+  byte (else 408);
+- a connection that sends nothing (before its first request or between keep-alive
+  requests) is closed after ``CAPI_INTAKE_IDLE_TIMEOUT_S``;
+- at most ``CAPI_INTAKE_MAX_CONNECTIONS`` connections per process, shed fairly: when a new
+  one arrives at the limit, a connection of the client address holding the most is closed
+  to make room (of its connections, the one that has waited longest without a request for
+  the application to answer: idle, or still sending its headers or body); only when no
+  connection can be shed is the new one refused (503). A flood of idle connections
+  therefore never starves ``/healthz`` or real clients: the flooding address loses its own
+  connections first, and from one address alone the oldest idle ones go;
+- a connection whose request was answered before its body arrived (401, 413, ...) is not
+  kept to read the rest: it is closed after a short linger.
+
+The body's own limits (size, read time, bytes buffered across connections, event count)
+are the application's (:mod:`capi.intake.app`), which reads the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from capi.settings import Settings
+
+log = logging.getLogger("capi.intake")
+# A refused connection is read (and ignored) for LINGER_S, so that a client still sending
+# gets to read the answer, but at most LINGER_BYTES of it: then reading stops, and a client
+# that keeps sending (an attacker) is held back by TCP, costing the server nothing.
+LINGER_S = 1.0
+LINGER_BYTES = 1_048_576
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The guard's limits, from the settings."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    idle_timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The limits ``settings`` name."""
+        return cls(
+            max_header_bytes=settings.intake_max_header_bytes,
+            header_timeout_s=settings.intake_header_timeout_s,
+            idle_timeout_s=settings.intake_idle_timeout_s,
+            max_connections=settings.intake_max_connections,
+        )
+
+
+def error_response(status: int, reason: str, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer with a JSON error body that closes the connection."""
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+# The stage of a connection: HEAD (no request yet, or reading its line and headers), BODY
+# (headers read, body arriving), APP (the application is answering a whole request).
+HEAD, BODY, APP, CLOSING = "head", "body", "app", "closing"
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above (the application holds them:
+    ``limits`` of the :class:`~capi.intake.app.Intake` under any middleware)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits: Limits = _limits_of(self.app)
+        self._stage = HEAD
+        self._since = self.loop.time()
+        self._host = ""
+        self._peers = _PEERS.setdefault(self.server_state, _Peers())
+        self._head_bytes = 0
+        self._discarded = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None
+
+    # Connections
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self._host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if len(self.connections) >= self.limits.max_connections and not self._shed():
+            self.transport = transport
+            self._refuse(
+                error_response(
+                    503,
+                    "Service Unavailable",
+                    "too_many_connections",
+                    "every connection is answering a request "
+                    f"(CAPI_INTAKE_MAX_CONNECTIONS={self.limits.max_connections}); try again",
+                )
+            )
+            return
+        super().connection_made(transport)
+        self._peers.touch(self)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.limits.idle_timeout_s, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        self._peers.drop(self)
+        if self.flow is None:  # refused at connection_made: uvicorn never saw it
+            self.connections.discard(self)
+            return
+        super().connection_lost(exc)
+
+    def _shed(self) -> bool:
+        """Close a connection to make room (see the module's docstring); whether there was
+        one to close."""
+        victim = self._peers.victim()
+        if victim is None:
+            return False
+        self.connections.discard(victim)
+        self._peers.drop(victim)
+        victim._cancel_timers()
+        victim._stage = CLOSING
+        victim.transport.abort()
+        return True
+
+    def _refuse(self, answer: bytes) -> None:
+        """Answer ``answer`` and close the connection after a linger (the client may still
+        be sending: closing at once could reset the connection before it reads the answer)."""
+        self._cancel_timers()
+        self._stage = CLOSING
+        self.connections.discard(self)
+        if self.transport.is_closing():
+            return
+        self.transport.write(answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._linger = self.loop.call_later(LINGER_S, self.transport.abort)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._head_timer, self._linger, self.timeout_keep_alive_task):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._linger = self.timeout_keep_alive_task = None
+
+    # Reading
+
+    def data_received(self, data: bytes) -> None:
+        if self._stage == CLOSING:  # refused: read and ignored until the linger ends
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES and not self.transport.is_closing():
+                self.transport.pause_reading()
+            return
+        if self._stage == HEAD:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    self.limits.header_timeout_s, self._head_too_slow
+                )
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._stage == HEAD and self._head_bytes > self.limits.max_header_bytes:
+            self._refuse(
+                error_response(
+                    431,
+                    "Request Header Fields Too Large",
+                    "headers_too_large",
+                    "the request line and headers are over "
+                    f"{self.limits.max_header_bytes:,} bytes (CAPI_INTAKE_MAX_HEADER_BYTES)",
+                )
+            )
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._stage == HEAD:
+            self._refuse(
+                error_response(
+                    408,
+                    "Request Timeout",
+                    "header_timeout",
+                    "the request line and headers did not arrive within "
+                    f"CAPI_INTAKE_HEADER_TIMEOUT_S={self.limits.header_timeout_s:g} s",
+                )
+            )
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
+        self._peers.touch(self)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        if self._stage == BODY:
+            self._stage = APP
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        answered_early = self._stage == BODY  # answered before its body arrived
+        if self._stage != CLOSING:
+            self._stage, self._since = HEAD, self.loop.time()
+            self._peers.touch(self)
+        super().on_response_complete()
+        if answered_early and not self.transport.is_closing():
+            self._refuse(b"")
+
+
+class _Peers:
+    """The guarded connections of one server by client address, each address's in the
+    order they last changed stage (the longest waiting first)."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[str, dict[GuardedProtocol, None]] = {}
+
+    def touch(self, conn: GuardedProtocol) -> None:
+        """``conn`` changed stage just now: it goes last in its address's order."""
+        conns = self.by_host.setdefault(conn._host, {})
+        conns.pop(conn, None)
+        conns[conn] = None
+
+    def drop(self, conn: GuardedProtocol) -> None:
+        """``conn`` is gone."""
+        conns = self.by_host.get(conn._host)
+        if conns is not None:
+            conns.pop(conn, None)
+            if not conns:
+                del self.by_host[conn._host]
+
+    def victim(self) -> GuardedProtocol | None:
+        """The connection to shed: of the address holding the most connections, the one
+        waiting longest without a request being answered (None if there is none)."""
+        for conns in sorted(self.by_host.values(), key=len, reverse=True):
+            for conn in conns:
+                if conn._stage in (HEAD, BODY):
+                    return conn
+        return None
+
+
+# One registry per server (uvicorn's ServerState), gone with it.
+_PEERS: weakref.WeakKeyDictionary[Any, _Peers] = weakref.WeakKeyDictionary()
+
+
+def _limits_of(app: Any) -> Limits:
+    """The limits of the application under any middleware uvicorn put around it."""
+    for _ in range(8):
+        limits = getattr(app, "limits", None)
+        if isinstance(limits, Limits):
+            return limits
+        app = getattr(app, "app", None)
+    raise TypeError("GuardedProtocol serves capi.intake.app.Intake only")

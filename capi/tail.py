@@ -1,0 +1,246 @@
+"""Live outcomes: a bounded, PII-free ring of each destination's most recent outcomes.
+
+What ``capi tail`` reads. Every outcome an operator asks about is written here by the
+module that owns it: delivered, validated (a ``validate_only`` destination), retrying,
+dead-lettered and held by the worker's :mod:`capi.worker.fates`; refused and skipped by the
+producer (so the intake and ``capi enqueue`` too).
+
+Redis layout (see :mod:`capi.constants`)::
+
+    {d}:tail   STREAM  one entry per outcome of up to CHUNK events; fields:
+                       s = status, v = JSON [[id, type, [kind, ...], timestamp_ms], ...],
+                       and where they apply r = request id, x = reason or rule,
+                       l = latency (ms), a = next attempt (Unix ms)
+
+The stream is trimmed with ``MAXLEN ~ CAPI_TAIL_ENTRIES`` (200 by default; 0 turns the
+ring off), so it holds at most about ``(entries + 100) * CHUNK`` outcomes per destination
+(Redis trims whole nodes of 100 entries): 30,000 outcomes, ~1.5 MB at ~50 bytes each, for a
+destination busy with full batches; a destination sending one event at a time keeps its
+last ~300. An entry never holds a value or a hash of an identifier: event ids, types,
+identifier kind names (:mod:`capi.kinds`), reasons and request ids only.
+
+One write per batch, pipelined: the ring costs the worker well under a microsecond of
+Redis time per event (``tests/benchmarks/bench.py --tail-off`` prints both rates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis import Redis
+
+CHUNK = 100
+STATUSES = (
+    "delivered",
+    "validated",
+    "retrying",
+    "dead_lettered",
+    "held",
+    "refused",
+    "skipped",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of some events, as one ring entry says it."""
+
+    status: str
+    # (id, type, identifier kinds, the event's timestamp_ms or 0 when unknown)
+    events: Sequence[tuple[str, str, Sequence[str], int]]
+    request_id: str | None = None
+    reason: str | None = None
+    latency_ms: float | None = None
+    next_attempt_ms: int | None = None
+
+    def fields(self) -> list[dict[Field, Field]]:
+        """The stream entries' fields, one per chunk of at most :data:`CHUNK` events."""
+        common: dict[Field, Field] = {"s": self.status}
+        if self.request_id:
+            common["r"] = self.request_id
+        if self.reason:
+            common["x"] = self.reason
+        if self.latency_ms is not None:
+            common["l"] = round(self.latency_ms, 1)
+        if self.next_attempt_ms is not None:
+            common["a"] = self.next_attempt_ms
+        return [
+            {**common, "v": orjson.dumps([list(e) for e in self.events[i : i + CHUNK]])}
+            for i in range(0, len(self.events), CHUNK)
+        ]
+
+
+Field = bytes | bytearray | memoryview | str | int | float  # what redis-py takes
+Write = tuple[str, dict[Field, Field]]  # one XADD: the ring's key and the entry's fields
+
+
+def writes(key: str, outcome: Outcome, entries: int) -> list[Write]:
+    """The entries that put ``outcome`` in the ring ``key`` (none when the ring is off)."""
+    if entries <= 0 or not outcome.events:
+        return []
+    return [(key, f) for f in outcome.fields()]
+
+
+async def append(redis: aioredis.Redis, found: Sequence[Write], entries: int) -> None:
+    """Add entries to rings, trimming each to about ``entries``, in one round trip."""
+    if found:
+        async with redis.pipeline(transaction=False) as pipe:
+            for key, fields in found:
+                pipe.xadd(key, fields, maxlen=entries, approximate=True)
+            await pipe.execute()
+
+
+def append_sync(redis: Redis, found: Sequence[Write], entries: int) -> None:
+    """:func:`append` for a synchronous client."""
+    if found:
+        with redis.pipeline(transaction=False) as pipe:
+            for key, fields in found:
+                pipe.xadd(key, fields, maxlen=entries, approximate=True)
+            pipe.execute()
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One event's outcome, as ``capi tail`` prints it."""
+
+    time_ms: int
+    destination: str
+    id: str
+    type: str
+    status: str
+    identifiers: list[str]
+    timestamp_ms: int = 0  # the event's own time (0 when unknown)
+    request_id: str | None = None
+    reason: str | None = None
+    latency_ms: float | None = None
+    next_attempt_ms: int | None = None
+    stream_id: str = field(default="", compare=False)
+
+    def json(self) -> dict[str, Any]:
+        """The JSON object of ``capi tail --json``."""
+        out: dict[str, Any] = {
+            "time": iso(self.time_ms),
+            "destination": self.destination,
+            "id": self.id,
+            "type": self.type,
+            "status": self.status,
+            "identifiers": self.identifiers,
+        }
+        if self.request_id:
+            out["request_id"] = self.request_id
+        if self.reason:
+            out["reason"] = self.reason
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
+        if self.next_attempt_ms is not None:
+            out["next_attempt"] = iso(self.next_attempt_ms)
+        return out
+
+
+def lines(destination: str, stream_id: bytes, fields: dict[bytes, bytes]) -> list[Line]:
+    """The lines of one ring entry (an unreadable entry gives none)."""
+    try:
+        rows = orjson.loads(fields[b"v"])
+        status = fields[b"s"].decode()
+        latency = float(fields[b"l"]) if b"l" in fields else None
+        next_attempt = int(fields[b"a"]) if b"a" in fields else None
+        time_ms = int(stream_id.split(b"-", 1)[0])
+        return [
+            Line(
+                time_ms=time_ms,
+                destination=destination,
+                id=str(i),
+                type=str(t),
+                status=status,
+                identifiers=[str(k) for k in found],
+                timestamp_ms=int(ts),
+                request_id=_text(fields.get(b"r")),
+                reason=_text(fields.get(b"x")),
+                latency_ms=latency,
+                next_attempt_ms=next_attempt,
+                stream_id=stream_id.decode(),
+            )
+            for i, t, found, ts in rows
+        ]
+    except (KeyError, ValueError, TypeError, orjson.JSONDecodeError):
+        return []
+
+
+def matching(
+    found: Iterable[Line], statuses: Sequence[str] = (), ids: Sequence[str] = ()
+) -> list[Line]:
+    """The lines with one of ``statuses`` and one of ``ids`` (each: any, when empty)."""
+    return [
+        line
+        for line in found
+        if (not statuses or line.status in statuses) and (not ids or line.id in ids)
+    ]
+
+
+_TYPE = b'"type":"'
+_CUSTOM = b'"custom_event_name":"'
+
+
+def name_of_json(event_json: bytes) -> str:
+    """An event's name (``custom_event_name`` for a custom event, else its ``type``), read
+    from the JSON capi sends without parsing it: capi writes ``type`` before ``data`` and
+    these values are plain names (no escapes), and a ``"type":"`` inside a string value
+    would have its quotes escaped."""
+    for key in (_CUSTOM, _TYPE):
+        start = event_json.find(key)
+        if start >= 0:
+            start += len(key)
+            end = event_json.find(b'"', start)
+            if end > start:
+                return event_json[start:end].decode(errors="replace")
+    return "?"
+
+
+def iso(ms: int) -> str:
+    """Unix milliseconds as an ISO 8601 UTC time with milliseconds."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode(errors="replace") if value else None
+
+
+async def recent(
+    redis: aioredis.Redis, rings: dict[str, str], count: int, *, whole: bool = False
+) -> tuple[list[Line], dict[str, str]]:
+    """The last ``count`` outcomes across ``rings`` (destination -> ring key), newest last
+    (``whole`` reads each ring entirely, for filters that may skip most lines); and each
+    ring's newest entry id, from which :func:`follow` goes on without a gap."""
+    found: list[Line] = []
+    newest: dict[str, str] = {}
+    for destination, key in rings.items():
+        rows = await redis.xrevrange(key, count=None if whole else max(1, count))
+        newest[key] = rows[0][0].decode() if rows else "0-0"
+        for stream_id, fields in rows:
+            found.extend(lines(destination, stream_id, fields))
+    found.sort(key=lambda line: (line.time_ms, line.stream_id))
+    return found, newest
+
+
+async def follow(
+    redis: aioredis.Redis, rings: dict[str, str], after: dict[str, str], block_ms: int = 1000
+) -> AsyncIterator[list[Line]]:
+    """The outcomes written after ``after`` (ring key -> entry id), as they are written:
+    the lines of each read, oldest first, for ever."""
+    by_key = {key: destination for destination, key in rings.items()}
+    last = dict(after)
+    while True:
+        answer = await redis.xread(dict(last), block=block_ms)  # type: ignore[arg-type]
+        batch: list[Line] = []
+        for key, rows in answer or []:
+            name = key.decode() if isinstance(key, bytes) else key
+            for stream_id, fields in rows:
+                last[name] = stream_id.decode()
+                batch.extend(lines(by_key[name], stream_id, fields))
+        batch.sort(key=lambda line: (line.time_ms, line.stream_id))
+        yield batch

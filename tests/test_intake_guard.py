@@ -1,0 +1,261 @@
+"""capi serve under attack: limits enforced before a request is parsed or authenticated,
+and the operations side of its tokens (a real server process, a real Redis, raw sockets)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from capi.intake import tokens
+from tests.helpers import events, wait_for
+from tests.intake_helpers import TOKEN, UNSET, IntakeProcess, intake_env, start_intake
+
+EVENT = orjson.dumps({"events": events(1, prefix="legit-")})
+
+
+@pytest.fixture
+def guarded(tmp_path: Path, redis_url: str) -> Iterator[IntakeProcess]:
+    server = start_intake(
+        tmp_path,
+        redis_url,
+        CAPI_INTAKE_IDLE_TIMEOUT_S="1",
+        CAPI_INTAKE_HEADER_TIMEOUT_S="1",
+        CAPI_INTAKE_MAX_CONNECTIONS="50",
+        CAPI_INTAKE_MAX_BUFFERED_BYTES="2000000",
+    )
+    yield server
+    server.stop()
+
+
+def connect(server: IntakeProcess) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    return sock
+
+
+def read_answer(sock: socket.socket, timeout_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout_s``)."""
+    sock.settimeout(0.2)
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> bool:
+    """Send ``data``; False once the server has closed the connection."""
+    try:
+        sock.sendall(data)
+        return True
+    except OSError:
+        return False
+
+
+def legit(server: IntakeProcess) -> int:
+    return server.post(orjson.loads(EVENT)["events"], timeout=5).status_code
+
+
+def peak_rss_mb(server: IntakeProcess) -> float:
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_header_bomb_gets_431_and_the_server_goes_on(guarded: IntakeProcess) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        for _ in range(64):  # 4 MB of one header, never finished
+            if not send_quietly(sock, b"a" * 65536):
+                break
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"CAPI_INTAKE_MAX_HEADER_BYTES" in answer
+    assert legit(guarded) == 200
+
+
+def test_a_connection_that_sends_nothing_is_closed(guarded: IntakeProcess) -> None:
+    with connect(guarded) as sock:
+        started = time.monotonic()
+        assert read_answer(sock, timeout_s=10) == b""  # closed, without an answer
+        assert time.monotonic() - started < 8
+
+
+def test_an_idle_keep_alive_connection_is_closed(guarded: IntakeProcess) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = read_answer(sock, timeout_s=10)
+    assert answer.startswith(b"HTTP/1.1 200 ")  # answered, then closed when idle
+
+
+def test_headers_that_trickle_get_408(guarded: IntakeProcess) -> None:
+    with connect(guarded) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and send_quietly(sock, b"X-A: b\r\n"):
+            sock.settimeout(0.3)
+            try:
+                if sock.recv(1, socket.MSG_PEEK):
+                    break
+            except TimeoutError:
+                pass
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"CAPI_INTAKE_HEADER_TIMEOUT_S" in answer
+
+
+def test_a_flood_of_idle_connections_does_not_starve_health_or_clients(
+    guarded: IntakeProcess, redis_url: str
+) -> None:
+    with ExitStack() as stack:
+        for _ in range(80):  # CAPI_INTAKE_MAX_CONNECTIONS=50
+            stack.enter_context(connect(guarded))
+        health = httpx.get(guarded.url + "/healthz", timeout=5)
+        assert health.status_code == 200
+        assert legit(guarded) == 200
+
+
+def test_a_parse_bomb_with_a_valid_token_stops_at_the_event_limit(
+    tmp_path: Path, redis_url: str
+) -> None:
+    server = start_intake(tmp_path, redis_url)  # the default limits
+    try:
+        before = peak_rss_mb(server)
+        bomb = b"x\n" * 1_999_000  # 2M bad lines, under 4 MB
+        resp = server.post(content=bomb, content_type="application/x-ndjson")
+        assert resp.status_code == 413
+        assert resp.json()["error"]["code"] == "too_many_events"
+        assert peak_rss_mb(server) - before < 60  # every line parsed: ~250 MB more
+        assert legit(server) == 200
+    finally:
+        server.stop()
+
+
+def test_stalled_bodies_are_bounded_by_the_bytes_buffered(guarded: IntakeProcess) -> None:
+    head = (
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: 1000000\r\n\r\n"
+    ).encode()
+    with ExitStack() as stack:
+        socks = [stack.enter_context(connect(guarded)) for _ in range(4)]
+        for sock in socks:  # 4 x 0.9 MB held, with CAPI_INTAKE_MAX_BUFFERED_BYTES=2 MB
+            sock.sendall(head + b" " * 900_000)
+        assert legit(guarded) == 200  # a small request is not held up meanwhile
+        answers = [read_answer(sock, timeout_s=3) for sock in socks]
+    busy = [a for a in answers if a.startswith(b"HTTP/1.1 503 ")]
+    assert busy and b"CAPI_INTAKE_MAX_BUFFERED_BYTES" in b"".join(busy), answers
+
+
+def test_two_authorization_headers_get_400(guarded: IntakeProcess) -> None:
+    resp = httpx.post(
+        guarded.url + "/v1/events",
+        content=EVENT,
+        headers=[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer wrong-token"),
+            ("Authorization", f"Bearer {TOKEN}"),
+        ],
+    )
+    assert resp.status_code == 400
+    assert "Authorization" in resp.json()["error"]["message"]
+
+
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
+    tmp_path: Path, redis_url: str
+) -> None:
+    spoof = {"X-Forwarded-For": "203.0.113.9"}
+    server = start_intake(tmp_path, redis_url)
+    try:
+        assert httpx.get(server.url + "/healthz", headers=spoof).status_code == 200
+        assert httpx.get(server.url + "/metrics", headers=spoof).status_code == 200  # loopback
+        log = server.stop()
+    finally:
+        server.stop()
+    assert "203.0.113.9" not in log and '"client":"127.0.0.1:' in log
+
+    trusting = start_intake(tmp_path, redis_url, CAPI_TRUSTED_PROXIES="127.0.0.1")
+    try:
+        assert httpx.get(trusting.url + "/healthz", headers=spoof).status_code == 200
+        # Through the proxy the client is elsewhere: /metrics wants a token.
+        refused = httpx.get(trusting.url + "/metrics", headers=spoof)
+        assert refused.status_code == 403
+        granted = httpx.get(
+            trusting.url + "/metrics", headers={**spoof, "Authorization": f"Bearer {TOKEN}"}
+        )
+        assert granted.status_code == 200 and "capi_intake_requests" in granted.text
+        log = trusting.stop()
+    finally:
+        trusting.stop()
+    assert '"client":"203.0.113.9:' in log
+
+
+def test_a_digest_removed_from_capi_env_is_revoked_within_seconds(
+    tmp_path: Path, redis_url: str
+) -> None:
+    other = "a-second-intake-token-0002"
+    config = tmp_path / "capi.env"
+    both = f"{tokens.digest(TOKEN)},{tokens.digest(other)}"
+    config.write_text(f"CAPI_INTAKE_TOKENS_SHA256={both}\n")
+    server = start_intake(
+        tmp_path, redis_url, CAPI_CONFIG_FILE=str(config), CAPI_INTAKE_TOKENS_SHA256=UNSET
+    )
+    try:
+        assert server.post(events(1), token=other).status_code == 200
+        config.write_text(f"CAPI_INTAKE_TOKENS_SHA256={tokens.digest(TOKEN)}\n")
+        wait_for(lambda: server.post(events(1), token=other).status_code == 401, 5, "revoke")
+        assert server.post(events(1), token=TOKEN).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_removal_that_breaks_the_destinations_file_still_revokes(
+    tmp_path: Path, redis_url: str
+) -> None:
+    keep, drop = "a-token-that-stays-0001", "a-token-revoked-0002"
+    path = tmp_path / "destinations.toml"
+    table = '[destinations.a]\npixel_id = "pix_a"\napi_key_env = "K"\n'
+    path.write_text(
+        table + f'intake_tokens_sha256 = ["{tokens.digest(keep)}", "{tokens.digest(drop)}"]\n'
+    )
+    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    try:
+        assert server.post(events(1), token=drop).status_code == 200
+        # One edit removes a digest and leaves the list unclosed: the file does not read.
+        path.write_text(table + f'intake_tokens_sha256 = ["{tokens.digest(keep)}",\n')
+        wait_for(lambda: server.post(events(1), token=drop).status_code == 401, 5, "revoke")
+        assert server.post(events(1), token=keep).status_code == 200
+    finally:
+        log = server.stop()
+    assert "revoking 1 removed from it" in log and "is not valid TOML" in log
+
+
+def test_a_trusted_proxy_that_is_not_an_address_is_refused_at_start(redis_url: str) -> None:
+    env = intake_env(redis_url, CAPI_TRUSTED_PROXIES="10.0.0.5,proxy.internal")
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "CAPI_TRUSTED_PROXIES" in result.stderr and "'proxy.internal'" in result.stderr

@@ -1,0 +1,158 @@
+"""The truth while a worker starts: during an endpoint outage its startup key check waits,
+and /readyz, /metrics, ``capi status`` and ``capi health`` say so (not "Redis", not "ok",
+not an empty queue); a key problem being confirmed shows as such, not as unchecked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from capi.sandbox import Fault, SandboxThread
+from capi.sandbox.state import DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
+from capi.settings import Settings
+from tests.conftest import free_port
+from tests.helpers import (
+    _plain,
+    enqueue,
+    events,
+    http_get,
+    make_settings,
+    start_worker,
+    wait_for,
+)
+from workers.cli import cli
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts; each is killed at the end, whatever happened."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        "CAPI_REDIS_URL": settings.redis_url,
+        "CAPI_CONFIG_FILE": os.devnull,
+        "CAPI_API_KEY": settings.api_key.get_secret_value() if settings.api_key else "",
+        "CAPI_PIXEL_ID": DEFAULT_PIXEL,
+        "CAPI_BASE_URL": settings.base_url,
+    }
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    result = CliRunner().invoke(cli, ["status", "--json"], env=cli_env(settings))
+    assert result.exit_code == 0, result.output
+    parsed: dict[str, Any] = json.loads(result.output)
+    return parsed
+
+
+def gauge(metrics: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def start_arq_worker(settings: Settings) -> subprocess.Popen[str]:
+    """``arq workers.main.WorkerSettings`` in a process of its own, configured by
+    ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
+    env["CAPI_CONFIG_FILE"] = os.devnull
+    return subprocess.Popen(
+        [sys.executable, "-m", "arq", "workers.main.WorkerSettings"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("how", ["capi worker", "arq"])
+def test_a_worker_waiting_out_an_endpoint_outage_at_startup_says_so(
+    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]], how: str
+) -> None:
+    sandbox.state.faults = [Fault("server_error", every=1, status=503)]
+    settings = make_settings(sandbox, redis_url, metrics_port=free_port())
+    enqueue(settings, events(27))
+    procs.append(start_worker(settings) if how == "capi worker" else start_arq_worker(settings))
+    base = f"http://127.0.0.1:{settings.metrics_port}"
+
+    def readyz() -> tuple[int, str]:
+        return http_get(f"{base}/readyz")
+
+    wait_for(lambda: "waiting for the endpoint" in readyz()[1], 30, "/readyz to say why")
+    code, why = readyz()
+    assert code == 503 and why.startswith("starting: key check waiting for the endpoint"), why
+    assert "Redis" not in why
+    metrics = http_get(f"{base}/metrics")[1]
+    assert gauge(metrics, "capi_redis_up") == 1.0
+    wait_for(
+        lambda: (
+            gauge(http_get(f"{base}/metrics")[1], 'capi_queue_depth_events{destination="default"}')
+            == 27.0
+        ),
+        10,
+        "the queue depth gauge",
+    )
+    wait_for(lambda: status(settings)["workers"], 10, "the starting worker's heartbeat")
+    now = status(settings)
+    assert [w["state"] for w in now["workers"]] == ["starting"]
+    assert now["endpoint"]["state"] == "unknown"
+    assert "key check waiting for the endpoint" in now["endpoint"]["why"]
+    text = CliRunner().invoke(cli, ["status"], env=cli_env(settings)).output
+    assert "endpoint:      unknown: the worker is starting: key check waiting" in text
+    health = CliRunner().invoke(cli, ["health"], env=cli_env(settings))
+    assert health.exit_code == 1 and "not ready: worker starting: key check" in health.output
+
+    sandbox.state.faults = []  # the endpoint is back: the worker starts and sends
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 27, 60, "delivery after the outage")
+    wait_for(lambda: readyz() == (200, "ok\n"), 10, "ready")
+    wait_for(lambda: status(settings)["endpoint"]["state"] == "ok", 10, "the endpoint ok")
+
+
+def test_status_claims_no_endpoint_state_without_a_live_worker(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    enqueue(settings, events(3))
+    now = status(settings)
+    assert now["workers_alive"] == []
+    assert now["endpoint"]["state"] == "unknown" and now["endpoint"]["why"] == "no live worker"
+    text = CliRunner().invoke(cli, ["status"], env=cli_env(settings)).output
+    assert "endpoint:      unknown: no live worker (last delivery none yet)" in text
+    assert "endpoint:      ok" not in text
+
+
+def test_a_key_problem_being_confirmed_shows_as_confirming(
+    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]]
+) -> None:
+    # Four probes (pauses of 0.5, 1 and 1.5 s between them) before the key is called broken.
+    settings = make_settings(
+        sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=4
+    )
+    env = cli_env(settings)
+    proc = start_worker(settings)
+    procs.append(proc)
+
+    def key_state() -> str:
+        listed = CliRunner().invoke(cli, ["destinations", "--json"], env=env).output
+        return str(json.loads(listed.splitlines()[0])["key_state"])
+
+    wait_for(lambda: key_state() == "confirming", 20, "the key shown as confirming")
+    text = CliRunner().invoke(cli, ["status"], env=env).output
+    assert "key:           confirming since" in text and "(missing_scope)" in text
+    # One destination, confirmed broken: the worker refuses to start, and says so.
+    assert proc.wait(60) == 10
+    assert key_state() == "unchecked"  # nothing holds it: no worker checks it now

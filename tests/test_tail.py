@@ -1,0 +1,211 @@
+"""``capi tail``: live outcomes from a real worker, the intake and the producer, read from the
+ring in Redis; never a value or hash of an identifier; the ring stays within its bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import redis
+
+from capi import tail
+from capi.sandbox import SandboxThread
+from capi.settings import Settings
+from tests.helpers import (
+    _plain,
+    capi,
+    doom,
+    enqueue,
+    events,
+    make_settings,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
+from tests.intake_helpers import start_intake
+
+
+class Follower:
+    """``capi tail --follow --json`` in a process of its own; lines kept as they arrive,
+    each with the wall-clock time it was read."""
+
+    def __init__(self, settings: Settings, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+        env.update({f"CAPI_{k.upper()}": str(v) for k, v in _plain(settings).items()})
+        env["CAPI_CONFIG_FILE"] = os.devnull
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "tail", "--follow", "--json", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[tuple[float, dict[str, object]]] = []
+        self.raw: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for text in self.proc.stdout:
+            self.raw.append(text)
+            self.lines.append((time.time(), json.loads(text)))
+
+    def where(self, **match: object) -> list[dict[str, object]]:
+        return [line for _, line in self.lines if all(line.get(k) == v for k, v in match.items())]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def follower(redis_url: str, sandbox: SandboxThread) -> Iterator[Follower]:
+    settings = make_settings(sandbox, redis_url)
+    follower = Follower(settings, "--lines", "1000")
+    try:
+        yield follower
+    finally:
+        follower.stop()
+
+
+def test_tail_follow_prints_each_outcome_within_two_seconds_and_no_identifier(
+    follower: Follower, redis_url: str, sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    settings = make_settings(sandbox, redis_url, batch_size=5)
+    evts = events(21)
+    enqueue(settings, evts)
+    [doomed] = doom(settings, positions=[7])
+    # Whenever the follower starts reading, it misses nothing: what came before its first
+    # read it prints as recent outcomes (up to --lines), then it follows from there.
+    worker = start_worker(settings)
+    intake = start_intake(tmp_path, redis_url)
+    try:
+        wait_for(lambda: len(sandbox.state.delivered_ids()) == 20, 30, "deliveries")
+        refused = intake.post([{"id": "bad-1", "type": "registration_completed"}])
+        assert refused.json()["refused"] == 1
+        wait_for(lambda: len(follower.where(status="delivered")) == 20, 10, "delivered lines")
+        wait_for(lambda: follower.where(status="refused"), 10, "the refused line")
+        wait_for(lambda: follower.where(status="dead_lettered"), 10, "the dead-lettered line")
+    finally:
+        intake.stop()
+        stop_worker(worker)
+    delivered = follower.where(status="delivered")
+    assert {d["id"] for d in delivered} == {e["id"] for e in evts} - {doomed}
+    for read_at, line in follower.lines:
+        if line["status"] == "delivered":
+            written = datetime.fromisoformat(str(line["time"]).replace("Z", "+00:00"))
+            assert read_at - written.timestamp() < 2.0, line
+            assert str(line["request_id"]).startswith("req_sbx_")
+            assert line["destination"] == "default" and line["type"] in (
+                "registration_completed",
+                "order_created",
+            )
+            assert "email" in line["identifiers"]  # the kinds carried, by name
+    [dead] = follower.where(status="dead_lettered")
+    assert dead["id"] == doomed and dead["reason"] == "invalid_event"
+    [bad] = follower.where(status="refused")
+    assert bad["id"] == "bad-1" and "timestamp_ms" in str(bad["reason"])
+    text = "".join(follower.raw)
+    assert "@example.com" not in text and "+1" not in text
+    for e in evts:  # no hash of any identifier either
+        for values in (e.get("user") or {}).values():
+            for value in values if isinstance(values, list) else [values]:
+                assert str(value) not in text
+
+
+def test_tail_prints_recent_outcomes_filtered(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url)
+    enqueue(settings, events(6))
+    [doomed] = doom(settings, positions=[2])
+    worker = start_worker(settings, "--burst")
+    worker.communicate(timeout=60)
+    assert worker.returncode == 0
+    shown = capi(settings, "tail", "--json")
+    lines = [json.loads(t) for t in shown.stdout.splitlines()]
+    assert shown.returncode == 0 and len(lines) == 6
+    assert [line["time"] for line in lines] == sorted(line["time"] for line in lines)
+    only = capi(settings, "tail", "--status", "dead_lettered")
+    assert only.returncode == 0 and doomed in only.stdout and "invalid_event" in only.stdout
+    assert len(only.stdout.splitlines()) == 1
+    by_id = capi(settings, "tail", "--id", doomed, "--json")
+    assert [json.loads(t)["status"] for t in by_id.stdout.splitlines()] == ["dead_lettered"]
+
+
+def test_the_ring_stays_within_its_bound_after_100000_events(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    settings = Settings(_env_file=None, redis_url=redis_url)
+    key = settings.keys.tail
+    entries = settings.tail_entries
+    for batch in range(200):  # 100,000 events in batches of 500, as a busy worker writes
+        found = [
+            (f"event-{batch}-{i:03d}", "order_created", ["email", "phone"], 1_764_000_000_000)
+            for i in range(500)
+        ]
+        outcome = tail.Outcome("delivered", found, request_id="req_x", latency_ms=3.2)
+        tail.append_sync(client, tail.writes(key, outcome, entries), entries)
+    held = client.xlen(key)
+    memory = client.memory_usage(key, samples=0)
+    client.close()
+    # The bound the module states: (entries + 100) * CHUNK outcomes, ~1.5 MB.
+    assert held <= entries + 100
+    assert held * tail.CHUNK <= (entries + 100) * tail.CHUNK
+    assert memory is not None and memory < 2_000_000, memory
+
+
+def test_the_ring_can_be_turned_off(redis_url: str, sandbox: SandboxThread) -> None:
+    settings = make_settings(sandbox, redis_url, tail_entries=0)
+    enqueue(settings, events(5))
+    worker = start_worker(settings, "--burst")
+    worker.communicate(timeout=60)
+    assert worker.returncode == 0
+    assert len(sandbox.state.delivered_ids()) == 5
+    assert redis.Redis.from_url(redis_url).exists(settings.keys.tail) == 0
+
+
+@pytest.mark.parametrize(
+    ("event", "name"),
+    [
+        ({"id": "a", "type": "order_created", "data": {"type": "contents"}}, "order_created"),
+        (
+            {"id": "b", "type": "custom", "custom_event_name": "quiz_done", "data": {}},
+            "quiz_done",
+        ),
+        ({"id": 'x"type":"lie', "type": "lead_created", "data": {}}, "lead_created"),
+    ],
+)
+def test_the_ring_names_an_event_from_its_json_without_parsing_it(
+    event: dict[str, object], name: str
+) -> None:
+    import orjson
+
+    assert tail.name_of_json(orjson.dumps(event)) == name
+
+
+def test_a_consent_denied_event_is_a_skipped_line_without_identifier_kinds(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    denied = {**events(1)[0], "consent": "denied"}
+    enqueue(settings, [denied])
+    shown = capi(settings, "tail", "--json")
+    [line] = [json.loads(t) for t in shown.stdout.splitlines()]
+    assert line["status"] == "skipped" and line["id"] == denied["id"]
+    assert line["identifiers"] == [] and "consent" in line["reason"]

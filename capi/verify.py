@@ -8,9 +8,9 @@ the sample with what capi delivered in the same window (the live-outcomes ring,
 :mod:`capi.tail`): how many of capi's deliveries the API shows, which it does not show yet,
 and which ids came from both the Pixel and capi (browser/server de-duplication at work).
 
-The sample holds at most 50 events. When it is full, only capi's deliveries at least as
-recent as the oldest server event in it are expected there; the others may simply be left
-out of the sample. Deliveries younger than ``grace_s`` are reported as pending, not missing:
+The sample holds at most 50 events. When it is full, only capi's deliveries written after
+the oldest of its own that the sample shows are expected there; older ones may simply be
+left out of the sample. Deliveries younger than ``grace_s`` are reported as pending, not missing:
 the stream can take a little while to show an event.
 
 :func:`read_back` raises :class:`ReadBackError` with a one-line answer for every failure
@@ -201,10 +201,12 @@ def compare(
     }
     server = {s.id for s in sample.events if s.channel == SERVER}
     pixel = {s.id for s in sample.events if s.channel == PIXEL}
-    oldest = min(
-        (s.timestamp_ms for s in sample.events if s.channel == SERVER and s.timestamp_ms),
-        default=None,
-    )
+    # A full sample shows only the newest events the API received: capi's deliveries in a
+    # batch written after the oldest one it shows must all be there; older ones may simply
+    # have been left out. (Batches, not event timestamps: those need not follow the order
+    # of sending.)
+    shown_at = [line.time_ms for event_id, line in recent.items() if event_id in server]
+    cutoff = min(shown_at, default=None) if sample.full else None
     report = Report(destination, delivered=len(recent), shown=len(sample.events))
     report.sample_full = sample.full
     for event_id, line in sorted(recent.items(), key=lambda kv: kv[1].time_ms):
@@ -212,8 +214,8 @@ def compare(
             report.found += 1
         elif line.time_ms > now_ms - grace_s * 1000:
             report.pending.append(event_id)
-        elif sample.full and (oldest is None or line.timestamp_ms < oldest):
-            continue  # older than what a full sample shows: not expected in it
+        elif sample.full and (cutoff is None or line.time_ms <= cutoff):
+            continue  # not newer than what a full sample shows: not expected in it
         else:
             report.missing.append(event_id)
     report.both_channels = sorted(pixel & (server | set(recent)))

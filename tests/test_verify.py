@@ -124,13 +124,24 @@ def line(event_id: str, time_ms: int, timestamp_ms: int = 0) -> Line:
     return Line(time_ms, "d", event_id, "order_created", "delivered", [], timestamp_ms)
 
 
-def test_a_full_sample_expects_only_deliveries_as_recent_as_it() -> None:
+def test_a_full_sample_expects_only_deliveries_after_the_oldest_it_shows() -> None:
     now = 10_000_000
     old = [line(f"old-{i}", now - 300_000, timestamp_ms=1_000) for i in range(100)]
-    new = [line(f"new-{i}", now - 200_000, timestamp_ms=5_000) for i in range(50)]
-    shown = [Seen(f"new-{i}", "server_to_server", 5_000) for i in range(49)]
+    new = [line(f"new-{i}", now - 200_000 + i, timestamp_ms=5_000) for i in range(50)]
+    shown = [Seen(f"new-{i}", "server_to_server", 5_000) for i in range(50) if i != 25]
     report = compare("d", old + new, Sample(shown, full=True), now_ms=now, grace_s=60)
-    assert report.found == 49 and report.missing == ["new-49"]
+    assert report.found == 49 and report.missing == ["new-25"]
+
+
+def test_a_full_sample_cut_inside_a_batch_misses_nothing() -> None:
+    # 80 events sent in two batches whose event timestamps are in no particular order: the
+    # API's newest 50 hold the whole second batch and part of the first.
+    now = 10_000_000
+    first = [line(f"a-{i}", now - 200_000, timestamp_ms=(i * 7919) % 80) for i in range(40)]
+    second = [line(f"b-{i}", now - 199_000, timestamp_ms=(i * 104729) % 80) for i in range(40)]
+    shown = [Seen(x.id, "server_to_server", x.timestamp_ms) for x in first[30:] + second]
+    report = compare("d", first + second, Sample(shown, full=True), now_ms=now, grace_s=0)
+    assert report.found == 50 and report.missing == [] and report.consistent
 
 
 @pytest.mark.parametrize(

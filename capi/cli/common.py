@@ -113,11 +113,17 @@ class PrivateFile(click.ParamType[IO[bytes]]):
 
     name = "file"
 
+    def __init__(self, *, new: bool = False, why: str = "") -> None:
+        self.new = new  # refuse a file that exists (saying ``why``)
+        self.why = why
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):
             return value
         if value == "-":
             return sys.stdout.buffer
+        if self.new and os.path.lexists(value):
+            self.fail(f"{value} exists{self.why}; remove it or name another file", param, ctx)
         try:
             file = open_private(value)
         except OSError as exc:

@@ -169,8 +169,8 @@ def app_from_environment() -> Intake:
 @click.option(
     "-o",
     "--output",
-    type=PrivateFile(),
-    help="Write the JSON object (token included) to this file, mode 0600, not to stdout.",
+    type=PrivateFile(new=True, why=" (it may hold a token clients still use)"),
+    help="Write the JSON object (token included) to this new file, mode 0600, not to stdout.",
 )
 @click.pass_context
 @handle_errors

@@ -19,6 +19,7 @@ from capi.exitcodes import MEANINGS, ExitCode, for_reason
 from capi.keycheck import KeyCheck, check_key
 from capi.sandbox import Fault, SandboxState
 from capi.sandbox.server import start
+from capi.sandbox.state import FAULT_KINDS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -222,15 +223,30 @@ async def _serve_sandbox(state: SandboxState, host: str, port: int) -> None:
         f"  Conversion Key(s): {', '.join(cfg['conversion_keys'])}",
         f"  scopeless key(s):  {', '.join(cfg['scopeless_keys'])}",
         f"  pixel(s):          {', '.join(cfg['pixels'])}",
-        *(f"  fault: {f}" for f in state.faults),
+        f"  read-back (capi verify): CAPI_ADS_API_BASE_URL=http://{host}:{bound} "
+        f"CAPI_ADVERTISER_KEY={', '.join(sorted(state.monitoring.advertiser_keys))}",
+        *(f"  fault: {_shown_fault(f)}" for f in state.faults),
     ]
     out.print("\n".join(lines), markup=False)
     async with server:
         await server.serve_forever()
 
 
+def _shown_fault(fault: Fault) -> str:
+    """A fault as --fault takes it: its kind and the options that are not defaults."""
+    defaults = Fault(fault.kind)
+    opts = [
+        f"{name}={value}"
+        for name, value in vars(fault).items()
+        if name != "kind" and value != getattr(defaults, name)
+    ]
+    return fault.kind + (":" + ",".join(opts) if opts else "")
+
+
 def _parse_fault(spec: str) -> Fault:
     kind, _, opts = spec.partition(":")
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"{kind!r} is not a fault kind; the kinds are: {', '.join(FAULT_KINDS)}")
     kwargs: dict[str, Any] = {}
     for opt in filter(None, opts.split(",")):
         name, _, value = opt.partition("=")

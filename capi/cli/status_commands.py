@@ -13,7 +13,7 @@ import click
 from rich.markup import escape
 
 from capi import coverage, destinations
-from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
+from capi.cli.common import fail, handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.main import cli
 from capi.cli.selection import destination_names, destination_option
 from capi.errors import ConfigError
@@ -227,10 +227,11 @@ def _print_redis(mem: dict[str, Any]) -> None:
 @click.pass_context
 @handle_errors
 def health_command(ctx: click.Context, url: str | None) -> None:
-    """Exit 0 when capi is ready, 1 otherwise (for Docker and Kubernetes probes).
+    """Exit 0 when capi is ready, 1 when it is not (for Docker and Kubernetes probes).
 
     Without --url: Redis answers, the key is not held, and a worker past its startup
-    check sent a heartbeat in the last 5 s.
+    check sent a heartbeat in the last 5 s (Redis that cannot be reached: exit 5).
+    With --url: that endpoint answers 200.
 
     \b
     Examples:
@@ -238,6 +239,8 @@ def health_command(ctx: click.Context, url: str | None) -> None:
       capi health
     """
     if url:
+        if not url.startswith(("http://", "https://")):
+            fail(f"--url: {url!r} is not a URL; give one like {EXAMPLE_URL}", ExitCode.USAGE)
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
                 ok, why = resp.status == 200, f"HTTP {resp.status}"
@@ -247,6 +250,9 @@ def health_command(ctx: click.Context, url: str | None) -> None:
         ok, why = _healthy(settings_from(ctx))
     out.print(("ok: " if ok else "not ready: ") + why, markup=False)
     sys.exit(ExitCode.OK if ok else ExitCode.FAILURE)
+
+
+EXAMPLE_URL = "http://127.0.0.1:9464/readyz"
 
 
 def _healthy(settings: Settings) -> tuple[bool, str]:
@@ -261,4 +267,4 @@ def _healthy(settings: Settings) -> tuple[bool, str]:
     if held:
         names = "" if held == ["default"] else " (" + ", ".join(held) + ")"
         return ok, ("key held" if not ok else "ok, but a key is held") + names
-    return True, "ok"
+    return True, "a worker is live and can send"

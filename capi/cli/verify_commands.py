@@ -107,7 +107,14 @@ async def _one(
             if dest.name == destinations.DEFAULT_NAME
             else (f"advertiser_key_env or advertiser_key_file in [destinations.{dest.name}]")
         )
-        return ExitCode.CONFIG, None, f"no Advertiser API key is configured: set {what}"
+        return (
+            ExitCode.CONFIG,
+            None,
+            f"no Advertiser API key is configured: set {what} to an Advertiser API key "
+            "(Ads Manager -> Settings -> API keys; never the Conversion Key), and "
+            "CAPI_ADS_API_BASE_URL if it is not https://api.ads.openai.com (capi sandbox "
+            "prints both for itself)",
+        )
     if not reads.api_key:
         return ExitCode.CONFIG, None, f"{reads.key_source} is not set or cannot be read"
     if dest.api_key and reads.api_key == dest.api_key:

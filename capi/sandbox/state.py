@@ -17,7 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import orjson
 
@@ -30,6 +30,7 @@ Clock = Callable[[], float]
 FaultKind = Literal[
     "missing_scope", "rbac", "unauthorized", "rate_limit", "server_error", "drop", "latency"
 ]
+FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 SCOPE_MESSAGE = (
     "You have insufficient permissions for this operation. Missing scopes: "
     f"{CONVERSIONS_SCOPE}. Check that you have the correct role in your organization, and if "

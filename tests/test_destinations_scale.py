@@ -57,6 +57,13 @@ def reads(client: redis.Redis) -> int:
     return int(stats.get("cmdstat_xreadgroup", {}).get("calls", 0))
 
 
+def quiet(client: redis.Redis, window_s: float = 1.0) -> bool:
+    """Whether Redis served fewer than 5 stream reads over ``window_s``."""
+    first = reads(client)
+    time.sleep(window_s)
+    return reads(client) - first < 5
+
+
 def serving(client: redis.Redis, settings: Settings) -> str:
     """What the (one) live worker says it serves."""
     states = [json.loads(v) for v in client.hvals(settings.keys.worker_states)]
@@ -76,7 +83,9 @@ def test_idle_destinations_are_not_read_and_an_event_wakes_its_destination(
     try:
         with redis.Redis.from_url(redis_url) as c:
             wait_for(lambda: serving(c, settings) == "100 destinations", 60, "all started")
-            time.sleep(1)  # each destination's first read (finding nothing) is done
+            # Each destination's first read (finding nothing) is done once reads stop
+            # coming: under load they trail the start by more than a second.
+            wait_for(lambda: quiet(c), 60, "the first reads to end")
             before = reads(c)
             time.sleep(3)
             # 100 idle destinations: no stream is polled (the old layout read each one,

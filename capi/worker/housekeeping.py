@@ -189,7 +189,7 @@ class Housekeeping:
         for job in self.jobs:
             if job.schedule.due(len(senders)):
                 await self._job(job.name, functools.partial(job.run, senders, now_ms))
-        if self.burst and await self._drained(senders):
+        if self.burst and await self._drained():
             log.info("burst: nothing queued, in flight or scheduled; stopping")
             lanes.stop()
             return
@@ -403,11 +403,14 @@ class Housekeeping:
             return
         self.lanes.metrics.redis_full.set(1 if redis_full(memory) else 0)
 
-    async def _drained(self, senders: dict[str, Sender]) -> bool:
+    async def _drained(self) -> bool:
         """Whether every destination that can send has nothing queued, in flight or
-        scheduled (a held destination's events stay queued, and are said to)."""
+        scheduled (a held destination's events stay queued, and are said to). The senders
+        are read here, with the count of those still starting and no wait in between: a
+        destination whose start ended during this tick's jobs is in one or the other."""
         if self.lanes.starting or self._errors:
             return False
+        senders = self.lanes.senders
         sendable = [s for s in senders.values() if not s.held]
         if any(s.holding for s in sendable):
             return False

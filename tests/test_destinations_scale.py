@@ -76,7 +76,14 @@ def test_idle_destinations_are_not_read_and_an_event_wakes_its_destination(
     try:
         with redis.Redis.from_url(redis_url) as c:
             wait_for(lambda: serving(c, settings) == "100 destinations", 60, "all started")
-            time.sleep(1)  # each destination's first read (finding nothing) is done
+            seen = [reads(c)]
+
+            def quiet() -> bool:  # each destination's first read (finding nothing) is done
+                time.sleep(0.5)  # (however long a loaded machine takes to make them)
+                seen.append(reads(c))
+                return seen[-1] - seen[-2] < 3
+
+            wait_for(quiet, 30, "the first reads done")
             before = reads(c)
             time.sleep(3)
             # 100 idle destinations: no stream is polled (the old layout read each one,

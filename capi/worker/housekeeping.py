@@ -189,7 +189,7 @@ class Housekeeping:
         for job in self.jobs:
             if job.schedule.due(len(senders)):
                 await self._job(job.name, functools.partial(job.run, senders, now_ms))
-        if self.burst and await self._drained(senders):
+        if self.burst and await self._drained():
             log.info("burst: nothing queued, in flight or scheduled; stopping")
             lanes.stop()
             return
@@ -403,11 +403,14 @@ class Housekeeping:
             return
         self.lanes.metrics.redis_full.set(1 if redis_full(memory) else 0)
 
-    async def _drained(self, senders: dict[str, Sender]) -> bool:
+    async def _drained(self) -> bool:
         """Whether every destination that can send has nothing queued, in flight or
         scheduled (a held destination's events stay queued, and are said to)."""
         if self.lanes.starting or self._errors:
             return False
+        # The senders now, not the tick's: one that started while the tick's jobs ran is
+        # no longer counted as starting, and must be counted as served.
+        senders = self.lanes.senders
         sendable = [s for s in senders.values() if not s.held]
         if any(s.holding for s in sendable):
             return False

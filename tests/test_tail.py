@@ -94,7 +94,12 @@ def test_tail_follow_prints_each_outcome_within_two_seconds_and_no_identifier(
     enqueue(settings, evts)
     [doomed] = doom(settings, positions=[7])
     # Whenever the follower starts reading, it misses nothing: what came before its first
-    # read it prints as recent outcomes (up to --lines), then it follows from there.
+    # read it prints as recent outcomes (up to --lines), then it follows from there. The
+    # two seconds are from then on: wait until it follows (its XREAD blocks in Redis; a
+    # loaded machine can take seconds to start it).
+    with redis.Redis.from_url(redis_url) as c:
+        following = lambda: any(x.get("cmd") == "xread" for x in c.client_list())  # noqa: E731
+        wait_for(following, 30, "the follower following")
     worker = start_worker(settings)
     intake = start_intake(tmp_path, redis_url)
     try:

@@ -34,12 +34,15 @@ def test_the_oldest_age_counts_events_waiting_for_retry(
             parsed: dict[str, object] = json.loads(result.stdout)
             return parsed
 
-        def all_waiting_for_retry() -> bool:
-            s = status()
+        seen: list[dict[str, object]] = []
+
+        def all_waiting_for_retry() -> bool:  # the age is read from this same status
+            seen[:] = [status()]
+            s = seen[0]
             return s["queued"] == 0 and s["in_flight"] == 0 and s["retry_batches_scheduled"] != 0
 
         wait_for(all_waiting_for_retry, 30, "every event scheduled for retry")
-        age = status()["oldest_queued_age_s"]
+        age = seen[0]["oldest_queued_age_s"]
     finally:
         stop_worker(worker)
     assert isinstance(age, float) and age > 0

@@ -60,6 +60,7 @@ def test_kill_9_mid_batch_then_restart_delivers_everything(
     assert restarted.returncode == 0, output
     delivered = sandbox.state.delivered_ids()
     missing = ids(evts) - set(delivered)
+    print(output)  # whole, under "Captured stdout" should the next line fail
     assert not missing, (len(missing), sorted(missing)[:10], output)  # at least once, every one
     assert "reclaimed" in output
     assert not dead_letters(settings)

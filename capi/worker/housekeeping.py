@@ -405,11 +405,11 @@ class Housekeeping:
 
     async def _drained(self) -> bool:
         """Whether every destination that can send has nothing queued, in flight or
-        scheduled (a held destination's events stay queued, and are said to). The senders
-        are read here, with the count of those still starting and no wait in between: a
-        destination whose start ended during this tick's jobs is in one or the other."""
+        scheduled (a held destination's events stay queued, and are said to)."""
         if self.lanes.starting or self._errors:
             return False
+        # The senders now, not the tick's: one that started while the tick's jobs ran is
+        # no longer counted as starting, and must be counted as served.
         senders = self.lanes.senders
         sendable = [s for s in senders.values() if not s.held]
         if any(s.holding for s in sendable):

@@ -48,8 +48,9 @@ def plural(n: int, noun: str) -> str:
 
 
 def note_default_redis(settings: Settings) -> None:
-    """Say on stderr which Redis is used when CAPI_REDIS_URL is not set anywhere."""
-    if "redis_url" not in settings.model_fields_set:
+    """Say on stderr which Redis is used when CAPI_REDIS_URL is not set anywhere (and no
+    sentinels name it)."""
+    if "redis_url" not in settings.model_fields_set and settings.sentinels is None:
         err.print(
             f"note: using {settings.redis_url}, the default Redis: CAPI_REDIS_URL is not set "
             f"(in {settings.config_source()})",

@@ -156,6 +156,7 @@ def sync_client(
         ssl = sentinel.connection_kwargs.pop("ssl", False)
         client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
             sentinels.master,
+            connection_pool_class=_SyncMasterPool,
             connection_class=_SyncSSLMasterConnection if ssl else _SyncMasterConnection,
         )
         return client
@@ -215,7 +216,14 @@ class _AsyncSSLMasterConnection(_AsyncMasterConnection, aioredis.SSLConnection):
 
 class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's sentinel pool over its BlockingConnectionPool, which connects new
-    connections outside the pool's lock (see :func:`async_client`)."""
+    connections outside the pool's lock (see :func:`async_client`). Closing it closes the
+    connections to the sentinels too (redis-py leaves them open)."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
 
 
 class _SyncMasterConnection(redis.sentinel.SentinelManagedConnection):
@@ -231,6 +239,16 @@ class _SyncMasterConnection(redis.sentinel.SentinelManagedConnection):
 
 class _SyncSSLMasterConnection(_SyncMasterConnection, redis.SSLConnection):
     pass
+
+
+class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
+    """redis-py's sentinel pool; closing it closes the connections to the sentinels too."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.connection_pool.disconnect()
 
 
 def _async_master(sentinels: Sentinels, timeout_s: float, kwargs: dict[str, Any]) -> aioredis.Redis:

@@ -1,0 +1,243 @@
+"""Redis Sentinel for real: a master, two replicas and three sentinels (tests/sentinelproc.py).
+
+The master is killed with ``kill -9`` while a producer, ``capi serve`` and two ``capi
+worker`` run against the sandbox: with ``CAPI_ENQUEUE_DURABILITY=replica`` every
+acknowledged event is delivered, and the time from the kill to the first delivery of an
+event written to the new master is printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from capi.errors import ConfigError, QueueUnavailable
+from capi.producer import Producer
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+from capi.settings import Settings
+from tests.helpers import events, make_settings, start_worker, stop_worker, wait_for
+from tests.intake_helpers import TOKEN, start_intake
+from tests.sentinelproc import MASTER_NAME, SentinelSet
+
+WORKERS = 2
+BATCH_SIZE = 20
+# A worker runs 4 lanes per CAPI_CONCURRENCY, each with at most one batch in flight.
+CONCURRENCY = 2
+IN_FLIGHT_BOUND = WORKERS * 4 * CONCURRENCY * BATCH_SIZE
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    """Three sentinels watching a master and two replicas; all stopped after the test."""
+    with SentinelSet(tmp_path / "sentinel", down_after_ms=1000, failover_timeout_ms=3000) as s:
+        yield s
+
+
+def sentinel_settings(sandbox: SandboxThread, found: SentinelSet, **overrides: Any) -> Settings:
+    # The URL's host is a port nothing listens on: only the sentinels can name the master.
+    return make_settings(
+        sandbox,
+        "redis://127.0.0.1:1/0",
+        redis_sentinels=found.addresses,
+        redis_sentinel_master=MASTER_NAME,
+        **overrides,
+    )
+
+
+class Acks:
+    """Event ids acknowledged by a producer or the intake, with when."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.before_kill: set[str] = set()
+        self.after_kill: set[str] = set()  # sent after the kill: only the new master has them
+        self.killed_at: float | None = None
+        self.retries = 0
+
+    def add(self, event_id: str, sent_at: float) -> None:
+        with self.lock:
+            after = self.killed_at is not None and sent_at > self.killed_at
+            (self.after_kill if after else self.before_kill).add(event_id)
+
+    def all(self) -> set[str]:
+        with self.lock:
+            return self.before_kill | self.after_kill
+
+
+def produce(settings: Settings, acks: Acks, stop: threading.Event) -> None:
+    """The async producer: one event at a time, each sent again until acknowledged."""
+
+    async def go() -> None:
+        async with Producer.from_settings(settings) as producer:
+            for i in range(1_000_000):
+                if stop.is_set():
+                    return
+                event = events(1, start=i, prefix="prod-")[0]
+                while not stop.is_set():
+                    sent_at = time.monotonic()
+                    try:
+                        await producer.enqueue(event)  # True or a duplicate: both stored
+                    except QueueUnavailable:
+                        acks.retries += 1
+                        await asyncio.sleep(0.05)  # a real producer's backoff
+                        continue
+                    acks.add(event["id"], sent_at)
+                    break
+
+    asyncio.run(go())
+
+
+def post(url: str, acks: Acks, stop: threading.Event) -> None:
+    """Single-event POSTs to ``capi serve``, each sent again until answered 200."""
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        for i in range(1_000_000):
+            event = events(1, start=i, prefix="http-")[0]
+            while not stop.is_set():
+                sent_at = time.monotonic()
+                try:
+                    answer = client.post(url + "/v1/events", json={"events": [event]})
+                except httpx.HTTPError:
+                    answer = None
+                if answer is not None and answer.status_code == 200:
+                    status = answer.json()["results"][0]["status"]
+                    assert status in ("queued", "duplicate"), answer.text
+                    acks.add(event["id"], sent_at)
+                    break
+                acks.retries += 1
+                time.sleep(0.05)
+            if stop.is_set():
+                return
+
+
+def test_a_master_killed_under_load_loses_no_acknowledged_event(
+    tmp_path: Path, sandbox: SandboxThread, sentinels: SentinelSet
+) -> None:
+    settings = sentinel_settings(
+        sandbox,
+        sentinels,
+        enqueue_durability="replica",
+        redis_timeout_s=1.0,
+        batch_size=BATCH_SIZE,
+        concurrency=CONCURRENCY,
+    )
+    workers = [start_worker(settings) for _ in range(WORKERS)]
+    intake = start_intake(
+        tmp_path,
+        "redis://127.0.0.1:1/0",
+        CAPI_REDIS_SENTINELS=sentinels.addresses,
+        CAPI_REDIS_SENTINEL_MASTER=MASTER_NAME,
+        CAPI_ENQUEUE_DURABILITY="replica",
+        CAPI_PIXEL_ID=DEFAULT_PIXEL,
+        CAPI_API_KEY=DEFAULT_KEY,
+    )
+    acks, stop = Acks(), threading.Event()
+    threads = [
+        threading.Thread(target=produce, args=(settings, acks, stop), daemon=True),
+        threading.Thread(target=post, args=(intake.url, acks, stop), daemon=True),
+    ]
+    first_new: list[float] = []
+
+    def watch() -> None:  # when the first event written to the new master is delivered
+        while not stop.is_set() and not first_new:
+            with acks.lock:
+                after = set(acks.after_kill)
+            if after and after & set(sandbox.state.delivered_ids()):
+                first_new.append(time.monotonic())
+            time.sleep(0.01)
+
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(sandbox.state.delivered_ids()) >= 300, 60, "deliveries before")
+        old_port = sentinels.master.port
+        acks.killed_at = time.monotonic()
+        sentinels.master.kill()  # kill -9
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        wait_for(lambda: sentinels.master_port() not in (None, old_port), 30, "a new master")
+        promoted_at = time.monotonic()
+        wait_for(lambda: len(acks.after_kill) >= 300, 60, "acknowledgements after the kill")
+        wait_for(lambda: bool(first_new), 60, "a delivery from the new master")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    acked = acks.all()
+    wait_for(lambda: acked <= set(sandbox.state.delivered_ids()), 60, "every acked delivery")
+    delivered = sandbox.state.delivered_ids()
+    duplicates = sum(n - 1 for n in delivered.values() if n > 1)
+    outputs = [stop_worker(w) for w in workers]
+    intake.stop()
+    assert not acked - set(delivered), "acknowledged events were lost"
+    assert set(delivered) <= acked | {e for e in delivered if e.startswith(("prod-", "http-"))}
+    assert duplicates <= IN_FLIGHT_BOUND, f"{duplicates} duplicates"
+    assert max(delivered.values()) <= 2
+    print(
+        f"\nsentinel failover: promoted {promoted_at - acks.killed_at:.2f} s after kill -9; "
+        f"first delivery from the new master {first_new[0] - acks.killed_at:.2f} s after; "
+        f"{len(acks.before_kill)} acked before, {len(acks.after_kill)} after, all delivered; "
+        f"{duplicates} duplicates (bound {IN_FLIGHT_BOUND}); {acks.retries} sends retried"
+    )
+    assert all("Traceback" not in out for out in outputs), outputs
+
+
+def test_only_the_sentinels_are_enough_for_capi_status_and_enqueue(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    with SentinelSet(tmp_path / "s", password="sentinel-test-pw", replicas=1) as found:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+        env.update(
+            CAPI_CONFIG_FILE=os.devnull,
+            CAPI_REDIS_URL="redis://:sentinel-test-pw@unused.invalid/2",  # password and db only
+            CAPI_REDIS_SENTINELS=found.addresses,
+            CAPI_REDIS_SENTINEL_MASTER=MASTER_NAME,
+            CAPI_API_KEY=DEFAULT_KEY,
+            CAPI_PIXEL_ID=DEFAULT_PIXEL,
+            CAPI_BASE_URL=sandbox.url,
+        )
+        batch = b"\n".join(orjson.dumps(e) for e in events(5, prefix="cli-")).decode()
+
+        def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "workers.cli", *args],
+                env=env,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        enqueued = run("enqueue", "--json", "-", stdin=batch)
+        assert enqueued.returncode == 0, enqueued.stderr
+        status = run("status", "--json")
+        assert status.returncode == 0, status.stderr
+        with found.master.client(db=2) as master:
+            assert master.xlen("capi:events") == 5  # the URL's password and db
+        assert orjson.loads(enqueued.stdout)["queued"] == 5
+        assert orjson.loads(status.stdout)["queued"] == 5
+        assert "CAPI_REDIS_URL is not set" not in status.stderr
+
+
+def test_sentinel_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"CAPI_REDIS_SENTINELS.*host:port"):
+        Settings.load(redis_sentinels="10.0.0.5", redis_sentinel_master="m")
+    with pytest.raises(ConfigError, match="go together"):
+        Settings.load(redis_sentinels="10.0.0.5:26379")
+    with pytest.raises(ConfigError, match="port from 1 to 65535"):
+        Settings.load(redis_sentinels="a:26379,b:0", redis_sentinel_master="m")
+    ok = Settings.load(redis_sentinels=" a:26379 , [::1]:26380", redis_sentinel_master="m")
+    assert ok.sentinels is not None
+    assert ok.sentinels.addresses == (("a", 26379), ("::1", 26380))

@@ -116,7 +116,7 @@ class SentinelSet:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             states = [self.master_seen(p) for p in self.sentinel_ports]
-            if all(
+            if self._replicas_online() and all(
                 s is not None
                 and s.get("num-slaves") == want_replicas
                 and s.get("num-other-sentinels") == want_peers
@@ -126,6 +126,15 @@ class SentinelSet:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the sentinels did not see the whole set-up in time: {states}")
+
+    def _replicas_online(self) -> bool:
+        try:
+            with self.master.client(decode_responses=True) as c:
+                info = c.info("replication")
+        except (redis.exceptions.RedisError, OSError):
+            return False
+        found = [info.get(f"slave{i}", {}) for i in range(len(self.replicas))]
+        return all(isinstance(r, dict) and r.get("state") == "online" for r in found)
 
     def master_port(self) -> int | None:
         """The master's port as the first answering sentinel says it."""

@@ -241,3 +241,63 @@ def test_sentinel_settings_are_checked() -> None:
     ok = Settings.load(redis_sentinels=" a:26379 , [::1]:26380", redis_sentinel_master="m")
     assert ok.sentinels is not None
     assert ok.sentinels.addresses == (("a", 26379), ("::1", 26380))
+
+
+FROZEN_TIMEOUT_S = 1.0
+CALLERS = 5
+
+
+def test_a_frozen_master_costs_each_concurrent_caller_one_timeout(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    # Sentinels that would wait a minute before a failover: the master stays the frozen one.
+    with SentinelSet(tmp_path / "s", down_after_ms=60_000, replicas=1) as found:
+        settings = sentinel_settings(sandbox, found, redis_timeout_s=FROZEN_TIMEOUT_S)
+
+        async def go() -> list[tuple[str, float]]:
+            async with Producer.from_settings(settings) as producer:
+                assert await producer.enqueue(events(1)[0])  # one pooled connection
+                found.master.freeze()
+                started = time.monotonic()
+
+                async def one(event: dict[str, Any]) -> tuple[str, float]:
+                    try:
+                        await producer.enqueue(event)
+                        outcome = "queued"
+                    except QueueUnavailable:
+                        outcome = "unavailable"
+                    return outcome, time.monotonic() - started
+
+                return await asyncio.gather(*(one(e) for e in events(CALLERS, start=1)))
+
+        answers = asyncio.run(asyncio.wait_for(go(), 60))
+    assert [outcome for outcome, _ in answers] == ["unavailable"] * CALLERS
+    late = [round(t, 1) for _, t in answers if t > FROZEN_TIMEOUT_S + 0.8]
+    assert not late, f"callers answered after {late} s (timeout {FROZEN_TIMEOUT_S} s)"
+
+
+def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxThread) -> None:
+    """A switchover (SENTINEL FAILOVER) turns the master into a replica while a producer has
+    a connection to it: its next writes go to the new master, every one accepted (the
+    default durability: right after a switchover the demoted master is still syncing, so
+    ``replica`` would answer QueueUnavailable for a while, which is right but not tested
+    here)."""
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        settings = sentinel_settings(sandbox, found)
+        old = found.master
+
+        async def go() -> None:
+            async with Producer.from_settings(settings) as producer:
+                assert await producer.enqueue(events(1)[0])
+                with found.sentinel(found.sentinel_ports[0]) as s:
+                    s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+                wait_for(lambda: found.master_port() not in (None, old.port), 30, "switchover")
+                with old.client() as c:  # the old master is a replica now
+                    wait_for(lambda: c.info("replication")["role"] == "slave", 30, "demotion")
+                for event in events(20, start=1):
+                    assert await producer.enqueue(event)
+
+        asyncio.run(asyncio.wait_for(go(), 90))
+        new = next(r for r in found.replicas if r.port == found.master_port())
+        with new.client() as c:
+            assert c.xlen("capi:events") == 21

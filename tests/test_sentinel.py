@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis
+import redis.asyncio
 
 from capi.errors import ConfigError, QueueUnavailable
 from capi.producer import Producer
@@ -301,3 +303,38 @@ def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxTh
         new = next(r for r in found.replicas if r.port == found.master_port())
         with new.client() as c:
             assert c.xlen("capi:events") == 21
+
+
+def test_arqs_pool_finds_the_master_through_the_sentinels(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    from workers.main import worker_settings
+
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        pool = worker_settings(sentinel_settings(sandbox, found))["redis_pool"]
+
+        async def go() -> None:
+            await pool.set("capi:arq-probe", "1")
+            await pool.aclose(close_connection_pool=True)  # as arq closes it
+
+        asyncio.run(go())
+        with found.master.client() as c:
+            assert c.get("capi:arq-probe") == b"1"
+
+
+def test_the_urls_password_tls_and_database_reach_the_master_connections() -> None:
+    settings = Settings.load(
+        redis_url="rediss://:pw@unused.invalid:6380/3?ssl_ca_certs=/etc/ca.pem",
+        redis_sentinels="127.0.0.1:26379",
+        redis_sentinel_master="m",
+    )
+    for client, tls in (
+        (settings.sync_redis(), redis.SSLConnection),
+        (settings.async_redis(), redis.asyncio.SSLConnection),
+    ):
+        pool = client.connection_pool
+        assert issubclass(pool.connection_class, tls)
+        kwargs = pool.connection_kwargs
+        assert (kwargs["password"], kwargs["db"]) == ("pw", 3)
+        assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == ("/etc/ca.pem", "required")
+        assert "host" not in kwargs  # the sentinels name it

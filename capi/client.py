@@ -155,29 +155,25 @@ def _too_old(status: int, codes: list[str | None], params: list[str | None]) -> 
 
 
 def _request_field(params: list[str | None], parsed: Any, message: str) -> str | None:
-    """The request-level field (a top-level field of the request: ``pid``, ``events`` as a
-    whole, ``validate_only``, ``integration_source``; never ``events[i]``) a 400/422 names:
-    in ``param`` or an ``errors[].param``, a pydantic-style ``detail[].loc``, or its
-    message. A field of an event named without an index (``data.coupon``) is not one: that
-    is an event's rejection, found by bisecting."""
-    for p in params:
-        if (
-            p
-            and re.split(r"[.\[]", p, maxsplit=1)[0] in REQUEST_FIELDS
-            and not p.startswith("events[")
-        ):
-            return p[:100]
+    """The request-level field (``pid``, ``validate_only``, ``integration_source``, or the
+    ``events`` envelope itself; never ``events[i]``) that a 400/422 names: in its ``param``,
+    a pydantic-style ``detail[].loc``, or its message. ``errors[].param`` describe an
+    event's fields and never count."""
+    param = params[0]
+    if param and param.split(".", 1)[0] in REQUEST_FIELDS:
+        return param[:100]
     detail = parsed.get("detail") if isinstance(parsed, dict) else None
     for d in detail if isinstance(detail, list) else []:
         loc: Any = d.get("loc") if isinstance(d, dict) else None
-        in_request = isinstance(loc, list) and len(loc) > 1 and loc[0] in ("query", "body")
-        if in_request and not (loc[1] == "events" and len(loc) > 2 and isinstance(loc[2], int)):
-            return ".".join(str(x) for x in loc[1:])[:100]
+        if isinstance(loc, list) and len(loc) > 1 and loc[0] in ("query", "body"):
+            named = loc[1] if loc[0] == "body" else "pid" if loc[1] == "pid" else None
+            if named in REQUEST_FIELDS and not (len(loc) > 2 and isinstance(loc[2], int)):
+                return ".".join(str(x) for x in loc[1:])[:100]
     m = _FIELD_IN_MESSAGE.search(message)
-    return m.group(1) if m else None
+    return m.group(1) if m and m.group(1) in REQUEST_FIELDS else None
 
 
-REQUEST_FIELDS = frozenset({"pid", "events", "validate_only", "integration_source"})
+REQUEST_FIELDS = frozenset({"pid", "validate_only", "integration_source", "events"})
 _FIELD_IN_MESSAGE = re.compile(
     r"(?:Missing required field:\s*|\('query',\s*')([A-Za-z_][A-Za-z0-9_]{0,63})"
 )

@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from capi import queue
+from capi import dedup, queue
 from capi._aio import aw
 from capi.constants import API_MAX_AGE_MS, RedisKeys
 from capi.errors import SendError
@@ -96,11 +96,8 @@ def build(
     first = entry.first_attempt_ms or (now_ms if attempted else None)
     last = now_ms if attempted else (entry.meta or {}).get("l")
     deadline = entry.timestamp_ms + API_MAX_AGE_MS
-    # The API's dedup name, as capi.schema.Event.name gives it (the dedup record's key too).
-    custom = event.get("type") == "custom" and event.get("custom_event_name")
-    name = str(event["custom_event_name"]).lower() if custom else str(event.get("type"))
     return DeadLetter(
-        key=f"{name}:{entry.event_id}",
+        key=dedup.event_key(event, entry.event_id),
         id=entry.event_id,
         destination=destination,
         event_type=str(event.get("custom_event_name") or event.get("type")),

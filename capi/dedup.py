@@ -29,6 +29,8 @@ events it accepted. The Lua below is the only code that reads or writes these st
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from typing import Any
 
 DIGEST_BYTES = 16
 # Buckets per window: lookups read BUCKETS + 1 shards; a digest lives 1 to 1.25 windows.
@@ -40,6 +42,15 @@ def digest(record_key: str) -> bytes:
     return hashlib.blake2b(
         record_key.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES
     ).digest()
+
+
+def event_key(event: Mapping[str, Any], event_id: str) -> str:
+    """An event's dedup key, ``name:id``: the name the API dedups on (as
+    :attr:`capi.schema.Event.name` gives it: the custom event name lowercased, or the
+    type) and the id. Also a dead letter's record key."""
+    custom = event.get("type") == "custom" and event.get("custom_event_name")
+    name = str(event["custom_event_name"]).lower() if custom else str(event.get("type"))
+    return f"{name}:{event_id}"
 
 
 def bucket_s(window_s: int) -> int:

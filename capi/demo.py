@@ -281,6 +281,6 @@ class Demo:
         if len(delivered) != 8 or status["dead_letters"]:
             raise RuntimeError("the demo did not end as expected")
         self.out.print(
-            "\nDone. Next: `capi sandbox`, `capi worker`, `capi status`; "
-            "README.md shows how to run against the real API."
+            "\nDone. Next, a worker of your own against the sandbox, no key needed: README.md, "
+            '"A worker against the sandbox"; then your own key: "Run for real".'
         )

@@ -29,6 +29,7 @@ is one, and never the key: a key appears only as its fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,6 +97,8 @@ class Response:
     request_ids: dict[str, str] = field(default_factory=dict)
     retry_after_s: float | None = None
     event_index: int | None = None
+    # Every events[i] the answer names (in param or errors[].param), first named first.
+    event_indexes: list[int] = field(default_factory=list)
     request_field: str | None = None
     missing_scopes: list[str] = field(default_factory=list)
 
@@ -190,6 +193,29 @@ class InvalidEventError(SendError):
     def event_index(self) -> int | None:
         """The index of the rejected event within the batch, from ``param: events[i]``."""
         return self.response.event_index
+
+    def for_event(self, index: int) -> InvalidEventError:
+        """This rejection as it concerns ``events[index]`` alone: its param, and only the
+        ``errors[]`` entries that name it (for that event's dead letter)."""
+        r = self.response
+        mine = f"events[{index}]"
+        body = r.body
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("errors"), list):
+            own = [
+                e
+                for e in error["errors"]
+                if isinstance(e, dict) and str(e.get("param") or "").startswith(mine)
+            ]
+            body = {**body, "error": {**error, "errors": own or error["errors"]}}
+        narrowed = dataclasses.replace(
+            r,
+            param=mine if r.param is None or not r.param.startswith(mine) else r.param,
+            body=body,
+            event_index=index,
+            event_indexes=[index],
+        )
+        return type(self)(narrowed, self.key_fingerprint)
 
 
 class TooLargeError(InvalidEventError):

@@ -14,7 +14,8 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - replay: a dead letter's event back on the stream + the record removed;
 - hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
-- purge (``capi queue purge``): ``XDEL`` of entries not in flight + the retry schedule;
+- purge (``capi queue purge``): ``XDEL`` of entries not in flight, ``ZREM`` of scheduled
+  retries, their dedup digests forgotten;
 - reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
   answer was lost, are taken over (``XCLAIM``).
 
@@ -305,36 +306,50 @@ return redis.error_reply(tostring(err))
 
 PURGE_LUA = (
     "#!lua flags=allow-oom\n"
+    + DEDUP_HEADER
+    + """
+-- KEYS: stream, stats. ARGV: dedup prefix, bucket_s, group, then stream id and dedup digest
+-- per entry (ascending ids). Deletes the entries no worker has in flight (those finish)
+-- and forgets their digests, so the same events may be enqueued again. Dead letters are
+-- not touched. Returns the entries deleted.
+local pending = {}
+if #ARGV >= 5 then
+  local ok, rows = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[3], ARGV[4], ARGV[#ARGV - 1],
+                         (#ARGV - 3) / 2)
+  if ok then for _, row in ipairs(rows) do pending[row[1]] = true end end
+end
+local n = 0
+for i = 4, #ARGV, 2 do
+  if not pending[ARGV[i]] and redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    dd_forget(ARGV[i + 1])
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'purged', n) end
+return n
+"""
+)
+
+PURGE_RETRIES_LUA = (
+    "#!lua flags=allow-oom\n"
+    + DEDUP_HEADER
     + _INDEX_RETRIES
     + """
--- KEYS: stream, retry zset, stats, retry-due index. ARGV: group, destination, start (a
--- stream id range start: '-' or '(' .. id), count, '1' to purge the retry schedule too.
--- Deletes up to count entries from start on that no worker has in flight (those finish);
--- dead letters are not touched. Returns {entries deleted, retry events deleted, last id}.
-local rows = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', tonumber(ARGV[4]))
-local pending = {}
-if #rows > 0 then
-  local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], rows[1][1], rows[#rows][1],
-                      #rows)
-  if ok then for _, row in ipairs(p) do pending[row[1]] = true end end
-end
-local ids = {}
-for _, row in ipairs(rows) do
-  if not pending[row[1]] then ids[#ids + 1] = row[1] end
-end
-if #ids > 0 then redis.call('XDEL', KEYS[1], unpack(ids)) end
-local retried = 0
-if ARGV[5] == '1' then
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    retried = retried + #cjson.decode(member)['entries']
+-- KEYS: retry zset, stats, retry-due index. ARGV: dedup prefix, bucket_s, destination, then
+-- per retry batch: its member, the number of its events, their dedup digests. Removes the
+-- batches still scheduled and forgets their events' digests. Returns the events removed.
+local n, i = 0, 4
+while i <= #ARGV do
+  local count = tonumber(ARGV[i + 1])
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    for j = i + 2, i + 1 + count do dd_forget(ARGV[j]) end
+    n = n + count
   end
-  redis.call('DEL', KEYS[2])
-  index_retries(KEYS[2], KEYS[4], ARGV[2])
+  i = i + 2 + count
 end
-if #ids + retried > 0 then redis.call('HINCRBY', KEYS[3], 'purged', #ids + retried) end
-local last = ''
-if #rows > 0 then last = rows[#rows][1] end
-return {#ids, retried, last}
+index_retries(KEYS[1], KEYS[3], ARGV[3])
+if n > 0 then redis.call('HINCRBY', KEYS[2], 'purged', n) end
+return n
 """
 )
 
@@ -578,6 +593,34 @@ class Queue:
             await self.redis.xack(self.keys.stream, self.group, *gone)
         return [Entry.from_fields(sid, f) for sid, f in claimed if f]
 
+    async def reclaim_lost(
+        self, consumer: str, me: str, mine: Collection[bytes], min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take back up to ``count`` entries pending in this worker's own consumers (``me``)
+        that it does not hold (``mine``) and that are idle for ``min_idle_ms``: a read whose
+        answer was lost (a timeout, or a connection dropped and the call sent again)."""
+        consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
+        ids: list[Any] = []
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            if worker_of(name) != me or int(c["pending"]) == 0:
+                continue
+            pending = await self.redis.xpending_range(
+                self.keys.stream, self.group, "-", "+", count, consumername=name, idle=min_idle_ms
+            )
+            ids += [p["message_id"] for p in pending if p["message_id"] not in mine]
+            if len(ids) >= count:
+                break
+        if not ids:
+            return []
+        claimed = await self.redis.xclaim(
+            self.keys.stream, self.group, consumer, min_idle_ms, ids[:count]
+        )
+        gone = [sid for sid, f in claimed if not f]
+        if gone:  # deleted from the stream while pending: nothing left to send
+            await self.redis.xack(self.keys.stream, self.group, *gone)
+        return [Entry.from_fields(sid, f) for sid, f in claimed if f]
+
     async def deliver(
         self,
         entries: Sequence[Entry],
@@ -724,23 +767,32 @@ class Queue:
                 oldest = min(int(waiting), oldest or int(waiting))
         return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
 
-    async def purge(self, chunk: int = 1000) -> tuple[int, int]:
-        """Delete every queued event and scheduled retry of this destination, except the
-        entries a worker has in flight (they finish); dead letters stay. In chunks, so
-        Redis is never blocked for long. Returns (queued events, retry events) deleted."""
+    async def purge(self, dedup_window_s: int, chunk: int = 500) -> tuple[int, int]:
+        """Delete every scheduled retry and queued event of this destination, except the
+        entries a worker has in flight (they finish), and forget their dedup digests (the
+        same events may be enqueued again); dead letters stay. In chunks, so Redis is never
+        blocked for long. Returns (queued events, retry events) deleted."""
         k = self.keys
+        head = [k.dedup_prefix, dedup.bucket_s(dedup_window_s)]
+        # Retries first: one coming due meanwhile moves to the stream, purged next.
+        retries_script = self.redis.register_script(PURGE_RETRIES_LUA)
+        retried = 0
+        while members := await self.redis.zrange(k.retry, 0, chunk // 10):
+            args: list[Any] = [*head, k.destination]
+            for member in members:
+                rows = orjson.loads(member)["entries"]
+                args += [member, len(rows)]
+                args += [dedup.digest(_key_of(row["e"], row["i"])) for row in rows]
+            retried += int(await retries_script(keys=[k.retry, k.stats, k.retry_due], args=args))
         script = self.redis.register_script(PURGE_LUA)
-        queued = retried = 0
-        start, first = "-", True
-        while True:
-            n, r, last = await script(
-                keys=[k.stream, k.retry, k.stats, k.retry_due],
-                args=[self.group, k.destination, start, chunk, "1" if first else "0"],
-            )
-            queued, retried, first = queued + int(n), retried + int(r), False
-            if not last:
-                return queued, retried
-            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        queued, start = 0, "-"
+        while rows := await self.redis.xrange(k.stream, start, "+", count=chunk):
+            args = [*head, self.group]
+            for stream_id, fields in rows:
+                args += [stream_id, dedup.digest(_key_of(fields[b"e"], fields[b"i"]))]
+            queued += int(await script(keys=[k.stream, k.stats], args=args))
+            start = "(" + rows[-1][0].decode()
+        return queued, retried
 
     async def heartbeat(self, worker: str, now_ms: int, state: dict[str, Any]) -> None:
         """Record that this worker is alive, and what it is doing (for ``capi status``)."""
@@ -761,17 +813,38 @@ class Queue:
         names = await self.redis.zrangebyscore(self.keys.workers, now_ms - within_ms, "+inf")
         return {n.decode() for n in names}
 
-    async def forget_stopped(self, now_ms: int, idle_ms: int) -> None:
-        """Drop consumers that hold nothing and have been idle for ``idle_ms``, and the
-        heartbeats of workers silent for as long."""
+    async def forget_stopped(
+        self,
+        now_ms: int,
+        idle_ms: int,
+        *,
+        live: Collection[str] = (),
+        silent_ms: int | None = None,
+    ) -> None:
+        """Drop consumers that hold nothing and have been idle for ``idle_ms`` (or, with
+        ``silent_ms``, for that long when their worker is not ``live``: its heartbeat is
+        gone), and the heartbeats of workers silent for ``idle_ms``. A consumer dropped
+        while its worker still runs costs nothing: its next read creates it again."""
         consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
         for c in consumers:
-            if int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            idle = int(c["idle"])
+            gone = silent_ms is not None and worker_of(name) not in live and idle > silent_ms
+            if int(c["pending"]) == 0 and (idle > idle_ms or gone):
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.group, c["name"])
         gone = await self.redis.zrangebyscore(self.keys.workers, "-inf", now_ms - idle_ms)
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)
             await aw(self.redis.hdel(self.keys.worker_states, *gone))
+
+
+def _key_of(event: bytes | str, event_id: bytes | str) -> str:
+    """The dedup key (``name:id``) of a stream entry's or retry member's event."""
+    eid = event_id.decode() if isinstance(event_id, bytes) else event_id
+    try:
+        return dedup.event_key(orjson.loads(event), eid)
+    except (ValueError, TypeError, AttributeError):  # unreadable: nothing to forget
+        return f"(unreadable):{eid}"
 
 
 def identifier_counts(entries: Iterable[Entry]) -> dict[str, int]:

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from capi import clock, deadletters, queue
 from capi._aio import aw
-from capi.batches import split_rejected
+from capi.batches import drop_rejected
 from capi.client import ConversionsClient
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
 from capi.deadletters import DeadLetter
@@ -167,10 +167,10 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
         try:
             await client.send([r.event_json.encode() for r in group], validate_only=True)
         except InvalidEventError as exc:
-            bad, again = split_rejected(group, exc.event_index)
-            if bad is not None:
-                results[bad.key] = DryRunResult(
-                    bad.id, False, exc.reason.value, exc.response.message
+            bad, again = drop_rejected(group, exc.response.event_indexes)
+            for i in bad:
+                results[group[i].key] = DryRunResult(
+                    group[i].id, False, exc.reason.value, exc.response.message
                 )
             work += again
             continue

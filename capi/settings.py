@@ -8,6 +8,7 @@ environment wins over the file. Messages about missing settings say which file w
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -248,6 +249,20 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return checked_base_url(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            if item.strip():
+                try:
+                    ipaddress.ip_network(item.strip())
+                except ValueError:
+                    raise ValueError(
+                        f"{item.strip()[:60]!r} is not an IP address or network (CIDR); give "
+                        "the reverse proxies' addresses, comma-separated, e.g. 10.0.0.5,10.1.0.0/16"
+                    ) from None
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -34,6 +34,7 @@ LONG_FIRST = (
     "test_intake.py",
     "test_prepare_fast.py",
     "test_examples.py",
+    "test_help_examples.py",
     "test_destinations.py",
     "test_redis_connections.py",
 )

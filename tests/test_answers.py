@@ -91,8 +91,11 @@ def test_a_configuration_failure_mid_run_holds_the_destination_and_keeps_the_eve
     assert state["reason"] == reason
     if reason == "request_invalid":
         assert "'pid'" in state["guidance"]  # diagnosed once, naming the field
-    # One send and one probe; bisecting a request-level 400 sent 2n-1 requests.
-    assert len(endpoint.requests) - sent_before <= 3
+    # Each batch sent once (three of two events, on parallel lanes), never split or sent
+    # again; bisecting a request-level 400 sent 2n-1 requests.
+    after = [r for r in endpoint.requests[sent_before:] if not r.validate_only]
+    sent_ids = [i for r in after for i in r.ids]
+    assert len(sent_ids) == len(set(sent_ids)) and all(len(r.ids) == 2 for r in after)
     assert dead_letters(settings) == {}  # the events wait for the fix
     endpoint.answer = lambda r: OK  # fixed: the re-probe passes and they go
     with redis.Redis.from_url(redis_url) as client:  # re-probe now, not in 30 s

@@ -167,6 +167,12 @@ def test_queue_purge_empties_the_queue_but_keeps_dead_letters_and_in_flight(
     assert after["dead_letters"] == 1 and after["counters"]["purged"] == 7
     again = invoke(env, "queue", "purge", "--yes")
     assert again.exit_code == 0 and "Nothing queued for default." in again.output
+    # The purged events are no longer duplicates: the same ones may be enqueued again.
+    from capi.producer import SyncProducer
+
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many(events(10))
+    assert (report.queued, report.duplicates) == (7, 3)  # the 3 in flight still count
     assert "capi queue purge --destination" in invoke(env, "queue", "--help").output
 
 

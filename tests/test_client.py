@@ -148,6 +148,14 @@ def test_unreachable_endpoint_is_a_network_error() -> None:
         # A 400 naming no event and no field: the sender bisects (one event alone is that
         # event's fault).
         (400, {}, b'{"error":{"message":"Invalid request"}}', Reason.INVALID_EVENT, []),
+        # errors[].param describes an event's field, not the request's: bisect.
+        (
+            400,
+            {},
+            b'{"error":{"message":"Invalid event","errors":[{"param":"data.coupon"}]}}',
+            Reason.INVALID_EVENT,
+            [],
+        ),
         # A 400 naming a request-level field: the destination's settings, not an event.
         (
             400,

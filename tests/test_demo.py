@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import redis
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def run_demo(_config: str = os.devnull, **env: str) -> tuple[int, str, float]:
@@ -36,6 +39,18 @@ def test_demo_on_embedded_defaults() -> None:
     assert "Create a fresh Conversion Key instead of editing" in output
     assert "delivered 8 of 8 events, each exactly once; dead letters left: 0" in output
     assert "sk-svcacct-demo-conversion-key" not in output  # the key shows as a fingerprint
+    _next_names_readme_sections(output)
+
+
+def _next_names_readme_sections(output: str) -> None:
+    """The demo's last line sends a newcomer to README sections that exist (a worker
+    against the sandbox first, not a bare `capi worker` on localhost:6379 and the real API)."""
+    last = output[output.index("Next") :]
+    named = re.findall(r'"([^"]+)"', last)
+    headings = re.findall(r"^## (.+)$", README.read_text(), re.M)
+    assert named and named[0].startswith("A worker against the sandbox"), last
+    for name in named:
+        assert any(h.startswith(name) for h in headings), (name, headings)
 
 
 def test_demo_uses_capi_redis_url_and_leaves_nothing_behind(redis_url: str) -> None:

@@ -477,13 +477,13 @@ def test_serve_refuses_to_start_without_a_token(redis_url: str) -> None:
     assert bad.returncode == 3 and "CAPI_INTAKE_TOKENS_SHA256" in bad.stderr
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLIENTS = Path(__file__).resolve().parents[1] / "docs" / "intake.md"
 
 
-def readme_block(language: str) -> str:
-    """The README's one ```<language> block (the intake's client example)."""
-    blocks = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.M | re.S)
-    assert len(blocks) == 1, f"README has {len(blocks)} {language} blocks"
+def client_block(language: str) -> str:
+    """docs/intake.md's one ```<language> block (the intake's client example)."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", CLIENTS.read_text(), re.M | re.S)
+    assert len(blocks) == 1, f"docs/intake.md has {len(blocks)} {language} blocks"
     return str(blocks[0])
 
 
@@ -503,15 +503,15 @@ def run_client(tmp_path: Path, redis_url: str, command: list[str], event_id: str
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_the_readme_node_fetch_example_runs_as_written(tmp_path: Path, redis_url: str) -> None:
-    (tmp_path / "send.mjs").write_text(readme_block("js"))
+def test_the_node_client_of_docs_intake_runs_as_written(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "send.mjs").write_text(client_block("js"))
     output = run_client(tmp_path, redis_url, ["node", "send.mjs"], "order-2001")
     assert output == "0 order-2001 queued []\n"
 
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="go is not installed (.ci/run installs it)")
-def test_the_readme_go_example_runs_as_written(tmp_path: Path, redis_url: str) -> None:
-    (tmp_path / "main.go").write_text(readme_block("go"))
+def test_the_go_client_of_docs_intake_runs_as_written(tmp_path: Path, redis_url: str) -> None:
+    (tmp_path / "main.go").write_text(client_block("go"))
     output = run_client(tmp_path, redis_url, ["go", "run", "main.go"], "order-3001")
     assert output == "0 order-3001 queued []\n"
 

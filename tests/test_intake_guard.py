@@ -4,6 +4,8 @@ and the operations side of its tokens (a real server process, a real Redis, raw 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -15,7 +17,7 @@ import pytest
 
 from capi.intake import tokens
 from tests.helpers import events, wait_for
-from tests.intake_helpers import TOKEN, UNSET, IntakeProcess, start_intake
+from tests.intake_helpers import TOKEN, UNSET, IntakeProcess, intake_env, start_intake
 
 EVENT = orjson.dumps({"events": events(1, prefix="legit-")})
 
@@ -243,3 +245,17 @@ def test_a_removal_that_breaks_the_destinations_file_still_revokes(
     finally:
         log = server.stop()
     assert "revoking 1 removed from it" in log and "is not valid TOML" in log
+
+
+def test_a_trusted_proxy_that_is_not_an_address_is_refused_at_start(redis_url: str) -> None:
+    env = intake_env(redis_url, CAPI_TRUSTED_PROXIES="10.0.0.5,proxy.internal")
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "serve", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 3
+    assert "CAPI_TRUSTED_PROXIES" in result.stderr and "'proxy.internal'" in result.stderr

@@ -4,7 +4,8 @@ and a batch with many rejected events."""
 
 from __future__ import annotations
 
-import subprocess
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,10 +16,20 @@ from capi.clock import LIVENESS_S
 from capi.sandbox import Fault, SandboxThread
 from capi.settings import Settings
 from tests.conftest import free_port
-from tests.helpers import enqueue, events, http_get, ids, make_settings, start_worker, wait_for
+from tests.helpers import (
+    capi,
+    dead_letters,
+    doom,
+    drain,
+    enqueue,
+    events,
+    http_get,
+    ids,
+    make_settings,
+    start_worker,
+    wait_for,
+)
 from tests.redisproc import RedisProcess
-
-Start = Callable[[Settings], subprocess.Popen[str]]
 
 
 @pytest.fixture
@@ -35,29 +46,57 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisProcess]:
         yield server
 
 
+class Worker:
+    """A ``capi worker`` process whose output is read as it comes (a full pipe would
+    block the worker's logging, and with it the worker)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.proc = start_worker(settings)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with self.proc.stdout:
+            for line in self.proc.stdout:
+                self._lines.append(line)
+
+    def output(self) -> str:
+        """Everything it printed so far."""
+        return "".join(self._lines)
+
+    def stop(self) -> str:
+        """SIGTERM it; its whole output (it must exit 0)."""
+        self.proc.terminate()
+        self.proc.wait(60)
+        self._reader.join(10)
+        assert self.proc.returncode == 0, self.output()
+        return self.output()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+        self._reader.join(10)
+
+
+Start = Callable[[Settings], Worker]
+
+
 @pytest.fixture
 def workers() -> Iterator[Start]:
     """Starts ``capi worker`` processes; every one still running is killed at the end."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[Worker] = []
 
-    def start(settings: Settings) -> subprocess.Popen[str]:
-        proc = start_worker(settings)
-        started.append(proc)
-        return proc
+    def start(settings: Settings) -> Worker:
+        worker = Worker(settings)
+        started.append(worker)
+        return worker
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=30)
-
-
-def stopped(proc: subprocess.Popen[str]) -> str:
-    """SIGTERM a worker and return its output (it must exit 0)."""
-    proc.terminate()
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    return output
+    for worker in started:
+        worker.kill()
 
 
 # -- liveness says whether the process is stuck, not whether Redis is ----------------------
@@ -102,7 +141,7 @@ def test_each_of_three_redis_outages_a_few_seconds_apart_is_logged(
     durable_redis: RedisProcess, sandbox: SandboxThread, workers: Start
 ) -> None:
     settings = make_settings(sandbox, durable_redis.url, redis_timeout_s=1.0)
-    proc = workers(settings)
+    worker = workers(settings)
     enqueue(settings, events(10))
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 10, 30, "a started worker")
     for _ in range(3):
@@ -113,8 +152,87 @@ def test_each_of_three_redis_outages_a_few_seconds_apart_is_logged(
         # The worker beats again, and keeps beating well past its retry backoff.
         until = back_ms + 8000
         wait_for(lambda t=until: last_beat_ms(durable_redis, settings) > t, 30, "8 s back")
-    output = stopped(proc)
+    output = worker.stop()
     lines = output.splitlines()
     said = [line for line in lines if "ERROR" in line and "Redis cannot be reached" in line]
     assert len(said) == 3, output
     assert sum("recovered: Redis cannot be reached" in line for line in lines) == 3, output
+
+
+# -- reads whose answer was lost are sent again promptly -----------------------------------
+
+
+def test_reads_answered_into_a_frozen_redis_are_sent_again_long_before_claim_idle(
+    own_redis: RedisProcess, sandbox: SandboxThread, workers: Start
+) -> None:
+    # A read sent to a frozen Redis times out; Redis runs it once thawed, and its answer
+    # (entries now pending in this worker's consumer) goes nowhere. The lanes of a worker
+    # sending to a fast endpoint spend much of their time reading: three freezes lose
+    # some reads' answers (each freeze finds some lane mid-read).
+    settings = make_settings(
+        sandbox, own_redis.url, batch_size=5, claim_idle_s=120.0, redis_timeout_s=0.5
+    )
+    evts = events(20000)
+    enqueue(settings, evts)
+    workers(settings)
+    for n in (500, 1500, 2500):
+        wait_for(lambda n=n: len(sandbox.state.delivered_ids()) >= n, 60, "a busy worker")
+        own_redis.freeze()
+        try:
+            time.sleep(1.0)  # the freeze itself: longer than CAPI_REDIS_TIMEOUT_S
+        finally:
+            own_redis.thaw()
+    # Well within claim_idle (120 s): the worker takes its own lost entries back.
+    wait_for(lambda: set(sandbox.state.delivered_ids()) == ids(evts), 60, "every event sent")
+
+
+# -- a kill storm leaves no dead consumers behind ------------------------------------------
+
+
+def test_a_replacement_worker_drops_the_consumers_of_killed_workers(
+    own_redis: RedisProcess, sandbox: SandboxThread, workers: Start
+) -> None:
+    settings = make_settings(sandbox, own_redis.url, claim_idle_s=10.0)
+    stream = settings.keys.stream
+    for i in range(3):  # a kill storm: each worker read (so has consumers), then kill -9
+        worker = workers(settings)
+        enqueue(settings, events(20, start=20 * i))
+        wait_for(lambda i=i: len(sandbox.state.delivered_ids()) == 20 * (i + 1), 30, "sent")
+        worker.kill()
+    with own_redis.client() as c:
+        dead = {x["name"] for x in c.xinfo_consumers(stream, "senders")}
+        assert len(dead) >= 2
+        wait_for(
+            lambda: not c.zrangebyscore(settings.keys.workers, time.time() * 1000 - 5000, "+inf"),
+            20,
+            "the killed workers' heartbeats gone",
+        )
+        workers(settings)
+        wait_for(
+            lambda: not dead & {x["name"] for x in c.xinfo_consumers(stream, "senders")},
+            15,
+            "the dead consumers dropped",
+        )
+
+
+# -- a batch with many rejected events ------------------------------------------------------
+
+
+def test_every_rejected_event_named_in_one_answer_is_dropped_at_once_and_counted(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url, batch_size=500)
+    evts = events(500)
+    enqueue(settings, evts)
+    doomed = doom(settings, positions=list(range(0, 500, 5)) + list(range(1, 500, 5))
+                  + list(range(2, 500, 5)))  # fmt: skip
+    assert len(doomed) == 300
+    drain(settings)
+    assert set(dead_letters(settings)) == set(doomed)
+    assert set(sandbox.state.delivered_ids()) == ids(evts) - set(doomed)
+    assert sandbox.state.requests <= 3  # not one request per rejected event
+    result = capi(settings, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    counters = json.loads(result.stdout)["counters"]
+    assert counters["requests"] == sandbox.state.requests
+    assert counters["dead_lettered"] == 300

@@ -2,7 +2,7 @@
 
 arq gives the process its shape (signal handling, a health check key); the events
 themselves never become arq jobs: they ride a Redis stream that :class:`capi.worker.sender.Sender`
-reads in batches (see README, "How it works"). ``capi worker`` runs the same sender
+reads in batches (see docs/how-it-works.md). ``capi worker`` runs the same sender
 without arq's loop (:mod:`capi.worker.runner`). capi's scheduled work (status line, dead-letter
 retention) runs in the worker's housekeeping, not as arq cron jobs, so every key arq
 touches lives under ``CAPI_REDIS_PREFIX`` (``{p}:arq`` and ``{p}:arq:health``).

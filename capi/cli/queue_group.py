@@ -39,7 +39,8 @@ def purge_command(ctx: click.Context, destination: str | None, yes: bool) -> Non
 
     For a queue of test events, or events that must never be sent. Events a worker has
     in flight finish; dead letters are not touched (capi dead-letters purge deletes
-    those). This cannot be undone: the events are gone, not dead-lettered.
+    those). This cannot be undone: the events are gone, not dead-lettered; the same
+    events may be enqueued again (they are no longer duplicates).
 
     \b
     Example (asks first, unless --yes):
@@ -72,7 +73,7 @@ def purge_command(ctx: click.Context, destination: str | None, yes: bool) -> Non
     async def purge() -> tuple[int, int]:
         client = redis_client(settings)
         try:
-            return await Queue(client, keys).purge()
+            return await Queue(client, keys).purge(settings.dedup_window_s)
         finally:
             await client.aclose()
 

@@ -18,7 +18,7 @@ event id dedups). Access logs carry no body and no token (only the first 8 hex c
 of its SHA-256, to tell clients apart).
 
 No framework: routing is a dict lookup, which keeps a single-event request cheap (see the
-README's Performance section).
+docs/performance.md).
 """
 
 from __future__ import annotations

@@ -10,10 +10,12 @@ connection, before anything reaches the application:
 - a connection that sends nothing (before its first request or between keep-alive
   requests) is closed after ``CAPI_INTAKE_IDLE_TIMEOUT_S``;
 - at most ``CAPI_INTAKE_MAX_CONNECTIONS`` connections per process, shed fairly: when a new
-  one arrives at the limit, the connection that has waited longest without a request for
-  the application to answer (idle, or still sending its headers or body) is closed to make
-  room; only when every connection has a request being answered is the new one refused
-  (503). A flood of idle connections therefore never starves ``/healthz`` or real clients;
+  one arrives at the limit, a connection of the client address holding the most is closed
+  to make room (of its connections, the one that has waited longest without a request for
+  the application to answer: idle, or still sending its headers or body); only when no
+  connection can be shed is the new one refused (503). A flood of idle connections
+  therefore never starves ``/healthz`` or real clients: the flooding address loses its own
+  connections first, and from one address alone the oldest idle ones go;
 - a connection whose request was answered before its body arrived (401, 413, ...) is not
   kept to read the rest: it is closed after a short linger.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +37,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from capi.settings import Settings
 
 log = logging.getLogger("capi.intake")
-LINGER_S = 1.0  # how long a refused connection is read (and ignored) before it is closed
+# A refused connection is read (and ignored) for LINGER_S, so that a client still sending
+# gets to read the answer, but at most LINGER_BYTES of it: then reading stops, and a client
+# that keeps sending (an attacker) is held back by TCP, costing the server nothing.
+LINGER_S = 1.0
+LINGER_BYTES = 1_048_576
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +87,18 @@ class GuardedProtocol(HttpToolsProtocol):
         self.limits: Limits = _limits_of(self.app)
         self._stage = HEAD
         self._since = self.loop.time()
+        self._host = ""
+        self._peers = _PEERS.setdefault(self.server_state, _Peers())
         self._head_bytes = 0
+        self._discarded = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
 
     # Connections
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self._host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         if len(self.connections) >= self.limits.max_connections and not self._shed():
             self.transport = transport
             self._refuse(
@@ -100,29 +112,27 @@ class GuardedProtocol(HttpToolsProtocol):
             )
             return
         super().connection_made(transport)
+        self._peers.touch(self)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.limits.idle_timeout_s, self.timeout_keep_alive_handler
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._peers.drop(self)
         if self.flow is None:  # refused at connection_made: uvicorn never saw it
             self.connections.discard(self)
             return
         super().connection_lost(exc)
 
     def _shed(self) -> bool:
-        """Close the connection that has waited longest with no request being answered;
-        whether there was one."""
-        candidates = [
-            c
-            for c in self.connections
-            if isinstance(c, GuardedProtocol) and c._stage in (HEAD, BODY)
-        ]
-        if not candidates:
+        """Close a connection to make room (see the module's docstring); whether there was
+        one to close."""
+        victim = self._peers.victim()
+        if victim is None:
             return False
-        victim = min(candidates, key=lambda c: c._since)
         self.connections.discard(victim)
+        self._peers.drop(victim)
         victim._cancel_timers()
         victim._stage = CLOSING
         victim.transport.abort()
@@ -150,8 +160,11 @@ class GuardedProtocol(HttpToolsProtocol):
     # Reading
 
     def data_received(self, data: bytes) -> None:
-        if self._stage == CLOSING:
-            return  # refused: read and ignored until the linger ends
+        if self._stage == CLOSING:  # refused: read and ignored until the linger ends
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES and not self.transport.is_closing():
+                self.transport.pause_reading()
+            return
         if self._stage == HEAD:
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(
@@ -188,6 +201,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
+        self._peers.touch(self)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -199,9 +213,45 @@ class GuardedProtocol(HttpToolsProtocol):
         answered_early = self._stage == BODY  # answered before its body arrived
         if self._stage != CLOSING:
             self._stage, self._since = HEAD, self.loop.time()
+            self._peers.touch(self)
         super().on_response_complete()
         if answered_early and not self.transport.is_closing():
             self._refuse(b"")
+
+
+class _Peers:
+    """The guarded connections of one server by client address, each address's in the
+    order they last changed stage (the longest waiting first)."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[str, dict[GuardedProtocol, None]] = {}
+
+    def touch(self, conn: GuardedProtocol) -> None:
+        """``conn`` changed stage just now: it goes last in its address's order."""
+        conns = self.by_host.setdefault(conn._host, {})
+        conns.pop(conn, None)
+        conns[conn] = None
+
+    def drop(self, conn: GuardedProtocol) -> None:
+        """``conn`` is gone."""
+        conns = self.by_host.get(conn._host)
+        if conns is not None:
+            conns.pop(conn, None)
+            if not conns:
+                del self.by_host[conn._host]
+
+    def victim(self) -> GuardedProtocol | None:
+        """The connection to shed: of the address holding the most connections, the one
+        waiting longest without a request being answered (None if there is none)."""
+        for conns in sorted(self.by_host.values(), key=len, reverse=True):
+            for conn in conns:
+                if conn._stage in (HEAD, BODY):
+                    return conn
+        return None
+
+
+# One registry per server (uvicorn's ServerState), gone with it.
+_PEERS: weakref.WeakKeyDictionary[Any, _Peers] = weakref.WeakKeyDictionary()
 
 
 def _limits_of(app: Any) -> Limits:

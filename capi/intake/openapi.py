@@ -147,7 +147,11 @@ def _events_operation() -> dict[str, Any]:
         },
         "responses": {
             "200": _json("EventsAnswer", "One result per event, in order."),
-            "400": _json("Error", "The body is not a JSON envelope of events (or no NDJSON)."),
+            "400": _json(
+                "Error",
+                "The body is not a JSON envelope of events (or no NDJSON), names a key twice "
+                "in one object, or the request has several Authorization headers.",
+            ),
             "401": _json(
                 "Error", "No intake token, or one not configured.", headers=_WWW_AUTHENTICATE
             ),
@@ -155,7 +159,11 @@ def _events_operation() -> dict[str, Any]:
                 "Error",
                 "The token does not grant the destination (or grants several and none was named).",
             ),
-            "408": _json("Error", "The body did not arrive within CAPI_INTAKE_READ_TIMEOUT_S."),
+            "408": _json(
+                "Error",
+                "The body did not arrive within CAPI_INTAKE_READ_TIMEOUT_S, or the headers "
+                "within CAPI_INTAKE_HEADER_TIMEOUT_S (the connection is closed).",
+            ),
             "413": _json(
                 "Error",
                 "The body is over CAPI_INTAKE_MAX_BODY_BYTES, or holds more "
@@ -164,11 +172,17 @@ def _events_operation() -> dict[str, Any]:
             "415": _json(
                 "Error", "The Content-Type is not application/json or application/x-ndjson."
             ),
+            "431": _json(
+                "Error",
+                "The request line and headers are over CAPI_INTAKE_MAX_HEADER_BYTES (the "
+                "connection is closed).",
+            ),
             "500": _json("Error", "The intake failed or is misconfigured (see its log)."),
             "503": _json(
                 "Error",
-                "Redis is away or full; results say what was taken. Send the "
-                "same request again after Retry-After.",
+                "Redis is away or full (results say what was taken), the intake holds "
+                "CAPI_INTAKE_MAX_BUFFERED_BYTES of bodies already, or every connection is "
+                "busy. Send the same request again after Retry-After.",
                 headers=_RETRY_AFTER,
             ),
         },
@@ -202,7 +216,12 @@ def document() -> dict[str, Any]:
                 },
             ),
             "/metrics": _get(
-                "Prometheus metrics", {"200": {"description": "Text format.", "content": text}}
+                "Prometheus metrics: for clients on this host (loopback), or with an intake "
+                "token (Authorization: Bearer)",
+                {
+                    "200": {"description": "Text format.", "content": text},
+                    "403": _json("Error", "Another host, without an intake token."),
+                },
             ),
             "/openapi.json": _get(
                 "This document",

@@ -104,6 +104,9 @@ class SandboxState:
         self.key_pixels: dict[str, set[str]] = {}
         self.report_index = True  # False: rejections omit events[i] everywhere
         self.index_in_param = True  # False: only errors[].param names events[i]
+        # errors[] lists every rejected event of a batch (param names the first); False:
+        # only the first rejected event is named, one per answer.
+        self.every_rejection = True
         self.rejection_status = 400
         self.rejection_code: str | None = "invalid_event"
         self.accepted_delta = 0  # added to accepted_events in a 200 (the docs say never)
@@ -174,7 +177,7 @@ class SandboxState:
                     setattr(self, name, set(config[name]))
             if "faults" in config:
                 self.faults = [Fault(**f) for f in config["faults"]]
-            for name in ("report_index", "index_in_param"):
+            for name in ("report_index", "index_in_param", "every_rejection"):
                 if name in config:
                     setattr(self, name, bool(config[name]))
             if "rejection_status" in config:
@@ -301,8 +304,11 @@ class SandboxState:
     def _validate(self, events: list[Any]) -> tuple[list[tuple[str, str]], Reply | None]:
         now = int(self.clock() * 1000)
         checked: list[tuple[str, str]] = []
+        rejected: list[tuple[int, list[Issue]]] = []
         for i, raw in enumerate(events):
             if is_too_old(raw, now):
+                if rejected:
+                    break
                 return checked, _error(
                     422,
                     f"Event at events[{i}] is older than 7 days.",
@@ -311,21 +317,30 @@ class SandboxState:
                 )
             issues = check_event(raw, now)
             if issues:
-                return checked, self._rejection(i, issues)
+                rejected.append((i, issues))
+                if not self.every_rejection:
+                    break
+                continue
             name = raw["custom_event_name"].lower() if raw["type"] == "custom" else raw["type"]
             checked.append((name, raw["id"]))
+        if rejected:
+            return checked, self._rejection(rejected)
         return checked, None
 
-    def _rejection(self, i: int, issues: list[Issue]) -> Reply:
-        where = f"events[{i}]" if self.report_index else ""
+    def _rejection(self, rejected: list[tuple[int, list[Issue]]]) -> Reply:
         errors = [
             {
                 "message": issue.message,
-                "param": ".".join(p for p in (where, issue.param) if p) or None,
+                "param": ".".join(
+                    p for p in (f"events[{i}]" if self.report_index else "", issue.param) if p
+                )
+                or None,
                 "code": issue.code,
             }
+            for i, issues in rejected
             for issue in issues
         ]
+        where = f"events[{rejected[0][0]}]" if self.report_index else ""
         at = f" at {where}" if where else ""
         return _error(
             self.rejection_status,

@@ -6,7 +6,9 @@
 - :mod:`capi.worker.sender`: one destination's turn: read a batch, send it, carry out its fate.
 - :mod:`capi.worker.decisions`: the table from outcome to fate, and the retry plan (pure).
 - :mod:`capi.worker.fates`: records what became of each event of a batch.
+- :mod:`capi.worker.endpoint`: a destination's endpoint state (failing since, outage ends).
 - :mod:`capi.worker.housekeeping`: the worker's periodic jobs.
+- :mod:`capi.worker.jobs`: a housekeeping job (name, schedule, callable) and a rotation.
 - :mod:`capi.worker.keyguard`: a destination's key state (held, re-probed, released).
 
 The library below (``capi.queue``, ``capi.events``, ``capi.client``, ...) never imports this

@@ -184,31 +184,48 @@ class Fates:
             },
         )
 
+    async def request_failed(self) -> None:
+        """Count a request the API answered with a failure (a delivery's is counted with
+        its acknowledgement), so ``capi status`` counts every request sent."""
+        with contextlib.suppress(redis.exceptions.RedisError):  # a count must not block a fate
+            await aw(self.redis.hincrby(self.queue.keys.stats, "requests", 1))
+
     async def dead_letter(
-        self, group: Sequence[Entry], reason: Reason, err: SendError | None, *, attempted: bool
+        self,
+        group: Sequence[Entry],
+        reason: Reason,
+        err: SendError | None,
+        *,
+        attempted: bool,
+        errors: Sequence[SendError] | None = None,
     ) -> None:
-        """Record dead letters with their guidance, atomically with the acknowledgement."""
-        guidance = diagnose(
-            err or reason,
-            reason=reason,
-            pixel_id=self.client.pixel_id,
-            api_key=self._api_key,
-            labels=self.client.labels,
-        ).text
+        """Record dead letters with their guidance, atomically with the acknowledgement;
+        ``errors`` gives each entry an error of its own (else ``err`` is every entry's)."""
+        each: Sequence[SendError | None] = errors if errors is not None else [err] * len(group)
+        guidance: dict[int, str] = {}
+        for e in each:
+            if id(e) not in guidance:
+                guidance[id(e)] = diagnose(
+                    e or reason,
+                    reason=reason,
+                    pixel_id=self.client.pixel_id,
+                    api_key=self._api_key,
+                    labels=self.client.labels,
+                ).text
         now = self.now_ms()
         records = [
             deadletters.build(
                 e,
                 reason=reason,
-                guidance=guidance,
-                error=err,
+                guidance=guidance[id(error)],
+                error=error,
                 key_fingerprint=self.client.key_fingerprint,
                 pixel_id=self.client.pixel_id,
                 now_ms=now,
                 attempted=attempted,
                 destination=self.queue.keys.destination,
             )
-            for e in group
+            for e, error in zip(group, each, strict=True)
         ]
         await deadletters.write(
             self.redis,

@@ -26,8 +26,14 @@ reclaim             RECLAIM_S        entries of a stopped worker (no heartbeat f
                                      LIVENESS_S, idle for claim_idle) go back to work:
                                      active destinations, and RECLAIM_SLICE idle ones in
                                      turn (every destination within claim_idle)
-forget stopped      FORGET_S         consumers and heartbeats of long-gone workers; the
-                                     retry-due index and active set are checked too
+lost reads          LOST_S           this worker's own entries whose read answer was lost
+                                     (a timeout, a dropped connection) go back to work
+                                     once idle for CAPI_REDIS_TIMEOUT_S + 1 s: busy
+                                     destinations
+forget stopped      FORGET_S, and    consumers that hold nothing of workers without a
+                    at once for a    heartbeat (or idle 10 x claim_idle), and heartbeats
+                    new destination  of long-gone workers; the retry-due index and
+                                     active set are checked too
 status log line     STATUS_LOG_S     one line of counters for log-only deployments
 prune dead letters  PRUNE_S          retention, and a warning before replay deadlines
 ==================  ===============  ====================================================
@@ -37,12 +43,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
@@ -52,6 +56,7 @@ from capi import clock, replay
 from capi.clock import HEARTBEAT_S, LIVENESS_MS, LIVENESS_S, ms
 from capi.deadletters import Unreadable
 from capi.status import destination_status, redis_full
+from capi.worker.jobs import Job, Rotation, Schedule
 
 if TYPE_CHECKING:
     from capi.worker.lanes import Lanes
@@ -66,60 +71,11 @@ GAUGES_S = 2.0
 GAUGES_SLICE = 50
 RECLAIM_S = 0.5
 RECLAIM_SLICE = 25
+LOST_S = 1.0
 FORGET_S = 60.0
 STATUS_LOG_S = 60.0
 PRUNE_S = 3600.0
 DAY_MS = 86_400_000
-
-
-class Schedule:
-    """When a job runs: every ``every_s`` (divided by the number of destinations when
-    ``per_destination``: a job that does one destination per run), or at once when asked."""
-
-    def __init__(self, every_s: float, *, per_destination: bool = False) -> None:
-        self.every_s = every_s
-        self.per_destination = per_destination
-        self._last = float("-inf")
-
-    def due(self, destinations: int = 1) -> bool:
-        """Whether the job is due now; if so, it counts as run now."""
-        every_s = self.every_s / max(1, destinations) if self.per_destination else self.every_s
-        now = time.monotonic()
-        if now - self._last >= every_s:
-            self._last = now
-            return True
-        return False
-
-    def now_again(self) -> None:
-        """Make the job due at the next tick."""
-        self._last = float("-inf")
-
-
-@dataclass(frozen=True)
-class Job:
-    """A housekeeping job: its name (said in the log when it fails), its schedule, and what
-    it does with the destinations served and the time (Unix ms)."""
-
-    name: str
-    schedule: Schedule
-    run: Callable[[dict[str, Sender], int], Awaitable[None]]
-
-
-class Rotation:
-    """A turn over the destinations: each call takes the next ``count`` of them."""
-
-    def __init__(self) -> None:
-        self._turn = 0
-
-    def take(self, senders: dict[str, Sender], count: int) -> list[Sender]:
-        """The next ``count`` senders in turn (each at most once)."""
-        if not senders:
-            return []
-        values = list(senders.values())
-        start = self._turn % len(values)
-        self._turn = start + count
-        picked = itertools.islice(itertools.cycle(values), start, start + min(count, len(values)))
-        return list(picked)
 
 
 class Housekeeping:
@@ -141,6 +97,7 @@ class Housekeeping:
         self._prune_turn = Rotation()
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._reprobes: dict[str, Schedule] = {}
+        self._forgotten: set[str] = set()
         self._sync_all = Schedule(SYNC_ALL_S)
         # The jobs, in the order a tick runs them; the burst check comes between the two.
         self.jobs = [
@@ -152,6 +109,9 @@ class Housekeeping:
         ]
         self.lease = Job("lease renewal", Schedule(self.lease_s), self._leases)
         self.reclaim = Job("reclaim", Schedule(RECLAIM_S), self._reclaim)
+        self.lost = Job("taking back lost reads", Schedule(LOST_S), self._take_back_lost)
+        # A read's answer not parsed by now is lost: the call itself has timed out.
+        self.lost_idle_ms = ms(settings.redis_timeout_s + settings.batch_wait_ms / 1000) + 1000
         self.forget = Job("forgetting stopped workers", Schedule(FORGET_S), self._forget_all)
 
     async def run(self) -> None:
@@ -245,7 +205,8 @@ class Housekeeping:
             if schedule.due():
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
         now_ms = clock.now_ms(self.lanes.clock)
-        for job in (self.lease, self.reclaim, self.forget):
+        await self._forget_new(senders)
+        for job in (self.lease, self.reclaim, self.lost, self.forget):
             if (job is self.lease and self._touch_now) or job.schedule.due():
                 ok = await self._job(job.name, functools.partial(job.run, senders, now_ms))
                 if job is self.lease:
@@ -376,12 +337,56 @@ class Housekeeping:
         self._reclaim_more.add(name)
         self.reclaim.schedule.now_again()
 
-    async def _forget_all(self, senders: dict[str, Sender], now_ms: int) -> None:
-        for s in senders.values():
-            await self._job("forgetting stopped workers", functools.partial(self._forget, s), s)
+    async def _take_back_lost(self, senders: dict[str, Sender], now_ms: int) -> None:
+        """Entries this worker's own reads took whose answer was lost (a timeout, or a
+        connection dropped under a call that was then sent again): back to work within
+        seconds, not after claim_idle."""
+        for s in self._busy(senders):
+            await self._job("taking back lost reads", functools.partial(self._lost_one, s), s)
 
-    async def _forget(self, s: Sender) -> None:
-        await s.queue.forget_stopped(clock.now_ms(), self.claim_idle_ms * 10)
+    async def _lost_one(self, s: Sender) -> None:
+        name = s.destination.name
+        me = self.lanes.name
+        size = s.settings.batch_size
+        while s.reclaim_room():
+            claimed = await s.queue.reclaim_lost(
+                f"{me}:reclaim", me, s.held_ids(), self.lost_idle_ms, size
+            )
+            if not claimed:
+                return
+            log.warning(
+                "took back %d events of %s whose read answer was lost",
+                len(claimed),
+                name,
+                extra={"count": len(claimed), "destination": name},
+            )
+            s.take_over(claimed)
+            self.lanes.activate(name)
+            if len(claimed) < size:
+                return
+
+    async def _forget_all(self, senders: dict[str, Sender], now_ms: int) -> None:
+        await self._forget_some(list(senders.values()))
+
+    async def _forget_new(self, senders: dict[str, Sender]) -> None:
+        """A destination this worker just began to serve is looked after at once (a
+        replacement worker cleans up after a kill storm without waiting FORGET_S)."""
+        new = [s for name, s in senders.items() if name not in self._forgotten]
+        if new:
+            await self._forget_some(new)
+
+    async def _forget_some(self, senders: list[Sender]) -> None:
+        live = await self.lanes.queue.live_workers(clock.now_ms(), LIVENESS_MS)
+        live.add(self.lanes.name)
+        for s in senders:
+            step = functools.partial(self._forget, s, live)
+            if await self._job("forgetting stopped workers", step, s):
+                self._forgotten.add(s.destination.name)
+
+    async def _forget(self, s: Sender, live: set[str]) -> None:
+        await s.queue.forget_stopped(
+            clock.now_ms(), self.claim_idle_ms * 10, live=live, silent_ms=LIVENESS_MS
+        )
         # Checks of the indexes (should Redis ever have lost part of them): the next read
         # finds out whether the stream is empty.
         await s.queue.index_retries()

@@ -277,7 +277,7 @@ class Fleet:
         self._beat()
         self.lanes.expect(len(self.destinations))
         self._watch_startup()
-        self._startup.heartbeat = False  # the lanes' housekeeping heartbeats from now on
+        self._startup.alone = False  # the lanes' housekeeping speaks for the worker now
         lanes = asyncio.create_task(self.lanes.run(burst=burst))
         for dest in self.destinations.values():
             self._launch(dest)

@@ -48,12 +48,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi import destinations
-from capi.batches import split_rejected
+from capi.batches import drop_rejected
 from capi.client import ConversionsClient, build_body
 from capi.clock import Clock, ms, now_ms
 from capi.constants import API_MAX_BODY_BYTES
 from capi.destinations import Destination
-from capi.errors import SendError
+from capi.errors import InvalidEventError, SendError
 from capi.failures import Reason
 from capi.keycheck import KeyCheck
 from capi.metrics import Metrics
@@ -62,16 +62,15 @@ from capi.settings import Settings
 from capi.trouble import Trouble
 from capi.worker import decisions
 from capi.worker.decisions import Action, Fate, Outcome, Verdict
+from capi.worker.endpoint import OUTAGE_RELEASE_S, Endpoint
 from capi.worker.fates import Fates
 from capi.worker.keyguard import KeyGuard
+
+__all__ = ["OUTAGE_RELEASE_S", "Sender", "redis_pool"]
 
 log = logging.getLogger("capi.sender")
 
 _MUST = object()  # durably(): the step must happen, stopping or not
-ENDPOINT_REMIND_S = 60.0
-# An endpoint failing at least this long before a delivery had an outage: its scheduled
-# retries are released at once. A shorter failure is a hiccup: backoff stands.
-OUTAGE_RELEASE_S = 5.0
 
 
 class Sender:
@@ -122,9 +121,7 @@ class Sender:
         self._delivered: set[bytes] = set()
         # Batches taken over from stopped workers, waiting for a lane.
         self._reclaimed: collections.deque[list[Entry]] = collections.deque()
-        self.endpoint_failing_since: float | None = None
-        self.endpoint_last_error = ""
-        self._endpoint_reminded = 0.0
+        self._endpoint = Endpoint(self.metrics, clock)
         self.fates = Fates(
             settings,
             redis,
@@ -262,18 +259,11 @@ class Sender:
             return "waiting for Redis", self._trouble.describe()
         if self._guard.held:
             return "held", "the Conversion Key is held (see capi status, key)"
-        if self.endpoint_failing_since is not None:
-            return "waiting for the endpoint", self.endpoint_failing()
+        if self._endpoint.failing:
+            return "waiting for the endpoint", self._endpoint.describe()
         if self._inflight or self._reclaimed:
             return "sending", f"{len(self._inflight)} events in flight"
         return "idle", "nothing queued"
-
-    def endpoint_failing(self) -> str:
-        """``the endpoint is failing since T (last error ...)``, or empty when it is not."""
-        if self.endpoint_failing_since is None:
-            return ""
-        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.endpoint_failing_since))
-        return f"the endpoint is failing since {since} (last error {self.endpoint_last_error})"
 
     async def start(self) -> None:
         """Get ready to send: the consumer group exists, the key state and the retry index
@@ -400,24 +390,36 @@ class Sender:
 
     async def _read(self, consumer: str, fill: bool) -> list[Entry]:
         size = self.settings.batch_size
-        entries = await self.queue.read(consumer, size)
+        entries = self._hold(await self.queue.read(consumer, size), consumer)
         wait_s = self.settings.batch_wait_ms / 1000 if fill else 0.0
         deadline = time.monotonic() + wait_s
         while entries and len(entries) < size and not self.stopping:
             remaining_ms = ms(deadline - time.monotonic())
             if remaining_ms <= 0:
                 break
-            more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
+            try:
+                more = await self.queue.read_more(consumer, size - len(entries), remaining_ms)
+            except redis.exceptions.RedisError as exc:
+                # Send what was read; entries this read may have taken are pending in
+                # ``consumer`` and taken back by housekeeping (Queue.reclaim_lost).
+                self._trouble.failed(exc, "filling a batch")
+                break
             if not more:
                 break
-            entries += more
+            entries += self._hold(more, consumer)
+        return entries
+
+    def _hold(self, entries: list[Entry], owner: str) -> list[Entry]:
+        """Count entries as held from the moment a read returns them: whatever this worker
+        does not hold of its own consumers' pending entries had its answer lost."""
+        for e in entries:
+            self._inflight[e.stream_id] = e
+            self._owner[e.stream_id] = owner
         return entries
 
     async def process(self, entries: Sequence[Entry], *, owner: str = "") -> None:
         """Give every entry of a batch its fate."""
-        for e in entries:
-            self._inflight[e.stream_id] = e
-            self._owner[e.stream_id] = owner
+        self._hold(list(entries), owner)
         limit = decisions.stale_before_ms(self._now())
         stale = [e for e in entries if e.timestamp_ms < limit]
         if stale:
@@ -456,6 +458,7 @@ class Sender:
                 accepted = await self.client.send_body(body)
             except SendError as err:
                 self.metrics.send_latency.observe(time.perf_counter() - started)
+                await self.fates.request_failed()
                 work.extend(await self._failed(group, err, decisions.fate(err.reason)))
                 continue
             self._delivered.update(e.stream_id for e in group)
@@ -467,7 +470,7 @@ class Sender:
                 ),
             )
             self._done(group)
-            if failing_since_ms is not None or self.endpoint_failing_since is not None:
+            if failing_since_ms is not None or self._endpoint.failing:
                 await self._endpoint_recovered(failing_since_ms)
 
     async def _failed(self, group: list[Entry], err: SendError, fate: Fate) -> list[list[Entry]]:
@@ -477,13 +480,18 @@ class Sender:
         elif fate.action is Action.HOLD:
             fate = decisions.AFTER_HOLD[await self._reprobe(err)]
         if fate.action is Action.DROP_REJECTED:
-            bad, again = split_rejected(group, err.response.event_index)
-            if bad is not None:
-                await self._dead_letter([bad], err.reason, err)
+            bad, again = drop_rejected(group, err.response.event_indexes)
+            if bad:
+                named = set(err.response.event_indexes)
+                own = [
+                    err.for_event(i) if isinstance(err, InvalidEventError) and i in named else err
+                    for i in bad
+                ]
+                await self._dead_letter([group[i] for i in bad], err.reason, err, errors=own)
             return again
         if fate.action is Action.RETRY:
             if fate.endpoint_down:
-                self._endpoint_failed(err)
+                self._endpoint.failed(err)
             await self._retry(group, err)
         elif fate.action is Action.HAND_BACK:
             await self.durably("handing back a batch", lambda: self.queue.hand_back(group))
@@ -507,30 +515,13 @@ class Sender:
             self.metrics.transient_key_failures.labels(err.reason.value).inc()
         return verdict
 
-    def _endpoint_failed(self, err: SendError) -> None:
-        now = time.monotonic()
-        self.endpoint_last_error = str(err)[:300]
-        if self.endpoint_failing_since is None:
-            self.endpoint_failing_since = self.clock()
-            self.metrics.endpoint_failing_since.set(self.endpoint_failing_since)
-        # Said when it starts and once a minute while it lasts; a flapping endpoint (every
-        # other request failing) is not said on every flap.
-        if now - self._endpoint_reminded >= ENDPOINT_REMIND_S:
-            self._endpoint_reminded = now
-            log.error("%s; events are kept and retried", self.endpoint_failing())
-
     async def _endpoint_recovered(self, failing_since_ms: int | None) -> None:
-        local = self.endpoint_failing_since
-        self.endpoint_failing_since = None
-        self.metrics.endpoint_failing_since.set(0)
-        starts = [t for t in (local, failing_since_ms and failing_since_ms / 1000) if t]
-        lasted = self.clock() - min(starts) if starts else 0.0
-        if lasted < OUTAGE_RELEASE_S:
+        lasted = self._endpoint.delivered(failing_since_ms)
+        if lasted is None:
             return  # a hiccup: scheduled retries keep their backoff
         # After an outage the backlog goes now, not at the pace of the longest backoff
         # (except retries whose wait the server asked for with Retry-After).
         moved = await self.durably("releasing retries", self.queue.release_retries)
-        self._endpoint_reminded = 0.0
         log.warning(
             "the endpoint answers again after %.0f s of failures; %d scheduled retries "
             "released at once",
@@ -572,10 +563,11 @@ class Sender:
         err: SendError | None,
         *,
         attempted: bool = True,
+        errors: Sequence[SendError] | None = None,
     ) -> None:
         await self.durably(
             "recording dead letters",
-            lambda: self.fates.dead_letter(group, reason, err, attempted=attempted),
+            lambda: self.fates.dead_letter(group, reason, err, attempted=attempted, errors=errors),
         )
         self._done(group)
 

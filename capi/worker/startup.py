@@ -4,9 +4,9 @@ on ``/readyz`` and in ``capi status``.
 A startup key check may wait a long time (an endpoint outage is waited out with backoff:
 see :mod:`capi.worker.runner`). Meanwhile no sender runs, so nothing else would read the
 queue's depth, say that Redis answers, or heartbeat. :class:`StartupWatch` does, every
-``EVERY_S``, for the destinations in ``Metrics.starting``: it sets their queue gauges,
-marks Redis up (or down) and the loop alive, and, until the lanes run (they heartbeat
-themselves), heartbeats the worker as ``starting`` with what it waits for once a check
+``EVERY_S``, for the destinations in ``Metrics.starting``: it sets their queue gauges;
+and until the lanes run (whose housekeeping does it from then on) it marks Redis up (or
+down) and heartbeats the worker as ``starting`` with what it waits for, once a check
 waits for something (so that a heartbeat still means "started" on a healthy start).
 """
 
@@ -46,8 +46,9 @@ class StartupWatch:
         self.keys = keys
         self.worker = worker
         self.queue = Queue(redis, keys)
-        # Whether this watch heartbeats: until the lanes run, which heartbeat themselves.
-        self.heartbeat = True
+        # Whether this watch speaks for the worker (its heartbeat, Redis up): until the lanes
+        # run, whose housekeeping does from then on.
+        self.alone = True
         self._beaten = False
         self._turn = 0
         self._failing = False
@@ -70,15 +71,17 @@ class StartupWatch:
         try:
             await self._beat()
         except redis.exceptions.RedisError as exc:
-            self.metrics.redis_up.set(0)
+            if self.alone:
+                self.metrics.redis_up.set(0)
             if not self._failing:
                 log.warning("while starting: Redis does not answer (%s); trying again", exc)
             self._failing = True
         except Exception as exc:  # a bug here must not end the watch, nor pass unsaid
             log.error("while starting: the startup watch failed: %r; it goes on", exc)
         else:
-            self.metrics.redis_up.set(1)
-            self.metrics.redis_answered()
+            if self.alone:
+                self.metrics.redis_up.set(1)
+                self.metrics.redis_answered()
             if self._failing:
                 log.warning("while starting: Redis answers again")
             self._failing = False
@@ -96,7 +99,7 @@ class StartupWatch:
             self.metrics.for_destination(name).set_depth(
                 depth, in_flight, retries, (now_ms - oldest_ms) / 1000 if oldest_ms else 0.0
             )
-        if self.heartbeat and any(why != UNDER_WAY for why in starting.values()):
+        if self.alone and any(why != UNDER_WAY for why in starting.values()):
             detail = "; ".join(
                 why if name == "default" else f"{name}: {why}" for name, why in starting.items()
             )

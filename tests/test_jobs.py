@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from capi.worker.housekeeping import Rotation, Schedule
+from capi.worker.jobs import Rotation, Schedule
 from capi.worker.sender import Sender
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Run a command while busy loops hog the CPU: how the suite is checked for flakiness under load.
 #
-#   scripts/hog.sh [-n N] COMMAND [ARG...]
+#   tests/hog.sh [-n N] COMMAND [ARG...]
 #
 # Starts N busy loops (default: one per core, nproc), runs COMMAND under them, kills the loops
 # whatever happens (the command's end, an error, Ctrl-C, SIGTERM), and exits with the
-# command's exit code. Example: scripts/hog.sh .venv/bin/pytest
+# command's exit code. Example: tests/hog.sh .venv/bin/pytest
 set -uo pipefail
 
 loops=$(nproc)

@@ -136,6 +136,15 @@ class SentinelSet:
         found = [info.get(f"slave{i}", {}) for i in range(len(self.replicas))]
         return all(isinstance(r, dict) and r.get("state") == "online" for r in found)
 
+    def promoted(self, old_port: int) -> bool:
+        """Whether any sentinel names a master other than ``old_port`` (the failover's
+        leader says so first; clients ask every sentinel until one names a master that is up)."""
+        for port in self.sentinel_ports:
+            state = self.master_seen(port)
+            if state is not None and int(str(state["port"])) != old_port:
+                return True
+        return False
+
     def master_port(self) -> int | None:
         """The master's port as the first answering sentinel says it."""
         for port in self.sentinel_ports:

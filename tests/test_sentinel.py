@@ -25,7 +25,7 @@ import redis
 import redis.asyncio
 
 from capi.errors import ConfigError, QueueUnavailable
-from capi.producer import Producer
+from capi.producer import Producer, SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
@@ -324,8 +324,9 @@ def test_a_frozen_master_costs_each_concurrent_caller_one_timeout(
 
 
 def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxThread) -> None:
-    """A switchover (SENTINEL FAILOVER) turns the master into a replica while a producer has
-    a connection to it: its next writes go to the new master, every one accepted (the
+    """A switchover (SENTINEL FAILOVER) turns the master into a replica while producers (async
+    and sync) have connections to it: their next writes go to the new master, every one
+    accepted (the
     default durability: right after a switchover the demoted master is still syncing, so
     ``replica`` would answer QueueUnavailable for a while, which is right but not tested
     here)."""
@@ -335,19 +336,22 @@ def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxTh
 
         async def go() -> None:
             async with Producer.from_settings(settings) as producer:
-                assert await producer.enqueue(events(1)[0])
-                with found.sentinel(found.sentinel_ports[0]) as s:
-                    s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
-                wait_for(lambda: found.master_port() not in (None, old.port), 30, "switchover")
-                with old.client() as c:  # the old master is a replica now
-                    wait_for(lambda: c.info("replication")["role"] == "slave", 30, "demotion")
-                for event in events(20, start=1):
-                    assert await producer.enqueue(event)
+                with SyncProducer.from_settings(settings) as sync_producer:
+                    assert await producer.enqueue(events(1)[0])
+                    assert sync_producer.enqueue(events(1, start=1)[0])
+                    with found.sentinel(found.sentinel_ports[0]) as s:
+                        s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+                    wait_for(lambda: found.promoted(old.port), 30, "switchover")
+                    with old.client() as c:  # the old master is a replica now
+                        wait_for(lambda: c.info("replication")["role"] == "slave", 30, "demotion")
+                    for event in events(20, start=2):
+                        assert await producer.enqueue(event)
+                    assert sync_producer.enqueue_many(events(20, start=22)).queued == 20
 
         asyncio.run(asyncio.wait_for(go(), 90))
         new = next(r for r in found.replicas if r.port == found.master_port())
         with new.client() as c:
-            assert c.xlen("capi:events") == 21
+            assert c.xlen("capi:events") == 42
 
 
 def test_arqs_pool_finds_the_master_through_the_sentinels(

@@ -41,7 +41,7 @@ from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
-from capi.redisconn import describe
+from capi.redisconn import brief, describe, settings_hint
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -146,8 +146,8 @@ def _translated(client: Any) -> Iterator[None]:
             outcome = "the event may not have been queued"
         raise QueueUnavailable(
             f"Redis at {where} could not be reached or did not answer within "
-            f"CAPI_REDIS_TIMEOUT_S ({exc}); {outcome}. Enqueueing it again is safe "
-            "(the event id dedups). Check CAPI_REDIS_URL."
+            f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. Enqueueing it again is safe "
+            f"(the event id dedups). Check {settings_hint(client)}."
         ) from None
 
 

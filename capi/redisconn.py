@@ -20,6 +20,7 @@ password, TLS options and database of the master's connections; its host is not 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -167,7 +168,7 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
     """Where a client's calls go, for messages: ``host:port``, a socket path, or the
     sentinels' master (with its address when known)."""
     pool = client.connection_pool
-    if isinstance(pool, aiosentinel.SentinelConnectionPool | redis.sentinel.SentinelConnectionPool):
+    if isinstance(pool, _SENTINEL_POOLS):
         manager = pool.sentinel_manager
         listed = ",".join(
             f"{s.connection_pool.connection_kwargs.get('host')}:"
@@ -181,6 +182,30 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
     if "path" in kwargs:
         return str(kwargs["path"])
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
+
+
+def settings_hint(client: redis.Redis | aioredis.Redis) -> str:
+    """The settings that say where a client's Redis is, for "check ..." in messages."""
+    if isinstance(client.connection_pool, _SENTINEL_POOLS):
+        return "CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER"
+    return "CAPI_REDIS_URL"
+
+
+def brief(exc: BaseException) -> str:
+    """An error's text for a message; redis-py's "no master found" (which holds the repr of
+    each sentinel client) becomes one plain sentence."""
+    if not isinstance(exc, redis.sentinel.MasterNotFoundError | aiosentinel.MasterNotFoundError):
+        return str(exc)
+    head, _, errors = str(exc).partition(" : ")
+    found = re.search(r"for '(.*)'", head)
+    name = found.group(1)[:100] if found else "?"
+    silent = len(re.findall(r" - \w+\(", errors))
+    if silent:
+        return f"no master named {name!r} found: {silent} of the sentinels did not answer"
+    return f"no sentinel knows a master named {name!r} that is up"
+
+
+_SENTINEL_POOLS = (aiosentinel.SentinelConnectionPool, redis.sentinel.SentinelConnectionPool)
 
 
 def _sentinel_kwargs(timeout_s: float) -> dict[str, Any]:

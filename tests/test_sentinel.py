@@ -25,11 +25,12 @@ import redis
 import redis.asyncio
 
 from capi.errors import ConfigError, QueueUnavailable
+from capi.exitcodes import ExitCode
 from capi.producer import Producer, SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
-from tests.helpers import events, make_settings, start_worker, stop_worker, wait_for
+from tests.helpers import capi, events, make_settings, start_worker, stop_worker, wait_for
 from tests.intake_helpers import TOKEN, IntakeProcess, start_intake
 from tests.sentinelproc import MASTER_NAME, SentinelSet
 
@@ -49,13 +50,8 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
 
 def sentinel_settings(sandbox: SandboxThread, found: SentinelSet, **overrides: Any) -> Settings:
     # The URL's host is a port nothing listens on: only the sentinels can name the master.
-    return make_settings(
-        sandbox,
-        "redis://127.0.0.1:1/0",
-        redis_sentinels=found.addresses,
-        redis_sentinel_master=MASTER_NAME,
-        **overrides,
-    )
+    values = {"redis_sentinels": found.addresses, "redis_sentinel_master": MASTER_NAME}
+    return make_settings(sandbox, "redis://127.0.0.1:1/0", **{**values, **overrides})
 
 
 class Acks:
@@ -387,3 +383,27 @@ def test_the_urls_password_tls_and_database_reach_the_master_connections() -> No
         assert (kwargs["password"], kwargs["db"]) == ("pw", 3)
         assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == ("/etc/ca.pem", "required")
         assert "host" not in kwargs  # the sentinels name it
+
+
+def test_a_wrong_master_name_or_silent_sentinels_are_said_plainly(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        wrong = sentinel_settings(sandbox, found, redis_sentinel_master="not-ours")
+        silent = sentinel_settings(sandbox, found, redis_sentinels="127.0.0.1:1,127.0.0.1:2")
+        for settings, said in (
+            (wrong, "no sentinel knows a master named 'not-ours' that is up"),
+            (silent, "no master named 'capi-test' found: 2 of the sentinels did not answer"),
+        ):
+            status = capi(settings, "status")
+            assert status.returncode == ExitCode.REDIS, status.stderr
+            assert said in status.stderr
+            assert "CAPI_REDIS_SENTINEL_MASTER" in status.stderr
+            assert "<redis" not in status.stderr  # no client reprs
+            with (
+                SyncProducer.from_settings(settings) as producer,
+                pytest.raises(QueueUnavailable) as raised,
+            ):
+                producer.enqueue(events(1)[0])
+            assert said in str(raised.value)
+            assert "Check CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER" in str(raised.value)

@@ -10,10 +10,14 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
+from capi.sandbox import SandboxThread
+from capi.settings import Settings
 from tests.conftest import free_port
+from tests.helpers import make_settings
 from tests.redisproc import RedisProcess
 
 MASTER_NAME = "capi-test"
@@ -176,3 +180,10 @@ class SentinelSet:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def sentinel_settings(sandbox: SandboxThread, found: SentinelSet, **overrides: Any) -> Settings:
+    """Settings for the sandbox that reach Redis only through ``found``'s sentinels."""
+    # The URL's host is a port nothing listens on: only the sentinels can name the master.
+    values = {"redis_sentinels": found.addresses, "redis_sentinel_master": MASTER_NAME}
+    return make_settings(sandbox, "redis://127.0.0.1:1/0", **{**values, **overrides})

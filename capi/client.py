@@ -101,7 +101,8 @@ def classify(
         retry_after_s=parse_retry_after(headers.get("retry-after")),
     )
     params, codes = [param, *_details(error, "param")], [code, *_details(error, "code")]
-    response.event_index = _event_index(params)
+    response.event_indexes = _event_indexes(params)
+    response.event_index = next(iter(response.event_indexes), None)
     if status in (400, 422) and response.event_index is None:
         response.request_field = _request_field(params, parsed, message)
     reason = _reason(status, message, codes, params, response)
@@ -205,12 +206,13 @@ def _details(error: Any, name: str) -> list[str | None]:
     return [e[name] for e in details if isinstance(e, dict) and isinstance(e.get(name), str)]
 
 
-def _event_index(params: list[str | None]) -> int | None:
-    """The first ``events[i]`` that ``param`` or an ``errors[].param`` names."""
+def _event_indexes(params: list[str | None]) -> list[int]:
+    """Every ``events[i]`` that ``param`` or an ``errors[].param`` names, in order, once each."""
+    found: dict[int, None] = {}
     for param in params:
         if param and (m := _EVENT_INDEX.match(param)):
-            return int(m.group(1))
-    return None
+            found.setdefault(int(m.group(1)))
+    return list(found)
 
 
 def _missing_scopes(message: str) -> list[str]:

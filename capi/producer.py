@@ -613,14 +613,20 @@ def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, 
         data = raw.model_dump(exclude_none=True)
     first = _text(str(exc.problems[0]), 200) if exc.problems else "refused"
     try:
-        event_id = _text(str(data.get("id") or "?"), 128)
-        kind = _text(str(data.get("custom_event_name") or data.get("type") or "?"), 64)
+        event_id = _text(_str(data.get("id")), 128)
+        custom = data.get("custom_event_name")
+        kind = _text(custom if isinstance(custom, str) and custom else _str(data.get("type")), 64)
         found = kinds.of(data)
         stamp = data.get("timestamp_ms")
     except Exception:  # a hostile Mapping: the refusal itself already says why
         event_id, kind, found, stamp = "?", "?", [], 0
     when = stamp if isinstance(stamp, int) and 0 <= stamp < 2**53 else 0
     return first, (event_id, kind, found, when)
+
+
+def _str(value: Any) -> str:
+    """A string field as given; anything else (a huge list, say) is never turned into text."""
+    return value if isinstance(value, str) and value else "?"
 
 
 def _text(value: str, limit: int) -> str:

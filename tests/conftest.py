@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from hypothesis import settings as hypothesis_settings
 
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
-from tests.helpers import stop_spawned
+from tests.helpers import stop_spawned, wait_for
 
 # CI runs reproducibly (a fixed seed); local runs keep exploring new examples.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -61,9 +61,14 @@ def stop_spawned_processes() -> Iterator[None]:
     stop_spawned()
 
 
+REDIS_DATABASES = 4096
+_databases = itertools.count(1)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A redis-server of our own (never the machine's shared one), for the whole session."""
+    """A redis-server of our own (never the machine's shared one), for the whole session of
+    this process (each pytest-xdist worker has its own); its database 0."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed (.ci/run installs it)")
@@ -80,6 +85,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "",
             "--appendonly",
             "no",
+            "--databases",
+            str(REDIS_DATABASES),
             "--dir",
             str(workdir),
         ],
@@ -87,28 +94,38 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
-    for _ in range(200):
+    try:
+        wait_for(lambda: proc.poll() is not None or _pings(client), 10, "redis-server to start")
+        if proc.poll() is not None:
+            pytest.fail("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        proc.terminate()
         try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.025)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
-    client.close()
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 @pytest.fixture
 def redis_url(redis_server: str) -> Iterator[str]:
-    """The private Redis, emptied before each test."""
+    """The private Redis, emptied before each test, in a database of the test's own: what
+    an earlier test may have left running (a thread that did not stop) never meets this
+    test's keys."""
     client = redis.Redis.from_url(redis_server)
     client.flushall()
     client.close()
-    yield redis_server
+    database = next(_databases) % REDIS_DATABASES or 1
+    yield redis_server.rsplit("/", 1)[0] + f"/{database}"
 
 
 @pytest.fixture

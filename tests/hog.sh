@@ -42,8 +42,10 @@ for ((i = 0; i < loops; i++)); do
 done
 echo "hog.sh: ${#pids[@]} busy loop(s) running (pids ${pids[*]}): $*" >&2
 
-# In the background (bash runs traps only between commands) with our stdin, then waited for.
-"$@" <&0 &
+# In the background (bash runs traps only between commands) with our stdin, then waited for;
+# SIGINT and SIGQUIT as they were (bash ignores them in background commands, and a Python
+# program started with SIGINT ignored never stops on Ctrl-C, nor `capi sandbox` on SIGINT).
+(trap - INT QUIT; exec "$@") <&0 &
 cmd=$!
 wait "$cmd"
 code=$?

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from capi.exitcodes import ExitCode
+from tests.conftest import REDIS_DATABASES
 from tests.helpers import spawn
 from workers.cli import cli
 
@@ -58,7 +59,7 @@ def test_a_bad_redis_url_names_the_setting(env: dict[str, str], url: str, needle
 
 
 def test_a_database_the_server_lacks_names_the_setting(env: dict[str, str], redis_url: str) -> None:
-    url = redis_url.rsplit("/", 1)[0] + "/99"
+    url = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DATABASES}"  # 0 to REDIS_DATABASES - 1
     result = CliRunner().invoke(cli, ["status"], env={**env, "CAPI_REDIS_URL": url})
     output = one_line_error(result, ExitCode.CONFIG)
     assert "CAPI_REDIS_URL: that Redis has no such database" in output

@@ -356,8 +356,14 @@ def test_status_shows_a_held_worker_and_drops_a_killed_one(
     proc.kill()
     proc.communicate(timeout=10)
     killed = time.monotonic()
-    wait_for(lambda: states() == [], 15, "killed worker dropped")
-    assert time.monotonic() - killed < 10
+    asked: list[float] = []
+
+    def dropped() -> bool:  # when the status that first shows it was asked, not answered
+        asked[:] = [time.monotonic()]  # (a loaded machine can take seconds to run capi)
+        return states() == []
+
+    wait_for(dropped, 30, "killed worker dropped")
+    assert asked[0] - killed < 10
 
 
 # -- 10. durability: enqueue returns once the event is on disk -------------------------------

@@ -191,7 +191,11 @@ def test_enqueue_cli_queues_or_refuses_every_hostile_line(
     assert result.exit_code in (0, 4), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     summary = orjson.loads(result.stdout.splitlines()[-1])
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("line ")]
+    refusals = [
+        line
+        for line in result.stderr.splitlines()
+        if line.startswith("line ") and " refused: " in line  # not "line N: warning: ..."
+    ]
     assert summary["refused"] == len(refusals)
     assert all(": " in line.partition(" refused: ")[2] for line in refusals)  # path: rule
     non_blank = sum(1 for line in lines if line.strip())

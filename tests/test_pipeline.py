@@ -177,6 +177,7 @@ def test_key_losing_its_scope_mid_run_holds_the_queue(
     finally:
         stop.set()
         thread.join(20)
+    assert not thread.is_alive(), "the sender did not stop"
     delivered = sandbox.state.delivered_ids()
     assert set(delivered) | set(dls) == ids(first) | ids(later)  # none lost
     assert not set(delivered) & set(dls)

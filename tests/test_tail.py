@@ -50,14 +50,26 @@ class Follower:
         )
         self.lines: list[tuple[float, dict[str, object]]] = []
         self.raw: list[str] = []
+        self.notes: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._notes = threading.Thread(target=self._read_notes, daemon=True)
+        self._notes.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for text in self.proc.stdout:
             self.raw.append(text)
             self.lines.append((time.time(), json.loads(text)))
+
+    def _read_notes(self) -> None:
+        assert self.proc.stderr is not None
+        for text in self.proc.stderr:
+            self.notes.append(text)
+
+    def following(self) -> bool:
+        """Whether it has said that it follows (its first read is then under way)."""
+        return any(n.startswith("following ") for n in self.notes)
 
     def where(self, **match: object) -> list[dict[str, object]]:
         return [line for _, line in self.lines if all(line.get(k) == v for k, v in match.items())]
@@ -71,6 +83,7 @@ class Follower:
                 self.proc.kill()
                 self.proc.wait()
         self._reader.join(5)
+        self._notes.join(5)
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
@@ -93,8 +106,8 @@ def test_tail_follow_prints_each_outcome_within_two_seconds_and_no_identifier(
     evts = events(21)
     enqueue(settings, evts)
     [doomed] = doom(settings, positions=[7])
-    # Whenever the follower starts reading, it misses nothing: what came before its first
-    # read it prints as recent outcomes (up to --lines), then it follows from there.
+    # Timed from the moment it follows: what came before, it prints as recent outcomes.
+    wait_for(follower.following, 30, "capi tail to follow")
     worker = start_worker(settings)
     intake = start_intake(tmp_path, redis_url)
     try:

@@ -87,6 +87,9 @@ async def _tail(
             if not found:
                 out.print("No outcomes recorded yet (send some events).", markup=False)
             return
+        names = ", ".join(rings)
+        sys.stderr.write(f"following {names} (Ctrl-C to stop)\n")
+        sys.stderr.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,6 +2,7 @@
 
 - :mod:`capi.worker.runner`: the process: signals, metrics server, startup key checks, the
   fleet of destinations followed as the destinations file changes.
+- :mod:`capi.worker.startup`: what a worker's startup key checks wait for (metrics, status).
 - :mod:`capi.worker.lanes`: the shared lanes that give destinations turns.
 - :mod:`capi.worker.sender`: one destination's turn: read a batch, send it, carry out its fate.
 - :mod:`capi.worker.decisions`: the table from outcome to fate, and the retry plan (pure).

@@ -94,11 +94,6 @@ class Sentinels:
     addresses: tuple[tuple[str, int], ...]
     master: str
 
-    def describe(self) -> str:
-        """The master's name and its sentinels, for messages."""
-        listed = ",".join(f"{host}:{port}" for host, port in self.addresses)
-        return f"the master {self.master!r} of the sentinels {listed}"
-
 
 def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
     """``host:port`` entries, comma-separated (``[::1]:26379`` for IPv6); ValueError naming

@@ -408,12 +408,6 @@ class Settings(BaseSettings):
             return None
         return Sentinels(parse_sentinels(self.redis_sentinels), self.redis_sentinel_master)
 
-    def redis_where(self) -> str:
-        """Where the queue is, for messages (the URL without its password, or the
-        sentinels' master)."""
-        found = self.sentinels
-        return found.describe() if found else safe_url(self.redis_url)
-
     def async_redis(self, **extra: Any) -> aioredis.Redis:
         """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master), every
         call bounded by the timeout."""

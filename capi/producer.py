@@ -41,6 +41,7 @@ from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
 from capi.queue import ENQUEUE_LUA, enqueue_call
+from capi.redisconn import brief, describe, settings_hint
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -145,8 +146,8 @@ def _translated(client: Any) -> Iterator[None]:
             outcome = "the event may not have been queued"
         raise QueueUnavailable(
             f"Redis at {where} could not be reached or did not answer within "
-            f"CAPI_REDIS_TIMEOUT_S ({exc}); {outcome}. Enqueueing it again is safe "
-            "(the event id dedups). Check CAPI_REDIS_URL."
+            f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. Enqueueing it again is safe "
+            f"(the event id dedups). Check {settings_hint(client)}."
         ) from None
 
 
@@ -165,10 +166,7 @@ def _partial(report: EnqueueReport) -> Iterator[None]:
 
 
 def _where(client: Any) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return str(kwargs["path"])
-    return f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
+    return describe(client)
 
 
 # Where an event goes: None (the only destination), one name, or several (fan-out).
@@ -219,7 +217,7 @@ class _BaseProducer:
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
         """A producer for the Redis, prefix and durability in ``settings`` (logs a warning
         when that is the default Redis because CAPI_REDIS_URL is not set)."""
-        if "redis_url" not in settings.model_fields_set:
+        if "redis_url" not in settings.model_fields_set and settings.sentinels is None:
             log.warning(
                 "capi: CAPI_REDIS_URL is not set; enqueueing to the default Redis at %s",
                 settings.redis_url,

@@ -8,17 +8,28 @@ costs a caller at most that long (plus the worker's read block), never for ever.
 
 The worker's clients answer the same way; the worker itself decides what to do when a
 call fails (it waits and tries again, see :mod:`capi.worker.sender`).
+
+With Redis Sentinel (``CAPI_REDIS_SENTINELS``, ``CAPI_REDIS_SENTINEL_MASTER``) the same
+clients find the master through the sentinels (redis-py's sentinel pools): each new
+connection asks them where the master is, a connection whose server answers READONLY (a
+demoted master) is closed and the call sent once more to the master they name now, and a
+dropped connection is retried the same way. ``CAPI_REDIS_URL`` then gives only the
+password, TLS options and database of the master's connections; its host is not used.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
 import redis.exceptions
+import redis.sentinel
 from redis.asyncio.connection import parse_url
 
 from capi.errors import ConfigError
@@ -76,15 +87,47 @@ _RETRY_ON = [redis.exceptions.ConnectionError]
 _MAX_CONNECTIONS = 2**31
 
 
-def async_client(url: str, timeout_s: float, **extra: Any) -> aioredis.Redis:
-    """An asyncio client for ``url`` with bounded calls, each bounded on its own.
+@dataclass(frozen=True)
+class Sentinels:
+    """Where the sentinels are, and the name of the master they watch."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+
+
+def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
+    """``host:port`` entries, comma-separated (``[::1]:26379`` for IPv6); ValueError naming
+    the entry and the rule otherwise."""
+    found = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or any(c.isspace() or c in "/@" for c in host):
+            raise ValueError(f"{entry[:60]!r} must be host:port, as in 10.0.0.5:26379")
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"{entry[:60]!r} must end in a port from 1 to 65535")
+        found.append((host, int(port)))
+    if not found:
+        raise ValueError("must list at least one sentinel as host:port, comma-separated")
+    return tuple(found)
+
+
+def async_client(
+    url: str, timeout_s: float, sentinels: Sentinels | None = None, **extra: Any
+) -> aioredis.Redis:
+    """An asyncio client for ``url`` (or for the sentinels' master), each call bounded.
 
     redis-py's plain asyncio pool connects a new connection while it holds the pool's lock,
     so against a frozen Redis concurrent callers queued behind each other's connect (five
     callers failed after 1, 1, 2, 3 and 4 timeouts). Its BlockingConnectionPool connects
     outside the lock; with no practical limit on connections it never blocks otherwise.
+    The sentinel pool is the same blocking pool with redis-py's sentinel behaviour.
     """
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
+    if sentinels is not None:
+        return _async_master(sentinels, timeout_s, _master_kwargs(kwargs, extra))
     plain = aioredis.Redis(**{**kwargs, **extra}).connection_pool  # the URL's connection class
     pool = aioredis.BlockingConnectionPool(
         connection_class=plain.connection_class,
@@ -95,7 +138,149 @@ def async_client(url: str, timeout_s: float, **extra: Any) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
-def sync_client(url: str, timeout_s: float, **extra: Any) -> redis.Redis:
-    """A blocking client for ``url`` with bounded calls."""
+def sync_client(
+    url: str, timeout_s: float, sentinels: Sentinels | None = None, **extra: Any
+) -> redis.Redis:
+    """A blocking client for ``url`` (or for the sentinels' master) with bounded calls."""
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
+    if sentinels is not None:
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(sentinels.addresses),
+            sentinel_kwargs=_sentinel_kwargs(timeout_s),
+            **_master_kwargs(kwargs, extra),
+        )
+        ssl = sentinel.connection_kwargs.pop("ssl", False)
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            sentinels.master,
+            connection_pool_class=_SyncMasterPool,
+            connection_class=_SyncSSLMasterConnection if ssl else _SyncMasterConnection,
+        )
+        return client
     return redis.Redis(**{**kwargs, **extra})
+
+
+def describe(client: redis.Redis | aioredis.Redis) -> str:
+    """Where a client's calls go, for messages: ``host:port``, a socket path, or the
+    sentinels' master (with its address when known)."""
+    pool = client.connection_pool
+    if isinstance(pool, _SENTINEL_POOLS):
+        manager = pool.sentinel_manager
+        listed = ",".join(
+            f"{s.connection_pool.connection_kwargs.get('host')}:"
+            f"{s.connection_pool.connection_kwargs.get('port')}"
+            for s in manager.sentinels
+        )
+        known = pool.master_address
+        at = f" (last at {known[0]}:{known[1]})" if known else ""
+        return f"the master {pool.service_name!r} of the sentinels {listed}{at}"
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
+
+
+def settings_hint(client: redis.Redis | aioredis.Redis) -> str:
+    """The settings that say where a client's Redis is, for "check ..." in messages."""
+    if isinstance(client.connection_pool, _SENTINEL_POOLS):
+        return "CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER"
+    return "CAPI_REDIS_URL"
+
+
+def brief(exc: BaseException) -> str:
+    """An error's text for a message; redis-py's "no master found" (which holds the repr of
+    each sentinel client) becomes one plain sentence."""
+    if not isinstance(exc, redis.sentinel.MasterNotFoundError | aiosentinel.MasterNotFoundError):
+        return str(exc)
+    head, _, errors = str(exc).partition(" : ")
+    found = re.search(r"for '(.*)'", head)
+    name = found.group(1)[:100] if found else "?"
+    silent = len(re.findall(r" - \w+\(", errors))
+    if silent:
+        return f"no master named {name!r} found: {silent} of the sentinels did not answer"
+    return f"no sentinel knows a master named {name!r} that is up"
+
+
+_SENTINEL_POOLS = (aiosentinel.SentinelConnectionPool, redis.sentinel.SentinelConnectionPool)
+
+
+def _sentinel_kwargs(timeout_s: float) -> dict[str, Any]:
+    """How the sentinels themselves are asked: bounded like every other call."""
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+
+
+def _master_kwargs(kwargs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The master connections' arguments: the URL's password, TLS and database; the host
+    and port come from the sentinels."""
+    merged = {**kwargs, **extra}
+    for name in ("host", "port", "unix_socket_path"):
+        merged.pop(name, None)
+    return merged
+
+
+class _AsyncMasterConnection(aiosentinel.SentinelManagedConnection):
+    """redis-py's sentinel connection, connecting once more only when the connection
+    failed, not when it timed out: a frozen master costs one CAPI_REDIS_TIMEOUT_S, as a
+    plain connection's does (redis-py retries the whole connect on a timeout too)."""
+
+    async def connect(self) -> None:
+        try:
+            await self._connect_retry()  # type: ignore[no-untyped-call]
+        except redis.exceptions.ConnectionError:
+            await self.disconnect()
+            await self._connect_retry()  # type: ignore[no-untyped-call]
+
+
+class _AsyncSSLMasterConnection(_AsyncMasterConnection, aioredis.SSLConnection):
+    pass
+
+
+class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's sentinel pool over its BlockingConnectionPool, which connects new
+    connections outside the pool's lock (see :func:`async_client`). Closing it closes the
+    connections to the sentinels too (redis-py leaves them open)."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
+
+
+class _SyncMasterConnection(redis.sentinel.SentinelManagedConnection):
+    """The blocking twin of :class:`_AsyncMasterConnection`."""
+
+    def connect(self) -> None:
+        try:
+            self._connect_retry()  # type: ignore[no-untyped-call]
+        except redis.exceptions.ConnectionError:
+            self.disconnect()  # type: ignore[no-untyped-call]
+            self._connect_retry()  # type: ignore[no-untyped-call]
+
+
+class _SyncSSLMasterConnection(_SyncMasterConnection, redis.SSLConnection):
+    pass
+
+
+class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
+    """redis-py's sentinel pool; closing it closes the connections to the sentinels too."""
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for sentinel in self.sentinel_manager.sentinels:
+                sentinel.connection_pool.disconnect()
+
+
+def _async_master(sentinels: Sentinels, timeout_s: float, kwargs: dict[str, Any]) -> aioredis.Redis:
+    sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinels.addresses), sentinel_kwargs=_sentinel_kwargs(timeout_s), **kwargs
+    )
+    ssl = sentinel.connection_kwargs.pop("ssl", False)
+    client: aioredis.Redis = sentinel.master_for(
+        sentinels.master,
+        connection_pool_class=_AsyncMasterPool,
+        connection_class=_AsyncSSLMasterConnection if ssl else _AsyncMasterConnection,
+        max_connections=_MAX_CONNECTIONS,
+        timeout=math.ceil(timeout_s),
+    )
+    return client

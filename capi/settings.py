@@ -36,7 +36,13 @@ from capi.constants import (
 )
 from capi.errors import ConfigError
 from capi.fingerprint import shape_problem
-from capi.redisconn import async_client, connection_kwargs, sync_client
+from capi.redisconn import (
+    Sentinels,
+    async_client,
+    connection_kwargs,
+    parse_sentinels,
+    sync_client,
+)
 
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
 # CAPI_* names that are not settings yet are known: the config file's name, and the two
@@ -53,6 +59,17 @@ class Settings(BaseSettings):
     pixel_id: str | None = Field(None, description="The pixel id, sent as ?pid=.")
     base_url: str = Field(DEFAULT_BASE_URL, description="The events endpoint's base URL.")
     redis_url: str = Field("redis://localhost:6379/0", description="Where the queue lives.")
+    redis_sentinels: str | None = Field(
+        None,
+        description="Redis Sentinels (host:port, comma-separated): capi finds the master "
+        "through them and follows a failover; CAPI_REDIS_URL then gives only the password, "
+        "TLS options and database.",
+    )
+    redis_sentinel_master: str | None = Field(
+        None,
+        pattern=r"^[^\s,]{1,200}$",
+        description="The name the sentinels know the master by (sentinel monitor NAME ...).",
+    )
     redis_prefix: str = Field("capi", min_length=1, description="Prefix of every Redis key.")
     integration_source: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Sent to the API as is."
@@ -278,6 +295,13 @@ class Settings(BaseSettings):
             raise ValueError(str(exc).removeprefix("CAPI_REDIS_URL ")) from None
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_sentinels(value)
+        return value
+
     @field_validator("base_url")
     @classmethod
     def _base_only(cls, value: str) -> str:
@@ -290,6 +314,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError(
+                "CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER go together: set both "
+                "(the sentinels' host:port list and the master's name) or neither"
+            )
+        if self.redis_sentinels and self.redis_url.startswith("unix://"):
+            raise ValueError(
+                "CAPI_REDIS_URL must be redis:// or rediss:// with CAPI_REDIS_SENTINELS (the "
+                "sentinels name the master's host and port; the URL gives its password, TLS "
+                "and database)"
+            )
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("CAPI_RETRY_CAP_S must not be below CAPI_RETRY_BASE_S")
         if self.claim_idle_s <= self.request_timeout_s:
@@ -366,13 +401,22 @@ class Settings(BaseSettings):
             warnings.append(f"{name} (in {where}) is not a capi setting and is ignored; {hint}")
         return warnings
 
+    @property
+    def sentinels(self) -> Sentinels | None:
+        """The sentinels and their master's name, when capi finds Redis through them."""
+        if not self.redis_sentinels or not self.redis_sentinel_master:
+            return None
+        return Sentinels(parse_sentinels(self.redis_sentinels), self.redis_sentinel_master)
+
     def async_redis(self, **extra: Any) -> aioredis.Redis:
-        """An asyncio Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""
-        return async_client(self.redis_url, self.redis_timeout_s, **extra)
+        """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master), every
+        call bounded by the timeout."""
+        return async_client(self.redis_url, self.redis_timeout_s, self.sentinels, **extra)
 
     def sync_redis(self, **extra: Any) -> redis.Redis:
-        """A blocking Redis client for CAPI_REDIS_URL, every call bounded by the timeout."""
-        return sync_client(self.redis_url, self.redis_timeout_s, **extra)
+        """A blocking Redis client for CAPI_REDIS_URL (or the sentinels' master), every
+        call bounded by the timeout."""
+        return sync_client(self.redis_url, self.redis_timeout_s, self.sentinels, **extra)
 
     @property
     def keys(self) -> RedisKeys:

@@ -37,6 +37,7 @@ LONG_FIRST = (
     "test_help_examples.py",
     "test_destinations.py",
     "test_redis_connections.py",
+    "test_sentinel_failover.py",
 )
 
 

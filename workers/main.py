@@ -111,8 +111,14 @@ def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, A
     """The arq worker settings for capi (as a dict, which arq accepts)."""
     settings = settings or Settings.load()
     queue_name = f"{settings.redis_prefix}:arq"
+    # With sentinels, arq's pool is capi's own sentinel-managed pool (it follows failovers).
+    where: dict[str, Any] = (
+        {"pool_or_conn": settings.async_redis().connection_pool}
+        if settings.sentinels is not None
+        else connection_kwargs(settings.redis_url, settings.redis_timeout_s)
+    )
     pool = _QuietPool(
-        **connection_kwargs(settings.redis_url, settings.redis_timeout_s),
+        **where,
         job_serializer=_dumps,
         job_deserializer=orjson.loads,
         default_queue_name=queue_name,

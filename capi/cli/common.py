@@ -12,7 +12,9 @@ from typing import IO, Any, NoReturn, ParamSpec, TypeVar
 import click
 import orjson
 import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
 import redis.exceptions
+import redis.sentinel
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
@@ -20,6 +22,7 @@ from rich.progress import Progress
 from capi.destinations import key_variables
 from capi.errors import CapiError, ConfigError, QueueFull, QueueUnavailable
 from capi.exitcodes import ExitCode
+from capi.redisconn import brief
 from capi.settings import Settings
 from capi.trouble import classify
 
@@ -48,8 +51,9 @@ def plural(n: int, noun: str) -> str:
 
 
 def note_default_redis(settings: Settings) -> None:
-    """Say on stderr which Redis is used when CAPI_REDIS_URL is not set anywhere."""
-    if "redis_url" not in settings.model_fields_set:
+    """Say on stderr which Redis is used when CAPI_REDIS_URL is not set anywhere (and no
+    sentinels name it)."""
+    if "redis_url" not in settings.model_fields_set and settings.sentinels is None:
         err.print(
             f"note: using {settings.redis_url}, the default Redis: CAPI_REDIS_URL is not set "
             f"(in {settings.config_source()})",
@@ -91,6 +95,12 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
                 )
             kind, meaning = classify(exc)
             fail(f"{meaning} ({exc})", ExitCode.REDIS_FULL if kind == "full" else ExitCode.REDIS)
+        except (redis.sentinel.MasterNotFoundError, aiosentinel.MasterNotFoundError) as exc:
+            fail(
+                f"Redis is not reachable ({brief(exc)}); check CAPI_REDIS_SENTINELS and "
+                "CAPI_REDIS_SENTINEL_MASTER",
+                ExitCode.REDIS,
+            )
         except redis.exceptions.ConnectionError as exc:
             fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
         except redis.exceptions.TimeoutError as exc:

@@ -1,0 +1,201 @@
+"""Redis Sentinel for real (tests/sentinelproc.py): clients given only the sentinels (the
+CLI, producers, arq's pool), a frozen master, a switchover, bad settings. The failover
+under load is tests/test_sentinel_failover.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio
+
+from capi.errors import ConfigError, QueueUnavailable
+from capi.exitcodes import ExitCode
+from capi.producer import Producer, SyncProducer
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
+from capi.settings import Settings
+from tests.helpers import capi, events, wait_for
+from tests.sentinelproc import MASTER_NAME, SentinelSet, sentinel_settings
+
+
+def test_only_the_sentinels_are_enough_for_capi_status_and_enqueue(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    with SentinelSet(tmp_path / "s", password="sentinel-test-pw", replicas=1) as found:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+        env.update(
+            CAPI_CONFIG_FILE=os.devnull,
+            CAPI_REDIS_URL="redis://:sentinel-test-pw@unused.invalid/2",  # password and db only
+            CAPI_REDIS_SENTINELS=found.addresses,
+            CAPI_REDIS_SENTINEL_MASTER=MASTER_NAME,
+            CAPI_API_KEY=DEFAULT_KEY,
+            CAPI_PIXEL_ID=DEFAULT_PIXEL,
+            CAPI_BASE_URL=sandbox.url,
+        )
+        batch = b"\n".join(orjson.dumps(e) for e in events(5, prefix="cli-")).decode()
+
+        def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "workers.cli", *args],
+                env=env,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        enqueued = run("enqueue", "--json", "-", stdin=batch)
+        assert enqueued.returncode == 0, enqueued.stderr
+        status = run("status", "--json")
+        assert status.returncode == 0, status.stderr
+        with found.master.client(db=2) as master:
+            assert master.xlen("capi:events") == 5  # the URL's password and db
+        assert orjson.loads(enqueued.stdout)["queued"] == 5
+        assert orjson.loads(status.stdout)["queued"] == 5
+        assert "CAPI_REDIS_URL is not set" not in status.stderr
+
+
+def test_sentinel_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"CAPI_REDIS_SENTINELS.*host:port"):
+        Settings.load(redis_sentinels="10.0.0.5", redis_sentinel_master="m")
+    with pytest.raises(ConfigError, match="go together"):
+        Settings.load(redis_sentinels="10.0.0.5:26379")
+    with pytest.raises(ConfigError, match="port from 1 to 65535"):
+        Settings.load(redis_sentinels="a:26379,b:0", redis_sentinel_master="m")
+    ok = Settings.load(redis_sentinels=" a:26379 , [::1]:26380", redis_sentinel_master="m")
+    assert ok.sentinels is not None
+    assert ok.sentinels.addresses == (("a", 26379), ("::1", 26380))
+
+
+FROZEN_TIMEOUT_S = 1.0
+CALLERS = 5
+
+
+def test_a_frozen_master_costs_each_concurrent_caller_one_timeout(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    # Sentinels that would wait a minute before a failover: the master stays the frozen one.
+    with SentinelSet(tmp_path / "s", down_after_ms=60_000, replicas=1) as found:
+        settings = sentinel_settings(sandbox, found, redis_timeout_s=FROZEN_TIMEOUT_S)
+
+        async def go() -> list[tuple[str, float]]:
+            async with Producer.from_settings(settings) as producer:
+                assert await producer.enqueue(events(1)[0])  # one pooled connection
+                found.master.freeze()
+                started = time.monotonic()
+
+                async def one(event: dict[str, Any]) -> tuple[str, float]:
+                    try:
+                        await producer.enqueue(event)
+                        outcome = "queued"
+                    except QueueUnavailable:
+                        outcome = "unavailable"
+                    return outcome, time.monotonic() - started
+
+                return await asyncio.gather(*(one(e) for e in events(CALLERS, start=1)))
+
+        answers = asyncio.run(asyncio.wait_for(go(), 60))
+    assert [outcome for outcome, _ in answers] == ["unavailable"] * CALLERS
+    late = [round(t, 1) for _, t in answers if t > FROZEN_TIMEOUT_S + 0.8]
+    assert not late, f"callers answered after {late} s (timeout {FROZEN_TIMEOUT_S} s)"
+
+
+def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxThread) -> None:
+    """A switchover (SENTINEL FAILOVER) turns the master into a replica while producers (async
+    and sync) have connections to it: their next writes go to the new master, every one
+    accepted (the
+    default durability: right after a switchover the demoted master is still syncing, so
+    ``replica`` would answer QueueUnavailable for a while, which is right but not tested
+    here)."""
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        settings = sentinel_settings(sandbox, found)
+        old = found.master
+
+        async def go() -> None:
+            async with Producer.from_settings(settings) as producer:
+                with SyncProducer.from_settings(settings) as sync_producer:
+                    assert await producer.enqueue(events(1)[0])
+                    assert sync_producer.enqueue(events(1, start=1)[0])
+                    with found.sentinel(found.sentinel_ports[0]) as s:
+                        s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+                    wait_for(lambda: found.promoted(old.port), 30, "switchover")
+                    with old.client() as c:  # the old master is a replica now
+                        wait_for(lambda: c.info("replication")["role"] == "slave", 30, "demotion")
+                    for event in events(20, start=2):
+                        assert await producer.enqueue(event)
+                    assert sync_producer.enqueue_many(events(20, start=22)).queued == 20
+
+        asyncio.run(asyncio.wait_for(go(), 90))
+        new = next(r for r in found.replicas if r.port == found.master_port())
+        with new.client() as c:
+            assert c.xlen("capi:events") == 42
+
+
+def test_arqs_pool_finds_the_master_through_the_sentinels(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    from workers.main import worker_settings
+
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        pool = worker_settings(sentinel_settings(sandbox, found))["redis_pool"]
+
+        async def go() -> None:
+            await pool.set("capi:arq-probe", "1")
+            await pool.aclose(close_connection_pool=True)  # as arq closes it
+
+        asyncio.run(go())
+        with found.master.client() as c:
+            assert c.get("capi:arq-probe") == b"1"
+
+
+def test_the_urls_password_tls_and_database_reach_the_master_connections() -> None:
+    settings = Settings.load(
+        redis_url="rediss://:pw@unused.invalid:6380/3?ssl_ca_certs=/etc/ca.pem",
+        redis_sentinels="127.0.0.1:26379",
+        redis_sentinel_master="m",
+    )
+    for client, tls in (
+        (settings.sync_redis(), redis.SSLConnection),
+        (settings.async_redis(), redis.asyncio.SSLConnection),
+    ):
+        pool = client.connection_pool
+        assert issubclass(pool.connection_class, tls)
+        kwargs = pool.connection_kwargs
+        assert (kwargs["password"], kwargs["db"]) == ("pw", 3)
+        assert (kwargs["ssl_ca_certs"], kwargs["ssl_cert_reqs"]) == ("/etc/ca.pem", "required")
+        assert "host" not in kwargs  # the sentinels name it
+
+
+def test_a_wrong_master_name_or_silent_sentinels_are_said_plainly(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        wrong = sentinel_settings(sandbox, found, redis_sentinel_master="not-ours")
+        silent = sentinel_settings(sandbox, found, redis_sentinels="127.0.0.1:1,127.0.0.1:2")
+        for settings, said in (
+            (wrong, "no sentinel knows a master named 'not-ours' that is up"),
+            (silent, "no master named 'capi-test' found: 2 of the sentinels did not answer"),
+        ):
+            status = capi(settings, "status")
+            assert status.returncode == ExitCode.REDIS, status.stderr
+            assert said in status.stderr
+            assert "CAPI_REDIS_SENTINEL_MASTER" in status.stderr
+            assert "<redis" not in status.stderr  # no client reprs
+            with (
+                SyncProducer.from_settings(settings) as producer,
+                pytest.raises(QueueUnavailable) as raised,
+            ):
+                producer.enqueue(events(1)[0])
+            assert said in str(raised.value)
+            assert "Check CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER" in str(raised.value)

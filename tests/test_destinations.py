@@ -53,7 +53,10 @@ def multi(
     path.write_text(TOML)
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
-    return make_settings(sandbox, redis_url, destinations_file=path, reprobe_interval_s=0.2)
+    # Exactly once is asserted: sends wait 30 s for an answer, not a loaded machine's 1.5 s.
+    return make_settings(
+        sandbox, redis_url, destinations_file=path, reprobe_interval_s=0.2, request_timeout_s=30
+    )
 
 
 def worker(settings: Settings, *args: str) -> subprocess.Popen[str]:

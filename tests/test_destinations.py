@@ -55,7 +55,12 @@ def multi(
         monkeypatch.setenv(name, value)
     # Exactly once is asserted: sends wait 30 s for an answer, not a loaded machine's 1.5 s.
     return make_settings(
-        sandbox, redis_url, destinations_file=path, reprobe_interval_s=0.2, request_timeout_s=30
+        sandbox,
+        redis_url,
+        destinations_file=path,
+        reprobe_interval_s=0.2,
+        request_timeout_s=30,
+        claim_idle_s=40,
     )
 
 

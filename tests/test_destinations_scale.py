@@ -112,6 +112,7 @@ def test_a_trickle_is_not_starved_by_a_backlog(
         # Exactly once is asserted below: a slow answer on a loaded machine must not time
         # out and be sent again (at least once is the promise; that is tested elsewhere).
         request_timeout_s=30,
+        claim_idle_s=40,
     )
     backlog = events(20_000, prefix="big-")
     enqueue_to(settings, "d0", backlog)

@@ -253,7 +253,7 @@ def test_an_endpoint_outage_dead_letters_nothing_and_status_says_so(
     sandbox.state.faults = [Fault("server_error", every=1, status=503)]
     evts = events(300)
     enqueue(settings, evts)
-    wait_for(lambda: sandbox.state.summary()["requests"] >= 20, what="many failed attempts")
+    wait_for(lambda: sandbox.state.summary()["requests"] >= 60, what="many failed attempts")
     failing = status(settings)["endpoint"]
     assert failing["state"] == "failing", failing  # type: ignore[index]
     assert "503" in failing["last_error"]  # type: ignore[index]

@@ -20,7 +20,8 @@ last ~300. An entry never holds a value or a hash of an identifier: event ids, t
 identifier kind names (:mod:`capi.kinds`), reasons and request ids only.
 
 One write per batch, pipelined: the ring costs the worker well under a microsecond of
-Redis time per event (``tests/benchmarks/bench.py --tail-off`` prints both rates).
+Redis time per event (``python -m tests.benchmarks.bench --only tail`` prints the drain rate
+with the ring on and off).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python -m tests.benchmarks.bench            # the full run (a few minutes)
     python -m tests.benchmarks.bench --quick    # smaller counts, for a smoke check
+    python -m tests.benchmarks.bench --only tail   # the live-outcomes ring on and off
 
 Measures, side by side in one run on this machine:
 - end-to-end drain of one capi worker process at batch sizes 100, 500 and 1000 (events
@@ -11,6 +12,7 @@ Measures, side by side in one run on this machine:
 - producer latency for single events (median, p99) and the bulk enqueue rate;
 - Redis CPU per event (INFO cpu) during a drain, and worker RSS over a long run;
 - 1, 2 and 4 worker processes against one Redis;
+- the live-outcomes ring (``capi tail``) on and off, in alternating rounds;
 - the cost of CAPI_ENQUEUE_DURABILITY: single-event enqueue p50/p99 with ``memory``,
   ``aof`` (valkey-server, appendonly yes, appendfsync always, which ``aof`` requires: see
   docs/durability.md) and ``replica`` (a second valkey-server replicating it: WAIT);
@@ -214,11 +216,14 @@ def drain_rate(env: dict[str, str]) -> float:
     return state["accepted_unique"] / span if span > 0 else float("nan")
 
 
-def capi_drain(env: dict[str, str], n: int, batch: int, workers: int = 1) -> dict[str, Any]:
+def capi_drain(
+    env: dict[str, str], n: int, batch: int, workers: int = 1, extra: dict[str, str] | None = None
+) -> dict[str, Any]:
     reset(env)
     enqueue_bulk(env, sample_events(n, f"b{batch}w{workers}"))
     cpu0 = redis_cpu(env)
-    rss = run_workers(env, workers, {"CAPI_BATCH_SIZE": str(batch), "CAPI_BATCH_WAIT_MS": "20"})
+    settings = {"CAPI_BATCH_SIZE": str(batch), "CAPI_BATCH_WAIT_MS": "20", **(extra or {})}
+    rss = run_workers(env, workers, settings)
     cpu = redis_cpu(env) - cpu0
     state = sandbox_call(env, "/_sandbox/state")
     assert state["accepted_unique"] == n, state
@@ -231,6 +236,27 @@ def capi_drain(env: dict[str, str], n: int, batch: int, workers: int = 1) -> dic
         "requests": state["batches"],
         "worker_rss_growth_mb": rss[:workers],
         "worker_rss_peak_mb": rss[workers:],
+    }
+
+
+def tail_cost(env: dict[str, str], n: int, rounds: int = 3) -> dict[str, Any]:
+    """One worker's drain rate with the live-outcomes ring on (CAPI_TAIL_ENTRIES=200, the
+    default) and off (0), in alternating rounds; medians and every round, sorted."""
+    rates: dict[str, list[int]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds):
+        for name, entries in (("on", "200"), ("off", "0")):
+            x = capi_drain(env, n, 500, extra={"CAPI_TAIL_ENTRIES": entries})
+            rates[name].append(x["events_per_s"])
+            cpu[name].append(x["redis_cpu_us_per_event"])
+    return {
+        "events": n,
+        "on": sorted(rates["on"]),
+        "off": sorted(rates["off"]),
+        "median_on": statistics.median(rates["on"]),
+        "median_off": statistics.median(rates["off"]),
+        "redis_us_on": statistics.median(cpu["on"]),
+        "redis_us_off": statistics.median(cpu["off"]),
     }
 
 
@@ -470,7 +496,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections: drain,durability,memory,reclaim (default: all)",
+        help="comma-separated sections: drain,tail,durability,memory,reclaim (default: all)",
     )
     args = parser.parse_args()
     n = args.events or (20_000 if args.quick else 200_000)
@@ -482,7 +508,7 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "command": "python -m tests.benchmarks.bench" + (" --quick" if args.quick else ""),
     }
-    only = set((args.only or "drain,durability,memory,reclaim").split(","))
+    only = set((args.only or "drain,tail,durability,memory,reclaim").split(","))
     if args.only:
         results["command"] += f" --only {args.only}"
     with services() as env:
@@ -498,6 +524,8 @@ def main() -> None:
             results["ratio_vs_plain_arq"] = round(best / results["plain_arq"]["events_per_s"], 1)
             results["scale_out"] = [capi_drain(env, n, 500, w) for w in (2, 4)]
             results["long_run"] = capi_drain(env, n_long, 500)
+        if "tail" in only:
+            results["tail"] = tail_cost(env, n // 2)
         if "durability" in only:
             results["durability"] = durability_latency(500 if args.quick else 2000)
         if "memory" in only:
@@ -515,6 +543,14 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"command: {r['command']}")
     if "capi" in r:
         print_drain(r)
+    if "tail" in r:
+        t = r["tail"]
+        print(
+            f"live-outcomes ring ({t['events']:,} events, batch 500, one worker, "
+            f"median of {len(t['on'])} alternating rounds): on {t['median_on']:,.0f} events/s "
+            f"(Redis {t['redis_us_on']} us/event), off {t['median_off']:,.0f} events/s "
+            f"(Redis {t['redis_us_off']} us/event); rounds on {t['on']}, off {t['off']}"
+        )
     if "durability" in r:
         print("enqueue latency by CAPI_ENQUEUE_DURABILITY (single events, sync producer):")
         print(f"  {'durability':<12}{'server':<24}{'p50 ms':>9}{'p99 ms':>9}")

@@ -119,6 +119,7 @@ class SentinelSet:
         want_replicas, want_peers = len(self.replicas), len(self.sentinel_ports) - 1
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            self._restart_lost_sentinels()
             states = [self.master_seen(p) for p in self.sentinel_ports]
             if self._replicas_online() and all(
                 s is not None
@@ -130,6 +131,14 @@ class SentinelSet:
                 return
             time.sleep(0.1)
         raise RuntimeError(f"the sentinels did not see the whole set-up in time: {states}")
+
+    def _restart_lost_sentinels(self) -> None:
+        """A sentinel that exited at once lost its free port to another process (the suite
+        runs in parallel): start it again on another one."""
+        for i, proc in enumerate(self.sentinel_procs):
+            if proc.poll() is not None:
+                self.sentinel_ports[i] = free_port()
+                self.sentinel_procs[i] = self._start_sentinel(self.sentinel_ports[i])
 
     def _replicas_online(self) -> bool:
         try:

@@ -137,6 +137,7 @@ def last_beat_ms(r: RedisProcess, settings: Settings) -> float:
     return max((score for _, score in beats), default=0.0)
 
 
+@pytest.mark.slow  # three outages, each waited out: 30 s; run by `pytest -m slow` (and .ci/run)
 def test_each_of_three_redis_outages_a_few_seconds_apart_is_logged(
     durable_redis: RedisProcess, sandbox: SandboxThread, workers: Start
 ) -> None:

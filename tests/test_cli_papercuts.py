@@ -19,7 +19,7 @@ import capi
 from capi.exitcodes import ExitCode
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
-from tests.helpers import drain, enqueue, events, make_settings
+from tests.helpers import drain, enqueue, events, make_settings, spawn, wait_for
 from workers.cli import cli
 
 
@@ -213,17 +213,32 @@ def test_unknown_capi_variables_are_warned_about_with_the_closest_setting(
     # The worker says it too (and a variable a destinations file names is no typo).
     dests = tmp_path / "destinations.toml"
     dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = "CAPI_KEY_BRAND_A"\n')
-    worker = run_capi(
-        {
-            **env,
-            "CAPI_DESTINATIONS_FILE": str(dests),
-            "CAPI_KEY_BRAND_A": DEFAULT_KEY,
-            "CAPI_PIXEL_ID": "p",
-            "CAPI_CONCURENCY": "4",
-        },
-        "worker",
-        "--burst",
+    # It says so as it starts: read its output until then (whatever its key check does).
+    log = tmp_path / "worker.log"
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    full.update(
+        env,
+        CAPI_DESTINATIONS_FILE=str(dests),
+        CAPI_KEY_BRAND_A=DEFAULT_KEY,
+        CAPI_PIXEL_ID="p",
+        CAPI_CONCURENCY="4",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
+    with log.open("w") as out:
+        proc = spawn(
+            [sys.executable, "-m", "workers.cli", "worker", "--burst"],
+            env=full,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )
+    wait_for(
+        lambda: "did you mean CAPI_CONCURRENCY?" in log.read_text() or proc.poll() is not None,
+        60,
+        "the worker's warning",
+    )
+    proc.kill()
+    proc.wait(10)
+    worker = subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
     assert "CAPI_CONCURENCY (in the environment) is not a capi setting" in worker.stderr
     assert "did you mean CAPI_CONCURRENCY?" in worker.stderr
     assert "CAPI_KEY_BRAND_A" not in worker.stderr

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import threading
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -146,7 +147,17 @@ async def start(state: SandboxState, host: str = "127.0.0.1", port: int = 0) -> 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_connection(state, reader, writer)
 
+    asyncio.get_running_loop().set_exception_handler(_quiet_about_cancelled)
     return await asyncio.start_server(handler, host, port, limit=_MAX_HEADER, backlog=512)
+
+
+def _quiet_about_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: a connection accepted as the sandbox stops has its
+    handler task cancelled, and Python 3.11's stream protocol then logs that cancellation
+    as an error with a traceback (in the demo's output too). Anything else is logged."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
 
 
 async def serve(state: SandboxState, host: str = "127.0.0.1", port: int = 0) -> None:

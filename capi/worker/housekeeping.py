@@ -59,6 +59,7 @@ from capi.status import destination_status, redis_full
 from capi.worker.jobs import Job, Rotation, Schedule
 
 if TYPE_CHECKING:
+    from capi.queue import Entry
     from capi.worker.lanes import Lanes
     from capi.worker.sender import Sender
 
@@ -308,33 +309,25 @@ class Housekeeping:
             await self._job("reclaim", functools.partial(self._reclaim_one, s, live), s)
 
     async def _reclaim_one(self, s: Sender, live: set[str]) -> None:
-        size = s.settings.batch_size
-        name = s.destination.name
-        while s.reclaim_room():
-            claimed = await s.queue.reclaim(
-                f"{self.lanes.name}:reclaim",
+        me = self.lanes.name
+        more = await self._take_over_while_room(
+            s,
+            lambda: s.queue.reclaim(
+                f"{me}:reclaim",
                 self.claim_idle_ms,
-                size,
+                s.settings.batch_size,
                 live,
-                me=self.lanes.name,
+                me=me,
                 mine=s.held_ids(),
-            )
-            if not claimed:
-                return
-            log.warning(
-                "reclaimed %d pending events of %s no live worker holds (a stopped worker's, "
-                "or read with the answer lost)",
-                len(claimed),
-                name,
-                extra={"count": len(claimed), "destination": name},
-            )
-            s.take_over(claimed)
-            self.lanes.activate(name)
-            if len(claimed) < size:
-                return
+            ),
+            "reclaimed %d pending events of %s no live worker holds (a stopped worker's, "
+            "or read with the answer lost)",
+        )
+        if not more:
+            return
         # More may be waiting: look again at the next tick, not in RECLAIM_S, so taken-over
         # events are re-sent as fast as the lanes send, not as fast as this job wakes.
-        self._reclaim_more.add(name)
+        self._reclaim_more.add(s.destination.name)
         self.reclaim.schedule.now_again()
 
     async def _take_back_lost(self, senders: dict[str, Sender], now_ms: int) -> None:
@@ -345,25 +338,34 @@ class Housekeeping:
             await self._job("taking back lost reads", functools.partial(self._lost_one, s), s)
 
     async def _lost_one(self, s: Sender) -> None:
-        name = s.destination.name
         me = self.lanes.name
-        size = s.settings.batch_size
+        await self._take_over_while_room(
+            s,
+            lambda: s.queue.reclaim_lost(
+                f"{me}:reclaim", me, s.held_ids(), self.lost_idle_ms, s.settings.batch_size
+            ),
+            "took back %d events of %s whose read answer was lost",
+        )
+
+    async def _take_over_while_room(
+        self, s: Sender, claim: Callable[[], Awaitable[list[Entry]]], said: str
+    ) -> bool:
+        """Claim entries for ``s`` a batch at a time while it has room, handing each batch to
+        it (``said`` logs how many, of which destination); True when the last batch was full,
+        so more may be waiting."""
+        name = s.destination.name
         while s.reclaim_room():
-            claimed = await s.queue.reclaim_lost(
-                f"{me}:reclaim", me, s.held_ids(), self.lost_idle_ms, size
-            )
+            claimed = await claim()
             if not claimed:
-                return
+                return False
             log.warning(
-                "took back %d events of %s whose read answer was lost",
-                len(claimed),
-                name,
-                extra={"count": len(claimed), "destination": name},
+                said, len(claimed), name, extra={"count": len(claimed), "destination": name}
             )
             s.take_over(claimed)
             self.lanes.activate(name)
-            if len(claimed) < size:
-                return
+            if len(claimed) < s.settings.batch_size:
+                return False
+        return True
 
     async def _forget_all(self, senders: dict[str, Sender], now_ms: int) -> None:
         await self._forget_some(list(senders.values()))

@@ -18,6 +18,7 @@ API's own JSON, and raw identifiers never reach it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -40,6 +41,7 @@ from capi.destinations import Consent
 from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
+from capi.grouping import Coalescer
 from capi.queue import ENQUEUE_LUA, enqueue_call
 from capi.redisconn import brief, describe, settings_hint
 from capi.schema import Event
@@ -47,6 +49,7 @@ from capi.settings import Settings
 from capi.trouble import classify
 
 RawEvent = Mapping[str, Any] | Event
+Call = tuple[list[str], list[Any]]  # one enqueue script call: its keys and arguments
 # An event for the live-outcomes ring: (the ring's key, or "" for every target's; status,
 # refused or skipped; the rule; (id, type, kinds, timestamp_ms or 0)).
 RingNote = tuple[str, str, str, tuple[str, str, list[str], int]]
@@ -197,7 +200,10 @@ class _BaseProducer:
         consents: Mapping[str, Consent] | destinations_.Consents | None = None,
         strict_identifiers: bool = False,
         registry: CollectorRegistry | None = None,
+        group_events: int = 0,
     ) -> None:
+        """``group_events`` above 0 (asyncio :class:`Producer` only) sends the script calls
+        of concurrent enqueues together, in one round trip of at most that many events."""
         self.redis = client
         self.tail_entries = tail_entries
         self._names = destinations
@@ -212,6 +218,7 @@ class _BaseProducer:
         self.clock = clock
         self.chunk = chunk
         self._script = client.register_script(ENQUEUE_LUA)
+        self.group_events = group_events
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
@@ -457,8 +464,23 @@ class Producer(_BaseProducer):
     def _connect(settings: Settings) -> aioredis.Redis:
         return settings.async_redis()
 
-    async def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
-        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+    @functools.cached_property
+    def _group(self) -> Coalescer[list[Call], list[list[int]]] | None:
+        """With ``group_events``, the queue that sends concurrent enqueues' script calls
+        together (see :mod:`capi.grouping`)."""
+        return Coalescer(self._send_group, self.group_events) if self.group_events > 0 else None
+
+    @property
+    def waiting(self) -> int:
+        """Events given to :meth:`enqueue` / :meth:`enqueue_many` whose round trip has not
+        been answered yet (0 unless ``group_events``)."""
+        return self._group.pending if self._group is not None else 0
+
+    async def _run(self, calls: list[Call], events: int = 1) -> list[list[int]]:
+        """Run enqueue script calls (of ``events`` events); under ``aof`` or ``replica`` with
+        the wait after them; with ``group_events``, in a round trip shared with other calls."""
+        if self._group is not None:
+            return await self._group.submit(calls, events)
         if not self._durability.waits:
             return [await self._script(keys=keys, args=args) for keys, args in calls]
         for _ in range(2):
@@ -468,6 +490,36 @@ class Producer(_BaseProducer):
                 return flags
             await self.redis.script_load(ENQUEUE_LUA)
         raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
+
+    async def _send_group(self, items: list[list[Call]]) -> list[list[list[int]] | Exception]:
+        """One round trip for the script calls of several enqueues (then the durability wait,
+        which covers them all); each enqueue's answers, or its own error. Calls Redis did not
+        run for want of the script (NOSCRIPT: nothing written) are sent again once loaded."""
+        calls = [call for item in items for call in item]
+        answers: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        waited: Exception | None = None
+        for _ in range(2):
+            got = await self._pipeline([calls[i] for i in todo]).execute(raise_on_error=False)
+            if self._durability.waits:
+                try:
+                    self._durability.check(got[len(todo) :])
+                except Exception as exc:  # the wait covers every call of the round trip
+                    waited = exc
+            for i, answer in zip(todo, got, strict=False):
+                answers[i] = answer
+            todo = [i for i in todo if isinstance(answers[i], redis.exceptions.NoScriptError)]
+            if not todo:
+                break
+            await self.redis.script_load(ENQUEUE_LUA)
+        out: list[list[list[int]] | Exception] = []
+        start = 0
+        for item in items:
+            mine = answers[start : start + len(item)]
+            start += len(item)
+            failed = next((a for a in mine if isinstance(a, Exception)), waited)
+            out.append(failed if failed is not None else mine)
+        return out
 
     async def __aenter__(self) -> Self:
         return self
@@ -526,7 +578,8 @@ class Producer(_BaseProducer):
         refusals: list[RingNote] = []
         with _partial(report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
-                self._count(report, (await self._run([(keys, args)]))[0], positions)
+                flags = (await self._run([(keys, args)], len(positions)))[0]
+                self._count(report, flags, positions)
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
             await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -75,17 +75,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         )
     configure_logging(settings)
     where = f"http://{host}:{port}"
-    options = {
-        "log_config": None,
-        "access_log": False,
-        "loop": "uvloop",
-        "http": "capi.intake.guard:GuardedProtocol",  # the limits: docs/intake-security.md
-        "lifespan": "on",
-        "server_header": False,
-        "timeout_keep_alive": settings.intake_idle_timeout_s,
-        **_proxy_options(settings),
-        "timeout_graceful_shutdown": max(1, round(settings.shutdown_timeout_s)),
-    }
+    options = server_options(settings)
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))
     if workers > 1:
         config_file = ctx.ensure_object(dict).get("config_file")
@@ -116,6 +106,21 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for ``capi serve`` (also the intake benchmark's floor server's)."""
+    return {
+        "log_config": None,
+        "access_log": False,
+        "loop": "uvloop",
+        "http": "capi.intake.guard:GuardedProtocol",  # the limits: docs/intake-security.md
+        "lifespan": "on",
+        "server_header": False,
+        "timeout_keep_alive": settings.intake_idle_timeout_s,
+        **_proxy_options(settings),
+        "timeout_graceful_shutdown": max(1, round(settings.shutdown_timeout_s)),
+    }
 
 
 def _proxy_options(settings: Settings) -> dict[str, object]:

@@ -1,0 +1,178 @@
+"""capi serve groups concurrent requests' events into one Redis round trip (capi.grouping).
+
+Each test holds Redis's writes (``CLIENT PAUSE WRITE``) so that the first round trip stays in
+flight while many requests arrive; the intake's ``capi_intake_events_waiting`` gauge says
+when every event has reached the group queue, and only then are writes let go. Redis itself
+counts the round trips: under ``CAPI_ENQUEUE_DURABILITY=replica`` each one ends with one
+``WAIT``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from capi.settings import Settings
+from tests.helpers import events, http_get, wait_for
+from tests.intake_helpers import TOKEN, IntakeProcess, start_intake
+from tests.redisproc import RedisProcess
+from tests.test_intake import TOKENS, queued_ids, write_destinations
+
+HOLD_S = "60"  # the intake's Redis timeout: a round trip held by CLIENT PAUSE must not time out
+
+
+def waiting(server: IntakeProcess) -> int:
+    """The intake's capi_intake_events_waiting gauge."""
+    status, text = http_get(server.url + "/metrics")
+    assert status == 200
+    found = re.search(r"^capi_intake_events_waiting (\S+)$", text, re.M)
+    assert found, text
+    return int(float(found[1]))
+
+
+def calls(client: redis.Redis, command: str) -> int:
+    stats: dict[str, Any] = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def post_all(
+    server: IntakeProcess, requests: list[tuple[list[Any], str, str | None]]
+) -> tuple[list[threading.Thread], list[httpx.Response | None]]:
+    """Send each (events, token, destination) on its own thread and connection, at once."""
+    answers: list[httpx.Response | None] = [None] * len(requests)
+
+    def one(i: int) -> None:
+        body, token, destination = requests[i]
+        answers[i] = server.post(body, token=token, destination=destination, timeout=60)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    return threads, answers
+
+
+def held(
+    client: redis.Redis, server: IntakeProcess, requests: list[Any], events_in_redis: int
+) -> tuple[list[threading.Thread], list[httpx.Response | None]]:
+    """Send ``requests`` while Redis's writes are paused; return once ``events_in_redis``
+    events wait in the intake (the first round trip in flight, the others queued)."""
+    client.execute_command("CLIENT", "PAUSE", 120_000, "WRITE")
+    threads, answers = post_all(server, requests)
+    wait_for(lambda: waiting(server) == events_in_redis, 60, "every event to wait for Redis")
+    return threads, answers
+
+
+def joined(
+    threads: list[threading.Thread], answers: list[httpx.Response | None]
+) -> list[httpx.Response]:
+    for t in threads:
+        t.join(90)
+    assert all(a is not None for a in answers), answers
+    return [a for a in answers if a is not None]
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    with RedisProcess(tmp_path / "master") as master, RedisProcess(tmp_path / "replica") as rep:
+        with rep.client() as client:
+            client.replicaof("127.0.0.1", master.port)
+            wait_for(
+                lambda: client.info("replication").get("master_link_status") == "up",
+                30,
+                "the replica to sync",
+            )
+        yield master, rep
+
+
+def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answer(
+    tmp_path: Path, replicated: tuple[RedisProcess, RedisProcess]
+) -> None:
+    master, _ = replicated
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    server = start_intake(
+        tmp_path,
+        master.url,
+        CAPI_DESTINATIONS_FILE=str(path),
+        CAPI_ENQUEUE_DURABILITY="replica",
+        CAPI_REDIS_TIMEOUT_S=HOLD_S,
+    )
+    b_stream = Settings(_env_file=None).keys.for_destination("b").stream
+    try:
+        with master.client() as client:
+            warm = server.post(events(1, prefix="warm-"), token=TOKENS["a"])
+            assert warm.status_code == 200 and warm.json()["queued"] == 1  # the script loaded
+            client.set(b_stream, "not a stream")  # every write to destination b fails
+            alone = server.post(events(1, prefix="alone-"), token=TOKENS["b"])
+            assert alone.status_code >= 500
+            waits, scripts = calls(client, "wait"), calls(client, "evalsha")
+
+            good = events(30, prefix="g-")
+            bad = {"id": "no-type"}  # refused by prepare(): never reaches Redis
+            requests: list[tuple[list[Any], str, str | None]] = [
+                ([e], TOKENS["a"], None) for e in good
+            ]
+            requests += [([good[i]], TOKENS["a"], None) for i in range(3)]  # sent twice
+            requests += [([bad, events(1, prefix="nb-")[0]], TOKENS["a"], None)]
+            requests += [([bad], TOKENS["a"], None)]  # refused before Redis: never waits
+            requests += [(events(1, prefix=f"b{i}-"), TOKENS["b"], "b") for i in range(3)]
+            in_redis = 30 + 3 + 1 + 3
+            threads, sent = held(client, server, requests, in_redis)
+            client.execute_command("CLIENT", "UNPAUSE")
+            answers = joined(threads, sent)
+
+            assert calls(client, "evalsha") - scripts == in_redis  # one script call each
+            assert calls(client, "wait") - waits <= 2  # the round trip held, then one more
+    finally:
+        server.stop()
+
+    statuses = [a.status_code for a in answers]
+    assert statuses == [200] * 35 + [alone.status_code] * 3, statuses
+    results = [[r["status"] for r in a.json()["results"]] for a in answers[:35]]
+    firsts = {}  # the first of each twice-sent event is queued, in whichever request
+    for (body, _, _), got in zip(requests[:33], results, strict=False):
+        firsts.setdefault(body[0]["id"], []).append(got[0])
+    assert all(sorted(s) == ["duplicate", "queued"] for s in list(firsts.values())[:3]), firsts
+    assert all(s == ["queued"] for s in list(firsts.values())[3:])
+    assert results[33] == ["refused", "queued"] and results[34] == ["refused"]
+    for answer in answers[35:]:
+        assert answer.json()["error"] == alone.json()["error"]
+    queued = queued_ids(master.url, "a")
+    assert sorted(queued) == sorted(["warm-p-0", "nb-p-0", *(e["id"] for e in good)])
+
+
+def test_redis_killed_mid_group_answers_each_request_503_and_loses_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    with RedisProcess(tmp_path, persist=True) as rp:
+        server = start_intake(tmp_path, rp.url, CAPI_REDIS_TIMEOUT_S=HOLD_S)
+        try:
+            first = events(10, prefix="ack-")
+            assert all(server.post([e]).status_code == 200 for e in first)
+            batch = events(20, prefix="lost-")
+            with rp.client() as client:
+                threads, sent = held(client, server, [([e], TOKEN, None) for e in batch], 20)
+            rp.kill()  # the group in flight, the rest waiting: no write was run
+            for answer in joined(threads, sent):
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["retry-after"] == "3"
+                body = answer.json()
+                assert body["error"]["code"] == "queue_unavailable"
+                assert [r["status"] for r in body["results"]] == ["not_queued"]
+            rp.start()
+            assert sorted(queued_ids(rp.url)) == sorted(e["id"] for e in first)  # acknowledged
+
+            again = [server.post([e]) for e in batch]
+            assert [a.json()["results"][0]["status"] for a in again] == ["queued"] * 20
+            assert sorted(queued_ids(rp.url)) == sorted(e["id"] for e in first + batch)
+        finally:
+            server.stop()

@@ -89,7 +89,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             host=host,
             port=port,
             workers=workers,
-            **options,  # type: ignore[arg-type]
+            **options,
         )
         return
     try:
@@ -101,7 +101,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             ExitCode.CONFIG,
         )
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(Intake(settings), **options)  # type: ignore[arg-type]
+    config = uvicorn.Config(Intake(settings), **options)
     out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
     sys.stdout.flush()
     _exit_quietly_after_shutdown()

@@ -5,7 +5,9 @@ the first submission is sent at once (on the event loop's next turn, so an idle 
 no delay), and whatever is submitted while that round trip is in flight waits and goes
 together in the next one, up to ``max_weight`` per group. Each caller gets its own answer,
 or its own error: ``send`` answers item by item (an exception for an item fails that
-caller alone), and an exception raised by ``send`` itself fails every caller of its group.
+caller alone), and an exception raised by ``send`` itself (the round trip failed) fails
+every caller of its group and every caller waiting behind it, so that however many call at
+once, a frozen Redis costs each caller at most one timeout.
 
 The intake's producer (:class:`capi.producer.Producer` with ``group_events``) uses it so
 that concurrent single-event requests share one Redis round trip.
@@ -68,7 +70,12 @@ class Coalescer(Generic[T, R]):
             while group := self._take():
                 try:
                     answers = await self._send([item for item, _, _ in group])
-                except Exception as exc:  # the round trip failed: so did each of its callers
+                except Exception as exc:
+                    # The round trip failed (Redis away, frozen past its timeout): so did each
+                    # of its callers, and each caller that waited through it, who would
+                    # otherwise wait a whole timeout more in the next group.
+                    group += self._waiting
+                    self._waiting.clear()
                     answers = [exc] * len(group)
                 for (_, _, future), answer in zip(group, answers, strict=True):
                     if future.done():  # its caller left while the round trip was in flight

@@ -120,27 +120,26 @@ class EnqueueReport:
 def _translated(client: Any) -> Iterator[None]:
     """Turn Redis being away, slow or full into QueueUnavailable / QueueFull, with a true
     message: a call that failed after it was sent may have stored its events."""
-    where = _where(client)
     try:
         yield
     except redis.exceptions.ResponseError as exc:
         kind, meaning = classify(exc)
         if kind == "full":
             raise QueueFull(
-                f"Redis at {where} is full (maxmemory reached under noeviction); the event was "
-                "not queued. Workers free memory as they deliver; raise maxmemory or add "
+                f"Redis at {_where(client)} is full (maxmemory reached under noeviction); the "
+                "event was not queued. Workers free memory as they deliver; raise maxmemory or add "
                 "workers, then enqueue again."
             ) from None
         if kind not in ("redis-error", "unexpected"):
             raise QueueUnavailable(
-                f"Redis at {where} refused the event: {meaning} ({str(exc)[:200]}); it was "
-                "not queued. Enqueueing it again is safe."
+                f"Redis at {_where(client)} refused the event: {meaning} ({str(exc)[:200]}); it "
+                "was not queued. Enqueueing it again is safe."
             ) from None
         raise
     except redis.exceptions.AuthenticationError as exc:
         raise QueueUnavailable(
-            f"Redis at {where} refused the credentials in CAPI_REDIS_URL ({exc}); the event "
-            "was not queued."
+            f"Redis at {_where(client)} refused the credentials in CAPI_REDIS_URL ({exc}); the "
+            "event was not queued."
         ) from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         if isinstance(exc, redis.exceptions.ConnectionError) and "connecting to" in str(exc):
@@ -148,7 +147,7 @@ def _translated(client: Any) -> Iterator[None]:
         else:
             outcome = "the event may not have been queued"
         raise QueueUnavailable(
-            f"Redis at {where} could not be reached or did not answer within "
+            f"Redis at {_where(client)} could not be reached or did not answer within "
             f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. Enqueueing it again is safe "
             f"(the event id dedups). Check {settings_hint(client)}."
         ) from None

@@ -144,6 +144,10 @@ def configure_logging(settings: Settings) -> None:
 
     key = settings.api_key.get_secret_value() if settings.api_key else ""
     logs.configure(json=True, level=getattr(logging, settings.log_level.upper()), key=key)
+    # A line per request: skip what no capi formatter prints (the logging HOWTO's
+    # "Optimization": caller's file and line, thread, process).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     for handler in logging.getLogger().handlers:
         handler.setFormatter(AccessFormatter())
 

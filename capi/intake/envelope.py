@@ -93,7 +93,7 @@ def _strict(text: bytes) -> Any:
     """``text`` parsed with a check that no object names a key twice, as ``capi enqueue``
     refuses such a line; DuplicateKey names the key. (orjson, which keeps the last, has
     already refused invalid JSON and measured the nesting.)"""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    return _STRICT.decode(text.decode())
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -103,6 +103,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise DuplicateKey(f"names the key {twice[:40]!r} twice in one object; send it once")
     return found
+
+
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def too_many(max_events: int) -> EnvelopeError:

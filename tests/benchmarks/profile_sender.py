@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from capi.settings import Settings
+from capi.worker.lanes import run_sender
 from capi.worker.sender import Sender
 from tests.benchmarks.bench import enqueue_bulk, reset, sample_events, services
 
@@ -41,7 +42,7 @@ def main() -> None:
 
         async def drain() -> None:
             sender = Sender.from_settings(settings)
-            await sender.run(burst=True)
+            await run_sender(sender, burst=True)
             await sender.aclose()
 
         profiler = Profiler(interval=0.0005, async_mode="disabled")

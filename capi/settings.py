@@ -160,6 +160,13 @@ class Settings(BaseSettings):
     intake_max_events: int = Field(
         1000, ge=1, le=100_000, description="Most events in one capi serve request (else 413)."
     )
+    intake_group_events: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description="Most events of concurrent capi serve requests sent to Redis in one round "
+        "trip (0: a round trip per request).",
+    )
     intake_read_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -218,3 +218,23 @@ def test_an_unconfirmed_replica_wait_answers_every_request_of_its_group_503(
             assert sorted(queued_ids(rp.url)) == sorted(e["id"] for e in batch)
         finally:
             server.stop()
+
+
+def test_group_events_0_sends_a_round_trip_per_request(
+    tmp_path: Path, replicated: tuple[RedisProcess, RedisProcess]
+) -> None:
+    master, _ = replicated
+    server = start_intake(
+        tmp_path, master.url, CAPI_ENQUEUE_DURABILITY="replica", CAPI_INTAKE_GROUP_EVENTS="0"
+    )
+    try:
+        assert server.post(events(1, prefix="warm-")).status_code == 200
+        with master.client() as client:
+            waits = calls(client, "wait")
+            threads, sent = post_all(server, [([e], TOKEN, None) for e in events(20)])
+            answers = joined(threads, sent)
+            assert [a.status_code for a in answers] == [200] * 20
+            assert calls(client, "wait") - waits == 20
+        assert waiting(server) == 0
+    finally:
+        server.stop()

@@ -60,10 +60,6 @@ log = logging.getLogger("capi.intake")
 access_log = logging.getLogger("capi.intake.access")
 EVENTS_PATH = "/v1/events"
 FREE_BODY_BYTES = 65_536  # each request's first bytes are outside the shared budget
-# Concurrent requests' events share one Redis round trip (capi.grouping), at most this many:
-# enough for a burst of single-event requests, small enough that Redis runs one group in a
-# few milliseconds.
-GROUP_EVENTS = 256
 
 
 class IntakeMetrics:
@@ -134,7 +130,9 @@ class Intake:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.producer = Producer.from_settings(
-                    self.settings, registry=self.metrics.registry, group_events=GROUP_EVENTS
+                    self.settings,
+                    registry=self.metrics.registry,
+                    group_events=self.settings.intake_group_events,
                 )
                 self.metrics.waiting.set_function(self._waiting)
                 await send({"type": "lifespan.startup.complete"})

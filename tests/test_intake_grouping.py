@@ -238,3 +238,25 @@ def test_group_events_0_sends_a_round_trip_per_request(
         assert waiting(server) == 0
     finally:
         server.stop()
+
+
+def test_a_connection_dropped_mid_group_is_sent_again_and_each_event_queued_once(
+    tmp_path: Path,
+) -> None:
+    """Redis drops the intake's connection while a group waits in it (CLIENT KILL): the
+    round trip is sent again on a new connection, and every event is queued exactly once."""
+    with RedisProcess(tmp_path) as rp:
+        server = start_intake(tmp_path, rp.url, CAPI_REDIS_TIMEOUT_S=HOLD_S)
+        try:
+            assert server.post(events(1, prefix="warm-")).status_code == 200
+            batch = events(16, prefix="drop-")
+            with rp.client() as client:
+                threads, sent = held(client, server, [([e], TOKEN, None) for e in batch], 16)
+                assert client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+                client.execute_command("CLIENT", "UNPAUSE")
+                answers = joined(threads, sent)
+            assert [a.status_code for a in answers] == [200] * 16, [a.text for a in answers]
+            assert [a.json()["results"][0]["status"] for a in answers] == ["queued"] * 16
+            assert sorted(queued_ids(rp.url)) == sorted(["warm-p-0", *(e["id"] for e in batch)])
+        finally:
+            server.stop()

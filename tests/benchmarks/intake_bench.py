@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
 import uvloop
 
 from capi.events import prepare
@@ -229,7 +230,40 @@ def ratios(best: dict[str, int | None]) -> None:
     )
 
 
-async def run(port: int, ungrouped: int, floor_port: int, redis_url: str, seconds: float) -> None:
+def cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def saturated(port: int, pid: int, redis_url: str, n: int, tag: str) -> dict[str, float]:
+    """``n`` single-event requests over 32 connections as fast as they are answered: the
+    rate, the server's CPU per request, and Redis's reads (about one per round trip)."""
+    raws = [request_bytes(port, b) for b in bodies(n, 1, tag)]
+    with redis.Redis.from_url(redis_url) as client:
+        reads0, cpu0 = client.info("stats")["total_reads_processed"], cpu_s(pid)
+        got = await closed_loop(port, raws, 32)
+        reads = client.info("stats")["total_reads_processed"] - reads0 - 1
+    return {**got, "cpu_us": (cpu_s(pid) - cpu0) / n * 1e6, "reads": reads}
+
+
+async def saturation(ports: dict[str, tuple[int, int]], redis_url: str, seconds: float) -> None:
+    """Both capi serve processes saturated, in turns (grouped, ungrouped, twice)."""
+    n = int(1000 * seconds)
+    print(f"single-event requests, {n:,} over 32 connections as fast as answered:")
+    for rnd in range(2):
+        for name, (port, pid) in ports.items():
+            got = await saturated(port, pid, redis_url, n, f"sat{rnd}{name}")
+            print(
+                f"  {name:<10} {got['requests_s']:,.0f} req/s, p99 {got['p99_ms']:.1f} ms, "
+                f"server CPU {got['cpu_us']:.0f} us/request, {got['reads']:,} Redis reads"
+            )
+
+
+async def run(
+    pids: dict[str, tuple[int, int]], floor_port: int, redis_url: str, seconds: float
+) -> None:
+    port, ungrouped = pids["capi"][0], pids["ungrouped"][0]
     n500 = int(500 * seconds)
     fixed = await open_loop(port, [request_bytes(port, b) for b in bodies(n500, 1, "a")], 500, 16)
     print(
@@ -238,6 +272,7 @@ async def run(port: int, ungrouped: int, floor_port: int, redis_url: str, second
     )
     best = await most_rates({"capi": port, "ungrouped": ungrouped, "floor": floor_port}, seconds)
     ratios(best)
+    await saturation(pids, redis_url, seconds)
     n100 = int(300 * seconds)
     raws = [request_bytes(port, b) for b in bodies(n100, 100, "h")]
     for conns in (2, 3):
@@ -288,8 +323,11 @@ def main() -> None:
         floor_url = f"http://127.0.0.1:{floor_port}/healthz"
         wait_for(lambda: http_get(floor_url)[0] == 200, what="the floor server to answer")
         try:
-            port, ungrouped = (int(s.url.rsplit(":", 1)[1]) for s in (server, alone))
-            uvloop.run(run(port, ungrouped, floor_port, rp.url, args.seconds))
+            pids = {
+                name: (int(s.url.rsplit(":", 1)[1]), s.proc.pid)
+                for name, s in (("capi", server), ("ungrouped", alone))
+            }
+            uvloop.run(run(pids, floor_port, rp.url, args.seconds))
         finally:
             server.stop()
             alone.stop()

@@ -83,14 +83,19 @@ def replicated(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
     (tmp_path / "master").mkdir()
     (tmp_path / "replica").mkdir()
     with RedisProcess(tmp_path / "master") as master, RedisProcess(tmp_path / "replica") as rep:
-        with rep.client() as client:
-            client.replicaof("127.0.0.1", master.port)
-            wait_for(
-                lambda: client.info("replication").get("master_link_status") == "up",
-                30,
-                "the replica to sync",
-            )
+        replicate(rep, master)
         yield master, rep
+
+
+def replicate(replica: RedisProcess, master: RedisProcess) -> None:
+    """Make ``replica`` a replica of ``master``; return once it is in sync."""
+    with replica.client() as client:
+        client.replicaof("127.0.0.1", master.port)
+        wait_for(
+            lambda: client.info("replication").get("master_link_status") == "up",
+            30,
+            "the replica to sync",
+        )
 
 
 def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answer(
@@ -205,13 +210,7 @@ def test_an_unconfirmed_replica_wait_answers_every_request_of_its_group_503(
                 assert answer.status_code == 503, answer.text
                 assert answer.headers["retry-after"] == "3"
                 assert answer.json()["results"][0]["status"] == "not_queued"
-            with replica.client() as client:
-                client.replicaof("127.0.0.1", rp.port)
-                wait_for(
-                    lambda: client.info("replication").get("master_link_status") == "up",
-                    30,
-                    "the replica to sync",
-                )
+            replicate(replica, rp)
             again = [server.post([e]) for e in batch]
             assert [a.status_code for a in again] == [200] * 12
             assert [a.json()["results"][0]["status"] for a in again] == ["duplicate"] * 12

@@ -173,7 +173,25 @@ async def producer_figures(redis_url: str, n_single: int, n_bulk: int) -> dict[s
     }
 
 
-RATES = (500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000, 3500, 4000, 5000, 6000, 7000, 8000)
+RATES = (
+    250,
+    375,
+    500,
+    750,
+    1000,
+    1250,
+    1500,
+    1750,
+    2000,
+    2500,
+    3000,
+    3500,
+    4000,
+    5000,
+    6000,
+    7000,
+    8000,
+)
 
 
 async def passes(port: int, rate: int, seconds: float, tag: str, tries: int = 3) -> bool:

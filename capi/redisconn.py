@@ -28,8 +28,10 @@ which every caller already rides out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -339,32 +341,56 @@ def _cluster_error(exc: redis.exceptions.RedisClusterException) -> redis.excepti
 
 class _AsyncCluster(aiocluster.RedisCluster):
     """redis-py's asyncio cluster client, raising its errors outside redis-py's error tree
-    (no node reachable, a slot not covered) as ConnectionError (see the module docstring)."""
+    (no node reachable, a slot not covered) as ConnectionError (see the module docstring).
+
+    redis-py (5.3) closes every connection of the client when one command meets a
+    ConnectionError (to read the topology again); a command or pipeline of another task
+    then finds its connection's writer gone (AttributeError). It is the same dropped
+    connection, raised as such.
+    """
 
     async def initialize(self) -> aiocluster.RedisCluster:
-        try:
+        with _translated_cluster():
             return await super().initialize()
-        except redis.exceptions.RedisClusterException as exc:
-            raise _cluster_error(exc) from exc
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with _translated_cluster():
             return await super().execute_command(*args, **kwargs)
-        except redis.exceptions.RedisClusterException as exc:
-            raise _cluster_error(exc) from exc
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> aiocluster.ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused, as redis-py says
+        pipe: aiocluster.ClusterPipeline = cast(Any, _AsyncClusterPipeline)(self)
+        return pipe
+
+
+class _AsyncClusterPipeline(aiocluster.ClusterPipeline):
+    """redis-py's cluster pipeline, its errors raised as :class:`_AsyncCluster` says."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        with _translated_cluster():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.contextmanager
+def _translated_cluster() -> Iterator[None]:
+    try:
+        yield
+    except redis.exceptions.RedisClusterException as exc:
+        raise _cluster_error(exc) from exc
+    except AttributeError as exc:
+        raise redis.exceptions.ConnectionError(f"connection closed under the call ({exc})") from exc
 
 
 class _SyncCluster(redis.cluster.RedisCluster):
     """The blocking twin of :class:`_AsyncCluster` (which reads the topology at once)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        try:
+        with _translated_cluster():
             super().__init__(**kwargs)
-        except redis.exceptions.RedisClusterException as exc:
-            raise _cluster_error(exc) from exc
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with _translated_cluster():
             return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except redis.exceptions.RedisClusterException as exc:
-            raise _cluster_error(exc) from exc

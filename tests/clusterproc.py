@@ -36,7 +36,11 @@ class Node:
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = spawn(
+        with (self.workdir / "out.log").open("ab") as log:  # the child keeps its own copy
+            self.proc = self._spawn(log)
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return spawn(
             [
                 self.binary,
                 "--port",
@@ -51,13 +55,15 @@ class Node:
                 str(self.node_timeout_ms),
                 "--appendonly",
                 "no",
+                "--repl-diskless-sync-delay",
+                "0",
                 "--save",
                 "",
                 "--dir",
                 str(self.workdir),
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def client(self, **kwargs: Any) -> redis.Redis:
@@ -122,7 +128,7 @@ class ClusterSet:
     def start(self) -> ClusterSet:
         for node in self.nodes:
             node.start()
-        self._wait(lambda: all(n.answers() for n in self.nodes), 20, "every node to answer")
+        self._wait(self._all_answer, 30, "every node to answer")
         created = subprocess.run(
             [
                 self.cli,
@@ -142,6 +148,15 @@ class ClusterSet:
         self.wait_ok()
         return self
 
+    def _all_answer(self) -> bool:
+        """Whether every node answers; one that exited at once lost its free port to another
+        process (the suite runs in parallel): start it again on another one."""
+        for node in self.nodes:
+            if not node.alive():
+                node.port = free_port()
+                node.start()
+        return all(n.answers() for n in self.nodes)
+
     def wait_ok(self, timeout_s: float = 60.0) -> None:
         """Until every live node says cluster_state:ok and knows every slot's master, and
         each master has its replicas in sync."""
@@ -152,10 +167,10 @@ class ClusterSet:
             live = [n for n in self.nodes if n.alive()]
             if not all("cluster_state:ok" in n.cluster_info() for n in live):
                 return False
-            masters = [n for n in live if n.is_master()]
-            return all(
-                n.info("replication").get("connected_slaves", 0) >= 1 for n in masters
-            ) or any(not n.alive() for n in self.nodes)
+            if any(not n.alive() for n in self.nodes):
+                return True  # after a kill: the promoted master has no replica left
+            # Each replica in sync: one that never was cannot take over its master.
+            return all(_replicas_online(n) for n in live if n.is_master())
         except (redis.exceptions.RedisError, OSError):
             return False
 
@@ -190,6 +205,12 @@ class ClusterSet:
                     node.proc.wait(10)
                 except subprocess.TimeoutExpired:
                     node.proc.kill()
+
+
+def _replicas_online(master: Node) -> bool:
+    info = master.info("replication")
+    found = [info.get(f"slave{i}", {}) for i in range(int(info.get("connected_slaves", 0)))]
+    return bool(found) and all(isinstance(r, dict) and r.get("state") == "online" for r in found)
 
 
 def _owner(client: redis.Redis, slot: int) -> int | None:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,15 +23,18 @@ import redis
 
 from capi import coverage, dedup, index
 from capi.constants import RedisKeys
-from capi.errors import QueueUnavailable
+from capi.errors import ConfigError, QueueUnavailable
 from capi.events import prepare
 from capi.producer import Producer, SyncProducer
 from capi.queue import ENQUEUE_LUA, enqueue_call, lua
 from capi.sandbox import SandboxThread
+from capi.sandbox.state import Fault
 from capi.settings import Settings
 from tests.clusterproc import ClusterSet, cluster_settings
-from tests.helpers import capi, events, start_worker, stop_worker, wait_for
+from tests.helpers import _plain as plain_settings
+from tests.helpers import capi, events, spawn, start_worker, stop_worker, wait_for
 from tests.test_destinations_scale import configure
+from workers.main import worker_settings
 
 BATCH_SIZE = 20
 CONCURRENCY = 2
@@ -135,6 +142,7 @@ def test_a_write_whose_writer_died_before_the_index_is_swept_back(
         keys = settings.keys.for_destination("d1")
         wait_for(lambda: not client.exists(keys.armed), 60, "d1 read empty")
         assert b"d1" not in client.smembers(settings.keys.active)
+        wait_for(lambda: unread_for(client, keys, 2000), 60, "the worker to stop reading d1")
         script = client.register_script(lua(keys, ENQUEUE_LUA))
         lone = events(1, prefix="lone-")[0]
         p = prepare(lone)
@@ -149,6 +157,42 @@ def test_a_write_whose_writer_died_before_the_index_is_swept_back(
     finally:
         client.close()
         stop_worker(worker)
+
+
+def test_retries_come_back_through_the_retry_due_index(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """Every other request fails (503, and 429 with Retry-After): retries are scheduled,
+    indexed on the shared slot and moved back, on every shard."""
+    settings, env = setup(tmp_path, sandbox, cluster, 6)
+    sandbox.state.faults.append(Fault("server_error", every=2, status=503))
+    sandbox.state.faults.append(Fault("rate_limit", every=5, retry_after_s=0.2))
+    sent = set()
+    with SyncProducer.from_settings(settings) as producer:
+        for name in names(6):
+            batch = events(30, prefix=f"{name}-")
+            assert producer.enqueue_many(batch, destination=name).queued == 30
+            sent |= {e["id"] for e in batch}
+    worker = start_worker(settings, "--burst", **env)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert sent <= set(sandbox.state.delivered_ids())
+    client = settings.sync_redis()
+    try:
+        retried = sum(
+            int(client.hget(settings.keys.for_destination(n).stats, "retried") or 0)
+            for n in names(6)
+        )
+        assert retried > 0
+        assert not client.zrange(settings.keys.retry_due, 0, -1)  # nothing left scheduled
+    finally:
+        client.close()
+
+
+def unread_for(client: redis.Redis, keys: RedisKeys, ms: int) -> bool:
+    """Whether no consumer has read the destination's stream for ``ms``."""
+    consumers = client.xinfo_consumers(keys.stream, "senders")
+    return all(int(c["idle"]) > ms for c in consumers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,6 +370,43 @@ def test_status_destinations_tail_and_dead_letters_work_across_shards(
     run(settings, env, "dead-letters", "purge", "--all", "--yes")
     assert run(settings, env, "dead-letters", "list", "--json").strip() == ""
 
+    # tail --follow sees outcomes on every shard as they happen.
+    followed: list[dict[str, Any]] = []
+    follower = follow_tail(settings, env, followed)
+    wait_for(lambda: bool(followed), 60, "tail --follow to print its first line")
+    with SyncProducer.from_settings(settings) as producer:
+        for name in names(9):
+            producer.enqueue(events(1, start=50, prefix=f"{name}-")[0], destination=name)
+    worker = start_worker(settings, "--burst", **env)
+    assert worker.wait(120) == 0
+    late = {f"{name}-p-50" for name in names(9)}
+    wait_for(lambda: late <= {f["id"] for f in followed}, 60, "every shard's outcome followed")
+    follower.kill()
+
+
+def follow_tail(
+    settings: Settings, env: dict[str, str], into: list[dict[str, Any]]
+) -> subprocess.Popen[str]:
+    """``capi tail --follow --json -n 1`` in a process of its own; its lines go ``into``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    full.update({f"CAPI_{k.upper()}": str(v) for k, v in plain_settings(settings).items()})
+    full.update({**env, "CAPI_CONFIG_FILE": os.devnull})
+    proc = spawn(
+        [sys.executable, "-m", "workers.cli", "tail", "--follow", "--json", "-n", "1"],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            into.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
 
 def shards_on_enqueue(settings: Settings, cluster: ClusterSet, count: int) -> dict[int, list[str]]:
     """Enqueue 5 events to each destination; which shard each one's keys went to."""
@@ -348,3 +429,26 @@ def test_the_keys_of_one_destination_share_a_slot() -> None:
     shared = {redis.cluster.key_slot(k.encode()) for k in (keys.active, keys.wake, keys.workers)}
     assert len(shared) == 1
     assert enqueue_call(keys, 60, [])[0][2:] == [keys.armed, keys.armed]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"redis_sentinels": "127.0.0.1:26379", "redis_sentinel_master": "m"}, "exclude"),
+        ({"redis_url": "unix:///tmp/redis.sock"}, "redis:// or rediss://"),
+        ({"redis_url": "redis://127.0.0.1:7000/3"}, "database 0"),
+        ({"redis_prefix": "capi{x}"}, "must not hold {"),
+    ],
+)
+def test_cluster_settings_that_cannot_work_are_refused(
+    overrides: dict[str, str], says: str
+) -> None:
+    values = {"redis_url": "redis://127.0.0.1:7000/0", "redis_cluster": True, **overrides}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        Settings.load(os.devnull, **values)
+
+
+def test_arq_refuses_a_cluster_and_names_capi_worker() -> None:
+    settings = Settings.load(os.devnull, redis_url="redis://127.0.0.1:7000", redis_cluster=True)
+    with pytest.raises(ConfigError, match="capi worker"):
+        worker_settings(settings)

@@ -170,7 +170,8 @@ class ClusterSet:
             if any(not n.alive() for n in self.nodes):
                 return True  # after a kill: the promoted master has no replica left
             # Each replica in sync: one that never was cannot take over its master.
-            return all(_replicas_online(n) for n in live if n.is_master())
+            masters = [n for n in live if n.is_master()]
+            return self.replicas_each == 0 or all(_replicas_online(n) for n in masters)
         except (redis.exceptions.RedisError, OSError):
             return False
 

@@ -257,8 +257,11 @@ class _BaseProducer:
     def _pinned(self, calls: list[tuple[list[str], list[Any]]]) -> dict[str, list[int]]:
         """On a cluster: the calls (by position) grouped by the node that holds their slot."""
         groups: dict[str, list[int]] = {}
-        for i, (keys, _) in enumerate(calls):
-            groups.setdefault(self.redis.get_node_from_key(keys[0]).name, []).append(i)
+        try:
+            for i, (keys, _) in enumerate(calls):
+                groups.setdefault(self.redis.get_node_from_key(keys[0]).name, []).append(i)
+        except redis.exceptions.RedisClusterException as exc:  # a slot no master serves
+            raise redis.exceptions.ConnectionError(f"Redis Cluster: {exc}") from exc
         return groups
 
     def _node_pipeline(self, node_name: str, calls: list[tuple[list[str], list[Any]]]) -> Any:

@@ -34,12 +34,13 @@ class Node:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, cluster: bool = True) -> None:
+        """Start the server (``cluster=False``: a plain one, for comparisons)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with (self.workdir / "out.log").open("ab") as log:  # the child keeps its own copy
-            self.proc = self._spawn(log)
+            self.proc = self._spawn(log, cluster)
 
-    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+    def _spawn(self, log: Any, cluster: bool) -> subprocess.Popen[bytes]:
         return spawn(
             [
                 self.binary,
@@ -48,7 +49,7 @@ class Node:
                 "--bind",
                 "127.0.0.1",
                 "--cluster-enabled",
-                "yes",
+                "yes" if cluster else "no",
                 "--cluster-config-file",
                 str(self.workdir / "nodes.conf"),
                 "--cluster-node-timeout",

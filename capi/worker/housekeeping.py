@@ -58,7 +58,8 @@ import redis.exceptions
 from capi import clock, index, replay
 from capi.clock import HEARTBEAT_S, LIVENESS_MS, LIVENESS_S, ms
 from capi.deadletters import Unreadable
-from capi.status import destination_status, redis_full
+from capi.redisconn import is_cluster
+from capi.status import cluster_memory, destination_status, redis_full
 from capi.worker.jobs import Job, Rotation, Schedule
 
 if TYPE_CHECKING:
@@ -409,10 +410,14 @@ class Housekeeping:
         for s in todo.values():
             await s.refresh_gauges(now_ms)
         try:
-            memory = await self.lanes.redis.info("memory")
+            if is_cluster(self.lanes.redis):  # full: any master is
+                _, shards = await cluster_memory(self.lanes.redis)
+                full = any(shard["full"] for shard in shards)
+            else:
+                full = redis_full(await self.lanes.redis.info("memory"))
         except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
             return
-        self.lanes.metrics.redis_full.set(1 if redis_full(memory) else 0)
+        self.lanes.metrics.redis_full.set(1 if full else 0)
 
     async def _drained(self) -> bool:
         """Whether every destination that can send has nothing queued, in flight or

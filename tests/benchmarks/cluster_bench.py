@@ -3,6 +3,7 @@
     python -m tests.benchmarks.bench --only cluster
 
 A cluster of its own (three masters, no replicas: replication is not what is measured),
+then the same workload on one Redis (``single``, for comparison in the same run),
 a sandbox process, and ``destinations`` destinations (300 by default: enough for their
 spread over the shards to be near even). Events are enqueued round the destinations
 beforehand; then ``workers`` burst ``capi worker`` processes drain them. Printed: events/s
@@ -33,21 +34,35 @@ from tests.helpers import stop_spawned
 
 
 def cluster_row(n: int, destinations: int = 300, workers: int = 1) -> dict[str, Any]:
-    """Drain ``n`` events over ``destinations`` destinations on a 3-master cluster."""
+    """Drain ``n`` events over ``destinations`` destinations on a 3-master cluster, and the
+    same on one Redis (``single``), in one run."""
+    row = _drain(n, destinations, workers, cluster=True)
+    row["single"] = _drain(n, destinations, workers, cluster=False)
+    return row
+
+
+def _drain(n: int, destinations: int, workers: int, *, cluster: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        cluster = ClusterSet(Path(tmp) / "cluster", replicas_each=0).start()
+        nodes = ClusterSet(Path(tmp) / "cluster", masters=3 if cluster else 1, replicas_each=0)
+        if cluster:
+            nodes.start()
+        else:
+            nodes.nodes[0].start(cluster=False)
+            nodes._wait(nodes.nodes[0].answers, 20, "redis-server to start")
         sandbox, base = _sandbox()
         try:
-            env = _configure(Path(tmp), cluster, base, destinations)
+            env = _configure(Path(tmp), nodes, base, destinations, cluster=cluster)
             os.environ.update({k: v for k, v in env.items() if k.startswith("CAPI_KEY_C")})
-            settings = Settings.load(os.devnull, **_settings_values(env))
+            settings = Settings.load(os.devnull, **_settings_values(env, cluster=cluster))
             names = [f"c{i}" for i in range(destinations)]
             n = n // destinations * destinations  # the same count for each destination
             _enqueue(settings, names, n)
-            masters = {node.port: node for node in cluster.masters()}
+            masters = {node.port: node for node in nodes.masters()} if cluster else {}
+            masters = masters or {nodes.nodes[0].port: nodes.nodes[0]}
             on = {port: 0 for port in masters}
             for name in names:
-                on[cluster.node_of(settings.keys.for_destination(name).stream).port] += 1
+                keys = settings.keys.for_destination(name)
+                on[nodes.node_of(keys.stream).port if cluster else nodes.nodes[0].port] += 1
             cpu0 = {port: _cpu(node) for port, node in masters.items()}
             run_workers(env, workers, {"CAPI_BATCH_SIZE": "500", "CAPI_BATCH_WAIT_MS": "20"})
             cpu = {port: _cpu(node) - cpu0[port] for port, node in masters.items()}
@@ -89,6 +104,11 @@ def print_cluster(x: dict[str, Any]) -> None:
             f"  master :{s['master']}: {s['destinations']} destinations ({s['spread_pct']:+}% "
             f"of even), Redis {s['redis_cpu_us_per_event']} us per event it served"
         )
+    one = x["single"]
+    print(
+        f"  the same on one Redis, same run: {one['events_per_s']:,} events/s, Redis "
+        f"{one['shards'][0]['redis_cpu_us_per_event']} us per event"
+    )
 
 
 def _sandbox() -> tuple[subprocess.Popen[bytes], str]:
@@ -107,7 +127,9 @@ def _sandbox() -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the sandbox did not start")
 
 
-def _configure(tmp: Path, cluster: ClusterSet, base: str, count: int) -> dict[str, str]:
+def _configure(
+    tmp: Path, nodes: ClusterSet, base: str, count: int, *, cluster: bool
+) -> dict[str, str]:
     """A destinations file of ``count`` destinations, their keys in the returned env (with
     the cluster and the sandbox), and the sandbox told their keys and pixels."""
     lines, env = [], {}
@@ -126,18 +148,18 @@ def _configure(tmp: Path, cluster: ClusterSet, base: str, count: int) -> dict[st
     sandbox_call({"CAPI_BASE_URL": base}, "/_sandbox/config", _json(config))
     return {
         **env,
-        "CAPI_REDIS_URL": cluster.url,
-        "CAPI_REDIS_CLUSTER": "true",
+        "CAPI_REDIS_URL": nodes.url,
+        "CAPI_REDIS_CLUSTER": "true" if cluster else "false",
         "CAPI_DESTINATIONS_FILE": str(path),
         "CAPI_BASE_URL": base,
         "CAPI_CONFIG_FILE": os.devnull,
     }
 
 
-def _settings_values(env: dict[str, str]) -> dict[str, Any]:
+def _settings_values(env: dict[str, str], *, cluster: bool) -> dict[str, Any]:
     return {
         "redis_url": env["CAPI_REDIS_URL"],
-        "redis_cluster": True,
+        "redis_cluster": cluster,
         "destinations_file": env["CAPI_DESTINATIONS_FILE"],
         "base_url": env["CAPI_BASE_URL"],
     }

@@ -19,8 +19,9 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
   answer was lost, are taken over (``XCLAIM``).
 
-This module holds every script that writes to a stream (the producers run its enqueue
-script); key names live in :mod:`capi.constants`.
+This module holds every script that writes to an event stream (the producers run its
+enqueue script); key names live in :mod:`capi.constants`. On a Redis Cluster each script
+runs in its single-slot form, and :mod:`capi.index` writes the shared index after it.
 """
 
 from __future__ import annotations

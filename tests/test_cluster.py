@@ -383,6 +383,27 @@ def test_status_destinations_tail_and_dead_letters_work_across_shards(
     wait_for(lambda: late <= {f["id"] for f in followed}, 60, "every shard's outcome followed")
     follower.kill()
 
+    # capi enqueue fans out over shards; capi queue purge empties one destination's queue.
+    lines_in = "\n".join(json.dumps(e) for e in events(4, start=60, prefix="cli-"))
+    done = capi(
+        settings,
+        "enqueue",
+        "--destination",
+        ",".join(names(9)),
+        "--json",
+        input=lines_in,
+        extra_env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["queued"] == 4 * 9, done.stdout  # one copy each
+    run(settings, env, "queue", "purge", "--destination", "d2", "--yes")
+    client = settings.sync_redis()
+    try:
+        assert client.xlen(settings.keys.for_destination("d2").stream) == 0
+        assert client.xlen(settings.keys.for_destination("d3").stream) == 4
+    finally:
+        client.close()
+
 
 def follow_tail(
     settings: Settings, env: dict[str, str], into: list[dict[str, Any]]

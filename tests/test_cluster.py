@@ -28,11 +28,12 @@ from capi.events import prepare
 from capi.producer import Producer, SyncProducer
 from capi.queue import ENQUEUE_LUA, enqueue_call, lua
 from capi.sandbox import SandboxThread
-from capi.sandbox.state import Fault
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
 from capi.settings import Settings
 from tests.clusterproc import ClusterSet, cluster_settings
 from tests.helpers import _plain as plain_settings
 from tests.helpers import capi, events, spawn, start_worker, stop_worker, wait_for
+from tests.intake_helpers import start_intake
 from tests.test_destinations_scale import configure
 from workers.main import worker_settings
 
@@ -473,3 +474,30 @@ def test_arq_refuses_a_cluster_and_names_capi_worker() -> None:
     settings = Settings.load(os.devnull, redis_url="redis://127.0.0.1:7000", redis_cluster=True)
     with pytest.raises(ConfigError, match="capi worker"):
         worker_settings(settings)
+
+
+def test_the_intake_enqueues_to_a_cluster(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """``capi serve`` on a cluster, with ``replica`` durability: each answered event is
+    delivered by a worker."""
+    intake = start_intake(
+        tmp_path,
+        cluster.url,
+        CAPI_REDIS_CLUSTER="true",
+        CAPI_ENQUEUE_DURABILITY="replica",
+        CAPI_PIXEL_ID=DEFAULT_PIXEL,
+        CAPI_API_KEY=DEFAULT_KEY,
+    )
+    sent = events(30, prefix="http-")
+    for event in sent:
+        answer = intake.post([event])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["status"] == "queued"
+    settings = cluster_settings(sandbox, cluster)
+    worker = start_worker(settings, "--burst")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert {e["id"] for e in sent} <= set(sandbox.state.delivered_ids())
+    log = intake.stop()
+    assert "Traceback" not in log, log

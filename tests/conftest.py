@@ -38,6 +38,7 @@ LONG_FIRST = (
     "test_destinations.py",
     "test_redis_connections.py",
     "test_sentinel_failover.py",
+    "test_cluster.py",
 )
 
 

@@ -316,3 +316,10 @@ def test_same_id_for_a_signup_and_an_order_keeps_both(
     assert json.loads(one)["event"]["type"] == "order_created"
     replayed = cli_run(settings, "dead-letters", "replay", "123")
     assert "replayed 2 of 2" in replayed.output
+
+
+def test_support_bundle_of_an_unknown_id_says_so_and_exits_not_found(mixed: Settings) -> None:
+    result = cli_run(mixed, "support-bundle", "scope-p-0", "no-such-order")
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert "not found: no-such-order" in result.output
+    assert "event scope-p-0" in result.output  # what was found is still printed

@@ -27,8 +27,8 @@ from capi.cli.selection import (
 )
 from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter
-from capi.exitcodes import ExitCode
 from capi.destinations import Destination
+from capi.exitcodes import ExitCode
 from capi.fingerprint import fingerprint
 from capi.replay import Selection
 from capi.safetext import shown

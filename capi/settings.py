@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -47,6 +48,32 @@ from capi.redisconn import (
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
 # CAPI_* names that are not settings yet are known: the config file's name, and the two
 # that docker-compose.yml reads (from .env) to configure the containers.
+
+
+class _NameTheFile(logging.Filter):
+    """python-dotenv warns of a line it cannot parse without naming the file, and again each
+    time the file is read: name the file, and say it once per line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: Path | None = None
+        self.seen: set[tuple[Path, object]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.path is None or not str(record.msg).startswith("python-dotenv could not parse"):
+            return True
+        line = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        if (self.path, line) in self.seen:
+            return False
+        self.seen.add((self.path, line))
+        record.msg = "warning: %s line %s is ignored: it is not NAME=value (comments start with #)"
+        record.args = (self.path, line)
+        return True
+
+
+_dotenv_lines = _NameTheFile()
+logging.getLogger("dotenv.main").addFilter(_dotenv_lines)
+
 NOT_SETTINGS = frozenset({"CAPI_CONFIG_FILE", "CAPI_ENV_FILE", "CAPI_REDIS_PASSWORD"})
 
 
@@ -345,6 +372,8 @@ class Settings(BaseSettings):
                 f"config file {path.absolute()} does not exist (named by --config or "
                 "CAPI_CONFIG_FILE; a relative path is taken from the current directory)"
             )
+        if env_file is not None:
+            _dotenv_lines.path = env_file.absolute()
         try:
             settings = cls(_env_file=env_file, **overrides)
         except ValidationError as exc:

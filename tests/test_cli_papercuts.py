@@ -117,6 +117,29 @@ def test_enqueue_dry_run_reports_each_line_and_queues_nothing(
     assert '"valid":3' in ok.output and '"queued":0' in ok.output
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_read_and_a_stray_one_is_named(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    first, second = _jsonl(events(2)).splitlines()
+    file = tmp_path / "events.jsonl"
+    file.write_bytes(b"\xef\xbb\xbf" + f"{first}\n\ufeff{second}\n".encode())
+    result = invoke(env, "enqueue", "--dry-run", str(file))
+    assert "dry run: 1 valid, refused 1" in result.output, result.output
+    assert "line 2: event refused: (line): starts with a byte order mark (U+FEFF)" in result.output
+
+
+def test_a_config_file_line_that_cannot_be_read_is_named_with_its_file_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL={env['CAPI_REDIS_URL']}\nthis is not a setting\n")
+    result = run_capi({**env, "CAPI_CONFIG_FILE": str(config)}, "destinations")
+    assert result.returncode == 0, result.stderr
+    said = f"warning: {config} line 2 is ignored: it is not NAME=value"
+    assert result.stderr.count(said) == 1, result.stderr
+    assert "python-dotenv" not in result.stderr
+
+
 def test_queue_purge_empties_the_queue_but_keeps_dead_letters_and_in_flight(
     env: dict[str, str], sandbox: SandboxThread, redis_url: str
 ) -> None:

@@ -4,10 +4,12 @@ that must work while the destinations file is broken."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -537,3 +539,40 @@ def test_show_and_replays_keep_to_the_destination_named(two_destinations: dict[s
     assert (
         "completed" in invoke(multi, "dead-letters", "replays", "--destination", "brand-b").output
     )
+
+
+class _NotTheApi(http.server.BaseHTTPRequestHandler):
+    """Some other service's 401, as a CAPI_BASE_URL naming the wrong server gets it."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = b'{"detail": "Unauthorized"}'
+        self.send_response(401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_401_from_a_server_that_is_not_the_api_points_at_the_base_url(
+    env: dict[str, str], sandbox: SandboxThread
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotTheApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        wrong = invoke({**env, "CAPI_BASE_URL": url}, "check-key")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert wrong.exit_code != 0
+    assert "1. This answer is not in the API's error format" in wrong.output, wrong.output
+    assert "Check CAPI_BASE_URL" in wrong.output
+    # The API's own 401 (its error envelope) blames the key, not the URL.
+    sandbox.state.conversion_keys.discard(DEFAULT_KEY)
+    real = invoke(env, "check-key")
+    assert "[unauthorized]" in real.output, real.output
+    assert "error format" not in real.output

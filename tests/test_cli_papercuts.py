@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -336,6 +337,26 @@ def test_status_runs_with_a_broken_destinations_file_and_shows_its_error_on_top(
     as_json = json.loads(invoke(broken, "status", "--json").output)
     assert "is not valid TOML" in as_json["destinations_file_error"]
     assert as_json["queued"] == 4
+
+
+def test_destinations_lists_what_redis_holds_under_a_broken_destinations_file(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
+) -> None:
+    enqueue(make_settings(sandbox, redis_url), events(4))
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = \n')  # no value
+    broken = run_capi({**env, "CAPI_DESTINATIONS_FILE": str(dests)}, "destinations")
+    assert broken.returncode == ExitCode.CONFIG
+    assert broken.stderr.startswith("error: the destinations file is broken:"), broken.stderr
+    assert "is not valid TOML" in broken.stderr and "Traceback" not in broken.stderr
+    assert re.search(r"^default\s.*\s4\s", broken.stdout, re.M), broken.stdout
+    rows = [
+        json.loads(line)
+        for line in run_capi(
+            {**env, "CAPI_DESTINATIONS_FILE": str(dests)}, "destinations", "--json"
+        ).stdout.splitlines()
+    ]
+    assert [(r["name"], r["queued"], r["configured"]) for r in rows] == [("default", 4, None)]
 
 
 def test_destinations_fits_80_columns_without_cutting_names_or_pixels(

@@ -36,15 +36,21 @@ from tests.helpers import (
 SCOPE_FAILS, STALE, INVALID = 10, 4, 3
 
 
-def cli_run(settings: Settings, *args: str, input: str | None = None) -> Result:
-    env = {
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The CAPI_* variables that point the CLI at these settings' Redis and sandbox."""
+    return {
         "CAPI_API_KEY": DEFAULT_KEY,
         "CAPI_PIXEL_ID": settings.pixel_id or "",
         "CAPI_BASE_URL": settings.base_url,
         "CAPI_REDIS_URL": settings.redis_url,
         "CAPI_CONFIG_FILE": os.devnull,
     }
-    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def cli_run(settings: Settings, *args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(
+        cli, list(args), env=cli_env(settings), input=input, catch_exceptions=False
+    )
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 import jinja2
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
@@ -68,6 +69,18 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class SafeJSON(JSONResponse):
+    """JSON whose ``<``, ``>`` and ``&`` are written as ``\\u`` escapes: the same data,
+    and never markup, whatever a browser makes of it."""
+
+    def render(self, content: Any) -> bytes:
+        """The body, escaped."""
+        body = orjson.dumps(content).decode()
+        for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+            body = body.replace(char, escape)
+        return body.encode()
 
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
@@ -199,7 +212,7 @@ class Console:
     def refusal(self, request: Request, exc: Refused) -> Response:
         """A refusal as a short page (or JSON for a .json path)."""
         if request.url.path.endswith(".json"):
-            return JSONResponse({"error": exc.message}, status_code=exc.status)
+            return SafeJSON({"error": exc.message}, status_code=exc.status)
         html = self.templates.get_template("error.html").render(
             status=exc.status, message=exc.message, user=None
         )
@@ -291,7 +304,7 @@ class Console:
 
     async def overview_json(self, request: Request, principal: Principal) -> Response:
         """The overview's data, for the live page."""
-        return JSONResponse(await self.reader.overview())
+        return SafeJSON(await self.reader.overview())
 
     async def destination(self, request: Request, principal: Principal) -> Response:
         """One destination: status, match coverage, recent outcomes."""
@@ -304,7 +317,7 @@ class Console:
         after = request.query_params.get("after", "0-0")
         if not all(part.isdigit() for part in after.split("-", 1)):
             raise Refused(400, "after must be a ring entry id such as 1700000000000-0")
-        return JSONResponse(await self.reader.tail_after(name, after))
+        return SafeJSON(await self.reader.tail_after(name, after))
 
     async def dead_letters(self, request: Request, principal: Principal) -> Response:
         """A page of dead letters, filtered."""
@@ -359,7 +372,7 @@ class Console:
         job = self.actions.jobs.get(str(request.path_params["job"]))
         if job is None:
             raise Refused(404, "no such replay")
-        return JSONResponse(job.json())
+        return SafeJSON(job.json())
 
     async def purge_form(self, request: Request, principal: Principal) -> Response:
         """What a purge would delete, and the confirmation form."""

@@ -279,7 +279,7 @@ async def find_by_id(
         return [parse(ref, raw)]
     found: list[bytes] = []
     async for name, _ in client.zscan_iter(
-        keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=1000
+        keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
     ):
         found.append(name)
         if len(found) >= limit:

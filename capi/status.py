@@ -163,53 +163,71 @@ def redis_full(memory: dict[str, Any]) -> bool:
     return limit > 0 and used >= limit and memory.get("maxmemory_policy") == "noeviction"
 
 
-# The commands :func:`overview` pipelines for each destination, in this order.
-_OVERVIEW_READS = ("xlen", "first", "retries", "pending", "stats", "dl", "key", "endpoint")
+# no-writes: a read (it may run on a replica). Each call covers a chunk of destinations, so
+# that Redis is never busy with one call for long.
+OVERVIEW_LUA = """#!lua flags=no-writes
+-- KEYS: six per destination: stream, retry zset, stats, dead letters, key state, endpoint.
+-- ARGV[1]: the consumer group. Returns, per destination: {XLEN, the oldest stream id or '',
+-- scheduled retries, entries in flight (-1 before the group exists), stats, dead letters,
+-- key state, endpoint} (hashes as flat field, value lists).
+local group = ARGV[1]
+local out = {}
+for i = 1, #KEYS, 6 do
+  local stream, retry, stats, dl, key, endpoint =
+    KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5]
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  local pending = redis.pcall('XPENDING', stream, group)
+  local in_flight = -1
+  if type(pending) == 'table' and pending.err == nil then in_flight = pending[1] end
+  out[#out + 1] = {
+    redis.call('XLEN', stream), first[1] and first[1][1] or '', redis.call('ZCARD', retry),
+    in_flight, redis.call('HGETALL', stats), redis.call('HLEN', dl),
+    redis.call('HGETALL', key), redis.call('HGETALL', endpoint)}
+end
+return out
+"""
+OVERVIEW_CHUNK = 100  # destinations per script call
+
+
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
 
 async def overview(
     client: aioredis.Redis, keys: RedisKeys, names: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
-    """For each destination of ``names``, in one pipeline (the console shows 1,000 at
-    once): queued, in flight, the oldest age, scheduled retries, counters, dead letters,
-    key and endpoint state; the fields of :func:`destination_status` without match
-    coverage and the next retry. Only destinations with retries scheduled cost one more
-    round trip each (the oldest retry's age)."""
+    """For each destination of ``names`` (the console shows 1,000 at once): queued, in
+    flight, the oldest age, scheduled retries, counters, dead letters, key and endpoint
+    state; the fields of :func:`destination_status` without match coverage and the next
+    retry. One read-only script call per :data:`OVERVIEW_CHUNK` destinations, pipelined;
+    only destinations with retries scheduled cost one more round trip each (the oldest
+    retry's age)."""
     now = now_ms()
+    script = client.register_script(OVERVIEW_LUA)
     pipe = client.pipeline(transaction=False)
-    for name in names:
-        k = keys.for_destination(name)
-        pipe.xlen(k.stream)
-        pipe.xrange(k.stream, count=1)
-        pipe.zcard(k.retry)
-        pipe.xpending(k.stream, CONSUMER_GROUP)
-        pipe.hgetall(k.stats)
-        pipe.hlen(k.deadletters)
-        pipe.hgetall(k.key_state)
-        pipe.hgetall(k.endpoint)
-    answers = await pipe.execute(raise_on_error=False)
+    for start in range(0, len(names), OVERVIEW_CHUNK):
+        chunk = [keys.for_destination(n) for n in names[start : start + OVERVIEW_CHUNK]]
+        slots = [
+            (k.stream, k.retry, k.stats, k.deadletters, k.key_state, k.endpoint) for k in chunk
+        ]
+        await script(keys=[key for six in slots for key in six], args=[CONSUMER_GROUP], client=pipe)
+    rows = [row for answer in await pipe.execute() for row in answer]
     out: dict[str, dict[str, Any]] = {}
-    width = len(_OVERVIEW_READS)
-    for i, name in enumerate(names):
-        row = dict(zip(_OVERVIEW_READS, answers[i * width : (i + 1) * width], strict=True))
-        for what in ("xlen", "first", "retries", "stats", "dl", "key", "endpoint"):
-            if isinstance(row[what], Exception):
-                raise row[what]
-        pending = row["pending"]
-        in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0  # no group yet
-        oldest = int(row["first"][0][0].split(b"-")[0]) if row["first"] else None
-        if row["retries"]:
+    for name, row in zip(names, rows, strict=True):
+        xlen, first, retries, pending, stats, dl, key, endpoint = row
+        in_flight = max(0, int(pending))  # -1: no group yet, nothing in flight
+        oldest = int(first.split(b"-")[0]) if first else None
+        if retries:
             oldest = (await Queue(client, keys.for_destination(name)).depth())[2]
-        ep = {k.decode(): v.decode() for k, v in row["endpoint"].items()}
         out[name] = {
-            "queued": max(0, int(row["xlen"]) - in_flight),
+            "queued": max(0, int(xlen) - in_flight),
             "in_flight": in_flight,
             "oldest_queued_age_s": round((now - oldest) / 1000, 3) if oldest else None,
-            "retry_batches_scheduled": int(row["retries"]),
-            "counters": {k.decode(): int(v) for k, v in row["stats"].items()},
-            "dead_letters": int(row["dl"]),
-            "key": key_state({k.decode(): v.decode() for k, v in row["key"].items()}, now),
-            "endpoint": endpoint_state(ep),
+            "retry_batches_scheduled": int(retries),
+            "counters": {k: int(v) for k, v in _pairs(stats).items()},
+            "dead_letters": int(dl),
+            "key": key_state(_pairs(key), now),
+            "endpoint": endpoint_state(_pairs(endpoint)),
         }
     return out
 

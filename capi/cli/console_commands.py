@@ -38,7 +38,7 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
 
     \b
     Example:
-      capi console-token --role operator   # add its line to config/capi.env
+      capi console-token --role operator   # put its last line in config/capi.env
       capi console --port 8081
     """
     import uvicorn

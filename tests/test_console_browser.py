@@ -69,6 +69,14 @@ def text_of(browser: Any, element_id: str) -> str:
     return str(found[0].text) if found else ""
 
 
+def delivered_row(browser: Any, event_id: str) -> bool:
+    """Whether the recent outcomes list the event as delivered."""
+    from selenium.webdriver.common.by import By
+
+    rows = browser.find_elements(By.CSS_SELECTOR, "#tail tbody tr")
+    return any(row.text.split()[1:2] == [event_id] and " delivered " in row.text for row in rows)
+
+
 def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     browser: Any, scene: dict[str, Any], sandbox: SandboxThread
 ) -> None:
@@ -111,6 +119,12 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     browser.find_element(By.ID, "check-key").click()
     wait_for(lambda: "can write events" in text_of(browser, "key-check"), what="the key check")
     worker = start_worker(settings)
+    outcomes = browser.current_window_handle
+    browser.switch_to.new_window("tab")  # the destination's page, left open
+    browser.get(url + "/d/default")
+    live = browser.current_window_handle
+    assert not delivered_row(browser, "p-0")
+    browser.switch_to.window(outcomes)
     browser.get(url + "/d/default/dead-letter?key=order_created%3Ap-0")
     browser.find_element(By.ID, "dry-run").click()
     wait_for(lambda: browser.find_elements(By.ID, "replay"), what="the replay button")
@@ -122,6 +136,8 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
         what="the replay to complete",
     )
     wait_for(lambda: sandbox.state.delivered_ids()["p-0"] >= 1, timeout_s=60, what="delivery")
+    browser.switch_to.window(live)  # the delivery appeared there without a reload
+    wait_for(lambda: delivered_row(browser, "p-0"), timeout_s=60, what="the live delivery")
     stop_worker(worker)
     assert sandbox.state.delivered_ids()["p-0"] == 1  # exactly once
     assert sandbox.state.delivered_ids()["s-1"] == 0  # not chosen: still a dead letter

@@ -12,7 +12,12 @@ from typing import Any
 import httpx
 import redis
 
+from capi import deadletters
 from capi.console import auth
+from capi.events import prepare, purchase
+from capi.failures import Reason
+from capi.guidance import diagnose
+from capi.queue import Entry
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_SCOPELESS_KEY
 from capi.settings import Settings
@@ -99,6 +104,42 @@ def scope_dead_letters(
     enqueue(settings, evts if evts is not None else events(2))
     drain(settings)
     return settings
+
+
+def seed_dead_letters(
+    settings: Settings,
+    ids: list[str],
+    reasons: list[Reason],
+    at_ms: list[int],
+    destination: str = "default",
+) -> None:
+    """Dead letters as a worker leaves them (``deadletters.build``), one per id, written
+    in pipelines of 5,000."""
+    keys = settings.keys.for_destination(destination)
+    client = redis.Redis.from_url(settings.redis_url)
+    rows = list(zip(ids, reasons, at_ms, strict=True))
+    for start in range(0, len(rows), 5000):
+        pipe = client.pipeline(transaction=False)
+        for event_id, reason, when in rows[start : start + 5000]:
+            event = prepare(
+                purchase(event_id, amount=1, currency="USD", source_url="https://shop.example/t")
+            )
+            entry = Entry(b"0-1", event.json, event.id, event.timestamp_ms)
+            record = deadletters.build(
+                entry,
+                reason=reason,
+                guidance=diagnose(reason).text,
+                error=None,
+                key_fingerprint="…0001 (sha256:00000000)",
+                pixel_id="pix",
+                now_ms=when,
+                attempted=True,
+                destination=destination,
+            )
+            pipe.hset(keys.deadletters, record.key, record.to_json())
+            pipe.zadd(keys.deadletter_index, {record.key: when})
+        pipe.execute()
+    client.close()
 
 
 def stored_hashes(settings: Settings) -> set[str]:

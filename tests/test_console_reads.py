@@ -16,38 +16,17 @@ import redis
 
 from capi import deadletters, status
 from capi.console.views import HIDDEN, HIDDEN_HASH, masked
-from capi.events import prepare, purchase
 from capi.failures import Reason
-from capi.guidance import diagnose
-from capi.queue import Entry, Queue
+from capi.queue import Queue
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
-from tests.console_helpers import new_tokens, scope_dead_letters, start_console
+from tests.console_helpers import (
+    new_tokens,
+    scope_dead_letters,
+    seed_dead_letters,
+    start_console,
+)
 from tests.helpers import enqueue, events, make_settings
-
-
-def seed(settings: Settings, ids: list[str], reasons: list[Reason], at_ms: list[int]) -> None:
-    """Dead letters as a worker leaves them (``deadletters.build``), one per id."""
-    client = redis.Redis.from_url(settings.redis_url)
-    keys = settings.keys
-    for event_id, reason, when in zip(ids, reasons, at_ms, strict=True):
-        event = prepare(
-            purchase(event_id, amount=1, currency="USD", source_url="https://shop.example/t")
-        )
-        entry = Entry(b"0-1", event.json, event.id, event.timestamp_ms)
-        record = deadletters.build(
-            entry,
-            reason=reason,
-            guidance=diagnose(reason).text,
-            error=None,
-            key_fingerprint="…0001 (sha256:00000000)",
-            pixel_id="pix",
-            now_ms=when,
-            attempted=True,
-        )
-        client.hset(keys.deadletters, record.key, record.to_json())
-        client.zadd(keys.deadletter_index, {record.key: when})
-    client.close()
 
 
 def read(settings: Settings, call: Any) -> Any:
@@ -101,7 +80,7 @@ def test_dead_letters_are_paged_newest_first_filtered_and_found_by_id(
     reasons = [Reason.INVALID_EVENT if i % 3 else Reason.MISSING_SCOPE for i in range(n)]
     base = 1_800_000_000_000
     at_ms = [base + (i // 2) for i in range(n)]  # pairs share a millisecond
-    seed(settings, ids, reasons, at_ms)
+    seed_dead_letters(settings, ids, reasons, at_ms)
 
     def page(**kw: Any) -> deadletters.Page:
         return read(settings, lambda c: deadletters.page(c, settings.keys, limit=50, **kw))

@@ -6,15 +6,17 @@ uvicorn, Starlette and :mod:`capi.console` are imported inside the command, so `
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import click
 
-from capi.cli.common import fail, handle_errors, out, settings_from
-from capi.cli.intake_commands import _exit_quietly_after_shutdown, _proxy_options
+from capi.cli.common import handle_errors, out, settings_from
+from capi.cli.intake_commands import (
+    _exit_quietly_after_shutdown,
+    listening_socket,
+    proxy_options,
+)
 from capi.errors import ConfigError
-from capi.exitcodes import ExitCode
 
 
 @click.command("console")
@@ -51,21 +53,14 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
             "no console token is configured (CAPI_CONSOLE_TOKENS_SHA256); capi console-token "
             "--role operator prints one and its configuration line"
         )
-    try:
-        sock = socket.create_server((host, port), backlog=256)
-    except OSError as exc:
-        fail(
-            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another "
-            "port, or --port 0 for a free one",
-            ExitCode.CONFIG,
-        )
+    sock = listening_socket(host, port, backlog=256)
     config = uvicorn.Config(
         Console(settings).app,
         log_config=None,
         access_log=False,
         lifespan="on",
         server_header=False,
-        **_proxy_options(settings),  # type: ignore[arg-type]
+        **proxy_options(settings),  # type: ignore[arg-type]
     )
     out.print(f"capi console on http://{host}:{sock.getsockname()[1]}", markup=False)
     sys.stdout.flush()

@@ -27,13 +27,9 @@ from pathlib import Path
 import httpx
 import redis
 
-from capi import deadletters
 from capi.console import auth
 from capi.constants import CONSUMER_GROUP
-from capi.events import prepare, purchase
 from capi.failures import Reason
-from capi.guidance import diagnose
-from capi.queue import Entry
 from capi.settings import Settings
 from tests.benchmarks.destinations_bench import (
     CONFIGURED,
@@ -42,6 +38,7 @@ from tests.benchmarks.destinations_bench import (
     redis_server,
     write_destinations,
 )
+from tests.console_helpers import seed_dead_letters
 
 ROUNDS = 30
 TARGET_MS = 300
@@ -66,32 +63,15 @@ def fill(redis_url: str, dead_letters: int) -> None:
             pipe.xadd(keys.stream, {"e": b"{}", "t": 0, "i": f"q-{n}"})
         pipe.xgroup_create(keys.stream, CONSUMER_GROUP, id="0")  # as a worker does
     pipe.execute()
-    keys = settings.keys.for_destination(name(0))
-    now = int(time.time() * 1000)
-    template = prepare(
-        purchase("x", amount=1, currency="USD", email="a@example.com", source_url="https://s.e/t")
-    )
-    for start in range(0, dead_letters, 5000):
-        pipe = client.pipeline(transaction=False)
-        for j in range(start, min(dead_letters, start + 5000)):
-            reason = REASONS[j % len(REASONS)]
-            event_json = template.json.replace(b'"id":"x"', f'"id":"dl-{j}"'.encode())
-            entry = Entry(b"0-1", event_json, f"dl-{j}", template.timestamp_ms)
-            record = deadletters.build(
-                entry,
-                reason=reason,
-                guidance=diagnose(reason).text,
-                error=None,
-                key_fingerprint="…0001 (sha256:00000000)",
-                pixel_id="bench-pixel-0000",
-                now_ms=now - j,
-                attempted=True,
-                destination=name(0),
-            )
-            pipe.hset(keys.deadletters, record.key, record.to_json())
-            pipe.zadd(keys.deadletter_index, {record.key: record.dead_lettered_ms})
-        pipe.execute()
     client.close()
+    now = int(time.time() * 1000)
+    seed_dead_letters(
+        settings,
+        [f"dl-{j}" for j in range(dead_letters)],
+        [REASONS[j % len(REASONS)] for j in range(dead_letters)],
+        [now - j for j in range(dead_letters)],
+        destination=name(0),
+    )
 
 
 def timed(client: httpx.Client, path: str) -> list[float]:
@@ -146,14 +126,14 @@ def main() -> None:
                     break
                 time.sleep(0.1)
             assert url, log.read_text()
-            report(url, token)
+            report(url, token, f"dl-{args.dead_letters * 7 // 9}")
         finally:
             proc.terminate()
             proc.wait(10)
 
 
-def report(url: str, token: str) -> None:
-    """Print the timings of each page."""
+def report(url: str, token: str, event_id: str) -> None:
+    """Print the timings of each page (``event_id``: a dead letter's, to search for)."""
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     print(f"load average before: {load} ({os.cpu_count()} cores)")
@@ -163,8 +143,8 @@ def report(url: str, token: str) -> None:
         "dead letters, first page": f"/d/{name(0)}/dead-letters",
         "dead letters, page at 50,000": f"/d/{name(0)}/dead-letters?at=50000",
         "dead letters, reason filter": f"/d/{name(0)}/dead-letters?reason=invalid_event",
-        "dead letters, search by id": f"/d/{name(0)}/dead-letters?id=dl-77777",
-        "one dead letter": f"/d/{name(0)}/dead-letter?key=order_created%3Adl-77777",
+        "dead letters, search by id": f"/d/{name(0)}/dead-letters?id={event_id}",
+        "one dead letter": f"/d/{name(0)}/dead-letter?key=order_created%3A{event_id}",
     }
     headers = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:

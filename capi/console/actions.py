@@ -22,7 +22,6 @@ from capi import clock, replay
 from capi.client import ConversionsClient
 from capi.deadletters import DeadLetter
 from capi.destinations import Destination
-from capi.errors import CapiError
 from capi.replay import DryRunResult, Selection
 from capi.settings import Settings
 from capi.worker.keyguard import KeyGuard
@@ -151,7 +150,7 @@ class Actions:
                 actor=job.by,
             )
             job.state = "completed"
-        except (CapiError, OSError, aioredis.RedisError) as exc:
+        except Exception as exc:  # whatever stopped it, the job's page must say so
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
 
     async def purge(self, name: str, selection: Selection, by: str) -> int:

@@ -38,11 +38,15 @@ function poll(step) {
 }
 
 function overview(table) {
+  const rows = new Map();
+  const diagnoses = new Map();
+  for (const row of table.querySelectorAll("tr[data-name]")) rows.set(row.dataset.name, row);
+  for (const row of table.querySelectorAll("tr[data-diagnosis]")) diagnoses.set(row.dataset.diagnosis, row);
   poll(async () => {
     const data = await getJSON(table.dataset.live);
     document.getElementById("workers-alive").textContent = String(data.workers_alive);
     for (const d of data.destinations) {
-      const row = table.querySelector(`tr[data-name="${CSS.escape(d.name)}"]`);
+      const row = rows.get(d.name);
       if (!row) continue;
       for (const cell of row.querySelectorAll("[data-f]")) {
         const value = d[cell.dataset.f];
@@ -50,7 +54,7 @@ function overview(table) {
         else cell.textContent = value === null || value === undefined ? "-" : String(value);
         if (cell.classList.contains("state")) cell.className = `state ${value}`;
       }
-      const diagnosis = table.querySelector(`tr[data-diagnosis="${CSS.escape(d.name)}"]`);
+      const diagnosis = diagnoses.get(d.name);
       if (diagnosis) {
         diagnosis.hidden = !d.diagnosis;
         diagnosis.querySelector("[data-f]").textContent = d.diagnosis;

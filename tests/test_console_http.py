@@ -13,6 +13,7 @@ import redis
 
 from capi.console import auth
 from capi.console.app import SECURITY_HEADERS
+from capi.failures import Reason
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.console_helpers import (
@@ -22,6 +23,7 @@ from tests.console_helpers import (
     login,
     new_tokens,
     scope_dead_letters,
+    seed_dead_letters,
     start_console,
 )
 from tests.helpers import capi, make_settings
@@ -201,3 +203,46 @@ def test_console_token_prints_a_token_whose_line_logs_in(
     assert unconfigured.returncode != 0 and "CAPI_CONSOLE_TOKENS_SHA256" in unconfigured.stderr
     with pytest.raises(ValueError, match="role:sha256hex"):
         Settings(_env_file=None, console_tokens_sha256="admin:" + "0" * 64)
+
+
+def test_the_dead_letter_list_pages_filters_and_searches(
+    sandbox: SandboxThread, redis_url: str, tokens: Tokens, tmp_path: Path
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    base = 1_800_000_000_000  # 2027-01-15T08:00:00Z
+    n = 120
+    reasons = [Reason.MISSING_SCOPE if i % 4 == 0 else Reason.INVALID_EVENT for i in range(n)]
+    ids = [f"o-{i}" for i in range(n)]
+    seed_dead_letters(settings, ids, reasons, [base + i * 60_000 for i in range(n)])
+    url = start_console(settings, tokens, tmp_path / "console.log")
+    get = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens.viewer}"})
+
+    def shown(path: str) -> list[str]:
+        return re.findall(r"key=order_created%3A([\w-]+)\">", get.get(path).text)
+
+    first = get.get("/d/default/dead-letters").text
+    assert shown("/d/default/dead-letters") == [f"o-{i}" for i in range(119, 69, -1)]
+    assert 'href="/d/default/dead-letters?at=50" id="next-page"' in first
+    assert len(shown("/d/default/dead-letters?at=100")) == 20
+    assert 'id="next-page"' not in get.get("/d/default/dead-letters?at=100").text
+    scoped = shown("/d/default/dead-letters?reason=missing_scope")
+    assert scoped == [f"o-{i}" for i in range(116, -1, -4)]
+    window = shown("/d/default/dead-letters?since=2027-01-15T08:10&until=2027-01-15T08:14")
+    assert window == ["o-14", "o-13", "o-12", "o-11", "o-10"]
+    assert shown("/d/default/dead-letters?id=o-7") == ["o-7"]
+    moved = get.get("/dead-letters?destination=default&reason=missing_scope")
+    assert moved.status_code == 303
+    assert moved.headers["location"] == "/d/default/dead-letters?reason=missing_scope"
+    assert get.get("/dead-letters?destination=nowhere").status_code == 404
+    get.close()
+
+
+def test_a_purge_needs_its_confirmation(console: str, tokens: Tokens, redis_url: str) -> None:
+    operator = {"Authorization": f"Bearer {tokens.operator}"}
+    csrf = csrf_of(httpx.get(console + "/", headers=operator).text)
+    form = {"key": "order_created:p-0", "csrf": csrf}
+    confirm = httpx.get(console + "/d/default/purge?key=order_created:p-0", headers=operator)
+    assert 'id="purge-count">1<' in confirm.text and 'name="confirm"' in confirm.text
+    refused = httpx.post(console + "/d/default/purge", headers=operator, data=form)
+    assert refused.status_code == 400
+    assert redis.Redis.from_url(redis_url).hlen("capi:dl") == 2

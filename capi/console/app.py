@@ -131,6 +131,7 @@ class Console:
                 Route("/overview.json", page(self.overview_json)),
                 Route("/jobs/{job}.json", page(self.job_json)),
                 Route("/jobs/{job}", page(self.job)),
+                Route("/dead-letters", page(self.any_dead_letters)),
                 Route("/d/{name}", page(self.destination)),
                 Route("/d/{name}/tail.json", page(self.tail_json)),
                 Route("/d/{name}/dead-letters", page(self.dead_letters)),
@@ -319,6 +320,16 @@ class Console:
             raise Refused(400, "after must be a ring entry id such as 1700000000000-0")
         return SafeJSON(await self.reader.tail_after(name, after))
 
+    async def any_dead_letters(self, request: Request, principal: Principal) -> Response:
+        """The dead-letter filter form's destination choice: to that destination's list."""
+        name = request.query_params.get("destination", "")
+        if not await self.reader.known(name):
+            raise Refused(404, "no such destination")
+        rest = [(k, v) for k, v in request.query_params.multi_items() if k != "destination"]
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in rest if v)
+        target = f"/d/{quote(name, safe='')}/dead-letters" + (f"?{query}" if query else "")
+        return RedirectResponse(target, status_code=303)
+
     async def dead_letters(self, request: Request, principal: Principal) -> Response:
         """A page of dead letters, filtered."""
         name = await self.named(request)
@@ -338,6 +349,7 @@ class Console:
             "dead_letters.html",
             principal,
             name=name,
+            names=sorted(self.reader.configured()),
             at=at,
             reasons=views.REASONS,
             filters=filters,

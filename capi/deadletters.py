@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from capi import dedup, queue
+from capi import dedup, queue, schema
 from capi._aio import aw
 from capi.constants import API_MAX_AGE_MS, RedisKeys
 from capi.errors import SendError
@@ -272,11 +272,18 @@ def _glob_escaped(text: str) -> str:
 async def find_by_id(
     client: aioredis.Redis, keys: RedisKeys, ref: str, *, limit: int = 100
 ) -> list[DeadLetter | Unreadable]:
-    """The dead letters named by ``ref`` (a record key ``name:id`` or an event id), found
-    through the index (a scan of its names, not a read of every record); at most ``limit``."""
+    """The dead letters named by ``ref`` (a record key ``name:id`` or an event id), at most
+    ``limit``: the record key itself, else the id under each standard event name (one
+    HMGET), else, for a custom event's name, a scan of the index's names (never a read of
+    every record)."""
     raw = await aw(client.hget(keys.deadletters, ref))
     if raw:
         return [parse(ref, raw)]
+    standard = [f"{name}:{ref}" for name in schema.STANDARD_TYPES]
+    raws = await aw(client.hmget(keys.deadletters, standard))
+    hits = [parse(k, r) for k, r in zip(standard, raws, strict=True) if r is not None]
+    if hits:
+        return hits[:limit]
     found: list[bytes] = []
     async for name, _ in client.zscan_iter(
         keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000

@@ -112,18 +112,18 @@ def seed_dead_letters(
     reasons: list[Reason],
     at_ms: list[int],
     destination: str = "default",
+    custom: dict[str, Any] | None = None,
 ) -> None:
     """Dead letters as a worker leaves them (``deadletters.build``), one per id, written
-    in pipelines of 5,000."""
+    in pipelines of 5,000; purchases, or custom events with the fields of ``custom``."""
     keys = settings.keys.for_destination(destination)
     client = redis.Redis.from_url(settings.redis_url)
     rows = list(zip(ids, reasons, at_ms, strict=True))
     for start in range(0, len(rows), 5000):
         pipe = client.pipeline(transaction=False)
         for event_id, reason, when in rows[start : start + 5000]:
-            event = prepare(
-                purchase(event_id, amount=1, currency="USD", source_url="https://shop.example/t")
-            )
+            base = purchase(event_id, amount=1, currency="USD", source_url="https://s.example/t")
+            event = prepare({**base, **(custom or {})})
             entry = Entry(b"0-1", event.json, event.id, event.timestamp_ms)
             record = deadletters.build(
                 entry,

@@ -80,7 +80,9 @@ def test_dead_letters_are_paged_newest_first_filtered_and_found_by_id(
     reasons = [Reason.INVALID_EVENT if i % 3 else Reason.MISSING_SCOPE for i in range(n)]
     base = 1_800_000_000_000
     at_ms = [base + (i // 2) for i in range(n)]  # pairs share a millisecond
-    seed_dead_letters(settings, ids, reasons, at_ms)
+    seed_dead_letters(settings, ids[:-1], reasons[:-1], at_ms[:-1])
+    custom = {"type": "custom", "custom_event_name": "quote_requested", "data": {"type": "custom"}}
+    seed_dead_letters(settings, ids[-1:], reasons[-1:], at_ms[-1:], custom=custom)
 
     def page(**kw: Any) -> deadletters.Page:
         return read(settings, lambda c: deadletters.page(c, settings.keys, limit=50, **kw))
@@ -103,7 +105,7 @@ def test_dead_letters_are_paged_newest_first_filtered_and_found_by_id(
         range(base + 10, base + 20)
     )
     hostile = read(settings, lambda c: deadletters.find_by_id(c, settings.keys, "a*[b]?"))
-    assert [r.id for r in hostile] == ["a*[b]?"]
+    assert [r.key for r in hostile] == ["quote_requested:a*[b]?"]  # found by the scan
     assert read(settings, lambda c: deadletters.find_by_id(c, settings.keys, "o-1*")) == []
 
 

@@ -29,6 +29,7 @@ HIDDEN = "(hidden)"
 PAGE_SIZE = 50
 TAIL_LINES = 50
 REASONS = tuple(r.value for r in Reason)
+SCAN_EVERY_S = 30.0  # how often the overview looks for removed destinations
 
 
 def masked(value: Any, name: str = "") -> Any:
@@ -80,6 +81,8 @@ class Reader:
         self.rates = Rates()
         self._stamp: Any = ()
         self._configured: dict[str, Destination] = {}
+        self._in_redis: list[str] = []
+        self._scanned_at = float("-inf")
 
     def configured(self) -> dict[str, Destination]:
         """The configured destinations, read again when the destinations file changes
@@ -89,6 +92,15 @@ class Reader:
             self._configured = destinations.parse_file(self.settings)
             self._stamp = stamp
         return self._configured
+
+    async def in_redis(self) -> list[str]:
+        """Every destination with keys in Redis, found by a scan of the keyspace at most
+        every :data:`SCAN_EVERY_S` (a removed destination shows up that much later)."""
+        now = time.monotonic()
+        if now - self._scanned_at >= SCAN_EVERY_S:
+            self._in_redis = await status.destinations_in_redis(self.redis, self.keys)
+            self._scanned_at = now
+        return self._in_redis
 
     async def known(self, name: str) -> bool:
         """Whether a destination is configured, or still has keys in Redis."""
@@ -101,8 +113,10 @@ class Reader:
         state, queue, rates and dead letters; the workers alive."""
         configured = self.configured()
         names = sorted(configured)
-        rows = await status.overview(self.redis, self.keys, names)
-        removed = await status.stranded(self.redis, self.keys, configured)
+        others = [n for n in await self.in_redis() if n not in configured]
+        rows = await status.overview(self.redis, self.keys, names + others)
+        removed = {n: rows.pop(n) for n in others}
+        removed = {n: r for n, r in removed.items() if any(r[w] for w in status.WAITING)}
         shared = await status.shared_status(self.redis, self.keys)
         workers: dict[str, int] = {}
         for w in shared["workers"]:

@@ -5,7 +5,8 @@
 
 Starts its own redis-server and a real ``capi console`` process, writes a destinations file
 of 1,000 destinations, fills Redis as busy workers would leave it (counters, key states, a
-few queued events each, some held keys and failing endpoints) and 100,000 dead letters in
+few queued events and dedup records each, some held keys and failing endpoints) and
+100,000 dead letters in
 one destination, then times the answers over loopback HTTP (a Bearer token, so each
 request reads the session-free path): the overview of every destination, and pages of the
 dead-letter list (the first, one deep in the list, one filtered by reason, a search by id).
@@ -41,6 +42,7 @@ from tests.benchmarks.destinations_bench import (
 from tests.console_helpers import seed_dead_letters
 
 ROUNDS = 30
+DEDUP_KEYS = 64  # per destination: the keyspace the overview's scan for removed ones walks
 TARGET_MS = 300
 REASONS = [Reason.MISSING_SCOPE, Reason.INVALID_EVENT, Reason.RETRIES_EXHAUSTED]
 
@@ -62,6 +64,8 @@ def fill(redis_url: str, dead_letters: int) -> None:
         for n in range(3):
             pipe.xadd(keys.stream, {"e": b"{}", "t": 0, "i": f"q-{n}"})
         pipe.xgroup_create(keys.stream, CONSUMER_GROUP, id="0")  # as a worker does
+        for shard in range(DEDUP_KEYS):  # the dedup records a busy destination keeps
+            pipe.set(f"{keys.dedup_prefix}1:{shard}", b"x" * 16)
     pipe.execute()
     client.close()
     now = int(time.time() * 1000)
@@ -71,6 +75,10 @@ def fill(redis_url: str, dead_letters: int) -> None:
         [REASONS[j % len(REASONS)] for j in range(dead_letters)],
         [now - j for j in range(dead_letters)],
         destination=name(0),
+    )
+    custom = {"type": "custom", "custom_event_name": "quote_requested", "data": {"type": "custom"}}
+    seed_dead_letters(  # the oldest, with a custom name: found by a scan of the index
+        settings, ["custom-1"], [Reason.INVALID_EVENT], [now - dead_letters], name(0), custom
     )
 
 
@@ -144,6 +152,7 @@ def report(url: str, token: str, event_id: str) -> None:
         "dead letters, page at 50,000": f"/d/{name(0)}/dead-letters?at=50000",
         "dead letters, reason filter": f"/d/{name(0)}/dead-letters?reason=invalid_event",
         "dead letters, search by id": f"/d/{name(0)}/dead-letters?id={event_id}",
+        "search by id, custom event (a scan)": f"/d/{name(0)}/dead-letters?id=custom-1",
         "one dead letter": f"/d/{name(0)}/dead-letter?key=order_created%3A{event_id}",
     }
     headers = {"Authorization": f"Bearer {token}"}

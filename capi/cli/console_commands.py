@@ -54,16 +54,21 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
             "--role operator prints one and its configuration line"
         )
     sock = listening_socket(host, port, backlog=256)
+    where = f"http://{host}:{sock.getsockname()[1]}"
+
+    def ready() -> None:  # said once uvicorn serves: Ctrl-C from then on stops it
+        out.print(f"capi console on {where}", markup=False)
+        sys.stdout.flush()
+
     config = uvicorn.Config(
-        Console(settings).app,
+        Console(settings, ready).app,
         log_config=None,
         access_log=False,
         lifespan="on",
         server_header=False,
+        timeout_graceful_shutdown=5,  # a browser's idle keep-alive does not hold the stop
         **proxy_options(settings),  # type: ignore[arg-type]
     )
-    out.print(f"capi console on http://{host}:{sock.getsockname()[1]}", markup=False)
-    sys.stdout.flush()
     _exit_quietly_after_shutdown()
     uvicorn.Server(config).run(sockets=[sock])
 

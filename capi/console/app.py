@@ -107,8 +107,9 @@ def parse_time(text: str) -> int | None:
 class Console:
     """The console application: ``Console(settings).app`` is the ASGI app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ready: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self._ready = ready  # called once serving (uvicorn then handles Ctrl-C)
         self.redis = settings.async_redis()
         self.tokens = auth.configured(settings.console_tokens_sha256)
         self.sessions = auth.Sessions(self.redis, settings.keys)
@@ -150,6 +151,8 @@ class Console:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self._ready is not None:
+            self._ready()
         yield
         await self.redis.aclose()
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from capi.console import auth
-from capi.console.app import SECURITY_HEADERS
+from capi.console.answers import SECURITY_HEADERS
 from capi.failures import Reason
 from capi.sandbox import SandboxThread
 from capi.settings import Settings

@@ -8,7 +8,9 @@
   identifiers and their hashes are masked here, before any template sees an event.
 - :mod:`capi.console.actions`: what an operator may do (dry run, replay with progress,
   purge, key check), each through the module that owns the state it changes.
-- :mod:`capi.console.app`: the routes, the security headers, and who may do what.
+- :mod:`capi.console.app`: the routes, and who may see and do what.
+- :mod:`capi.console.answers`: what every answer carries (the security headers), JSON that
+  never reads as markup, refusals, the form reader.
 
 Pages are rendered on the server by Jinja2 with autoescaping and read without JavaScript;
 ``static/console.js`` (shipped in the package, no build step) only polls JSON for live

@@ -13,95 +13,28 @@ import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote
 
 import jinja2
-import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
-    JSONResponse,
     PlainTextResponse,
     RedirectResponse,
     Response,
 )
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from capi.console import actions, auth, views
+from capi.console.answers import Refused, SafeJSON, SecurityHeaders, parse_time, read_form
 from capi.console.auth import Principal
 from capi.errors import CapiError
 from capi.settings import Settings
 
-MAX_FORM_BYTES = 65_536
-SECURITY_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-        b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    ),
-    (b"x-frame-options", b"DENY"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-    (b"cross-origin-opener-policy", b"same-origin"),
-]
-
-
-class SecurityHeaders:
-    """ASGI middleware: :data:`SECURITY_HEADERS` on every answer."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
-class SafeJSON(JSONResponse):
-    """JSON whose ``<``, ``>`` and ``&`` are written as ``\\u`` escapes: the same data,
-    and never markup, whatever a browser makes of it."""
-
-    def render(self, content: Any) -> bytes:
-        """The body, escaped."""
-        body = orjson.dumps(content).decode()
-        for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
-            body = body.replace(char, escape)
-        return body.encode()
-
-
 Handler = Callable[[Request, Principal], Awaitable[Response]]
-
-
-class Refused(Exception):
-    """Raised when a request may not go on; answered with its status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def parse_time(text: str) -> int | None:
-    """A time filter (``YYYY-MM-DDTHH:MM``, UTC) as Unix ms; None when empty or unreadable."""
-    try:
-        at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    return int(at.replace(tzinfo=at.tzinfo or UTC).timestamp() * 1000)
 
 
 class Console:
@@ -192,7 +125,7 @@ class Console:
                     raise Refused(401, "log in first")
                 if operator and not principal.operator:
                     raise Refused(403, "this needs an operator token; yours is a viewer's")
-                form = await self.form(request)
+                form = await read_form(request)
                 sent = form.get("csrf", "") or request.headers.get("x-csrf-token", "")
                 if not auth.same(sent, principal.csrf):
                     raise Refused(403, "missing or wrong CSRF token: reload the page and retry")
@@ -202,16 +135,6 @@ class Console:
                 return self.refusal(request, exc)
 
         return endpoint
-
-    async def form(self, request: Request) -> dict[str, str]:
-        """An url-encoded form body (first value of each field)."""
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise Refused(413, "form too large")
-        fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-        return {k: v[0] for k, v in fields.items()}
 
     def refusal(self, request: Request, exc: Refused) -> Response:
         """A refusal as a short page (or JSON for a .json path)."""
@@ -264,7 +187,7 @@ class Console:
             response.headers["retry-after"] = str(int(wait) + 1)
             return response
         try:
-            form = await self.form(request)
+            form = await read_form(request)
         except Refused as exc:
             return self.refusal(request, exc)
         if not auth.same(form.get("csrf", ""), request.cookies.get(auth.LOGIN_COOKIE, "")):

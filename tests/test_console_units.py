@@ -52,3 +52,17 @@ def test_configured_tokens_and_fingerprints() -> None:
     assert token not in found.fingerprint and digest not in found.fingerprint
     assert auth.bearer(token + "x", tokens) is None
     assert not auth.same("", "") and auth.same(found.csrf, found.csrf)
+
+
+def test_every_template_and_static_file_ships_in_the_package() -> None:
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["capi.console"]
+    package = root / "capi" / "console"
+    for path in [*package.glob("templates/*"), *package.glob("static/*")]:
+        name = str(path.relative_to(package))
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} would not be installed"

@@ -44,8 +44,8 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
                                     capped with MAXLEN ~ CAPI_TAIL_ENTRIES
     {p}:console:session:{digest}
                             STRING  a console login session (capi.console.auth): JSON {role,
-                                    token (the token's SHA-256), fingerprint, csrf}, keyed by
-                                    the SHA-256 of the session cookie; expires with the session
+                                    token (the token's SHA-256), csrf}, keyed by the SHA-256
+                                    of the session cookie; expires with the session
 
 Nothing here ever holds the Conversion Key, a console token or a raw identifier.
 """

@@ -4,7 +4,7 @@ A console token is configured only as its SHA-256 with a role (``CAPI_CONSOLE_TO
 holds ``role:sha256hex`` entries): ``viewer`` reads, ``operator`` may also replay, purge and
 check keys. The login form turns a token into a session: a random cookie whose SHA-256
 names a Redis key (``{p}:console:session:{digest}``, see :mod:`capi.constants`) holding the
-role, the token's SHA-256, its fingerprint and the session's CSRF token; it expires after
+role, the token's SHA-256 and the session's CSRF token; it expires after
 :data:`SESSION_TTL_S`. The cookie never holds the token, and a session whose token is no
 longer configured stops working. Scripts send ``Authorization: Bearer <token>`` instead;
 their CSRF token is derived from the token's SHA-256 and shown on every page.

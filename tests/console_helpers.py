@@ -142,9 +142,9 @@ def seed_dead_letters(
     client.close()
 
 
-def stored_hashes(settings: Settings) -> set[str]:
-    """Every identifier hash the stored dead letters hold."""
+def stored_hashes(settings: Settings, destination: str = "default") -> set[str]:
+    """Every identifier hash the stored dead letters of a destination hold."""
     client = redis.Redis.from_url(settings.redis_url)
-    blob = b"".join(client.hvals(settings.keys.deadletters))
+    blob = b"".join(client.hvals(settings.keys.for_destination(destination).deadletters))
     client.close()
     return set(re.findall(r"[0-9a-f]{64}", blob.decode()))

@@ -15,31 +15,49 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
+import redis
 
+from capi import destinations
 from capi.console import auth
 from capi.events import purchase
+from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
-from capi.sandbox.state import DEFAULT_KEY, DEFAULT_SCOPELESS_KEY
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
 from tests.console_helpers import (
     login,
     new_tokens,
-    scope_dead_letters,
     start_console,
     stored_hashes,
 )
-from tests.helpers import drain, enqueue, events, make_settings, start_worker, stop_worker, wait_for
+from tests.helpers import drain, events, make_settings, start_worker, stop_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "docs" / "img"
 HOSTILE_ID = "<script>alert(1)</script>"
 
 
+KEYS = {"CAPI_KEY_BRAND_A": DEFAULT_KEY, "CAPI_KEY_BRAND_B": DEFAULT_SCOPELESS_KEY}
+
+
 @pytest.fixture
-def scene(sandbox: SandboxThread, redis_url: str, tmp_path: Path) -> dict[str, Any]:
-    """Some events delivered (recent outcomes, match coverage), then three dead letters for
-    a key without the scope (one with a hostile id), the key held; a console on it."""
-    enqueue(make_settings(sandbox, redis_url), events(6, prefix="ok-"))
-    drain(make_settings(sandbox, redis_url))
+def scene(
+    sandbox: SandboxThread, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Any]:
+    """Two destinations: brand-a delivered some events (recent outcomes, match coverage);
+    brand-b's key lacks the scope, so it is held with three dead letters (one with a
+    hostile id). A console on them."""
+    file = tmp_path / "destinations.toml"
+    file.write_text(
+        "".join(
+            f'[destinations.{name}]\npixel_id = "{DEFAULT_PIXEL}"\n'
+            f'api_key_env = "{env}"\nbase_url = "{sandbox.url}"\n\n'
+            for name, env in (("brand-a", "CAPI_KEY_BRAND_A"), ("brand-b", "CAPI_KEY_BRAND_B"))
+        )
+    )
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+    settings = make_settings(sandbox, redis_url, destinations_file=file, probe_confirmations=1)
+    configured = destinations.load(settings)
     hostile = purchase(
         HOSTILE_ID,
         amount=1,
@@ -47,10 +65,22 @@ def scene(sandbox: SandboxThread, redis_url: str, tmp_path: Path) -> dict[str, A
         email="hostile@example.com",
         source_url="https://shop.example/thanks",
     )
-    settings = scope_dead_letters(sandbox, redis_url, [*events(2), hostile])
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue_many(events(6, prefix="ok-"), "brand-a").ok
+        assert producer.enqueue_many([*events(2), hostile], "brand-b").ok
+    for name in ("brand-a", "brand-b"):
+        drain(settings, destination=configured[name])
+    worker = start_worker(settings, **KEYS)  # serves brand-a, holds brand-b
+    states = redis.Redis.from_url(redis_url)
+    wait_for(
+        lambda: states.hget(settings.keys.for_destination("brand-a").key_state, "state") == b"ok",
+        timeout_s=60,
+        what="the worker's key check of brand-a",
+    )
+    states.close()
     tokens = new_tokens()
-    url = start_console(settings, tokens, tmp_path / "console.log")
-    return {"settings": settings, "tokens": tokens, "url": url}
+    url = start_console(settings, tokens, tmp_path / "console.log", **KEYS)
+    return {"settings": settings, "tokens": tokens, "url": url, "worker": worker}
 
 
 def browser_login(browser: Any, url: str, token: str) -> None:
@@ -82,13 +112,15 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    url, tokens, settings = scene["url"], scene["tokens"], scene["settings"]
+    url, tokens = scene["url"], scene["tokens"]
     browser.set_window_size(1360, 820)
     browser_login(browser, url, tokens.operator)
-    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-name="default"]')
+    healthy = browser.find_element(By.CSS_SELECTOR, 'tr[data-name="brand-a"]')
+    assert healthy.find_element(By.CSS_SELECTOR, '[data-f="key_state"]').text == "ok"
+    row = browser.find_element(By.CSS_SELECTOR, 'tr[data-name="brand-b"]')
     assert row.find_element(By.CSS_SELECTOR, '[data-f="key_state"]').text == "held"
     assert "missing_scope" in row.text
-    diagnosis = browser.find_element(By.CSS_SELECTOR, 'tr[data-diagnosis="default"]')
+    diagnosis = browser.find_element(By.CSS_SELECTOR, 'tr[data-diagnosis="brand-b"]')
     assert "lacks the scope ads.third_party_events.write" in diagnosis.text
     wait_for(lambda: "live, updated" in text_of(browser, "live-state"), what="a live update")
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -104,7 +136,7 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     guidance = text_of(browser, "guidance")
     assert "Create a fresh Conversion Key" in guidance and "lacks the scope" in guidance
     assert "req_sbx_" in text_of(browser, "request-ids")
-    assert "$CAPI_API_KEY" in text_of(browser, "curl")
+    assert '"Authorization: Bearer $CAPI_KEY_BRAND_B"' in text_of(browser, "curl")  # not the key
     browser.save_screenshot(str(SHOTS / "console-dead-letter.png"))
 
     browser.find_element(By.ID, "dry-run").click()  # the key still lacks the scope
@@ -115,17 +147,16 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     sandbox.state.configure(  # the scope is granted: the same key now writes events
         {"conversion_keys": [DEFAULT_KEY, DEFAULT_SCOPELESS_KEY], "scopeless_keys": []}
     )
-    browser.get(url + "/d/default")
+    browser.get(url + "/d/brand-b")
     browser.find_element(By.ID, "check-key").click()
     wait_for(lambda: "can write events" in text_of(browser, "key-check"), what="the key check")
-    worker = start_worker(settings)
     outcomes = browser.current_window_handle
     browser.switch_to.new_window("tab")  # the destination's page, left open
-    browser.get(url + "/d/default")
+    browser.get(url + "/d/brand-b")
     live = browser.current_window_handle
     assert not delivered_row(browser, "p-0")
     browser.switch_to.window(outcomes)
-    browser.get(url + "/d/default/dead-letter?key=order_created%3Ap-0")
+    browser.get(url + "/d/brand-b/dead-letter?key=order_created%3Ap-0")
     browser.find_element(By.ID, "dry-run").click()
     wait_for(lambda: browser.find_elements(By.ID, "replay"), what="the replay button")
     assert text_of(browser, "dry-run-summary").startswith("1 would be accepted, 0 rejected")
@@ -138,11 +169,11 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     wait_for(lambda: sandbox.state.delivered_ids()["p-0"] >= 1, timeout_s=60, what="delivery")
     browser.switch_to.window(live)  # the delivery appeared there without a reload
     wait_for(lambda: delivered_row(browser, "p-0"), timeout_s=60, what="the live delivery")
-    stop_worker(worker)
+    stop_worker(scene["worker"])
     assert sandbox.state.delivered_ids()["p-0"] == 1  # exactly once
     assert sandbox.state.delivered_ids()["s-1"] == 0  # not chosen: still a dead letter
 
-    browser.get(url + "/d/default/audit")
+    browser.get(url + "/d/brand-b/audit")
     audit = browser.find_element(By.ID, "audit").text
     fingerprint = auth.fingerprint(auth.digest(tokens.operator))
     completed = [line for line in audit.splitlines() if "completed" in line]
@@ -154,11 +185,11 @@ def test_a_viewer_is_offered_no_change_and_refused_one(browser: Any, scene: dict
 
     url, tokens = scene["url"], scene["tokens"]
     browser_login(browser, url, tokens.viewer)
-    browser.get(url + "/d/default/dead-letter?key=order_created%3Ap-0")
+    browser.get(url + "/d/brand-b/dead-letter?key=order_created%3Ap-0")
     wait_for(lambda: text_of(browser, "event-id") == "p-0", what="the dead letter")
     for offered in ("dry-run", "purge"):
         assert not browser.find_elements(By.ID, offered), offered
-    browser.get(url + "/d/default")
+    browser.get(url + "/d/brand-b")
     assert browser.find_elements(By.ID, "key-state") and not browser.find_elements(
         By.ID, "check-key"
     )
@@ -171,12 +202,12 @@ def test_a_viewer_is_offered_no_change_and_refused_one(browser: Any, scene: dict
         ".then(r => done(r.status), e => done(String(e)));"
     )
     for path, body in (
-        ("/d/default/replay/dry-run", "key=order_created%3Ap-0"),
-        ("/d/default/purge", "key=order_created%3Ap-0&confirm=yes"),
-        ("/d/default/check-key", ""),
+        ("/d/brand-b/replay/dry-run", "key=order_created%3Ap-0"),
+        ("/d/brand-b/purge", "key=order_created%3Ap-0&confirm=yes"),
+        ("/d/brand-b/check-key", ""),
     ):
         assert browser.execute_async_script(post, url + path, body) == 403, path
-    browser.get(url + "/d/default/purge?key=order_created%3Ap-0")
+    browser.get(url + "/d/brand-b/purge?key=order_created%3Ap-0")
     assert "403" in browser.find_element(By.TAG_NAME, "h1").text
 
 
@@ -191,7 +222,7 @@ def test_no_page_the_crawl_reaches_holds_a_key_token_email_or_hash(
         tokens.viewer,
         auth.digest(tokens.operator),
         auth.digest(tokens.viewer),
-        *stored_hashes(settings),
+        *stored_hashes(settings, "brand-b"),
     ]
     assert len(secrets) > 6  # the dead letters hold hashed emails
     for token in (tokens.operator, tokens.viewer):
@@ -199,7 +230,7 @@ def test_no_page_the_crawl_reaches_holds_a_key_token_email_or_hash(
             login(client, token)
             pages = crawl(client)
         assert sum("/dead-letter?key=" in where for where in pages) == 3, list(pages)
-        assert {"/", "/d/default", "/d/default/audit", "/d/default/tail.json"} <= set(pages)
+        assert {"/", "/d/brand-a", "/d/brand-b/audit", "/d/brand-a/tail.json"} <= set(pages)
         for where, body in pages.items():
             for secret in secrets:
                 assert secret not in body, (where, secret[:12])

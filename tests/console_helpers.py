@@ -23,6 +23,18 @@ from capi.sandbox.state import DEFAULT_SCOPELESS_KEY
 from capi.settings import Settings
 from tests.helpers import _plain, drain, enqueue, events, make_settings, spawn, wait_for
 
+HTTP_TIMEOUT_S = 30  # generous: a loaded machine answers slowly, never wrongly
+
+
+def httpx_get(url: str, **kw: Any) -> httpx.Response:
+    """``httpx.get`` with :data:`HTTP_TIMEOUT_S`."""
+    return httpx.get(url, timeout=HTTP_TIMEOUT_S, **kw)
+
+
+def httpx_post(url: str, **kw: Any) -> httpx.Response:
+    """``httpx.post`` with :data:`HTTP_TIMEOUT_S`."""
+    return httpx.post(url, timeout=HTTP_TIMEOUT_S, **kw)
+
 
 @dataclass(frozen=True)
 class Tokens:

@@ -24,6 +24,7 @@ from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
 from tests.console_helpers import (
+    HTTP_TIMEOUT_S,
     login,
     new_tokens,
     start_console,
@@ -89,7 +90,7 @@ def browser_login(browser: Any, url: str, token: str) -> None:
     browser.get(url + "/login")
     browser.find_element(By.ID, "token").send_keys(token)
     browser.find_element(By.ID, "login").click()
-    wait_for(lambda: browser.find_elements(By.ID, "overview"), what="the overview")
+    wait_for(lambda: browser.find_elements(By.ID, "overview"), what="the overview", timeout_s=60)
 
 
 def text_of(browser: Any, element_id: str) -> str:
@@ -122,16 +123,24 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     assert "missing_scope" in row.text
     diagnosis = browser.find_element(By.CSS_SELECTOR, 'tr[data-diagnosis="brand-b"]')
     assert "lacks the scope ads.third_party_events.write" in diagnosis.text
-    wait_for(lambda: "live, updated" in text_of(browser, "live-state"), what="a live update")
+    wait_for(
+        lambda: "live, updated" in text_of(browser, "live-state"),
+        what="a live update",
+        timeout_s=60,
+    )
     SHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SHOTS / "console-overview.png"))
 
     browser.find_element(By.LINK_TEXT, "3").click()  # the dead letters column
-    wait_for(lambda: browser.find_elements(By.ID, "dead-letters"), what="the dead letters")
+    wait_for(
+        lambda: browser.find_elements(By.ID, "dead-letters"), what="the dead letters", timeout_s=60
+    )
     assert HOSTILE_ID in browser.find_element(By.ID, "dead-letters").text  # as text
     assert len(browser.find_elements(By.TAG_NAME, "script")) == 1  # console.js alone
     browser.find_element(By.LINK_TEXT, "p-0").click()
-    wait_for(lambda: text_of(browser, "event-id") == "p-0", what="the dead letter p-0")
+    wait_for(
+        lambda: text_of(browser, "event-id") == "p-0", what="the dead letter p-0", timeout_s=60
+    )
     assert text_of(browser, "reason").startswith("missing_scope")
     guidance = text_of(browser, "guidance")
     assert "Create a fresh Conversion Key" in guidance and "lacks the scope" in guidance
@@ -140,7 +149,9 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     browser.save_screenshot(str(SHOTS / "console-dead-letter.png"))
 
     browser.find_element(By.ID, "dry-run").click()  # the key still lacks the scope
-    wait_for(lambda: browser.find_elements(By.ID, "dry-run-summary"), what="the dry run")
+    wait_for(
+        lambda: browser.find_elements(By.ID, "dry-run-summary"), what="the dry run", timeout_s=60
+    )
     assert text_of(browser, "dry-run-summary").startswith("0 would be accepted, 1 rejected")
     assert not browser.find_elements(By.ID, "replay")
 
@@ -149,7 +160,11 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     )
     browser.get(url + "/d/brand-b")
     browser.find_element(By.ID, "check-key").click()
-    wait_for(lambda: "can write events" in text_of(browser, "key-check"), what="the key check")
+    wait_for(
+        lambda: "can write events" in text_of(browser, "key-check"),
+        what="the key check",
+        timeout_s=60,
+    )
     outcomes = browser.current_window_handle
     browser.switch_to.new_window("tab")  # the destination's page, left open
     browser.get(url + "/d/brand-b")
@@ -158,7 +173,7 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     browser.switch_to.window(outcomes)
     browser.get(url + "/d/brand-b/dead-letter?key=order_created%3Ap-0")
     browser.find_element(By.ID, "dry-run").click()
-    wait_for(lambda: browser.find_elements(By.ID, "replay"), what="the replay button")
+    wait_for(lambda: browser.find_elements(By.ID, "replay"), what="the replay button", timeout_s=60)
     assert text_of(browser, "dry-run-summary").startswith("1 would be accepted, 0 rejected")
     browser.find_element(By.ID, "replay").click()
     wait_for(
@@ -186,7 +201,7 @@ def test_a_viewer_is_offered_no_change_and_refused_one(browser: Any, scene: dict
     url, tokens = scene["url"], scene["tokens"]
     browser_login(browser, url, tokens.viewer)
     browser.get(url + "/d/brand-b/dead-letter?key=order_created%3Ap-0")
-    wait_for(lambda: text_of(browser, "event-id") == "p-0", what="the dead letter")
+    wait_for(lambda: text_of(browser, "event-id") == "p-0", what="the dead letter", timeout_s=60)
     for offered in ("dry-run", "purge"):
         assert not browser.find_elements(By.ID, offered), offered
     browser.get(url + "/d/brand-b")
@@ -226,7 +241,7 @@ def test_no_page_the_crawl_reaches_holds_a_key_token_email_or_hash(
     ]
     assert len(secrets) > 6  # the dead letters hold hashed emails
     for token in (tokens.operator, tokens.viewer):
-        with httpx.Client(base_url=url) as client:
+        with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=url) as client:
             login(client, token)
             pages = crawl(client)
         assert sum("/dead-letter?key=" in where for where in pages) == 3, list(pages)

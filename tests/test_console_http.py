@@ -17,9 +17,12 @@ from capi.failures import Reason
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.console_helpers import (
+    HTTP_TIMEOUT_S,
     Tokens,
     csrf_field,
     csrf_of,
+    httpx_get,
+    httpx_post,
     login,
     new_tokens,
     scope_dead_letters,
@@ -46,23 +49,23 @@ def console(held: Settings, tokens: Tokens, tmp_path: Path) -> str:
 
 
 def test_healthz_needs_no_token_and_pages_need_one(console: str) -> None:
-    assert httpx.get(console + "/healthz").text == "ok"
+    assert httpx_get(console + "/healthz").text == "ok"
     for path in ("/", "/d/default", "/d/default/dead-letters", "/overview.json"):
-        answer = httpx.get(console + path)
+        answer = httpx_get(console + path)
         assert answer.status_code == 303 and answer.headers["location"] == "/login", path
-    wrong = httpx.get(console + "/", headers={"Authorization": "Bearer capi_console_wrong"})
+    wrong = httpx_get(console + "/", headers={"Authorization": "Bearer capi_console_wrong"})
     assert wrong.status_code == 401
 
 
 def test_every_answer_carries_the_security_headers(console: str, tokens: Tokens) -> None:
     bearer = {"Authorization": f"Bearer {tokens.viewer}"}
     answers = [
-        httpx.get(console + "/healthz"),
-        httpx.get(console + "/login"),
-        httpx.get(console + "/", headers=bearer),
-        httpx.get(console + "/d/nowhere", headers=bearer),
-        httpx.get(console + "/static/console.js"),
-        httpx.post(console + "/d/default/purge", headers=bearer),
+        httpx_get(console + "/healthz"),
+        httpx_get(console + "/login"),
+        httpx_get(console + "/", headers=bearer),
+        httpx_get(console + "/d/nowhere", headers=bearer),
+        httpx_get(console + "/static/console.js"),
+        httpx_post(console + "/d/default/purge", headers=bearer),
     ]
     assert [a.status_code for a in answers] == [200, 200, 200, 404, 200, 403]
     for answer in answers:
@@ -78,7 +81,7 @@ def test_every_answer_carries_the_security_headers(console: str, tokens: Tokens)
 def test_login_sets_a_strict_session_cookie_that_is_not_the_token(
     console: str, tokens: Tokens, redis_url: str
 ) -> None:
-    with httpx.Client(base_url=console) as client:
+    with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=console) as client:
         answer = login(client, tokens.operator)
         assert answer.status_code == 303 and answer.headers["location"] == "/"
         cookie = next(
@@ -105,11 +108,11 @@ def test_secure_cookie_behind_a_trusted_https_proxy_only(
     untrusted = start_console(held, tokens, tmp_path / "a.log")
     trusted = start_console(held, tokens, tmp_path / "b.log", CAPI_TRUSTED_PROXIES="127.0.0.1")
     for url, secure in ((untrusted, False), (trusted, True)):
-        form = httpx.get(url + "/login", headers=proxied)
+        form = httpx_get(url + "/login", headers=proxied)
         (login_cookie,) = form.headers.get_list("set-cookie")
         assert ("secure" in login_cookie.lower()) == secure
         csrf = csrf_field(form.text)
-        answer = httpx.post(  # the cookie by hand: httpx keeps Secure cookies from plain HTTP
+        answer = httpx_post(  # the cookie by hand: httpx keeps Secure cookies from plain HTTP
             url + "/login",
             headers={**proxied, "Cookie": login_cookie.split(";")[0]},
             data={"csrf": csrf, "token": tokens.viewer},
@@ -121,7 +124,7 @@ def test_secure_cookie_behind_a_trusted_https_proxy_only(
 
 
 def test_login_attempts_are_rate_limited_per_client(console: str, tokens: Tokens) -> None:
-    with httpx.Client(base_url=console) as client:
+    with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=console) as client:
         answers = [login(client, "capi_console_not-this-one").status_code for _ in range(5)]
         assert answers == [401] * 5
         limited = login(client, tokens.operator)  # even the right token, for now
@@ -130,7 +133,7 @@ def test_login_attempts_are_rate_limited_per_client(console: str, tokens: Tokens
 
 
 def test_login_without_the_forms_csrf_token_is_refused(console: str, tokens: Tokens) -> None:
-    answer = httpx.post(console + "/login", data={"token": tokens.operator})
+    answer = httpx_post(console + "/login", data={"token": tokens.operator})
     assert answer.status_code == 403
     assert "capi_console=" not in str(answer.headers.get_list("set-cookie"))
 
@@ -139,12 +142,12 @@ def test_a_post_needs_the_csrf_token_and_the_operator_role(
     console: str, tokens: Tokens, redis_url: str, held: Settings
 ) -> None:
     form = {"key": "order_created:p-0", "confirm": "yes"}
-    with httpx.Client(base_url=console) as viewer:
+    with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=console) as viewer:
         login(viewer, tokens.viewer)
         csrf = csrf_of(viewer.get("/").text)
         assert viewer.post("/d/default/purge", data={**form, "csrf": csrf}).status_code == 403
         assert viewer.get("/d/default/purge?key=order_created:p-0").status_code == 403
-    with httpx.Client(base_url=console) as operator:
+    with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=console) as operator:
         login(operator, tokens.operator)
         assert operator.post("/d/default/purge", data=form).status_code == 403  # no CSRF
         assert operator.post("/d/default/purge", data={**form, "csrf": "x"}).status_code == 403
@@ -165,28 +168,28 @@ def test_bearer_tokens_read_every_page_and_post_with_the_csrf_token(
     viewer = {"Authorization": f"Bearer {tokens.viewer}"}
     operator = {"Authorization": f"Bearer {tokens.operator}"}
     for path in ("/", "/d/default", "/d/default/dead-letters", "/d/default/audit"):
-        assert httpx.get(console + path, headers=viewer).status_code == 200, path
+        assert httpx_get(console + path, headers=viewer).status_code == 200, path
     form = {"reason": "missing_scope", "confirm": "yes"}
-    page = httpx.get(console + "/", headers=viewer).text
-    refused = httpx.post(
+    page = httpx_get(console + "/", headers=viewer).text
+    refused = httpx_post(
         console + "/d/default/purge", headers=viewer, data={**form, "csrf": csrf_of(page)}
     )
     assert refused.status_code == 403
-    assert httpx.post(console + "/d/default/purge", headers=operator, data=form).status_code == 403
-    csrf = csrf_of(httpx.get(console + "/", headers=operator).text)
-    done = httpx.post(console + "/d/default/purge", headers=operator, data={**form, "csrf": csrf})
+    assert httpx_post(console + "/d/default/purge", headers=operator, data=form).status_code == 403
+    csrf = csrf_of(httpx_get(console + "/", headers=operator).text)
+    done = httpx_post(console + "/d/default/purge", headers=operator, data={**form, "csrf": csrf})
     assert done.status_code == 200 and "purged 2" in done.text
     assert redis.Redis.from_url(redis_url).hlen(held.keys.deadletters) == 0
 
 
 def test_a_removed_token_ends_its_sessions(held: Settings, tokens: Tokens, tmp_path: Path) -> None:
     first = start_console(held, tokens, tmp_path / "a.log")
-    with httpx.Client(base_url=first) as client:
+    with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=first) as client:
         login(client, tokens.viewer)
         cookie = client.cookies["capi_console"]
     others = Tokens(tokens.operator, auth.new_token())  # the viewer's token replaced
     second = start_console(held, others, tmp_path / "b.log")
-    answer = httpx.get(second + "/", cookies={"capi_console": cookie})
+    answer = httpx_get(second + "/", cookies={"capi_console": cookie})
     assert answer.status_code == 303 and answer.headers["location"] == "/login"
 
 
@@ -215,7 +218,9 @@ def test_the_dead_letter_list_pages_filters_and_searches(
     ids = [f"o-{i}" for i in range(n)]
     seed_dead_letters(settings, ids, reasons, [base + i * 60_000 for i in range(n)])
     url = start_console(settings, tokens, tmp_path / "console.log")
-    get = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens.viewer}"})
+    get = httpx.Client(
+        timeout=HTTP_TIMEOUT_S, base_url=url, headers={"Authorization": f"Bearer {tokens.viewer}"}
+    )
 
     def shown(path: str) -> list[str]:
         return re.findall(r"key=order_created%3A([\w-]+)\">", get.get(path).text)
@@ -239,10 +244,10 @@ def test_the_dead_letter_list_pages_filters_and_searches(
 
 def test_a_purge_needs_its_confirmation(console: str, tokens: Tokens, redis_url: str) -> None:
     operator = {"Authorization": f"Bearer {tokens.operator}"}
-    csrf = csrf_of(httpx.get(console + "/", headers=operator).text)
+    csrf = csrf_of(httpx_get(console + "/", headers=operator).text)
     form = {"key": "order_created:p-0", "csrf": csrf}
-    confirm = httpx.get(console + "/d/default/purge?key=order_created:p-0", headers=operator)
+    confirm = httpx_get(console + "/d/default/purge?key=order_created:p-0", headers=operator)
     assert 'id="purge-count">1<' in confirm.text and 'name="confirm"' in confirm.text
-    refused = httpx.post(console + "/d/default/purge", headers=operator, data=form)
+    refused = httpx_post(console + "/d/default/purge", headers=operator, data=form)
     assert refused.status_code == 400
     assert redis.Redis.from_url(redis_url).hlen("capi:dl") == 2

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
@@ -21,6 +20,7 @@ from capi.queue import Queue
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.console_helpers import (
+    httpx_get,
     new_tokens,
     scope_dead_letters,
     seed_dead_letters,
@@ -143,10 +143,10 @@ def test_a_removed_destination_still_holding_dead_letters_shows_as_removed(
         CAPI_KEY_BRAND_A="sk-svcacct-sandbox-conversion-key-0001",
     )
     bearer = {"Authorization": f"Bearer {tokens.viewer}"}
-    rows = httpx.get(url + "/overview.json", headers=bearer).json()["destinations"]
+    rows = httpx_get(url + "/overview.json", headers=bearer).json()["destinations"]
     by_name = {r["name"]: r for r in rows}
     assert by_name["brand-a"]["configured"] and not by_name["default"]["configured"]
     assert by_name["default"]["dead_letters"] == 2
-    page = httpx.get(url + "/", headers=bearer).text
+    page = httpx_get(url + "/", headers=bearer).text
     assert "removed, still holding events" in page
-    assert httpx.get(url + "/d/default/dead-letters", headers=bearer).status_code == 200
+    assert httpx_get(url + "/d/default/dead-letters", headers=bearer).status_code == 200

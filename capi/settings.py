@@ -11,6 +11,7 @@ import difflib
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -233,6 +234,11 @@ class Settings(BaseSettings):
         description="Comma-separated addresses (or CIDR networks) of reverse proxies whose "
         "X-Forwarded-For capi serve believes; unset, it believes none.",
     )
+    console_tokens_sha256: str | None = Field(
+        None,
+        description="capi console's tokens: role:sha256hex entries (role viewer or "
+        "operator), comma-separated; capi console-token makes one.",
+    )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
     )
@@ -289,6 +295,20 @@ class Settings(BaseSettings):
                         f"{item.strip()[:60]!r} is not an IP address or network (CIDR); give "
                         "the reverse proxies' addresses, comma-separated, e.g. 10.0.0.5,10.1.0.0/16"
                     ) from None
+        return value
+
+    @field_validator("console_tokens_sha256")
+    @classmethod
+    def _console_tokens(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            role, _, digest = item.strip().partition(":")
+            if item.strip() and (
+                role not in ("viewer", "operator") or not re.fullmatch(r"[0-9a-f]{64}", digest)
+            ):
+                raise ValueError(
+                    f"{item.strip()[:20]!r}... is not role:sha256hex; give entries such as "
+                    "operator:<64 hex>, comma-separated (capi console-token prints one)"
+                )
         return value
 
     @field_validator("redis_url")

@@ -50,8 +50,12 @@ shared keys below are ``{p}:{{p}}:...`` there, in one slot of their own::
                                     last_error, last_error_ms, last_ok_ms
     {d}:tail                STREAM  the most recent outcomes, PII-free (see capi.tail),
                                     capped with MAXLEN ~ CAPI_TAIL_ENTRIES
+    {p}:console:session:{digest}
+                            STRING  a console login session (capi.console.auth): JSON {role,
+                                    token (the token's SHA-256), csrf}, keyed by the SHA-256
+                                    of the session cookie; expires with the session
 
-Nothing here ever holds the Conversion Key or a raw identifier.
+Nothing here ever holds the Conversion Key, a console token or a raw identifier.
 """
 
 from __future__ import annotations
@@ -199,3 +203,7 @@ class RedisKeys:
     def endpoint(self) -> str:
         """The hash describing whether the events endpoint is failing."""
         return f"{self.ns}:endpoint"
+
+    def console_session(self, digest: str) -> str:
+        """A console login session, by the SHA-256 of its cookie (shared)."""
+        return f"{self.prefix}:console:session:{digest}"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -47,6 +49,32 @@ from capi.redisconn import (
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
 # CAPI_* names that are not settings yet are known: the config file's name, and the two
 # that docker-compose.yml reads (from .env) to configure the containers.
+
+
+class _NameTheFile(logging.Filter):
+    """python-dotenv warns of a line it cannot parse without naming the file, and again each
+    time the file is read: name the file, and say it once per line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: Path | None = None
+        self.seen: set[tuple[Path, object]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.path is None or not str(record.msg).startswith("python-dotenv could not parse"):
+            return True
+        line = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        if (self.path, line) in self.seen:
+            return False
+        self.seen.add((self.path, line))
+        record.msg = "warning: %s line %s is ignored: it is not NAME=value (comments start with #)"
+        record.args = (self.path, line)
+        return True
+
+
+_dotenv_lines = _NameTheFile()
+logging.getLogger("dotenv.main").addFilter(_dotenv_lines)
+
 NOT_SETTINGS = frozenset({"CAPI_CONFIG_FILE", "CAPI_ENV_FILE", "CAPI_REDIS_PASSWORD"})
 
 
@@ -211,6 +239,11 @@ class Settings(BaseSettings):
         description="Comma-separated addresses (or CIDR networks) of reverse proxies whose "
         "X-Forwarded-For capi serve believes; unset, it believes none.",
     )
+    console_tokens_sha256: str | None = Field(
+        None,
+        description="capi console's tokens: role:sha256hex entries (role viewer or "
+        "operator), comma-separated; capi console-token makes one.",
+    )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
     )
@@ -267,6 +300,20 @@ class Settings(BaseSettings):
                         f"{item.strip()[:60]!r} is not an IP address or network (CIDR); give "
                         "the reverse proxies' addresses, comma-separated, e.g. 10.0.0.5,10.1.0.0/16"
                     ) from None
+        return value
+
+    @field_validator("console_tokens_sha256")
+    @classmethod
+    def _console_tokens(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            role, _, digest = item.strip().partition(":")
+            if item.strip() and (
+                role not in ("viewer", "operator") or not re.fullmatch(r"[0-9a-f]{64}", digest)
+            ):
+                raise ValueError(
+                    f"{item.strip()[:20]!r}... is not role:sha256hex; give entries such as "
+                    "operator:<64 hex>, comma-separated (capi console-token prints one)"
+                )
         return value
 
     @field_validator("redis_url")
@@ -374,6 +421,8 @@ class Settings(BaseSettings):
                 f"config file {path.absolute()} does not exist (named by --config or "
                 "CAPI_CONFIG_FILE; a relative path is taken from the current directory)"
             )
+        if env_file is not None:
+            _dotenv_lines.path = env_file.absolute()
         try:
             settings = cls(_env_file=env_file, **overrides)
         except ValidationError as exc:

@@ -5,7 +5,7 @@ doing."""
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from capi import coverage
 from capi.clock import LIVENESS_MS, now_ms
-from capi.constants import RedisKeys
+from capi.constants import CONSUMER_GROUP, RedisKeys
 from capi.queue import Queue
 from capi.redisconn import is_cluster
 
@@ -47,7 +47,6 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
     next_retry, stats, reasons, key, dl, endpoint = await pipe.execute()
     ep = {k.decode(): v.decode() for k, v in endpoint.items()}
     matching = await coverage.read(client, keys, now)
-    failing_since = int(ep["failing_since"]) if ep.get("failing_since") else None
     return {
         "queued": queued,
         "in_flight": in_flight,
@@ -59,13 +58,7 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
         # All-time totals (a replayed or purged dead letter still counts), not the current.
         "dead_letters_by_reason": {k.decode(): int(v) for k, v in reasons.items()},
         "key": key_state({k.decode(): v.decode() for k, v in key.items()}, now),
-        "endpoint": {
-            "state": "failing" if failing_since else "ok",
-            "failing_since": _iso(failing_since),
-            "last_error": ep.get("last_error") if failing_since else None,
-            "last_error_at": _iso(int(ep.get("last_error_ms") or 0)),
-            "last_ok_at": _iso(int(ep.get("last_ok_ms") or 0)),
-        },
+        "endpoint": endpoint_state(ep),
         "match_coverage": matching,
     }
 
@@ -199,3 +192,84 @@ def redis_full(memory: dict[str, Any]) -> bool:
     limit = int(memory.get("maxmemory", 0) or 0)
     used = int(memory.get("used_memory", 0) or 0)
     return limit > 0 and used >= limit and memory.get("maxmemory_policy") == "noeviction"
+
+
+# no-writes: a read (it may run on a replica). Each call covers a chunk of destinations, so
+# that Redis is never busy with one call for long.
+OVERVIEW_LUA = """#!lua flags=no-writes
+-- KEYS: six per destination: stream, retry zset, stats, dead letters, key state, endpoint.
+-- ARGV[1]: the consumer group. Returns, per destination: {XLEN, the oldest stream id or '',
+-- scheduled retries, entries in flight (-1 before the group exists), stats, dead letters,
+-- key state, endpoint} (hashes as flat field, value lists).
+local group = ARGV[1]
+local out = {}
+for i = 1, #KEYS, 6 do
+  local stream, retry, stats, dl, key, endpoint =
+    KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5]
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  local pending = redis.pcall('XPENDING', stream, group)
+  local in_flight = -1
+  if type(pending) == 'table' and pending.err == nil then in_flight = pending[1] end
+  out[#out + 1] = {
+    redis.call('XLEN', stream), first[1] and first[1][1] or '', redis.call('ZCARD', retry),
+    in_flight, redis.call('HGETALL', stats), redis.call('HLEN', dl),
+    redis.call('HGETALL', key), redis.call('HGETALL', endpoint)}
+end
+return out
+"""
+OVERVIEW_CHUNK = 100  # destinations per script call
+
+
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+async def overview(
+    client: aioredis.Redis, keys: RedisKeys, names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """For each destination of ``names`` (the console shows 1,000 at once): queued, in
+    flight, the oldest age, scheduled retries, counters, dead letters, key and endpoint
+    state; the fields of :func:`destination_status` without match coverage and the next
+    retry. One read-only script call per :data:`OVERVIEW_CHUNK` destinations, pipelined;
+    only destinations with retries scheduled cost one more round trip each (the oldest
+    retry's age)."""
+    now = now_ms()
+    script = client.register_script(OVERVIEW_LUA)
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, len(names), OVERVIEW_CHUNK):
+        chunk = [keys.for_destination(n) for n in names[start : start + OVERVIEW_CHUNK]]
+        slots = [
+            (k.stream, k.retry, k.stats, k.deadletters, k.key_state, k.endpoint) for k in chunk
+        ]
+        await script(keys=[key for six in slots for key in six], args=[CONSUMER_GROUP], client=pipe)
+    rows = [row for answer in await pipe.execute() for row in answer]
+    out: dict[str, dict[str, Any]] = {}
+    for name, row in zip(names, rows, strict=True):
+        xlen, first, retries, pending, stats, dl, key, endpoint = row
+        in_flight = max(0, int(pending))  # -1: no group yet, nothing in flight
+        oldest = int(first.split(b"-")[0]) if first else None
+        if retries:
+            oldest = (await Queue(client, keys.for_destination(name)).depth())[2]
+        out[name] = {
+            "queued": max(0, int(xlen) - in_flight),
+            "in_flight": in_flight,
+            "oldest_queued_age_s": round((now - oldest) / 1000, 3) if oldest else None,
+            "retry_batches_scheduled": int(retries),
+            "counters": {k: int(v) for k, v in _pairs(stats).items()},
+            "dead_letters": int(dl),
+            "key": key_state(_pairs(key), now),
+            "endpoint": endpoint_state(_pairs(endpoint)),
+        }
+    return out
+
+
+def endpoint_state(fields: dict[str, str]) -> dict[str, str | None]:
+    """The endpoint hash as shown: ``state`` failing (since when, the last error) or ok."""
+    failing_since = int(fields["failing_since"]) if fields.get("failing_since") else None
+    return {
+        "state": "failing" if failing_since else "ok",
+        "failing_since": _iso(failing_since),
+        "last_error": fields.get("last_error") if failing_since else None,
+        "last_error_at": _iso(int(fields.get("last_error_ms") or 0)),
+        "last_ok_at": _iso(int(fields.get("last_ok_ms") or 0)),
+    }

@@ -14,10 +14,10 @@ writes the index, in an order that keeps it true without atomicity:
   set and, if it was not there, wakes the workers. A worker that finds a stream empty first
   removes the destination from the set (:func:`before_empty_read`), then its read script
   reads once more and clears the flag only if it found nothing; if it found entries, the
-  worker adds the destination back. Every write is therefore followed by an add: the
-  writer's own (it set the flag: the last clear came before it), or, when the flag was
-  already set, that of the worker whose removal came before the write (its read comes after
-  its removal, and finds the write) or of the writer that set the flag.
+  worker adds the destination back. So a destination with unread entries is in the set,
+  or about to be: after the last removal comes its worker's read, which either finds the
+  entries (and the worker adds the destination back) or clears the flag, so that the next
+  write sets it again and its writer adds the destination.
 - retry-due: a script that changes a retry schedule reports the earliest retry left; its
   caller first removes the destination from the index (:func:`before_retry_change`) and
   afterwards adds that time with ``ZADD LT``. After any interleaving the index holds a time

@@ -4,6 +4,7 @@ doing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -235,14 +236,24 @@ async def overview(
     retry's age)."""
     now = now_ms()
     script = client.register_script(OVERVIEW_LUA)
-    pipe = client.pipeline(transaction=False)
-    for start in range(0, len(names), OVERVIEW_CHUNK):
-        chunk = [keys.for_destination(n) for n in names[start : start + OVERVIEW_CHUNK]]
+    # On a Redis Cluster a script's keys must share a slot, and redis-py sends no script in
+    # a cluster pipeline: one call per destination there, all at once.
+    size = 1 if keys.cluster else OVERVIEW_CHUNK
+    calls = []
+    for start in range(0, len(names), size):
+        chunk = [keys.for_destination(n) for n in names[start : start + size]]
         slots = [
             (k.stream, k.retry, k.stats, k.deadletters, k.key_state, k.endpoint) for k in chunk
         ]
-        await script(keys=[key for six in slots for key in six], args=[CONSUMER_GROUP], client=pipe)
-    rows = [row for answer in await pipe.execute() for row in answer]
+        calls.append([key for six in slots for key in six])
+    if keys.cluster:
+        answers = await asyncio.gather(*(script(keys=c, args=[CONSUMER_GROUP]) for c in calls))
+    else:
+        pipe = client.pipeline(transaction=False)
+        for c in calls:
+            await script(keys=c, args=[CONSUMER_GROUP], client=pipe)
+        answers = await pipe.execute()
+    rows = [row for answer in answers for row in answer]
     out: dict[str, dict[str, Any]] = {}
     for name, row in zip(names, rows, strict=True):
         xlen, first, retries, pending, stats, dl, key, endpoint = row

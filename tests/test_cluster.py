@@ -32,6 +32,7 @@ from capi.queue import ENQUEUE_LUA, enqueue_call, lua
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
 from capi.settings import Settings
+from capi.status import overview
 from tests.clusterproc import ClusterSet, cluster_settings
 from tests.helpers import _plain as plain_settings
 from tests.helpers import capi, events, spawn, start_worker, stop_worker, wait_for
@@ -345,6 +346,18 @@ def test_status_destinations_tail_and_dead_letters_work_across_shards(
         assert shown[name]["dead_letters"] == 2
     assert status["redis"]["role"] == "cluster"
     assert len(status["redis"]["shards"]) == 3
+
+    async def console_overview() -> dict[str, dict[str, Any]]:
+        client = settings.async_redis()
+        try:
+            return await overview(client, settings.keys, names(9))
+        finally:
+            await client.aclose()
+
+    seen = asyncio.run(console_overview())  # the console's overview: every shard's reads
+    assert {n: (v["counters"]["delivered"], v["dead_letters"]) for n, v in seen.items()} == {
+        n: (3, 2) for n in names(9)
+    }
 
     listed = [
         json.loads(line) for line in run(settings, env, "destinations", "--json").splitlines()

@@ -34,6 +34,7 @@ from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
 from capi.settings import Settings
 from capi.status import overview
 from tests.clusterproc import ClusterSet, cluster_settings
+from tests.console_helpers import httpx_get, new_tokens, start_console
 from tests.helpers import _plain as plain_settings
 from tests.helpers import capi, events, spawn, start_worker, stop_worker, wait_for
 from tests.intake_helpers import start_intake
@@ -384,6 +385,15 @@ def test_status_destinations_tail_and_dead_letters_work_across_shards(
         assert b"d4" in client.smembers(settings.keys.active)
     finally:
         client.close()
+    # The console's pages read every shard too (a viewer's Bearer token, no session).
+    tokens = new_tokens()
+    url = start_console(settings, tokens, tmp_path / "console.log", **env)
+    bearer = {"Authorization": f"Bearer {tokens.viewer}"}
+    for page in ("/", "/overview.json", "/d/d4", "/d/d4/dead-letters", "/d/d4/tail.json"):
+        answer = httpx_get(url + page, headers=bearer)
+        assert answer.status_code == 200, (page, answer.text[:500])
+    assert doomed["d7"][0] in httpx_get(url + "/d/d7/dead-letters", headers=bearer).text
+    assert "Traceback" not in (tmp_path / "console.log").read_text()
     run(settings, env, "dead-letters", "purge", "--all", "--yes")
     assert run(settings, env, "dead-letters", "list", "--json").strip() == ""
 

@@ -99,6 +99,7 @@ def classify(
         body=parsed if parsed is not None and _shallow(parsed) else text,
         request_ids=request_ids(headers),
         retry_after_s=parse_retry_after(headers.get("retry-after")),
+        enveloped=isinstance(error, dict),
     )
     params, codes = [param, *_details(error, "param")], [code, *_details(error, "code")]
     response.event_indexes = _event_indexes(params)

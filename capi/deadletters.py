@@ -23,7 +23,7 @@ import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ValidationError
 
-from capi import dedup, queue
+from capi import dedup, queue, schema
 from capi._aio import aw
 from capi.constants import API_MAX_AGE_MS, RedisKeys
 from capi.errors import SendError
@@ -210,3 +210,88 @@ async def all_records(
         return []
     raws = await aw(client.hmget(keys.deadletters, ids))
     return _sorted(list(zip(ids, raws, strict=True)), unreadable)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of dead letters, newest first, as :func:`page` read it."""
+
+    records: list[DeadLetter]
+    unreadable: list[Unreadable]
+    total: int  # dead letters in the time range, before any reason filter
+    next_at: int | None  # where the next page starts (None: this is the last)
+
+
+async def page(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    *,
+    at: int = 0,
+    limit: int = 50,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    reasons: Sequence[str] = (),
+    chunk: int = 500,
+) -> Page:
+    """A page of at most ``limit`` dead letters, newest first, read through the time index
+    (``{d}:dl:index``) a slice at a time, never all of them: ``at`` is the position in the
+    time range where the page starts; with ``reasons``, slices of ``chunk`` are read until
+    the page is full or the range ends."""
+    low = "-inf" if since_ms is None else since_ms
+    high = "+inf" if until_ms is None else until_ms
+    total = int(await client.zcount(keys.deadletter_index, low, high))
+    records: list[DeadLetter] = []
+    unreadable: list[Unreadable] = []
+    position = max(0, at)
+    while len(records) < limit and position < total:
+        want = chunk if reasons else limit - len(records)
+        ids = await client.zrevrangebyscore(
+            keys.deadletter_index, high, low, start=position, num=want
+        )
+        if not ids:
+            break
+        raws = await aw(client.hmget(keys.deadletters, ids))
+        for name, raw in zip(ids, raws, strict=True):
+            position += 1
+            if raw is None:
+                continue
+            parsed = parse(name, raw)
+            if isinstance(parsed, Unreadable):
+                unreadable.append(parsed)
+            elif not reasons or parsed.reason.value in reasons:
+                records.append(parsed)
+                if len(records) == limit:
+                    break
+    return Page(records, unreadable, total, position if position < total else None)
+
+
+def _glob_escaped(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def find_by_id(
+    client: aioredis.Redis, keys: RedisKeys, ref: str, *, limit: int = 100
+) -> list[DeadLetter | Unreadable]:
+    """The dead letters named by ``ref`` (a record key ``name:id`` or an event id), at most
+    ``limit``: the record key itself, else the id under each standard event name (one
+    HMGET), else, for a custom event's name, a scan of the index's names (never a read of
+    every record)."""
+    raw = await aw(client.hget(keys.deadletters, ref))
+    if raw:
+        return [parse(ref, raw)]
+    standard = [f"{name}:{ref}" for name in schema.STANDARD_TYPES]
+    raws = await aw(client.hmget(keys.deadletters, standard))
+    hits = [parse(k, r) for k, r in zip(standard, raws, strict=True) if r is not None]
+    if hits:
+        return hits[:limit]
+    found: list[bytes] = []
+    async for name, _ in client.zscan_iter(
+        keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
+    ):
+        found.append(name)
+        if len(found) >= limit:
+            break
+    if not found:
+        return []
+    raws = await aw(client.hmget(keys.deadletters, found))
+    return [parse(k, r) for k, r in zip(found, raws, strict=True) if r is not None]

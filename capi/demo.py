@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -75,6 +76,10 @@ def embedded_redis() -> Iterator[tuple[str, str]]:
             proc.wait(10)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -94,6 +99,9 @@ class Demo:
     def run(self) -> None:
         """Run the demo to the end; raise on any unexpected outcome."""
         logging.getLogger("capi").setLevel(logging.CRITICAL)  # the demo narrates itself
+        # SIGTERM (a closed terminal, a timeout) unwinds like Ctrl-C, so the embedded server
+        # started below is stopped rather than left running.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.out.print("[bold]capi demo[/]: enqueue, send, dead-letter with guidance, replay.")
         with contextlib.ExitStack() as stack:
             if "redis_url" in self.user.model_fields_set:  # set in the environment or file

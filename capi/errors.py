@@ -101,6 +101,9 @@ class Response:
     event_indexes: list[int] = field(default_factory=list)
     request_field: str | None = None
     missing_scopes: list[str] = field(default_factory=list)
+    # Whether the body was in OpenAI's error envelope ({"error": {...}}); a 401 or 403 that
+    # is not came from some other server, which CAPI_BASE_URL may name by mistake.
+    enveloped: bool = False
 
 
 class QueueUnavailable(CapiError):

@@ -23,6 +23,10 @@ BASE_URL_RULE = (
     "it is the API's base URL without a path (default https://bzr.openai.com); capi adds "
     "/v1/events itself"
 )
+NOT_THE_API = (
+    'This answer is not in the API\'s error format ({"error": {...}}): CAPI_BASE_URL may '
+    f"name another server. Check CAPI_BASE_URL: {BASE_URL_RULE}."
+)
 SUPPORT_ASKS = (
     "OpenAI support asks for the exact UTC time of a failing request, its request/trace ids "
     "and the email of whoever created the key, and never the key itself: "
@@ -88,6 +92,8 @@ def diagnose(
     reason = reason or (error if isinstance(error, Reason) else error.reason)
     hint = shape_hint(api_key) if api_key else None
     found = _BUILDERS.get(reason, _unexpected)(reason, err, pixel_id, hint)
+    if err is not None and reason in _KEY_OR_PIXEL and not err.response.enveloped:
+        found.fix.insert(0, NOT_THE_API)
     if labels is None:
         return found
     return Diagnosis(
@@ -344,3 +350,8 @@ _BUILDERS = {
     Reason.RETRIES_EXHAUSTED: _exhausted,
     Reason.UNEXPECTED: _unexpected,
 }
+# Failures that blame the key or the pixel: one that did not come in the API's error format
+# may be some other server's, reached through a wrong CAPI_BASE_URL.
+_KEY_OR_PIXEL = frozenset(
+    {Reason.MISSING_SCOPE, Reason.ACCESS_DENIED, Reason.UNAUTHORIZED, Reason.UNKNOWN_PIXEL}
+)

@@ -4,7 +4,8 @@ Replay puts each selected event back on the stream with a fresh attempt budget a
 same event id (so the API dedups), and removes its dead letter in the same Lua script:
 a dead letter disappears only once its event is safely queued, a repeated replay finds
 nothing left to send, and an interrupted replay resumes by running it again. Each replay
-leaves an audit entry (``{p}:dl:replays``).
+leaves audit entries (``{d}:dl:replays``), and so does a purge the console asks for; an
+entry names who asked (``by``: a console token's fingerprint) when the console asked.
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ async def replay(
     progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], Any] = asyncio.sleep,
     monotonic: Callable[[], float] = time.monotonic,
+    actor: str | None = None,
 ) -> ReplayReport:
-    """Put records' events back on the queue at most ``rate_per_s`` per second."""
+    """Put records' events back on the queue at most ``rate_per_s`` per second; the audit
+    entries name ``actor`` (who asked: a console token's fingerprint) when given."""
     now_ms = now_ms if now_ms is not None else clock.now_ms()
     report = ReplayReport(selected=len(records))
     todo = []
@@ -119,6 +122,7 @@ async def replay(
         "selection": (selection or Selection()).describe(),
         "selected": len(records),
         "status": "started",
+        **({"by": actor} if actor else {}),
     }
     await aw(client.lpush(keys.replays, orjson.dumps(audit)))
     chunk = 100 if not rate_per_s else max(1, min(100, int(rate_per_s / 10) or 1))
@@ -140,9 +144,21 @@ async def replay(
         expired=len(report.expired),
         already_gone=report.already_gone,
     )
-    await aw(client.lpush(keys.replays, orjson.dumps(audit)))
-    await aw(client.ltrim(keys.replays, 0, 999))
+    await _audit(client, keys, audit)
     return report
+
+
+AUDIT_ENTRIES = 1000  # the audit list keeps this many newest entries per destination
+
+
+async def _audit(client: aioredis.Redis, keys: RedisKeys, entry: dict[str, Any]) -> None:
+    await aw(client.lpush(keys.replays, orjson.dumps(entry)))
+    await aw(client.ltrim(keys.replays, 0, AUDIT_ENTRIES - 1))
+
+
+async def audit(client: aioredis.Redis, keys: RedisKeys, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries of a destination's replay and purge audit, newest first."""
+    return [orjson.loads(raw) for raw in await aw(client.lrange(keys.replays, 0, limit - 1))]
 
 
 @dataclass
@@ -187,16 +203,34 @@ async def purge(
     client: aioredis.Redis,
     keys: RedisKeys,
     records: Sequence[DeadLetter | deadletters.Unreadable],
+    *,
+    actor: str | None = None,
+    selection: Selection | None = None,
+    now_ms: int | None = None,
 ) -> int:
-    """Delete dead letters (readable or not); return how many were removed."""
+    """Delete dead letters (readable or not); return how many were removed. With ``actor``
+    (who asked: a console token's fingerprint) the purge is written to the audit."""
     if not records:
         return 0
     ids = [r.key for r in records]
-    pipe = client.pipeline(transaction=True)
+    # A cluster client has no MULTI (redis-py): there the index entry may briefly outlive
+    # its record, which readers skip as gone.
+    pipe = client.pipeline(transaction=not keys.cluster)
     pipe.hdel(keys.deadletters, *ids)
     pipe.zrem(keys.deadletter_index, *ids)
     removed, _ = await pipe.execute()
     await aw(client.hincrby(keys.stats, "purged", int(removed)))
+    if actor:
+        entry = {
+            "at_ms": now_ms if now_ms is not None else clock.now_ms(),
+            "action": "purge",
+            "selection": (selection or Selection()).describe(),
+            "selected": len(records),
+            "status": "purged",
+            "purged": int(removed),
+            "by": actor,
+        }
+        await _audit(client, keys, entry)
     return int(removed)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -47,6 +49,32 @@ from capi.redisconn import (
 DEFAULT_CONFIG_FILE = Path("config/capi.env")
 # CAPI_* names that are not settings yet are known: the config file's name, and the two
 # that docker-compose.yml reads (from .env) to configure the containers.
+
+
+class _NameTheFile(logging.Filter):
+    """python-dotenv warns of a line it cannot parse without naming the file, and again each
+    time the file is read: name the file, and say it once per line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: Path | None = None
+        self.seen: set[tuple[Path, object]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.path is None or not str(record.msg).startswith("python-dotenv could not parse"):
+            return True
+        line = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        if (self.path, line) in self.seen:
+            return False
+        self.seen.add((self.path, line))
+        record.msg = "warning: %s line %s is ignored: it is not NAME=value (comments start with #)"
+        record.args = (self.path, line)
+        return True
+
+
+_dotenv_lines = _NameTheFile()
+logging.getLogger("dotenv.main").addFilter(_dotenv_lines)
+
 NOT_SETTINGS = frozenset({"CAPI_CONFIG_FILE", "CAPI_ENV_FILE", "CAPI_REDIS_PASSWORD"})
 
 
@@ -69,6 +97,11 @@ class Settings(BaseSettings):
         None,
         pattern=r"^[^\s,]{1,200}$",
         description="The name the sentinels know the master by (sentinel monitor NAME ...).",
+    )
+    redis_cluster: bool = Field(
+        False,
+        description="CAPI_REDIS_URL names a node of a Redis Cluster: each destination's keys "
+        "share one hash tag, so destinations spread over the shards (see docs/scaling.md).",
     )
     redis_prefix: str = Field("capi", min_length=1, description="Prefix of every Redis key.")
     integration_source: str | None = Field(
@@ -213,6 +246,11 @@ class Settings(BaseSettings):
         description="Comma-separated addresses (or CIDR networks) of reverse proxies whose "
         "X-Forwarded-For capi serve believes; unset, it believes none.",
     )
+    console_tokens_sha256: str | None = Field(
+        None,
+        description="capi console's tokens: role:sha256hex entries (role viewer or "
+        "operator), comma-separated; capi console-token makes one.",
+    )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
     )
@@ -269,6 +307,20 @@ class Settings(BaseSettings):
                         f"{item.strip()[:60]!r} is not an IP address or network (CIDR); give "
                         "the reverse proxies' addresses, comma-separated, e.g. 10.0.0.5,10.1.0.0/16"
                     ) from None
+        return value
+
+    @field_validator("console_tokens_sha256")
+    @classmethod
+    def _console_tokens(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            role, _, digest = item.strip().partition(":")
+            if item.strip() and (
+                role not in ("viewer", "operator") or not re.fullmatch(r"[0-9a-f]{64}", digest)
+            ):
+                raise ValueError(
+                    f"{item.strip()[:20]!r}... is not role:sha256hex; give entries such as "
+                    "operator:<64 hex>, comma-separated (capi console-token prints one)"
+                )
         return value
 
     @field_validator("redis_url")
@@ -332,6 +384,8 @@ class Settings(BaseSettings):
                 "sentinels name the master's host and port; the URL gives its password, TLS "
                 "and database)"
             )
+        if self.redis_cluster:
+            self._check_cluster()
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("CAPI_RETRY_CAP_S must not be below CAPI_RETRY_BASE_S")
         if self.claim_idle_s <= self.request_timeout_s:
@@ -340,6 +394,28 @@ class Settings(BaseSettings):
                 "slow request would be taken over while still in flight"
             )
         return self
+
+    def _check_cluster(self) -> None:
+        if self.redis_sentinels:
+            raise ValueError(
+                "CAPI_REDIS_CLUSTER and CAPI_REDIS_SENTINELS exclude each other: a Redis "
+                "Cluster fails over by itself (set one or the other)"
+            )
+        if self.redis_url.startswith("unix://"):
+            raise ValueError(
+                "CAPI_REDIS_URL must be redis:// or rediss:// with CAPI_REDIS_CLUSTER (a node "
+                "of the cluster, host:port)"
+            )
+        if urlsplit(self.redis_url).path.strip("/") not in ("", "0"):
+            raise ValueError(
+                "CAPI_REDIS_URL must name database 0 (or none) with CAPI_REDIS_CLUSTER: a "
+                "Redis Cluster has only database 0"
+            )
+        if "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ValueError(
+                "CAPI_REDIS_PREFIX must not hold { or } with CAPI_REDIS_CLUSTER: capi puts "
+                "each destination's name in braces (its hash tag)"
+            )
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -352,6 +428,8 @@ class Settings(BaseSettings):
                 f"config file {path.absolute()} does not exist (named by --config or "
                 "CAPI_CONFIG_FILE; a relative path is taken from the current directory)"
             )
+        if env_file is not None:
+            _dotenv_lines.path = env_file.absolute()
         try:
             settings = cls(_env_file=env_file, **overrides)
         except ValidationError as exc:
@@ -416,19 +494,31 @@ class Settings(BaseSettings):
         return Sentinels(parse_sentinels(self.redis_sentinels), self.redis_sentinel_master)
 
     def async_redis(self, **extra: Any) -> aioredis.Redis:
-        """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master), every
-        call bounded by the timeout."""
-        return async_client(self.redis_url, self.redis_timeout_s, self.sentinels, **extra)
+        """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master, or the
+        cluster that URL's node belongs to), every call bounded by the timeout."""
+        return async_client(
+            self.redis_url,
+            self.redis_timeout_s,
+            self.sentinels,
+            cluster=self.redis_cluster,
+            **extra,
+        )
 
     def sync_redis(self, **extra: Any) -> redis.Redis:
         """A blocking Redis client for CAPI_REDIS_URL (or the sentinels' master), every
         call bounded by the timeout."""
-        return sync_client(self.redis_url, self.redis_timeout_s, self.sentinels, **extra)
+        return sync_client(
+            self.redis_url,
+            self.redis_timeout_s,
+            self.sentinels,
+            cluster=self.redis_cluster,
+            **extra,
+        )
 
     @property
     def keys(self) -> RedisKeys:
         """The Redis key names under this prefix."""
-        return RedisKeys(self.redis_prefix)
+        return RedisKeys(self.redis_prefix, cluster=self.redis_cluster)
 
     def credentials(self) -> tuple[str, str]:
         """The key and pixel id; raise ConfigError naming whichever is missing."""

@@ -4,19 +4,22 @@ doing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from capi import coverage
 from capi.clock import LIVENESS_MS, now_ms
-from capi.constants import RedisKeys
+from capi.constants import CONSUMER_GROUP, RedisKeys
 from capi.queue import Queue
+from capi.redisconn import is_cluster
 
 
 def _iso(ms: int | None) -> str | None:
@@ -45,7 +48,6 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
     next_retry, stats, reasons, key, dl, endpoint = await pipe.execute()
     ep = {k.decode(): v.decode() for k, v in endpoint.items()}
     matching = await coverage.read(client, keys, now)
-    failing_since = int(ep["failing_since"]) if ep.get("failing_since") else None
     return {
         "queued": queued,
         "in_flight": in_flight,
@@ -57,13 +59,7 @@ async def destination_status(client: aioredis.Redis, keys: RedisKeys) -> dict[st
         # All-time totals (a replayed or purged dead letter still counts), not the current.
         "dead_letters_by_reason": {k.decode(): int(v) for k, v in reasons.items()},
         "key": key_state({k.decode(): v.decode() for k, v in key.items()}, now),
-        "endpoint": {
-            "state": "failing" if failing_since else "ok",
-            "failing_since": _iso(failing_since),
-            "last_error": ep.get("last_error") if failing_since else None,
-            "last_error_at": _iso(int(ep.get("last_error_ms") or 0)),
-            "last_ok_at": _iso(int(ep.get("last_ok_ms") or 0)),
-        },
+        "endpoint": endpoint_state(ep),
         "match_coverage": matching,
     }
 
@@ -96,9 +92,14 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
     pipe.zrangebyscore(keys.workers, now - LIVENESS_MS, "+inf", withscores=True)
     pipe.hgetall(keys.worker_states)
     workers, states = await pipe.execute()
+    shards: list[dict[str, Any]] = []
     try:
-        memory = await client.info("memory")
-        role = str((await client.info("replication")).get("role", "master"))
+        if is_cluster(client):
+            memory, shards = await cluster_memory(client)
+            role = "cluster"
+        else:
+            memory = await client.info("memory")
+            role = str((await client.info("replication")).get("role", "master"))
     except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
         memory, role = {}, "unknown"
     live = []
@@ -120,22 +121,46 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
             "used_memory": int(memory.get("used_memory", 0)),
             "maxmemory": int(memory.get("maxmemory", 0)),
             "maxmemory_policy": str(memory.get("maxmemory_policy", "")),
-            "full": redis_full(memory),
+            "full": redis_full(memory) or any(s["full"] for s in shards),
             "role": role,
+            **({"shards": shards} if shards else {}),
         },
     }
+
+
+async def cluster_memory(client: aioredis.Redis) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cluster's memory: the masters' totals (``INFO memory`` fields), and per master its
+    address, memory, limit and whether it is full."""
+    answers: Any = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    shards: list[dict[str, Any]] = [
+        {
+            "node": str(node),
+            "used_memory": int(info.get("used_memory", 0)),
+            "maxmemory": int(info.get("maxmemory", 0)),
+            "full": redis_full(info),
+        }
+        for node, info in sorted(answers.items())
+    ]
+    total = {
+        "used_memory": sum(s["used_memory"] for s in shards),
+        "maxmemory": sum(s["maxmemory"] for s in shards),
+    }
+    return total, shards
 
 
 async def destinations_in_redis(client: aioredis.Redis, keys: RedisKeys) -> list[str]:
     """Every destination with counters in Redis (configured or not), found by a scan of
     the prefix (for operators' commands, not for a hot path)."""
     found: set[str] = set()
-    if await client.exists(keys.stats):
-        found.add("default")
-    head = f"{keys.prefix}:d:"
-    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
-        name = raw.decode()[len(head) : -len(":stats")]
-        if ":" not in name:
+    if keys.cluster:  # every shard is scanned; each name is in braces, the default's too
+        head, tail = f"{keys.prefix}:d:{{", "}:stats"
+    else:
+        head, tail = f"{keys.prefix}:d:", ":stats"
+        if await client.exists(keys.stats):
+            found.add("default")
+    async for raw in client.scan_iter(match=f"{head}*{tail}", count=1000):
+        name = raw.decode()[len(head) : -len(tail)]
+        if ":" not in name and "}" not in name:
             found.add(name)
     return sorted(found)
 
@@ -168,3 +193,94 @@ def redis_full(memory: dict[str, Any]) -> bool:
     limit = int(memory.get("maxmemory", 0) or 0)
     used = int(memory.get("used_memory", 0) or 0)
     return limit > 0 and used >= limit and memory.get("maxmemory_policy") == "noeviction"
+
+
+# no-writes: a read (it may run on a replica). Each call covers a chunk of destinations, so
+# that Redis is never busy with one call for long.
+OVERVIEW_LUA = """#!lua flags=no-writes
+-- KEYS: six per destination: stream, retry zset, stats, dead letters, key state, endpoint.
+-- ARGV[1]: the consumer group. Returns, per destination: {XLEN, the oldest stream id or '',
+-- scheduled retries, entries in flight (-1 before the group exists), stats, dead letters,
+-- key state, endpoint} (hashes as flat field, value lists).
+local group = ARGV[1]
+local out = {}
+for i = 1, #KEYS, 6 do
+  local stream, retry, stats, dl, key, endpoint =
+    KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5]
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  local pending = redis.pcall('XPENDING', stream, group)
+  local in_flight = -1
+  if type(pending) == 'table' and pending.err == nil then in_flight = pending[1] end
+  out[#out + 1] = {
+    redis.call('XLEN', stream), first[1] and first[1][1] or '', redis.call('ZCARD', retry),
+    in_flight, redis.call('HGETALL', stats), redis.call('HLEN', dl),
+    redis.call('HGETALL', key), redis.call('HGETALL', endpoint)}
+end
+return out
+"""
+OVERVIEW_CHUNK = 100  # destinations per script call
+
+
+def _pairs(flat: list[bytes]) -> dict[str, str]:
+    return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+async def overview(
+    client: aioredis.Redis, keys: RedisKeys, names: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """For each destination of ``names`` (the console shows 1,000 at once): queued, in
+    flight, the oldest age, scheduled retries, counters, dead letters, key and endpoint
+    state; the fields of :func:`destination_status` without match coverage and the next
+    retry. One read-only script call per :data:`OVERVIEW_CHUNK` destinations, pipelined;
+    only destinations with retries scheduled cost one more round trip each (the oldest
+    retry's age)."""
+    now = now_ms()
+    script = client.register_script(OVERVIEW_LUA)
+    # On a Redis Cluster a script's keys must share a slot, and redis-py sends no script in
+    # a cluster pipeline: one call per destination there, all at once.
+    size = 1 if keys.cluster else OVERVIEW_CHUNK
+    calls = []
+    for start in range(0, len(names), size):
+        chunk = [keys.for_destination(n) for n in names[start : start + size]]
+        slots = [
+            (k.stream, k.retry, k.stats, k.deadletters, k.key_state, k.endpoint) for k in chunk
+        ]
+        calls.append([key for six in slots for key in six])
+    if keys.cluster:
+        answers = await asyncio.gather(*(script(keys=c, args=[CONSUMER_GROUP]) for c in calls))
+    else:
+        pipe = client.pipeline(transaction=False)
+        for c in calls:
+            await script(keys=c, args=[CONSUMER_GROUP], client=pipe)
+        answers = await pipe.execute()
+    rows = [row for answer in answers for row in answer]
+    out: dict[str, dict[str, Any]] = {}
+    for name, row in zip(names, rows, strict=True):
+        xlen, first, retries, pending, stats, dl, key, endpoint = row
+        in_flight = max(0, int(pending))  # -1: no group yet, nothing in flight
+        oldest = int(first.split(b"-")[0]) if first else None
+        if retries:
+            oldest = (await Queue(client, keys.for_destination(name)).depth())[2]
+        out[name] = {
+            "queued": max(0, int(xlen) - in_flight),
+            "in_flight": in_flight,
+            "oldest_queued_age_s": round((now - oldest) / 1000, 3) if oldest else None,
+            "retry_batches_scheduled": int(retries),
+            "counters": {k: int(v) for k, v in _pairs(stats).items()},
+            "dead_letters": int(dl),
+            "key": key_state(_pairs(key), now),
+            "endpoint": endpoint_state(_pairs(endpoint)),
+        }
+    return out
+
+
+def endpoint_state(fields: dict[str, str]) -> dict[str, str | None]:
+    """The endpoint hash as shown: ``state`` failing (since when, the last error) or ok."""
+    failing_since = int(fields["failing_since"]) if fields.get("failing_since") else None
+    return {
+        "state": "failing" if failing_since else "ok",
+        "failing_since": _iso(failing_since),
+        "last_error": fields.get("last_error") if failing_since else None,
+        "last_error_at": _iso(int(fields.get("last_error_ms") or 0)),
+        "last_ok_at": _iso(int(fields.get("last_ok_ms") or 0)),
+    }

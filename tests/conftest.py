@@ -7,8 +7,10 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -38,6 +40,7 @@ LONG_FIRST = (
     "test_destinations.py",
     "test_redis_connections.py",
     "test_sentinel_failover.py",
+    "test_cluster.py",
 )
 
 
@@ -153,3 +156,34 @@ def capi_env(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """Debian's headless chromium driven by Selenium, with a fresh profile."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.fail("chromium and chromium-driver are not installed (.ci/run installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+    ):
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory(prefix="capi-chromium-") as profile:
+        options.add_argument(f"--user-data-dir={profile}")  # a fresh profile each time
+        chrome = webdriver.Chrome(service=Service(driver), options=options)
+        try:
+            yield chrome
+        finally:
+            chrome.quit()

@@ -45,7 +45,13 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PORTS = {6390: "Redis", 8787: "the sandbox", 8080: "the intake", 9464: "worker metrics"}
+PORTS = {
+    6390: "Redis",
+    8787: "the sandbox",
+    8080: "the intake",
+    8081: "the console",
+    9464: "worker metrics",
+}
 RUN = ("sh", "python")
 VERBS = ("skip", "background", "file", "slow", "setup")
 MARKER = re.compile(r"^<!--\s*test:\s*(\w+)\s*(.*?)\s*-->\s*$")

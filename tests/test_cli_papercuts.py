@@ -4,10 +4,13 @@ that must work while the destinations file is broken."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +118,29 @@ def test_enqueue_dry_run_reports_each_line_and_queues_nothing(
     ok = invoke(away, "enqueue", "--dry-run", "--json", str(clean))
     assert ok.exit_code == 0, ok.output
     assert '"valid":3' in ok.output and '"queued":0' in ok.output
+
+
+def test_a_file_saved_with_a_byte_order_mark_is_read_and_a_stray_one_is_named(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    first, second = _jsonl(events(2)).splitlines()
+    file = tmp_path / "events.jsonl"
+    file.write_bytes(b"\xef\xbb\xbf" + f"{first}\n\ufeff{second}\n".encode())
+    result = invoke(env, "enqueue", "--dry-run", str(file))
+    assert "dry run: 1 valid, refused 1" in result.output, result.output
+    assert "line 2: event refused: (line): starts with a byte order mark (U+FEFF)" in result.output
+
+
+def test_a_config_file_line_that_cannot_be_read_is_named_with_its_file_once(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL={env['CAPI_REDIS_URL']}\nthis is not a setting\n")
+    result = run_capi({**env, "CAPI_CONFIG_FILE": str(config)}, "destinations")
+    assert result.returncode == 0, result.stderr
+    said = f"warning: {config} line 2 is ignored: it is not NAME=value"
+    assert result.stderr.count(said) == 1, result.stderr
+    assert "python-dotenv" not in result.stderr
 
 
 def test_queue_purge_empties_the_queue_but_keeps_dead_letters_and_in_flight(
@@ -311,6 +337,26 @@ def test_status_runs_with_a_broken_destinations_file_and_shows_its_error_on_top(
     as_json = json.loads(invoke(broken, "status", "--json").output)
     assert "is not valid TOML" in as_json["destinations_file_error"]
     assert as_json["queued"] == 4
+
+
+def test_destinations_lists_what_redis_holds_under_a_broken_destinations_file(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str, tmp_path: Path
+) -> None:
+    enqueue(make_settings(sandbox, redis_url), events(4))
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = \n')  # no value
+    broken = run_capi({**env, "CAPI_DESTINATIONS_FILE": str(dests)}, "destinations")
+    assert broken.returncode == ExitCode.CONFIG
+    assert broken.stderr.startswith("error: the destinations file is broken:"), broken.stderr
+    assert "is not valid TOML" in broken.stderr and "Traceback" not in broken.stderr
+    assert re.search(r"^default\s.*\s4\s", broken.stdout, re.M), broken.stdout
+    rows = [
+        json.loads(line)
+        for line in run_capi(
+            {**env, "CAPI_DESTINATIONS_FILE": str(dests)}, "destinations", "--json"
+        ).stdout.splitlines()
+    ]
+    assert [(r["name"], r["queued"], r["configured"]) for r in rows] == [("default", 4, None)]
 
 
 def test_destinations_fits_80_columns_without_cutting_names_or_pixels(
@@ -514,3 +560,40 @@ def test_show_and_replays_keep_to_the_destination_named(two_destinations: dict[s
     assert (
         "completed" in invoke(multi, "dead-letters", "replays", "--destination", "brand-b").output
     )
+
+
+class _NotTheApi(http.server.BaseHTTPRequestHandler):
+    """Some other service's 401, as a CAPI_BASE_URL naming the wrong server gets it."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = b'{"detail": "Unauthorized"}'
+        self.send_response(401)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_401_from_a_server_that_is_not_the_api_points_at_the_base_url(
+    env: dict[str, str], sandbox: SandboxThread
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotTheApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        wrong = invoke({**env, "CAPI_BASE_URL": url}, "check-key")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert wrong.exit_code != 0
+    assert "1. This answer is not in the API's error format" in wrong.output, wrong.output
+    assert "Check CAPI_BASE_URL" in wrong.output
+    # The API's own 401 (its error envelope) blames the key, not the URL.
+    sandbox.state.conversion_keys.discard(DEFAULT_KEY)
+    real = invoke(env, "check-key")
+    assert "[unauthorized]" in real.output, real.output
+    assert "error format" not in real.output

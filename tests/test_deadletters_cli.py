@@ -36,15 +36,21 @@ from tests.helpers import (
 SCOPE_FAILS, STALE, INVALID = 10, 4, 3
 
 
-def cli_run(settings: Settings, *args: str, input: str | None = None) -> Result:
-    env = {
+def cli_env(settings: Settings) -> dict[str, str]:
+    """The CAPI_* variables that point the CLI at these settings' Redis and sandbox."""
+    return {
         "CAPI_API_KEY": DEFAULT_KEY,
         "CAPI_PIXEL_ID": settings.pixel_id or "",
         "CAPI_BASE_URL": settings.base_url,
         "CAPI_REDIS_URL": settings.redis_url,
         "CAPI_CONFIG_FILE": os.devnull,
     }
-    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def cli_run(settings: Settings, *args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(
+        cli, list(args), env=cli_env(settings), input=input, catch_exceptions=False
+    )
 
 
 @pytest.fixture
@@ -316,3 +322,10 @@ def test_same_id_for_a_signup_and_an_order_keeps_both(
     assert json.loads(one)["event"]["type"] == "order_created"
     replayed = cli_run(settings, "dead-letters", "replay", "123")
     assert "replayed 2 of 2" in replayed.output
+
+
+def test_support_bundle_of_an_unknown_id_says_so_and_exits_not_found(mixed: Settings) -> None:
+    result = cli_run(mixed, "support-bundle", "scope-p-0", "no-such-order")
+    assert result.exit_code == ExitCode.NOT_FOUND
+    assert "not found: no-such-order" in result.output
+    assert "event scope-p-0" in result.output  # what was found is still printed

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -15,7 +20,7 @@ from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from capi.worker.sender import Sender
 from tests.helpers import dead_letters, doom, drain, enqueue, events, make_settings
-from tests.test_deadletters_cli import cli_run
+from tests.test_deadletters_cli import cli_env, cli_run
 
 BAD_KEY = "order_created:deep-1"
 
@@ -102,3 +107,29 @@ def test_the_prune_job_skips_it_and_logs_it(
     asyncio.run(go())
     assert "skipped 1 dead letters that cannot be read" in caplog.text
     assert BAD_KEY in caplog.text
+
+
+def test_the_commands_it_suggests_are_quoted_for_the_shell(
+    broken: Settings, tmp_path: Path
+) -> None:
+    planted = tmp_path / "planted"
+    key = f"order_created:$(touch {planted})"
+    client = redis.Redis.from_url(broken.redis_url)
+    client.hset(broken.keys.deadletters, key, b"{not json")
+    client.zadd(broken.keys.deadletter_index, {key: int(time.time() * 1000)})
+    client.close()
+    result = cli_run(broken, "dead-letters", "list")
+    show = re.search(r"`(capi dead-letters show [^`]+)`", result.stderr)
+    assert show, result.stderr
+    env = {**os.environ, **cli_env(broken)}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    pasted = subprocess.run(
+        ["bash", "-c", show.group(1)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert not planted.exists()
+    assert "{not json" in pasted.stdout, pasted.stdout + pasted.stderr

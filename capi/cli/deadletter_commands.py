@@ -4,8 +4,6 @@ have modules of their own; the shared filters are in :mod:`capi.cli.selection`).
 from __future__ import annotations
 
 import dataclasses
-import os
-import shlex
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -45,13 +43,12 @@ from capi.cli.selection import (
     selection_from,
     warn_unreadable,
 )
-from capi.client import build_body
-from capi.constants import EVENTS_PATH
 from capi.deadletters import DeadLetter, Unreadable, iso
 from capi.destinations import Destination
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
 from capi.replay import Selection, can_replay
+from capi.reproduce import curl_for, key_expression
 from capi.settings import Settings
 
 _WARN_WITHIN_MS = 24 * 3600 * 1000
@@ -211,7 +208,7 @@ def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> st
     ]
     if r.error_body is not None:
         lines += ["", "API response body:", orjson.dumps(r.error_body).decode()]
-    key, env_file = _key_expression(settings, dest.key_source if dest is not None else "")
+    key, env_file = key_expression(settings, dest.key_source if dest is not None else "")
     where = f"{key}, set from {env_file} in a subshell" if env_file else key
     lines += [
         "",
@@ -221,18 +218,6 @@ def _describe(r: DeadLetter, settings: Settings, dest: Destination | None) -> st
     return safetext.shown("\n".join(lines), lines=True)  # guidance, the event and body as received
 
 
-def _key_expression(settings: Settings, key_source: str) -> tuple[str, str | None]:
-    """The shell expression a reproducing curl reads the key from, never the key: a
-    variable (``$CAPI_API_KEY``, or a destination's ``api_key_env``), or reading a key
-    file; with the env file to load first when the variable is set only there."""
-    if key_source not in ("", "CAPI_API_KEY") and not key_source.startswith("$"):  # a file
-        return f"$(cat {shlex.quote(key_source)})", None
-    variable = key_source.removeprefix("$") or "CAPI_API_KEY"
-    if variable not in os.environ and variable in settings.file_values():
-        return f"${variable}", settings.config_file_path()
-    return f"${variable}", None
-
-
 def _code_and_param(r: DeadLetter) -> str:
     bits = [
         f"{name} {value}"
@@ -240,25 +225,6 @@ def _code_and_param(r: DeadLetter) -> str:
         if value is not None
     ]
     return f" ({', '.join(bits)})" if bits else ""
-
-
-def curl_for(
-    record: DeadLetter, base_url: str, key: str = "$CAPI_API_KEY", env_file: str | None = None
-) -> str:
-    """A curl command that sends the event with validate_only; the key stays a shell
-    expression (``key``: a variable, or reading a key file). With ``env_file``, the
-    command runs in a subshell that loads that file first (the variable is set there)."""
-    url = f"{base_url}{EVENTS_PATH}?pid={record.pixel_id}"
-    body = build_body([record.event_json.encode()], validate_only=True).decode()
-    curl = (
-        f"curl -sS -i -X POST {shlex.quote(url)} \\\n"
-        f'  -H "Authorization: Bearer {key}" \\\n'
-        "  -H 'Content-Type: application/json' \\\n"
-        f"  --data-binary {shlex.quote(body)}"
-    )
-    if env_file is None:
-        return curl
-    return f"(set -a; . {shlex.quote(env_file)}; set +a\n {curl})"
 
 
 @dead_letters.command("replays")

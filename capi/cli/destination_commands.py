@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -9,12 +10,23 @@ from rich.table import Table
 from rich.text import Text
 
 from capi import destinations
-from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
+from capi.cli.common import (
+    err,
+    handle_errors,
+    out,
+    print_json,
+    redis_client,
+    run,
+    settings_from,
+)
 from capi.cli.main import cli
+from capi.destinations import Destination
+from capi.errors import ConfigError
+from capi.exitcodes import ExitCode
 from capi.fingerprint import fingerprint
 from capi.safetext import shown
 from capi.settings import Settings
-from capi.status import destination_status, stranded
+from capi.status import destination_status, destinations_in_redis, stranded
 
 
 @cli.command("destinations")
@@ -30,7 +42,9 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
     hours that carried each identifier kind (docs/attribution.md); match_coverage_events
     how many that was. Without a destinations file the one destination is "default". A
     destination removed from the file whose events or dead letters are still in Redis is
-    listed too, as removed (configured: false): add it back to the file to send them.
+    listed too, as removed (configured: false): add it back to the file to send them. A
+    broken destinations file is reported on top, and the destinations Redis holds are listed
+    all the same (configured: null, exit code 3).
 
     \b
     Examples:
@@ -38,12 +52,24 @@ def destinations_command(ctx: click.Context, as_json: bool) -> None:
       capi destinations --json | jq -r 'select(.key_state == "held") | .name'
     """
     settings = settings_from(ctx)
-    rows = run(_rows(settings))
+    file_error = None
+    try:
+        configured: dict[str, Destination] | None = destinations.parse_file(settings)
+    except ConfigError as exc:
+        file_error, configured = str(exc), None
+        err.print(
+            f"error: the destinations file is broken: {exc}\n"
+            "Running workers keep the destinations they had. What Redis holds:",
+            markup=False,
+        )
+    rows = run(_rows(settings, configured))
     if as_json:
         for row in rows:
             print_json(row)
-        return
-    _print_table(rows)
+    else:
+        _print_table(rows)
+    if file_error:
+        sys.exit(ExitCode.CONFIG)
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
@@ -63,7 +89,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             Text(shown(r["name"])),
             Text(shown(r["pixel_id"] or "-")),
             Text(_short(r["key_fingerprint"])),
-            r["key_state"] if r["configured"] else "removed",
+            r["key_state"] if r["configured"] is not False else "removed",
             str(r["queued"]),
             "-" if oldest is None else f"{oldest:.0f} s",
             str(r["delivered"]),
@@ -84,10 +110,20 @@ def _short(key_fingerprint: str) -> str:
     return "-" if key_fingerprint in ("(not set)", "-") else key_fingerprint
 
 
-async def _rows(settings: Settings) -> list[dict[str, Any]]:
-    configured = destinations.parse_file(settings)
+async def _rows(
+    settings: Settings, configured: dict[str, Destination] | None
+) -> list[dict[str, Any]]:
+    """A row per configured destination and per one left behind in Redis; with no readable
+    file (``configured`` None), a row per destination Redis holds, configured unknown."""
     client = redis_client(settings)
     try:
+        if configured is None:
+            names = await destinations_in_redis(client, settings.keys) or ["default"]
+            return [
+                _row(n, status, status["key"].get("state", "unchecked"), configured=None)
+                for n in names
+                if (status := await destination_status(client, settings.keys.for_destination(n)))
+            ]
         rows = []
         for name, dest in configured.items():
             status = await destination_status(client, settings.keys.for_destination(name))
@@ -117,11 +153,11 @@ async def _rows(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _row(
-    name: str, status: dict[str, Any], state: str, *, configured: bool = True
+    name: str, status: dict[str, Any], state: str, *, configured: bool | None = True
 ) -> dict[str, Any]:
     key = status["key"]
     last_error = None
-    if not configured:
+    if configured is False:
         last_error = (
             "not in the destinations file: add it back to send its events, or drop them: "
             f"capi queue purge --destination {name}"

@@ -92,14 +92,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             **options,
         )
         return
-    try:
-        sock = socket.create_server((host, port), backlog=2048)
-    except OSError as exc:
-        fail(
-            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another "
-            "port, or --port 0 for a free one",
-            ExitCode.CONFIG,
-        )
+    sock = listening_socket(host, port, backlog=2048)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(Intake(settings), **options)
     out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
@@ -118,12 +111,25 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "lifespan": "on",
         "server_header": False,
         "timeout_keep_alive": settings.intake_idle_timeout_s,
-        **_proxy_options(settings),
+        **proxy_options(settings),
         "timeout_graceful_shutdown": max(1, round(settings.shutdown_timeout_s)),
     }
 
 
-def _proxy_options(settings: Settings) -> dict[str, object]:
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A socket listening on ``host:port`` for uvicorn; exit 3 with what to do when the
+    address is taken or not this machine's."""
+    try:
+        return socket.create_server((host, port), backlog=backlog)
+    except OSError as exc:
+        fail(
+            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another "
+            "port, or --port 0 for a free one",
+            ExitCode.CONFIG,
+        )
+
+
+def proxy_options(settings: Settings) -> dict[str, object]:
     """uvicorn's X-Forwarded-For handling: only from CAPI_TRUSTED_PROXIES, if set."""
     trusted = [p.strip() for p in (settings.trusted_proxies or "").split(",") if p.strip()]
     if not trusted:

@@ -286,10 +286,13 @@ def demo_command(ctx: click.Context) -> None:
 
 
 # The intake's commands live in their own module; the group is defined above.
+from capi.cli.console_commands import console_command, console_token_command  # noqa: E402
 from capi.cli.intake_commands import intake_token_command, serve_command  # noqa: E402
 from capi.cli.tail_commands import tail_command  # noqa: E402
 from capi.cli.verify_commands import verify_command  # noqa: E402
 
+cli.add_command(console_command)
+cli.add_command(console_token_command)
 cli.add_command(serve_command)
 cli.add_command(intake_token_command)
 cli.add_command(tail_command)

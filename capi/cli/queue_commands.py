@@ -240,12 +240,17 @@ def _parse_line(lineno: int, line: bytes | None, report: EnqueueReport) -> Any:
     elif not line.strip():
         return _NOTHING
     else:
+        if lineno == 1 and line.startswith(_BOM):  # the file's UTF-8 signature (Windows editors)
+            line = line[len(_BOM) :]
         try:
             return parse_json(line)
         except _Refused as exc:
             why = str(exc)
     report.refused.append((lineno, EventRejected([Problem("(line)", why)])))
     return _NOTHING
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 class _Refused(ValueError):
@@ -259,6 +264,8 @@ def parse_json(line: bytes) -> Any:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise _Refused("is not UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise _Refused("starts with a byte order mark (U+FEFF), which only a file's start may have")
     if text.count("[") + text.count("{") > MAX_BRACKETS and _depth(text) > MAX_DEPTH:
         # Refused before the recursive parser meets it: deep recursion is not only slow, it
         # leaves no stack for anything else that runs meanwhile (a finalizer, a log hook).

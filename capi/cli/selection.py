@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from capi.cli.common import err, redis_client
 from capi.deadletters import DeadLetter, Unreadable
 from capi.failures import Reason
 from capi.replay import Selection
+from capi.safetext import shown
 from capi.settings import Settings
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
@@ -176,10 +178,14 @@ async def select_records(settings: Settings, selection: Selection) -> list[DeadL
 def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
     """Tell the operator which stored records were skipped, and how to look at them."""
     for u in unreadable:
+        # The key comes from the event's id, which may hold shell syntax: quoted to be pasted.
+        target = shlex.quote(u.key)
+        if u.destination != "default":
+            target = f"--destination {shlex.quote(u.destination)} {target}"
         err.print(
-            f"warning: skipped dead letter {u.key}: it cannot be read ({u.why}); "
-            f"`capi dead-letters show {u.key}` prints it as stored, "
-            f"`capi dead-letters purge {u.key}` removes it",
+            f"warning: skipped dead letter {shown(u.key)}: it cannot be read ({u.why}); "
+            f"`capi dead-letters show {shown(target)}` prints it as stored, "
+            f"`capi dead-letters purge {shown(target)}` removes it",
             markup=False,
         )
 

@@ -1,0 +1,182 @@
+"""What an operator may do from the console, each through the module that owns the state
+it changes: a dry run (:func:`capi.replay.dry_run`, nothing written), a replay with
+progress (:func:`capi.replay.replay`), a purge (:func:`capi.replay.purge`), a key check
+(:class:`capi.worker.keyguard.KeyGuard`, the owner of the key state). Replays and purges
+are written to the audit with the token's fingerprint.
+
+A replay must follow a dry run: the dry run's verdicts are kept here (for
+:data:`DRY_RUN_TTL_S`), and the replay puts back only the events it found acceptable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from capi import clock, replay
+from capi.client import ConversionsClient
+from capi.deadletters import DeadLetter
+from capi.destinations import Destination
+from capi.replay import DryRunResult, Selection
+from capi.settings import Settings
+from capi.worker.keyguard import KeyGuard
+
+DRY_RUN_TTL_S = 900
+SHOWN_VERDICTS = 500  # a dry run page lists this many verdicts; the counts cover all
+
+
+@dataclass
+class DryRun:
+    """A dry run's verdicts, kept so that the replay that follows sends only these."""
+
+    id: str
+    destination: str
+    selection: Selection
+    results: list[DryRunResult]
+    accepted_keys: list[str]
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def accepted(self) -> int:
+        """How many events the API would accept."""
+        return len(self.accepted_keys)
+
+
+@dataclass
+class Job:
+    """A replay under way (or done): how far it got, and what it did."""
+
+    id: str
+    destination: str
+    total: int
+    by: str
+    done: int = 0
+    state: str = "running"  # running | completed | failed
+    report: replay.ReplayReport | None = None
+    error: str = ""
+
+    def json(self) -> dict[str, Any]:
+        """The job as the progress endpoint shows it."""
+        report = self.report
+        return {
+            "id": self.id,
+            "destination": self.destination,
+            "state": self.state,
+            "total": self.total,
+            "done": self.done,
+            "replayed": report.replayed if report else None,
+            "already_gone": report.already_gone if report else None,
+            "expired": len(report.expired) if report else None,
+            "error": self.error,
+        }
+
+
+def selection_of(keys: list[str], reason: str) -> Selection:
+    """The records an operator chose: some keys (or ids), or every one with a reason."""
+    return Selection(ids=keys) if keys else Selection(reasons=[reason] if reason else [])
+
+
+class Actions:
+    """The console's state changes, and the dry runs and replay jobs under way."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.dry_runs: dict[str, DryRun] = {}
+        self.jobs: dict[str, Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def select(self, name: str, selection: Selection) -> list[DeadLetter]:
+        """The selected dead letters of a destination, newest first."""
+        keys = self.settings.keys.for_destination(name)
+        return await replay.select(self.redis, keys, selection, clock.now_ms())
+
+    async def dry_run(self, dest: Destination, selection: Selection) -> DryRun:
+        """Ask the API (validate_only) about each selected event; nothing is queued."""
+        records = await self.select(dest.name, selection)
+        now = clock.now_ms()
+        send = [r for r in records if replay.can_replay(r, now)]
+        late = [
+            DryRunResult(r.id, False, "past_replay_deadline", "not sent: the API refuses it")
+            for r in records
+            if r not in send
+        ]
+        results: list[DryRunResult] = []
+        if send:
+            timeout_s = min(self.settings.request_timeout_s, 15.0)
+            async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
+                results = await replay.dry_run(client, send)
+        accepted = [r.key for r, v in zip(send, results, strict=True) if v.accepted]
+        self._forget_old()
+        run = DryRun(secrets.token_urlsafe(12), dest.name, selection, results + late, accepted)
+        self.dry_runs[run.id] = run
+        return run
+
+    def _forget_old(self) -> None:
+        old = time.monotonic() - DRY_RUN_TTL_S
+        for key in [k for k, v in self.dry_runs.items() if v.at < old]:
+            del self.dry_runs[key]
+
+    def start_replay(self, run: DryRun, by: str) -> Job:
+        """Replay the events a dry run found acceptable, in the background; the job
+        reports progress. The dry run is used up."""
+        self.dry_runs.pop(run.id, None)
+        job = Job(secrets.token_urlsafe(12), run.destination, run.accepted, by)
+        self.jobs[job.id] = job
+        task = asyncio.create_task(self._replay(job, run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def _replay(self, job: Job, run: DryRun) -> None:
+        keys = self.settings.keys.for_destination(run.destination)
+
+        def advance(n: int) -> None:
+            job.done += n
+
+        try:
+            records = await self.select(run.destination, Selection(ids=run.accepted_keys))
+            job.report = await replay.replay(
+                self.redis,
+                keys,
+                records,
+                selection=run.selection,
+                progress=advance,
+                actor=job.by,
+            )
+            job.state = "completed"
+        except Exception as exc:  # whatever stopped it, the job's page must say so
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
+
+    async def purge(self, name: str, selection: Selection, by: str) -> int:
+        """Delete the selected dead letters for good; written to the audit."""
+        records = await self.select(name, selection)
+        keys = self.settings.keys.for_destination(name)
+        return await replay.purge(self.redis, keys, records, actor=by, selection=selection)
+
+    async def check_key(self, dest: Destination) -> dict[str, Any]:
+        """Check a destination's key now (validate_only probes). A key that passes is
+        recorded as ok, which releases a hold; a failing one is shown, not recorded."""
+        timeout_s = min(self.settings.request_timeout_s, 15.0)
+        keys = self.settings.keys.for_destination(dest.name)
+        async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
+            guard = KeyGuard(
+                client,
+                self.redis,
+                keys,
+                api_key=dest.api_key,
+                confirmations=self.settings.probe_confirmations,
+            )
+            result = await guard.check()
+        return {
+            "ok": result.ok,
+            "fingerprint": result.key_fingerprint,
+            "reason": result.error.reason.value if result.error else "",
+            "diagnosis": result.diagnosis.text if result.diagnosis else "",
+            "request_ids": result.request_ids,
+        }

@@ -1,0 +1,68 @@
+"""The console's pure parts, with time injected: the login limit's sliding window, the
+delivered-per-minute rate, token configuration and fingerprints."""
+
+from __future__ import annotations
+
+from capi.console import auth
+from capi.console.views import Rates
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_login_limit_is_a_sliding_window_per_address() -> None:
+    clock = Clock()
+    limiter = auth.LoginLimiter(attempts=5, window_s=60, monotonic=clock)
+    assert [limiter.allow("a") for _ in range(5)] == [0.0] * 5
+    assert limiter.allow("a") == 60  # the sixth waits for the first to leave the window
+    assert limiter.allow("b") == 0.0  # another address is not held up
+    clock.now += 59
+    assert limiter.allow("a") == 1.0
+    clock.now += 1.5
+    assert limiter.allow("a") == 0.0  # the first attempt left the window
+
+
+def test_delivered_per_minute_comes_from_samples_over_the_last_two_minutes() -> None:
+    clock = Clock()
+    rates = Rates(monotonic=clock)
+    assert rates.per_minute("d", 100) is None  # one sample says nothing
+    clock.now += 2
+    assert rates.per_minute("d", 110) is None  # too short a span
+    clock.now += 28
+    assert rates.per_minute("d", 400) == 600.0  # 300 in 30 s
+    clock.now += 200
+    assert rates.per_minute("d", 400) is None  # the old samples are forgotten
+    clock.now += 10
+    assert rates.per_minute("d", 400) == 0.0
+
+
+def test_configured_tokens_and_fingerprints() -> None:
+    token = auth.new_token()
+    digest = auth.digest(token)
+    tokens = auth.configured(f" operator:{digest} ,viewer:{'a' * 64}")
+    assert tokens == {digest: "operator", "a" * 64: "viewer"}
+    found = auth.bearer(token, tokens)
+    assert found is not None and found.operator and found.via == "bearer"
+    assert found.fingerprint == f"console-token sha256:{digest[:8]}"
+    assert token not in found.fingerprint and digest not in found.fingerprint
+    assert auth.bearer(token + "x", tokens) is None
+    assert not auth.same("", "") and auth.same(found.csrf, found.csrf)
+
+
+def test_every_template_and_static_file_ships_in_the_package() -> None:
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["capi.console"]
+    package = root / "capi" / "console"
+    for path in [*package.glob("templates/*"), *package.glob("static/*")]:
+        name = str(path.relative_to(package))
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} would not be installed"

@@ -270,12 +270,17 @@ def _glob_escaped(text: str) -> str:
 
 
 async def find_by_id(
-    client: aioredis.Redis, keys: RedisKeys, ref: str, *, limit: int = 100
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    ref: str,
+    *,
+    limit: int = 100,
+    newest: int | None = None,
 ) -> list[DeadLetter | Unreadable]:
     """The dead letters named by ``ref`` (a record key ``name:id`` or an event id), at most
     ``limit``: the record key itself, else the id under each standard event name (one
     HMGET), else, for a custom event's name, a scan of the index's names (never a read of
-    every record)."""
+    every record); with ``newest``, only the names of the newest ``newest`` entries."""
     raw = await aw(client.hget(keys.deadletters, ref))
     if raw:
         return [parse(ref, raw)]
@@ -285,12 +290,16 @@ async def find_by_id(
     if hits:
         return hits[:limit]
     found: list[bytes] = []
-    async for name, _ in client.zscan_iter(
-        keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
-    ):
-        found.append(name)
-        if len(found) >= limit:
-            break
+    if newest is not None:
+        names = await aw(client.zrevrange(keys.deadletter_index, 0, newest - 1))
+        found = [n for n in names if n.endswith(b":" + ref.encode())][:limit]
+    else:
+        async for name, _ in client.zscan_iter(
+            keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
+        ):
+            found.append(name)
+            if len(found) >= limit:
+                break
     if not found:
         return []
     raws = await aw(client.hmget(keys.deadletters, found))

@@ -7,6 +7,7 @@ replaced by a placeholder, so no page ever holds a raw identifier or its hash.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,7 +22,8 @@ from capi import deadletters, destinations, replay, status, tail
 from capi.deadletters import DeadLetter, Unreadable
 from capi.destinations import Destination
 from capi.failures import Reason
-from capi.reproduce import curl_for, key_expression
+from capi.reproduce import cli_target, curl_for, key_expression
+from capi.schema import CustomData
 from capi.settings import Settings
 
 HIDDEN_HASH = "sha256:…(64 hex, hidden)"
@@ -32,9 +34,30 @@ REASONS = tuple(r.value for r in Reason)
 SCAN_EVERY_S = 30.0  # how often the overview looks for removed destinations
 
 
+SEARCH_NEWEST = 10_000  # a search by id looks through this many newest dead letters
+CUSTOM_DATA_SHOWN = frozenset(CustomData.model_fields)  # the rest may be anything
+_IDENTIFIERS = [
+    (re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)+"), "(email hidden)"),
+    (re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])"), HIDDEN_HASH),
+    (re.compile(r"(?<![\w+])\+?[0-9](?:[ ().-]?[0-9]){7,14}(?![\w])"), "(phone hidden)"),
+]
+
+
+def redacted(text: object) -> str:
+    """Text from outside (an API's error message, a request id) with what looks like an
+    email address, a phone number or a SHA-256 replaced by a placeholder."""
+    out = str(text)
+    for pattern, placeholder in _IDENTIFIERS:
+        out = pattern.sub(placeholder, out)
+    return out
+
+
 def masked(value: Any, name: str = "") -> Any:
     """An event (or part of one) with every identifier and hash replaced by a placeholder:
-    ``*_sha256`` values, everything under ``user`` and ``oppref``."""
+    ``*_sha256`` values, everything under ``user`` and ``oppref``, and the values of a
+    custom event's extra ``data`` fields (only their names are shown)."""
+    if name == "data" and isinstance(value, dict) and value.get("type") == "custom":
+        return {k: masked(v, k) if k in CUSTOM_DATA_SHOWN else HIDDEN for k, v in value.items()}
     if name.endswith("_sha256"):
         return [HIDDEN_HASH for _ in value] if isinstance(value, list) else HIDDEN_HASH
     if name == "user" and isinstance(value, dict):
@@ -183,11 +206,14 @@ class Reader:
     ) -> dict[str, Any]:
         """A page of a destination's dead letters (or those whose id is ``search``)."""
         keys = self.keys.for_destination(name)
+        searched = 0  # when a search looked through only the newest this many
         if search:
-            found = await deadletters.find_by_id(self.redis, keys, search)
+            found = await deadletters.find_by_id(self.redis, keys, search, newest=SEARCH_NEWEST)
             records = [r for r in found if isinstance(r, DeadLetter)]
             unreadable = [r for r in found if isinstance(r, Unreadable)]
             total, next_at = len(records), None
+            if not found and await self.redis.zcard(keys.deadletter_index) > SEARCH_NEWEST:
+                searched = SEARCH_NEWEST
         else:
             page = await deadletters.page(
                 self.redis,
@@ -221,17 +247,19 @@ class Reader:
             "unreadable": [u.key for u in unreadable],
             "total": total,
             "next_at": next_at,
+            "searched_newest": searched,
         }
 
     async def dead_letter(self, name: str, key: str) -> dict[str, Any] | None:
         """Everything about one dead letter, identifiers masked; None when there is none."""
         keys = self.keys.for_destination(name)
-        found = await deadletters.find_by_id(self.redis, keys, key, limit=1)
+        found = await deadletters.find_by_id(self.redis, keys, key, limit=1, newest=SEARCH_NEWEST)
         if not found:
             return None
         record = found[0]
+        command = cli_target(record.key, name)
         if isinstance(record, Unreadable):
-            return {"unreadable": True, "key": record.key, "why": record.why}
+            return {"unreadable": True, "key": record.key, "why": record.why, "command": command}
         shown = masked(record.event)
         dest = self.configured().get(name)
         expression, env_file = key_expression(self.settings, dest.key_source if dest else "")
@@ -244,6 +272,12 @@ class Reader:
             "event": orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode(),
             "curl": curl_for(stand_in, base_url, expression, env_file),
             "replayable": replay.can_replay(record, now),
+            "command": command,
+            "error_message": redacted(record.error_message or ""),
+            "error_code": redacted(record.error_code or ""),
+            "error_param": redacted(record.error_param or ""),
+            "request_ids": {k: redacted(v) for k, v in sorted(record.request_ids.items())},
+            "guidance": redacted(record.guidance),
         }
 
     async def audit(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -253,11 +287,8 @@ class Reader:
             entry["at"] = datetime.fromtimestamp(entry["at_ms"] / 1000, UTC).isoformat(
                 timespec="seconds"
             )
-            entry["selection_text"] = (
-                " ".join(
-                    f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in entry.get("selection", {}).items()
-                )
-                or "all"
-            )
+            entry["selection_text"] = " ".join(
+                f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in entry.get("selection", {}).items()
+            ) or ("-" if entry.get("action") == "key check" else "all")
         return entries

@@ -4,6 +4,9 @@
 "use strict";
 
 const EVERY_MS = 3000;
+const EXPIRED = "session expired: log in again";
+
+class Expired extends Error {}
 
 function age(s) {
   if (s === null || s === undefined) return "-";
@@ -14,6 +17,7 @@ function age(s) {
 
 async function getJSON(url) {
   const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (response.status === 401) throw new Expired(EXPIRED);
   if (!response.ok) throw new Error(`${url}: ${response.status}`);
   return response.json();
 }
@@ -30,6 +34,10 @@ function poll(step) {
       live(`live, updated ${new Date().toLocaleTimeString()}`);
       if (again === false) return;
     } catch (error) {
+      if (error instanceof Expired) {
+        live(EXPIRED);  // polling stops: a new login is a new page
+        return;
+      }
       live(`live updates paused (${error.message}); retrying`);
     }
     setTimeout(run, EVERY_MS);

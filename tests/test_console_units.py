@@ -15,16 +15,35 @@ class Clock:
         return self.now
 
 
-def test_the_login_limit_is_a_sliding_window_per_address() -> None:
+def fail(limiter: auth.LoginLimiter, client: str) -> float:
+    """A failed attempt as the console counts one: the wait, else the failure counted."""
+    wait = limiter.wait(client)
+    if not wait:
+        limiter.failed(client)
+    return wait
+
+
+def test_the_login_limit_is_a_sliding_window_of_failures_per_address() -> None:
     clock = Clock()
     limiter = auth.LoginLimiter(attempts=5, window_s=60, monotonic=clock)
-    assert [limiter.allow("a") for _ in range(5)] == [0.0] * 5
-    assert limiter.allow("a") == 60  # the sixth waits for the first to leave the window
-    assert limiter.allow("b") == 0.0  # another address is not held up
+    assert [fail(limiter, "a") for _ in range(5)] == [0.0] * 5
+    assert fail(limiter, "a") == 60  # the sixth waits for the first to leave the window
+    assert fail(limiter, "b") == 0.0  # another address is not held up
     clock.now += 59
-    assert limiter.allow("a") == 1.0
+    assert fail(limiter, "a") == 1.0
     clock.now += 1.5
-    assert limiter.allow("a") == 0.0  # the first attempt left the window
+    assert fail(limiter, "a") == 0.0  # the first failure left the window
+
+
+def test_the_login_limit_caps_everyone_and_forgets_the_least_recent_address() -> None:
+    clock = Clock()
+    limiter = auth.LoginLimiter(attempts=5, window_s=60, total=10, clients=3, monotonic=clock)
+    assert [fail(limiter, f"10.0.0.{i}") for i in range(10)] == [0.0] * 10
+    assert fail(limiter, "10.0.0.99") == 60  # a new address: everyone's failures are at the cap
+    assert list(limiter._seen) == ["10.0.0.7", "10.0.0.8", "10.0.0.9"]  # three kept, newest
+    clock.now += 61
+    assert fail(limiter, "10.0.0.99") == 0.0
+    assert list(limiter._seen) == ["10.0.0.8", "10.0.0.9", "10.0.0.99"]
 
 
 def test_delivered_per_minute_comes_from_samples_over_the_last_two_minutes() -> None:

@@ -1,10 +1,11 @@
 """The console's pure parts, with time injected: the login limit's sliding window, the
-delivered-per-minute rate, token configuration and fingerprints."""
+delivered-per-minute rate, token configuration and fingerprints, the replays kept."""
 
 from __future__ import annotations
 
-from capi.console import auth
+from capi.console import actions, auth
 from capi.console.views import Rates
+from capi.settings import Settings
 
 
 class Clock:
@@ -85,3 +86,14 @@ def test_every_template_and_static_file_ships_in_the_package() -> None:
     for path in [*package.glob("templates/*"), *package.glob("static/*")]:
         name = str(path.relative_to(package))
         assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} would not be installed"
+
+
+def test_finished_replays_are_forgotten_beyond_the_newest_kept() -> None:
+    kept = actions.Actions(Settings(_env_file=None), None)  # type: ignore[arg-type]
+    for i in range(actions.KEPT_JOBS + 50):
+        state = "running" if i == 0 else "completed"
+        kept.jobs[f"j{i}"] = actions.Job(f"j{i}", "default", 1, "someone", state=state)
+    kept._forget_old()
+    assert "j0" in kept.jobs  # still running: kept
+    finished = [k for k, v in kept.jobs.items() if v.state != "running"]
+    assert len(finished) == actions.KEPT_JOBS and finished[-1] == f"j{actions.KEPT_JOBS + 49}"

@@ -28,6 +28,7 @@ from capi.worker.keyguard import KeyGuard
 
 DRY_RUN_TTL_S = 900
 SHOWN_VERDICTS = 500  # a dry run page lists this many verdicts; the counts cover all
+KEPT_JOBS = 100  # finished replays whose progress page stays readable (the newest)
 
 
 @dataclass
@@ -120,14 +121,20 @@ class Actions:
         return run
 
     def _forget_old(self) -> None:
+        """Forget expired dry runs, and finished replays beyond the newest
+        :data:`KEPT_JOBS` (a running one is always kept)."""
         old = time.monotonic() - DRY_RUN_TTL_S
         for key in [k for k, v in self.dry_runs.items() if v.at < old]:
             del self.dry_runs[key]
+        finished = [k for k, v in self.jobs.items() if v.state != "running"]  # oldest first
+        for key in finished[: max(0, len(finished) - KEPT_JOBS)]:
+            del self.jobs[key]
 
     def start_replay(self, run: DryRun, by: str) -> Job:
         """Replay the events a dry run found acceptable, in the background; the job
         reports progress. The dry run is used up."""
         self.dry_runs.pop(run.id, None)
+        self._forget_old()
         job = Job(secrets.token_urlsafe(12), run.destination, run.accepted, by)
         self.jobs[job.id] = job
         task = asyncio.create_task(self._replay(job, run))

@@ -3,7 +3,11 @@ delivered-per-minute rate, token configuration and fingerprints, the replays kep
 
 from __future__ import annotations
 
-from capi.console import actions, auth
+import re
+from pathlib import Path
+
+from capi import safetext
+from capi.console import actions, auth, views
 from capi.console.views import Rates
 from capi.settings import Settings
 
@@ -97,3 +101,11 @@ def test_finished_replays_are_forgotten_beyond_the_newest_kept() -> None:
     assert "j0" in kept.jobs  # still running: kept
     finished = [k for k, v in kept.jobs.items() if v.state != "running"]
     assert len(finished) == actions.KEPT_JOBS and finished[-1] == f"j{actions.KEPT_JOBS + 49}"
+
+
+def test_the_live_page_escapes_the_characters_the_pages_escape() -> None:
+    script = (Path(views.__file__).parent / "static" / "console.js").read_text()
+    found = re.search(r"const UNSAFE = /\[(.*)\]/g;", script)
+    assert found
+    in_js = re.sub(r"\\u([0-9a-f]{4})", lambda m: chr(int(m.group(1), 16)), found.group(1))
+    assert re.compile(f"[{in_js}]").pattern == safetext._UNSAFE.pattern

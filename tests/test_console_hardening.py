@@ -65,9 +65,8 @@ def seeded(sandbox: SandboxThread, redis_url: str) -> Settings:
     store.hset(settings.keys.for_destination("brand-a").stats, "delivered", 0)
     record = orjson.loads(store.hget(keys.deadletters, "order_created:" + HOSTILE_ID) or b"")
     record.update(
-        error_message="user jane@example.com phone +1 415 555 0100 hash "
-        + "ab" * 32
-        + " \u2028forged\u202eline",
+        error_message="user jane@example.com phone +1 415 555 0100 or (415) 555-0101 on "
+        "2026-12-06 at 1700000000000 hash " + "ab" * 32 + " \u2028forged\u202eline",
         error_param="user.em\u202eail",
         request_ids={"send": "req_jane@example.com"},
     )
@@ -156,7 +155,8 @@ def test_outside_text_is_redacted_and_escaped_and_custom_data_masked(
         headers=bearer(tokens.viewer),
     ).text
     assert "jane@example.com" not in page and "(email hidden)" in page
-    assert "415 555 0100" not in page and "(phone hidden)" in page
+    assert "415 555 0100" not in page and "555-0101" not in page and "(phone hidden)" in page
+    assert "on 2026-12-06 at 1700000000000 hash" in page  # a date and a time stay
     assert "ab" * 32 not in page
     assert "\u2028" not in page and "\u202e" not in page
     assert "\\u2028forged\\u202eline" in page and "user.em\\u202eail" in page

@@ -74,6 +74,7 @@ class Console:
             finalize=_finalize,
         )
         self.templates.filters["q"] = lambda value: quote(str(value), safe="")
+        self.templates.filters["redacted"] = views.redacted
         page, act = self._page, self._action
         secure = settings.console_secure_cookies
         self.secure_cookies = secure

@@ -28,6 +28,7 @@ from capi.settings import Settings
 
 HIDDEN_HASH = "sha256:…(64 hex, hidden)"
 HIDDEN = "(hidden)"
+HIDDEN_PHONE = "(phone hidden)"
 PAGE_SIZE = 50
 TAIL_LINES = 50
 REASONS = tuple(r.value for r in Reason)
@@ -39,7 +40,10 @@ CUSTOM_DATA_SHOWN = frozenset(CustomData.model_fields)  # the rest may be anythi
 _IDENTIFIERS = [
     (re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)+"), "(email hidden)"),
     (re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])"), HIDDEN_HASH),
-    (re.compile(r"(?<![\w+])\+?[0-9](?:[ ().-]?[0-9]){7,14}(?![\w])"), "(phone hidden)"),
+    # a phone: +digits (E.164, separators allowed), or groups such as (415) 555-0100; a bare
+    # run of digits stays (timestamps and counts in error messages read as such), as do dates
+    (re.compile(r"\+[0-9](?:[ ().-]?[0-9]){6,14}(?![0-9])"), HIDDEN_PHONE),
+    (re.compile(r"(?<![\w.+-])\(?[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}(?![\w-])"), HIDDEN_PHONE),
 ]
 
 
@@ -148,6 +152,7 @@ class Reader:
         for name, row in [*rows.items(), *removed.items()]:
             delivered = row["counters"].get("delivered", 0)
             key = row["key"]
+            held = key.get("state") == "held"
             out.append(
                 {
                     "name": name,
@@ -155,7 +160,7 @@ class Reader:
                     "pixel_id": configured[name].pixel_id if name in configured else "",
                     "key_state": key.get("state", "unknown"),
                     "key_reason": key.get("reason") or key.get("confirming_reason") or "",
-                    "diagnosis": key.get("guidance", "") if key.get("state") == "held" else "",
+                    "diagnosis": redacted(key.get("guidance", "") if held else ""),
                     "queued": row["queued"],
                     "in_flight": row["in_flight"],
                     "oldest_age_s": row["oldest_queued_age_s"],
@@ -164,7 +169,7 @@ class Reader:
                     "retries": row["retry_batches_scheduled"],
                     "dead_letters": row["dead_letters"],
                     "endpoint": row["endpoint"]["state"],
-                    "endpoint_error": row["endpoint"]["last_error"] or "",
+                    "endpoint_error": redacted(row["endpoint"]["last_error"] or ""),
                     "workers": workers.get(name, 0),
                 }
             )

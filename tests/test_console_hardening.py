@@ -261,6 +261,20 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off(console: str) -> No
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
 
 
+def test_a_request_for_another_host_is_refused_when_hosts_are_set(
+    seeded: Settings, tokens: Tokens, tmp_path: Path
+) -> None:
+    url = start_console(
+        seeded, tokens, tmp_path / "console.log", CAPI_CONSOLE_HOSTS="console.example,127.0.0.1"
+    )
+    viewer = bearer(tokens.viewer)
+    assert httpx_get(url + "/", headers={**viewer, "Host": "console.example"}).status_code == 200
+    other = httpx_get(url + "/", headers={**viewer, "Host": "rebound.example"})
+    assert other.status_code == 400
+    for name, value in SECURITY_HEADERS:
+        assert other.headers.get(name.decode()) == value.decode(), name
+
+
 def test_secure_cookies_setting_marks_cookies_secure_with_host_names(
     seeded: Settings, tokens: Tokens, tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -105,8 +106,11 @@ class Console:
             ],
             lifespan=self._lifespan,
         )
+        hosts = [h.strip() for h in (settings.console_hosts or "").split(",") if h.strip()]
         # Outside Starlette's own error handling, so that its 500 carries the headers too.
-        self.app = SecurityHeaders(self.starlette)
+        self.app = SecurityHeaders(
+            TrustedHostMiddleware(self.starlette, allowed_hosts=hosts) if hosts else self.starlette
+        )
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:

@@ -2,7 +2,10 @@
 
 Nothing here writes to Redis. Events are masked before a template sees them: every
 ``*_sha256`` value and every other identifier (the ``user`` fields, ``oppref``) is
-replaced by a placeholder, so no page ever holds a raw identifier or its hash.
+replaced by a placeholder, as are the values of a custom event's own ``data`` fields;
+text from outside (the API's messages, request ids) has what looks like an email address,
+a phone number or a SHA-256 replaced (:func:`redacted`). No page should ever hold a raw
+identifier or its hash.
 """
 
 from __future__ import annotations

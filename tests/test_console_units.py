@@ -4,9 +4,10 @@ delivered-per-minute rate, token configuration and fingerprints, the replays kep
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
-from capi import safetext
+from capi import safetext, tail
 from capi.console import actions, auth, views
 from capi.console.views import Rates
 from capi.settings import Settings
@@ -109,3 +110,11 @@ def test_the_live_page_escapes_the_characters_the_pages_escape() -> None:
     assert found
     in_js = re.sub(r"\\u([0-9a-f]{4})", lambda m: chr(int(m.group(1), 16)), found.group(1))
     assert re.compile(f"[{in_js}]").pattern == safetext._UNSAFE.pattern
+
+
+def test_a_recent_outcomes_request_id_is_redacted() -> None:
+    line = tail.Line(
+        0, "default", "o-1", "order_created", "rejected", [], request_id="req 1 a@b.co"
+    )
+    assert views.shown_line(line)["request_id"] == "req 1 (email hidden)"
+    assert "request_id" not in views.shown_line(replace(line, request_id=None))

@@ -59,6 +59,14 @@ def redacted(text: object) -> str:
     return out
 
 
+def shown_line(line: tail.Line) -> dict[str, Any]:
+    """A recent outcome as the pages show it: its request id (from outside) redacted."""
+    row = line.json()
+    if "request_id" in row:
+        row["request_id"] = redacted(row["request_id"])
+    return row
+
+
 def masked(value: Any, name: str = "") -> Any:
     """An event (or part of one) with every identifier and hash replaced by a placeholder:
     ``*_sha256`` values, everything under ``user`` and ``oppref``, and the values of a
@@ -190,7 +198,7 @@ class Reader:
             "pixel_id": dest.pixel_id if dest else "",
             "key_fingerprint": dest.key_fingerprint if dest and dest.api_key else "",
             "status": found,
-            "tail": [line.json() for line in reversed(lines)],
+            "tail": [shown_line(line) for line in reversed(lines)],
             "after": newest.get(keys.tail, "0-0"),
         }
 
@@ -200,7 +208,7 @@ class Reader:
         rows = await self.redis.xrange(keys.tail, f"({after}" if after != "0-0" else "-", "+")
         lines = [line for sid, fields in rows for line in tail.lines(name, sid, fields)]
         last = rows[-1][0].decode() if rows else after
-        return {"after": last, "lines": [line.json() for line in lines]}
+        return {"after": last, "lines": [shown_line(line) for line in lines]}
 
     async def dead_letters(
         self,

@@ -265,6 +265,42 @@ async def page(
     return Page(records, unreadable, total, position if position < total else None)
 
 
+async def previous_at(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    at: int,
+    *,
+    limit: int = 50,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    reasons: Sequence[str] = (),
+    chunk: int = 500,
+) -> int:
+    """Where the page before the one at ``at`` starts (``0`` at the latest): walking back
+    from ``at`` through the time index a slice at a time until ``limit`` records with one
+    of ``reasons`` (any, when empty) were passed."""
+    if not reasons:
+        return max(0, at - limit)
+    low = "-inf" if since_ms is None else since_ms
+    high = "+inf" if until_ms is None else until_ms
+    end, seen = max(0, at), 0
+    while end > 0:
+        start = max(0, end - chunk)
+        ids = await client.zrevrangebyscore(
+            keys.deadletter_index, high, low, start=start, num=end - start
+        )
+        raws = await aw(client.hmget(keys.deadletters, ids)) if ids else []
+        for offset in range(len(ids) - 1, -1, -1):
+            raw = raws[offset]
+            parsed = parse(ids[offset], raw) if raw is not None else None
+            if isinstance(parsed, DeadLetter) and parsed.reason.value in reasons:
+                seen += 1
+                if seen == limit:
+                    return start + offset
+        end = start
+    return 0
+
+
 def _glob_escaped(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 

@@ -300,3 +300,29 @@ def test_secure_cookies_setting_marks_cookies_secure_with_host_names(
     with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=url) as client:
         page = client.get("/", headers={"Cookie": f"__Host-capi_console={value}"})
         assert page.status_code == 200
+
+
+def test_newer_leads_back_to_the_page_before_with_a_reason_filter(
+    sandbox: SandboxThread, redis_url: str, tokens: Tokens, tmp_path: Path
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    n = 130  # every other one missing_scope: 65, a page of 50 and one of 15
+    reasons = [Reason.MISSING_SCOPE if i % 2 else Reason.INVALID_EVENT for i in range(n)]
+    seed_dead_letters(
+        settings, [f"r-{i}" for i in range(n)], reasons, [AT_MS + i for i in range(n)]
+    )
+    url = start_console(settings, tokens, tmp_path / "console.log")
+    viewer = bearer(tokens.viewer)
+
+    def visit(path: str) -> tuple[list[str], dict[str, str]]:
+        page = httpx_get(url + path, headers=viewer).text
+        ids = re.findall(r"key=order_created%3A([\w-]+)\">", page)
+        links = re.findall(r'href="([^"]+)" id="(\w+)-page"', page)
+        return ids, {name: html.unescape(href) for href, name in links}
+
+    first, links = visit("/d/default/dead-letters?reason=missing_scope")
+    assert first == [f"r-{i}" for i in range(129, 29, -2)] and "previous" not in links
+    second, links = visit(links["next"])
+    assert second == [f"r-{i}" for i in range(29, 0, -2)]
+    again, links = visit(links["previous"])
+    assert again == first

@@ -328,7 +328,6 @@ class Console:
             reasons=views.REASONS,
             filters=filters,
             query="&".join(f"{k}={quote(v, safe='')}" for k, v in filters.items() if v),
-            page_size=views.PAGE_SIZE,
             **found,
         )
 

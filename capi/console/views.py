@@ -223,6 +223,7 @@ class Reader:
         """A page of a destination's dead letters (or those whose id is ``search``)."""
         keys = self.keys.for_destination(name)
         searched = 0  # when a search looked through only the newest this many
+        previous = 0
         if search:
             found = await deadletters.find_by_id(self.redis, keys, search, newest=SEARCH_NEWEST)
             records = [r for r in found if isinstance(r, DeadLetter)]
@@ -235,6 +236,15 @@ class Reader:
                 self.redis,
                 keys,
                 at=at,
+                limit=PAGE_SIZE,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                reasons=reasons,
+            )
+            previous = await deadletters.previous_at(
+                self.redis,
+                keys,
+                at,
                 limit=PAGE_SIZE,
                 since_ms=since_ms,
                 until_ms=until_ms,
@@ -263,6 +273,7 @@ class Reader:
             "unreadable": [u.key for u in unreadable],
             "total": total,
             "next_at": next_at,
+            "previous_at": previous if not search and at > 0 else None,
             "searched_newest": searched,
         }
 

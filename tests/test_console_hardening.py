@@ -3,7 +3,9 @@ console`` process and a real Redis): commands shown to paste are shell-quoted, n
 parameters are read strictly, a 500 carries the security headers, identifiers in outside
 text are redacted and control characters escaped, a purge deletes exactly what its
 confirmation showed, key checks are audited, a slow client is cut off, an expired session
-answers JSON, and cookies are Secure with ``__Host-`` names when the setting says so."""
+answers JSON, a search by id is bounded, another Host is refused when hosts are set,
+cookies are Secure with ``__Host-`` names when the setting says so, and Newer works with a
+reason filter."""
 
 from __future__ import annotations
 

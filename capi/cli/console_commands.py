@@ -91,8 +91,10 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
     limits = Limits(**LIMITS)  # type: ignore[arg-type]
     config = uvicorn.Config(
         Limited(Console(settings, ready).app, limits),
-        http="capi.intake.guard:GuardedProtocol",  # a slow client cannot hold connections
-        limit_concurrency=limits.max_connections,
+        # The guard caps connections (and so requests at once: one each), shedding a flood's
+        # own first; uvicorn's limit_concurrency is left unset, as it counts connections too
+        # and would answer 503 to the very request the guard made room for.
+        http="capi.intake.guard:GuardedProtocol",
         timeout_keep_alive=round(limits.idle_timeout_s),
         log_config=None,
         access_log=False,

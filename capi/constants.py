@@ -2,7 +2,11 @@
 
 Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says otherwise);
 ``{d}`` is a destination's namespace: ``{p}`` itself for the destination ``default``,
-``{p}:d:{name}`` for any other (see ``config/destinations.toml``)::
+``{p}:d:{name}`` for any other (see ``config/destinations.toml``). On a Redis Cluster
+(``CAPI_REDIS_CLUSTER=true``) every destination's namespace is ``{p}:d:{{name}}``, the
+default's too: the name in braces is the hash tag, so all of one destination's keys share
+a slot (each script stays single-slot) while destinations spread over the shards; the
+shared keys below are ``{p}:{{p}}:...`` there, in one slot of their own::
 
     {d}:events              STREAM  queued events; fields: e=event JSON, t=timestamp_ms,
                                     i=event id, k=identifier kinds (bits, capi.coverage),
@@ -30,8 +34,12 @@ Redis layout. ``{p}`` is the prefix (``capi`` unless ``CAPI_REDIS_PREFIX`` says 
     {d}:key:probe-lock      STRING  held while one worker re-probes the key (rate limit)
     {p}:active              SET     destinations whose stream may hold entries no worker has
                                     read: added with every write to a stream, removed by
-                                    the read that finds a stream empty (both atomic), so
-                                    idle destinations' streams are not polled
+                                    the read that finds a stream empty (both atomic; on a
+                                    cluster see capi.index), so idle destinations' streams
+                                    are not polled
+    {d}:armed               STRING  cluster only: "1" while the destination may have unread
+                                    entries; set by every write to its stream, cleared by
+                                    the read that finds it empty (capi.index)
     {p}:wake                STREAM  a destination name each time one becomes active; every
                                     worker blocks on it (XREAD) while it has nothing to do
     {p}:retry-due           ZSET    destination, score = its earliest scheduled retry (ms);
@@ -75,21 +83,37 @@ class RedisKeys:
     ``default`` (the one a single-pixel set-up has) keeps the plain ``{p}:...`` names, so
     events queued before destinations existed are still sent. Worker heartbeats, the active
     set, the wake stream and the retry-due index are shared by all destinations.
+
+    With ``cluster`` (a Redis Cluster) each destination's keys carry its name as their hash
+    tag and the shared keys the prefix as theirs (see the module docstring).
     """
 
     prefix: str = "capi"
     destination: str = "default"
+    cluster: bool = False
 
     @property
     def ns(self) -> str:
         """The namespace of this destination's keys."""
+        if self.cluster:
+            return f"{self.prefix}:d:{{{self.destination}}}"
         if self.destination == "default":
             return self.prefix
         return f"{self.prefix}:d:{self.destination}"
 
+    @property
+    def shared(self) -> str:
+        """The namespace of the keys every destination shares."""
+        return f"{self.prefix}:{{{self.prefix}}}" if self.cluster else self.prefix
+
     def for_destination(self, name: str) -> RedisKeys:
         """The keys of another destination under the same prefix."""
-        return RedisKeys(self.prefix, name)
+        return RedisKeys(self.prefix, name, self.cluster)
+
+    @property
+    def armed(self) -> str:
+        """Cluster only: set while this destination may have unread entries (capi.index)."""
+        return f"{self.ns}:armed"
 
     @property
     def stream(self) -> str:
@@ -148,27 +172,27 @@ class RedisKeys:
     @property
     def active(self) -> str:
         """The set of destinations that may have unread entries (shared)."""
-        return f"{self.prefix}:active"
+        return f"{self.shared}:active"
 
     @property
     def wake(self) -> str:
         """The stream that wakes idle workers when a destination becomes active (shared)."""
-        return f"{self.prefix}:wake"
+        return f"{self.shared}:wake"
 
     @property
     def retry_due(self) -> str:
         """The sorted set of destinations by their earliest scheduled retry (shared)."""
-        return f"{self.prefix}:retry-due"
+        return f"{self.shared}:retry-due"
 
     @property
     def workers(self) -> str:
         """The sorted set of worker heartbeats."""
-        return f"{self.prefix}:workers"
+        return f"{self.shared}:workers"
 
     @property
     def worker_states(self) -> str:
         """The hash of what each worker is doing."""
-        return f"{self.prefix}:workers:state"
+        return f"{self.shared}:workers:state"
 
     @property
     def tail(self) -> str:

@@ -18,10 +18,11 @@ API's own JSON, and raw identifiers never reach it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, overload
 
@@ -30,7 +31,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter
 
-from capi import dedup, kinds, tail
+from capi import dedup, index, kinds, tail
 from capi import destinations as destinations_
 from capi.clock import Clock
 from capi.constants import RedisKeys
@@ -40,8 +41,8 @@ from capi.destinations import Consent
 from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
-from capi.queue import ENQUEUE_LUA, enqueue_call
-from capi.redisconn import brief, describe, settings_hint
+from capi.queue import ENQUEUE_LUA, enqueue_call, lua
+from capi.redisconn import brief, describe, is_cluster, settings_hint
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -211,7 +212,11 @@ class _BaseProducer:
         self.dedup_window_s = dedup_window_s
         self.clock = clock
         self.chunk = chunk
-        self._script = client.register_script(ENQUEUE_LUA)
+        self._lua = lua(self.keys, ENQUEUE_LUA)
+        self._script = client.register_script(self._lua)
+        # On a cluster, a write and the wait after it go to the node holding the write's slot,
+        # on one connection: a plain client per node (see _pinned).
+        self._nodes: dict[str, Any] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Self:
@@ -248,6 +253,46 @@ class _BaseProducer:
         for command in self._durability.commands():
             pipe.execute_command(*command)
         return pipe
+
+    def _pinned(self, calls: list[tuple[list[str], list[Any]]]) -> dict[str, list[int]]:
+        """On a cluster: the calls (by position) grouped by the node that holds their slot."""
+        groups: dict[str, list[int]] = {}
+        try:
+            for i, (keys, _) in enumerate(calls):
+                groups.setdefault(self.redis.get_node_from_key(keys[0]).name, []).append(i)
+        except redis.exceptions.RedisClusterException as exc:  # a slot no master serves
+            raise redis.exceptions.ConnectionError(f"Redis Cluster: {exc}") from exc
+        return groups
+
+    def _node_pipeline(self, node_name: str, calls: list[tuple[list[str], list[Any]]]) -> Any:
+        """:meth:`_pipeline` on one connection to one node of a cluster."""
+        node = self.redis.get_node(node_name=node_name)
+        client = self._nodes.get(node_name)
+        if client is None:
+            client = self._nodes[node_name] = self._node_client(node)
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        for command in self._durability.commands():
+            pipe.execute_command(*command)
+        return pipe
+
+    @staticmethod
+    def _node_client(node: Any) -> Any:
+        raise NotImplementedError
+
+    def _unpacked(
+        self, calls: list[tuple[list[str], list[Any]]], answers: list[Any]
+    ) -> tuple[list[list[int]], list[str]]:
+        """The scripts' per-event answers, and (on a cluster) the destinations whose flag a
+        script set: those go into the active set next (capi.index)."""
+        out, armed = [], []
+        for (_, args), answer in zip(calls, answers, strict=True):
+            result, newly, _ = index.unpack(self.keys, answer)
+            out.append(result)
+            if newly:
+                armed.append(str(args[3]))  # enqueue_call's destination
+        return out, armed
 
     def _confirmed(self, calls: int, answers: list[Any]) -> list[list[int]] | None:
         """The scripts' answers once the wait confirmed them; None if the script must be
@@ -458,16 +503,67 @@ class Producer(_BaseProducer):
         return settings.async_redis()
 
     async def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
-        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them;
+        on a cluster, then put newly active destinations in the active set."""
         if not self._durability.waits:
-            return [await self._script(keys=keys, args=args) for keys, args in calls]
+            answers = [await self._script(keys=keys, args=args) for keys, args in calls]
+        elif is_cluster(self.redis):
+            answers = await self._run_pinned(calls)
+        else:
+            answers = await self._run_waited(functools.partial(self._pipeline, calls), calls)
+        flags, armed = self._unpacked(calls, answers)
+        await index.arm(self.redis, self.keys, armed)
+        return flags
+
+    async def _run_waited(
+        self, pipeline: Callable[[], Any], calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """The calls and the wait, in the pipeline ``pipeline()`` builds (the script loaded
+        where it is missing)."""
         for _ in range(2):
-            answers = await self._pipeline(calls).execute(raise_on_error=False)
+            pipe = pipeline()
+            answers = await pipe.execute(raise_on_error=False)
             flags = self._confirmed(len(calls), answers)
             if flags is not None:
                 return flags
-            await self.redis.script_load(ENQUEUE_LUA)
+            pipe.script_load(self._lua)
+            await pipe.execute()
         raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
+
+    async def _run_pinned(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """On a cluster, under ``aof`` or ``replica``: each node's calls and the wait in one
+        pipeline on one connection to that node (the wait covers that connection's writes
+        only). A slot that moved (a failover) has the topology read again and every call
+        sent again (they dedup); a node that does not answer has it read again for the
+        next call."""
+        await self.redis.initialize()
+        answers: list[Any] = [None] * len(calls)
+        for _ in range(3):
+            try:
+                for node, positions in self._pinned(calls).items():
+                    part = [calls[i] for i in positions]
+                    found = await self._run_waited(
+                        functools.partial(self._node_pipeline, node, part), part
+                    )
+                    for i, answer in zip(positions, found, strict=True):
+                        answers[i] = answer
+                return answers
+            except redis.exceptions.ResponseError as exc:
+                if not _moved(exc):
+                    raise
+                await self.redis.nodes_manager.initialize()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                with contextlib.suppress(Exception):
+                    await self.redis.nodes_manager.initialize()
+                raise
+        raise QueueUnavailable("the cluster's slots kept moving (a failover?); enqueue again")
+
+    @staticmethod
+    def _node_client(node: Any) -> aioredis.Redis:
+        pool = aioredis.ConnectionPool(
+            connection_class=node.connection_class, **node.connection_kwargs
+        )
+        return aioredis.Redis.from_pool(pool)
 
     async def __aenter__(self) -> Self:
         return self
@@ -477,6 +573,8 @@ class Producer(_BaseProducer):
 
     async def aclose(self) -> None:
         """Close the Redis connection pool."""
+        for client in self._nodes.values():
+            await client.aclose()
         await self.redis.aclose()
 
     @overload
@@ -540,16 +638,59 @@ class SyncProducer(_BaseProducer):
         return settings.sync_redis()
 
     def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
-        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them."""
+        """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them;
+        on a cluster, then put newly active destinations in the active set."""
         if not self._durability.waits:
-            return [self._script(keys=keys, args=args) for keys, args in calls]
+            answers = [self._script(keys=keys, args=args) for keys, args in calls]
+        elif is_cluster(self.redis):
+            answers = self._run_pinned(calls)
+        else:
+            answers = self._run_waited(functools.partial(self._pipeline, calls), calls)
+        flags, armed = self._unpacked(calls, answers)
+        index.arm_sync(self.redis, self.keys, armed)
+        return flags
+
+    def _run_waited(
+        self, pipeline: Callable[[], Any], calls: list[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """:meth:`Producer._run_waited`, blocking."""
         for _ in range(2):
-            answers = self._pipeline(calls).execute(raise_on_error=False)
+            pipe = pipeline()
+            answers = pipe.execute(raise_on_error=False)
             flags = self._confirmed(len(calls), answers)
             if flags is not None:
                 return flags
-            self.redis.script_load(ENQUEUE_LUA)
+            pipe.script_load(self._lua)
+            pipe.execute()
         raise QueueUnavailable("Redis forgot the enqueue script twice; enqueue again")
+
+    def _run_pinned(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """:meth:`Producer._run_pinned`, blocking."""
+        answers: list[Any] = [None] * len(calls)
+        for _ in range(3):
+            try:
+                for node, positions in self._pinned(calls).items():
+                    part = [calls[i] for i in positions]
+                    found = self._run_waited(
+                        functools.partial(self._node_pipeline, node, part), part
+                    )
+                    for i, answer in zip(positions, found, strict=True):
+                        answers[i] = answer
+                return answers
+            except redis.exceptions.ResponseError as exc:
+                if not _moved(exc):
+                    raise
+                self.redis.nodes_manager.initialize()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                with contextlib.suppress(Exception):
+                    self.redis.nodes_manager.initialize()
+                raise
+        raise QueueUnavailable("the cluster's slots kept moving (a failover?); enqueue again")
+
+    @staticmethod
+    def _node_client(node: Any) -> redis.Redis:
+        client: redis.Redis = node.redis_connection  # the cluster's own client for the node
+        return client
 
     def __enter__(self) -> Self:
         return self
@@ -602,6 +743,11 @@ class SyncProducer(_BaseProducer):
         with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
             tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
+
+
+def _moved(exc: BaseException) -> bool:
+    """Whether Redis answered that a slot is served elsewhere now (MOVED, ASK)."""
+    return isinstance(exc, redis.exceptions.AskError) or str(exc).startswith(("MOVED", "ASK"))
 
 
 def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:

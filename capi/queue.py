@@ -19,8 +19,9 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - reclaim: entries pending in a worker with no heartbeat, or this worker's own whose read
   answer was lost, are taken over (``XCLAIM``).
 
-This module holds every script that writes to a stream (the producers run its enqueue
-script); key names live in :mod:`capi.constants`.
+This module holds every script that writes to an event stream (the producers run its
+enqueue script); key names live in :mod:`capi.constants`. On a Redis Cluster each script
+runs in its single-slot form, and :mod:`capi.index` writes the shared index after it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from capi import coverage, dedup
+from capi import coverage, dedup, index
 from capi._aio import aw
 from capi.constants import CONSUMER_GROUP, RedisKeys
 
@@ -46,29 +47,16 @@ DEDUP_HEADER = (
 # Every script that writes to a stream marks its destination active (and wakes idle
 # workers when it was not): see RedisKeys.active. The read that finds a stream empty
 # unmarks it, atomically, so a destination with unread entries is never left unmarked.
-_ACTIVATE = """
-local function activate(active, wake, name)
-  if redis.call('SADD', active, name) == 1 then
-    redis.call('XADD', wake, 'MAXLEN', '~', '1000', '*', 'd', name)
-  end
-end
-"""
-
-# Keeps a destination's entry in the retry-due index equal to its earliest retry.
-_INDEX_RETRIES = """
-local function index_retries(zset, index, name)
-  local first = redis.call('ZRANGE', zset, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    redis.call('ZREM', index, name)
-  else
-    redis.call('ZADD', index, first[2], name)
-  end
-end
-"""
+# The retry-due index follows each retry schedule's earliest entry. On a cluster these
+# functions are swapped for single-slot twins (capi.index.for_cluster).
+_ACTIVATE = index.ACTIVATE
+_INDEX_RETRIES = index.INDEX_RETRIES
+_REPLY = index.REPLY
 
 ENQUEUE_LUA = (
     DEDUP_HEADER
     + _ACTIVATE
+    + _REPLY
     + """
 -- KEYS: stream, stats, active, wake. ARGV: dedup prefix, bucket_s, window_s, destination,
 -- events skipped (consent denied: counted, never stored), then per event: digest, id,
@@ -97,7 +85,7 @@ end
 if added < #out then
   redis.call('HINCRBY', KEYS[2], 'duplicates', #out - added)
 end
-return out
+return reply(out)
 """
 )
 
@@ -120,11 +108,20 @@ def enqueue_call(
     ]
     for event in events:
         args += event
-    return [keys.stream, keys.stats, keys.active, keys.wake], args
+    active, wake, _ = index.script_keys(keys)
+    return [keys.stream, keys.stats, active, wake], args
+
+
+def lua(keys: RedisKeys, script: str) -> str:
+    """A script of this module as it runs where ``keys`` live (one Redis, or a cluster:
+    see :func:`capi.index.for_cluster`)."""
+    return index.for_cluster(script) if keys.cluster else script
 
 
 READ_LUA = (
     "#!lua flags=allow-oom\n"
+    + _ACTIVATE
+    + _REPLY
     + """
 -- KEYS: stream, active. ARGV: group, consumer, count, destination.
 -- Read new entries; none left: the destination is no longer active. allow-oom: reading is
@@ -132,10 +129,10 @@ READ_LUA = (
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
                      'STREAMS', KEYS[1], '>')
 if not r or #r[1][2] == 0 then
-  redis.call('SREM', KEYS[2], ARGV[4])
-  return {}
+  deactivate(KEYS[2], ARGV[4])
+  return reply({})
 end
-return r[1][2]
+return reply(r[1][2])
 """
 )
 
@@ -172,6 +169,7 @@ return {n, since or ''}
 RETRY_LUA = (
     "#!lua flags=allow-oom\n"
     + _INDEX_RETRIES
+    + _REPLY
     + """
 -- KEYS: stream, retry zset, stats, endpoint, retry-due index. ARGV: group, due_ms, member,
 -- now_ms, endpoint error ('' unless the endpoint itself failed), destination, then stream
@@ -187,7 +185,7 @@ if ARGV[5] ~= '' then
   redis.call('HSETNX', KEYS[4], 'failing_since', ARGV[4])
   redis.call('HSET', KEYS[4], 'last_error', ARGV[5], 'last_error_ms', ARGV[4])
 end
-return n
+return reply(n)
 """
 )
 
@@ -197,6 +195,7 @@ return n
 _REQUEUE_MEMBER = (
     _ACTIVATE
     + _INDEX_RETRIES
+    + _REPLY
     + """
 local function requeue(member)
   local n = 0
@@ -228,7 +227,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 local moved = 0
 for _, member in ipairs(due) do moved = moved + requeue(member) end
 requeued(moved)
-return moved
+return reply(moved)
 """
 )
 
@@ -250,7 +249,7 @@ for _, member in ipairs(rows) do
   end
 end
 requeued(moved)
-return {moved, skipped, #rows}
+return reply({moved, skipped, #rows})
 """
 )
 
@@ -268,6 +267,7 @@ return oldest
 HANDBACK_LUA = (
     "#!lua flags=allow-oom\n"
     + _ACTIVATE
+    + _REPLY
     + """
 -- KEYS: stream, active, wake. ARGV: group, destination, then stream id per entry.
 -- Re-adds pending entries as new.
@@ -281,18 +281,19 @@ for i = 3, #ARGV do
   end
 end
 if n > 0 then activate(KEYS[2], KEYS[3], ARGV[2]) end
-return n
+return reply(n)
 """
 )
 
 INDEX_RETRIES_LUA = (
     "#!lua flags=allow-oom\n"
     + _INDEX_RETRIES
+    + _REPLY
     + """
 -- KEYS: retry zset, retry-due index. ARGV: destination. Repairs the index (an upgrade from
 -- a version without it).
 index_retries(KEYS[1], KEYS[2], ARGV[1])
-return 1
+return reply(1)
 """
 )
 
@@ -334,6 +335,7 @@ PURGE_RETRIES_LUA = (
     "#!lua flags=allow-oom\n"
     + DEDUP_HEADER
     + _INDEX_RETRIES
+    + _REPLY
     + """
 -- KEYS: retry zset, stats, retry-due index. ARGV: dedup prefix, bucket_s, destination, then
 -- per retry batch: its member, the number of its events, their dedup digests. Removes the
@@ -349,7 +351,7 @@ while i <= #ARGV do
 end
 index_retries(KEYS[1], KEYS[3], ARGV[3])
 if n > 0 then redis.call('HINCRBY', KEYS[2], 'purged', n) end
-return n
+return reply(n)
 """
 )
 
@@ -392,6 +394,7 @@ return n
 
 REPLAY_LUA = (
     _ACTIVATE
+    + _REPLY
     + """
 -- KEYS: dead letters hash, index zset, stream, stats, active, wake. ARGV: destination,
 -- then dead letter keys. Each record still stored goes back on the stream, once.
@@ -412,7 +415,7 @@ if #replayed > 0 then
   redis.call('HINCRBY', KEYS[4], 'replayed', #replayed)
   activate(KEYS[5], KEYS[6], ARGV[1])
 end
-return replayed
+return reply(replayed)
 """
 )
 
@@ -445,18 +448,13 @@ async def requeue_dead_letters(
 ) -> list[str]:
     """Put the events of stored dead letters back on the stream, removing the records;
     return the keys that were still stored (a record already replayed is skipped)."""
-    script = client.register_script(REPLAY_LUA)
-    done = await script(
-        keys=[
-            keys.deadletters,
-            keys.deadletter_index,
-            keys.stream,
-            keys.stats,
-            keys.active,
-            keys.wake,
-        ],
+    script = client.register_script(lua(keys, REPLAY_LUA))
+    active, wake, _ = index.script_keys(keys)
+    answer = await script(
+        keys=[keys.deadletters, keys.deadletter_index, keys.stream, keys.stats, active, wake],
         args=[keys.destination, *record_keys],
     )
+    done = await index.settle(client, keys, answer)
     return [d.decode() if isinstance(d, bytes) else str(d) for d in done]
 
 
@@ -501,18 +499,20 @@ class Queue:
         self.redis = client
         self.keys = keys
         self.group = group
-        self._move_due = client.register_script(MOVE_DUE_LUA)
+        self._move_due = client.register_script(lua(keys, MOVE_DUE_LUA))
         self._deliver = client.register_script(DELIVER_LUA)
-        self._retry = client.register_script(RETRY_LUA)
-        self._handback = client.register_script(HANDBACK_LUA)
-        self._release = client.register_script(RELEASE_LUA)
+        self._retry = client.register_script(lua(keys, RETRY_LUA))
+        self._handback = client.register_script(lua(keys, HANDBACK_LUA))
+        self._release = client.register_script(lua(keys, RELEASE_LUA))
         self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
-        self._read = client.register_script(READ_LUA)
-        self._index_retries = client.register_script(INDEX_RETRIES_LUA)
+        self._read = client.register_script(lua(keys, READ_LUA))
+        self._index_retries = client.register_script(lua(keys, INDEX_RETRIES_LUA))
         self._oldest_retry = client.register_script(OLDEST_RETRY_LUA)
+        # The index keys as the scripts see them (capi.index.script_keys).
+        self._active, self._wake, self._retry_due = index.script_keys(keys)
         # The keys a script that moves retries back to the stream needs (_REQUEUE_MEMBER).
-        self._requeue_keys = [keys.retry, keys.stream, keys.active, keys.wake, keys.retry_due]
+        self._requeue_keys = [keys.retry, keys.stream, self._active, self._wake, self._retry_due]
 
     async def ensure_group(self) -> bool:
         """Create the stream and consumer group if missing; True if it had to (even when
@@ -530,10 +530,14 @@ class Queue:
         )
         if resp and resp[0][1]:
             return [Entry.from_fields(sid, f) for sid, f in resp[0][1] if f]
-        rows = await self._read(
-            keys=[self.keys.stream, self.keys.active],
+        await index.before_empty_read(self.redis, self.keys)
+        answer = await self._read(
+            keys=[self.keys.stream, self._active],
             args=[self.group, consumer, count, self.keys.destination],
         )
+        rows = await index.settle(self.redis, self.keys, answer)
+        if rows and self.keys.cluster:  # not empty after all: back in the active set
+            await index.arm(self.redis, self.keys, [self.keys.destination])
         return [Entry.from_fields(sid, _pairs(flat)) for sid, flat in rows if flat]
 
     async def read_more(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
@@ -656,9 +660,11 @@ class Queue:
         ``Retry-After``; return how many events moved."""
         moved = skipped = 0
         while True:
-            n, skipped, rows = await self._release(
+            await index.before_retry_change(self.redis, self.keys)
+            answer = await self._release(
                 keys=self._requeue_keys, args=[skipped, 200, self.keys.destination]
             )
+            n, skipped, rows = await index.settle(self.redis, self.keys, answer)
             moved += int(n)
             if int(rows) == 0:
                 return moved
@@ -701,8 +707,9 @@ class Queue:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
         member = orjson.dumps(batch)
         k = self.keys
-        await self._retry(
-            keys=[k.stream, k.retry, k.stats, k.endpoint, k.retry_due],
+        await index.before_retry_change(self.redis, k)
+        answer = await self._retry(
+            keys=[k.stream, k.retry, k.stats, k.endpoint, self._retry_due],
             args=[
                 self.group,
                 due_ms,
@@ -713,30 +720,35 @@ class Queue:
                 *(e.stream_id for e in entries),
             ],
         )
+        await index.settle(self.redis, k, answer)
 
     async def move_due_retries(self, now_ms: int | str, max_batches: int = 100) -> int:
         """Put retries due by ``now_ms`` (``"+inf"``: all) back on the stream; return how
         many events moved."""
-        moved = await self._move_due(
+        await index.before_retry_change(self.redis, self.keys)
+        answer = await self._move_due(
             keys=self._requeue_keys, args=[now_ms, max_batches, self.keys.destination]
         )
-        return int(moved)
+        return int(await index.settle(self.redis, self.keys, answer))
 
     async def index_retries(self) -> None:
         """Set this destination's entry in the retry-due index from its retry schedule."""
-        await self._index_retries(
-            keys=[self.keys.retry, self.keys.retry_due], args=[self.keys.destination]
+        await index.before_retry_change(self.redis, self.keys)
+        answer = await self._index_retries(
+            keys=[self.keys.retry, self._retry_due], args=[self.keys.destination]
         )
+        await index.settle(self.redis, self.keys, answer)
 
     async def hand_back(self, entries: Sequence[Entry]) -> None:
         """Return entries to the queue as new (on shutdown, when the key is already held, or
         after a bug in a turn), so any worker takes them at once."""
         if entries:
             k = self.keys
-            await self._handback(
-                keys=[k.stream, k.active, k.wake],
+            answer = await self._handback(
+                keys=[k.stream, self._active, self._wake],
                 args=[self.group, k.destination, *(e.stream_id for e in entries)],
             )
+            await index.settle(self.redis, k, answer)
 
     async def drained(self) -> bool:
         """Whether nothing is queued, in flight, or scheduled for retry."""
@@ -775,7 +787,7 @@ class Queue:
         k = self.keys
         head = [k.dedup_prefix, dedup.bucket_s(dedup_window_s)]
         # Retries first: one coming due meanwhile moves to the stream, purged next.
-        retries_script = self.redis.register_script(PURGE_RETRIES_LUA)
+        retries_script = self.redis.register_script(lua(k, PURGE_RETRIES_LUA))
         retried = 0
         while members := await self.redis.zrange(k.retry, 0, chunk // 10):
             args: list[Any] = [*head, k.destination]
@@ -783,7 +795,9 @@ class Queue:
                 rows = orjson.loads(member)["entries"]
                 args += [member, len(rows)]
                 args += [dedup.digest(_key_of(row["e"], row["i"])) for row in rows]
-            retried += int(await retries_script(keys=[k.retry, k.stats, k.retry_due], args=args))
+            await index.before_retry_change(self.redis, k)
+            answer = await retries_script(keys=[k.retry, k.stats, self._retry_due], args=args)
+            retried += int(await index.settle(self.redis, k, answer))
         script = self.redis.register_script(PURGE_LUA)
         queued, start = 0, "-"
         while rows := await self.redis.xrange(k.stream, start, "+", count=chunk):

@@ -15,19 +15,32 @@ connection asks them where the master is, a connection whose server answers READ
 demoted master) is closed and the call sent once more to the master they name now, and a
 dropped connection is retried the same way. ``CAPI_REDIS_URL`` then gives only the
 password, TLS options and database of the master's connections; its host is not used.
+
+With a Redis Cluster (``CAPI_REDIS_CLUSTER=true``) the clients are redis-py's cluster
+clients, started from the node ``CAPI_REDIS_URL`` names: each command goes to the master of
+its key's slot, follows MOVED answers, and finds the new topology after a failover. They
+answer every command capi sends (capi's multi-key commands and scripts stay within one
+slot, see :mod:`capi.index`), so they are typed as plain clients; the few places that
+differ ask :func:`is_cluster`. A cluster error that redis-py raises outside its error tree
+(no node reachable, a slot not covered during a failover) is raised as a ConnectionError,
+which every caller already rides out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
 import redis.exceptions
 import redis.sentinel
 from redis.asyncio.connection import parse_url
@@ -115,7 +128,12 @@ def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
 
 
 def async_client(
-    url: str, timeout_s: float, sentinels: Sentinels | None = None, **extra: Any
+    url: str,
+    timeout_s: float,
+    sentinels: Sentinels | None = None,
+    *,
+    cluster: bool = False,
+    **extra: Any,
 ) -> aioredis.Redis:
     """An asyncio client for ``url`` (or for the sentinels' master), each call bounded.
 
@@ -126,6 +144,9 @@ def async_client(
     The sentinel pool is the same blocking pool with redis-py's sentinel behaviour.
     """
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
+    if cluster:
+        found: Any = _AsyncCluster(**_cluster_kwargs(kwargs, extra))
+        return cast(aioredis.Redis, found)
     if sentinels is not None:
         return _async_master(sentinels, timeout_s, _master_kwargs(kwargs, extra))
     plain = aioredis.Redis(**{**kwargs, **extra}).connection_pool  # the URL's connection class
@@ -139,10 +160,19 @@ def async_client(
 
 
 def sync_client(
-    url: str, timeout_s: float, sentinels: Sentinels | None = None, **extra: Any
+    url: str,
+    timeout_s: float,
+    sentinels: Sentinels | None = None,
+    *,
+    cluster: bool = False,
+    **extra: Any,
 ) -> redis.Redis:
-    """A blocking client for ``url`` (or for the sentinels' master) with bounded calls."""
+    """A blocking client for ``url`` (or for the sentinels' master, or the cluster of the
+    node ``url`` names) with bounded calls."""
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
+    if cluster:
+        found = cast(Any, _SyncCluster)(**_cluster_kwargs(kwargs, extra))
+        return cast(redis.Redis, found)
     if sentinels is not None:
         sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(sentinels.addresses),
@@ -159,9 +189,18 @@ def sync_client(
     return redis.Redis(**{**kwargs, **extra})
 
 
+def is_cluster(client: object) -> bool:
+    """Whether a client is a Redis Cluster client (see the module docstring)."""
+    return isinstance(client, aiocluster.RedisCluster | redis.cluster.RedisCluster)
+
+
 def describe(client: redis.Redis | aioredis.Redis) -> str:
-    """Where a client's calls go, for messages: ``host:port``, a socket path, or the
-    sentinels' master (with its address when known)."""
+    """Where a client's calls go, for messages: ``host:port``, a socket path, the
+    sentinels' master (with its address when known), or the cluster of a node."""
+    if is_cluster(client):
+        nodes: Any = client
+        start = ",".join(sorted(nodes.nodes_manager.startup_nodes))
+        return f"the Redis Cluster of {start}"
     pool = client.connection_pool
     if isinstance(pool, _SENTINEL_POOLS):
         manager = pool.sentinel_manager
@@ -181,6 +220,8 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
 
 def settings_hint(client: redis.Redis | aioredis.Redis) -> str:
     """The settings that say where a client's Redis is, for "check ..." in messages."""
+    if is_cluster(client):
+        return "CAPI_REDIS_URL (a node of the cluster) and CAPI_REDIS_CLUSTER"
     if isinstance(client.connection_pool, _SENTINEL_POOLS):
         return "CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER"
     return "CAPI_REDIS_URL"
@@ -284,3 +325,72 @@ def _async_master(sentinels: Sentinels, timeout_s: float, kwargs: dict[str, Any]
         timeout=math.ceil(timeout_s),
     )
     return client
+
+
+def _cluster_kwargs(kwargs: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A cluster client's arguments: the URL's node, password and TLS (a cluster has only
+    database 0, which the settings check)."""
+    merged = {**kwargs, **extra}
+    merged.pop("db", None)
+    return merged
+
+
+def _cluster_error(exc: redis.exceptions.RedisClusterException) -> redis.exceptions.ConnectionError:
+    return redis.exceptions.ConnectionError(f"Redis Cluster: {exc}")
+
+
+class _AsyncCluster(aiocluster.RedisCluster):
+    """redis-py's asyncio cluster client, raising its errors outside redis-py's error tree
+    (no node reachable, a slot not covered) as ConnectionError (see the module docstring).
+
+    redis-py (5.3) closes every connection of the client when one command meets a
+    ConnectionError (to read the topology again); a command or pipeline of another task
+    then finds its connection's writer gone (AttributeError). It is the same dropped
+    connection, raised as such.
+    """
+
+    async def initialize(self) -> aiocluster.RedisCluster:
+        with _translated_cluster():
+            return await super().initialize()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _translated_cluster():
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> aiocluster.ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused, as redis-py says
+        pipe: aiocluster.ClusterPipeline = cast(Any, _AsyncClusterPipeline)(self)
+        return pipe
+
+
+class _AsyncClusterPipeline(aiocluster.ClusterPipeline):
+    """redis-py's cluster pipeline, its errors raised as :class:`_AsyncCluster` says."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        with _translated_cluster():
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.contextmanager
+def _translated_cluster() -> Iterator[None]:
+    try:
+        yield
+    except redis.exceptions.RedisClusterException as exc:
+        raise _cluster_error(exc) from exc
+    except AttributeError as exc:
+        raise redis.exceptions.ConnectionError(f"connection closed under the call ({exc})") from exc
+
+
+class _SyncCluster(redis.cluster.RedisCluster):
+    """The blocking twin of :class:`_AsyncCluster` (which reads the topology at once)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        with _translated_cluster():
+            super().__init__(**kwargs)
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        with _translated_cluster():
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]

@@ -235,7 +235,9 @@ async def purge(
     if not records:
         return 0
     ids = [r.key for r in records]
-    pipe = client.pipeline(transaction=True)
+    # A cluster client has no MULTI (redis-py): there the index entry may briefly outlive
+    # its record, which readers skip as gone.
+    pipe = client.pipeline(transaction=not keys.cluster)
     pipe.hdel(keys.deadletters, *ids)
     pipe.zrem(keys.deadletter_index, *ids)
     removed, _ = await pipe.execute()

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         pattern=r"^[^\s,]{1,200}$",
         description="The name the sentinels know the master by (sentinel monitor NAME ...).",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="CAPI_REDIS_URL names a node of a Redis Cluster: each destination's keys "
+        "share one hash tag, so destinations spread over the shards (see docs/scaling.md).",
+    )
     redis_prefix: str = Field("capi", min_length=1, description="Prefix of every Redis key.")
     integration_source: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Sent to the API as is."
@@ -382,6 +387,8 @@ class Settings(BaseSettings):
                 "sentinels name the master's host and port; the URL gives its password, TLS "
                 "and database)"
             )
+        if self.redis_cluster:
+            self._check_cluster()
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("CAPI_RETRY_CAP_S must not be below CAPI_RETRY_BASE_S")
         if self.claim_idle_s <= self.request_timeout_s:
@@ -390,6 +397,28 @@ class Settings(BaseSettings):
                 "slow request would be taken over while still in flight"
             )
         return self
+
+    def _check_cluster(self) -> None:
+        if self.redis_sentinels:
+            raise ValueError(
+                "CAPI_REDIS_CLUSTER and CAPI_REDIS_SENTINELS exclude each other: a Redis "
+                "Cluster fails over by itself (set one or the other)"
+            )
+        if self.redis_url.startswith("unix://"):
+            raise ValueError(
+                "CAPI_REDIS_URL must be redis:// or rediss:// with CAPI_REDIS_CLUSTER (a node "
+                "of the cluster, host:port)"
+            )
+        if urlsplit(self.redis_url).path.strip("/") not in ("", "0"):
+            raise ValueError(
+                "CAPI_REDIS_URL must name database 0 (or none) with CAPI_REDIS_CLUSTER: a "
+                "Redis Cluster has only database 0"
+            )
+        if "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ValueError(
+                "CAPI_REDIS_PREFIX must not hold { or } with CAPI_REDIS_CLUSTER: capi puts "
+                "each destination's name in braces (its hash tag)"
+            )
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -468,19 +497,31 @@ class Settings(BaseSettings):
         return Sentinels(parse_sentinels(self.redis_sentinels), self.redis_sentinel_master)
 
     def async_redis(self, **extra: Any) -> aioredis.Redis:
-        """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master), every
-        call bounded by the timeout."""
-        return async_client(self.redis_url, self.redis_timeout_s, self.sentinels, **extra)
+        """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master, or the
+        cluster that URL's node belongs to), every call bounded by the timeout."""
+        return async_client(
+            self.redis_url,
+            self.redis_timeout_s,
+            self.sentinels,
+            cluster=self.redis_cluster,
+            **extra,
+        )
 
     def sync_redis(self, **extra: Any) -> redis.Redis:
         """A blocking Redis client for CAPI_REDIS_URL (or the sentinels' master), every
         call bounded by the timeout."""
-        return sync_client(self.redis_url, self.redis_timeout_s, self.sentinels, **extra)
+        return sync_client(
+            self.redis_url,
+            self.redis_timeout_s,
+            self.sentinels,
+            cluster=self.redis_cluster,
+            **extra,
+        )
 
     @property
     def keys(self) -> RedisKeys:
         """The Redis key names under this prefix."""
-        return RedisKeys(self.redis_prefix)
+        return RedisKeys(self.redis_prefix, cluster=self.redis_cluster)
 
     def credentials(self) -> tuple[str, str]:
         """The key and pixel id; raise ConfigError naming whichever is missing."""

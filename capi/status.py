@@ -4,6 +4,7 @@ doing."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -12,11 +13,13 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from capi import coverage
 from capi.clock import LIVENESS_MS, now_ms
 from capi.constants import CONSUMER_GROUP, RedisKeys
 from capi.queue import Queue
+from capi.redisconn import is_cluster
 
 
 def _iso(ms: int | None) -> str | None:
@@ -89,9 +92,14 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
     pipe.zrangebyscore(keys.workers, now - LIVENESS_MS, "+inf", withscores=True)
     pipe.hgetall(keys.worker_states)
     workers, states = await pipe.execute()
+    shards: list[dict[str, Any]] = []
     try:
-        memory = await client.info("memory")
-        role = str((await client.info("replication")).get("role", "master"))
+        if is_cluster(client):
+            memory, shards = await cluster_memory(client)
+            role = "cluster"
+        else:
+            memory = await client.info("memory")
+            role = str((await client.info("replication")).get("role", "master"))
     except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
         memory, role = {}, "unknown"
     live = []
@@ -113,22 +121,46 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
             "used_memory": int(memory.get("used_memory", 0)),
             "maxmemory": int(memory.get("maxmemory", 0)),
             "maxmemory_policy": str(memory.get("maxmemory_policy", "")),
-            "full": redis_full(memory),
+            "full": redis_full(memory) or any(s["full"] for s in shards),
             "role": role,
+            **({"shards": shards} if shards else {}),
         },
     }
+
+
+async def cluster_memory(client: aioredis.Redis) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cluster's memory: the masters' totals (``INFO memory`` fields), and per master its
+    address, memory, limit and whether it is full."""
+    answers: Any = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    shards: list[dict[str, Any]] = [
+        {
+            "node": str(node),
+            "used_memory": int(info.get("used_memory", 0)),
+            "maxmemory": int(info.get("maxmemory", 0)),
+            "full": redis_full(info),
+        }
+        for node, info in sorted(answers.items())
+    ]
+    total = {
+        "used_memory": sum(s["used_memory"] for s in shards),
+        "maxmemory": sum(s["maxmemory"] for s in shards),
+    }
+    return total, shards
 
 
 async def destinations_in_redis(client: aioredis.Redis, keys: RedisKeys) -> list[str]:
     """Every destination with counters in Redis (configured or not), found by a scan of
     the prefix (for operators' commands, not for a hot path)."""
     found: set[str] = set()
-    if await client.exists(keys.stats):
-        found.add("default")
-    head = f"{keys.prefix}:d:"
-    async for raw in client.scan_iter(match=f"{head}*:stats", count=1000):
-        name = raw.decode()[len(head) : -len(":stats")]
-        if ":" not in name:
+    if keys.cluster:  # every shard is scanned; each name is in braces, the default's too
+        head, tail = f"{keys.prefix}:d:{{", "}:stats"
+    else:
+        head, tail = f"{keys.prefix}:d:", ":stats"
+        if await client.exists(keys.stats):
+            found.add("default")
+    async for raw in client.scan_iter(match=f"{head}*{tail}", count=1000):
+        name = raw.decode()[len(head) : -len(tail)]
+        if ":" not in name and "}" not in name:
             found.add(name)
     return sorted(found)
 
@@ -204,14 +236,24 @@ async def overview(
     retry's age)."""
     now = now_ms()
     script = client.register_script(OVERVIEW_LUA)
-    pipe = client.pipeline(transaction=False)
-    for start in range(0, len(names), OVERVIEW_CHUNK):
-        chunk = [keys.for_destination(n) for n in names[start : start + OVERVIEW_CHUNK]]
+    # On a Redis Cluster a script's keys must share a slot, and redis-py sends no script in
+    # a cluster pipeline: one call per destination there, all at once.
+    size = 1 if keys.cluster else OVERVIEW_CHUNK
+    calls = []
+    for start in range(0, len(names), size):
+        chunk = [keys.for_destination(n) for n in names[start : start + size]]
         slots = [
             (k.stream, k.retry, k.stats, k.deadletters, k.key_state, k.endpoint) for k in chunk
         ]
-        await script(keys=[key for six in slots for key in six], args=[CONSUMER_GROUP], client=pipe)
-    rows = [row for answer in await pipe.execute() for row in answer]
+        calls.append([key for six in slots for key in six])
+    if keys.cluster:
+        answers = await asyncio.gather(*(script(keys=c, args=[CONSUMER_GROUP]) for c in calls))
+    else:
+        pipe = client.pipeline(transaction=False)
+        for c in calls:
+            await script(keys=c, args=[CONSUMER_GROUP], client=pipe)
+        answers = await pipe.execute()
+    rows = [row for answer in answers for row in answer]
     out: dict[str, dict[str, Any]] = {}
     for name, row in zip(names, rows, strict=True):
         xlen, first, retries, pending, stats, dl, key, endpoint = row

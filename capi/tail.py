@@ -26,6 +26,7 @@ with the ring on and off).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +35,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis import Redis
+
+from capi.redisconn import is_cluster
 
 CHUNK = 100
 STATUSES = (
@@ -207,6 +210,19 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+async def _poll(redis: aioredis.Redis, last: dict[str, str], block_ms: int) -> list[Any]:
+    """On a Redis Cluster, where one XREAD may not name rings of several slots: each ring
+    read on its own (one pipelined round trip per shard), and when none had anything new,
+    a pause of a fifth of ``block_ms`` before the next look."""
+    pipe = redis.pipeline(transaction=False)
+    for key, after in last.items():
+        pipe.xread({key: after})
+    answer = [found for rows in await pipe.execute() for found in rows or []]
+    if not answer:
+        await asyncio.sleep(block_ms / 5000)
+    return answer
+
+
 def _text(value: bytes | None) -> str | None:
     return value.decode(errors="replace") if value else None
 
@@ -236,7 +252,10 @@ async def follow(
     by_key = {key: destination for destination, key in rings.items()}
     last = dict(after)
     while True:
-        answer = await redis.xread(dict(last), block=block_ms)  # type: ignore[arg-type]
+        if is_cluster(redis):
+            answer = await _poll(redis, last, block_ms)
+        else:
+            answer = await redis.xread(dict(last), block=block_ms)  # type: ignore[arg-type]
         batch: list[Line] = []
         for key, rows in answer or []:
             name = key.decode() if isinstance(key, bytes) else key

@@ -34,6 +34,9 @@ _RESPONSES = {
     "LOADING": ("loading", "Redis is loading its data set"),
     "BUSY": ("busy", "Redis is busy running a script"),
     "MASTERDOWN": ("master-down", "the Redis replica lost its master"),
+    "CLUSTERDOWN": ("cluster-down", "the Redis Cluster is down (a failover in progress?)"),
+    "MOVED": ("cluster-moved", "a Redis Cluster slot moved (a failover or resharding)"),
+    "TRYAGAIN": ("cluster-moved", "a Redis Cluster slot is being moved (resharding)"),
 }
 
 
@@ -43,6 +46,9 @@ _CLASSES: tuple[tuple[type[Exception], str], ...] = (
     (redis.exceptions.ReadOnlyError, "READONLY"),
     (redis.exceptions.NoPermissionError, "NOPERM"),
     (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.MovedError, "MOVED"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
 )
 
 

@@ -40,6 +40,7 @@ LONG_FIRST = (
     "test_destinations.py",
     "test_redis_connections.py",
     "test_sentinel_failover.py",
+    "test_cluster.py",
 )
 
 

@@ -87,11 +87,17 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 def capi(
-    settings: Settings, *args: str, input: str | None = None, timeout: float = 60
+    settings: Settings,
+    *args: str,
+    input: str | None = None,
+    timeout: float = 60,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a ``capi`` command configured by ``settings``; the completed process."""
+    """Run a ``capi`` command configured by ``settings`` (and ``extra_env``: destinations'
+    key variables); the completed process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
     env.update({f"CAPI_{name.upper()}": str(value) for name, value in _plain(settings).items()})
+    env.update(extra_env or {})
     env["CAPI_CONFIG_FILE"] = os.devnull
     return subprocess.run(
         [sys.executable, "-m", "workers.cli", *args],

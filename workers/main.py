@@ -13,6 +13,10 @@ read-only never ends the worker through arq. Jobs arq would keep are JSON, never
 
 ``WorkerSettings`` is built on first access (PEP 562), so importing this module reads no
 settings and opens no connection.
+
+arq cannot run on a Redis Cluster (its job functions are multi-key transactions across
+slots): with ``CAPI_REDIS_CLUSTER=true`` this module refuses to start with a ConfigError
+that says so, and ``capi worker`` (the same sender, without arq) is the way.
 """
 
 from __future__ import annotations
@@ -110,6 +114,12 @@ def _dumps(value: Any) -> bytes:
 def worker_settings(settings: Settings | None = None, **ctx: Any) -> dict[str, Any]:
     """The arq worker settings for capi (as a dict, which arq accepts)."""
     settings = settings or Settings.load()
+    if settings.redis_cluster:
+        raise ConfigError(
+            "arq cannot run on a Redis Cluster (CAPI_REDIS_CLUSTER=true): its jobs are "
+            "transactions over keys of several slots. Run `capi worker` instead: the same "
+            "sender, without arq."
+        )
     queue_name = f"{settings.redis_prefix}:arq"
     # With sentinels, arq's pool is capi's own sentinel-managed pool (it follows failovers).
     where: dict[str, Any] = (

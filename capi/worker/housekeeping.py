@@ -36,6 +36,9 @@ forget stopped      FORGET_S, and    consumers that hold nothing of workers with
                                      active set are checked too
 status log line     STATUS_LOG_S     one line of counters for log-only deployments
 prune dead letters  PRUNE_S          retention, and a warning before replay deadlines
+index sweep         SWEEP_S          on a Redis Cluster only: flagged destinations back in
+                                     the active set, earliest retries in the retry-due
+                                     index (capi.index): every destination served
 ==================  ===============  ====================================================
 """
 
@@ -52,10 +55,11 @@ from typing import TYPE_CHECKING
 import orjson
 import redis.exceptions
 
-from capi import clock, replay
+from capi import clock, index, replay
 from capi.clock import HEARTBEAT_S, LIVENESS_MS, LIVENESS_S, ms
 from capi.deadletters import Unreadable
-from capi.status import destination_status, redis_full
+from capi.redisconn import is_cluster
+from capi.status import cluster_memory, destination_status, redis_full
 from capi.worker.jobs import Job, Rotation, Schedule
 
 if TYPE_CHECKING:
@@ -108,6 +112,8 @@ class Housekeeping:
             Job("status log", Schedule(STATUS_LOG_S), self._log_status),
             Job("pruning dead letters", Schedule(PRUNE_S, per_destination=True), self._prune),
         ]
+        if lanes.keys.cluster:
+            self.jobs.append(Job("index sweep", Schedule(index.SWEEP_S), self._sweep))
         self.lease = Job("lease renewal", Schedule(self.lease_s), self._leases)
         self.reclaim = Job("reclaim", Schedule(RECLAIM_S), self._reclaim)
         self.lost = Job("taking back lost reads", Schedule(LOST_S), self._take_back_lost)
@@ -252,6 +258,10 @@ class Housekeeping:
                 continue
             if await s.queue.move_due_retries(now_ms):
                 self.lanes.activate(s.destination.name)
+
+    async def _sweep(self, senders: dict[str, Sender], now_ms: int) -> None:
+        for name in await index.sweep(self.lanes.redis, [s.keys for s in senders.values()]):
+            self.lanes.activate(name)
 
     async def _heartbeat(self) -> None:
         lanes = self.lanes
@@ -400,10 +410,14 @@ class Housekeeping:
         for s in todo.values():
             await s.refresh_gauges(now_ms)
         try:
-            memory = await self.lanes.redis.info("memory")
+            if is_cluster(self.lanes.redis):  # full: any master is
+                _, shards = await cluster_memory(self.lanes.redis)
+                full = any(shard["full"] for shard in shards)
+            else:
+                full = redis_full(await self.lanes.redis.info("memory"))
         except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
             return
-        self.lanes.metrics.redis_full.set(1 if redis_full(memory) else 0)
+        self.lanes.metrics.redis_full.set(1 if full else 0)
 
     async def _drained(self) -> bool:
         """Whether every destination that can send has nothing queued, in flight or

@@ -7,7 +7,8 @@ sent and given its fate. Which destination gets the next turn:
 - only an *active* one: a destination whose stream may hold unread entries, or that has
   batches reclaimed from a stopped worker. Redis keeps the set of active destinations
   (``{p}:active``, see :mod:`capi.constants`): every script that writes to a stream adds
-  its destination, and the read that finds the stream empty removes it, atomically. So an
+  its destination, and the read that finds the stream empty removes it, atomically (on a
+  Redis Cluster, in the order :mod:`capi.index` describes, swept every few seconds). So an
   idle destination costs next to nothing: its stream is not polled (housekeeping reads
   each once a minute, as a check), however many are configured.
   Idle lanes wait for a wake-up on one shared stream (``{p}:wake``), which every worker

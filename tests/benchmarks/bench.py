@@ -19,6 +19,9 @@ Measures, side by side in one run on this machine:
 - Redis memory per queued event and per dedup record, read from ``used_memory`` only
   (before and after enqueueing N events, then after delivering them), so it measures
   whatever key layout capi uses;
+- a Redis Cluster of three masters (``--only cluster``, tests/benchmarks/cluster_bench.py):
+  events/s over 300 destinations, Redis CPU per event on each master, destinations per
+  master and their spread from even;
 - the reclaim rate after kill -9: a worker holding thousands of events in flight is
   killed, and another takes them over; events/s re-sent, against the same worker's rate
   on fresh events.
@@ -496,7 +499,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections: drain,tail,durability,memory,reclaim (default: all)",
+        help="comma-separated sections: drain,tail,durability,memory,reclaim,cluster "
+        "(default: all)",
     )
     args = parser.parse_args()
     n = args.events or (20_000 if args.quick else 200_000)
@@ -508,7 +512,7 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "command": "python -m tests.benchmarks.bench" + (" --quick" if args.quick else ""),
     }
-    only = set((args.only or "drain,tail,durability,memory,reclaim").split(","))
+    only = set((args.only or "drain,tail,durability,memory,reclaim,cluster").split(","))
     if args.only:
         results["command"] += f" --only {args.only}"
     with services() as env:
@@ -534,6 +538,10 @@ def main() -> None:
             results["memory"] = redis_memory(env, 20_000 if args.quick else 1_000_000)
         if "reclaim" in only:
             results["reclaim"] = reclaim_rate(env, 4000 if args.quick else 8000)
+    if "cluster" in only:  # a cluster of its own (tests/benchmarks/cluster_bench.py)
+        from tests.benchmarks.cluster_bench import cluster_row
+
+        results["cluster"] = cluster_row(30_000 if args.quick else 150_000)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print_table(results)
 
@@ -564,6 +572,10 @@ def print_table(r: dict[str, Any]) -> None:
             f"{m['stream_bytes_per_event']} B + dedup record), "
             f"{m['dedup_bytes_per_event']} B per dedup record kept for the window"
         )
+    if "cluster" in r:
+        from tests.benchmarks.cluster_bench import print_cluster
+
+        print_cluster(r["cluster"])
     if "reclaim" in r:
         x = r["reclaim"]
         print(

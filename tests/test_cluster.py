@@ -1,0 +1,529 @@
+"""Redis Cluster for real: three masters and three replicas (tests/clusterproc.py), with
+``CAPI_REDIS_CLUSTER=true``. Many destinations deliver everything with their keys spread
+over every shard; a master killed with ``kill -9`` under load (two producers, two
+``capi worker``, ``CAPI_ENQUEUE_DURABILITY=replica``) loses no acknowledged event, and
+duplicates are counted and bounded (``pytest -s -n 0 tests/test_cluster.py`` prints the
+figures); the operators' commands and the intake work across shards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from capi import coverage, dedup, index
+from capi.constants import RedisKeys
+from capi.errors import ConfigError, QueueUnavailable
+from capi.events import prepare
+from capi.producer import Producer, SyncProducer
+from capi.queue import ENQUEUE_LUA, enqueue_call, lua
+from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
+from capi.settings import Settings
+from capi.status import overview
+from tests.clusterproc import ClusterSet, cluster_settings
+from tests.console_helpers import httpx_get, new_tokens, start_console
+from tests.helpers import _plain as plain_settings
+from tests.helpers import capi, events, spawn, start_worker, stop_worker, wait_for
+from tests.intake_helpers import start_intake
+from tests.test_destinations_scale import configure
+from workers.main import worker_settings
+
+BATCH_SIZE = 20
+CONCURRENCY = 2
+WORKERS = 2  # in the failover test
+# A worker runs 4 lanes per CAPI_CONCURRENCY, each with at most one batch in flight.
+IN_FLIGHT_BOUND = WORKERS * 4 * CONCURRENCY * BATCH_SIZE
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterSet]:
+    with ClusterSet(tmp_path / "cluster") as found:
+        yield found
+
+
+def names(count: int) -> list[str]:
+    return [f"d{i}" for i in range(count)]
+
+
+def setup(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet, count: int, **overrides: Any
+) -> tuple[Settings, dict[str, str]]:
+    path, env = configure(tmp_path, sandbox, count)
+    settings = cluster_settings(
+        sandbox,
+        cluster,
+        destinations_file=path,
+        batch_size=BATCH_SIZE,
+        concurrency=CONCURRENCY,
+        **overrides,
+    )
+    return settings, env
+
+
+def shards_of(cluster: ClusterSet, settings: Settings, count: int) -> dict[int, list[str]]:
+    """The destinations whose keys (their stats hash: every destination has one once it
+    was enqueued to) live on each master, by port, read from the masters themselves."""
+    found: dict[int, list[str]] = {}
+    for name in names(count):
+        keys = settings.keys.for_destination(name)
+        node = cluster.node_of(keys.stream)
+        with node.client() as c:
+            assert c.exists(keys.stats, keys.stream) == 2, name  # one slot: one node
+        found.setdefault(node.port, []).append(name)
+    return found
+
+
+def test_thirty_destinations_deliver_everything_spread_over_every_shard(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    settings, env = setup(tmp_path, sandbox, cluster, 30)
+    worker = start_worker(settings, **env)
+    sent: set[str] = set()
+
+    def produce_sync(part: list[str]) -> None:
+        with SyncProducer.from_settings(settings) as producer:
+            for name in part:
+                batch = events(40, prefix=f"{name}-")
+                assert producer.enqueue_many(batch, destination=name).queued == 40
+                sent.update(e["id"] for e in batch)
+
+    async def produce_async(part: list[str]) -> None:
+        async with Producer.from_settings(settings) as producer:
+            for name in part:
+                for event in events(10, start=100, prefix=f"{name}-"):
+                    assert await producer.enqueue(event, destination=name)
+                    sent.add(event["id"])
+
+    threads = [
+        threading.Thread(target=produce_sync, args=(names(30)[:15],)),
+        threading.Thread(target=lambda: asyncio.run(produce_async(names(30)[15:]))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(sent) == 15 * 40 + 15 * 10
+    wait_for(lambda: sent <= set(sandbox.state.delivered_ids()), 120, "every event delivered")
+    output = stop_worker(worker)
+    assert "Traceback" not in output, output
+    spread = shards_of(cluster, settings, 30)
+    assert len(spread) == 3, spread  # every master holds some destinations
+    assert {len(v) for v in spread.values()} != {30}
+    client = settings.sync_redis()
+    try:
+        assert not client.smembers(settings.keys.active)  # every stream read empty at the end
+        for name in names(30):
+            keys = settings.keys.for_destination(name)
+            assert not client.exists(keys.armed)
+            assert int(client.hget(keys.stats, "delivered") or 0) >= (40 if name < "d15" else 10)
+    finally:
+        client.close()
+
+
+def test_a_write_whose_writer_died_before_the_index_is_swept_back(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """A producer killed between its script and the active set (played: the script alone)
+    leaves the destination flagged but not active; a worker's sweep finds it."""
+    settings, env = setup(tmp_path, sandbox, cluster, 3)
+    worker = start_worker(settings, **env)
+    client = settings.sync_redis()
+    try:
+        with SyncProducer.from_settings(settings) as producer:
+            producer.enqueue_many(events(5, prefix="first-"), destination="d1")
+        wait_for(lambda: len(sandbox.state.delivered_ids()) == 5, 60, "the first events")
+        keys = settings.keys.for_destination("d1")
+        wait_for(lambda: not client.exists(keys.armed), 60, "d1 read empty")
+        assert b"d1" not in client.smembers(settings.keys.active)
+        wait_for(lambda: unread_for(client, keys, 2000), 60, "the worker to stop reading d1")
+        script = client.register_script(lua(keys, ENQUEUE_LUA))
+        lone = events(1, prefix="lone-")[0]
+        p = prepare(lone)
+        digest = dedup.digest(f"{p.name}:{p.id}")
+        call = enqueue_call(
+            keys, 60, [(digest, p.id, p.timestamp_ms, p.json, coverage.mask(p.event))]
+        )
+        answer = script(keys=call[0], args=call[1])
+        assert index.unpack(keys, answer)[1]  # it set the flag; nobody adds it to the set
+        # Within the sweep's SWEEP_S (not the 60 s of the worker's other index checks).
+        wait_for(lambda: lone["id"] in sandbox.state.delivered_ids(), 40, "the swept event")
+    finally:
+        client.close()
+        stop_worker(worker)
+
+
+def test_retries_come_back_through_the_retry_due_index(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """Every other request fails (503, and 429 with Retry-After): retries are scheduled,
+    indexed on the shared slot and moved back, on every shard."""
+    settings, env = setup(tmp_path, sandbox, cluster, 6)
+    sandbox.state.faults.append(Fault("server_error", every=2, status=503))
+    sandbox.state.faults.append(Fault("rate_limit", every=5, retry_after_s=0.2))
+    sent = set()
+    with SyncProducer.from_settings(settings) as producer:
+        for name in names(6):
+            batch = events(30, prefix=f"{name}-")
+            assert producer.enqueue_many(batch, destination=name).queued == 30
+            sent |= {e["id"] for e in batch}
+    worker = start_worker(settings, "--burst", **env)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert sent <= set(sandbox.state.delivered_ids())
+    client = settings.sync_redis()
+    try:
+        retried = sum(
+            int(client.hget(settings.keys.for_destination(n).stats, "retried") or 0)
+            for n in names(6)
+        )
+        assert retried > 0
+        assert not client.zrange(settings.keys.retry_due, 0, -1)  # nothing left scheduled
+    finally:
+        client.close()
+
+
+def unread_for(client: redis.Redis, keys: RedisKeys, ms: int) -> bool:
+    """Whether no consumer has read the destination's stream for ``ms``."""
+    consumers = client.xinfo_consumers(keys.stream, "senders")
+    return all(int(c["idle"]) > ms for c in consumers)
+
+
+# ---------------------------------------------------------------------------------------
+# A master killed under load.
+
+
+class Acks:
+    """Event ids acknowledged by the producers, before and after the kill."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.before: set[str] = set()
+        self.after: set[str] = set()
+        self.killed_at: float | None = None
+        self.retries = 0
+
+    def add(self, event_id: str, sent_at: float) -> None:
+        with self.lock:
+            late = self.killed_at is not None and sent_at > self.killed_at
+            (self.after if late else self.before).add(event_id)
+
+    def all(self) -> set[str]:
+        with self.lock:
+            return self.before | self.after
+
+
+def produce(settings: Settings, targets: list[str], acks: Acks, stop: threading.Event) -> None:
+    """One event at a time, round the destinations, each sent again until acknowledged."""
+
+    async def go() -> None:
+        async with Producer.from_settings(settings) as producer:
+            for i in range(1_000_000):
+                name = targets[i % len(targets)]
+                event = events(1, start=i, prefix=f"{name}-")[0]
+                while not stop.is_set():
+                    sent_at = time.monotonic()
+                    try:
+                        await producer.enqueue(event, destination=name)
+                    except QueueUnavailable:
+                        acks.retries += 1
+                        await asyncio.sleep(0.05)
+                        continue
+                    acks.add(event["id"], sent_at)
+                    break
+                if stop.is_set():
+                    return
+
+    asyncio.run(go())
+
+
+def test_a_master_killed_under_load_loses_no_acknowledged_event(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    settings, env = setup(tmp_path, sandbox, cluster, 12, enqueue_durability="replica")
+    # The master to kill: the one holding the shared index, and destinations too.
+    victim = cluster.node_of(settings.keys.active)
+    on_victim = [
+        n for n in names(12) if cluster.node_of(settings.keys.for_destination(n).stream) is victim
+    ]
+    assert on_victim, "no destination on the index's shard"
+    workers = [start_worker(settings, **env) for _ in range(WORKERS)]
+    acks, stop = Acks(), threading.Event()
+    threads = [
+        threading.Thread(target=produce, args=(settings, names(12), acks, stop), daemon=True),
+        threading.Thread(target=produce, args=(settings, on_victim, acks, stop), daemon=True),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(sandbox.state.delivered_ids()) >= 300, 90, "deliveries before")
+        acks.killed_at = time.monotonic()
+        victim.kill()  # kill -9
+        wait_for(lambda: len(cluster.masters()) == 3, 60, "a replica promoted")
+        cluster.wait_ok(60)
+        promoted_s = time.monotonic() - acks.killed_at
+        # Back as the new master's replica (its nodes.conf says who it was): until then
+        # that shard has no replica, and a `replica` enqueue to it cannot be acknowledged.
+        victim.start()
+        cluster.wait_ok(60)
+        wait_for(lambda: len(acks.after) >= 300, 120, "acknowledgements after the kill")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    acked = acks.all()
+    deadline = time.monotonic() + 120
+    while (missing := acked - set(sandbox.state.delivered_ids())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    delivered = sandbox.state.delivered_ids()
+    duplicates = sum(n - 1 for n in delivered.values() if n > 1)
+    outputs = [stop_worker(w) for w in workers]
+    print(
+        f"\ncluster failover (replica durability): cluster ok {promoted_s:.2f} s after kill -9 "
+        f"of the master holding the index and {len(on_victim)} destinations; "
+        f"{len(acks.before)} acked before, {len(acks.after)} after, {len(missing)} lost; "
+        f"{duplicates} duplicates (bound {IN_FLIGHT_BOUND}); {acks.retries} sends retried"
+    )
+    assert not missing, f"{len(missing)} acknowledged events were lost, e.g. {sorted(missing)[:5]}"
+    assert duplicates <= IN_FLIGHT_BOUND, f"{duplicates} duplicates"
+    assert all("Traceback" not in out for out in outputs), outputs
+
+
+# ---------------------------------------------------------------------------------------
+# The operators' commands across shards.
+
+
+def doom(settings: Settings, name: str, count: int) -> list[str]:
+    """Rewrite the first ``count`` queued events of a destination so the API rejects them
+    (an unknown data field); their ids."""
+    keys = settings.keys.for_destination(name)
+    client = settings.sync_redis()
+    doomed = []
+    try:
+        for sid, fields in client.xrange(keys.stream, count=count):
+            event = orjson.loads(fields[b"e"])
+            event["data"]["coupon"] = "DOOMED"
+            client.xadd(keys.stream, {**fields, b"e": orjson.dumps(event)})
+            client.xdel(keys.stream, sid)
+            doomed.append(event["id"])
+    finally:
+        client.close()
+    return doomed
+
+
+def run(settings: Settings, env: dict[str, str], *args: str) -> str:
+    """A ``capi`` command's output (it must exit 0), given the destinations' keys."""
+    done = capi(settings, *args, timeout=120, extra_env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_status_destinations_tail_and_dead_letters_work_across_shards(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    settings, env = setup(tmp_path, sandbox, cluster, 9)
+    assert len(shards_on_enqueue(settings, cluster, 9)) == 3
+    doomed = {name: doom(settings, name, 2) for name in names(9)}
+    worker = start_worker(settings, "--burst", **env)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+
+    status = json.loads(run(settings, env, "status", "--json"))
+    shown = status["destinations"]
+    for name in names(9):
+        assert shown[name]["counters"]["delivered"] == 3, shown[name]
+        assert shown[name]["dead_letters"] == 2
+    assert status["redis"]["role"] == "cluster"
+    assert len(status["redis"]["shards"]) == 3
+
+    async def console_overview() -> dict[str, dict[str, Any]]:
+        client = settings.async_redis()
+        try:
+            return await overview(client, settings.keys, names(9))
+        finally:
+            await client.aclose()
+
+    seen = asyncio.run(console_overview())  # the console's overview: every shard's reads
+    assert {n: (v["counters"]["delivered"], v["dead_letters"]) for n, v in seen.items()} == {
+        n: (3, 2) for n in names(9)
+    }
+
+    listed = [
+        json.loads(line) for line in run(settings, env, "destinations", "--json").splitlines()
+    ]
+    assert sorted(d["name"] for d in listed) == sorted(names(9))
+
+    shown_tail = run(settings, env, "tail", "--json", "-n", "1000")
+    lines = [json.loads(line) for line in shown_tail.splitlines()]
+    assert {line["destination"] for line in lines} == set(names(9))
+    assert {line["status"] for line in lines} >= {"delivered", "dead_lettered"}
+
+    records = [
+        json.loads(r) for r in run(settings, env, "dead-letters", "list", "--json").splitlines()
+    ]
+    assert sorted(r["id"] for r in records) == sorted(i for ids in doomed.values() for i in ids)
+    one = doomed["d4"][0]
+    assert one in run(settings, env, "dead-letters", "show", one)
+    replayed = run(settings, env, "dead-letters", "replay", one, "--json")
+    assert json.loads(replayed)["replayed"] == 1, replayed
+    keys = settings.keys.for_destination("d4")
+    client = settings.sync_redis()
+    try:
+        assert client.xlen(keys.stream) == 1  # back on its stream, on its shard
+        assert b"d4" in client.smembers(settings.keys.active)
+    finally:
+        client.close()
+    # The console's pages read every shard too (a viewer's Bearer token, no session).
+    tokens = new_tokens()
+    url = start_console(settings, tokens, tmp_path / "console.log", **env)
+    bearer = {"Authorization": f"Bearer {tokens.viewer}"}
+    for page in ("/", "/overview.json", "/d/d4", "/d/d4/dead-letters", "/d/d4/tail.json"):
+        answer = httpx_get(url + page, headers=bearer)
+        assert answer.status_code == 200, (page, answer.text[:500])
+    assert doomed["d7"][0] in httpx_get(url + "/d/d7/dead-letters", headers=bearer).text
+    assert "Traceback" not in (tmp_path / "console.log").read_text()
+    run(settings, env, "dead-letters", "purge", "--all", "--yes")
+    assert run(settings, env, "dead-letters", "list", "--json").strip() == ""
+
+    # tail --follow sees outcomes on every shard as they happen.
+    followed: list[dict[str, Any]] = []
+    follower = follow_tail(settings, env, followed)
+    wait_for(lambda: bool(followed), 60, "tail --follow to print its first line")
+    with SyncProducer.from_settings(settings) as producer:
+        for name in names(9):
+            producer.enqueue(events(1, start=50, prefix=f"{name}-")[0], destination=name)
+    worker = start_worker(settings, "--burst", **env)
+    assert worker.wait(120) == 0
+    late = {f"{name}-p-50" for name in names(9)}
+    wait_for(lambda: late <= {f["id"] for f in followed}, 60, "every shard's outcome followed")
+    follower.kill()
+
+    # capi enqueue fans out over shards; capi queue purge empties one destination's queue.
+    lines_in = "\n".join(json.dumps(e) for e in events(4, start=60, prefix="cli-"))
+    done = capi(
+        settings,
+        "enqueue",
+        "--destination",
+        ",".join(names(9)),
+        "--json",
+        input=lines_in,
+        extra_env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["queued"] == 4 * 9, done.stdout  # one copy each
+    run(settings, env, "queue", "purge", "--destination", "d2", "--yes")
+    client = settings.sync_redis()
+    try:
+        assert client.xlen(settings.keys.for_destination("d2").stream) == 0
+        assert client.xlen(settings.keys.for_destination("d3").stream) == 4
+    finally:
+        client.close()
+
+
+def follow_tail(
+    settings: Settings, env: dict[str, str], into: list[dict[str, Any]]
+) -> subprocess.Popen[str]:
+    """``capi tail --follow --json -n 1`` in a process of its own; its lines go ``into``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
+    full.update({f"CAPI_{k.upper()}": str(v) for k, v in plain_settings(settings).items()})
+    full.update({**env, "CAPI_CONFIG_FILE": os.devnull})
+    proc = spawn(
+        [sys.executable, "-m", "workers.cli", "tail", "--follow", "--json", "-n", "1"],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            into.append(json.loads(line))
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
+
+
+def shards_on_enqueue(settings: Settings, cluster: ClusterSet, count: int) -> dict[int, list[str]]:
+    """Enqueue 5 events to each destination; which shard each one's keys went to."""
+    with SyncProducer.from_settings(settings) as producer:
+        for name in names(count):
+            assert producer.enqueue_many(events(5, prefix=f"{name}-"), destination=name).ok
+    return shards_of(cluster, settings, count)
+
+
+def test_the_keys_of_one_destination_share_a_slot() -> None:
+    keys = RedisKeys("capi", "shop", cluster=True)
+    slots = {
+        redis.cluster.key_slot(k.encode())
+        for k in (keys.stream, keys.retry, keys.stats, keys.deadletters, keys.armed, keys.tail)
+    }
+    assert len(slots) == 1
+    assert keys.stream == "capi:d:{shop}:events"
+    assert RedisKeys("capi", "shop").stream == "capi:d:shop:events"  # one Redis: as before
+    assert RedisKeys("capi").stream == "capi:events"
+    shared = {redis.cluster.key_slot(k.encode()) for k in (keys.active, keys.wake, keys.workers)}
+    assert len(shared) == 1
+    assert enqueue_call(keys, 60, [])[0][2:] == [keys.armed, keys.armed]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"redis_sentinels": "127.0.0.1:26379", "redis_sentinel_master": "m"}, "exclude"),
+        ({"redis_url": "unix:///tmp/redis.sock"}, "redis:// or rediss://"),
+        ({"redis_url": "redis://127.0.0.1:7000/3"}, "database 0"),
+        ({"redis_prefix": "capi{x}"}, "must not hold {"),
+    ],
+)
+def test_cluster_settings_that_cannot_work_are_refused(
+    overrides: dict[str, str], says: str
+) -> None:
+    values = {"redis_url": "redis://127.0.0.1:7000/0", "redis_cluster": True, **overrides}
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        Settings.load(os.devnull, **values)
+
+
+def test_arq_refuses_a_cluster_and_names_capi_worker() -> None:
+    settings = Settings.load(os.devnull, redis_url="redis://127.0.0.1:7000", redis_cluster=True)
+    with pytest.raises(ConfigError, match="capi worker"):
+        worker_settings(settings)
+
+
+def test_the_intake_enqueues_to_a_cluster(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """``capi serve`` on a cluster, with ``replica`` durability: each answered event is
+    delivered by a worker."""
+    intake = start_intake(
+        tmp_path,
+        cluster.url,
+        CAPI_REDIS_CLUSTER="true",
+        CAPI_ENQUEUE_DURABILITY="replica",
+        CAPI_PIXEL_ID=DEFAULT_PIXEL,
+        CAPI_API_KEY=DEFAULT_KEY,
+    )
+    sent = events(30, prefix="http-")
+    for event in sent:
+        answer = intake.post([event])
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["status"] == "queued"
+    settings = cluster_settings(sandbox, cluster)
+    worker = start_worker(settings, "--burst")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert {e["id"] for e in sent} <= set(sandbox.state.delivered_ids())
+    log = intake.stop()
+    assert "Traceback" not in log, log

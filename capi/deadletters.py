@@ -265,17 +265,58 @@ async def page(
     return Page(records, unreadable, total, position if position < total else None)
 
 
+async def previous_at(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    at: int,
+    *,
+    limit: int = 50,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    reasons: Sequence[str] = (),
+    chunk: int = 500,
+) -> int:
+    """Where the page before the one at ``at`` starts (``0`` at the latest): walking back
+    from ``at`` through the time index a slice at a time until ``limit`` records with one
+    of ``reasons`` (any, when empty) were passed."""
+    if not reasons:
+        return max(0, at - limit)
+    low = "-inf" if since_ms is None else since_ms
+    high = "+inf" if until_ms is None else until_ms
+    end, seen = max(0, at), 0
+    while end > 0:
+        start = max(0, end - chunk)
+        ids = await client.zrevrangebyscore(
+            keys.deadletter_index, high, low, start=start, num=end - start
+        )
+        raws = await aw(client.hmget(keys.deadletters, ids)) if ids else []
+        for offset in range(len(ids) - 1, -1, -1):
+            raw = raws[offset]
+            parsed = parse(ids[offset], raw) if raw is not None else None
+            if isinstance(parsed, DeadLetter) and parsed.reason.value in reasons:
+                seen += 1
+                if seen == limit:
+                    return start + offset
+        end = start
+    return 0
+
+
 def _glob_escaped(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 async def find_by_id(
-    client: aioredis.Redis, keys: RedisKeys, ref: str, *, limit: int = 100
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    ref: str,
+    *,
+    limit: int = 100,
+    newest: int | None = None,
 ) -> list[DeadLetter | Unreadable]:
     """The dead letters named by ``ref`` (a record key ``name:id`` or an event id), at most
     ``limit``: the record key itself, else the id under each standard event name (one
     HMGET), else, for a custom event's name, a scan of the index's names (never a read of
-    every record)."""
+    every record); with ``newest``, only the names of the newest ``newest`` entries."""
     raw = await aw(client.hget(keys.deadletters, ref))
     if raw:
         return [parse(ref, raw)]
@@ -285,12 +326,16 @@ async def find_by_id(
     if hits:
         return hits[:limit]
     found: list[bytes] = []
-    async for name, _ in client.zscan_iter(
-        keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
-    ):
-        found.append(name)
-        if len(found) >= limit:
-            break
+    if newest is not None:
+        names = await aw(client.zrevrange(keys.deadletter_index, 0, newest - 1))
+        found = [n for n in names if n.endswith(b":" + ref.encode())][:limit]
+    else:
+        async for name, _ in client.zscan_iter(
+            keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
+        ):
+            found.append(name)
+            if len(found) >= limit:
+                break
     if not found:
         return []
     raws = await aw(client.hmget(keys.deadletters, found))

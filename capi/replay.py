@@ -4,7 +4,8 @@ Replay puts each selected event back on the stream with a fresh attempt budget a
 same event id (so the API dedups), and removes its dead letter in the same Lua script:
 a dead letter disappears only once its event is safely queued, a repeated replay finds
 nothing left to send, and an interrupted replay resumes by running it again. Each replay
-leaves audit entries (``{d}:dl:replays``), and so does a purge the console asks for; an
+leaves audit entries (``{d}:dl:replays``), and so do a purge and a key check the console
+asks for; an
 entry names who asked (``by``: a console token's fingerprint) when the console asked.
 """
 
@@ -154,6 +155,27 @@ AUDIT_ENTRIES = 1000  # the audit list keeps this many newest entries per destin
 async def _audit(client: aioredis.Redis, keys: RedisKeys, entry: dict[str, Any]) -> None:
     await aw(client.lpush(keys.replays, orjson.dumps(entry)))
     await aw(client.ltrim(keys.replays, 0, AUDIT_ENTRIES - 1))
+
+
+async def audit_key_check(
+    client: aioredis.Redis,
+    keys: RedisKeys,
+    *,
+    ok: bool,
+    reason: str,
+    by: str,
+    now_ms: int | None = None,
+) -> None:
+    """Write a key check someone asked for (a console token's fingerprint) to the audit: a
+    passing check releases a hold, so who released it is kept with the replays."""
+    entry = {
+        "at_ms": now_ms if now_ms is not None else clock.now_ms(),
+        "action": "key check",
+        "status": "key ok" if ok else "key failing",
+        "reason": reason,
+        "by": by,
+    }
+    await _audit(client, keys, entry)
 
 
 async def audit(client: aioredis.Redis, keys: RedisKeys, limit: int = 50) -> list[dict[str, Any]]:

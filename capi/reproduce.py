@@ -12,6 +12,16 @@ from capi.deadletters import DeadLetter
 from capi.settings import Settings
 
 
+def cli_target(key: str, destination: str = "default") -> str:
+    """The arguments that name one dead letter to ``capi dead-letters show`` (or ``purge``),
+    shell-quoted to be pasted (an event id may hold shell syntax), with ``--destination``
+    for a destination other than the default."""
+    target = shlex.quote(key)
+    if destination != "default":
+        target = f"--destination {shlex.quote(destination)} {target}"
+    return target
+
+
 def key_expression(settings: Settings, key_source: str) -> tuple[str, str | None]:
     """The shell expression a reproducing curl reads the key from, never the key: a
     variable (``$CAPI_API_KEY``, or a destination's ``api_key_env``), or reading a key

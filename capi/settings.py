@@ -251,6 +251,16 @@ class Settings(BaseSettings):
         description="capi console's tokens: role:sha256hex entries (role viewer or "
         "operator), comma-separated; capi console-token makes one.",
     )
+    console_hosts: str | None = Field(
+        None,
+        description="Host names capi console answers to (comma-separated, e.g. "
+        "console.example.com,127.0.0.1); a request for another Host gets 400. Unset, any.",
+    )
+    console_secure_cookies: bool = Field(
+        False,
+        description="Mark capi console's cookies Secure (and name them __Host-...) on every "
+        "answer; set it when the console is reached over HTTPS only.",
+    )
     intake_retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After of capi serve's 503 while Redis is away."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import sys
@@ -96,6 +97,14 @@ def login(client: httpx.Client, token: str) -> httpx.Response:
     """Log in through the form as a browser does (the form's CSRF cookie and field)."""
     form = client.get("/login")
     return client.post("/login", data={"csrf": csrf_field(form.text), "token": token})
+
+
+def confirmation(page: str) -> dict[str, str]:
+    """The fields of a purge's confirmation form (the cutoff and count it showed, the
+    CSRF token), ticked."""
+    fields = re.findall(r'name="(\w+)" value="([^"]*)"', page)
+    assert any(name == "until_ms" for name, _ in fields), page[-1500:]
+    return {name: html.unescape(value) for name, value in fields}
 
 
 def csrf_of(page: str) -> str:

@@ -3,10 +3,12 @@ against a real ``capi console``, Redis, worker and sandbox: an operator finds a 
 held for a missing scope, reads a dead letter's guidance, fixes the key, dry-runs and
 replays it (delivered exactly once, audited with the token's fingerprint); a viewer is
 offered nothing and refused; every page reachable holds no key, token, email or hash.
-The run saves the screenshots docs/console.md and README.md show."""
+The run saves its screenshots in tests/output/screenshots/ (git-ignored); with
+``CAPI_UPDATE_SCREENSHOTS=1`` it also rewrites those docs/console.md and README.md show."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections import deque
 from pathlib import Path
@@ -33,7 +35,19 @@ from tests.console_helpers import (
 from tests.helpers import drain, events, make_settings, start_worker, stop_worker, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "img"
+SHOTS = ROOT / "docs" / "img"  # the committed screenshots the docs show
+RUN_SHOTS = ROOT / "tests" / "output" / "screenshots"  # each run's, git-ignored
+
+
+def screenshot(browser: Any, name: str) -> None:
+    """Save the page as ``name`` in :data:`RUN_SHOTS`, and in :data:`SHOTS` when
+    ``CAPI_UPDATE_SCREENSHOTS=1`` (so that a test run leaves the tree as it was)."""
+    places = [RUN_SHOTS] + ([SHOTS] if os.environ.get("CAPI_UPDATE_SCREENSHOTS") == "1" else [])
+    for place in places:
+        place.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(place / name))
+
+
 HOSTILE_ID = "<script>alert(1)</script>"
 
 
@@ -128,8 +142,7 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
         what="a live update",
         timeout_s=60,
     )
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(SHOTS / "console-overview.png"))
+    screenshot(browser, "console-overview.png")
 
     browser.find_element(By.LINK_TEXT, "3").click()  # the dead letters column
     wait_for(
@@ -146,7 +159,7 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     assert "Create a fresh Conversion Key" in guidance and "lacks the scope" in guidance
     assert "req_sbx_" in text_of(browser, "request-ids")
     assert '"Authorization: Bearer $CAPI_KEY_BRAND_B"' in text_of(browser, "curl")  # not the key
-    browser.save_screenshot(str(SHOTS / "console-dead-letter.png"))
+    screenshot(browser, "console-dead-letter.png")
 
     browser.find_element(By.ID, "dry-run").click()  # the key still lacks the scope
     wait_for(

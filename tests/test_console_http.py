@@ -19,6 +19,7 @@ from capi.settings import Settings
 from tests.console_helpers import (
     HTTP_TIMEOUT_S,
     Tokens,
+    confirmation,
     csrf_field,
     csrf_of,
     httpx_get,
@@ -50,9 +51,11 @@ def console(held: Settings, tokens: Tokens, tmp_path: Path) -> str:
 
 def test_healthz_needs_no_token_and_pages_need_one(console: str) -> None:
     assert httpx_get(console + "/healthz").text == "ok"
-    for path in ("/", "/d/default", "/d/default/dead-letters", "/overview.json"):
+    for path in ("/", "/d/default", "/d/default/dead-letters"):
         answer = httpx_get(console + path)
         assert answer.status_code == 303 and answer.headers["location"] == "/login", path
+    live = httpx_get(console + "/overview.json")  # JSON for the live page, never a redirect
+    assert live.status_code == 401 and live.json() == {"error": "session expired: log in again"}
     wrong = httpx_get(console + "/", headers={"Authorization": "Bearer capi_console_wrong"})
     assert wrong.status_code == 401
 
@@ -123,13 +126,23 @@ def test_secure_cookie_behind_a_trusted_https_proxy_only(
         assert ("secure" in cookie.lower()) == secure, (url, cookie)
 
 
-def test_login_attempts_are_rate_limited_per_client(console: str, tokens: Tokens) -> None:
+def test_failed_logins_are_limited_per_client_and_a_valid_token_gets_through(
+    console: str, tokens: Tokens
+) -> None:
+    wrong = {"Authorization": "Bearer capi_console_not-this-one"}
     with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=console) as client:
-        answers = [login(client, "capi_console_not-this-one").status_code for _ in range(5)]
-        assert answers == [401] * 5
-        limited = login(client, tokens.operator)  # even the right token, for now
+        answers = [login(client, tokens.viewer).status_code for _ in range(6)]
+        assert answers == [303] * 6  # successes do not count
+        answers = [login(client, "capi_console_not-this-one").status_code for _ in range(4)]
+        assert answers == [401] * 4
+        assert client.get("/", headers=wrong).status_code == 401  # a Bearer failure: the 5th
+        limited = login(client, "capi_console_not-this-one")
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         assert "capi_console=" not in str(limited.headers.get_list("set-cookie"))
+        assert client.get("/", headers=wrong).status_code == 429
+        assert login(client, tokens.operator).status_code == 303  # a valid token gets through
+        right = {"Authorization": f"Bearer {tokens.viewer}"}
+        assert client.get("/", headers=right).status_code == 200
 
 
 def test_login_without_the_forms_csrf_token_is_refused(console: str, tokens: Tokens) -> None:
@@ -153,8 +166,8 @@ def test_a_post_needs_the_csrf_token_and_the_operator_role(
         assert operator.post("/d/default/purge", data={**form, "csrf": "x"}).status_code == 403
         stored = redis.Redis.from_url(redis_url)
         assert stored.hlen(held.keys.deadletters) == 2  # nothing purged so far
-        csrf = csrf_of(operator.get("/").text)
-        done = operator.post("/d/default/purge", data={**form, "csrf": csrf})
+        shown = confirmation(operator.get("/d/default/purge?key=order_created:p-0").text)
+        done = operator.post("/d/default/purge", data=shown)
         assert done.status_code == 200 and "purged 1" in done.text
         assert stored.hlen(held.keys.deadletters) == 1
         stored.close()
@@ -176,8 +189,8 @@ def test_bearer_tokens_read_every_page_and_post_with_the_csrf_token(
     )
     assert refused.status_code == 403
     assert httpx_post(console + "/d/default/purge", headers=operator, data=form).status_code == 403
-    csrf = csrf_of(httpx_get(console + "/", headers=operator).text)
-    done = httpx_post(console + "/d/default/purge", headers=operator, data={**form, "csrf": csrf})
+    page = httpx_get(console + "/d/default/purge?reason=missing_scope", headers=operator).text
+    done = httpx_post(console + "/d/default/purge", headers=operator, data=confirmation(page))
     assert done.status_code == 200 and "purged 2" in done.text
     assert redis.Redis.from_url(redis_url).hlen(held.keys.deadletters) == 0
 

@@ -7,6 +7,7 @@ uvicorn, Starlette and :mod:`capi.console` are imported inside the command, so `
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,6 +18,32 @@ from capi.cli.intake_commands import (
     proxy_options,
 )
 from capi.errors import ConfigError
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+# The console's connection limits, enforced by the intake's connection guard: headers
+# within 10 s, an idle connection closed after 15 s, at most 64 connections (a flood from
+# one address sheds its own connections first).
+LIMITS = {
+    "max_header_bytes": 32_768,
+    "header_timeout_s": 10.0,
+    "idle_timeout_s": 15.0,
+    "max_connections": 64,
+}
+
+
+class Limited:
+    """An ASGI app with the connection limits the guard reads from it (``limits``)."""
+
+    def __init__(self, app: ASGIApp, limits: Any) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer as the app does."""
+        await self.app(scope, receive, send)
 
 
 @click.command("console")
@@ -46,6 +73,7 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
     import uvicorn
 
     from capi.console.app import Console
+    from capi.intake.guard import Limits
 
     settings = settings_from(ctx)
     if not settings.console_tokens_sha256:
@@ -60,8 +88,14 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
         out.print(f"capi console on {where}", markup=False)
         sys.stdout.flush()
 
+    limits = Limits(**LIMITS)  # type: ignore[arg-type]
     config = uvicorn.Config(
-        Console(settings, ready).app,
+        Limited(Console(settings, ready).app, limits),
+        # The guard caps connections (and so requests at once: one each), shedding a flood's
+        # own first; uvicorn's limit_concurrency is left unset, as it counts connections too
+        # and would answer 503 to the very request the guard made room for.
+        http="capi.intake.guard:GuardedProtocol",
+        timeout_keep_alive=round(limits.idle_timeout_s),
         log_config=None,
         access_log=False,
         lifespan="on",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +16,7 @@ from capi.cli.common import err, redis_client
 from capi.deadletters import DeadLetter, Unreadable
 from capi.failures import Reason
 from capi.replay import Selection
+from capi.reproduce import cli_target
 from capi.safetext import shown
 from capi.settings import Settings
 
@@ -178,10 +178,7 @@ async def select_records(settings: Settings, selection: Selection) -> list[DeadL
 def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
     """Tell the operator which stored records were skipped, and how to look at them."""
     for u in unreadable:
-        # The key comes from the event's id, which may hold shell syntax: quoted to be pasted.
-        target = shlex.quote(u.key)
-        if u.destination != "default":
-            target = f"--destination {shlex.quote(u.destination)} {target}"
+        target = cli_target(u.key, u.destination)
         err.print(
             f"warning: skipped dead letter {shown(u.key)}: it cannot be read ({u.why}); "
             f"`capi dead-letters show {shown(target)}` prints it as stored, "

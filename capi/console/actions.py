@@ -2,7 +2,7 @@
 it changes: a dry run (:func:`capi.replay.dry_run`, nothing written), a replay with
 progress (:func:`capi.replay.replay`), a purge (:func:`capi.replay.purge`), a key check
 (:class:`capi.worker.keyguard.KeyGuard`, the owner of the key state). Replays and purges
-are written to the audit with the token's fingerprint.
+and key checks are written to the audit with the token's fingerprint.
 
 A replay must follow a dry run: the dry run's verdicts are kept here (for
 :data:`DRY_RUN_TTL_S`), and the replay puts back only the events it found acceptable.
@@ -28,6 +28,7 @@ from capi.worker.keyguard import KeyGuard
 
 DRY_RUN_TTL_S = 900
 SHOWN_VERDICTS = 500  # a dry run page lists this many verdicts; the counts cover all
+KEPT_JOBS = 100  # finished replays whose progress page stays readable (the newest)
 
 
 @dataclass
@@ -76,9 +77,11 @@ class Job:
         }
 
 
-def selection_of(keys: list[str], reason: str) -> Selection:
-    """The records an operator chose: some keys (or ids), or every one with a reason."""
-    return Selection(ids=keys) if keys else Selection(reasons=[reason] if reason else [])
+def selection_of(keys: list[str], reason: str, until_ms: int | None = None) -> Selection:
+    """The records an operator chose: some keys (or ids), or every one with a reason;
+    with ``until_ms``, only those dead-lettered by then."""
+    reasons = [] if keys or not reason else [reason]
+    return Selection(ids=keys, reasons=reasons, until_ms=until_ms)
 
 
 class Actions:
@@ -118,14 +121,20 @@ class Actions:
         return run
 
     def _forget_old(self) -> None:
+        """Forget expired dry runs, and finished replays beyond the newest
+        :data:`KEPT_JOBS` (a running one is always kept)."""
         old = time.monotonic() - DRY_RUN_TTL_S
         for key in [k for k, v in self.dry_runs.items() if v.at < old]:
             del self.dry_runs[key]
+        finished = [k for k, v in self.jobs.items() if v.state != "running"]  # oldest first
+        for key in finished[: max(0, len(finished) - KEPT_JOBS)]:
+            del self.jobs[key]
 
     def start_replay(self, run: DryRun, by: str) -> Job:
         """Replay the events a dry run found acceptable, in the background; the job
         reports progress. The dry run is used up."""
         self.dry_runs.pop(run.id, None)
+        self._forget_old()
         job = Job(secrets.token_urlsafe(12), run.destination, run.accepted, by)
         self.jobs[job.id] = job
         task = asyncio.create_task(self._replay(job, run))
@@ -153,15 +162,18 @@ class Actions:
         except Exception as exc:  # whatever stopped it, the job's page must say so
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
 
-    async def purge(self, name: str, selection: Selection, by: str) -> int:
-        """Delete the selected dead letters for good; written to the audit."""
-        records = await self.select(name, selection)
+    async def purge(
+        self, name: str, records: list[DeadLetter], selection: Selection, by: str
+    ) -> int:
+        """Delete these dead letters (``selection`` chose them) for good; written to the
+        audit."""
         keys = self.settings.keys.for_destination(name)
         return await replay.purge(self.redis, keys, records, actor=by, selection=selection)
 
-    async def check_key(self, dest: Destination) -> dict[str, Any]:
+    async def check_key(self, dest: Destination, by: str) -> dict[str, Any]:
         """Check a destination's key now (validate_only probes). A key that passes is
-        recorded as ok, which releases a hold; a failing one is shown, not recorded."""
+        recorded as ok, which releases a hold; a failing one is shown, not recorded. Either
+        way the check is written to the audit, with who asked."""
         timeout_s = min(self.settings.request_timeout_s, 15.0)
         keys = self.settings.keys.for_destination(dest.name)
         async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
@@ -173,6 +185,13 @@ class Actions:
                 confirmations=self.settings.probe_confirmations,
             )
             result = await guard.check()
+        await replay.audit_key_check(
+            self.redis,
+            keys,
+            ok=result.ok,
+            reason=result.error.reason.value if result.error else "",
+            by=by,
+        )
         return {
             "ok": result.ok,
             "fingerprint": result.key_fingerprint,

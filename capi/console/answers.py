@@ -1,9 +1,11 @@
 """What every console answer carries, and the small pieces the routes share: the security
-headers, JSON that never reads as markup, a refusal with its status, the form reader and
-the time filter."""
+headers, JSON that never reads as markup, a refusal with its status, the form reader, the
+strict readers of numeric parameters and the time filter."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -60,12 +62,38 @@ class SafeJSON(JSONResponse):
 
 
 class Refused(Exception):
-    """Raised when a request may not go on; answered with its status and message."""
+    """Raised when a request may not go on; answered with its status, message and any
+    extra headers (a 429's Retry-After)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
+
+
+_WHOLE = re.compile(r"[0-9]{1,15}")  # ASCII digits only: int() also takes '²' and '٣'
+_RING_ID = re.compile(r"[0-9]{1,15}-[0-9]{1,10}")
+
+
+def whole_number(params: Mapping[str, str], name: str, default: int = 0) -> int:
+    """The parameter ``name`` as a whole number (at most 15 digits), ``default`` when it is
+    absent or empty; Refused 400 naming the parameter otherwise."""
+    text = params.get(name, "")
+    if not text:
+        return default
+    if not _WHOLE.fullmatch(text):
+        raise Refused(400, f"{name} must be a whole number (at most 15 digits)")
+    return int(text)
+
+
+def ring_id(params: Mapping[str, str], name: str) -> str:
+    """The parameter ``name`` as a ring entry id (``1700000000000-0``), ``0-0`` when absent;
+    Refused 400 naming the parameter otherwise."""
+    text = params.get(name, "") or "0-0"
+    if not _RING_ID.fullmatch(text):
+        raise Refused(400, f"{name} must be a ring entry id such as 1700000000000-0")
+    return text
 
 
 def parse_time(text: str) -> int | None:

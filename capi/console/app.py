@@ -17,7 +17,9 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
+from markupsafe import Markup
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -28,13 +30,31 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from capi import clock
 from capi.console import actions, auth, views
-from capi.console.answers import Refused, SafeJSON, SecurityHeaders, parse_time, read_form
+from capi.console.answers import (
+    Refused,
+    SafeJSON,
+    SecurityHeaders,
+    parse_time,
+    read_form,
+    ring_id,
+    whole_number,
+)
 from capi.console.auth import Principal
 from capi.errors import CapiError
+from capi.safetext import shown
 from capi.settings import Settings
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
+SESSION_EXPIRED = "session expired: log in again"
+
+
+def _finalize(value: Any) -> Any:
+    """Every value a template prints, with control and bidi characters made visible
+    escapes (:func:`capi.safetext.shown`, as the command line does); markup the templates
+    themselves built (macros) is left alone."""
+    return value if isinstance(value, Markup) else shown(value, lines=True)
 
 
 class Console:
@@ -52,10 +72,16 @@ class Console:
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("capi.console", "templates"),
             autoescape=True,
+            finalize=_finalize,
         )
         self.templates.filters["q"] = lambda value: quote(str(value), safe="")
+        self.templates.filters["redacted"] = views.redacted
         page, act = self._page, self._action
-        self.app = Starlette(
+        secure = settings.console_secure_cookies
+        self.secure_cookies = secure
+        self.session_cookie = ("__Host-" if secure else "") + auth.SESSION_COOKIE
+        self.login_cookie = ("__Host-" if secure else "") + auth.LOGIN_COOKIE
+        self.starlette = Starlette(
             routes=[
                 Route("/healthz", self.healthz),
                 Route("/login", self.login_form, methods=["GET"]),
@@ -80,7 +106,11 @@ class Console:
             ],
             lifespan=self._lifespan,
         )
-        self.app.add_middleware(SecurityHeaders)
+        hosts = [h.strip() for h in (settings.console_hosts or "").split(",") if h.strip()]
+        # Outside Starlette's own error handling, so that its 500 carries the headers too.
+        self.app = SecurityHeaders(
+            TrustedHostMiddleware(self.starlette, allowed_hosts=hosts) if hosts else self.starlette
+        )
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -92,21 +122,25 @@ class Console:
     # -- who is asking ------------------------------------------------------------------
     async def who(self, request: Request) -> Principal | None:
         """The principal of a request: its Bearer token, else its session; None if neither
-        is valid (Refused 401 for a Bearer token that is not configured)."""
+        is valid (Refused 401 for a Bearer token that is not configured, counted as a failed
+        login: 429 once there were too many)."""
         header = request.headers.get("authorization", "")
         if header:
             scheme, _, token = header.partition(" ")
             found = auth.bearer(token.strip(), self.tokens) if scheme.lower() == "bearer" else None
             if found is None:
+                self.failed_login(request)
                 raise Refused(401, "that token is not a console token configured here")
             return found
-        cookie = request.cookies.get(auth.SESSION_COOKIE)
+        cookie = request.cookies.get(self.session_cookie)
         return await self.sessions.read(cookie, self.tokens) if cookie else None
 
     def _page(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 principal = await self.who(request)
+                if principal is None and request.url.path.endswith(".json"):
+                    raise Refused(401, SESSION_EXPIRED)  # the live page says so
                 if principal is None:
                     return RedirectResponse("/login", status_code=303)
                 return await handler(request, principal)
@@ -139,11 +173,11 @@ class Console:
     def refusal(self, request: Request, exc: Refused) -> Response:
         """A refusal as a short page (or JSON for a .json path)."""
         if request.url.path.endswith(".json"):
-            return SafeJSON({"error": exc.message}, status_code=exc.status)
+            return SafeJSON({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         html = self.templates.get_template("error.html").render(
             status=exc.status, message=exc.message, user=None
         )
-        return HTMLResponse(html, status_code=exc.status)
+        return HTMLResponse(html, status_code=exc.status, headers=exc.headers)
 
     def render(
         self, template: str, principal: Principal | None, code: int = 200, **context: Any
@@ -175,32 +209,48 @@ class Console:
         """The login form, with a fresh CSRF token in a cookie and in the form."""
         token = secrets.token_urlsafe(24)
         response = self.render("login.html", None, status, csrf=token, message=message)
-        self._cookie(request, response, auth.LOGIN_COOKIE, token, 600)
+        self._cookie(request, response, self.login_cookie, token, 600)
         return response
 
-    async def login(self, request: Request) -> Response:
-        """Turn a token into a session cookie (rate-limited per client address)."""
+    def failed_login(self, request: Request) -> None:
+        """Count a failed login from the request's address; Refused 429 (with Retry-After)
+        once that address, or everyone, failed too often."""
         client = request.client.host if request.client else "?"
-        wait = self.limiter.allow(client)
+        wait = self.limiter.wait(client)
         if wait:
-            response = await self.login_form(request, "too many attempts; wait a minute", 429)
-            response.headers["retry-after"] = str(int(wait) + 1)
-            return response
+            raise Refused(
+                429, "too many failed attempts; wait a minute", {"retry-after": str(int(wait) + 1)}
+            )
+        self.limiter.failed(client)
+
+    async def login(self, request: Request) -> Response:
+        """Turn a token into a session cookie (failures limited per client address; a
+        configured token always gets through)."""
         try:
             form = await read_form(request)
         except Refused as exc:
             return self.refusal(request, exc)
-        if not auth.same(form.get("csrf", ""), request.cookies.get(auth.LOGIN_COOKIE, "")):
+        if not auth.same(form.get("csrf", ""), request.cookies.get(self.login_cookie, "")):
             return await self.login_form(request, "the form expired; try again", 403)
         digest = auth.digest(form.get("token", "").strip())
         role = self.tokens.get(digest)
         if role is None:
+            try:
+                self.failed_login(request)
+            except Refused as exc:
+                response = await self.login_form(request, exc.message, exc.status)
+                response.headers.update(exc.headers)
+                return response
             return await self.login_form(request, "that token is not valid here", 401)
         cookie = await self.sessions.start(role, digest)
         response = RedirectResponse("/", status_code=303)
-        self._cookie(request, response, auth.SESSION_COOKIE, cookie, self.sessions.ttl_s)
-        response.delete_cookie(auth.LOGIN_COOKIE, path="/")
+        self._cookie(request, response, self.session_cookie, cookie, self.sessions.ttl_s)
+        self._forget_cookie(response, self.login_cookie)
         return response
+
+    def _forget_cookie(self, response: Response, name: str) -> None:
+        secure = self.secure_cookies  # a __Host- cookie is only replaced by a Secure one
+        response.delete_cookie(name, path="/", secure=secure, httponly=True, samesite="strict")
 
     def _cookie(
         self, request: Request, response: Response, name: str, value: str, max_age: int
@@ -212,16 +262,16 @@ class Console:
             path="/",
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=self.secure_cookies or request.url.scheme == "https",
         )
 
     async def logout(self, request: Request, principal: Principal) -> Response:
         """End the session."""
-        cookie = request.cookies.get(auth.SESSION_COOKIE)
+        cookie = request.cookies.get(self.session_cookie)
         if cookie:
             await self.sessions.end(cookie)
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(auth.SESSION_COOKIE, path="/")
+        self._forget_cookie(response, self.session_cookie)
         return response
 
     # -- pages ----------------------------------------------------------------------------
@@ -241,9 +291,7 @@ class Console:
     async def tail_json(self, request: Request, principal: Principal) -> Response:
         """Outcomes newer than ``?after=``, for the live page."""
         name = await self.named(request)
-        after = request.query_params.get("after", "0-0")
-        if not all(part.isdigit() for part in after.split("-", 1)):
-            raise Refused(400, "after must be a ring entry id such as 1700000000000-0")
+        after = ring_id(request.query_params, "after")
         return SafeJSON(await self.reader.tail_after(name, after))
 
     async def any_dead_letters(self, request: Request, principal: Principal) -> Response:
@@ -252,7 +300,7 @@ class Console:
         if not await self.reader.known(name):
             raise Refused(404, "no such destination")
         rest = [(k, v) for k, v in request.query_params.multi_items() if k != "destination"]
-        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in rest if v)
+        query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in rest if v)
         target = f"/d/{quote(name, safe='')}/dead-letters" + (f"?{query}" if query else "")
         return RedirectResponse(target, status_code=303)
 
@@ -261,7 +309,7 @@ class Console:
         name = await self.named(request)
         q = request.query_params
         reason = q.get("reason", "")
-        at = int(q["at"]) if q.get("at", "").isdigit() else 0
+        at = whole_number(q, "at")
         found = await self.reader.dead_letters(
             name,
             at=at,
@@ -280,7 +328,6 @@ class Console:
             reasons=views.REASONS,
             filters=filters,
             query="&".join(f"{k}={quote(v, safe='')}" for k, v in filters.items() if v),
-            page_size=views.PAGE_SIZE,
             **found,
         )
 
@@ -289,7 +336,11 @@ class Console:
         name = await self.named(request)
         found = await self.reader.dead_letter(name, request.query_params.get("key", ""))
         if found is None:
-            raise Refused(404, "no such dead letter (replayed or purged?)")
+            raise Refused(
+                404,
+                f"no such dead letter among the newest {views.SEARCH_NEWEST} (replayed or "
+                "purged?); capi dead-letters show on the worker host searches them all",
+            )
         return self.render("dead_letter.html", principal, name=name, **found)
 
     async def audit(self, request: Request, principal: Principal) -> Response:
@@ -318,12 +369,19 @@ class Console:
         if not principal.operator:
             raise Refused(403, "this needs an operator token; yours is a viewer's")
         key, reason = request.query_params.get("key", ""), request.query_params.get("reason", "")
-        selection = actions.selection_of([key] if key else [], reason)
         if not (key or reason):
             raise Refused(400, "say what to purge: one dead letter, or a reason")
+        until_ms = clock.now_ms()  # the purge deletes no dead letter newer than this page
+        selection = actions.selection_of([key] if key else [], reason, until_ms)
         records = await self.actions.select(name, selection)
         return self.render(
-            "purge.html", principal, name=name, key=key, reason=reason, count=len(records)
+            "purge.html",
+            principal,
+            name=name,
+            key=key,
+            reason=reason,
+            count=len(records),
+            until_ms=until_ms,
         )
 
     # -- actions (POST, operator, CSRF) ---------------------------------------------------
@@ -340,11 +398,21 @@ class Console:
         """Delete the chosen dead letters, once confirmed; audited."""
         name = await self.named(request)
         keys, reason = self._chosen(request)
-        if request.state.form.get("confirm") != "yes":
+        form: dict[str, str] = request.state.form
+        if form.get("confirm") != "yes":
             raise Refused(400, "tick the confirmation to purge")
-        removed = await self.actions.purge(
-            name, actions.selection_of(keys, reason), principal.fingerprint
-        )
+        until_ms, count = whole_number(form, "until_ms", -1), whole_number(form, "count", -1)
+        if until_ms < 0 or count < 0:
+            raise Refused(400, "confirm the purge on its page first (until_ms and count)")
+        selection = actions.selection_of(keys, reason, until_ms)
+        records = await self.actions.select(name, selection)
+        if len(records) != count:
+            raise Refused(
+                409,
+                f"the selection changed since the confirmation ({count} then, {len(records)} "
+                "now): nothing was purged; look again",
+            )
+        removed = await self.actions.purge(name, records, selection, principal.fingerprint)
         return self.render("done.html", principal, name=name, message=f"purged {removed}")
 
     async def dry_run(self, request: Request, principal: Principal) -> Response:
@@ -377,6 +445,6 @@ class Console:
         """Check the destination's key now."""
         name = await self.named(request)
         started = time.monotonic()
-        result = await self.actions.check_key(self.configured(name))
+        result = await self.actions.check_key(self.configured(name), principal.fingerprint)
         took = round(time.monotonic() - started, 1)
         return self.render("key_check.html", principal, name=name, took_s=took, **result)

@@ -1,4 +1,4 @@
-"""Who may use the console: tokens, sessions, CSRF tokens and the login rate limit.
+"""Who may use the console: tokens, sessions, CSRF tokens and the limit on failed logins.
 
 A console token is configured only as its SHA-256 with a role (``CAPI_CONSOLE_TOKENS_SHA256``
 holds ``role:sha256hex`` entries): ``viewer`` reads, ``operator`` may also replay, purge and
@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,31 +129,54 @@ class Sessions:
 
 
 class LoginLimiter:
-    """At most ``attempts`` logins per client address within ``window_s`` (a sliding
-    window, kept in this process: the console is one process)."""
+    """Failed logins (the form's or a Bearer token's) within ``window_s``: at most
+    ``attempts`` per client address and ``total`` across all of them, kept in this process
+    (the console is one process). Only failures count, and a configured token is checked
+    before the limit, so the limit never locks out a valid token (console tokens hold 256
+    random bits: guessing one is hopeless, the limit only spares the work and the logs).
+    At most ``clients`` addresses are remembered; the one seen least recently is forgotten
+    first, in constant time."""
 
     def __init__(
         self,
         attempts: int = 5,
         window_s: float = 60.0,
+        total: int = 100,
+        clients: int = 10_000,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.attempts = attempts
         self.window_s = window_s
+        self.total = total
+        self.clients = clients
         self._monotonic = monotonic
-        self._seen: dict[str, deque[float]] = {}
+        self._seen: OrderedDict[str, deque[float]] = OrderedDict()
+        self._all: deque[float] = deque()
 
-    def allow(self, client: str) -> float:
-        """0 when this attempt may go ahead (it is counted); otherwise the seconds until
-        one may."""
+    def _recent(self, times: deque[float], now: float) -> deque[float]:
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def wait(self, client: str) -> float:
+        """0 when a failure from ``client`` may be answered now; otherwise the seconds until
+        one may (its own failures, or everyone's, reached the limit)."""
         now = self._monotonic()
-        seen = self._seen.setdefault(client, deque())
-        while seen and seen[0] <= now - self.window_s:
-            seen.popleft()
-        if len(seen) >= self.attempts:
-            return max(1.0, seen[0] + self.window_s - now)
-        seen.append(now)
-        if len(self._seen) > 10_000:  # forget quiet addresses rather than grow for ever
-            for name in [n for n, q in self._seen.items() if not q or q[-1] <= now - 60]:
-                del self._seen[name]
-        return 0.0
+        waits = []
+        everyone = self._recent(self._all, now)
+        if len(everyone) >= self.total:
+            waits.append(everyone[0] + self.window_s - now)
+        own = self._seen.get(client)
+        if own is not None and len(self._recent(own, now)) >= self.attempts:
+            waits.append(own[0] + self.window_s - now)
+        return max(1.0, *waits) if waits else 0.0
+
+    def failed(self, client: str) -> None:
+        """Count a failed attempt from ``client``."""
+        now = self._monotonic()
+        self._all.append(now)
+        own = self._seen.pop(client, None)
+        self._seen[client] = self._recent(own if own is not None else deque(), now)
+        self._seen[client].append(now)
+        if len(self._seen) > self.clients:
+            self._seen.popitem(last=False)

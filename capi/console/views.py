@@ -2,11 +2,15 @@
 
 Nothing here writes to Redis. Events are masked before a template sees them: every
 ``*_sha256`` value and every other identifier (the ``user`` fields, ``oppref``) is
-replaced by a placeholder, so no page ever holds a raw identifier or its hash.
+replaced by a placeholder, as are the values of a custom event's own ``data`` fields;
+text from outside (the API's messages, request ids) has what looks like an email address,
+a phone number or a SHA-256 replaced (:func:`redacted`). No page should ever hold a raw
+identifier or its hash.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,20 +25,54 @@ from capi import deadletters, destinations, replay, status, tail
 from capi.deadletters import DeadLetter, Unreadable
 from capi.destinations import Destination
 from capi.failures import Reason
-from capi.reproduce import curl_for, key_expression
+from capi.reproduce import cli_target, curl_for, key_expression
+from capi.schema import CustomData
 from capi.settings import Settings
 
 HIDDEN_HASH = "sha256:…(64 hex, hidden)"
 HIDDEN = "(hidden)"
+HIDDEN_PHONE = "(phone hidden)"
 PAGE_SIZE = 50
 TAIL_LINES = 50
 REASONS = tuple(r.value for r in Reason)
 SCAN_EVERY_S = 30.0  # how often the overview looks for removed destinations
 
 
+SEARCH_NEWEST = 10_000  # a search by id looks through this many newest dead letters
+CUSTOM_DATA_SHOWN = frozenset(CustomData.model_fields)  # the rest may be anything
+_IDENTIFIERS = [
+    (re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)+"), "(email hidden)"),
+    (re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])"), HIDDEN_HASH),
+    # a phone: +digits (E.164, separators allowed), or groups such as (415) 555-0100; a bare
+    # run of digits stays (timestamps and counts in error messages read as such), as do dates
+    (re.compile(r"\+[0-9](?:[ ().-]?[0-9]){6,14}(?![0-9])"), HIDDEN_PHONE),
+    (re.compile(r"(?<![\w.+-])\(?[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}(?![\w-])"), HIDDEN_PHONE),
+]
+
+
+def redacted(text: object) -> str:
+    """Text from outside (an API's error message, a request id) with what looks like an
+    email address, a phone number or a SHA-256 replaced by a placeholder."""
+    out = str(text)
+    for pattern, placeholder in _IDENTIFIERS:
+        out = pattern.sub(placeholder, out)
+    return out
+
+
+def shown_line(line: tail.Line) -> dict[str, Any]:
+    """A recent outcome as the pages show it: its request id (from outside) redacted."""
+    row = line.json()
+    if "request_id" in row:
+        row["request_id"] = redacted(row["request_id"])
+    return row
+
+
 def masked(value: Any, name: str = "") -> Any:
     """An event (or part of one) with every identifier and hash replaced by a placeholder:
-    ``*_sha256`` values, everything under ``user`` and ``oppref``."""
+    ``*_sha256`` values, everything under ``user`` and ``oppref``, and the values of a
+    custom event's extra ``data`` fields (only their names are shown)."""
+    if name == "data" and isinstance(value, dict) and value.get("type") == "custom":
+        return {k: masked(v, k) if k in CUSTOM_DATA_SHOWN else HIDDEN for k, v in value.items()}
     if name.endswith("_sha256"):
         return [HIDDEN_HASH for _ in value] if isinstance(value, list) else HIDDEN_HASH
     if name == "user" and isinstance(value, dict):
@@ -125,6 +163,7 @@ class Reader:
         for name, row in [*rows.items(), *removed.items()]:
             delivered = row["counters"].get("delivered", 0)
             key = row["key"]
+            held = key.get("state") == "held"
             out.append(
                 {
                     "name": name,
@@ -132,7 +171,7 @@ class Reader:
                     "pixel_id": configured[name].pixel_id if name in configured else "",
                     "key_state": key.get("state", "unknown"),
                     "key_reason": key.get("reason") or key.get("confirming_reason") or "",
-                    "diagnosis": key.get("guidance", "") if key.get("state") == "held" else "",
+                    "diagnosis": redacted(key.get("guidance", "") if held else ""),
                     "queued": row["queued"],
                     "in_flight": row["in_flight"],
                     "oldest_age_s": row["oldest_queued_age_s"],
@@ -141,7 +180,7 @@ class Reader:
                     "retries": row["retry_batches_scheduled"],
                     "dead_letters": row["dead_letters"],
                     "endpoint": row["endpoint"]["state"],
-                    "endpoint_error": row["endpoint"]["last_error"] or "",
+                    "endpoint_error": redacted(row["endpoint"]["last_error"] or ""),
                     "workers": workers.get(name, 0),
                 }
             )
@@ -159,7 +198,7 @@ class Reader:
             "pixel_id": dest.pixel_id if dest else "",
             "key_fingerprint": dest.key_fingerprint if dest and dest.api_key else "",
             "status": found,
-            "tail": [line.json() for line in reversed(lines)],
+            "tail": [shown_line(line) for line in reversed(lines)],
             "after": newest.get(keys.tail, "0-0"),
         }
 
@@ -169,7 +208,7 @@ class Reader:
         rows = await self.redis.xrange(keys.tail, f"({after}" if after != "0-0" else "-", "+")
         lines = [line for sid, fields in rows for line in tail.lines(name, sid, fields)]
         last = rows[-1][0].decode() if rows else after
-        return {"after": last, "lines": [line.json() for line in lines]}
+        return {"after": last, "lines": [shown_line(line) for line in lines]}
 
     async def dead_letters(
         self,
@@ -183,16 +222,29 @@ class Reader:
     ) -> dict[str, Any]:
         """A page of a destination's dead letters (or those whose id is ``search``)."""
         keys = self.keys.for_destination(name)
+        searched = 0  # when a search looked through only the newest this many
+        previous = 0
         if search:
-            found = await deadletters.find_by_id(self.redis, keys, search)
+            found = await deadletters.find_by_id(self.redis, keys, search, newest=SEARCH_NEWEST)
             records = [r for r in found if isinstance(r, DeadLetter)]
             unreadable = [r for r in found if isinstance(r, Unreadable)]
             total, next_at = len(records), None
+            if not found and await self.redis.zcard(keys.deadletter_index) > SEARCH_NEWEST:
+                searched = SEARCH_NEWEST
         else:
             page = await deadletters.page(
                 self.redis,
                 keys,
                 at=at,
+                limit=PAGE_SIZE,
+                since_ms=since_ms,
+                until_ms=until_ms,
+                reasons=reasons,
+            )
+            previous = await deadletters.previous_at(
+                self.redis,
+                keys,
+                at,
                 limit=PAGE_SIZE,
                 since_ms=since_ms,
                 until_ms=until_ms,
@@ -221,17 +273,20 @@ class Reader:
             "unreadable": [u.key for u in unreadable],
             "total": total,
             "next_at": next_at,
+            "previous_at": previous if not search and at > 0 else None,
+            "searched_newest": searched,
         }
 
     async def dead_letter(self, name: str, key: str) -> dict[str, Any] | None:
         """Everything about one dead letter, identifiers masked; None when there is none."""
         keys = self.keys.for_destination(name)
-        found = await deadletters.find_by_id(self.redis, keys, key, limit=1)
+        found = await deadletters.find_by_id(self.redis, keys, key, limit=1, newest=SEARCH_NEWEST)
         if not found:
             return None
         record = found[0]
+        command = cli_target(record.key, name)
         if isinstance(record, Unreadable):
-            return {"unreadable": True, "key": record.key, "why": record.why}
+            return {"unreadable": True, "key": record.key, "why": record.why, "command": command}
         shown = masked(record.event)
         dest = self.configured().get(name)
         expression, env_file = key_expression(self.settings, dest.key_source if dest else "")
@@ -244,6 +299,12 @@ class Reader:
             "event": orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode(),
             "curl": curl_for(stand_in, base_url, expression, env_file),
             "replayable": replay.can_replay(record, now),
+            "command": command,
+            "error_message": redacted(record.error_message or ""),
+            "error_code": redacted(record.error_code or ""),
+            "error_param": redacted(record.error_param or ""),
+            "request_ids": {k: redacted(v) for k, v in sorted(record.request_ids.items())},
+            "guidance": redacted(record.guidance),
         }
 
     async def audit(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -253,11 +314,8 @@ class Reader:
             entry["at"] = datetime.fromtimestamp(entry["at_ms"] / 1000, UTC).isoformat(
                 timespec="seconds"
             )
-            entry["selection_text"] = (
-                " ".join(
-                    f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in entry.get("selection", {}).items()
-                )
-                or "all"
-            )
+            entry["selection_text"] = " ".join(
+                f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in entry.get("selection", {}).items()
+            ) or ("-" if entry.get("action") == "key check" else "all")
         return entries

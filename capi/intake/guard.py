@@ -80,7 +80,8 @@ HEAD, BODY, APP, CLOSING = "head", "body", "app", "closing"
 
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above (the application holds them:
-    ``limits`` of the :class:`~capi.intake.app.Intake` under any middleware)."""
+    ``limits`` of the :class:`~capi.intake.app.Intake`, or of the
+    :class:`~capi.console.app.Console`, under any middleware)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -261,4 +262,4 @@ def _limits_of(app: Any) -> Limits:
         if isinstance(limits, Limits):
             return limits
         app = getattr(app, "app", None)
-    raise TypeError("GuardedProtocol serves capi.intake.app.Intake only")
+    raise TypeError("GuardedProtocol serves an application with limits (Intake, Console)")

@@ -77,7 +77,7 @@ def fill(redis_url: str, dead_letters: int) -> None:
         destination=name(0),
     )
     custom = {"type": "custom", "custom_event_name": "quote_requested", "data": {"type": "custom"}}
-    seed_dead_letters(  # the oldest, with a custom name: found by a scan of the index
+    seed_dead_letters(  # the oldest, custom: the search reads the newest 10,000 names
         settings, ["custom-1"], [Reason.INVALID_EVENT], [now - dead_letters], name(0), custom
     )
 
@@ -152,7 +152,7 @@ def report(url: str, token: str, event_id: str) -> None:
         "dead letters, page at 50,000": f"/d/{name(0)}/dead-letters?at=50000",
         "dead letters, reason filter": f"/d/{name(0)}/dead-letters?reason=invalid_event",
         "dead letters, search by id": f"/d/{name(0)}/dead-letters?id={event_id}",
-        "search by id, custom event (a scan)": f"/d/{name(0)}/dead-letters?id=custom-1",
+        "search by id, custom event (newest 10k)": f"/d/{name(0)}/dead-letters?id=custom-1",
         "one dead letter": f"/d/{name(0)}/dead-letter?key=order_created%3A{event_id}",
     }
     headers = {"Authorization": f"Bearer {token}"}

@@ -4,6 +4,22 @@
 "use strict";
 
 const EVERY_MS = 3000;
+const EXPIRED = "session expired: log in again";
+
+// Control and bidi characters shown as visible escapes, as capi.safetext.shown does for
+// the pages (the same characters: tests/test_console_units.py checks).
+const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060-\u2069\ufeff]/g;
+const NAMED = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+function shown(value) {
+  return String(value).replace(UNSAFE, (c) => {
+    if (NAMED[c]) return NAMED[c];
+    const code = c.charCodeAt(0);
+    return code < 0x100 ? `\\x${code.toString(16).padStart(2, "0")}` : `\\u${code.toString(16).padStart(4, "0")}`;
+  });
+}
+
+class Expired extends Error {}
 
 function age(s) {
   if (s === null || s === undefined) return "-";
@@ -14,6 +30,7 @@ function age(s) {
 
 async function getJSON(url) {
   const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (response.status === 401) throw new Expired(EXPIRED);
   if (!response.ok) throw new Error(`${url}: ${response.status}`);
   return response.json();
 }
@@ -30,6 +47,10 @@ function poll(step) {
       live(`live, updated ${new Date().toLocaleTimeString()}`);
       if (again === false) return;
     } catch (error) {
+      if (error instanceof Expired) {
+        live(EXPIRED);  // polling stops: a new login is a new page
+        return;
+      }
       live(`live updates paused (${error.message}); retrying`);
     }
     setTimeout(run, EVERY_MS);
@@ -51,13 +72,13 @@ function overview(table) {
       for (const cell of row.querySelectorAll("[data-f]")) {
         const value = d[cell.dataset.f];
         if (cell.dataset.kind === "age") cell.textContent = age(value);
-        else cell.textContent = value === null || value === undefined ? "-" : String(value);
+        else cell.textContent = value === null || value === undefined ? "-" : shown(value);
         if (cell.classList.contains("state")) cell.className = `state ${value}`;
       }
       const diagnosis = diagnoses.get(d.name);
       if (diagnosis) {
         diagnosis.hidden = !d.diagnosis;
-        diagnosis.querySelector("[data-f]").textContent = d.diagnosis;
+        diagnosis.querySelector("[data-f]").textContent = shown(d.diagnosis);
       }
     }
   });
@@ -74,7 +95,7 @@ function tail(body) {
         line.request_id || "", line.identifiers.join(", ")];
       for (const text of cells) {
         const cell = document.createElement("td");
-        cell.textContent = text;
+        cell.textContent = shown(text);
         row.appendChild(cell);
       }
       row.children[3].className = `state ${line.status}`;
@@ -96,7 +117,7 @@ function job(box) {
       text += `; replayed ${data.replayed}, already gone ${data.already_gone}, past deadline ${data.expired}`;
     }
     if (data.error) text += `; ${data.error}`;
-    document.getElementById("job-state").textContent = text;
+    document.getElementById("job-state").textContent = shown(text);
     return data.state === "running";
   });
 }

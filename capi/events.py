@@ -129,10 +129,10 @@ def prepare(
 
 def _plain_consent(raw: dict[str, Any]) -> bool:
     """Whether the event's consent, if any, is one of :data:`CONSENT_VALUES`."""
-    consent = raw.get("consent")
-    return (consent is None and "consent" not in raw) or (
-        type(consent) is str and consent in CONSENT_VALUES
-    )
+    if "consent" not in raw:
+        return True
+    consent = raw["consent"]
+    return type(consent) is str and consent in CONSENT_VALUES
 
 
 def _careful(

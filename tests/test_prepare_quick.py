@@ -87,18 +87,35 @@ class Text(str):
 ODD = st.none() | st.integers(-2, 2) | st.floats() | st.builds(Text, st.text(max_size=3))
 
 
+class Faults:
+    """Where an event's values are drawn invalid: nowhere, at one place (the n-th value
+    drawn, so that every field gets its turn), or anywhere, one in eight."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at = at  # None: anywhere
+        self.seen = 0
+
+    def take(self, draw: Any) -> bool:
+        """Whether to break the value drawn now."""
+        self.seen += 1
+        if self.at is None:
+            return bool(draw(st.integers(1, 8)) == 1)
+        return self.seen == self.at
+
+
 class Pool:
-    """A field's values: valid ones, and (in a broken event) invalid or odd ones too."""
+    """A field's values: valid ones, and invalid or odd ones for a fault."""
 
     def __init__(self, valid: list[Any], invalid: tuple[Any, ...] = ()) -> None:
         self.valid = st.sampled_from(valid)
-        self.mixed = st.sampled_from([*valid, *invalid]) | ODD
+        bad = st.sampled_from([*invalid] or valid)
+        self.mixed = st.one_of(bad, bad, bad, ODD)
 
-    def one(self, draw: Any, broken: bool) -> Any:
-        return draw(self.mixed if broken and draw(st.integers(0, 3)) == 0 else self.valid)
+    def one(self, draw: Any, broken: Faults) -> Any:
+        return draw(self.mixed if broken.take(draw) else self.valid)
 
-    def some(self, draw: Any, broken: bool, max_size: int = 5) -> Any:
-        if broken and draw(st.integers(0, 9)) == 0:
+    def some(self, draw: Any, broken: Faults, max_size: int = 5) -> Any:
+        if broken.take(draw):
             return draw(ODD)
         return [self.one(draw, broken) for _ in range(draw(st.integers(0, max_size)))]
 
@@ -143,9 +160,9 @@ SCALARS |= {"android_advertising_id": GAIDS}
 
 
 @st.composite
-def users(draw: Any, broken: bool) -> dict[str, Any]:
+def users(draw: Any, broken: Faults) -> dict[str, Any]:
     names = sorted([*RAW, *LISTS, *SCALARS])
-    if broken:
+    if broken.take(draw):
         names += ["email_sha256", "nickname"]  # a legacy name, an unknown field
     user: dict[str, Any] = {}
     for name in draw(st.lists(st.sampled_from(names), max_size=6, unique=True)):
@@ -174,35 +191,36 @@ TAG_FIELDS = {
 
 
 @st.composite
-def priced(draw: Any, broken: bool, fields: dict[str, Pool], names: list[str]) -> dict[str, Any]:
+def priced(draw: Any, broken: Faults, fields: dict[str, Pool], names: list[str]) -> dict[str, Any]:
     chosen = set(draw(st.lists(st.sampled_from(names), max_size=len(names), unique=True)))
-    if not broken:  # one of amount and value, with a currency (mostly)
+    if not broken.take(draw):  # one of amount and value, with a currency
         chosen.discard(draw(st.sampled_from(["amount", "value"])))
-        if chosen & {"amount", "value"} and draw(st.integers(0, 9)):
+        if chosen & {"amount", "value"} and not broken.take(draw):
             chosen.add("currency")
     return {name: fields[name].one(draw, broken) for name in chosen if name in fields}
 
 
 @st.composite
-def items(draw: Any, broken: bool) -> dict[str, Any]:
+def items(draw: Any, broken: Faults) -> dict[str, Any]:
     item = draw(priced(broken, ITEM_FIELDS, sorted(ITEM_FIELDS)))
     if draw(st.integers(0, 4)) == 0:
-        values = st.text(max_size=3) | ODD if broken else st.text(max_size=3)
+        values = st.text(max_size=3) | ODD if broken.take(draw) else st.text(max_size=3)
         item["variant_dict"] = draw(st.dictionaries(st.text(max_size=3), values, max_size=3))
     return item
 
 
 @st.composite
-def datas(draw: Any, broken: bool, event_type: str) -> dict[str, Any]:
+def datas(draw: Any, broken: Faults, event_type: str) -> dict[str, Any]:
     tag = schema.DATA_TYPE_OF.get(event_type, "contents")
     names = TAG_FIELDS.get(tag, TAG_FIELDS["plan_enrollment"])
-    if broken:
-        tag = draw(st.sampled_from([tag, tag, "contents", "custom", "nope"]))
+    if broken.take(draw):
+        tag = draw(st.sampled_from(["contents", "custom", "nope"]))
+    if broken.take(draw):
         names = TAG_FIELDS["plan_enrollment"]
     data = {"type": tag, **draw(priced(broken, DATA_FIELDS, names))}
     if "contents" in names and draw(st.booleans()):
         contents = [draw(items(broken)) for _ in range(draw(st.integers(0, 3)))]
-        data["contents"] = draw(ODD) if broken and draw(st.integers(0, 9)) == 0 else contents
+        data["contents"] = draw(ODD) if broken.take(draw) else contents
     return data
 
 
@@ -215,9 +233,9 @@ OPTIONAL |= {"opt_out": BOOLS, "consent": CONSENTS}
 
 @st.composite
 def api_events(draw: Any) -> dict[str, Any]:
-    """Events over every field the quick path reads: valid in their structure with values
-    from the fields' pools, or broken anywhere, as often as not."""
-    broken = draw(st.booleans())
+    """Events over every field the quick path reads, with values from the fields' pools:
+    valid, or with one fault (the quick path must see it), or with many."""
+    broken = Faults(draw(st.none() | st.integers(0, 40)))
     event_type = Pool(list(schema.DATA_TYPE_OF), ("purchase",)).one(draw, broken)
     event: dict[str, Any] = {
         "id": EVENT_IDS.one(draw, broken),
@@ -227,13 +245,13 @@ def api_events(draw: Any) -> dict[str, Any]:
     }
     for name in draw(st.lists(st.sampled_from(sorted(OPTIONAL)), max_size=5, unique=True)):
         event[name] = OPTIONAL[name].one(draw, broken)
-    if not broken and event_type in schema.APP_EVENT_TYPES:
+    if event_type in schema.APP_EVENT_TYPES and not broken.take(draw):
         event["action_source"] = "mobile_app"
-    if not broken and event.get("action_source") == "web":
+    if event.get("action_source") == "web" and not broken.take(draw):
         event["source_url"] = URLS.one(draw, broken)
     if draw(st.booleans()):
-        event["user"] = draw(users(broken)) if draw(st.integers(0, 9)) else draw(ODD)
-    if broken and draw(st.integers(0, 4)) == 0:
+        event["user"] = draw(ODD) if broken.take(draw) else draw(users(broken))
+    if broken.take(draw):
         event[draw(st.sampled_from(["custom_event_name", "extra"]))] = draw(json_values)
     if draw(st.integers(0, 3)) == 0:  # shuffle the keys: the sent order is the schema's
         keys = draw(st.permutations(sorted(event)))
@@ -271,49 +289,157 @@ def test_the_generated_events_take_the_quick_path_often_enough() -> None:
     assert taken >= 100  # about 160 of the 400
 
 
-@pytest.mark.parametrize(
-    "event",
-    [
-        *events(6),
-        *sample_events(4, "q"),
-        {
-            "id": "all-1",
-            "type": "subscription_created",
-            "timestamp_ms": NOW_MS,
-            "source_url": "https://shop.example/p?oppref=from-url",
-            "action_source": "web",
-            "opt_out": False,
-            "consent": "granted",
-            "user": {
-                "countries": ["us", "US", "de"],
-                "email": ["A@x.io", "a@x.io", "b@x.io", "c@x.io", "d@x.io"],
-                "emails_sha256": [HEX * 4],
-                "ip_address": " 2001:DB8::1 ",
-                "regions": ["CA"],
-                "cities": ["SF"],
-                "postal_codes": ["94103"],
-                "user_agent": "UA/1",
-                "obref": "ob",
-                "android_advertising_id": "38400000-8CF0-11BD-B23E-10B96E40000D",
-                "phone": "+1 415 555 0100",
-                "first_name": "Zoë",
-            },
-            "data": {
-                "type": "plan_enrollment",
-                "plan_id": "gold",
-                "currency": "kwd",
-                "value": "1.5",
-                "contents": [
-                    {"variant_dict": {"size": "M"}, "value": "2", "quantity": 2, "id": "a"},
-                    {"currency": "JPY", "value": "800", "name": "n", "content_type": "c"},
-                ],
-            },
-        },
-    ],
-)
+RICH = {
+    "id": "all-1",
+    "type": "subscription_created",
+    "timestamp_ms": NOW_MS,
+    "source_url": "https://shop.example/p?oppref=from-url",
+    "action_source": "web",
+    "opt_out": False,
+    "consent": "granted",
+    "user": {
+        "countries": ["us", "US", "de"],
+        "email": ["A@x.io", "a@x.io", "b@x.io", "c@x.io", "d@x.io"],
+        "emails_sha256": [HEX * 4],
+        "ip_address": " 2001:DB8::1 ",
+        "regions": ["CA"],
+        "cities": ["SF"],
+        "postal_codes": ["94103"],
+        "user_agent": "UA/1",
+        "obref": "ob",
+        "android_advertising_id": "38400000-8CF0-11BD-B23E-10B96E40000D",
+        "phone": "+1 415 555 0100",
+        "first_name": "Zoë",
+        "last_name": ["Ng"],
+        "external_id": "u-1",
+        "first_names_sha256": [HEX * 4],
+    },
+    "data": {
+        "type": "plan_enrollment",
+        "plan_id": "gold",
+        "currency": "kwd",
+        "value": "1.5",
+        "contents": [
+            {"variant_dict": {"size": "M"}, "value": "2", "quantity": 2, "id": "a"},
+            {"currency": "JPY", "value": "800", "name": "n", "content_type": "c"},
+        ],
+    },
+}
+APP = {
+    "id": "app-1",
+    "type": "app_installed",
+    "timestamp_ms": NOW_MS,
+    "action_source": "mobile_app",
+    "user": {"android_advertising_id": "38400000-8cf0-11bd-b23e-10b96e40000d"},
+    "data": {"type": "customer_action", "amount": 5, "currency": "USD"},
+}
+PRICED = {
+    "id": "p-1",
+    "type": "order_created",
+    "timestamp_ms": NOW_MS,
+    "oppref": "given",
+    "source_url": "https://shop.example/thanks",
+    "user": {"email": "a@x.io"},
+    "data": {
+        "type": "contents",
+        "amount": 1999,
+        "currency": "USD",
+        "contents": [{"amount": 1999, "group_id": "g", "quantity": 0}],
+    },
+}
+ITEMS = {
+    "id": "i-1",
+    "type": "items_added",
+    "timestamp_ms": NOW_MS,
+    "action_source": "offline",
+    "data": {"type": "contents", "contents": [{"amount": 5, "currency": "eur"}]},
+}
+VALID = [*events(6), *sample_events(4, "q"), RICH, APP, PRICED, ITEMS]
+
+
+@pytest.mark.parametrize("event", VALID)
 def test_plain_valid_events_take_the_quick_path_and_decide_the_same(event: Any) -> None:
     assert isinstance(prepare(event, clock=lambda: NOW_S).data, dict)  # the quick path
     assert outcome(event) == careful_outcome(event)
+
+
+ABSENT = object()  # a fault that takes the field out
+ANY = [None, 1, 1.5, True, "x", [], {}, Text("a"), ABSENT]
+FAULTS: dict[str, list[Any]] = {
+    "id": [" ", "", "a\nb", "\x85"],
+    "type": ["purchase", "custom", "order_created", "app_opened", "registration_completed"],
+    "timestamp_ms": [NOW_MS // 1000, NOW_MS - 8 * 86_400_000, NOW_MS + 3_600_000, 2**63],
+    "source_url": ["ftp://x/", "/relative", "https://:443/", "https://x/?oppref="],
+    "action_source": ["app", "web", "mobile_app", "offline"],
+    "oppref": [""],
+    "consent": ["yes", "denied"],
+    "custom_event_name": ["quiz"],
+    "extra": [1],
+    "user.email": ["bad", ["bad"], [], "a" * 64, ["a@x.io", 1]],
+    "user.phone": ["123", ["+1 415 555 0100", "x"]],
+    "user.external_id": ["  ", [""]],
+    "user.first_name": ["a@b.c", "!!"],
+    "user.last_name": [["!!"], "Ng"],
+    "user.emails_sha256": [["abc"], [" " + HEX * 4], ["g" * 64], "0" * 64, [HEX * 4] * 5],
+    "user.first_names_sha256": [[HEX * 4, "bad"]],
+    "user.regions": [[""], ["   "], ["x" * 129], ["ok", 1]],
+    "user.postal_codes": [[""], ["94103!"], ["x" * 33]],
+    "user.cities": [[" "]],
+    "user.countries": [["xx"], [" us"], ["USA"], ["us", "US", "de", "fr", "it"]],
+    "user.ip_address": ["256.1.1.1", "", ["1.2.3.4"]],
+    "user.user_agent": ["  ", ""],
+    "user.obref": [" "],
+    "user.android_advertising_id": ["idfa", ""],
+    "user.email_sha256": [HEX * 4],
+    "user.nickname": ["n"],
+    "data.type": ["contents", "custom", "nope", "plan_enrollment", "customer_action"],
+    "data.amount": [-1, 2**63, 2**64, 7],
+    "data.currency": ["XAU", "EURO", "", "us"],
+    "data.value": ["1.005", "-1", "1e3", "", 12.5, 2**70, "3"],
+    "data.plan_id": [""],
+    "data.contents": [[1], [{}], [{"x": 1}]],
+    "data.contents.0.amount": [-1, 2**63, 5],
+    "data.contents.0.currency": ["XAU", "EURO", "usd"],
+    "data.contents.0.value": ["1.005", "x", 2**64, "4"],
+    "data.contents.0.id": [""],
+    "data.contents.0.quantity": [-1, 2**63],
+    "data.contents.0.variant_dict": [{"a": 1}, {"a": None}, {}],
+}
+
+
+def with_fault(event: dict[str, Any], path: str, value: Any) -> dict[str, Any] | None:
+    """``event`` (copied) with ``value`` at ``path``; None where the path has no parent."""
+    out = copy.deepcopy(event)
+    *parents, last = path.split(".")
+    node: Any = out
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node.get(part)
+        if not isinstance(node, dict | list) or (isinstance(node, list) and not node):
+            return None
+    if isinstance(node, list):
+        return None
+    if value is ABSENT:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return out
+
+
+def faulty_events() -> list[dict[str, Any]]:
+    out = []
+    for base in (RICH, APP, PRICED, ITEMS, *sample_events(2, "f")):
+        for path, values in FAULTS.items():
+            for value in [*values, *ANY]:
+                event = with_fault(base, path, value)
+                if event is not None:
+                    out.append(event)
+    return out
+
+
+def test_one_fault_anywhere_decides_as_the_careful_path() -> None:
+    """Each rule the quick path checks, broken alone, in valid events of each shape."""
+    for event in faulty_events():
+        assert outcome(event) == careful_outcome(event), event
 
 
 def test_the_input_size_bound_leaves_big_events_to_the_careful_path() -> None:

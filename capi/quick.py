@@ -43,6 +43,7 @@ Check = Callable[[Any], Any]
 # node at most 2 bytes for its 1 or more): an event of at most half of it is within bounds.
 _MAX_INPUT_JSON = MAX_EVENT_BYTES // 2
 _SOURCES = frozenset(get_args(schema.ActionSource))
+_DATA_TYPES = schema.STANDARD_TYPES  # a custom event is the careful path's
 _EVENT_KEYS = frozenset(
     {"id", "type", "timestamp_ms", "oppref", "source_url", "action_source", "user"}
     | {"opt_out", "data", "consent"}
@@ -70,15 +71,15 @@ def sent(raw: dict[str, Any], hash_identifiers: bool) -> dict[str, Any] | None:
 def _event(raw: dict[str, Any], hash_identifiers: bool) -> dict[str, Any]:
     if not _EVENT_KEYS.issuperset(raw):
         raise _Unusual
-    event_type = raw.get("type")
-    timestamp_ms = raw.get("timestamp_ms")
-    if type(event_type) is not str or event_type not in schema.STANDARD_TYPES:
+    event_id, event_type, timestamp_ms = raw.get("id"), raw.get("type"), raw.get("timestamp_ms")
+    if type(event_type) is not str or event_type not in _DATA_TYPES:
         raise _Unusual  # a custom event, too: its name and data have rules of their own
+    data_type = _DATA_TYPES[event_type]
     if type(timestamp_ms) is not int or not INT_MIN <= timestamp_ms <= INT_MAX:
         raise _Unusual
-    data_type = schema.STANDARD_TYPES[event_type]
-    out: dict[str, Any] = {"id": _event_id(raw.get("id")), "type": event_type}
-    out["timestamp_ms"] = timestamp_ms
+    if type(event_id) is not str:
+        raise _Unusual
+    out = {"id": schema.event_id(event_id), "type": event_type, "timestamp_ms": timestamp_ms}
     if "oppref" in raw:
         out["oppref"] = _non_empty(raw["oppref"])
     _source(raw, event_type, out)
@@ -90,12 +91,6 @@ def _event(raw: dict[str, Any], hash_identifiers: bool) -> dict[str, Any]:
         out["opt_out"] = raw["opt_out"]
     out["data"] = _data(raw.get("data"), data_type)
     return out
-
-
-def _event_id(value: Any) -> str:
-    if type(value) is not str:
-        raise _Unusual
-    return schema.event_id(value)
 
 
 def _non_empty(value: Any) -> str:
@@ -172,7 +167,10 @@ def _minor(value: Any) -> int:
 def _currency(value: Any) -> str:
     if type(value) is not str:
         raise _Unusual
-    return schema.currency(value)
+    code = value.upper()
+    if code not in schema.currency_codes():  # schema.currency()'s rule, without its words
+        raise _Unusual
+    return code
 
 
 def _item(raw: Any, data_currency: str | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
 
@@ -116,23 +116,38 @@ def prepare(
     ``check_time=False`` leaves the time window to the caller.
     """
     now = None  # the clock is read once, when the time window is checked
-    if type(raw) is dict and _plain_consent(raw):
+    if type(raw) is dict and ("consent" not in raw or _plain_consent(raw)):
         sent = quick.sent(raw, hash_identifiers)
         if sent is not None:
             now = now_ms(clock) if check_time else None
             if now is None or not time_window_problems(sent["timestamp_ms"], now):
                 data_json = orjson.dumps(sent)
                 if len(data_json) <= MAX_EVENT_BYTES:
-                    return PreparedEvent(data_json, sent, (), raw.get("consent"))
+                    return _quick_prepared(data_json, sent, raw.get("consent"))
     return _careful(raw, now, clock, hash_identifiers, check_time, strict_identifiers)
 
 
 def _plain_consent(raw: dict[str, Any]) -> bool:
-    """Whether the event's consent, if any, is one of :data:`CONSENT_VALUES`."""
-    if "consent" not in raw:
-        return True
+    """Whether the event's consent is one of :data:`CONSENT_VALUES`."""
     consent = raw["consent"]
     return type(consent) is str and consent in CONSENT_VALUES
+
+
+# A frozen dataclass's own __init__ sets each field through object.__setattr__, which costs
+# the quick path more than its JSON does; the slots' descriptors set them in half the time.
+_SET_JSON, _SET_DATA, _SET_WARNINGS, _SET_CONSENT = (
+    PreparedEvent.__dict__[f.name].__set__ for f in fields(PreparedEvent)
+)
+
+
+def _quick_prepared(data_json: bytes, sent: dict[str, Any], consent: str | None) -> PreparedEvent:
+    """PreparedEvent(data_json, sent, (), consent), built in half the time."""
+    prepared = object.__new__(PreparedEvent)
+    _SET_JSON(prepared, data_json)
+    _SET_DATA(prepared, sent)
+    _SET_WARNINGS(prepared, ())
+    _SET_CONSENT(prepared, consent)
+    return prepared
 
 
 def _careful(

@@ -20,6 +20,7 @@ output, byte for byte, over generated and mutated events.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 from typing import Any, get_args
 
 import orjson
@@ -44,6 +45,7 @@ Check = Callable[[Any], Any]
 _MAX_INPUT_JSON = MAX_EVENT_BYTES // 2
 _SOURCES = frozenset(get_args(schema.ActionSource))
 _DATA_TYPES = schema.STANDARD_TYPES  # a custom event is the careful path's
+_APP_TYPES = schema.APP_EVENT_TYPES
 _EVENT_KEYS = frozenset(
     {"id", "type", "timestamp_ms", "oppref", "source_url", "action_source", "user"}
     | {"opt_out", "data", "consent"}
@@ -104,7 +106,7 @@ def _source(raw: dict[str, Any], event_type: str, out: dict[str, Any]) -> None:
     action_source = raw.get("action_source")
     if "action_source" in raw and (type(action_source) is not str or action_source not in _SOURCES):
         raise _Unusual  # an explicit null, too: the quick path leaves every null alone
-    if event_type in schema.APP_EVENT_TYPES and action_source != "mobile_app":
+    if event_type in _APP_TYPES and action_source != "mobile_app":
         raise _Unusual
     if "source_url" in raw:
         url = raw["source_url"]
@@ -128,7 +130,8 @@ def _data(raw: Any, data_type: str) -> dict[str, Any]:
     if not _DATA_KEYS[data_type].issuperset(raw):
         raise _Unusual
     out = _priced(raw, raw.get("currency"))
-    if "amount" in out and "currency" not in out:
+    currency = out.get("currency")
+    if currency is None and "amount" in out:
         raise _Unusual
     out["type"] = data_type
     if "plan_id" in raw:
@@ -137,31 +140,28 @@ def _data(raw: Any, data_type: str) -> dict[str, Any]:
         items = raw["contents"]
         if type(items) is not list:
             raise _Unusual
-        out["contents"] = [_item(item, out.get("currency")) for item in items]
+        out["contents"] = [*map(_item, items, repeat(currency, len(items)))]
     return out
 
 
 def _priced(raw: dict[str, Any], currency: Any) -> dict[str, Any]:
     """``amount`` (given, or from ``value`` in ``currency``) and ``currency`` of ``raw``."""
-    out: dict[str, Any] = {}
     if "value" in raw:
         if "amount" in raw or type(currency) is not str:
             raise _Unusual
         value = raw["value"]
         if type(value) is not str and (type(value) is not int or not INT_MIN <= value <= INT_MAX):
             raise _Unusual
-        out["amount"] = _minor(minor_units(value, _currency(currency)))
+        amount = minor_units(value, _currency(currency))
     elif "amount" in raw:
-        out["amount"] = _minor(raw["amount"])
+        amount = raw["amount"]
+    else:
+        return {"currency": _currency(raw["currency"])} if "currency" in raw else {}
+    if type(amount) is not int or not 0 <= amount <= INT_MAX:
+        raise _Unusual  # a null, too: the quick path leaves every null alone
     if "currency" in raw:
-        out["currency"] = _currency(raw["currency"])
-    return out
-
-
-def _minor(value: Any) -> int:
-    if type(value) is not int or not 0 <= value <= INT_MAX:
-        raise _Unusual
-    return value
+        return {"amount": amount, "currency": _currency(raw["currency"])}
+    return {"amount": amount}
 
 
 def _currency(value: Any) -> str:
@@ -183,7 +183,10 @@ def _item(raw: Any, data_currency: str | None) -> dict[str, Any]:
         if name in raw:
             out[name] = _non_empty(raw[name])
     if "quantity" in raw:
-        out["quantity"] = _minor(raw["quantity"])
+        quantity = raw["quantity"]
+        if type(quantity) is not int or not 0 <= quantity <= INT_MAX:
+            raise _Unusual
+        out["quantity"] = quantity
     if "variant_dict" in raw:
         variants = raw["variant_dict"]
         if type(variants) is not dict or not all(
@@ -199,41 +202,50 @@ def _user(raw: Any, hash_identifiers: bool) -> dict[str, Any]:
     repeats and cut to its first :data:`MAX_VALUES`, every value valid."""
     if type(raw) is not dict:
         raise _Unusual
-    out = {}
-    raws = []
+    out: dict[str, Any] = {}
+    hashed: dict[str, list[str]] = {}  # apart: a given hashed field is checked alone first
     for name, value in raw.items():
         field = _USER_FIELDS.get(name)
         if field is not None:
             check, many = field
             out[name] = _many(value, check) if many else check(value)
         elif hash_identifiers and name in _HASHERS:
-            raws.append(name)
+            hashed_field, hashes = _hashed(raw, name)
+            hashed[hashed_field] = hashes
         else:
             raise _Unusual  # a legacy name or an unknown field: a refusal
-    for name in raws:
-        out.update(_hashed(raw, name))
+    if out:
+        out.update(hashed)
+    else:
+        out = hashed  # the usual case: raw identifiers only
     if len(out) > 1:
         out = {name: out[name] for name in sorted(out, key=_USER_ORDER.__getitem__)}
     return out
 
 
-def _hashed(raw: dict[str, Any], name: str) -> dict[str, list[str]]:
-    """The hashes of the raw identifier ``name``, after the ones given in its hashed field."""
+def _hashed(raw: dict[str, Any], name: str) -> tuple[str, list[str]]:
+    """The hashed field of the raw identifier ``name`` and its values: the given ones, then
+    the hashes of the raw ones."""
     hasher, hashed_field = _HASHERS[name]
     values = raw[name]
+    if hashed_field in raw:
+        given = raw[hashed_field]
+        if type(given) is not list:
+            raise _Unusual
+    elif type(values) is str:
+        return hashed_field, [hasher(values)]  # the usual case: one value, nothing given
+    else:
+        given = []
     if type(values) is str:
         values = [values]
     elif type(values) is not list or not values:
         raise _Unusual
     hashes = [hasher(value) for value in values]
-    if hashed_field in raw:
-        given = raw[hashed_field]
-        if type(given) is not list:
-            raise _Unusual
-        return {hashed_field: _many([*given, *hashes], _HASHED)}
+    if given:
+        return hashed_field, _many([*given, *hashes], _HASHED)
     if len(hashes) > 1:
         hashes = list(dict.fromkeys(hashes))  # lowercase hex: repeats are equal already
-    return {hashed_field: hashes[:MAX_VALUES]}
+    return hashed_field, hashes[:MAX_VALUES]
 
 
 def _many(values: Any, check: Check) -> list[Any]:

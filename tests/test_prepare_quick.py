@@ -279,14 +279,14 @@ def test_the_generated_events_take_the_quick_path_often_enough() -> None:
     """The property above tests the quick path only where it answers: it must answer often."""
     taken = 0
 
-    @settings(max_examples=400, deadline=None, database=None)
+    @settings(max_examples=400, deadline=None, database=None, derandomize=True)
     @given(api_events())
     def count(event: dict[str, Any]) -> None:
         nonlocal taken
         taken += quick.sent(event, True) is not None
 
     count()
-    assert taken >= 100  # about 160 of the 400
+    assert taken >= 100  # 146 of the 400 (derandomized: always the same 400)
 
 
 RICH = {
@@ -354,7 +354,15 @@ ITEMS = {
     "action_source": "offline",
     "data": {"type": "contents", "contents": [{"amount": 5, "currency": "eur"}]},
 }
-VALID = [*events(6), *sample_events(4, "q"), RICH, APP, PRICED, ITEMS]
+RAW_ONLY = {  # raw identifiers only, in another order than the hashed fields'
+    "id": "r-1",
+    "type": "lead_created",
+    "timestamp_ms": NOW_MS,
+    "action_source": "email",
+    "user": {"external_id": "u-1", "phone": "+1 415 555 0100", "email": ["a@x.io", "b@x.io"]},
+    "data": {"type": "customer_action"},
+}
+VALID = [*events(6), *sample_events(4, "q"), RICH, APP, PRICED, ITEMS, RAW_ONLY]
 
 
 @pytest.mark.parametrize("event", VALID)
@@ -427,7 +435,7 @@ def with_fault(event: dict[str, Any], path: str, value: Any) -> dict[str, Any] |
 
 def faulty_events() -> list[dict[str, Any]]:
     out = []
-    for base in (RICH, APP, PRICED, ITEMS, *sample_events(2, "f")):
+    for base in (RICH, APP, PRICED, ITEMS, RAW_ONLY, *sample_events(2, "f")):
         for path, values in FAULTS.items():
             for value in [*values, *ANY]:
                 event = with_fault(base, path, value)

@@ -43,6 +43,7 @@ Check = Callable[[Any], Any]
 # The careful walk counts at most twice an event's JSON size against MAX_EVENT_BYTES (each
 # node at most 2 bytes for its 1 or more): an event of at most half of it is within bounds.
 _MAX_INPUT_JSON = MAX_EVENT_BYTES // 2
+_MAX_ITEMS = 64  # a longer list (80,000 emails, a list shared a million times) is not quick
 _SOURCES = frozenset(get_args(schema.ActionSource))
 _DATA_TYPES = schema.STANDARD_TYPES  # a custom event is the careful path's
 _APP_TYPES = schema.APP_EVENT_TYPES
@@ -63,11 +64,14 @@ def sent(raw: dict[str, Any], hash_identifiers: bool) -> dict[str, Any] | None:
     """The event as it will be sent, or None when the careful path must decide. The input
     is only read; its ``consent`` (capi's, never sent) is left to the caller."""
     try:
+        # The walk reads only its own shape, each list of at most _MAX_ITEMS: bounded by
+        # the input's size, which orjson can then count without blowing up a shared list.
+        sent = _event(raw, hash_identifiers)
         if len(orjson.dumps(raw)) > _MAX_INPUT_JSON:  # raises at lone surrogates, odd types
             return None
-        return _event(raw, hash_identifiers)
     except (ValueError, TypeError):  # _Unusual, a rule broken, or orjson's refusal
         return None
+    return sent
 
 
 def _event(raw: dict[str, Any], hash_identifiers: bool) -> dict[str, Any]:
@@ -138,7 +142,7 @@ def _data(raw: Any, data_type: str) -> dict[str, Any]:
         out["plan_id"] = _non_empty(raw["plan_id"])
     if "contents" in raw:
         items = raw["contents"]
-        if type(items) is not list:
+        if type(items) is not list or len(items) > _MAX_ITEMS:
             raise _Unusual
         out["contents"] = [*map(_item, items, repeat(currency, len(items)))]
     return out
@@ -189,8 +193,10 @@ def _item(raw: Any, data_currency: str | None) -> dict[str, Any]:
         out["quantity"] = quantity
     if "variant_dict" in raw:
         variants = raw["variant_dict"]
-        if type(variants) is not dict or not all(
-            type(k) is str and type(v) is str for k, v in variants.items()
+        if (
+            type(variants) is not dict
+            or len(variants) > _MAX_ITEMS
+            or not all(type(k) is str and type(v) is str for k, v in variants.items())
         ):
             raise _Unusual
         out["variant_dict"] = dict(variants)
@@ -230,7 +236,7 @@ def _hashed(raw: dict[str, Any], name: str) -> tuple[str, list[str]]:
     values = raw[name]
     if hashed_field in raw:
         given = raw[hashed_field]
-        if type(given) is not list:
+        if type(given) is not list or len(given) > _MAX_ITEMS:
             raise _Unusual
     elif type(values) is str:
         return hashed_field, [hasher(values)]  # the usual case: one value, nothing given
@@ -238,7 +244,7 @@ def _hashed(raw: dict[str, Any], name: str) -> tuple[str, list[str]]:
         given = []
     if type(values) is str:
         values = [values]
-    elif type(values) is not list or not values:
+    elif type(values) is not list or not values or len(values) > _MAX_ITEMS:
         raise _Unusual
     hashes = [hasher(value) for value in values]
     if given:
@@ -250,7 +256,7 @@ def _hashed(raw: dict[str, Any], name: str) -> tuple[str, list[str]]:
 
 def _many(values: Any, check: Check) -> list[Any]:
     """A list field's values checked, without repeats, cut to :data:`MAX_VALUES`."""
-    if type(values) is not list:
+    if type(values) is not list or len(values) > _MAX_ITEMS:
         raise _Unusual
     checked = [check(v) for v in (_unique(values) if len(values) > 1 else values)]
     return checked[:MAX_VALUES] if len(checked) > MAX_VALUES else checked

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+import tracemalloc
 from decimal import Decimal
 from typing import Any
 
@@ -486,3 +487,19 @@ def test_a_quick_prepared_event_builds_its_model_once_and_compares_by_its_json()
     assert quick_one.event is quick_one.event  # built once, then kept
     assert quick_one.mask == coverage.mask(careful_one.event) == careful_one.mask
     assert quick_one.opted_out().json == careful_one.opted_out().json
+
+
+@pytest.mark.parametrize("place", ["id", "user.email", "user.postal_codes", "data.contents"])
+def test_a_shared_list_is_never_expanded(place: str) -> None:
+    """200 references to one list of 1,000 strings of 1,000 characters: 200 MB as JSON.
+    The quick path gives up at its shape or length, never counting the JSON first."""
+    shared = [["y" * 1000] * 1000] * 200
+    event = with_fault(sample_events(1, "s")[0], place, shared)
+    assert event is not None
+    tracemalloc.start()
+    try:
+        assert quick.sent(event, True) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024

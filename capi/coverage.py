@@ -17,7 +17,7 @@ last :data:`WINDOW_HOURS` of them into shares.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -67,6 +67,14 @@ def mask(event: schema.Event) -> int:
         for name in user.model_fields_set:
             if getattr(user, name) is not None:
                 bits |= _BIT.get(name, 0)
+    return bits
+
+
+def mask_of_sent(event: Mapping[str, Any]) -> int:
+    """:func:`mask` of an event as sent, as plain data (without nulls, as its JSON)."""
+    bits = _BIT["oppref"] if "oppref" in event else 0
+    for name in event.get("user") or ():
+        bits |= _BIT.get(name, 0)
     return bits
 
 

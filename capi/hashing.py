@@ -29,6 +29,7 @@ import unicodedata
 from collections.abc import Callable
 from enum import StrEnum
 
+_HEX_LENGTH = 64
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _WHITESPACE = re.compile(r"\s")  # for str patterns, exactly the characters str.isspace() accepts
 _PHONE_SEPARATORS = str.maketrans("", "", " ()-.\t")
@@ -135,14 +136,29 @@ NORMALIZERS: dict[Identifier, Callable[[str], str]] = {
 
 def hash_identifier(kind: Identifier, raw: str) -> str:
     """Normalize and hash one raw identifier; raise ValueError naming the rule it breaks."""
-    if not isinstance(raw, str):
-        raise ValueError(f"must be a string, got {type(raw).__name__}")
-    if is_sha256_hex(raw.strip()):
-        raise ValueError(
-            f"looks already hashed (64 hex characters); pass it in user.{kind.hashed_field} "
-            "instead, so it is not hashed twice"
-        )
-    return sha256_hex(NORMALIZERS[kind](raw))
+    return HASHERS[kind](raw)
+
+
+def _hasher(kind: Identifier) -> Callable[[str], str]:
+    normalize = NORMALIZERS[kind]
+    hashed_field = kind.hashed_field
+
+    def hashed(raw: str) -> str:
+        if not isinstance(raw, str):
+            raise ValueError(f"must be a string, got {type(raw).__name__}")
+        # Only 64 characters, once trimmed, can be a hash: the length first, it is free.
+        if len(raw) >= _HEX_LENGTH and is_sha256_hex(raw.strip()):
+            raise ValueError(
+                f"looks already hashed (64 hex characters); pass it in user.{hashed_field} "
+                "instead, so it is not hashed twice"
+            )
+        return sha256_hex(normalize(raw))
+
+    return hashed
+
+
+HASHERS: dict[Identifier, Callable[[str], str]] = {kind: _hasher(kind) for kind in Identifier}
+""":func:`hash_identifier` of each kind, looked up once by callers that hash many values."""
 
 
 def check_hashed(value: str) -> str:

@@ -35,7 +35,6 @@ from capi import dedup, index, kinds, tail
 from capi import destinations as destinations_
 from capi.clock import Clock
 from capi.constants import RedisKeys
-from capi.coverage import mask
 from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.durability import Durability
@@ -469,7 +468,7 @@ class _BaseProducer:
             target,
             self.dedup_window_s,
             (
-                (dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json, mask(p.event))
+                (dedup.digest(f"{p.name}:{p.id}"), p.id, p.timestamp_ms, p.json, p.mask)
                 for p in batch
             ),
             skipped,

@@ -78,7 +78,8 @@ def _code_given(value: str) -> str:
     return f"got a {len(value):,}-character value that is not a code (not shown)"
 
 
-def _currency(value: str) -> str:
+def currency(value: str) -> str:
+    """An ISO 4217 currency code, uppercased; ValueError naming the rule otherwise."""
     code = value.upper()
     if code not in currency_codes():
         raise ValueError(
@@ -87,7 +88,8 @@ def _currency(value: str) -> str:
     return code
 
 
-def _country(value: str) -> str:
+def country(value: str) -> str:
+    """An ISO 3166-1 alpha-2 country code, uppercased; ValueError otherwise."""
     code = value.upper()
     if code not in country_codes():
         raise ValueError(
@@ -96,7 +98,8 @@ def _country(value: str) -> str:
     return code
 
 
-def _event_id(value: str) -> str:
+def event_id(value: str) -> str:
+    """An event id: not blank, without control characters; ValueError otherwise."""
     if not value.strip():
         raise ValueError("must not be blank")
     if _CONTROL.search(value):
@@ -104,19 +107,22 @@ def _event_id(value: str) -> str:
     return value
 
 
-def _non_blank(value: str) -> str:
+def non_blank(value: str) -> str:
+    """Text that is not only whitespace; ValueError otherwise."""
     if not value.strip():
         raise ValueError("must not be blank")
     return value
 
 
-def _postal_code(value: str) -> str:
+def postal_code(value: str) -> str:
+    """A postal code: 1-32 letters, digits, spaces or hyphens; ValueError otherwise."""
     if not _POSTAL_CODE.fullmatch(value):
         raise ValueError("must be 1-32 letters, digits, spaces or hyphens")
     return value
 
 
-def _place(value: str) -> str:
+def place(value: str) -> str:
+    """A region or city: not blank, at most MAX_PLACE_CHARS characters; ValueError otherwise."""
     if not value.strip():
         raise ValueError("must not be blank")
     if len(value.strip()) > MAX_PLACE_CHARS:
@@ -124,7 +130,8 @@ def _place(value: str) -> str:
     return value
 
 
-def _gaid(value: str) -> str:
+def gaid(value: str) -> str:
+    """A Google advertising id in UUID form; ValueError otherwise."""
     if not _UUID.fullmatch(value):
         raise ValueError(
             "must be a Google advertising id in UUID form "
@@ -133,7 +140,8 @@ def _gaid(value: str) -> str:
     return value
 
 
-def _ip(value: str) -> str:
+def ip(value: str) -> str:
+    """An IPv4 or IPv6 address in its canonical form; ValueError otherwise."""
     try:
         return str(ipaddress.ip_address(value.strip()))
     except ValueError:
@@ -147,12 +155,12 @@ _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 MAX_PLACE_CHARS = 128
 INT64_MAX = 2**63 - 1
 
-Currency = Annotated[str, AfterValidator(_currency)]
-Country = Annotated[str, AfterValidator(_country)]
+Currency = Annotated[str, AfterValidator(currency)]
+Country = Annotated[str, AfterValidator(country)]
 Sha256 = Annotated[str, AfterValidator(check_hashed)]
 NonEmpty = Annotated[str, Field(min_length=1)]
-NonBlank = Annotated[str, Field(min_length=1), AfterValidator(_non_blank)]
-Place = Annotated[str, Field(min_length=1), AfterValidator(_place)]
+NonBlank = Annotated[str, Field(min_length=1), AfterValidator(non_blank)]
+Place = Annotated[str, Field(min_length=1), AfterValidator(place)]
 MinorUnits = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 Count = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 
@@ -228,19 +236,19 @@ class User(_Model):
     first_names_sha256: list[Sha256] | None = None
     last_names_sha256: list[Sha256] | None = None
     regions: list[Place] | None = None
-    postal_codes: list[Annotated[str, AfterValidator(_postal_code)]] | None = None
+    postal_codes: list[Annotated[str, AfterValidator(postal_code)]] | None = None
     cities: list[Place] | None = None
     countries: list[Country] | None = None
-    ip_address: Annotated[str, AfterValidator(_ip)] | None = None
+    ip_address: Annotated[str, AfterValidator(ip)] | None = None
     user_agent: NonBlank | None = None
     obref: NonBlank | None = None
-    android_advertising_id: Annotated[str, AfterValidator(_gaid)] | None = None
+    android_advertising_id: Annotated[str, AfterValidator(gaid)] | None = None
 
 
 class Event(_Model):
     """One conversion event in the API's format, as it is queued and sent."""
 
-    id: Annotated[str, Field(min_length=1), AfterValidator(_event_id)]
+    id: Annotated[str, Field(min_length=1), AfterValidator(event_id)]
     type: EventType
     timestamp_ms: StrictInt
     custom_event_name: str | None = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-from capi.events import query_param
+from capi.sourceurl import query_param
 
 OPPREF_COOKIE = "__oppref"
 OBREF_COOKIE = "__obref"

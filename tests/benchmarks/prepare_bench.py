@@ -1,17 +1,22 @@
-"""Micro-benchmark of :func:`capi.events.prepare` beside its floor, on one core.
+"""Micro-benchmark of :func:`capi.events.prepare` beside its floor, on one core, in one run.
 
-    python -m tests.benchmarks.prepare_bench              # best of 5 rounds of 20,000 events
+    python -m tests.benchmarks.prepare_bench              # 5 rounds of 20,000 events
     python -m tests.benchmarks.prepare_bench --profile    # plus a cProfile of one round
 
 The events are the full benchmark's signup/purchase mix
 (:func:`tests.benchmarks.bench.sample_events`): half signups, half purchases with one item,
-each with one raw email and a source URL. Each round prepares every event once; the best
-round is reported, because this machine's two cores are shared and slower rounds measure
-the neighbours.
+each with one raw email and a source URL. Each round prepares every event once and does
+the floor's work for every event once, in chunks of 100 events; each chunk's fastest
+round counts (:func:`best_us`), because this machine's two cores are shared and slower
+rounds measure the neighbours. prepare() and its floor are timed in the same run, chunk
+after chunk, so both see the same machine.
 
-The floor is the work no validator can avoid for the same events: normalizing and hashing
-the email (SHA-256), the producer's dedup digest of ``name:id`` (:func:`capi.dedup.digest`),
-and ``orjson.dumps`` of the event as it will be sent.
+The floor is the work no implementation of prepare() can avoid for the same events: the
+SHA-256 of each normalized identifier (the email, trimmed and lowercased) and
+``orjson.dumps`` of the event exactly as it is sent. Nothing else counts: the producer's
+dedup digest of ``name:id`` is the producer's work, not prepare()'s (it is printed apart,
+for comparison with figures that counted it). The target is prepare() within
+:data:`TARGET_RATIO` times the floor.
 """
 
 from __future__ import annotations
@@ -30,22 +35,30 @@ from capi.events import prepare
 from capi.hashing import sha256_hex
 from tests.benchmarks.bench import sample_events
 
+TARGET_RATIO = 6.0
+CHUNK = 100
 
-def floor_inputs(events: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(raw email, dedup key, the event as sent) for each event, built outside the timing."""
+FloorInput = tuple[list[str], dict[str, Any]]
+
+
+def floor_inputs(events: list[dict[str, Any]]) -> list[FloorInput]:
+    """(the raw emails, the event as sent) for each event, built outside the timing."""
     out = []
     for event in events:
-        sent = orjson.loads(prepare(event).json)
-        out.append((event["user"]["email"], f"{event['type']}:{event['id']}", sent))
+        emails = event["user"]["email"]
+        out.append(
+            ([emails] if isinstance(emails, str) else emails, orjson.loads(prepare(event).json))
+        )
     return out
 
 
-def floor_round(inputs: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """The unavoidable work: two hashes and the JSON of each event."""
-    for email, key, sent in inputs:
+def floor_one(item: FloorInput) -> None:
+    """The unavoidable work for one event: the SHA-256 of each normalized email, and the
+    JSON of the event."""
+    emails, sent = item
+    for email in emails:
         sha256_hex(email.strip().lower())
-        dedup.digest(key)
-        orjson.dumps(sent)
+    orjson.dumps(sent)
 
 
 def prepare_round(events: list[dict[str, Any]]) -> None:
@@ -54,14 +67,25 @@ def prepare_round(events: list[dict[str, Any]]) -> None:
         prepare(event)
 
 
-def best_us(run: Callable[[], None], n: int, rounds: int) -> float:
-    """Microseconds per event of the fastest of ``rounds`` runs of ``n`` events."""
-    best = float("inf")
+def best_us(
+    work: dict[str, tuple[Callable[[Any], object], list[Any]]], rounds: int
+) -> dict[str, float]:
+    """Microseconds per item of each piece of work: every round runs each over its items
+    in chunks of :data:`CHUNK`, interleaved; each chunk's fastest round counts. A chunk
+    lasts milliseconds, so a neighbour's burst on the shared cores spoils a chunk of one
+    round, not a whole round, and prepare() (which runs longer) is not more exposed to
+    the neighbours than its floor."""
+    best: dict[str, list[float]] = {}
     for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best / n * 1e6
+        for name, (one, items) in work.items():
+            chunks = best.setdefault(name, [float("inf")] * -(-len(items) // CHUNK))
+            for i in range(len(chunks)):
+                chunk = items[i * CHUNK : (i + 1) * CHUNK]
+                started = time.perf_counter()
+                for item in chunk:
+                    one(item)
+                chunks[i] = min(chunks[i], time.perf_counter() - started)
+    return {name: sum(best[name]) / len(work[name][1]) * 1e6 for name in work}
 
 
 def main() -> None:
@@ -72,16 +96,26 @@ def main() -> None:
     args = parser.parse_args()
     events = sample_events(args.events, "bench")  # timestamps now: built just before timing
     inputs = floor_inputs(events)
+    keys = [f"{e['type']}:{e['id']}" for e in events]
     prepare_round(events[:1000])  # warm caches (pycountry, pydantic) before timing
-    us = best_us(lambda: prepare_round(events), len(events), args.rounds)
-    floor = best_us(lambda: floor_round(inputs), len(inputs), args.rounds)
-    print(
-        f"prepare() benchmark: {len(events):,} events (signup/purchase mix), best of "
-        f"{args.rounds} rounds, one core"
+    us = best_us(
+        {
+            "prepare": (prepare, events),
+            "floor": (floor_one, inputs),
+            "digest": (dedup.digest, keys),
+        },
+        args.rounds,
     )
-    print(f"prepare():          {us:6.2f} us/event  {1e6 / us:>10,.0f} events/s")
-    print(f"floor (hash+JSON):  {floor:6.2f} us/event  {1e6 / floor:>10,.0f} events/s")
-    print(f"prepare() / floor:  {us / floor:6.1f}x")
+    ratio = us["prepare"] / us["floor"]
+    verdict = "meets" if ratio <= TARGET_RATIO else "does NOT meet"
+    print(
+        f"prepare() benchmark: {len(events):,} events (signup/purchase mix), {args.rounds} "
+        f"rounds (each {CHUNK}-event chunk's best), one core"
+    )
+    for label, name in (("prepare():", "prepare"), ("floor (SHA-256 + orjson):", "floor")):
+        print(f"{label:27} {us[name]:6.2f} us/event  {1e6 / us[name]:>10,.0f} events/s")
+    print(f"prepare() / floor:          {ratio:6.1f}x  ({verdict} the {TARGET_RATIO:g}x target)")
+    print(f"(not counted: the producer's dedup digest, {us['digest']:.2f} us/event)")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(prepare_round, events)

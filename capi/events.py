@@ -108,8 +108,10 @@ def prepare(
 ) -> PreparedEvent:
     """Hash, validate and serialize one event; raise EventRejected naming every problem.
 
-    The event is first copied as plain JSON data of bounded size and depth
-    (:func:`capi.jsondata.plain_copy`); the input is never changed. An invalid optional
+    A plain, valid event is checked by the quick path (:mod:`capi.quick`); any other is
+    first copied as plain JSON data of bounded size and depth
+    (:func:`capi.jsondata.plain_copy`) and decided by the careful path, which names every
+    problem. Both decide alike; the input is never changed. An invalid optional
     identifier is left out and named in :attr:`PreparedEvent.warnings`
     (:mod:`capi.identifiers`), or refuses the event with ``strict_identifiers``.
     ``hash_identifiers=False`` treats raw identifier fields as unknown (the API's view);

@@ -1,7 +1,8 @@
 """Turn what a backend hands us into an event ready to queue, or refuse it precisely.
 
-:func:`prepare` is the single gate: it copies the input as plain JSON data, bounded in size
-and depth (:mod:`capi.jsondata`), hashes raw identifiers (``user.email`` and friends),
+:func:`prepare` is the single gate. A plain, valid event takes the quick path
+(:mod:`capi.quick`); any other is copied as plain JSON data, bounded in size and depth
+(:mod:`capi.jsondata`). Either way it hashes raw identifiers (``user.email`` and friends),
 validates the event against :mod:`capi.schema`, applies the cross-field rules and the API's
 time window against an injectable clock, and returns a :class:`PreparedEvent` whose JSON is
 exactly what will be sent. Anything wrong raises :class:`~capi.errors.EventRejected`,

@@ -1,7 +1,8 @@
 """Turn what a backend hands us into an event ready to queue, or refuse it precisely.
 
-:func:`prepare` is the single gate: it copies the input as plain JSON data, bounded in size
-and depth (:mod:`capi.jsondata`), hashes raw identifiers (``user.email`` and friends),
+:func:`prepare` is the single gate. A plain, valid event takes the quick path
+(:mod:`capi.quick`); any other is copied as plain JSON data, bounded in size and depth
+(:mod:`capi.jsondata`). Either way it hashes raw identifiers (``user.email`` and friends),
 validates the event against :mod:`capi.schema`, applies the cross-field rules and the API's
 time window against an injectable clock, and returns a :class:`PreparedEvent` whose JSON is
 exactly what will be sent. Anything wrong raises :class:`~capi.errors.EventRejected`,
@@ -108,8 +109,10 @@ def prepare(
 ) -> PreparedEvent:
     """Hash, validate and serialize one event; raise EventRejected naming every problem.
 
-    The event is first copied as plain JSON data of bounded size and depth
-    (:func:`capi.jsondata.plain_copy`); the input is never changed. An invalid optional
+    A plain, valid event is checked by the quick path (:mod:`capi.quick`); any other is
+    first copied as plain JSON data of bounded size and depth
+    (:func:`capi.jsondata.plain_copy`) and decided by the careful path, which names every
+    problem. Both decide alike; the input is never changed. An invalid optional
     identifier is left out and named in :attr:`PreparedEvent.warnings`
     (:mod:`capi.identifiers`), or refuses the event with ``strict_identifiers``.
     ``hash_identifiers=False`` treats raw identifier fields as unknown (the API's view);

@@ -253,15 +253,26 @@ return reply({moved, skipped, #rows})
 """
 )
 
-OLDEST_RETRY_LUA = """#!lua flags=no-writes,allow-oom
--- KEYS: retry zset. The earliest enqueue time (ms) of the events scheduled for retry, or
--- false. Each member begins {"u":"<hex>","q":<ms>: read without decoding the events.
+DEPTH_LUA = """#!lua flags=no-writes,allow-oom
+-- KEYS: stream, retry zset. ARGV: the consumer group. One snapshot (a script runs alone, so
+-- no retry moves back to the stream between two of these reads): {XLEN, entries pending in
+-- the group, the earliest enqueue time (ms) of the events not yet delivered or -1, ZCARD}.
+-- Each retry member begins {"u":"<hex>","q":<ms>: read without decoding the events.
+local xlen = redis.call('XLEN', KEYS[1])
+local pending = 0
+local ok, summary = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+if ok then pending = summary[1] end  -- no group yet (no worker has run): none in flight
 local oldest = false
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local q = tonumber(string.match(member, '^{"u":"%x+","q":(%d+)'))
-  if q and (not oldest or q < oldest) then oldest = q end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first == 1 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+local retries = redis.call('ZCARD', KEYS[2])
+if retries > 0 then
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local q = tonumber(string.match(member, '^{"u":"%x+","q":(%d+)'))
+    if q and (not oldest or q < oldest) then oldest = q end
+  end
 end
-return oldest
+return {xlen, pending, oldest or -1, retries}
 """
 
 HANDBACK_LUA = (
@@ -508,7 +519,7 @@ class Queue:
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(lua(keys, READ_LUA))
         self._index_retries = client.register_script(lua(keys, INDEX_RETRIES_LUA))
-        self._oldest_retry = client.register_script(OLDEST_RETRY_LUA)
+        self._depth = client.register_script(DEPTH_LUA)
         # The index keys as the scripts see them (capi.index.script_keys).
         self._active, self._wake, self._retry_due = index.script_keys(keys)
         # The keys a script that moves retries back to the stream needs (_REQUEUE_MEMBER).
@@ -701,7 +712,7 @@ class Queue:
             )
             if e.kinds is not None:
                 rows[-1]["k"] = str(e.kinds)
-        # "q" second: OLDEST_RETRY_LUA reads it from the member's start.
+        # "q" second: DEPTH_LUA reads it from the member's start.
         batch: dict[str, Any] = {"u": uuid.uuid4().hex, "q": oldest, "entries": rows}
         if server_asked:
             batch["ra"] = 1  # the wait is the server's (Retry-After): never cut short
@@ -760,24 +771,13 @@ class Queue:
 
     async def depth(self) -> tuple[int, int, int | None, int]:
         """Queued (not yet read), in flight, the enqueue time (ms) of the oldest event not yet
-        delivered (queued, in flight or scheduled for retry), scheduled retry batches."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xlen(self.keys.stream)
-        pipe.xrange(self.keys.stream, count=1)
-        pipe.zcard(self.keys.retry)
-        pipe.xpending(self.keys.stream, self.group)
-        xlen, first, retries, pending = await pipe.execute(raise_on_error=False)
-        for value in (xlen, first, retries):
-            if isinstance(value, Exception):
-                raise value
-        # No consumer group yet (no worker has run): nothing is in flight.
-        in_flight = int(pending["pending"]) if isinstance(pending, dict) else 0
-        oldest = int(first[0][0].split(b"-")[0]) if first else None
-        if retries:
-            waiting = await self._oldest_retry(keys=[self.keys.retry])
-            if waiting:
-                oldest = min(int(waiting), oldest or int(waiting))
-        return max(0, int(xlen) - in_flight), in_flight, oldest, int(retries)
+        delivered (queued, in flight or scheduled for retry), scheduled retry batches: one
+        snapshot, read by one script."""
+        xlen, in_flight, oldest, retries = await self._depth(
+            keys=[self.keys.stream, self.keys.retry], args=[self.group]
+        )
+        oldest_ms = int(oldest) if int(oldest) >= 0 else None
+        return max(0, int(xlen) - int(in_flight)), int(in_flight), oldest_ms, int(retries)
 
     async def purge(self, dedup_window_s: int, chunk: int = 500) -> tuple[int, int]:
         """Delete every scheduled retry and queued event of this destination, except the

@@ -78,6 +78,7 @@ def _all_delivered(session: docrun.Session, queued: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # performance.md's quick pass: three benchmarks, minutes on 2 cores
 @pytest.mark.parametrize(
     "doc",
     [d for d in docrun.DOCUMENTS if any(b.verb == "slow" for b in docrun.blocks(d))],

@@ -17,7 +17,7 @@ import redis
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.conftest import free_port
-from tests.helpers import make_settings, spawn
+from tests.helpers import make_settings, spawn, terminate
 
 
 class Node:
@@ -202,11 +202,7 @@ class ClusterSet:
         for node in self.nodes:
             if node.alive():
                 assert node.proc is not None
-                node.proc.terminate()
-                try:
-                    node.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    node.proc.kill()
+                terminate(node.proc)
 
 
 def _replicas_online(master: Node) -> bool:

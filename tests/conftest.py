@@ -18,7 +18,7 @@ from hypothesis import settings as hypothesis_settings
 
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
-from tests.helpers import stop_spawned, wait_for
+from tests.helpers import stop_spawned, terminate, wait_for
 
 # CI runs reproducibly (a fixed seed); local runs keep exploring new examples.
 hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
@@ -104,12 +104,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc)
 
 
 def _pings(client: redis.Redis) -> bool:

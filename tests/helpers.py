@@ -13,12 +13,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from capi.errors import QueueUnavailable
 from capi.events import purchase, signup
-from capi.producer import SyncProducer
+from capi.producer import Producer, SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
@@ -47,6 +49,16 @@ def stop_spawned() -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # the group outlives a leader that exited
         with contextlib.suppress(subprocess.TimeoutExpired, ValueError, OSError):
             proc.communicate(timeout=10)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM ``proc`` and reap it; SIGKILL it if it is not gone within ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout_s)
 
 
 def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -241,6 +253,32 @@ def read_http_answer(conn: socket.socket, timeout_s: float = 10.0) -> bytes:
         if not chunk:  # closed: what came is the answer
             return answer
         answer += chunk
+
+
+def callers_behind_a_freeze(
+    settings: Settings, freeze: Callable[[], None], callers: int
+) -> list[tuple[str, float]]:
+    """Open a producer (one pooled connection), ``freeze()`` Redis, then enqueue from
+    ``callers`` concurrent callers: each one's outcome ("queued" or "unavailable") and the
+    seconds from the freeze to its answer."""
+
+    async def go() -> list[tuple[str, float]]:
+        async with Producer.from_settings(settings) as producer:
+            assert await producer.enqueue(events(1)[0])  # one pooled connection
+            freeze()
+            started = time.monotonic()
+
+            async def one(event: dict[str, Any]) -> tuple[str, float]:
+                try:
+                    await producer.enqueue(event)
+                    outcome = "queued"
+                except QueueUnavailable:
+                    outcome = "unavailable"
+                return outcome, time.monotonic() - started
+
+            return await asyncio.gather(*(one(e) for e in events(callers, start=1)))
+
+    return asyncio.run(asyncio.wait_for(go(), 60))
 
 
 def wait_for(predicate: Any, timeout_s: float = 20.0, what: str = "condition") -> None:

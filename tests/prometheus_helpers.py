@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
-from tests.helpers import wait_for
+from tests.helpers import terminate, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "config" / "prometheus" / "capi-alerts.yml"
@@ -66,12 +66,7 @@ def prometheus(tmp_path: Path, targets: dict[str, str], interval_s: float = 1) -
         assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 15)
         log.close()
 
 

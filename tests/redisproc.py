@@ -13,6 +13,7 @@ from types import TracebackType
 import redis
 
 from tests.conftest import free_port
+from tests.helpers import terminate
 
 
 class RedisProcess:
@@ -130,11 +131,7 @@ class RedisProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.thaw()
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            terminate(self.proc)
 
     def __enter__(self) -> RedisProcess:
         return self.start()

@@ -17,7 +17,7 @@ import redis
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.conftest import free_port
-from tests.helpers import make_settings
+from tests.helpers import make_settings, terminate
 from tests.redisproc import RedisProcess
 
 MASTER_NAME = "capi-test"
@@ -169,12 +169,7 @@ class SentinelSet:
     def stop(self) -> None:
         for proc in self.sentinel_procs:
             if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+                terminate(proc)
         for server in self.servers:
             with contextlib.suppress(Exception):
                 server.stop()

@@ -3,17 +3,14 @@ once: concurrent callers never queue behind each other's timeouts."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from capi.errors import QueueUnavailable
-from capi.producer import Producer
 from capi.sandbox import SandboxThread
-from tests.helpers import events, make_settings
+from tests.helpers import callers_behind_a_freeze, events, make_settings
 from tests.intake_helpers import start_intake
 from tests.redisproc import RedisProcess
 
@@ -26,24 +23,7 @@ def test_concurrent_enqueues_against_a_frozen_redis_each_fail_within_the_timeout
 ) -> None:
     with RedisProcess(tmp_path) as server:
         settings = make_settings(sandbox, server.url, redis_timeout_s=TIMEOUT_S)
-
-        async def go() -> list[tuple[str, float]]:
-            async with Producer.from_settings(settings) as producer:
-                assert await producer.enqueue(events(1)[0])  # one pooled connection
-                server.freeze()
-                started = time.monotonic()
-
-                async def one(event: dict[str, object]) -> tuple[str, float]:
-                    try:
-                        await producer.enqueue(event)
-                        outcome = "queued"
-                    except QueueUnavailable:
-                        outcome = "unavailable"
-                    return outcome, time.monotonic() - started
-
-                return await asyncio.gather(*(one(e) for e in events(CALLERS, start=1)))
-
-        answers = asyncio.run(asyncio.wait_for(go(), 60))
+        answers = callers_behind_a_freeze(settings, server.freeze, CALLERS)
     assert [outcome for outcome, _ in answers] == ["unavailable"] * CALLERS
     late = [round(t, 1) for _, t in answers if t > TIMEOUT_S + 1]
     assert not late, f"callers answered after {late} s (timeout {TIMEOUT_S} s)"

@@ -9,9 +9,7 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -24,7 +22,7 @@ from capi.producer import Producer, SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
-from tests.helpers import capi, events, wait_for
+from tests.helpers import callers_behind_a_freeze, capi, events, wait_for
 from tests.sentinelproc import MASTER_NAME, SentinelSet, sentinel_settings
 
 
@@ -88,24 +86,7 @@ def test_a_frozen_master_costs_each_concurrent_caller_one_timeout(
     # Sentinels that would wait a minute before a failover: the master stays the frozen one.
     with SentinelSet(tmp_path / "s", down_after_ms=60_000, replicas=1) as found:
         settings = sentinel_settings(sandbox, found, redis_timeout_s=FROZEN_TIMEOUT_S)
-
-        async def go() -> list[tuple[str, float]]:
-            async with Producer.from_settings(settings) as producer:
-                assert await producer.enqueue(events(1)[0])  # one pooled connection
-                found.master.freeze()
-                started = time.monotonic()
-
-                async def one(event: dict[str, Any]) -> tuple[str, float]:
-                    try:
-                        await producer.enqueue(event)
-                        outcome = "queued"
-                    except QueueUnavailable:
-                        outcome = "unavailable"
-                    return outcome, time.monotonic() - started
-
-                return await asyncio.gather(*(one(e) for e in events(CALLERS, start=1)))
-
-        answers = asyncio.run(asyncio.wait_for(go(), 60))
+        answers = callers_behind_a_freeze(settings, found.master.freeze, CALLERS)
     assert [outcome for outcome, _ in answers] == ["unavailable"] * CALLERS
     late = [round(t, 1) for _, t in answers if t > FROZEN_TIMEOUT_S + 0.8]
     assert not late, f"callers answered after {late} s (timeout {FROZEN_TIMEOUT_S} s)"

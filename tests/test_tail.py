@@ -28,6 +28,7 @@ from tests.helpers import (
     make_settings,
     start_worker,
     stop_worker,
+    terminate,
     wait_for,
 )
 from tests.intake_helpers import start_intake
@@ -64,12 +65,7 @@ class Follower:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
         self._reader.join(5)
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:

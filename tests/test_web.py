@@ -20,7 +20,7 @@ from capi import web
 from capi.events import prepare, purchase
 from capi.sandbox import SandboxThread
 from tests.conftest import free_port
-from tests.helpers import drain, http_get, make_settings, wait_for
+from tests.helpers import drain, http_get, make_settings, terminate, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "attribution.md"
@@ -179,12 +179,7 @@ def shop_server(tmp_path: Path, redis_url: str) -> Iterator[Any]:
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 @pytest.mark.parametrize("name", list(SERVERS))

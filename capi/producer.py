@@ -41,7 +41,7 @@ from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
 from capi.grouping import Coalescer
-from capi.queue import ENQUEUE_LUA, enqueue_call, lua
+from capi.queue import ENQUEUE_LUA, enqueue_call, lua, merged_enqueue_calls
 from capi.redisconn import brief, describe, is_cluster, settings_hint
 from capi.schema import Event
 from capi.settings import Settings
@@ -559,8 +559,8 @@ class Producer(_BaseProducer):
         """One round trip for the script calls of several enqueues (then the durability wait,
         which covers them all); each enqueue's answers, or its own error. Calls Redis did not
         run for want of the script (NOSCRIPT: nothing written) are sent again once loaded."""
-        calls = [call for item in items for call in item]
-        answers: list[Any] = [None] * len(calls)
+        calls, spans = merged_enqueue_calls([call for item in items for call in item])
+        got_merged: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         waited: Exception | None = None
         for _ in range(2):
@@ -571,11 +571,15 @@ class Producer(_BaseProducer):
                 except Exception as exc:  # the wait covers every call of the round trip
                     waited = exc
             for i, answer in zip(todo, got, strict=False):
-                answers[i] = answer
-            todo = [i for i in todo if isinstance(answers[i], redis.exceptions.NoScriptError)]
+                got_merged[i] = answer
+            todo = [i for i in todo if isinstance(got_merged[i], redis.exceptions.NoScriptError)]
             if not todo:
                 break
             await self.redis.script_load(self._lua)
+        answers = [
+            answer if isinstance(answer := got_merged[m], Exception) else answer[start:end]
+            for m, start, end in spans
+        ]
         out: list[list[list[int]] | Exception] = []
         armed: list[str] = []
         start = 0

@@ -90,6 +90,9 @@ return reply(out)
 )
 
 
+_HEAD, _PER_EVENT = 5, 5  # ENQUEUE_LUA's arguments: five, then five per event
+
+
 def enqueue_call(
     keys: RedisKeys,
     dedup_window_s: int,
@@ -110,6 +113,31 @@ def enqueue_call(
         args += event
     active, wake, _ = index.script_keys(keys)
     return [keys.stream, keys.stats, active, wake], args
+
+
+def merged_enqueue_calls(
+    calls: Sequence[tuple[list[str], list[Any]]],
+) -> tuple[list[tuple[list[str], list[Any]]], list[tuple[int, int, int]]]:
+    """Calls of :data:`ENQUEUE_LUA` (from :func:`enqueue_call`) as few calls: those to the
+    same keys with the same dedup prefix, window and destination become one, their events
+    in order and their skipped counts added up. Also, for each call given, where its
+    per-event answers are: the merged call's index, then the slice of its answer. One
+    Redis only: a cluster's answer carries more than the per-event flags."""
+    out: list[tuple[list[str], list[Any]]] = []
+    where: dict[tuple[Any, ...], int] = {}
+    spans = []
+    for keys, args in calls:
+        head = (*keys, *args[:4])
+        m = where.get(head)
+        if m is None:
+            m = where[head] = len(out)
+            out.append((keys, [*args[:4], 0]))
+        merged = out[m][1]
+        merged[4] += args[4]
+        start = (len(merged) - _HEAD) // _PER_EVENT
+        merged += args[_HEAD:]
+        spans.append((m, start, start + (len(args) - _HEAD) // _PER_EVENT))
+    return out, spans
 
 
 def lua(keys: RedisKeys, script: str) -> str:

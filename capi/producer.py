@@ -212,6 +212,7 @@ class _BaseProducer:
         self.durability_timeout_ms = durability_timeout_ms
         self._durability = Durability(durability, durability_timeout_ms)
         self.keys = keys or RedisKeys()
+        self._keys_by_name: dict[str, RedisKeys] = {}
         self.dedup_window_s = dedup_window_s
         self.clock = clock
         self.chunk = chunk
@@ -358,7 +359,14 @@ class _BaseProducer:
                     )
                 ]
             )
-        return [self.keys.for_destination(n) for n in dict.fromkeys(names)]
+        return [self._keys_of(n) for n in dict.fromkeys(names)]
+
+    def _keys_of(self, destination: str) -> RedisKeys:
+        """The keys of a configured destination (made once per name)."""
+        found = self._keys_by_name.get(destination)
+        if found is None:
+            found = self._keys_by_name[destination] = self.keys.for_destination(destination)
+        return found
 
     def consent(self, destination: str) -> Consent:
         """The consent rules of a destination (drop, granted unless configured)."""

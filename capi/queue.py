@@ -26,6 +26,7 @@ runs in its single-slot form, and :mod:`capi.index` writes the shared index afte
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,17 +103,20 @@ def enqueue_call(
     """The keys and arguments of :data:`ENQUEUE_LUA` for events prepared for one
     destination, each given as (dedup digest, id, timestamp_ms, JSON, identifier kinds
     mask), and the number of events skipped for it (consent denied under ``drop``)."""
-    args: list[Any] = [
-        keys.dedup_prefix,
-        dedup.bucket_s(dedup_window_s),
-        dedup_window_s,
-        keys.destination,
-        skipped,
-    ]
+    names, head = _enqueue_head(keys, dedup_window_s)
+    args: list[Any] = [*head, skipped]
     for event in events:
         args += event
+    return list(names), args
+
+
+@functools.lru_cache(maxsize=1024)
+def _enqueue_head(keys: RedisKeys, dedup_window_s: int) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """:data:`ENQUEUE_LUA`'s keys and first arguments for a destination (the same for each
+    of its calls, so worked out once)."""
     active, wake, _ = index.script_keys(keys)
-    return [keys.stream, keys.stats, active, wake], args
+    head = (keys.dedup_prefix, dedup.bucket_s(dedup_window_s), dedup_window_s, keys.destination)
+    return (keys.stream, keys.stats, active, wake), head
 
 
 def merged_enqueue_calls(

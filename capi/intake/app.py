@@ -88,6 +88,15 @@ class IntakeMetrics:
             "Events of requests in progress that wait for their Redis round trip, or are in it.",
             registry=r,
         )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (a request's statuses, routes and
+        destinations are few)."""
+        found = self._children.get((metric, *labels))
+        if found is None:
+            found = self._children[(metric, *labels)] = metric.labels(*labels)
+        return found
 
 
 class Answer(Exception):
@@ -175,9 +184,10 @@ class Intake:
             body = _error_body("internal", "the intake failed; see its log", None)
         await _respond(send, status, body, ctype, headers)
         elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(str(status)).inc()
+        metrics = self.metrics
+        metrics.child(metrics.requests, str(status)).inc()
         route = path if path == EVENTS_PATH or ("GET", path) in self._routes else "other"
-        self.metrics.latency.labels(route).observe(elapsed)
+        metrics.child(metrics.latency, route).observe(elapsed)
         access_log.info(
             "%s %s %d",
             method,
@@ -189,14 +199,10 @@ class Intake:
     async def _events(
         self, scope: Scope, receive: Receive, note: dict[str, Any]
     ) -> tuple[int, bytes]:
-        headers = _headers(scope)
-        if sum(1 for name, _ in scope["headers"] if name == b"authorization") > 1:
-            raise Answer(
-                400, "malformed", "the request has several Authorization headers; send one"
-            )
-        destination = self._authorize(headers.get("authorization"), scope, note)
-        kind = _checked(envelope.media_type, headers.get("content-type"))
-        body = await self._body(headers.get("content-length"), receive)
+        authorization, ctype, length = _request_headers(scope)
+        destination = self._authorize(authorization, scope, note)
+        kind = _checked(envelope.media_type, ctype)
+        body = await self._body(length, receive)
         raw = _checked(envelope.events_of, body, kind, self.settings.intake_max_events)
         note["events"] = len(raw)
         report = EnqueueReport()
@@ -245,7 +251,8 @@ class Intake:
                 "send an intake token: Authorization: Bearer <token> (capi intake-token makes one)",
                 {"www-authenticate": "Bearer"},
             )
-        granted = self.grants.granted(token)
+        token_digest = tokens.digest(token)
+        granted = self.grants.granted_digest(token_digest)
         if granted is None:
             raise Answer(
                 401,
@@ -253,8 +260,9 @@ class Intake:
                 "the intake token is not configured",
                 {"www-authenticate": "Bearer"},
             )
-        note["token"] = "sha256:" + tokens.digest(token)[:8]
-        named = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("destination")
+        note["token"] = "sha256:" + token_digest[:8]
+        query = scope.get("query_string", b"")
+        named = parse_qs(query.decode("latin-1")).get("destination") if query else None
         if named is None:
             if len(granted) == 1:
                 (only,) = granted
@@ -346,16 +354,16 @@ class Intake:
         return scheme.lower() == "bearer" and self.grants.granted(token.strip()) is not None
 
     def _count(self, report: EnqueueReport, destination: str) -> None:
-        events = self.metrics.events
+        child, events = self.metrics.child, self.metrics.events
         if report.queued:
-            events.labels("queued", destination).inc(report.queued)
+            child(events, "queued", destination).inc(report.queued)
         if report.duplicates:
-            events.labels("duplicate", destination).inc(report.duplicates)
+            child(events, "duplicate", destination).inc(report.duplicates)
         if report.refused:
-            events.labels("refused", destination).inc(len(report.refused))
+            child(events, "refused", destination).inc(len(report.refused))
         skipped = sum(1 for i in report.skipped if i not in report.added)
         if skipped:
-            events.labels("skipped", destination).inc(skipped)
+            child(events, "skipped", destination).inc(skipped)
 
     def _waiting(self) -> float:
         return self.producer.waiting if self.producer is not None else 0
@@ -457,8 +465,28 @@ def _error_body(code: str, message: str, results: list[dict[str, Any]] | None) -
     return orjson.dumps(error)
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+def _request_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
+    """The request's Authorization, Content-Type and Content-Length (the last of each if
+    repeated); Answer 400 if it has several Authorization headers."""
+    authorization: bytes | None = None
+    ctype: bytes | None = None
+    length: bytes | None = None
+    seen = 0
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+            seen += 1
+        elif name == b"content-type":
+            ctype = value
+        elif name == b"content-length":
+            length = value
+    if seen > 1:
+        raise Answer(400, "malformed", "the request has several Authorization headers; send one")
+    return _text(authorization), _text(ctype), _text(length)
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
 
 
 def _loopback(host: str) -> bool:

@@ -126,6 +126,10 @@ class Grants(destinations.Following[dict[str, frozenset[str]]]):
         """The destinations ``token`` grants; None for a token that is not configured."""
         return self.current().get(digest(token))
 
+    def granted_digest(self, token_digest: str) -> frozenset[str] | None:
+        """:meth:`granted`, for a token whose :func:`digest` is already known."""
+        return self.current().get(token_digest)
+
     def destinations(self) -> list[str]:
         """Every destination some token grants."""
         return sorted({n for names in self.current().values() for n in names})

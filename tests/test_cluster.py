@@ -36,7 +36,7 @@ from capi.status import overview
 from tests.clusterproc import ClusterSet, cluster_settings
 from tests.console_helpers import httpx_get, new_tokens, start_console
 from tests.helpers import _plain as plain_settings
-from tests.helpers import capi, events, spawn, start_worker, stop_worker, wait_for
+from tests.helpers import capi, events, http_get, spawn, start_worker, stop_worker, wait_for
 from tests.intake_helpers import start_intake
 from tests.test_destinations_scale import configure
 from workers.main import worker_settings
@@ -535,5 +535,24 @@ def test_the_intake_enqueues_to_a_cluster(
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 0, output
     assert {e["id"] for e in sent} <= set(sandbox.state.delivered_ids())
+
+    # Readiness reads every master: one full costs only its destinations (ready, degraded,
+    # no address shown); all of them full is not ready.
+    masters = cluster.masters()
+    assert http_get(intake.url + "/readyz") == (200, '{"status": "ready"}')
+    with masters[0].client() as c:
+        c.config_set("maxmemory", 1)
+    status, body = http_get(intake.url + "/readyz")
+    assert status == 200 and "1 of the 3 masters" in body, body
+    assert str(masters[0].port) not in body
+    for node in masters[1:]:
+        with node.client() as c:
+            c.config_set("maxmemory", 1)
+    status, body = http_get(intake.url + "/readyz")
+    assert status == 503 and "every master of the Redis Cluster is full" in body, body
+    for node in masters:
+        with node.client() as c:
+            c.config_set("maxmemory", 0)
+    assert http_get(intake.url + "/readyz")[0] == 200
     log = intake.stop()
     assert "Traceback" not in log, log

@@ -48,8 +48,9 @@ from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUna
 from capi.intake import envelope, guard, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
+from capi.redisconn import is_cluster
 from capi.settings import Settings
-from capi.status import redis_full
+from capi.status import cluster_memory, redis_full
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -372,18 +373,35 @@ class Intake:
         return 200, b'{"status": "alive"}', "application/json"
 
     async def _readyz(self) -> tuple[int, bytes, str]:
+        """Ready: Redis answers and is not full. On a cluster, a full master costs only the
+        destinations whose keys live on it (their requests get 503): ready, and said; every
+        master full is not ready. Redis's addresses are not shown (the answer is public)."""
         assert self.producer is not None
+        client = self.producer.redis
         try:
-            await self.producer.redis.ping()
-            memory = await self.producer.redis.info("memory")
+            await client.ping()
+            if is_cluster(client):
+                _, shards = await cluster_memory(client)
+            else:
+                shards = [{"full": redis_full(await client.info("memory"))}]
         except redis.exceptions.NoPermissionError:
-            memory = {}  # INFO denied to capi's Redis user: the PING answered
+            shards = []  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready
             why = f"Redis does not answer ({type(exc).__name__})"
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
-        if redis_full(memory):  # every POST would get 503 until workers free memory
+        full = sum(1 for shard in shards if shard["full"])
+        if full and full == len(shards):  # every POST would get 503 until workers free memory
             why = "Redis is full (maxmemory reached under noeviction)"
+            if len(shards) > 1:
+                why = f"every master of the Redis Cluster is full ({why[14:]})"
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
+        if full:
+            why = (
+                f"{full} of the {len(shards)} masters of the Redis Cluster are full (maxmemory "
+                "reached under noeviction): requests for the destinations whose keys live "
+                "there get 503 until workers free memory"
+            )
+            return 200, orjson.dumps({"status": "ready", "degraded": why}), "application/json"
         return 200, b'{"status": "ready"}', "application/json"
 
     async def _metrics(self) -> tuple[int, bytes, str]:

@@ -116,7 +116,11 @@ _SCHEMAS: dict[str, Any] = {
     "Status": {
         "type": "object",
         "required": ["status"],
-        "properties": {"status": {"type": "string"}, "reason": {"type": "string"}},
+        "properties": {
+            "status": {"type": "string"},
+            "reason": {"type": "string"},
+            "degraded": {"type": "string"},
+        },
     },
 }
 
@@ -211,8 +215,12 @@ def document() -> dict[str, Any]:
             "/readyz": _get(
                 "Readiness",
                 {
-                    "200": _json("Status", "Redis answers."),
-                    "503": _json("Status", "Redis does not answer."),
+                    "200": _json(
+                        "Status",
+                        "Redis answers and is not full (on a Redis Cluster, `degraded` says "
+                        "when some masters are full).",
+                    ),
+                    "503": _json("Status", "Redis does not answer, or is full."),
                 },
             ),
             "/metrics": _get(

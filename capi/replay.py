@@ -109,7 +109,8 @@ async def replay(
     actor: str | None = None,
 ) -> ReplayReport:
     """Put records' events back on the queue at most ``rate_per_s`` per second; the audit
-    entries name ``actor`` (who asked: a console token's fingerprint) when given."""
+    entries name ``actor`` (who asked: a console token's fingerprint, or ``cli:user@host``)
+    when given."""
     now_ms = now_ms if now_ms is not None else clock.now_ms()
     report = ReplayReport(selected=len(records))
     todo = []
@@ -231,7 +232,8 @@ async def purge(
     now_ms: int | None = None,
 ) -> int:
     """Delete dead letters (readable or not); return how many were removed. With ``actor``
-    (who asked: a console token's fingerprint) the purge is written to the audit."""
+    (who asked: a console token's fingerprint, or ``cli:user@host``) the purge is written to
+    the audit."""
     if not records:
         return 0
     ids = [r.key for r in records]

@@ -5,10 +5,13 @@ Redis is used when it is the default."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import os
+import socket
 from typing import Any
 
+import orjson
 import pytest
 from click.testing import CliRunner, Result
 
@@ -78,6 +81,27 @@ def test_misspelled_filters_are_refused_with_the_choices(
     assert "order_created" in typo.output
     ok = invoke(env, "dead-letters", "list", "--type", "order_created")
     assert ok.exit_code == 0 and "p-0" in ok.output
+
+
+def test_purges_and_replays_from_the_command_line_are_audited_with_who_ran_them(
+    env: dict[str, str], sandbox: SandboxThread, redis_url: str
+) -> None:
+    settings = make_settings(
+        sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=1
+    )
+    enqueue(settings, events(2))
+    drain(settings)  # both dead-lettered: missing_scope
+    assert invoke(env, "dead-letters", "replay", "p-0").exit_code == 0
+    purged = invoke(env, "dead-letters", "purge", "s-1", "--yes")
+    assert purged.exit_code == 0 and "purged 1 dead letter" in purged.output, purged.output
+
+    who = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    log = invoke(env, "dead-letters", "replays").output.splitlines()
+    assert log[0].endswith(f"purged    purged 1 of 1 selected  selection: ids=s-1  by {who}"), log
+    assert "completed" in log[1] and log[1].endswith(f"by {who}"), log
+    entries = invoke(env, "dead-letters", "replays", "--json").output.splitlines()
+    purged = orjson.loads(entries[0])
+    assert (purged["action"], purged["purged"], purged["by"]) == ("purge", 1, who)
 
 
 def test_purge_and_replay_name_the_ids_not_found(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import getpass
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import IO, Any, NoReturn, ParamSpec, TypeVar
@@ -59,6 +61,16 @@ def note_default_redis(settings: Settings) -> None:
             f"(in {settings.config_source()})",
             markup=False,
         )
+
+
+def cli_actor() -> str:
+    """Who runs a command, for the audit of replays and purges: ``cli:user@host`` (the
+    console writes its token's fingerprint instead)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name and no passwd entry (a bare container)
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:

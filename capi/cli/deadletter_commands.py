@@ -19,6 +19,7 @@ from capi import destinations, replay, safetext
 from capi._aio import aw
 from capi.cli.common import (
     PrivateFile,
+    cli_actor,
     err,
     fail,
     handle_errors,
@@ -236,7 +237,8 @@ def _code_and_param(r: DeadLetter) -> str:
 def replays_command(
     ctx: click.Context, /, as_json: bool, limit: int, destination: str | None
 ) -> None:
-    """Show the replay audit log: when, what was selected, what was replayed.
+    """Show the audit log of replays and purges: when, what was selected, what was done, by
+    whom (cli:user@host, or a console token's fingerprint).
 
     A replay with "started" and no "completed" entry was interrupted: run it again. Each
     destination keeps its own log; all are shown unless --destination names some.
@@ -269,14 +271,19 @@ def replays_command(
             print_json(entry)
             continue
         when = datetime.fromtimestamp(entry["at_ms"] / 1000, UTC).isoformat(timespec="seconds")
-        counts = (
-            f"replayed {entry.get('replayed')}, past deadline {entry.get('expired')}, "
-            f"already gone {entry.get('already_gone')}"
-            if entry["status"] == "completed"
-            else f"{entry['selected']} selected"
-        )
+        if entry["status"] == "completed":
+            counts = (
+                f"replayed {entry.get('replayed')}, past deadline {entry.get('expired')}, "
+                f"already gone {entry.get('already_gone')}"
+            )
+        elif entry["status"] == "purged":
+            counts = f"purged {entry.get('purged')} of {entry['selected']} selected"
+        else:
+            counts = f"{entry['selected']} selected"
+        by = f"  by {entry['by']}" if entry.get("by") else ""
         out.print(
-            f"{when}  {entry['status']:<9} {counts}  selection: {_selection(entry['selection'])}",
+            f"{when}  {entry['status']:<9} {counts}  selection: "
+            f"{_selection(entry['selection'])}{by}",
             markup=False,
         )
 
@@ -372,7 +379,9 @@ def purge_command(
             removed = 0
             for name, group in groups.items():
                 keys = settings.keys.for_destination(name)
-                removed += await replay.purge(client, keys, group)
+                removed += await replay.purge(
+                    client, keys, group, actor=cli_actor(), selection=selection
+                )
             return removed
         finally:
             await client.aclose()

@@ -10,6 +10,7 @@ import click
 
 from capi import destinations, replay
 from capi.cli.common import (
+    cli_actor,
     err,
     fail,
     handle_errors,
@@ -150,6 +151,7 @@ async def _replay(
                 include_expired=include_expired,
                 selection=selection,
                 progress=advance,
+                actor=cli_actor(),
             )
             total.replayed += report.replayed
             total.already_gone += report.already_gone

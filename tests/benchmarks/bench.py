@@ -22,6 +22,10 @@ Measures, side by side in one run on this machine:
 - Redis memory per queued event and per dedup record, read from ``used_memory`` only
   (before and after enqueueing N events, then after delivering them), so it measures
   whatever key layout capi uses;
+- ``prepare()`` against its floor (tests/benchmarks/prepare_bench.py: the SHA-256 and the
+  JSON any ``prepare()`` must do), and ``capi serve`` against its floor
+  (tests/benchmarks/intake_bench.py: the same server answering a fixed body), so that the
+  three per-core ratios (prepare, intake, worker against the bare loop) print together;
 - a Redis Cluster of three masters (``--only cluster``, tests/benchmarks/cluster_bench.py):
   events/s over 300 destinations, Redis CPU per event on each master, destinations per
   master and their spread from even;
@@ -538,8 +542,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="comma-separated sections: drain,bare,tail,durability,memory,reclaim,cluster "
-        "(default: all; drain includes bare)",
+        help="comma-separated sections: drain,bare,tail,durability,memory,reclaim,prepare,"
+        "intake,cluster (default: all; drain includes bare)",
     )
     args = parser.parse_args()
     n = args.events or (20_000 if args.quick else 200_000)
@@ -551,7 +555,8 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "command": "python -m tests.benchmarks.bench" + (" --quick" if args.quick else ""),
     }
-    only = set((args.only or "drain,tail,durability,memory,reclaim,cluster").split(","))
+    sections = "drain,tail,durability,memory,reclaim,prepare,intake,cluster"
+    only = set((args.only or sections).split(","))
     if args.only:
         results["command"] += f" --only {args.only}"
     with services() as env:
@@ -580,6 +585,15 @@ def main() -> None:
             results["memory"] = redis_memory(env, 20_000 if args.quick else 1_000_000)
         if "reclaim" in only:
             results["reclaim"] = reclaim_rate(env, 4000 if args.quick else 8000)
+    if "prepare" in only:
+        from tests.benchmarks.prepare_bench import measure
+
+        rounds = 1 if args.quick else 5
+        results["prepare"] = measure(sample_events(2000 if args.quick else 20_000, "prep"), rounds)
+    if "intake" in only:  # servers of its own (tests/benchmarks/intake_bench.py)
+        from tests.benchmarks.intake_bench import single_event_ratios
+
+        results["intake"] = single_event_ratios(1.0 if args.quick else 5.0)
     if "cluster" in only:  # a cluster of its own (tests/benchmarks/cluster_bench.py)
         from tests.benchmarks.cluster_bench import cluster_row
 
@@ -628,6 +642,8 @@ def print_table(r: dict[str, Any]) -> None:
         from tests.benchmarks.cluster_bench import print_cluster
 
         print_cluster(r["cluster"])
+    if "prepare" in r or "intake" in r or "vs_bare" in r:
+        print_ratios(r)
     if "reclaim" in r:
         x = r["reclaim"]
         print(
@@ -636,6 +652,32 @@ def print_table(r: dict[str, Any]) -> None:
             f"vs {x['normal_events_per_s']:,} events/s on fresh events (same worker settings); "
             f"first re-send {x['kill_to_first_resend_s']} s after the kill"
         )
+
+
+def print_ratios(r: dict[str, Any]) -> None:
+    """The per-core ratios of this run against their targets (issue 22, item 3)."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print("per-core ratios, this run:")
+    if "prepare" in r:
+        x = r["prepare"]["ratio"]
+        print(f"  prepare() / its floor: {x:.1f}x (target <= 6x: {verdict(x <= 6)})")
+    if "vs_bare" in r:
+        x = r["vs_bare"]["ratio"]
+        print(f"  one worker / the bare loop: {x:.2f} (target >= 0.75: {verdict(x >= 0.75)})")
+    if "intake" in r:
+        i = r["intake"]
+        if i["vs_floor"] is None:
+            print(f"  capi serve: no ratio (a server missed the lowest rate: {i['best']})")
+        else:
+            print(
+                f"  capi serve, single-event requests/s at p99 < 10 ms: {i['best']['capi']:,} "
+                f"against the floor's {i['best']['floor']:,}: {i['vs_floor']:.2f} (target >= "
+                f"0.5: {verdict(i['vs_floor'] >= 0.5)}); {i['vs_before']:.1f}x the figure "
+                f"of when the issue was filed (target >= 2.5x: {verdict(i['vs_before'] >= 2.5)})"
+            )
 
 
 def print_drain(r: dict[str, Any]) -> None:

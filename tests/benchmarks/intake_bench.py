@@ -257,20 +257,22 @@ async def most_rates(ports: dict[str, int], seconds: float) -> dict[str, int | N
 BEFORE = (750, 1250)  # the issue's figure for capi serve when it was filed (one core)
 
 
-def ratios(best: dict[str, int | None]) -> None:
-    """The single-event figures against the issue's targets: capi serve at least 2.5x the
-    figure of when the issue was filed (:data:`BEFORE`; the same server without grouping,
-    measured here too, has every other gain since) and at least half the floor's, measured
-    in this run."""
+def ratios(best: dict[str, int | None]) -> dict[str, Any]:
+    """The single-event figures against the issue's targets, printed and returned: capi
+    serve at least 2.5x the figure of when the issue was filed (:data:`BEFORE`; the same
+    server without grouping, measured here too, has every other gain since) and at least
+    half the floor's, measured in this run."""
     capi, ungrouped, floor = best["capi"], best["ungrouped"], best["floor"]
     print(
         f"most single-event requests/s with p99 under 10 ms: capi serve {capi}, the same "
         f"without grouping {ungrouped}, floor {floor}"
     )
+    found: dict[str, Any] = {"best": best, "vs_before": None, "vs_floor": None}
     if not capi or not floor:
         print("  no ratio: a server missed the lowest rate")
-        return
+        return found
     gain, share = capi / BEFORE[1], capi / floor
+    found.update(vs_before=round(gain, 2), vs_floor=round(share, 2))
     print(
         f"  capi / when the issue was filed ({BEFORE[0]:,}-{BEFORE[1]:,}): {gain:.2f}x at "
         f"least (target >= 2.5x: {'met' if gain >= 2.5 else 'NOT met'}); capi / floor: "
@@ -278,6 +280,7 @@ def ratios(best: dict[str, int | None]) -> None:
     )
     if ungrouped:
         print(f"  capi / without grouping: {capi / ungrouped:.2f}x")
+    return found
 
 
 def cpu_s(pid: int) -> float:
@@ -372,27 +375,44 @@ def main() -> None:
         "on the same machine"
     )
     print(f"prepare() here and now: {prepare_us():.1f} us/event (one core, 10,000 events)")
+    with servers(args.server_workers) as (pids, redis_url):
+        uvloop.run(run(pids, redis_url, args.seconds))
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def servers(server_workers: int = 1) -> Iterator[tuple[dict[str, tuple[int, int]], str]]:
+    """A redis-server, capi serve with and without grouping, and the floor server: each
+    one's port and pid by name (capi, ungrouped, floor), and Redis's URL."""
     with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)) as rp:
-        workers = ("--workers", str(args.server_workers))
+        workers = ("--workers", str(server_workers))
         server = start_intake(Path(tmp), rp.url, *workers)  # access logs on, as in production
         alone = start_intake(Path(tmp), rp.url, *workers, CAPI_INTAKE_GROUP_EVENTS="0")
         floor_port = free_port()
         floor = spawn([sys.executable, "-m", "tests.benchmarks.floor_server", str(floor_port)])
         floor_url = f"http://127.0.0.1:{floor_port}/healthz"
-        wait_for(lambda: http_get(floor_url)[0] == 200, what="the floor server to answer")
         try:
+            wait_for(lambda: http_get(floor_url)[0] == 200, what="the floor server to answer")
             pids = {
                 name: (int(s.url.rsplit(":", 1)[1]), s.proc.pid)
                 for name, s in (("capi", server), ("ungrouped", alone))
             }
             pids["floor"] = (floor_port, floor.pid)
-            uvloop.run(run(pids, rp.url, args.seconds))
+            yield pids, rp.url
         finally:
             server.stop()
             alone.stop()
             floor.terminate()
             floor.wait(30)
-    sys.stdout.flush()
+
+
+def single_event_ratios(seconds: float) -> dict[str, Any]:
+    """The intake's per-core row for ``bench``: the most single-event requests/s with p99
+    under 10 ms of capi serve, of the same without grouping and of the floor, in turns,
+    and the ratios (printed as they come)."""
+    with servers() as (pids, _):
+        ports = {name: port for name, (port, _) in pids.items()}
+        return ratios(uvloop.run(most_rates(ports, seconds)))
 
 
 if __name__ == "__main__":

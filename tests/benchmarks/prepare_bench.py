@@ -95,6 +95,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile one round as well")
     args = parser.parse_args()
     events = sample_events(args.events, "bench")  # timestamps now: built just before timing
+    measure(events, args.rounds)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(prepare_round, events)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def measure(events: list[dict[str, Any]], rounds: int) -> dict[str, float]:
+    """prepare() and its floor over ``events``, printed; their us/event and the ratio."""
     inputs = floor_inputs(events)
     keys = [f"{e['type']}:{e['id']}" for e in events]
     prepare_round(events[:1000])  # warm caches (pycountry, pydantic) before timing
@@ -104,22 +113,19 @@ def main() -> None:
             "floor": (floor_one, inputs),
             "digest": (dedup.digest, keys),
         },
-        args.rounds,
+        rounds,
     )
     ratio = us["prepare"] / us["floor"]
     verdict = "meets" if ratio <= TARGET_RATIO else "does NOT meet"
     print(
-        f"prepare() benchmark: {len(events):,} events (signup/purchase mix), {args.rounds} "
+        f"prepare() benchmark: {len(events):,} events (signup/purchase mix), {rounds} "
         f"rounds (each {CHUNK}-event chunk's best), one core"
     )
     for label, name in (("prepare():", "prepare"), ("floor (SHA-256 + orjson):", "floor")):
         print(f"{label:27} {us[name]:6.2f} us/event  {1e6 / us[name]:>10,.0f} events/s")
     print(f"prepare() / floor:          {ratio:6.1f}x  ({verdict} the {TARGET_RATIO:g}x target)")
     print(f"(not counted: the producer's dedup digest, {us['digest']:.2f} us/event)")
-    if args.profile:
-        profiler = cProfile.Profile()
-        profiler.runcall(prepare_round, events)
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return {**{f"{k}_us": round(v, 2) for k, v in us.items()}, "ratio": round(ratio, 2)}
 
 
 if __name__ == "__main__":

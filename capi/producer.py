@@ -17,6 +17,7 @@ API's own JSON, and raw identifiers never reach it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -516,24 +517,74 @@ class Producer(_BaseProducer):
 
     @functools.cached_property
     def _group(self) -> Coalescer[list[Call], list[list[int]]] | None:
-        """With ``group_events`` (and one Redis: a cluster's calls go node by node), the queue
-        that sends concurrent enqueues' script calls together (see :mod:`capi.grouping`)."""
+        """With ``group_events`` on one Redis, the queue that sends concurrent enqueues'
+        script calls together (see :mod:`capi.grouping`); a cluster has one per node
+        (:meth:`_node_group`)."""
         if self.group_events <= 0 or is_cluster(self.redis):
             return None
         return Coalescer(self._send_group, self.group_events)
+
+    def _node_group(self, node: str) -> Coalescer[list[Call], list[list[int]]]:
+        """On a cluster, the queue of the calls to one master: each round trip (and its
+        wait) goes to one node, so a node that fails costs only the calls sent to it."""
+        found = self._node_groups.get(node)
+        if found is None:
+            found = self._node_groups[node] = Coalescer(self._send_node_group, self.group_events)
+        return found
+
+    @functools.cached_property
+    def _node_groups(self) -> dict[str, Coalescer[list[Call], list[list[int]]]]:
+        return {}
 
     @property
     def waiting(self) -> int:
         """Events given to :meth:`enqueue` / :meth:`enqueue_many` whose round trip has not
         been answered yet (0 unless grouped)."""
-        return self._group.pending if self._group is not None else 0
+        if self._group is not None:
+            return self._group.pending
+        return sum(group.pending for group in self._node_groups.values())
 
     async def _run(self, calls: list[Call], events: int = 1) -> list[list[int]]:
         """Run enqueue script calls (of ``events`` events): grouped with other enqueues'
         (``group_events``), or now."""
         if self._group is not None:
             return await self._group.submit(calls, events)
-        return await self._run_now(calls)
+        if self.group_events <= 0:
+            return await self._run_now(calls)
+        by_node: dict[str, list[int]] = {}  # a cluster: each node's calls go in its group
+        for i, (keys, _) in enumerate(calls):
+            try:
+                node = self.redis.get_node_from_key(keys[0]).name
+            except redis.exceptions.RedisClusterException:
+                node = ""  # no master serves the slot now: sent as is, it fails alone
+            by_node.setdefault(node, []).append(i)
+        parts = list(by_node.items())
+        runs = [
+            self._node_group(node).submit([calls[i] for i in where], events)
+            if node
+            else self._run_now([calls[i] for i in where])
+            for node, where in parts
+        ]
+        answers = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
+        flags: list[list[int]] = [[] for _ in calls]
+        for (_, where), got in zip(parts, answers, strict=True):
+            for i, answer in zip(where, got, strict=True):
+                flags[i] = answer
+        return flags
+
+    async def _send_node_group(self, items: list[list[Call]]) -> list[list[list[int]] | Exception]:
+        """On a cluster, the script calls of several enqueues to one node: those to the same
+        destination merged, run together (:meth:`_run_now`: with the wait and the index);
+        each enqueue's answers. A failure fails the whole group (the node's)."""
+        calls, spans = merged_enqueue_calls([call for item in items for call in item])
+        flags = await self._run_now(calls)
+        answers = [flags[m][start:end] for m, start, end in spans]
+        out: list[list[list[int]] | Exception] = []
+        start = 0
+        for item in items:
+            out.append(answers[start : start + len(item)])
+            start += len(item)
+        return out
 
     async def _run_now(self, calls: list[Call]) -> list[list[int]]:
         """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them;

@@ -125,8 +125,8 @@ def merged_enqueue_calls(
     """Calls of :data:`ENQUEUE_LUA` (from :func:`enqueue_call`) as few calls: those to the
     same keys with the same dedup prefix, window and destination become one, their events
     in order and their skipped counts added up. Also, for each call given, where its
-    per-event answers are: the merged call's index, then the slice of its answer. One
-    Redis only: a cluster's answer carries more than the per-event flags."""
+    per-event answers are: the merged call's index, then the slice of its per-event flags
+    (on a cluster, of the flags :func:`capi.index.unpack` takes out of the answer)."""
     out: list[tuple[list[str], list[Any]]] = []
     where: dict[tuple[Any, ...], int] = {}
     spans = []

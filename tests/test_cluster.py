@@ -37,7 +37,7 @@ from tests.clusterproc import ClusterSet, cluster_settings
 from tests.console_helpers import httpx_get, new_tokens, start_console
 from tests.helpers import _plain as plain_settings
 from tests.helpers import capi, events, http_get, spawn, start_worker, stop_worker, wait_for
-from tests.intake_helpers import start_intake
+from tests.intake_helpers import TOKEN, start_intake
 from tests.test_destinations_scale import configure
 from workers.main import worker_settings
 
@@ -556,3 +556,43 @@ def test_the_intake_enqueues_to_a_cluster(
     assert http_get(intake.url + "/readyz")[0] == 200
     log = intake.stop()
     assert "Traceback" not in log, log
+
+
+def test_the_intake_groups_concurrent_requests_node_by_node(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """While the master of a destination holds its writes, requests for it wait in that
+    node's group; let go, they reach it in one script call (with one WAIT), and each is
+    answered and delivered."""
+    from tests.test_intake_grouping import calls, joined, post_all, waiting
+
+    intake = start_intake(
+        tmp_path,
+        cluster.url,
+        CAPI_REDIS_CLUSTER="true",
+        CAPI_ENQUEUE_DURABILITY="replica",
+        CAPI_REDIS_TIMEOUT_S="60",
+    )
+    settings = cluster_settings(sandbox, cluster)
+    node = cluster.node_of(settings.keys.stream)
+    try:
+        assert intake.post(events(1, prefix="warm-")).json()["queued"] == 1
+        with node.client() as client:
+            scripts, waits = calls(client, "evalsha"), calls(client, "wait")
+            client.execute_command("CLIENT", "PAUSE", 120_000, "WRITE")
+            sent = events(30, prefix="grouped-")
+            threads, answers = post_all(intake, [([e], TOKEN, None) for e in sent])
+            wait_for(lambda: waiting(intake) == 30, 60, "every event to wait for its node")
+            client.execute_command("CLIENT", "UNPAUSE")
+            got = joined(threads, answers)
+            round_trips = calls(client, "wait") - waits
+            assert round_trips <= 2, round_trips  # the one held, then the rest together
+            assert calls(client, "evalsha") - scripts == round_trips  # one destination
+        assert [a.json()["results"][0]["status"] for a in got] == ["queued"] * 30
+    finally:
+        log = intake.stop()
+    assert "Traceback" not in log, log
+    worker = start_worker(settings, "--burst")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert {e["id"] for e in sent} <= set(sandbox.state.delivered_ids())

@@ -5,6 +5,7 @@ every other command start without them."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
+    tune_gc()
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -137,6 +139,18 @@ def proxy_options(settings: Settings) -> dict[str, object]:
     return {"proxy_headers": True, "forwarded_allow_ips": trusted}
 
 
+def tune_gc() -> None:
+    """Python's cyclic garbage collector set for a server, once startup is done: what
+    startup made (modules, schemas, settings: tens of thousands of objects) is frozen, so
+    the collector never walks it again, and the youngest generation is collected every
+    10,000 allocations rather than 700 (a request's garbage is freed by reference counting;
+    the collector only finds cycles): about 8% less CPU per single-event request
+    (docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 def _exit_quietly_after_shutdown() -> None:
     """After a graceful shutdown uvicorn raises the signal it caught again, for the handler
     that was there before it; these handlers let the command then end with exit code 0."""
@@ -165,7 +179,9 @@ def app_from_environment() -> Intake:
 
     settings = Settings.load()
     configure_logging(settings)
-    return Intake(settings)
+    intake = Intake(settings)
+    tune_gc()
+    return intake
 
 
 @click.command("intake-token")

@@ -391,9 +391,9 @@ class Intake:
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         full = sum(1 for shard in shards if shard["full"])
         if full and full == len(shards):  # every POST would get 503 until workers free memory
-            why = "Redis is full (maxmemory reached under noeviction)"
-            if len(shards) > 1:
-                why = f"every master of the Redis Cluster is full ({why[14:]})"
+            why = (
+                "every master of the Redis Cluster is full" if len(shards) > 1 else "Redis is full"
+            ) + " (maxmemory reached under noeviction)"
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         if full:
             why = (

@@ -291,13 +291,16 @@ class _BaseProducer:
         self, calls: list[tuple[list[str], list[Any]]], answers: list[Any]
     ) -> tuple[list[list[int]], list[str]]:
         """The scripts' per-event answers, and (on a cluster) the destinations whose flag a
-        script set: those go into the active set next (capi.index)."""
+        script set: those go into the active set next (capi.index). The events each call
+        skipped are counted here, once Redis took the call, as its stats count them."""
         out, armed = [], []
         for (_, args), answer in zip(calls, answers, strict=True):
             result, newly, _ = index.unpack(self.keys, answer)
             out.append(result)
             if newly:
                 armed.append(str(args[3]))  # enqueue_call's destination
+            if args[4] and self.metrics is not None:  # enqueue_call's skipped count
+                self.metrics.skipped.labels(str(args[3])).inc(args[4])
         return out, armed
 
     def _confirmed(self, calls: int, answers: list[Any]) -> list[list[int]] | None:
@@ -466,8 +469,6 @@ class _BaseProducer:
                 continue
             sent.append(p if fate == "send" else p.opted_out())
             where.append(i)
-        if skipped and self.metrics is not None:
-            self.metrics.skipped.labels(target.destination).inc(skipped)
         return (*self._args(sent, target, skipped), where)
 
     def _args(

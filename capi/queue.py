@@ -64,21 +64,25 @@ ENQUEUE_LUA = (
 -- timestamp_ms, JSON, identifier kinds (capi.coverage mask). Queues each event unless its
 -- digest is in the window. A duplicate is counted: that write lets a WAIT / WAITAOF sent
 -- after this script cover the earlier write of the same event (see capi.durability).
+-- The first XADD comes before any other write (a dedup record, a counter): when Redis
+-- refuses it (a stream key holding another type) the call fails having written nothing,
+-- so the same events sent again are queued, not answered duplicate, and no skip is counted
+-- for a request that was answered an error.
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
-if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5]) end
 for j = 6, #ARGV, 5 do
   local d = ARGV[j]
   if window > 0 and dd_seen(d) then
     out[#out + 1] = 0
   else
-    if window > 0 then dd_add(d) end
     redis.call('XADD', KEYS[1], '*', 'e', ARGV[j + 3], 't', ARGV[j + 2], 'i', ARGV[j + 1],
                'k', ARGV[j + 4])
+    if window > 0 then dd_add(d) end
     added = added + 1
     out[#out + 1] = 1
   end
 end
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[2], 'skipped', ARGV[5]) end
 if added > 0 then
   redis.call('HINCRBY', KEYS[2], 'enqueued', added)
   activate(KEYS[3], KEYS[4], ARGV[4])

@@ -262,3 +262,86 @@ def test_a_connection_dropped_mid_group_is_sent_again_and_each_event_queued_once
             assert sorted(queued_ids(rp.url)) == sorted(["warm-p-0", *(e["id"] for e in batch)])
         finally:
             server.stop()
+
+
+def counter(server: IntakeProcess, name: str, **labels: str) -> float:
+    """A sample of the intake's /metrics (0 when it has none)."""
+    status, text = http_get(server.url + "/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample.startswith(name + "{") and all(f'{k}="{v}"' in sample for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def test_a_destination_whose_stream_redis_refuses_keeps_nothing_of_its_failed_requests(
+    tmp_path: Path,
+) -> None:
+    """Destination b's stream key holds a string, so Redis refuses every write to it; its
+    concurrent requests share one script call, mixed with a's, and fail alone. Redis keeps
+    nothing of them: the same requests sent again once the key is repaired queue every
+    event (no dedup record was left without its event), and b's skipped count, in its stats
+    and on /metrics, is what the answers said was skipped, as it is for a."""
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    with RedisProcess(tmp_path) as rp:
+        server = start_intake(
+            tmp_path, rp.url, CAPI_DESTINATIONS_FILE=str(path), CAPI_REDIS_TIMEOUT_S=HOLD_S
+        )
+        keys = {d: Settings(_env_file=None).keys.for_destination(d) for d in "ab"}
+        try:
+            with rp.client() as client:
+                warm = server.post(events(1, prefix="warm-"), token=TOKENS["a"])
+                assert warm.status_code == 200 and warm.json()["queued"] == 1
+                client.set(keys["b"].stream, "not a stream")
+
+                denied = [dict(e, consent="denied") for e in events(6, prefix="no-")]
+                sent = events(5, prefix="b-")
+                b_requests: list[tuple[list[Any], str, str | None]] = [
+                    ([e], TOKENS["b"], "b") for e in sent[:4]
+                ]
+                b_requests += [([sent[4], denied[0]], TOKENS["b"], "b")]
+                # events skipped alone: answered 200 if their call ran apart from the failing
+                # one, else 500 with it; either way the counts below must agree with the answers
+                b_requests += [([d], TOKENS["b"], "b") for d in denied[1:4]]
+                shared = events(3, prefix="a-")
+                a_requests = [
+                    ([shared[i % 3], denied[4 + i % 2]], TOKENS["a"], None) for i in range(6)
+                ]
+                threads, answered = held(client, server, b_requests + a_requests, 5 + 6)
+                client.execute_command("CLIENT", "UNPAUSE")
+                answers = joined(threads, answered)
+
+                b_answers, a_answers = answers[: len(b_requests)], answers[len(b_requests) :]
+                assert [a.status_code for a in b_answers[:5]] == [500] * 5
+                assert [a.status_code for a in a_answers] == [200] * 6
+                assert (
+                    sorted(a.json()["results"][0]["status"] for a in a_answers)
+                    == ["duplicate"] * 3 + ["queued"] * 3
+                )
+                a_stats = client.hgetall(keys["a"].stats)
+                assert (int(a_stats[b"enqueued"]), int(a_stats[b"duplicates"])) == (1 + 3, 3)
+                for name, got in (("a", a_answers), ("b", b_answers)):
+                    skipped = sum(a.json()["skipped"] for a in got if a.status_code == 200)
+                    stats = client.hgetall(keys[name].stats)
+                    assert int(stats.get(b"skipped", 0)) == skipped, (name, stats)
+                    assert counter(server, "capi_events_skipped_total", destination=name) == skipped
+                    assert (
+                        counter(
+                            server, "capi_intake_events_total", outcome="skipped", destination=name
+                        )
+                        == skipped
+                    )
+
+                client.delete(keys["b"].stream)  # repaired: the same requests again
+                again = [
+                    server.post(body, token=token, destination=d) for body, token, d in b_requests
+                ]
+            assert [a.status_code for a in again] == [200] * len(b_requests)
+            assert [r["status"] for a in again[:5] for r in a.json()["results"]] == [
+                "queued"
+            ] * 5 + ["skipped"]
+            assert sorted(queued_ids(rp.url, "b")) == sorted(e["id"] for e in sent)
+        finally:
+            server.stop()

@@ -99,3 +99,20 @@ def test_redis_away_is_one_clear_error_and_the_cli_exits_5(sandbox: SandboxThrea
     )
     assert result.exit_code == ExitCode.REDIS
     assert "could not be reached" in result.output
+
+
+def test_an_enqueue_redis_refuses_leaves_no_dedup_record(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """The stream key holds a string: the enqueue fails, and once the key is repaired the
+    same event is queued (not taken for a duplicate of the event that was never stored)."""
+    settings = make_settings(sandbox, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    client.set(settings.keys.stream, "not a stream")
+    event = events(1, prefix="refused-")[0]
+    with SyncProducer.from_settings(settings) as producer:
+        with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+            producer.enqueue(event)
+        client.delete(settings.keys.stream)
+        assert producer.enqueue(event) is True
+    assert client.xlen(settings.keys.stream) == 1

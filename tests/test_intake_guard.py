@@ -18,6 +18,7 @@ import pytest
 from capi.intake import tokens
 from tests.helpers import events, wait_for
 from tests.intake_helpers import TOKEN, UNSET, IntakeProcess, intake_env, start_intake
+from tests.test_intake import TOKENS, queued_ids, write_destinations
 
 EVENT = orjson.dumps({"events": events(1, prefix="legit-")})
 
@@ -213,6 +214,39 @@ def test_two_authorization_headers_get_400(guarded: IntakeProcess) -> None:
     )
     assert resp.status_code == 400
     assert "Authorization" in resp.json()["error"]["message"]
+
+
+def test_two_content_types_or_two_destinations_get_400_and_queue_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Like two Authorization headers: a proxy in front may believe the first where the
+    intake would believe the last, so a request that says either twice is refused."""
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    both = {"Authorization": f"Bearer {TOKENS['both']}"}
+    try:
+        typed = httpx.post(
+            server.url + "/v1/events?destination=a",
+            content=EVENT,
+            headers=[
+                *both.items(),
+                ("Content-Type", "text/plain"),
+                ("Content-Type", "application/json"),
+            ],
+        )
+        named = httpx.post(
+            server.url + "/v1/events?destination=a&destination=b",
+            content=EVENT,
+            headers={**both, "Content-Type": "application/json"},
+        )
+        once = server.post(events(1, prefix="once-"), token=TOKENS["both"], destination="b")
+    finally:
+        server.stop()
+    assert typed.status_code == 400 and "Content-Type" in typed.json()["error"]["message"]
+    assert named.status_code == 400 and "destination" in named.json()["error"]["message"]
+    assert once.status_code == 200
+    assert queued_ids(redis_url, "a") == [] and queued_ids(redis_url, "b") == ["once-p-0"]
 
 
 def test_x_forwarded_for_is_believed_only_from_trusted_proxies(

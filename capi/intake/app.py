@@ -275,7 +275,11 @@ class Intake:
                 "this token grants several destinations; name one with ?destination=NAME: "
                 + ", ".join(sorted(granted)),
             )
-        name: str = named[-1]
+        if len(named) > 1:  # as with two Authorization headers: believe neither
+            raise Answer(
+                400, "malformed", "the request names ?destination= several times; name one"
+            )
+        name: str = named[0]
         if name not in granted:
             raise Answer(
                 403,
@@ -484,22 +488,26 @@ def _error_body(code: str, message: str, results: list[dict[str, Any]] | None) -
 
 
 def _request_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
-    """The request's Authorization, Content-Type and Content-Length (the last of each if
-    repeated); Answer 400 if it has several Authorization headers."""
+    """The request's Authorization, Content-Type and Content-Length; Answer 400 if it has
+    several Authorization or Content-Type headers (which one a server believes differs
+    between servers and proxies, so neither is; the HTTP parser refuses two lengths)."""
     authorization: bytes | None = None
     ctype: bytes | None = None
     length: bytes | None = None
-    seen = 0
+    seen = typed = 0
     for name, value in scope["headers"]:
         if name == b"authorization":
             authorization = value
             seen += 1
         elif name == b"content-type":
             ctype = value
+            typed += 1
         elif name == b"content-length":
             length = value
     if seen > 1:
         raise Answer(400, "malformed", "the request has several Authorization headers; send one")
+    if typed > 1:
+        raise Answer(400, "malformed", "the request has several Content-Type headers; send one")
     return _text(authorization), _text(ctype), _text(length)
 
 

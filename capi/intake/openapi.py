@@ -154,7 +154,8 @@ def _events_operation() -> dict[str, Any]:
             "400": _json(
                 "Error",
                 "The body is not a JSON envelope of events (or no NDJSON), names a key twice "
-                "in one object, or the request has several Authorization headers.",
+                "in one object, or the request has several Authorization or Content-Type "
+                "headers, or names ?destination= several times.",
             ),
             "401": _json(
                 "Error", "No intake token, or one not configured.", headers=_WWW_AUTHENTICATE

@@ -23,7 +23,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self, overload
 
@@ -303,14 +303,15 @@ class _BaseProducer:
                 self.metrics.skipped.labels(str(args[3])).inc(args[4])
         return out, armed
 
-    def _confirmed(self, calls: int, answers: list[Any]) -> list[list[int]] | None:
+    def _confirmed(self, calls: int, answers: list[Any], each: bool = False) -> list[Any] | None:
         """The scripts' answers once the wait confirmed them; None if the script must be
-        loaded first (NOSCRIPT: nothing was written). Raises what Redis refused."""
+        loaded first (NOSCRIPT: nothing was written). Raises what Redis refused (with
+        ``each``, a call's own refusal is left in its place; a slot that moved is raised)."""
         flags = answers[:calls]
         if any(isinstance(f, redis.exceptions.NoScriptError) for f in flags):
             return None
         for flag in flags:
-            if isinstance(flag, Exception):
+            if isinstance(flag, Exception) and not (each and _refused(flag)):
                 raise flag
         self._durability.check(answers[calls:])
         return flags
@@ -575,17 +576,37 @@ class Producer(_BaseProducer):
 
     async def _send_node_group(self, items: list[list[Call]]) -> list[list[list[int]] | Exception]:
         """On a cluster, the script calls of several enqueues to one node: those to the same
-        destination merged, run together (:meth:`_run_now`: with the wait and the index);
-        each enqueue's answers. A failure fails the whole group (the node's)."""
+        destination merged, run together (:meth:`_run_each`: with the wait and the index);
+        each enqueue's answers, or its own error. The node away, or its wait failed, fails
+        the whole group (the node's); Redis refusing one destination's call fails only the
+        enqueues of that call."""
         calls, spans = merged_enqueue_calls([call for item in items for call in item])
-        flags = await self._run_now(calls)
-        answers = [flags[m][start:end] for m, start, end in spans]
+        got = await self._run_each(calls)
+        answers: list[Any] = [
+            answer if isinstance(answer := got[m], Exception) else answer[start:end]
+            for m, start, end in spans
+        ]
         out: list[list[list[int]] | Exception] = []
         start = 0
         for item in items:
-            out.append(answers[start : start + len(item)])
+            mine = answers[start : start + len(item)]
             start += len(item)
+            out.append(next((a for a in mine if isinstance(a, Exception)), mine))
         return out
+
+    async def _run_each(self, calls: list[Call]) -> list[Any]:
+        """:meth:`_run_now` on a cluster, each call answered with its flags or with the
+        error Redis refused it with (a stream key of another type, say)."""
+        if not self._durability.waits:
+            answers = [await _answer_or_refusal(self._script(keys=k, args=a)) for k, a in calls]
+        else:
+            answers = await self._run_pinned(calls, each=True)
+        done = [i for i, answer in enumerate(answers) if not isinstance(answer, Exception)]
+        flags, armed = self._unpacked([calls[i] for i in done], [answers[i] for i in done])
+        await index.arm(self.redis, self.keys, armed)
+        for i, found in zip(done, flags, strict=True):
+            answers[i] = found
+        return answers
 
     async def _run_now(self, calls: list[Call]) -> list[list[int]]:
         """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them;
@@ -601,14 +622,17 @@ class Producer(_BaseProducer):
         return flags
 
     async def _run_waited(
-        self, pipeline: Callable[[], Any], calls: list[tuple[list[str], list[Any]]]
+        self,
+        pipeline: Callable[[], Any],
+        calls: list[tuple[list[str], list[Any]]],
+        each: bool = False,
     ) -> list[Any]:
         """The calls and the wait, in the pipeline ``pipeline()`` builds (the script loaded
-        where it is missing)."""
+        where it is missing); with ``each``, a call Redis refused answered by its error."""
         for _ in range(2):
             pipe = pipeline()
             answers = await pipe.execute(raise_on_error=False)
-            flags = self._confirmed(len(calls), answers)
+            flags = self._confirmed(len(calls), answers, each)
             if flags is not None:
                 return flags
             pipe.script_load(self._lua)
@@ -656,12 +680,14 @@ class Producer(_BaseProducer):
         await index.arm(self.redis, self.keys, armed)
         return out
 
-    async def _run_pinned(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    async def _run_pinned(
+        self, calls: list[tuple[list[str], list[Any]]], each: bool = False
+    ) -> list[Any]:
         """On a cluster, under ``aof`` or ``replica``: each node's calls and the wait in one
         pipeline on one connection to that node (the wait covers that connection's writes
         only). A slot that moved (a failover) has the topology read again and every call
         sent again (they dedup); a node that does not answer has it read again for the
-        next call."""
+        next call. With ``each``, a call Redis refused is answered by its error."""
         await self.redis.initialize()
         answers: list[Any] = [None] * len(calls)
         for _ in range(3):
@@ -669,7 +695,7 @@ class Producer(_BaseProducer):
                 for node, positions in self._pinned(calls).items():
                     part = [calls[i] for i in positions]
                     found = await self._run_waited(
-                        functools.partial(self._node_pipeline, node, part), part
+                        functools.partial(self._node_pipeline, node, part), part, each
                     )
                     for i, answer in zip(positions, found, strict=True):
                         answers[i] = answer
@@ -875,6 +901,22 @@ class SyncProducer(_BaseProducer):
 def _moved(exc: BaseException) -> bool:
     """Whether Redis answered that a slot is served elsewhere now (MOVED, ASK)."""
     return isinstance(exc, redis.exceptions.AskError) or str(exc).startswith(("MOVED", "ASK"))
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether Redis refused one call (an error answer, not a slot that moved): the other
+    calls of its round trip stand."""
+    return isinstance(exc, redis.exceptions.ResponseError) and not _moved(exc)
+
+
+async def _answer_or_refusal(call: Awaitable[Any]) -> Any:
+    """A script call's answer, or the error Redis refused it with (see :func:`_refused`)."""
+    try:
+        return await call
+    except redis.exceptions.ResponseError as exc:
+        if not _refused(exc):
+            raise
+        return exc
 
 
 def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:

@@ -27,6 +27,7 @@ from capi import coverage, dedup, index
 from capi.constants import RedisKeys
 from capi.errors import ConfigError, QueueUnavailable
 from capi.events import prepare
+from capi.intake import tokens
 from capi.producer import Producer, SyncProducer
 from capi.queue import ENQUEUE_LUA, enqueue_call, lua
 from capi.sandbox import SandboxThread
@@ -597,3 +598,53 @@ def test_the_intake_groups_concurrent_requests_node_by_node(
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 0, output
     assert {e["id"] for e in sent} <= set(sandbox.state.delivered_ids())
+
+
+def test_a_destination_redis_refuses_fails_only_its_own_requests_on_its_node(
+    tmp_path: Path, cluster: ClusterSet
+) -> None:
+    """The stream key of d0 holds a string, so its master refuses every write to it. While
+    that master holds its writes, requests for d0 and for another destination it serves
+    wait in its group; let go, only d0's requests fail: the other destination's are each
+    answered queued (none answered an error with its event queued all the same)."""
+    from tests.test_intake_grouping import joined, post_all, waiting
+
+    names = [f"d{i}" for i in range(12)]
+    path = tmp_path / "destinations.toml"
+    path.write_text(
+        "".join(
+            f'[destinations.{n}]\npixel_id = "pix-{n}"\napi_key_env = "CAPI_KEY_ANY"\n'
+            f'intake_tokens_sha256 = ["{tokens.digest(TOKEN)}"]\n\n'
+            for n in names
+        )
+    )
+    keys = {n: Settings(_env_file=None, redis_cluster=True).keys.for_destination(n) for n in names}
+    node = cluster.node_of(keys["d0"].stream)
+    neighbour = next(n for n in names[1:] if cluster.node_of(keys[n].stream).port == node.port)
+    intake = start_intake(
+        tmp_path,
+        cluster.url,
+        CAPI_REDIS_CLUSTER="true",
+        CAPI_ENQUEUE_DURABILITY="replica",
+        CAPI_DESTINATIONS_FILE=str(path),
+        CAPI_KEY_ANY="sk-any",
+        CAPI_REDIS_TIMEOUT_S="60",
+    )
+    try:
+        for n in ("d0", neighbour):  # each destination's script loaded on the node
+            assert intake.post(events(1, prefix=f"warm-{n}-"), destination=n).status_code == 200
+        sent = events(10, prefix="near-")
+        with node.client() as client:
+            client.set(keys["d0"].stream, "not a stream")
+            client.execute_command("CLIENT", "PAUSE", 120_000, "WRITE")
+            requests = [([e], TOKEN, neighbour) for e in sent]
+            requests += [(events(1, prefix=f"refused-{i}-"), TOKEN, "d0") for i in range(5)]
+            threads, answers = post_all(intake, requests)
+            wait_for(lambda: waiting(intake) == 15, 60, "every event to wait for its node")
+            client.execute_command("CLIENT", "UNPAUSE")
+            got = joined(threads, answers)
+    finally:
+        intake.stop()
+    assert [a.status_code for a in got[10:]] == [500] * 5
+    assert [a.status_code for a in got[:10]] == [200] * 10, [a.text for a in got[:10]]
+    assert [a.json()["results"][0]["status"] for a in got[:10]] == ["queued"] * 10

@@ -130,6 +130,32 @@ def test_a_header_bomb_gets_431_and_the_server_goes_on(guarded: IntakeProcess) -
     assert legit(guarded) == 200
 
 
+def test_headers_over_the_limit_in_one_packet_get_431_too(guarded: IntakeProcess) -> None:
+    """A request line and headers over the limit that end within one read are refused as a
+    trickle of them is (they were parsed and answered 200 up to about 64 KB)."""
+    port = guarded.url.rsplit(":", 1)[1]
+    query = "x=" + "a" * 40_000
+    request = (
+        f"POST /v1/events?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(EVENT)}\r\n\r\n"
+    ).encode() + EVENT
+    with connect(guarded) as sock:
+        sock.sendall(request)
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    near = b"POST /v1/events?" + b"y=" + b"b" * 15_000 + b" HTTP/1.1\r\nHost: x\r\n"
+    with connect(guarded) as sock:  # under the limit, with its end split over two reads
+        sock.sendall(near + b"Authorization: Bearer " + TOKEN.encode() + b"\r\n")
+        sock.sendall(b"Content-Type: application/json\r\n")
+        sock.sendall(b"Content-Length: %d\r\n\r" % len(EVENT))
+        time.sleep(0.2)
+        sock.sendall(b"\n" + EVENT)
+        answer = read_answer(sock, 2.0)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert legit(guarded) == 200
+
+
 def test_a_connection_that_sends_nothing_is_closed(guarded: IntakeProcess) -> None:
     with connect(guarded) as sock:
         started = time.monotonic()

@@ -91,6 +91,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._host = ""
         self._peers = _PEERS.setdefault(self.server_state, _Peers())
         self._head_bytes = 0
+        self._head_tail = b""  # the last bytes read in the HEAD stage (an end split over reads)
         self._discarded = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
@@ -171,18 +172,25 @@ class GuardedProtocol(HttpToolsProtocol):
                 self._head_timer = self.loop.call_later(
                     self.limits.header_timeout_s, self._head_too_slow
                 )
-            self._head_bytes += len(data)
-        super().data_received(data)
-        if self._stage == HEAD and self._head_bytes > self.limits.max_header_bytes:
-            self._refuse(
-                error_response(
-                    431,
-                    "Request Header Fields Too Large",
-                    "headers_too_large",
-                    "the request line and headers are over "
-                    f"{self.limits.max_header_bytes:,} bytes (CAPI_INTAKE_MAX_HEADER_BYTES)",
+            # Measured before the parser sees it: headers that end in this read (a whole
+            # request in one packet) must not get past the limit either.
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            head = len(data) if end < 0 else end + 4 - len(self._head_tail)
+            if self._head_bytes + head > self.limits.max_header_bytes:
+                self._refuse(
+                    error_response(
+                        431,
+                        "Request Header Fields Too Large",
+                        "headers_too_large",
+                        "the request line and headers are over "
+                        f"{self.limits.max_header_bytes:,} bytes (CAPI_INTAKE_MAX_HEADER_BYTES)",
+                    )
                 )
-            )
+                return
+            self._head_bytes += len(data)
+            self._head_tail = seen[-3:]
+        super().data_received(data)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -202,6 +210,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
+        self._head_tail = b""
         self._peers.touch(self)
         super().on_headers_complete()
 

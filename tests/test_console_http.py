@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from capi.console import auth
-from capi.console.answers import SECURITY_HEADERS
+from capi.console.answers import SECURITY_HEADERS, STATIC_HEADERS
 from capi.failures import Reason
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
@@ -72,8 +72,19 @@ def test_every_answer_carries_the_security_headers(console: str, tokens: Tokens)
     ]
     assert [a.status_code for a in answers] == [200, 200, 200, 404, 200, 403]
     for answer in answers:
-        for name, value in SECURITY_HEADERS:
+        expected = STATIC_HEADERS if answer.url.path.startswith("/static/") else SECURITY_HEADERS
+        for name, value in expected:
             assert answer.headers[name.decode()] == value.decode(), (answer.url, name)
+    # the script may be kept, and is asked for again only if it changed
+    script = answers[4]
+    assert (
+        script.headers["cache-control"] == "no-cache"
+        and answers[2].headers["cache-control"] == "no-store"
+    )
+    again = httpx_get(
+        console + "/static/console.js", headers={"If-None-Match": script.headers["etag"]}
+    )
+    assert again.status_code == 304 and not again.content
     csp = answers[0].headers["content-security-policy"]
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "unsafe-inline" not in csp

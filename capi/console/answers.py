@@ -30,8 +30,18 @@ SECURITY_HEADERS = [
 ]
 
 
+# The console's own script and style sheet hold nothing private: a browser may keep them,
+# asking each time whether they changed (ETag: 304 when not), instead of fetching them anew
+# on every page.
+STATIC_HEADERS = [
+    (name, b"no-cache") if name == b"cache-control" else (name, value)
+    for name, value in SECURITY_HEADERS
+]
+
+
 class SecurityHeaders:
-    """ASGI middleware: :data:`SECURITY_HEADERS` on every answer."""
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every answer (:data:`STATIC_HEADERS`
+    under ``/static/``)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -40,10 +50,11 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        extra = STATIC_HEADERS if scope["path"].startswith("/static/") else SECURITY_HEADERS
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         await self.app(scope, receive, with_headers)

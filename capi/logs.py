@@ -7,6 +7,8 @@ replaces any occurrence of the key by its fingerprint, as a last line of defence
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -119,9 +121,57 @@ class TextFormatter(logging.Formatter):
         return line + ("  " + " ".join(extras) if extras else "")
 
 
-def configure(*, json: bool, level: int = logging.INFO, key: str = "") -> None:
-    """Send capi's (and arq's) logs to stderr, as JSON or text, with the key redacted."""
-    handler = logging.StreamHandler(sys.stderr)
+class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that, on a thread running an asyncio event loop, writes the lines of
+    one turn of the loop together, at the end of that turn (``call_soon``): a server
+    answering many requests a turn makes one write of their access lines, not one each.
+    Elsewhere (no running loop) it writes at once; :meth:`flush` (logging's shutdown too)
+    writes what waits."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_waiting()
+            super().emit(record)
+            return
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        if not self._waiting:
+            loop.call_soon(self.flush)
+        self._waiting.append(line)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_waiting()
+            super().flush()
+        finally:
+            self.release()
+
+    def _write_waiting(self) -> None:
+        if self._waiting:
+            text, self._waiting = "".join(self._waiting), []
+            try:
+                self.stream.write(text)
+            except Exception as exc:  # the log itself is broken: say so where Python would
+                with contextlib.suppress(Exception):
+                    sys.__stderr__.write(f"capi: could not write log lines: {exc!r}\n")  # type: ignore[union-attr]
+
+
+def configure(
+    *, json: bool, level: int = logging.INFO, key: str = "", per_turn: bool = False
+) -> None:
+    """Send capi's (and arq's) logs to stderr, as JSON or text, with the key redacted; with
+    ``per_turn`` a turn of the event loop writes its lines together (:class:`TurnHandler`)."""
+    handler = TurnHandler(sys.stderr) if per_turn else logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     handler.addFilter(RedactKey(key))
     root = logging.getLogger()

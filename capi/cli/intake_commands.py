@@ -163,7 +163,8 @@ def configure_logging(settings: Settings) -> None:
     from capi.intake.app import AccessFormatter
 
     key = settings.api_key.get_secret_value() if settings.api_key else ""
-    logs.configure(json=True, level=getattr(logging, settings.log_level.upper()), key=key)
+    level = getattr(logging, settings.log_level.upper())
+    logs.configure(json=True, level=level, key=key, per_turn=True)
     # A line per request: skip what no capi formatter prints (the logging HOWTO's
     # "Optimization": caller's file and line, thread, process).
     logging._srcfile = None

@@ -295,17 +295,33 @@ class Intake:
             if int(length) > limit:
                 raise Answer(413, "body_too_large", envelope.too_large(limit).message)
             self._reserve(int(length) - FREE_BODY_BYTES, dry_run=True)
+        # The whole body within the timeout (a trickle is refused too). What asyncio.timeout
+        # does, in its cheapest form: one timer that cancels this task, told apart from any
+        # other cancellation by uncancel() (asyncio.timeout cost about 6 us a request).
         timeout_s = self.settings.intake_read_timeout_s
+        task = asyncio.current_task()
+        assert task is not None, "an ASGI request runs in a task"
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = task.get_loop().call_later(timeout_s, expire)
         try:
-            async with asyncio.timeout(timeout_s):  # the whole body: a trickle is refused too
-                return await self._read(receive, limit)
-        except TimeoutError:
-            raise Answer(
-                408,
-                "body_timeout",
-                f"the body did not arrive within CAPI_INTAKE_READ_TIMEOUT_S={timeout_s:g} s",
-                {"connection": "close"},
-            ) from None
+            return await self._read(receive, limit)
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:
+                raise Answer(
+                    408,
+                    "body_timeout",
+                    f"the body did not arrive within CAPI_INTAKE_READ_TIMEOUT_S={timeout_s:g} s",
+                    {"connection": "close"},
+                ) from None
+            raise
+        finally:
+            timer.cancel()
 
     async def _read(self, receive: Receive, limit: int) -> bytes:
         """The body; its bytes beyond FREE_BODY_BYTES are counted in :attr:`buffered` while

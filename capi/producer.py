@@ -778,8 +778,9 @@ class Producer(_BaseProducer):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 flags = (await self._run([(keys, args)], len(positions)))[0]
                 self._count(report, flags, positions)
-        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
+        if refusals:
+            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+                await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
         return report
 
 

@@ -111,8 +111,7 @@ def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxTh
                     with found.sentinel(found.sentinel_ports[0]) as s:
                         s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
                     wait_for(lambda: found.promoted(old.port), 30, "switchover")
-                    with old.client() as c:  # the old master is a replica now
-                        wait_for(lambda: c.info("replication")["role"] == "slave", 30, "demotion")
+                    wait_for(lambda: found.demoted(old), 30, "demotion")  # a replica now
                     for event in events(20, start=2):
                         assert await producer.enqueue(event)
                     assert sync_producer.enqueue_many(events(20, start=22)).queued == 20

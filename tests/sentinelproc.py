@@ -149,6 +149,29 @@ class SentinelSet:
         found = [info.get(f"slave{i}", {}) for i in range(len(self.replicas))]
         return all(isinstance(r, dict) and r.get("state") == "online" for r in found)
 
+    def wait_replicated(self, timeout_s: float = 30.0) -> None:
+        """Until every replica has applied what the master has written so far.
+
+        A replica "online" in the master's INFO may not have the writes made since: after a
+        diskless sync the master holds them back until the replica's first REPLCONF ACK.
+        A switchover (Sentinel does not wait for the replica to catch up) then loses them.
+        """
+        with self.master.client(decode_responses=True) as c:
+            written = int(c.info("replication")["master_repl_offset"])
+
+        def applied(replica: RedisProcess) -> int:
+            try:
+                with replica.client(decode_responses=True) as c:
+                    return int(c.info("replication").get("slave_repl_offset", -1))
+            except (redis.exceptions.RedisError, OSError):
+                return -1
+
+        deadline = time.monotonic() + timeout_s
+        while not all(applied(r) >= written for r in self.replicas):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replicas did not reach offset {written} in time")
+            time.sleep(0.05)
+
     def promoted(self, old_port: int) -> bool:
         """Whether any sentinel names a master other than ``old_port`` (the failover's
         leader says so first; clients ask every sentinel until one names a master that is up)."""

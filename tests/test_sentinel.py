@@ -108,6 +108,7 @@ def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxTh
                 with SyncProducer.from_settings(settings) as sync_producer:
                     assert await producer.enqueue(events(1)[0])
                     assert sync_producer.enqueue(events(1, start=1)[0])
+                    found.wait_replicated()  # else the switchover loses them (memory durability)
                     with found.sentinel(found.sentinel_ports[0]) as s:
                         s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
                     wait_for(lambda: found.promoted(old.port), 30, "switchover")

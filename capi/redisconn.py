@@ -146,6 +146,7 @@ def async_client(
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
     if cluster:
         found: Any = _AsyncCluster(**_cluster_kwargs(kwargs, extra))
+        found.nodes_manager.__class__ = _AsyncNodes
         return cast(aioredis.Redis, found)
     if sentinels is not None:
         return _async_master(sentinels, timeout_s, _master_kwargs(kwargs, extra))
@@ -345,8 +346,9 @@ class _AsyncCluster(aiocluster.RedisCluster):
 
     redis-py (5.3) closes every connection of the client when one command meets a
     ConnectionError (to read the topology again); a command or pipeline of another task
-    then finds its connection's writer gone (AttributeError). It is the same dropped
-    connection, raised as such.
+    then finds its connection's writer gone (AttributeError), or, under uvloop (capi
+    serve), its transport closed (RuntimeError "... the handler is closed"). It is the same
+    dropped connection, raised as such.
     """
 
     async def initialize(self) -> aiocluster.RedisCluster:
@@ -366,6 +368,31 @@ class _AsyncCluster(aiocluster.RedisCluster):
         return pipe
 
 
+class _AsyncNodes(aiocluster.NodesManager):
+    """redis-py's nodes manager, which asks every node it last knew when it reads the
+    topology again (see :func:`_asked_again`)."""
+
+    __slots__ = ()
+
+    async def initialize(self) -> None:
+        _asked_again(self)
+        await super().initialize()
+
+
+def _asked_again(nodes: Any) -> None:
+    """Put the nodes of the last topology read back among those asked for the next one.
+
+    redis-py (5.3) drops a node from the nodes it asks for the topology on every
+    connection error to it, and refills them only from a topology it read. Under a failover
+    with calls in flight, every master can fail one call (redis-py closes every connection
+    of the client on the first error, failing the calls of other tasks), leaving none to
+    ask: it then read the topology from nobody ever after ("Please provide at least one
+    reachable node: None"), and capi serve answered 503 for good though the cluster was
+    back. A node that is gone costs one failed connect; the others answer."""
+    for name, node in nodes.nodes_cache.items():
+        nodes.startup_nodes.setdefault(name, node)
+
+
 class _AsyncClusterPipeline(aiocluster.ClusterPipeline):
     """redis-py's cluster pipeline, its errors raised as :class:`_AsyncCluster` says."""
 
@@ -382,6 +409,15 @@ def _translated_cluster() -> Iterator[None]:
         raise _cluster_error(exc) from exc
     except AttributeError as exc:
         raise redis.exceptions.ConnectionError(f"connection closed under the call ({exc})") from exc
+    except RuntimeError as exc:
+        if not _closed_transport(exc):
+            raise
+        raise redis.exceptions.ConnectionError(f"connection closed under the call ({exc})") from exc
+
+
+def _closed_transport(exc: RuntimeError) -> bool:
+    """Whether uvloop refused to write to a transport already closed (its words)."""
+    return "the handler is closed" in str(exc)
 
 
 class _SyncCluster(redis.cluster.RedisCluster):
@@ -390,7 +426,18 @@ class _SyncCluster(redis.cluster.RedisCluster):
     def __init__(self, **kwargs: Any) -> None:
         with _translated_cluster():
             super().__init__(**kwargs)
+        self.nodes_manager.__class__ = _SyncNodes
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         with _translated_cluster():
             return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+class _SyncNodes(redis.cluster.NodesManager):
+    """The blocking twin of :class:`_AsyncNodes`."""
+
+    __slots__ = ()
+
+    def initialize(self) -> None:
+        _asked_again(self)
+        super().initialize()  # type: ignore[no-untyped-call]

@@ -576,7 +576,8 @@ class Producer(_BaseProducer):
 
     async def _send_node_group(self, items: list[list[Call]]) -> list[list[list[int]] | Exception]:
         """On a cluster, the script calls of several enqueues to one node: those to the same
-        destination merged, run together (:meth:`_run_each`: with the wait and the index);
+        destination merged, then run (:meth:`_run_each`: in one pipeline with the wait under
+        ``aof`` or ``replica``, one call after another under ``memory``; then the index);
         each enqueue's answers, or its own error. The node away, or its wait failed, fails
         the whole group (the node's); Redis refusing one destination's call fails only the
         enqueues of that call."""

@@ -266,11 +266,17 @@ def test_two_content_types_or_two_destinations_get_400_and_queue_nothing(
             content=EVENT,
             headers={**both, "Content-Type": "application/json"},
         )
+        blank = httpx.post(  # a proxy believing the first sees no name; the intake saw b
+            server.url + "/v1/events?destination=&destination=b",
+            content=EVENT,
+            headers={**both, "Content-Type": "application/json"},
+        )
         once = server.post(events(1, prefix="once-"), token=TOKENS["both"], destination="b")
     finally:
         server.stop()
     assert typed.status_code == 400 and "Content-Type" in typed.json()["error"]["message"]
     assert named.status_code == 400 and "destination" in named.json()["error"]["message"]
+    assert blank.status_code == 400 and "destination" in blank.json()["error"]["message"]
     assert once.status_code == 200
     assert queued_ids(redis_url, "a") == [] and queued_ids(redis_url, "b") == ["once-p-0"]
 

@@ -89,7 +89,9 @@ def replicated(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
 
 
 def replicate(replica: RedisProcess, master: RedisProcess) -> None:
-    """Make ``replica`` a replica of ``master``; return once it is in sync."""
+    """Make ``replica`` a replica of ``master``; return once it is in sync and confirms
+    writes (a replica that has just synced may confirm its first WAIT only at its next
+    once-a-second acknowledgement: a 100 ms wait in that second finds it unconfirmed)."""
     with replica.client() as client:
         client.replicaof("127.0.0.1", master.port)
         wait_for(
@@ -97,6 +99,13 @@ def replicate(replica: RedisProcess, master: RedisProcess) -> None:
             30,
             "the replica to sync",
         )
+    with master.client() as client:
+
+        def confirmed() -> bool:
+            client.incr("capi-test:replication-probe")
+            return int(client.execute_command("WAIT", 1, 200)) == 1
+
+        wait_for(confirmed, 30, "the replica to confirm a write")
 
 
 def test_concurrent_requests_share_round_trips_and_each_gets_its_own_answer(

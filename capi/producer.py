@@ -583,17 +583,10 @@ class Producer(_BaseProducer):
         enqueues of that call."""
         calls, spans = merged_enqueue_calls([call for item in items for call in item])
         got = await self._run_each(calls)
-        answers: list[Any] = [
-            answer if isinstance(answer := got[m], Exception) else answer[start:end]
-            for m, start, end in spans
+        return [
+            next((a for a in mine if isinstance(a, Exception)), mine)
+            for _, mine in _per_enqueue(items, got, spans)
         ]
-        out: list[list[list[int]] | Exception] = []
-        start = 0
-        for item in items:
-            mine = answers[start : start + len(item)]
-            start += len(item)
-            out.append(next((a for a in mine if isinstance(a, Exception)), mine))
-        return out
 
     async def _run_each(self, calls: list[Call]) -> list[Any]:
         """:meth:`_run_now` on a cluster, each call answered with its flags or with the
@@ -661,16 +654,9 @@ class Producer(_BaseProducer):
             if not todo:
                 break
             await self.redis.script_load(self._lua)
-        answers = [
-            answer if isinstance(answer := got_merged[m], Exception) else answer[start:end]
-            for m, start, end in spans
-        ]
         out: list[list[list[int]] | Exception] = []
         armed: list[str] = []
-        start = 0
-        for item in items:
-            mine = answers[start : start + len(item)]
-            start += len(item)
+        for item, mine in _per_enqueue(items, got_merged, spans):
             failed = next((a for a in mine if isinstance(a, Exception)), waited)
             if failed is not None:
                 out.append(failed)
@@ -903,6 +889,22 @@ class SyncProducer(_BaseProducer):
 def _moved(exc: BaseException) -> bool:
     """Whether Redis answered that a slot is served elsewhere now (MOVED, ASK)."""
     return isinstance(exc, redis.exceptions.AskError) or str(exc).startswith(("MOVED", "ASK"))
+
+
+def _per_enqueue(
+    items: list[list[Call]], got: list[Any], spans: list[tuple[int, int, int]]
+) -> Iterator[tuple[list[Call], list[Any]]]:
+    """Each enqueue's calls and their answers, out of the answers of the merged calls
+    (:func:`capi.queue.merged_enqueue_calls`): its slice of a merged call's flags, or that
+    call's error."""
+    answers = [
+        answer if isinstance(answer := got[m], Exception) else answer[start:end]
+        for m, start, end in spans
+    ]
+    start = 0
+    for item in items:
+        yield item, answers[start : start + len(item)]
+        start += len(item)
 
 
 def _refused(exc: BaseException) -> bool:

@@ -375,13 +375,12 @@ def purge_command(
         groups: dict[str, list[DeadLetter | Unreadable]] = {}
         for r in records:
             groups.setdefault(r.destination, []).append(r)
+        actor = cli_actor()
         try:
             removed = 0
             for name, group in groups.items():
                 keys = settings.keys.for_destination(name)
-                removed += await replay.purge(
-                    client, keys, group, actor=cli_actor(), selection=selection
-                )
+                removed += await replay.purge(client, keys, group, actor=actor, selection=selection)
             return removed
         finally:
             await client.aclose()

@@ -137,6 +137,7 @@ async def _replay(
     """Replay each record to its own destination's queue; one report for all."""
     client = redis_client(settings)
     total = replay.ReplayReport(selected=len(records))
+    actor = cli_actor()
     try:
         # Nothing selected still leaves an audit entry (in the first destination's log).
         groups = _by_destination(records) or {
@@ -151,7 +152,7 @@ async def _replay(
                 include_expired=include_expired,
                 selection=selection,
                 progress=advance,
-                actor=cli_actor(),
+                actor=actor,
             )
             total.replayed += report.replayed
             total.already_gone += report.already_gone

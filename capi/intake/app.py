@@ -263,18 +263,13 @@ class Intake:
             )
         note["token"] = "sha256:" + token_digest[:8]
         query = scope.get("query_string", b"")
-        named = (
-            parse_qs(query.decode("latin-1"), keep_blank_values=True).get("destination")
-            if query
-            else None
-        )
-        if (
-            named is not None and len(named) > 1
-        ):  # as with two Authorization headers: believe neither
+        found = parse_qs(query.decode("latin-1"), keep_blank_values=True) if query else {}
+        named = found.get("destination")
+        if named and len(named) > 1:  # as with two Authorization headers: believe neither
             raise Answer(
                 400, "malformed", "the request names ?destination= several times; name one"
             )
-        if named is not None and not named[0]:
+        if named == [""]:
             named = None  # ?destination= with no name: as if not named
         if named is None:
             if len(granted) == 1:

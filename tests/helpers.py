@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -30,13 +32,55 @@ from capi.worker.sender import Sender
 _SPAWNED: list[subprocess.Popen[Any]] = []
 
 
-def spawn(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-    """``subprocess.Popen`` for a process a test (or a function-scoped fixture) starts: in
-    a process group of its own, stopped after the test whatever happened (the autouse
-    fixture ``stop_spawned_processes`` in conftest calls ``stop_spawned``)."""
-    proc: subprocess.Popen[Any] = subprocess.Popen(args, start_new_session=True, **kwargs)
+def spawn(
+    args: list[str], popen: type[subprocess.Popen[Any]] = subprocess.Popen, **kwargs: Any
+) -> subprocess.Popen[Any]:
+    """``subprocess.Popen`` (or ``popen``) for a process a test (or a function-scoped
+    fixture) starts: in a process group of its own, stopped after the test whatever
+    happened (the autouse fixture ``stop_spawned_processes`` in conftest calls
+    ``stop_spawned``)."""
+    proc = popen(args, start_new_session=True, **kwargs)
     _SPAWNED.append(proc)
     return proc
+
+
+class LoggedProcess(subprocess.Popen[str]):
+    """A process whose output (stdout and stderr together) goes to an unnamed temporary
+    file instead of a pipe. A pipe that nobody reads until the process ends holds 64 KiB;
+    then the process blocks on its next log line, and a test waiting for it to deliver
+    waits in vain. ``communicate`` waits for the process and returns its whole output, as
+    with a pipe; :meth:`output` reads what it wrote so far."""
+
+    def __init__(self, args: list[str], **kwargs: Any) -> None:
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by communicate)
+        # Appending: the child's writes go to the end whatever this side reads (pread).
+        flags = fcntl.fcntl(self._log.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(self._log.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+        self._final: str | None = None
+        try:
+            super().__init__(args, stdout=self._log, stderr=subprocess.STDOUT, **kwargs)
+        except BaseException:
+            self._log.close()
+            raise
+
+    def output(self) -> str:
+        """What the process has written so far (all of it once it was reaped)."""
+        if self._final is not None:
+            return self._final
+        fd = self._log.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+    def communicate(
+        self, input: str | None = None, timeout: float | None = None
+    ) -> tuple[str, None]:
+        """Wait for the process (``input`` is not supported); its whole output."""
+        if input is not None:
+            raise ValueError("LoggedProcess takes no input")
+        self.wait(timeout)
+        if self._final is None:
+            self._final = self.output()
+            self._log.close()
+        return self._final, None
 
 
 def stop_spawned() -> None:
@@ -61,7 +105,7 @@ def terminate(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
         proc.wait(timeout_s)
 
 
-def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen[str]:
+def start_worker(settings: Settings, *args: str, **env: str) -> LoggedProcess:
     """``capi worker`` in a process of its own, configured by ``settings``; stopped after
     the test if the test did not stop it (``spawn``)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}
@@ -70,13 +114,11 @@ def start_worker(settings: Settings, *args: str, **env: str) -> subprocess.Popen
     )
     full_env.update(env)
     full_env["CAPI_CONFIG_FILE"] = os.devnull
-    return spawn(
-        [sys.executable, "-m", "workers.cli", "worker", *args],
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = spawn(
+        [sys.executable, "-m", "workers.cli", "worker", *args], LoggedProcess, env=full_env
     )
+    assert isinstance(proc, LoggedProcess)
+    return proc
 
 
 def stop_worker(proc: subprocess.Popen[str]) -> str:

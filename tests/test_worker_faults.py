@@ -5,7 +5,6 @@ and a batch with many rejected events."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,38 +46,26 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 class Worker:
-    """A ``capi worker`` process whose output is read as it comes (a full pipe would
-    block the worker's logging, and with it the worker)."""
+    """A ``capi worker`` process (its output in a file, read as it comes: ``LoggedProcess``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.proc = start_worker(settings)
-        self._lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            for line in self.proc.stdout:
-                self._lines.append(line)
 
     def output(self) -> str:
         """Everything it printed so far."""
-        return "".join(self._lines)
+        return self.proc.output()
 
     def stop(self) -> str:
         """SIGTERM it; its whole output (it must exit 0)."""
         self.proc.terminate()
-        self.proc.wait(60)
-        self._reader.join(10)
-        assert self.proc.returncode == 0, self.output()
-        return self.output()
+        output, _ = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, output
+        return output
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(30)
-        self._reader.join(10)
+        self.proc.communicate(timeout=30)
 
 
 Start = Callable[[Settings], Worker]

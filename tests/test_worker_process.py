@@ -20,6 +20,7 @@ from tests.helpers import (
     ids,
     make_settings,
     spawn,
+    stop_worker,
     wait_for,
 )
 from tests.helpers import start_worker as worker
@@ -143,3 +144,18 @@ def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThre
     assert output.count("sender starting") == 1, output
     shutdown = [line for line in output.splitlines() if "shutdown on SIGTERM" in line]
     assert len(shutdown) == 1, output
+
+
+def test_a_worker_whose_log_outgrows_a_pipe_keeps_delivering(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """A line per one-event batch, ~150 KB in all: more than a pipe holds. The test helper
+    gave the worker a pipe it read only at the end, and the worker stopped at ~450 events."""
+    settings = make_settings(sandbox, redis_url, batch_size=1)
+    enqueue(settings, events(1000))
+    proc = worker(settings)
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 1000, 60, "all 1000 delivered")
+    assert len(proc.output()) > 128 * 1024
+    assert proc.output().count("delivered 1 events") == 1000
+    assert proc.poll() is None
+    assert "SIGTERM: stopping" in stop_worker(proc)

@@ -156,6 +156,41 @@ def test_headers_over_the_limit_in_one_packet_get_431_too(guarded: IntakeProcess
     assert legit(guarded) == 200
 
 
+def test_headers_over_the_limit_behind_empty_lines_or_another_request_get_431(
+    guarded: IntakeProcess, redis_url: str
+) -> None:
+    """Empty lines before a request line (the parser skips them) hid an oversized head
+    from the guard's measure, and so did a request pipelined behind another in one read:
+    both were answered 200. The request before a pipelined one is still answered first."""
+    port = guarded.url.rsplit(":", 1)[1]
+
+    def request(event: bytes, query: str = "") -> bytes:
+        return (
+            f"POST /v1/events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(event)}\r\n\r\n"
+        ).encode() + event
+
+    big = "?x=" + "a" * 40_000
+    sample = [events(1, prefix=f"pipe{i}-") for i in range(3)]
+    bodies = [orjson.dumps({"events": evts}) for evts in sample]
+    bodies_ids = [evts[0]["id"] for evts in sample]
+    with connect(guarded) as sock:
+        sock.sendall(b"\r\n\r\n" + request(bodies[0], big))
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    with connect(guarded) as sock:
+        sock.sendall(request(bodies[1]) + request(bodies[2], big))
+        first = read_response(sock)
+        second = read_answer(sock)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:300]
+    assert b'"queued":1' in first
+    assert second.startswith(b"HTTP/1.1 431 "), second[:300]
+    assert b"CAPI_INTAKE_MAX_HEADER_BYTES" in second
+    assert queued_ids(redis_url) == [bodies_ids[1]]
+    assert legit(guarded) == 200
+
+
 def test_a_connection_that_sends_nothing_is_closed(guarded: IntakeProcess) -> None:
     with connect(guarded) as sock:
         started = time.monotonic()

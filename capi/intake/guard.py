@@ -173,24 +173,27 @@ class GuardedProtocol(HttpToolsProtocol):
                     self.limits.header_timeout_s, self._head_too_slow
                 )
             # Measured before the parser sees it: headers that end in this read (a whole
-            # request in one packet) must not get past the limit either.
-            seen = self._head_tail + data
+            # request in one packet) must not get past the limit either. The parser skips
+            # empty lines before a request line, so the head starts after them.
+            part = data if self._head_bytes else data.lstrip(b"\r\n")
+            seen = self._head_tail + part
             end = seen.find(b"\r\n\r\n")
-            head = len(data) if end < 0 else end + 4 - len(self._head_tail)
+            head = len(part) if end < 0 else end + 4 - len(self._head_tail)
             if self._head_bytes + head > self.limits.max_header_bytes:
-                self._refuse(
-                    error_response(
-                        431,
-                        "Request Header Fields Too Large",
-                        "headers_too_large",
-                        "the request line and headers are over "
-                        f"{self.limits.max_header_bytes:,} bytes (CAPI_INTAKE_MAX_HEADER_BYTES)",
-                    )
-                )
+                self._refuse(self._too_large())
                 return
-            self._head_bytes += len(data)
+            self._head_bytes += len(part)
             self._head_tail = seen[-3:]
         super().data_received(data)
+
+    def _too_large(self) -> bytes:
+        return error_response(
+            431,
+            "Request Header Fields Too Large",
+            "headers_too_large",
+            f"the request line and headers are over {self.limits.max_header_bytes:,} bytes "
+            "(CAPI_INTAKE_MAX_HEADER_BYTES)",
+        )
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -209,10 +212,25 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        pipelined = self._stage != HEAD  # read behind a request still being answered
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
         self._head_tail = b""
         self._peers.touch(self)
+        if pipelined and self._parsed_head_bytes() > self.limits.max_header_bytes:
+            # data_received measured only the first head of its read: this one is answered
+            # 431 in its turn (after the requests before it) and the connection closed.
+            app, self.app = self.app, _Answer(self._too_large())
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
         super().on_headers_complete()
+
+    def _parsed_head_bytes(self) -> int:
+        """The size of the request line and headers the parser just read."""
+        fields = sum(len(name) + len(value) + 4 for name, value in self.headers)
+        return len(self.parser.get_method()) + len(self.url) + 12 + fields + 2
 
     def on_message_complete(self) -> None:
         if self._stage == BODY:
@@ -227,6 +245,21 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if answered_early and not self.transport.is_closing():
             self._refuse(b"")
+
+
+class _Answer:
+    """An ASGI application that answers every request with one whole HTTP answer made by
+    :func:`error_response` (its connection then closes), without reading the body."""
+
+    def __init__(self, answer: bytes) -> None:
+        head, self.body = answer.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _Peers:

@@ -126,11 +126,14 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
     one turn of the loop together, at the end of that turn (``call_soon``): a server
     answering many requests a turn makes one write of their access lines, not one each.
     Elsewhere (no running loop) it writes at once; :meth:`flush` (logging's shutdown too)
-    writes what waits."""
+    writes what waits. A stream that fails (a closed pipe) is reported once on Python's own
+    stderr, not through logging, and never stops the loop."""
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._waiting: list[str] = []
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop to write them
+        self._failing = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -144,9 +147,20 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if not self._waiting:
-            loop.call_soon(self.flush)
         self._waiting.append(line)
+        if self._scheduled is not loop:  # none yet, or on a loop that stopped before it ran
+            self._scheduled = loop
+            loop.call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = None
+            self._write_waiting()
+            with contextlib.suppress(Exception):  # a failing stream was reported by the write
+                super().flush()
+        finally:
+            self.release()
 
     def flush(self) -> None:
         self.acquire()
@@ -158,12 +172,16 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _write_waiting(self) -> None:
         if self._waiting:
-            text, self._waiting = "".join(self._waiting), []
+            waiting, self._waiting = self._waiting, []
             try:
-                self.stream.write(text)
+                self.stream.write("".join(waiting))
             except Exception as exc:  # the log itself is broken: say so where Python would
-                with contextlib.suppress(Exception):
-                    sys.__stderr__.write(f"capi: could not write log lines: {exc!r}\n")  # type: ignore[union-attr]
+                if not self._failing:
+                    with contextlib.suppress(Exception):
+                        sys.__stderr__.write(f"capi: could not write log lines: {exc!r}\n")  # type: ignore[union-attr]
+                self._failing = True
+            else:
+                self._failing = False
 
 
 def configure(

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sys
+
+import pytest
 
 from capi.logs import JsonFormatter, TurnHandler
 
@@ -58,10 +61,74 @@ def test_without_a_loop_a_line_is_written_at_once_and_a_flush_leaves_nothing_wai
     log.info("no loop here")
     assert stream.writes == 1 and "no loop here" in stream.getvalue()
 
-    async def last_words() -> None:
-        log.info("said as the loop ends")
+    loop = asyncio.new_event_loop()
 
-    asyncio.run(last_words())  # the loop closes before its next turn
+    def last_words() -> None:
+        log.info("said as the loop stops")
+        loop.stop()  # the turn's callbacks run, not the ones they schedule: not the write
+
+    loop.call_soon(last_words)
+    loop.run_forever()
+    loop.close()
+    assert "said as the loop stops" not in stream.getvalue()
     for handler in log.handlers:
         handler.flush()  # as logging.shutdown() does at exit
-    assert "said as the loop ends" in stream.getvalue()
+    assert "said as the loop stops" in stream.getvalue()
+
+
+def test_a_line_left_by_a_loop_that_stopped_goes_out_with_the_next_loops_lines() -> None:
+    """A loop stopped before the turn that writes: the next loop wrote nothing either (its
+    lines waited behind the first, whose write was never to run)."""
+    stream = Writes()
+    log = handler_on(stream)
+    loop = asyncio.new_event_loop()
+    loop.call_soon(lambda: (log.info("first loop"), loop.stop()))
+    loop.run_forever()
+    loop.close()
+
+    async def later() -> str:
+        log.info("second loop")
+        await asyncio.sleep(0.01)
+        return stream.getvalue()
+
+    written = asyncio.run(later())
+    assert "first loop" in written and "second loop" in written
+    assert written.index("first loop") < written.index("second loop")
+
+
+class Broken(io.StringIO):
+    """A stream whose reader is gone (a closed pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def write(self, text: str) -> int:
+        self.calls += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        self.calls += 1
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_broken_stream_is_said_once_and_the_loop_does_not_spin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The end of a turn raised from its flush: asyncio logged "Exception in callback"
+    through the same handler, which scheduled another flush, every turn (1,500 flushes in
+    half a second of an idle loop)."""
+    stream = Broken()
+    said = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", said)
+    handler = TurnHandler(stream)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+
+    async def serve() -> None:
+        logging.getLogger("capi.test.broken").warning("a line nobody reads")
+        await asyncio.sleep(0.3)
+
+    asyncio.run(serve())
+    assert stream.calls <= 4, stream.calls
+    assert said.getvalue().count("could not write log lines") == 1, said.getvalue()

@@ -13,8 +13,10 @@ from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from click.testing import CliRunner, Result
 
+from capi import replay
 from capi.exitcodes import ExitCode
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
@@ -102,6 +104,24 @@ def test_purges_and_replays_from_the_command_line_are_audited_with_who_ran_them(
     entries = invoke(env, "dead-letters", "replays", "--json").output.splitlines()
     purged = orjson.loads(entries[0])
     assert (purged["action"], purged["purged"], purged["by"]) == ("purge", 1, who)
+
+
+def test_the_replays_log_shows_key_checks_asked_for_on_the_console(
+    env: dict[str, str], redis_url: str
+) -> None:
+    """A key check written by the console (it can release a hold) has no selection: the
+    command stopped on it with a traceback (KeyError: 'selected')."""
+    keys = Settings(_env_file=None, redis_url=redis_url).keys
+
+    async def check() -> None:
+        async with aioredis.Redis.from_url(redis_url) as client:
+            await replay.audit_key_check(client, keys, ok=True, reason="the key works", by="tok")
+
+    asyncio.run(check())
+    shown = invoke(env, "dead-letters", "replays")
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.rstrip().endswith("key ok      the key works  by tok"), shown.output
+    assert "Traceback" not in shown.output
 
 
 def test_purge_and_replay_name_the_ids_not_found(

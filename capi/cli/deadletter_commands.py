@@ -237,8 +237,8 @@ def _code_and_param(r: DeadLetter) -> str:
 def replays_command(
     ctx: click.Context, /, as_json: bool, limit: int, destination: str | None
 ) -> None:
-    """Show the audit log of replays and purges: when, what was selected, what was done, by
-    whom (cli:user@host, or a console token's fingerprint).
+    """Show the audit log of replays, purges and the console's key checks: when, what was
+    selected, what was done, by whom (cli:user@host, or a console token's fingerprint).
 
     A replay with "started" and no "completed" entry was interrupted: run it again. Each
     destination keeps its own log; all are shown unless --destination names some.
@@ -271,6 +271,10 @@ def replays_command(
             print_json(entry)
             continue
         when = datetime.fromtimestamp(entry["at_ms"] / 1000, UTC).isoformat(timespec="seconds")
+        by = f"  by {entry['by']}" if entry.get("by") else ""
+        if entry.get("action") == "key check":  # asked for on the console: it releases a hold
+            out.print(f"{when}  {entry['status']:<11} {entry.get('reason', '')}{by}", markup=False)
+            continue
         if entry["status"] == "completed":
             counts = (
                 f"replayed {entry.get('replayed')}, past deadline {entry.get('expired')}, "
@@ -280,7 +284,6 @@ def replays_command(
             counts = f"purged {entry.get('purged')} of {entry['selected']} selected"
         else:
             counts = f"{entry['selected']} selected"
-        by = f"  by {entry['by']}" if entry.get("by") else ""
         out.print(
             f"{when}  {entry['status']:<9} {counts}  selection: "
             f"{_selection(entry['selection'])}{by}",

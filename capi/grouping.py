@@ -70,6 +70,8 @@ class Coalescer(Generic[T, R]):
             while group := self._take():
                 try:
                     answers = await self._send([item for item, _, _ in group])
+                    if len(answers) != len(group):  # a bug in send: its callers hear of it
+                        raise RuntimeError(f"{len(answers)} answers to {len(group)} items")
                 except Exception as exc:
                     # The round trip failed (Redis away, frozen past its timeout): so did each
                     # of its callers, and each caller that waited through it, who would
@@ -77,7 +79,7 @@ class Coalescer(Generic[T, R]):
                     group += self._waiting
                     self._waiting.clear()
                     answers = [exc] * len(group)
-                for (_, _, future), answer in zip(group, answers, strict=True):
+                for (_, _, future), answer in zip(group, answers, strict=False):
                     if future.done():  # its caller left while the round trip was in flight
                         continue
                     if isinstance(answer, Exception):

@@ -123,3 +123,17 @@ def test_a_caller_that_left_before_its_round_trip_is_not_sent() -> None:
         assert trips.groups == [[0], [2]]
 
     asyncio.run(go())
+
+
+def test_a_send_that_answers_the_wrong_number_of_items_fails_its_callers_with_an_error() -> None:
+    """Not a cancellation: the callers (the intake) tell an error from a client gone."""
+
+    async def short(items: list[int]) -> list[int | Exception]:
+        return items[1:]
+
+    async def go() -> None:
+        coalescer: Coalescer[int, int] = Coalescer(short, max_weight=10)
+        with pytest.raises(RuntimeError, match="0 answers to 1 items"):
+            await coalescer.submit(1)
+
+    asyncio.run(go())

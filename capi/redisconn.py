@@ -388,9 +388,23 @@ def _asked_again(nodes: Any) -> None:
     of the client on the first error, failing the calls of other tasks), leaving none to
     ask: it then read the topology from nobody ever after ("Please provide at least one
     reachable node: None"), and capi serve answered 503 for good though the cluster was
-    back. A node that is gone costs one failed connect; the others answer."""
+    back. A node that is gone costs one failed connect; the others answer.
+
+    The nodes asked become a :class:`_Snapshot`: redis-py asks them one after another
+    across awaits while other calls drop nodes (on their errors) or set them (at the end of
+    their own read), and its loop over a changing dict raised "dictionary changed size
+    during iteration", an error outside redis-py's tree that failed the request (500)."""
+    if type(nodes.startup_nodes) is not _Snapshot:
+        nodes.startup_nodes = _Snapshot(nodes.startup_nodes)
     for name, node in nodes.nodes_cache.items():
         nodes.startup_nodes.setdefault(name, node)
+
+
+class _Snapshot(dict[str, Any]):
+    """A dict whose values are read as a copy (a loop over them is not upset by a change)."""
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return list(super().values())
 
 
 class _AsyncClusterPipeline(aiocluster.ClusterPipeline):

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +25,8 @@ import httpx
 import orjson
 import pytest
 import redis
+from redis.asyncio.cluster import ClusterNode
+from redis.cluster import PRIMARY
 
 from capi import coverage, dedup, index
 from capi.constants import RedisKeys
@@ -32,6 +35,7 @@ from capi.events import prepare
 from capi.intake import tokens
 from capi.producer import Producer, SyncProducer
 from capi.queue import ENQUEUE_LUA, enqueue_call, lua
+from capi.redisconn import async_client
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
 from capi.settings import Settings
@@ -760,3 +764,33 @@ def test_the_intake_answers_through_a_master_killed_under_load(
         worker = start_worker(settings, **env)
         wait_for(lambda: acked <= set(sandbox.state.delivered_ids()), 120, "every acked event")
         assert "Traceback" not in stop_worker(worker)
+
+
+def test_a_topology_read_survives_the_nodes_it_asks_changing_under_it(
+    cluster: ClusterSet,
+) -> None:
+    """redis-py reads the topology from one node after another, across awaits; a node
+    dropped meanwhile (another call's connection error) made its next step raise
+    "dictionary changed size during iteration" (a 500 at the intake, under a failover)."""
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+    port = silent.getsockname()[1]
+
+    async def go() -> None:
+        client = async_client(cluster.url, 0.5, cluster=True)
+        try:
+            await client.initialize()
+            nodes = client.nodes_manager
+            first = ClusterNode("127.0.0.1", port, PRIMARY, **nodes.connection_kwargs)
+            nodes.startup_nodes = {first.name: first, **nodes.startup_nodes}
+            reading = asyncio.create_task(nodes.initialize())
+            await asyncio.sleep(0.2)  # the read waits on the silent node
+            dropped = next(name for name in nodes.startup_nodes if name != first.name)
+            nodes.startup_nodes.pop(dropped)  # as redis-py does on a connection error
+            await reading  # read from the next node
+            assert await client.set("after", "1")
+            await first.disconnect()
+        finally:
+            await client.aclose()
+
+    with silent:
+        asyncio.run(go())

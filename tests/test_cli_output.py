@@ -5,9 +5,9 @@ Redis is used when it is the default."""
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
 import os
+import pwd
 import socket
 from typing import Any
 
@@ -94,10 +94,11 @@ def test_purges_and_replays_from_the_command_line_are_audited_with_who_ran_them(
     enqueue(settings, events(2))
     drain(settings)  # both dead-lettered: missing_scope
     assert invoke(env, "dead-letters", "replay", "p-0").exit_code == 0
-    purged = invoke(env, "dead-letters", "purge", "s-1", "--yes")
+    claimed = {**env, "LOGNAME": "someone-else", "USER": "someone-else"}  # not believed
+    purged = invoke(claimed, "dead-letters", "purge", "s-1", "--yes")
     assert purged.exit_code == 0 and "purged 1 dead letter" in purged.output, purged.output
 
-    who = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    who = f"cli:{pwd.getpwuid(os.geteuid()).pw_name}@{socket.gethostname()}"
     log = invoke(env, "dead-letters", "replays").output.splitlines()
     assert log[0].endswith(f"purged    purged 1 of 1 selected  selection: ids=s-1  by {who}"), log
     assert "completed" in log[1] and log[1].endswith(f"by {who}"), log

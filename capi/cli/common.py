@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import getpass
 import os
+import pwd
 import socket
 import sys
 from collections.abc import Callable, Coroutine
@@ -65,11 +65,13 @@ def note_default_redis(settings: Settings) -> None:
 
 def cli_actor() -> str:
     """Who runs a command, for the audit of replays and purges: ``cli:user@host`` (the
-    console writes its token's fingerprint instead)."""
+    console writes its token's fingerprint instead). The user is the one the process runs
+    as (its passwd entry, else its uid), not what LOGNAME or USER say."""
+    uid = os.geteuid()
     try:
-        user = getpass.getuser()
-    except Exception:  # no login name and no passwd entry (a bare container)
-        user = "unknown"
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:  # no passwd entry (a bare container)
+        user = f"uid {uid}"
     return f"cli:{user}@{socket.gethostname()}"
 
 

@@ -304,7 +304,7 @@ class Intake:
         timeout_s = self.settings.intake_read_timeout_s
         task = asyncio.current_task()
         assert task is not None, "an ASGI request runs in a task"
-        expired = False
+        expired, cancelling = False, task.cancelling()
 
         def expire() -> None:
             nonlocal expired
@@ -315,7 +315,7 @@ class Intake:
         try:
             return await self._read(receive, limit)
         except asyncio.CancelledError:
-            if expired and task.uncancel() == 0:
+            if expired and task.uncancel() <= cancelling:
                 raise Answer(
                     408,
                     "body_timeout",

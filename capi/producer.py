@@ -292,7 +292,9 @@ class _BaseProducer:
     ) -> tuple[list[list[int]], list[str]]:
         """The scripts' per-event answers, and (on a cluster) the destinations whose flag a
         script set: those go into the active set next (capi.index). The events each call
-        skipped are counted here, once Redis took the call, as its stats count them."""
+        skipped are counted here, for calls whose answers are used: Redis took the call and,
+        under ``aof`` or ``replica``, the wait confirmed it (a request answered an error
+        counts no skip here, though Redis's stats may have counted it)."""
         out, armed = [], []
         for (_, args), answer in zip(calls, answers, strict=True):
             result, newly, _ = index.unpack(self.keys, answer)
@@ -510,6 +512,12 @@ class _BaseProducer:
             added[i] = added.get(i, False) or bool(flag)  # fan-out: queued to any counts
 
 
+def _ring_missed(count: int, exc: Exception) -> None:
+    """The live view's ring (``capi tail``) was not written: the events are queued all the
+    same (the ring is a view), and the log says what the view misses."""
+    log.warning("capi tail misses %d outcome(s) of this enqueue: %s", count, brief(exc))
+
+
 class Producer(_BaseProducer):
     """Validates, hashes and enqueues events (asyncio)."""
 
@@ -558,7 +566,8 @@ class Producer(_BaseProducer):
             try:
                 node = self.redis.get_node_from_key(keys[0]).name
             except redis.exceptions.RedisClusterException:
-                node = ""  # no master serves the slot now: sent as is, it fails alone
+                node = ""  # no master known for the slot (none serves it now, or the
+                # topology is not read yet): sent as is, ungrouped
             by_node.setdefault(node, []).append(i)
         parts = list(by_node.items())
         runs = [
@@ -740,8 +749,10 @@ class Producer(_BaseProducer):
         with _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
         if ring:
-            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            try:
                 await tail.append(self.redis, self._ring(targets, ring), self.tail_entries)
+            except redis.exceptions.RedisError as exc:
+                _ring_missed(len(ring), exc)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -766,8 +777,10 @@ class Producer(_BaseProducer):
                 flags = (await self._run([(keys, args)], len(positions)))[0]
                 self._count(report, flags, positions)
         if refusals:
-            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            try:
                 await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
+            except redis.exceptions.RedisError as exc:
+                _ring_missed(len(refusals), exc)
         return report
 
 
@@ -858,8 +871,10 @@ class SyncProducer(_BaseProducer):
         with _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
         if ring:
-            with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
+            try:
                 tail.append_sync(self.redis, self._ring(targets, ring), self.tail_entries)
+            except redis.exceptions.RedisError as exc:
+                _ring_missed(len(ring), exc)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -881,8 +896,11 @@ class SyncProducer(_BaseProducer):
         with _partial(report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, self._run([(keys, args)])[0], positions)
-        with contextlib.suppress(redis.exceptions.RedisError):  # the ring is a view
-            tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
+        if refusals:
+            try:
+                tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
+            except redis.exceptions.RedisError as exc:
+                _ring_missed(len(refusals), exc)
         return report
 
 

@@ -66,8 +66,7 @@ ENQUEUE_LUA = (
 -- after this script cover the earlier write of the same event (see capi.durability).
 -- The first XADD comes before any other write (a dedup record, a counter): when Redis
 -- refuses it (a stream key holding another type) the call fails having written nothing,
--- so the same events sent again are queued, not answered duplicate, and no skip is counted
--- for a request that was answered an error.
+-- so the same events sent again are queued, not answered duplicate, and no skip is counted.
 local window = tonumber(ARGV[3])
 local out, added = {}, 0
 for j = 6, #ARGV, 5 do

@@ -210,3 +210,17 @@ def test_a_consent_denied_event_is_a_skipped_line_without_identifier_kinds(
     [line] = [json.loads(t) for t in shown.stdout.splitlines()]
     assert line["status"] == "skipped" and line["id"] == denied["id"]
     assert line["identifiers"] == [] and "consent" in line["reason"]
+
+
+def test_a_ring_redis_refuses_is_logged_and_the_event_still_queued(
+    redis_url: str, sandbox: SandboxThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ring is a view: not writing it must not fail the enqueue, but it was silent."""
+    settings = make_settings(sandbox, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    client.set(settings.keys.tail, "not a stream")  # XADD to it is refused (WRONGTYPE)
+    denied = {**events(1)[0], "consent": "denied"}  # a skipped line for the ring
+    with caplog.at_level("WARNING", logger="capi.producer"):
+        enqueue(settings, [denied, *events(2, start=1)])
+    assert client.xlen(settings.keys.stream) == 2
+    assert "capi tail misses 1 outcome(s) of this enqueue" in caplog.text, caplog.text

@@ -42,7 +42,14 @@ from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import PreparedEvent, prepare
 from capi.grouping import Coalescer
-from capi.queue import ENQUEUE_LUA, enqueue_call, lua, merged_enqueue_calls
+from capi.queue import (
+    ENQUEUE_LUA,
+    call_destination,
+    call_skipped,
+    enqueue_call,
+    lua,
+    merged_enqueue_calls,
+)
 from capi.redisconn import brief, describe, is_cluster, settings_hint
 from capi.schema import Event
 from capi.settings import Settings
@@ -300,9 +307,10 @@ class _BaseProducer:
             result, newly, _ = index.unpack(self.keys, answer)
             out.append(result)
             if newly:
-                armed.append(str(args[3]))  # enqueue_call's destination
-            if args[4] and self.metrics is not None:  # enqueue_call's skipped count
-                self.metrics.skipped.labels(str(args[3])).inc(args[4])
+                armed.append(call_destination(args))
+            skipped = call_skipped(args)
+            if skipped and self.metrics is not None:
+                self.metrics.skipped.labels(call_destination(args)).inc(skipped)
         return out, armed
 
     def _confirmed(self, calls: int, answers: list[Any], each: bool = False) -> list[Any] | None:

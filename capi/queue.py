@@ -95,6 +95,17 @@ return reply(out)
 
 
 _HEAD, _PER_EVENT = 5, 5  # ENQUEUE_LUA's arguments: five, then five per event
+_DESTINATION, _SKIPPED = 3, 4  # of the first five
+
+
+def call_destination(args: Sequence[Any]) -> str:
+    """The destination of an :func:`enqueue_call`'s arguments."""
+    return str(args[_DESTINATION])
+
+
+def call_skipped(args: Sequence[Any]) -> int:
+    """The events an :func:`enqueue_call` counts as skipped (consent denied)."""
+    return int(args[_SKIPPED])
 
 
 def enqueue_call(
@@ -134,13 +145,13 @@ def merged_enqueue_calls(
     where: dict[tuple[Any, ...], int] = {}
     spans = []
     for keys, args in calls:
-        head = (*keys, *args[:4])
+        head = (*keys, *args[:_SKIPPED])
         m = where.get(head)
         if m is None:
             m = where[head] = len(out)
-            out.append((keys, [*args[:4], 0]))
+            out.append((keys, [*args[:_SKIPPED], 0]))
         merged = out[m][1]
-        merged[4] += args[4]
+        merged[_SKIPPED] += args[_SKIPPED]
         start = (len(merged) - _HEAD) // _PER_EVENT
         merged += args[_HEAD:]
         spans.append((m, start, start + (len(args) - _HEAD) // _PER_EVENT))

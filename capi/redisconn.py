@@ -145,8 +145,7 @@ def async_client(
     """
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
     if cluster:
-        found: Any = _AsyncCluster(**_cluster_kwargs(kwargs, extra))
-        found.nodes_manager.__class__ = _AsyncNodes
+        found: Any = _AsyncCluster(**_cluster_kwargs(kwargs, extra))  # type: ignore[abstract]
         return cast(aioredis.Redis, found)
     if sentinels is not None:
         return _async_master(sentinels, timeout_s, _master_kwargs(kwargs, extra))
@@ -350,6 +349,10 @@ class _AsyncCluster(aiocluster.RedisCluster):
     serve), its transport closed (RuntimeError "... the handler is closed"). It is the same
     dropped connection, raised as such.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nodes_manager.__class__ = _AsyncNodes
 
     async def initialize(self) -> aiocluster.RedisCluster:
         with _translated_cluster():

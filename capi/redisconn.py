@@ -380,6 +380,7 @@ class _AsyncNodes(aiocluster.NodesManager):
     async def initialize(self) -> None:
         _asked_again(self)
         await super().initialize()
+        _kept_apart(self)
 
 
 def _asked_again(nodes: Any) -> None:
@@ -397,10 +398,17 @@ def _asked_again(nodes: Any) -> None:
     across awaits while other calls drop nodes (on their errors) or set them (at the end of
     their own read), and its loop over a changing dict raised "dictionary changed size
     during iteration", an error outside redis-py's tree that failed the request (500)."""
-    if type(nodes.startup_nodes) is not _Snapshot:
-        nodes.startup_nodes = _Snapshot(nodes.startup_nodes)
+    _kept_apart(nodes)
     for name, node in nodes.nodes_cache.items():
         nodes.startup_nodes.setdefault(name, node)
+
+
+def _kept_apart(nodes: Any) -> None:
+    """The nodes to ask as a :class:`_Snapshot` of their own. The blocking client (5.3)
+    makes them the very dict of the last topology's nodes after each read, so a node it
+    dropped was gone from both and :func:`_asked_again` had nothing to put back."""
+    if type(nodes.startup_nodes) is not _Snapshot or nodes.startup_nodes is nodes.nodes_cache:
+        nodes.startup_nodes = _Snapshot(nodes.startup_nodes)
 
 
 class _Snapshot(dict[str, Any]):
@@ -444,6 +452,7 @@ class _SyncCluster(redis.cluster.RedisCluster):
         with _translated_cluster():
             super().__init__(**kwargs)
         self.nodes_manager.__class__ = _SyncNodes
+        _kept_apart(self.nodes_manager)  # the topology was read once, unpatched
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         with _translated_cluster():
@@ -458,3 +467,4 @@ class _SyncNodes(redis.cluster.NodesManager):
     def initialize(self) -> None:
         _asked_again(self)
         super().initialize()  # type: ignore[no-untyped-call]
+        _kept_apart(self)

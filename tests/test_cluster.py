@@ -35,7 +35,7 @@ from capi.events import prepare
 from capi.intake import tokens
 from capi.producer import Producer, SyncProducer
 from capi.queue import ENQUEUE_LUA, enqueue_call, lua
-from capi.redisconn import async_client
+from capi.redisconn import async_client, sync_client
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
 from capi.settings import Settings
@@ -794,3 +794,31 @@ def test_a_topology_read_survives_the_nodes_it_asks_changing_under_it(
 
     with silent:
         asyncio.run(go())
+
+
+def test_a_client_that_dropped_every_node_it_asks_reads_the_topology_again(
+    cluster: ClusterSet,
+) -> None:
+    """redis-py drops a node from those it asks for the topology on each connection error
+    and refills them only from a topology read: after a failover that failed one call on
+    every master, it asked nobody ("Please provide at least one reachable node") for good.
+    Both clients, blocking and asyncio, ask the last topology's nodes again."""
+    blocking = sync_client(cluster.url, 1.0, cluster=True)
+    try:
+        blocking.nodes_manager.startup_nodes.clear()  # every master failed a call
+        blocking.nodes_manager.initialize()
+        assert blocking.set("blocking", "1")
+    finally:
+        blocking.close()
+
+    async def go() -> None:
+        client = async_client(cluster.url, 1.0, cluster=True)
+        try:
+            await client.initialize()
+            client.nodes_manager.startup_nodes.clear()
+            await client.nodes_manager.initialize()
+            assert await client.set("asyncio", "1")
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())

@@ -213,7 +213,7 @@ class Intake:
                 (_as_event(e) for e in raw), destination, report=report
             )
         except QueueUnavailable as exc:
-            note["results"] = _results(raw, report, unavailable=True)
+            note["results"] = _results(raw, report, unavailable=exc)
             self._count(report, destination)
             raise Answer(
                 503,
@@ -233,7 +233,7 @@ class Intake:
         self._count(report, destination)
         note.update(queued=report.queued, duplicates=report.duplicates, refused=len(report.refused))
         answer = {
-            "results": _results(raw, report, unavailable=False),
+            "results": _results(raw, report, unavailable=None),
             "queued": report.queued,
             "duplicates": report.duplicates,
             "refused": len(report.refused),
@@ -448,8 +448,14 @@ def _as_event(raw: Any) -> Any:
     return None if isinstance(raw, envelope.BadLine) else raw
 
 
-def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> list[dict[str, Any]]:
+def _results(
+    raw: list[Any], report: EnqueueReport, *, unavailable: QueueUnavailable | None
+) -> list[dict[str, Any]]:
+    """Each event's answer; with ``unavailable`` (a 503), the events Redis did not answer
+    for are ``unconfirmed`` when Redis may hold them (its answer was lost, or the durability
+    wait did not confirm the write), ``not_queued`` only when it is known not to."""
     refused = dict(report.refused)
+    untaken = "" if unavailable is None else _untaken(unavailable)
     results = []
     for i, event in enumerate(raw):
         event_id = event.get("id") if isinstance(event, dict) else None
@@ -469,10 +475,15 @@ def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> lis
         elif i in report.skipped:
             item["status"] = "skipped"
             item["errors"] = _fields(report.skipped[i])
-        elif unavailable:
-            item["status"] = "not_queued"
+        elif untaken:
+            item["status"] = untaken
         results.append(item)
     return results
+
+
+def _untaken(exc: QueueUnavailable) -> str:
+    """The status of an event a failed enqueue did not answer for."""
+    return "unconfirmed" if exc.maybe_stored else "not_queued"
 
 
 def _errors(exc: EventRejected, event: Any) -> list[dict[str, str]]:
@@ -487,12 +498,21 @@ def _fields(problems: Iterable[Problem]) -> list[dict[str, str]]:
 
 def _unavailable_message(exc: QueueUnavailable, report: EnqueueReport) -> str:
     """What happened, without Redis's address (the client needs none of it)."""
-    what = "Redis is full" if isinstance(exc, QueueFull) else "Redis is away or did not answer"
-    done = (
-        f"{len(report.added)} events were taken before it failed (see results)"
-        if report.added
-        else "no event was queued"
+    if isinstance(exc, QueueFull):
+        what = "Redis is full"
+    else:
+        what = "Redis is away, did not answer, or did not confirm the write in time"
+    rest = (
+        "the others may be queued or not (unconfirmed)"
+        if exc.maybe_stored
+        else "the others were not queued"
     )
+    if report.added:
+        done = f"{len(report.added)} events were taken before it failed; {rest} (see results)"
+    elif exc.maybe_stored:
+        done = "the events may be queued or not (unconfirmed: see results)"
+    else:
+        done = "no event was queued"
     return (
         f"{what}; {done}. Send the same request again after Retry-After: events already "
         "queued are answered duplicate (the event id dedups)."

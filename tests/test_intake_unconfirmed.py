@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from capi.queue import ENQUEUE_LUA
-from tests.helpers import events, wait_for
+from capi.settings import Settings
+from tests.helpers import capi, events, http_get, wait_for
 from tests.intake_helpers import IntakeProcess, start_intake
 from tests.redisproc import RedisProcess
 from tests.test_intake import queued_ids
+from tests.test_intake_grouping import replicate
 
 ENV = {
     "frozen": {},
@@ -98,5 +101,37 @@ def test_a_503_says_not_queued_only_for_events_redis_does_not_hold(
                 assert "no event was queued" not in body["error"]["message"]
             if outage != "full":
                 assert {e["id"] for e in batch[1:]} <= held  # Redis did take them
+        finally:
+            server.stop()
+
+
+def test_readyz_and_status_say_when_no_replica_confirms_writes(tmp_path: Path) -> None:
+    """Under CAPI_ENQUEUE_DURABILITY=replica a frozen replica fails every request (503):
+    /readyz says not ready and capi status says why, within seconds (the campaign found
+    both saying all was well while every POST got 503)."""
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    with RedisProcess(tmp_path / "master") as master, RedisProcess(tmp_path / "replica") as rep:
+        replicate(rep, master)
+        env = {"CAPI_ENQUEUE_DURABILITY": "replica", "CAPI_DURABILITY_TIMEOUT_MS": "200"}
+        server = start_intake(tmp_path, master.url, **env)
+        settings = Settings(_env_file=None, redis_url=master.url, enqueue_durability="replica")
+        try:
+            assert http_get(server.url + "/readyz")[0] == 200
+            assert server.post(events(1)).status_code == 200
+            rep.freeze()
+            try:
+                wait_for(lambda: http_get(server.url + "/readyz")[0] == 503, 15, "not ready")
+                assert "replica" in http_get(server.url + "/readyz")[1]
+                assert server.post(events(1, start=1)).status_code == 503  # as foretold
+                shown = capi(settings, "status", "--json")
+                assert shown.returncode == 0, shown.stderr
+                assert orjson.loads(shown.stdout)["redis"]["confirming_replicas"] == 0
+                assert "NO REPLICA CONFIRMS WRITES" in capi(settings, "status").stdout
+            finally:
+                rep.thaw()
+            wait_for(lambda: http_get(server.url + "/readyz")[0] == 200, 15, "ready again")
+            shown = capi(settings, "status", "--json")
+            assert orjson.loads(shown.stdout)["redis"]["confirming_replicas"] == 1
         finally:
             server.stop()

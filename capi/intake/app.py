@@ -8,7 +8,8 @@ Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer)
   one Redis round trip: :mod:`capi.grouping`), and answered one by one, in order
   (``queued``, ``duplicate``, ``skipped`` (consent denied) or ``refused`` with each field
   and rule; ``warnings`` name invalid optional identifiers left out);
-- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full),
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full,
+  and a replica can confirm writes under ``CAPI_ENQUEUE_DURABILITY=replica``),
   ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
 
 The order of checks on ``POST /v1/events``: token (401), destination (403), content type
@@ -50,7 +51,7 @@ from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.redisconn import is_cluster
 from capi.settings import Settings
-from capi.status import cluster_memory, redis_full
+from capi.status import cluster_memory, confirming, redis_full, replicas_of
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -407,6 +408,15 @@ class Intake:
                 _, shards = await cluster_memory(client)
             else:
                 shards = [{"full": redis_full(await client.info("memory"))}]
+                if self.settings.enqueue_durability == "replica":
+                    replicas = replicas_of(await client.info("replication"))
+                    if not confirming(replicas):
+                        why = (
+                            "no replica has acknowledged writes lately, so none can confirm an "
+                            "event (CAPI_ENQUEUE_DURABILITY=replica): requests get 503"
+                        )
+                        body = orjson.dumps({"status": "not ready", "reason": why})
+                        return 503, body, "application/json"
         except redis.exceptions.NoPermissionError:
             shards = []  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready

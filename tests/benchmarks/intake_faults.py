@@ -15,7 +15,8 @@ half of the time. Each answer of every event is recorded. Faults, each in turn w
 (3.5 s), ``redis_stop_kill9`` (frozen 2.5 s, then killed), ``replica_sigstop``,
 ``maxmemory`` (1 MB under the memory in use, 5 s), ``client_kill`` (CLIENT KILL TYPE normal,
 three times), ``worker_kill9`` / ``serve_kill9`` / ``serve_kill9_both`` (restarted after
-3 s), ``endpoint_stop`` (30 s). ``capi status --json`` and ``/readyz`` are sampled every 2 s.
+3 s), ``endpoint_stop`` (down 30 s), ``endpoint_freeze`` (SIGSTOP 30 s). ``capi status
+--json`` and ``/readyz`` are sampled every 2 s.
 
 After the queue drains, the table per fault: events acknowledged (answered ``queued`` or
 ``duplicate``, in a 200 or a 503's results), delivered, dead-lettered, LOST (acknowledged,
@@ -447,6 +448,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for p in procs:
             p.start()
 
+    def frozen(proc: Proc, seconds: float) -> None:
+        assert proc.proc is not None
+        proc.proc.send_signal(signal.SIGSTOP)
+        time.sleep(seconds)
+        proc.proc.send_signal(signal.SIGCONT)
+
     def frozen_then_killed() -> None:
         master.signal(signal.SIGSTOP)
         time.sleep(2.5)
@@ -463,6 +470,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "serve_kill9": lambda: again(serves[0]),
         "serve_kill9_both": lambda: again(*serves, after=2),
         "endpoint_stop": lambda: again(endpoint, after=30),
+        "endpoint_freeze": lambda: frozen(endpoint, 30),
     }
     phases = []
     try:

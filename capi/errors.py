@@ -110,15 +110,25 @@ class QueueUnavailable(CapiError):
     """Raised when Redis cannot be reached or does not answer in time at enqueue.
 
     The message says whether the event may have been stored anyway (an answer lost after
-    the call was sent); enqueueing it again is always safe: the event id dedups.
+    the call was sent, or a durability wait that did not confirm it), and so does
+    ``maybe_stored``: False only when Redis is known not to have taken it (it could not be
+    connected to, or refused the write). Enqueueing it again is always safe: the event id
+    dedups.
     """
 
     retryable = True
+
+    def __init__(self, message: str = "", *, maybe_stored: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_stored = maybe_stored
 
 
 class QueueFull(QueueUnavailable):
     """Raised when Redis refuses the event for want of memory (maxmemory under noeviction):
     the event was not queued. Workers drain the queue and free memory; retry later."""
+
+    def __init__(self, message: str = "", *, maybe_stored: bool = False) -> None:
+        super().__init__(message, maybe_stored=maybe_stored)
 
 
 class SendError(CapiError):

@@ -140,17 +140,22 @@ def _translated(client: Any) -> Iterator[None]:
         if kind not in ("redis-error", "unexpected"):
             raise QueueUnavailable(
                 f"Redis at {_where(client)} refused the event: {meaning} ({str(exc)[:200]}); it "
-                "was not queued. Enqueueing it again is safe."
+                "was not queued. Enqueueing it again is safe.",
+                maybe_stored=False,
             ) from None
         raise
     except redis.exceptions.AuthenticationError as exc:
         raise QueueUnavailable(
             f"Redis at {_where(client)} refused the credentials in CAPI_REDIS_URL ({exc}); the "
-            "event was not queued."
+            "event was not queued.",
+            maybe_stored=False,
         ) from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        # A refused connection does not prove that nothing was written: redis-py sends a
+        # call again once on a new connection when the first drops, so a Redis that took
+        # the call and died before answering is reported by the second attempt's connect.
         if isinstance(exc, redis.exceptions.ConnectionError) and "connecting to" in str(exc):
-            outcome = "the event was not queued"
+            outcome = "the event was not queued, unless Redis went away during the call"
         else:
             outcome = "the event may not have been queued"
         raise QueueUnavailable(
@@ -170,7 +175,8 @@ def _partial(report: EnqueueReport) -> Iterator[None]:
             raise
         raise type(exc)(
             f"{exc} This call had queued {report.queued} events before it failed; "
-            "enqueueing them all again is safe (the event id dedups)."
+            "enqueueing them all again is safe (the event id dedups).",
+            maybe_stored=exc.maybe_stored,
         ) from None
 
 

@@ -93,13 +93,16 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
     pipe.hgetall(keys.worker_states)
     workers, states = await pipe.execute()
     shards: list[dict[str, Any]] = []
+    replicas: list[dict[str, Any]] | None = None
     try:
         if is_cluster(client):
             memory, shards = await cluster_memory(client)
             role = "cluster"
         else:
             memory = await client.info("memory")
-            role = str((await client.info("replication")).get("role", "master"))
+            replication = await client.info("replication")
+            role = str(replication.get("role", "master"))
+            replicas = replicas_of(replication)
     except redis.exceptions.ResponseError:  # INFO may be denied to capi's Redis user
         memory, role = {}, "unknown"
     live = []
@@ -124,8 +127,29 @@ async def shared_status(client: aioredis.Redis, keys: RedisKeys) -> dict[str, An
             "full": redis_full(memory) or any(s["full"] for s in shards),
             "role": role,
             **({"shards": shards} if shards else {}),
+            **({"replicas": replicas} if replicas is not None else {}),
         },
     }
+
+
+# A replica acknowledges its offset once a second (and at once when a WAIT asks): one that
+# has not for longer confirms no WAIT, so CAPI_ENQUEUE_DURABILITY=replica enqueues fail.
+REPLICA_LAG_OK_S = 2
+
+
+def replicas_of(replication: dict[str, Any]) -> list[dict[str, Any]]:
+    """A master's replicas from ``INFO replication``: each one's state, and the seconds
+    since it last acknowledged (``lag_s``)."""
+    found = []
+    for name, value in replication.items():
+        if str(name).startswith("slave") and isinstance(value, dict):
+            found.append({"state": str(value.get("state", "")), "lag_s": int(value.get("lag", 0))})
+    return found
+
+
+def confirming(replicas: list[dict[str, Any]]) -> int:
+    """How many replicas can confirm a WAIT now: online, and acknowledged lately."""
+    return sum(1 for r in replicas if r["state"] == "online" and r["lag_s"] <= REPLICA_LAG_OK_S)
 
 
 async def cluster_memory(client: aioredis.Redis) -> tuple[dict[str, Any], list[dict[str, Any]]]:

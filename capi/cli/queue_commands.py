@@ -337,7 +337,8 @@ def _say_how_far(total: EnqueueReport) -> Iterator[None]:
             raise
         raise type(exc)(
             f"{exc} Before that, {total.queued} events of this input were queued; running "
-            "the same command again is safe (the event id dedups)."
+            "the same command again is safe (the event id dedups).",
+            maybe_stored=exc.maybe_stored,
         ) from None
 
 

@@ -20,7 +20,13 @@ from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
 from capi.safetext import shown
 from capi.settings import Settings
-from capi.status import destination_status, destinations_in_redis, shared_status, stranded
+from capi.status import (
+    confirming,
+    destination_status,
+    destinations_in_redis,
+    shared_status,
+    stranded,
+)
 
 
 @cli.command("status")
@@ -64,6 +70,9 @@ async def _report(settings: Settings, names: list[str] | None) -> dict[str, Any]
     client = redis_client(settings)
     try:
         shared = await shared_status(client, settings.keys)
+        replicas = shared["redis"].get("replicas")
+        if settings.enqueue_durability == "replica" and replicas is not None:
+            shared["redis"]["confirming_replicas"] = confirming(replicas)
         if names is None:
             names = await destinations_in_redis(client, settings.keys) or ["default"]
             left: dict[str, dict[str, Any]] = {}
@@ -211,6 +220,14 @@ def _print_redis(mem: dict[str, Any]) -> None:
         out.print(
             "redis:         READ-ONLY: CAPI_REDIS_URL points at a replica (after a failover?); "
             "producers are refused and workers wait until it is a primary again",
+            markup=False,
+        )
+    if mem.get("confirming_replicas") == 0:
+        lags = ", ".join(f"{r['state']}, last ack {r['lag_s']} s ago" for r in mem["replicas"])
+        out.print(
+            "redis:         NO REPLICA CONFIRMS WRITES "
+            f"({lags or 'no replica connected'}): under CAPI_ENQUEUE_DURABILITY=replica "
+            "producers get QueueUnavailable and the intake 503 until one does",
             markup=False,
         )
     if mem["full"]:

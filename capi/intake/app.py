@@ -8,7 +8,8 @@ Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer)
   one Redis round trip: :mod:`capi.grouping`), and answered one by one, in order
   (``queued``, ``duplicate``, ``skipped`` (consent denied) or ``refused`` with each field
   and rule; ``warnings`` name invalid optional identifiers left out);
-- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full),
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full,
+  and a replica can confirm writes under ``CAPI_ENQUEUE_DURABILITY=replica``),
   ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
 
 The order of checks on ``POST /v1/events``: token (401), destination (403), content type
@@ -50,7 +51,7 @@ from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.redisconn import is_cluster
 from capi.settings import Settings
-from capi.status import cluster_memory, redis_full
+from capi.status import cluster_memory, confirming, redis_full, replicas_of
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -213,7 +214,7 @@ class Intake:
                 (_as_event(e) for e in raw), destination, report=report
             )
         except QueueUnavailable as exc:
-            note["results"] = _results(raw, report, unavailable=True)
+            note["results"] = _results(raw, report, unavailable=exc)
             self._count(report, destination)
             raise Answer(
                 503,
@@ -233,7 +234,7 @@ class Intake:
         self._count(report, destination)
         note.update(queued=report.queued, duplicates=report.duplicates, refused=len(report.refused))
         answer = {
-            "results": _results(raw, report, unavailable=False),
+            "results": _results(raw, report, unavailable=None),
             "queued": report.queued,
             "duplicates": report.duplicates,
             "refused": len(report.refused),
@@ -407,6 +408,15 @@ class Intake:
                 _, shards = await cluster_memory(client)
             else:
                 shards = [{"full": redis_full(await client.info("memory"))}]
+                if self.settings.enqueue_durability == "replica":
+                    replicas = replicas_of(await client.info("replication"))
+                    if not confirming(replicas):
+                        why = (
+                            "no replica has acknowledged writes lately, so none can confirm an "
+                            "event (CAPI_ENQUEUE_DURABILITY=replica): requests get 503"
+                        )
+                        body = orjson.dumps({"status": "not ready", "reason": why})
+                        return 503, body, "application/json"
         except redis.exceptions.NoPermissionError:
             shards = []  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready
@@ -448,8 +458,14 @@ def _as_event(raw: Any) -> Any:
     return None if isinstance(raw, envelope.BadLine) else raw
 
 
-def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> list[dict[str, Any]]:
+def _results(
+    raw: list[Any], report: EnqueueReport, *, unavailable: QueueUnavailable | None
+) -> list[dict[str, Any]]:
+    """Each event's answer; with ``unavailable`` (a 503), the events Redis did not answer
+    for are ``unconfirmed`` when Redis may hold them (its answer was lost, or the durability
+    wait did not confirm the write), ``not_queued`` only when it is known not to."""
     refused = dict(report.refused)
+    untaken = "" if unavailable is None else _untaken(unavailable)
     results = []
     for i, event in enumerate(raw):
         event_id = event.get("id") if isinstance(event, dict) else None
@@ -469,10 +485,15 @@ def _results(raw: list[Any], report: EnqueueReport, *, unavailable: bool) -> lis
         elif i in report.skipped:
             item["status"] = "skipped"
             item["errors"] = _fields(report.skipped[i])
-        elif unavailable:
-            item["status"] = "not_queued"
+        elif untaken:
+            item["status"] = untaken
         results.append(item)
     return results
+
+
+def _untaken(exc: QueueUnavailable) -> str:
+    """The status of an event a failed enqueue did not answer for."""
+    return "unconfirmed" if exc.maybe_stored else "not_queued"
 
 
 def _errors(exc: EventRejected, event: Any) -> list[dict[str, str]]:
@@ -487,12 +508,21 @@ def _fields(problems: Iterable[Problem]) -> list[dict[str, str]]:
 
 def _unavailable_message(exc: QueueUnavailable, report: EnqueueReport) -> str:
     """What happened, without Redis's address (the client needs none of it)."""
-    what = "Redis is full" if isinstance(exc, QueueFull) else "Redis is away or did not answer"
-    done = (
-        f"{len(report.added)} events were taken before it failed (see results)"
-        if report.added
-        else "no event was queued"
+    if isinstance(exc, QueueFull):
+        what = "Redis is full"
+    else:
+        what = "Redis is away, did not answer, or did not confirm the write in time"
+    rest = (
+        "the others may be queued or not (unconfirmed)"
+        if exc.maybe_stored
+        else "the others were not queued"
     )
+    if report.added:
+        done = f"{len(report.added)} events were taken before it failed; {rest} (see results)"
+    elif exc.maybe_stored:
+        done = "the events may be queued or not (unconfirmed: see results)"
+    else:
+        done = "no event was queued"
     return (
         f"{what}; {done}. Send the same request again after Retry-After: events already "
         "queued are answered duplicate (the event id dedups)."

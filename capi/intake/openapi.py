@@ -64,12 +64,14 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": ["string", "null"], "description": "The event's id, if it has one."},
             "status": {
                 "type": "string",
-                "enum": ["queued", "duplicate", "skipped", "refused", "not_queued"],
+                "enum": ["queued", "duplicate", "skipped", "refused", "not_queued", "unconfirmed"],
                 "description": "queued; duplicate (its name and id were queued within the "
                 "dedup window); skipped (its consent is denied and the destination's "
                 "consent_policy is drop: never stored nor sent; errors say why); refused "
                 "(errors say why; sending it again will not help); not_queued (503 only: "
-                "Redis failed before taking it; send it again).",
+                "Redis did not take it; send it again); unconfirmed (503 only: Redis may "
+                "hold it or not, its answer was lost or the durability wait did not confirm "
+                "it; send it again: the event id dedups).",
             },
             "errors": {"type": "array", "items": {"$ref": _REF + "FieldError"}},
             "warnings": {

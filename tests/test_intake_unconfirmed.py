@@ -1,0 +1,137 @@
+"""A 503 from capi serve says `not_queued` only for events Redis does not hold.
+
+Found by the fault campaign against the grouped intake: events answered 503 `not_queued`
+(with "no event was queued") were in Redis and were delivered: the answer was lost to a
+frozen Redis (its timeout), the durability wait did not confirm the write in time, or
+Redis died after taking the write (redis-py sends the call again on a new connection,
+whose refused connect is what is reported). Such events are `unconfirmed`: sending them
+again is safe (the id dedups), but a client must not take them as not queued.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from capi.queue import ENQUEUE_LUA
+from capi.settings import Settings
+from tests.helpers import capi, events, http_get, wait_for
+from tests.intake_helpers import IntakeProcess, start_intake
+from tests.redisproc import RedisProcess
+from tests.test_intake import queued_ids
+from tests.test_intake_grouping import replicate
+
+ENV = {
+    "frozen": {},
+    "full": {},
+    # No replica: WAIT 1 answers 0 after 100 ms.
+    "wait-unconfirmed": {"CAPI_ENQUEUE_DURABILITY": "replica", "CAPI_DURABILITY_TIMEOUT_MS": "100"},
+    # Redis dies while the wait holds the request.
+    "killed-in-wait": {
+        "CAPI_ENQUEUE_DURABILITY": "replica",
+        "CAPI_DURABILITY_TIMEOUT_MS": "20000",
+        "CAPI_REDIS_TIMEOUT_S": "30",
+    },
+}
+
+
+def blocked(rp: RedisProcess) -> bool:
+    with rp.client() as client:
+        return int(client.info("clients")["blocked_clients"]) >= 1
+
+
+def post_through(
+    outage: str, rp: RedisProcess, server: IntakeProcess, batch: list[Any]
+) -> httpx.Response:
+    """POST ``batch`` through ``outage``; Redis is back (with its data) on return."""
+    if outage == "frozen":
+        rp.freeze()
+        try:
+            return server.post(batch)
+        finally:
+            rp.thaw()
+    if outage == "full":
+        rp.fill(200_000)
+        try:
+            return server.post(batch)
+        finally:
+            rp.unfill()
+    if outage == "wait-unconfirmed":
+        return server.post(batch)
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(server.post(batch, timeout=60)))
+    sender.start()
+    wait_for(lambda: blocked(rp), 20, "the request's WAIT to block")
+    rp.kill()  # the write is in the AOF (appendfsync always); no answer comes
+    sender.join(60)
+    rp.start()
+    return answer[0]
+
+
+@pytest.mark.parametrize("outage", list(ENV))
+def test_a_503_says_not_queued_only_for_events_redis_does_not_hold(
+    tmp_path: Path, outage: str
+) -> None:
+    with RedisProcess(tmp_path, persist=True) as rp:
+        server = start_intake(tmp_path, rp.url, **{"CAPI_REDIS_TIMEOUT_S": "1", **ENV[outage]})
+        try:
+            batch = events(3, prefix=f"{outage}-")
+            if outage in ("frozen", "full"):  # connected (and the script loaded) before
+                assert server.post(batch[:1]).status_code == 200
+            else:  # loaded, so that the first call writes, then waits
+                with rp.client() as client:
+                    client.script_load(ENQUEUE_LUA)
+            resp = post_through(outage, rp, server, batch[1:])
+            assert resp.status_code == 503, resp.text
+            body = resp.json()
+            held = set(queued_ids(rp.url))
+            for result in body["results"]:
+                if result["status"] == "not_queued":
+                    assert result["id"] not in held, (result, body["error"])
+            if outage == "full":
+                assert [r["status"] for r in body["results"]] == ["not_queued"] * 2
+                assert "no event was queued" in body["error"]["message"]
+            else:
+                assert [r["status"] for r in body["results"]] == ["unconfirmed"] * 2
+                assert "no event was queued" not in body["error"]["message"]
+            if outage != "full":
+                assert {e["id"] for e in batch[1:]} <= held  # Redis did take them
+        finally:
+            server.stop()
+
+
+def test_readyz_and_status_say_when_no_replica_confirms_writes(tmp_path: Path) -> None:
+    """Under CAPI_ENQUEUE_DURABILITY=replica a frozen replica fails every request (503):
+    /readyz says not ready and capi status says why, within seconds (the campaign found
+    both saying all was well while every POST got 503)."""
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    with RedisProcess(tmp_path / "master") as master, RedisProcess(tmp_path / "replica") as rep:
+        replicate(rep, master)
+        env = {"CAPI_ENQUEUE_DURABILITY": "replica", "CAPI_DURABILITY_TIMEOUT_MS": "200"}
+        server = start_intake(tmp_path, master.url, **env)
+        settings = Settings(_env_file=None, redis_url=master.url, enqueue_durability="replica")
+        try:
+            assert http_get(server.url + "/readyz")[0] == 200
+            assert server.post(events(1)).status_code == 200
+            rep.freeze()
+            try:
+                wait_for(lambda: http_get(server.url + "/readyz")[0] == 503, 15, "not ready")
+                assert "replica" in http_get(server.url + "/readyz")[1]
+                assert server.post(events(1, start=1)).status_code == 503  # as foretold
+                shown = capi(settings, "status", "--json")
+                assert shown.returncode == 0, shown.stderr
+                assert orjson.loads(shown.stdout)["redis"]["confirming_replicas"] == 0
+                assert "NO REPLICA CONFIRMS WRITES" in capi(settings, "status").stdout
+            finally:
+                rep.thaw()
+            wait_for(lambda: http_get(server.url + "/readyz")[0] == 200, 15, "ready again")
+            shown = capi(settings, "status", "--json")
+            assert orjson.loads(shown.stdout)["redis"]["confirming_replicas"] == 1
+        finally:
+            server.stop()

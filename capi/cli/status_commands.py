@@ -150,7 +150,7 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     out.print(f"in flight:     {status['in_flight']}")
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
-        out.print(f"{name + ':':<15}{counters.get(name, 0)}")
+        out.print(f"{name + ':':<14} {counters.get(name, 0)}")
     if counters.get("validated"):
         out.print(
             f"validated:     {counters['validated']} (test mode: checked by the API with "

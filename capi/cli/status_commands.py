@@ -244,8 +244,12 @@ def health_command(ctx: click.Context, url: str | None) -> None:
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
                 ok, why = resp.status == 200, f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            ok, why = False, str(exc)
+        except urllib.error.HTTPError as exc:
+            ok, why = False, f"HTTP {exc.code}"
+        except urllib.error.URLError as exc:  # no answer: say why, not the exception's repr
+            ok, why = False, f"{url} cannot be reached ({exc.reason})"
+        except OSError as exc:
+            ok, why = False, f"{url} cannot be reached ({exc})"
     else:
         ok, why = _healthy(settings_from(ctx))
     out.print(("ok: " if ok else "not ready: ") + why, markup=False)

@@ -69,10 +69,16 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     settings = settings_from(ctx)
     grants = tokens.read_grants(settings)
     if not grants:
+        path = destinations.source(settings)
         raise ConfigError(
-            "no intake token is configured (CAPI_INTAKE_TOKENS_SHA256, or "
-            "intake_tokens_sha256 in the destinations file); capi intake-token --write makes one "
-            "and grants it"
+            (
+                f"no intake token is granted in the destinations file {path} "
+                "(intake_tokens_sha256; CAPI_INTAKE_TOKENS_SHA256 grants nothing while a "
+                "destinations file is in use)"
+                if path is not None
+                else "no intake token is configured (CAPI_INTAKE_TOKENS_SHA256)"
+            )
+            + "; capi intake-token --write makes one and grants it"
         )
     configure_logging(settings)
     where = f"http://{host}:{port}"

@@ -239,6 +239,7 @@ class Demo:
                 ),
             ],
         )
+        self.out.print("  2 more purchases are enqueued (order-4, order-5) and a worker sends them")
         sender = Sender.from_settings(settings)
         task = asyncio.create_task(run_sender(sender, burst=True))
         for _ in range(200):

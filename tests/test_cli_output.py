@@ -56,6 +56,8 @@ def test_status_labels_current_and_all_time_dead_letters(
     assert "dead letters:  0 now" in output
     assert "all time, by reason (replayed and purged included): missing_scope 1" in output
     assert "None" not in output  # nothing queued: no "oldest None s"
+    assert "transient_key_failures: 0" in output  # a space after every label, long or not
+    assert "dead_lettered: 1" in output and "delivered:     0" in output  # still aligned
 
 
 def test_show_list_and_replays_print_no_python_text(
@@ -83,6 +85,10 @@ def test_misspelled_filters_are_refused_with_the_choices(
     assert "order_created" in typo.output
     ok = invoke(env, "dead-letters", "list", "--type", "order_created")
     assert ok.exit_code == 0 and "p-0" in ok.output
+    for option in ("--since", "--until"):
+        when = invoke(env, "dead-letters", "list", option, "yesterday")
+        assert when.exit_code == ExitCode.USAGE
+        assert f"Invalid value for {option}: 'yesterday': use e.g. 30m" in when.output
 
 
 def test_purges_and_replays_from_the_command_line_are_audited_with_who_ran_them(

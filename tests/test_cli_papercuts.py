@@ -471,7 +471,9 @@ def test_intake_token_write_grants_every_token_in_the_one_env_line(
         output = tmp_path / f"token-{i}.json"
         result = run_capi(env, "intake-token", "--write", "--output", str(output))
         assert result.returncode == 0, result.stderr
-        assert "restart capi serve" in result.stderr
+        # capi serve follows the config file (tests/test_intake_guard.py): no restart
+        assert "capi serve picks it up by itself" in result.stderr
+        assert "restart" not in result.stderr
         assert oct(output.stat().st_mode & 0o777) == "0o600"
         made.append(json.loads(output.read_text())["token"])
         assert made[-1] not in result.stdout + result.stderr  # only in the file
@@ -597,3 +599,18 @@ def test_a_401_from_a_server_that_is_not_the_api_points_at_the_base_url(
     real = invoke(env, "check-key")
     assert "[unauthorized]" in real.output, real.output
     assert "error format" not in real.output
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("missing_scope:evry=7", "missing_scope: 'evry' is no fault option; they are: rate, every"),
+        ("missing_scope:every", "missing_scope: every must be a whole number, got ''"),
+        ("rate_limit:rate=often", "rate_limit: rate must be a number, got 'often'"),
+    ],
+)
+def test_a_bad_fault_option_is_named_with_its_rule(spec: str, message: str) -> None:
+    result = CliRunner().invoke(cli, ["sandbox", "--port", "0", "--fault", spec])
+    assert result.exit_code == ExitCode.USAGE
+    assert f"Invalid value for --fault: {message}" in result.output
+    assert "__init__" not in result.output and "literal" not in result.output

@@ -232,6 +232,23 @@ def test_console_token_prints_a_token_whose_line_logs_in(
         Settings(_env_file=None, console_tokens_sha256="admin:" + "0" * 64)
 
 
+def test_a_second_console_token_line_keeps_the_first(
+    sandbox: SandboxThread, redis_url: str
+) -> None:
+    """Pasting each printed line into config/capi.env as told must not drop the tokens
+    configured before: of two CAPI_CONSOLE_TOKENS_SHA256 lines only the last counts."""
+    first = "operator:" + "a" * 64
+    settings = make_settings(sandbox, redis_url, console_tokens_sha256=first)
+    done = capi(settings, "console-token", "--role", "viewer")
+    assert done.returncode == 0, done.stderr
+    token = re.search(r"token \(shown once\): (\S+)", done.stdout)
+    line = re.search(r"^CAPI_CONSOLE_TOKENS_SHA256=(\S+)$", done.stdout, re.M)
+    assert token and line
+    assert line.group(1) == f"{first},viewer:{auth.digest(token.group(1))}"
+    assert "keeps the 1 entry configured now" in done.stderr
+    assert token.group(1) not in done.stderr
+
+
 def test_the_dead_letter_list_pages_filters_and_searches(
     sandbox: SandboxThread, redis_url: str, tokens: Tokens, tmp_path: Path
 ) -> None:

@@ -39,6 +39,8 @@ def test_demo_on_embedded_defaults() -> None:
     assert "embedded Valkey" in output
     assert "delivered 6 events in 1 request(s)" in output
     assert "dead-lettered 2 events" in output
+    # the two dead-lettered are new purchases, not two of the six already delivered
+    assert "2 more purchases are enqueued (order-4, order-5)" in output
     assert "Create a fresh Conversion Key instead of editing" in output
     assert "delivered 8 of 8 events, each exactly once; dead letters left: 0" in output
     assert "sk-svcacct-demo-conversion-key" not in output  # the key shows as a fingerprint

@@ -107,6 +107,10 @@ def test_health_command(sandbox: SandboxThread, redis_url: str) -> None:
     assert ok.exit_code == ExitCode.OK and "ok" in ok.output
     down = runner.invoke(cli, ["health", "--url", "http://127.0.0.1:9/readyz"])
     assert down.exit_code == ExitCode.FAILURE
+    assert "not ready: http://127.0.0.1:9/readyz cannot be reached (" in down.output
+    assert "<urlopen error" not in down.output  # the reason, not the exception's repr
+    missing = runner.invoke(cli, ["health", "--url", sandbox.url + "/no-such-path"])
+    assert missing.exit_code == ExitCode.FAILURE and "not ready: HTTP 404" in missing.output
     no_worker = runner.invoke(
         cli, ["health"], env={"CAPI_REDIS_URL": redis_url, "CAPI_CONFIG_FILE": os.devnull}
     )

@@ -175,6 +175,22 @@ def test_documents_point_nowhere_outside_the_repository() -> None:
             assert (ROOT / path).exists() or path in users_copies, f"{doc.name}: {path}"
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
             assert (doc.parent / link).resolve().exists(), f"{doc.name}: link {link}"
+        for link, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", text):
+            target = (doc.parent / link).resolve() if link else doc
+            assert anchor in _anchors(target), f"{doc.name}: link {link}#{anchor}: no such heading"
+
+
+def _anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives a document's headings: lowercased, punctuation dropped,
+    spaces as hyphens."""
+    headings = re.findall(r"^#{1,6}\s+(.*?)\s*$", doc.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_page_of_docs_is_linked_from_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"](docs/{page.name})" in readme, f"README.md links no docs/{page.name}"
 
 
 def test_the_event_format_page_names_every_field() -> None:

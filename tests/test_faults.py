@@ -353,6 +353,8 @@ def test_status_shows_a_held_worker_and_drops_a_killed_one(
         return [w["state"] for w in status(settings)["workers"]]  # type: ignore[union-attr,index]
 
     wait_for(lambda: states() == ["held"], 20, "held worker shown")
+    detail = status(settings)["workers"][0]["detail"]  # type: ignore[index]
+    assert detail == "its destination's key is held; sending resumes once a re-probe passes"
     proc.kill()
     proc.communicate(timeout=10)
     killed = time.monotonic()

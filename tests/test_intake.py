@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import shutil
@@ -186,6 +187,27 @@ def test_tokens_follow_the_destinations_file(tmp_path: Path, redis_url: str) -> 
             assert server.post(events(1), token=new).status_code == 200
     finally:
         server.stop()
+
+
+def test_env_tokens_beside_a_destinations_file_are_said_to_grant_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    settings = Settings(
+        _env_file=None, destinations_file=path, intake_tokens_sha256=tokens.digest("old-0001")
+    )
+    with caplog.at_level(logging.WARNING, logger="capi.intake"):
+        grants = tokens.read_grants(settings)
+    assert tokens.digest("old-0001") not in grants
+    assert "CAPI_INTAKE_TOKENS_SHA256 grants nothing while a destinations file" in caplog.text
+    caplog.clear()
+    tokens.read_grants(Settings(_env_file=None, destinations_file=path))
+    assert "CAPI_INTAKE_TOKENS_SHA256" not in caplog.text
+    path.write_text('[destinations.a]\npixel_id = "pix_a"\napi_key_env = "CAPI_KEY_A"\n')
+    refused = capi(settings, "serve", "--port", "0")  # its only grant is the ignored one
+    assert refused.returncode == 3
+    assert f"no intake token is granted in the destinations file {path}" in refused.stderr
 
 
 @pytest.mark.parametrize(

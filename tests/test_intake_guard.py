@@ -345,7 +345,7 @@ def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
     assert '"client":"203.0.113.9:' in log
 
 
-def test_a_digest_removed_from_capi_env_is_revoked_within_seconds(
+def test_a_digest_removed_from_capi_env_is_revoked_within_seconds_and_added_back_granted(
     tmp_path: Path, redis_url: str
 ) -> None:
     other = "a-second-intake-token-0002"
@@ -360,6 +360,8 @@ def test_a_digest_removed_from_capi_env_is_revoked_within_seconds(
         config.write_text(f"CAPI_INTAKE_TOKENS_SHA256={tokens.digest(TOKEN)}\n")
         wait_for(lambda: server.post(events(1), token=other).status_code == 401, 5, "revoke")
         assert server.post(events(1), token=TOKEN).status_code == 200
+        config.write_text(f"CAPI_INTAKE_TOKENS_SHA256={both}\n")  # granted again: no restart
+        wait_for(lambda: server.post(events(1), token=other).status_code == 200, 5, "grant")
     finally:
         server.stop()
 

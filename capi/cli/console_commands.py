@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from capi.cli.common import handle_errors, out, settings_from
+from capi.cli.common import err, handle_errors, out, settings_from
 from capi.cli.intake_commands import (
     _exit_quietly_after_shutdown,
     listening_socket,
@@ -114,11 +114,14 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
     required=True,
     help="viewer reads; operator may also replay, purge and check keys.",
 )
-def console_token_command(role: str) -> None:
+@click.pass_context
+def console_token_command(ctx: click.Context, role: str) -> None:
     """Print a new console token, once, and its configuration line.
 
     Only the line (the token's SHA-256 and role) goes into the configuration; keep the
-    token itself in a password manager. Add several lines' entries comma-separated.
+    token itself in a password manager. The line keeps the entries configured now, so it
+    replaces the CAPI_CONSOLE_TOKENS_SHA256 line of config/capi.env (of two such lines,
+    the last one counts).
 
     \b
     Example:
@@ -127,5 +130,22 @@ def console_token_command(role: str) -> None:
     from capi.console import auth
 
     token = auth.new_token()
+    kept = _configured_entries(ctx)
+    entries = ",".join([*kept, f"{role}:{auth.digest(token)}"])
     out.print(f"token (shown once): {token}", markup=False)
-    out.print(f"CAPI_CONSOLE_TOKENS_SHA256={role}:{auth.digest(token)}", markup=False)
+    out.print(f"CAPI_CONSOLE_TOKENS_SHA256={entries}", markup=False)
+    if kept:
+        err.print(
+            f"note: the line keeps the {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} "
+            "configured now: replace the CAPI_CONSOLE_TOKENS_SHA256 line with it",
+            markup=False,
+        )
+
+
+def _configured_entries(ctx: click.Context) -> list[str]:
+    """The console token entries configured now (none where the settings cannot be read)."""
+    try:
+        configured = settings_from(ctx).console_tokens_sha256
+    except ConfigError:
+        return []
+    return [e.strip() for e in (configured or "").split(",") if e.strip()]

@@ -69,10 +69,16 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     settings = settings_from(ctx)
     grants = tokens.read_grants(settings)
     if not grants:
+        path = destinations.source(settings)
         raise ConfigError(
-            "no intake token is configured (CAPI_INTAKE_TOKENS_SHA256, or "
-            "intake_tokens_sha256 in the destinations file); capi intake-token --write makes one "
-            "and grants it"
+            (
+                f"no intake token is granted in the destinations file {path} "
+                "(intake_tokens_sha256; CAPI_INTAKE_TOKENS_SHA256 grants nothing while a "
+                "destinations file is in use)"
+                if path is not None
+                else "no intake token is configured (CAPI_INTAKE_TOKENS_SHA256)"
+            )
+            + "; capi intake-token --write makes one and grants it"
         )
     configure_logging(settings)
     where = f"http://{host}:{port}"
@@ -242,7 +248,7 @@ def intake_token_command(
         env_file = settings.config_file_path() or str(DEFAULT_CONFIG_FILE)
         how = (
             f"set this one line in {env_file} (replacing any CAPI_INTAKE_TOKENS_SHA256 "
-            "line there: the last one counts), then restart capi serve"
+            "line there: the last one counts); capi serve picks the change up by itself"
         )
     else:
         line = f'intake_tokens_sha256 = ["{digest}"]'
@@ -304,12 +310,14 @@ def _write(settings: Settings, path: Path | None, destination: str, digest: str)
         text, line, note = grants.grant_in_env_file(env_file, digest)
         grants.replace(env_file, text)
         where = f"CAPI_INTAKE_TOKENS_SHA256 in {env_file}"
+        follows = "capi serve picks it up by itself within a second"
         if "CAPI_INTAKE_TOKENS_SHA256" in os.environ:
             where += (
                 "; but CAPI_INTAKE_TOKENS_SHA256 is also set in the environment, which wins "
                 "over the file: add the SHA-256 there too"
             )
-        done = "; ".join(filter(None, [f"added to {where}", note])) + "; restart capi serve"
+            follows = "then restart capi serve (its environment cannot change while it runs)"
+        done = "; ".join(filter(None, [f"added to {where}", note, follows]))
         return done, line
     text = grants.grant_in_destinations_file(path, destination, digest)
     destinations.parse(text, path, settings, {}, keys="skip")  # still a valid file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 from typing import Any
 
@@ -247,10 +248,18 @@ def _parse_fault(spec: str) -> Fault:
     kind, _, opts = spec.partition(":")
     if kind not in FAULT_KINDS:
         raise ValueError(f"{kind!r} is not a fault kind; the kinds are: {', '.join(FAULT_KINDS)}")
+    names = [f.name for f in dataclasses.fields(Fault) if f.name != "kind"]
     kwargs: dict[str, Any] = {}
     for opt in filter(None, opts.split(",")):
         name, _, value = opt.partition("=")
-        kwargs[name] = float(value) if name in ("rate", "retry_after_s") else int(value)
+        if name not in names:
+            raise ValueError(f"{kind}: {name!r} is no fault option; they are: {', '.join(names)}")
+        number = float if name in ("rate", "retry_after_s") else int
+        try:
+            kwargs[name] = number(value)
+        except ValueError:
+            what = "a number" if number is float else "a whole number"
+            raise ValueError(f"{kind}: {name} must be {what}, got {value!r}") from None
     return Fault(kind=kind, **kwargs)  # type: ignore[arg-type]
 
 

@@ -24,8 +24,9 @@ _RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_when(value: str | None, now_ms: int) -> int | None:
-    """``2h``/``30m``/``7d`` ago, or an ISO 8601 time, as Unix milliseconds."""
+def parse_when(value: str | None, now_ms: int, option: str | None = None) -> int | None:
+    """``2h``/``30m``/``7d`` ago, or an ISO 8601 time, as Unix milliseconds; a value that
+    is neither is refused naming ``option`` (``--since``, ``--until``)."""
     if not value:
         return None
     if m := _RELATIVE.match(value.strip()):
@@ -33,7 +34,9 @@ def parse_when(value: str | None, now_ms: int) -> int | None:
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from None
+        raise click.BadParameter(
+            f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00", param_hint=option
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return clock.ms(when.timestamp())
@@ -116,8 +119,8 @@ def selection_from(ids: Sequence[str], kw: dict[str, Any], now_ms: int) -> Selec
         ids=list(ids),
         reasons=list(kw.get("reasons") or []),
         event_types=list(kw.get("types") or []),
-        since_ms=parse_when(kw.get("since"), now_ms),
-        until_ms=parse_when(kw.get("until"), now_ms),
+        since_ms=parse_when(kw.get("since"), now_ms, "--since"),
+        until_ms=parse_when(kw.get("until"), now_ms, "--until"),
         replayable=kw.get("replayable"),
         destinations=[n.strip() for n in (kw.get("destination") or "").split(",") if n.strip()],
     )

@@ -159,7 +159,7 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     out.print(f"in flight:     {status['in_flight']}")
     out.print(f"retries:       {status['retry_batches_scheduled']} batches scheduled")
     for name in ("enqueued", "delivered", "retried", "dead_lettered", "transient_key_failures"):
-        out.print(f"{name + ':':<15}{counters.get(name, 0)}")
+        out.print(f"{name + ':':<14} {counters.get(name, 0)}")
     if counters.get("validated"):
         out.print(
             f"validated:     {counters['validated']} (test mode: checked by the API with "
@@ -261,8 +261,12 @@ def health_command(ctx: click.Context, url: str | None) -> None:
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
                 ok, why = resp.status == 200, f"HTTP {resp.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            ok, why = False, str(exc)
+        except urllib.error.HTTPError as exc:
+            ok, why = False, f"HTTP {exc.code}"
+        except urllib.error.URLError as exc:  # no answer: say why, not the exception's repr
+            ok, why = False, f"{url} cannot be reached ({exc.reason})"
+        except OSError as exc:
+            ok, why = False, f"{url} cannot be reached ({exc})"
     else:
         ok, why = _healthy(settings_from(ctx))
     out.print(("ok: " if ok else "not ready: ") + why, markup=False)

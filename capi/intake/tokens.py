@@ -57,6 +57,12 @@ def read_grants(settings: Settings) -> dict[str, frozenset[str]]:
     if path is None:
         digests = destinations.default_token_digests(_fresh(settings))
         return {d: frozenset({destinations.DEFAULT_NAME}) for d in digests}
+    if _fresh(settings).intake_tokens_sha256:
+        log.warning(
+            "CAPI_INTAKE_TOKENS_SHA256 grants nothing while a destinations file is in use "
+            "(%s): its tokens answer 401; grant them in intake_tokens_sha256 of a destination",
+            path,
+        )
     text = destinations._read(path)
     grants: dict[str, set[str]] = {}
     for name, dest in destinations.parse(text, path, settings, {}, keys="skip").items():

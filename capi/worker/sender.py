@@ -258,7 +258,7 @@ class Sender:
         if not self._trouble.redis_ok:
             return "waiting for Redis", self._trouble.describe()
         if self._guard.held:
-            return "held", "the Conversion Key is held (see capi status, key)"
+            return "held", "its destination's key is held; sending resumes once a re-probe passes"
         if self._endpoint.failing:
             return "waiting for the endpoint", self._endpoint.describe()
         if self._inflight or self._reclaimed:

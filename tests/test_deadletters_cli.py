@@ -30,6 +30,8 @@ from tests.helpers import (
     ids,
     make_settings,
     spawn,
+    start_worker,
+    stop_worker,
     wait_for,
 )
 
@@ -329,3 +331,37 @@ def test_support_bundle_of_an_unknown_id_says_so_and_exits_not_found(mixed: Sett
     assert result.exit_code == ExitCode.NOT_FOUND
     assert "not found: no-such-order" in result.output
     assert "event scope-p-0" in result.output  # what was found is still printed
+
+
+def test_a_passing_check_key_releases_a_hold_so_a_replay_is_delivered_at_once(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """The guidance says: fix the key, run capi check-key, replay. The check passed, but the
+    destination stayed held until the workers' next re-probe (CAPI_REPROBE_INTERVAL_S, here
+    10 minutes), and the replayed events waited with it."""
+    settings = make_settings(
+        sandbox, redis_url, batch_size=5, probe_confirmations=1, reprobe_interval_s=600
+    )
+    client = redis.Redis.from_url(redis_url)
+    worker = start_worker(settings)
+    wait_for(lambda: client.hget(settings.keys.key_state, "state") == b"ok", 30, "the worker")
+    sandbox.state.conversion_keys.discard(DEFAULT_KEY)  # the key loses its scope
+    sandbox.state.scopeless_keys.add(DEFAULT_KEY)
+    enqueue(settings, events(5, prefix="held-"))
+    wait_for(lambda: len(dead_letters(settings)) == 5, 30, "the events dead-lettered")
+    wait_for(lambda: client.hget(settings.keys.key_state, "state") == b"held", 30, "a hold")
+
+    sandbox.state.scopeless_keys.discard(DEFAULT_KEY)  # the key is fixed
+    sandbox.state.conversion_keys.add(DEFAULT_KEY)
+    checked = cli_run(settings, "check-key")
+    assert checked.exit_code == 0, checked.output
+    assert "destination default: it was held for this key; released now" in checked.output
+    assert client.hget(settings.keys.key_state, "state") == b"ok"
+    replayed = cli_run(settings, "dead-letters", "replay", "--reason", "missing_scope")
+    assert "replayed 5 of 5" in replayed.output, replayed.output
+    wait_for(lambda: len(sandbox.state.delivered_ids()) == 5, 30, "the replay delivered")
+    log = cli_run(settings, "dead-letters", "replays").output
+    assert "key ok      passed capi check-key: hold released  by cli:" in log, log
+    as_json = json.loads(cli_run(settings, "check-key", "--json").output)
+    assert as_json["ok"] and as_json["released_hold"] is False  # nothing held now
+    stop_worker(worker)

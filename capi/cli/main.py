@@ -9,18 +9,30 @@ import sys
 from typing import Any
 
 import click
+import redis.exceptions
 from rich.table import Table
 from rich.text import Text
 
-from capi import __version__, destinations
-from capi.cli.common import err, fail, handle_errors, out, print_json, run, settings_from
+from capi import __version__, destinations, replay
+from capi.cli.common import (
+    cli_actor,
+    err,
+    fail,
+    handle_errors,
+    out,
+    print_json,
+    run,
+    settings_from,
+)
 from capi.cli.selection import destination_names
 from capi.client import ConversionsClient
 from capi.exitcodes import MEANINGS, ExitCode, for_reason
 from capi.keycheck import KeyCheck, check_key
+from capi.redisconn import brief
 from capi.sandbox import Fault, SandboxState
 from capi.sandbox.server import start
 from capi.sandbox.state import FAULT_KINDS
+from capi.settings import Settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,8 +100,13 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
         return list(await asyncio.gather(*(one(d) for d in chosen)))
 
     results = run(go())
+    passed = [d.name for d, r in zip(chosen, results, strict=True) if r.ok]
+    fingerprints = {d.name: r.key_fingerprint for d, r in zip(chosen, results, strict=True)}
+    released = run(_release_holds(settings, passed, fingerprints)) if passed else set()
     if len(chosen) == 1:
-        _report_one(results[0], chosen[0].base_url, as_json)
+        _report_one(results[0], chosen[0].base_url, as_json, chosen[0].name in released)
+        if released and not as_json:
+            out.print(_RELEASED.format(name=chosen[0].name), markup=False)
         return
     failed = [r for r in results if not r.ok]
     if as_json:
@@ -97,7 +114,7 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             {
                 "ok": not failed,
                 "destinations": [
-                    {"name": d.name, **_check_json(r, d.base_url)}
+                    {"name": d.name, **_check_json(r, d.base_url, d.name in released)}
                     for d, r in zip(chosen, results, strict=True)
                 ],
             }
@@ -108,6 +125,8 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             verdict = "OK" if r.ok else f"FAILED: {r.error.reason.value if r.error else '?'}"
             table.add_row(Text(d.name), Text(d.pixel_id), Text(r.key_fingerprint), verdict)
         out.print(table)
+        for name in sorted(released):
+            out.print(_RELEASED.format(name=name), markup=False)
         for d, r in zip(chosen, results, strict=True):
             if not r.ok and r.diagnosis is not None:
                 err.print(f"\ndestination {d.name}:\n{r.diagnosis.text}", markup=False)
@@ -116,9 +135,43 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
         sys.exit(for_reason(failed[0].error.reason))
 
 
-def _report_one(result: KeyCheck, base_url: str, as_json: bool) -> None:
+_RELEASED = (
+    "destination {name}: it was held for this key; released now, and workers resume "
+    "sending at once (replay its dead letters with capi dead-letters replay)"
+)
+
+
+async def _release_holds(
+    settings: Settings, names: list[str], fingerprints: dict[str, str]
+) -> set[str]:
+    """Release the holds of destinations whose key just passed (the workers would wait for
+    their next re-probe, CAPI_REPROBE_INTERVAL_S), audited with who ran the check; the
+    names released. Without Redis there is nothing to release: a note says so."""
+    from capi.worker import keyguard  # the owner of the key state (not loaded for --help)
+
+    client = settings.async_redis()
+    released: set[str] = set()
+    try:
+        for name in names:
+            keys = settings.keys.for_destination(name)
+            if await keyguard.release(client, keys, fingerprints[name]):
+                released.add(name)
+                reason = "passed capi check-key: hold released"
+                await replay.audit_key_check(client, keys, ok=True, reason=reason, by=cli_actor())
+    except (redis.exceptions.RedisError, OSError) as exc:
+        err.print(
+            f"note: Redis did not answer ({brief(exc)}): a destination held for this key "
+            "resumes at the workers' next re-probe (CAPI_REPROBE_INTERVAL_S)",
+            markup=False,
+        )
+    finally:
+        await client.aclose()
+    return released
+
+
+def _report_one(result: KeyCheck, base_url: str, as_json: bool, released: bool) -> None:
     if as_json:
-        print_json(_check_json(result, base_url))
+        print_json(_check_json(result, base_url, released))
     elif result.ok:
         out.print(
             f"OK: the Conversion Key {result.key_fingerprint} can write events to pixel "
@@ -133,13 +186,14 @@ def _report_one(result: KeyCheck, base_url: str, as_json: bool) -> None:
         sys.exit(for_reason(result.error.reason))
 
 
-def _check_json(result: KeyCheck, base_url: str) -> dict[str, Any]:
+def _check_json(result: KeyCheck, base_url: str, released: bool) -> dict[str, Any]:
     data: dict[str, Any] = {
         "ok": result.ok,
         "key_fingerprint": result.key_fingerprint,
         "pixel_id": result.pixel_id,
         "base_url": base_url,
         "probes": result.probes,
+        "released_hold": released,
     }
     if result.error is not None and result.diagnosis is not None:
         data.update(

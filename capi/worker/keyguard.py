@@ -52,6 +52,26 @@ return 0
 """
 
 
+RELEASE_LUA = """#!lua flags=allow-oom
+-- KEYS: key state hash. ARGV: field, value pairs of the ok state. Writes them only over a
+-- hold; 1 if it did.
+if redis.call('HGET', KEYS[1], 'state') ~= 'held' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+async def release(redis: aioredis.Redis, keys: RedisKeys, fingerprint: str) -> bool:
+    """After a key check passed outside the workers (``capi check-key``): a held
+    destination is released at once (the workers resume on their next read of the state)
+    rather than at the next re-probe. True if it was held."""
+    now = iso(now_ms()) or ""
+    fields = {"state": "ok", "since": now, "checked_at": now, "fingerprint": fingerprint}
+    args = [x for kv in fields.items() for x in kv]
+    return bool(await redis.register_script(RELEASE_LUA)(keys=[keys.key_state], args=args))
+
+
 class KeyGuard:
     """Re-probes the key after key failures and holds all workers while it is broken."""
 

@@ -195,7 +195,9 @@ def _unknown_pixel(
             "CAPI_PIXEL_ID.",
             "The pixel must belong to the same ad account as the Conversion Key; a "
             "development key goes with the development pixel.",
-            "Then run `capi check-key`, and `capi dead-letters replay --reason unknown_pixel`.",
+            "Then run `capi check-key`. Running workers follow a destinations file by "
+            "themselves; a pixel id set in CAPI_PIXEL_ID needs them restarted. The events kept "
+            "queued meanwhile are then sent (none were dead-lettered for this).",
         ],
     )
 

@@ -8,6 +8,7 @@ import pytest
 
 from capi.constants import API_MAX_AGE_MS, STALE_MARGIN_MS
 from capi.failures import Reason
+from capi.guidance import diagnose
 from capi.worker import decisions
 from capi.worker.decisions import AFTER_HOLD, AFTER_PROBE, FATES, Action, Outcome, Verdict
 
@@ -140,3 +141,14 @@ def test_retry_plan(
     assert plan.due_ms == NOW_MS + int(delay_s * 1000)
     assert plan.attempt == max(e.attempts for e in events) + 1
     assert (len(plan.again), len(plan.exhausted)) == (again, exhausted)
+
+
+@pytest.mark.parametrize("reason", [r for r in Reason if FATES[r].action == Action.HOLD])
+def test_the_guidance_of_a_problem_that_keeps_the_events_offers_no_replay_of_them(
+    reason: Reason,
+) -> None:
+    """Nothing is dead-lettered for it (a confirmed failure hands the batch back): the
+    unknown-pixel guidance told the operator to replay dead letters that never exist."""
+    fix = " ".join(diagnose(reason).fix)
+    assert f"--reason {reason.value}" not in fix
+    assert "dead-letters replay" not in fix

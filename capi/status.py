@@ -71,9 +71,9 @@ CONFIRMING_FRESH_MS = 300_000
 def key_state(fields: dict[str, str], now_ms: int) -> dict[str, str]:
     """The key state hash as shown: ``state`` is ok, held, confirming (probes are deciding
     whether a key problem holds the key: ``confirming_since``, ``confirming_reason``) or
-    unknown (never checked)."""
+    unchecked (never checked)."""
     shown = dict(fields)
-    shown.setdefault("state", "unknown")
+    shown.setdefault("state", "unchecked")
     since = fields.get("confirming_since")
     if since and shown["state"] != "held":
         try:

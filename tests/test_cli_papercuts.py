@@ -357,6 +357,7 @@ def test_destinations_lists_what_redis_holds_under_a_broken_destinations_file(
         ).stdout.splitlines()
     ]
     assert [(r["name"], r["queued"], r["configured"]) for r in rows] == [("default", 4, None)]
+    assert rows[0]["key_state"] == "unchecked"  # ok | held | unchecked: it said "unknown"
 
 
 def test_destinations_fits_80_columns_without_cutting_names_or_pixels(

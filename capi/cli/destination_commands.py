@@ -130,9 +130,7 @@ async def _rows(
             key = status["key"]
             state = key.get("state", "unchecked")
             current = fingerprint(dest.api_key) if dest.api_key else None
-            if state == "unknown" or (
-                state != "confirming" and current and key.get("fingerprint") != current
-            ):
+            if state != "confirming" and current and key.get("fingerprint") != current:
                 state = "unchecked"  # never checked, or checked with another key
             rows.append(
                 _row(name, status, state)

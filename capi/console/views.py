@@ -169,7 +169,7 @@ class Reader:
                     "name": name,
                     "configured": name in configured,
                     "pixel_id": configured[name].pixel_id if name in configured else "",
-                    "key_state": key.get("state", "unknown"),
+                    "key_state": key.get("state", "unchecked"),
                     "key_reason": key.get("reason") or key.get("confirming_reason") or "",
                     "diagnosis": redacted(key.get("guidance", "") if held else ""),
                     "queued": row["queued"],

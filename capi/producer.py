@@ -401,10 +401,14 @@ class _BaseProducer:
         self, event: RawEvent, targets: list[RedisKeys], ring: list[RingNote]
     ) -> list[tuple[list[str], list[Any], bool]]:
         """The script call for one event to each destination, and whether it is sent
-        there; its warnings are logged (one event has no report to carry them); a skip is
-        noted in ``ring``."""
+        there; its warnings are logged (one event has no report to carry them); a skip, or
+        its refusal (then raised), is noted in ``ring``."""
         report = EnqueueReport()
-        prepared = self._prepare(event)
+        try:
+            prepared = self._prepare(event)
+        except EventRejected as exc:
+            ring.append(("", "refused", *_described(event, exc)))
+            raise
         self._warn(0, prepared, report, targets)
         for p in report.warnings.get(0, ()):
             log.warning("event %r: %s: left out: %s", prepared.id[:64], p.path, p.rule)
@@ -759,14 +763,15 @@ class Producer(_BaseProducer):
         """
         targets = self._targets(destination)
         ring: list[RingNote] = []
-        calls = self._one(event, targets, ring)
+        try:
+            calls = self._one(event, targets, ring)
+        except EventRejected:
+            await self._write_ring(targets, ring)
+            raise
         with _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
         if ring:
-            try:
-                await tail.append(self.redis, self._ring(targets, ring), self.tail_entries)
-            except redis.exceptions.RedisError as exc:
-                _ring_missed(len(ring), exc)
+            await self._write_ring(targets, ring)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -791,11 +796,16 @@ class Producer(_BaseProducer):
                 flags = (await self._run([(keys, args)], len(positions)))[0]
                 self._count(report, flags, positions)
         if refusals:
-            try:
-                await tail.append(self.redis, self._ring(targets, refusals), self.tail_entries)
-            except redis.exceptions.RedisError as exc:
-                _ring_missed(len(refusals), exc)
+            await self._write_ring(targets, refusals)
         return report
+
+    async def _write_ring(self, targets: list[RedisKeys], notes: list[RingNote]) -> None:
+        """Put refused and skipped events in the live-outcomes rings (``capi tail``); a
+        failure is logged, never raised: the ring is a view."""
+        try:
+            await tail.append(self.redis, self._ring(targets, notes), self.tail_entries)
+        except redis.exceptions.RedisError as exc:
+            _ring_missed(len(notes), exc)
 
 
 class SyncProducer(_BaseProducer):
@@ -881,14 +891,15 @@ class SyncProducer(_BaseProducer):
         it was skipped for consent (see :meth:`Producer.enqueue`)."""
         targets = self._targets(destination)
         ring: list[RingNote] = []
-        calls = self._one(event, targets, ring)
+        try:
+            calls = self._one(event, targets, ring)
+        except EventRejected:
+            self._write_ring(targets, ring)
+            raise
         with _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
         if ring:
-            try:
-                tail.append_sync(self.redis, self._ring(targets, ring), self.tail_entries)
-            except redis.exceptions.RedisError as exc:
-                _ring_missed(len(ring), exc)
+            self._write_ring(targets, ring)
         added = {
             t.destination: sent and bool(f[0])  # not sent: skipped for consent
             for t, f, (_, _, sent) in zip(targets, flags, calls, strict=True)
@@ -911,11 +922,15 @@ class SyncProducer(_BaseProducer):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, self._run([(keys, args)])[0], positions)
         if refusals:
-            try:
-                tail.append_sync(self.redis, self._ring(targets, refusals), self.tail_entries)
-            except redis.exceptions.RedisError as exc:
-                _ring_missed(len(refusals), exc)
+            self._write_ring(targets, refusals)
         return report
+
+    def _write_ring(self, targets: list[RedisKeys], notes: list[RingNote]) -> None:
+        """The blocking twin of :meth:`Producer._write_ring`."""
+        try:
+            tail.append_sync(self.redis, self._ring(targets, notes), self.tail_entries)
+        except redis.exceptions.RedisError as exc:
+            _ring_missed(len(notes), exc)
 
 
 def _moved(exc: BaseException) -> bool:

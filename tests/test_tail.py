@@ -3,6 +3,7 @@ ring in Redis; never a value or hash of an identifier; the ring stays within its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 import redis
 
 from capi import tail
+from capi.errors import EventRejected
+from capi.producer import Producer, SyncProducer
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
 from tests.helpers import (
@@ -224,3 +227,25 @@ def test_a_ring_redis_refuses_is_logged_and_the_event_still_queued(
         enqueue(settings, [denied, *events(2, start=1)])
     assert client.xlen(settings.keys.stream) == 2
     assert "capi tail misses 1 outcome(s) of this enqueue" in caplog.text, caplog.text
+
+
+def test_an_event_refused_by_enqueue_is_a_refused_line(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """enqueue() of one event raised EventRejected and the ring never heard of it (only
+    enqueue_many and the intake wrote refusals), though capi tail says it shows them."""
+    settings = make_settings(sandbox, redis_url)
+    bad = {**events(1, prefix="bad-sync-")[0], "timestamp_ms": "yesterday"}
+    with SyncProducer.from_settings(settings) as producer, pytest.raises(EventRejected):
+        producer.enqueue(bad)
+
+    async def refused_async() -> None:
+        async with Producer.from_settings(settings) as producer:
+            with pytest.raises(EventRejected):
+                await producer.enqueue({**bad, "id": "bad-async-0"})
+
+    asyncio.run(refused_async())
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    lines = {json.loads(t)["id"]: json.loads(t) for t in shown.stdout.splitlines()}
+    assert set(lines) == {bad["id"], "bad-async-0"}, shown.stdout
+    assert all("timestamp_ms" in line["reason"] for line in lines.values()), lines

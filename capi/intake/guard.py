@@ -17,7 +17,9 @@ connection, before anything reaches the application:
   therefore never starves ``/healthz`` or real clients: the flooding address loses its own
   connections first, and from one address alone the oldest idle ones go;
 - a connection whose request was answered before its body arrived (401, 413, ...) is not
-  kept to read the rest: it is closed after a short linger.
+  kept to read the rest: it is closed after a short linger;
+- requests sent ahead of their answers (pipelining) are parsed at most ``PIPELINE_DEPTH``
+  ahead; the bytes after them wait, with reading paused, until answers go out.
 
 The body's own limits (size, read time, bytes buffered across connections, event count)
 are the application's (:mod:`capi.intake.app`), which reads the body.
@@ -42,6 +44,12 @@ log = logging.getLogger("capi.intake")
 # that keeps sending (an attacker) is held back by TCP, costing the server nothing.
 LINGER_S = 1.0
 LINGER_BYTES = 1_048_576
+# Requests a connection may send ahead of their answers (HTTP pipelining) that are parsed:
+# what was read beyond them waits, unparsed and with reading paused, until answers go out.
+# uvicorn alone parses a whole read (up to 256 KiB: thousands of tiny requests, each held
+# as a request object) and reads again after every answer, so one connection that kept
+# sending grew the server by 1 GB in 12 s and held every other client's answer for seconds.
+PIPELINE_DEPTH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._discarded = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._held = bytearray()  # read, not parsed: requests waiting ahead fill the pipeline
 
     # Connections
 
@@ -162,6 +171,36 @@ class GuardedProtocol(HttpToolsProtocol):
     # Reading
 
     def data_received(self, data: bytes) -> None:
+        if self._held and self._stage != CLOSING:  # waits behind the requests parsed ahead
+            self._held += data
+            self.flow.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``, but no more requests than fit in the pipeline beside those waiting
+        (each needs its end of headers, so the parser is given up to the n-th one); the rest
+        is held, reading paused, until an answer makes room (:meth:`on_response_complete`)."""
+        start, size = 0, len(data)
+        while start < size:
+            room = PIPELINE_DEPTH - len(self.pipeline)
+            if room <= 0 and self._stage != CLOSING:
+                self._held += data[start:]
+                self.flow.pause_reading()
+                return
+            end = start
+            for _ in range(max(room, 1)):
+                found = data.find(b"\r\n\r\n", end)
+                if found < 0:
+                    end = size
+                    break
+                end = found + 4
+            self._received(data if start == 0 and end == size else data[start:end])
+            start = end
+            if self.transport.is_closing():
+                return
+
+    def _received(self, data: bytes) -> None:
         if self._stage == CLOSING:  # refused: read and ignored until the linger ends
             self._discarded += len(data)
             if self._discarded > LINGER_BYTES and not self.transport.is_closing():
@@ -238,13 +277,20 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        answered_early = self._stage == BODY  # answered before its body arrived
-        if self._stage != CLOSING:
+        # The request answered is the last one parsed unless others wait behind it (sent
+        # ahead: pipelining); then the stage is the latest one's, which is not answered yet.
+        last = not self.pipeline
+        answered_early = last and self._stage == BODY  # answered before its body arrived
+        if last and self._stage != CLOSING:
             self._stage, self._since = HEAD, self.loop.time()
             self._peers.touch(self)
         super().on_response_complete()
         if answered_early and not self.transport.is_closing():
             self._refuse(b"")
+        if self._held and self._stage != CLOSING and not self.transport.is_closing():
+            held, self._held = bytes(self._held), bytearray()
+            self._feed(held)  # an answer went out: parse what waited (reading stays paused
+            # if the pipeline fills again)
 
 
 class _Answer:

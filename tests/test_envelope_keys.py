@@ -71,3 +71,21 @@ def test_a_body_is_refused_for_a_repeated_key_exactly_when_a_strict_parse_finds_
         read = envelope.events_of(ndjson, envelope.NDJSON, 1000)
         bad = [isinstance(e, envelope.BadLine) for e in read]
         assert bad == [not strictly_unique(t) for t in lines], ndjson
+
+
+def test_a_body_too_deep_for_the_strict_parse_is_refused_not_a_crash() -> None:
+    """orjson reads up to 1,024 levels, Python's json under 1,000: a body in between that
+    needs the strict parse (a repeated key, or a string like ``":``) raised RecursionError,
+    answered 500 with a traceback logged; it is a 400 (an NDJSON line: refused alone)."""
+    deep = "[" * 1_000 + "]" * 1_000
+    event = '{"id": "a", "id": "b", "data": ' + deep + "}"
+    try:
+        envelope.events_of(('{"events": [' + event + "]}").encode(), envelope.JSON, 10)
+    except envelope.EnvelopeError as exc:
+        assert (exc.status, exc.code) == (400, "malformed")
+        assert "nests too deeply" in exc.message
+    else:
+        raise AssertionError("a body too deep to check was taken")
+    lines = envelope.events_of(('{"id": "c"}\n' + event).encode(), envelope.NDJSON, 10)
+    assert lines[0] == {"id": "c"}
+    assert isinstance(lines[1], envelope.BadLine) and "nests too deeply" in lines[1].rule()

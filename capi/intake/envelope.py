@@ -87,7 +87,8 @@ def events_of(body: bytes, kind: str, max_events: int) -> list[Any]:
 
 
 class DuplicateKey(ValueError):
-    """A JSON object names a key twice (a parser keeps one of them: which is ambiguous)."""
+    """A JSON object names a key twice (a parser keeps one of them: which is ambiguous), or
+    the text nests too deeply for the strict parse to tell."""
 
 
 # A key is a string followed by a colon: each key of a JSON text ends where this matches
@@ -121,7 +122,12 @@ def _strict(text: bytes) -> Any:
     """``text`` parsed with a check that no object names a key twice, as ``capi enqueue``
     refuses such a line; DuplicateKey names the key. (orjson, which keeps the last, has
     already refused invalid JSON and measured the nesting.)"""
-    return _STRICT.decode(text.decode())
+    try:
+        return _STRICT.decode(text.decode())
+    except RecursionError:  # orjson reads 1,024 levels; Python's parser, under 1,000
+        raise DuplicateKey(
+            "nests too deeply to be checked for a key named twice; send fewer levels"
+        ) from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -175,15 +175,21 @@ def _json_events(body: bytes) -> list[Any]:
     return events
 
 
+# A byte that makes an NDJSON line not blank (bytes.strip() removes the others).
+_CONTENT = re.compile(rb"[^ \t\n\r\x0b\x0c]")
+
+
 def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
+    """The events of an NDJSON body; blank lines are skipped a run at a time (one at a
+    time, 4 MB of newlines cost 0.5 s of the event loop: they count toward no limit)."""
     events: list[Any] = []
-    start, number = 0, 0
-    while start <= len(body):
-        end = body.find(b"\n", start)
+    start, number = 0, 1  # the line that begins at start
+    while (found := _CONTENT.search(body, start)) is not None:
+        begin = body.rfind(b"\n", start, found.start()) + 1 or start
+        number += body.count(b"\n", start, begin)
+        end = body.find(b"\n", found.start())
         end = len(body) if end < 0 else end
-        line, start, number = body[start:end], end + 1, number + 1
-        if not line.strip():
-            continue
+        line, start = body[begin:end], end + 1
         if len(events) == max_events:
             raise too_many(max_events)
         try:
@@ -193,6 +199,7 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
             events.append(BadLine(number))
         except DuplicateKey as exc:
             events[-1] = BadLine(number, f"line {number} {exc}")
+        number += 1
     if not events:
         raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")
     return events

@@ -544,3 +544,29 @@ def test_a_websocket_upgrade_is_answered_as_plain_http_and_holds_nothing(
             sock.recv(65536)
     assert peak_rss_mb(guarded) - before < 15  # before: +33 MB
     assert "without completing handshake" not in guarded.log()
+
+
+def test_a_request_sent_whole_then_half_closed_is_answered(
+    guarded: IntakeProcess, redis_url: str
+) -> None:
+    """A client may shut down its sending side once its request is sent (``nc -N``,
+    ``socat``): its events were queued and logged 200, but the connection was closed
+    before the answer went out. Requests pipelined ahead of the half-close are answered
+    too, then the connection is closed; one half-closed idle is closed at once."""
+    batches = [events(1, start=i, prefix="half-") for i in range(3)]
+    wire = b""
+    for batch in batches:
+        body = orjson.dumps({"events": batch})
+        wire += (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+    with connect(guarded) as sock:
+        sock.sendall(wire)
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_answer(sock)
+    assert answers.count(b"HTTP/1.1 200 ") == 3, answers[:300]
+    assert queued_ids(redis_url) == [b[0]["id"] for b in batches]
+    with connect(guarded) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        assert read_answer(sock, timeout_s=2) == b""

@@ -104,6 +104,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._held = bytearray()  # read, not parsed: requests waiting ahead fill the pipeline
+        self._eof = False  # the client is done sending; answers still to go out
 
     # Connections
 
@@ -176,6 +177,15 @@ class GuardedProtocol(HttpToolsProtocol):
         return False
 
     # Reading
+
+    def eof_received(self) -> bool | None:
+        """The client is done sending (a half-close): the requests it sent whole are still
+        answered, then the connection is closed. (uvicorn closed it at once: a request sent
+        and half-closed was queued, logged 200, and its answer never sent.)"""
+        if self._stage == CLOSING or not (self._stage == APP or self.pipeline or self._held):
+            return None  # nothing whole to answer: closed now
+        self._eof = True
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._held and self._stage != CLOSING:  # waits behind the requests parsed ahead
@@ -298,6 +308,8 @@ class GuardedProtocol(HttpToolsProtocol):
             held, self._held = bytes(self._held), bytearray()
             self._feed(held)  # an answer went out: parse what waited (reading stays paused
             # if the pipeline fills again)
+        if self._eof and self._stage != APP and not self.pipeline and not self._held:
+            self.transport.close()  # half-closed: every request sent whole is answered
 
 
 class _Answer:

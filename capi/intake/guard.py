@@ -178,7 +178,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # Reading
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's
         """The client is done sending (a half-close): the requests it sent whole are still
         answered, then the connection is closed. (uvicorn closed it at once: a request sent
         and half-closed was queued, logged 200, and its answer never sent.)"""

@@ -20,6 +20,7 @@ import pytest
 from capi.intake import tokens
 from tests.helpers import events, wait_for
 from tests.intake_helpers import TOKEN, UNSET, IntakeProcess, intake_env, start_intake
+from tests.redisproc import RedisProcess
 from tests.test_intake import TOKENS, queued_ids, write_destinations
 
 EVENT = orjson.dumps({"events": events(1, prefix="legit-")})
@@ -570,3 +571,33 @@ def test_a_request_sent_whole_then_half_closed_is_answered(
     with connect(guarded) as sock:
         sock.shutdown(socket.SHUT_WR)
         assert read_answer(sock, timeout_s=2) == b""
+
+
+def test_headers_sent_while_the_request_before_them_is_answered_are_limited_too(
+    tmp_path: Path,
+) -> None:
+    """The header limit held only between requests: a head sent while the request before
+    it was being answered (here: Redis frozen; or an answer waiting for a client that does
+    not read) went to the parser unchecked (64 MB taken, copied over and over)."""
+    with RedisProcess(tmp_path) as rp:
+        server = start_intake(tmp_path, rp.url, CAPI_REDIS_TIMEOUT_S="3")
+        try:
+            assert legit(server) == 200  # connected before the freeze
+            body = orjson.dumps({"events": events(1, prefix="slow-")})
+            first = (
+                f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+            rp.freeze()
+            with connect(server) as sock:
+                sock.sendall(first)
+                time.sleep(0.5)  # the first request waits for Redis
+                send_quietly(sock, b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"a" * 200_000)
+                send_quietly(sock, b"\r\n\r\n")
+                rp.thaw()
+                answers = read_answer(sock)
+            assert b"HTTP/1.1 431 " in answers, answers[:300]
+            assert b'"status": "alive"' not in answers
+        finally:
+            rp.thaw()
+            server.stop()

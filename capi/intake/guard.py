@@ -223,14 +223,16 @@ class GuardedProtocol(HttpToolsProtocol):
             if self._discarded > LINGER_BYTES and not self.transport.is_closing():
                 self.transport.pause_reading()
             return
-        if self._stage == HEAD:
-            if self._head_timer is None:
+        if self._stage in (HEAD, APP):  # APP: the bytes are the next request's head
+            if self._head_timer is None and self._stage == HEAD:
                 self._head_timer = self.loop.call_later(
                     self.limits.header_timeout_s, self._head_too_slow
                 )
             # Measured before the parser sees it: headers that end in this read (a whole
-            # request in one packet) must not get past the limit either. The parser skips
-            # empty lines before a request line, so the head starts after them.
+            # request in one packet) must not get past the limit either; nor those sent
+            # while the request before them is answered (they took 64 MB unchecked while
+            # an answer waited for a client that did not read). The parser skips empty
+            # lines before a request line, so the head starts after them.
             part = data if self._head_bytes else data.lstrip(b"\r\n")
             seen = self._head_tail + part
             end = seen.find(b"\r\n\r\n")

@@ -601,3 +601,54 @@ def test_headers_sent_while_the_request_before_them_is_answered_are_limited_too(
         finally:
             rp.thaw()
             server.stop()
+
+
+def _large_answers(n: int) -> bytes:
+    """``n`` pipelined requests of 1,000 refused events: about 570 KB of answer each."""
+    body = orjson.dumps({"events": [{"type": 7, "user": {"country": 1, "city": 8}}] * 1000})
+    head = (
+        f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return (head + body) * n
+
+
+def test_clients_that_read_none_of_their_answers_do_not_hold_connections(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A request whose answer waits for a client that reads nothing was being answered for
+    ever: never shed, never timed out, so a few such clients held every connection and
+    the rest got 503. Now the connection goes once nothing is read for
+    CAPI_INTAKE_IDLE_TIMEOUT_S; a client that reads slowly keeps it."""
+    server = start_intake(
+        tmp_path,
+        redis_url,
+        CAPI_INTAKE_MAX_CONNECTIONS="3",
+        CAPI_INTAKE_IDLE_TIMEOUT_S="1",
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        with ExitStack() as stack:
+            for _ in range(3):
+                sock = stack.enter_context(socket.socket())
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect((host, int(port)))
+                sock.sendall(_large_answers(8))
+            seen, still_since = -1, time.monotonic()
+            while time.monotonic() - still_since < 3:  # until answers stop going out
+                answered = server.log().count("POST /v1/events 200")
+                if answered != seen:
+                    seen, still_since = answered, time.monotonic()
+                time.sleep(0.1)
+            assert legit(server) == 200
+        with connect(server) as slow:
+            slow.sendall(_large_answers(4))
+            got = b""
+            slow.settimeout(5)
+            while got.count(b"HTTP/1.1 200 ") < 4 or not got.endswith(b"}"):
+                chunk = slow.recv(65536)
+                assert chunk, f"closed after {len(got):,} bytes"
+                got += chunk
+                time.sleep(0.05)  # about 1 MB/s: slow, never stalled for a second
+    finally:
+        server.stop()

@@ -19,7 +19,9 @@ connection, before anything reaches the application:
 - a connection whose request was answered before its body arrived (401, 413, ...) is not
   kept to read the rest: it is closed after a short linger;
 - requests sent ahead of their answers (pipelining) are parsed at most ``PIPELINE_DEPTH``
-  ahead; the bytes after them wait, with reading paused, until answers go out.
+  ahead; the bytes after them wait, with reading paused, until answers go out;
+- a client that reads none of the answers waiting for it for ``CAPI_INTAKE_IDLE_TIMEOUT_S``
+  is disconnected.
 
 The body's own limits (size, read time, bytes buffered across connections, event count)
 are the application's (:mod:`capi.intake.app`), which reads the body.
@@ -105,6 +107,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._linger: asyncio.TimerHandle | None = None
         self._held = bytearray()  # read, not parsed: requests waiting ahead fill the pipeline
         self._eof = False  # the client is done sending; answers still to go out
+        self._write_timer: asyncio.TimerHandle | None = None  # answers wait for the client
+        self._unsent = 0  # bytes of answers waiting, when last looked at
 
     # Connections
 
@@ -164,10 +168,44 @@ class GuardedProtocol(HttpToolsProtocol):
         self._linger = self.loop.call_later(LINGER_S, self.transport.abort)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._linger, self.timeout_keep_alive_task):
+        timers = (self._head_timer, self._linger, self.timeout_keep_alive_task, self._write_timer)
+        for timer in timers:
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._linger = self.timeout_keep_alive_task = None
+        self._write_timer = None
+
+    # Writing
+
+    def pause_writing(self) -> None:
+        """Answers wait for the client to read them: it must read some within
+        CAPI_INTAKE_IDLE_TIMEOUT_S, each time, else the connection is closed. (A request
+        whose answer cannot be written is being answered: it was never shed nor timed out,
+        so clients that read nothing held connections for ever, up to the limit.)"""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(
+                self.limits.idle_timeout_s, self._write_stalled
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:  # the client reads, slowly: it gets another while
+            self._unsent = unsent
+            self._write_timer = self.loop.call_later(
+                self.limits.idle_timeout_s, self._write_stalled
+            )
+            return
+        self._stage = CLOSING
+        self.transport.abort()
 
     def _should_upgrade(self) -> bool:
         """Never: neither the intake nor the console serves WebSockets, so a request asking

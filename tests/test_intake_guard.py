@@ -596,6 +596,7 @@ def test_headers_sent_while_the_request_before_them_is_answered_are_limited_too(
                 send_quietly(sock, b"\r\n\r\n")
                 rp.thaw()
                 answers = read_answer(sock)
+            assert answers.startswith(b"HTTP/1.1 200 "), answers[:300]  # the first's
             assert b"HTTP/1.1 431 " in answers, answers[:300]
             assert b'"status": "alive"' not in answers
         finally:
@@ -652,3 +653,27 @@ def test_clients_that_read_none_of_their_answers_do_not_hold_connections(
                 time.sleep(0.05)  # about 1 MB/s: slow, never stalled for a second
     finally:
         server.stop()
+
+
+def test_a_refusal_of_a_request_sent_after_others_comes_after_their_answers(
+    guarded: IntakeProcess, redis_url: str
+) -> None:
+    """Bytes the parser cannot read, sent after a request whose events are being queued:
+    the 400 was written at once, so the client read it as the answer to the first request
+    (queued all the same). The first is answered first (a head over the limit, likewise:
+    test_headers_sent_while_the_request_before_them_is_answered_are_limited_too)."""
+    for i, after in enumerate(
+        [b"BLAH\x00 / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nX\x01: y\r\n\r\n"]
+    ):
+        batch = events(1, start=i, prefix="first-")
+        body = orjson.dumps({"events": batch})
+        first = (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with connect(guarded) as sock:
+            sock.sendall(first + after)
+            answers = read_answer(sock)
+        assert answers.startswith(b"HTTP/1.1 200 "), answers[:200]
+        assert b"HTTP/1.1 400 " in answers, answers[-300:]
+        assert queued_ids(redis_url)[-1] == batch[0]["id"]

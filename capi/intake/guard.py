@@ -108,6 +108,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._held = bytearray()  # read, not parsed: requests waiting ahead fill the pipeline
         self._eof = False  # the client is done sending; answers still to go out
         self._write_timer: asyncio.TimerHandle | None = None  # answers wait for the client
+        self._last_parsed: Any = None  # the request parsed whole last (uvicorn's cycle)
+        self._last_word = b""  # a refusal that waits for the answers before it
         self._unsent = 0  # bytes of answers waiting, when last looked at
 
     # Connections
@@ -156,7 +158,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _refuse(self, answer: bytes) -> None:
         """Answer ``answer`` and close the connection after a linger (the client may still
-        be sending: closing at once could reset the connection before it reads the answer)."""
+        be sending: closing at once could reset the connection before it reads the answer).
+        Requests sent whole before it are answered first: written at once, the refusal of
+        a request sent after them was read as the answer to the first of them."""
+        if answer and self._answering():
+            self._last_word = answer  # written by on_response_complete
+            self._stage = CLOSING
+            return
         self._cancel_timers()
         self._stage = CLOSING
         self.connections.discard(self)
@@ -166,6 +174,15 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._linger = self.loop.call_later(LINGER_S, self.transport.abort)
+
+    def _answering(self) -> bool:
+        """Whether a request parsed whole is still being answered (or waits its turn)."""
+        return self._last_parsed is not None and not self._last_parsed.response_complete
+
+    def send_400_response(self, msg: str) -> None:
+        """What the parser cannot read gets 400, after the answers to the requests before
+        it (uvicorn wrote it at once, and closed the connection)."""
+        self._refuse(error_response(400, "Bad Request", "malformed", "not an HTTP/1.1 request"))
 
     def _cancel_timers(self) -> None:
         timers = (self._head_timer, self._linger, self.timeout_keep_alive_task, self._write_timer)
@@ -220,8 +237,8 @@ class GuardedProtocol(HttpToolsProtocol):
         """The client is done sending (a half-close): the requests it sent whole are still
         answered, then the connection is closed. (uvicorn closed it at once: a request sent
         and half-closed was queued, logged 200, and its answer never sent.)"""
-        if self._stage == CLOSING or not (self._stage == APP or self.pipeline or self._held):
-            return None  # nothing whole to answer: closed now
+        if not (self._stage == APP or self.pipeline or self._held or self._last_word):
+            return None  # nothing whole to answer (or refused already): closed now
         self._eof = True
         return True
 
@@ -332,6 +349,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._stage == BODY:
             self._stage = APP
         super().on_message_complete()
+        self._last_parsed = self.cycle
 
     def on_response_complete(self) -> None:
         # The request answered is the last one parsed unless others wait behind it (sent
@@ -350,6 +368,9 @@ class GuardedProtocol(HttpToolsProtocol):
             # if the pipeline fills again)
         if self._eof and self._stage != APP and not self.pipeline and not self._held:
             self.transport.close()  # half-closed: every request sent whole is answered
+        if self._last_word and not self._answering():
+            word, self._last_word = self._last_word, b""
+            self._refuse(word)
 
 
 class _Answer:

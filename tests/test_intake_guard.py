@@ -87,6 +87,30 @@ def read_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def read_responses(sock: socket.socket, n: int) -> list[bytes]:
+    """``n`` whole responses on one connection (pipelined: one read may hold several)."""
+    sock.settimeout(5)
+    data, out = b"", []
+    while len(out) < n:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            length = next(
+                int(line.split(b":")[1])
+                for line in data[:head_end].split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            end = head_end + 4 + length
+            if len(data) >= end:
+                out.append(data[:end])
+                data = data[end:]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return out
+
+
 def closed(sock: socket.socket) -> bool:
     """Whether the server closed ``sock`` (without waiting)."""
     timeout = sock.gettimeout()
@@ -487,7 +511,7 @@ def test_pipelined_posts_are_answered_in_order_and_queued(
         ).encode() + body
     with connect(guarded) as sock:
         sock.sendall(wire)
-        answers = [read_response(sock) for _ in batches]
+        answers = read_responses(sock, len(batches))
     for batch, answer in zip(batches, answers, strict=True):
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         results = orjson.loads(answer.partition(b"\r\n\r\n")[2])["results"]

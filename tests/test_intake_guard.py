@@ -3,6 +3,7 @@ and the operations side of its tokens (a real server process, a real Redis, raw 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -701,3 +702,31 @@ def test_a_refusal_of_a_request_sent_after_others_comes_after_their_answers(
         assert answers.startswith(b"HTTP/1.1 200 "), answers[:200]
         assert b"HTTP/1.1 400 " in answers, answers[-300:]
         assert queued_ids(redis_url)[-1] == batch[0]["id"]
+
+
+def cpu_s(server: IntakeProcess) -> float:
+    """The server process's CPU time so far."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_body_of_ends_of_headers_costs_no_more_than_any_body(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Pipelined requests are counted by their ends of headers, but a body can hold
+    nothing else: cut into a piece per one, 3.8 MB of them cost 0.2 s of CPU (0.02 s as
+    one body)."""
+    server = start_intake(tmp_path, redis_url)  # the default limits
+    try:
+        body = b"\r\n\r\n" * 950_000
+        head = (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        before = cpu_s(server)
+        with connect(server) as sock:
+            sock.sendall(head + body)
+            assert read_response(sock).startswith(b"HTTP/1.1 400 ")
+        assert cpu_s(server) - before < 0.1
+    finally:
+        server.stop()

@@ -52,6 +52,10 @@ LINGER_BYTES = 1_048_576
 # as a request object) and reads again after every answer, so one connection that kept
 # sending grew the server by 1 GB in 12 s and held every other client's answer for seconds.
 PIPELINE_DEPTH = 8
+# The parser is given at least this much at a time (a body of nothing but ends of headers
+# cut into a piece per request-to-be cost ten times the CPU); so at most about 60 tiny
+# requests more than PIPELINE_DEPTH are parsed ahead.
+FEED_MIN_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +271,7 @@ class GuardedProtocol(HttpToolsProtocol):
                     end = size
                     break
                 end = found + 4
+            end = max(end, min(start + FEED_MIN_BYTES, size))
             self._received(data if start == 0 and end == size else data[start:end])
             start = end
             if self.transport.is_closing():

@@ -17,7 +17,11 @@ connection, before anything reaches the application:
   therefore never starves ``/healthz`` or real clients: the flooding address loses its own
   connections first, and from one address alone the oldest idle ones go;
 - a connection whose request was answered before its body arrived (401, 413, ...) is not
-  kept to read the rest: it is closed after a short linger.
+  kept to read the rest: it is closed after a short linger;
+- requests sent ahead of their answers (pipelining) are parsed at most ``PIPELINE_DEPTH``
+  ahead; the bytes after them wait, with reading paused, until answers go out;
+- a client that reads none of the answers waiting for it for ``CAPI_INTAKE_IDLE_TIMEOUT_S``
+  is disconnected.
 
 The body's own limits (size, read time, bytes buffered across connections, event count)
 are the application's (:mod:`capi.intake.app`), which reads the body.
@@ -42,6 +46,16 @@ log = logging.getLogger("capi.intake")
 # that keeps sending (an attacker) is held back by TCP, costing the server nothing.
 LINGER_S = 1.0
 LINGER_BYTES = 1_048_576
+# Requests a connection may send ahead of their answers (HTTP pipelining) that are parsed:
+# what was read beyond them waits, unparsed and with reading paused, until answers go out.
+# uvicorn alone parses a whole read (up to 256 KiB: thousands of tiny requests, each held
+# as a request object) and reads again after every answer, so one connection that kept
+# sending grew the server by 1 GB in 12 s and held every other client's answer for seconds.
+PIPELINE_DEPTH = 8
+# The parser is given at least this much at a time (a body of nothing but ends of headers
+# cut into a piece per request-to-be cost ten times the CPU); so at most about 60 tiny
+# requests more than PIPELINE_DEPTH are parsed ahead.
+FEED_MIN_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +109,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self._discarded = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None
+        self._held = bytearray()  # read, not parsed: requests waiting ahead fill the pipeline
+        self._eof = False  # the client is done sending; answers still to go out
+        self._write_timer: asyncio.TimerHandle | None = None  # answers wait for the client
+        self._last_parsed: Any = None  # the request parsed whole last (uvicorn's cycle)
+        self._last_word = b""  # a refusal that waits for the answers before it
+        self._unsent = 0  # bytes of answers waiting, when last looked at
 
     # Connections
 
@@ -142,7 +162,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _refuse(self, answer: bytes) -> None:
         """Answer ``answer`` and close the connection after a linger (the client may still
-        be sending: closing at once could reset the connection before it reads the answer)."""
+        be sending: closing at once could reset the connection before it reads the answer).
+        Requests sent whole before it are answered first: written at once, the refusal of
+        a request sent after them was read as the answer to the first of them."""
+        if answer and self._answering():
+            self._last_word = answer  # written by on_response_complete
+            self._stage = CLOSING
+            return
         self._cancel_timers()
         self._stage = CLOSING
         self.connections.discard(self)
@@ -153,28 +179,120 @@ class GuardedProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         self._linger = self.loop.call_later(LINGER_S, self.transport.abort)
 
+    def _answering(self) -> bool:
+        """Whether a request parsed whole is still being answered (or waits its turn)."""
+        return self._last_parsed is not None and not self._last_parsed.response_complete
+
+    def send_400_response(self, msg: str) -> None:
+        """What the parser cannot read gets 400, after the answers to the requests before
+        it (uvicorn wrote it at once, and closed the connection)."""
+        self._refuse(error_response(400, "Bad Request", "malformed", "not an HTTP/1.1 request"))
+
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._linger, self.timeout_keep_alive_task):
+        timers = (self._head_timer, self._linger, self.timeout_keep_alive_task, self._write_timer)
+        for timer in timers:
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._linger = self.timeout_keep_alive_task = None
+        self._write_timer = None
+
+    # Writing
+
+    def pause_writing(self) -> None:
+        """Answers wait for the client to read them: it must read some within
+        CAPI_INTAKE_IDLE_TIMEOUT_S, each time, else the connection is closed. (A request
+        whose answer cannot be written is being answered: it was never shed nor timed out,
+        so clients that read nothing held connections for ever, up to the limit.)"""
+        super().pause_writing()
+        if self._write_timer is None:
+            self._unsent = self.transport.get_write_buffer_size()
+            self._write_timer = self.loop.call_later(
+                self.limits.idle_timeout_s, self._write_stalled
+            )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:  # the client reads, slowly: it gets another while
+            self._unsent = unsent
+            self._write_timer = self.loop.call_later(
+                self.limits.idle_timeout_s, self._write_stalled
+            )
+            return
+        self._stage = CLOSING
+        self.transport.abort()
+
+    def _should_upgrade(self) -> bool:
+        """Never: neither the intake nor the console serves WebSockets, so a request asking
+        for one is answered as plain HTTP. (uvicorn would hand the connection to its
+        WebSocket protocol, outside these limits, leaving this one counted among the
+        address's connections for ever: 20,000 upgrade requests held 130 MB.)"""
+        return False
 
     # Reading
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's
+        """The client is done sending (a half-close): the requests it sent whole are still
+        answered, then the connection is closed. (uvicorn closed it at once: a request sent
+        and half-closed was queued, logged 200, and its answer never sent.)"""
+        if not (self._stage == APP or self.pipeline or self._held or self._last_word):
+            return None  # nothing whole to answer (or refused already): closed now
+        self._eof = True
+        return True
+
     def data_received(self, data: bytes) -> None:
+        if self._held and self._stage != CLOSING:  # waits behind the requests parsed ahead
+            self._held += data
+            self.flow.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``, but no more requests than fit in the pipeline beside those waiting
+        (each needs its end of headers, so the parser is given up to the n-th one); the rest
+        is held, reading paused, until an answer makes room (:meth:`on_response_complete`)."""
+        start, size = 0, len(data)
+        while start < size:
+            room = PIPELINE_DEPTH - len(self.pipeline)
+            if room <= 0 and self._stage != CLOSING:
+                self._held += data[start:]
+                self.flow.pause_reading()
+                return
+            end = start
+            for _ in range(max(room, 1)):
+                found = data.find(b"\r\n\r\n", end)
+                if found < 0:
+                    end = size
+                    break
+                end = found + 4
+            end = max(end, min(start + FEED_MIN_BYTES, size))
+            self._received(data if start == 0 and end == size else data[start:end])
+            start = end
+            if self.transport.is_closing():
+                return
+
+    def _received(self, data: bytes) -> None:
         if self._stage == CLOSING:  # refused: read and ignored until the linger ends
             self._discarded += len(data)
             if self._discarded > LINGER_BYTES and not self.transport.is_closing():
                 self.transport.pause_reading()
             return
-        if self._stage == HEAD:
-            if self._head_timer is None:
+        if self._stage in (HEAD, APP):  # APP: the bytes are the next request's head
+            if self._head_timer is None and self._stage == HEAD:
                 self._head_timer = self.loop.call_later(
                     self.limits.header_timeout_s, self._head_too_slow
                 )
             # Measured before the parser sees it: headers that end in this read (a whole
-            # request in one packet) must not get past the limit either. The parser skips
-            # empty lines before a request line, so the head starts after them.
+            # request in one packet) must not get past the limit either; nor those sent
+            # while the request before them is answered (they took 64 MB unchecked while
+            # an answer waited for a client that did not read). The parser skips empty
+            # lines before a request line, so the head starts after them.
             part = data if self._head_bytes else data.lstrip(b"\r\n")
             seen = self._head_tail + part
             end = seen.find(b"\r\n\r\n")
@@ -236,15 +354,28 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._stage == BODY:
             self._stage = APP
         super().on_message_complete()
+        self._last_parsed = self.cycle
 
     def on_response_complete(self) -> None:
-        answered_early = self._stage == BODY  # answered before its body arrived
-        if self._stage != CLOSING:
+        # The request answered is the last one parsed unless others wait behind it (sent
+        # ahead: pipelining); then the stage is the latest one's, which is not answered yet.
+        last = not self.pipeline
+        answered_early = last and self._stage == BODY  # answered before its body arrived
+        if last and self._stage != CLOSING:
             self._stage, self._since = HEAD, self.loop.time()
             self._peers.touch(self)
         super().on_response_complete()
         if answered_early and not self.transport.is_closing():
             self._refuse(b"")
+        if self._held and self._stage != CLOSING and not self.transport.is_closing():
+            held, self._held = bytes(self._held), bytearray()
+            self._feed(held)  # an answer went out: parse what waited (reading stays paused
+            # if the pipeline fills again)
+        if self._eof and self._stage != APP and not self.pipeline and not self._held:
+            self.transport.close()  # half-closed: every request sent whole is answered
+        if self._last_word and not self._answering():
+            word, self._last_word = self._last_word, b""
+            self._refuse(word)
 
 
 class _Answer:

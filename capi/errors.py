@@ -30,6 +30,8 @@ is one, and never the key: a key appears only as its fingerprint.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -60,9 +62,28 @@ class Problem:
 
     path: str
     rule: str
+    # For a key the event has that is no field: the path above it. The key's own name is
+    # the client's, and may be anything (an email address used as a key).
+    parent: str | None = None
 
     def __str__(self) -> str:
         return f"{self.path}: {self.rule}"
+
+    def without_client_names(self, fields: Collection[str]) -> str:
+        """The problem as text that names no key the client made up (for what is kept, such
+        as the live view's ring in Redis): an unknown key is named by its place, and a path
+        is cut before its first part that is not one of ``fields`` (or an index)."""
+        if self.parent is not None:
+            return f"{self.parent}: has a key that {self.rule}"
+        kept = ""
+        for part in _PARTS.findall(self.path):
+            if not (part.startswith("[") or part.lstrip(".") in fields or part == "(event)"):
+                return f"{kept or '(event)'}: under a key of the event's own, {self.rule}"
+            kept += part
+        return str(self)
+
+
+_PARTS = re.compile(r"\[\d+\]|\.?[^.\[]+")
 
 
 class EventRejected(CapiError, ValueError):

@@ -13,6 +13,7 @@ naming each field path and the rule it breaks.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -344,8 +345,21 @@ def _problems(exc: ValidationError, data: Mapping[str, Any]) -> list[Problem]:
         path = _path(loc)
         if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
             path += ".type"
-        problems.append(Problem(path, _rule(err, loc, data_type)))
+        parent = _path(loc[:-1]) if err["type"] == "extra_forbidden" else None
+        problems.append(Problem(path, _rule(err, loc, data_type), parent))
     return problems
+
+
+@functools.cache
+def _field_names() -> frozenset[str]:
+    raw = {i.value for i in Identifier} | set(identifiers.LEGACY_USER_FIELDS)
+    return schema.field_names() | raw | {"consent", "value"}
+
+
+def kept_text(problem: Problem) -> str:
+    """A problem as it may be kept (the live view's ring, in Redis): without a key name the
+    client made up, which may be anything, an email address used as a key included."""
+    return problem.without_client_names(_field_names())
 
 
 _KEY_LIMIT = 40

@@ -40,7 +40,7 @@ from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import PreparedEvent, prepare
+from capi.events import PreparedEvent, kept_text, prepare
 from capi.grouping import Coalescer
 from capi.queue import (
     ENQUEUE_LUA,
@@ -977,7 +977,7 @@ def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, 
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     if isinstance(raw, Event):
         data = raw.model_dump(exclude_none=True)
-    first = _text(str(exc.problems[0]), 200) if exc.problems else "refused"
+    first = _text(kept_text(exc.problems[0]), 200) if exc.problems else "refused"
     try:
         event_id = _text(_str(data.get("id")), 128)
         custom = data.get("custom_event_name")

@@ -272,6 +272,18 @@ class Event(_Model):
         return self.__pydantic_serializer__.to_json(self, exclude_none=True)
 
 
+@cache
+def field_names() -> frozenset[str]:
+    """The name of every field of an event's models, at any depth."""
+    names: set[str] = set()
+    models: list[type[BaseModel]] = [_Model]
+    while models:
+        model = models.pop()
+        names.update(model.model_fields)
+        models += model.__subclasses__()
+    return frozenset(names)
+
+
 def allowed_fields(model: type[BaseModel]) -> list[str]:
     """The field names a model accepts, in declaration order."""
     return list(model.model_fields)

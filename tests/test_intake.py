@@ -360,12 +360,18 @@ def test_no_raw_email_or_token_reaches_redis_logs_or_answers(
         *mixed_batch(),
     ]
     batch[-1]["user"]["email"] = SECRET_EMAIL.replace("ada", "bob")
+    # An email address given as a key (refused: no such field): the client's answer names
+    # it, and the live view's ring (in Redis) named it too.
+    carol = SECRET_EMAIL.replace("ada", "carol")
+    batch.append({**signup("s-key", source_url="https://shop.example/w"), "user": {carol: "x"}})
     answers = [intake.post(batch).text, intake.post(batch, token="Bearer-" + TOKEN).text]
     answers.append(intake.post(content=orjson.dumps({"events": batch})[:-3]).text)
     assert all(SECRET_EMAIL not in a and TOKEN not in a for a in answers)
     dump = redis_dump(redis_url)
     assert b"s-secret" in dump  # the event is there, hashed
     assert SECRET_EMAIL.encode() not in dump and b"bob.lovelace" not in dump
+    assert b"carol" not in dump, dump
+    assert b"user: has a key that is not a user field" in dump  # the ring says where
     assert TOKEN.encode() not in dump
     log = intake.stop()
     assert '"logger":"capi.intake.access"' in log
@@ -373,7 +379,7 @@ def test_no_raw_email_or_token_reaches_redis_logs_or_answers(
     line = next(x for x in log.splitlines() if '"POST /v1/events 200"' in x)
     record = orjson.loads(line)
     assert record["token"] == "sha256:" + tokens.digest(TOKEN)[:8]
-    assert (record["events"], record["queued"], record["refused"]) == (8, 4, 3)
+    assert (record["events"], record["queued"], record["refused"]) == (9, 4, 4)
 
 
 def _schema_for(doc: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:

@@ -249,3 +249,16 @@ def test_an_event_refused_by_enqueue_is_a_refused_line(
     lines = {json.loads(t)["id"]: json.loads(t) for t in shown.stdout.splitlines()}
     assert set(lines) == {bad["id"], "bad-async-0"}, shown.stdout
     assert all("timestamp_ms" in line["reason"] for line in lines.values()), lines
+
+
+def test_the_ring_names_no_key_the_client_made_up(redis_url: str, sandbox: SandboxThread) -> None:
+    """A refusal under a key of the event's own (an email address used as a key) kept that
+    key in Redis, in the ring's reason."""
+    settings = make_settings(sandbox, redis_url)
+    odd = {**events(1, prefix="odd-")[0], "user": {"dan.lovelace@example.com": "\ud800"}}
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many([odd])
+    assert "dan.lovelace@example.com" in str(report.refused[0][1])  # the caller is told
+    ring = redis.Redis.from_url(redis_url).xrange(settings.keys.tail)
+    kept = b"".join(v for _, fields in ring for v in fields.values())
+    assert b"lovelace" not in kept and b"under a key of the event's own" in kept, kept

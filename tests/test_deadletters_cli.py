@@ -333,12 +333,9 @@ def test_support_bundle_of_an_unknown_id_says_so_and_exits_not_found(mixed: Sett
     assert "event scope-p-0" in result.output  # what was found is still printed
 
 
-def test_a_passing_check_key_releases_a_hold_so_a_replay_is_delivered_at_once(
-    redis_url: str, sandbox: SandboxThread
-) -> None:
-    """The guidance says: fix the key, run capi check-key, replay. The check passed, but the
-    destination stayed held until the workers' next re-probe (CAPI_REPROBE_INTERVAL_S, here
-    10 minutes), and the replayed events waited with it."""
+def held_for_missing_scope(redis_url: str, sandbox: SandboxThread) -> tuple[Settings, Any]:
+    """A worker running with DEFAULT_KEY, held after the key lost its scope (5 events
+    dead-lettered); the key state's client."""
     settings = make_settings(
         sandbox, redis_url, batch_size=5, probe_confirmations=1, reprobe_interval_s=600
     )
@@ -350,18 +347,50 @@ def test_a_passing_check_key_releases_a_hold_so_a_replay_is_delivered_at_once(
     enqueue(settings, events(5, prefix="held-"))
     wait_for(lambda: len(dead_letters(settings)) == 5, 30, "the events dead-lettered")
     wait_for(lambda: client.hget(settings.keys.key_state, "state") == b"held", 30, "a hold")
+    return settings, worker
 
+
+def test_a_passing_check_key_releases_a_hold_so_a_replay_is_delivered_at_once(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """The guidance says: fix the key, run capi check-key, replay. The check passed, but the
+    destination stayed held until the workers' next re-probe (CAPI_REPROBE_INTERVAL_S, here
+    10 minutes), and the replayed events waited with it."""
+    settings, worker = held_for_missing_scope(redis_url, sandbox)
+    client = redis.Redis.from_url(redis_url)
     sandbox.state.scopeless_keys.discard(DEFAULT_KEY)  # the key is fixed
     sandbox.state.conversion_keys.add(DEFAULT_KEY)
     checked = cli_run(settings, "check-key")
     assert checked.exit_code == 0, checked.output
-    assert "destination default: it was held for this key; released now" in checked.output
+    assert (
+        "destination default: was held (missing_scope) for this key, pixel and endpoint; "
+        "released now" in checked.output
+    ), checked.output
+    assert "capi dead-letters replay --reason missing_scope" in checked.output
     assert client.hget(settings.keys.key_state, "state") == b"ok"
     replayed = cli_run(settings, "dead-letters", "replay", "--reason", "missing_scope")
     assert "replayed 5 of 5" in replayed.output, replayed.output
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 5, 30, "the replay delivered")
     log = cli_run(settings, "dead-letters", "replays").output
-    assert "key ok      passed capi check-key: hold released  by cli:" in log, log
-    as_json = json.loads(cli_run(settings, "check-key", "--json").output)
-    assert as_json["ok"] and as_json["released_hold"] is False  # nothing held now
+    assert "passed capi check-key: hold (missing_scope) released  by cli:" in log, log
+    assert json.loads(cli_run(settings, "check-key", "--json").output)["hold"] == "none"
+    stop_worker(worker)
+
+
+def test_check_key_with_another_key_than_the_workers_releases_no_hold(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """A fresh key in the CLI's settings passes, but the workers still send with the old
+    one: releasing their hold made them dead-letter the replayed events again."""
+    settings, worker = held_for_missing_scope(redis_url, sandbox)
+    fresh = "sk-svcacct-sandbox-conversion-key-0003"
+    sandbox.state.conversion_keys.add(fresh)
+    env = {**cli_env(settings), "CAPI_API_KEY": fresh}
+    checked = CliRunner().invoke(cli, ["check-key"], env=env)
+    assert checked.exit_code == 0, checked.output
+    assert "held (missing_scope) by workers with another key" in checked.output, checked.output
+    assert redis.Redis.from_url(redis_url).hget(settings.keys.key_state, "state") == b"held"
+    as_json = json.loads(CliRunner().invoke(cli, ["check-key", "--json"], env=env).output)
+    assert as_json["ok"] and as_json["hold"] == "kept"
+    assert fresh not in checked.output
     stop_worker(worker)

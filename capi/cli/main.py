@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import redis.exceptions
@@ -33,6 +33,9 @@ from capi.sandbox import Fault, SandboxState
 from capi.sandbox.server import start
 from capi.sandbox.state import FAULT_KINDS
 from capi.settings import Settings
+
+if TYPE_CHECKING:
+    from capi.worker.keyguard import Hold
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,24 +92,25 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
     configured = destinations.load(settings)
     chosen = [configured[n] for n in names]
 
-    async def one(dest: destinations.Destination) -> KeyCheck:
+    async def one(dest: destinations.Destination) -> tuple[KeyCheck, str]:
         timeout_s = min(settings.request_timeout_s, 15.0)
         async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
-            return await check_key(
+            found = await check_key(
                 client, confirmations=settings.probe_confirmations, api_key=dest.api_key
             )
+            return found, client.url
 
-    async def go() -> list[KeyCheck]:
-        return list(await asyncio.gather(*(one(d) for d in chosen)))
+    async def go() -> tuple[list[KeyCheck], dict[str, str]]:
+        holds = await _holds(settings, names)  # read before the probes: see _release_holds
+        checked = await asyncio.gather(*(one(d) for d in chosen))
+        holds_now = await _release_holds(settings, holds, checked, names) if holds else {}
+        return [c for c, _ in checked], holds_now
 
-    results = run(go())
-    passed = [d.name for d, r in zip(chosen, results, strict=True) if r.ok]
-    fingerprints = {d.name: r.key_fingerprint for d, r in zip(chosen, results, strict=True)}
-    released = run(_release_holds(settings, passed, fingerprints)) if passed else set()
+    results, holds = run(go())
     if len(chosen) == 1:
-        _report_one(results[0], chosen[0].base_url, as_json, chosen[0].name in released)
-        if released and not as_json:
-            out.print(_RELEASED.format(name=chosen[0].name), markup=False)
+        _report_one(results[0], chosen[0].base_url, as_json, holds.get(chosen[0].name, ""))
+        if not as_json:
+            _say_holds(holds)
         return
     failed = [r for r in results if not r.ok]
     if as_json:
@@ -114,7 +118,7 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             {
                 "ok": not failed,
                 "destinations": [
-                    {"name": d.name, **_check_json(r, d.base_url, d.name in released)}
+                    {"name": d.name, **_check_json(r, d.base_url, holds.get(d.name, ""))}
                     for d, r in zip(chosen, results, strict=True)
                 ],
             }
@@ -125,8 +129,7 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             verdict = "OK" if r.ok else f"FAILED: {r.error.reason.value if r.error else '?'}"
             table.add_row(Text(d.name), Text(d.pixel_id), Text(r.key_fingerprint), verdict)
         out.print(table)
-        for name in sorted(released):
-            out.print(_RELEASED.format(name=name), markup=False)
+        _say_holds(holds)
         for d, r in zip(chosen, results, strict=True):
             if not r.ok and r.diagnosis is not None:
                 err.print(f"\ndestination {d.name}:\n{r.diagnosis.text}", markup=False)
@@ -135,43 +138,97 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
         sys.exit(for_reason(failed[0].error.reason))
 
 
-_RELEASED = (
-    "destination {name}: it was held for this key; released now, and workers resume "
-    "sending at once (replay its dead letters with capi dead-letters replay)"
-)
-
-
-async def _release_holds(
-    settings: Settings, names: list[str], fingerprints: dict[str, str]
-) -> set[str]:
-    """Release the holds of destinations whose key just passed (the workers would wait for
-    their next re-probe, CAPI_REPROBE_INTERVAL_S), audited with who ran the check; the
-    names released. Without Redis there is nothing to release: a note says so."""
+async def _holds(settings: Settings, names: list[str]) -> dict[str, Hold | None] | None:
+    """Each destination's hold (None: not held), or None when Redis does not answer (said
+    in a note: a hold then waits for the workers' next re-probe)."""
     from capi.worker import keyguard  # the owner of the key state (not loaded for --help)
 
     client = settings.async_redis()
-    released: set[str] = set()
     try:
-        for name in names:
-            keys = settings.keys.for_destination(name)
-            if await keyguard.release(client, keys, fingerprints[name]):
-                released.add(name)
-                reason = "passed capi check-key: hold released"
-                await replay.audit_key_check(client, keys, ok=True, reason=reason, by=cli_actor())
+        return {
+            n: await keyguard.read_hold(client, settings.keys.for_destination(n)) for n in names
+        }
     except (redis.exceptions.RedisError, OSError) as exc:
         err.print(
             f"note: Redis did not answer ({brief(exc)}): a destination held for this key "
             "resumes at the workers' next re-probe (CAPI_REPROBE_INTERVAL_S)",
             markup=False,
         )
+        return None
     finally:
         await client.aclose()
-    return released
 
 
-def _report_one(result: KeyCheck, base_url: str, as_json: bool, released: bool) -> None:
+async def _release_holds(
+    settings: Settings,
+    holds: dict[str, Hold | None],
+    checked: list[tuple[KeyCheck, str]],
+    names: list[str],
+) -> dict[str, str]:
+    """Release the holds of destinations whose check passed with the workers' own key,
+    pixel and endpoint (the workers would wait for their next re-probe,
+    CAPI_REPROBE_INTERVAL_S), each audited with who ran the check. A hold confirmed for
+    another key, pixel or endpoint stays: this check does not speak for those workers. A
+    hold confirmed after the probe stays too (it was read before, and is released only
+    if it is still the one in Redis). What became of each hold: "released: REASON",
+    "kept: REASON" (another setup), "held: REASON" (the check failed), "none" (not held,
+    or no longer the hold read)."""
+    from capi.worker import keyguard
+
+    client = settings.async_redis()
+    found: dict[str, str] = {}
+    try:
+        for name, (result, url) in zip(names, checked, strict=True):
+            hold = holds.get(name)
+            if hold is None:
+                found[name] = "none"
+            elif not result.ok:
+                found[name] = f"held: {hold.reason}"
+            elif not hold.same_setup(result.key_fingerprint, result.pixel_id, url):
+                found[name] = f"kept: {hold.reason}"
+            elif await keyguard.release(client, settings.keys.for_destination(name), hold):
+                found[name] = f"released: {hold.reason}"
+                why = f"passed capi check-key: hold ({hold.reason}) released"
+                keys = settings.keys.for_destination(name)
+                await replay.audit_key_check(client, keys, ok=True, reason=why, by=cli_actor())
+                if hold.dead_lettered:
+                    found[name] += " (dead-lettered)"
+            else:
+                found[name] = "none"
+    except (redis.exceptions.RedisError, OSError) as exc:
+        err.print(f"note: Redis did not answer ({brief(exc)}): no hold released", markup=False)
+    finally:
+        await client.aclose()
+    return found
+
+
+def _say_holds(holds: dict[str, str]) -> None:
+    for name, what in holds.items():
+        reason = what.split(": ", 1)[-1].removesuffix(" (dead-lettered)")
+        if what.startswith("released"):
+            then = (
+                f"replay what was dead-lettered meanwhile: capi dead-letters replay --reason "
+                f"{reason}"
+                if what.endswith("(dead-lettered)")
+                else "the events kept queued meanwhile are sent"
+            )
+            out.print(
+                f"destination {name}: was held ({reason}) for this key, pixel and endpoint; "
+                f"released now, the workers resume within seconds; {then}",
+                markup=False,
+            )
+        elif what.startswith("kept"):
+            err.print(
+                f"destination {name}: held ({reason}) by workers with another key, pixel or "
+                "endpoint than this check's: not released; restart them with the settings "
+                "checked here",
+                markup=False,
+            )
+
+
+def _report_one(result: KeyCheck, base_url: str, as_json: bool, hold: str) -> None:
     if as_json:
-        print_json(_check_json(result, base_url, released))
+        print_json(_check_json(result, base_url, hold))
     elif result.ok:
         out.print(
             f"OK: the Conversion Key {result.key_fingerprint} can write events to pixel "
@@ -186,14 +243,16 @@ def _report_one(result: KeyCheck, base_url: str, as_json: bool, released: bool) 
         sys.exit(for_reason(result.error.reason))
 
 
-def _check_json(result: KeyCheck, base_url: str, released: bool) -> dict[str, Any]:
+def _check_json(result: KeyCheck, base_url: str, hold: str) -> dict[str, Any]:
     data: dict[str, Any] = {
         "ok": result.ok,
         "key_fingerprint": result.key_fingerprint,
         "pixel_id": result.pixel_id,
         "base_url": base_url,
         "probes": result.probes,
-        "released_hold": released,
+        # What became of a hold: released; kept (held for another key, pixel or endpoint);
+        # held (the check failed); none (not held); unknown (Redis did not answer).
+        "hold": hold.split(":", 1)[0] or "unknown",
     }
     if result.error is not None and result.diagnosis is not None:
         data.update(

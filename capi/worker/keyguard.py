@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -24,9 +25,10 @@ from capi.clock import ms, now_ms
 from capi.constants import RedisKeys
 from capi.deadletters import iso
 from capi.errors import SendError
+from capi.failures import Reason
 from capi.guidance import diagnose
 from capi.keycheck import KeyCheck, check_key
-from capi.worker.decisions import Verdict
+from capi.worker.decisions import FATES, Action, Verdict
 
 log = logging.getLogger("capi.keyguard")
 
@@ -53,22 +55,69 @@ return 0
 
 
 RELEASE_LUA = """#!lua flags=allow-oom
--- KEYS: key state hash. ARGV: field, value pairs of the ok state. Writes them only over a
--- hold; 1 if it did.
-if redis.call('HGET', KEYS[1], 'state') ~= 'held' then return 0 end
+-- KEYS: key state hash. ARGV: the hold's since (as read before the key check), then field,
+-- value pairs of the ok state. Writes them only over that very hold, not a newer one; 1 if
+-- it did.
+local found = redis.call('HMGET', KEYS[1], 'state', 'since')
+if found[1] ~= 'held' or found[2] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
 
-async def release(redis: aioredis.Redis, keys: RedisKeys, fingerprint: str) -> bool:
-    """After a key check passed outside the workers (``capi check-key``): a held
-    destination is released at once (the workers resume on their next read of the state)
-    rather than at the next re-probe. True if it was held."""
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A destination's hold as read from Redis: since when, why, and the key (fingerprint),
+    pixel and endpoint of the workers that confirmed it."""
+
+    since: str
+    reason: str
+    fingerprint: str
+    pixel_id: str  # "" in a hold written before capi kept them
+    url: str
+
+    def same_setup(self, fingerprint: str, pixel_id: str, url: str) -> bool:
+        """Whether a key check of this key, pixel and endpoint speaks for the workers."""
+        return (
+            self.fingerprint == fingerprint
+            and self.pixel_id in ("", pixel_id)
+            and (self.url in ("", url))
+        )
+
+    @property
+    def dead_lettered(self) -> bool:
+        """Whether the batches that met this problem were dead-lettered (a key problem),
+        rather than handed back to the queue (a setting: the pixel, the endpoint)."""
+        try:
+            return FATES[Reason(self.reason)].action is Action.REPROBE
+        except (ValueError, KeyError):
+            return False
+
+
+async def read_hold(redis: aioredis.Redis, keys: RedisKeys) -> Hold | None:
+    """The destination's hold, if it is held."""
+    raw = await aw(redis.hgetall(keys.key_state))
+    fields = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+    if fields.get("state") != "held":
+        return None
+    return Hold(
+        since=fields.get("since", ""),
+        reason=fields.get("reason", ""),
+        fingerprint=fields.get("fingerprint", ""),
+        pixel_id=fields.get("pixel_id", ""),
+        url=fields.get("url", ""),
+    )
+
+
+async def release(redis: aioredis.Redis, keys: RedisKeys, hold: Hold) -> bool:
+    """Release ``hold`` after a key check outside the workers (``capi check-key``) passed
+    with its key, pixel and endpoint (:meth:`Hold.same_setup`): the workers resume on their
+    next read of the state rather than at the next re-probe. Only if it is still the hold in
+    Redis: one confirmed after the check's probe stays. True if released."""
     now = iso(now_ms()) or ""
-    fields = {"state": "ok", "since": now, "checked_at": now, "fingerprint": fingerprint}
-    args = [x for kv in fields.items() for x in kv]
+    fields = {"state": "ok", "since": now, "checked_at": now, "fingerprint": hold.fingerprint}
+    args = [hold.since, *(x for kv in fields.items() for x in kv)]
     return bool(await redis.register_script(RELEASE_LUA)(keys=[keys.key_state], args=args))
 
 
@@ -251,6 +300,8 @@ class KeyGuard:
                 "status": str(error.status or ""),
                 "request_id": error.request_id or "",
                 "fingerprint": self.client.key_fingerprint,
+                "pixel_id": self.client.pixel_id,
+                "url": self.client.url,
                 "guidance": diagnosis.text,
             }
         )

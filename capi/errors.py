@@ -132,9 +132,9 @@ class QueueUnavailable(CapiError):
 
     The message says whether the event may have been stored anyway (an answer lost after
     the call was sent, or a durability wait that did not confirm it), and so does
-    ``maybe_stored``: False only when Redis is known not to have taken it (it could not be
-    connected to, or refused the write). Enqueueing it again is always safe: the event id
-    dedups.
+    ``maybe_stored``: False only when Redis refused the write or the credentials (full,
+    read-only, denied, a key of another type), to one destination. Enqueueing it again is
+    always safe: the event id dedups.
     """
 
     retryable = True

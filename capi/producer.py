@@ -166,6 +166,22 @@ def _translated(client: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _fanned_out(targets: int) -> Iterator[None]:
+    """One event to several destinations: a refusal for one of them does not mean that
+    none took it (the calls before it may have run)."""
+    try:
+        yield
+    except QueueUnavailable as exc:
+        if targets < 2 or exc.maybe_stored:
+            raise
+        raise type(exc)(
+            f"{exc} With {targets} destinations, those whose call came before may have "
+            "queued it; enqueueing it again is safe (the event id dedups).",
+            maybe_stored=True,
+        ) from None
+
+
+@contextlib.contextmanager
 def _partial(report: EnqueueReport) -> Iterator[None]:
     """A bulk call that fails part-way says how far it got."""
     try:
@@ -768,7 +784,7 @@ class Producer(_BaseProducer):
         except EventRejected:
             await self._write_ring(targets, ring)
             raise
-        with _translated(self.redis):
+        with _fanned_out(len(targets)), _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
         if ring:
             await self._write_ring(targets, ring)
@@ -896,7 +912,7 @@ class SyncProducer(_BaseProducer):
         except EventRejected:
             self._write_ring(targets, ring)
             raise
-        with _translated(self.redis):
+        with _fanned_out(len(targets)), _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
         if ring:
             self._write_ring(targets, ring)

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from capi import destinations
-from capi.errors import ConfigError, EventRejected
+from capi.errors import ConfigError, EventRejected, QueueUnavailable
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
@@ -349,3 +349,32 @@ def test_a_long_lived_producer_follows_the_file(multi: Settings) -> None:
         with pytest.raises(EventRejected, match="'c' is not configured"):
             producer.enqueue(events(1, start=1)[0], destination="c")
         assert producer.enqueue(events(1, start=1)[0], destination="b")
+
+
+def test_a_fan_out_refused_for_one_destination_says_the_others_may_hold_it(
+    multi: Settings, redis_url: str
+) -> None:
+    """The refusal for b came after a had queued the event, yet it said the event was
+    not stored (maybe_stored False: "it was not queued")."""
+    client = redis.Redis.from_url(redis_url)
+    user = "fanout-no-b"  # may write every key but b's
+    client.acl_setuser(
+        user,
+        enabled=True,
+        passwords=["+pw"],
+        commands=["+@all"],
+        keys=["capi:[^d]*", "capi:d:[^b]*"],
+    )
+    host_port = redis_url.split("://", 1)[1]
+    limited = multi.model_copy(update={"redis_url": f"redis://{user}:pw@{host_port}"})
+    event = events(1, prefix="fan-")[0]
+    try:
+        with (
+            SyncProducer.from_settings(limited) as producer,
+            pytest.raises(QueueUnavailable) as got,
+        ):
+            producer.enqueue(event, destination=["a", "b"])
+    finally:
+        client.acl_deluser(user)
+    assert got.value.maybe_stored and "those whose call came before may have" in str(got.value)
+    assert client.xlen(multi.keys.for_destination("a").stream) == 1

@@ -115,6 +115,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._last_parsed: Any = None  # the request parsed whole last (uvicorn's cycle)
         self._last_word = b""  # a refusal that waits for the answers before it
         self._unsent = 0  # bytes of answers waiting, when last looked at
+        self._close_after: Any = None  # the request answered 431 by _Answer (uvicorn's cycle)
 
     # Connections
 
@@ -336,12 +337,14 @@ class GuardedProtocol(HttpToolsProtocol):
         self._peers.touch(self)
         if pipelined and self._parsed_head_bytes() > self.limits.max_header_bytes:
             # data_received measured only the first head of its read: this one is answered
-            # 431 in its turn (after the requests before it) and the connection closed.
+            # 431 in its turn (after the requests before it), then the connection is closed
+            # after the linger (on_response_complete), like any refusal.
             app, self.app = self.app, _Answer(self._too_large())
             try:
                 super().on_headers_complete()
             finally:
                 self.app = app
+            self._close_after = self.cycle
             return
         super().on_headers_complete()
 
@@ -376,17 +379,25 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._last_word and not self._answering():
             word, self._last_word = self._last_word, b""
             self._refuse(word)
+        closing = self._close_after
+        if closing is not None and closing.response_complete:
+            self._close_after = None
+            if self._stage != CLOSING:
+                self._refuse(b"")
 
 
 class _Answer:
-    """An ASGI application that answers every request with one whole HTTP answer made by
-    :func:`error_response` (its connection then closes), without reading the body."""
+    """An ASGI application that answers every request with the status, headers and body of
+    an :func:`error_response`, without reading the body; the guard closes the connection
+    after it (after a linger: the ``connection: close`` is left out, since uvicorn would
+    close at once)."""
 
     def __init__(self, answer: bytes) -> None:
         head, self.body = answer.split(b"\r\n\r\n", 1)
         lines = head.split(b"\r\n")
         self.status = int(lines[0].split()[1])
-        self.headers = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+        pairs = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+        self.headers = [pair for pair in pairs if pair[0] != b"connection"]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})

@@ -152,6 +152,13 @@ def confirming(replicas: list[dict[str, Any]]) -> int:
     return sum(1 for r in replicas if r["state"] == "online" and r["lag_s"] <= REPLICA_LAG_OK_S)
 
 
+async def cluster_confirming(client: aioredis.Redis) -> dict[str, int]:
+    """Per master of a cluster (by address, as :func:`cluster_memory` names it), how many of
+    its replicas can confirm a WAIT now (:func:`confirming`)."""
+    answers: Any = await client.info("replication", target_nodes=RedisCluster.PRIMARIES)
+    return {str(node): confirming(replicas_of(info)) for node, info in answers.items()}
+
+
 async def cluster_memory(client: aioredis.Redis) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A cluster's memory: the masters' totals (``INFO memory`` fields), and per master its
     address, memory, limit and whether it is full."""

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -547,6 +548,21 @@ def test_the_intake_enqueues_to_a_cluster(
     # no address shown); all of them full is not ready.
     masters = cluster.masters()
     assert http_get(intake.url + "/readyz") == (200, '{"status": "ready"}')
+    # Under replica durability a master whose replica confirms nothing costs only its
+    # destinations too (it read the replication of one Redis only, never of a cluster).
+    port = int(masters[0].info("replication")["slave0"]["port"])
+    replica = next(n for n in cluster.nodes if n.port == port)
+    assert replica.proc is not None
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "1 of the 3 masters" in http_get(intake.url + "/readyz")[1], 30, "1 down")
+        replicated = settings.model_copy(update={"enqueue_durability": "replica"})
+        shown = capi(replicated, "status").stdout
+        assert "NO REPLICA CONFIRMS WRITES on 1 of the 3 masters" in shown, shown
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    wait_for(lambda: http_get(intake.url + "/readyz")[0] == 200, 30, "ready")
+    wait_for(lambda: "degraded" not in http_get(intake.url + "/readyz")[1], 30, "all confirm")
     with masters[0].client() as c:
         c.config_set("maxmemory", 1)
     status, body = http_get(intake.url + "/readyz")

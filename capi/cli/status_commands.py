@@ -21,6 +21,7 @@ from capi.exitcodes import ExitCode
 from capi.safetext import shown
 from capi.settings import Settings
 from capi.status import (
+    cluster_confirming,
     confirming,
     destination_status,
     destinations_in_redis,
@@ -73,6 +74,10 @@ async def _report(settings: Settings, names: list[str] | None) -> dict[str, Any]
         replicas = shared["redis"].get("replicas")
         if settings.enqueue_durability == "replica" and replicas is not None:
             shared["redis"]["confirming_replicas"] = confirming(replicas)
+        if settings.enqueue_durability == "replica" and "shards" in shared["redis"]:
+            confirmed = await cluster_confirming(client)
+            for shard in shared["redis"]["shards"]:
+                shard["confirming_replicas"] = confirmed.get(shard["node"], 0)
         if names is None:
             names = await destinations_in_redis(client, settings.keys) or ["default"]
             left: dict[str, dict[str, Any]] = {}
@@ -228,6 +233,15 @@ def _print_redis(mem: dict[str, Any]) -> None:
             "redis:         NO REPLICA CONFIRMS WRITES "
             f"({lags or 'no replica connected'}): under CAPI_ENQUEUE_DURABILITY=replica "
             "producers get QueueUnavailable and the intake 503 until one does",
+            markup=False,
+        )
+    alone = [s["node"] for s in mem.get("shards", ()) if s.get("confirming_replicas") == 0]
+    if alone:
+        out.print(
+            f"redis:         NO REPLICA CONFIRMS WRITES on {len(alone)} of the "
+            f"{len(mem['shards'])} masters ({', '.join(alone)}): under "
+            "CAPI_ENQUEUE_DURABILITY=replica the destinations whose keys live there get "
+            "QueueUnavailable and the intake 503 until one does",
             markup=False,
         )
     if mem["full"]:

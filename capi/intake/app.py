@@ -51,7 +51,13 @@ from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
 from capi.redisconn import is_cluster
 from capi.settings import Settings
-from capi.status import cluster_memory, confirming, redis_full, replicas_of
+from capi.status import (
+    cluster_confirming,
+    cluster_memory,
+    confirming,
+    redis_full,
+    replicas_of,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -397,42 +403,54 @@ class Intake:
         return 200, b'{"status": "alive"}', "application/json"
 
     async def _readyz(self) -> tuple[int, bytes, str]:
-        """Ready: Redis answers and is not full. On a cluster, a full master costs only the
-        destinations whose keys live on it (their requests get 503): ready, and said; every
-        master full is not ready. Redis's addresses are not shown (the answer is public)."""
+        """Ready: Redis answers, is not full, and under ``CAPI_ENQUEUE_DURABILITY=replica``
+        has a replica that confirms writes. On a cluster, a master that is full or has no
+        such replica costs only the destinations whose keys live on it (their requests get
+        503): ready, and said; every master so is not ready. Redis's addresses are not shown
+        (the answer is public)."""
         assert self.producer is not None
         client = self.producer.redis
+        replica = self.settings.enqueue_durability == "replica"
         try:
             await client.ping()
             if is_cluster(client):
                 _, shards = await cluster_memory(client)
+                confirmed = await cluster_confirming(client) if replica else {}
+                for shard in shards:
+                    shard["unconfirmed"] = replica and not confirmed.get(shard["node"], 0)
             else:
                 shards = [{"full": redis_full(await client.info("memory"))}]
-                if self.settings.enqueue_durability == "replica":
-                    replicas = replicas_of(await client.info("replication"))
-                    if not confirming(replicas):
-                        why = (
-                            "no replica has acknowledged writes lately, so none can confirm an "
-                            "event (CAPI_ENQUEUE_DURABILITY=replica): requests get 503"
-                        )
-                        body = orjson.dumps({"status": "not ready", "reason": why})
-                        return 503, body, "application/json"
+                if replica and not confirming(replicas_of(await client.info("replication"))):
+                    shards[0]["unconfirmed"] = True
         except redis.exceptions.NoPermissionError:
             shards = []  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready
             why = f"Redis does not answer ({type(exc).__name__})"
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         full = sum(1 for shard in shards if shard["full"])
-        if full and full == len(shards):  # every POST would get 503 until workers free memory
-            why = (
-                "every master of the Redis Cluster is full" if len(shards) > 1 else "Redis is full"
-            ) + " (maxmemory reached under noeviction)"
+        unconfirmed = sum(1 for shard in shards if shard.get("unconfirmed") and not shard["full"])
+        if full + unconfirmed and full + unconfirmed == len(shards):  # every POST: 503
+            if len(shards) > 1:
+                why = "every master of the Redis Cluster is " + (
+                    "full (maxmemory reached under noeviction)"
+                    if full == len(shards)
+                    else "full or has no replica that confirms writes lately "
+                    "(CAPI_ENQUEUE_DURABILITY=replica)"
+                )
+            elif full:
+                why = "Redis is full (maxmemory reached under noeviction)"
+            else:
+                why = (
+                    "no replica has acknowledged writes lately, so none can confirm an event "
+                    "(CAPI_ENQUEUE_DURABILITY=replica): requests get 503"
+                )
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
-        if full:
+        if full + unconfirmed:
             why = (
-                f"{full} of the {len(shards)} masters of the Redis Cluster are full (maxmemory "
-                "reached under noeviction): requests for the destinations whose keys live "
-                "there get 503 until workers free memory"
+                f"{full + unconfirmed} of the {len(shards)} masters of the Redis Cluster are "
+                "full (maxmemory reached under noeviction) or have no replica that confirms "
+                "writes (CAPI_ENQUEUE_DURABILITY=replica): requests for the destinations whose "
+                "keys live there get 503"
             )
             return 200, orjson.dumps({"status": "ready", "degraded": why}), "application/json"
         return 200, b'{"status": "ready"}', "application/json"

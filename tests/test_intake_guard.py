@@ -215,6 +215,17 @@ def test_headers_over_the_limit_behind_empty_lines_or_another_request_get_431(
     assert second.startswith(b"HTTP/1.1 431 "), second[:300]
     assert b"CAPI_INTAKE_MAX_HEADER_BYTES" in second
     assert queued_ids(redis_url) == [bodies_ids[1]]
+    behind = [events(1, prefix="behind-")]  # sent after the refused one: never run
+    with connect(guarded) as sock:
+        sock.sendall(
+            request(bodies[1])
+            + request(bodies[2], big)
+            + request(orjson.dumps({"events": behind[0]}))
+        )
+        answers = read_answer(sock)
+    assert answers.startswith(b"HTTP/1.1 200 ") and answers.count(b"HTTP/1.1 ") == 2, answers[:600]
+    assert b"HTTP/1.1 431 " in answers
+    assert queued_ids(redis_url) == [bodies_ids[1]]  # its duplicate answered, "behind" not run
     assert legit(guarded) == 200
 
 

@@ -344,7 +344,8 @@ class GuardedProtocol(HttpToolsProtocol):
                 super().on_headers_complete()
             finally:
                 self.app = app
-            self._close_after = self.cycle
+            if self._close_after is None:
+                self._close_after = self.cycle
             return
         super().on_headers_complete()
 
@@ -362,6 +363,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # The request answered is the last one parsed unless others wait behind it (sent
         # ahead: pipelining); then the stage is the latest one's, which is not answered yet.
+        closing = self._close_after
+        if closing is not None and closing.response_complete:
+            self.pipeline.clear()  # after a 431 nothing more is answered (connection: close)
         last = not self.pipeline
         answered_early = last and self._stage == BODY  # answered before its body arrived
         if last and self._stage != CLOSING:
@@ -379,7 +383,6 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._last_word and not self._answering():
             word, self._last_word = self._last_word, b""
             self._refuse(word)
-        closing = self._close_after
         if closing is not None and closing.response_complete:
             self._close_after = None
             if self._stage != CLOSING:

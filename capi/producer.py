@@ -807,7 +807,7 @@ class Producer(_BaseProducer):
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         refusals: list[RingNote] = []
-        with _partial(report), _translated(self.redis):
+        with _fanned_out(len(targets)), _partial(report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 flags = (await self._run([(keys, args)], len(positions)))[0]
                 self._count(report, flags, positions)
@@ -934,7 +934,7 @@ class SyncProducer(_BaseProducer):
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         refusals: list[RingNote] = []
-        with _partial(report), _translated(self.redis):
+        with _fanned_out(len(targets)), _partial(report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, self._run([(keys, args)])[0], positions)
         if refusals:

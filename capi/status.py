@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Collection, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -152,17 +152,27 @@ def confirming(replicas: list[dict[str, Any]]) -> int:
     return sum(1 for r in replicas if r["state"] == "online" and r["lag_s"] <= REPLICA_LAG_OK_S)
 
 
+async def _per_master(client: aioredis.Redis, section: str) -> dict[str, dict[str, Any]]:
+    """``INFO section`` of every master of a cluster, by address. redis-py answers a
+    cluster of one master with that master's INFO itself, not by address."""
+    answers: Any = await client.info(section, target_nodes=RedisCluster.PRIMARIES)
+    names = [node.name for node in cast(Any, client).get_primaries()]
+    if len(names) == 1 and names[0] not in answers:
+        return {names[0]: answers}
+    return cast(dict[str, dict[str, Any]], answers)
+
+
 async def cluster_confirming(client: aioredis.Redis) -> dict[str, int]:
     """Per master of a cluster (by address, as :func:`cluster_memory` names it), how many of
     its replicas can confirm a WAIT now (:func:`confirming`)."""
-    answers: Any = await client.info("replication", target_nodes=RedisCluster.PRIMARIES)
+    answers = await _per_master(client, "replication")
     return {str(node): confirming(replicas_of(info)) for node, info in answers.items()}
 
 
 async def cluster_memory(client: aioredis.Redis) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A cluster's memory: the masters' totals (``INFO memory`` fields), and per master its
     address, memory, limit and whether it is full."""
-    answers: Any = await client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+    answers = await _per_master(client, "memory")
     shards: list[dict[str, Any]] = [
         {
             "node": str(node),

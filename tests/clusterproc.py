@@ -130,6 +130,11 @@ class ClusterSet:
         for node in self.nodes:
             node.start()
         self._wait(self._all_answer, 30, "every node to answer")
+        if len(self.nodes) == 1:  # redis-cli creates three masters at least
+            with self.nodes[0].client() as c:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            self.wait_ok()
+            return self
         created = subprocess.run(
             [
                 self.cli,

@@ -838,3 +838,23 @@ def test_a_client_that_dropped_every_node_it_asks_reads_the_topology_again(
             await client.aclose()
 
     asyncio.run(go())
+
+
+def test_a_cluster_of_one_master_is_ready_and_has_a_status(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """redis-py answers INFO of a one-master cluster bare (not by node): the memory and
+    replication reads broke, /readyz was 503 for good and capi status a traceback."""
+    with ClusterSet(tmp_path / "one", masters=1, replicas_each=0) as one:
+        intake = start_intake(
+            tmp_path,
+            one.url,
+            CAPI_REDIS_CLUSTER="true",
+            CAPI_PIXEL_ID=DEFAULT_PIXEL,
+            CAPI_API_KEY=DEFAULT_KEY,
+        )
+        assert http_get(intake.url + "/readyz") == (200, '{"status": "ready"}')
+        assert intake.post(events(1, prefix="one-")).status_code == 200
+        shown = capi(cluster_settings(sandbox, one), "status")
+        assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+        assert "Traceback" not in intake.stop()

@@ -369,12 +369,13 @@ def test_a_fan_out_refused_for_one_destination_says_the_others_may_hold_it(
     limited = multi.model_copy(update={"redis_url": f"redis://{user}:pw@{host_port}"})
     event = events(1, prefix="fan-")[0]
     try:
-        with (
-            SyncProducer.from_settings(limited) as producer,
-            pytest.raises(QueueUnavailable) as got,
-        ):
-            producer.enqueue(event, destination=["a", "b"])
+        with SyncProducer.from_settings(limited) as producer:
+            with pytest.raises(QueueUnavailable) as got:
+                producer.enqueue(event, destination=["a", "b"])
+            with pytest.raises(QueueUnavailable) as many:
+                producer.enqueue_many(events(2, prefix="fan2-"), destination=["a", "b"])
     finally:
         client.acl_deluser(user)
     assert got.value.maybe_stored and "those whose call came before may have" in str(got.value)
-    assert client.xlen(multi.keys.for_destination("a").stream) == 1
+    assert many.value.maybe_stored, many.value
+    assert client.xlen(multi.keys.for_destination("a").stream) == 3

@@ -171,8 +171,8 @@ async def _release_holds(
     another key, pixel or endpoint stays: this check does not speak for those workers. A
     hold confirmed after the probe stays too (it was read before, and is released only
     if it is still the one in Redis). What became of each hold: "released: REASON",
-    "kept: REASON" (another setup), "held: REASON" (the check failed), "none" (not held,
-    or no longer the hold read)."""
+    "kept: REASON" (another setup), "held: REASON" (the check failed), "again: REASON"
+    (held anew after the probe), "none" (not held)."""
     from capi.worker import keyguard
 
     client = settings.async_redis()
@@ -188,11 +188,13 @@ async def _release_holds(
                 found[name] = f"kept: {hold.reason}"
             elif await keyguard.release(client, settings.keys.for_destination(name), hold):
                 found[name] = f"released: {hold.reason}"
+                if hold.dead_lettered:
+                    found[name] += " (dead-lettered)"
                 why = f"passed capi check-key: hold ({hold.reason}) released"
                 keys = settings.keys.for_destination(name)
                 await replay.audit_key_check(client, keys, ok=True, reason=why, by=cli_actor())
-                if hold.dead_lettered:
-                    found[name] += " (dead-lettered)"
+            elif newer := await keyguard.read_hold(client, settings.keys.for_destination(name)):
+                found[name] = f"again: {newer.reason}"  # confirmed after this check's probe
             else:
                 found[name] = "none"
     except (redis.exceptions.RedisError, OSError) as exc:
@@ -215,6 +217,12 @@ def _say_holds(holds: dict[str, str]) -> None:
             out.print(
                 f"destination {name}: was held ({reason}) for this key, pixel and endpoint; "
                 f"released now, the workers resume within seconds; {then}",
+                markup=False,
+            )
+        elif what.startswith("again"):
+            err.print(
+                f"destination {name}: held again ({reason}) after this check's probe: not "
+                "released; run capi check-key again",
                 markup=False,
             )
         elif what.startswith("kept"):
@@ -251,7 +259,8 @@ def _check_json(result: KeyCheck, base_url: str, hold: str) -> dict[str, Any]:
         "base_url": base_url,
         "probes": result.probes,
         # What became of a hold: released; kept (held for another key, pixel or endpoint);
-        # held (the check failed); none (not held); unknown (Redis did not answer).
+        # held (the check failed); again (held anew after the probe); none (not held);
+        # unknown (Redis did not answer).
         "hold": hold.split(":", 1)[0] or "unknown",
     }
     if result.error is not None and result.diagnosis is not None:

@@ -79,7 +79,7 @@ class Coalescer(Generic[T, R]):
                     group += self._waiting
                     self._waiting.clear()
                     answers = [exc] * len(group)
-                for (_, _, future), answer in zip(group, answers, strict=False):
+                for (_, _, future), answer in zip(group, answers, strict=True):
                     if future.done():  # its caller left while the round trip was in flight
                         continue
                     if isinstance(answer, Exception):

@@ -166,34 +166,29 @@ def _translated(client: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _fanned_out(targets: int) -> Iterator[None]:
-    """One event to several destinations: a refusal for one of them does not mean that
-    none took it (the calls before it may have run)."""
+def _how_far(targets: int, report: EnqueueReport | None = None) -> Iterator[None]:
+    """An enqueue that fails part-way says how far it got: what a bulk call had queued
+    before, and, for events to several destinations, that a refusal for one of them does
+    not mean that none took them (the calls before it may have run)."""
     try:
         yield
     except QueueUnavailable as exc:
-        if targets < 2 or exc.maybe_stored:
+        queued = report.queued if report is not None else 0
+        fanned = targets > 1 and not exc.maybe_stored
+        if not queued and not fanned:
             raise
-        raise type(exc)(
-            f"{exc} With {targets} destinations, those whose call came before may have "
-            "queued it; enqueueing it again is safe (the event id dedups).",
-            maybe_stored=True,
-        ) from None
-
-
-@contextlib.contextmanager
-def _partial(report: EnqueueReport) -> Iterator[None]:
-    """A bulk call that fails part-way says how far it got."""
-    try:
-        yield
-    except QueueUnavailable as exc:
-        if not report.queued:
-            raise
-        raise type(exc)(
-            f"{exc} This call had queued {report.queued} events before it failed; "
-            "enqueueing them all again is safe (the event id dedups).",
-            maybe_stored=exc.maybe_stored,
-        ) from None
+        said = str(exc)
+        if queued:
+            said += (
+                f" This call had queued {queued} events before it failed; enqueueing them "
+                "all again is safe (the event id dedups)."
+            )
+        if fanned:
+            said += (
+                f" With {targets} destinations, those whose call came before may have "
+                "queued it; enqueueing it again is safe (the event id dedups)."
+            )
+        raise type(exc)(said, maybe_stored=exc.maybe_stored or fanned) from None
 
 
 def _where(client: Any) -> str:
@@ -784,7 +779,7 @@ class Producer(_BaseProducer):
         except EventRejected:
             await self._write_ring(targets, ring)
             raise
-        with _fanned_out(len(targets)), _translated(self.redis):
+        with _how_far(len(targets)), _translated(self.redis):
             flags = await self._run([(keys, args) for keys, args, _ in calls])
         if ring:
             await self._write_ring(targets, ring)
@@ -807,7 +802,7 @@ class Producer(_BaseProducer):
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         refusals: list[RingNote] = []
-        with _fanned_out(len(targets)), _partial(report), _translated(self.redis):
+        with _how_far(len(targets), report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 flags = (await self._run([(keys, args)], len(positions)))[0]
                 self._count(report, flags, positions)
@@ -912,7 +907,7 @@ class SyncProducer(_BaseProducer):
         except EventRejected:
             self._write_ring(targets, ring)
             raise
-        with _fanned_out(len(targets)), _translated(self.redis):
+        with _how_far(len(targets)), _translated(self.redis):
             flags = self._run([(keys, args) for keys, args, _ in calls])
         if ring:
             self._write_ring(targets, ring)
@@ -934,7 +929,7 @@ class SyncProducer(_BaseProducer):
         report = EnqueueReport() if report is None else report
         targets = self._targets(destination)
         refusals: list[RingNote] = []
-        with _fanned_out(len(targets)), _partial(report), _translated(self.redis):
+        with _how_far(len(targets), report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
                 self._count(report, self._run([(keys, args)])[0], positions)
         if refusals:

@@ -407,7 +407,7 @@ def _kept_apart(nodes: Any) -> None:
     """The nodes to ask as a :class:`_Snapshot` of their own. The blocking client (5.3)
     makes them the very dict of the last topology's nodes after each read, so a node it
     dropped was gone from both and :func:`_asked_again` had nothing to put back."""
-    if type(nodes.startup_nodes) is not _Snapshot or nodes.startup_nodes is nodes.nodes_cache:
+    if type(nodes.startup_nodes) is not _Snapshot:
         nodes.startup_nodes = _Snapshot(nodes.startup_nodes)
 
 

@@ -35,6 +35,8 @@ from capi.sandbox.state import FAULT_KINDS
 from capi.settings import Settings
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from capi.worker.keyguard import Hold
 
 
@@ -100,15 +102,22 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             )
             return found, client.url
 
-    async def go() -> tuple[list[KeyCheck], dict[str, str]]:
-        holds = await _holds(settings, names)  # read before the probes: see _release_holds
-        checked = await asyncio.gather(*(one(d) for d in chosen))
-        holds_now = await _release_holds(settings, holds, checked, names) if holds else {}
-        return [c for c, _ in checked], holds_now
+    async def go() -> tuple[list[KeyCheck], dict[str, _Hold]]:
+        client = settings.async_redis()
+        try:
+            holds = await _holds(client, settings, names)  # before the probes: see below
+            checked = await asyncio.gather(*(one(d) for d in chosen))
+            if holds is None:
+                return [c for c, _ in checked], {}
+            return [c for c, _ in checked], await _release_holds(
+                client, settings, holds, checked, names
+            )
+        finally:
+            await client.aclose()
 
     results, holds = run(go())
     if len(chosen) == 1:
-        _report_one(results[0], chosen[0].base_url, as_json, holds.get(chosen[0].name, ""))
+        _report_one(results[0], chosen[0].base_url, as_json, holds.get(chosen[0].name))
         if not as_json:
             _say_holds(holds)
         return
@@ -118,7 +127,7 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             {
                 "ok": not failed,
                 "destinations": [
-                    {"name": d.name, **_check_json(r, d.base_url, holds.get(d.name, ""))}
+                    {"name": d.name, **_check_json(r, d.base_url, holds.get(d.name))}
                     for d, r in zip(chosen, results, strict=True)
                 ],
             }
@@ -138,12 +147,24 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
         sys.exit(for_reason(failed[0].error.reason))
 
 
-async def _holds(settings: Settings, names: list[str]) -> dict[str, Hold | None] | None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Hold:
+    """What became of a destination's hold: released; kept (held for another key, pixel or
+    endpoint); held (the check failed); again (held anew after the probe); none (not
+    held). ``reason`` is the hold's; ``dead_lettered`` says whether its batches were."""
+
+    what: str
+    reason: str = ""
+    dead_lettered: bool = False
+
+
+async def _holds(
+    client: aioredis.Redis, settings: Settings, names: list[str]
+) -> dict[str, Hold | None] | None:
     """Each destination's hold (None: not held), or None when Redis does not answer (said
     in a note: a hold then waits for the workers' next re-probe)."""
     from capi.worker import keyguard  # the owner of the key state (not loaded for --help)
 
-    client = settings.async_redis()
     try:
         return {
             n: await keyguard.read_hold(client, settings.keys.for_destination(n)) for n in names
@@ -155,86 +176,76 @@ async def _holds(settings: Settings, names: list[str]) -> dict[str, Hold | None]
             markup=False,
         )
         return None
-    finally:
-        await client.aclose()
 
 
 async def _release_holds(
+    client: aioredis.Redis,
     settings: Settings,
     holds: dict[str, Hold | None],
     checked: list[tuple[KeyCheck, str]],
     names: list[str],
-) -> dict[str, str]:
+) -> dict[str, _Hold]:
     """Release the holds of destinations whose check passed with the workers' own key,
     pixel and endpoint (the workers would wait for their next re-probe,
     CAPI_REPROBE_INTERVAL_S), each audited with who ran the check. A hold confirmed for
     another key, pixel or endpoint stays: this check does not speak for those workers. A
     hold confirmed after the probe stays too (it was read before, and is released only
-    if it is still the one in Redis). What became of each hold: "released: REASON",
-    "kept: REASON" (another setup), "held: REASON" (the check failed), "again: REASON"
-    (held anew after the probe), "none" (not held)."""
+    if it is still the one in Redis)."""
     from capi.worker import keyguard
 
-    client = settings.async_redis()
-    found: dict[str, str] = {}
+    found: dict[str, _Hold] = {}
     try:
         for name, (result, url) in zip(names, checked, strict=True):
-            hold = holds.get(name)
+            hold, keys = holds.get(name), settings.keys.for_destination(name)
             if hold is None:
-                found[name] = "none"
+                found[name] = _Hold("none")
             elif not result.ok:
-                found[name] = f"held: {hold.reason}"
+                found[name] = _Hold("held", hold.reason)
             elif not hold.same_setup(result.key_fingerprint, result.pixel_id, url):
-                found[name] = f"kept: {hold.reason}"
-            elif await keyguard.release(client, settings.keys.for_destination(name), hold):
-                found[name] = f"released: {hold.reason}"
-                if hold.dead_lettered:
-                    found[name] += " (dead-lettered)"
+                found[name] = _Hold("kept", hold.reason)
+            elif await keyguard.release(client, keys, hold):
+                found[name] = _Hold("released", hold.reason, hold.dead_lettered)
                 why = f"passed capi check-key: hold ({hold.reason}) released"
-                keys = settings.keys.for_destination(name)
                 await replay.audit_key_check(client, keys, ok=True, reason=why, by=cli_actor())
-            elif newer := await keyguard.read_hold(client, settings.keys.for_destination(name)):
-                found[name] = f"again: {newer.reason}"  # confirmed after this check's probe
+            elif newer := await keyguard.read_hold(client, keys):
+                found[name] = _Hold("again", newer.reason)  # confirmed after the probe
             else:
-                found[name] = "none"
+                found[name] = _Hold("none")
     except (redis.exceptions.RedisError, OSError) as exc:
         err.print(f"note: Redis did not answer ({brief(exc)}): no hold released", markup=False)
-    finally:
-        await client.aclose()
     return found
 
 
-def _say_holds(holds: dict[str, str]) -> None:
-    for name, what in holds.items():
-        reason = what.split(": ", 1)[-1].removesuffix(" (dead-lettered)")
-        if what.startswith("released"):
+def _say_holds(holds: dict[str, _Hold]) -> None:
+    for name, hold in holds.items():
+        if hold.what == "released":
             then = (
-                f"replay what was dead-lettered meanwhile: capi dead-letters replay --reason "
-                f"{reason}"
-                if what.endswith("(dead-lettered)")
+                "replay what was dead-lettered meanwhile: capi dead-letters replay --reason "
+                f"{hold.reason}"
+                if hold.dead_lettered
                 else "the events kept queued meanwhile are sent"
             )
             out.print(
-                f"destination {name}: was held ({reason}) for this key, pixel and endpoint; "
-                f"released now, the workers resume within seconds; {then}",
+                f"destination {name}: was held ({hold.reason}) for this key, pixel and "
+                f"endpoint; released now, the workers resume within seconds; {then}",
                 markup=False,
             )
-        elif what.startswith("again"):
+        elif hold.what == "again":
             err.print(
-                f"destination {name}: held again ({reason}) after this check's probe: not "
-                "released; run capi check-key again",
+                f"destination {name}: held again ({hold.reason}) after this check's probe: "
+                "not released; run capi check-key again",
                 markup=False,
             )
-        elif what.startswith("kept"):
+        elif hold.what == "kept":
             err.print(
-                f"destination {name}: held ({reason}) by workers with another key, pixel or "
-                "endpoint than this check's: not released; restart them with the settings "
+                f"destination {name}: held ({hold.reason}) by workers with another key, pixel "
+                "or endpoint than this check's: not released; restart them with the settings "
                 "checked here",
                 markup=False,
             )
 
 
-def _report_one(result: KeyCheck, base_url: str, as_json: bool, hold: str) -> None:
+def _report_one(result: KeyCheck, base_url: str, as_json: bool, hold: _Hold | None) -> None:
     if as_json:
         print_json(_check_json(result, base_url, hold))
     elif result.ok:
@@ -251,17 +262,14 @@ def _report_one(result: KeyCheck, base_url: str, as_json: bool, hold: str) -> No
         sys.exit(for_reason(result.error.reason))
 
 
-def _check_json(result: KeyCheck, base_url: str, hold: str) -> dict[str, Any]:
+def _check_json(result: KeyCheck, base_url: str, hold: _Hold | None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "ok": result.ok,
         "key_fingerprint": result.key_fingerprint,
         "pixel_id": result.pixel_id,
         "base_url": base_url,
         "probes": result.probes,
-        # What became of a hold: released; kept (held for another key, pixel or endpoint);
-        # held (the check failed); again (held anew after the probe); none (not held);
-        # unknown (Redis did not answer).
-        "hold": hold.split(":", 1)[0] or "unknown",
+        "hold": hold.what if hold is not None else "unknown",  # unknown: Redis did not answer
     }
     if result.error is not None and result.diagnosis is not None:
         data.update(

@@ -115,10 +115,14 @@ async def release(redis: aioredis.Redis, keys: RedisKeys, hold: Hold) -> bool:
     with its key, pixel and endpoint (:meth:`Hold.same_setup`): the workers resume on their
     next read of the state rather than at the next re-probe. Only if it is still the hold in
     Redis: one confirmed after the check's probe stays. True if released."""
-    now = iso(now_ms()) or ""
-    fields = {"state": "ok", "since": now, "checked_at": now, "fingerprint": hold.fingerprint}
-    args = [hold.since, *(x for kv in fields.items() for x in kv)]
+    args = [hold.since, *(x for kv in _ok_state(hold.fingerprint).items() for x in kv)]
     return bool(await redis.register_script(RELEASE_LUA)(keys=[keys.key_state], args=args))
+
+
+def _ok_state(fingerprint: str) -> dict[str, str]:
+    """The key state of a key that passed its check just now."""
+    now = iso(now_ms()) or ""
+    return {"state": "ok", "since": now, "checked_at": now, "fingerprint": fingerprint}
 
 
 class KeyGuard:
@@ -259,15 +263,7 @@ class KeyGuard:
     async def _set_ok(self) -> None:
         self.held = False
         self._confirming = False  # the state below replaces the confirming fields
-        now = iso(now_ms()) or ""
-        await self._write_state(
-            {
-                "state": "ok",
-                "since": now,
-                "checked_at": now,
-                "fingerprint": self.client.key_fingerprint,
-            }
-        )
+        await self._write_state(_ok_state(self.client.key_fingerprint))
 
     async def _write_state(
         self, state: dict[str, str] | None, *, count_transient: bool = False

@@ -218,11 +218,11 @@ def _validated(
         event: schema.Event = _validate_event(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        if strict or type(user) is not dict or not identifiers.droppable(errors):
+        if strict or not identifiers.droppable(errors):
             problems.extend(_problems(exc, data))
             raise EventRejected(_capped(problems), event_id) from None
         warnings.extend(_problems(exc, data))
-        identifiers.drop(user, (err["loc"] for err in errors))
+        identifiers.drop(data, (err["loc"] for err in errors))
         try:
             event = _validate_event(data)  # only bad values were removed: valid now
         except ValidationError as again:

@@ -3,7 +3,8 @@
 The API uses "the first three valid unique values" of each user list and never rejects an
 event over an identifier it cannot use; so capi does not either. An invalid *optional*
 identifier (a raw email, phone, name or external id, a hash, a region, postal code, city,
-country, the IP address, user agent, ``obref`` or AAID) is dropped from the event and
+country, the IP address, user agent, ``obref`` or AAID, and the event's ``oppref`` click
+id: an empty one is what a missing ``__oppref`` cookie often gives) is dropped from the event and
 reported as a warning (:class:`~capi.errors.Problem`: field and rule), unless strict mode
 (``CAPI_STRICT_IDENTIFIERS=true``) asks for the old refusal. Unknown user fields and the
 pre-September singular names stay refusals: they are mistakes in code, not in data.
@@ -40,6 +41,8 @@ _IDENTIFIERS = tuple((kind, kind.value, kind.hashed_field) for kind in Identifie
 _RAW_FIELDS = frozenset(raw for _, raw, _ in _IDENTIFIERS)
 # The fields of the API's user object: any value of them may be dropped when invalid.
 _DROPPABLE = frozenset(schema.User.model_fields)
+# The event's own optional identifiers (outside ``user``), dropped alike when invalid.
+EVENT_IDENTIFIERS = frozenset({"oppref"})
 _LISTS = frozenset(
     name for name, f in schema.User.model_fields.items() if "list" in str(f.annotation)
 )
@@ -104,9 +107,12 @@ def dedupe(user: dict[str, Any]) -> bool:
 
 
 def droppable(errors: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether every validation error is an invalid value of an optional user field."""
+    """Whether every validation error is an invalid value of an optional identifier: a user
+    field, or one of :data:`EVENT_IDENTIFIERS`."""
     for err in errors:
         loc = err["loc"]
+        if len(loc) == 1 and loc[0] in EVENT_IDENTIFIERS:
+            continue
         if len(loc) < 2 or loc[0] != "user" or loc[1] not in _DROPPABLE:
             return False
         if err["type"] == "extra_forbidden":
@@ -114,16 +120,23 @@ def droppable(errors: Sequence[Mapping[str, Any]]) -> bool:
     return True
 
 
-def drop(user: dict[str, Any], locs: Iterable[tuple[Any, ...]]) -> None:
-    """Remove the values at ``locs`` (pydantic locations under ``user``) from ``user``; a
-    list left empty, and a bad scalar, leave the field out altogether."""
+def drop(event: dict[str, Any], locs: Iterable[tuple[Any, ...]]) -> None:
+    """Remove the values at ``locs`` (pydantic locations, as :func:`droppable` allows) from
+    ``event``; a user list left empty, and a bad scalar, leave the field out altogether."""
+    user = event.get("user")
     whole: set[str] = set()
     items: dict[str, set[int]] = {}
     for loc in locs:
-        if len(loc) > 2 and isinstance(loc[2], int):
+        if len(loc) == 1:
+            event.pop(str(loc[0]), None)  # one of EVENT_IDENTIFIERS
+        elif not isinstance(user, dict):
+            continue
+        elif len(loc) > 2 and isinstance(loc[2], int):
             items.setdefault(str(loc[1]), set()).add(loc[2])
         else:
             whole.add(str(loc[1]))
+    if not isinstance(user, dict):
+        return
     for name in whole:
         user.pop(name, None)
     for name, indices in items.items():

@@ -71,6 +71,32 @@ def test_a_purchase_from_a_tracked_url_is_delivered_with_its_oppref(
     assert got["source_url"] == "https://shop.example/thanks"
 
 
+def test_an_empty_oppref_is_left_out_with_a_warning_and_the_purchase_delivered(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    # A backend reading the __oppref cookie with a default of "" (no click) must not lose
+    # the purchase: the oppref is an optional identifier, dropped and named like the others;
+    # the click id of the landing URL's query is used instead when there is one.
+    settings = make_settings(sandbox, redis_url)
+    no_click = purchase("o-5", amount=500, currency="USD", source_url="https://s.example/t")
+    from_url = purchase(
+        "o-6", amount=500, currency="USD", source_url="https://s.example/t?oppref=click-6"
+    )
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many([no_click | {"oppref": ""}, from_url | {"oppref": 7}])
+    assert report.queued == 2, report
+    assert [(w.path, w.rule) for w in report.warnings[0]] == [("oppref", "must not be empty")]
+    assert [w.path for w in report.warnings[1]] == ["oppref"]
+    drain(settings)
+    got = sent(sandbox)
+    assert "oppref" not in got["o-5"]
+    assert got["o-6"]["oppref"] == "click-6"
+    strict = make_settings(sandbox, redis_url, strict_identifiers=True)
+    with SyncProducer.from_settings(strict) as producer, pytest.raises(EventRejected) as info:
+        producer.enqueue(no_click | {"id": "o-7", "oppref": ""})
+    assert "oppref: must not be empty" in str(info.value)
+
+
 # -- 2. identifiers never cost a conversion ------------------------------------------------
 
 

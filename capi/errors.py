@@ -123,7 +123,8 @@ class Response:
     request_field: str | None = None
     missing_scopes: list[str] = field(default_factory=list)
     # Whether the body was in OpenAI's error envelope ({"error": {...}}); a 401 or 403 that
-    # is not came from some other server, which CAPI_BASE_URL may name by mistake.
+    # is not (nor the platform's plain-text "RBAC: access denied") came from some other
+    # server, which CAPI_BASE_URL may name by mistake.
     enveloped: bool = False
 
 

@@ -92,13 +92,19 @@ def diagnose(
     reason = reason or (error if isinstance(error, Reason) else error.reason)
     hint = shape_hint(api_key) if api_key else None
     found = _BUILDERS.get(reason, _unexpected)(reason, err, pixel_id, hint)
-    if err is not None and reason in _KEY_OR_PIXEL and not err.response.enveloped:
+    if err is not None and reason in _KEY_OR_PIXEL and not _the_apis_format(err):
         found.fix.insert(0, NOT_THE_API)
     if labels is None:
         return found
     return Diagnosis(
         found.reason, labels.apply(found.cause), [labels.apply(step) for step in found.fix]
     )
+
+
+def _the_apis_format(err: SendError) -> bool:
+    """Whether a failure came in a shape the API itself answers: its error envelope, or the
+    platform's plain-text ``RBAC: access denied`` (seen from the live API, seed 003)."""
+    return err.response.enveloped or "rbac" in err.response.message.lower()
 
 
 def _fp(err: SendError | None) -> str:

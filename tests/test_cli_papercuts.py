@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 import capi
 from capi.exitcodes import ExitCode
-from capi.sandbox import SandboxThread
+from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, DEFAULT_SCOPELESS_KEY
 from tests.helpers import drain, enqueue, events, make_settings, spawn, wait_for
 from workers.cli import cli
@@ -600,6 +600,20 @@ def test_a_401_from_a_server_that_is_not_the_api_points_at_the_base_url(
     real = invoke(env, "check-key")
     assert "[unauthorized]" in real.output, real.output
     assert "error format" not in real.output
+
+
+def test_the_apis_plain_text_rbac_denial_does_not_blame_the_base_url(
+    env: dict[str, str], sandbox: SandboxThread
+) -> None:
+    # The API itself answers "RBAC: access denied" as plain text (contract, section 7.4):
+    # that is no sign that CAPI_BASE_URL names another server.
+    sandbox.state.faults.append(Fault("rbac", every=1))
+    result = invoke(env, "check-key")
+    assert result.exit_code != 0
+    assert "[access_denied]" in result.output, result.output
+    assert "1. This is usually transient on the platform side" in result.output, result.output
+    assert "error format" not in result.output
+    assert "Check CAPI_BASE_URL" not in result.output
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ import orjson
 from capi.constants import CONVERSIONS_SCOPE, EVENTS_PATH
 from capi.destinations import Destination
 from capi.errors import ERROR_BY_REASON, ConfigError, NetworkError, Response, SendError
-from capi.failures import Reason
+from capi.failures import TOO_OLD_CODE, Reason, too_old
 from capi.fingerprint import fingerprint, redact, redact_bytes, shape_problem
 from capi.guidance import Labels
 from capi.retry import parse_retry_after
@@ -120,7 +120,7 @@ def _reason(
     if status in (400, 422) and r.event_index is not None:
         # An answer that names events[i] is that event's rejection, whatever its message.
         return (
-            Reason.OUTSIDE_TIME_WINDOW if _too_old(status, codes, params) else Reason.INVALID_EVENT
+            Reason.OUTSIDE_TIME_WINDOW if too_old(status, codes, params) else Reason.INVALID_EVENT
         )
     if "missing scope" in lowered or code == "missing_scope":
         return Reason.MISSING_SCOPE
@@ -134,10 +134,10 @@ def _reason(
         # Codes are undocumented: only the code or param says "too old"; a request-level
         # field (pid, validate_only, ...) is a configuration problem; any other 400/422 is
         # an event's rejection (the sender bisects to find it).
-        if _too_old(status, codes, params):
+        if too_old(status, codes, params):
             return Reason.OUTSIDE_TIME_WINDOW
         return Reason.REQUEST_INVALID if r.request_field else Reason.INVALID_EVENT
-    if code == _TOO_OLD:
+    if code == TOO_OLD_CODE:
         return Reason.OUTSIDE_TIME_WINDOW
     if status == 404:
         return Reason.NOT_FOUND
@@ -148,12 +148,6 @@ def _reason(
     if status >= 500:
         return Reason.SERVER_ERROR
     return Reason.UNEXPECTED
-
-
-def _too_old(status: int, codes: list[str | None], params: list[str | None]) -> bool:
-    return _TOO_OLD in codes or (
-        status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
-    )
 
 
 def _request_field(params: list[str | None], parsed: Any, message: str) -> str | None:
@@ -179,7 +173,6 @@ REQUEST_FIELDS = frozenset({"pid", "validate_only", "integration_source", "event
 _FIELD_IN_MESSAGE = re.compile(
     r"(?:Missing required field:\s*|\('query',\s*')([A-Za-z_][A-Za-z0-9_]{0,63})"
 )
-_TOO_OLD = "event_timestamp_too_old"
 MAX_BODY_DEPTH = 32
 
 

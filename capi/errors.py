@@ -35,7 +35,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from capi.failures import Reason
+from capi.failures import Reason, too_old
 
 QUOTE_LIMIT = 40
 
@@ -230,27 +230,45 @@ class InvalidEventError(SendError):
         return self.response.event_index
 
     def for_event(self, index: int) -> InvalidEventError:
-        """This rejection as it concerns ``events[index]`` alone: its param, and only the
-        ``errors[]`` entries that name it (for that event's dead letter)."""
+        """This rejection as it concerns ``events[index]`` alone: its param, only the
+        ``errors[]`` entries that name it (for that event's dead letter), and the class its
+        own errors say: outside the time window only when they (or the answer's own code,
+        where its param names this event or none) say "too old"."""
         r = self.response
         mine = f"events[{index}]"
         body = r.body
         error = body.get("error") if isinstance(body, dict) else None
+        own: list[dict[str, Any]] = []
         if isinstance(error, dict) and isinstance(error.get("errors"), list):
             own = [
-                e
-                for e in error["errors"]
-                if isinstance(e, dict) and str(e.get("param") or "").startswith(mine)
+                e for e in error["errors"] if isinstance(e, dict) and _names(e.get("param"), mine)
             ]
             body = {**body, "error": {**error, "errors": own or error["errors"]}}
+        param_is_mine = _names(r.param, mine)
         narrowed = dataclasses.replace(
             r,
-            param=mine if r.param is None or not r.param.startswith(mine) else r.param,
+            param=r.param if param_is_mine else mine,
             body=body,
             event_index=index,
             event_indexes=[index],
         )
-        return type(self)(narrowed, self.key_fingerprint)
+        cls: type[InvalidEventError] = type(self)
+        if cls in (InvalidEventError, OutsideTimeWindowError):
+            codes = [e.get("code") for e in own]
+            params = [e.get("param") for e in own]
+            if r.param is None or param_is_mine:
+                codes.append(r.code)
+                params.append(r.param)
+            old = too_old(r.status or 0, codes, params)
+            cls = OutsideTimeWindowError if old else InvalidEventError
+        return cls(narrowed, self.key_fingerprint)
+
+
+def _names(param: Any, event: str) -> bool:
+    """Whether an answer's ``param`` names ``event`` (``events[1]``, or a field under it)."""
+    return isinstance(param, str) and (
+        param == event or param.startswith(event + ".") or param.startswith(event + "[")
+    )
 
 
 class TooLargeError(InvalidEventError):

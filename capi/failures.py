@@ -29,6 +29,7 @@ unexpected             anything else (the raw body is kept)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -103,6 +104,17 @@ _MEANINGS = {
     Reason.RETRIES_EXHAUSTED: "a retryable failure persisted past the attempt budget",
     Reason.UNEXPECTED: "the API answered in a way capi does not recognise",
 }
+TOO_OLD_CODE = "event_timestamp_too_old"
+
+
+def too_old(status: int, codes: Iterable[str | None], params: Iterable[str | None]) -> bool:
+    """Whether a rejection says the event is too old: its code says so, or it is a 422 whose
+    param names ``...timestamp_ms``; any other 400/422 is an ordinary rejection."""
+    return TOO_OLD_CODE in codes or (
+        status == 422 and any(p and p.endswith(".timestamp_ms") for p in params)
+    )
+
+
 _RETRYABLE = frozenset({Reason.RATE_LIMITED, Reason.SERVER_ERROR, Reason.NETWORK})
 _KEY_PROBLEMS = frozenset(
     {Reason.MISSING_SCOPE, Reason.UNAUTHORIZED, Reason.UNKNOWN_PIXEL, Reason.ACCESS_DENIED}

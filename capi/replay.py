@@ -207,9 +207,11 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
             await client.send([r.event_json.encode() for r in group], validate_only=True)
         except InvalidEventError as exc:
             bad, again = drop_rejected(group, exc.response.event_indexes)
+            named = set(exc.response.event_indexes)
             for i in bad:
+                own = exc.for_event(i) if i in named else exc  # its own reason
                 results[group[i].key] = DryRunResult(
-                    group[i].id, False, exc.reason.value, exc.response.message
+                    group[i].id, False, own.reason.value, exc.response.message
                 )
             work += again
             continue

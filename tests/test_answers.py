@@ -117,3 +117,52 @@ def test_a_long_retry_after_is_honoured(
         ((_, due_ms),) = client.zrange(retry_key, 0, -1, withscores=True)
     assert due_ms - started_ms > 3500 * 1000  # the server's hour, not CAPI_RETRY_CAP_S
     assert len(endpoint.sends()) == 1
+
+
+def test_each_event_a_rejection_names_gets_the_reason_of_its_own_errors(
+    endpoint: Endpoint, redis_url: str, worker: Callable[[Settings], None]
+) -> None:
+    # One answer naming two events, each with its own code: only the event whose own error
+    # says "too old" is outside the time window (never replayable); the other is an
+    # ordinary, replayable rejection (contract, section 6).
+    def answer(r: Request) -> Answer:
+        if r.validate_only or len(r.ids) == 1:
+            return OK
+        bad, old = r.ids.index("bad-data"), r.ids.index("too-old")
+        return (
+            400,
+            {},
+            json_error(
+                f"Invalid event at events[{bad}]. See errors for details.",
+                param=f"events[{bad}]",
+                code="invalid_event",
+                errors=[
+                    {
+                        "message": "data.type is required",
+                        "param": f"events[{bad}].data.type",
+                        "code": "missing_event_data_type",
+                    },
+                    {
+                        "message": "older than 7 days",
+                        "param": f"events[{old}].timestamp_ms",
+                        "code": "event_timestamp_too_old",
+                    },
+                ],
+            ),
+        )
+
+    endpoint.answer = answer
+    settings = settings_for(endpoint, redis_url, batch_size=3)
+    batch = events(3)
+    batch[1]["id"], batch[2]["id"] = "bad-data", "too-old"
+    enqueue(settings, batch)
+    worker(settings)
+    wait(lambda: endpoint.delivered and len(dead_letters(settings)) == 2, what="fates")
+    letters = dead_letters(settings)
+    assert letters["bad-data"]["reason"] == "invalid_event"
+    assert letters["bad-data"]["replayable"] is True
+    assert "missing_event_data_type" in str(letters["bad-data"]["error_body"])
+    assert "missing_event_data_type" not in str(letters["too-old"]["error_body"])
+    assert letters["too-old"]["reason"] == "outside_time_window"
+    assert letters["too-old"]["replayable"] is False
+    assert endpoint.delivered == [batch[0]["id"]]

@@ -481,13 +481,16 @@ class Sender:
             fate = decisions.AFTER_HOLD[await self._reprobe(err)]
         if fate.action is Action.DROP_REJECTED:
             bad, again = drop_rejected(group, err.response.event_indexes)
-            if bad:
-                named = set(err.response.event_indexes)
-                own = [
-                    err.for_event(i) if isinstance(err, InvalidEventError) and i in named else err
-                    for i in bad
-                ]
-                await self._dead_letter([group[i] for i in bad], err.reason, err, errors=own)
+            named = set(err.response.event_indexes)
+            # Each event named gets its own errors, and the reason they give (one answer
+            # may name an invalid event and one too old).
+            by_reason: dict[Reason, list[tuple[Entry, SendError]]] = {}
+            for i in bad:
+                own = err.for_event(i) if isinstance(err, InvalidEventError) and i in named else err
+                by_reason.setdefault(own.reason, []).append((group[i], own))
+            for reason, letters in by_reason.items():
+                entries, errors = [e for e, _ in letters], [o for _, o in letters]
+                await self._dead_letter(entries, reason, err, errors=errors)
             return again
         if fate.action is Action.RETRY:
             if fate.endpoint_down:

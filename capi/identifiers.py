@@ -52,7 +52,8 @@ def hash_raw(user: dict[str, Any], problems: list[Problem], warnings: list[Probl
     """Replace raw identifiers in ``user`` by their hashes, in place.
 
     A legacy field name is a problem (the event is refused); a raw value that cannot be
-    normalized is a warning, and only that value is left out.
+    normalized is a warning, and only that value is left out; so is a hashed field given
+    beside raw values that is not a list (the raw values' hashes are kept).
     """
     if not user.keys().isdisjoint(LEGACY_USER_FIELDS):
         for legacy, plural in LEGACY_USER_FIELDS.items():
@@ -74,7 +75,13 @@ def hash_raw(user: dict[str, Any], problems: list[Problem], warnings: list[Probl
             continue
         given = user.get(hashed_field)
         if given is not None and not isinstance(given, list):
-            continue  # leave the bad value for the schema to name (and drop)
+            # The bad value goes, not the raw ones beside it (the schema would drop the
+            # whole field, their hashes with it).
+            warnings.append(
+                Problem(f"user.{hashed_field}", "must be a list of SHA-256 hex digests")
+            )
+            del user[hashed_field]
+            given = None
         hashed: list[Any] = list(given) if given else []
         for i, value in enumerate(values):
             try:

@@ -122,6 +122,23 @@ def test_a_bad_phone_beside_a_good_email_is_left_out_and_the_purchase_delivered(
     assert sent(sandbox)["o-2"]["user"] == {"emails_sha256": [sha256_hex(GOOD)]}
 
 
+def test_a_raw_email_beside_a_hash_given_as_a_string_is_kept(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    # emails_sha256 given as one string, not a list: that value is left out with a warning;
+    # the raw email beside it is a good identifier and is sent, never silently lost.
+    settings = make_settings(sandbox, redis_url)
+    hashed = sha256_hex("other@example.com")
+    evt = signup("s-9", source_url="https://s.example/", user={"emails_sha256": hashed})
+    evt["user"]["email"] = GOOD
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many([evt])
+    assert report.queued == 1, report
+    assert [w.path for w in report.warnings[0]] == ["user.emails_sha256"]
+    drain(settings)
+    assert sent(sandbox)["s-9"]["user"] == {"emails_sha256": [sha256_hex(GOOD)]}
+
+
 def test_strict_identifiers_refuse_as_before(redis_url: str, sandbox: SandboxThread) -> None:
     settings = make_settings(sandbox, redis_url, strict_identifiers=True)
     evt = purchase(

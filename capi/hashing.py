@@ -5,8 +5,8 @@ Each identifier is normalized, encoded as UTF-8 and hashed with SHA-256 (lowerca
 ===========  ===============================================================
 email        trim, lowercase; must look like ``local@domain``; a BOM or zero-width
              character is dropped, a control or bidi character refused
-phone        drop spaces, ``()``, ``.``, ``-``, then a leading ``+`` and leading
-             zeros; the country code stays; 8-15 digits
+phone        drop spaces (any whitespace, no-break spaces too), ``()``, ``.``, ``-``,
+             then a leading ``+`` and leading zeros; the country code stays; 8-15 digits
 external id  trim only: case and inner characters are kept
 first/last   Unicode NFC, lowercase, drop whitespace and ASCII punctuation, NFC again;
 name         non-ASCII letters stay (``José`` -> ``josé``); a value with ``@`` is refused
@@ -32,7 +32,7 @@ from enum import StrEnum
 _HEX_LENGTH = 64
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _WHITESPACE = re.compile(r"\s")  # for str patterns, exactly the characters str.isspace() accepts
-_PHONE_SEPARATORS = str.maketrans("", "", " ()-.\t")
+_PHONE_SEPARATORS = str.maketrans("", "", "()-.")  # and every space (_WHITESPACE)
 _NAME_DROP = str.maketrans("", "", string.punctuation)
 _INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff]")  # zero-width, word joiner, BOM
 _UNSEEN = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -92,7 +92,8 @@ def normalize_email(value: str) -> str:
 
 def normalize_phone(value: str) -> str:
     """Reduce a phone number to its digits with country code; raise ValueError if invalid."""
-    digits = value.strip().translate(_PHONE_SEPARATORS)
+    # Spaces of every kind: number formatting puts no-break spaces between digit groups.
+    digits = _WHITESPACE.sub("", value).translate(_PHONE_SEPARATORS)
     digits = digits.removeprefix("+").lstrip("0")
     if not (digits.isascii() and digits.isdigit()):
         raise ValueError(

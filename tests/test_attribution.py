@@ -139,6 +139,23 @@ def test_a_raw_email_beside_a_hash_given_as_a_string_is_kept(
     assert sent(sandbox)["s-9"]["user"] == {"emails_sha256": [sha256_hex(GOOD)]}
 
 
+def test_a_phone_written_with_no_break_spaces_is_hashed_as_its_digits(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    # Number formatting (French style, spreadsheets, Intl) puts no-break spaces between the
+    # digit groups; they are spaces, dropped like " ", not a reason to lose the phone.
+    settings = make_settings(sandbox, redis_url)
+    phones = ["+33\u00a06\u00a012\u00a034\u00a056\u00a078", "+33\u202f6 12 34 56 79"]
+    evt = purchase("o-8", amount=5, currency="EUR", phone=phones, source_url="https://s.e/")
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many([evt])
+    assert report.queued == 1 and not report.warnings, report
+    drain(settings)
+    assert sent(sandbox)["o-8"]["user"] == {
+        "phone_numbers_sha256": [sha256_hex("33612345678"), sha256_hex("33612345679")]
+    }
+
+
 def test_strict_identifiers_refuse_as_before(redis_url: str, sandbox: SandboxThread) -> None:
     settings = make_settings(sandbox, redis_url, strict_identifiers=True)
     evt = purchase(

@@ -141,11 +141,14 @@ def gaid(value: str) -> str:
 
 
 def ip(value: str) -> str:
-    """An IPv4 or IPv6 address in its canonical form; ValueError otherwise."""
+    """An IPv4 or IPv6 address in its canonical form, an IPv4 address seen through an IPv6
+    socket (``::ffff:203.0.113.5``) as the IPv4 address it is; ValueError otherwise."""
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise ValueError("must be an IPv4 or IPv6 address") from None
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
 
 
 # Unicode category Cc, which is fixed by the standard: C0, DEL and C1 (tested exhaustively).

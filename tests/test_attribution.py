@@ -156,6 +156,29 @@ def test_a_phone_written_with_no_break_spaces_is_hashed_as_its_digits(
     }
 
 
+def test_an_ipv4_client_seen_through_a_dual_stack_socket_is_sent_as_ipv4(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    # A server listening on an IPv6 socket sees IPv4 clients as ::ffff:a.b.c.d. The API takes
+    # the raw address (the Pixel sees a.b.c.d): capi sent it rewritten as ::ffff:cb00:7105.
+    from capi.web import event_fields
+
+    settings = make_settings(sandbox, redis_url)
+    scope = {
+        "type": "http",
+        "scheme": "https",
+        "path": "/thanks",
+        "query_string": b"",
+        "headers": [(b"host", b"shop.example"), (b"user-agent", b"UA")],
+        "client": ("::ffff:203.0.113.5", 50000),
+    }
+    evt = purchase("o-9", amount=5, currency="USD", **event_fields(scope))
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue(evt)
+    drain(settings)
+    assert sent(sandbox)["o-9"]["user"] == {"ip_address": "203.0.113.5", "user_agent": "UA"}
+
+
 def test_strict_identifiers_refuse_as_before(redis_url: str, sandbox: SandboxThread) -> None:
     settings = make_settings(sandbox, redis_url, strict_identifiers=True)
     evt = purchase(

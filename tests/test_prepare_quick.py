@@ -198,7 +198,7 @@ def priced(draw: Any, broken: Faults, fields: dict[str, Pool], names: list[str])
         chosen.discard(draw(st.sampled_from(["amount", "value"])))
         if chosen & {"amount", "value"} and not broken.take(draw):
             chosen.add("currency")
-    return {name: fields[name].one(draw, broken) for name in chosen if name in fields}
+    return {name: fields[name].one(draw, broken) for name in sorted(chosen) if name in fields}
 
 
 @st.composite
@@ -287,7 +287,7 @@ def test_the_generated_events_take_the_quick_path_often_enough() -> None:
         taken += quick.sent(event, True) is not None
 
     count()
-    assert taken >= 100  # 146 of the 400 (derandomized: always the same 400)
+    assert taken >= 100  # 133 of the 400 (derandomized: always the same 400)
 
 
 RICH = {

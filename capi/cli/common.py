@@ -75,10 +75,11 @@ def cli_actor() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """A client for the settings' Redis (noting on stderr when it is the default)."""
+def redis_client(settings: Settings, **extra: Any) -> aioredis.Redis:
+    """A client for the settings' Redis (noting on stderr when it is the default);
+    ``extra``: the client's own options, such as a longer ``socket_timeout``."""
     note_default_redis(settings)
-    return settings.async_redis()
+    return settings.async_redis(**extra)
 
 
 def fail(message: str, code: ExitCode) -> NoReturn:

@@ -110,6 +110,17 @@ end
 return 1
 """
 
+# KEYS: the retry-due index. ARGV: destination, time, destination, time... Cluster only
+# (see capi.index): each destination's earliest retry, kept where an earlier one is there
+# (ZADD LT). allow-oom: the index is small, and every destination's retries wait on it; on
+# one Redis the retry scripts (allow-oom too) write it themselves.
+DUE_LUA = """#!lua flags=allow-oom
+for i = 1, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[i + 1], ARGV[i])
+end
+return 1
+"""
+
 
 def for_cluster(script: str) -> str:
     """A queue script as it runs on a cluster: the same body, with the index functions
@@ -147,7 +158,7 @@ async def settle(client: aioredis.Redis, keys: RedisKeys, answer: Any) -> Any:
     if armed:
         await arm(client, keys, [keys.destination])
     if earliest:
-        await client.zadd(keys.retry_due, {keys.destination: float(earliest)}, lt=True)
+        await due(client, keys, {keys.destination: earliest})
     return result
 
 
@@ -156,6 +167,14 @@ async def arm(client: aioredis.Redis, keys: RedisKeys, names: Collection[str]) -
     that was not there (cluster only)."""
     if names:
         await client.register_script(ARM_LUA)(keys=[keys.active, keys.wake], args=list(names))
+
+
+async def due(client: aioredis.Redis, keys: RedisKeys, earliest: dict[str, str | float]) -> None:
+    """Set destinations' earliest retries in the retry-due index, each kept where an
+    earlier one is there (cluster only); on a full Redis too (:data:`DUE_LUA`)."""
+    if earliest:
+        args = [str(x) for pair in earliest.items() for x in pair]
+        await client.register_script(DUE_LUA)(keys=[keys.retry_due], args=args)
 
 
 def arm_sync(client: redis.Redis, keys: RedisKeys, names: Collection[str]) -> None:
@@ -190,10 +209,9 @@ async def sweep(client: aioredis.Redis, keys: Sequence[RedisKeys]) -> list[str]:
         pipe.zrange(k.retry, 0, 0, withscores=True)
     answers = await pipe.execute()
     flagged = [k.destination for k, n in zip(keys, answers[::2], strict=True) if int(n)]
-    due = {
+    earliest = {
         k.destination: first[0][1] for k, first in zip(keys, answers[1::2], strict=True) if first
     }
     await arm(client, keys[0], flagged)
-    if due:
-        await client.zadd(keys[0].retry_due, due, lt=True)
+    await due(client, keys[0], earliest)
     return flagged

@@ -27,16 +27,18 @@ with the ring on and off).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis import Redis
 
 from capi.redisconn import is_cluster
+from capi.trouble import classify
 
 CHUNK = 100
 STATUSES = (
@@ -244,18 +246,51 @@ async def recent(
     return found, newest
 
 
+# How long a follow block-reads a ring (on a cluster: a fifth of it between polls).
+FOLLOW_BLOCK_MS = 1000
+# Between tries while Redis is away.
+AWAY_RETRY_S = 1.0
+# Troubles a failover, a restart or a frozen server cause, which pass by themselves: a
+# follow rides them out. Others (a wrong password, a missing permission) end it.
+PASSING = frozenset(
+    {"unreachable", "read-only", "loading", "busy", "master-down", "cluster-down", "cluster-moved"}
+)
+
+
 async def follow(
-    redis: aioredis.Redis, rings: dict[str, str], after: dict[str, str], block_ms: int = 1000
+    client: aioredis.Redis,
+    rings: dict[str, str],
+    after: dict[str, str],
+    block_ms: int = FOLLOW_BLOCK_MS,
+    away: Callable[[BaseException | None], None] | None = None,
 ) -> AsyncIterator[list[Line]]:
     """The outcomes written after ``after`` (ring key -> entry id), as they are written:
-    the lines of each read, oldest first, for ever."""
+    the lines of each read, oldest first, for ever.
+
+    Redis going away for a while (a failover, a restart: :data:`PASSING`) does not end it:
+    ``away`` is told the error when a read first fails, and ``None`` when one succeeds
+    again; reads go on from the last entry seen. ``client``'s calls must be allowed to
+    take longer than ``block_ms`` (:func:`follow_timeout_s`)."""
     by_key = {key: destination for destination, key in rings.items()}
     last = dict(after)
+    failing = False
     while True:
-        if is_cluster(redis):
-            answer = await _poll(redis, last, block_ms)
-        else:
-            answer = await redis.xread(dict(last), block=block_ms)  # type: ignore[arg-type]
+        try:
+            if is_cluster(client):
+                answer = await _poll(client, last, block_ms)
+            else:
+                answer = await client.xread(dict(last), block=block_ms)  # type: ignore[arg-type]
+        except redis.exceptions.RedisError as exc:
+            if classify(exc)[0] not in PASSING:
+                raise
+            if not failing and away is not None:
+                away(exc)
+            failing = True
+            await asyncio.sleep(AWAY_RETRY_S)
+            continue
+        if failing and away is not None:
+            away(None)
+        failing = False
         batch: list[Line] = []
         for key, rows in answer or []:
             name = key.decode() if isinstance(key, bytes) else key
@@ -264,3 +299,9 @@ async def follow(
                 batch.extend(lines(by_key[name], stream_id, fields))
         batch.sort(key=lambda line: (line.time_ms, line.stream_id))
         yield batch
+
+
+def follow_timeout_s(redis_timeout_s: float) -> float:
+    """The socket timeout of a client that follows: ``CAPI_REDIS_TIMEOUT_S`` on top of the
+    block (with the block alone, a quiet second timed out a follow under a 1 s timeout)."""
+    return redis_timeout_s + FOLLOW_BLOCK_MS / 1000

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import redis.exceptions
 
+from capi.redisconn import brief
+
 REMIND_EVERY_S = 60.0
 BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 5.0
@@ -107,7 +109,7 @@ class Trouble:
         self._last_failed = now
         if kind != self.kind:
             self.since = now
-        self.kind, self.meaning, self.cause = kind, meaning, f"{type(exc).__name__}: {exc}"
+        self.kind, self.meaning, self.cause = kind, meaning, f"{type(exc).__name__}: {brief(exc)}"
         self._failures += 1
         last = self._logged.get(kind)
         if last is None or now - last >= REMIND_EVERY_S:

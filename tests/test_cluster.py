@@ -858,3 +858,22 @@ def test_a_cluster_of_one_master_is_ready_and_has_a_status(
         shown = capi(cluster_settings(sandbox, one), "status")
         assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
         assert "Traceback" not in intake.stop()
+
+
+def test_status_names_the_full_master_of_a_cluster(tmp_path: Path, sandbox: SandboxThread) -> None:
+    """A full master of a cluster was shown as the cluster's total memory "of maxmemory"
+    the sum of the limits, "under ;" (no policy: the total has none), and "producers are
+    refused", though only the destinations on that master are. It names the master now."""
+    with ClusterSet(tmp_path / "one", masters=1, replicas_each=0) as one:
+        settings = cluster_settings(sandbox, one)
+        with one.nodes[0].client() as c:
+            c.config_set("maxmemory", 1)  # full (noeviction, the default policy)
+        try:
+            shown = capi(settings, "status")
+        finally:
+            with one.nodes[0].client() as c:
+                c.config_set("maxmemory", 0)
+    assert shown.returncode == 0, shown.stderr
+    [line] = [x for x in shown.stdout.splitlines() if "FULL" in x]
+    assert f"FULL on 1 of the 1 masters ({one.nodes[0].address}: " in line, line
+    assert "under ;" not in line and "producers are refused" not in line, line

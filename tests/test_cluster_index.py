@@ -5,6 +5,7 @@ index's order is checked fast, without a cluster."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from capi.constants import RedisKeys
 from capi.events import prepare
 from capi.queue import ENQUEUE_LUA, Queue, enqueue_call, lua
 from tests.helpers import events
+from tests.redisproc import RedisProcess
 
 KEYS = RedisKeys("capi", "shop", cluster=True)
 
@@ -118,3 +120,32 @@ def test_the_sweep_puts_back_what_a_killed_writer_left_out(redis_url: str) -> No
         await client.aclose()
 
     asyncio.run(go())
+
+
+def test_retries_are_indexed_and_moved_back_while_the_index_shard_is_full(
+    tmp_path: Path,
+) -> None:
+    """The index lives on one shard; when that shard was full (maxmemory under noeviction)
+    the retry-due index's ZADD was refused, so retries scheduled then, on every shard, were
+    never moved back until it was not (in the fault campaign: 1,200 events of 12
+    destinations held for as long as it lasted, the worker "waiting for Redis"). The retry
+    scripts may exceed maxmemory (they free stream entries); so does their index step."""
+
+    async def go(url: str) -> None:
+        client = aioredis.from_url(url)
+        queue = Queue(client, KEYS)
+        await queue.ensure_group()
+        await enqueue(client, events(3))
+        entries = await queue.read("w:0", 10)
+        await client.config_set("maxmemory", 1)  # full from now on
+        await queue.schedule_retry(entries, 1000, {"e": 1}, 1000)
+        assert await client.zscore(KEYS.retry_due, "shop") == 1000
+        await client.delete(KEYS.retry_due)  # a writer killed before its index step
+        await index.sweep(client, [KEYS])
+        assert await client.zscore(KEYS.retry_due, "shop") == 1000
+        assert await queue.move_due_retries(2000) == 3
+        assert len(await queue.read("w:0", 10)) == 3
+        await client.aclose()
+
+    with RedisProcess(tmp_path) as server:
+        asyncio.run(go(server.url))

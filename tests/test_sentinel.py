@@ -180,3 +180,22 @@ def test_a_wrong_master_name_or_silent_sentinels_are_said_plainly(
                 producer.enqueue(events(1)[0])
             assert said in str(raised.value)
             assert "Check CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER" in str(raised.value)
+
+
+def test_a_dead_master_the_sentinels_still_name_is_said_with_the_sentinels_settings(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """Between a master's death and its failover the sentinels still name it: ``capi
+    status`` and ``capi tail`` said "Redis is not reachable (...); check CAPI_REDIS_URL",
+    a setting whose host is not even used under Sentinel. They name the sentinels'
+    settings and the failover to wait for."""
+    with SentinelSet(tmp_path / "s", down_after_ms=60_000, replicas=1) as found:
+        settings = sentinel_settings(sandbox, found)
+        found.master.kill()  # no failover for a minute: the sentinels name the dead master
+        for command in (["status"], ["tail"]):
+            done = capi(settings, *command)
+            assert done.returncode == ExitCode.REDIS, done.stdout + done.stderr
+            assert "Redis is not reachable" in done.stderr, done.stderr
+            assert "CAPI_REDIS_SENTINELS" in done.stderr, done.stderr
+            assert "check CAPI_REDIS_URL" not in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr

@@ -35,6 +35,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.intake_helpers import start_intake
+from tests.redisproc import RedisProcess
 
 
 class Follower:
@@ -54,14 +55,21 @@ class Follower:
         )
         self.lines: list[tuple[float, dict[str, object]]] = []
         self.raw: list[str] = []
+        self.errors: list[str] = []  # its stderr, line by line
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._err_reader = threading.Thread(target=self._read_errors, daemon=True)
+        self._err_reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for text in self.proc.stdout:
             self.raw.append(text)
             self.lines.append((time.time(), json.loads(text)))
+
+    def _read_errors(self) -> None:
+        assert self.proc.stderr is not None
+        self.errors.extend(self.proc.stderr)
 
     def where(self, **match: object) -> list[dict[str, object]]:
         return [line for _, line in self.lines if all(line.get(k) == v for k, v in match.items())]
@@ -70,6 +78,7 @@ class Follower:
         if self.proc.poll() is None:
             terminate(self.proc)
         self._reader.join(5)
+        self._err_reader.join(5)
         for pipe in (self.proc.stdout, self.proc.stderr):
             if pipe is not None:
                 pipe.close()
@@ -262,3 +271,60 @@ def test_the_ring_names_no_key_the_client_made_up(redis_url: str, sandbox: Sandb
     ring = redis.Redis.from_url(redis_url).xrange(settings.keys.tail)
     kept = b"".join(v for _, fields in ring for v in fields.values())
     assert b"lovelace" not in kept and b"under a key of the event's own" in kept, kept
+
+
+def test_tail_follow_waits_quietly_under_a_short_redis_timeout(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """With CAPI_REDIS_TIMEOUT_S at 1 s or below, a follow whose rings stay quiet for its
+    read's block (1 s) went on; it exited 5 ("Redis did not answer within
+    CAPI_REDIS_TIMEOUT_S") after the first quiet second."""
+    settings = make_settings(sandbox, redis_url, redis_timeout_s=0.5)
+    follower = Follower(settings)
+    try:
+        with redis.Redis.from_url(redis_url) as c:
+            following = lambda: any(x.get("cmd") == "xread" for x in c.client_list())  # noqa: E731
+            wait_for(following, 30, "the follower following")
+        with pytest.raises(AssertionError):  # quiet for several blocks: it stays
+            wait_for(lambda: follower.proc.poll() is not None, 4, "the follower exiting")
+        enqueue(settings, events(3))
+        worker = start_worker(settings)
+        try:
+            wait_for(lambda: len(follower.where(status="delivered")) == 3, 30, "the lines")
+        finally:
+            stop_worker(worker)
+    finally:
+        follower.stop()
+    assert not any("error" in line for line in follower.errors), follower.errors
+
+
+def test_tail_follow_keeps_following_through_redis_going_away(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """A Redis that goes away for a while (a restart here; a Sentinel or Cluster failover
+    does the same to a follower's connection) does not end ``capi tail --follow``: it says
+    on stderr that Redis is away and that it is back, and prints the outcomes after it.
+    Before, it exited 5 on the first failed read ("Redis is not reachable ...")."""
+    with RedisProcess(tmp_path, persist=True) as server:
+        settings = make_settings(sandbox, server.url)
+        before, after = events(5, prefix="before-"), events(5, prefix="after-")
+        follower = Follower(settings, "--lines", "100")
+        worker = start_worker(settings)
+        try:
+            enqueue(settings, before)
+            wait_for(lambda: len(follower.where(status="delivered")) == 5, 30, "lines before")
+            server.kill()  # kill -9: the follower's read fails
+            wait_for(lambda: "still following" in "".join(follower.errors), 30, "it says so")
+            assert follower.proc.poll() is None
+            server.start()  # the same port, its data kept
+            enqueue(settings, after)
+            wait_for(lambda: len(follower.where(status="delivered")) == 10, 30, "lines after")
+            wait_for(lambda: "following again" in "".join(follower.errors), 30, "it says so")
+            assert follower.proc.poll() is None
+        finally:
+            stop_worker(worker)
+            follower.stop()
+    errors = "".join(follower.errors)
+    assert "Traceback" not in errors and "error:" not in errors, errors
+    delivered = {str(line["id"]) for line in follower.where(status="delivered")}
+    assert delivered == {e["id"] for e in before + after}

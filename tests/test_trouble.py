@@ -91,3 +91,32 @@ def test_each_outage_is_said_however_soon_after_the_last(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot be reached" in m and "recovered" not in m for m in messages) == 3
     assert sum(m.startswith("recovered") for m in messages) == 3
+
+
+def test_no_master_found_is_said_in_one_plain_sentence(caplog: pytest.LogCaptureFixture) -> None:
+    """redis-py's "no master found" holds the repr of each sentinel client; cut at 200
+    characters in ``capi status``'s worker line it showed a client's repr and never why
+    (in the fault campaign, with every sentinel down: "No master found for 'capi-test' :
+    <redis.asyncio.client.Redis(<redis.asyncio.connection.ConnectionPool(..."). It says
+    how many sentinels did not answer, as the CLI does."""
+    import asyncio
+
+    import redis.asyncio.sentinel as aiosentinel
+
+    from tests.conftest import free_port
+
+    async def no_master() -> BaseException:
+        sentinels = aiosentinel.Sentinel([("127.0.0.1", free_port())], socket_timeout=1)
+        try:
+            await sentinels.discover_master("capi-test")
+        except aiosentinel.MasterNotFoundError as exc:
+            return exc
+        raise AssertionError("a master was found")
+
+    exc = asyncio.run(no_master())
+    trouble = Trouble(logging.getLogger("t"), monotonic=Clock(), rand=lambda: 1.0)
+    with caplog.at_level(logging.ERROR):
+        trouble.failed(exc, "reading the queue")
+    said = "no master named 'capi-test' found: 1 of the sentinels did not answer"
+    assert said in trouble.describe() and said in caplog.text, (trouble.describe(), caplog.text)
+    assert "<redis" not in trouble.describe() + caplog.text

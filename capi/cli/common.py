@@ -75,10 +75,11 @@ def cli_actor() -> str:
     return f"cli:{user}@{socket.gethostname()}"
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """A client for the settings' Redis (noting on stderr when it is the default)."""
+def redis_client(settings: Settings, **extra: Any) -> aioredis.Redis:
+    """A client for the settings' Redis (noting on stderr when it is the default);
+    ``extra``: the client's own options, such as a longer ``socket_timeout``."""
     note_default_redis(settings)
-    return settings.async_redis()
+    return settings.async_redis(**extra)
 
 
 def fail(message: str, code: ExitCode) -> NoReturn:
@@ -116,11 +117,11 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
                 ExitCode.REDIS,
             )
         except redis.exceptions.ConnectionError as exc:
-            fail(f"Redis is not reachable ({exc}); check CAPI_REDIS_URL", ExitCode.REDIS)
+            fail(f"Redis is not reachable ({exc}); {_where()}", ExitCode.REDIS)
         except redis.exceptions.TimeoutError as exc:
             fail(
                 f"Redis did not answer within CAPI_REDIS_TIMEOUT_S ({exc}); is it frozen or "
-                "overloaded? check CAPI_REDIS_URL",
+                f"overloaded? {_where()}",
                 ExitCode.REDIS,
             )
         except redis.exceptions.RedisError as exc:
@@ -129,6 +130,27 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
             fail(str(exc), ExitCode.FAILURE)
 
     return wrapper
+
+
+def _where() -> str:
+    """What to check when Redis does not answer: the settings that say where it is, as
+    this command loaded them. Under Sentinel the URL's host is not used, and on a cluster
+    the address in the error is a node the cluster named, not the URL's."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    settings = obj.get("settings") if isinstance(obj, dict) else None
+    if isinstance(settings, Settings) and settings.redis_cluster:
+        return (
+            "a master of the Redis Cluster may be down (its replica takes over after "
+            "cluster-node-timeout); check the cluster's nodes and CAPI_REDIS_URL"
+        )
+    if isinstance(settings, Settings) and settings.sentinels is not None:
+        return (
+            "the master the sentinels name may be down (a failover follows after their "
+            "down-after-milliseconds); check CAPI_REDIS_SENTINELS and "
+            "CAPI_REDIS_SENTINEL_MASTER"
+        )
+    return "check CAPI_REDIS_URL"
 
 
 class PrivateFile(click.ParamType[IO[bytes]]):

@@ -244,7 +244,18 @@ def _print_redis(mem: dict[str, Any]) -> None:
             "QueueUnavailable and the intake 503 until one does",
             markup=False,
         )
-    if mem["full"]:
+    full = [s for s in mem.get("shards", ()) if s.get("full")]
+    if full:
+        where = ", ".join(
+            f"{s['node']}: {s['used_memory']} of {s['maxmemory']} bytes" for s in full
+        )
+        out.print(
+            f"redis:         FULL on {len(full)} of the {len(mem['shards'])} masters ({where}; "
+            "maxmemory reached under noeviction): the destinations whose keys live there are "
+            "refused (the intake answers 503) until workers drain it or maxmemory is raised",
+            markup=False,
+        )
+    elif mem["full"]:
         out.print(
             f"redis:         FULL: {mem['used_memory']} of maxmemory {mem['maxmemory']} bytes "
             f"under {mem['maxmemory_policy']}; producers are refused until workers drain it "

@@ -12,7 +12,9 @@ import click
 from capi import tail
 from capi.cli.common import handle_errors, out, print_json, redis_client, run, settings_from
 from capi.cli.selection import destination_names, destination_option
+from capi.redisconn import brief
 from capi.settings import Settings
+from capi.trouble import classify
 
 
 @click.command("tail")
@@ -78,7 +80,8 @@ async def _tail(
     ids: tuple[str, ...],
     count: int,
 ) -> None:
-    redis = redis_client(settings)
+    # Its calls may block for a whole follow read, on top of the timeout.
+    redis = redis_client(settings, socket_timeout=tail.follow_timeout_s(settings.redis_timeout_s))
     try:
         found, newest = await tail.recent(redis, rings, count, whole=bool(statuses or ids))
         for line in tail.matching(found, statuses, ids)[-count:]:
@@ -94,7 +97,7 @@ async def _tail(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        stream = tail.follow(redis, rings, newest).__aiter__()
+        stream = tail.follow(redis, rings, newest, away=_away).__aiter__()
         while not stop.is_set():
             read = asyncio.ensure_future(stream.__anext__())
             stopped = asyncio.ensure_future(stop.wait())
@@ -107,6 +110,18 @@ async def _tail(
                 _print(line, as_json)
     finally:
         await redis.aclose()
+
+
+def _away(exc: BaseException | None) -> None:
+    """Say on stderr that Redis is away (``exc``) or back (None); the follow goes on."""
+    if exc is None:
+        sys.stderr.write("Redis answers again: following again\n")
+    else:
+        sys.stderr.write(
+            f"{classify(exc)[1]} ({brief(exc)}): still following, trying again every "
+            f"{tail.AWAY_RETRY_S:g} s (Ctrl-C to stop)\n"
+        )
+    sys.stderr.flush()
 
 
 def _print(line: tail.Line, as_json: bool) -> None:

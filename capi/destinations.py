@@ -44,7 +44,7 @@ from pydantic import (
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
-from capi.fingerprint import fingerprint, shape_problem
+from capi.fingerprint import fingerprint, pixel_problem, shape_problem
 from capi.safetext import shown
 from capi.settings import Settings, checked_base_url
 
@@ -102,7 +102,10 @@ class _Entry(BaseModel):
 
 def checked_pixel_id(value: str) -> str:
     """``value`` if it can be a pixel id (it is printed and sent as ?pid=); ValueError if
-    it holds a space, a control character or an invisible formatting character."""
+    it holds a space, a control character or an invisible formatting character, or is
+    shaped like a key (never quoted then)."""
+    if problem := pixel_problem(value, "it"):
+        raise ValueError(problem)
     if any(c.isspace() for c in value) or shown(value) != value:
         raise ValueError(
             f"{shown(value)[:80]!r} is not a pixel id: no spaces, control characters or "

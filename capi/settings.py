@@ -37,7 +37,7 @@ from capi.constants import (
     RedisKeys,
 )
 from capi.errors import ConfigError
-from capi.fingerprint import shape_problem
+from capi.fingerprint import pixel_problem, shape_problem
 from capi.redisconn import (
     Sentinels,
     async_client,
@@ -304,6 +304,13 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str) -> str:
         return checked_base_url(value)
+
+    @field_validator("pixel_id")
+    @classmethod
+    def _not_a_key(cls, value: str | None) -> str | None:
+        if value is not None and (problem := pixel_problem(value, "it")):
+            raise ValueError(problem)
+        return value
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -214,3 +214,30 @@ def test_every_field_of_a_send_error_is_redacted(echo: EchoServer) -> None:
     assert "Sup3rSecret" not in seen
     assert "<key …-9Qa" in error.response.message
     assert error.response.request_ids["x-request-id"].startswith("req-echo Bearer <key ")
+
+
+@pytest.mark.parametrize("command", [["destinations", "--json"], ["check-key", "--json"]])
+def test_a_key_given_as_the_pixel_id_is_refused_without_showing_it(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """CAPI_API_KEY and CAPI_PIXEL_ID swapped: the key would go out as ?pid= and be printed
+    (and stored in dead letters and the key state) as the pixel id."""
+    monkeypatch.setenv("CAPI_API_KEY", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_PIXEL_ID", SECRET)
+    monkeypatch.setenv("CAPI_BASE_URL", "http://127.0.0.1:9")  # never reached
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 3, result.output
+    assert "CAPI_PIXEL_ID" in result.output and "swapped" in result.output
+    assert "Sup3rSecret" not in result.output
+
+
+def test_a_key_given_as_a_destinations_pixel_id_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    from capi import destinations
+
+    path = tmp_path / "d.toml"
+    text = f'[destinations.a]\npixel_id = "{SECRET}"\napi_key_env = "K"\n'
+    with pytest.raises(ConfigError, match="pixel_id") as caught:
+        destinations.parse(text, path, Settings(_env_file=None), {"K": DEFAULT_PIXEL})
+    assert "Sup3rSecret" not in str(caught.value)

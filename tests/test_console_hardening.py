@@ -13,6 +13,7 @@ import html
 import re
 import shlex
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -170,6 +171,35 @@ def test_outside_text_is_redacted_and_escaped_and_custom_data_masked(
     assert "jane@example.com" not in custom
     assert "&#34;contact_email&#34;: &#34;(hidden)&#34;" in custom  # the name, not the value
     assert "gold" in custom  # a plan field is shown
+
+
+def test_a_destinations_page_redacts_its_held_keys_diagnosis_and_endpoint_error(
+    console: str, tokens: Tokens, seeded: Settings
+) -> None:
+    """Both quote the API (or a proxy): the overview redacts them, the destination's own
+    page did not."""
+    keys = seeded.keys
+    store = redis.Redis.from_url(seeded.redis_url)
+    said = "user jane@example.com phone +1 415 555 0100 hash " + "ab" * 32
+    store.hset(
+        keys.key_state,
+        mapping={"state": "held", "reason": "unauthorized", "guidance": f"API said: {said!r}"},
+    )
+    now_ms = int(time.time() * 1000)
+    store.hset(
+        keys.endpoint,
+        mapping={"failing_since": now_ms, "last_error": f"HTTP 503: {said}", "last_error_ms": 1},
+    )
+    store.close()
+    viewer = bearer(tokens.viewer)
+    for path in ("/", "/overview.json", "/d/default"):
+        page = httpx_get(console + path, headers=viewer).text
+        assert "jane@example.com" not in page and "555 0100" not in page, path
+        assert "ab" * 32 not in page, path
+        assert "(email hidden)" in page, path
+    page = httpx_get(console + "/d/default", headers=viewer).text
+    assert "API said: &#39;user (email hidden) phone (phone hidden) hash " in page
+    assert "HTTP 503: user (email hidden)" in page
 
 
 def test_an_unreadable_record_points_to_the_command_line(console: str, tokens: Tokens) -> None:

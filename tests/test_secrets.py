@@ -101,6 +101,8 @@ class EchoServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            do_GET = do_POST  # the Advertiser API's event monitoring (capi verify)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -241,3 +243,54 @@ def test_a_key_given_as_a_destinations_pixel_id_is_refused_without_showing_it(
     with pytest.raises(ConfigError, match="pixel_id") as caught:
         destinations.parse(text, path, Settings(_env_file=None), {"K": DEFAULT_PIXEL})
     assert "Sup3rSecret" not in str(caught.value)
+
+
+ADVERTISER_SECRET = "sk-ads-Adv3rtiserSecretMiddle-0003"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_verify_redacts_an_advertiser_key_the_endpoint_echoes(
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    echo: EchoServer,
+    redis_url: str,
+    as_json: bool,
+) -> None:
+    monkeypatch.setenv("CAPI_API_KEY", "sk-svcacct-conversion-key-0001")
+    monkeypatch.setenv("CAPI_PIXEL_ID", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_REDIS_URL", redis_url)
+    monkeypatch.setenv("CAPI_ADVERTISER_KEY", ADVERTISER_SECRET)
+    monkeypatch.setenv("CAPI_ADS_API_BASE_URL", echo.url)
+    for status in ("HTTP 503", "HTTP 401"):  # the echo server's first answer, then the rest
+        result = CliRunner().invoke(cli, ["verify", *(["--json"] if as_json else [])])
+        assert status in result.output and "you sent Authorization" in result.output
+        assert "Adv3rtiserSecret" not in result.output
+        assert "0003 (sha256:" in result.output  # its fingerprint in its place
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        ("\u201csk-ads-Adv3rtiserSecretMiddle\u201d", "non-ASCII"),
+        ("sk-ads-Adv3rtiser\x01SecretMiddle", "control character"),
+    ],
+)
+def test_verify_refuses_a_malformed_advertiser_key_without_echoing_it(
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    echo: EchoServer,
+    redis_url: str,
+    key: str,
+    what: str,
+) -> None:
+    monkeypatch.setenv("CAPI_REDIS_URL", redis_url)
+    monkeypatch.setenv("CAPI_API_KEY", "sk-svcacct-conversion-key-0001")
+    monkeypatch.setenv("CAPI_PIXEL_ID", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_ADVERTISER_KEY", key)
+    monkeypatch.setenv("CAPI_ADS_API_BASE_URL", echo.url)
+    result = CliRunner().invoke(cli, ["verify"])
+    assert result.exit_code == 3, result.output
+    assert "CAPI_ADVERTISER_KEY" in result.output and what in result.output
+    assert "Adv3rtiser" not in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert echo.requests == 0

@@ -349,6 +349,13 @@ class Settings(BaseSettings):
             connection_kwargs(value, 1.0)
             return value
         parts = urlsplit(value)
+        if "@" in parts.path or "@" in parts.fragment or "@" in parts.query.partition("=")[0]:
+            # The host ended at a / ? or # of the password: the rest of it would be read
+            # (and quoted below) as the port or the database.
+            raise ValueError(
+                "the password (or user name) holds a /, ? or # character: percent-encode "
+                "it (/ as %2F, ? as %3F, # as %23); the URL is not shown"
+            )
         try:
             bad_port = parts.port == 0
         except ValueError:

@@ -294,3 +294,25 @@ def test_verify_refuses_a_malformed_advertiser_key_without_echoing_it(
     assert "Adv3rtiser" not in result.output and "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert echo.requests == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Xy7Secr3t/Rest@redis.example:6379/0",  # a base64 password: / and +
+        "redis://:1234/Secr3tRest@redis.example:6379/0",  # the part before / reads as a port
+        "redis://user:Pa55#Secr3t@redis.example:6379/0",
+        "rediss://:Pa55?Secr3t@redis.example:6380",
+    ],
+)
+def test_a_redis_password_with_a_reserved_character_is_not_shown(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """urlsplit ends the host at the first / ? or # of an unencoded password: the rest of
+    the password then read as the port or the database, which the error quoted."""
+    monkeypatch.setenv("CAPI_REDIS_URL", url)
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 3, result.output
+    assert "CAPI_REDIS_URL" in result.output and "percent-encode" in result.output
+    for part in ("Xy7", "Secr3t", "Pa55", "1234", "Rest"):
+        assert part not in result.output

@@ -38,13 +38,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
-from capi.fingerprint import fingerprint, pixel_problem, shape_problem
+from capi.fingerprint import fingerprint, looks_like_key, pixel_problem, shape_problem
 from capi.safetext import shown
 from capi.settings import Settings, checked_base_url
 
@@ -79,6 +80,18 @@ class _Entry(BaseModel):
     @classmethod
     def _pixel_id(cls, value: str) -> str:
         return checked_pixel_id(value)
+
+    @field_validator("api_key_file", "advertiser_key_file")
+    @classmethod
+    def _a_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and looks_like_key(str(value)):
+            env = str(info.field_name).removesuffix("_file") + "_env"
+            raise ValueError(
+                "holds what looks like a key itself (it starts with sk-), not the path of a "
+                "file that holds it: put the key in a file and name the file here, or in an "
+                f"environment variable named by {env} (the value is not shown)"
+            )
+        return value
 
     @field_validator("base_url")
     @classmethod

@@ -316,3 +316,19 @@ def test_a_redis_password_with_a_reserved_character_is_not_shown(
     assert "CAPI_REDIS_URL" in result.output and "percent-encode" in result.output
     for part in ("Xy7", "Secr3t", "Pa55", "1234", "Rest"):
         assert part not in result.output
+
+
+@pytest.mark.parametrize("field", ["api_key_file", "advertiser_key_file"])
+def test_a_key_given_as_a_key_files_path_is_refused_without_showing_it(
+    tmp_path: Path, field: str
+) -> None:
+    """The key pasted where the path of its file goes: 'cannot read api_key_file
+    sk-svcacct-...' printed it (check-key, the worker's log, capi verify)."""
+    from capi import destinations
+
+    path = tmp_path / "d.toml"
+    extra = 'api_key_env = "K"\n' if field != "api_key_file" else ""
+    text = f'[destinations.a]\npixel_id = "p"\n{extra}{field} = "{SECRET}"\n'
+    with pytest.raises(ConfigError, match=field) as caught:
+        destinations.parse(text, path, Settings(_env_file=None), {"K": "sk-svcacct-0001-key"})
+    assert "Sup3rSecret" not in str(caught.value)

@@ -38,13 +38,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from capi.constants import DEFAULT_BASE_URL
 from capi.errors import ConfigError
-from capi.fingerprint import fingerprint, shape_problem
+from capi.fingerprint import fingerprint, looks_like_key, pixel_problem, shape_problem
 from capi.safetext import shown
 from capi.settings import Settings, checked_base_url
 
@@ -80,6 +81,18 @@ class _Entry(BaseModel):
     def _pixel_id(cls, value: str) -> str:
         return checked_pixel_id(value)
 
+    @field_validator("api_key_file", "advertiser_key_file")
+    @classmethod
+    def _a_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and looks_like_key(str(value)):
+            env = str(info.field_name).removesuffix("_file") + "_env"
+            raise ValueError(
+                "holds what looks like a key itself (it starts with sk-), not the path of a "
+                "file that holds it: put the key in a file and name the file here, or in an "
+                f"environment variable named by {env} (the value is not shown)"
+            )
+        return value
+
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
@@ -102,7 +115,10 @@ class _Entry(BaseModel):
 
 def checked_pixel_id(value: str) -> str:
     """``value`` if it can be a pixel id (it is printed and sent as ?pid=); ValueError if
-    it holds a space, a control character or an invisible formatting character."""
+    it holds a space, a control character or an invisible formatting character, or is
+    shaped like a key (never quoted then)."""
+    if problem := pixel_problem(value, "it"):
+        raise ValueError(problem)
     if any(c.isspace() for c in value) or shown(value) != value:
         raise ValueError(
             f"{shown(value)[:80]!r} is not a pixel id: no spaces, control characters or "

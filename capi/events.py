@@ -362,6 +362,14 @@ def kept_text(problem: Problem) -> str:
     return problem.without_client_names(_field_names())
 
 
+def kept_name(value: str) -> str:
+    """A refused event's type or custom event name as it may be kept (the live view's
+    ring, in Redis): as given when a valid event could carry it (1-64 letters, digits, '_'
+    or '-', as every type is), else ``?``: a column that slipped may have put anything
+    there, an email address or a phone number included."""
+    return value if _CUSTOM_NAME.fullmatch(value) else "?"
+
+
 _KEY_LIMIT = 40
 
 

@@ -66,6 +66,26 @@ def redact_bytes(data: bytes, key: str) -> bytes:
     return data
 
 
+def looks_like_key(value: str) -> bool:
+    """Whether ``value`` is shaped like an OpenAI key (``sk-...``): given where something
+    else goes (a pixel id, a key file's path), it must be refused without being quoted."""
+    return value.strip().startswith("sk-")
+
+
+def pixel_problem(value: str, setting: str) -> str | None:
+    """Why ``value``, given as the pixel id in ``setting``, must not be used, without quoting
+    it; None if nothing. A value shaped like an OpenAI key (``sk-...``) is the Conversion Key
+    given as the pixel id (the two settings swapped): it would be sent as ``?pid=`` and shown
+    and stored wherever the pixel id is (status, dead letters, the key state)."""
+    if looks_like_key(value):
+        return (
+            f"{setting} holds what looks like a key (it starts with sk-), not a pixel id: were "
+            "the key and the pixel id swapped? (the value is not shown; the pixel id is in "
+            "Ads Manager -> Conversions)"
+        )
+    return None
+
+
 def shape_problem(key: str) -> str | None:
     """What makes a key unusable before any request, without quoting it; None if nothing.
 

@@ -40,7 +40,7 @@ from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import PreparedEvent, kept_text, prepare
+from capi.events import PreparedEvent, kept_name, kept_text, prepare
 from capi.grouping import Coalescer
 from capi.queue import (
     ENQUEUE_LUA,
@@ -983,8 +983,9 @@ async def _answer_or_refusal(call: Awaitable[Any]) -> Any:
 
 def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:
     """A refused event as the ring shows it: its first broken rule, id, type and identifier
-    kinds (names only; ids and types cut short and made valid UTF-8, since they come from
-    outside; a timestamp only when it is a plausible one)."""
+    kinds (names only; ids cut short and made valid UTF-8, since they come from outside; a
+    type or custom event name only when a valid event could carry it; a timestamp only when
+    it is a plausible one)."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     if isinstance(raw, Event):
         data = raw.model_dump(exclude_none=True)
@@ -992,7 +993,7 @@ def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, 
     try:
         event_id = _text(_str(data.get("id")), 128)
         custom = data.get("custom_event_name")
-        kind = _text(custom if isinstance(custom, str) and custom else _str(data.get("type")), 64)
+        kind = kept_name(custom if isinstance(custom, str) and custom else _str(data.get("type")))
         found = kinds.of(data)
         stamp = data.get("timestamp_ms")
     except Exception:  # a hostile Mapping: the refusal itself already says why

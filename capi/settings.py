@@ -37,7 +37,7 @@ from capi.constants import (
     RedisKeys,
 )
 from capi.errors import ConfigError
-from capi.fingerprint import shape_problem
+from capi.fingerprint import pixel_problem, shape_problem
 from capi.redisconn import (
     Sentinels,
     async_client,
@@ -305,6 +305,13 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str) -> str:
         return checked_base_url(value)
 
+    @field_validator("pixel_id")
+    @classmethod
+    def _not_a_key(cls, value: str | None) -> str | None:
+        if value is not None and (problem := pixel_problem(value, "it")):
+            raise ValueError(problem)
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies(cls, value: str | None) -> str | None:
@@ -342,6 +349,13 @@ class Settings(BaseSettings):
             connection_kwargs(value, 1.0)
             return value
         parts = urlsplit(value)
+        if "@" in parts.path or "@" in parts.fragment or "@" in parts.query.partition("=")[0]:
+            # The host ended at a / ? or # of the password: the rest of it would be read
+            # (and quoted below) as the port or the database.
+            raise ValueError(
+                "the password (or user name) holds a /, ? or # character: percent-encode "
+                "it (/ as %2F, ? as %3F, # as %23); the URL is not shown"
+            )
         try:
             bad_port = parts.port == 0
         except ValueError:

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import orjson
 
+from capi.fingerprint import redact_bytes
 from capi.tail import Line
 
 PATH = "/v1/conversions/events"
@@ -136,11 +137,14 @@ async def read_back(
         raise ReadBackError(
             "unreachable", f"could not reach {base_url} ({type(exc).__name__})"
         ) from None
+    # An endpoint or proxy may echo the Authorization header: what is shown of the answer
+    # has the key replaced by its fingerprint.
+    content = redact_bytes(answer.content, api_key)
     if answer.status_code in (401, 403):
         raise ReadBackError(
             "key",
             f"the key in {key_source} was refused (HTTP {answer.status_code}: "
-            f"{_message(answer.content)}); read-back needs an Advertiser API key with access "
+            f"{_message(content)}); read-back needs an Advertiser API key with access "
             "to this ad account (Ads Manager -> Settings -> API keys), never the Conversion Key",
         )
     if answer.status_code == 404:
@@ -152,8 +156,7 @@ async def read_back(
     if answer.status_code != 200:
         raise ReadBackError(
             "unreachable",
-            f"the monitoring endpoint answered HTTP {answer.status_code}: "
-            f"{_message(answer.content)}",
+            f"the monitoring endpoint answered HTTP {answer.status_code}: {_message(content)}",
         )
     return parse(answer.content)
 

@@ -13,6 +13,7 @@ import html
 import re
 import shlex
 import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from capi.console import auth, views
 from capi.console.answers import SECURITY_HEADERS
 from capi.failures import Reason
 from capi.sandbox import SandboxThread
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_SCOPELESS_KEY
 from capi.settings import Settings
 from tests.conftest import free_port
 from tests.console_helpers import (
@@ -172,6 +174,35 @@ def test_outside_text_is_redacted_and_escaped_and_custom_data_masked(
     assert "gold" in custom  # a plan field is shown
 
 
+def test_a_destinations_page_redacts_its_held_keys_diagnosis_and_endpoint_error(
+    console: str, tokens: Tokens, seeded: Settings
+) -> None:
+    """Both quote the API (or a proxy): the overview redacts them, the destination's own
+    page did not."""
+    keys = seeded.keys
+    store = redis.Redis.from_url(seeded.redis_url)
+    said = "user jane@example.com phone +1 415 555 0100 hash " + "ab" * 32
+    store.hset(
+        keys.key_state,
+        mapping={"state": "held", "reason": "unauthorized", "guidance": f"API said: {said!r}"},
+    )
+    now_ms = int(time.time() * 1000)
+    store.hset(
+        keys.endpoint,
+        mapping={"failing_since": now_ms, "last_error": f"HTTP 503: {said}", "last_error_ms": 1},
+    )
+    store.close()
+    viewer = bearer(tokens.viewer)
+    for path in ("/", "/overview.json", "/d/default"):
+        page = httpx_get(console + path, headers=viewer).text
+        assert "jane@example.com" not in page and "555 0100" not in page, path
+        assert "ab" * 32 not in page, path
+        assert "(email hidden)" in page, path
+    page = httpx_get(console + "/d/default", headers=viewer).text
+    assert "API said: &#39;user (email hidden) phone (phone hidden) hash " in page
+    assert "HTTP 503: user (email hidden)" in page
+
+
 def test_an_unreadable_record_points_to_the_command_line(console: str, tokens: Tokens) -> None:
     page = httpx_get(
         console + "/d/default/dead-letter",
@@ -219,6 +250,35 @@ def test_a_key_check_from_the_console_is_audited(
     assert row, audit[-1500:]
     assert row.group(1) == "key failing"  # the sandbox key still lacks the scope
     assert row.group(2) == auth.fingerprint(auth.digest(tokens.operator))
+
+
+def test_a_key_check_passing_with_another_key_than_the_workers_releases_no_hold(
+    sandbox: SandboxThread, redis_url: str, tokens: Tokens, tmp_path: Path
+) -> None:
+    """The console host has the new key, the workers still the old one (a rotation half
+    done): the console's check passed and wrote the key state ok, releasing the workers'
+    hold, so they sent again with their broken key (and dead-lettered the batches) until
+    they confirmed it anew. capi check-key keeps such a hold; so does the console now."""
+    held = scope_dead_letters(sandbox, redis_url)  # the workers' key lacks the scope
+    store = redis.Redis.from_url(redis_url)
+    hold = store.hgetall(held.keys.key_state)
+    assert hold[b"state"] == b"held"
+    url = start_console(make_settings(sandbox, redis_url), tokens, tmp_path / "new-key.log")
+    operator = bearer(tokens.operator)
+    csrf = csrf_of(httpx_get(url + "/", headers=operator).text)
+    checked = httpx_post(url + "/d/default/check-key", headers=operator, data={"csrf": csrf})
+    assert checked.status_code == 200 and "can write events" in checked.text
+    assert "not released" in checked.text, checked.text[-1500:]
+    assert store.hgetall(held.keys.key_state) == hold  # the workers' hold stands
+    sandbox.state.configure(  # the scope is granted: the workers' own key now writes events
+        {"conversion_keys": [DEFAULT_KEY, DEFAULT_SCOPELESS_KEY], "scopeless_keys": []}
+    )
+    url = start_console(held, tokens, tmp_path / "same-key.log")
+    csrf = csrf_of(httpx_get(url + "/", headers=operator).text)
+    checked = httpx_post(url + "/d/default/check-key", headers=operator, data={"csrf": csrf})
+    assert checked.status_code == 200 and "released" in checked.text
+    assert store.hget(held.keys.key_state, "state") == b"ok"
+    store.close()
 
 
 def test_an_expired_session_gets_401_json_on_live_endpoints(console: str) -> None:

@@ -156,6 +156,35 @@ def test_failed_logins_are_limited_per_client_and_a_valid_token_gets_through(
         assert client.get("/", headers=right).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "theirs",
+    [
+        "Basic dXNlcjpwYXNzd29yZA==",  # a Basic-auth proxy in front: the browser sends it
+        "Bearer eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJqYW5lIn0.c2ln",  # an SSO proxy's id token
+    ],
+)
+def test_a_proxys_own_authorization_header_leaves_the_session_alone(
+    console: str, tokens: Tokens, theirs: str
+) -> None:
+    """An Authorization header that is no console token belongs to whatever stands in
+    front (nginx auth_basic, oauth2-proxy --pass-authorization-header): the session
+    cookie decides. Every page was 401, then 429 for everyone behind that proxy."""
+    header = {"Authorization": theirs}
+    with httpx.Client(timeout=HTTP_TIMEOUT_S, base_url=console, headers=header) as client:
+        assert client.get("/").status_code == 303  # no session yet: to the login form
+        assert login(client, tokens.operator).status_code == 303
+        for _ in range(7):  # more than the failed-login limit of 5 a minute
+            assert client.get("/").status_code == 200
+        assert client.get("/overview.json").status_code == 200
+        csrf = csrf_of(client.get("/d/default").text)
+        checked = client.post("/d/default/check-key", data={"csrf": csrf})
+        assert checked.status_code == 200, checked.text[-500:]
+        assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+        assert client.get("/").status_code == 303  # logged out
+    wrong = {"Authorization": "Bearer capi_console_wrong"}  # a console token: still refused
+    assert httpx_get(console + "/", headers=wrong).status_code == 401
+
+
 def test_login_without_the_forms_csrf_token_is_refused(console: str, tokens: Tokens) -> None:
     answer = httpx_post(console + "/login", data={"token": tokens.operator})
     assert answer.status_code == 403

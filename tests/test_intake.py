@@ -127,6 +127,23 @@ def test_ndjson_answers_each_line_and_a_broken_line_spoils_no_neighbour(
     assert queued_ids(redis_url) == ["nd-p-0", "nd-s-1"]
 
 
+@pytest.mark.parametrize("kind", ["application/json", "application/x-ndjson"])
+def test_a_body_that_starts_with_a_byte_order_mark_is_read_as_capi_enqueue_reads_it(
+    intake: IntakeProcess, redis_url: str, kind: str
+) -> None:
+    """A file saved by a Windows editor (UTF-8 with its signature) and posted as is:
+    capi enqueue reads it, the intake answered 400 (JSON) or refused its first line."""
+    good = events(2, prefix="bom-")
+    if kind == "application/json":
+        body = orjson.dumps({"events": good})
+    else:
+        body = b"\n".join(orjson.dumps(e) for e in good) + b"\n"
+    resp = intake.post(content=b"\xef\xbb\xbf" + body, content_type=kind)
+    assert resp.status_code == 200, resp.text
+    assert [r["status"] for r in resp.json()["results"]] == ["queued", "queued"]
+    assert queued_ids(redis_url) == ["bom-p-0", "bom-s-1"]
+
+
 DESTINATIONS = """
 [destinations.a]
 pixel_id = "pix_a"

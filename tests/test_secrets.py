@@ -101,6 +101,8 @@ class EchoServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            do_GET = do_POST  # the Advertiser API's event monitoring (capi verify)
+
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
@@ -214,3 +216,119 @@ def test_every_field_of_a_send_error_is_redacted(echo: EchoServer) -> None:
     assert "Sup3rSecret" not in seen
     assert "<key …-9Qa" in error.response.message
     assert error.response.request_ids["x-request-id"].startswith("req-echo Bearer <key ")
+
+
+@pytest.mark.parametrize("command", [["destinations", "--json"], ["check-key", "--json"]])
+def test_a_key_given_as_the_pixel_id_is_refused_without_showing_it(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """CAPI_API_KEY and CAPI_PIXEL_ID swapped: the key would go out as ?pid= and be printed
+    (and stored in dead letters and the key state) as the pixel id."""
+    monkeypatch.setenv("CAPI_API_KEY", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_PIXEL_ID", SECRET)
+    monkeypatch.setenv("CAPI_BASE_URL", "http://127.0.0.1:9")  # never reached
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 3, result.output
+    assert "CAPI_PIXEL_ID" in result.output and "swapped" in result.output
+    assert "Sup3rSecret" not in result.output
+
+
+def test_a_key_given_as_a_destinations_pixel_id_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    from capi import destinations
+
+    path = tmp_path / "d.toml"
+    text = f'[destinations.a]\npixel_id = "{SECRET}"\napi_key_env = "K"\n'
+    with pytest.raises(ConfigError, match="pixel_id") as caught:
+        destinations.parse(text, path, Settings(_env_file=None), {"K": DEFAULT_PIXEL})
+    assert "Sup3rSecret" not in str(caught.value)
+
+
+ADVERTISER_SECRET = "sk-ads-Adv3rtiserSecretMiddle-0003"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_verify_redacts_an_advertiser_key_the_endpoint_echoes(
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    echo: EchoServer,
+    redis_url: str,
+    as_json: bool,
+) -> None:
+    monkeypatch.setenv("CAPI_API_KEY", "sk-svcacct-conversion-key-0001")
+    monkeypatch.setenv("CAPI_PIXEL_ID", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_REDIS_URL", redis_url)
+    monkeypatch.setenv("CAPI_ADVERTISER_KEY", ADVERTISER_SECRET)
+    monkeypatch.setenv("CAPI_ADS_API_BASE_URL", echo.url)
+    for status in ("HTTP 503", "HTTP 401"):  # the echo server's first answer, then the rest
+        result = CliRunner().invoke(cli, ["verify", *(["--json"] if as_json else [])])
+        assert status in result.output and "you sent Authorization" in result.output
+        assert "Adv3rtiserSecret" not in result.output
+        assert "0003 (sha256:" in result.output  # its fingerprint in its place
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        ("\u201csk-ads-Adv3rtiserSecretMiddle\u201d", "non-ASCII"),
+        ("sk-ads-Adv3rtiser\x01SecretMiddle", "control character"),
+    ],
+)
+def test_verify_refuses_a_malformed_advertiser_key_without_echoing_it(
+    clean_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    echo: EchoServer,
+    redis_url: str,
+    key: str,
+    what: str,
+) -> None:
+    monkeypatch.setenv("CAPI_REDIS_URL", redis_url)
+    monkeypatch.setenv("CAPI_API_KEY", "sk-svcacct-conversion-key-0001")
+    monkeypatch.setenv("CAPI_PIXEL_ID", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_ADVERTISER_KEY", key)
+    monkeypatch.setenv("CAPI_ADS_API_BASE_URL", echo.url)
+    result = CliRunner().invoke(cli, ["verify"])
+    assert result.exit_code == 3, result.output
+    assert "CAPI_ADVERTISER_KEY" in result.output and what in result.output
+    assert "Adv3rtiser" not in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert echo.requests == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Xy7Secr3t/Rest@redis.example:6379/0",  # a base64 password: / and +
+        "redis://:1234/Secr3tRest@redis.example:6379/0",  # the part before / reads as a port
+        "redis://user:Pa55#Secr3t@redis.example:6379/0",
+        "rediss://:Pa55?Secr3t@redis.example:6380",
+    ],
+)
+def test_a_redis_password_with_a_reserved_character_is_not_shown(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """urlsplit ends the host at the first / ? or # of an unencoded password: the rest of
+    the password then read as the port or the database, which the error quoted."""
+    monkeypatch.setenv("CAPI_REDIS_URL", url)
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 3, result.output
+    assert "CAPI_REDIS_URL" in result.output and "percent-encode" in result.output
+    for part in ("Xy7", "Secr3t", "Pa55", "1234", "Rest"):
+        assert part not in result.output
+
+
+@pytest.mark.parametrize("field", ["api_key_file", "advertiser_key_file"])
+def test_a_key_given_as_a_key_files_path_is_refused_without_showing_it(
+    tmp_path: Path, field: str
+) -> None:
+    """The key pasted where the path of its file goes: 'cannot read api_key_file
+    sk-svcacct-...' printed it (check-key, the worker's log, capi verify)."""
+    from capi import destinations
+
+    path = tmp_path / "d.toml"
+    extra = 'api_key_env = "K"\n' if field != "api_key_file" else ""
+    text = f'[destinations.a]\npixel_id = "p"\n{extra}{field} = "{SECRET}"\n'
+    with pytest.raises(ConfigError, match=field) as caught:
+        destinations.parse(text, path, Settings(_env_file=None), {"K": "sk-svcacct-0001-key"})
+    assert "Sup3rSecret" not in str(caught.value)

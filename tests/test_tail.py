@@ -328,3 +328,26 @@ def test_tail_follow_keeps_following_through_redis_going_away(
     assert "Traceback" not in errors and "error:" not in errors, errors
     delivered = {str(line["id"]) for line in follower.where(status="delivered")}
     assert delivered == {e["id"] for e in before + after}
+
+
+def test_the_ring_keeps_no_type_or_event_name_a_valid_event_could_not_have(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """A refused event's type and custom event name went to Redis as sent: a column that
+    slipped (an email address, a phone number in the type) was kept in the ring and shown by
+    capi tail and the console. Only what a valid event could carry is kept, else '?'."""
+    settings = make_settings(sandbox, redis_url)
+    slipped = [
+        {**events(1, prefix="slip-a-")[0], "type": "dan.lovelace@example.com"},
+        {**events(1, prefix="slip-b-")[0], "type": "custom", "custom_event_name": "+1 415 555 01"},
+        {**events(1, prefix="slip-c-")[0], "type": "purchase"},  # a wrong type, shaped as one
+    ]
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many(slipped)
+    assert len(report.refused) == 3
+    ring = redis.Redis.from_url(redis_url).xrange(settings.keys.tail)
+    kept = b"".join(v for _, fields in ring for v in fields.values())
+    assert b"lovelace" not in kept and b"555" not in kept, kept
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    lines = {json.loads(t)["id"]: json.loads(t) for t in shown.stdout.splitlines()}
+    assert [lines[e["id"]]["type"] for e in slipped] == ["?", "?", "purchase"], lines

@@ -14,7 +14,7 @@ from capi.cli.common import handle_errors, out, print_json, redis_client, run, s
 from capi.cli.selection import destination_names, destination_option
 from capi.destinations import Destination
 from capi.exitcodes import ExitCode
-from capi.fingerprint import fingerprint
+from capi.fingerprint import fingerprint, shape_problem
 from capi.settings import Settings
 from capi.verify import ReadBackError, Report, compare, read_back
 
@@ -117,6 +117,14 @@ async def _one(
         )
     if not reads.api_key:
         return ExitCode.CONFIG, None, f"{reads.key_source} is not set or cannot be read"
+    if problem := shape_problem(reads.api_key):
+        what = problem.partition(";")[0]  # the rest speaks of the Conversion Key
+        return (
+            ExitCode.CONFIG,
+            None,
+            f"{reads.key_source} {what}; an Advertiser API key is printable ASCII without "
+            "spaces: copy it again (the key is not shown)",
+        )
     if dest.api_key and reads.api_key == dest.api_key:
         return (
             ExitCode.CONFIG,

@@ -20,10 +20,13 @@ import redis.asyncio as aioredis
 
 from capi import clock, replay
 from capi.client import ConversionsClient
+from capi.constants import RedisKeys
 from capi.deadletters import DeadLetter
 from capi.destinations import Destination
+from capi.keycheck import KeyCheck, check_key
 from capi.replay import DryRunResult, Selection
 from capi.settings import Settings
+from capi.worker import keyguard
 from capi.worker.keyguard import KeyGuard
 
 DRY_RUN_TTL_S = 900
@@ -172,30 +175,63 @@ class Actions:
 
     async def check_key(self, dest: Destination, by: str) -> dict[str, Any]:
         """Check a destination's key now (validate_only probes). A key that passes is
-        recorded as ok, which releases a hold; a failing one is shown, not recorded. Either
-        way the check is written to the audit, with who asked."""
+        recorded as ok; a hold is released only when it was confirmed for this key, pixel
+        and endpoint (a hold of workers that use another key, a rotation half done, is
+        theirs: kept, as ``capi check-key`` keeps it); a failing key is shown, not
+        recorded. Either way the check is written to the audit, with who asked."""
         timeout_s = min(self.settings.request_timeout_s, 15.0)
         keys = self.settings.keys.for_destination(dest.name)
+        hold = await keyguard.read_hold(self.redis, keys)  # before the probes, as the CLI
         async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
-            guard = KeyGuard(
-                client,
-                self.redis,
-                keys,
-                api_key=dest.api_key,
-                confirmations=self.settings.probe_confirmations,
-            )
-            result = await guard.check()
-        await replay.audit_key_check(
-            self.redis,
-            keys,
-            ok=result.ok,
-            reason=result.error.reason.value if result.error else "",
-            by=by,
-        )
+            if hold is None:
+                guard = KeyGuard(
+                    client,
+                    self.redis,
+                    keys,
+                    api_key=dest.api_key,
+                    confirmations=self.settings.probe_confirmations,
+                )
+                result = await guard.check()
+            else:
+                result = await check_key(
+                    client, confirmations=self.settings.probe_confirmations, api_key=dest.api_key
+                )
+            url = client.url
+        held = await self._settle(keys, hold, result, url)
+        reason = result.error.reason.value if result.error else ""
+        if held == "kept":
+            reason = f"another key, pixel or endpoint than the hold's ({hold_reason(hold)}): kept"
+        elif held == "released":
+            reason = f"hold ({hold_reason(hold)}) released"
+        await replay.audit_key_check(self.redis, keys, ok=result.ok, reason=reason, by=by)
         return {
             "ok": result.ok,
             "fingerprint": result.key_fingerprint,
             "reason": result.error.reason.value if result.error else "",
             "diagnosis": result.diagnosis.text if result.diagnosis else "",
             "request_ids": result.request_ids,
+            "hold": held,
+            "hold_reason": hold_reason(hold),
+            "hold_fingerprint": hold.fingerprint if hold else "",
         }
+
+    async def _settle(
+        self, keys: RedisKeys, hold: keyguard.Hold | None, result: KeyCheck, url: str
+    ) -> str:
+        """What became of the hold read before a check: ``none`` (there was none),
+        ``held`` (the check failed), ``kept`` (confirmed for another key, pixel or
+        endpoint), ``released``, or ``again`` (held anew after the probes)."""
+        if hold is None:
+            return "none"
+        if not result.ok:
+            return "held"
+        if not hold.same_setup(result.key_fingerprint, result.pixel_id, url):
+            return "kept"
+        if await keyguard.release(self.redis, keys, hold):
+            return "released"
+        return "again" if await keyguard.read_hold(self.redis, keys) else "none"
+
+
+def hold_reason(hold: keyguard.Hold | None) -> str:
+    """The reason a hold was confirmed for ("" when there is none)."""
+    return hold.reason if hold else ""

@@ -122,16 +122,19 @@ class Console:
     # -- who is asking ------------------------------------------------------------------
     async def who(self, request: Request) -> Principal | None:
         """The principal of a request: its Bearer token, else its session; None if neither
-        is valid (Refused 401 for a Bearer token that is not configured, counted as a failed
-        login: 429 once there were too many)."""
-        header = request.headers.get("authorization", "")
-        if header:
-            scheme, _, token = header.partition(" ")
-            found = auth.bearer(token.strip(), self.tokens) if scheme.lower() == "bearer" else None
-            if found is None:
+        is valid (Refused 401 for a console token that is not configured, counted as a
+        failed login: 429 once there were too many). An Authorization header that holds no
+        console token (Basic, or a Bearer id token) is the business of a proxy in front
+        (nginx auth_basic, an SSO proxy passing its own): the session decides then."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and token:
+            found = auth.bearer(token, self.tokens)
+            if found is not None:
+                return found
+            if token.startswith(auth.TOKEN_PREFIX):
                 self.failed_login(request)
                 raise Refused(401, "that token is not a console token configured here")
-            return found
         cookie = request.cookies.get(self.session_cookie)
         return await self.sessions.read(cookie, self.tokens) if cookie else None
 

@@ -190,6 +190,11 @@ class Reader:
         """One destination's status (with match coverage) and its recent outcomes."""
         keys = self.keys.for_destination(name)
         found = await status.destination_status(self.redis, keys)
+        # Both quote the API (or a proxy), as the overview's diagnosis and endpoint error do.
+        if found["key"].get("guidance"):
+            found["key"]["guidance"] = redacted(found["key"]["guidance"])
+        if found["endpoint"].get("last_error"):
+            found["endpoint"]["last_error"] = redacted(found["endpoint"]["last_error"])
         lines, newest = await tail.recent(self.redis, {name: keys.tail}, TAIL_LINES)
         dest = self.configured().get(name)
         return {

@@ -5,6 +5,8 @@ Two forms are accepted:
 - ``application/json``: ``{"events": [event, ...]}``, nothing else in the object;
 - ``application/x-ndjson``: one event per line (blank lines are skipped).
 
+A UTF-8 byte order mark at the start of either is skipped (as ``capi enqueue`` skips it).
+
 A body that cannot be read as either is an :class:`EnvelopeError` carrying the HTTP status
 to answer (400 malformed, 413 too large, 415 content type). In NDJSON a line that is not
 JSON does not spoil its neighbours: it becomes a :class:`BadLine`, refused on its own like
@@ -22,6 +24,7 @@ import orjson
 
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+_BOM = b"\xef\xbb\xbf"  # UTF-8's signature: skipped at the start of a body (RFC 8259 8.1)
 
 
 class EnvelopeError(Exception):
@@ -73,7 +76,9 @@ def too_large(limit: int) -> EnvelopeError:
 def events_of(body: bytes, kind: str, max_events: int) -> list[Any]:
     """The events of a body of media type ``kind``; EnvelopeError if it is malformed or
     holds more than ``max_events`` (NDJSON is counted while it is split: parsing stops at
-    the first line past the limit)."""
+    the first line past the limit). A UTF-8 byte order mark at the very start (a file saved
+    by a Windows editor, posted as is) is skipped, as ``capi enqueue`` skips it."""
+    body = body.removeprefix(_BOM)
     if kind == JSON:
         events = _json_events(body)
         if len(events) > max_events:

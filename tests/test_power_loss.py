@@ -52,11 +52,17 @@ def test_aof_durability_under_everysec_acknowledges_nothing_a_power_loss_takes(
 
 def test_the_power_loss_harness_sees_what_a_power_loss_takes(tmp_path: Path) -> None:
     """The control: in memory mode under everysec, a power loss takes acknowledged events,
-    and the harness finds them missing."""
-    outcome = power_loss(
-        _runnable(valkey()), tmp_path, fsync="everysec", durability="memory", seed=_seed()
-    )
-    assert outcome.synced < outcome.written
+    and the harness finds them missing. A crash that comes when everything written is
+    already synced (producers starved on a loaded machine since the last fsync), or whose
+    unsynced writes were not acknowledged yet, takes nothing to find: the power goes again,
+    up to three times (a harness that cannot see a loss fails all three)."""
+    kind = _runnable(valkey())
+    for attempt in range(3):
+        (workdir := tmp_path / str(attempt)).mkdir()
+        outcome = power_loss(kind, workdir, fsync="everysec", durability="memory", seed=_seed())
+        if outcome.lost:
+            break
+    assert outcome.synced < outcome.written, outcome.line()
     assert outcome.lost, outcome.line()
 
 

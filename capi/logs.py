@@ -2,7 +2,9 @@
 
 Sender log records carry ``event_ids``, ``request_id``, ``reason`` and ``count`` as extra
 fields: the JSON formatter emits them as keys, the text formatter appends them. A filter
-replaces any occurrence of the key by its fingerprint, as a last line of defence.
+replaces any occurrence of the key in a record's message by its fingerprint, and the
+handler does the same to each formatted line (an exception's text, extra fields), as a
+last line of defence.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from capi.fingerprint import redact
+from capi.fingerprint import fingerprint, redact
 
 EXTRA_FIELDS = (
     "destination",
@@ -50,6 +52,27 @@ class RedactKey(logging.Filter):
                     message = redact(message, key)
                 record.msg, record.args = message, ()
         return True
+
+    def scrub(self, line: str) -> str:
+        """A formatted line with each key, as written or as JSON escapes it, replaced by its
+        fingerprint: what :meth:`filter` cannot reach (an exception's text, extra fields)."""
+        for key in self.keys:
+            for form in {key, orjson.dumps(key)[1:-1].decode()}:
+                if form in line:
+                    line = line.replace(form, f"<key {fingerprint(key)}>")
+        return line
+
+
+class ScrubbingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose every formatted line goes through its :class:`RedactKey`
+    filters' :meth:`~RedactKey.scrub` (the last line of defence behind the filter)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        for f in self.filters:
+            if isinstance(f, RedactKey) and f.keys:
+                line = f.scrub(line)
+        return line
 
 
 def redact_also(key: str) -> None:
@@ -121,7 +144,7 @@ class TextFormatter(logging.Formatter):
         return line + ("  " + " ".join(extras) if extras else "")
 
 
-class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class TurnHandler(ScrubbingHandler):
     """A stream handler that, on a thread running an asyncio event loop, writes the lines of
     one turn of the loop together, at the end of that turn (``call_soon``): a server
     answering many requests a turn makes one write of their access lines, not one each.
@@ -189,7 +212,7 @@ def configure(
 ) -> None:
     """Send capi's (and arq's) logs to stderr, as JSON or text, with the key redacted; with
     ``per_turn`` a turn of the event loop writes its lines together (:class:`TurnHandler`)."""
-    handler = TurnHandler(sys.stderr) if per_turn else logging.StreamHandler(sys.stderr)
+    handler = TurnHandler(sys.stderr) if per_turn else ScrubbingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     handler.addFilter(RedactKey(key))
     root = logging.getLogger()

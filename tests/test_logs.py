@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from capi import logs
+from capi.fingerprint import fingerprint
 from capi.logs import JsonFormatter, TurnHandler
 
 
@@ -132,3 +134,29 @@ def test_a_broken_stream_is_said_once_and_the_loop_does_not_spin(
     asyncio.run(serve())
     assert stream.calls <= 4, stream.calls
     assert said.getvalue().count("could not write log lines") == 1, said.getvalue()
+
+
+@pytest.mark.parametrize("json", [True, False], ids=["json", "text"])
+def test_the_key_in_an_exceptions_text_or_an_extra_field_is_shown_as_its_fingerprint(
+    json: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The message filter cannot reach a traceback's text or an extra field: the handler
+    scrubs each line it writes (a key an exception quotes, as JSON escapes it too)."""
+    key = "sk-svcacct-Scrub/me-" + "k" * 30
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure(json=json, key=key)
+        log = logging.getLogger("capi.test.scrub")
+        try:
+            raise RuntimeError(f"the endpoint echoed {key}")
+        except RuntimeError:
+            log.exception("send failed")
+        log.warning("held", extra={"reason": f"key {key} refused", "event_ids": [key]})
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "send failed" in err and "held" in err and "RuntimeError" in err
+    assert key not in err and key.replace("/", "\\/") not in err
+    assert f"<key {fingerprint(key)}>" in err

@@ -9,24 +9,31 @@ reason filter."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import shlex
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from capi import destinations
+from capi.client import ConversionsClient
 from capi.console import auth, views
+from capi.console.actions import Actions
 from capi.console.answers import SECURITY_HEADERS
 from capi.failures import Reason
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_KEY, DEFAULT_SCOPELESS_KEY
 from capi.settings import Settings
+from capi.worker.keyguard import KeyGuard
 from tests.conftest import free_port
 from tests.console_helpers import (
     HTTP_TIMEOUT_S,
@@ -41,7 +48,7 @@ from tests.console_helpers import (
     seed_dead_letters,
     start_console,
 )
-from tests.helpers import make_settings
+from tests.helpers import make_settings, wait_for
 
 HOSTILE_ID = "a$(touch x);b c"
 AT_MS = 1_700_000_000_000  # in the past: a purge's cutoff is now
@@ -388,3 +395,47 @@ def test_newer_leads_back_to_the_page_before_with_a_reason_filter(
     assert second == [f"r-{i}" for i in range(29, 0, -2)]
     again, links = visit(links["previous"])
     assert again == first
+
+
+def test_a_hold_the_workers_confirm_while_the_console_checks_the_key_stands(
+    sandbox: SandboxThread, redis_url: str
+) -> None:
+    """The destination is not held when the console's check starts; while its probe waits
+    on a slow endpoint, the workers confirm a key problem and hold it. The check passing
+    wrote the key state ok over their hold (the workers resumed on a key they had just
+    found broken); now their hold stands and the check says so."""
+    slow = SandboxThread().start()  # the console's endpoint: every answer 3 s late
+    slow.state.configure({"faults": [{"kind": "latency", "every": 1, "latency_ms": 3000}]})
+    settings = make_settings(
+        slow, redis_url, request_timeout_s=10, claim_idle_s=30, probe_confirmations=1
+    )
+    keys = settings.keys.for_destination("default")
+    workers = destinations.load(
+        make_settings(sandbox, redis_url, api_key=DEFAULT_SCOPELESS_KEY, probe_confirmations=1)
+    )["default"]
+
+    async def scenario() -> dict[str, Any]:
+        store = aioredis.Redis.from_url(redis_url)
+        try:
+            checking = asyncio.create_task(
+                Actions(settings, store).check_key(destinations.load(settings)["default"], "t")
+            )
+            # the console's probe is on its way
+            await asyncio.to_thread(wait_for, lambda: slow.state.requests, what="the probe")
+            async with ConversionsClient.for_destination(workers) as client:
+                guard = KeyGuard(client, store, keys, api_key=workers.api_key, confirmations=1)
+                failed = await guard.check()
+                assert not failed.ok
+                await guard.hold(failed)
+            assert not checking.done()  # the hold came while the check probed
+            return await checking
+        finally:
+            await store.aclose()
+
+    try:
+        checked = asyncio.run(scenario())
+    finally:
+        slow.stop()
+    assert checked["ok"] and checked["hold"] == "again", checked
+    state = redis.Redis.from_url(redis_url).hgetall(keys.key_state)
+    assert state[b"state"] == b"held" and state[b"reason"] == b"missing_scope", state

@@ -1,7 +1,8 @@
 """What an operator may do from the console, each through the module that owns the state
 it changes: a dry run (:func:`capi.replay.dry_run`, nothing written), a replay with
 progress (:func:`capi.replay.replay`), a purge (:func:`capi.replay.purge`), a key check
-(:class:`capi.worker.keyguard.KeyGuard`, the owner of the key state). Replays and purges
+(:func:`capi.keycheck.check_key`'s probes; the key state written by
+:mod:`capi.worker.keyguard`, its owner). Replays and purges
 and key checks are written to the audit with the token's fingerprint.
 
 A replay must follow a dry run: the dry run's verdicts are kept here (for
@@ -27,7 +28,6 @@ from capi.keycheck import KeyCheck, check_key
 from capi.replay import DryRunResult, Selection
 from capi.settings import Settings
 from capi.worker import keyguard
-from capi.worker.keyguard import KeyGuard
 
 DRY_RUN_TTL_S = 900
 SHOWN_VERDICTS = 500  # a dry run page lists this many verdicts; the counts cover all
@@ -175,7 +175,8 @@ class Actions:
 
     async def check_key(self, dest: Destination, by: str) -> dict[str, Any]:
         """Check a destination's key now (validate_only probes). A key that passes is
-        recorded as ok; a hold is released only when it was confirmed for this key, pixel
+        recorded as ok (unless the workers held the destination while it probed: their hold
+        stands); a hold is released only when it was confirmed for this key, pixel
         and endpoint (a hold of workers that use another key, a rotation half done, is
         theirs: kept, as ``capi check-key`` keeps it); a failing key is shown, not
         recorded. Either way the check is written to the audit, with who asked."""
@@ -183,19 +184,9 @@ class Actions:
         keys = self.settings.keys.for_destination(dest.name)
         hold = await keyguard.read_hold(self.redis, keys)  # before the probes, as the CLI
         async with ConversionsClient.for_destination(dest, timeout_s=timeout_s) as client:
-            if hold is None:
-                guard = KeyGuard(
-                    client,
-                    self.redis,
-                    keys,
-                    api_key=dest.api_key,
-                    confirmations=self.settings.probe_confirmations,
-                )
-                result = await guard.check()
-            else:
-                result = await check_key(
-                    client, confirmations=self.settings.probe_confirmations, api_key=dest.api_key
-                )
+            result = await check_key(
+                client, confirmations=self.settings.probe_confirmations, api_key=dest.api_key
+            )
             url = client.url
         held = await self._settle(keys, hold, result, url)
         reason = result.error.reason.value if result.error else ""
@@ -220,9 +211,11 @@ class Actions:
     ) -> str:
         """What became of the hold read before a check: ``none`` (there was none),
         ``held`` (the check failed), ``kept`` (confirmed for another key, pixel or
-        endpoint), ``released``, or ``again`` (held anew after the probes)."""
+        endpoint), ``released``, or ``again`` (held anew while or after the check probed)."""
         if hold is None:
-            return "none"
+            if not result.ok or await keyguard.record_ok(self.redis, keys, result.key_fingerprint):
+                return "none"
+            return "again"  # the workers held it while the check probed: theirs
         if not result.ok:
             return "held"
         if not hold.same_setup(result.key_fingerprint, result.pixel_id, url):

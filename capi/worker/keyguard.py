@@ -66,6 +66,16 @@ return 1
 """
 
 
+RECORD_OK_LUA = """#!lua flags=allow-oom
+-- KEYS: key state hash. ARGV: field, value pairs of the ok state. Writes them unless the
+-- destination is held (a hold confirmed while the check probed stands); 1 if it did.
+if redis.call('HGET', KEYS[1], 'state') == 'held' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Hold:
     """A destination's hold as read from Redis: since when, why, and the key (fingerprint),
@@ -117,6 +127,14 @@ async def release(redis: aioredis.Redis, keys: RedisKeys, hold: Hold) -> bool:
     Redis: one confirmed after the check's probe stays. True if released."""
     args = [hold.since, *(x for kv in _ok_state(hold.fingerprint).items() for x in kv)]
     return bool(await redis.register_script(RELEASE_LUA)(keys=[keys.key_state], args=args))
+
+
+async def record_ok(redis: aioredis.Redis, keys: RedisKeys, fingerprint: str) -> bool:
+    """Record a key that passed a check outside the workers (the console's) as ok, when the
+    destination was not held before the check: only if it is still not held (a hold the
+    workers confirmed while the check probed is theirs). True if recorded."""
+    args = [x for kv in _ok_state(fingerprint).items() for x in kv]
+    return bool(await redis.register_script(RECORD_OK_LUA)(keys=[keys.key_state], args=args))
 
 
 def _ok_state(fingerprint: str) -> dict[str, str]:

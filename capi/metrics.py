@@ -33,6 +33,7 @@ from prometheus_client import (
 
 from capi.clock import LIVENESS_S
 from capi.errors import ConfigError
+from capi.failures import Reason
 
 
 class Metrics:
@@ -253,6 +254,13 @@ class DestinationMetrics:
         self.transient_key_failures = _ByReason(parent.transient_key_failures, name)
         self.redis_up = parent.redis_up
         self.redis_full = parent.redis_full
+        # Exported at 0 from the start, before anything happens to them: a series born at
+        # its first value shows no increase() (a worker's first dead letters of a reason
+        # would raise no alert), and while no delivered event carries a strong identifier
+        # the coverage ratio (capi-alerts.yml) would have no numerator, hence no alert.
+        for reason in Reason:
+            self.dead_lettered.labels(reason.value)
+        self.with_identifier.labels("any_strong")
 
     def set_depth(self, queued: int, in_flight: int, retries: int, oldest_age_s: float) -> None:
         """Set the queue gauges (from :meth:`capi.queue.Queue.depth`)."""

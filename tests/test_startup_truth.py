@@ -98,6 +98,9 @@ def test_a_worker_waiting_out_an_endpoint_outage_at_startup_says_so(
     assert "Redis" not in why
     metrics = http_get(f"{base}/metrics")[1]
     assert gauge(metrics, "capi_redis_up") == 1.0
+    # The key's state is not known yet: a 0 would read as a held key (CapiKeyHeld pages
+    # "missing scope, revoked key or unknown pixel" a minute later, for an outage).
+    assert gauge(metrics, 'capi_key_ok{destination="default"}') is None, metrics
     wait_for(
         lambda: (
             gauge(http_get(f"{base}/metrics")[1], 'capi_queue_depth_events{destination="default"}')
@@ -119,6 +122,7 @@ def test_a_worker_waiting_out_an_endpoint_outage_at_startup_says_so(
     sandbox.state.faults = []  # the endpoint is back: the worker starts and sends
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 27, 60, "delivery after the outage")
     wait_for(lambda: readyz() == (200, "ok\n"), 10, "ready")
+    assert gauge(http_get(f"{base}/metrics")[1], 'capi_key_ok{destination="default"}') == 1.0
     wait_for(lambda: status(settings)["endpoint"]["state"] == "ok", 10, "the endpoint ok")
 
 

@@ -213,6 +213,15 @@ redis.call('HSET', KEYS[3], 'last_ok_ms', ARGV[2])
 return {n, since or ''}
 """
 
+ENDPOINT_OK_LUA = """#!lua flags=allow-oom
+-- KEYS: endpoint. ARGV: now_ms. The endpoint answers: no longer failing. Returns since when
+-- it was failing (ms), or ''.
+local since = redis.call('HGET', KEYS[1], 'failing_since')
+redis.call('HDEL', KEYS[1], 'failing_since')
+redis.call('HSET', KEYS[1], 'last_ok_ms', ARGV[1])
+return since or ''
+"""
+
 RETRY_LUA = (
     "#!lua flags=allow-oom\n"
     + _INDEX_RETRIES
@@ -594,6 +603,7 @@ class Queue:
         self._retry = client.register_script(lua(keys, RETRY_LUA))
         self._handback = client.register_script(lua(keys, HANDBACK_LUA))
         self._release = client.register_script(lua(keys, RELEASE_LUA))
+        self._endpoint_ok = client.register_script(ENDPOINT_OK_LUA)
         self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(lua(keys, READ_LUA))
@@ -743,6 +753,12 @@ class Queue:
                 *(e.stream_id for e in entries),
             ],
         )
+        return int(since) if since else None
+
+    async def endpoint_answered(self, now_ms: int) -> int | None:
+        """The endpoint answered a probe (nothing was delivered): it is no longer failing, as
+        after a delivery (DELIVER_LUA's last lines). Since when it was failing (ms), if it was."""
+        since = await self._endpoint_ok(keys=[self.keys.endpoint], args=[now_ms])
         return int(since) if since else None
 
     async def release_retries(self) -> int:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,6 +33,7 @@ from prometheus_client import (
 
 from capi.clock import LIVENESS_S
 from capi.errors import ConfigError
+from capi.failures import Reason
 
 
 class Metrics:
@@ -105,7 +106,8 @@ class Metrics:
         )
         self.key_ok = Gauge(
             "capi_key_ok",
-            "1 when the destination's key can write events, 0 while it is held.",
+            "1 when the destination's key can write events, 0 while it is held (absent while "
+            "its startup key check is under way).",
             d,
             registry=r,
         )
@@ -178,7 +180,7 @@ class Metrics:
             return False, "starting: " + "; ".join(
                 why if name == "default" else f"{name}: {why}" for name, why in starting.items()
             )
-        held = [v.name for v in views if v.key_ok._value.get() != 1]
+        held = [v.name for v in views if not v.key_can_send()]
         failing = [v.name for v in views if v.endpoint_failing_since._value.get()]
         if views and len(held) == len(views):
             return False, "the Conversion Key is held (see capi status)" + _which(held)
@@ -246,13 +248,32 @@ class DestinationMetrics:
         self.in_flight = parent.in_flight.labels(name)
         self.retries_scheduled = parent.retries_scheduled.labels(name)
         self.oldest_age = parent.oldest_age.labels(name)
-        self.key_ok = parent.key_ok.labels(name)
+        self._key_ok = parent.key_ok
         self.endpoint_failing_since = parent.endpoint_failing_since.labels(name)
         self.retried = _ByReason(parent.retried, name)
         self.dead_lettered = _ByReason(parent.dead_lettered, name)
         self.transient_key_failures = _ByReason(parent.transient_key_failures, name)
         self.redis_up = parent.redis_up
         self.redis_full = parent.redis_full
+        # Exported at 0 from the start, before anything happens to them: a series born at
+        # its first value shows no increase() (a worker's first dead letters of a reason
+        # would raise no alert), and while no delivered event carries a strong identifier
+        # the coverage ratio (capi-alerts.yml) would have no numerator, hence no alert.
+        for reason in Reason:
+            self.dead_lettered.labels(reason.value)
+        self.with_identifier.labels("any_strong")
+
+    @property
+    def key_ok(self) -> Gauge:
+        """capi_key_ok of this destination, exported from its first setting on: while the
+        startup key check is under way the key's state is not known, and a 0 would read as
+        a held key (CapiKeyHeld) when the check only waits for the endpoint."""
+        return self._key_ok.labels(self.name)
+
+    def key_can_send(self) -> bool:
+        """Whether the key is known to work (capi_key_ok is 1); read without exporting it."""
+        child = cast("Gauge | None", self._key_ok._metrics.get((self.name,)))
+        return child is not None and child._value.get() == 1
 
     def set_depth(self, queued: int, in_flight: int, retries: int, oldest_age_s: float) -> None:
         """Set the queue gauges (from :meth:`capi.queue.Queue.depth`)."""

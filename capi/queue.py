@@ -12,7 +12,8 @@ on entries still pending, so running it twice (after a lost answer) changes noth
 - dead-letter: ``XACK`` + record + index + ``XDEL`` + counters (the records themselves are
   :mod:`capi.deadletters`'s);
 - replay: a dead letter's event back on the stream + the record removed;
-- hand back (shutdown): ``XACK`` + ``XADD`` a copy + ``XDEL`` the original;
+- hand back (shutdown): ``XACK`` + ``XADD`` a copy (that keeps its first enqueue time) +
+  ``XDEL`` the original;
 - lease: a live worker renews its hold on entries in flight (``XCLAIM`` to itself);
 - purge (``capi queue purge``): ``XDEL`` of entries not in flight, ``ZREM`` of scheduled
   retries, their dedup digests forgotten;
@@ -212,6 +213,15 @@ redis.call('HSET', KEYS[3], 'last_ok_ms', ARGV[2])
 return {n, since or ''}
 """
 
+ENDPOINT_OK_LUA = """#!lua flags=allow-oom
+-- KEYS: endpoint. ARGV: now_ms. The endpoint answers: no longer failing. Returns since when
+-- it was failing (ms), or ''.
+local since = redis.call('HGET', KEYS[1], 'failing_since')
+redis.call('HDEL', KEYS[1], 'failing_since')
+redis.call('HSET', KEYS[1], 'last_ok_ms', ARGV[1])
+return since or ''
+"""
+
 RETRY_LUA = (
     "#!lua flags=allow-oom\n"
     + _INDEX_RETRIES
@@ -299,7 +309,30 @@ return reply({moved, skipped, #rows})
 """
 )
 
-DEPTH_LUA = """#!lua flags=no-writes,allow-oom
+FIRST_ENQUEUED_LUA = """
+-- The first enqueue time (ms) of a stream's first entry, or false when it is empty: its id's
+-- time, or, for an entry queued again (a retry come due, a hand-back), the time its meta
+-- field m keeps as "q". Entries queued again after others are not looked at: the age is
+-- the first entry's (the one read next).
+local function first_enqueued(stream)
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  if #first == 0 then return false end
+  local t = tonumber(string.match(first[1][1], '^(%d+)'))
+  local fields = first[1][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'm' then
+      local q = tonumber(string.match(fields[j + 1], '"q":(%d+)'))
+      if q and q < t then t = q end
+    end
+  end
+  return t
+end
+"""
+
+DEPTH_LUA = (
+    "#!lua flags=no-writes,allow-oom\n"
+    + FIRST_ENQUEUED_LUA
+    + """
 -- KEYS: stream, retry zset. ARGV: the consumer group. One snapshot (a script runs alone, so
 -- no retry moves back to the stream between two of these reads): {XLEN, entries pending in
 -- the group, the earliest enqueue time (ms) of the events not yet delivered or -1, ZCARD}.
@@ -308,9 +341,7 @@ local xlen = redis.call('XLEN', KEYS[1])
 local pending = 0
 local ok, summary = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
 if ok then pending = summary[1] end  -- no group yet (no worker has run): none in flight
-local oldest = false
-local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
-if #first == 1 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+local oldest = first_enqueued(KEYS[1])
 local retries = redis.call('ZCARD', KEYS[2])
 if retries > 0 then
   for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
@@ -320,6 +351,7 @@ if retries > 0 then
 end
 return {xlen, pending, oldest or -1, retries}
 """
+)
 
 HANDBACK_LUA = (
     "#!lua flags=allow-oom\n"
@@ -327,12 +359,22 @@ HANDBACK_LUA = (
     + _REPLY
     + """
 -- KEYS: stream, active, wake. ARGV: group, destination, then stream id per entry.
--- Re-adds pending entries as new.
+-- Re-adds pending entries as new; one never retried keeps its first enqueue time (its
+-- old id's) as "q" in a meta field m of its own, as a retry does (FIRST_ENQUEUED_LUA).
 local n = 0
 for i = 3, #ARGV do
   local rows = redis.call('XRANGE', KEYS[1], ARGV[i], ARGV[i])
   if #rows == 1 and redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    redis.call('XADD', KEYS[1], '*', unpack(rows[1][2]))
+    local fields = rows[1][2]
+    local meta = false
+    for j = 1, #fields, 2 do
+      if fields[j] == 'm' then meta = true end
+    end
+    if not meta then
+      fields[#fields + 1] = 'm'
+      fields[#fields + 1] = '{"q":' .. string.match(ARGV[i], '^(%d+)') .. '}'
+    end
+    redis.call('XADD', KEYS[1], '*', unpack(fields))
     redis.call('XDEL', KEYS[1], ARGV[i])
     n = n + 1
   end
@@ -561,6 +603,7 @@ class Queue:
         self._retry = client.register_script(lua(keys, RETRY_LUA))
         self._handback = client.register_script(lua(keys, HANDBACK_LUA))
         self._release = client.register_script(lua(keys, RELEASE_LUA))
+        self._endpoint_ok = client.register_script(ENDPOINT_OK_LUA)
         self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(lua(keys, READ_LUA))
@@ -712,6 +755,12 @@ class Queue:
         )
         return int(since) if since else None
 
+    async def endpoint_answered(self, now_ms: int) -> int | None:
+        """The endpoint answered a probe (nothing was delivered): it is no longer failing, as
+        after a delivery (DELIVER_LUA's last lines). Since when it was failing (ms), if it was."""
+        since = await self._endpoint_ok(keys=[self.keys.endpoint], args=[now_ms])
+        return int(since) if since else None
+
     async def release_retries(self) -> int:
         """Move every scheduled retry to the stream now, except those waiting out a
         ``Retry-After``; return how many events moved."""
@@ -816,9 +865,10 @@ class Queue:
         return int(queued) == 0 and int(retries) == 0
 
     async def depth(self) -> tuple[int, int, int | None, int]:
-        """Queued (not yet read), in flight, the enqueue time (ms) of the oldest event not yet
-        delivered (queued, in flight or scheduled for retry), scheduled retry batches: one
-        snapshot, read by one script."""
+        """Queued (not yet read), in flight, the first enqueue time (ms) of the oldest event
+        not yet delivered (the stream's first entry, queued or in flight, and every scheduled
+        retry; an entry queued again counts from its first enqueue: FIRST_ENQUEUED_LUA),
+        scheduled retry batches: one snapshot, read by one script."""
         xlen, in_flight, oldest, retries = await self._depth(
             keys=[self.keys.stream, self.keys.retry], args=[self.group]
         )

@@ -552,9 +552,15 @@ class Settings(BaseSettings):
             if not value
         ]
         if missing:
+            where = {
+                "CAPI_API_KEY": "the key is a Conversion Key from Ads Manager -> Conversions -> "
+                "Manage conversion keys",
+                "CAPI_PIXEL_ID": "the pixel id is in Ads Manager -> Conversions (a pixel of "
+                "the key's ad account)",
+            }
             raise ConfigError(
-                f"{' and '.join(missing)} must be set, in {self.config_source()}; the "
-                "key is a Conversion Key from Ads Manager -> Conversions -> Manage conversion keys"
+                f"{' and '.join(missing)} must be set, in {self.config_source()}; "
+                + "; ".join(where[name] for name in missing)
             )
         assert self.api_key is not None and self.pixel_id is not None
         key = self.api_key.get_secret_value().strip()

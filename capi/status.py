@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from capi import coverage
 from capi.clock import LIVENESS_MS, now_ms
 from capi.constants import CONSUMER_GROUP, RedisKeys
-from capi.queue import Queue
+from capi.queue import FIRST_ENQUEUED_LUA, Queue
 from capi.redisconn import is_cluster
 
 
@@ -238,9 +238,13 @@ def redis_full(memory: dict[str, Any]) -> bool:
 
 # no-writes: a read (it may run on a replica). Each call covers a chunk of destinations, so
 # that Redis is never busy with one call for long.
-OVERVIEW_LUA = """#!lua flags=no-writes
+OVERVIEW_LUA = (
+    "#!lua flags=no-writes\n"
+    + FIRST_ENQUEUED_LUA
+    + """
 -- KEYS: six per destination: stream, retry zset, stats, dead letters, key state, endpoint.
--- ARGV[1]: the consumer group. Returns, per destination: {XLEN, the oldest stream id or '',
+-- ARGV[1]: the consumer group. Returns, per destination: {XLEN, the first enqueue time (ms)
+-- of the first entry or '' (FIRST_ENQUEUED_LUA),
 -- scheduled retries, entries in flight (-1 before the group exists), stats, dead letters,
 -- key state, endpoint} (hashes as flat field, value lists).
 local group = ARGV[1]
@@ -248,17 +252,18 @@ local out = {}
 for i = 1, #KEYS, 6 do
   local stream, retry, stats, dl, key, endpoint =
     KEYS[i], KEYS[i + 1], KEYS[i + 2], KEYS[i + 3], KEYS[i + 4], KEYS[i + 5]
-  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  local first = first_enqueued(stream)
   local pending = redis.pcall('XPENDING', stream, group)
   local in_flight = -1
   if type(pending) == 'table' and pending.err == nil then in_flight = pending[1] end
   out[#out + 1] = {
-    redis.call('XLEN', stream), first[1] and first[1][1] or '', redis.call('ZCARD', retry),
-    in_flight, redis.call('HGETALL', stats), redis.call('HLEN', dl),
+    redis.call('XLEN', stream), first and string.format('%.0f', first) or '',
+    redis.call('ZCARD', retry), in_flight, redis.call('HGETALL', stats), redis.call('HLEN', dl),
     redis.call('HGETALL', key), redis.call('HGETALL', endpoint)}
 end
 return out
 """
+)
 OVERVIEW_CHUNK = 100  # destinations per script call
 
 
@@ -299,7 +304,7 @@ async def overview(
     for name, row in zip(names, rows, strict=True):
         xlen, first, retries, pending, stats, dl, key, endpoint = row
         in_flight = max(0, int(pending))  # -1: no group yet, nothing in flight
-        oldest = int(first.split(b"-")[0]) if first else None
+        oldest = int(first) if first else None
         if retries:
             oldest = (await Queue(client, keys.for_destination(name)).depth())[2]
         out[name] = {

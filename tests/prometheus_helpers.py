@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,12 @@ def need(binary: str) -> str:
 
 
 @contextmanager
-def prometheus(tmp_path: Path, targets: dict[str, str], interval_s: float = 1) -> Iterator[str]:
-    """Prometheus scraping ``targets`` (job name -> host:port) every ``interval_s``, with
-    the shipped configuration's jobs and rules; yields its base URL and stops it after."""
+def prometheus(
+    tmp_path: Path, targets: Mapping[str, str | list[str]], interval_s: float = 1
+) -> Iterator[str]:
+    """Prometheus scraping ``targets`` (job name -> host:port, or a list of them; a job left
+    out is not scraped) every ``interval_s``, with the shipped configuration's jobs and
+    rules; yields its base URL and stops it after."""
     binary = need("prometheus")
     config = yaml.safe_load(CONFIG.read_text())
     config["global"] = {
@@ -45,7 +48,8 @@ def prometheus(tmp_path: Path, targets: dict[str, str], interval_s: float = 1) -
     }
     config["rule_files"] = [str(RULES)]
     for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+        hosts = targets.get(job["job_name"], [])
+        job["static_configs"] = [{"targets": [hosts] if isinstance(hosts, str) else hosts}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()

@@ -86,6 +86,20 @@ def test_a_missing_key_says_which_config_file_was_looked_for(
     assert str(tmp_path / "config" / "capi.env") in output and "looked for" in output
 
 
+def test_a_missing_pixel_id_says_where_to_find_the_pixel_id(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for k in list(os.environ):
+        if k.startswith("CAPI_"):
+            monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CAPI_API_KEY", "sk-svcacct-sandbox-conversion-key-0001")
+    output = one_line_error(CliRunner().invoke(cli, ["check-key"]), ExitCode.CONFIG)
+    assert "CAPI_PIXEL_ID must be set" in output
+    assert "the pixel id is in Ads Manager -> Conversions" in output
+    assert "Conversion Key" not in output  # the key is set: nothing to say about it
+
+
 def test_a_missing_named_config_file_is_named_in_full(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: dict[str, str]
 ) -> None:

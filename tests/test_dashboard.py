@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from capi.sandbox import Fault, SandboxThread
+from capi.sandbox.state import DEFAULT_KEY
 from tests.conftest import free_port
 from tests.helpers import doom, enqueue, events, make_settings, start_worker, stop_worker, wait_for
 from tests.intake_helpers import start_intake
@@ -85,3 +86,36 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
         named |= set(re.findall(r"\bcapi_[a-z_]+", expr))
     named |= set(re.findall(r"\bcapi_[a-z_]+", RULES.read_text()))
     assert named - exported == set(), "names a metric capi does not export"
+
+
+def test_the_queue_panel_shows_the_queue_once_whatever_the_number_of_workers(
+    redis_url: str, sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """Every worker exports the same queue gauges (read from Redis): with two workers (the
+    README scales to three), the panel shows 30 queued events as 30, not 60."""
+    settings = make_settings(sandbox, redis_url)
+    ports = [free_port(), free_port()]
+    workers = [start_worker(settings, "--metrics-port", str(port)) for port in ports]
+    try:
+        targets = {"capi-worker": [f"127.0.0.1:{p}" for p in ports]}
+        with prometheus(tmp_path, targets) as url:
+            ok = 'capi_key_ok{destination="default"} == 1'
+            wait_for(lambda: len(query(url, ok)) == 2, 60, "both workers to have checked the key")
+            # The key stops working: the first event is dead-lettered, the destination is
+            # held by both workers, and what comes next stays queued.
+            broken = {"conversion_keys": ["another"], "scopeless_keys": [DEFAULT_KEY]}
+            sandbox.state.configure(broken)
+            enqueue(settings, events(1))
+            held = 'capi_key_ok{destination="default"} == 0'
+            wait_for(lambda: len(query(url, held)) == 2, 60, "both workers to hold the key")
+            enqueue(settings, events(30, start=100))
+            depth = 'capi_queue_depth_events{destination="default"} == 30'
+            wait_for(lambda: len(query(url, depth)) == 2, 60, "both workers to export 30 queued")
+            panel = "Queue depth and in flight"
+            [queued, in_flight, retries] = [e for t, e in panel_queries() if t == panel]
+            assert [float(r["value"][1]) for r in query(url, queued)] == [30.0]
+            assert [float(r["value"][1]) for r in query(url, in_flight)] == [0.0]
+            assert [float(r["value"][1]) for r in query(url, retries)] == [0.0]
+    finally:
+        for worker in workers:
+            stop_worker(worker)

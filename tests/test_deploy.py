@@ -15,8 +15,11 @@ from click.testing import CliRunner
 from capi.cli import cli
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
+from capi.metrics import Metrics
+from capi.metrics import serve as serve_metrics
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +118,27 @@ def test_health_command(sandbox: SandboxThread, redis_url: str) -> None:
         cli, ["health"], env={"CAPI_REDIS_URL": redis_url, "CAPI_CONFIG_FILE": os.devnull}
     )
     assert no_worker.exit_code == ExitCode.FAILURE and "no live worker" in no_worker.output
+
+
+def test_health_url_says_why_the_endpoint_is_not_ready(sandbox: SandboxThread) -> None:
+    """A worker's /readyz says why it is not ready (a held key, a failing endpoint): capi
+    health --url prints that, not only the status code."""
+    metrics = Metrics()
+    metrics.redis_answered()
+    metrics.for_destination("default").key_ok.set(0)
+    server = serve_metrics(metrics, free_port())
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/readyz"
+        held = CliRunner().invoke(cli, ["health", "--url", url])
+        assert held.exit_code == ExitCode.FAILURE
+        assert held.output == "not ready: HTTP 503: the Conversion Key is held (see capi status)\n"
+        metrics.for_destination("brand-b").key_ok.set(1)
+        some = CliRunner().invoke(cli, ["health", "--url", url])
+        assert some.exit_code == ExitCode.OK
+        assert some.output == "ok: HTTP 200: ok, but default: key held\n"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_compose_redis_requires_a_password_that_every_service_uses() -> None:

@@ -98,6 +98,9 @@ def test_a_worker_waiting_out_an_endpoint_outage_at_startup_says_so(
     assert "Redis" not in why
     metrics = http_get(f"{base}/metrics")[1]
     assert gauge(metrics, "capi_redis_up") == 1.0
+    # The key's state is not known yet: a 0 would read as a held key (CapiKeyHeld pages
+    # "missing scope, revoked key or unknown pixel" a minute later, for an outage).
+    assert gauge(metrics, 'capi_key_ok{destination="default"}') is None, metrics
     wait_for(
         lambda: (
             gauge(http_get(f"{base}/metrics")[1], 'capi_queue_depth_events{destination="default"}')
@@ -119,6 +122,7 @@ def test_a_worker_waiting_out_an_endpoint_outage_at_startup_says_so(
     sandbox.state.faults = []  # the endpoint is back: the worker starts and sends
     wait_for(lambda: len(sandbox.state.delivered_ids()) == 27, 60, "delivery after the outage")
     wait_for(lambda: readyz() == (200, "ok\n"), 10, "ready")
+    assert gauge(http_get(f"{base}/metrics")[1], 'capi_key_ok{destination="default"}') == 1.0
     wait_for(lambda: status(settings)["endpoint"]["state"] == "ok", 10, "the endpoint ok")
 
 
@@ -156,3 +160,25 @@ def test_a_key_problem_being_confirmed_shows_as_confirming(
     # One destination, confirmed broken: the worker refuses to start, and says so.
     assert proc.wait(60) == 10
     assert key_state() == "unchecked"  # nothing holds it: no worker checks it now
+
+
+def test_an_idle_destination_is_not_failing_for_good_once_the_endpoint_answers(
+    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]]
+) -> None:
+    """The endpoint failed until the destination's events were dead-lettered (here past
+    CAPI_MAX_ATTEMPTS), then came back: with nothing left to send no delivery says so, and
+    /readyz, capi status and capi_endpoint_failing_since_seconds (CapiEndpointFailing) said
+    "failing" for good. The worker asks the endpoint itself."""
+    settings = make_settings(sandbox, redis_url, max_attempts=2, metrics_port=free_port())
+    procs.append(start_worker(settings))
+    base = f"http://127.0.0.1:{settings.metrics_port}"
+    wait_for(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "the worker to start")
+    sandbox.state.faults = [Fault("server_error", every=1, retry_after_s=None)]
+    enqueue(settings, events(1))
+    wait_for(lambda: status(settings)["dead_letters"] == 1, 30, "the event dead-lettered")
+    assert status(settings)["endpoint"]["state"] == "failing"
+    sandbox.state.faults = []  # the endpoint is back; nothing is queued
+    wait_for(lambda: http_get(f"{base}/readyz") == (200, "ok\n"), 60, "/readyz ok")
+    assert status(settings)["endpoint"]["state"] == "ok"
+    failing = 'capi_endpoint_failing_since_seconds{destination="default"}'
+    assert gauge(http_get(f"{base}/metrics")[1], failing) == 0.0

@@ -4,14 +4,19 @@ while Redis is full."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
 import orjson
 import redis
 
+from capi import clock
+from capi.queue import Queue
 from capi.sandbox import Fault, SandboxThread
+from capi.status import destination_status, overview
 from tests.helpers import capi, enqueue, events, make_settings, start_worker, stop_worker, wait_for
 from tests.intake_helpers import start_intake
 from tests.redisproc import RedisProcess
@@ -46,6 +51,59 @@ def test_the_oldest_age_counts_events_waiting_for_retry(
     finally:
         stop_worker(worker)
     assert isinstance(age, float) and age > 0
+
+
+def test_the_oldest_age_counts_from_the_first_enqueue_when_events_are_queued_again(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """An event queued again with a new stream id (its retry come due, or handed back by a
+    stopping worker) has waited since its first enqueue: capi status, capi destinations and
+    the console (destination_status, overview) and the worker's gauge (Queue.depth) say so,
+    not the time since it was queued again."""
+    settings = make_settings(sandbox, redis_url)
+    enqueue(settings, events(2))
+    enqueued_by = clock.now_ms()
+    time.sleep(1.5)  # the events wait before a worker reads them
+
+    async def queue_again() -> None:  # as a worker would: a retry comes due, a hand-back
+        client = settings.async_redis()
+        queue = Queue(client, settings.keys)
+        await queue.ensure_group()
+        [retried, handed] = await queue.read("w:0", 2)
+        await queue.schedule_retry([retried], 1, {"reason": "server_error"}, clock.now_ms())
+        assert await queue.move_due_retries(clock.now_ms()) == 1
+        await queue.hand_back([handed])
+        await client.aclose()
+
+    async def deliver_the_retried() -> None:
+        client = settings.async_redis()
+        queue = Queue(client, settings.keys)
+        entries = await queue.read("w:0", 2)
+        await queue.deliver([e for e in entries if e.attempts], clock.now_ms())
+        await queue.hand_back([e for e in entries if not e.attempts])
+        await client.aclose()
+
+    async def ages() -> list[float]:
+        client = settings.async_redis()
+        try:
+            status = await destination_status(client, settings.keys)
+            row = (await overview(client, settings.keys, ["default"]))["default"]
+            oldest = (await Queue(client, settings.keys).depth())[2]
+            assert oldest is not None
+            depth = (clock.now_ms() - oldest) / 1000
+            return [status["oldest_queued_age_s"], row["oldest_queued_age_s"], depth]
+        finally:
+            await client.aclose()
+
+    def waited() -> float:  # at least this long since the first enqueue
+        return (clock.now_ms() - enqueued_by) / 1000
+
+    asyncio.run(queue_again())
+    least = waited()
+    assert all(age >= least for age in asyncio.run(ages())), (least, asyncio.run(ages()))
+    asyncio.run(deliver_the_retried())  # the handed-back event alone, never sent
+    least = waited()
+    assert all(age >= least for age in asyncio.run(ages())), (least, asyncio.run(ages()))
 
 
 def test_enqueue_json_prints_its_summary_when_redis_is_full(

@@ -4,6 +4,7 @@ configured that still holds events, no live worker to know the endpoint by)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import urllib.error
 import urllib.request
@@ -273,7 +274,7 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
     Without --url: Redis answers, the key is not held, and a worker past its startup
     check sent a heartbeat in the last 5 s (Redis that cannot be reached: exit 5).
-    With --url: that endpoint answers 200.
+    With --url: that endpoint answers 200 (what it says is printed: why a worker is not ready).
 
     \b
     Examples:
@@ -285,9 +286,9 @@ def health_command(ctx: click.Context, url: str | None) -> None:
             fail(f"--url: {url!r} is not a URL; give one like {EXAMPLE_URL}", ExitCode.USAGE)
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (operator's URL)
-                ok, why = resp.status == 200, f"HTTP {resp.status}"
+                ok, why = resp.status == 200, _answer(resp.status, resp.read(_SAID))
         except urllib.error.HTTPError as exc:
-            ok, why = False, f"HTTP {exc.code}"
+            ok, why = False, _answer(exc.code, exc.read(_SAID))
         except urllib.error.URLError as exc:  # no answer: say why, not the exception's repr
             ok, why = False, f"{url} cannot be reached ({exc.reason})"
         except OSError as exc:
@@ -299,6 +300,22 @@ def health_command(ctx: click.Context, url: str | None) -> None:
 
 
 EXAMPLE_URL = "http://127.0.0.1:9464/readyz"
+_SAID = 500  # the bytes of an answer read for what it says
+
+
+def _answer(status: int, body: bytes) -> str:
+    """``HTTP 503: why``: the status and what the answer says (a worker's /readyz: its first
+    line; the intake's: the JSON's ``reason``), made safe to print; the status alone when
+    it says nothing readable."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        said = json.loads(text)
+    except ValueError:
+        said = None
+    if isinstance(said, dict):
+        text = str(said.get("reason") or said.get("status") or "")
+    line = text.splitlines()[0].strip() if text else ""
+    return f"HTTP {status}: {shown(line[:200])}" if line else f"HTTP {status}"
 
 
 def _healthy(settings: Settings) -> tuple[bool, str]:

@@ -2,7 +2,9 @@
 last error, and whether a delivery ends an outage.
 
 The endpoint is *failing* from the first failure that says it is down (5xx, network; a 429
-is "slow down", not "down") until the next delivery. Said in the log when it starts and
+is "slow down", not "down") until the next delivery, or until it answers a probe that the
+worker sends while the destination has nothing left to send
+(:meth:`capi.worker.sender.Sender.probe_endpoint`). Said in the log when it starts and
 once a minute while it lasts (a flapping endpoint is not said on every flap). A delivery
 after failures that lasted ``OUTAGE_RELEASE_S`` or more ends an *outage*: the sender then
 releases every scheduled retry at once (:meth:`capi.queue.Queue.release_retries`); a
@@ -58,9 +60,9 @@ class Endpoint:
             log.error("%s; events are kept and retried", self.describe())
 
     def delivered(self, failing_since_ms: int | None) -> float | None:
-        """A delivery: the endpoint answers. ``failing_since_ms`` is when Redis says it
-        began failing (any worker's failures), if it was. How long the failures lasted if
-        this ends an outage (``OUTAGE_RELEASE_S`` or more), else None."""
+        """A delivery (or an answer to a probe): the endpoint answers. ``failing_since_ms``
+        is when Redis says it began failing (any worker's failures), if it was. How long the
+        failures lasted if this ends an outage (``OUTAGE_RELEASE_S`` or more), else None."""
         local = self._failing_since
         self._failing_since = None
         self._metrics.endpoint_failing_since.set(0)

@@ -21,6 +21,10 @@ gauges              GAUGES_S         queue depth and oldest age for metrics: act
                                      destinations, and GAUGES_SLICE idle ones in turn
 key re-probe        reprobe interval held destinations only (one worker at a time each,
                                      via a Redis lock), each in a task of its own
+endpoint probe      ENDPOINT_PROBE_S destinations whose endpoint this worker found failing
+                                     and that have nothing left to send (no delivery
+                                     would say it answers again), each in a task of its
+                                     own: one validate_only request
 lease renewal       claim_idle / 4   entries this worker still works on never look idle
 reclaim             RECLAIM_S        entries of a stopped worker (no heartbeat for
                                      LIVENESS_S, idle for claim_idle) go back to work:
@@ -80,6 +84,7 @@ LOST_S = 1.0
 FORGET_S = 60.0
 STATUS_LOG_S = 60.0
 PRUNE_S = 3600.0
+ENDPOINT_PROBE_S = 15.0
 DAY_MS = 86_400_000
 
 
@@ -102,6 +107,8 @@ class Housekeeping:
         self._prune_turn = Rotation()
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._reprobes: dict[str, Schedule] = {}
+        self._endpoint_probes: dict[str, asyncio.Task[None]] = {}
+        self._endpoint_schedules: dict[str, Schedule] = {}
         self._forgotten: set[str] = set()
         self._sync_all = Schedule(SYNC_ALL_S)
         # The jobs, in the order a tick runs them; the burst check comes between the two.
@@ -130,7 +137,7 @@ class Housekeeping:
             await self._ticks()
         finally:
             beat.cancel()
-            probes = list(self._probes.values())
+            probes = [*self._probes.values(), *self._endpoint_probes.values()]
             for task in probes:
                 task.cancel()
             await asyncio.gather(beat, *probes, return_exceptions=True)
@@ -211,6 +218,13 @@ class Housekeeping:
             schedule = self._reprobes.setdefault(name, Schedule(self._reprobe_s(s)))
             if schedule.due():
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
+        for s in senders.values():
+            name = s.destination.name
+            if name in self._endpoint_probes or not s.endpoint_failing:
+                continue
+            schedule = self._endpoint_schedules.setdefault(name, Schedule(ENDPOINT_PROBE_S))
+            if schedule.due():
+                self._endpoint_probes[name] = asyncio.create_task(self._probe_endpoint(s))
         now_ms = clock.now_ms(self.lanes.clock)
         await self._forget_new(senders)
         for job in (self.lease, self.reclaim, self.lost, self.forget):
@@ -232,6 +246,14 @@ class Housekeeping:
                 self.lanes.activate(name)
         finally:
             del self._probes[name]
+
+    async def _probe_endpoint(self, s: Sender) -> None:
+        """Ask a failing endpoint whether it answers again, while its destination has
+        nothing left to send (see :meth:`Sender.probe_endpoint`)."""
+        try:
+            await self._job("endpoint probe", s.probe_endpoint, s)
+        finally:
+            del self._endpoint_probes[s.destination.name]
 
     @staticmethod
     def _reprobe_s(sender: Sender) -> float:

@@ -47,7 +47,7 @@ import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import destinations
+from capi import destinations, keycheck
 from capi.batches import drop_rejected
 from capi.client import ConversionsClient, build_body
 from capi.clock import Clock, ms, now_ms
@@ -517,6 +517,34 @@ class Sender:
         if verdict is Verdict.TRANSIENT:
             self.metrics.transient_key_failures.labels(err.reason.value).inc()
         return verdict
+
+    @property
+    def endpoint_failing(self) -> bool:
+        """Whether this sender's sends found the endpoint failing since its last answer."""
+        return self._endpoint.failing
+
+    async def probe_endpoint(self) -> bool:
+        """While the endpoint is marked failing and this destination has nothing left to send
+        (no send of its own would say the endpoint is back: nothing queued, in flight or
+        scheduled for retry), ask the endpoint with one validate_only request; any answer but
+        a failure of the endpoint itself (5xx, network) ends the failing state, as a delivery
+        does. True if it did."""
+        if not self._endpoint.failing or self._guard.held or self.holding:
+            return False
+        queued, in_flight, _, retries = await self.queue.depth()
+        if queued or in_flight or retries:
+            return False
+        error = await keycheck.probe(self.client)
+        if error is not None and decisions.fate(error.reason).endpoint_down:
+            self._endpoint.failed(error)
+            return False
+        now = self._now()
+        since = await self.durably(
+            "recording that the endpoint answers",
+            functools.partial(self.queue.endpoint_answered, now),
+        )
+        await self._endpoint_recovered(since)
+        return True
 
     async def _endpoint_recovered(self, failing_since_ms: int | None) -> None:
         lasted = self._endpoint.delivered(failing_since_ms)

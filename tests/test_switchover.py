@@ -70,7 +70,9 @@ def test_a_switchover_during_the_replica_wait_is_queue_unavailable_and_a_retry_l
         assert "enqueueing it again is safe" in str(raised[0]).lower()
 
         # The caller retries, on the new master: the event is there once.
-        retry = make_settings(sandbox, new.url, enqueue_durability="replica")
+        retry = make_settings(  # a loaded machine's replica may take seconds to acknowledge
+            sandbox, new.url, enqueue_durability="replica", durability_timeout_ms=20_000
+        )
         with old.client() as c:
             wait_for(lambda: c.info("replication")["master_link_status"] == "up", what="sync")
         with SyncProducer.from_settings(retry) as producer:

@@ -231,18 +231,20 @@ class InvalidEventError(SendError):
 
     def for_event(self, index: int) -> InvalidEventError:
         """This rejection as it concerns ``events[index]`` alone: its param, only the
-        ``errors[]`` entries that name it (for that event's dead letter), and the class its
-        own errors say: outside the time window only when they (or the answer's own code,
-        where its param names this event or none) say "too old"."""
+        ``errors[]`` entries that name it (for that event's dead letter), and the class they
+        say: outside the time window only when they, or the answer's own code where its param
+        names this event, say "too old". An event with no entry of its own goes by what names
+        no event (an entry without a param, the answer's own code without one), as the
+        answer as a whole does."""
         r = self.response
         mine = f"events[{index}]"
         body = r.body
         error = body.get("error") if isinstance(body, dict) else None
+        entries: list[dict[str, Any]] = []
         own: list[dict[str, Any]] = []
         if isinstance(error, dict) and isinstance(error.get("errors"), list):
-            own = [
-                e for e in error["errors"] if isinstance(e, dict) and _names(e.get("param"), mine)
-            ]
+            entries = [e for e in error["errors"] if isinstance(e, dict)]
+            own = [e for e in entries if _names(e.get("param"), mine)]
             body = {**body, "error": {**error, "errors": own or error["errors"]}}
         param_is_mine = _names(r.param, mine)
         narrowed = dataclasses.replace(
@@ -254,11 +256,14 @@ class InvalidEventError(SendError):
         )
         cls: type[InvalidEventError] = type(self)
         if cls in (InvalidEventError, OutsideTimeWindowError):
-            codes = [e.get("code") for e in own]
-            params = [e.get("param") for e in own]
-            if r.param is None or param_is_mine:
-                codes.append(r.code)
-                params.append(r.param)
+            said = [(e.get("code"), e.get("param")) for e in own]
+            if param_is_mine:
+                said.append((r.code, r.param))
+            if not own:  # no errors[] entry of its own: what names no event speaks for it
+                general = [(e.get("code"), e.get("param")) for e in entries]
+                said += [(c, p) for c, p in [*general, (r.code, r.param)] if not _names_any(p)]
+            codes = [c if isinstance(c, str) else None for c, _ in said]
+            params = [p if isinstance(p, str) else None for _, p in said]
             old = too_old(r.status or 0, codes, params)
             cls = OutsideTimeWindowError if old else InvalidEventError
         return cls(narrowed, self.key_fingerprint)
@@ -269,6 +274,11 @@ def _names(param: Any, event: str) -> bool:
     return isinstance(param, str) and (
         param == event or param.startswith(event + ".") or param.startswith(event + "[")
     )
+
+
+def _names_any(param: Any) -> bool:
+    """Whether an answer's ``param`` names an event (``events[i]``, or a field under it)."""
+    return isinstance(param, str) and param.startswith("events[")
 
 
 class TooLargeError(InvalidEventError):

@@ -253,7 +253,8 @@ AWAY_RETRY_S = 1.0
 # Troubles a failover, a restart or a frozen server cause, which pass by themselves: a
 # follow rides them out. Others (a wrong password, a missing permission) end it.
 PASSING = frozenset(
-    {"unreachable", "read-only", "loading", "busy", "master-down", "cluster-down", "cluster-moved"}
+    {"unreachable", "read-only", "loading", "busy", "master-down", "unblocked"}
+    | {"cluster-down", "cluster-moved"}
 )
 
 

@@ -36,6 +36,7 @@ _RESPONSES = {
     "LOADING": ("loading", "Redis is loading its data set"),
     "BUSY": ("busy", "Redis is busy running a script"),
     "MASTERDOWN": ("master-down", "the Redis replica lost its master"),
+    "UNBLOCKED": ("unblocked", "Redis ended a blocked read: it became a replica (a failover)"),
     "CLUSTERDOWN": ("cluster-down", "the Redis Cluster is down (a failover in progress?)"),
     "MOVED": ("cluster-moved", "a Redis Cluster slot moved (a failover or resharding)"),
     "TRYAGAIN": ("cluster-moved", "a Redis Cluster slot is being moved (resharding)"),

@@ -210,7 +210,10 @@ def _is_trusted(ip: str | None, proxies: list[Network]) -> bool:
         address = ipaddress.ip_address(ip.strip())
     except ValueError:
         return False
-    return any(address in net for net in proxies)
+    forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        forms.append(address.ipv4_mapped)  # an IPv4 proxy seen through a dual-stack socket
+    return any(a in net for a in forms for net in proxies)
 
 
 def _client_ip(req: _Request, proxies: list[Network]) -> str | None:

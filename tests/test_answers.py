@@ -166,3 +166,67 @@ def test_each_event_a_rejection_names_gets_the_reason_of_its_own_errors(
     assert letters["too-old"]["reason"] == "outside_time_window"
     assert letters["too-old"]["replayable"] is False
     assert endpoint.delivered == [batch[0]["id"]]
+
+
+def test_an_event_said_too_old_only_in_an_errors_entry_without_a_param_stays_too_old(
+    endpoint: Endpoint, redis_url: str, worker: Callable[[Settings], None]
+) -> None:
+    # The answer names events[1] in its param and says why in an errors[] entry that names
+    # no event: the event is too old (not replayable), as the answer as a whole says. Its
+    # dead letter said invalid_event (replayable: a replay that could only fail again).
+    def answer(r: Request) -> Answer:
+        if r.validate_only or "old" not in r.ids:
+            return OK
+        old = r.ids.index("old")
+        errors = [{"message": "older than 7 days", "code": "event_timestamp_too_old"}]
+        body = json_error("m", param=f"events[{old}]", code="invalid_event", errors=errors)
+        return 400, {}, body
+
+    endpoint.answer = answer
+    settings = settings_for(endpoint, redis_url, batch_size=3)
+    batch = events(3)
+    batch[1]["id"] = "old"
+    enqueue(settings, batch)
+    worker(settings)
+    wait(lambda: len(endpoint.delivered) == 2 and dead_letters(settings), what="fates")
+    letter = dead_letters(settings)["old"]
+    assert (letter["reason"], letter["replayable"]) == ("outside_time_window", False), letter
+
+
+def test_an_event_with_errors_of_its_own_is_not_too_old_by_the_answers_top_code(
+    endpoint: Endpoint, redis_url: str, worker: Callable[[Settings], None]
+) -> None:
+    # An answer whose own code says "too old" and whose param names no event, listing one
+    # event too old and another with a bad data field: the second is an ordinary,
+    # replayable rejection (its own errors say so); it was dead-lettered as too old.
+    def answer(r: Request) -> Answer:
+        if r.validate_only or len(r.ids) == 1:
+            return OK
+        bad, old = r.ids.index("bad-data"), r.ids.index("too-old")
+        errors = [
+            {
+                "message": "old",
+                "param": f"events[{old}].timestamp_ms",
+                "code": "event_timestamp_too_old",
+            },
+            {
+                "message": "unknown",
+                "param": f"events[{bad}].data.foo",
+                "code": "unknown_data_field",
+            },
+        ]
+        return 422, {}, json_error("m", param=None, code="event_timestamp_too_old", errors=errors)
+
+    endpoint.answer = answer
+    settings = settings_for(endpoint, redis_url, batch_size=3)
+    batch = events(3)
+    batch[1]["id"], batch[2]["id"] = "bad-data", "too-old"
+    enqueue(settings, batch)
+    worker(settings)
+    wait(lambda: endpoint.delivered and len(dead_letters(settings)) == 2, what="fates")
+    letters = dead_letters(settings)
+    assert letters["too-old"]["reason"] == "outside_time_window"
+    assert (letters["bad-data"]["reason"], letters["bad-data"]["replayable"]) == (
+        "invalid_event",
+        True,
+    ), letters["bad-data"]

@@ -327,3 +327,17 @@ def test_a_deeply_nested_error_body_is_kept_as_text_so_its_dead_letter_reads_bac
         attempted=True,
     )
     assert DeadLetter.model_validate_json(record.to_json()).error_body == record.error_body
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "raw", "reason", "index"),
+    [r for r in REJECTIONS if r[4] is not None],
+    ids=[r[0] for r in REJECTIONS if r[4] is not None],
+)
+def test_the_one_event_a_rejection_names_has_the_answers_reason(
+    case: str, status: int, raw: bytes, reason: Reason, index: int
+) -> None:
+    # What the worker dead-letters (and the replay dry run reports) is for_event's reason.
+    error = classify(status, {}, raw)
+    assert isinstance(error, InvalidEventError)
+    assert error.for_event(index).reason is reason

@@ -199,3 +199,20 @@ def test_a_dead_master_the_sentinels_still_name_is_said_with_the_sentinels_setti
             assert "CAPI_REDIS_SENTINELS" in done.stderr, done.stderr
             assert "check CAPI_REDIS_URL" not in done.stderr, done.stderr
             assert "Traceback" not in done.stderr
+
+
+def test_a_wrong_password_under_sentinel_is_said_as_such_not_as_a_dead_master(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """Redis refusing the URL's password is no master down: ``capi status`` said "Redis is
+    not reachable (invalid username-password pair ...); the master the sentinels name may
+    be down (a failover follows ...)", sending the operator to wait for a failover."""
+    with SentinelSet(tmp_path / "s", password="sentinel-test-pw", replicas=1) as found:
+        settings = sentinel_settings(sandbox, found)
+        done = capi(
+            settings, "status", extra_env={"CAPI_REDIS_URL": "redis://:Not-The-Pw-7x@127.0.0.1:1/0"}
+        )
+    assert done.returncode == ExitCode.REDIS, done.stdout + done.stderr
+    assert "credentials in CAPI_REDIS_URL" in done.stderr, done.stderr
+    assert "may be down" not in done.stderr and "not reachable" not in done.stderr, done.stderr
+    assert "Not-The-Pw-7x" not in done.stderr  # the password itself is never said

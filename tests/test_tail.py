@@ -351,3 +351,36 @@ def test_the_ring_keeps_no_type_or_event_name_a_valid_event_could_not_have(
     shown = capi(settings, "tail", "--json", "--status", "refused")
     lines = {json.loads(t)["id"]: json.loads(t) for t in shown.stdout.splitlines()}
     assert [lines[e["id"]]["type"] for e in slipped] == ["?", "?", "purchase"], lines
+
+
+def test_tail_follow_keeps_following_when_its_master_is_made_a_replica(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """A switchover makes the master a replica: Redis ends the follower's blocked read with
+    "UNBLOCKED force unblock from blocking operation, instance state changed (master ->
+    replica?)". That is a failover passing like the others: ``capi tail --follow`` exited 5
+    on it ("Redis answered with an error")."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with RedisProcess(tmp_path / "a") as server, RedisProcess(tmp_path / "b") as other:
+        settings = make_settings(sandbox, server.url)
+        follower = Follower(settings)
+        try:
+            with server.client() as c:
+                following = lambda: any(x.get("cmd") == "xread" for x in c.client_list())  # noqa: E731
+                wait_for(following, 30, "the follower following")
+                c.replicaof("127.0.0.1", other.port)
+                said = lambda: "still following" in "".join(follower.errors)  # noqa: E731
+                wait_for(lambda: said() or follower.proc.poll() is not None, 30, "a word")
+                assert follower.proc.poll() is None, follower.errors
+                c.replicaof("no", "one")
+            wait_for(lambda: "following again" in "".join(follower.errors), 30, "it says so")
+            enqueue(settings, events(2))
+            worker = start_worker(settings)
+            try:
+                wait_for(lambda: len(follower.where(status="delivered")) == 2, 30, "the lines")
+            finally:
+                stop_worker(worker)
+        finally:
+            follower.stop()
+    assert "error:" not in "".join(follower.errors), follower.errors

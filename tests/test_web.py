@@ -76,6 +76,21 @@ def test_x_forwarded_for_counts_only_from_a_trusted_proxy() -> None:
     assert trusted["source_url"] == "http://shop.example/buy"
 
 
+def test_a_trusted_proxy_seen_through_a_dual_stack_socket_is_trusted() -> None:
+    # An app server listening on an IPv6 socket (uvicorn --host ::) sees its IPv4 proxy as
+    # ::ffff:10.0.0.2: that is 10.0.0.2, in the trusted 10.0.0.0/8. It was not believed, so
+    # every event carried the proxy's address and the scheme and host behind the proxy.
+    chain = {"x-forwarded-for": "203.0.113.66", "x-forwarded-proto": "http"}
+    fields = web.event_fields(
+        scope(headers=chain, client="::ffff:10.0.0.2"), trusted_proxies=["10.0.0.0/8"]
+    )
+    assert fields["user"]["ip_address"] == "203.0.113.66"
+    assert fields["source_url"] == "http://shop.example/buy"
+    hop = {"x-forwarded-for": "203.0.113.66, ::ffff:10.0.0.5"}  # a proxy that writes it so
+    fields = web.event_fields(scope(headers=hop, client="10.0.0.2"), trusted_proxies=["10.0.0.0/8"])
+    assert fields["user"]["ip_address"] == "203.0.113.66"
+
+
 def test_event_fields_from_a_wsgi_environ_make_a_valid_event() -> None:
     environ = {
         "wsgi.url_scheme": "http",

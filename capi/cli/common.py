@@ -116,6 +116,8 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
                 "CAPI_REDIS_SENTINEL_MASTER",
                 ExitCode.REDIS,
             )
+        except redis.exceptions.AuthenticationError as exc:  # a ConnectionError to redis-py
+            fail(f"{classify(exc)[1]} ({exc})", ExitCode.REDIS)
         except redis.exceptions.ConnectionError as exc:
             fail(f"Redis is not reachable ({exc}); {_where()}", ExitCode.REDIS)
         except redis.exceptions.TimeoutError as exc:

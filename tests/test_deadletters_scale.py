@@ -1,10 +1,11 @@
-"""Dead letters by the thousand: the commands read them a slice
+"""Dead letters by the thousand: the commands and the worker's prune job read them a slice
 at a time, never every record at once (at 200,000 dead letters a `list --limit 10` took
 1 GB), and finding one by its event id reads only the index's matching names."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 import redis.asyncio as aioredis
 from click.testing import CliRunner
 
@@ -21,6 +23,8 @@ from capi.failures import Reason
 from capi.queue import Entry
 from capi.sandbox import SandboxThread
 from capi.settings import Settings
+from capi.worker.housekeeping import prune_dead_letters
+from capi.worker.sender import Sender
 from tests.helpers import events, make_settings
 from tests.test_deadletters_cli import cli_env, cli_run
 
@@ -144,3 +148,33 @@ def test_list_json_across_destinations_is_newest_first(
     assert {r["destination"] for r in rows} == {"a", "b", "c"}
     times = [r["dead_lettered_ms"] for r in rows]
     assert times == sorted(times, reverse=True)
+
+
+def test_the_prune_job_holds_a_slice_and_names_a_bounded_number_of_ids(
+    redis_url: str, sandbox: SandboxThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(sandbox, redis_url, deadletter_retention_days=1)
+    store(settings, 100)  # kept
+
+    async def prune() -> None:
+        sender = Sender.from_settings(settings)
+        try:
+            await prune_dead_letters(sender, int(time.time() * 1000))
+        finally:
+            await sender.aclose()
+
+    caplog.set_level(logging.WARNING)
+    peaks = []
+    for count in (FEW, FEW + MORE):
+        store(settings, count, age_ms=2 * DAY_MS)  # past retention: pruned
+        caplog.clear()
+        peaks.append(peak_of(lambda: asyncio.run(prune()))[1])
+        with redis.Redis.from_url(redis_url) as client:
+            assert client.hlen(settings.keys.deadletters) == 100
+            assert client.zcard(settings.keys.deadletter_index) == 100
+        [pruned] = [r for r in caplog.records if "pruned" in r.getMessage()]
+        assert f"pruned {count} dead letters" in pruned.getMessage()
+        assert pruned.count == count  # type: ignore[attr-defined]
+        assert len(pruned.event_ids) == 100  # type: ignore[attr-defined]
+    few, many = peaks
+    assert many < 2 * few, f"peak {few:,} B over {FEW} dead letters, {many:,} B over {FEW + MORE}"

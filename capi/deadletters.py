@@ -14,8 +14,9 @@ readers skip it and report it, so one bad record never breaks the others' comman
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import heapq
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -198,18 +199,114 @@ async def find(
     raw = await aw(client.hget(keys.deadletters, ref))
     if raw:
         return _sorted([(ref, raw)], unreadable)
-    return [r for r in await all_records(client, keys, unreadable) if r.id == ref]
-
-
-async def all_records(
-    client: aioredis.Redis, keys: RedisKeys, unreadable: list[Unreadable] | None = None
-) -> list[DeadLetter]:
-    """Every dead letter, newest first; unreadable records are skipped (see :func:`find`)."""
-    ids = await client.zrevrange(keys.deadletter_index, 0, -1)
-    if not ids:
+    # Keys are ``name:id``: scan the index for names ending in ``:ref`` (a slice at a
+    # time), never read every record.
+    names: list[bytes] = []
+    async for name, _ in client.zscan_iter(
+        keys.deadletter_index, match=f"*:{_glob_escaped(ref)}", count=10_000
+    ):
+        names.append(name)
+    if not names:
         return []
-    raws = await aw(client.hmget(keys.deadletters, ids))
-    return _sorted(list(zip(ids, raws, strict=True)), unreadable)
+    raws = await aw(client.hmget(keys.deadletters, names))
+    return [r for r in _sorted(list(zip(names, raws, strict=True)), unreadable) if r.id == ref]
+
+
+async def scan(
+    client: aioredis.Redis,
+    sources: Sequence[tuple[str, RedisKeys]],
+    *,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+    unreadable: list[Unreadable] | None = None,
+    chunk: int = 200,
+) -> AsyncIterator[DeadLetter]:
+    """The dead letters of several destinations (each ``(name, keys)``), newest first over
+    all of them, with ``destination`` set to the name they are stored under, read a slice
+    at a time: only the index names of ``chunk`` entries per destination and one batch of
+    records are held at once, never every record (``capi dead-letters`` over 200,000 dead
+    letters). Unreadable records are skipped, and added to ``unreadable`` if given.
+
+    It pages by position in each time index: a record added or removed meanwhile may be
+    passed over or read twice at a slice's edge. Replay and purge act on the
+    records' keys, and skip a record already gone."""
+    low = "-inf" if since_ms is None else since_ms
+    high = "+inf" if until_ms is None else until_ms
+    done: list[int] = [0] * len(sources)
+    heads: list[tuple[float, int, bytes]] = []  # ties: the destinations' order
+
+    async def slice_of(i: int) -> list[tuple[bytes, float]]:
+        rows = await client.zrevrangebyscore(
+            sources[i][1].deadletter_index, high, low, start=done[i], num=chunk, withscores=True
+        )
+        done[i] += len(rows)
+        return list(rows)
+
+    pending = await _first_slices(client, sources, high, low, chunk)
+    for i, rows in enumerate(pending):
+        done[i] = len(rows)
+        if rows:
+            name, score = rows.pop()
+            heads.append((-score, i, name))
+    heapq.heapify(heads)
+    while heads:
+        batch: list[tuple[int, bytes]] = []
+        while heads and len(batch) < chunk:
+            _, i, name = heapq.heappop(heads)
+            batch.append((i, name))
+            if not pending[i] and done[i] % chunk == 0 and done[i]:
+                pending[i] = list(reversed(await slice_of(i)))
+            if pending[i]:
+                nxt, score = pending[i].pop()
+                heapq.heappush(heads, (-score, i, nxt))
+        found = await _records(client, sources, batch)
+        for i, name in batch:
+            raw = found[(i, name)]
+            if raw is None:  # replayed or purged since the index was read
+                continue
+            parsed = parse(name, raw)
+            if isinstance(parsed, DeadLetter):
+                parsed.destination = sources[i][0]  # where it is stored is where it goes
+                yield parsed
+            elif unreadable is not None:
+                unreadable.append(replace(parsed, destination=sources[i][0]))
+
+
+async def _first_slices(
+    client: aioredis.Redis,
+    sources: Sequence[tuple[str, RedisKeys]],
+    high: float | str,
+    low: float | str,
+    chunk: int,
+) -> list[list[tuple[bytes, float]]]:
+    """Each destination's newest ``chunk`` index entries, oldest first (popped from the
+    end), 100 destinations a round trip."""
+    slices: list[list[tuple[bytes, float]]] = []
+    for first in range(0, len(sources), 100):
+        pipe = client.pipeline(transaction=False)
+        for _, keys in sources[first : first + 100]:
+            pipe.zrevrangebyscore(
+                keys.deadletter_index, high, low, start=0, num=chunk, withscores=True
+            )
+        slices += [list(reversed(rows)) for rows in await pipe.execute()]
+    return slices
+
+
+async def _records(
+    client: aioredis.Redis, sources: Sequence[tuple[str, RedisKeys]], batch: list[tuple[int, bytes]]
+) -> dict[tuple[int, bytes], bytes | None]:
+    """The stored records of a batch of (source, name), one HMGET per destination in one
+    round trip."""
+    wanted: dict[int, list[bytes]] = {}
+    for i, name in batch:
+        wanted.setdefault(i, []).append(name)
+    pipe = client.pipeline(transaction=False)
+    for i, names in wanted.items():
+        pipe.hmget(sources[i][1].deadletters, names)
+    found: dict[tuple[int, bytes], bytes | None] = {}
+    for (i, names), raws in zip(wanted.items(), await pipe.execute(), strict=True):
+        found.update({(i, n): r for n, r in zip(names, raws, strict=True)})
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,9 +79,19 @@ async def select(
             for r in await deadletters.find(client, keys, ref, unreadable)
         }
         records = sorted(found.values(), key=lambda r: -r.dead_lettered_ms)
-    else:
-        records = await deadletters.all_records(client, keys, unreadable)
-    return [r for r in records if selection.matches(r, now_ms)]
+        return [r for r in records if selection.matches(r, now_ms)]
+    # Read a slice at a time: only the selected records are kept.
+    return [
+        r
+        async for r in deadletters.scan(
+            client,
+            [(keys.destination, keys)],
+            since_ms=selection.since_ms,
+            until_ms=selection.until_ms,
+            unreadable=unreadable,
+        )
+        if selection.matches(r, now_ms)
+    ]
 
 
 @dataclass
@@ -238,14 +248,11 @@ async def purge(
     the audit."""
     if not records:
         return 0
-    ids = [r.key for r in records]
-    # A cluster client has no MULTI (redis-py): there the index entry may briefly outlive
-    # its record, which readers skip as gone.
-    pipe = client.pipeline(transaction=not keys.cluster)
-    pipe.hdel(keys.deadletters, *ids)
-    pipe.zrem(keys.deadletter_index, *ids)
-    removed, _ = await pipe.execute()
-    await aw(client.hincrby(keys.stats, "purged", int(removed)))
+    removed = 0
+    for start in range(0, len(records), PURGE_SLICE):
+        removed += await purge_keys(
+            client, keys, [r.key for r in records[start : start + PURGE_SLICE]]
+        )
     if actor:
         entry = {
             "at_ms": now_ms if now_ms is not None else clock.now_ms(),
@@ -257,6 +264,24 @@ async def purge(
             "by": actor,
         }
         await _audit(client, keys, entry)
+    return int(removed)
+
+
+PURGE_SLICE = 1000  # records deleted per transaction: Redis is never held long by one
+
+
+async def purge_keys(client: aioredis.Redis, keys: RedisKeys, names: Sequence[str]) -> int:
+    """Delete the dead letters stored under ``names`` (``name:id``) and their index
+    entries, counting them as purged; return how many were removed."""
+    if not names:
+        return 0
+    # A cluster client has no MULTI (redis-py): there the index entry may briefly outlive
+    # its record, which readers skip as gone.
+    pipe = client.pipeline(transaction=not keys.cluster)
+    pipe.hdel(keys.deadletters, *names)
+    pipe.zrem(keys.deadletter_index, *names)
+    removed, _ = await pipe.execute()
+    await aw(client.hincrby(keys.stats, "purged", int(removed)))
     return int(removed)
 
 

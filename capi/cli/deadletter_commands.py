@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -37,9 +37,10 @@ from capi.cli.selection import (
     destination_option,
     filters,
     human_duration,
+    indexed,
+    iter_selected,
     now_ms,
     report_not_found,
-    select_records,
     select_with_unreadable,
     selection_from,
     warn_unreadable,
@@ -81,59 +82,86 @@ def list_command(ctx: click.Context, /, as_json: bool, limit: int | None, **kw: 
     """
     settings = settings_from(ctx)
     now = now_ms()
-    records = run(select_records(settings, selection_from((), kw, now)))
-    shown = records[:limit] if limit else records
-    if as_json:
-        for r in shown:
-            sys.stdout.buffer.write(replay.to_json_line(r))
-        return
-    if not records:
-        out.print("No dead letters.")
-        return
+    selection = selection_from((), kw, now)
     several = len(destination_names(settings, None)) > 1
     columns = ["destination"] if several else []
     table = Table(*columns, "id", "type", "reason", "age", "attempts", "replay within", box=None)
-    for r in shown:
-        left = r.replay_deadline_ms - now
-        window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
-        table.add_row(
-            *([Text(safetext.shown(r.destination))] if several else []),
-            Text(safetext.shown(r.id)),  # ids are data, never markup
-            Text(safetext.shown(r.event_type)),
-            r.reason.value,
-            human_duration(now - r.dead_lettered_ms),
-            str(r.attempts),
-            window,
-        )
+    summary = _Summary(settings, now)
+
+    async def go() -> list[Unreadable]:
+        # Read a slice at a time: only the rows shown are kept (all of them without
+        # --limit), the rest are counted for the summary and let go.
+        unreadable: list[Unreadable] = []
+        async for r in iter_selected(settings, selection, unreadable):
+            shown = not limit or summary.total < limit
+            summary.add(r)
+            if not shown:
+                continue
+            if as_json:
+                sys.stdout.buffer.write(replay.to_json_line(r))
+                continue
+            left = r.replay_deadline_ms - now
+            window = human_duration(left) if can_replay(r, now) else "[red]never[/]"
+            table.add_row(
+                *([Text(safetext.shown(r.destination))] if several else []),
+                Text(safetext.shown(r.id)),  # ids are data, never markup
+                Text(safetext.shown(r.event_type)),
+                r.reason.value,
+                human_duration(now - r.dead_lettered_ms),
+                str(r.attempts),
+                window,
+            )
+        return unreadable
+
+    warn_unreadable(run(go()))
+    if as_json:
+        return
+    if not summary.total:
+        out.print("No dead letters.")
+        return
     out.print(table)
-    counts = Counter(r.reason.value for r in records)
     out.print(
-        f"{plural(len(records), 'dead letter')}: "
-        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        f"{plural(summary.total, 'dead letter')}: "
+        + ", ".join(f"{k} {v}" for k, v in summary.reasons.items())
     )
-    _warn_deadlines(records, settings, now)
+    summary.warn()
 
 
-def _warn_deadlines(records: Sequence[DeadLetter], settings: Settings, now: int) -> None:
-    soon = [
-        r for r in records if can_replay(r, now) and r.replay_deadline_ms - now < _WARN_WITHIN_MS
-    ]
-    retention_ms = int(settings.deadletter_retention_days * 86_400_000)
-    pruned_soon = [r for r in records if r.dead_lettered_ms + retention_ms - now < _WARN_WITHIN_MS]
-    if soon:
-        err.print(
-            f"warning: {plural(len(soon), 'dead letter')} pass their replay deadline within "
-            "24 h; "
-            "replay or export them now",
-            markup=False,
-        )
-    if pruned_soon:
-        err.print(
-            f"warning: {plural(len(pruned_soon), 'dead letter')} reach the retention limit "
-            f"({settings.deadletter_retention_days:g} days) within 24 h; "
-            "export them to keep a copy",
-            markup=False,
-        )
+class _Summary:
+    """What ``list`` says under its table, counted one record at a time: how many dead
+    letters by reason, and how many pass their replay deadline or the retention limit
+    within 24 h."""
+
+    def __init__(self, settings: Settings, now: int) -> None:
+        self.now = now
+        self.retention_days = settings.deadletter_retention_days
+        self.retention_ms = int(settings.deadletter_retention_days * 86_400_000)
+        self.total = 0
+        self.reasons: Counter[str] = Counter()
+        self.soon = 0
+        self.pruned_soon = 0
+
+    def add(self, r: DeadLetter) -> None:
+        self.total += 1
+        self.reasons[r.reason.value] += 1
+        if can_replay(r, self.now) and r.replay_deadline_ms - self.now < _WARN_WITHIN_MS:
+            self.soon += 1
+        if r.dead_lettered_ms + self.retention_ms - self.now < _WARN_WITHIN_MS:
+            self.pruned_soon += 1
+
+    def warn(self) -> None:
+        if self.soon:
+            err.print(
+                f"warning: {plural(self.soon, 'dead letter')} pass their replay deadline "
+                "within 24 h; replay or export them now",
+                markup=False,
+            )
+        if self.pruned_soon:
+            err.print(
+                f"warning: {plural(self.pruned_soon, 'dead letter')} reach the retention limit "
+                f"({self.retention_days:g} days) within 24 h; export them to keep a copy",
+                markup=False,
+            )
 
 
 @dead_letters.command("show")
@@ -320,12 +348,26 @@ def export_command(
       capi dead-letters export --reason missing_scope -o scope-failures.jsonl
     """
     settings = settings_from(ctx)
-    records = run(select_records(settings, selection_from(ids, kw, now_ms())))
-    with progress(len(records) if output is not sys.stdout.buffer else 0, "exporting") as step:
-        for r in records:
+    selection = selection_from(ids, kw, now_ms())
+
+    # The bar's total is what the time indexes hold in the range: the filters may select
+    # fewer.
+    total = run(indexed(settings, selection)) if output is not sys.stdout.buffer else 0
+
+    async def go(step: Callable[[int], None]) -> tuple[int, list[Unreadable]]:
+        # Written as read, a slice at a time: never every record in memory at once.
+        unreadable: list[Unreadable] = []
+        count = 0
+        async for r in iter_selected(settings, selection, unreadable):
             output.write(replay.to_json_line(r))
+            count += 1
             step(1)
-    err.print(f"exported {plural(len(records), 'dead letter')}", markup=False)
+        return count, unreadable
+
+    with progress(total, "exporting") as step:
+        count, unreadable = run(go(step))
+    warn_unreadable(unreadable)
+    err.print(f"exported {plural(count, 'dead letter')}", markup=False)
 
 
 @dead_letters.command("purge")

@@ -175,12 +175,17 @@ def _dry_run(
     """Ask the API about each record (validate_only); print each verdict; the number that
     would be rejected."""
     now = now_ms()
-    send = [r for r in records if include_expired or can_replay(r, now)]
-    skipped = [
-        replay.DryRunResult(r.id, False, "past_replay_deadline", "not sent: the API refuses it")
-        for r in records
-        if r not in send
-    ]
+    send: list[DeadLetter] = []
+    skipped: list[replay.DryRunResult] = []
+    for r in records:  # one pass: a membership test per record was quadratic (50,000: hours)
+        if include_expired or can_replay(r, now):
+            send.append(r)
+        else:
+            skipped.append(
+                replay.DryRunResult(
+                    r.id, False, "past_replay_deadline", "not sent: the API refuses it"
+                )
+            )
     configured = destinations.load(settings) if send else {}
 
     async def go() -> list[replay.DryRunResult]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -131,43 +131,94 @@ def now_ms() -> int:
     return clock.now_ms()
 
 
+async def _check_types(
+    client: Any, settings: Settings, names: Sequence[str], selection: Selection
+) -> None:
+    """Raise click.BadParameter for a ``--type`` that is neither a standard event type nor
+    the type of any dead letter (a misspelling would otherwise select nothing, silently);
+    the records are read a slice at a time until every such type is seen."""
+    unknown = {t for t in selection.event_types if t not in schema.STANDARD_TYPES}
+    if not unknown:
+        return
+    sources = [(n, settings.keys.for_destination(n)) for n in names]
+    async for record in deadletters.scan(client, sources):
+        unknown.discard(record.event_type)
+        if not unknown:
+            return
+    missing = [t for t in selection.event_types if t in unknown]
+    raise click.BadParameter(
+        f"{', '.join(map(repr, missing))} is no event type: use one of "
+        f"{', '.join(schema.STANDARD_TYPES)}, or a custom event name a dead "
+        "letter has",
+        param_hint="--type",
+    )
+
+
+async def iter_selected(
+    settings: Settings, selection: Selection, unreadable: list[Unreadable]
+) -> AsyncIterator[DeadLetter]:
+    """The selected dead letters, newest first, read a slice at a time (see
+    :func:`capi.deadletters.scan`): a command over 200,000 dead letters holds a slice, not
+    all of them. Records that cannot be read are skipped and added to ``unreadable``
+    (opens and closes its own connection).
+
+    Raises click.BadParameter for a ``--type`` that is neither a standard event type nor
+    the type of any dead letter.
+    """
+    client = redis_client(settings)
+    names = destination_names(settings, selection.destinations)
+    now = now_ms()
+    try:
+        await _check_types(client, settings, names, selection)
+        if selection.ids:  # named records: found one by one, never a scan of every record
+            found: list[DeadLetter] = []
+            for name in names:
+                keys = settings.keys.for_destination(name)
+                skipped: list[Unreadable] = []
+                for record in await replay.select(client, keys, selection, now, skipped):
+                    record.destination = name  # where it is stored is where it goes
+                    found.append(record)
+                unreadable += [dataclasses.replace(u, destination=name) for u in skipped]
+            found.sort(key=lambda r: r.dead_lettered_ms, reverse=True)
+            for record in found:
+                yield record
+            return
+        sources = [(n, settings.keys.for_destination(n)) for n in names]
+        async for record in deadletters.scan(
+            client,
+            sources,
+            since_ms=selection.since_ms,
+            until_ms=selection.until_ms,
+            unreadable=unreadable,
+        ):
+            if selection.matches(record, now):
+                yield record
+    finally:
+        await client.aclose()
+
+
+async def indexed(settings: Settings, selection: Selection) -> int:
+    """How many dead letters the selected destinations' time indexes hold in the
+    selection's time range (before any other filter), in one round trip."""
+    client = redis_client(settings)
+    low = "-inf" if selection.since_ms is None else selection.since_ms
+    high = "+inf" if selection.until_ms is None else selection.until_ms
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in destination_names(settings, selection.destinations):
+            pipe.zcount(settings.keys.for_destination(name).deadletter_index, low, high)
+        return sum(int(n) for n in await pipe.execute())
+    finally:
+        await client.aclose()
+
+
 async def select_with_unreadable(
     settings: Settings, selection: Selection
 ) -> tuple[list[DeadLetter], list[Unreadable]]:
     """The selected dead letters, newest first, and the records that could not be read
-    (opens and closes its own connection).
-
-    Raises click.BadParameter for a ``--type`` that is neither a standard event type nor
-    the type of any dead letter (a misspelling would otherwise select nothing, silently).
-    """
-    client = redis_client(settings)
-    names = destination_names(settings, selection.destinations)
-    records: list[DeadLetter] = []
+    (opens and closes its own connection); see :func:`iter_selected`."""
     unreadable: list[Unreadable] = []
-    try:
-        unknown = [t for t in selection.event_types if t not in schema.STANDARD_TYPES]
-        if unknown:
-            present = set()
-            for name in names:
-                keys = settings.keys.for_destination(name)
-                present |= {r.event_type for r in await deadletters.all_records(client, keys)}
-            if missing := [t for t in unknown if t not in present]:
-                raise click.BadParameter(
-                    f"{', '.join(map(repr, missing))} is no event type: use one of "
-                    f"{', '.join(schema.STANDARD_TYPES)}, or a custom event name a dead "
-                    "letter has",
-                    param_hint="--type",
-                )
-        for name in names:
-            keys = settings.keys.for_destination(name)
-            found: list[Unreadable] = []
-            for record in await replay.select(client, keys, selection, now_ms(), found):
-                record.destination = name  # where it is stored is where it goes
-                records.append(record)
-            unreadable += [dataclasses.replace(u, destination=name) for u in found]
-    finally:
-        await client.aclose()
-    records.sort(key=lambda r: r.dead_lettered_ms, reverse=True)
+    records = [r async for r in iter_selected(settings, selection, unreadable)]
     return records, unreadable
 
 

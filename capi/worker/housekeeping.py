@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 import orjson
 import redis.exceptions
 
-from capi import clock, index, replay
+from capi import clock, deadletters, index, replay
 from capi.clock import HEARTBEAT_S, LIVENESS_MS, LIVENESS_S, ms
 from capi.deadletters import Unreadable
 from capi.redisconn import is_cluster
@@ -461,32 +461,49 @@ class Housekeeping:
         return True
 
 
+LOGGED_IDS = 100  # a warning names at most this many event ids (its count says how many)
+
+
 async def prune_dead_letters(sender: Sender, now: int) -> None:
-    """Warn about dead letters nearing their replay deadline; prune those past retention."""
+    """Warn about dead letters nearing their replay deadline; prune those past retention.
+
+    The records are read a slice at a time (:func:`capi.deadletters.scan`): a destination
+    with 50,000 dead letters costs the worker a slice, not all of them at once."""
     settings = sender.settings
     retention_ms = int(settings.deadletter_retention_days * DAY_MS)
     unreadable: list[Unreadable] = []
-    selection = replay.Selection()
-    records = await replay.select(sender.redis, sender.keys, selection, now, unreadable)
+    soon = 0
+    soon_ids: list[str] = []
+    old: list[str] = []
+    old_ids: list[str] = []
+    source = [(sender.keys.destination, sender.keys)]
+    async for r in deadletters.scan(sender.redis, source, unreadable=unreadable):
+        if r.dead_lettered_ms + retention_ms <= now:
+            old.append(r.key)  # keys only: purged in slices once read
+            if len(old_ids) < LOGGED_IDS:
+                old_ids.append(r.id)
+        if replay.can_replay(r, now) and r.replay_deadline_ms - now < DAY_MS:
+            soon += 1
+            if len(soon_ids) < LOGGED_IDS:
+                soon_ids.append(r.id)
     if unreadable:
         log.warning(
             "skipped %d dead letters that cannot be read (see `capi dead-letters show KEY`): %s",
             len(unreadable),
             ", ".join(f"{u.key} ({u.why})" for u in unreadable[:20]),
         )
-    old = [r for r in records if r.dead_lettered_ms + retention_ms <= now]
-    soon = [r for r in records if replay.can_replay(r, now) and r.replay_deadline_ms - now < DAY_MS]
     if soon:
         log.warning(
             "%d dead letters pass their replay deadline within 24 h; replay or export them",
-            len(soon),
-            extra={"event_ids": [r.id for r in soon]},
+            soon,
+            extra={"event_ids": soon_ids},
         )
     if old:
-        await replay.purge(sender.redis, sender.keys, old)
+        for start in range(0, len(old), 500):
+            await replay.purge_keys(sender.redis, sender.keys, old[start : start + 500])
         log.warning(
             "pruned %d dead letters older than CAPI_DEADLETTER_RETENTION_DAYS=%g",
             len(old),
             settings.deadletter_retention_days,
-            extra={"event_ids": [r.id for r in old], "count": len(old)},
+            extra={"event_ids": old_ids, "count": len(old)},
         )

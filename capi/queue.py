@@ -761,6 +761,11 @@ class Queue:
         since = await self._endpoint_ok(keys=[self.keys.endpoint], args=[now_ms])
         return int(since) if since else None
 
+    async def endpoint_marked_failing(self) -> bool:
+        """Whether Redis marks the endpoint as failing (any worker's failures, a worker
+        since stopped included)."""
+        return bool(await aw(self.redis.hexists(self.keys.endpoint, "failing_since")))
+
     async def release_retries(self) -> int:
         """Move every scheduled retry to the stream now, except those waiting out a
         ``Retry-After``; return how many events moved."""

@@ -404,6 +404,16 @@ if string.find(tostring(err), 'BUSYGROUP') then return 0 end
 return redis.error_reply(tostring(err))
 """
 
+FORGET_CONSUMER_LUA = """#!lua flags=allow-oom
+-- KEYS: stream. ARGV: group, consumer. Drop the consumer only if it holds nothing now: a
+-- read served since the caller looked (XINFO CONSUMERS) would go with it (DELCONSUMER
+-- drops its pending entries, which no read or reclaim then finds, and which the fate that
+-- follows, acknowledging none, records nowhere). 1 if dropped.
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 PURGE_LUA = (
     "#!lua flags=allow-oom\n"
     + DEDUP_HEADER
@@ -605,6 +615,7 @@ class Queue:
         self._release = client.register_script(lua(keys, RELEASE_LUA))
         self._endpoint_ok = client.register_script(ENDPOINT_OK_LUA)
         self._ensure_group = client.register_script(ENSURE_GROUP_LUA)
+        self._forget_consumer = client.register_script(FORGET_CONSUMER_LUA)
         self._heartbeat = client.register_script(HEARTBEAT_LUA)
         self._read = client.register_script(lua(keys, READ_LUA))
         self._index_retries = client.register_script(lua(keys, INDEX_RETRIES_LUA))
@@ -760,6 +771,11 @@ class Queue:
         after a delivery (DELIVER_LUA's last lines). Since when it was failing (ms), if it was."""
         since = await self._endpoint_ok(keys=[self.keys.endpoint], args=[now_ms])
         return int(since) if since else None
+
+    async def endpoint_marked_failing(self) -> bool:
+        """Whether Redis marks the endpoint as failing (any worker's failures, a worker
+        since stopped included)."""
+        return bool(await aw(self.redis.hexists(self.keys.endpoint, "failing_since")))
 
     async def release_retries(self) -> int:
         """Move every scheduled retry to the stream now, except those waiting out a
@@ -934,14 +950,16 @@ class Queue:
         """Drop consumers that hold nothing and have been idle for ``idle_ms`` (or, with
         ``silent_ms``, for that long when their worker is not ``live``: its heartbeat is
         gone), and the heartbeats of workers silent for ``idle_ms``. A consumer dropped
-        while its worker still runs costs nothing: its next read creates it again."""
+        while its worker still runs costs nothing: its next read creates it again; one
+        whose read was served meanwhile holds entries, and is kept."""
         consumers = await self.redis.xinfo_consumers(self.keys.stream, self.group)
         for c in consumers:
             name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
             idle = int(c["idle"])
             gone = silent_ms is not None and worker_of(name) not in live and idle > silent_ms
             if int(c["pending"]) == 0 and (idle > idle_ms or gone):
-                await self.redis.xgroup_delconsumer(self.keys.stream, self.group, c["name"])
+                # Checked again where it is dropped: it may have read since XINFO answered.
+                await self._forget_consumer(keys=[self.keys.stream], args=[self.group, name])
         gone = await self.redis.zrangebyscore(self.keys.workers, "-inf", now_ms - idle_ms)
         if gone:
             await self.redis.zrem(self.keys.workers, *gone)

@@ -182,3 +182,26 @@ def test_an_idle_destination_is_not_failing_for_good_once_the_endpoint_answers(
     assert status(settings)["endpoint"]["state"] == "ok"
     failing = 'capi_endpoint_failing_since_seconds{destination="default"}'
     assert gauge(http_get(f"{base}/metrics")[1], failing) == 0.0
+
+
+def test_a_restarted_worker_ends_the_failing_state_its_predecessor_left(
+    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]]
+) -> None:
+    """The worker that found the endpoint failing was killed (kill -9, a deploy) before its
+    idle probe could see the endpoint answer again: Redis kept the failing mark, and the
+    worker started in its place, knowing nothing of it, never probed. capi status said
+    "failing" for good after the endpoint came back (fault campaign)."""
+    settings = make_settings(sandbox, redis_url, max_attempts=2, metrics_port=free_port())
+    procs.append(start_worker(settings))
+    base = f"http://127.0.0.1:{settings.metrics_port}"
+    wait_for(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "the worker to start")
+    sandbox.state.faults = [Fault("server_error", every=1, retry_after_s=None)]
+    enqueue(settings, events(1))
+    wait_for(lambda: status(settings)["dead_letters"] == 1, 30, "the event dead-lettered")
+    procs[0].kill()
+    procs[0].communicate(timeout=30)
+    assert status(settings)["endpoint"]["state"] == "failing"
+    sandbox.state.faults = []  # the endpoint is back; nothing is queued
+    procs.append(start_worker(settings))
+    wait_for(lambda: http_get(f"{base}/readyz") == (200, "ok\n"), 60, "the new worker ready")
+    wait_for(lambda: status(settings)["endpoint"]["state"] == "ok", 60, "capi status: endpoint ok")

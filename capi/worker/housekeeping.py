@@ -21,8 +21,9 @@ gauges              GAUGES_S         queue depth and oldest age for metrics: act
                                      destinations, and GAUGES_SLICE idle ones in turn
 key re-probe        reprobe interval held destinations only (one worker at a time each,
                                      via a Redis lock), each in a task of its own
-endpoint probe      ENDPOINT_PROBE_S destinations whose endpoint this worker found failing
-                                     and that have nothing left to send (no delivery
+endpoint probe      ENDPOINT_PROBE_S destinations whose endpoint is marked failing (by this
+                                     worker, or in Redis by any worker, one since stopped
+                                     too) and that have nothing left to send (no delivery
                                      would say it answers again), each in a task of its
                                      own: one validate_only request
 lease renewal       claim_idle / 4   entries this worker still works on never look idle
@@ -220,7 +221,7 @@ class Housekeeping:
                 self._probes[name] = asyncio.create_task(self._reprobe(s))
         for s in senders.values():
             name = s.destination.name
-            if name in self._endpoint_probes or not s.endpoint_failing:
+            if name in self._endpoint_probes or s.held:
                 continue
             schedule = self._endpoint_schedules.setdefault(name, Schedule(ENDPOINT_PROBE_S))
             if schedule.due():

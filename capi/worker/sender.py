@@ -518,18 +518,16 @@ class Sender:
             self.metrics.transient_key_failures.labels(err.reason.value).inc()
         return verdict
 
-    @property
-    def endpoint_failing(self) -> bool:
-        """Whether this sender's sends found the endpoint failing since its last answer."""
-        return self._endpoint.failing
-
     async def probe_endpoint(self) -> bool:
-        """While the endpoint is marked failing and this destination has nothing left to send
-        (no send of its own would say the endpoint is back: nothing queued, in flight or
-        scheduled for retry), ask the endpoint with one validate_only request; any answer but
-        a failure of the endpoint itself (5xx, network) ends the failing state, as a delivery
-        does. True if it did."""
-        if not self._endpoint.failing or self._guard.held or self.holding:
+        """While the endpoint is marked failing (by this worker's sends, or in Redis: the
+        worker that found it failing may have stopped since) and this destination has
+        nothing left to send (no send of its own would say the endpoint is back: nothing
+        queued, in flight or scheduled for retry), ask the endpoint with one validate_only
+        request; any answer but a failure of the endpoint itself (5xx, network) ends the
+        failing state, as a delivery does. True if it did."""
+        if self._guard.held or self.holding:
+            return False
+        if not self._endpoint.failing and not await self.queue.endpoint_marked_failing():
             return False
         queued, in_flight, _, retries = await self.queue.depth()
         if queued or in_flight or retries:

@@ -230,18 +230,31 @@ def _text(value: bytes | None) -> str | None:
 
 
 async def recent(
-    redis: aioredis.Redis, rings: dict[str, str], count: int, *, whole: bool = False
+    redis: aioredis.Redis,
+    rings: dict[str, str],
+    count: int,
+    *,
+    whole: bool = False,
+    statuses: Sequence[str] = (),
+    ids: Sequence[str] = (),
 ) -> tuple[list[Line], dict[str, str]]:
-    """The last ``count`` outcomes across ``rings`` (destination -> ring key), newest last
-    (``whole`` reads each ring entirely, for filters that may skip most lines); and each
-    ring's newest entry id, from which :func:`follow` goes on without a gap."""
+    """The last ``count`` outcomes across ``rings`` (destination -> ring key) with one of
+    ``statuses`` and ``ids`` (each: any, when empty; see :func:`matching`), newest last;
+    every outcome when ``count`` is 0 (``whole`` reads each ring entirely, for filters that
+    may skip most lines); and each ring's newest entry id, from which :func:`follow` goes
+    on without a gap. Only the newest ``count`` lines are kept from one ring to the next:
+    ``capi tail -n 1000`` over 1,000 rings holds a thousand lines and one ring's, not every
+    ring's."""
     found: list[Line] = []
     newest: dict[str, str] = {}
     for destination, key in rings.items():
         rows = await redis.xrevrange(key, count=None if whole else max(1, count))
         newest[key] = rows[0][0].decode() if rows else "0-0"
         for stream_id, fields in rows:
-            found.extend(lines(destination, stream_id, fields))
+            found.extend(matching(lines(destination, stream_id, fields), statuses, ids))
+        if count > 0 and len(found) > count:
+            found.sort(key=lambda line: (line.time_ms, line.stream_id))
+            del found[:-count]
     found.sort(key=lambda line: (line.time_ms, line.stream_id))
     return found, newest
 

@@ -384,3 +384,48 @@ def test_tail_follow_keeps_following_when_its_master_is_made_a_replica(
         finally:
             follower.stop()
     assert "error:" not in "".join(follower.errors), follower.errors
+
+
+def test_recent_outcomes_over_many_rings_keep_only_the_lines_asked_for(redis_url: str) -> None:
+    """`capi tail -n 1000` over 1,000 destinations' rings held every ring's lines at once
+    (390 MB) to print a thousand: the newest are kept from one ring to the next."""
+    import tracemalloc
+
+    client = redis.Redis.from_url(redis_url)
+    now = int(time.time() * 1000)
+
+    def fill(first: int, rings: int) -> None:
+        for d in range(first, first + rings):
+            found = []
+            for j in range(50):
+                events = [(f"t{d}-{j}-{k}", "order_created", ["em"], now) for k in range(10)]
+                outcome = tail.Outcome(status="delivered", events=events, request_id=f"r{j}")
+                found += tail.writes(f"ring:{d}", outcome, 200)
+            tail.append_sync(client, found, 200)
+
+    def newest(rings: int, **filters: object) -> tuple[list[tail.Line], int]:
+        async def go() -> list[tail.Line]:
+            r = redis.asyncio.Redis.from_url(redis_url)
+            try:
+                names = {f"d{d}": f"ring:{d}" for d in range(rings)}
+                return (await tail.recent(r, names, 100, **filters))[0]  # type: ignore[arg-type]
+            finally:
+                await r.aclose()
+
+        tracemalloc.start()
+        try:
+            return asyncio.run(go()), tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    fill(0, 10)
+    newest(10)  # warm
+    few, few_peak = newest(10)
+    fill(10, 50)
+    many, many_peak = newest(60)
+    assert len(few) == len(many) == 100
+    assert [line.time_ms for line in many] == sorted(line.time_ms for line in many)
+    assert many_peak < 2 * few_peak, f"{few_peak:,} B over 10 rings, {many_peak:,} B over 60"
+    only, _ = newest(60, whole=True, ids=["t7-3-1", "t55-49-0"])
+    assert sorted(line.id for line in only) == ["t55-49-0", "t7-3-1"]
+    client.close()

@@ -83,11 +83,13 @@ async def _tail(
     # Its calls may block for a whole follow read, on top of the timeout.
     redis = redis_client(settings, socket_timeout=tail.follow_timeout_s(settings.redis_timeout_s))
     try:
-        found, newest = await tail.recent(redis, rings, count, whole=bool(statuses or ids))
-        for line in tail.matching(found, statuses, ids)[-count:]:
+        found, newest = await tail.recent(
+            redis, rings, count, whole=bool(statuses or ids), statuses=statuses, ids=ids
+        )
+        for line in found[-count:]:
             _print(line, as_json)
         if not follow:
-            if not found:
+            if all(last == "0-0" for last in newest.values()):  # no ring has an entry
                 out.print("No outcomes recorded yet (send some events).", markup=False)
             return
         names = ", ".join(rings)

@@ -4,8 +4,8 @@ The API uses "the first three valid unique values" of each user list and never r
 event over an identifier it cannot use; so capi does not either. An invalid *optional*
 identifier (a raw email, phone, name or external id, a hash, a region, postal code, city,
 country, the IP address, user agent, ``obref`` or AAID, and the event's ``oppref`` click
-id: an empty one is what a missing ``__oppref`` cookie often gives) is dropped from the event and
-reported as a warning (:class:`~capi.errors.Problem`: field and rule), unless strict mode
+id: an empty one is what a missing ``__oppref`` cookie often gives) is dropped from the
+event and reported as a warning (:class:`~capi.errors.Problem`: field and rule), unless strict mode
 (``CAPI_STRICT_IDENTIFIERS=true``) asks for the old refusal. Unknown user fields and the
 pre-September singular names stay refusals: they are mistakes in code, not in data.
 

@@ -248,11 +248,7 @@ async def purge(
     the audit."""
     if not records:
         return 0
-    removed = 0
-    for start in range(0, len(records), PURGE_SLICE):
-        removed += await purge_keys(
-            client, keys, [r.key for r in records[start : start + PURGE_SLICE]]
-        )
+    removed = await purge_keys(client, keys, [r.key for r in records])
     if actor:
         entry = {
             "at_ms": now_ms if now_ms is not None else clock.now_ms(),
@@ -272,17 +268,20 @@ PURGE_SLICE = 1000  # records deleted per transaction: Redis is never held long 
 
 async def purge_keys(client: aioredis.Redis, keys: RedisKeys, names: Sequence[str]) -> int:
     """Delete the dead letters stored under ``names`` (``name:id``) and their index
-    entries, counting them as purged; return how many were removed."""
-    if not names:
-        return 0
-    # A cluster client has no MULTI (redis-py): there the index entry may briefly outlive
-    # its record, which readers skip as gone.
-    pipe = client.pipeline(transaction=not keys.cluster)
-    pipe.hdel(keys.deadletters, *names)
-    pipe.zrem(keys.deadletter_index, *names)
-    removed, _ = await pipe.execute()
-    await aw(client.hincrby(keys.stats, "purged", int(removed)))
-    return int(removed)
+    entries, :data:`PURGE_SLICE` at a time, counting them as purged; return how many were
+    removed."""
+    removed = 0
+    for start in range(0, len(names), PURGE_SLICE):
+        part = names[start : start + PURGE_SLICE]
+        # A cluster client has no MULTI (redis-py): there the index entry may briefly
+        # outlive its record, which readers skip as gone.
+        pipe = client.pipeline(transaction=not keys.cluster)
+        pipe.hdel(keys.deadletters, *part)
+        pipe.zrem(keys.deadletter_index, *part)
+        found, _ = await pipe.execute()
+        await aw(client.hincrby(keys.stats, "purged", int(found)))
+        removed += int(found)
+    return removed
 
 
 def to_json_line(record: DeadLetter) -> bytes:

@@ -500,8 +500,7 @@ async def prune_dead_letters(sender: Sender, now: int) -> None:
             extra={"event_ids": soon_ids},
         )
     if old:
-        for start in range(0, len(old), 500):
-            await replay.purge_keys(sender.redis, sender.keys, old[start : start + 500])
+        await replay.purge_keys(sender.redis, sender.keys, old)  # in slices
         log.warning(
             "pruned %d dead letters older than CAPI_DEADLETTER_RETENTION_DAYS=%g",
             len(old),

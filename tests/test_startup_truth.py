@@ -162,13 +162,11 @@ def test_a_key_problem_being_confirmed_shows_as_confirming(
     assert key_state() == "unchecked"  # nothing holds it: no worker checks it now
 
 
-def test_an_idle_destination_is_not_failing_for_good_once_the_endpoint_answers(
+def _dead_lettered_in_an_outage(
     redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]]
-) -> None:
-    """The endpoint failed until the destination's events were dead-lettered (here past
-    CAPI_MAX_ATTEMPTS), then came back: with nothing left to send no delivery says so, and
-    /readyz, capi status and capi_endpoint_failing_since_seconds (CapiEndpointFailing) said
-    "failing" for good. The worker asks the endpoint itself."""
+) -> tuple[Settings, str]:
+    """A worker (in ``procs``) whose one event was dead-lettered past CAPI_MAX_ATTEMPTS
+    while the endpoint failed (it still fails): its settings and its metrics server's URL."""
     settings = make_settings(sandbox, redis_url, max_attempts=2, metrics_port=free_port())
     procs.append(start_worker(settings))
     base = f"http://127.0.0.1:{settings.metrics_port}"
@@ -176,6 +174,17 @@ def test_an_idle_destination_is_not_failing_for_good_once_the_endpoint_answers(
     sandbox.state.faults = [Fault("server_error", every=1, retry_after_s=None)]
     enqueue(settings, events(1))
     wait_for(lambda: status(settings)["dead_letters"] == 1, 30, "the event dead-lettered")
+    return settings, base
+
+
+def test_an_idle_destination_is_not_failing_for_good_once_the_endpoint_answers(
+    redis_url: str, sandbox: SandboxThread, procs: list[subprocess.Popen[str]]
+) -> None:
+    """The endpoint failed until the destination's events were dead-lettered (here past
+    CAPI_MAX_ATTEMPTS), then came back: with nothing left to send no delivery says so, and
+    /readyz, capi status and capi_endpoint_failing_since_seconds (CapiEndpointFailing) said
+    "failing" for good. The worker asks the endpoint itself."""
+    settings, base = _dead_lettered_in_an_outage(redis_url, sandbox, procs)
     assert status(settings)["endpoint"]["state"] == "failing"
     sandbox.state.faults = []  # the endpoint is back; nothing is queued
     wait_for(lambda: http_get(f"{base}/readyz") == (200, "ok\n"), 60, "/readyz ok")
@@ -191,13 +200,7 @@ def test_a_restarted_worker_ends_the_failing_state_its_predecessor_left(
     idle probe could see the endpoint answer again: Redis kept the failing mark, and the
     worker started in its place, knowing nothing of it, never probed. capi status said
     "failing" for good after the endpoint came back (fault campaign)."""
-    settings = make_settings(sandbox, redis_url, max_attempts=2, metrics_port=free_port())
-    procs.append(start_worker(settings))
-    base = f"http://127.0.0.1:{settings.metrics_port}"
-    wait_for(lambda: http_get(f"{base}/readyz")[0] == 200, 30, "the worker to start")
-    sandbox.state.faults = [Fault("server_error", every=1, retry_after_s=None)]
-    enqueue(settings, events(1))
-    wait_for(lambda: status(settings)["dead_letters"] == 1, 30, "the event dead-lettered")
+    settings, base = _dead_lettered_in_an_outage(redis_url, sandbox, procs)
     procs[0].kill()
     procs[0].communicate(timeout=30)
     assert status(settings)["endpoint"]["state"] == "failing"

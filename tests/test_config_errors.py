@@ -22,6 +22,8 @@ from workers.cli import cli
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """No CAPI_* variable in the environment; returns the extra variables of a run that
+    reads no config file."""
     for k in list(os.environ):
         if k.startswith("CAPI_"):
             monkeypatch.delenv(k)
@@ -74,12 +76,9 @@ def test_base_url_with_the_events_path_is_refused(env: dict[str, str]) -> None:
 
 
 def test_a_missing_key_says_which_config_file_was_looked_for(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for k in list(os.environ):
-        if k.startswith("CAPI_"):
-            monkeypatch.delenv(k)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no CAPI_* variable (env), no config file here
     result = CliRunner().invoke(cli, ["check-key"])
     output = one_line_error(result, ExitCode.CONFIG)
     assert "CAPI_API_KEY and CAPI_PIXEL_ID must be set" in output
@@ -87,12 +86,9 @@ def test_a_missing_key_says_which_config_file_was_looked_for(
 
 
 def test_a_missing_pixel_id_says_where_to_find_the_pixel_id(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for k in list(os.environ):
-        if k.startswith("CAPI_"):
-            monkeypatch.delenv(k)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no CAPI_* variable (env), no config file here
     monkeypatch.setenv("CAPI_API_KEY", "sk-svcacct-sandbox-conversion-key-0001")
     output = one_line_error(CliRunner().invoke(cli, ["check-key"]), ExitCode.CONFIG)
     assert "CAPI_PIXEL_ID must be set" in output

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +398,31 @@ def test_no_raw_email_or_token_reaches_redis_logs_or_answers(
     record = orjson.loads(line)
     assert record["token"] == "sha256:" + tokens.digest(TOKEN)[:8]
     assert (record["events"], record["queued"], record["refused"]) == (9, 4, 4)
+
+
+def test_concurrent_requests_each_get_an_access_line(tmp_path: Path, redis_url: str) -> None:
+    """Requests answered in the same turn share one logging record, written a line each:
+    every request is in the log once, with its own client, status and counts, and the last
+    ones are written before the server exits."""
+    server = start_intake(tmp_path, redis_url)
+    batches = [events(1, start=i, prefix="acc-") for i in range(40)]
+
+    def post(i: int) -> int:
+        token = TOKEN if i % 4 else "wrong-token-for-the-access-log-0001"
+        return server.post(batches[i], token=token).status_code
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(post, range(40)))
+    log = server.stop()
+    records = [
+        orjson.loads(line) for line in log.splitlines() if '"logger":"capi.intake.access"' in line
+    ]
+    answered = sorted(r["message"] for r in records if r["message"] != "GET /healthz 200")
+    assert answered == sorted(f"POST /v1/events {s}" for s in statuses)
+    assert all(r["client"].startswith("127.0.0.1:") for r in records)
+    ok = [r for r in records if r["message"] == "POST /v1/events 200"]
+    assert len(ok) == 30 and all((r["events"], r["queued"]) == (1, 1) for r in ok)
+    assert all(r["level"] == "info" and r["ts"].endswith("+00:00") for r in records)
 
 
 def _schema_for(doc: dict[str, Any], response: dict[str, Any]) -> dict[str, Any]:

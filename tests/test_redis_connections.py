@@ -170,3 +170,45 @@ def test_a_redis_user_limited_to_the_prefix_runs_everything(
     with own_url_redis.client() as admin:
         keys = [k.decode() for k in admin.scan_iter(count=1000)]
     assert keys and all(k.startswith("tenant-a:") for k in keys), keys
+
+
+PACKED = [
+    ("EVALSHA", "a" * 40, 2, "k1", "k2", b"\x00\xffraw", "ünïcode", 17, -3, b"v" * 10_000),
+    ("CONFIG GET", "maxmemory"),  # a two-word command is split, as redis-py does
+    ("ZADD", "z", 0.1, "m", 1e20, "n", float("inf"), "o"),
+    ("SET", "k", memoryview(b"view")),
+]
+
+
+def test_async_clients_pack_commands_as_redis_py_does(tmp_path: Path) -> None:
+    """capi's asyncio connections pack with hiredis (redis-py 5's asyncio client packs in
+    Python): the bytes are redis-py's, a bool is refused as redis-py refuses it, and a real
+    Redis reads back what was written."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from capi.redisconn import async_client
+
+    with RedisProcess(tmp_path) as r:
+        for url in (r.url, f"unix://{tmp_path}/none.sock"):
+            pool = async_client(url, 1).connection_pool
+            ours = pool.connection_class(**pool.connection_kwargs)
+            kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "path"}
+            theirs = aioredis.Connection(**kwargs)
+            assert type(ours).pack_command is not aioredis.Connection.pack_command
+            for args in PACKED:
+                assert b"".join(ours.pack_command(*args)) == b"".join(theirs.pack_command(*args))
+            with pytest.raises(redis.exceptions.DataError, match="bool"):
+                ours.pack_command("SET", "k", True)
+
+        async def round_trip() -> list[object]:
+            client = async_client(r.url, 5)
+            try:
+                await client.set("ünï", b"\x00\xff" * 5000)
+                await client.zadd("z", {"m": 0.1})
+                return [await client.get("ünï"), await client.zscore("z", "m")]
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(round_trip()) == [b"\x00\xff" * 5000, 0.1]

@@ -107,6 +107,32 @@ class IntakeMetrics:
         return found
 
 
+class AccessLines:
+    """The access lines of the requests answered in one turn of the event loop, given to
+    logging as one record at the turn's end (:class:`AccessFormatter` writes a line for
+    each): a record per request cost about 13 us of the logging module's own work (the
+    record, its filters and handlers), a tenth of a single-event request's CPU."""
+
+    def __init__(self) -> None:
+        self._lines: list[tuple[float, str, dict[str, Any]]] = []
+        self._scheduled: asyncio.AbstractEventLoop | None = None
+
+    def add(self, message: str, fields: dict[str, Any]) -> None:
+        """An access line (its message and fields) for the end of this turn."""
+        self._lines.append((time.time(), message, fields))
+        loop = asyncio.get_running_loop()
+        if self._scheduled is not loop:  # none yet, or on a loop that stopped before it ran
+            self._scheduled = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Log the lines waiting, as one record of ``capi.intake.access``."""
+        self._scheduled = None
+        if self._lines:
+            lines, self._lines = self._lines, []
+            access_log.info("%d requests answered", len(lines), extra={"access_lines": lines})
+
+
 class Answer(Exception):
     """Raised to end a request with a JSON error answer (never with a body's content)."""
 
@@ -127,6 +153,7 @@ class Intake:
         self.limits = guard.Limits.of(settings)  # the connection guard's (capi.intake.guard)
         self.buffered = 0  # body bytes held now, beyond each request's FREE_BODY_BYTES
         self.metrics = IntakeMetrics()
+        self.access = AccessLines()
         self.producer: Producer | None = None
         self._openapi = orjson.dumps(openapi.document())
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[tuple[int, bytes, str]]]] = {
@@ -154,6 +181,7 @@ class Intake:
                 self.metrics.waiting.set_function(self._waiting)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                self.access.flush()
                 if self.producer is not None:
                     await self.producer.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -196,13 +224,11 @@ class Intake:
         metrics.child(metrics.requests, str(status)).inc()
         route = path if path == EVENTS_PATH or ("GET", path) in self._routes else "other"
         metrics.child(metrics.latency, route).observe(elapsed)
-        access_log.info(
-            "%s %s %d",
-            method,
-            route,
-            status,
-            extra={"access": {**_client(scope), "duration_ms": round(elapsed * 1000, 3), **note}},
-        )
+        if access_log.isEnabledFor(logging.INFO):
+            self.access.add(
+                f"{method} {route} {status}",
+                {**_client(scope), "duration_ms": round(elapsed * 1000, 3), **note},
+            )
 
     async def _events(
         self, scope: Scope, receive: Receive, note: dict[str, Any]
@@ -607,17 +633,24 @@ async def _respond(
 
 
 class AccessFormatter(JsonFormatter):
-    """JSON lines, with an access record's fields (client, status, counts) as keys."""
+    """JSON lines; a record of :class:`AccessLines` becomes a line per request, with its
+    fields (client, status, counts) as keys."""
 
     def format(self, record: logging.LogRecord) -> str:
-        access = getattr(record, "access", None)
-        if access is None:
+        lines = getattr(record, "access_lines", None)
+        if lines is None:
             return super().format(record)
-        data = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **access,
-        }
-        return orjson.dumps(data, default=str).decode()
+        level, name = record.levelname.lower(), record.name
+        return "\n".join(
+            orjson.dumps(
+                {
+                    "ts": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+                    "level": level,
+                    "logger": name,
+                    "message": message,
+                    **fields,
+                },
+                default=str,
+            ).decode()
+            for created, message, fields in lines
+        )

@@ -18,7 +18,7 @@ import heapq
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -77,6 +77,22 @@ class DeadLetter(BaseModel):
     def to_json(self) -> bytes:
         """The record as stored in Redis."""
         return self.model_dump_json().encode()
+
+    def outline(self) -> Outline:
+        """What a replay or a purge acts on of this record (Redis keeps the rest)."""
+        return Outline(self.key, self.id, self.destination, self.reason, self.replay_deadline_ms)
+
+
+class Outline(NamedTuple):
+    """A dead letter without its event and the API's answer: what a replay or a purge acts
+    on, in a small part of the record's memory (about a tenth), so that one over 200,000
+    dead letters does not hold all their events."""
+
+    key: str
+    id: str
+    destination: str
+    reason: Reason
+    replay_deadline_ms: int
 
 
 def build(

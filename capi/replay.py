@@ -25,7 +25,7 @@ from capi._aio import aw
 from capi.batches import drop_rejected
 from capi.client import ConversionsClient
 from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
-from capi.deadletters import DeadLetter
+from capi.deadletters import DeadLetter, Outline
 from capi.errors import InvalidEventError, SendError
 
 
@@ -58,7 +58,7 @@ class Selection:
         return {k: v for k, v in asdict(self).items() if v not in (None, [])}
 
 
-def can_replay(record: DeadLetter, now_ms: int) -> bool:
+def can_replay(record: DeadLetter | Outline, now_ms: int) -> bool:
     """Whether the API can still accept the event (reason allows it, deadline not passed)."""
     return record.reason.replayable and record.replay_deadline_ms > now_ms
 
@@ -107,7 +107,7 @@ class ReplayReport:
 async def replay(
     client: aioredis.Redis,
     keys: RedisKeys,
-    records: Sequence[DeadLetter],
+    records: Sequence[DeadLetter | Outline],
     *,
     rate_per_s: float | None = None,
     include_expired: bool = False,
@@ -237,7 +237,7 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
 async def purge(
     client: aioredis.Redis,
     keys: RedisKeys,
-    records: Sequence[DeadLetter | deadletters.Unreadable],
+    records: Sequence[DeadLetter | Outline | deadletters.Unreadable],
     *,
     actor: str | None = None,
     selection: Selection | None = None,

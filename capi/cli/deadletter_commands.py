@@ -41,11 +41,12 @@ from capi.cli.selection import (
     iter_selected,
     now_ms,
     report_not_found,
+    select_outlines,
     select_with_unreadable,
     selection_from,
     warn_unreadable,
 )
-from capi.deadletters import DeadLetter, Unreadable, iso
+from capi.deadletters import DeadLetter, Outline, Unreadable, iso
 from capi.destinations import Destination
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
@@ -398,26 +399,30 @@ def purge_command(
     filtered = dataclasses.replace(selection, destinations=[]).describe()
     if not (ids or select_all or filtered):
         raise click.UsageError("say what to purge: IDs, --all, or a filter such as --expired")
-    found, unreadable = run(select_with_unreadable(settings, selection))
+
+    def export(record: DeadLetter) -> None:
+        if export_to is not None:
+            export_to.write(replay.to_json_line(record))
+
+    # Each record is exported as it is read; only its outline is kept for the purge.
+    found, unreadable = run(select_outlines(settings, selection, export))
+    if export_to is not None:
+        export_to.flush()
     # An unreadable record goes only when named: filters cannot read what it holds.
     named = [u for u in unreadable if u.key in ids or u.id in ids]
     warn_unreadable([u for u in unreadable if u not in named])
-    records: list[DeadLetter | Unreadable] = [*found, *named]
+    records: list[Outline | Unreadable] = [*found, *named]
     report_not_found(ids, records)
     if not records:
         out.print("Nothing to purge.")
         return
-    if export_to is not None:
-        for r in found:
-            export_to.write(replay.to_json_line(r))
-        export_to.flush()
     if not yes and not click.confirm(f"Delete {plural(len(records), 'dead letter')}?", err=True):
         out.print("Nothing deleted.")
         return
 
     async def go() -> int:
         client = redis_client(settings)
-        groups: dict[str, list[DeadLetter | Unreadable]] = {}
+        groups: dict[str, list[Outline | Unreadable]] = {}
         for r in records:
             groups.setdefault(r.destination, []).append(r)
         actor = cli_actor()

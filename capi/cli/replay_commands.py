@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -28,15 +28,19 @@ from capi.cli.selection import (
     filters,
     now_ms,
     report_not_found,
+    select_outlines,
     select_records,
     selection_from,
+    warn_unreadable,
 )
 from capi.client import ConversionsClient
-from capi.deadletters import DeadLetter
+from capi.deadletters import DeadLetter, Outline
 from capi.errors import ConfigError
 from capi.exitcodes import ExitCode
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
+
+R = TypeVar("R", DeadLetter, Outline)
 
 
 @dead_letters.command("replay")
@@ -81,14 +85,18 @@ def replay_command(
     filtered = dataclasses.replace(selection, destinations=[]).describe()
     if not (ids or select_all or filtered):
         raise click.UsageError("say what to replay: IDs, --all, or a filter such as --reason")
-    records = run(select_records(settings, selection))
-    missing = report_not_found(ids, records)
     if dry_run:
+        records = run(select_records(settings, selection))
+        missing = report_not_found(ids, records)
         rejected = _dry_run(settings, records, as_json, include_expired)
         _exit_if(missing, rejected)
         return
-    with progress(len(records), "replaying") as advance:
-        report = run(_replay(settings, records, rate, include_expired, selection, advance))
+    # A replay needs only each record's key and deadline (Redis holds the events).
+    outlines, unreadable = run(select_outlines(settings, selection))
+    warn_unreadable(unreadable)
+    missing = report_not_found(ids, outlines)
+    with progress(len(outlines), "replaying") as advance:
+        report = run(_replay(settings, outlines, rate, include_expired, selection, advance))
     if as_json:
         print_json(
             {
@@ -128,7 +136,7 @@ def _exit_if(missing: list[str], rejected: int) -> None:
 
 async def _replay(
     settings: Settings,
-    records: list[DeadLetter],
+    records: list[Outline],
     rate: float | None,
     include_expired: bool,
     selection: Selection,
@@ -162,8 +170,8 @@ async def _replay(
     return total
 
 
-def _by_destination(records: list[DeadLetter]) -> dict[str, list[DeadLetter]]:
-    groups: dict[str, list[DeadLetter]] = {}
+def _by_destination(records: list[R]) -> dict[str, list[R]]:
+    groups: dict[str, list[R]] = {}
     for r in records:
         groups.setdefault(r.destination, []).append(r)
     return groups

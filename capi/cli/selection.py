@@ -13,7 +13,7 @@ import click
 
 from capi import clock, deadletters, destinations, replay, schema
 from capi.cli.common import err, redis_client
-from capi.deadletters import DeadLetter, Unreadable
+from capi.deadletters import DeadLetter, Outline, Unreadable
 from capi.failures import Reason
 from capi.replay import Selection
 from capi.reproduce import cli_target
@@ -222,6 +222,21 @@ async def select_with_unreadable(
     return records, unreadable
 
 
+async def select_outlines(
+    settings: Settings, selection: Selection, each: Callable[[DeadLetter], None] | None = None
+) -> tuple[list[Outline], list[Unreadable]]:
+    """The outlines of the selected dead letters (what a replay or a purge acts on; see
+    :class:`~capi.deadletters.Outline`), newest first, each record seen whole by ``each``
+    (if given) as it is read; and the records that could not be read."""
+    unreadable: list[Unreadable] = []
+    outlines = []
+    async for record in iter_selected(settings, selection, unreadable):
+        if each is not None:
+            each(record)
+        outlines.append(record.outline())
+    return outlines, unreadable
+
+
 async def select_records(settings: Settings, selection: Selection) -> list[DeadLetter]:
     """The selected dead letters, newest first; says on stderr which records it skipped."""
     records, unreadable = await select_with_unreadable(settings, selection)
@@ -241,7 +256,9 @@ def warn_unreadable(unreadable: Sequence[Unreadable]) -> None:
         )
 
 
-def report_not_found(ids: Sequence[str], records: Sequence[DeadLetter | Unreadable]) -> list[str]:
+def report_not_found(
+    ids: Sequence[str], records: Sequence[DeadLetter | Outline | Unreadable]
+) -> list[str]:
     """Say which of the ids the operator named match no dead letter; return them."""
     found = {r.id for r in records} | {r.key for r in records}
     missing = [i for i in ids if i not in found]

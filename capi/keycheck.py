@@ -65,10 +65,15 @@ async def check_key(
 ) -> KeyCheck:
     """Probe the key until it passes or fails ``confirmations`` times in a row; a failure
     that is never spurious (unknown pixel, an unexpected answer) ends the check at once.
+    A key problem is confirmed only when no probe met a failure that says nothing about
+    the key (429, 5xx, a lost answer): the check's error is then the last such failure, so
+    a platform hiccup among scope failures never holds a key (503, 429, then a missing
+    scope was reported as a missing scope).
 
     ``on_suspect`` is awaited once, at the first key problem that more probes are to
     confirm (so that the wait can be shown as such)."""
     error: SendError | None = None
+    inconclusive: SendError | None = None  # the last probe failure that says nothing
     suspected = False
     for attempt in range(1, confirmations + 1):
         error = await probe(client, clock=clock)
@@ -76,11 +81,15 @@ async def check_key(
             return KeyCheck(True, client.key_fingerprint, client.pixel_id, probes=attempt)
         if not (error.retryable or error.reason.maybe_transient):
             break
+        if error.retryable:
+            inconclusive = error
         if attempt < confirmations:
             if on_suspect is not None and not suspected and not error.retryable:
                 suspected = True
                 await on_suspect(error)
             await sleep(pause_s * attempt)
+    else:
+        error = inconclusive or error
     assert error is not None
     return KeyCheck(
         False,

@@ -106,3 +106,20 @@ def test_missing_settings_name_the_variable(
     code, output = run_check(monkeypatch)
     assert code == ExitCode.CONFIG
     assert "CAPI_API_KEY" in output
+
+
+def test_a_scope_failure_among_server_errors_is_not_confirmed(
+    capi_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, sandbox: SandboxThread
+) -> None:
+    """Probes that met a 503 and then a missing scope confirmed nothing about the key (the
+    503 says nothing): the check reports the endpoint's failure, not a missing scope; the
+    worker's key guard therefore retries rather than holding every worker's sends."""
+    sandbox.state.faults = [
+        Fault("server_error", every=1, remaining=1, status=503),
+        Fault("missing_scope", every=2, remaining=1),
+    ]
+    code, output = run_check(monkeypatch, "--json")
+    data = json.loads(output)
+    assert sandbox.state.requests == 2  # both probes were answered: 503, then the scope
+    assert data["reason"] == "server_error", output
+    assert code != ExitCode.MISSING_SCOPE

@@ -341,3 +341,36 @@ def test_a_file_of_thousands_is_read_in_one_pass_and_errors_keep_their_line(
     with pytest.raises(ConfigError) as caught:
         destinations.parse("\n".join(tables), path, settings, {"K": "sk-conv-key-0001"})
     assert f"{path}:{1501 * 4 + 1}: [destinations.d1501]" in str(caught.value)
+
+
+def test_status_of_many_destinations_shows_totals_and_only_those_needing_attention(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str
+) -> None:
+    """At 1,000 destinations `capi status` printed 14,000 lines, a section each; over 20 it
+    prints their totals and, in full, only those that need attention (here a held key and
+    dead letters); --json still has every one."""
+    from tests.test_deadletters_scale import store
+
+    path, env = configure(tmp_path, sandbox, 25)
+    settings = make_settings(sandbox, redis_url, destinations_file=path)
+    sandbox.state.conversion_keys.discard(env["CAPI_KEY_11"])  # d11's key is revoked
+    burst = start_worker(settings, "--burst", **env)
+    output, _ = burst.communicate(timeout=120)
+    store(settings, 4, destination="d7")  # d7 has dead letters
+    enqueue_to(settings, "d3", events(3, prefix="fresh-"))  # queued moments ago: fine
+
+    result = capi(settings, "status", extra_env=env)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.startswith("25 destinations: 3 queued"), text
+    assert "4 dead letters now" in text
+    assert re.search(r"keys: +24 ok, 1 held", text), text
+    assert "2 need attention" in text and "23 others" in text
+    sections = re.findall(r"^destination (\S+)$", text, re.M)
+    assert sections == ["d7", "d11"], text
+    assert text.count("workers alive:") == 1
+    assert len(text.splitlines()) < 50, text
+
+    every = json.loads(capi(settings, "status", "--json", extra_env=env).stdout)
+    assert len(every["destinations"]) == 25
+    assert every["destinations"]["d11"]["key"]["state"] == "held", output

@@ -8,6 +8,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections import Counter
 from typing import Any
 
 import click
@@ -40,7 +41,9 @@ def status_command(ctx: click.Context, as_json: bool, destination: str | None) -
     """Queue depth, in flight, retries, counters, dead letters by reason, key state,
     the endpoint, Redis memory, and each live worker with what it is doing.
 
-    With several destinations, one section each (``--json``: under ``destinations``). A
+    With several destinations, one section each (``--json``: under ``destinations``); over
+    20, their totals, then in full only those that need attention (a held key, a failing
+    endpoint, dead letters, retries, events waiting over a minute). A
     destination no longer configured that still holds events is shown too, with what to
     do. A broken destinations file is reported on top, and what Redis holds is shown all
     the same (exit code 3).
@@ -132,12 +135,78 @@ def _print_report(report: dict[str, Any]) -> None:
             "file refuse until it is fixed. What Redis holds:\n"
         )
     several = len(statuses) > 1 or report["destinations_file_error"]
-    for i, (name, status) in enumerate(statuses.items()):
+    compact = len(statuses) > COMPACT_OVER
+    listed = {n: s for n, s in statuses.items() if needs_attention(s)} if compact else statuses
+    if compact:
+        _print_overview(statuses, listed)
+    for i, (name, status) in enumerate(listed.items()):
         if several:
-            out.print(("\n" if i else "") + f"[bold]destination {escape(name)}[/]")
-        _print_status(status, workers=i == len(statuses) - 1)
+            out.print(("\n" if i or compact else "") + f"[bold]destination {escape(name)}[/]")
+        _print_status(status, workers=not compact and i == len(listed) - 1)
+    if compact:
+        out.print()
+        _print_workers(report["shared"]["workers"])
     for name, status in report["stranded"].items():
         _print_stranded(name, status)
+
+
+# Over this many destinations, the text shows their totals and, in full, only those that
+# need attention (``--json`` and ``--destination`` still give every one in full).
+COMPACT_OVER = 20
+# A destination whose oldest queued event waited longer than this needs attention.
+WAITING_LONG_S = 60
+
+
+def needs_attention(status: dict[str, Any]) -> bool:
+    """Whether a destination's section is worth reading: its key is held or being
+    confirmed, its endpoint fails, it holds dead letters or retries, or its queue waits."""
+    oldest = status["oldest_queued_age_s"]
+    return (
+        status["key"].get("state") in ("held", "confirming")
+        or status["endpoint"]["state"] == "failing"
+        or status["dead_letters"] > 0
+        or status["retry_batches_scheduled"] > 0
+        or (oldest is not None and oldest > WAITING_LONG_S)
+        or coverage.weak_warning(status["match_coverage"]) is not None
+    )
+
+
+def _print_overview(statuses: dict[str, dict[str, Any]], listed: dict[str, Any]) -> None:
+    """The totals of many destinations, and which are shown in full."""
+    total = {
+        what: sum(s[what] for s in statuses.values())
+        for what in ("queued", "in_flight", "retry_batches_scheduled", "dead_letters")
+    }
+    delivered = sum(s["counters"].get("delivered", 0) for s in statuses.values())
+    ages = [(s["oldest_queued_age_s"], n) for n, s in statuses.items()]
+    oldest = max(((age, n) for age, n in ages if age is not None), default=None)
+    keys = Counter(s["key"].get("state", "unchecked") for s in statuses.values())
+    endpoints = Counter(s["endpoint"]["state"] for s in statuses.values())
+    out.print(
+        f"{len(statuses)} destinations: {total['queued']:,} queued"
+        + (f" (oldest {oldest[0]} s, {oldest[1]})" if oldest else "")
+        + f", {total['in_flight']:,} in flight, {total['retry_batches_scheduled']:,} retry "
+        f"batches scheduled, {delivered:,} delivered, {total['dead_letters']:,} dead letters now",
+        markup=False,
+    )
+    out.print("keys:          " + _tally(keys), markup=False)
+    out.print("endpoints:     " + _tally(endpoints), markup=False)
+    others = len(statuses) - len(listed)
+    out.print(
+        (
+            f"{len(listed)} need attention (a held key, a failing endpoint, dead letters, "
+            f"retries, or events waiting over {WAITING_LONG_S} s), in full below; "
+            if listed
+            else "none needs attention; "
+        )
+        + f"{others} others: `capi destinations` lists each, `capi status --destination NAME` "
+        "shows one in full",
+        markup=False,
+    )
+
+
+def _tally(counts: Counter[str]) -> str:
+    return ", ".join(f"{n:,} {state}" for state, n in counts.most_common())
 
 
 def _print_stranded(name: str, status: dict[str, Any]) -> None:
@@ -182,17 +251,21 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
         out.print(f"  all time, by reason (replayed and purged included): {reasons}")
     out.print("key:           " + shown(_key_line(status["key"])), markup=False)
     if workers:
-        out.print(f"workers alive: {len(status['workers'])}")
-        for w in status["workers"]:
-            where = f" [{w['destination']}]" if w.get("destination") else ""
-            line = f"  {w['name']}{where}: {w['state']} ({w['detail']})"
-            out.print(shown(line), markup=False)
+        _print_workers(status["workers"])
     out.print("endpoint:      " + shown(_endpoint_line(status["endpoint"])), markup=False)
     _print_redis(status["redis"])
     if status["key"].get("state") == "held":
         out.print(shown(status["key"].get("guidance", ""), lines=True), markup=False)
     if warning := coverage.weak_warning(status["match_coverage"]):
         out.print(warning, markup=False)
+
+
+def _print_workers(workers: list[dict[str, Any]]) -> None:
+    out.print(f"workers alive: {len(workers)}")
+    for w in workers:
+        where = f" [{w['destination']}]" if w.get("destination") else ""
+        line = f"  {w['name']}{where}: {w['state']} ({w['detail']})"
+        out.print(shown(line), markup=False)
 
 
 def _key_line(key: dict[str, Any]) -> str:

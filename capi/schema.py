@@ -131,11 +131,17 @@ def place(value: str) -> str:
 
 
 def gaid(value: str) -> str:
-    """A Google advertising id in UUID form; ValueError otherwise."""
+    """A Google advertising id in UUID form, not all zeros (the id of a device that limits
+    ad tracking, which the API ignores: sent, it would count as a match identifier it is
+    not); ValueError otherwise."""
     if not _UUID.fullmatch(value):
         raise ValueError(
             "must be a Google advertising id in UUID form "
             "(8-4-4-4-12 hex digits; IDFA is not supported)"
+        )
+    if not value.strip("0-"):
+        raise ValueError(
+            "is all zeros (a device that limits ad tracking): the API ignores it, so it is left out"
         )
     return value
 

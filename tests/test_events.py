@@ -192,6 +192,12 @@ RULES: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
         "user.android_advertising_id: must be a Google advertising id in UUID form",
     ),
     (
+        "android advertising id is not all zeros (limited ad tracking: the API ignores it)",
+        {"user__android_advertising_id": "00000000-0000-0000-0000-000000000001"},
+        {"user__android_advertising_id": "00000000-0000-0000-0000-000000000000"},
+        "user.android_advertising_id: is all zeros",
+    ),
+    (
         "email given as a name",
         {"user__first_name": "Ada"},
         {"user__first_name": "ada@example.com"},

@@ -398,7 +398,7 @@ FAULTS: dict[str, list[Any]] = {
     "user.ip_address": ["256.1.1.1", "", ["1.2.3.4"]],
     "user.user_agent": ["  ", ""],
     "user.obref": [" "],
-    "user.android_advertising_id": ["idfa", ""],
+    "user.android_advertising_id": ["idfa", "", "00000000-0000-0000-0000-000000000000"],
     "user.email_sha256": [HEX * 4],
     "user.nickname": ["n"],
     "data.type": ["contents", "custom", "nope", "plan_enrollment", "customer_action"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from capi.client import ConversionsClient
 from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.guidance import Diagnosis, diagnose
+from capi.guidance import Diagnosis, diagnose_probe
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -87,7 +87,9 @@ async def check_key(
         client.key_fingerprint,
         client.pixel_id,
         error=error,
-        diagnosis=diagnose(error, pixel_id=client.pixel_id, api_key=api_key, labels=client.labels),
+        diagnosis=diagnose_probe(
+            error, pixel_id=client.pixel_id, api_key=api_key, labels=client.labels
+        ),
         request_ids=error.response.request_ids,
         probes=attempt,
     )

@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 
 from capi import clock, deadletters, queue
 from capi._aio import aw
-from capi.batches import drop_rejected
+from capi.batches import by_size, drop_rejected
 from capi.client import ConversionsClient
-from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
+from capi.constants import API_MAX_BODY_BYTES, API_MAX_EVENTS_PER_REQUEST, RedisKeys
 from capi.deadletters import DeadLetter
 from capi.errors import InvalidEventError, SendError
 
@@ -207,10 +207,14 @@ class DryRunResult:
 async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> list[DryRunResult]:
     """Send the events with validate_only and report, per event, what the API would do."""
     results: dict[str, DryRunResult] = {}
-    work = [
-        list(records[i : i + API_MAX_EVENTS_PER_REQUEST])
-        for i in range(0, len(records), API_MAX_EVENTS_PER_REQUEST)
-    ]
+    # The worker's limits: at most 1000 events and 4 MB a request (less room for the
+    # envelope), so the dry run asks about the very requests a replay would make.
+    work = by_size(
+        records,
+        lambda r: len(r.event_json.encode()),
+        max_bytes=API_MAX_BODY_BYTES - 1024,
+        max_count=API_MAX_EVENTS_PER_REQUEST,
+    )
     while work:
         group = work.pop()
         try:

@@ -196,12 +196,15 @@ async def audit(client: aioredis.Redis, keys: RedisKeys, limit: int = 50) -> lis
 
 @dataclass
 class DryRunResult:
-    """What the API said of one dead letter's event under validate_only."""
+    """What the API said of one dead letter's event under validate_only. ``checked`` is
+    False when the API said nothing about the event (a 5xx, a 429, a lost answer, a key
+    failure): not accepted, and not a rejection either."""
 
     id: str
     accepted: bool
     reason: str | None = None
     message: str = ""
+    checked: bool = True
 
 
 async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> list[DryRunResult]:
@@ -229,9 +232,11 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
                 )
             work += again
             continue
-        except SendError as exc:
+        except SendError as exc:  # about the request, the key or the API, not the events
             for r in group:
-                results[r.key] = DryRunResult(r.id, False, exc.reason.value, exc.response.message)
+                results[r.key] = DryRunResult(
+                    r.id, False, exc.reason.value, exc.response.message, checked=False
+                )
             continue
         for r in group:
             results[r.key] = DryRunResult(r.id, True)

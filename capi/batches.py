@@ -1,9 +1,10 @@
-"""Splitting a batch the API rejected: pure functions, used by the sender and by replay's
-dry run, so both isolate bad events the same way."""
+"""Cutting events into requests and splitting a batch the API rejected: pure functions,
+used by the sender and by replay's dry run, so both keep to the same limits and isolate bad
+events the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -41,3 +42,24 @@ def drop_rejected(group: Sequence[T], indexes: Sequence[int]) -> tuple[list[int]
         return bad, [rest] if rest else []
     one, again = split_rejected(group, None)
     return ([0] if one is not None else []), again
+
+
+def by_size(
+    items: Sequence[T], size: Callable[[T], int], *, max_bytes: int, max_count: int | None = None
+) -> list[list[T]]:
+    """``items`` in order, cut into groups of at most ``max_count`` whose sizes (plus a
+    separator byte each) add up to at most ``max_bytes``. An item too large on its own is
+    a group of its own: the API's 413 then names it alone."""
+    groups: list[list[T]] = []
+    current: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item) + 1
+        if current and (total + n > max_bytes or len(current) == max_count):
+            groups.append(current)
+            current, total = [], 0
+        current.append(item)
+        total += n
+    if current:
+        groups.append(current)
+    return groups

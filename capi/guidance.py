@@ -101,6 +101,43 @@ def diagnose(
     )
 
 
+def diagnose_probe(
+    error: SendError,
+    *,
+    pixel_id: str | None = None,
+    api_key: str | None = None,
+    labels: Labels | None = None,
+) -> Diagnosis:
+    """Diagnose a failed key probe. Like :func:`diagnose`, except when the API refused the
+    probe's own synthetic event: then the user's events are not to blame, and the likely
+    cause is this machine's clock (the probe is stamped with it) or a changed API format."""
+    if error.reason not in (Reason.INVALID_EVENT, Reason.OUTSIDE_TIME_WINDOW):
+        return diagnose(error, pixel_id=pixel_id, api_key=api_key, labels=labels)
+    if error.reason is Reason.INVALID_EVENT:
+        what = _invalid_event(error.reason, error, pixel_id, None).cause.replace(
+            "The API rejected this event.", "The API rejected it as invalid.", 1
+        )
+    else:
+        what = "It is outside the API's window (older than 7 days, or over 10 minutes ahead)."
+        what += _status(error)
+    cause = (
+        "The API refused capi's synthetic test event (a validate_only signup stamped with "
+        "this machine's clock), not one of yours; the key and pixel were not the problem. "
+    ) + what
+    return Diagnosis(
+        error.reason,
+        cause,
+        [
+            "Check this machine's clock (`date -u`, NTP / timedatectl): an event it stamps "
+            "'now' looks too old or too far ahead to the API, so it would refuse every event "
+            "stamped here too.",
+            "If the clock is right, the API's event format may have changed: compare its "
+            "message above with docs/api-format.md and upgrade capi. " + SUPPORT_ASKS,
+            "Then run `capi check-key` again; queued events stay queued meanwhile.",
+        ],
+    )
+
+
 def _the_apis_format(err: SendError) -> bool:
     """Whether a failure came in a shape the API itself answers: its error envelope, or the
     platform's plain-text ``RBAC: access denied`` (seen from the live API, seed 003)."""

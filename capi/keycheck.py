@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from capi.client import ConversionsClient
 from capi.clock import Clock, now_ms
 from capi.errors import SendError
-from capi.guidance import Diagnosis, diagnose
+from capi.guidance import Diagnosis, diagnose_probe
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -66,9 +66,9 @@ async def check_key(
     """Probe the key until it passes or fails ``confirmations`` times in a row; a failure
     that is never spurious (unknown pixel, an unexpected answer) ends the check at once.
     A key problem is confirmed only when no probe met a failure that says nothing about
-    the key (429, 5xx, a lost answer): the check's error is then the last such failure, so
-    a platform hiccup among scope failures never holds a key (503, 429, then a missing
-    scope was reported as a missing scope).
+    the key (429, 5xx, a lost answer); when one did, the check's error is the last such
+    failure, so that a platform hiccup among scope failures never holds a key (503, 429,
+    then a missing scope was reported as a missing scope).
 
     ``on_suspect`` is awaited once, at the first key problem that more probes are to
     confirm (so that the wait can be shown as such)."""
@@ -96,7 +96,9 @@ async def check_key(
         client.key_fingerprint,
         client.pixel_id,
         error=error,
-        diagnosis=diagnose(error, pixel_id=client.pixel_id, api_key=api_key, labels=client.labels),
+        diagnosis=diagnose_probe(
+            error, pixel_id=client.pixel_id, api_key=api_key, labels=client.labels
+        ),
         request_ids=error.response.request_ids,
         probes=attempt,
     )

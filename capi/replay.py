@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 
 from capi import clock, deadletters, queue
 from capi._aio import aw
-from capi.batches import drop_rejected
+from capi.batches import by_size, drop_rejected
 from capi.client import ConversionsClient
-from capi.constants import API_MAX_EVENTS_PER_REQUEST, RedisKeys
+from capi.constants import API_MAX_BODY_BYTES, API_MAX_EVENTS_PER_REQUEST, RedisKeys
 from capi.deadletters import DeadLetter, Outline
 from capi.errors import InvalidEventError, SendError
 
@@ -196,21 +196,28 @@ async def audit(client: aioredis.Redis, keys: RedisKeys, limit: int = 50) -> lis
 
 @dataclass
 class DryRunResult:
-    """What the API said of one dead letter's event under validate_only."""
+    """What the API said of one dead letter's event under validate_only. ``checked`` is
+    False when the API said nothing about the event (a 5xx, a 429, a lost answer, a key
+    failure): not accepted, and not a rejection either."""
 
     id: str
     accepted: bool
     reason: str | None = None
     message: str = ""
+    checked: bool = True
 
 
 async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> list[DryRunResult]:
     """Send the events with validate_only and report, per event, what the API would do."""
     results: dict[str, DryRunResult] = {}
-    work = [
-        list(records[i : i + API_MAX_EVENTS_PER_REQUEST])
-        for i in range(0, len(records), API_MAX_EVENTS_PER_REQUEST)
-    ]
+    # The worker's limits: at most 1000 events and 4 MB a request (less room for the
+    # envelope), so the dry run asks about the very requests a replay would make.
+    work = by_size(
+        records,
+        lambda r: len(r.event_json.encode()),
+        max_bytes=API_MAX_BODY_BYTES - 1024,
+        max_count=API_MAX_EVENTS_PER_REQUEST,
+    )
     while work:
         group = work.pop()
         try:
@@ -225,9 +232,11 @@ async def dry_run(client: ConversionsClient, records: Sequence[DeadLetter]) -> l
                 )
             work += again
             continue
-        except SendError as exc:
+        except SendError as exc:  # about the request, the key or the API, not the events
             for r in group:
-                results[r.key] = DryRunResult(r.id, False, exc.reason.value, exc.response.message)
+                results[r.key] = DryRunResult(
+                    r.id, False, exc.reason.value, exc.response.message, checked=False
+                )
             continue
         for r in group:
             results[r.key] = DryRunResult(r.id, True)

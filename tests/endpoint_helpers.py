@@ -24,6 +24,7 @@ OK: Answer = (200, {}, b'{"accepted_events": 0}')
 class Request:
     validate_only: bool
     ids: list[str]
+    size: int = 0  # the body's bytes
 
 
 @dataclass
@@ -47,8 +48,10 @@ def endpoint() -> Iterator[Endpoint]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            request = Request(bool(body.get("validate_only")), [e["id"] for e in body["events"]])
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            body = orjson.loads(raw)
+            ids = [e["id"] for e in body["events"]]
+            request = Request(bool(body.get("validate_only")), ids, len(raw))
             with lock:
                 state.requests.append(request)
                 status, headers, reply = state.answer(request)

@@ -52,6 +52,43 @@ def test_oppref_is_lifted_from_the_source_url_query(query: str, oppref: str | No
     assert event.event.source_url == "https://s.example/t"
 
 
+@pytest.mark.parametrize(
+    ("given", "sent_as"),
+    [
+        (" https://s.example/t \n", "https://s.example/t"),  # pasted with its whitespace
+        ("https://s.example/t ?oppref=x", "https://s.example/t%20"),  # a browser sends this
+        ("https://s.example/my page", "https://s.example/my%20page"),
+        ('https://s.example/caf\u00e9/"q"', "https://s.example/caf%C3%A9/%22q%22"),
+        ("https://s.example/a%20b;v=1/~x", "https://s.example/a%20b;v=1/~x"),  # already valid
+    ],
+)
+def test_the_source_url_sent_is_a_valid_absolute_url(given: str, sent_as: str) -> None:
+    # The contract wants an absolute http(s) URL, and one event the API refuses fails its
+    # whole batch: a space or a non-ASCII letter is percent-encoded, as browsers send it.
+    event = prepare(purchase("p", amount=1, currency="USD", source_url=given))
+    assert event.event.source_url == sent_as
+
+
+def test_a_source_url_with_spaces_reaches_the_api_trimmed_and_encoded(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    settings = make_settings(sandbox, redis_url)
+    raw = {
+        "id": "o-url",
+        "type": "order_created",
+        "timestamp_ms": now_ms(),
+        "action_source": "web",
+        "source_url": "  https://shop.example/thank you?oppref=c1 ",
+        "data": {"type": "contents", "amount": 100, "currency": "USD"},
+    }
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue(raw)
+    drain(settings)
+    got = sent(sandbox)["o-url"]
+    assert got["source_url"] == "https://shop.example/thank%20you"
+    assert got["oppref"] == "c1"
+
+
 def test_an_explicit_oppref_wins_over_the_url() -> None:
     url = "https://s.example/t?oppref=from-url"
     event = prepare(purchase("p", amount=1, currency="USD", source_url=url, oppref="given"))

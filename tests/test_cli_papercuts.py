@@ -66,12 +66,14 @@ def scope_dead_letters(env: dict[str, str], sandbox: SandboxThread, redis_url: s
 def test_replay_dry_run_exits_non_zero_when_the_api_would_reject(
     env: dict[str, str], scope_dead_letters: None
 ) -> None:
+    # A key still lacking the scope is the key's failure, not the events': non-zero, with
+    # check-key's exit code, and the events reported as not checked rather than rejected.
     still_broken = {**env, "CAPI_API_KEY": DEFAULT_SCOPELESS_KEY}
     result = invoke(still_broken, "dead-letters", "replay", "--all", "--dry-run")
-    assert result.exit_code == ExitCode.REFUSED, result.output
-    assert "2 of the selected events would be rejected by the API" in result.output
+    assert result.exit_code == ExitCode.MISSING_SCOPE, result.output
+    assert "2 of the selected events could not be checked" in result.output
     as_json = invoke(still_broken, "dead-letters", "replay", "--all", "--dry-run", "--json")
-    assert as_json.exit_code == ExitCode.REFUSED
+    assert as_json.exit_code == ExitCode.MISSING_SCOPE
     fixed = invoke(env, "dead-letters", "replay", "--all", "--dry-run")
     assert fixed.exit_code == 0, fixed.output
     assert "dry run: 2 would be accepted, 0 rejected" in fixed.output

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from capi.cli import cli
 from capi.exitcodes import ExitCode
 from capi.replay import Selection, replay, select
-from capi.sandbox import SandboxThread
+from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_KEY
 from capi.settings import Settings
 from tests.helpers import (
@@ -164,6 +164,29 @@ def test_dry_run_queues_nothing_and_reports_each_event(
     client = redis.Redis.from_url(mixed.redis_url)
     assert client.xlen(mixed.keys.stream) == 0
     assert len(dead_letters(mixed)) == SCOPE_FAILS + STALE + INVALID
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [("server_error", ExitCode.UNREACHABLE), ("missing_scope", ExitCode.MISSING_SCOPE)],
+)
+def test_a_dry_run_the_api_did_not_answer_is_not_a_rejection(
+    mixed: Settings, sandbox: SandboxThread, fault: Any, code: ExitCode
+) -> None:
+    # A 503 (or a key failure) says nothing about the events: reporting them as "would be
+    # rejected ... fix their cause" sent operators hunting for a fault in good events.
+    sandbox.state.faults = [Fault(fault, every=1)]
+    result = cli_run(mixed, "dead-letters", "replay", "--reason", "missing_scope", "--dry-run")
+    assert result.exit_code == code, result.output
+    assert "would be rejected" not in result.output
+    assert f"scope-p-0: not checked: {fault}" in result.output
+    assert f"{SCOPE_FAILS} not checked" in result.output
+    rows = cli_run(
+        mixed, "dead-letters", "replay", "--reason", "missing_scope", "--dry-run", "--json"
+    )
+    first = json.loads(rows.stdout.splitlines()[0])
+    assert first["accepted"] is False and first["checked"] is False
+    assert not sandbox.state.delivered_ids()
 
 
 def test_past_deadline_events_are_skipped_and_reported(mixed: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -123,3 +124,28 @@ def test_a_scope_failure_among_server_errors_is_not_confirmed(
     assert sandbox.state.requests == 2  # both probes were answered: 503, then the scope
     assert data["reason"] == "server_error", output
     assert code != ExitCode.MISSING_SCOPE
+
+
+@pytest.mark.parametrize(
+    "api_ahead_s",
+    [
+        8 * 86_400,  # this machine 8 days slow: 422 event_timestamp_too_old
+        -3_600,  # this machine an hour fast: 400 invalid_event at events[0]
+    ],
+)
+def test_a_refused_probe_event_blames_the_clock_not_the_users_events(
+    capi_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    sandbox: SandboxThread,
+    api_ahead_s: int,
+) -> None:
+    # The probe is capi's own event stamped with this machine's clock: when the API refuses
+    # it, "fix the field where your backend builds the event; the other events of its batch
+    # were delivered" is false. A skewed clock is the likely cause, and the one to name.
+    sandbox.state.clock = lambda: time.time() + api_ahead_s
+    exit_code, output = run_check(monkeypatch)
+    assert exit_code != ExitCode.OK, output
+    assert "synthetic" in output
+    assert "clock" in output
+    assert "other events of its batch were delivered" not in output
+    assert "your backend builds the event" not in output

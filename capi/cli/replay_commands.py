@@ -36,7 +36,8 @@ from capi.cli.selection import (
 from capi.client import ConversionsClient
 from capi.deadletters import DeadLetter, Outline
 from capi.errors import ConfigError
-from capi.exitcodes import ExitCode
+from capi.exitcodes import ExitCode, for_reason
+from capi.failures import Reason
 from capi.replay import Selection, can_replay
 from capi.settings import Settings
 
@@ -88,8 +89,9 @@ def replay_command(
     if dry_run:
         records = run(select_records(settings, selection))
         missing = report_not_found(ids, records)
-        rejected = _dry_run(settings, records, as_json, include_expired)
+        rejected, unchecked = _dry_run(settings, records, as_json, include_expired)
         _exit_if(missing, rejected)
+        _exit_if_unchecked(unchecked)
         return
     # A replay needs only each record's key and deadline (Redis holds the events).
     outlines, unreadable = run(select_outlines(settings, selection))
@@ -132,6 +134,20 @@ def _exit_if(missing: list[str], rejected: int) -> None:
             "fix their cause before replaying them",
             ExitCode.REFUSED,
         )
+
+
+def _exit_if_unchecked(unchecked: list[replay.DryRunResult]) -> None:
+    """Exit with the code of the failure (as ``capi check-key`` would) when the API did not
+    judge some events: a 5xx, a 429, a lost answer or a key failure is not a rejection."""
+    if not unchecked:
+        return
+    reason = Reason(unchecked[0].reason or Reason.UNEXPECTED.value)
+    fail(
+        f"{len(unchecked)} of the selected events could not be checked: the API answered "
+        f"{reason.value} ({unchecked[0].message}), which says nothing about the events; "
+        "run `capi check-key`, then the dry run again",
+        for_reason(reason),
+    )
 
 
 async def _replay(
@@ -179,9 +195,9 @@ def _by_destination(records: list[R]) -> dict[str, list[R]]:
 
 def _dry_run(
     settings: Settings, records: list[DeadLetter], as_json: bool, include_expired: bool
-) -> int:
+) -> tuple[int, list[replay.DryRunResult]]:
     """Ask the API about each record (validate_only); print each verdict; the number that
-    would be rejected."""
+    would be rejected, and the results the API did not judge."""
     now = now_ms()
     send: list[DeadLetter] = []
     skipped: list[replay.DryRunResult] = []
@@ -213,19 +229,26 @@ def _dry_run(
                 {
                     "id": res.id,
                     "accepted": res.accepted,
+                    "checked": res.checked,
                     "reason": res.reason,
                     "message": res.message,
                 }
             )
         else:
-            verdict = (
-                "would be accepted" if res.accepted else f"rejected: {res.reason}: {res.message}"
-            )
-            out.print(f"{res.id}: {verdict}", markup=False)
+            out.print(f"{res.id}: {_verdict(res)}", markup=False)
     accepted = sum(r.accepted for r in results)
+    unchecked = [r for r in results if not r.checked]
+    rejected = len(results) - accepted - len(unchecked)
     if not as_json:
         out.print(
-            f"dry run: {accepted} would be accepted, {len(results) - accepted} rejected; "
-            "nothing was queued"
+            f"dry run: {accepted} would be accepted, {rejected} rejected"
+            + (f", {len(unchecked)} not checked" if unchecked else "")
+            + "; nothing was queued"
         )
-    return len(results) - accepted
+    return rejected, unchecked
+
+
+def _verdict(res: replay.DryRunResult) -> str:
+    if res.accepted:
+        return "would be accepted"
+    return f"{'rejected' if res.checked else 'not checked'}: {res.reason}: {res.message}"

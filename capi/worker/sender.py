@@ -48,7 +48,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi import destinations, keycheck
-from capi.batches import drop_rejected
+from capi.batches import by_size, drop_rejected
 from capi.client import ConversionsClient, build_body
 from capi.clock import Clock, ms, now_ms
 from capi.constants import API_MAX_BODY_BYTES
@@ -619,15 +619,4 @@ def redis_pool(settings: Settings) -> aioredis.Redis:
 
 
 def _by_size(entries: list[Entry], limit: int) -> list[list[Entry]]:
-    chunks: list[list[Entry]] = []
-    current: list[Entry] = []
-    size = 0
-    for e in entries:
-        if current and size + len(e.event) + 1 > limit:
-            chunks.append(current)
-            current, size = [], 0
-        current.append(e)
-        size += len(e.event) + 1
-    if current:
-        chunks.append(current)
-    return chunks
+    return by_size(entries, lambda e: len(e.event), max_bytes=limit)

@@ -165,7 +165,11 @@ def test_an_operator_fixes_a_held_key_and_replays_its_dead_letter_once(
     wait_for(
         lambda: browser.find_elements(By.ID, "dry-run-summary"), what="the dry run", timeout_s=60
     )
-    assert text_of(browser, "dry-run-summary").startswith("0 would be accepted, 1 rejected")
+    # A key failure says nothing about the event: not checked, not a rejection.
+    assert text_of(browser, "dry-run-summary").startswith(
+        "0 would be accepted, 0 rejected, 1 not checked"
+    )
+    assert "not checked" in text_of(browser, "verdicts")
     assert not browser.find_elements(By.ID, "replay")
 
     sandbox.state.configure(  # the scope is granted: the same key now writes events

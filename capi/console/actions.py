@@ -50,6 +50,17 @@ class DryRun:
         """How many events the API would accept."""
         return len(self.accepted_keys)
 
+    @property
+    def unchecked(self) -> int:
+        """How many events the API said nothing about (a 5xx, a 429, a lost answer, a key
+        failure): neither accepted nor rejected."""
+        return sum(1 for r in self.results if not r.checked)
+
+    @property
+    def rejected(self) -> int:
+        """How many events the API would reject (or cannot take: past their deadline)."""
+        return len(self.results) - self.accepted - self.unchecked
+
 
 @dataclass
 class Job:

@@ -8,6 +8,7 @@ asks for. They name the key only by its fingerprint.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from capi.constants import CONVERSIONS_SCOPE
@@ -245,24 +246,39 @@ def _unknown_pixel(
     )
 
 
+def _names_field(param: object) -> bool:
+    """Whether an error's ``param`` names a field of the event (``events[3].data.coupon``,
+    ``data.coupon``), not only which event (``events[3]``)."""
+    return isinstance(param, str) and bool(re.sub(r"^events\[\d+\]\.?", "", param).strip())
+
+
 def _invalid_event(
     reason: Reason, err: SendError | None, pixel_id: str | None, hint: str | None
 ) -> Diagnosis:
     details = ""
+    named = False
     error = err.response.body.get("error") if err and isinstance(err.response.body, dict) else None
     if isinstance(error, dict) and isinstance(error.get("errors"), list):
-        errors = error["errors"][:20]
+        errors = [e for e in error["errors"][:20] if isinstance(e, dict)]
         details = "; ".join(
-            f"{e.get('param')}: {e.get('message')} ({e.get('code')})"
-            for e in errors
-            if isinstance(e, dict)
+            f"{e.get('param')}: {e.get('message')} ({e.get('code')})" for e in errors
         )
+        named = any(_names_field(e.get("param")) for e in errors)
+    if not named and isinstance(error, dict) and _names_field(error.get("param")):
+        named = True
+        details = details or f"{error.get('param')}: {error.get('message')}"
     return Diagnosis(
         reason,
         "The API rejected this event." + (f" {details}." if details else "") + _status(err),
         [
-            "Fix the field named above where your backend builds the event; the other events "
-            "of its batch were delivered.",
+            (
+                "Fix the field named above where your backend builds the event"
+                if named
+                else "The API named no field: compare the event (`capi dead-letters show ID`) "
+                "with its message above and the field rules, and fix it where your backend "
+                "builds the event"
+            )
+            + "; the other events of its batch were delivered.",
             "Check the corrected event with `capi dead-letters replay ID --dry-run`, or fix "
             "and enqueue it again under the same id.",
         ],

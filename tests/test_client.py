@@ -341,3 +341,24 @@ def test_the_one_event_a_rejection_names_has_the_answers_reason(
     error = classify(status, {}, raw)
     assert isinstance(error, InvalidEventError)
     assert error.for_event(index).reason is reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [
+        (body("unknown_data_field", "events[3].data.coupon"), True),
+        (b'{"error": {"message": "Invalid event.", "param": "events[3]"}}', False),
+        (b'{"error": {"message": "Invalid event.", "param": null}}', False),
+    ],
+)
+def test_a_rejection_guides_to_the_field_only_when_the_api_named_one(
+    raw: bytes, named: bool
+) -> None:
+    """An event isolated from a 400 that named no field was told to "fix the field named
+    above": there was none."""
+    from capi.guidance import diagnose
+
+    error = classify(400, {}, raw)
+    first = diagnose(error).fix[0]
+    assert ("Fix the field named above" in first) is named, first
+    assert ("The API named no field" in first) is not named, first

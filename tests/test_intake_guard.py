@@ -740,3 +740,52 @@ def test_a_body_of_ends_of_headers_costs_no_more_than_any_body(
         assert cpu_s(server) - before < 0.1
     finally:
         server.stop()
+
+
+def chunked_post(body: bytes, *, token: str | None = TOKEN) -> bytes:
+    """The head and the one data chunk of a chunked POST /v1/events, up to its last chunk
+    header ("0\\r\\n": the trailer section comes next)."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Transfer-Encoding: chunked\r\n\r\n{len(body):x}\r\n"
+        ).encode()
+        + body
+        + b"\r\n0\r\n"
+    )
+
+
+def test_a_trailer_field_is_not_taken_as_a_header(guarded: IntakeProcess, redis_url: str) -> None:
+    """Fields after a chunked body (trailers) are not the request's headers: one named
+    Authorization granted nothing (it was believed, and the event queued)."""
+    with connect(guarded) as sock:
+        sock.sendall(
+            chunked_post(EVENT, token=None) + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert queued_ids(redis_url) == []
+    with connect(guarded) as sock:  # a client's own small trailers are still read past
+        sock.sendall(chunked_post(EVENT) + b"X-Checksum: 1\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200 ")
+    assert queued_ids(redis_url) == ["legit-p-0"]
+
+
+@pytest.mark.parametrize("field", [b"X-Long: ", b"X-Many: 1\r\n"], ids=["one field", "many"])
+def test_trailers_that_go_on_get_431_and_hold_nothing(guarded: IntakeProcess, field: bytes) -> None:
+    """A trailer section is limited as headers are: with a valid token, one that went on
+    (a field never finished, or field after field) was kept until the body's read time
+    ran out, 10 s later: 200 MB to 1.8 GB from one connection."""
+    rss_before = peak_rss_mb(guarded)
+    with connect(guarded) as sock:
+        sock.sendall(chunked_post(EVENT) + field)
+        unit = (b"a" if field.endswith(b": ") else field) * 4096
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and send_quietly(sock, unit * 16):
+            pass
+        answer = read_answer(sock, timeout_s=1)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"trailer fields" in answer
+    assert peak_rss_mb(guarded) - rss_before < 20
+    assert legit(guarded) == 200

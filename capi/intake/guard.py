@@ -116,6 +116,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self._last_word = b""  # a refusal that waits for the answers before it
         self._unsent = 0  # bytes of answers waiting, when last looked at
         self._close_after: Any = None  # the request answered 431 by _Answer (uvicorn's cycle)
+        # A chunked body's last chunk: a chunk header was read and no body byte since (so
+        # what follows is the trailer section until the message completes), and the bytes
+        # of that section counted so far.
+        self._last_chunk = False
+        self._bodies = 0  # on_body calls: a read that made none held no body byte
+        self._trailer_bytes = 0
 
     # Connections
 
@@ -303,15 +309,32 @@ class GuardedProtocol(HttpToolsProtocol):
                 return
             self._head_bytes += len(part)
             self._head_tail = seen[-3:]
+        if self._stage == BODY and self._last_chunk:
+            self._trailers_received(data)
+            return
         super().data_received(data)
 
-    def _too_large(self) -> bytes:
+    def _trailers_received(self, data: bytes) -> None:
+        """Bytes read after a chunked body's last chunk header: the trailer section, which
+        the parser holds until each field ends (one endless field grew the process by 200
+        MB, and the event loop spent 10 s concatenating it). A read that brings no body byte
+        and does not end the message is all trailer; past CAPI_INTAKE_MAX_HEADER_BYTES the
+        answer is 431. (The read that holds the last chunk header itself is not counted: at
+        most one read more is held.)"""
+        bodies = self._bodies
+        super().data_received(data)
+        if self._stage != BODY or self._bodies != bodies or self.transport.is_closing():
+            return  # the message ended, or that chunk header was a data chunk's
+        self._trailer_bytes += len(data)
+        if self._trailer_bytes > self.limits.max_header_bytes:
+            self._refuse(self._too_large("the trailer fields after the chunked body are"))
+
+    def _too_large(self, what: str = "the request line and headers are") -> bytes:
         return error_response(
             431,
             "Request Header Fields Too Large",
             "headers_too_large",
-            f"the request line and headers are over {self.limits.max_header_bytes:,} bytes "
-            "(CAPI_INTAKE_MAX_HEADER_BYTES)",
+            f"{what} over {self.limits.max_header_bytes:,} bytes (CAPI_INTAKE_MAX_HEADER_BYTES)",
         )
 
     def _head_too_slow(self) -> None:
@@ -334,6 +357,7 @@ class GuardedProtocol(HttpToolsProtocol):
         pipelined = self._stage != HEAD  # read behind a request still being answered
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
         self._head_tail = b""
+        self._last_chunk, self._trailer_bytes = False, 0
         self._peers.touch(self)
         if pipelined and self._parsed_head_bytes() > self.limits.max_header_bytes:
             # data_received measured only the first head of its read: this one is answered
@@ -348,6 +372,23 @@ class GuardedProtocol(HttpToolsProtocol):
                 self._close_after = self.cycle
             return
         super().on_headers_complete()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """A field of the request's headers; one after its chunked body (a trailer field) is
+        read and dropped: never merged into the headers (RFC 9110 6.5.1), where it was
+        believed as much as a header (an Authorization, a second X-Forwarded-For) and kept
+        in memory, field after field, as long as the body's read time allowed: 1.8 GB in
+        10 s from one connection."""
+        if self._stage != BODY:
+            super().on_header(name, value)
+
+    def on_chunk_header(self) -> None:
+        self._last_chunk = True  # until a body byte shows it was a data chunk's
+
+    def on_body(self, body: bytes) -> None:
+        self._last_chunk = False
+        self._bodies += 1
+        super().on_body(body)
 
     def _parsed_head_bytes(self) -> int:
         """The size of the request line and headers the parser just read."""

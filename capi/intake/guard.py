@@ -56,6 +56,13 @@ PIPELINE_DEPTH = 8
 # cut into a piece per request-to-be cost ten times the CPU); so at most about 60 tiny
 # requests more than PIPELINE_DEPTH are parsed ahead.
 FEED_MIN_BYTES = 1024
+# A chunked body is parsed a chunk at a time, each a call into Python (about 0.45 us): a
+# 4 MB body sent in 1-byte chunks cost 1.7 s of the event loop (0.02 s with a
+# Content-Length). So a body comes in at most MIN_CHUNKS chunks (about 30 ms), or one per
+# 64 bytes of CAPI_INTAKE_MAX_BODY_BYTES if that is more; and what is read of it, its chunk
+# framing included, is at most twice that limit (a chunk extension that never ends held no
+# body byte: it was read at 260 MB/s, a core's worth, until the body's read time ran out).
+MIN_CHUNKS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +73,12 @@ class Limits:
     header_timeout_s: float
     idle_timeout_s: float
     max_connections: int
+    max_body_bytes: int = 4_000_000
+
+    @property
+    def max_chunks(self) -> int:
+        """The most chunks a chunked body may come in."""
+        return max(MIN_CHUNKS, self.max_body_bytes // 64)
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -75,6 +88,7 @@ class Limits:
             header_timeout_s=settings.intake_header_timeout_s,
             idle_timeout_s=settings.intake_idle_timeout_s,
             max_connections=settings.intake_max_connections,
+            max_body_bytes=settings.intake_max_body_bytes,
         )
 
 
@@ -122,6 +136,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._last_chunk = False
         self._bodies = 0  # on_body calls: a read that made none held no body byte
         self._trailer_bytes = 0
+        self._chunks = 0  # of the body being read
+        self._body_read = 0  # bytes read while its body was (chunk framing included)
+        self._refusal = b""  # the answer of a request the parser was stopped for
 
     # Connections
 
@@ -193,7 +210,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """What the parser cannot read gets 400, after the answers to the requests before
         it (uvicorn wrote it at once, and closed the connection)."""
-        self._refuse(error_response(400, "Bad Request", "malformed", "not an HTTP/1.1 request"))
+        refusal = self._refusal or error_response(
+            400, "Bad Request", "malformed", "not an HTTP/1.1 request"
+        )
+        self._refuse(refusal)
 
     def _cancel_timers(self) -> None:
         timers = (self._head_timer, self._linger, self.timeout_keep_alive_task, self._write_timer)
@@ -309,9 +329,20 @@ class GuardedProtocol(HttpToolsProtocol):
                 return
             self._head_bytes += len(part)
             self._head_tail = seen[-3:]
-        if self._stage == BODY and self._last_chunk:
-            self._trailers_received(data)
-            return
+        if self._stage == BODY:
+            self._body_read += len(data)
+            if self._body_read > 2 * self.limits.max_body_bytes:
+                self._refuse(
+                    self._body_too_large(
+                        f"the body as sent (its chunk framing included) is over "
+                        f"{2 * self.limits.max_body_bytes:,} bytes, twice "
+                        "CAPI_INTAKE_MAX_BODY_BYTES"
+                    )
+                )
+                return
+            if self._last_chunk:
+                self._trailers_received(data)
+                return
         super().data_received(data)
 
     def _trailers_received(self, data: bytes) -> None:
@@ -328,6 +359,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._trailer_bytes += len(data)
         if self._trailer_bytes > self.limits.max_header_bytes:
             self._refuse(self._too_large("the trailer fields after the chunked body are"))
+
+    @staticmethod
+    def _body_too_large(message: str) -> bytes:
+        return error_response(413, "Content Too Large", "body_too_large", message)
 
     def _too_large(self, what: str = "the request line and headers are") -> bytes:
         return error_response(
@@ -358,6 +393,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
         self._head_tail = b""
         self._last_chunk, self._trailer_bytes = False, 0
+        self._chunks = self._body_read = 0
         self._peers.touch(self)
         if pipelined and self._parsed_head_bytes() > self.limits.max_header_bytes:
             # data_received measured only the first head of its read: this one is answered
@@ -384,6 +420,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_chunk_header(self) -> None:
         self._last_chunk = True  # until a body byte shows it was a data chunk's
+        self._chunks += 1
+        if self._chunks > self.limits.max_chunks:
+            self._refusal = self._body_too_large(
+                f"the body came in over {self.limits.max_chunks:,} chunks; send it in "
+                "fewer, larger ones (or with a Content-Length)"
+            )
+            raise _StopParsing  # the parser's error: answered by send_400_response
 
     def on_body(self, body: bytes) -> None:
         self._last_chunk = False
@@ -428,6 +471,10 @@ class GuardedProtocol(HttpToolsProtocol):
             self._close_after = None
             if self._stage != CLOSING:
                 self._refuse(b"")
+
+
+class _StopParsing(Exception):
+    """Raised in a parser callback to stop parsing a request refused (:attr:`_refusal`)."""
 
 
 class _Answer:

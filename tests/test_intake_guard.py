@@ -894,3 +894,22 @@ def test_pipelined_posts_do_not_pile_up_unparsed_bytes(guarded: IntakeProcess) -
     assert answers.startswith(b"HTTP/1.1 200 ")
     assert peak_rss_mb(guarded) - rss_before < 30
     assert legit(guarded) == 200
+
+
+@pytest.mark.parametrize("path", ["/%6Detrics", "/metric%73", "/v1%2Fevents"])
+def test_a_percent_encoded_route_is_not_the_route(guarded: IntakeProcess, path: str) -> None:
+    """Routes are matched as sent: "/%6Detrics" was /metrics once decoded, so a proxy on
+    this host that keeps /metrics off its routes by the path as sent (HAProxy's path_beg,
+    Envoy's prefix, neither decoding by default) passed it, and every client was local."""
+    host, port = guarded.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(EVENT)}\r\n\r\n".encode()
+            + EVENT
+            if "events" in path
+            else f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+    assert b"capi_intake" not in answer

@@ -162,6 +162,11 @@ class Intake:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
+        raw_path = scope.get("raw_path")
+        if raw_path and b"%" in raw_path:  # a route is never percent-encoded: answered as
+            # what was sent (decoded, "/%6Detrics" was /metrics, past a proxy that denies
+            # /metrics by its path as sent, making every client local)
+            path = raw_path.decode("latin-1")
         note: dict[str, Any] = {}
         headers: dict[str, str] = {}
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import logging
 import os
 import re
@@ -312,6 +313,42 @@ def test_a_wrong_content_type_gets_415(intake: IntakeProcess, content_type: str)
     resp = intake.post(events(1), content_type=content_type)
     assert resp.status_code == 415
     assert "application/x-ndjson" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
+def test_a_compressed_body_gets_415_and_queues_nothing(
+    intake: IntakeProcess, redis_url: str, content_type: str
+) -> None:
+    """A Content-Encoding the intake does not decode (it decodes none) is said so: a gzip
+    body was read as JSON, answered 400 "not valid JSON", or 200 with every NDJSON line
+    refused as not JSON."""
+    body = b"".join(orjson.dumps(e) + b"\n" for e in events(2))
+    if content_type == "application/json":
+        body = orjson.dumps({"events": events(2)})
+    resp = httpx.post(
+        intake.url + "/v1/events",
+        content=gzip.compress(body),
+        headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Content-Type": content_type,
+            "Content-Encoding": "gzip",
+        },
+    )
+    assert resp.status_code == 415, resp.text
+    assert resp.json()["error"]["code"] == "unsupported_content_encoding"
+    assert resp.headers["accept-encoding"] == "identity"
+    assert queued_ids(redis_url) == []
+    plain = httpx.post(  # identity is no coding
+        intake.url + "/v1/events",
+        content=body,
+        headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "Content-Type": content_type,
+            "Content-Encoding": "identity",
+        },
+    )
+    assert plain.status_code == 200, plain.text
+    assert len(queued_ids(redis_url)) == 2
 
 
 @pytest.mark.parametrize(

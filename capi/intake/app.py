@@ -190,6 +190,11 @@ class Intake:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         method, path = scope["method"], scope["path"]
+        raw_path = scope.get("raw_path")
+        if raw_path and b"%" in raw_path:  # a route is never percent-encoded: answered as
+            # what was sent (decoded, "/%6Detrics" was /metrics, past a proxy that denies
+            # /metrics by its path as sent, making every client local)
+            path = raw_path.decode("latin-1")
         note: dict[str, Any] = {}
         headers: dict[str, str] = {}
         try:
@@ -233,9 +238,16 @@ class Intake:
     async def _events(
         self, scope: Scope, receive: Receive, note: dict[str, Any]
     ) -> tuple[int, bytes]:
-        authorization, ctype, length = _request_headers(scope)
+        authorization, ctype, length, coding = _request_headers(scope)
         destination = self._authorize(authorization, scope, note)
         kind = _checked(envelope.media_type, ctype)
+        if coding:
+            raise Answer(
+                415,
+                "unsupported_content_encoding",
+                f"Content-Encoding {coding[:40]!r} is not accepted; send the body uncompressed",
+                {"accept-encoding": "identity"},
+            )
         body = await self._body(length, receive)
         raw = _checked(envelope.events_of, body, kind, self.settings.intake_max_events)
         note["events"] = len(raw)
@@ -580,13 +592,16 @@ def _error_body(code: str, message: str, results: list[dict[str, Any]] | None) -
     return orjson.dumps(error)
 
 
-def _request_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
-    """The request's Authorization, Content-Type and Content-Length; Answer 400 if it has
-    several Authorization or Content-Type headers (which one a server believes differs
-    between servers and proxies, so neither is; the HTTP parser refuses two lengths)."""
+def _request_headers(scope: Scope) -> tuple[str | None, str | None, str | None, str]:
+    """The request's Authorization, Content-Type and Content-Length, and its content
+    codings other than identity ("" if none: a gzip body was read as JSON, and answered 400
+    not valid JSON, or 200 with each NDJSON line refused); Answer 400 if it has several
+    Authorization or Content-Type headers (which one a server believes differs between
+    servers and proxies, so neither is; the HTTP parser refuses two lengths)."""
     authorization: bytes | None = None
     ctype: bytes | None = None
     length: bytes | None = None
+    codings: list[str] = []
     seen = typed = 0
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -597,11 +612,15 @@ def _request_headers(scope: Scope) -> tuple[str | None, str | None, str | None]:
             typed += 1
         elif name == b"content-length":
             length = value
+        elif name == b"content-encoding":
+            for coding in value.decode("latin-1").split(","):
+                if coding.strip().lower() not in ("", "identity"):
+                    codings.append(coding.strip())
     if seen > 1:
         raise Answer(400, "malformed", "the request has several Authorization headers; send one")
     if typed > 1:
         raise Answer(400, "malformed", "the request has several Content-Type headers; send one")
-    return _text(authorization), _text(ctype), _text(length)
+    return _text(authorization), _text(ctype), _text(length), ", ".join(codings)
 
 
 def _text(value: bytes | None) -> str | None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from capi.settings import Settings
@@ -56,6 +57,13 @@ PIPELINE_DEPTH = 8
 # cut into a piece per request-to-be cost ten times the CPU); so at most about 60 tiny
 # requests more than PIPELINE_DEPTH are parsed ahead.
 FEED_MIN_BYTES = 1024
+# A chunked body is parsed a chunk at a time, each a call into Python (about 0.45 us): a
+# 4 MB body sent in 1-byte chunks cost 1.7 s of the event loop (0.02 s with a
+# Content-Length). So a body comes in at most MIN_CHUNKS chunks (about 30 ms), or one per
+# 64 bytes of CAPI_INTAKE_MAX_BODY_BYTES if that is more; and what is read of it, its chunk
+# framing included, is at most twice that limit (a chunk extension that never ends held no
+# body byte: it was read at 260 MB/s, a core's worth, until the body's read time ran out).
+MIN_CHUNKS = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +74,12 @@ class Limits:
     header_timeout_s: float
     idle_timeout_s: float
     max_connections: int
+    max_body_bytes: int = 4_000_000
+
+    @property
+    def max_chunks(self) -> int:
+        """The most chunks a chunked body may come in."""
+        return max(MIN_CHUNKS, self.max_body_bytes // 64)
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -75,6 +89,7 @@ class Limits:
             header_timeout_s=settings.intake_header_timeout_s,
             idle_timeout_s=settings.intake_idle_timeout_s,
             max_connections=settings.intake_max_connections,
+            max_body_bytes=settings.intake_max_body_bytes,
         )
 
 
@@ -116,6 +131,15 @@ class GuardedProtocol(HttpToolsProtocol):
         self._last_word = b""  # a refusal that waits for the answers before it
         self._unsent = 0  # bytes of answers waiting, when last looked at
         self._close_after: Any = None  # the request answered 431 by _Answer (uvicorn's cycle)
+        # A chunked body's last chunk: a chunk header was read and no body byte since (so
+        # what follows is the trailer section until the message completes), and the bytes
+        # of that section counted so far.
+        self._last_chunk = False
+        self._bodies = 0  # on_body calls: a read that made none held no body byte
+        self._trailer_bytes = 0
+        self._chunks = 0  # of the body being read
+        self._body_read = 0  # bytes read while its body was (chunk framing included)
+        self._refusal = b""  # the answer of a request the parser was stopped for
 
     # Connections
 
@@ -135,6 +159,7 @@ class GuardedProtocol(HttpToolsProtocol):
             )
             return
         super().connection_made(transport)
+        self.flow = _Flow(transport, self)
         self._peers.touch(self)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.limits.idle_timeout_s, self.timeout_keep_alive_handler
@@ -187,7 +212,10 @@ class GuardedProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """What the parser cannot read gets 400, after the answers to the requests before
         it (uvicorn wrote it at once, and closed the connection)."""
-        self._refuse(error_response(400, "Bad Request", "malformed", "not an HTTP/1.1 request"))
+        refusal = self._refusal or error_response(
+            400, "Bad Request", "malformed", "not an HTTP/1.1 request"
+        )
+        self._refuse(refusal)
 
     def _cancel_timers(self) -> None:
         timers = (self._head_timer, self._linger, self.timeout_keep_alive_task, self._write_timer)
@@ -303,15 +331,47 @@ class GuardedProtocol(HttpToolsProtocol):
                 return
             self._head_bytes += len(part)
             self._head_tail = seen[-3:]
+        if self._stage == BODY:
+            self._body_read += len(data)
+            if self._body_read > 2 * self.limits.max_body_bytes:
+                self._refuse(
+                    self._body_too_large(
+                        f"the body as sent (its chunk framing included) is over "
+                        f"{2 * self.limits.max_body_bytes:,} bytes, twice "
+                        "CAPI_INTAKE_MAX_BODY_BYTES"
+                    )
+                )
+                return
+            if self._last_chunk:
+                self._trailers_received(data)
+                return
         super().data_received(data)
 
-    def _too_large(self) -> bytes:
+    def _trailers_received(self, data: bytes) -> None:
+        """Bytes read after a chunked body's last chunk header: the trailer section, which
+        the parser holds until each field ends (one endless field grew the process by 200
+        MB, and the event loop spent 10 s concatenating it). A read that brings no body byte
+        and does not end the message is all trailer; past CAPI_INTAKE_MAX_HEADER_BYTES the
+        answer is 431. (The read that holds the last chunk header itself is not counted: at
+        most one read more is held.)"""
+        bodies = self._bodies
+        super().data_received(data)
+        if self._stage != BODY or self._bodies != bodies or self.transport.is_closing():
+            return  # the message ended, or that chunk header was a data chunk's
+        self._trailer_bytes += len(data)
+        if self._trailer_bytes > self.limits.max_header_bytes:
+            self._refuse(self._too_large("the trailer fields after the chunked body are"))
+
+    @staticmethod
+    def _body_too_large(message: str) -> bytes:
+        return error_response(413, "Content Too Large", "body_too_large", message)
+
+    def _too_large(self, what: str = "the request line and headers are") -> bytes:
         return error_response(
             431,
             "Request Header Fields Too Large",
             "headers_too_large",
-            f"the request line and headers are over {self.limits.max_header_bytes:,} bytes "
-            "(CAPI_INTAKE_MAX_HEADER_BYTES)",
+            f"{what} over {self.limits.max_header_bytes:,} bytes (CAPI_INTAKE_MAX_HEADER_BYTES)",
         )
 
     def _head_too_slow(self) -> None:
@@ -334,6 +394,8 @@ class GuardedProtocol(HttpToolsProtocol):
         pipelined = self._stage != HEAD  # read behind a request still being answered
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
         self._head_tail = b""
+        self._last_chunk, self._trailer_bytes = False, 0
+        self._chunks = self._body_read = 0
         self._peers.touch(self)
         if pipelined and self._parsed_head_bytes() > self.limits.max_header_bytes:
             # data_received measured only the first head of its read: this one is answered
@@ -348,6 +410,30 @@ class GuardedProtocol(HttpToolsProtocol):
                 self._close_after = self.cycle
             return
         super().on_headers_complete()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """A field of the request's headers; one after its chunked body (a trailer field) is
+        read and dropped: never merged into the headers (RFC 9110 6.5.1), where it was
+        believed as much as a header (an Authorization, a second X-Forwarded-For) and kept
+        in memory, field after field, as long as the body's read time allowed: 1.8 GB in
+        10 s from one connection."""
+        if self._stage != BODY:
+            super().on_header(name, value)
+
+    def on_chunk_header(self) -> None:
+        self._last_chunk = True  # until a body byte shows it was a data chunk's
+        self._chunks += 1
+        if self._chunks > self.limits.max_chunks:
+            self._refusal = self._body_too_large(
+                f"the body came in over {self.limits.max_chunks:,} chunks; send it in "
+                "fewer, larger ones (or with a Content-Length)"
+            )
+            raise _StopParsing  # the parser's error: answered by send_400_response
+
+    def on_body(self, body: bytes) -> None:
+        self._last_chunk = False
+        self._bodies += 1
+        super().on_body(body)
 
     def _parsed_head_bytes(self) -> int:
         """The size of the request line and headers the parser just read."""
@@ -378,6 +464,8 @@ class GuardedProtocol(HttpToolsProtocol):
             held, self._held = bytes(self._held), bytearray()
             self._feed(held)  # an answer went out: parse what waited (reading stays paused
             # if the pipeline fills again)
+            if not self._held and not self.transport.is_closing():
+                self.flow.resume_reading()
         if self._eof and self._stage != APP and not self.pipeline and not self._held:
             self.transport.close()  # half-closed: every request sent whole is answered
         if self._last_word and not self._answering():
@@ -387,6 +475,25 @@ class GuardedProtocol(HttpToolsProtocol):
             self._close_after = None
             if self._stage != CLOSING:
                 self._refuse(b"")
+
+
+class _Flow(FlowControl):
+    """uvicorn's flow control of a connection, whose reading stays paused while bytes read
+    ahead wait behind the pipeline (uvicorn resumed it whenever an application read its
+    body: each pipelined POST read 256 KiB more into what waited, which grew by 40 MB in 8
+    s and the process to 700 MB, from one connection)."""
+
+    def __init__(self, transport: asyncio.Transport, conn: GuardedProtocol) -> None:
+        super().__init__(transport)
+        self._conn = conn
+
+    def resume_reading(self) -> None:
+        if not self._conn._held:
+            super().resume_reading()
+
+
+class _StopParsing(Exception):
+    """Raised in a parser callback to stop parsing a request refused (:attr:`_refusal`)."""
 
 
 class _Answer:

@@ -177,7 +177,9 @@ def _events_operation() -> dict[str, Any]:
                 "than CAPI_INTAKE_MAX_EVENTS events.",
             ),
             "415": _json(
-                "Error", "The Content-Type is not application/json or application/x-ndjson."
+                "Error",
+                "The Content-Type is not application/json or application/x-ndjson, or the "
+                "body has a Content-Encoding (it is read uncompressed only).",
             ),
             "431": _json(
                 "Error",

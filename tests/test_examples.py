@@ -173,6 +173,8 @@ def test_documents_point_nowhere_outside_the_repository() -> None:
             assert "../" not in text
         for path in re.findall(r"`((?:capi|docs|config|tests|workers)/[\w./-]+)`", text):
             assert (ROOT / path).exists() or path in users_copies, f"{doc.name}: {path}"
+        for link in re.findall(r"\]\(([a-z][a-z0-9+.-]*:[^)]*)\)", text):
+            raise AssertionError(f"{doc.name}: link {link} leaves the repository")
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
             assert (doc.parent / link).resolve().exists(), f"{doc.name}: link {link}"
         for link, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", text):

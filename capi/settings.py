@@ -385,16 +385,6 @@ class Settings(BaseSettings):
             parse_sentinels(value)
         return value
 
-    @field_validator("base_url")
-    @classmethod
-    def _base_only(cls, value: str) -> str:
-        if urlsplit(value).path.rstrip("/").endswith(EVENTS_PATH):
-            raise ValueError(
-                f"must be the base URL without {EVENTS_PATH} (capi appends it), e.g. "
-                f"{DEFAULT_BASE_URL}"
-            )
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
@@ -587,6 +577,10 @@ def checked_base_url(value: str) -> str:
         raise ValueError("has a port that is not a number from 1 to 65535") from None
     if not parts.hostname or any(c.isspace() or not c.isprintable() for c in parts.netloc):
         raise ValueError("must name a host, with no space or control character in it")
+    if parts.path.rstrip("/").endswith(EVENTS_PATH):
+        raise ValueError(
+            f"must be the base URL without {EVENTS_PATH} (capi appends it), e.g. {DEFAULT_BASE_URL}"
+        )
     return value.rstrip("/")
 
 

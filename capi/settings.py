@@ -495,6 +495,13 @@ class Settings(BaseSettings):
         for name, where in found:
             if not name.upper().startswith("CAPI_") or name.upper() in known:
                 continue
+            if name.upper().startswith("CAPI_KEY_"):
+                # The product's own name for a destination's key: no typo of a setting.
+                warnings.append(
+                    f"{name} (in {where}) is named by no api_key_env of a destinations file, "
+                    "so nothing uses it"
+                )
+                continue
             close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "see config/capi.env.example"
             warnings.append(f"{name} (in {where}) is not a capi setting and is ignored; {hint}")

@@ -493,6 +493,16 @@ class Settings(BaseSettings):
         found += [(n, str(self._config_file)) for n in self.file_values()]
         warnings = []
         for name, where in found:
+            prefixed = f"CAPI_{name.upper()}"
+            setting = name.lower() in type(self).model_fields
+            if where != "the environment" and setting and name not in also_known:
+                # API_KEY=... in the config file: read by nothing (the environment holds
+                # names of other programs, the file only capi's).
+                warnings.append(
+                    f"{name} (in {where}) is not read: capi's settings carry the CAPI_ "
+                    f"prefix; did you mean {prefixed}?"
+                )
+                continue
             if not name.upper().startswith("CAPI_") or name.upper() in known:
                 continue
             if name.upper().startswith("CAPI_KEY_"):

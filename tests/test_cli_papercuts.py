@@ -284,6 +284,22 @@ def test_a_key_variable_the_destinations_file_does_not_name_is_no_typo_of_a_sett
     assert "CAPI_KEY_BRAND_A (in the environment) is named by no api_key_env of a" in result.stderr
 
 
+def test_a_setting_without_its_prefix_in_the_config_file_is_warned_about(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """api_key=... or PIXEL_ID=... in config/capi.env was ignored without a word (and
+    check-key then said CAPI_API_KEY must be set, though the file 'set' it)."""
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL={env['CAPI_REDIS_URL']}\napi_key={DEFAULT_KEY}\n")
+    result = run_capi({**env, "CAPI_CONFIG_FILE": str(config)}, "status")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"api_key (in {config}) is not read: capi's settings carry the CAPI_ prefix; "
+        "did you mean CAPI_API_KEY?" in result.stderr
+    )
+    assert DEFAULT_KEY not in result.stderr
+
+
 def test_api_key_env_is_read_from_the_config_file_too(
     env: dict[str, str], sandbox: SandboxThread, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import signal
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 from rich.console import Console
@@ -32,9 +34,10 @@ from capi.clock import now_ms
 from capi.events import purchase, signup
 from capi.keycheck import check_key
 from capi.producer import Producer
+from capi.redisconn import brief
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import DEFAULT_PIXEL
-from capi.settings import Settings
+from capi.settings import Settings, safe_url
 from capi.status import gather
 from capi.worker.lanes import run_sender
 from capi.worker.sender import Sender
@@ -104,7 +107,9 @@ class Demo:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.out.print("[bold]capi demo[/]: enqueue, send, dead-letter with guidance, replay.")
         with contextlib.ExitStack() as stack:
-            if "redis_url" in self.user.model_fields_set:  # set in the environment or file
+            # Set in the environment or file, and answering: a Redis left named in
+            # config/capi.env (README's sandbox set-up, stopped since) is no reason to fail.
+            if "redis_url" in self.user.model_fields_set and self._user_redis_answers():
                 url = self.user.redis_url
                 prefix = f"capi-demo-{secrets.token_hex(3)}"
                 self.out.print(
@@ -114,7 +119,8 @@ class Demo:
             else:
                 url, what = stack.enter_context(embedded_redis())
                 prefix = "capi"
-                self.out.print(f"Redis: {what} at {url} (no CAPI_REDIS_URL set)")
+                unset = "redis_url" not in self.user.model_fields_set
+                self.out.print(f"Redis: {what} at {url}" + (" (no CAPI_REDIS_URL set)" * unset))
             sandbox = stack.enter_context(SandboxThread())
             sandbox.state.conversion_keys = {FIRST_KEY}
             sandbox.state.scopeless_keys = set()
@@ -123,6 +129,34 @@ class Demo:
                 "https://bzr.openai.com/v1/events)"
             )
             asyncio.run(self._story(sandbox, url, prefix))
+
+    def _user_redis_answers(self) -> bool:
+        """Whether CAPI_REDIS_URL answers; if it does not, say so (the demo then runs on
+        its embedded server). A Redis that refuses the credentials or a command answers:
+        the demo goes on and stops with that error."""
+        client = self.user.sync_redis()
+        try:
+            client.ping()
+        except redis.exceptions.AuthenticationError:
+            return True
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            where = (
+                self.user.config_file_path()
+                if "CAPI_REDIS_URL" in self.user.file_values()
+                and "CAPI_REDIS_URL" not in os.environ
+                else "the environment"
+            )
+            self.out.print(
+                f"Your CAPI_REDIS_URL ({safe_url(self.user.redis_url)}, from {where}) does "
+                f"not answer ({brief(exc)}): the demo runs on an embedded server instead.",
+                markup=False,
+            )
+            return False
+        except redis.exceptions.RedisError:
+            return True
+        finally:
+            client.close()
+        return True
 
     async def _story(self, sandbox: SandboxThread, url: str, prefix: str) -> None:
         if self.user.api_key and self.user.pixel_id:

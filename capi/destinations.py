@@ -24,6 +24,7 @@ destinations meanwhile.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import time
@@ -56,6 +57,7 @@ DEFAULT_FILE = Path("config/destinations.toml")
 DEFAULT_NAME = "default"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SHA256_HEX = r"^[0-9a-f]{64}$"
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
 class _Entry(BaseModel):
@@ -64,7 +66,7 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     pixel_id: str = Field(min_length=1, max_length=200)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    api_key_env: str | None = Field(None, pattern=ENV_NAME)
     api_key_file: Path | None = None
     integration_source: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
@@ -72,7 +74,7 @@ class _Entry(BaseModel):
     consent_policy: Literal["drop", "opt_out"] | None = None
     consent_default: Literal["granted", "denied"] | None = None
     validate_only: bool = False
-    advertiser_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+    advertiser_key_env: str | None = Field(None, pattern=ENV_NAME)
     advertiser_key_file: Path | None = None
     ads_api_base_url: str | None = Field(None, pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
 
@@ -80,6 +82,19 @@ class _Entry(BaseModel):
     @classmethod
     def _pixel_id(cls, value: str) -> str:
         return checked_pixel_id(value)
+
+    @field_validator("api_key_env", "advertiser_key_env", mode="before")
+    @classmethod
+    def _a_variable(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and not re.match(ENV_NAME, value.strip()):
+            what = "key itself" if looks_like_key(value.strip()) else "value"
+            raise ValueError(
+                "is the name of the environment variable that holds the key (letters, digits "
+                f"and _, such as CAPI_KEY_BRAND_A), not the {what}: keys never go in this "
+                f"file; set the variable, or name a file with "
+                f"{str(info.field_name).removesuffix('_env')}_file (the value is not shown)"
+            )
+        return value
 
     @field_validator("api_key_file", "advertiser_key_file")
     @classmethod
@@ -488,7 +503,17 @@ def _header_lines(text: str) -> dict[str, int]:
 
 
 def _first(exc: ValidationError) -> str:
-    err: dict[str, Any] = dict(exc.errors(include_url=False, include_input=False)[0])
+    # A misspelled name first: its 'Field required' twin (pixelid for pixel_id) says less.
+    errors = exc.errors(include_url=False, include_input=False)
+    err: dict[str, Any] = dict(min(errors, key=lambda e: e["type"] != "extra_forbidden"))
     loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, sorted(_Entry.model_fields), n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {close[0]}?"
+            if close
+            else "a destination's settings are " + ", ".join(_Entry.model_fields)
+        )
+        return f"{loc}: is not a setting of a destination; {hint}"
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg

@@ -96,6 +96,14 @@ def shape_problem(key: str) -> str | None:
     """
     if not key.strip():
         return "is empty or only whitespace"
+    quotes = "\"'"
+    if key[0] in quotes or key[-1] in quotes:
+        position = 1 if key[0] in quotes else len(key)
+        return (
+            f"holds a quote at character {position} of {len(key)}: the quotes around the key "
+            "were taken as part of it (`docker run --env-file` keeps them, for one); "
+            "remove them"
+        )
     for position, char in enumerate(key, 1):
         if char in "\r\n":
             what = "a line break"

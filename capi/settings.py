@@ -385,16 +385,6 @@ class Settings(BaseSettings):
             parse_sentinels(value)
         return value
 
-    @field_validator("base_url")
-    @classmethod
-    def _base_only(cls, value: str) -> str:
-        if urlsplit(value).path.rstrip("/").endswith(EVENTS_PATH):
-            raise ValueError(
-                f"must be the base URL without {EVENTS_PATH} (capi appends it), e.g. "
-                f"{DEFAULT_BASE_URL}"
-            )
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
@@ -503,7 +493,24 @@ class Settings(BaseSettings):
         found += [(n, str(self._config_file)) for n in self.file_values()]
         warnings = []
         for name, where in found:
+            prefixed = f"CAPI_{name.upper()}"
+            setting = name.lower() in type(self).model_fields
+            if where != "the environment" and setting and name not in also_known:
+                # API_KEY=... in the config file: read by nothing (the environment holds
+                # names of other programs, the file only capi's).
+                warnings.append(
+                    f"{name} (in {where}) is not read: capi's settings carry the CAPI_ "
+                    f"prefix; did you mean {prefixed}?"
+                )
+                continue
             if not name.upper().startswith("CAPI_") or name.upper() in known:
+                continue
+            if name.upper().startswith("CAPI_KEY_"):
+                # The product's own name for a destination's key: no typo of a setting.
+                warnings.append(
+                    f"{name} (in {where}) is named by no api_key_env of a destinations file, "
+                    "so nothing uses it"
+                )
                 continue
             close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}?" if close else "see config/capi.env.example"
@@ -587,6 +594,10 @@ def checked_base_url(value: str) -> str:
         raise ValueError("has a port that is not a number from 1 to 65535") from None
     if not parts.hostname or any(c.isspace() or not c.isprintable() for c in parts.netloc):
         raise ValueError("must name a host, with no space or control character in it")
+    if parts.path.rstrip("/").endswith(EVENTS_PATH):
+        raise ValueError(
+            f"must be the base URL without {EVENTS_PATH} (capi appends it), e.g. {DEFAULT_BASE_URL}"
+        )
     return value.rstrip("/")
 
 

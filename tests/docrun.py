@@ -3,8 +3,9 @@
 A document is read as a sequence of fenced blocks. ``sh`` and ``python`` blocks are run in
 order, in one scratch working copy (``config/`` copied, ``.venv`` a link to this
 environment, the rest of the repository linked), each in a fresh shell: no ``CAPI_*``, no
-virtualenv on ``PATH``, no ``PYTHONPATH``. Files and background processes carry over from
-block to block, as in one working copy; shell variables do not. A shell block runs in
+virtualenv on ``PATH``, ``PYTHONPATH`` this checkout alone (see :func:`fresh_env`). Files
+and background processes carry over from block to block, as in one working copy; shell
+variables do not. A shell block runs in
 ``bash -e -o pipefail``; a Python block with ``.venv/bin/python``. Other blocks (json,
 toml, text, js, go) are not run unless a marker says what to do with them.
 
@@ -120,11 +121,15 @@ def setup_of(path: Path) -> list[Block]:
 
 
 def fresh_env() -> dict[str, str]:
-    """A new shell's environment: no CAPI_*, no virtualenv, the system PATH."""
+    """A new shell's environment: no CAPI_*, no virtualenv, the system PATH. PYTHONPATH is
+    this checkout alone: in a fresh clone its .venv's editable install points here anyway,
+    but a git worktree whose .venv links another checkout's would run that one's code."""
     venv = (sys.prefix, str(Path(sys.executable).parent))
     path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not p.startswith(venv)]
     env = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "USER", "TMPDIR")}
-    env.update(PATH=os.pathsep.join(path) or "/usr/bin:/bin", PYTHONUNBUFFERED="1")
+    env.update(
+        PATH=os.pathsep.join(path) or "/usr/bin:/bin", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)
+    )
     return env
 
 

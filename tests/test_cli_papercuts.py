@@ -272,6 +272,36 @@ def test_unknown_capi_variables_are_warned_about_with_the_closest_setting(
     assert "CAPI_KEY_BRAND_A" not in worker.stderr
 
 
+def test_a_key_variable_the_destinations_file_does_not_name_is_no_typo_of_a_setting(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A destinations file whose api_key_env holds the key itself (refused) names no
+    variable: CAPI_KEY_BRAND_A was warned about as 'did you mean CAPI_RETRY_BASE_S?'."""
+    dests = tmp_path / "destinations.toml"
+    dests.write_text('[destinations.brand-a]\npixel_id = "p"\napi_key_env = "sk-pasted-0001"\n')
+    extra = {"CAPI_DESTINATIONS_FILE": str(dests), "CAPI_KEY_BRAND_A": DEFAULT_KEY}
+    result = run_capi({**env, **extra}, "check-key")
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "did you mean" not in result.stderr
+    assert "CAPI_KEY_BRAND_A (in the environment) is named by no api_key_env of a" in result.stderr
+
+
+def test_a_setting_without_its_prefix_in_the_config_file_is_warned_about(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """api_key=... or PIXEL_ID=... in config/capi.env was ignored without a word (and
+    check-key then said CAPI_API_KEY must be set, though the file 'set' it)."""
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL={env['CAPI_REDIS_URL']}\napi_key={DEFAULT_KEY}\n")
+    result = run_capi({**env, "CAPI_CONFIG_FILE": str(config)}, "status")
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"api_key (in {config}) is not read: capi's settings carry the CAPI_ prefix; "
+        "did you mean CAPI_API_KEY?" in result.stderr
+    )
+    assert DEFAULT_KEY not in result.stderr
+
+
 def test_api_key_env_is_read_from_the_config_file_too(
     env: dict[str, str], sandbox: SandboxThread, tmp_path: Path
 ) -> None:

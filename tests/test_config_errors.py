@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from capi.exitcodes import ExitCode
+from capi.sandbox import SandboxThread
 from tests.conftest import REDIS_DATABASES
 from tests.helpers import spawn
 from workers.cli import cli
@@ -65,6 +66,19 @@ def test_a_database_the_server_lacks_names_the_setting(env: dict[str, str], redi
     result = CliRunner().invoke(cli, ["status"], env={**env, "CAPI_REDIS_URL": url})
     output = one_line_error(result, ExitCode.CONFIG)
     assert "CAPI_REDIS_URL: that Redis has no such database" in output
+
+
+def test_redis_url_naming_the_sandboxs_port_says_it_may_not_be_redis(
+    env: dict[str, str], sandbox: SandboxThread
+) -> None:
+    """A newcomer's wrong port: CAPI_REDIS_URL at an HTTP server (the sandbox, a worker's
+    metrics) waits out the timeout; 'is it frozen or overloaded?' sent them to the wrong
+    place."""
+    url = sandbox.url.replace("http://", "redis://") + "/0"
+    extra = {"CAPI_REDIS_URL": url, "CAPI_REDIS_TIMEOUT_S": "0.5"}
+    result = CliRunner().invoke(cli, ["status"], env={**env, **extra})
+    output = one_line_error(result, ExitCode.REDIS)
+    assert "not Redis" in output and "CAPI_REDIS_URL" in output
 
 
 def test_base_url_with_the_events_path_is_refused(env: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +72,26 @@ def test_demo_reads_capi_redis_url_from_the_config_file(redis_url: str, tmp_path
     code, output, _ = run_demo(_config=str(config))
     assert code == 0, output
     assert "your CAPI_REDIS_URL" in output and "embedded" not in output
+
+
+def test_a_redis_left_named_in_the_config_file_but_stopped_does_not_stop_the_demo(
+    tmp_path: Path,
+) -> None:
+    """README's order: the demo, then the sandbox set-up (config/capi.env names a Valkey on
+    6390), stopped with Ctrl-C; the demo run again then failed with exit 5 ('Redis is not
+    reachable'), though it needs no Redis of yours."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    config = tmp_path / "capi.env"
+    config.write_text(f"CAPI_REDIS_URL=redis://127.0.0.1:{port}/0\n")
+    code, output, _ = run_demo(_config=str(config))
+    assert code == 0, output
+    assert f"Your CAPI_REDIS_URL (redis://127.0.0.1:{port}/0, from {config}) does not answer" in (
+        " ".join(output.split())
+    )
+    assert "embedded Valkey" in output and "no CAPI_REDIS_URL set" not in output
+    assert "delivered 8 of 8 events, each exactly once" in output
 
 
 def test_a_demo_stopped_with_sigterm_stops_its_embedded_server() -> None:

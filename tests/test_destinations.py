@@ -189,6 +189,28 @@ def test_a_destination_added_to_the_file_is_served_without_a_restart(
             '[destinations.a]\npixel_id = "p"\napi_key_env = "K"\nintake_tokens_sha256 = ["x"]\n',
             "64 lowercase hex",
         ),
+        # A newcomer's typos: the misspelled name, not 'pixel_id: Field required'.
+        ('[destinations.a]\npixelid = "p"\napi_key_env = "K"\n', "pixelid: is not a setting "),
+        ('[destinations.a]\npixelid = "p"\napi_key_env = "K"\n', "did you mean pixel_id?"),
+        (
+            '[destinations.a]\npixel_id = "p"\napi_key_env = "K"\nintegraton_source = "x"\n',
+            "integraton_source: is not a setting of a destination; did you mean integration_sou",
+        ),
+        # The key pasted where its variable's name goes: said so, the key not shown.
+        (
+            '[destinations.a]\npixel_id = "p"\napi_key_env = "sk-svcacct-pasted-key-0001"\n',
+            "api_key_env: is the name of the environment variable that holds the key",
+        ),
+        (
+            '[destinations.a]\npixel_id = "p"\napi_key_env = "K"\nadvertiser_key_env = "a b"\n',
+            "advertiser_key_env: is the name of the environment variable",
+        ),
+        # The events URL where the base goes, refused as CAPI_BASE_URL is (it 404ed at send).
+        (
+            '[destinations.a]\npixel_id = "p"\napi_key_env = "K"\n'
+            'base_url = "http://127.0.0.1:8787/v1/events"\n',
+            "base_url: must be the base URL without /v1/events",
+        ),
     ],
 )
 def test_a_broken_file_is_refused_with_its_line_and_rule(

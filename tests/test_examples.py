@@ -149,6 +149,25 @@ def test_compose_profiles_are_named_where_compose_is_shown() -> None:
     assert profiles and all(f"--profile {p} up" in readme for p in profiles), profiles
 
 
+def test_the_documents_run_this_checkouts_code(tmp_path: Path) -> None:
+    """A checkout whose .venv is another's (a git worktree beside the main one, its .venv a
+    link) ran the documents' `capi` from the other checkout's code: its editable install
+    points there. Then a doc test passed or failed on code that was not the one tested."""
+    env = docrun.fresh_env()
+    code = "import capi, workers; print(capi.__file__); print(workers.__file__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.split():
+        assert Path(line).resolve().is_relative_to(docrun.ROOT), line
+
+
 def test_config_blocks_are_valid(tmp_path: Path) -> None:
     """A destinations file shown in the documents is one capi accepts."""
     shown = [b for doc in docrun.DOCUMENTS for b in docrun.blocks(doc) if b.lang == "toml"]
@@ -173,6 +192,8 @@ def test_documents_point_nowhere_outside_the_repository() -> None:
             assert "../" not in text
         for path in re.findall(r"`((?:capi|docs|config|tests|workers)/[\w./-]+)`", text):
             assert (ROOT / path).exists() or path in users_copies, f"{doc.name}: {path}"
+        for link in re.findall(r"\]\(([a-z][a-z0-9+.-]*:[^)]*)\)", text):
+            raise AssertionError(f"{doc.name}: link {link} leaves the repository")
         for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
             assert (doc.parent / link).resolve().exists(), f"{doc.name}: link {link}"
         for link, anchor in re.findall(r"\]\(([^)#:]*)#([^)]+)\)", text):

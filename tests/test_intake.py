@@ -251,6 +251,20 @@ def test_no_or_a_wrong_token_gets_401_and_nothing_is_queued(
         assert client.dbsize() == 0
 
 
+def test_a_conversion_key_sent_as_the_intake_token_is_told_apart(intake: IntakeProcess) -> None:
+    """A newcomer's client sends the Conversion Key it has (not an intake token): 'the
+    intake token is not configured' did not say which token it wanted."""
+    resp = httpx.post(
+        intake.url + "/v1/events",
+        content=orjson.dumps({"events": events(1)}),
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-conv-key-0001"},
+    )
+    assert resp.status_code == 401
+    message = resp.json()["error"]["message"]
+    assert "Conversion Key" in message and "capi intake-token" in message
+    assert "sk-conv-key-0001" not in resp.text
+
+
 def test_an_over_size_body_gets_413(tmp_path: Path, redis_url: str) -> None:
     server = start_intake(
         tmp_path, redis_url, CAPI_INTAKE_MAX_BODY_BYTES="20000", CAPI_INTAKE_MAX_EVENTS="50"

@@ -195,6 +195,21 @@ def test_config_error_names_the_setting_without_the_key(
     assert "Sup3rSecret" not in str(info.value)
 
 
+@pytest.mark.parametrize("key", ['"Sup3rSecret-key-0001"', "'Sup3rSecret-key-0001'"])
+def test_a_key_in_quotes_is_refused_before_any_request(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """CAPI_API_KEY="sk-..." in a file for `docker run --env-file` keeps the quotes: the
+    API answered 401 Unauthorized (exit 11: 'revoked, mistyped or truncated')."""
+    monkeypatch.setenv("CAPI_API_KEY", key)
+    monkeypatch.setenv("CAPI_PIXEL_ID", DEFAULT_PIXEL)
+    monkeypatch.setenv("CAPI_BASE_URL", "http://127.0.0.1:9")  # never reached
+    result = CliRunner().invoke(cli, ["check-key"])
+    assert result.exit_code == 3, result.output
+    assert "CAPI_API_KEY" in result.output and "quote" in result.output
+    assert "Sup3rSecret" not in result.output
+
+
 def test_every_field_of_a_send_error_is_redacted(echo: EchoServer) -> None:
     """What fates, dead letters, retry metadata and the held-key state are built from."""
     import asyncio

@@ -123,7 +123,8 @@ def handle_errors(func: Callable[P, T]) -> Callable[P, T]:
         except redis.exceptions.TimeoutError as exc:
             fail(
                 f"Redis did not answer within CAPI_REDIS_TIMEOUT_S ({exc}); is it frozen or "
-                f"overloaded? {_where()}",
+                "overloaded, or is what listens there not Redis (a wrong port, or rediss:// "
+                f"to a Redis without TLS)? {_where()}",
                 ExitCode.REDIS,
             )
         except redis.exceptions.RedisError as exc:

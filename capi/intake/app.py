@@ -46,6 +46,7 @@ from prometheus_client import (
 )
 
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
+from capi.fingerprint import looks_like_key
 from capi.intake import envelope, guard, openapi, tokens
 from capi.logs import JsonFormatter
 from capi.producer import EnqueueReport, Producer
@@ -300,12 +301,14 @@ class Intake:
         token_digest = tokens.digest(token)
         granted = self.grants.granted_digest(token_digest)
         if granted is None:
-            raise Answer(
-                401,
-                "unauthorized",
-                "the intake token is not configured",
-                {"www-authenticate": "Bearer"},
-            )
+            message = "the intake token is not configured"
+            if looks_like_key(token):
+                message += (
+                    ": this looks like an OpenAI key (sk-...); clients send an intake token "
+                    "(capi intake-token makes one), never the Conversion Key, which stays "
+                    "with capi's workers"
+                )
+            raise Answer(401, "unauthorized", message, {"www-authenticate": "Bearer"})
         note["token"] = "sha256:" + token_digest[:8]
         query = scope.get("query_string", b"")
         found = parse_qs(query.decode("latin-1"), keep_blank_values=True) if query else {}

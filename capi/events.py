@@ -430,6 +430,11 @@ def _extra_rule(loc: list[Any], data_type: str | None) -> str:
     if parent == ["user"]:
         allowed = [i.value for i in Identifier] + schema.allowed_fields(schema.User)
         return "is not a user field; allowed: " + ", ".join(allowed)
+    if loc == ["events"]:  # the HTTP intake's envelope, given where an event goes
+        return (
+            'is not an event field: {"events": [...]} is the body of the HTTP intake (POST '
+            "/v1/events); here give each event itself (capi enqueue: one JSON object per line)"
+        )
     return "is not an event field; allowed: " + ", ".join(schema.allowed_fields(schema.Event))
 
 

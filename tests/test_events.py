@@ -406,3 +406,14 @@ def test_prepare_does_not_mutate_input() -> None:
     before = copy.deepcopy(event)
     prepare(event, clock=clock)
     assert event == before
+
+
+def test_the_intakes_envelope_given_as_an_event_is_named_as_such() -> None:
+    """`capi enqueue` given the HTTP intake's body said only "events: is not an event
+    field"; it says what the envelope is and what to give instead."""
+    problems = refused({"events": [base()]})
+    assert (
+        'events: is not an event field: {"events": [...]} is the body of the HTTP intake'
+        in problems
+    )
+    assert "one JSON object per line" in problems

@@ -160,6 +160,10 @@ def test_tail_prints_recent_outcomes_filtered(redis_url: str, sandbox: SandboxTh
     assert len(only.stdout.splitlines()) == 1
     by_id = capi(settings, "tail", "--id", doomed, "--json")
     assert [json.loads(t)["status"] for t in by_id.stdout.splitlines()] == ["dead_lettered"]
+    # Nothing matching is said (on stderr), not left as an empty answer.
+    none = capi(settings, "tail", "--id", "no-such-event", "--status", "delivered")
+    assert none.returncode == 0 and not none.stdout
+    assert "no outcome kept matches --id no-such-event and --status delivered" in none.stderr
 
 
 def test_the_ring_stays_within_its_bound_after_100000_events(redis_url: str) -> None:

@@ -91,6 +91,16 @@ async def _tail(
         if not follow:
             if all(last == "0-0" for last in newest.values()):  # no ring has an entry
                 out.print("No outcomes recorded yet (send some events).", markup=False)
+            elif not found:
+                wanted = []
+                if ids:
+                    wanted.append("--id " + ", ".join(ids))
+                if statuses:
+                    wanted.append("--status " + ", ".join(statuses))
+                sys.stderr.write(
+                    f"no outcome kept matches {' and '.join(wanted)}: the live view keeps the "
+                    "latest outcomes only (capi dead-letters show ID finds a dead letter)\n"
+                )
             return
         names = ", ".join(rings)
         sys.stderr.write(f"following {names} (Ctrl-C to stop)\n")

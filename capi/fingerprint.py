@@ -83,6 +83,11 @@ def pixel_problem(value: str, setting: str) -> str | None:
             "the key and the pixel id swapped? (the value is not shown; the pixel id is in "
             "Ads Manager -> Conversions)"
         )
+    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
+        return (
+            f"{setting} is in quotes ({value[:80]!r}): the quotes were taken as part of it "
+            "(`docker run --env-file` keeps them, for one); remove them"
+        )
     return None
 
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from capi.errors import ConfigError
-from capi.sandbox.state import DEFAULT_PIXEL
+from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL
 from capi.settings import Settings
 from tests.helpers import drain, enqueue, events, redis_dump
 from workers.cli import cli
@@ -347,3 +347,17 @@ def test_a_key_given_as_a_key_files_path_is_refused_without_showing_it(
     with pytest.raises(ConfigError, match=field) as caught:
         destinations.parse(text, path, Settings(_env_file=None), {"K": "sk-svcacct-0001-key"})
     assert "Sup3rSecret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("pixel", ['"pix_brand_a"', "'pix_brand_a'"])
+def test_a_pixel_id_in_quotes_is_refused_before_any_request(
+    clean_env: None, monkeypatch: pytest.MonkeyPatch, pixel: str
+) -> None:
+    """CAPI_PIXEL_ID="..." from `docker run --env-file` keeps the quotes: it was sent as
+    ?pid="..." and answered 403 unknown pixel (exit 12)."""
+    monkeypatch.setenv("CAPI_API_KEY", DEFAULT_KEY)
+    monkeypatch.setenv("CAPI_PIXEL_ID", pixel)
+    monkeypatch.setenv("CAPI_BASE_URL", "http://127.0.0.1:9")  # never reached
+    result = CliRunner().invoke(cli, ["check-key"])
+    assert result.exit_code == 3, result.output
+    assert "CAPI_PIXEL_ID" in result.output and "in quotes" in result.output

@@ -58,6 +58,7 @@ def test_healthz_needs_no_token_and_pages_need_one(console: str) -> None:
     assert live.status_code == 401 and live.json() == {"error": "session expired: log in again"}
     wrong = httpx_get(console + "/", headers={"Authorization": "Bearer capi_console_wrong"})
     assert wrong.status_code == 401
+    assert "one added since needs the console restarted" in wrong.text  # a new token's fate
 
 
 def test_every_answer_carries_the_security_headers(console: str, tokens: Tokens) -> None:

@@ -48,6 +48,11 @@ from capi.settings import Settings
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 SESSION_EXPIRED = "session expired: log in again"
+# The console reads its tokens when it starts: one added since is not known until a restart.
+RESTART = (
+    "tokens are read from CAPI_CONSOLE_TOKENS_SHA256 when the console starts: one added "
+    "since needs the console restarted"
+)
 
 
 def _finalize(value: Any) -> Any:
@@ -134,7 +139,7 @@ class Console:
                 return found
             if token.startswith(auth.TOKEN_PREFIX):
                 self.failed_login(request)
-                raise Refused(401, "that token is not a console token configured here")
+                raise Refused(401, f"that token is not a console token configured here; {RESTART}")
         cookie = request.cookies.get(self.session_cookie)
         return await self.sessions.read(cookie, self.tokens) if cookie else None
 
@@ -244,7 +249,7 @@ class Console:
                 response = await self.login_form(request, exc.message, exc.status)
                 response.headers.update(exc.headers)
                 return response
-            return await self.login_form(request, "that token is not valid here", 401)
+            return await self.login_form(request, f"that token is not valid here; {RESTART}", 401)
         cookie = await self.sessions.start(role, digest)
         response = RedirectResponse("/", status_code=303)
         self._cookie(request, response, self.session_cookie, cookie, self.sessions.ttl_s)

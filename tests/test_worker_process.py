@@ -139,7 +139,12 @@ def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThre
     # startup hook before it could log, one run in many).
     wait_for(lambda: client.zcard(settings.keys.workers) == 1, what="startup")
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=30)
+    try:
+        output, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # seen once at load 20: say what it was doing
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"no exit within 30 s of SIGTERM; its output:\n{output}") from None
     assert proc.returncode == 0, output
     assert output.count("sender starting") == 1, output
     shutdown = [line for line in output.splitlines() if "shutdown on SIGTERM" in line]

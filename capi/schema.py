@@ -140,9 +140,7 @@ def gaid(value: str) -> str:
             "(8-4-4-4-12 hex digits; IDFA is not supported)"
         )
     if not value.strip("0-"):
-        raise ValueError(
-            "is all zeros (a device that limits ad tracking): the API ignores it, so it is left out"
-        )
+        raise ValueError("is all zeros (a device that limits ad tracking), which the API ignores")
     return value
 
 

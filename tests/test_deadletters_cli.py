@@ -426,3 +426,12 @@ def test_check_key_with_another_key_than_the_workers_releases_no_hold(
     assert as_json["ok"] and as_json["hold"] == "kept"
     assert fresh not in checked.output
     stop_worker(worker)
+
+
+def test_replay_help_names_the_exit_code_of_a_dry_run_the_api_did_not_answer() -> None:
+    # A dry run the API could not judge exits with check-key's code (14 for a 5xx, 10 for a
+    # missing scope: the test above); --help named only 7 and 4, so a script reading 14 had
+    # nothing to go by.
+    text = " ".join(CliRunner().invoke(cli, ["dead-letters", "replay", "--help"]).output.split())
+    assert "4 when the API would reject some of the events" in text
+    assert "could not check" in text and "capi check-key" in text, text

@@ -375,3 +375,21 @@ def test_status_of_many_destinations_shows_totals_and_only_those_needing_attenti
     every = json.loads(capi(settings, "status", "--json", extra_env=env).stdout)
     assert len(every["destinations"]) == 25
     assert every["destinations"]["d11"]["key"]["state"] == "held", output
+
+
+@pytest.mark.parametrize("count", [3, 25])
+def test_status_of_many_destinations_still_says_what_is_wrong_with_redis(
+    tmp_path: Path, sandbox: SandboxThread, redis_url: str, count: int
+) -> None:
+    """Redis's own alerts (no replica confirming writes, a replica, full) are not any one
+    destination's: over 20 destinations, with none needing attention, `capi status` printed
+    none of them (producers were refused, and it said "none needs attention")."""
+    path, env = configure(tmp_path, sandbox, count)
+    settings = make_settings(
+        sandbox, redis_url, destinations_file=path, enqueue_durability="replica"
+    )
+    result = capi(settings, "status", extra_env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("NO REPLICA CONFIRMS WRITES") == (count if count < 20 else 1), (
+        result.stdout
+    )

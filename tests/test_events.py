@@ -417,3 +417,12 @@ def test_the_intakes_envelope_given_as_an_event_is_named_as_such() -> None:
         in problems
     )
     assert "one JSON object per line" in problems
+
+
+def test_an_all_zero_gaid_refused_in_strict_mode_is_not_said_to_be_left_out() -> None:
+    """Under strict_identifiers the event is refused: "so it is left out" was false there
+    (and the producer's warning read "left out: ... so it is left out")."""
+    zeros = {"user__android_advertising_id": "00000000-0000-0000-0000-000000000000"}
+    message = refused(base(**zeros), strict=True)
+    assert "user.android_advertising_id: is all zeros" in message
+    assert "left out" not in message, message

@@ -913,3 +913,31 @@ def test_a_percent_encoded_route_is_not_the_route(guarded: IntakeProcess, path: 
         answer = read_response(sock)
     assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
     assert b"capi_intake" not in answer
+
+
+def test_a_body_whose_end_comes_with_pipelined_requests_is_not_over_twice_the_limit(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """The read that ends a body may hold the requests pipelined behind it: they are not
+    its framing. Counted as the body's, a 1,500-byte body (limit 2,000) whose last bytes
+    came with five more requests was answered 413 "over 4,000 bytes", and so was each."""
+    server = start_intake(tmp_path, redis_url, CAPI_INTAKE_MAX_BODY_BYTES="2000")
+    try:
+        bodies = [orjson.dumps({"events": events(1, start=i, prefix="pp-")}) for i in range(6)]
+        posts = [
+            (
+                f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 1500\r\n\r\n"
+            ).encode()
+            + body.ljust(1500)
+            for body in bodies
+        ]
+        with connect(server) as sock:
+            sock.sendall(posts[0][:-700])  # its body begins
+            time.sleep(0.5)  # (read on its own)
+            sock.sendall(posts[0][-700:] + b"".join(posts[1:]))
+            answers = read_responses(sock, 6)
+        assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 6, answers
+        assert len(queued_ids(redis_url)) == 6
+    finally:
+        server.stop()

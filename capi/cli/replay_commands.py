@@ -72,7 +72,9 @@ def replay_command(
     interrupted one. Events past their replay deadline are skipped and reported.
 
     The exit code is 7 when an id named matches no dead letter, and, with --dry-run, 4
-    when the API would reject some of the events.
+    when the API would reject some of the events; when it could not check them (a key
+    failure, a 5xx, a 429, a lost answer: 'not checked'), the code `capi check-key` exits
+    with for that failure (3, 10-15).
 
     \b
     Examples:

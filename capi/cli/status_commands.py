@@ -142,10 +142,11 @@ def _print_report(report: dict[str, Any]) -> None:
     for i, (name, status) in enumerate(listed.items()):
         if several:
             out.print(("\n" if i or compact else "") + f"[bold]destination {escape(name)}[/]")
-        _print_status(status, workers=not compact and i == len(listed) - 1)
-    if compact:
+        _print_status(status, workers=not compact and i == len(listed) - 1, redis=not compact)
+    if compact:  # what is shared is said once: the workers, and Redis's alerts
         out.print()
         _print_workers(report["shared"]["workers"])
+        _print_redis(report["shared"]["redis"])
     for name, status in report["stranded"].items():
         _print_stranded(name, status)
 
@@ -224,7 +225,7 @@ def _print_stranded(name: str, status: dict[str, Any]) -> None:
     )
 
 
-def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
+def _print_status(status: dict[str, Any], *, workers: bool = True, redis: bool = True) -> None:
     counters = status["counters"]
     oldest = status["oldest_queued_age_s"]
     out.print(
@@ -253,7 +254,8 @@ def _print_status(status: dict[str, Any], *, workers: bool = True) -> None:
     if workers:
         _print_workers(status["workers"])
     out.print("endpoint:      " + shown(_endpoint_line(status["endpoint"])), markup=False)
-    _print_redis(status["redis"])
+    if redis:
+        _print_redis(status["redis"])
     if status["key"].get("state") == "held":
         out.print(shown(status["key"].get("guidance", ""), lines=True), markup=False)
     if warning := coverage.weak_warning(status["match_coverage"]):

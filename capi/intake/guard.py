@@ -139,6 +139,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0
         self._chunks = 0  # of the body being read
         self._body_read = 0  # bytes read while its body was (chunk framing included)
+        self._heads = 0  # requests whose headers were parsed (a body's end: another begins)
         self._refusal = b""  # the answer of a request the parser was stopped for
 
     # Connections
@@ -332,19 +333,24 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_bytes += len(part)
             self._head_tail = seen[-3:]
         if self._stage == BODY:
-            self._body_read += len(data)
-            if self._body_read > 2 * self.limits.max_body_bytes:
-                self._refuse(
-                    self._body_too_large(
-                        f"the body as sent (its chunk framing included) is over "
-                        f"{2 * self.limits.max_body_bytes:,} bytes, twice "
-                        "CAPI_INTAKE_MAX_BODY_BYTES"
-                    )
-                )
-                return
+            heads = self._heads
             if self._last_chunk:
                 self._trailers_received(data)
-                return
+            else:
+                super().data_received(data)
+            # Counted once parsed, and only when the body has not ended: a read that ends it
+            # may also hold the requests pipelined behind it, which are not its framing.
+            if self._stage == BODY and self._heads == heads and not self.transport.is_closing():
+                self._body_read += len(data)
+                if self._body_read > 2 * self.limits.max_body_bytes:
+                    self._refuse(
+                        self._body_too_large(
+                            f"the body as sent (its chunk framing included) is over "
+                            f"{2 * self.limits.max_body_bytes:,} bytes, twice "
+                            "CAPI_INTAKE_MAX_BODY_BYTES"
+                        )
+                    )
+            return
         super().data_received(data)
 
     def _trailers_received(self, data: bytes) -> None:
@@ -392,6 +398,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         pipelined = self._stage != HEAD  # read behind a request still being answered
+        self._heads += 1
         self._stage, self._since, self._head_bytes = BODY, self.loop.time(), 0
         self._head_tail = b""
         self._last_chunk, self._trailer_bytes = False, 0

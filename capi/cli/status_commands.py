@@ -42,8 +42,9 @@ def status_command(ctx: click.Context, as_json: bool, destination: str | None) -
     the endpoint, Redis memory, and each live worker with what it is doing.
 
     With several destinations, one section each (``--json``: under ``destinations``); over
-    20, their totals, then in full only those that need attention (a held key, a failing
-    endpoint, dead letters, retries, events waiting over a minute). A
+    20, their totals, then in full only those that need attention (a key held or being
+    confirmed, a failing endpoint, dead letters, retries, events waiting over a minute,
+    weak match coverage). A
     destination no longer configured that still holds events is shown too, with what to
     do. A broken destinations file is reported on top, and what Redis holds is shown all
     the same (exit code 3).
@@ -195,8 +196,9 @@ def _print_overview(statuses: dict[str, dict[str, Any]], listed: dict[str, Any])
     others = len(statuses) - len(listed)
     out.print(
         (
-            f"{len(listed)} need attention (a held key, a failing endpoint, dead letters, "
-            f"retries, or events waiting over {WAITING_LONG_S} s), in full below; "
+            f"{len(listed)} need attention (a key held or being confirmed, a failing "
+            f"endpoint, dead letters, retries, events waiting over {WAITING_LONG_S} s, or "
+            "weak match coverage), in full below; "
             if listed
             else "none needs attention; "
         )

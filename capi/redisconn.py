@@ -129,12 +129,15 @@ def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
 
 
 class _HiredisPacking:
-    """Commands packed by hiredis's C packer, as redis-py's blocking client does when
+    """capi's asyncio connections: redis-py's, with two differences.
+
+    Commands are packed by hiredis's C packer, as redis-py's blocking client does when
     hiredis is installed; its asyncio client (5.x) packs each argument in Python, which
     cost about 180 us for one enqueue script call of 32 events (6 us an event, about as much
     as validating it). The bytes sent are the same (bytes as they are, a str in UTF-8, a
     number as repr() writes it); an argument hiredis does not take (a bool, None) goes
-    through redis-py's packer, which refuses it as it always has."""
+    through redis-py's packer, which refuses it as it always has. And a write to a
+    connection already closed is a ConnectionError (:meth:`send_packed_command`)."""
 
     encoder: Any
 
@@ -151,6 +154,20 @@ class _HiredisPacking:
             except TypeError:
                 pass
         return super().pack_command(*args)  # type: ignore[misc, no-any-return]
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """redis-py's, with uvloop's refusal to write to a transport already closed (Redis
+        killed while a connection was being opened or used: a RuntimeError that redis-py
+        lets through, and the intake answered 500) raised as the ConnectionError it is: the
+        call is then sent once more on a new connection, or reported as Redis away."""
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except RuntimeError as exc:
+            if not _closed_transport(exc):
+                raise
+            raise redis.exceptions.ConnectionError(
+                f"connection closed under the call ({exc})"
+            ) from exc
 
 
 class _AsyncConnection(_HiredisPacking, aioredis.Connection):

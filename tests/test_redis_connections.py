@@ -212,3 +212,31 @@ def test_async_clients_pack_commands_as_redis_py_does(tmp_path: Path) -> None:
                 await client.aclose()
 
         assert asyncio.run(round_trip()) == [b"\x00\xff" * 5000, 0.1]
+
+
+def test_a_write_to_a_connection_closed_under_it_is_a_connection_error(tmp_path: Path) -> None:
+    """Redis killed while a connection is opened or used: uvloop refuses the write with a
+    RuntimeError ("the handler is closed") that redis-py let through, and the intake
+    answered 500 (test_intake_grouping's killed-mid-group test, one run in 15 under load).
+    It is a ConnectionError: the call is sent again on a new connection."""
+    import asyncio
+
+    import uvloop
+
+    from capi.redisconn import async_client
+
+    async def go(url: str) -> bool:
+        client = async_client(url, 1)
+        try:
+            conn = await client.connection_pool.get_connection()
+            conn._writer.transport.close()  # type: ignore[union-attr]  # as Redis going away
+            await asyncio.sleep(0.01)
+            with pytest.raises(redis.exceptions.ConnectionError, match="closed under the call"):
+                await conn.send_packed_command(conn.pack_command("PING"))
+            await client.connection_pool.release(conn)
+            return bool(await client.ping())  # a new connection
+        finally:
+            await client.aclose()
+
+    with RedisProcess(tmp_path) as r:
+        assert uvloop.run(go(r.url)) is True

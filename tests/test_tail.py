@@ -84,6 +84,13 @@ class Follower:
                 pipe.close()
 
 
+def wait_following(client: redis.Redis) -> None:
+    """Until a follower's XREAD blocks in Redis (a loaded machine can take seconds to start
+    one): from then on it misses nothing."""
+    following = lambda: any(x.get("cmd") == "xread" for x in client.client_list())  # noqa: E731
+    wait_for(following, 30, "the follower following")
+
+
 @pytest.fixture
 def follower(redis_url: str, sandbox: SandboxThread) -> Iterator[Follower]:
     settings = make_settings(sandbox, redis_url)
@@ -106,8 +113,7 @@ def test_tail_follow_prints_each_outcome_within_two_seconds_and_no_identifier(
     # two seconds are from then on: wait until it follows (its XREAD blocks in Redis; a
     # loaded machine can take seconds to start it).
     with redis.Redis.from_url(redis_url) as c:
-        following = lambda: any(x.get("cmd") == "xread" for x in c.client_list())  # noqa: E731
-        wait_for(following, 30, "the follower following")
+        wait_following(c)
     worker = start_worker(settings)
     intake = start_intake(tmp_path, redis_url)
     try:
@@ -287,8 +293,7 @@ def test_tail_follow_waits_quietly_under_a_short_redis_timeout(
     follower = Follower(settings)
     try:
         with redis.Redis.from_url(redis_url) as c:
-            following = lambda: any(x.get("cmd") == "xread" for x in c.client_list())  # noqa: E731
-            wait_for(following, 30, "the follower following")
+            wait_following(c)
         with pytest.raises(AssertionError):  # quiet for several blocks: it stays
             wait_for(lambda: follower.proc.poll() is not None, 4, "the follower exiting")
         enqueue(settings, events(3))
@@ -371,8 +376,7 @@ def test_tail_follow_keeps_following_when_its_master_is_made_a_replica(
         follower = Follower(settings)
         try:
             with server.client() as c:
-                following = lambda: any(x.get("cmd") == "xread" for x in c.client_list())  # noqa: E731
-                wait_for(following, 30, "the follower following")
+                wait_following(c)
                 c.replicaof("127.0.0.1", other.port)
                 said = lambda: "still following" in "".join(follower.errors)  # noqa: E731
                 wait_for(lambda: said() or follower.proc.poll() is not None, 30, "a word")

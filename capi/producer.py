@@ -50,7 +50,7 @@ from capi.queue import (
     lua,
     merged_enqueue_calls,
 )
-from capi.redisconn import brief, describe, is_cluster, settings_hint
+from capi.redisconn import async_node_client, brief, describe, is_cluster, settings_hint
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -737,10 +737,7 @@ class Producer(_BaseProducer):
 
     @staticmethod
     def _node_client(node: Any) -> aioredis.Redis:
-        pool = aioredis.ConnectionPool(
-            connection_class=node.connection_class, **node.connection_kwargs
-        )
-        return aioredis.Redis.from_pool(pool)
+        return async_node_client(node)
 
     async def __aenter__(self) -> Self:
         return self

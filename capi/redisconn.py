@@ -221,6 +221,18 @@ def async_client(
     return aioredis.Redis.from_pool(pool)
 
 
+def async_node_client(node: Any) -> aioredis.Redis:
+    """A client of its own for one node of an asyncio cluster client (a pipeline and its
+    WAIT on one connection): the node's connection settings, with capi's connection class
+    (:class:`_HiredisPacking`: a write to a connection closed under it, as a failover does,
+    is a ConnectionError, not uvloop's RuntimeError)."""
+    cls = node.connection_class
+    pool = aioredis.ConnectionPool(
+        connection_class=_PACKING.get(cls, cls), **node.connection_kwargs
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 def sync_client(
     url: str,
     timeout_s: float,

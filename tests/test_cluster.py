@@ -774,7 +774,8 @@ def test_the_intake_answers_through_a_master_killed_under_load(
     assert http_get(intake.url + "/readyz")[0] == 200
     log = intake.stop()
     statuses = {status for status, _ in answers}
-    assert statuses <= {200, 503}, [a for a in answers if a[0] not in (200, 503)][:3]
+    bad = [a for a in answers if a[0] not in (200, 503)][:3]
+    assert statuses <= {200, 503}, f"{bad}; the intake's log ends:\n{log[-4000:]}"
     assert "Traceback" not in log, log[log.index("Traceback") - 300 :][:3000]
     if durability == "replica":
         worker = start_worker(settings, **env)
@@ -810,6 +811,34 @@ def test_a_topology_read_survives_the_nodes_it_asks_changing_under_it(
 
     with silent:
         asyncio.run(go())
+
+
+def test_a_node_connection_closed_under_a_replica_enqueue_is_a_connection_error(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """Under ``replica`` a cluster enqueue goes down one connection to the node (with its
+    WAIT). When a failover closed that connection between the pool handing it out and the
+    write, uvloop (capi serve) refused the write with a RuntimeError that went through, and
+    the intake answered 500 (test_the_intake_answers_through_a_master_killed_under_load,
+    under load). It is the dropped connection it is, which the enqueue sends again on a new
+    one."""
+    import uvloop
+
+    settings = cluster_settings(sandbox, cluster, enqueue_durability="replica")
+
+    async def go() -> None:
+        async with Producer.from_settings(settings) as producer:
+            assert await producer.enqueue(events(1, prefix="warm-")[0])
+            (client,) = producer._nodes.values()  # the node's, for the pipeline and WAIT
+            conn = await client.connection_pool.get_connection()
+            conn._writer.transport.close()  # as the failover, once the pool handed it out
+            await asyncio.sleep(0.01)
+            with pytest.raises(redis.exceptions.ConnectionError, match="closed under"):
+                await conn.send_packed_command(conn.pack_command("PING"))
+            await client.connection_pool.release(conn)
+            assert await producer.enqueue(events(1, prefix="after-")[0])
+
+    uvloop.run(go())
 
 
 def test_a_client_that_dropped_every_node_it_asks_reads_the_topology_again(

@@ -112,6 +112,16 @@ class Sentinels:
 def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
     """``host:port`` entries, comma-separated (``[::1]:26379`` for IPv6); ValueError naming
     the entry and the rule otherwise."""
+    return parse_addresses(value, "sentinel", 26379)
+
+
+def parse_cluster_nodes(value: str) -> tuple[tuple[str, int], ...]:
+    """:func:`parse_sentinels` for nodes of a Redis Cluster (``CAPI_REDIS_CLUSTER_NODES``)."""
+    return parse_addresses(value, "node", 7000)
+
+
+def parse_addresses(value: str, what: str, example_port: int) -> tuple[tuple[str, int], ...]:
+    """``host:port`` entries of ``what`` (sentinels, cluster nodes), comma-separated."""
     found = []
     for entry in (e.strip() for e in value.split(",")):
         if not entry:
@@ -119,12 +129,12 @@ def parse_sentinels(value: str) -> tuple[tuple[str, int], ...]:
         host, sep, port = entry.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
         if not sep or not host or any(c.isspace() or c in "/@" for c in host):
-            raise ValueError(f"{entry[:60]!r} must be host:port, as in 10.0.0.5:26379")
+            raise ValueError(f"{entry[:60]!r} must be host:port, as in 10.0.0.5:{example_port}")
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"{entry[:60]!r} must end in a port from 1 to 65535")
         found.append((host, int(port)))
     if not found:
-        raise ValueError("must list at least one sentinel as host:port, comma-separated")
+        raise ValueError(f"must list at least one {what} as host:port, comma-separated")
     return tuple(found)
 
 
@@ -195,9 +205,11 @@ def async_client(
     sentinels: Sentinels | None = None,
     *,
     cluster: bool = False,
+    nodes: tuple[tuple[str, int], ...] = (),
     **extra: Any,
 ) -> aioredis.Redis:
     """An asyncio client for ``url`` (or for the sentinels' master), each call bounded.
+    On a cluster, ``nodes`` (``CAPI_REDIS_CLUSTER_NODES``) are asked for the topology too.
 
     redis-py's plain asyncio pool connects a new connection while it holds the pool's lock,
     so against a frozen Redis concurrent callers queued behind each other's connect (five
@@ -207,7 +219,10 @@ def async_client(
     """
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
     if cluster:
-        found: Any = _AsyncCluster(**_cluster_kwargs(kwargs, extra))  # type: ignore[abstract]
+        startup = [aiocluster.ClusterNode(host, port) for host, port in nodes]
+        found: Any = _AsyncCluster(  # type: ignore[abstract]
+            **_cluster_kwargs(kwargs, extra), startup_nodes=startup
+        )
         return cast(aioredis.Redis, found)
     if sentinels is not None:
         return _async_master(sentinels, timeout_s, _master_kwargs(kwargs, extra))
@@ -239,13 +254,18 @@ def sync_client(
     sentinels: Sentinels | None = None,
     *,
     cluster: bool = False,
+    nodes: tuple[tuple[str, int], ...] = (),
     **extra: Any,
 ) -> redis.Redis:
     """A blocking client for ``url`` (or for the sentinels' master, or the cluster of the
-    node ``url`` names) with bounded calls."""
+    node ``url`` names, and of ``nodes``) with bounded calls."""
     kwargs = {**connection_kwargs(url, timeout_s), "retry_on_error": list(_RETRY_ON)}
     if cluster:
-        found = cast(Any, _SyncCluster)(**_cluster_kwargs(kwargs, extra))
+        startup = [
+            redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+            for host, port in nodes
+        ]
+        found = cast(Any, _SyncCluster)(**_cluster_kwargs(kwargs, extra), startup_nodes=startup)
         return cast(redis.Redis, found)
     if sentinels is not None:
         sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
@@ -295,7 +315,7 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
 def settings_hint(client: redis.Redis | aioredis.Redis) -> str:
     """The settings that say where a client's Redis is, for "check ..." in messages."""
     if is_cluster(client):
-        return "CAPI_REDIS_URL (a node of the cluster) and CAPI_REDIS_CLUSTER"
+        return "CAPI_REDIS_URL, CAPI_REDIS_CLUSTER_NODES (nodes of the cluster), CAPI_REDIS_CLUSTER"
     if isinstance(client.connection_pool, _SENTINEL_POOLS):
         return "CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER"
     return "CAPI_REDIS_URL"

@@ -42,6 +42,7 @@ from capi.redisconn import (
     Sentinels,
     async_client,
     connection_kwargs,
+    parse_cluster_nodes,
     parse_sentinels,
     sync_client,
 )
@@ -102,6 +103,11 @@ class Settings(BaseSettings):
         False,
         description="CAPI_REDIS_URL names a node of a Redis Cluster: each destination's keys "
         "share one hash tag, so destinations spread over the shards (see docs/scaling.md).",
+    )
+    redis_cluster_nodes: str | None = Field(
+        None,
+        description="More nodes of the Redis Cluster (host:port, comma-separated) to read its "
+        "layout from when CAPI_REDIS_URL's node does not answer (its host lost, say).",
     )
     redis_prefix: str = Field("capi", min_length=1, description="Prefix of every Redis key.")
     integration_source: str | None = Field(
@@ -385,6 +391,13 @@ class Settings(BaseSettings):
             parse_sentinels(value)
         return value
 
+    @field_validator("redis_cluster_nodes")
+    @classmethod
+    def _cluster_node_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cluster_nodes(value)
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
@@ -400,6 +413,11 @@ class Settings(BaseSettings):
             )
         if self.redis_cluster:
             self._check_cluster()
+        elif self.redis_cluster_nodes:
+            raise ValueError(
+                "CAPI_REDIS_CLUSTER_NODES names nodes of a Redis Cluster: it needs "
+                "CAPI_REDIS_CLUSTER=true"
+            )
         if self.retry_cap_s < self.retry_base_s:
             raise ValueError("CAPI_RETRY_CAP_S must not be below CAPI_RETRY_BASE_S")
         if self.claim_idle_s <= self.request_timeout_s:
@@ -524,6 +542,11 @@ class Settings(BaseSettings):
             return None
         return Sentinels(parse_sentinels(self.redis_sentinels), self.redis_sentinel_master)
 
+    @property
+    def cluster_nodes(self) -> tuple[tuple[str, int], ...]:
+        """The nodes of CAPI_REDIS_CLUSTER_NODES (none when unset)."""
+        return parse_cluster_nodes(self.redis_cluster_nodes) if self.redis_cluster_nodes else ()
+
     def async_redis(self, **extra: Any) -> aioredis.Redis:
         """An asyncio Redis client for CAPI_REDIS_URL (or the sentinels' master, or the
         cluster that URL's node belongs to), every call bounded by the timeout."""
@@ -532,6 +555,7 @@ class Settings(BaseSettings):
             self.redis_timeout_s,
             self.sentinels,
             cluster=self.redis_cluster,
+            nodes=self.cluster_nodes,
             **extra,
         )
 
@@ -543,6 +567,7 @@ class Settings(BaseSettings):
             self.redis_timeout_s,
             self.sentinels,
             cluster=self.redis_cluster,
+            nodes=self.cluster_nodes,
             **extra,
         )
 

@@ -906,3 +906,46 @@ def test_status_names_the_full_master_of_a_cluster(tmp_path: Path, sandbox: Sand
     [line] = [x for x in shown.stdout.splitlines() if "FULL" in x]
     assert f"FULL on 1 of the 1 masters ({one.nodes[0].address}: " in line, line
     assert "under ;" not in line and "producers are refused" not in line, line
+
+
+def test_the_cluster_is_reached_when_the_node_the_url_names_is_gone(
+    tmp_path: Path, sandbox: SandboxThread, cluster: ClusterSet
+) -> None:
+    """The master CAPI_REDIS_URL names is killed (its host lost) and its replica promoted:
+    the cluster is whole, but a capi process started since read the topology from that node
+    only, and every one (capi status, a producer, a worker) failed "Redis is not reachable"
+    for as long as that node stayed down. CAPI_REDIS_CLUSTER_NODES names more nodes to read
+    it from."""
+    gone = cluster.nodes[0]  # the URL's node, a master
+    assert gone.is_master()
+    gone.kill()
+    wait_for(lambda: len(cluster.masters()) == 3, 60, "a replica promoted")
+    cluster.wait_ok(60)
+    others = ",".join(n.address for n in cluster.nodes[1:])
+    settings = cluster_settings(sandbox, cluster, redis_cluster_nodes=others)
+    shown = capi(settings, "status", "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert json.loads(shown.stdout)["redis"]["role"] == "cluster"
+    with SyncProducer.from_settings(settings) as producer:
+        assert producer.enqueue_many(events(2, prefix="sync-")).queued == 2
+
+    async def produce() -> None:
+        async with Producer.from_settings(settings) as producer:
+            assert await producer.enqueue(events(1, prefix="async-")[0])
+
+    asyncio.run(produce())
+    worker = start_worker(settings, "--burst")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert {"sync-p-0", "sync-s-1", "async-p-0"} <= set(sandbox.state.delivered_ids())
+
+
+def test_cluster_nodes_are_host_port_pairs_and_need_a_cluster() -> None:
+    url = "redis://127.0.0.1:7000/0"
+    nodes = "10.0.0.6:7000, [::1]:7001"
+    found = Settings.load(os.devnull, redis_url=url, redis_cluster=True, redis_cluster_nodes=nodes)
+    assert found.cluster_nodes == (("10.0.0.6", 7000), ("::1", 7001))
+    with pytest.raises(ConfigError, match="must be host:port"):
+        Settings.load(os.devnull, redis_url=url, redis_cluster=True, redis_cluster_nodes="10.0.0.6")
+    with pytest.raises(ConfigError, match="CAPI_REDIS_CLUSTER=true"):
+        Settings.load(os.devnull, redis_url=url, redis_cluster_nodes="10.0.0.6:7000")

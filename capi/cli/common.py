@@ -145,7 +145,8 @@ def _where() -> str:
     if isinstance(settings, Settings) and settings.redis_cluster:
         return (
             "a master of the Redis Cluster may be down (its replica takes over after "
-            "cluster-node-timeout); check the cluster's nodes and CAPI_REDIS_URL"
+            "cluster-node-timeout); check the cluster's nodes, and that one of those "
+            "CAPI_REDIS_URL and CAPI_REDIS_CLUSTER_NODES name answers"
         )
     if isinstance(settings, Settings) and settings.sentinels is not None:
         return (

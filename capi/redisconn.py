@@ -13,7 +13,11 @@ With Redis Sentinel (``CAPI_REDIS_SENTINELS``, ``CAPI_REDIS_SENTINEL_MASTER``) t
 clients find the master through the sentinels (redis-py's sentinel pools): each new
 connection asks them where the master is, a connection whose server answers READONLY (a
 demoted master) is closed and the call sent once more to the master they name now, and a
-dropped connection is retried the same way. ``CAPI_REDIS_URL`` then gives only the
+dropped connection is retried the same way. Each pool also asks the sentinels again at most
+every ``MASTER_CHECK_S`` while it is used: after a switchover (``SENTINEL FAILOVER``) the
+old master accepts writes for seconds until a sentinel demotes it, and what lands there is
+lost, so once the sentinels name another master the pool's connections to the old one are
+closed (idle ones at once, one in use when it is next taken). ``CAPI_REDIS_URL`` then gives only the
 password, TLS options and database of the master's connections; its host is not used.
 
 With a Redis Cluster (``CAPI_REDIS_CLUSTER=true``) the clients are redis-py's cluster
@@ -31,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -369,10 +374,38 @@ class _AsyncSSLMasterConnection(_AsyncMasterConnection, aioredis.SSLConnection):
     pass
 
 
+# How often a sentinel pool in use asks the sentinels again where the master is.
+MASTER_CHECK_S = 1.0
+
+
 class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """redis-py's sentinel pool over its BlockingConnectionPool, which connects new
     connections outside the pool's lock (see :func:`async_client`). Closing it closes the
-    connections to the sentinels too (redis-py leaves them open)."""
+    connections to the sentinels too (redis-py leaves them open). It follows a switchover
+    (see the module docstring), asking the sentinels in the call that takes a connection
+    (at most every ``MASTER_CHECK_S``; redis-py asks first the sentinel that answered last,
+    so a silent one costs one ``CAPI_REDIS_TIMEOUT_S`` once, not every time)."""
+
+    _master_checked = float("-inf")
+
+    async def get_connection(self, *args: Any, **options: Any) -> Any:
+        now = time.monotonic()
+        if now - self._master_checked >= MASTER_CHECK_S:
+            self._master_checked = now
+            # redis-py's pool closes its idle connections if the master moved; a silent
+            # sentinel or no master named is for the next connect to say.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        connection = await super().get_connection(*args, **options)
+        stale = self.master_address is not None and connection.is_connected
+        if stale and (connection.host, connection.port) != self.master_address:
+            try:  # opened to a master the sentinels no longer name: connect anew
+                await connection.disconnect()
+                await self.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
+        return connection
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
         await super().disconnect(inuse_connections)
@@ -397,7 +430,28 @@ class _SyncSSLMasterConnection(_SyncMasterConnection, redis.SSLConnection):
 
 
 class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
-    """redis-py's sentinel pool; closing it closes the connections to the sentinels too."""
+    """redis-py's sentinel pool; closing it closes the connections to the sentinels too. It
+    follows a switchover (see the module docstring), asking the sentinels in the call that
+    takes a connection (at most every ``MASTER_CHECK_S``)."""
+
+    _master_checked = float("-inf")
+
+    def get_connection(self, *args: Any, **options: Any) -> Any:
+        now = time.monotonic()
+        if now - self._master_checked >= MASTER_CHECK_S:
+            self._master_checked = now
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                self.get_master_address()  # type: ignore[no-untyped-call]
+        connection = super().get_connection(*args, **options)
+        stale = self.master_address is not None and connection._sock is not None
+        if stale and (connection.host, connection.port) != self.master_address:
+            try:  # opened to a master the sentinels no longer name: connect anew
+                connection.disconnect()
+                connection.connect()
+            except BaseException:
+                self.release(connection)
+                raise
+        return connection
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         super().disconnect(inuse_connections)

@@ -125,8 +125,16 @@ class Trouble:
         ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(self._failures - 1, 20))
         return float(ceiling / 2 + ceiling / 2 * self._rand())
 
-    def ok(self) -> None:
-        """Record that Redis answered; log the end of any trouble."""
+    def now(self) -> float:
+        """The time to give :meth:`ok` as ``sent``, taken before a call is sent."""
+        return self._monotonic()
+
+    def ok(self, *, sent: float | None = None) -> None:
+        """Record that Redis answered; log the end of any trouble. ``sent``: when the call
+        answered was sent (:meth:`now`). Lanes share one Trouble, so a call sent before
+        another's failure may be answered after it: that says nothing of Redis now."""
+        if sent is not None and sent < self._last_failed:
+            return
         now = self._monotonic()
         self.last_ok = now
         if self.kind is not None:

@@ -123,6 +123,45 @@ def test_a_demoted_master_is_never_written_to(tmp_path: Path, sandbox: SandboxTh
             assert c.xlen("capi:events") == 42
 
 
+def test_after_a_switchover_writes_go_to_the_new_master_before_the_old_one_is_demoted(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """After SENTINEL FAILOVER the old master stays a writable master until a sentinel
+    reconfigures it (about 10 s: its INFO period), and writes that land there are lost when
+    it resyncs from the new one. Producers (async and sync) whose pooled connections were
+    opened to it follow the sentinels: once every sentinel names the new master, their next
+    writes go there, not to the old master (the fault campaign saw workers, the intake and
+    producers keep writing to the old master until its demotion: deliveries recorded there
+    were repeated, acknowledged events lost, and ``capi status`` showed no live worker)."""
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        settings = sentinel_settings(sandbox, found)
+        old = found.master
+        new = found.replicas[0]
+
+        def all_name_the_new_master() -> bool:
+            seen = [found.master_seen(port) for port in found.sentinel_ports]
+            return all(s is not None and int(str(s["port"])) == new.port for s in seen)
+
+        async def go() -> None:
+            async with Producer.from_settings(settings) as producer:
+                with SyncProducer.from_settings(settings) as sync_producer:
+                    assert await producer.enqueue(events(1)[0])
+                    assert sync_producer.enqueue(events(1, start=1)[0])
+                    found.wait_replicated()
+                    with found.sentinel(found.sentinel_ports[0]) as s:
+                        s.execute_command("SENTINEL", "FAILOVER", MASTER_NAME)
+                    wait_for(all_name_the_new_master, 30, "every sentinel to name the new master")
+                    await asyncio.sleep(1.5)  # the pools' next look at the sentinels
+                    assert await producer.enqueue(events(1, start=2)[0])
+                    assert sync_producer.enqueue(events(1, start=3)[0])
+                    # The old master was still a master meanwhile: a write was possible there.
+                    assert not found.demoted(old), "demoted early: the test proved nothing"
+
+        asyncio.run(asyncio.wait_for(go(), 90))
+        with new.client() as c:
+            assert c.xlen("capi:events") == 4
+
+
 def test_arqs_pool_finds_the_master_through_the_sentinels(
     tmp_path: Path, sandbox: SandboxThread
 ) -> None:

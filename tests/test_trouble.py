@@ -120,3 +120,26 @@ def test_no_master_found_is_said_in_one_plain_sentence(caplog: pytest.LogCapture
     said = "no master named 'capi-test' found: 1 of the sentinels did not answer"
     assert said in trouble.describe() and said in caplog.text, (trouble.describe(), caplog.text)
     assert "<redis" not in trouble.describe() + caplog.text
+
+
+def test_an_answer_to_a_call_sent_before_the_failure_is_no_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Lanes share one Trouble: a call sent before Redis died may be answered after another
+    lane's call failed. That answer says nothing of Redis now: in the fault campaign (kill -9
+    of a Sentinel master) the worker logged "recovered ... (after 0.0 s); resuming" in the
+    same millisecond as the outage, and nothing when Redis came back 1.7 s later."""
+    clock = Clock()
+    trouble = Trouble(logging.getLogger("t"), monotonic=clock, rand=lambda: 1.0)
+    caplog.set_level(logging.WARNING)
+    sent = trouble.now()
+    clock.now += 0.01
+    trouble.failed(redis.exceptions.ConnectionError("Connection refused"), "watching")
+    trouble.ok(sent=sent)  # answered before the failure, seen after it
+    assert not trouble.redis_ok
+    assert [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()] == []
+    clock.now += 1.7
+    trouble.ok(sent=trouble.now())
+    assert trouble.redis_ok
+    assert "recovered" in caplog.records[-1].getMessage()
+    assert "after 1.7 s" in caplog.records[-1].getMessage()

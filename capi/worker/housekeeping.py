@@ -152,12 +152,13 @@ class Housekeeping:
         lanes = self.lanes
         while not lanes.stopping:
             self._errors = 0
+            sent = lanes.trouble.now()
             try:
                 await self.tick()
             except Exception as exc:  # tick's own bookkeeping; the jobs catch their own
                 self._failed(exc, "housekeeping")
             if self._errors == 0:
-                lanes.trouble.ok()
+                lanes.trouble.ok(sent=sent)
                 lanes.metrics.redis_up.set(1)
                 if self._connected_since is None:
                     self._connected_since = time.monotonic()

@@ -114,6 +114,7 @@ async def _checked(
     name = dest.name
     wait_s = CHECK_BACKOFF_FIRST_S
     while not stop.is_set():
+        sent = sender.trouble.now()
         try:
             result = await _check_unless_stopped(sender, checks, stop)
             if result is None:
@@ -122,7 +123,7 @@ async def _checked(
             delay = sender.trouble.failed(exc, "the startup key check")
             metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
         else:
-            sender.trouble.ok()
+            sender.trouble.ok(sent=sent)
             if result.ok:
                 log.info(
                     "destination %s: key %s can write events to pixel %s; sender starting",

@@ -333,6 +333,7 @@ class Sender:
         while True:
             if unless_stopping is not _MUST and self.stopping:
                 return unless_stopping
+            sent = self._trouble.now()
             try:
                 result = await step()
             except redis.exceptions.RedisError as exc:
@@ -342,7 +343,7 @@ class Sender:
                     await self.recreate_group()
                 await asyncio.sleep(delay)
                 continue
-            self._trouble.ok()
+            self._trouble.ok(sent=sent)
             self.metrics.redis_up.set(1)
             return result
 

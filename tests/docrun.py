@@ -30,6 +30,7 @@ Python output is unbuffered (``PYTHONUNBUFFERED=1``) so READY shows as soon as p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -130,6 +131,7 @@ def fresh_env() -> dict[str, str]:
     env.update(
         PATH=os.pathsep.join(path) or "/usr/bin:/bin", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)
     )
+    env["PYTHONFAULTHANDLER"] = "1"  # a block that does not stop shows where it is stuck
     return env
 
 
@@ -193,7 +195,11 @@ class Background:
         except ProcessLookupError:
             complaint = f"had already exited ({self.proc.poll()})"
         except subprocess.TimeoutExpired:
-            complaint = f"still running {STOP_S:.0f} s after Ctrl-C"
+            complaint = f"still running {STOP_S:.0f} s after Ctrl-C (its threads' stacks below)"
+            with _quiet():  # Python's faulthandler (PYTHONFAULTHANDLER) prints every stack
+                os.killpg(self.proc.pid, signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
         finally:
             with _quiet():
                 os.killpg(self.proc.pid, signal.SIGKILL)  # whatever is left in its group

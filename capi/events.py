@@ -100,8 +100,17 @@ class PreparedEvent:
         return PreparedEvent(event.to_json(), event, self.warnings, self.consent)
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Input that is no JSON value at all (an NDJSON line of the intake that does not
+    parse): :func:`prepare` refuses it with ``rule``, which says why, so the refusal (and
+    the live-outcomes ring) names the line rather than a stand-in."""
+
+    rule: str
+
+
 def prepare(
-    raw: Mapping[str, Any] | schema.Event,
+    raw: Mapping[str, Any] | schema.Event | Unreadable,
     *,
     clock: Clock = time.time,
     hash_identifiers: bool = True,
@@ -155,7 +164,7 @@ def _quick_prepared(data_json: bytes, sent: dict[str, Any], consent: str | None)
 
 
 def _careful(
-    raw: Mapping[str, Any] | schema.Event,
+    raw: Mapping[str, Any] | schema.Event | Unreadable,
     now: int | None,
     clock: Clock,
     hash_identifiers: bool,
@@ -168,6 +177,8 @@ def _careful(
         pass  # the usual case, checked first: neither isinstance() below is free
     elif isinstance(raw, schema.Event):
         raw = raw.model_dump(mode="json", exclude_none=True)
+    elif isinstance(raw, Unreadable):
+        raise EventRejected([Problem("(event)", raw.rule)])
     elif not isinstance(raw, Mapping):
         raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
     try:

@@ -225,7 +225,9 @@ def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
             f'[destinations.b]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n'
             f'base_url = "{down.url}"\n'
         )
-        settings = make_settings(sandbox, redis_url, destinations_file=path)
+        settings = make_settings(
+            sandbox, redis_url, destinations_file=path, metrics_port=free_port()
+        )
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         env = {**cli_env(settings), "CAPI_DESTINATIONS_FILE": str(path), "CAPI_KEY_A": key}
         procs.append(start_worker(settings, CAPI_KEY_A=key))
@@ -244,6 +246,13 @@ def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
         listed = CliRunner().invoke(cli, ["destinations", "--json"], env=env).output
         rows = {row["name"]: row for row in map(json.loads, listed.splitlines())}
         assert rows["b"]["endpoint"] == "failing" and rows["a"]["endpoint"] == "ok", rows
+        # The worker's own line says what it waits for on b (it named only a, "idle").
+        workers = json.loads(CliRunner().invoke(cli, ["status", "--json"], env=env).output)
+        [line] = workers["workers"]
+        assert "b: key check waiting for the endpoint" in line["detail"], line
+        assert "b" in line["destination"].split(", "), line
+        code, ready = http_get(f"http://127.0.0.1:{settings.metrics_port}/readyz")
+        assert code == 200 and "b: key check waiting for the endpoint" in ready, ready
 
         down.state.faults = []  # the endpoint answers: b's check passes, b is ok again
         wait_for(lambda: b_status()["key"]["state"] == "ok", 60, "b's key checked")

@@ -776,7 +776,7 @@ class Queue:
         """The endpoint did not answer a startup key check (5xx, network): marked failing,
         as a retried send marks it (RETRY_LUA's last lines), so ``capi status`` does not
         call an endpoint no worker could reach "ok"."""
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)  # one key; no MULTI on a cluster
         pipe.hsetnx(self.keys.endpoint, "failing_since", str(now_ms))
         pipe.hset(self.keys.endpoint, mapping={"last_error": error, "last_error_ms": now_ms})
         await pipe.execute()

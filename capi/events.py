@@ -100,8 +100,17 @@ class PreparedEvent:
         return PreparedEvent(event.to_json(), event, self.warnings, self.consent)
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """Input that is no JSON value at all (an NDJSON line of the intake that does not
+    parse): :func:`prepare` refuses it with ``rule``, which says why, so the refusal (and
+    the live-outcomes ring) names the line rather than a stand-in."""
+
+    rule: str
+
+
 def prepare(
-    raw: Mapping[str, Any] | schema.Event,
+    raw: Mapping[str, Any] | schema.Event | Unreadable,
     *,
     clock: Clock = time.time,
     hash_identifiers: bool = True,
@@ -155,7 +164,7 @@ def _quick_prepared(data_json: bytes, sent: dict[str, Any], consent: str | None)
 
 
 def _careful(
-    raw: Mapping[str, Any] | schema.Event,
+    raw: Mapping[str, Any] | schema.Event | Unreadable,
     now: int | None,
     clock: Clock,
     hash_identifiers: bool,
@@ -168,6 +177,8 @@ def _careful(
         pass  # the usual case, checked first: neither isinstance() below is free
     elif isinstance(raw, schema.Event):
         raw = raw.model_dump(mode="json", exclude_none=True)
+    elif isinstance(raw, Unreadable):
+        raise EventRejected([Problem("(event)", raw.rule)])
     elif not isinstance(raw, Mapping):
         raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
     try:
@@ -181,7 +192,16 @@ def _careful(
     consent = _consent(data, problems) if "consent" in data else None
     if type(data.get("data")) is dict:
         money.apply_values(data["data"], problems)
-    event = _validated(data, event_id, problems, warnings, hash_identifiers, strict_identifiers)
+    try:
+        event = _validated(data, event_id, problems, warnings, hash_identifiers, strict_identifiers)
+    except EventRejected as exc:
+        if check_time and now is None:
+            now = now_ms(clock)
+        full = len(exc.problems) > MAX_PROBLEMS  # capped already: more would go unsaid
+        more = (
+            [] if full else _unvalidated_problems(data, exc.problems, now if check_time else None)
+        )
+        raise EventRejected(_capped([*exc.problems, *more]), event_id) from None
     problems.extend(_cross_checks(event))
     if check_time:
         problems.extend(
@@ -231,6 +251,24 @@ def _validated(
     if long and event.user is not None:
         identifiers.cut(event.user)
     return event
+
+
+def _unvalidated_problems(
+    data: dict[str, Any], found: Sequence[Problem], now: int | None
+) -> list[Problem]:
+    """Of the rules checked after validation, those that can be checked on an event the
+    schema refused: the time window of an integer ``timestamp_ms`` (with ``now``) and the
+    form of a string ``source_url``, so that fixing the problems named first does not only
+    meet these next."""
+    named = {p.path for p in found}
+    more: list[Problem] = []
+    stamp = data.get("timestamp_ms")
+    if now is not None and type(stamp) is int and "timestamp_ms" not in named:
+        more.extend(time_window_problems(stamp, now))
+    url = data.get("source_url")
+    if type(url) is str and "source_url" not in named and sent_url(url)[0] is None:
+        more.append(Problem("source_url", "must be an absolute http(s) URL"))
+    return more
 
 
 def _consent(data: dict[str, Any], problems: list[Problem]) -> str | None:

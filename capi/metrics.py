@@ -188,9 +188,14 @@ class Metrics:
             since = min(v.endpoint_failing_since._value.get() or 1e18 for v in views)
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
             return False, f"the endpoint is failing since {at} (see capi status)" + _which(failing)
-        if held or failing:
+        # A destination whose startup check waits (its endpoint does not answer) while the
+        # others are served: ready, and said.
+        waits = [f"{n}: {why}" for n, why in starting.items()]
+        if held or failing or waits:
             return True, "ok, but " + ", ".join(
-                [f"{n}: key held" for n in held] + [f"{n}: endpoint failing" for n in failing]
+                [f"{n}: key held" for n in held]
+                + [f"{n}: endpoint failing" for n in failing]
+                + waits
             )
         return True, "ok"
 

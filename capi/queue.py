@@ -772,6 +772,15 @@ class Queue:
         since = await self._endpoint_ok(keys=[self.keys.endpoint], args=[now_ms])
         return int(since) if since else None
 
+    async def endpoint_failed(self, now_ms: int, error: str) -> None:
+        """The endpoint did not answer a startup key check (5xx, network): marked failing,
+        as a retried send marks it (RETRY_LUA's last lines), so ``capi status`` does not
+        call an endpoint no worker could reach "ok"."""
+        pipe = self.redis.pipeline(transaction=False)  # one key; no MULTI on a cluster
+        pipe.hsetnx(self.keys.endpoint, "failing_since", str(now_ms))
+        pipe.hset(self.keys.endpoint, mapping={"last_error": error, "last_error_ms": now_ms})
+        await pipe.execute()
+
     async def endpoint_marked_failing(self) -> bool:
         """Whether Redis marks the endpoint as failing (any worker's failures, a worker
         since stopped included)."""

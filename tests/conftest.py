@@ -44,6 +44,22 @@ LONG_FIRST = (
 )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once beside a destinations file: every capi a test starts (in this process
+    or its own) reads config/destinations.toml from the current directory and would serve
+    its destinations instead of the test's one ("destination: name one", hundreds of
+    failures); the tests name their own files with CAPI_DESTINATIONS_FILE."""
+    found = Path("config/destinations.toml")
+    if found.exists():
+        pytest.exit(
+            f"{found.absolute()} is in the current directory: every capi the tests start "
+            "would read it and serve its destinations instead of the test's own. Move it "
+            "aside for the run (mv config/destinations.toml config/destinations.toml.mine, "
+            "then back), or run the tests from another checkout.",
+            returncode=4,
+        )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order

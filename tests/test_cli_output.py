@@ -9,6 +9,7 @@ import logging
 import os
 import pwd
 import socket
+import time
 from typing import Any
 
 import orjson
@@ -192,3 +193,34 @@ def test_the_default_redis_is_named(
     SyncProducer.from_settings(explicit).close()
     asyncio.run(redis_client(explicit).aclose())
     assert not caplog.text and not capsys.readouterr().err
+
+
+def test_with_two_destinations_the_workers_are_listed_once_after_both(
+    env: dict[str, str], tmp_path: Any
+) -> None:
+    """With two destinations the live workers were printed inside the second one's section,
+    between its key and endpoint lines, as if they served only it."""
+    from capi.queue import Queue
+
+    path = tmp_path / "destinations.toml"
+    path.write_text(
+        '[destinations.brand-a]\npixel_id = "p_a"\napi_key_env = "K"\n\n'
+        '[destinations.brand-b]\npixel_id = "p_b"\napi_key_env = "K"\n'
+    )
+    env = {**env, "CAPI_DESTINATIONS_FILE": str(path), "K": "sk-x"}
+    settings = Settings(_env_file=None, redis_url=env["CAPI_REDIS_URL"])
+
+    async def beat() -> None:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        state = {"state": "idle", "detail": "nothing queued", "destination": "brand-a, brand-b"}
+        await Queue(client, settings.keys).heartbeat("w1", int(time.time() * 1000), state)
+        await client.aclose()
+
+    asyncio.run(beat())
+    text = invoke(env, "status").output
+    lines = text.splitlines()
+    workers_at = lines.index("workers alive: 1")
+    b_at = lines.index("destination brand-b")
+    endpoints = [i for i, line in enumerate(lines) if line.startswith("endpoint:")]
+    assert workers_at > max(endpoints) > b_at, text
+    assert lines[workers_at - 1] == "", text  # a section of its own

@@ -661,3 +661,34 @@ def test_a_bad_fault_option_is_named_with_its_rule(spec: str, message: str) -> N
     assert result.exit_code == ExitCode.USAGE
     assert f"Invalid value for --fault: {message}" in result.output
     assert "__init__" not in result.output and "literal" not in result.output
+
+
+def test_the_suite_run_beside_a_destinations_file_says_so_instead_of_failing_everywhere(
+    tmp_path: Path,
+) -> None:
+    """A newcomer who followed README.md ("Several pixels": config/destinations.toml) and
+    then ran the tests saw hundreds of failures ("destination: name one: this deployment
+    has several"): every capi a test starts reads config/destinations.toml from the current
+    directory. The run stops at once and says which file, and what to do."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "destinations.toml").write_text(
+        '[destinations.brand-a]\npixel_id = "p"\napi_key_env = "K"\n'
+        '[destinations.brand-b]\npixel_id = "q"\napi_key_env = "K"\n'
+    )
+    root = Path(__file__).resolve().parents[1]
+    test = "tests/test_cli_output.py::test_status_labels_current_and_all_time_dead_letters"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPI_", "PYTEST_"))}
+    args = ["-q", "-n", "0", "-p", "no:cacheprovider", f"--rootdir={root}", str(root / test)]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", *args],
+        cwd=tmp_path,
+        env={**env, "K": "sk-x"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output
+    assert "config/destinations.toml" in output and "mv config/destinations.toml" in output, output
+    assert "name one" not in output, output

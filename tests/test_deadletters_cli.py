@@ -435,3 +435,18 @@ def test_replay_help_names_the_exit_code_of_a_dry_run_the_api_did_not_answer() -
     text = " ".join(CliRunner().invoke(cli, ["dead-letters", "replay", "--help"]).output.split())
     assert "4 when the API would reject some of the events" in text
     assert "could not check" in text and "capi check-key" in text, text
+
+
+def test_a_released_hold_of_a_named_destination_says_to_replay_only_that_destination(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With a destinations file, check-key's release line said `capi dead-letters replay
+    --reason missing_scope`, which replays every destination's (the guidance it follows
+    names the destination)."""
+    from capi.cli.main import _Hold, _say_holds
+
+    _say_holds({"brand-b": _Hold("released", "missing_scope", True)})
+    said = capsys.readouterr().out
+    assert "capi dead-letters replay --destination brand-b --reason missing_scope" in said, said
+    _say_holds({"default": _Hold("released", "missing_scope", True)})
+    assert "capi dead-letters replay --reason missing_scope" in capsys.readouterr().out

@@ -397,6 +397,25 @@ def test_all_problems_are_reported_at_once_without_echoing_pii() -> None:
     assert "ada@example.com" not in message
 
 
+def test_a_schema_problem_does_not_hide_the_time_window_and_the_source_url() -> None:
+    """A misspelt action_source and an unknown currency were named, but the timestamp in
+    seconds and the relative source_url beside them only once those were fixed: the rules
+    checked after validation never ran (a newcomer fixed and resent twice)."""
+    event = base(
+        action_source="webb",
+        data__currency="XYZ",
+        timestamp_ms=NOW_MS // 1000,
+        source_url="shop.example.com/thanks",
+    )
+    message = refused(event)
+    assert "action_source: must be one of" in message, message
+    assert "data.currency" in message, message
+    assert "timestamp_ms: must be Unix time in milliseconds" in message, message
+    assert "source_url: must be an absolute http(s) URL" in message, message
+    old = refused(base(id="", timestamp_ms=NOW_MS - 8 * 86_400_000))
+    assert "id: must not be empty" in old and "timestamp_ms: is older than 7 days" in old, old
+
+
 def test_non_object_is_refused() -> None:
     assert "must be a JSON object" in refused(["not", "an", "event"])
 

@@ -208,3 +208,52 @@ def test_a_restarted_worker_ends_the_failing_state_its_predecessor_left(
     procs.append(start_worker(settings))
     wait_for(lambda: http_get(f"{base}/readyz") == (200, "ok\n"), 60, "the new worker ready")
     wait_for(lambda: status(settings)["endpoint"]["state"] == "ok", 60, "capi status: endpoint ok")
+
+
+def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
+    redis_url: str, sandbox: SandboxThread, tmp_path: Any, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Two destinations; b's endpoint answers 503 from the start, so b's startup key check
+    waits while a is served. capi status and capi destinations said b's endpoint was "ok
+    (last delivery none yet)" (the worker, serving a, was not "starting"), and nothing but
+    the worker's log said b could not be reached (a base_url typo on day one)."""
+    with SandboxThread() as down:
+        down.state.faults = [Fault("server_error", every=1, status=503)]
+        path = tmp_path / "destinations.toml"
+        path.write_text(
+            f'[destinations.a]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n\n'
+            f'[destinations.b]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n'
+            f'base_url = "{down.url}"\n'
+        )
+        settings = make_settings(
+            sandbox, redis_url, destinations_file=path, metrics_port=free_port()
+        )
+        key = settings.api_key.get_secret_value() if settings.api_key else ""
+        env = {**cli_env(settings), "CAPI_DESTINATIONS_FILE": str(path), "CAPI_KEY_A": key}
+        procs.append(start_worker(settings, CAPI_KEY_A=key))
+
+        def b_status() -> dict[str, Any]:
+            result = CliRunner().invoke(cli, ["status", "--json"], env=env)
+            assert result.exit_code == 0, result.output
+            found: dict[str, Any] = json.loads(result.output)["destinations"]["b"]
+            return found
+
+        wait_for(lambda: b_status()["key"]["state"] == "unchecked", 30, "b still unchecked")
+        wait_for(lambda: b_status()["endpoint"]["state"] == "failing", 30, "b's endpoint failing")
+        assert "503" in b_status()["endpoint"]["last_error"], b_status()["endpoint"]
+        text = CliRunner().invoke(cli, ["status", "--destination", "b"], env=env).output
+        assert "endpoint:      failing since" in text, text
+        listed = CliRunner().invoke(cli, ["destinations", "--json"], env=env).output
+        rows = {row["name"]: row for row in map(json.loads, listed.splitlines())}
+        assert rows["b"]["endpoint"] == "failing" and rows["a"]["endpoint"] == "ok", rows
+        # The worker's own line says what it waits for on b (it named only a, "idle").
+        workers = json.loads(CliRunner().invoke(cli, ["status", "--json"], env=env).output)
+        [line] = workers["workers"]
+        assert "b: key check waiting for the endpoint" in line["detail"], line
+        assert "b" in line["destination"].split(", "), line
+        code, ready = http_get(f"http://127.0.0.1:{settings.metrics_port}/readyz")
+        assert code == 200 and "b: key check waiting for the endpoint" in ready, ready
+
+        down.state.faults = []  # the endpoint answers: b's check passes, b is ok again
+        wait_for(lambda: b_status()["key"]["state"] == "ok", 60, "b's key checked")
+        wait_for(lambda: b_status()["endpoint"]["state"] == "ok", 30, "b's endpoint ok")

@@ -437,3 +437,24 @@ def test_recent_outcomes_over_many_rings_keep_only_the_lines_asked_for(redis_url
     only, _ = newest(60, whole=True, ids=["t7-3-1", "t55-49-0"])
     assert sorted(line.id for line in only) == ["t55-49-0", "t7-3-1"]
     client.close()
+
+
+def test_an_intake_line_that_is_not_json_is_a_refused_line_saying_so(
+    redis_url: str, sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """The intake answered "line 2 is not valid JSON", but capi tail showed the line as
+    "(event): must be a JSON object, got null": the ring was told of the stand-in the
+    producer refused, not of the line."""
+    settings = make_settings(sandbox, redis_url)
+    good = json.dumps(events(1, prefix="nd-")[0])
+    intake = start_intake(tmp_path, redis_url)
+    try:
+        answer = intake.post(
+            content=f"{good}\n{{not json\n".encode(), content_type="application/x-ndjson"
+        )
+    finally:
+        intake.stop()
+    assert answer.json()["results"][1]["errors"][0]["rule"] == "line 2 is not valid JSON"
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    [line] = [json.loads(t) for t in shown.stdout.splitlines()]
+    assert line["reason"] == "(event): line 2 is not valid JSON", line

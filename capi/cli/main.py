@@ -219,9 +219,10 @@ async def _release_holds(
 def _say_holds(holds: dict[str, _Hold]) -> None:
     for name, hold in holds.items():
         if hold.what == "released":
+            only = "" if name == "default" else f"--destination {name} "  # not every one's
             then = (
-                "replay what was dead-lettered meanwhile: capi dead-letters replay --reason "
-                f"{hold.reason}"
+                "replay what was dead-lettered meanwhile: capi dead-letters replay "
+                f"{only}--reason {hold.reason}"
                 if hold.dead_lettered
                 else "the events kept queued meanwhile are sent"
             )

@@ -143,10 +143,11 @@ def _print_report(report: dict[str, Any]) -> None:
     for i, (name, status) in enumerate(listed.items()):
         if several:
             out.print(("\n" if i or compact else "") + f"[bold]destination {escape(name)}[/]")
-        _print_status(status, workers=not compact and i == len(listed) - 1, redis=not compact)
-    if compact:  # what is shared is said once: the workers, and Redis's alerts
+        _print_status(status, workers=not several, redis=not compact)
+    if several:  # the workers serve them all: said once, after them (not in the last one's)
         out.print()
         _print_workers(report["shared"]["workers"])
+    if compact:  # and Redis's alerts, said in each section shown in full otherwise
         _print_redis(report["shared"]["redis"])
     for name, status in report["stranded"].items():
         _print_stranded(name, status)

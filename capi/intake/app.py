@@ -46,6 +46,7 @@ from prometheus_client import (
 )
 
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
+from capi.events import Unreadable
 from capi.fingerprint import looks_like_key
 from capi.intake import envelope, guard, openapi, tokens
 from capi.logs import JsonFormatter
@@ -512,9 +513,9 @@ def _checked(func: Callable[..., Any], *args: Any) -> Any:
 
 
 def _as_event(raw: Any) -> Any:
-    """An NDJSON line that was not JSON, as an input prepare() refuses on its own (not an
-    object); its answer then names the line (see :func:`_errors`)."""
-    return None if isinstance(raw, envelope.BadLine) else raw
+    """An NDJSON line that was not JSON, as an input prepare() refuses with the line's own
+    rule (its answer and its line in capi tail name the line: see :func:`_errors`)."""
+    return Unreadable(raw.rule()) if isinstance(raw, envelope.BadLine) else raw
 
 
 def _results(

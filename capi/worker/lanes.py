@@ -46,6 +46,7 @@ from capi.settings import Settings
 from capi.trouble import Trouble
 from capi.worker.housekeeping import Housekeeping
 from capi.worker.sender import Sender
+from capi.worker.startup import UNDER_WAY
 
 log = logging.getLogger("capi.lanes")
 
@@ -304,8 +305,19 @@ class Lanes:
         if not senders and (starting := dict(self.metrics.starting)):
             detail = "; ".join(f"{n}: {why}" for n, why in starting.items())
             return "starting", detail, ", ".join(starting) if len(starting) <= 5 else ""
-        names = [s.destination.name for s in senders]
+        # Destinations still in their startup key check, waiting on something (an endpoint
+        # that does not answer): named beside those served, not left unsaid.
+        waiting = {n: why for n, why in self.metrics.starting.items() if why != UNDER_WAY}
+        names = [s.destination.name for s in senders] + [n for n in waiting]
         where = ", ".join(names) if len(names) <= 5 else f"{len(names)} destinations"
+        if waiting:
+            state, detail, _ = self._serving_state(senders, where)
+            starts = "; ".join(f"{n}: {why}" for n, why in list(waiting.items())[:10])
+            return state, f"{detail}; {starts}" if detail else starts, where
+        return self._serving_state(senders, where)
+
+    def _serving_state(self, senders: list[Sender], where: str) -> tuple[str, str, str]:
+        """What this worker does for the destinations it serves (see :meth:`state`)."""
         if len(senders) == 1:
             return (*senders[0].state(), where)
         if not self.trouble.redis_ok:

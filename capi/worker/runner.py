@@ -42,14 +42,15 @@ import httpx
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from capi import destinations, logs
+from capi import clock, destinations, logs
 from capi.client import http_pool
 from capi.clock import HEARTBEAT_S
 from capi.destinations import Destination
-from capi.errors import ConfigError, KeyCheckFailed
+from capi.errors import ConfigError, KeyCheckFailed, SendError
 from capi.keycheck import KeyCheck
 from capi.metrics import Metrics, serve
 from capi.settings import Settings
+from capi.worker import decisions
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
 from capi.worker.startup import UNDER_WAY, StartupWatch
@@ -125,6 +126,7 @@ async def _checked(
         else:
             sender.trouble.ok(sent=sent)
             if result.ok:
+                await _endpoint_answers(sender)
                 log.info(
                     "destination %s: key %s can write events to pixel %s; sender starting",
                     name,
@@ -147,6 +149,7 @@ async def _checked(
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
             metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
+            await _endpoint_fails(sender, result.error)
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",
@@ -158,6 +161,25 @@ async def _checked(
             await asyncio.wait_for(stop.wait(), delay)
     await sender.aclose()
     return None
+
+
+async def _endpoint_fails(sender: Sender, error: SendError) -> None:
+    """Mark the endpoint failing when it did not answer the startup key check (5xx,
+    network): while the other destinations are served, the worker is not "starting", and
+    ``capi status`` would otherwise call this endpoint "ok". Best effort: Redis in trouble
+    is said by the next check."""
+    if not decisions.fate(error.reason).endpoint_down:
+        return
+    with contextlib.suppress(redis.exceptions.RedisError):
+        await sender.queue.endpoint_failed(clock.now_ms(), str(error)[:300])
+
+
+async def _endpoint_answers(sender: Sender) -> None:
+    """The startup key check was answered: a failing mark (its own, or one a stopped
+    worker left) ends, as after a delivery."""
+    with contextlib.suppress(redis.exceptions.RedisError):
+        if await sender.queue.endpoint_marked_failing():
+            await sender.queue.endpoint_answered(clock.now_ms())
 
 
 class Fleet:

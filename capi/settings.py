@@ -25,6 +25,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -384,18 +385,14 @@ class Settings(BaseSettings):
             raise ValueError(str(exc).removeprefix("CAPI_REDIS_URL ")) from None
         return value
 
-    @field_validator("redis_sentinels")
+    @field_validator("redis_sentinels", "redis_cluster_nodes")
     @classmethod
-    def _sentinel_list(cls, value: str | None) -> str | None:
+    def _address_list(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """host:port lists: of the sentinels, or of more nodes of a cluster."""
         if value is not None:
-            parse_sentinels(value)
-        return value
-
-    @field_validator("redis_cluster_nodes")
-    @classmethod
-    def _cluster_node_list(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_cluster_nodes(value)
+            (parse_sentinels if info.field_name == "redis_sentinels" else parse_cluster_nodes)(
+                value
+            )
         return value
 
     @model_validator(mode="after")

@@ -48,12 +48,12 @@ from capi.clock import HEARTBEAT_S
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed, SendError
 from capi.keycheck import KeyCheck
-from capi.metrics import Metrics, serve
+from capi.metrics import UNDER_WAY, Metrics, serve
 from capi.settings import Settings
 from capi.worker import decisions
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
-from capi.worker.startup import UNDER_WAY, StartupWatch
+from capi.worker.startup import StartupWatch
 
 log = logging.getLogger("capi.worker")
 

@@ -135,6 +135,8 @@ async def _checked(
                 )
                 return sender
             assert result.error is not None and result.diagnosis is not None
+            if not decisions.fate(result.error.reason).endpoint_down:
+                await _endpoint_answers(sender)  # it answered (a key refused, say)
             if not result.error.retryable:
                 if not hold_if_broken:
                     await sender.aclose()
@@ -175,8 +177,10 @@ async def _endpoint_fails(sender: Sender, error: SendError) -> None:
 
 
 async def _endpoint_answers(sender: Sender) -> None:
-    """The startup key check was answered: a failing mark (its own, or one a stopped
-    worker left) ends, as after a delivery."""
+    """The endpoint answered the startup key check (its key passed, or was refused: any
+    answer but a failure of the endpoint itself, as :meth:`Sender.probe_endpoint` takes
+    it): a failing mark (its own, or one a stopped worker left) ends, as after a
+    delivery (a held destination does not probe its endpoint)."""
     with contextlib.suppress(redis.exceptions.RedisError):
         if await sender.queue.endpoint_marked_failing():
             await sender.queue.endpoint_answered(clock.now_ms())

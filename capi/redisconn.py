@@ -426,10 +426,12 @@ class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConn
             await self.get_master_address()  # type: ignore[no-untyped-call]
 
     async def disconnect(self, inuse_connections: bool = True) -> None:
-        if inuse_connections and (check := self._master_check) is not None:
+        check = self._master_check
+        if inuse_connections and check is not None and not check.done():
             check.cancel()  # closing: a look still waiting on a silent sentinel ends
-            with contextlib.suppress(asyncio.CancelledError):
-                await check
+            if check.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await check
         await super().disconnect(inuse_connections)
         if inuse_connections:
             for sentinel in self.sentinel_manager.sentinels:

@@ -35,6 +35,12 @@ from capi.clock import LIVENESS_S
 from capi.errors import ConfigError
 from capi.failures import Reason
 
+# What a destination's start waits for before its first check has answered (see
+# capi.worker.startup); readiness names only the checks that wait on something else.
+UNDER_WAY = "key check under way"
+# At most this many waiting checks named in /readyz's answer.
+WAITS_SAID = 10
+
 
 class Metrics:
     """Every metric a worker exports, in a registry of its own.
@@ -189,8 +195,11 @@ class Metrics:
             at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
             return False, f"the endpoint is failing since {at} (see capi status)" + _which(failing)
         # A destination whose startup check waits (its endpoint does not answer) while the
-        # others are served: ready, and said.
-        waits = [f"{n}: {why}" for n, why in starting.items()]
+        # others are served: ready, and said (at most ten; a check only under way is not).
+        waiting = [f"{n}: {why}" for n, why in starting.items() if why != UNDER_WAY]
+        waits = waiting[:WAITS_SAID]
+        if len(waiting) > WAITS_SAID:
+            waits.append(f"and {len(waiting) - WAITS_SAID} more waiting")
         if held or failing or waits:
             return True, "ok, but " + ", ".join(
                 [f"{n}: key held" for n in held]

@@ -17,7 +17,9 @@ dropped connection is retried the same way. Each pool also asks the sentinels ag
 every ``MASTER_CHECK_S`` while it is used: after a switchover (``SENTINEL FAILOVER``) the
 old master accepts writes for seconds until a sentinel demotes it, and what lands there is
 lost, so once the sentinels name another master the pool's connections to the old one are
-closed (idle ones at once, one in use when it is next taken). ``CAPI_REDIS_URL`` then gives only the
+closed (idle ones at once, one in use when it is next taken). The call that looks waits for
+the sentinels' answer at most ``MASTER_CHECK_WAIT_S``: silent sentinels do not hold up calls
+to a master that answers. ``CAPI_REDIS_URL`` then gives only the
 password, TLS options and database of the master's connections; its host is not used.
 
 With a Redis Cluster (``CAPI_REDIS_CLUSTER=true``) the clients are redis-py's cluster
@@ -32,9 +34,11 @@ which every caller already rides out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -374,8 +378,11 @@ class _AsyncSSLMasterConnection(_AsyncMasterConnection, aioredis.SSLConnection):
     pass
 
 
-# How often a sentinel pool in use asks the sentinels again where the master is.
+# How often a sentinel pool in use asks the sentinels again where the master is, and how
+# long the call that takes a connection then waits for their answer (the look goes on
+# meanwhile: silent sentinels do not hold up calls to a master that answers).
 MASTER_CHECK_S = 1.0
+MASTER_CHECK_WAIT_S = 0.25
 
 
 class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -383,19 +390,24 @@ class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConn
     connections outside the pool's lock (see :func:`async_client`). Closing it closes the
     connections to the sentinels too (redis-py leaves them open). It follows a switchover
     (see the module docstring), asking the sentinels in the call that takes a connection
-    (at most every ``MASTER_CHECK_S``; redis-py asks first the sentinel that answered last,
-    so a silent one costs one ``CAPI_REDIS_TIMEOUT_S`` once, not every time)."""
+    (at most every ``MASTER_CHECK_S``, waiting for their answer at most
+    ``MASTER_CHECK_WAIT_S``: the look goes on in the background, one at a time; redis-py
+    asks first the sentinel that answered last, so a silent one delays a look once)."""
 
     _master_checked = float("-inf")
+    _master_check: asyncio.Task[None] | None = None
 
     async def get_connection(self, *args: Any, **options: Any) -> Any:
         now = time.monotonic()
-        if now - self._master_checked >= MASTER_CHECK_S:
+        check = self._master_check
+        idle = check is None or check.done() or check.get_loop() is not asyncio.get_running_loop()
+        if now - self._master_checked >= MASTER_CHECK_S and idle:
             self._master_checked = now
-            # redis-py's pool closes its idle connections if the master moved; a silent
-            # sentinel or no master named is for the next connect to say.
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self.get_master_address()  # type: ignore[no-untyped-call]
+            # The look goes on in the background past MASTER_CHECK_WAIT_S: silent
+            # sentinels (asked in turn, each for CAPI_REDIS_TIMEOUT_S) do not hold up a
+            # call to a master that answers; one look at a time.
+            check = self._master_check = asyncio.ensure_future(self._look_at_sentinels())
+            await asyncio.wait([check], timeout=MASTER_CHECK_WAIT_S)
         connection = await super().get_connection(*args, **options)
         stale = self.master_address is not None and connection.is_connected
         if stale and (connection.host, connection.port) != self.master_address:
@@ -407,7 +419,19 @@ class _AsyncMasterPool(aiosentinel.SentinelConnectionPool, aioredis.BlockingConn
                 raise
         return connection
 
+    async def _look_at_sentinels(self) -> None:
+        # redis-py's pool closes its idle connections if the master moved; a silent
+        # sentinel or no master named is for the next connect to say.
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self.get_master_address()  # type: ignore[no-untyped-call]
+
     async def disconnect(self, inuse_connections: bool = True) -> None:
+        check = self._master_check
+        if inuse_connections and check is not None and not check.done():
+            check.cancel()  # closing: a look still waiting on a silent sentinel ends
+            if check.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await check
         await super().disconnect(inuse_connections)
         if inuse_connections:
             for sentinel in self.sentinel_manager.sentinels:
@@ -432,16 +456,25 @@ class _SyncSSLMasterConnection(_SyncMasterConnection, redis.SSLConnection):
 class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
     """redis-py's sentinel pool; closing it closes the connections to the sentinels too. It
     follows a switchover (see the module docstring), asking the sentinels in the call that
-    takes a connection (at most every ``MASTER_CHECK_S``)."""
+    takes a connection (at most every ``MASTER_CHECK_S``, waiting at most
+    ``MASTER_CHECK_WAIT_S``: the look goes on in a thread of its own, one at a time)."""
 
     _master_checked = float("-inf")
+    _master_check: threading.Thread | None = None
 
     def get_connection(self, *args: Any, **options: Any) -> Any:
         now = time.monotonic()
-        if now - self._master_checked >= MASTER_CHECK_S:
+        check = self._master_check
+        idle = check is None or not check.is_alive()
+        if now - self._master_checked >= MASTER_CHECK_S and idle:
             self._master_checked = now
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                self.get_master_address()  # type: ignore[no-untyped-call]
+            # As the asyncio pool: a look at silent sentinels goes on in a thread of its
+            # own past MASTER_CHECK_WAIT_S, one at a time.
+            check = self._master_check = threading.Thread(
+                target=self._look_at_sentinels, name="capi-sentinel-look", daemon=True
+            )
+            check.start()
+            check.join(MASTER_CHECK_WAIT_S)
         connection = super().get_connection(*args, **options)
         stale = self.master_address is not None and connection._sock is not None
         if stale and (connection.host, connection.port) != self.master_address:
@@ -452,6 +485,10 @@ class _SyncMasterPool(redis.sentinel.SentinelConnectionPool):
                 self.release(connection)
                 raise
         return connection
+
+    def _look_at_sentinels(self) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            self.get_master_address()  # type: ignore[no-untyped-call]
 
     def disconnect(self, inuse_connections: bool = True) -> None:
         super().disconnect(inuse_connections)

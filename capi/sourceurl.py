@@ -27,7 +27,10 @@ _PATH_SAFE = "/:@!$&'()*+,;=-._~%"
 def sent_url(url: str) -> tuple[str | None, str | None]:
     """The URL as sent (None if it is not an absolute http(s) URL), and the ``oppref``
     of its query if it has one."""
-    parts = urlsplit(url.strip(_EDGES))
+    try:
+        parts = urlsplit(url.strip(_EDGES))
+    except ValueError:  # an unbalanced bracket in the host: "Invalid IPv6 URL"
+        return None, None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return None, None
     try:

@@ -450,3 +450,16 @@ def test_a_released_hold_of_a_named_destination_says_to_replay_only_that_destina
     assert "capi dead-letters replay --destination brand-b --reason missing_scope" in said, said
     _say_holds({"default": _Hold("released", "missing_scope", True)})
     assert "capi dead-letters replay --reason missing_scope" in capsys.readouterr().out
+
+
+def test_a_released_hold_of_a_file_destination_named_default_names_it_too(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A destinations file may name a destination "default" beside others: its release
+    line left out --destination (the name alone was taken for the single-pixel set-up),
+    so the replay it suggested replayed every destination's dead letters of that reason."""
+    from capi.cli.main import _Hold, _say_holds
+
+    _say_holds({"default": _Hold("released", "missing_scope", True)}, several=True)
+    said = capsys.readouterr().out
+    assert "capi dead-letters replay --destination default --reason missing_scope" in said, said

@@ -416,6 +416,18 @@ def test_a_schema_problem_does_not_hide_the_time_window_and_the_source_url() -> 
     assert "id: must not be empty" in old and "timestamp_ms: is older than 7 days" in old, old
 
 
+@pytest.mark.parametrize("url", ["http://[abc/thanks", "https://[::1/x", "http://]x/"])
+def test_a_source_url_that_urllib_cannot_split_is_refused_naming_it(url: str) -> None:
+    """urlsplit() raises ValueError ("Invalid IPv6 URL") on an unbalanced bracket in the
+    host: prepare() raised it, outside capi's error tree (producers refused the event as
+    "could not be read as an event (ValueError)", naming no field), alone or beside a
+    schema problem."""
+    assert "source_url: must be an absolute http(s) URL" in refused(base(source_url=url))
+    message = refused(base(source_url=url, action_source="webb"))
+    assert "action_source: must be one of" in message, message
+    assert "source_url: must be an absolute http(s) URL" in message, message
+
+
 def test_non_object_is_refused() -> None:
     assert "must be a JSON object" in refused(["not", "an", "event"])
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from capi.errors import ConfigError
-from capi.metrics import Metrics, serve
+from capi.metrics import UNDER_WAY, Metrics, serve
 from capi.sandbox import SandboxThread
 from tests.helpers import make_settings
 from tests.test_worker_process import worker
@@ -62,3 +62,22 @@ def test_worker_with_a_taken_metrics_port_exits_in_one_line(
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3, output
     assert "CAPI_METRICS_PORT" in output and "Traceback" not in output
+
+
+def test_readiness_names_the_destinations_whose_check_waits_not_every_one_under_way() -> None:
+    """A worker serving one destination while its others' startup checks are only under
+    way answered /readyz "ok, but d0: key check under way, d1: ..." for every one of them
+    (8 KB for 300, and on for a thousand): readiness names those that wait on something
+    (an endpoint that does not answer), at most ten of them."""
+    metrics = Metrics()
+    metrics.redis_answered()
+    metrics.for_destination("a").key_ok.set(1)
+    for i in range(300):
+        metrics.starting_for(f"d{i}", UNDER_WAY)
+    assert metrics.ready() == (True, "ok")
+    for i in range(12):
+        metrics.starting_for(f"w{i}", "key check waiting for the endpoint (503)")
+    ok, why = metrics.ready()
+    assert ok and why.startswith("ok, but w0: key check waiting for the endpoint (503), "), why
+    assert "under way" not in why and "w9:" in why and "w10:" not in why, why
+    assert why.endswith("and 2 more waiting"), why

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -160,6 +162,45 @@ def test_after_a_switchover_writes_go_to_the_new_master_before_the_old_one_is_de
         asyncio.run(asyncio.wait_for(go(), 90))
         with new.client() as c:
             assert c.xlen("capi:events") == 4
+
+
+def test_silent_sentinels_do_not_stall_calls_to_a_master_that_answers(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """The pools' look at the sentinels every MASTER_CHECK_S does not hold up the call
+    that takes a connection for longer than MASTER_CHECK_WAIT_S: with every sentinel
+    frozen (their hosts lost, say) and the master answering, an enqueue waited for each
+    sentinel's CAPI_REDIS_TIMEOUT_S in turn (3 x 2 s here, 3 x 5 s by default), once a
+    second, where it took milliseconds before the pools looked again."""
+    with SentinelSet(tmp_path / "s", replicas=1) as found:
+        settings = sentinel_settings(sandbox, found, redis_timeout_s=2.0)
+        worst = {"async": 0.0, "sync": 0.0}
+
+        async def go() -> None:
+            async with Producer.from_settings(settings) as producer:
+                with SyncProducer.from_settings(settings) as sync_producer:
+                    assert await producer.enqueue(events(1)[0])
+                    assert sync_producer.enqueue(events(1, start=1)[0])
+                    for proc in found.sentinel_procs:
+                        os.kill(proc.pid, signal.SIGSTOP)
+                    try:
+                        until = time.monotonic() + 2.5  # two looks due, at least
+                        i = 2
+                        while time.monotonic() < until:
+                            t = time.monotonic()
+                            assert await producer.enqueue(events(1, start=i)[0])
+                            worst["async"] = max(worst["async"], time.monotonic() - t)
+                            t = time.monotonic()
+                            assert sync_producer.enqueue(events(1, start=i + 1)[0])
+                            worst["sync"] = max(worst["sync"], time.monotonic() - t)
+                            i += 2
+                            await asyncio.sleep(0.05)
+                    finally:
+                        for proc in found.sentinel_procs:
+                            os.kill(proc.pid, signal.SIGCONT)
+
+        asyncio.run(asyncio.wait_for(go(), 60))
+        assert worst["async"] < 1.5 and worst["sync"] < 1.5, worst
 
 
 def test_arqs_pool_finds_the_master_through_the_sentinels(

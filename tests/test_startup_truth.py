@@ -257,3 +257,37 @@ def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
         down.state.faults = []  # the endpoint answers: b's check passes, b is ok again
         wait_for(lambda: b_status()["key"]["state"] == "ok", 60, "b's key checked")
         wait_for(lambda: b_status()["endpoint"]["state"] == "ok", 30, "b's endpoint ok")
+
+
+def test_an_endpoint_that_answers_a_startup_check_with_a_key_refusal_is_not_left_failing(
+    redis_url: str, sandbox: SandboxThread, tmp_path: Any, procs: list[subprocess.Popen[str]]
+) -> None:
+    """b's endpoint answers 503 to its startup key check (marked failing), then answers, but
+    refuses the key (missing scope): b is held, and the endpoint answered. capi status kept
+    saying "endpoint: failing since ... (503)" for as long as the hold lasted (a held
+    destination does not probe its endpoint), sending the operator after the wrong thing."""
+    with SandboxThread() as down:
+        down.state.faults = [Fault("server_error", every=1, status=503)]
+        path = tmp_path / "destinations.toml"
+        path.write_text(
+            f'[destinations.a]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n\n'
+            f'[destinations.b]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n'
+            f'base_url = "{down.url}"\n'
+        )
+        settings = make_settings(sandbox, redis_url, destinations_file=path)
+        key = settings.api_key.get_secret_value() if settings.api_key else ""
+        env = {**cli_env(settings), "CAPI_DESTINATIONS_FILE": str(path), "CAPI_KEY_A": key}
+        procs.append(start_worker(settings, CAPI_KEY_A=key))
+
+        def b_status() -> dict[str, Any]:
+            result = CliRunner().invoke(cli, ["status", "--json"], env=env)
+            assert result.exit_code == 0, result.output
+            found: dict[str, Any] = json.loads(result.output)["destinations"]["b"]
+            return found
+
+        wait_for(lambda: b_status()["endpoint"]["state"] == "failing", 30, "b's endpoint failing")
+        down.state.conversion_keys.discard(key)  # the endpoint answers: the key lacks scope
+        down.state.scopeless_keys.add(key)
+        down.state.faults = []
+        wait_for(lambda: b_status()["key"]["state"] == "held", 30, "b held")
+        wait_for(lambda: b_status()["endpoint"]["state"] == "ok", 10, "b's endpoint ok")

@@ -119,7 +119,7 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
     if len(chosen) == 1:
         _report_one(results[0], chosen[0].base_url, as_json, holds.get(chosen[0].name))
         if not as_json:
-            _say_holds(holds)
+            _say_holds(holds, several=len(configured) > 1)
         return
     failed = [r for r in results if not r.ok]
     if as_json:
@@ -138,7 +138,7 @@ def check_key_command(ctx: click.Context, as_json: bool, destination: str | None
             verdict = "OK" if r.ok else f"FAILED: {r.error.reason.value if r.error else '?'}"
             table.add_row(Text(d.name), Text(d.pixel_id), Text(r.key_fingerprint), verdict)
         out.print(table)
-        _say_holds(holds)
+        _say_holds(holds, several=len(configured) > 1)
         for d, r in zip(chosen, results, strict=True):
             if not r.ok and r.diagnosis is not None:
                 err.print(f"\ndestination {d.name}:\n{r.diagnosis.text}", markup=False)
@@ -216,10 +216,13 @@ async def _release_holds(
     return found
 
 
-def _say_holds(holds: dict[str, _Hold]) -> None:
+def _say_holds(holds: dict[str, _Hold], *, several: bool = False) -> None:
+    """What became of each hold; ``several``: the deployment has more than one destination
+    (one of them may be named "default"), so a replay it suggests names its destination."""
     for name, hold in holds.items():
         if hold.what == "released":
-            only = "" if name == "default" else f"--destination {name} "  # not every one's
+            alone = name == destinations.DEFAULT_NAME and not several
+            only = "" if alone else f"--destination {name} "  # not every one's
             then = (
                 "replay what was dead-lettered meanwhile: capi dead-letters replay "
                 f"{only}--reason {hold.reason}"

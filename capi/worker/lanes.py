@@ -40,13 +40,12 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.clock import LIVENESS_S, Clock
-from capi.metrics import Metrics
+from capi.metrics import UNDER_WAY, Metrics
 from capi.queue import Queue
 from capi.settings import Settings
 from capi.trouble import Trouble
 from capi.worker.housekeeping import Housekeeping
 from capi.worker.sender import Sender
-from capi.worker.startup import UNDER_WAY
 
 log = logging.getLogger("capi.lanes")
 

@@ -48,12 +48,12 @@ from capi.clock import HEARTBEAT_S
 from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed, SendError
 from capi.keycheck import KeyCheck
-from capi.metrics import Metrics, serve
+from capi.metrics import UNDER_WAY, Metrics, serve
 from capi.settings import Settings
 from capi.worker import decisions
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
-from capi.worker.startup import UNDER_WAY, StartupWatch
+from capi.worker.startup import StartupWatch
 
 log = logging.getLogger("capi.worker")
 
@@ -135,6 +135,8 @@ async def _checked(
                 )
                 return sender
             assert result.error is not None and result.diagnosis is not None
+            if not decisions.fate(result.error.reason).endpoint_down:
+                await _endpoint_answers(sender)  # it answered (a key refused, say)
             if not result.error.retryable:
                 if not hold_if_broken:
                     await sender.aclose()
@@ -175,8 +177,10 @@ async def _endpoint_fails(sender: Sender, error: SendError) -> None:
 
 
 async def _endpoint_answers(sender: Sender) -> None:
-    """The startup key check was answered: a failing mark (its own, or one a stopped
-    worker left) ends, as after a delivery."""
+    """The endpoint answered the startup key check (its key passed, or was refused: any
+    answer but a failure of the endpoint itself, as :meth:`Sender.probe_endpoint` takes
+    it): a failing mark (its own, or one a stopped worker left) ends, as after a
+    delivery (a held destination does not probe its endpoint)."""
     with contextlib.suppress(redis.exceptions.RedisError):
         if await sender.queue.endpoint_marked_failing():
             await sender.queue.endpoint_answered(clock.now_ms())

@@ -21,16 +21,16 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.constants import RedisKeys
-from capi.metrics import Metrics
+from capi.metrics import UNDER_WAY, Metrics
 from capi.queue import Queue
 
 log = logging.getLogger("capi.worker")
 
 EVERY_S = 1.0
-# What a destination's start waits for before its first check has answered. A worker whose
-# checks are only under way does not heartbeat yet: one that heartbeats has started, or
-# waits for something it names (the endpoint, Redis).
-UNDER_WAY = "key check under way"
+# UNDER_WAY (capi.metrics, which readiness reads): what a destination's start waits for
+# before its first check has answered. A worker whose checks are only under way does not
+# heartbeat yet: one that heartbeats has started, or waits for something it names (the
+# endpoint, Redis).
 # Destinations whose gauges are read per beat, in turn (a thousand may be starting).
 GAUGES_SLICE = 50
 

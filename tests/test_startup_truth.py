@@ -4,6 +4,8 @@ not an empty queue); a key problem being confirmed shows as such, not as uncheck
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -210,13 +212,27 @@ def test_a_restarted_worker_ends_the_failing_state_its_predecessor_left(
     wait_for(lambda: status(settings)["endpoint"]["state"] == "ok", 60, "capi status: endpoint ok")
 
 
-def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
-    redis_url: str, sandbox: SandboxThread, tmp_path: Any, procs: list[subprocess.Popen[str]]
-) -> None:
-    """Two destinations; b's endpoint answers 503 from the start, so b's startup key check
-    waits while a is served. capi status and capi destinations said b's endpoint was "ok
-    (last delivery none yet)" (the worker, serving a, was not "starting"), and nothing but
-    the worker's log said b could not be reached (a base_url typo on day one)."""
+@dataclasses.dataclass
+class BDown:
+    """Destinations a and b with one key; b's endpoint (``down``) answers 503 to everything
+    until told otherwise, and a worker serves both."""
+
+    down: SandboxThread
+    settings: Settings
+    env: dict[str, str]
+    key: str
+
+    def b_status(self) -> dict[str, Any]:
+        result = CliRunner().invoke(cli, ["status", "--json"], env=self.env)
+        assert result.exit_code == 0, result.output
+        found: dict[str, Any] = json.loads(result.output)["destinations"]["b"]
+        return found
+
+
+@contextlib.contextmanager
+def b_down(
+    sandbox: SandboxThread, redis_url: str, tmp_path: Any, procs: list[Any], **overrides: Any
+) -> Iterator[BDown]:
     with SandboxThread() as down:
         down.state.faults = [Fault("server_error", every=1, status=503)]
         path = tmp_path / "destinations.toml"
@@ -225,19 +241,22 @@ def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
             f'[destinations.b]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n'
             f'base_url = "{down.url}"\n'
         )
-        settings = make_settings(
-            sandbox, redis_url, destinations_file=path, metrics_port=free_port()
-        )
+        settings = make_settings(sandbox, redis_url, destinations_file=path, **overrides)
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         env = {**cli_env(settings), "CAPI_DESTINATIONS_FILE": str(path), "CAPI_KEY_A": key}
         procs.append(start_worker(settings, CAPI_KEY_A=key))
+        yield BDown(down, settings, env, key)
 
-        def b_status() -> dict[str, Any]:
-            result = CliRunner().invoke(cli, ["status", "--json"], env=env)
-            assert result.exit_code == 0, result.output
-            found: dict[str, Any] = json.loads(result.output)["destinations"]["b"]
-            return found
 
+def test_a_destination_whose_endpoint_fails_its_startup_check_is_not_shown_ok(
+    redis_url: str, sandbox: SandboxThread, tmp_path: Any, procs: list[subprocess.Popen[str]]
+) -> None:
+    """Two destinations; b's endpoint answers 503 from the start, so b's startup key check
+    waits while a is served. capi status and capi destinations said b's endpoint was "ok
+    (last delivery none yet)" (the worker, serving a, was not "starting"), and nothing but
+    the worker's log said b could not be reached (a base_url typo on day one)."""
+    with b_down(sandbox, redis_url, tmp_path, procs, metrics_port=free_port()) as b:
+        down, settings, env, b_status = b.down, b.settings, b.env, b.b_status
         wait_for(lambda: b_status()["key"]["state"] == "unchecked", 30, "b still unchecked")
         wait_for(lambda: b_status()["endpoint"]["state"] == "failing", 30, "b's endpoint failing")
         assert "503" in b_status()["endpoint"]["last_error"], b_status()["endpoint"]
@@ -266,25 +285,8 @@ def test_an_endpoint_that_answers_a_startup_check_with_a_key_refusal_is_not_left
     refuses the key (missing scope): b is held, and the endpoint answered. capi status kept
     saying "endpoint: failing since ... (503)" for as long as the hold lasted (a held
     destination does not probe its endpoint), sending the operator after the wrong thing."""
-    with SandboxThread() as down:
-        down.state.faults = [Fault("server_error", every=1, status=503)]
-        path = tmp_path / "destinations.toml"
-        path.write_text(
-            f'[destinations.a]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n\n'
-            f'[destinations.b]\npixel_id = "{DEFAULT_PIXEL}"\napi_key_env = "CAPI_KEY_A"\n'
-            f'base_url = "{down.url}"\n'
-        )
-        settings = make_settings(sandbox, redis_url, destinations_file=path)
-        key = settings.api_key.get_secret_value() if settings.api_key else ""
-        env = {**cli_env(settings), "CAPI_DESTINATIONS_FILE": str(path), "CAPI_KEY_A": key}
-        procs.append(start_worker(settings, CAPI_KEY_A=key))
-
-        def b_status() -> dict[str, Any]:
-            result = CliRunner().invoke(cli, ["status", "--json"], env=env)
-            assert result.exit_code == 0, result.output
-            found: dict[str, Any] = json.loads(result.output)["destinations"]["b"]
-            return found
-
+    with b_down(sandbox, redis_url, tmp_path, procs) as b:
+        down, key, b_status = b.down, b.key, b.b_status
         wait_for(lambda: b_status()["endpoint"]["state"] == "failing", 30, "b's endpoint failing")
         down.state.conversion_keys.discard(key)  # the endpoint answers: the key lacks scope
         down.state.scopeless_keys.add(key)

@@ -125,8 +125,8 @@ async def _checked(
             metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
         else:
             sender.trouble.ok(sent=sent)
+            await _endpoint_seen(sender, None if result.ok else result.error)
             if result.ok:
-                await _endpoint_answers(sender)
                 log.info(
                     "destination %s: key %s can write events to pixel %s; sender starting",
                     name,
@@ -135,8 +135,6 @@ async def _checked(
                 )
                 return sender
             assert result.error is not None and result.diagnosis is not None
-            if not decisions.fate(result.error.reason).endpoint_down:
-                await _endpoint_answers(sender)  # it answered (a key refused, say)
             if not result.error.retryable:
                 if not hold_if_broken:
                     await sender.aclose()
@@ -151,7 +149,6 @@ async def _checked(
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
             metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
-            await _endpoint_fails(sender, result.error)
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",
@@ -165,24 +162,18 @@ async def _checked(
     return None
 
 
-async def _endpoint_fails(sender: Sender, error: SendError) -> None:
-    """Mark the endpoint failing when it did not answer the startup key check (5xx,
-    network): while the other destinations are served, the worker is not "starting", and
-    ``capi status`` would otherwise call this endpoint "ok". Best effort: Redis in trouble
-    is said by the next check."""
-    if not decisions.fate(error.reason).endpoint_down:
-        return
+async def _endpoint_seen(sender: Sender, error: SendError | None) -> None:
+    """What the startup key check says of the endpoint, in Redis. It did not answer (5xx,
+    network): marked failing, since while the other destinations are served the worker is
+    not "starting" and ``capi status`` would otherwise call it "ok". It answered (the key
+    passed, or was refused: any answer but a failure of the endpoint itself, as
+    :meth:`Sender.probe_endpoint` takes it): a failing mark (its own, or one a stopped
+    worker left) ends, as after a delivery (a held destination does not probe its
+    endpoint). Best effort: Redis in trouble is said by the next check."""
     with contextlib.suppress(redis.exceptions.RedisError):
-        await sender.queue.endpoint_failed(clock.now_ms(), str(error)[:300])
-
-
-async def _endpoint_answers(sender: Sender) -> None:
-    """The endpoint answered the startup key check (its key passed, or was refused: any
-    answer but a failure of the endpoint itself, as :meth:`Sender.probe_endpoint` takes
-    it): a failing mark (its own, or one a stopped worker left) ends, as after a
-    delivery (a held destination does not probe its endpoint)."""
-    with contextlib.suppress(redis.exceptions.RedisError):
-        if await sender.queue.endpoint_marked_failing():
+        if error is not None and decisions.fate(error.reason).endpoint_down:
+            await sender.queue.endpoint_failed(clock.now_ms(), str(error)[:300])
+        elif await sender.queue.endpoint_marked_failing():
             await sender.queue.endpoint_answered(clock.now_ms())
 
 

@@ -38,7 +38,7 @@ from capi.failures import Reason
 # What a destination's start waits for before its first check has answered (see
 # capi.worker.startup); readiness names only the checks that wait on something else.
 UNDER_WAY = "key check under way"
-# At most this many waiting checks named in /readyz's answer.
+# At most this many waiting checks named in /readyz's answer and a worker's status line.
 WAITS_SAID = 10
 
 
@@ -149,6 +149,11 @@ class Metrics:
         """A destination's startup key check is under way, waiting for ``why``."""
         self.starting[name] = why
 
+    def waiting_starts(self) -> dict[str, str]:
+        """The destinations whose startup key check waits on something (an endpoint that
+        does not answer, Redis), not only under way: what each waits for."""
+        return {name: why for name, why in self.starting.items() if why != UNDER_WAY}
+
     def started(self, name: str) -> None:
         """A destination's startup key check is over (passed, held, refused or stopped)."""
         self.starting.pop(name, None)
@@ -196,7 +201,7 @@ class Metrics:
             return False, f"the endpoint is failing since {at} (see capi status)" + _which(failing)
         # A destination whose startup check waits (its endpoint does not answer) while the
         # others are served: ready, and said (at most ten; a check only under way is not).
-        waiting = [f"{n}: {why}" for n, why in starting.items() if why != UNDER_WAY]
+        waiting = [f"{n}: {why}" for n, why in self.waiting_starts().items()]
         waits = waiting[:WAITS_SAID]
         if len(waiting) > WAITS_SAID:
             waits.append(f"and {len(waiting) - WAITS_SAID} more waiting")

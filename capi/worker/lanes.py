@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from capi.clock import LIVENESS_S, Clock
-from capi.metrics import UNDER_WAY, Metrics
+from capi.metrics import WAITS_SAID, Metrics
 from capi.queue import Queue
 from capi.settings import Settings
 from capi.trouble import Trouble
@@ -306,12 +306,12 @@ class Lanes:
             return "starting", detail, ", ".join(starting) if len(starting) <= 5 else ""
         # Destinations still in their startup key check, waiting on something (an endpoint
         # that does not answer): named beside those served, not left unsaid.
-        waiting = {n: why for n, why in self.metrics.starting.items() if why != UNDER_WAY}
-        names = [s.destination.name for s in senders] + [n for n in waiting]
+        waiting = self.metrics.waiting_starts()
+        names = [s.destination.name for s in senders] + list(waiting)
         where = ", ".join(names) if len(names) <= 5 else f"{len(names)} destinations"
         if waiting:
             state, detail, _ = self._serving_state(senders, where)
-            starts = "; ".join(f"{n}: {why}" for n, why in list(waiting.items())[:10])
+            starts = "; ".join(f"{n}: {why}" for n, why in list(waiting.items())[:WAITS_SAID])
             return state, f"{detail}; {starts}" if detail else starts, where
         return self._serving_state(senders, where)
 

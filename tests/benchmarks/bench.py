@@ -678,6 +678,11 @@ def print_ratios(r: dict[str, Any]) -> None:
                 f"0.5: {verdict(i['vs_floor'] >= 0.5)}); {i['vs_before']:.1f}x the figure "
                 f"of when the issue was filed (target >= 2.5x: {verdict(i['vs_before'] >= 2.5)})"
             )
+            if i.get("bound") is not None:
+                print(
+                    f"  the bound (the least work a correct intake does) / the floor: "
+                    f"{i['bound']:.2f}: {i['best']['bound']:,} requests/s"
+                )
 
 
 def print_drain(r: dict[str, Any]) -> None:

@@ -2,8 +2,10 @@
 in-process Python producer on the same Redis (so the HTTP hop's cost shows).
 
 Starts its own redis-server (tests/redisproc.py), two ``capi serve`` processes (one with
-``CAPI_INTAKE_GROUP_EVENTS=0``: a Redis round trip per request, as before grouping), and the
-floor (tests/benchmarks/floor_server.py: the same server answering a fixed body); the load
+``CAPI_INTAKE_GROUP_EVENTS=0``: a Redis round trip per request, as before grouping), the
+floor (tests/benchmarks/floor_server.py: the same server answering a fixed body) and the
+bound (tests/benchmarks/bound_server.py: the same server doing only the work no correct
+intake can skip, so what is reachable at all shows beside the floor); the load
 generator runs here, on the same machine, over keep-alive HTTP/1.1 connections with a
 minimal asyncio client (an httpx client would be the bottleneck). Latency is measured from
 each request's scheduled start (open loop), so a stall is not hidden by sending less. The
@@ -25,6 +27,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +44,7 @@ from capi.producer import Producer
 from capi.settings import Settings
 from tests.conftest import free_port
 from tests.helpers import events, http_get, spawn, wait_for
-from tests.intake_helpers import TOKEN, start_intake
+from tests.intake_helpers import TOKEN, intake_env, start_intake
 from tests.redisproc import RedisProcess
 
 
@@ -268,13 +271,15 @@ def ratios(best: dict[str, int | None]) -> dict[str, Any]:
     """The single-event figures against the issue's targets, printed and returned: capi
     serve at least 2.5x the figure of when the issue was filed (:data:`BEFORE`; the same
     server without grouping, measured here too, has every other gain since) and at least
-    half the floor's, measured in this run."""
+    half the floor's, measured in this run; beside them, what the bound (the least work a
+    correct intake must do) reaches against the same floor."""
     capi, ungrouped, floor = best["capi"], best["ungrouped"], best["floor"]
+    bound = best.get("bound")
     print(
         f"most single-event requests/s with p99 under 10 ms: capi serve {capi}, the same "
-        f"without grouping {ungrouped}, floor {floor}"
+        f"without grouping {ungrouped}, the bound {bound}, floor {floor}"
     )
-    found: dict[str, Any] = {"best": best, "vs_before": None, "vs_floor": None}
+    found: dict[str, Any] = {"best": best, "vs_before": None, "vs_floor": None, "bound": None}
     if not capi or not floor:
         print("  no ratio: a server missed the lowest rate")
         return found
@@ -285,6 +290,12 @@ def ratios(best: dict[str, int | None]) -> dict[str, Any]:
         f"least (target >= 2.5x: {'met' if gain >= 2.5 else 'NOT met'}); capi / floor: "
         f"{share:.2f} (target >= 0.5: {'met' if share >= 0.5 else 'NOT met'})"
     )
+    if bound:
+        found["bound"] = round(bound / floor, 2)
+        print(
+            f"  the bound / floor: {bound / floor:.2f} (the most any intake doing the "
+            f"necessary work reaches here); capi / the bound: {capi / bound:.2f}"
+        )
     if ungrouped:
         print(f"  capi / without grouping: {capi / ungrouped:.2f}x")
     return found
@@ -308,7 +319,8 @@ async def saturated(port: int, pid: int, redis_url: str, n: int, tag: str) -> di
 
 
 async def saturation(ports: dict[str, tuple[int, int]], redis_url: str, seconds: float) -> None:
-    """Each server saturated, in turns (capi serve grouped, ungrouped, the floor; twice)."""
+    """Each server saturated, in turns (capi serve grouped, ungrouped, the floor, the bound;
+    twice)."""
     n = int(1000 * seconds)
     print(f"single-event requests, {n:,} over 32 connections as fast as answered:")
     for rnd in range(2):
@@ -389,34 +401,46 @@ def main() -> None:
 
 @contextlib.contextmanager
 def servers(server_workers: int = 1) -> Iterator[tuple[dict[str, tuple[int, int]], str]]:
-    """A redis-server, capi serve with and without grouping, and the floor server: each
-    one's port and pid by name (capi, ungrouped, floor), and Redis's URL."""
+    """A redis-server, capi serve with and without grouping, the floor server and the
+    bound (tests/benchmarks/bound_server.py): each one's port and pid by name (capi,
+    ungrouped, floor, bound), and Redis's URL."""
     with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)) as rp:
         workers = ("--workers", str(server_workers))
         server = start_intake(Path(tmp), rp.url, *workers)  # access logs on, as in production
         alone = start_intake(Path(tmp), rp.url, *workers, CAPI_INTAKE_GROUP_EVENTS="0")
-        floor_port = free_port()
-        floor = spawn([sys.executable, "-m", "tests.benchmarks.floor_server", str(floor_port)])
-        floor_url = f"http://127.0.0.1:{floor_port}/healthz"
+        others: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
         try:
-            wait_for(lambda: http_get(floor_url)[0] == 200, what="the floor server to answer")
+            for name, env in (("floor", {}), ("bound", {"BOUND_TOKEN": TOKEN})):
+                port = free_port()
+                proc = spawn(
+                    [sys.executable, "-m", f"tests.benchmarks.{name}_server", str(port)],
+                    env={**intake_env(rp.url), **env},
+                )
+                others[name] = (port, proc)
+                url = f"http://127.0.0.1:{port}/healthz"
+                wait_for(
+                    lambda p=proc, u=url: p.poll() is not None or http_get(u)[0] in (200, 401),
+                    what=f"the {name} server to answer",
+                )
+                assert proc.poll() is None, f"the {name} server exited"
             pids = {
                 name: (int(s.url.rsplit(":", 1)[1]), s.proc.pid)
                 for name, s in (("capi", server), ("ungrouped", alone))
             }
-            pids["floor"] = (floor_port, floor.pid)
+            pids.update({name: (port, proc.pid) for name, (port, proc) in others.items()})
             yield pids, rp.url
         finally:
             server.stop()
             alone.stop()
-            floor.terminate()
-            floor.wait(30)
+            for _, proc in others.values():
+                proc.terminate()
+                proc.wait(30)
 
 
 def single_event_ratios(seconds: float) -> dict[str, Any]:
     """The intake's per-core row for ``bench``: the most single-event requests/s with p99
-    under 10 ms of capi serve, of the same without grouping and of the floor, in turns,
-    and the ratios (printed as they come)."""
+    under 10 ms of capi serve, of the same without grouping, of the floor and of the bound,
+    in turns, and the ratios (printed as they come)."""
     with servers() as (pids, _):
         ports = {name: port for name, (port, _) in pids.items()}
         return ratios(uvloop.run(most_rates(ports, seconds)))

@@ -129,7 +129,8 @@ class Response:
 
 
 class QueueUnavailable(CapiError):
-    """Raised when Redis cannot be reached or does not answer in time at enqueue.
+    """Raised when Redis cannot be reached or does not answer in time at enqueue (or for
+    ``CAPI_REDIS_TIMEOUT_S`` while a burst worker drains).
 
     The message says whether the event may have been stored anyway (an answer lost after
     the call was sent, or a durability wait that did not confirm it), and so does

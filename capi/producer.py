@@ -50,7 +50,16 @@ from capi.queue import (
     lua,
     merged_enqueue_calls,
 )
-from capi.redisconn import async_node_client, brief, describe, is_cluster, settings_hint
+from capi.redisconn import (
+    CLUSTER_SETTINGS,
+    async_node_client,
+    brief,
+    cluster_of,
+    connection_kwargs,
+    describe,
+    is_cluster,
+    settings_hint,
+)
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -158,11 +167,24 @@ def _translated(client: Any) -> Iterator[None]:
             outcome = "the event was not queued, unless Redis went away during the call"
         else:
             outcome = "the event may not have been queued"
-        raise QueueUnavailable(
-            f"Redis at {_where(client)} could not be reached or did not answer within "
-            f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. Enqueueing it again is safe "
-            f"(the event id dedups). Check {settings_hint(client)}."
-        ) from None
+        raise _unreachable(_where(client), settings_hint(client), exc, outcome) from None
+
+
+def _unreachable(
+    where: str,
+    hint: str,
+    exc: Exception,
+    outcome: str,
+    *,
+    again: str = "Enqueueing it again is safe (the event id dedups)",
+    maybe_stored: bool = True,
+) -> QueueUnavailable:
+    """The error for a Redis that could not be reached or did not answer in time."""
+    return QueueUnavailable(
+        f"Redis at {where} could not be reached or did not answer within "
+        f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. {again}. Check {hint}.",
+        maybe_stored=maybe_stored,
+    )
 
 
 @contextlib.contextmanager
@@ -821,7 +843,23 @@ class SyncProducer(_BaseProducer):
 
     @staticmethod
     def _connect(settings: Settings) -> redis.Redis:
-        return settings.sync_redis()
+        """The settings' client. A cluster client reads the topology as it is made (the
+        others connect at their first call): no node answering raises what an enqueue
+        would, QueueUnavailable."""
+        try:
+            return settings.sync_redis()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            url = connection_kwargs(settings.redis_url, settings.redis_timeout_s)
+            nodes = [f"{url.get('host')}:{url.get('port', 6379)}"]
+            nodes += [f"{host}:{port}" for host, port in settings.cluster_nodes]
+            raise _unreachable(
+                cluster_of(nodes),
+                CLUSTER_SETTINGS,
+                exc,
+                "the producer could not be made, nothing was queued",
+                again="Make it again once a node of the cluster answers",
+                maybe_stored=False,
+            ) from None
 
     def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
         """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them;

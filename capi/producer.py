@@ -67,8 +67,10 @@ from capi.trouble import classify
 RawEvent = Mapping[str, Any] | Event
 Call = tuple[list[str], list[Any]]  # one enqueue script call: its keys and arguments
 # An event for the live-outcomes ring: (the ring's key, or "" for every target's; status,
-# refused or skipped; the rule; (id, type, kinds, timestamp_ms or 0)).
+# refused or skipped; the rule(s); (id, type, kinds, timestamp_ms or 0)).
 RingNote = tuple[str, str, str, tuple[str, str, list[str], int]]
+# How many of a refused event's broken rules its line in the ring names (then "and N more").
+RULES_SHOWN = 3
 log = logging.getLogger("capi.producer")
 _NO_RULES = Consent()
 _INDEX = re.compile(r"\[\d+\]")
@@ -1017,14 +1019,16 @@ async def _answer_or_refusal(call: Awaitable[Any]) -> Any:
 
 
 def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:
-    """A refused event as the ring shows it: its first broken rule, id, type and identifier
-    kinds (names only; ids cut short and made valid UTF-8, since they come from outside; a
-    type or custom event name only when a valid event could carry it; a timestamp only when
-    it is a plausible one)."""
+    """A refused event as the ring shows it: its broken rules (the first ``RULES_SHOWN``,
+    then how many more), id, type and identifier kinds (names only; ids cut short and made
+    valid UTF-8, since they come from outside; a type or custom event name only when a
+    valid event could carry it; a timestamp only when it is a plausible one)."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     if isinstance(raw, Event):
         data = raw.model_dump(exclude_none=True)
-    first = _text(kept_text(exc.problems[0]), 200) if exc.problems else "refused"
+    rules = "; ".join(_text(kept_text(p), 200) for p in exc.problems[:RULES_SHOWN])
+    if len(exc.problems) > RULES_SHOWN:
+        rules += f"; and {len(exc.problems) - RULES_SHOWN} more"
     try:
         event_id = _text(_str(data.get("id")), 128)
         custom = data.get("custom_event_name")
@@ -1034,7 +1038,7 @@ def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, 
     except Exception:  # a hostile Mapping: the refusal itself already says why
         event_id, kind, found, stamp = "?", "?", [], 0
     when = stamp if isinstance(stamp, int) and 0 <= stamp < 2**53 else 0
-    return first, (event_id, kind, found, when)
+    return rules or "refused", (event_id, kind, found, when)
 
 
 def _str(value: Any) -> str:

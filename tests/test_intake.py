@@ -589,6 +589,28 @@ def test_intake_token_prints_a_new_token_once_with_the_line_to_configure(
     assert for_b["config_line"] == f'intake_tokens_sha256 = ["{for_b["sha256"]}"]'
 
 
+def test_intake_token_warns_of_a_file_git_would_commit(tmp_path: Path, redis_url: str) -> None:
+    """--output into a checkout wrote the token where `git add .` picks it up, unsaid:
+    the documented name (intake-token.json) is git-ignored here, any other name was not."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("intake-token.json\n")
+    settings = Settings(_env_file=None, redis_url=redis_url)
+    exposed = capi(settings, "intake-token", "--output", str(repo / "client-token.json"))
+    assert exposed.returncode == 0, exposed.stderr
+    assert orjson.loads((repo / "client-token.json").read_bytes())["token"]
+    warning = [line for line in exposed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, exposed.stderr
+    assert "client-token.json is inside a git checkout and not git-ignored" in warning[0]
+    assert ".gitignore" in warning[0]
+    for quiet in (repo / "intake-token.json", tmp_path / "elsewhere.json"):
+        written = capi(settings, "intake-token", "--output", str(quiet))
+        assert written.returncode == 0 and "warning" not in written.stderr, written.stderr
+
+
 def test_serve_refuses_to_start_without_a_token(redis_url: str) -> None:
     result = capi(Settings(_env_file=None, redis_url=redis_url), "serve", "--port", "0")
     assert result.returncode == 3

@@ -69,7 +69,9 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     from capi.intake.app import Intake
 
     settings = settings_from(ctx)
-    grants = tokens.read_grants(settings)
+    # The intake reads them again and warns of ignored ones in its log; the error below
+    # says it when those were the only ones.
+    grants = tokens.read_grants(settings, warn=False)
     if not grants:
         path = destinations.source(settings)
         raise ConfigError(

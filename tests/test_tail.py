@@ -481,3 +481,18 @@ def test_an_intake_line_that_is_not_json_is_a_refused_line_saying_so(
     shown = capi(settings, "tail", "--json", "--status", "refused")
     [line] = [json.loads(t) for t in shown.stdout.splitlines()]
     assert line["reason"] == "(event): line 2 is not valid JSON", line
+
+
+def test_a_capi_enqueue_line_that_is_not_json_is_a_refused_line_too(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """capi enqueue refused such a line on its own, before the producer: capi tail, which
+    shows the intake's, never heard of it."""
+    settings = make_settings(sandbox, redis_url)
+    good = json.dumps(events(1, prefix="cli-")[0])
+    given = capi(settings, "enqueue", input=f"{good}\n{{not json\n")
+    assert given.returncode == 4, given.stderr
+    assert "line 2: event refused: (line): is not valid JSON" in given.stderr
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    [line] = [json.loads(t) for t in shown.stdout.splitlines()]
+    assert line["reason"].startswith("(line): is not valid JSON"), line

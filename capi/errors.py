@@ -77,13 +77,15 @@ class Problem:
             return f"{self.parent}: has a key that {self.rule}"
         kept = ""
         for part in _PARTS.findall(self.path):
-            if not (part.startswith("[") or part.lstrip(".") in fields or part == "(event)"):
+            if not (part.startswith("[") or part.lstrip(".") in fields or part in _OWN_PLACES):
                 return f"{kept or '(event)'}: under a key of the event's own, {self.rule}"
             kept += part
         return str(self)
 
 
 _PARTS = re.compile(r"\[\d+\]|\.?[^.\[]+")
+# capi's own names of a problem's place that are no field: the whole event, an input line.
+_OWN_PLACES = ("(event)", "(line)")
 
 
 class EventRejected(CapiError, ValueError):
@@ -129,7 +131,8 @@ class Response:
 
 
 class QueueUnavailable(CapiError):
-    """Raised when Redis cannot be reached or does not answer in time at enqueue.
+    """Raised when Redis cannot be reached or does not answer in time at enqueue (or for
+    ``CAPI_REDIS_TIMEOUT_S`` while a burst worker drains).
 
     The message says whether the event may have been stored anyway (an answer lost after
     the call was sent, or a durability wait that did not confirm it), and so does

@@ -102,11 +102,13 @@ class PreparedEvent:
 
 @dataclass(frozen=True, slots=True)
 class Unreadable:
-    """Input that is no JSON value at all (an NDJSON line of the intake that does not
-    parse): :func:`prepare` refuses it with ``rule``, which says why, so the refusal (and
-    the live-outcomes ring) names the line rather than a stand-in."""
+    """Input that is no JSON value at all (an NDJSON line of the intake or of ``capi
+    enqueue`` that does not parse): :func:`prepare` refuses it with ``rule``, which says
+    why, at ``path``, so the refusal (and the live-outcomes ring) names the line rather
+    than a stand-in."""
 
     rule: str
+    path: str = "(event)"
 
 
 def prepare(
@@ -178,7 +180,7 @@ def _careful(
     elif isinstance(raw, schema.Event):
         raw = raw.model_dump(mode="json", exclude_none=True)
     elif isinstance(raw, Unreadable):
-        raise EventRejected([Problem("(event)", raw.rule)])
+        raise EventRejected([Problem(raw.path, raw.rule)])
     elif not isinstance(raw, Mapping):
         raise EventRejected([Problem("(event)", f"must be a JSON object, got {_kind(raw)}")])
     try:

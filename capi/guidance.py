@@ -152,11 +152,15 @@ def _fp(err: SendError | None) -> str:
 def _status(err: SendError | None) -> str:
     if err is None:
         return ""
-    bits = [f"HTTP {err.status}" if err.status else "no HTTP response"]
+    said = err.response.message[:300]
+    if not err.status:  # nothing answered: the message is capi's account of the failure
+        return f" [no answer from the endpoint: {said!r}]" if said else " [no HTTP response]"
+    bits = [f"HTTP {err.status}"]
     if err.request_id:
         bits.append(f"request id {err.request_id}")
-    if err.response.message:
-        bits.append(f"API said: {err.response.message[:300]!r}")
+    if said:
+        who = "API said" if _the_apis_format(err) else "the endpoint answered"
+        bits.append(f"{who}: {said!r}")
     return " [" + "; ".join(bits) + "]"
 
 

@@ -50,7 +50,16 @@ from capi.queue import (
     lua,
     merged_enqueue_calls,
 )
-from capi.redisconn import async_node_client, brief, describe, is_cluster, settings_hint
+from capi.redisconn import (
+    CLUSTER_SETTINGS,
+    async_node_client,
+    brief,
+    cluster_of,
+    connection_kwargs,
+    describe,
+    is_cluster,
+    settings_hint,
+)
 from capi.schema import Event
 from capi.settings import Settings
 from capi.trouble import classify
@@ -58,8 +67,10 @@ from capi.trouble import classify
 RawEvent = Mapping[str, Any] | Event
 Call = tuple[list[str], list[Any]]  # one enqueue script call: its keys and arguments
 # An event for the live-outcomes ring: (the ring's key, or "" for every target's; status,
-# refused or skipped; the rule; (id, type, kinds, timestamp_ms or 0)).
+# refused or skipped; the rule(s); (id, type, kinds, timestamp_ms or 0)).
 RingNote = tuple[str, str, str, tuple[str, str, list[str], int]]
+# How many of a refused event's broken rules its line in the ring names (then "and N more").
+RULES_SHOWN = 3
 log = logging.getLogger("capi.producer")
 _NO_RULES = Consent()
 _INDEX = re.compile(r"\[\d+\]")
@@ -158,11 +169,24 @@ def _translated(client: Any) -> Iterator[None]:
             outcome = "the event was not queued, unless Redis went away during the call"
         else:
             outcome = "the event may not have been queued"
-        raise QueueUnavailable(
-            f"Redis at {_where(client)} could not be reached or did not answer within "
-            f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. Enqueueing it again is safe "
-            f"(the event id dedups). Check {settings_hint(client)}."
-        ) from None
+        raise _unreachable(_where(client), settings_hint(client), exc, outcome) from None
+
+
+def _unreachable(
+    where: str,
+    hint: str,
+    exc: Exception,
+    outcome: str,
+    *,
+    again: str = "Enqueueing it again is safe (the event id dedups)",
+    maybe_stored: bool = True,
+) -> QueueUnavailable:
+    """The error for a Redis that could not be reached or did not answer in time."""
+    return QueueUnavailable(
+        f"Redis at {where} could not be reached or did not answer within "
+        f"CAPI_REDIS_TIMEOUT_S ({brief(exc)}); {outcome}. {again}. Check {hint}.",
+        maybe_stored=maybe_stored,
+    )
 
 
 @contextlib.contextmanager
@@ -821,7 +845,23 @@ class SyncProducer(_BaseProducer):
 
     @staticmethod
     def _connect(settings: Settings) -> redis.Redis:
-        return settings.sync_redis()
+        """The settings' client. A cluster client reads the topology as it is made (the
+        others connect at their first call): no node answering raises what an enqueue
+        would, QueueUnavailable."""
+        try:
+            return settings.sync_redis()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            url = connection_kwargs(settings.redis_url, settings.redis_timeout_s)
+            nodes = [f"{url.get('host')}:{url.get('port', 6379)}"]
+            nodes += [f"{host}:{port}" for host, port in settings.cluster_nodes]
+            raise _unreachable(
+                cluster_of(nodes),
+                CLUSTER_SETTINGS,
+                exc,
+                "the producer could not be made, nothing was queued",
+                again="Make it again once a node of the cluster answers",
+                maybe_stored=False,
+            ) from None
 
     def _run(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[int]]:
         """Run enqueue script calls; under ``aof`` or ``replica`` with the wait after them;
@@ -979,14 +1019,16 @@ async def _answer_or_refusal(call: Awaitable[Any]) -> Any:
 
 
 def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, list[str], int]]:
-    """A refused event as the ring shows it: its first broken rule, id, type and identifier
-    kinds (names only; ids cut short and made valid UTF-8, since they come from outside; a
-    type or custom event name only when a valid event could carry it; a timestamp only when
-    it is a plausible one)."""
+    """A refused event as the ring shows it: its broken rules (the first ``RULES_SHOWN``,
+    then how many more), id, type and identifier kinds (names only; ids cut short and made
+    valid UTF-8, since they come from outside; a type or custom event name only when a
+    valid event could carry it; a timestamp only when it is a plausible one)."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     if isinstance(raw, Event):
         data = raw.model_dump(exclude_none=True)
-    first = _text(kept_text(exc.problems[0]), 200) if exc.problems else "refused"
+    rules = "; ".join(_text(kept_text(p), 200) for p in exc.problems[:RULES_SHOWN])
+    if len(exc.problems) > RULES_SHOWN:
+        rules += f"; and {len(exc.problems) - RULES_SHOWN} more"
     try:
         event_id = _text(_str(data.get("id")), 128)
         custom = data.get("custom_event_name")
@@ -996,7 +1038,7 @@ def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, 
     except Exception:  # a hostile Mapping: the refusal itself already says why
         event_id, kind, found, stamp = "?", "?", [], 0
     when = stamp if isinstance(stamp, int) and 0 <= stamp < 2**53 else 0
-    return first, (event_id, kind, found, when)
+    return rules or "refused", (event_id, kind, found, when)
 
 
 def _str(value: Any) -> str:

@@ -40,7 +40,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -302,8 +302,7 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
     sentinels' master (with its address when known), or the cluster of a node."""
     if is_cluster(client):
         nodes: Any = client
-        start = ",".join(sorted(nodes.nodes_manager.startup_nodes))
-        return f"the Redis Cluster of {start}"
+        return cluster_of(nodes.nodes_manager.startup_nodes)
     pool = client.connection_pool
     if isinstance(pool, _SENTINEL_POOLS):
         manager = pool.sentinel_manager
@@ -321,10 +320,20 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', 6379)}"
 
 
+def cluster_of(nodes: Iterable[str]) -> str:
+    """A cluster for messages, by the ``host:port`` of the nodes it was started from."""
+    return f"the Redis Cluster of {','.join(sorted(nodes))}"
+
+
+CLUSTER_SETTINGS = (
+    "CAPI_REDIS_URL, CAPI_REDIS_CLUSTER_NODES (nodes of the cluster), CAPI_REDIS_CLUSTER"
+)
+
+
 def settings_hint(client: redis.Redis | aioredis.Redis) -> str:
     """The settings that say where a client's Redis is, for "check ..." in messages."""
     if is_cluster(client):
-        return "CAPI_REDIS_URL, CAPI_REDIS_CLUSTER_NODES (nodes of the cluster), CAPI_REDIS_CLUSTER"
+        return CLUSTER_SETTINGS
     if isinstance(client.connection_pool, _SENTINEL_POOLS):
         return "CAPI_REDIS_SENTINELS and CAPI_REDIS_SENTINEL_MASTER"
     return "CAPI_REDIS_URL"

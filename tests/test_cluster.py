@@ -42,6 +42,7 @@ from capi.sandbox.state import DEFAULT_KEY, DEFAULT_PIXEL, Fault
 from capi.settings import Settings
 from capi.status import overview
 from tests.clusterproc import ClusterSet, cluster_settings
+from tests.conftest import free_port
 from tests.console_helpers import httpx_get, new_tokens, start_console
 from tests.helpers import _plain as plain_settings
 from tests.helpers import capi, events, http_get, spawn, start_worker, stop_worker, wait_for
@@ -512,6 +513,29 @@ def test_cluster_settings_that_cannot_work_are_refused(
     values = {"redis_url": "redis://127.0.0.1:7000/0", "redis_cluster": True, **overrides}
     with pytest.raises(ConfigError, match=re.escape(says)):
         Settings.load(os.devnull, **values)
+
+
+def test_a_producer_with_no_cluster_node_reachable_gets_queue_unavailable() -> None:
+    """As without a cluster (tests/test_producer.py): capi's own error, saying where and
+    what to check, not redis-py's ConnectionError (the sync client reads the topology when
+    it is made, so that is where it came from)."""
+    port = free_port()  # nothing listens there
+    settings = Settings.load(
+        os.devnull, redis_url=f"redis://127.0.0.1:{port}/0", redis_cluster=True, redis_timeout_s=1
+    )
+    says = rf"127\.0\.0\.1:{port}.*not queued.*CAPI_REDIS_CLUSTER_NODES"
+    with (
+        pytest.raises(QueueUnavailable, match=says.replace("not queued", "nothing was queued")),
+        SyncProducer.from_settings(settings) as producer,
+    ):
+        producer.enqueue(events(1)[0])
+
+    async def enqueue_async() -> None:
+        async with Producer.from_settings(settings) as producer:
+            await producer.enqueue(events(1)[0])
+
+    with pytest.raises(QueueUnavailable, match=says):
+        asyncio.run(enqueue_async())
 
 
 def test_arq_refuses_a_cluster_and_names_capi_worker() -> None:

@@ -229,6 +229,17 @@ def test_env_tokens_beside_a_destinations_file_are_said_to_grant_nothing(
     assert f"no intake token is granted in the destinations file {path}" in refused.stderr
 
 
+def test_capi_serve_says_once_that_env_tokens_grant_nothing(tmp_path: Path, redis_url: str) -> None:
+    """The warning came twice at start: from the command's check that some token is
+    granted, and from the intake reading its grants."""
+    path = tmp_path / "destinations.toml"
+    write_destinations(path)
+    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    assert server.post(events(1, prefix="a-"), token=TOKENS["a"]).status_code == 200
+    said = server.stop()
+    assert said.count("CAPI_INTAKE_TOKENS_SHA256 grants nothing") == 1, said
+
+
 @pytest.mark.parametrize(
     "header",
     [None, "Bearer wrong-token", "Basic " + TOKEN, "Bearer", TOKEN, "Bearer sk-conv-key-0001"],
@@ -587,6 +598,28 @@ def test_intake_token_prints_a_new_token_once_with_the_line_to_configure(
     assert unknown.returncode == 2 and "the destinations are: a, b" in unknown.stderr
     for_b = orjson.loads(capi(multi, "intake-token", "--destination", "b", "--json").stdout)
     assert for_b["config_line"] == f'intake_tokens_sha256 = ["{for_b["sha256"]}"]'
+
+
+def test_intake_token_warns_of_a_file_git_would_commit(tmp_path: Path, redis_url: str) -> None:
+    """--output into a checkout wrote the token where `git add .` picks it up, unsaid:
+    the documented name (intake-token.json) is git-ignored here, any other name was not."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "shop"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("intake-token.json\n")
+    settings = Settings(_env_file=None, redis_url=redis_url)
+    exposed = capi(settings, "intake-token", "--output", str(repo / "client-token.json"))
+    assert exposed.returncode == 0, exposed.stderr
+    assert orjson.loads((repo / "client-token.json").read_bytes())["token"]
+    warning = [line for line in exposed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, exposed.stderr
+    assert "client-token.json is inside a git checkout and not git-ignored" in warning[0]
+    assert ".gitignore" in warning[0]
+    for quiet in (repo / "intake-token.json", tmp_path / "elsewhere.json"):
+        written = capi(settings, "intake-token", "--output", str(quiet))
+        assert written.returncode == 0 and "warning" not in written.stderr, written.stderr
 
 
 def test_serve_refuses_to_start_without_a_token(redis_url: str) -> None:

@@ -80,6 +80,9 @@ def test_unreachable_endpoint(capi_env: dict[str, str], monkeypatch: pytest.Monk
     code, output = run_check(monkeypatch, CAPI_BASE_URL=f"http://127.0.0.1:{port}")
     assert code == ExitCode.UNREACHABLE
     assert "could not be reached" in output
+    # Nothing answered: the diagnosis said "API said: 'ConnectError: ...'".
+    assert "API said" not in output, output
+    assert "[no answer from the endpoint: 'ConnectError: All connection attempts" in output
 
 
 def test_intermittent_scope_failure_does_not_fail_the_check(

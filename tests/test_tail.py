@@ -270,6 +270,29 @@ def test_an_event_refused_by_enqueue_is_a_refused_line(
     assert all("timestamp_ms" in line["reason"] for line in lines.values()), lines
 
 
+def test_a_refused_line_names_every_broken_rule_up_to_a_few(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """capi tail showed only the first of an event's problems: an operator fixed it, sent
+    again, and met the next one."""
+    settings = make_settings(sandbox, redis_url)
+    good = events(1, prefix="two-")[0]
+    two = {**good, "timestamp_ms": "yesterday", "action_source": "fax"}
+    many = {k: v for k, v in good.items() if k not in ("timestamp_ms", "action_source")}
+    many = {**many, "id": "many-0", "type": "nonsense", "extra1": 1, "extra2": 2, "extra3": 3}
+    with SyncProducer.from_settings(settings) as producer:
+        report = producer.enqueue_many([two, many])
+    told = {i: exc.problems for i, exc in report.refused}
+    assert len(told[0]) == 2 and len(told[1]) > 4, told
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    lines = {json.loads(t)["id"]: json.loads(t)["reason"] for t in shown.stdout.splitlines()}
+    assert "timestamp_ms" in lines[two["id"]] and "action_source" in lines[two["id"]], lines
+    assert "more" not in lines[two["id"]]
+    assert lines["many-0"].endswith(f"and {len(told[1]) - 3} more"), lines
+    text = capi(settings, "tail", "--status", "refused").stdout
+    assert "action_source" in text and f"and {len(told[1]) - 3} more" in text, text
+
+
 def test_the_ring_names_no_key_the_client_made_up(redis_url: str, sandbox: SandboxThread) -> None:
     """A refusal under a key of the event's own (an email address used as a key) kept that
     key in Redis, in the ring's reason."""
@@ -458,3 +481,18 @@ def test_an_intake_line_that_is_not_json_is_a_refused_line_saying_so(
     shown = capi(settings, "tail", "--json", "--status", "refused")
     [line] = [json.loads(t) for t in shown.stdout.splitlines()]
     assert line["reason"] == "(event): line 2 is not valid JSON", line
+
+
+def test_a_capi_enqueue_line_that_is_not_json_is_a_refused_line_too(
+    redis_url: str, sandbox: SandboxThread
+) -> None:
+    """capi enqueue refused such a line on its own, before the producer: capi tail, which
+    shows the intake's, never heard of it."""
+    settings = make_settings(sandbox, redis_url)
+    good = json.dumps(events(1, prefix="cli-")[0])
+    given = capi(settings, "enqueue", input=f"{good}\n{{not json\n")
+    assert given.returncode == 4, given.stderr
+    assert "line 2: event refused: (line): is not valid JSON" in given.stderr
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    [line] = [json.loads(t) for t in shown.stdout.splitlines()]
+    assert line["reason"].startswith("(line): is not valid JSON"), line

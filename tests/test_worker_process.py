@@ -12,6 +12,7 @@ import redis
 
 from capi.sandbox import Fault, SandboxThread
 from capi.sandbox.state import DEFAULT_SCOPELESS_KEY
+from tests.conftest import free_port
 from tests.helpers import (
     _plain,
     dead_letters,
@@ -119,6 +120,26 @@ def test_a_clean_burst_exit_says_so_without_alarm(redis_url: str, sandbox: Sandb
     assert proc.returncode == 0, output
     assert "burst: nothing queued" in output
     assert "SIGUSR1" not in output and "ongoing to cancel" not in output
+
+
+def test_a_burst_worker_gives_up_on_a_redis_nobody_listens_at(sandbox: SandboxThread) -> None:
+    """A burst (drain and exit, from cron or a deploy step) does not wait for Redis forever:
+    it gives up after CAPI_REDIS_TIMEOUT_S, saying where it looked, and exits 5 (REDIS)."""
+    port = free_port()  # nothing listens there
+    settings = make_settings(sandbox, f"redis://127.0.0.1:{port}/0", redis_timeout_s=1)
+    proc = worker(settings, "--burst")
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"still waiting after 60 s; its output:\n{output}") from None
+    assert proc.returncode == 5, output
+    assert "Traceback" not in output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: Redis at 127.0.0.1:{port} "), output
+    assert "--burst gave up after 1 s" in last and "CAPI_REDIS_URL" in last
+    assert "queued events stay queued" in last
 
 
 def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThread) -> None:

@@ -14,7 +14,12 @@ from capi.exitcodes import for_reason
 
 
 @cli.command("worker")
-@click.option("--burst", is_flag=True, help="Exit once nothing is queued, in flight or scheduled.")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Exit once nothing is queued, in flight or scheduled (exit 5 once Redis has not "
+    "answered for CAPI_REDIS_TIMEOUT_S).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--log-json", is_flag=True, help="JSON log lines (or CAPI_LOG_FORMAT=json).")
 @click.option(
@@ -43,7 +48,8 @@ def worker_command(
     or pixel is confirmed broken (15: the endpoint answers in a way capi does not
     recognise); queued events stay queued. An endpoint that fails
     transiently, or a Redis that is away, full or read-only, is waited out: the worker
-    never stops by itself. SIGTERM stops it gracefully.
+    never stops by itself (but with --burst, a Redis that does not answer for
+    CAPI_REDIS_TIMEOUT_S ends it: exit 5). SIGTERM stops it gracefully.
     Run as many as you like, on as many machines, against one Redis.
 
     \b

@@ -8,8 +8,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -67,7 +69,9 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     from capi.intake.app import Intake
 
     settings = settings_from(ctx)
-    grants = tokens.read_grants(settings)
+    # The intake reads them again and warns of ignored ones in its log; the error below
+    # says it when those were the only ones.
+    grants = tokens.read_grants(settings, warn=False)
     if not grants:
         path = destinations.source(settings)
         raise ConfigError(
@@ -268,6 +272,13 @@ def intake_token_command(
     if output is not None:
         output.write(orjson.dumps(data) + b"\n")
         out.print(f"token for {destination!r} written to {output.name} (mode 0600)", markup=False)
+        if _git_would_offer(output.name):
+            err.print(
+                f"warning: {output.name} is inside a git checkout and not git-ignored; it holds "
+                "the token: add its name to .gitignore or move it out of the checkout, and "
+                "never commit it",
+                markup=False,
+            )
     elif as_json:
         print_json(data)
     else:
@@ -280,6 +291,26 @@ def intake_token_command(
         err.print(f"granted: {note or 'its SHA-256 is in the configuration'}", markup=False)
     elif not as_json and output is None:
         out.print(f"Grant it: run this again with --write, or {how}:\n  {line}", markup=False)
+
+
+def _git_would_offer(path: str) -> bool:
+    """Whether ``path`` is in a git work tree and not ignored there, so that ``git add .``
+    would take it (best effort: False without git, outside a checkout, or for stdout)."""
+    git = shutil.which("git")
+    if git is None or not os.path.isfile(path):
+        return False
+    full = os.path.abspath(path)
+    try:
+        found = subprocess.run(  # noqa: S603 (git found on PATH, fixed arguments)
+            [git, "check-ignore", "-q", "--", full],
+            cwd=os.path.dirname(full),
+            capture_output=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 1  # 0: ignored; 128: not a checkout, or git failed
 
 
 def _granted(settings: Settings, destination: str | None) -> str:

@@ -25,7 +25,7 @@ from capi.cli.main import cli
 from capi.cli.selection import destination_names
 from capi.constants import MAX_EVENT_BYTES
 from capi.errors import CapiError, EventRejected, Problem, QueueUnavailable
-from capi.events import prepare
+from capi.events import Unreadable, prepare
 from capi.exitcodes import ExitCode
 from capi.producer import EnqueueReport, SyncProducer
 
@@ -147,7 +147,7 @@ def _enqueue_lines(
     for lineno, line, size in read_lines(file, MAX_EVENT_BYTES):
         lines_read[0] = lineno
         advance(size)
-        parsed = _parse_line(lineno, line, total)
+        parsed = _parse_line(lineno, line)
         if parsed is not _NOTHING:
             batch.append((lineno, parsed))
             batch_bytes += size
@@ -233,8 +233,10 @@ def read_lines(file: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None,
         yield lineno, None, size
 
 
-def _parse_line(lineno: int, line: bytes | None, report: EnqueueReport) -> Any:
-    """The value on one line, or _NOTHING for a blank line or a refused one (recorded)."""
+def _parse_line(lineno: int, line: bytes | None) -> Any:
+    """The value on one line; _NOTHING for a blank line; for a line that is no JSON value,
+    an :class:`Unreadable` that the producer refuses (and puts in ``capi tail``'s ring, as
+    the intake's) saying why."""
     if line is None:
         why = f"is longer than {MAX_EVENT_BYTES // 1024} KiB; at most that per event"
     elif not line.strip():
@@ -246,8 +248,7 @@ def _parse_line(lineno: int, line: bytes | None, report: EnqueueReport) -> Any:
             return parse_json(line)
         except _Refused as exc:
             why = str(exc)
-    report.refused.append((lineno, EventRejected([Problem("(line)", why)])))
-    return _NOTHING
+    return Unreadable(why, "(line)")
 
 
 _BOM = b"\xef\xbb\xbf"

@@ -48,16 +48,17 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def read_grants(settings: Settings) -> dict[str, frozenset[str]]:
+def read_grants(settings: Settings, *, warn: bool = True) -> dict[str, frozenset[str]]:
     """Each configured token digest and the destinations it grants; ConfigError names what
     is wrong. Reads no Conversion Key (the intake needs none). Without a destinations file
     the digests are CAPI_INTAKE_TOKENS_SHA256 as the config file says it now (unless the
-    environment sets it)."""
+    environment sets it). With one, a CAPI_INTAKE_TOKENS_SHA256 that grants nothing is
+    logged as a warning, unless not ``warn`` (a check before the intake reads them)."""
     path = destinations.source(settings)
     if path is None:
         digests = destinations.default_token_digests(_fresh(settings))
         return {d: frozenset({destinations.DEFAULT_NAME}) for d in digests}
-    if _fresh(settings).intake_tokens_sha256:
+    if warn and _fresh(settings).intake_tokens_sha256:
         log.warning(
             "CAPI_INTAKE_TOKENS_SHA256 grants nothing while a destinations file is in use "
             "(%s): its tokens answer 401; grant them in intake_tokens_sha256 of a destination",

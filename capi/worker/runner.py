@@ -26,6 +26,12 @@ broken at start is held
 changes or on SIGHUP: destinations added are served, removed ones stopped (their queued
 events stay queued), changed ones restarted; a broken file is refused, with its line and
 reason, and the running destinations go on as they were.
+
+A burst worker (``--burst``: drain, then exit) is the exception to waiting Redis out: run
+from cron or a deploy step, it should end. When Redis has not answered for
+``CAPI_REDIS_TIMEOUT_S``, at start or while draining, it stops (in-flight batches finish,
+the rest stays queued) and raises :class:`~capi.errors.QueueUnavailable` (``capi worker``
+exits 5).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import contextlib
 import functools
 import logging
 import signal
+import time
 from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
 
@@ -46,9 +53,10 @@ from capi import clock, destinations, logs
 from capi.client import http_pool
 from capi.clock import HEARTBEAT_S
 from capi.destinations import Destination
-from capi.errors import ConfigError, KeyCheckFailed, SendError
+from capi.errors import ConfigError, KeyCheckFailed, QueueUnavailable, SendError
 from capi.keycheck import KeyCheck
 from capi.metrics import UNDER_WAY, Metrics, serve
+from capi.redisconn import brief, describe, settings_hint
 from capi.settings import Settings
 from capi.worker import decisions
 from capi.worker.lanes import Lanes
@@ -61,6 +69,8 @@ CHECK_BACKOFF_FIRST_S = 1.0
 CHECK_BACKOFF_CAP_S = 30.0
 RELOAD_CHECK_S = 2.0
 STARTUP_CHECKS_AT_ONCE = 8
+# How often a burst worker asks whether Redis answers (see _give_up_without_redis).
+BURST_PING_EVERY_S = 0.5
 
 
 def configure_logging(settings: Settings, keys: Sequence[str] = ()) -> None:
@@ -434,14 +444,58 @@ async def run(settings: Settings, *, burst: bool = False, only: Sequence[str] = 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, fleet.reload)
+    watch = asyncio.create_task(_give_up_without_redis(fleet, settings)) if burst else None
     try:
         if await fleet.start():
             await fleet.run(burst=burst)
     finally:
+        gave_up = await _ended(watch)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if http is not None:
             http.shutdown()
+    if gave_up is not None:
+        raise gave_up
+
+
+async def _ended(watch: asyncio.Task[QueueUnavailable | None] | None) -> QueueUnavailable | None:
+    """What a burst worker's Redis watch gave up with (None: it did not), once it is over."""
+    if watch is None:
+        return None
+    watch.cancel()  # a no-op if it gave up
+    await asyncio.gather(watch, return_exceptions=True)
+    if watch.cancelled():
+        return None
+    if watch.exception() is not None:  # a bug in the watch must not fail a drained burst
+        log.error("burst: the watch on Redis failed: %r", watch.exception())
+        return None
+    return watch.result()
+
+
+async def _give_up_without_redis(fleet: Fleet, settings: Settings) -> QueueUnavailable | None:
+    """A burst worker's limit on waiting for Redis: once it has not answered a PING for
+    ``CAPI_REDIS_TIMEOUT_S`` (at start or while draining), stop the fleet and return the
+    error to raise; runs until cancelled otherwise."""
+    patience_s = settings.redis_timeout_s
+    last_ok = time.monotonic()
+    while True:
+        try:
+            async with asyncio.timeout(patience_s):
+                await fleet.redis.ping()
+            last_ok = time.monotonic()
+        except (redis.exceptions.RedisError, TimeoutError) as exc:
+            if time.monotonic() - last_ok >= patience_s:
+                cause = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
+                log.error("burst: Redis has not answered for %g s; giving up", patience_s)
+                fleet.stop()
+                return QueueUnavailable(
+                    f"Redis at {describe(fleet.redis)} could not be reached or did not answer "
+                    f"({cause[:300]}); capi worker --burst gave up after {patience_s:g} s "
+                    "(CAPI_REDIS_TIMEOUT_S): queued events stay queued. Check "
+                    f"{settings_hint(fleet.redis)}.",
+                    maybe_stored=False,
+                )
+        await asyncio.sleep(BURST_PING_EVERY_S)
 
 
 async def _check_unless_stopped(

@@ -4,6 +4,7 @@ and the operations side of its tokens (a real server process, a real Redis, raw 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import select
@@ -691,6 +692,33 @@ def test_clients_that_read_none_of_their_answers_do_not_hold_connections(
                 time.sleep(0.05)  # about 1 MB/s: slow, never stalled for a second
     finally:
         server.stop()
+
+
+def reads_nothing(server: IntakeProcess) -> socket.socket:
+    """A connection that sent 8 requests with large answers and reads none of them."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall(_large_answers(8))
+    return sock
+
+
+def reset(sock: socket.socket) -> bool:
+    """Whether the server reset ``sock`` (a close that sent a FIN does not count)."""
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
+
+
+def test_a_client_that_reads_nothing_is_reset_so_its_unread_answers_are_freed(
+    guarded: IntakeProcess,
+) -> None:
+    """A connection dropped because its client read nothing was closed with a FIN queued
+    behind megabytes of unread answers: the kernel kept them (2.8 MB for this client),
+    probing the client's closed window, long after the server let the connection go. A
+    reset discards them."""
+    with reads_nothing(guarded) as sock:
+        wait_for(lambda: reset(sock), what="the server to reset the client that reads nothing")
+    assert legit(guarded) == 200
 
 
 def test_a_refusal_of_a_request_sent_after_others_comes_after_their_answers(

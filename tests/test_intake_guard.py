@@ -721,6 +721,23 @@ def test_a_client_that_reads_nothing_is_reset_so_its_unread_answers_are_freed(
     assert legit(guarded) == 200
 
 
+def test_a_pipelining_client_dropped_while_its_answers_wait_leaves_no_traceback(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """When the client above is dropped, the request being answered wrote to the closed
+    connection, and the log said "Exception in ASGI application" with a traceback: uvicorn
+    marks only the request parsed last as disconnected, and with pipelining that is not the
+    one being answered."""
+    server = start_intake(tmp_path, redis_url, CAPI_INTAKE_IDLE_TIMEOUT_S="1")
+    try:
+        with reads_nothing(server) as sock:
+            wait_for(lambda: reset(sock), what="the server to reset the client")
+        assert legit(server) == 200
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log and "Exception in ASGI" not in log, log[-3000:]
+
+
 def test_a_refusal_of_a_request_sent_after_others_comes_after_their_answers(
     guarded: IntakeProcess, redis_url: str
 ) -> None:

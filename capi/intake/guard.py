@@ -144,6 +144,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._body_read = 0  # bytes read while its body was (chunk framing included)
         self._heads = 0  # requests whose headers were parsed (a body's end: another begins)
         self._refusal = b""  # the answer of a request the parser was stopped for
+        self._started: Any = None  # the request whose application task started last
 
     # Connections
 
@@ -175,7 +176,18 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.flow is None:  # refused at connection_made: uvicorn never saw it
             self.connections.discard(self)
             return
+        started = self._started
+        if started is not None and started is not self.cycle and not started.response_complete:
+            # uvicorn tells only the request parsed last (self.cycle) that the client left;
+            # with requests pipelined, the one being answered is an earlier one, which
+            # wrote to the closed connection (a traceback in the log) once its answer could.
+            started.disconnected = True
+            started.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._started = cycle
+        super()._start_asgi_task(cycle, app)
 
     def _shed(self) -> bool:
         """Close a connection to make room (see the module's docstring); whether there was

@@ -102,6 +102,20 @@ def test_a_bidi_character_in_an_email_is_never_hashed(
     assert "emails_sha256" not in stored.get("user", {})
 
 
+@pytest.mark.parametrize("control", ["\x00", "\x01", "\x1b", "\x7f"])
+def test_an_ascii_control_character_in_an_email_is_never_hashed(
+    intake: IntakeProcess, redis_url: str, control: str
+) -> None:
+    """Refused like a bidi character: it was checked for only in an email that held a
+    non-ASCII character, so "ada\\x00@example.com" was hashed and sent, a hash that
+    matches no one, without a warning."""
+    email = f"ada{control}@example.com"
+    answer = intake.post([signup("em-3", email=email, source_url="https://s.example/")]).json()
+    assert answer["queued"] == 1 and warned_fields(answer) == ["user.email[0]"]
+    [stored] = queued(redis_url)
+    assert "emails_sha256" not in stored.get("user", {})
+
+
 def test_a_base_url_with_userinfo_is_refused(sandbox: SandboxThread, redis_url: str) -> None:
     settings = make_settings(sandbox, redis_url, probe_confirmations=1)
     base = sandbox.url.replace("http://", "http://someone@")

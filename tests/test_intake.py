@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from capi.settings import Settings
 from tests.helpers import (
     capi,
     events,
+    http_get,
     make_settings,
     read_http_answer,
     redis_dump,
@@ -38,7 +40,7 @@ from tests.helpers import (
     stop_worker,
     wait_for,
 )
-from tests.intake_helpers import TOKEN, IntakeProcess, start_intake
+from tests.intake_helpers import TOKEN, IntakeProcess, intake_env, start_intake
 from tests.redisproc import RedisProcess
 
 SECRET_EMAIL = "ada.lovelace.secret@example.com"
@@ -651,3 +653,47 @@ def test_several_server_processes_serve_one_port(tmp_path: Path, redis_url: str)
     finally:
         log = server.stop()
     assert log.count("Application startup complete") == 2
+
+
+def serve_process(redis_url: str, *args: str) -> subprocess.Popen[str]:
+    """``capi serve ARGS`` with the test token granted; its output, both streams, in one."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "serve", *args],
+        env=intake_env(redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_several_server_processes_on_port_0_say_the_port_they_got(redis_url: str) -> None:
+    """With --workers, the first line said "capi serve on http://127.0.0.1:0": the port was
+    bound later, by uvicorn, and only its own log line said which one."""
+    proc = serve_process(redis_url, "--port", "0", "--workers", "2")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("capi serve on http://127.0.0.1:"), first
+        url = first.split()[3]
+        assert not url.endswith(":0"), first
+        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what="the processes to serve")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_several_server_processes_on_a_taken_port_say_so_without_claiming_to_serve(
+    redis_url: str,
+) -> None:
+    """A taken port is refused as for one process (exit 3, what to do); with --workers the
+    first line claimed "capi serve on ..." and then uvicorn logged only "[Errno 98]"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = serve_process(redis_url, "--port", str(port), "--workers", "2")
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, output
+    assert "capi serve on" not in output and "Traceback" not in output, output
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in output, output

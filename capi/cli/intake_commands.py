@@ -81,28 +81,30 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             + "; capi intake-token --write makes one and grants it"
         )
     configure_logging(settings)
-    where = f"http://{host}:{port}"
     options = server_options(settings)
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))
+    sock = listening_socket(host, port, backlog=2048)  # bound here: the port said is the one
+    where = f"http://{host}:{sock.getsockname()[1]}"
     if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
         config_file = ctx.ensure_object(dict).get("config_file")
         if config_file:
             os.environ["CAPI_CONFIG_FILE"] = str(config_file)
         out.print(f"capi serve on {where} ({workers} processes; for {granted})", markup=False)
+        sys.stdout.flush()
         _exit_quietly_after_shutdown()
-        uvicorn.run(
+        config = uvicorn.Config(
             "capi.cli.intake_commands:app_from_environment",
             factory=True,
-            host=host,
-            port=port,
             workers=workers,
             **options,
         )
+        sock.set_inheritable(True)  # what uvicorn.run does with the socket it binds
+        Multiprocess(config, sockets=[sock]).run()
         return
-    sock = listening_socket(host, port, backlog=2048)
-    bound = sock.getsockname()[1]
     config = uvicorn.Config(Intake(settings), **options)
-    out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
+    out.print(f"capi serve on {where} (for {granted})", markup=False)
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
     tune_gc()

@@ -225,7 +225,11 @@ def document() -> dict[str, Any]:
                         "Redis answers and is not full (on a Redis Cluster, `degraded` says "
                         "when some masters are full).",
                     ),
-                    "503": _json("Status", "Redis does not answer, or is full."),
+                    "503": _json(
+                        "Status",
+                        "Redis does not answer, is full, or cannot confirm writes as "
+                        "CAPI_ENQUEUE_DURABILITY asks (`reason` says which).",
+                    ),
                 },
             ),
             "/metrics": _get(

@@ -197,10 +197,9 @@ def _careful(
     except EventRejected as exc:
         if check_time and now is None:
             now = now_ms(clock)
-        full = len(exc.problems) > MAX_PROBLEMS  # capped already: more would go unsaid
-        more = (
-            [] if full else _unvalidated_problems(data, exc.problems, now if check_time else None)
-        )
+        if len(exc.problems) > MAX_PROBLEMS:  # capped already: its last one counts the rest
+            raise EventRejected(exc.problems, event_id) from None
+        more = _unvalidated_problems(data, exc.problems, now if check_time else None)
         raise EventRejected(_capped([*exc.problems, *more]), event_id) from None
     problems.extend(_cross_checks(event))
     if check_time:

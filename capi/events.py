@@ -214,7 +214,7 @@ def _careful(
         raise EventRejected(
             [Problem("(event)", f"is {size}; at most {MAX_EVENT_BYTES // 1024} KiB")], event_id
         )
-    return PreparedEvent(data_json, event, tuple(warnings), consent)
+    return PreparedEvent(data_json, event, tuple(_capped(warnings, "warnings")), consent)
 
 
 def _validated(
@@ -240,7 +240,7 @@ def _validated(
         if strict or not identifiers.droppable(errors):
             problems.extend(_problems(errors, MAX_PROBLEMS - len(problems)))
             raise EventRejected(_capped(problems), event_id) from None
-        warnings.extend(_problems(errors))
+        warnings.extend(_problems(errors, MAX_PROBLEMS - len(warnings)))
         identifiers.drop(data, (err["loc"] for err in errors))
         try:
             event = _validate_event(data)  # only bad values were removed: valid now
@@ -284,11 +284,13 @@ def _consent(data: dict[str, Any], problems: list[Problem]) -> str | None:
 _validate_event = schema.Event.__pydantic_validator__.validate_python
 
 
-def _capped(problems: list[Problem]) -> list[Problem]:
+def _capped(problems: list[Problem], noun: str = "problems") -> list[Problem]:
+    """The first MAX_PROBLEMS, then how many more there are (warnings too: an event with
+    20,000 invalid emails was answered with as many, 1.7 MB)."""
     if len(problems) <= MAX_PROBLEMS:
         return problems
     more = len(problems) - MAX_PROBLEMS
-    return [*problems[:MAX_PROBLEMS], Problem("(event)", f"and {more} more problems")]
+    return [*problems[:MAX_PROBLEMS], Problem("(event)", f"and {more} more {noun}")]
 
 
 def time_window_problems(timestamp_ms: int, now: int) -> list[Problem]:

@@ -697,3 +697,29 @@ def test_several_server_processes_on_a_taken_port_say_so_without_claiming_to_ser
     assert proc.returncode == 3, output
     assert "capi serve on" not in output and "Traceback" not in output, output
     assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in output, output
+
+
+def test_serve_on_an_ipv6_address_says_its_url(redis_url: str) -> None:
+    """--host ::1 was refused as "--port 0: cannot listen on ::1:0 (Address family for
+    hostname not supported ...); choose another port, or --port 0 for a free one"."""
+    proc = serve_process(redis_url, "--host", "::1", "--port", "0")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("capi serve on http://[::1]:"), first
+        url = first.split()[3]
+        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what="capi serve on ::1")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_serve_on_an_address_not_of_this_machine_names_the_host_not_the_port(
+    redis_url: str,
+) -> None:
+    proc = serve_process(redis_url, "--host", "192.0.2.1", "--port", "0")  # TEST-NET-1
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, output
+    assert "--host 192.0.2.1: cannot listen on 192.0.2.1:0" in output, output
+    assert "choose another port" not in output and "Traceback" not in output, output

@@ -367,6 +367,34 @@ def test_a_compressed_body_gets_415_and_queues_nothing(
     assert len(queued_ids(redis_url)) == 2
 
 
+@pytest.mark.parametrize("coding", ["gzip, chunked", "x-custom, chunked"])
+def test_a_transfer_coding_other_than_chunked_gets_501_and_queues_nothing(
+    intake: IntakeProcess, redis_url: str, coding: str
+) -> None:
+    """The parser takes "gzip, chunked" as chunked, and the application was handed the
+    gzip bytes as they came: 200 with every NDJSON line refused as not JSON (or 400 "not
+    valid JSON"), where a Content-Encoding is said so (415). RFC 9112 6.1: 501."""
+    body = gzip.compress(b"".join(orjson.dumps(e) + b"\n" for e in events(2)))
+    host, port = intake.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            (
+                f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/x-ndjson\r\nTransfer-Encoding: {coding}\r\n\r\n"
+                f"{len(body):x}\r\n"
+            ).encode()
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        answer = read_http_answer(conn)
+    assert answer.startswith(b"HTTP/1.1 501 "), answer[:300]
+    error = orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "unsupported_transfer_coding", error
+    assert coding.split(",", maxsplit=1)[0] in error["message"], error
+    assert queued_ids(redis_url) == []
+    assert intake.post(events(1)).status_code == 200  # chunked alone is fine (httpx: length)
+
+
 @pytest.mark.parametrize(
     ("body", "says"),
     [

@@ -21,7 +21,9 @@ connection, before anything reaches the application:
 - requests sent ahead of their answers (pipelining) are parsed at most ``PIPELINE_DEPTH``
   ahead; the bytes after them wait, with reading paused, until answers go out;
 - a client that reads none of the answers waiting for it for ``CAPI_INTAKE_IDLE_TIMEOUT_S``
-  is disconnected.
+  is disconnected (reset, so that what it left unread is freed);
+- a request whose Transfer-Encoding names a coding other than chunked gets 501 (the parser
+  would hand the application the coded bytes as the body).
 
 The body's own limits (size, read time, bytes buffered across connections, event count)
 are the application's (:mod:`capi.intake.app`), which reads the body.
@@ -145,6 +147,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._heads = 0  # requests whose headers were parsed (a body's end: another begins)
         self._refusal = b""  # the answer of a request the parser was stopped for
         self._started: Any = None  # the request whose application task started last
+        # The Transfer-Encoding of the request whose headers are being read (the parser
+        # takes "gzip, chunked" as chunked, and would hand the application gzip bytes).
+        self._codings = b""
 
     # Connections
 
@@ -420,11 +425,16 @@ class GuardedProtocol(HttpToolsProtocol):
         self._last_chunk, self._trailer_bytes = False, 0
         self._chunks = self._body_read = 0
         self._peers.touch(self)
+        refusal, codings, self._codings = b"", self._codings, b""
         if pipelined and self._parsed_head_bytes() > self.limits.max_header_bytes:
             # data_received measured only the first head of its read: this one is answered
             # 431 in its turn (after the requests before it), then the connection is closed
             # after the linger (on_response_complete), like any refusal.
-            app, self.app = self.app, _Answer(self._too_large())
+            refusal = self._too_large()
+        elif codings:
+            refusal = _unsupported_coding(codings)
+        if refusal:
+            app, self.app = self.app, _Answer(refusal)
             try:
                 super().on_headers_complete()
             finally:
@@ -441,6 +451,8 @@ class GuardedProtocol(HttpToolsProtocol):
         in memory, field after field, as long as the body's read time allowed: 1.8 GB in
         10 s from one connection."""
         if self._stage != BODY:
+            if len(name) == 17 and name.lower() == b"transfer-encoding":
+                self._codings += b"," + value
             super().on_header(name, value)
 
     def on_chunk_header(self) -> None:
@@ -570,6 +582,27 @@ class _Peers:
 
 # One registry per server (uvicorn's ServerState), gone with it.
 _PEERS: weakref.WeakKeyDictionary[Any, _Peers] = weakref.WeakKeyDictionary()
+
+
+def _unsupported_coding(codings: bytes) -> bytes:
+    """The 501 for a request whose Transfer-Encoding names a coding other than chunked
+    (RFC 9112 6.1), or b"" if it names none: the parser takes "gzip, chunked" as chunked
+    and handed the application the compressed bytes, answered 400 "not valid JSON", or 200
+    with every NDJSON line refused as not JSON."""
+    others = [
+        c.strip()
+        for c in codings.decode("latin-1").split(",")
+        if c.strip().lower() not in ("", "chunked", "identity")
+    ]
+    if not others:
+        return b""
+    return error_response(
+        501,
+        "Not Implemented",
+        "unsupported_transfer_coding",
+        f"Transfer-Encoding {', '.join(others)[:40]!r} is not accepted; send the body "
+        "uncompressed, with a Content-Length or chunked",
+    )
 
 
 def _reset_on_close(transport: asyncio.Transport) -> None:

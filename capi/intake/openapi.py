@@ -187,6 +187,11 @@ def _events_operation() -> dict[str, Any]:
                 "connection is closed).",
             ),
             "500": _json("Error", "The intake failed or is misconfigured (see its log)."),
+            "501": _json(
+                "Error",
+                "The Transfer-Encoding names a coding other than chunked (the connection is "
+                "closed): send the body uncompressed.",
+            ),
             "503": _json(
                 "Error",
                 "Redis is away or full (results say what was taken), the intake holds "

@@ -79,11 +79,14 @@ def normalize_email(value: str) -> str:
     email = value.strip().lower()
     if not email.isascii():
         email = _INVISIBLE.sub("", email).strip()
-        if _UNSEEN.search(email):
-            raise ValueError(
-                "must be an email address like name@example.com; it holds a control or "
-                "bidi (text direction) character"
-            )
+        unseen = _UNSEEN.search(email) is not None
+    else:  # ASCII: printable but for the controls, NUL to US and DEL (all in _UNSEEN)
+        unseen = not email.isprintable()
+    if unseen:
+        raise ValueError(
+            "must be an email address like name@example.com; it holds a control or "
+            "bidi (text direction) character"
+        )
     local, at, domain = email.partition("@")
     if not at or not local or not domain or "@" in domain or _WHITESPACE.search(email):
         raise ValueError("must be an email address like name@example.com")

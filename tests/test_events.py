@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from capi.errors import EventRejected
+from capi.errors import EventRejected, Problem
 from capi.events import prepare, purchase, signup
 from capi.hashing import sha256_hex
 
@@ -395,6 +395,18 @@ def test_all_problems_are_reported_at_once_without_echoing_pii() -> None:
     assert "id: must not be empty" in message
     assert "data.amount" in message
     assert "ada@example.com" not in message
+
+
+def test_past_twenty_problems_the_rest_are_counted_right() -> None:
+    """Twenty problems are named, then how many more there are: capped twice, the count
+    said "and 1 more problems" for an event with 60 unknown keys (43 more)."""
+    event = {"id": "many-1", **{f"extra{i}": 0 for i in range(60)}}
+    with pytest.raises(EventRejected) as caught:
+        prepare(event)
+    problems = caught.value.problems
+    assert len(problems) == 21, problems
+    # 60 unknown keys, and type, timestamp_ms and data are missing: 63 problems in all.
+    assert problems[20] == Problem("(event)", "and 43 more problems")
 
 
 def test_a_schema_problem_does_not_hide_the_time_window_and_the_source_url() -> None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from capi.settings import Settings
 from tests.helpers import (
     capi,
     events,
+    http_get,
     make_settings,
     read_http_answer,
     redis_dump,
@@ -38,7 +40,7 @@ from tests.helpers import (
     stop_worker,
     wait_for,
 )
-from tests.intake_helpers import TOKEN, IntakeProcess, start_intake
+from tests.intake_helpers import TOKEN, IntakeProcess, intake_env, start_intake
 from tests.redisproc import RedisProcess
 
 SECRET_EMAIL = "ada.lovelace.secret@example.com"
@@ -376,6 +378,34 @@ def test_a_compressed_body_gets_415_and_queues_nothing(
     assert len(queued_ids(redis_url)) == 2
 
 
+@pytest.mark.parametrize("coding", ["gzip, chunked", "x-custom, chunked"])
+def test_a_transfer_coding_other_than_chunked_gets_501_and_queues_nothing(
+    intake: IntakeProcess, redis_url: str, coding: str
+) -> None:
+    """The parser takes "gzip, chunked" as chunked, and the application was handed the
+    gzip bytes as they came: 200 with every NDJSON line refused as not JSON (or 400 "not
+    valid JSON"), where a Content-Encoding is said so (415). RFC 9112 6.1: 501."""
+    body = gzip.compress(b"".join(orjson.dumps(e) + b"\n" for e in events(2)))
+    host, port = intake.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            (
+                f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/x-ndjson\r\nTransfer-Encoding: {coding}\r\n\r\n"
+                f"{len(body):x}\r\n"
+            ).encode()
+            + body
+            + b"\r\n0\r\n\r\n"
+        )
+        answer = read_http_answer(conn)
+    assert answer.startswith(b"HTTP/1.1 501 "), answer[:300]
+    error = orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "unsupported_transfer_coding", error
+    assert coding.split(",", maxsplit=1)[0] in error["message"], error
+    assert queued_ids(redis_url) == []
+    assert intake.post(events(1)).status_code == 200  # chunked alone is fine (httpx: length)
+
+
 @pytest.mark.parametrize(
     ("body", "says"),
     [
@@ -684,3 +714,80 @@ def test_several_server_processes_serve_one_port(tmp_path: Path, redis_url: str)
     finally:
         log = server.stop()
     assert log.count("Application startup complete") == 2
+
+
+def serve_process(redis_url: str, *args: str) -> subprocess.Popen[str]:
+    """``capi serve ARGS`` with the test token granted; its output, both streams, in one."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "serve", *args],
+        env=intake_env(redis_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_several_server_processes_on_port_0_say_the_port_they_got(redis_url: str) -> None:
+    """With --workers, the first line said "capi serve on http://127.0.0.1:0": the port was
+    bound later, by uvicorn, and only its own log line said which one."""
+    proc = serve_process(redis_url, "--port", "0", "--workers", "2")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("capi serve on http://127.0.0.1:"), first
+        url = first.split()[3]
+        assert not url.endswith(":0"), first
+        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what="the processes to serve")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_several_server_processes_on_a_taken_port_say_so_without_claiming_to_serve(
+    redis_url: str,
+) -> None:
+    """A taken port is refused as for one process (exit 3, what to do); with --workers the
+    first line claimed "capi serve on ..." and then uvicorn logged only "[Errno 98]"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = serve_process(redis_url, "--port", str(port), "--workers", "2")
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, output
+    assert "capi serve on" not in output and "Traceback" not in output, output
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in output, output
+
+
+def test_serve_on_an_ipv6_address_says_its_url(redis_url: str) -> None:
+    """--host ::1 was refused as "--port 0: cannot listen on ::1:0 (Address family for
+    hostname not supported ...); choose another port, or --port 0 for a free one"."""
+    proc = serve_process(redis_url, "--host", "::1", "--port", "0")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("capi serve on http://[::1]:"), first
+        url = first.split()[3]
+        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what="capi serve on ::1")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_serve_on_an_address_not_of_this_machine_names_the_host_not_the_port(
+    redis_url: str,
+) -> None:
+    host = "203.0.113.77"  # TEST-NET-3: documentation only, normally no machine's
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, 0))
+            pytest.skip(f"{host} is an address of this machine")
+        except OSError:
+            pass
+    proc = serve_process(redis_url, "--host", host, "--port", "0")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, output
+    assert f"--host {host}: cannot listen on {host}:0" in output, output
+    assert "choose another port" not in output and "Traceback" not in output, output

@@ -23,6 +23,7 @@ from capi.settings import Settings
 from tests.helpers import capi, events, http_get, wait_for
 from tests.intake_helpers import IntakeProcess, start_intake
 from tests.redisproc import RedisProcess
+from tests.servers import valkey
 from tests.test_intake import queued_ids
 from tests.test_intake_grouping import replicate
 
@@ -133,5 +134,39 @@ def test_readyz_and_status_say_when_no_replica_confirms_writes(tmp_path: Path) -
             wait_for(lambda: http_get(server.url + "/readyz")[0] == 200, 15, "ready again")
             shown = capi(settings, "status", "--json")
             assert orjson.loads(shown.stdout)["redis"]["confirming_replicas"] == 1
+        finally:
+            server.stop()
+
+
+def test_readyz_says_not_ready_while_the_server_cannot_honour_aof_durability(
+    tmp_path: Path,
+) -> None:
+    """Under CAPI_ENQUEUE_DURABILITY=aof, a Redis without an append-only file, or with
+    appendfsync everysec, fails every POST (500, misconfigured): /readyz said ready all the
+    same, so a load balancer kept sending it traffic. It now says why not, and is ready
+    once the server is set as the setting needs."""
+    kind = valkey()  # WAITAOF (Redis 7.2+); the machine's redis-server is 7.0
+    if kind.missing:
+        pytest.skip(kind.missing)
+    args = ["--appendfsync", "everysec"]  # and appendonly no
+    with RedisProcess(tmp_path, binary=kind.binary, extra_args=args) as rp:
+        server = start_intake(tmp_path, rp.url, CAPI_ENQUEUE_DURABILITY="aof")
+        try:
+            for fix, needs in [
+                (("appendfsync", "always"), "appendfsync always"),  # it is everysec
+                (("appendonly", "yes"), "appendonly yes"),  # the file is off
+                (None, None),
+            ]:
+                status, body = http_get(server.url + "/readyz")
+                if needs is None:
+                    assert status == 200, body
+                    assert server.post(events(1, prefix="aof-")).status_code == 200
+                    break
+                assert status == 503 and needs in body, body
+                assert server.post(events(1)).status_code == 500  # as foretold
+                with rp.client() as client:
+                    client.config_set(*fix)
+                    if fix[0] == "appendonly":
+                        wait_for(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0)
         finally:
             server.stop()

@@ -16,6 +16,7 @@ from capi.cli.intake_commands import (
     _exit_quietly_after_shutdown,
     listening_socket,
     proxy_options,
+    url_of,
 )
 from capi.errors import ConfigError
 
@@ -82,7 +83,7 @@ def console_command(ctx: click.Context, host: str, port: int) -> None:
             "--role operator prints one and its configuration line"
         )
     sock = listening_socket(host, port, backlog=256)
-    where = f"http://{host}:{sock.getsockname()[1]}"
+    where = url_of(host, sock)
 
     def ready() -> None:  # said once uvicorn serves: Ctrl-C from then on stops it
         out.print(f"capi console on {where}", markup=False)

@@ -5,6 +5,7 @@ every other command start without them."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -85,28 +86,30 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             + "; capi intake-token --write makes one and grants it"
         )
     configure_logging(settings)
-    where = f"http://{host}:{port}"
     options = server_options(settings)
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))
+    sock = listening_socket(host, port, backlog=2048)  # bound here: the port said is the one
+    where = url_of(host, sock)
     if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
         config_file = ctx.ensure_object(dict).get("config_file")
         if config_file:
             os.environ["CAPI_CONFIG_FILE"] = str(config_file)
         out.print(f"capi serve on {where} ({workers} processes; for {granted})", markup=False)
+        sys.stdout.flush()
         _exit_quietly_after_shutdown()
-        uvicorn.run(
+        config = uvicorn.Config(
             "capi.cli.intake_commands:app_from_environment",
             factory=True,
-            host=host,
-            port=port,
             workers=workers,
             **options,
         )
+        sock.set_inheritable(True)  # what uvicorn.run does with the socket it binds
+        Multiprocess(config, sockets=[sock]).run()
         return
-    sock = listening_socket(host, port, backlog=2048)
-    bound = sock.getsockname()[1]
     config = uvicorn.Config(Intake(settings), **options)
-    out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
+    out.print(f"capi serve on {where} (for {granted})", markup=False)
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
     tune_gc()
@@ -129,16 +132,30 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A socket listening on ``host:port`` for uvicorn; exit 3 with what to do when the
-    address is taken or not this machine's."""
+    """A socket listening on ``host:port`` (an IPv6 address too) for uvicorn; exit 3 with
+    what to do when the port is taken or the address is not this machine's."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), backlog=backlog)
+        return socket.create_server((host, port), family=family, backlog=backlog)
     except OSError as exc:
+        why = (exc.strerror or str(exc)).split(" (while attempting to bind", 1)[0]
+        if exc.errno == errno.EADDRINUSE:
+            fail(
+                f"--port {port}: cannot listen on {host}:{port} ({why}); choose another "
+                "port, or --port 0 for a free one",
+                ExitCode.CONFIG,
+            )
         fail(
-            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); choose another "
-            "port, or --port 0 for a free one",
+            f"--host {host}: cannot listen on {host}:{port} ({why}); give an address of this "
+            "machine (127.0.0.1, ::1, or 0.0.0.0 for every one)",
             ExitCode.CONFIG,
         )
+
+
+def url_of(host: str, sock: socket.socket) -> str:
+    """The base URL a server on ``sock`` answers at (an IPv6 address in brackets)."""
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def proxy_options(settings: Settings) -> dict[str, object]:

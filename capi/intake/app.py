@@ -9,7 +9,8 @@ Routes (the OpenAPI document, :mod:`capi.intake.openapi`, describes each answer)
   (``queued``, ``duplicate``, ``skipped`` (consent denied) or ``refused`` with each field
   and rule; ``warnings`` name invalid optional identifiers left out);
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (Redis answers a PING and is not full,
-  and a replica can confirm writes under ``CAPI_ENQUEUE_DURABILITY=replica``),
+  and a replica can confirm writes under ``CAPI_ENQUEUE_DURABILITY=replica``, its
+  append-only file under ``aof``),
   ``GET /metrics`` (Prometheus), ``GET /openapi.json``.
 
 The order of checks on ``POST /v1/events``: token (401), destination (403), content type
@@ -45,6 +46,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from capi.durability import Durability
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Unreadable
 from capi.fingerprint import looks_like_key
@@ -70,6 +72,7 @@ log = logging.getLogger("capi.intake")
 access_log = logging.getLogger("capi.intake.access")
 EVENTS_PATH = "/v1/events"
 FREE_BODY_BYTES = 65_536  # each request's first bytes are outside the shared budget
+_QUEUED_IN_MEMORY = " The event is queued, in memory only."  # of an enqueue's ConfigError
 
 
 class IntakeMetrics:
@@ -446,10 +449,11 @@ class Intake:
 
     async def _readyz(self) -> tuple[int, bytes, str]:
         """Ready: Redis answers, is not full, and under ``CAPI_ENQUEUE_DURABILITY=replica``
-        has a replica that confirms writes. On a cluster, a master that is full or has no
-        such replica costs only the destinations whose keys live on it (their requests get
-        503): ready, and said; every master so is not ready. Redis's addresses are not shown
-        (the answer is public)."""
+        has a replica that confirms writes; under ``aof`` (one Redis) it can confirm them in
+        its append-only file, without which every POST gets 500. On a cluster, a master
+        that is full or has no such replica costs only the destinations whose keys live on
+        it (their requests get 503): ready, and said; every master so is not ready. Redis's
+        addresses are not shown (the answer is public)."""
         assert self.producer is not None
         client = self.producer.redis
         replica = self.settings.enqueue_durability == "replica"
@@ -464,6 +468,10 @@ class Intake:
                 shards = [{"full": redis_full(await client.info("memory"))}]
                 if replica and not confirming(replicas_of(await client.info("replication"))):
                     shards[0]["unconfirmed"] = True
+                await self._aof_confirms(client)
+        except ConfigError as exc:  # every POST gets 500 (misconfigured) until it is fixed
+            why = "every POST gets 500: " + str(exc).removesuffix(_QUEUED_IN_MEMORY)
+            return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         except redis.exceptions.NoPermissionError:
             shards = []  # INFO denied to capi's Redis user: the PING answered
         except Exception as exc:  # any failure to answer means not ready
@@ -496,6 +504,19 @@ class Intake:
             )
             return 200, orjson.dumps({"status": "ready", "degraded": why}), "application/json"
         return 200, b'{"status": "ready"}', "application/json"
+
+    async def _aof_confirms(self, client: Any) -> None:
+        """Under CAPI_ENQUEUE_DURABILITY=aof, ConfigError if the server cannot confirm
+        writes as it needs (no append-only file, appendfsync other than always, CONFIG GET
+        or WAITAOF refused): the enqueue's own check, on a connection that wrote nothing,
+        which the wait confirms at once."""
+        if self.settings.enqueue_durability != "aof":
+            return
+        aof = Durability("aof", self.settings.durability_timeout_ms)
+        pipe = client.pipeline(transaction=False)
+        for command in aof.commands():
+            pipe.execute_command(*command)
+        aof.check(await pipe.execute(raise_on_error=False))
 
     async def _metrics(self) -> tuple[int, bytes, str]:
         return 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST

@@ -187,6 +187,11 @@ def _events_operation() -> dict[str, Any]:
                 "connection is closed).",
             ),
             "500": _json("Error", "The intake failed or is misconfigured (see its log)."),
+            "501": _json(
+                "Error",
+                "The Transfer-Encoding names a coding other than chunked (the connection is "
+                "closed): send the body uncompressed.",
+            ),
             "503": _json(
                 "Error",
                 "Redis is away or full (results say what was taken), the intake holds "
@@ -225,7 +230,11 @@ def document() -> dict[str, Any]:
                         "Redis answers and is not full (on a Redis Cluster, `degraded` says "
                         "when some masters are full).",
                     ),
-                    "503": _json("Status", "Redis does not answer, or is full."),
+                    "503": _json(
+                        "Status",
+                        "Redis does not answer, is full, or cannot confirm writes as "
+                        "CAPI_ENQUEUE_DURABILITY asks (`reason` says which).",
+                    ),
                 },
             ),
             "/metrics": _get(

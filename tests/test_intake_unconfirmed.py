@@ -170,3 +170,34 @@ def test_readyz_says_not_ready_while_the_server_cannot_honour_aof_durability(
                         wait_for(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0)
         finally:
             server.stop()
+
+
+def test_a_post_that_cannot_be_made_durable_says_its_events_may_be_delivered(
+    tmp_path: Path,
+) -> None:
+    """Under CAPI_ENQUEUE_DURABILITY=aof on a server with appendfsync everysec, Redis takes
+    each event and the durability check then refuses the promise: the 500 answer said only
+    "misconfigured", so a client could not tell that its events were in the queue (and are
+    delivered). Each event is answered ``unconfirmed``, as when a wait does not confirm."""
+    kind = valkey()
+    if kind.missing:
+        pytest.skip(kind.missing)
+    args = ["--appendonly", "yes", "--appendfsync", "everysec"]
+    with RedisProcess(tmp_path, binary=kind.binary, extra_args=args) as rp:
+        server = start_intake(tmp_path, rp.url, CAPI_ENQUEUE_DURABILITY="aof")
+        try:
+            sent = events(2, prefix="aof500-")
+            reply = server.post([*sent, {"id": "broken"}])
+            assert reply.status_code == 500, reply.text
+            answer = reply.json()
+            assert answer["error"]["code"] == "misconfigured"
+            assert "may be delivered" in answer["error"]["message"]
+            statuses = [(r["id"], r["status"]) for r in answer["results"]]
+            assert statuses == [
+                (sent[0]["id"], "unconfirmed"),
+                (sent[1]["id"], "unconfirmed"),
+                ("broken", "refused"),
+            ]
+            assert queued_ids(rp.url) == [e["id"] for e in sent]  # as said: in the queue
+        finally:
+            server.stop()

@@ -263,7 +263,7 @@ class Intake:
                 (_as_event(e) for e in raw), destination, report=report
             )
         except QueueUnavailable as exc:
-            note["results"] = _results(raw, report, unavailable=exc)
+            note["results"] = _results(raw, report, untaken=_untaken(exc))
             self._count(report, destination)
             raise Answer(
                 503,
@@ -277,13 +277,21 @@ class Intake:
                 "destination_not_granted",
                 f"the destination {destination[:64]!r} is no longer configured",
             ) from None
-        except ConfigError as exc:
+        except ConfigError as exc:  # the durability check refused, after Redis took the calls
             log.error("cannot enqueue: %s", exc)
-            raise Answer(500, "misconfigured", "the intake is misconfigured; see its log") from None
+            note["results"] = _results(raw, report, untaken="unconfirmed")
+            self._count(report, destination)
+            raise Answer(
+                500,
+                "misconfigured",
+                "the intake is misconfigured (see its log): the durability promise "
+                "(CAPI_ENQUEUE_DURABILITY) cannot be kept, so the events not refused are "
+                "unconfirmed: Redis may hold them, and they may be delivered",
+            ) from None
         self._count(report, destination)
         note.update(queued=report.queued, duplicates=report.duplicates, refused=len(report.refused))
         answer = {
-            "results": _results(raw, report, unavailable=None),
+            "results": _results(raw, report),
             "queued": report.queued,
             "duplicates": report.duplicates,
             "refused": len(report.refused),
@@ -539,14 +547,11 @@ def _as_event(raw: Any) -> Any:
     return Unreadable(raw.rule()) if isinstance(raw, envelope.BadLine) else raw
 
 
-def _results(
-    raw: list[Any], report: EnqueueReport, *, unavailable: QueueUnavailable | None
-) -> list[dict[str, Any]]:
-    """Each event's answer; with ``unavailable`` (a 503), the events Redis did not answer
-    for are ``unconfirmed`` when Redis may hold them (its answer was lost, or the durability
-    wait did not confirm the write), ``not_queued`` only when it is known not to."""
+def _results(raw: list[Any], report: EnqueueReport, *, untaken: str = "") -> list[dict[str, Any]]:
+    """Each event's answer; ``untaken`` is the status of the events Redis did not answer
+    for, when the enqueue failed (:func:`_untaken`; ``unconfirmed`` too when Redis took
+    them and the durability promise could not be kept)."""
     refused = dict(report.refused)
-    untaken = "" if unavailable is None else _untaken(unavailable)
     results = []
     for i, event in enumerate(raw):
         event_id = event.get("id") if isinstance(event, dict) else None

@@ -186,7 +186,11 @@ def _events_operation() -> dict[str, Any]:
                 "The request line and headers are over CAPI_INTAKE_MAX_HEADER_BYTES (the "
                 "connection is closed).",
             ),
-            "500": _json("Error", "The intake failed or is misconfigured (see its log)."),
+            "500": _json(
+                "Error",
+                "The intake failed or is misconfigured (see its log); when misconfigured, "
+                "results say which events are unconfirmed.",
+            ),
             "501": _json(
                 "Error",
                 "The Transfer-Encoding names a coding other than chunked (the connection is "

@@ -29,7 +29,7 @@ import logging
 import re
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -186,6 +186,17 @@ class ReadBack:
     base_url: str
     api_key: str = field(repr=False)
     key_source: str
+
+
+NAMES_SHOWN = 10  # names listed in one line of output or one answer; the rest are counted
+
+
+def listed(names: Iterable[str]) -> str:
+    """Destination names for a line of output or an answer: sorted, the first
+    :data:`NAMES_SHOWN` of them, then how many more (a deployment may have thousands)."""
+    ordered = sorted(set(names))
+    more = len(ordered) - NAMES_SHOWN
+    return ", ".join(ordered[:NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def source(settings: Settings) -> Path | None:

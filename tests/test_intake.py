@@ -131,6 +131,30 @@ def test_ndjson_answers_each_line_and_a_broken_line_spoils_no_neighbour(
     assert queued_ids(redis_url) == ["nd-p-0", "nd-s-1"]
 
 
+def test_an_empty_json_body_is_called_empty(intake: IntakeProcess) -> None:
+    """It was answered 'not valid JSON (line 1, column 1)', which sends a reader looking
+    for a typo in a body that never left the client."""
+    resp = intake.post(content=b"", content_type="application/json")
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"] == (
+        'the body is empty; send a JSON object {"events": [...]}'
+    )
+
+
+def test_a_pretty_printed_json_body_sent_as_ndjson_says_so(
+    intake: IntakeProcess, redis_url: str
+) -> None:
+    """An indented JSON document posted as NDJSON had each of its lines refused as 'not
+    valid JSON', with no word of why; nothing in it is queued either way."""
+    body = orjson.dumps({"events": events(2, prefix="pp-")}, option=orjson.OPT_INDENT_2)
+    resp = intake.post(content=body, content_type="application/x-ndjson")
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["error"]["message"]
+    assert "one JSON value over several lines" in message
+    assert "Content-Type: application/json" in message
+    assert queued_ids(redis_url) == []
+
+
 @pytest.mark.parametrize("kind", ["application/json", "application/x-ndjson"])
 def test_a_body_that_starts_with_a_byte_order_mark_is_read_as_capi_enqueue_reads_it(
     intake: IntakeProcess, redis_url: str, kind: str
@@ -187,6 +211,34 @@ def test_a_token_queues_only_for_the_destinations_it_grants(tmp_path: Path, redi
         assert "?destination=NAME: a, b" in several.json()["error"]["message"]
         named = server.post(events(1, prefix="ab-"), token=TOKENS["both"], destination="b")
         assert named.status_code == 200 and queued_ids(redis_url, "b") == ["ab-p-0"]
+    finally:
+        server.stop()
+
+
+def test_a_token_granting_many_destinations_is_answered_with_a_few_names_and_a_count(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """With 3,000 destinations granted to one token, the 403 that asks for one and the
+    startup line listed every name (about 20 KB each)."""
+    path = tmp_path / "destinations.toml"
+    digest = tokens.digest(TOKENS["both"])
+    path.write_text(
+        "".join(
+            f'[destinations.d{i:02}]\npixel_id = "pix_{i}"\napi_key_env = "CAPI_KEY_A"\n'
+            f'intake_tokens_sha256 = ["{digest}"]\n'
+            for i in range(25)
+        )
+    )
+    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    try:
+        answer = server.post(events(1), token=TOKENS["both"])
+        assert answer.status_code == 403
+        message = answer.json()["error"]["message"]
+        assert message.endswith(
+            "?destination=NAME: " + ", ".join(f"d{i:02}" for i in range(10)) + " and 15 more"
+        ), message
+        (startup,) = [line for line in server.log().splitlines() if "capi serve on" in line]
+        assert startup.endswith("d08, d09 and 15 more)"), startup
     finally:
         server.stop()
 

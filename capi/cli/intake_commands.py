@@ -87,7 +87,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         )
     configure_logging(settings)
     options = server_options(settings)
-    granted = ", ".join(sorted({n for names in grants.values() for n in names}))
+    granted = destinations.listed(n for names in grants.values() for n in names)
     sock = listening_socket(host, port, backlog=2048)  # bound here: the port said is the one
     where = url_of(host, sock)
     if workers > 1:

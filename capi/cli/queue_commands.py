@@ -56,7 +56,7 @@ def enqueue_command(
 ) -> None:
     """Validate and enqueue events from JSON Lines (FILE, or stdin).
 
-    One event per line in the API's format; raw identifiers may be given under ``user``
+    One event per line in the API's format; raw identifiers may be given under "user"
     (email, phone, external_id, first_name, last_name) and are hashed before queueing.
     Each refused line is reported with its reason and the others are queued; the exit code
     is 4 if any was refused. A line is refused if it is longer than 256 KiB (it is never read

@@ -41,7 +41,7 @@ def status_command(ctx: click.Context, as_json: bool, destination: str | None) -
     """Queue depth, in flight, retries, counters, dead letters by reason, key state,
     the endpoint, Redis memory, and each live worker with what it is doing.
 
-    With several destinations, one section each (``--json``: under ``destinations``); over
+    With several destinations, one section each (--json: under "destinations"); over
     20, their totals, then in full only those that need attention (a key held or being
     confirmed, a failing endpoint, dead letters, retries, events waiting over a minute,
     weak match coverage). A

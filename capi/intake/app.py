@@ -46,6 +46,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from capi import destinations
 from capi.durability import Durability
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Unreadable
@@ -340,7 +341,7 @@ class Intake:
                 403,
                 "destination_required",
                 "this token grants several destinations; name one with ?destination=NAME: "
-                + ", ".join(sorted(granted)),
+                + destinations.listed(granted),
             )
         name: str = named[0]
         if name not in granted:

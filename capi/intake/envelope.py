@@ -161,6 +161,10 @@ def _json_events(body: bytes) -> list[Any]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if not body.strip():
+            raise EnvelopeError(
+                400, "malformed", 'the body is empty; send a JSON object {"events": [...]}'
+            ) from None
         raise EnvelopeError(
             400, "malformed", f"the body is not valid JSON ({_where(exc)})"
         ) from None
@@ -207,7 +211,24 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
         number += 1
     if not events:
         raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")
+    if len(events) > 1 and any(isinstance(e, BadLine) for e in events) and _one_value(body):
+        raise EnvelopeError(
+            400,
+            "malformed",
+            "the body is one JSON value over several lines (pretty-printed?), not NDJSON (one "
+            'JSON object a line): send it with Content-Type: application/json as {"events": '
+            "[...]}, or each event on a line of its own",
+        )
     return events
+
+
+def _one_value(body: bytes) -> bool:
+    """Whether a body is one JSON value (an NDJSON body of several lines never is)."""
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _where(exc: orjson.JSONDecodeError) -> str:

@@ -234,6 +234,20 @@ class Ports:
         return self.ports[documented]
 
 
+def repository_entries(root: Path) -> list[Path]:
+    """The top-level entries of the checkout that git tracks (all of them outside git): a
+    file a reader's own run of the docs left beside them (``intake-token.json``, say) is
+    no part of a fresh working copy, where a block that writes it would find it there."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return sorted(root.iterdir())
+    tracked = {path.split(b"/", 1)[0].decode() for path in listed.split(b"\0") if path}
+    return sorted(entry for entry in root.iterdir() if entry.name in tracked)
+
+
 class Session(Ports):
     """One working copy in which a document's blocks run, in order."""
 
@@ -246,7 +260,7 @@ class Session(Ports):
         self.ran: list[str] = []
         self.took: dict[str, float] = {}
         self.skipped: list[str] = []
-        for entry in ROOT.iterdir():
+        for entry in repository_entries(ROOT):
             if entry.name in (".git", ".venv", "config") or entry.name.endswith(".egg-info"):
                 continue
             (workdir / entry.name).symlink_to(entry)

@@ -47,6 +47,22 @@ def session(tmp_path: Path) -> Iterator[docrun.Session]:
         started.close()
 
 
+def test_a_file_left_in_the_checkout_is_no_part_of_a_documents_working_copy(
+    tmp_path: Path,
+) -> None:
+    """A reader who ran docs/intake.md by hand left intake-token.json in the checkout: the
+    suite's run of the same document then failed ("exists"), its working copy having
+    linked every entry of the checkout."""
+    repo = tmp_path / "repo"
+    (repo / "docs").mkdir(parents=True)
+    (repo / "docs" / "intake.md").write_text("# intake\n")
+    (repo / "README.md").write_text("# capi\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "docs", "README.md"], cwd=repo, check=True)
+    (repo / "intake-token.json").write_text("{}")  # left behind, untracked
+    assert [p.name for p in docrun.repository_entries(repo)] == ["README.md", "docs"]
+
+
 # Events a document's blocks queue in the sandbox set-up (its Redis on 6390), all delivered.
 QUEUED = {"README.md": 103, "intake.md": 3}
 

@@ -515,7 +515,7 @@ def _checked(func: Callable[..., Any], *args: Any) -> Any:
 def _as_event(raw: Any) -> Any:
     """An NDJSON line that was not JSON, as an input prepare() refuses with the line's own
     rule (its answer and its line in capi tail name the line: see :func:`_errors`)."""
-    return Unreadable(raw.rule()) if isinstance(raw, envelope.BadLine) else raw
+    return Unreadable(raw.rule(), kept=raw.kept) if isinstance(raw, envelope.BadLine) else raw
 
 
 def _results(

@@ -475,16 +475,21 @@ async def _ended(watch: asyncio.Task[QueueUnavailable | None] | None) -> QueueUn
 async def _give_up_without_redis(fleet: Fleet, settings: Settings) -> QueueUnavailable | None:
     """A burst worker's limit on waiting for Redis: once it has not answered a PING for
     ``CAPI_REDIS_TIMEOUT_S`` (at start or while draining), stop the fleet and return the
-    error to raise; runs until cancelled otherwise."""
+    error to raise; runs until cancelled otherwise. The time counts from the first PING
+    left unanswered, not from the last one answered (Redis may have gone away up to
+    ``BURST_PING_EVERY_S`` after it): an outage shorter than the timeout is waited out."""
     patience_s = settings.redis_timeout_s
-    last_ok = time.monotonic()
+    unanswered_since: float | None = None
     while True:
+        asked = time.monotonic()
         try:
             async with asyncio.timeout(patience_s):
                 await fleet.redis.ping()
-            last_ok = time.monotonic()
+            unanswered_since = None
         except (redis.exceptions.RedisError, TimeoutError) as exc:
-            if time.monotonic() - last_ok >= patience_s:
+            if unanswered_since is None:
+                unanswered_since = asked
+            if time.monotonic() - unanswered_since >= patience_s:
                 cause = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
                 log.error("burst: Redis has not answered for %g s; giving up", patience_s)
                 fleet.stop()

@@ -538,6 +538,23 @@ def test_a_producer_with_no_cluster_node_reachable_gets_queue_unavailable() -> N
         asyncio.run(enqueue_async())
 
 
+def test_a_producer_with_no_cluster_node_reachable_names_each_node_once() -> None:
+    """The URL's node listed again in CAPI_REDIS_CLUSTER_NODES (as one may, to list them
+    all) was named twice in the error: 'the Redis Cluster of A,A,B'."""
+    port, other = free_port(), free_port()  # nothing listens there
+    settings = Settings.load(
+        os.devnull,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_cluster=True,
+        redis_cluster_nodes=f"127.0.0.1:{port},127.0.0.1:{other}",
+        redis_timeout_s=1,
+    )
+    nodes = ",".join(sorted([f"127.0.0.1:{port}", f"127.0.0.1:{other}"]))
+    with pytest.raises(QueueUnavailable) as raised:
+        SyncProducer.from_settings(settings)
+    assert f"Redis at the Redis Cluster of {nodes} could not be reached" in str(raised.value)
+
+
 def test_arq_refuses_a_cluster_and_names_capi_worker() -> None:
     settings = Settings.load(os.devnull, redis_url="redis://127.0.0.1:7000", redis_cluster=True)
     with pytest.raises(ConfigError, match="capi worker"):

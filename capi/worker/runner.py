@@ -28,10 +28,10 @@ events stay queued), changed ones restarted; a broken file is refused, with its 
 reason, and the running destinations go on as they were.
 
 A burst worker (``--burst``: drain, then exit) is the exception to waiting Redis out: run
-from cron or a deploy step, it should end. When Redis has not answered for
-``CAPI_REDIS_TIMEOUT_S``, at start or while draining, it stops (in-flight batches finish,
-the rest stays queued) and raises :class:`~capi.errors.QueueUnavailable` (``capi worker``
-exits 5).
+from cron or a deploy step, it should end. When Redis (on a cluster, any master) has not
+answered for ``CAPI_REDIS_TIMEOUT_S``, at start or while draining, it stops (in-flight
+batches finish, the rest stays queued) and raises :class:`~capi.errors.QueueUnavailable`
+(``capi worker`` exits 5).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from http.server import ThreadingHTTPServer
 
 import httpx
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.exceptions
 
 from capi import clock, destinations, logs
@@ -56,7 +57,7 @@ from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed, QueueUnavailable, SendError
 from capi.keycheck import KeyCheck
 from capi.metrics import UNDER_WAY, Metrics, serve
-from capi.redisconn import brief, describe, settings_hint
+from capi.redisconn import brief, describe, is_cluster, settings_hint
 from capi.settings import Settings
 from capi.worker import decisions
 from capi.worker.lanes import Lanes
@@ -484,7 +485,7 @@ async def _give_up_without_redis(fleet: Fleet, settings: Settings) -> QueueUnava
         asked = time.monotonic()
         try:
             async with asyncio.timeout(patience_s):
-                await fleet.redis.ping()
+                await _ping(fleet.redis)
             unanswered_since = None
         except (redis.exceptions.RedisError, TimeoutError) as exc:
             if unanswered_since is None:
@@ -501,6 +502,15 @@ async def _give_up_without_redis(fleet: Fleet, settings: Settings) -> QueueUnava
                     maybe_stored=False,
                 )
         await asyncio.sleep(BURST_PING_EVERY_S)
+
+
+async def _ping(client: aioredis.Redis) -> None:
+    """PING Redis; on a cluster, every master (a plain PING asks one node, which may answer
+    while the master holding a destination's keys is gone)."""
+    if is_cluster(client):
+        await client.ping(target_nodes=aiocluster.RedisCluster.PRIMARIES)
+    else:
+        await client.ping()
 
 
 async def _check_unless_stopped(

@@ -69,8 +69,8 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     from capi.intake.app import Intake
 
     settings = settings_from(ctx)
-    # The intake reads them again and warns of ignored ones in its log; the error below
-    # says it when those were the only ones.
+    # The error below says it when the tokens ignored were the only ones; otherwise the
+    # warning is logged once below, for every server process (they do not repeat it).
     grants = tokens.read_grants(settings, warn=False)
     if not grants:
         path = destinations.source(settings)
@@ -85,6 +85,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             + "; capi intake-token --write makes one and grants it"
         )
     configure_logging(settings)
+    tokens.warn_if_ignored(settings)
     where = f"http://{host}:{port}"
     options = server_options(settings)
     granted = ", ".join(sorted({n for names in grants.values() for n in names}))
@@ -105,7 +106,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         return
     sock = listening_socket(host, port, backlog=2048)
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(Intake(settings), **options)
+    config = uvicorn.Config(Intake(settings, warned=True), **options)
     out.print(f"capi serve on http://{host}:{bound} (for {granted})", markup=False)
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
@@ -185,12 +186,13 @@ def configure_logging(settings: Settings) -> None:
 
 def app_from_environment() -> Intake:
     """The intake of one server process of ``capi serve --workers N`` (settings from the
-    environment and CAPI_CONFIG_FILE)."""
+    environment and CAPI_CONFIG_FILE; what ``capi serve`` warned of at start is not said
+    again)."""
     from capi.intake.app import Intake
 
     settings = Settings.load()
     configure_logging(settings)
-    intake = Intake(settings)
+    intake = Intake(settings, warned=True)
     tune_gc()
     return intake
 

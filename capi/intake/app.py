@@ -149,9 +149,10 @@ class Answer(Exception):
 class Intake:
     """The ASGI application; the producer is made at lifespan startup, in the server's loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, warned: bool = False) -> None:
+        """``warned``: see :class:`~capi.intake.tokens.Grants`."""
         self.settings = settings
-        self.grants = tokens.Grants(settings)
+        self.grants = tokens.Grants(settings, warned=warned)
         self.limits = guard.Limits.of(settings)  # the connection guard's (capi.intake.guard)
         self.buffered = 0  # body bytes held now, beyond each request's FREE_BODY_BYTES
         self.metrics = IntakeMetrics()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -25,6 +26,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.helpers import start_worker as worker
+from tests.redisproc import RedisProcess
 
 
 def test_worker_with_a_wrong_key_does_not_start(redis_url: str, sandbox: SandboxThread) -> None:
@@ -140,6 +142,29 @@ def test_a_burst_worker_gives_up_on_a_redis_nobody_listens_at(sandbox: SandboxTh
     assert last.startswith(f"error: Redis at 127.0.0.1:{port} "), output
     assert "--burst gave up after 1 s" in last and "CAPI_REDIS_URL" in last
     assert "queued events stay queued" in last
+
+
+def test_a_burst_worker_giving_up_on_a_frozen_redis_names_every_cause(
+    sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """A burst that gives up on a Redis frozen mid-drain (nothing answers; a timeout has
+    no text) ended on "could not sign off (); status drops this worker ...": an empty
+    cause, where the other lines name TimeoutError."""
+    with RedisProcess(tmp_path) as rp:
+        settings = make_settings(sandbox, rp.url, batch_size=20, redis_timeout_s=1)
+        enqueue(settings, events(200))
+        sandbox.state.faults = [Fault("latency", every=1, latency_ms=300)]
+        proc = worker(settings, "--burst")
+        wait_for(lambda: sandbox.state.summary()["batches"] >= 2, what="the first batches")
+        rp.freeze()
+        try:
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            rp.thaw()
+    assert proc.returncode == 5, output
+    assert "--burst gave up after 1 s" in output.strip().splitlines()[-1], output
+    assert "could not sign off ()" not in output, output
+    assert "could not sign off (TimeoutError)" in output, output
 
 
 def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThread) -> None:

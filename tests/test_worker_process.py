@@ -167,6 +167,29 @@ def test_a_burst_worker_giving_up_on_a_frozen_redis_names_every_cause(
     assert "could not sign off (TimeoutError)" in output, output
 
 
+def test_a_burst_worker_refused_by_redis_says_so_not_that_redis_did_not_answer(
+    sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """A wrong password: Redis answers every PING, refusing the credentials; the burst
+    gave up saying Redis "could not be reached or did not answer" (and "has not answered
+    for 1 s"), which sends an operator to the network, not to the password."""
+    with RedisProcess(
+        tmp_path, extra_args=["--requirepass", "right-pw"], password="right-pw"
+    ) as rp:
+        url = rp.url.replace("redis://", "redis://:wrong-pw@")
+        proc = worker(make_settings(sandbox, url, redis_timeout_s=1), "--burst")
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 5, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: Redis at 127.0.0.1:{rp.port} refused every PING for 1 s: "), (
+        output
+    )
+    assert "refused the credentials in CAPI_REDIS_URL" in last and "Check CAPI_REDIS_URL" in last
+    said = [line for line in output.splitlines() if "burst" in line]
+    assert said and not any("not answer" in line for line in said), output
+    assert "wrong-pw" not in output, output
+
+
 def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThread) -> None:
     settings = make_settings(sandbox, redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}

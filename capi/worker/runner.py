@@ -59,6 +59,7 @@ from capi.keycheck import KeyCheck
 from capi.metrics import UNDER_WAY, Metrics, serve
 from capi.redisconn import brief, describe, is_cluster, settings_hint
 from capi.settings import Settings
+from capi.trouble import classify
 from capi.worker import decisions
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
@@ -491,17 +492,28 @@ async def _give_up_without_redis(fleet: Fleet, settings: Settings) -> QueueUnava
             if unanswered_since is None:
                 unanswered_since = asked
             if time.monotonic() - unanswered_since >= patience_s:
-                cause = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
-                log.error("burst: Redis has not answered for %g s; giving up", patience_s)
                 fleet.stop()
-                return QueueUnavailable(
-                    f"Redis at {describe(fleet.redis)} could not be reached or did not answer "
-                    f"({cause[:300]}); capi worker --burst gave up after {patience_s:g} s "
-                    "(CAPI_REDIS_TIMEOUT_S): queued events stay queued. Check "
-                    f"{settings_hint(fleet.redis)}.",
-                    maybe_stored=False,
-                )
+                return _gave_up(fleet.redis, exc, patience_s)
         await asyncio.sleep(BURST_PING_EVERY_S)
+
+
+def _gave_up(client: aioredis.Redis, exc: Exception, patience_s: float) -> QueueUnavailable:
+    """The error a burst gives up with (logged): Redis did not answer, or it answered every
+    PING with an error (a wrong password, loading its data set...), which is named."""
+    cause = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
+    kind, meaning = classify(exc)
+    if kind in ("unreachable", "unexpected"):  # unexpected: the PING's own time limit
+        log.error("burst: Redis has not answered for %g s; giving up", patience_s)
+        what = "could not be reached or did not answer"
+    else:
+        log.error("burst: Redis refused every PING for %g s (%s); giving up", patience_s, meaning)
+        what = f"refused every PING for {patience_s:g} s: {meaning}"
+    return QueueUnavailable(
+        f"Redis at {describe(client)} {what} ({cause[:300]}); capi worker --burst gave up "
+        f"after {patience_s:g} s (CAPI_REDIS_TIMEOUT_S): queued events stay queued. Check "
+        f"{settings_hint(client)}.",
+        maybe_stored=False,
+    )
 
 
 async def _ping(client: aioredis.Redis) -> None:

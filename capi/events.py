@@ -105,10 +105,12 @@ class Unreadable:
     """Input that is no JSON value at all (an NDJSON line of the intake or of ``capi
     enqueue`` that does not parse): :func:`prepare` refuses it with ``rule``, which says
     why, at ``path``, so the refusal (and the live-outcomes ring) names the line rather
-    than a stand-in."""
+    than a stand-in. ``kept`` is the rule as the ring keeps it when ``rule`` quotes the
+    input (a key named twice: the client's, which may be an email address used as a key)."""
 
     rule: str
     path: str = "(event)"
+    kept: str | None = None
 
 
 def prepare(

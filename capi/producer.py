@@ -40,7 +40,7 @@ from capi.destinations import DEFAULT_NAME as DEFAULT_DESTINATION
 from capi.destinations import Consent
 from capi.durability import Durability
 from capi.errors import EventRejected, Problem, QueueFull, QueueUnavailable
-from capi.events import PreparedEvent, kept_name, kept_text, prepare
+from capi.events import PreparedEvent, Unreadable, kept_name, kept_text, prepare
 from capi.grouping import Coalescer
 from capi.queue import (
     ENQUEUE_LUA,
@@ -1026,13 +1026,17 @@ def _described(raw: RawEvent, exc: EventRejected) -> tuple[str, tuple[str, str, 
     """A refused event as the ring shows it: its broken rules (the first ``RULES_SHOWN``,
     then how many more), id, type and identifier kinds (names only; ids cut short and made
     valid UTF-8, since they come from outside; a type or custom event name only when a
-    valid event could carry it; a timestamp only when it is a plausible one)."""
+    valid event could carry it; a timestamp only when it is a plausible one; an unreadable
+    line's rule as it may be kept, without the input it quotes)."""
     data: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     if isinstance(raw, Event):
         data = raw.model_dump(exclude_none=True)
-    rules = "; ".join(_text(kept_text(p), 200) for p in exc.problems[:RULES_SHOWN])
-    if len(exc.problems) > RULES_SHOWN:
-        rules += f"; and {len(exc.problems) - RULES_SHOWN} more"
+    problems = exc.problems
+    if isinstance(raw, Unreadable) and raw.kept is not None:
+        problems = [Problem(raw.path, raw.kept)]
+    rules = "; ".join(_text(kept_text(p), 200) for p in problems[:RULES_SHOWN])
+    if len(problems) > RULES_SHOWN:
+        rules += f"; and {len(problems) - RULES_SHOWN} more"
     try:
         event_id = _text(_str(data.get("id")), 128)
         custom = data.get("custom_event_name")

@@ -321,8 +321,9 @@ def describe(client: redis.Redis | aioredis.Redis) -> str:
 
 
 def cluster_of(nodes: Iterable[str]) -> str:
-    """A cluster for messages, by the ``host:port`` of the nodes it was started from."""
-    return f"the Redis Cluster of {','.join(sorted(nodes))}"
+    """A cluster for messages, by the ``host:port`` of the nodes it was started from (each
+    once: the URL's node may be listed again in CAPI_REDIS_CLUSTER_NODES)."""
+    return f"the Redis Cluster of {','.join(sorted(set(nodes)))}"
 
 
 CLUSTER_SETTINGS = (

@@ -45,7 +45,16 @@ from tests.clusterproc import ClusterSet, cluster_settings
 from tests.conftest import free_port
 from tests.console_helpers import httpx_get, new_tokens, start_console
 from tests.helpers import _plain as plain_settings
-from tests.helpers import capi, events, http_get, spawn, start_worker, stop_worker, wait_for
+from tests.helpers import (
+    capi,
+    enqueue,
+    events,
+    http_get,
+    spawn,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 from tests.intake_helpers import TOKEN, start_intake
 from tests.test_destinations_scale import configure
 from workers.main import worker_settings
@@ -538,6 +547,23 @@ def test_a_producer_with_no_cluster_node_reachable_gets_queue_unavailable() -> N
         asyncio.run(enqueue_async())
 
 
+def test_a_producer_with_no_cluster_node_reachable_names_each_node_once() -> None:
+    """The URL's node listed again in CAPI_REDIS_CLUSTER_NODES (as one may, to list them
+    all) was named twice in the error: 'the Redis Cluster of A,A,B'."""
+    port, other = free_port(), free_port()  # nothing listens there
+    settings = Settings.load(
+        os.devnull,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_cluster=True,
+        redis_cluster_nodes=f"127.0.0.1:{port},127.0.0.1:{other}",
+        redis_timeout_s=1,
+    )
+    nodes = ",".join(sorted([f"127.0.0.1:{port}", f"127.0.0.1:{other}"]))
+    with pytest.raises(QueueUnavailable) as raised:
+        SyncProducer.from_settings(settings)
+    assert f"Redis at the Redis Cluster of {nodes} could not be reached" in str(raised.value)
+
+
 def test_arq_refuses_a_cluster_and_names_capi_worker() -> None:
     settings = Settings.load(os.devnull, redis_url="redis://127.0.0.1:7000", redis_cluster=True)
     with pytest.raises(ConfigError, match="capi worker"):
@@ -973,3 +999,31 @@ def test_cluster_nodes_are_host_port_pairs_and_need_a_cluster() -> None:
         Settings.load(os.devnull, redis_url=url, redis_cluster=True, redis_cluster_nodes="10.0.0.6")
     with pytest.raises(ConfigError, match="CAPI_REDIS_CLUSTER=true"):
         Settings.load(os.devnull, redis_url=url, redis_cluster_nodes="10.0.0.6:7000")
+
+
+def test_a_burst_gives_up_on_a_cluster_whose_node_of_its_keys_is_gone(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """capi worker --burst gives up on a Redis that has not answered for
+    CAPI_REDIS_TIMEOUT_S: on a cluster it asked one node (redis-py's default node), which
+    went on answering while the master holding the burst's keys was gone (no replica to
+    take over): the burst waited for it, and did not end."""
+    with ClusterSet(tmp_path / "cluster", replicas_each=0) as found:
+        settings = cluster_settings(sandbox, found, batch_size=20, redis_timeout_s=2)
+        enqueue(settings, events(200))
+        sandbox.state.faults = [Fault("latency", every=1, latency_ms=300)]
+        worker = start_worker(settings, "--burst")
+        wait_for(lambda: sandbox.state.summary()["batches"] >= 2, what="the first batches")
+        gone = found.node_of(settings.keys.stream)
+        gone.kill()
+        try:
+            output, _ = worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            output = worker.output()
+            worker.kill()
+            worker.communicate()
+            raise AssertionError(f"still waiting after 60 s; its output:\n{output}") from None
+    assert worker.returncode == 5, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: Redis at the Redis Cluster of "), output
+    assert "--burst gave up after 2 s" in last and "queued events stay queued" in last

@@ -111,7 +111,9 @@ def _ndjson_one_line_at_a_time(body: bytes, max_events: int) -> list[Any]:
         except orjson.JSONDecodeError:
             events.append(envelope.BadLine(number))
         except envelope.DuplicateKey as exc:
-            events[-1] = envelope.BadLine(number, f"line {number} {exc}")
+            events[-1] = envelope.BadLine(
+                number, f"line {number} {exc}", f"line {number} {exc.kept}"
+            )
     return events
 
 

@@ -283,12 +283,22 @@ def test_env_tokens_beside_a_destinations_file_are_said_to_grant_nothing(
     assert f"no intake token is granted in the destinations file {path}" in refused.stderr
 
 
-def test_capi_serve_says_once_that_env_tokens_grant_nothing(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("processes", [1, 2])
+def test_capi_serve_says_once_that_env_tokens_grant_nothing(
+    tmp_path: Path, redis_url: str, processes: int
+) -> None:
     """The warning came twice at start: from the command's check that some token is
-    granted, and from the intake reading its grants."""
+    granted, and from the intake reading its grants; with --workers 2, once from each
+    server process."""
     path = tmp_path / "destinations.toml"
     write_destinations(path)
-    server = start_intake(tmp_path, redis_url, CAPI_DESTINATIONS_FILE=str(path))
+    server = start_intake(
+        tmp_path, redis_url, "--workers", str(processes), CAPI_DESTINATIONS_FILE=str(path)
+    )
+    wait_for(
+        lambda: server.log().count("Application startup complete") == processes,
+        what="every server process to start",
+    )
     assert server.post(events(1, prefix="a-"), token=TOKENS["a"]).status_code == 200
     said = server.stop()
     assert said.count("CAPI_INTAKE_TOKENS_SHA256 grants nothing") == 1, said

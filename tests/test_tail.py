@@ -496,3 +496,33 @@ def test_a_capi_enqueue_line_that_is_not_json_is_a_refused_line_too(
     shown = capi(settings, "tail", "--json", "--status", "refused")
     [line] = [json.loads(t) for t in shown.stdout.splitlines()]
     assert line["reason"].startswith("(line): is not valid JSON"), line
+
+
+def test_a_line_naming_a_key_twice_keeps_the_key_out_of_the_ring(
+    redis_url: str, sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """A line that names a key twice is refused naming the key, to whoever sent it; the
+    ring in Redis kept that key too (an email address used as a key), and capi tail showed
+    it: capi enqueue's line, now that its lines reach the ring, and the intake's."""
+    settings = make_settings(sandbox, redis_url)
+    twice = '{"dan.lovelace@example.com": 1, "dan.lovelace@example.com": 2}'
+    line = json.dumps({**events(1, prefix="dup-")[0], "user": "U"}).replace('"U"', twice)
+    given = capi(settings, "enqueue", input=f"{line}\n")
+    assert given.returncode == 4, given.stderr
+    assert "repeats the key 'dan.lovelace@example.com' in one object" in given.stderr
+    intake = start_intake(tmp_path, redis_url)
+    try:
+        answer = intake.post(content=f"{line}\n".encode(), content_type="application/x-ndjson")
+    finally:
+        intake.stop()
+    [error] = answer.json()["results"][0]["errors"]
+    assert "names the key 'dan.lovelace@example.com' twice" in error["rule"], error
+    ring = redis.Redis.from_url(redis_url).xrange(settings.keys.tail)
+    kept = b"".join(v for _, fields in ring for v in fields.values())
+    assert b"lovelace" not in kept, kept
+    shown = capi(settings, "tail", "--json", "--status", "refused")
+    reasons = sorted(json.loads(t)["reason"] for t in shown.stdout.splitlines())
+    assert reasons == [
+        "(event): line 1 names a key twice in one object; send it once",
+        "(line): repeats a key in one object; give each key once",
+    ], reasons

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -25,6 +26,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.helpers import start_worker as worker
+from tests.redisproc import RedisProcess
 
 
 def test_worker_with_a_wrong_key_does_not_start(redis_url: str, sandbox: SandboxThread) -> None:
@@ -140,6 +142,52 @@ def test_a_burst_worker_gives_up_on_a_redis_nobody_listens_at(sandbox: SandboxTh
     assert last.startswith(f"error: Redis at 127.0.0.1:{port} "), output
     assert "--burst gave up after 1 s" in last and "CAPI_REDIS_URL" in last
     assert "queued events stay queued" in last
+
+
+def test_a_burst_worker_giving_up_on_a_frozen_redis_names_every_cause(
+    sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """A burst that gives up on a Redis frozen mid-drain (nothing answers; a timeout has
+    no text) ended on "could not sign off (); status drops this worker ...": an empty
+    cause, where the other lines name TimeoutError."""
+    with RedisProcess(tmp_path) as rp:
+        settings = make_settings(sandbox, rp.url, batch_size=20, redis_timeout_s=1)
+        enqueue(settings, events(200))
+        sandbox.state.faults = [Fault("latency", every=1, latency_ms=300)]
+        proc = worker(settings, "--burst")
+        wait_for(lambda: sandbox.state.summary()["batches"] >= 2, what="the first batches")
+        rp.freeze()
+        try:
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            rp.thaw()
+    assert proc.returncode == 5, output
+    assert "--burst gave up after 1 s" in output.strip().splitlines()[-1], output
+    assert "could not sign off ()" not in output, output
+    assert "could not sign off (TimeoutError)" in output, output
+
+
+def test_a_burst_worker_refused_by_redis_says_so_not_that_redis_did_not_answer(
+    sandbox: SandboxThread, tmp_path: Path
+) -> None:
+    """A wrong password: Redis answers every PING, refusing the credentials; the burst
+    gave up saying Redis "could not be reached or did not answer" (and "has not answered
+    for 1 s"), which sends an operator to the network, not to the password."""
+    with RedisProcess(
+        tmp_path, extra_args=["--requirepass", "right-pw"], password="right-pw"
+    ) as rp:
+        url = rp.url.replace("redis://", "redis://:wrong-pw@")
+        proc = worker(make_settings(sandbox, url, redis_timeout_s=1), "--burst")
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 5, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"error: Redis at 127.0.0.1:{rp.port} refused every PING for 1 s: "), (
+        output
+    )
+    assert "refused the credentials in CAPI_REDIS_URL" in last and "Check CAPI_REDIS_URL" in last
+    said = [line for line in output.splitlines() if "burst" in line]
+    assert said and not any("not answer" in line for line in said), output
+    assert "wrong-pw" not in output, output
 
 
 def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThread) -> None:

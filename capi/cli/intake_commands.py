@@ -70,8 +70,8 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
     from capi.intake.app import Intake
 
     settings = settings_from(ctx)
-    # The intake reads them again and warns of ignored ones in its log; the error below
-    # says it when those were the only ones.
+    # The error below says it when the tokens ignored were the only ones; otherwise the
+    # warning is logged once below, for every server process (they do not repeat it).
     grants = tokens.read_grants(settings, warn=False)
     if not grants:
         path = destinations.source(settings)
@@ -86,6 +86,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
             + "; capi intake-token --write makes one and grants it"
         )
     configure_logging(settings)
+    tokens.warn_if_ignored(settings)
     options = server_options(settings)
     granted = destinations.listed(n for names in grants.values() for n in names)
     sock = listening_socket(host, port, backlog=2048)  # bound here: the port said is the one
@@ -108,7 +109,7 @@ def serve_command(ctx: click.Context, host: str, port: int, workers: int) -> Non
         sock.set_inheritable(True)  # what uvicorn.run does with the socket it binds
         Multiprocess(config, sockets=[sock]).run()
         return
-    config = uvicorn.Config(Intake(settings), **options)
+    config = uvicorn.Config(Intake(settings, warned=True), **options)
     out.print(f"capi serve on {where} (for {granted})", markup=False)
     sys.stdout.flush()
     _exit_quietly_after_shutdown()
@@ -202,12 +203,13 @@ def configure_logging(settings: Settings) -> None:
 
 def app_from_environment() -> Intake:
     """The intake of one server process of ``capi serve --workers N`` (settings from the
-    environment and CAPI_CONFIG_FILE)."""
+    environment and CAPI_CONFIG_FILE; what ``capi serve`` warned of at start is not said
+    again)."""
     from capi.intake.app import Intake
 
     settings = Settings.load()
     configure_logging(settings)
-    intake = Intake(settings)
+    intake = Intake(settings, warned=True)
     tune_gc()
     return intake
 

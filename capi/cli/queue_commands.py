@@ -247,7 +247,7 @@ def _parse_line(lineno: int, line: bytes | None) -> Any:
         try:
             return parse_json(line)
         except _Refused as exc:
-            why = str(exc)
+            return Unreadable(str(exc), "(line)", exc.kept)
     return Unreadable(why, "(line)")
 
 
@@ -255,7 +255,12 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class _Refused(ValueError):
-    """A line that is not one JSON document capi can read unambiguously."""
+    """A line that is not one JSON document capi can read unambiguously; ``kept`` says it
+    without the input the message quotes (for the live-outcomes ring), when it quotes any."""
+
+    def __init__(self, message: str, kept: str | None = None) -> None:
+        super().__init__(message)
+        self.kept = kept
 
 
 def parse_json(line: bytes) -> Any:
@@ -319,7 +324,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _Refused(f"repeats the key {key[:40]!r} in one object; give each key once")
+                raise _Refused(
+                    f"repeats the key {key[:40]!r} in one object; give each key once",
+                    "repeats a key in one object; give each key once",
+                )
             seen.add(key)
     return out
 

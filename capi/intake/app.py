@@ -153,9 +153,10 @@ class Answer(Exception):
 class Intake:
     """The ASGI application; the producer is made at lifespan startup, in the server's loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, warned: bool = False) -> None:
+        """``warned``: see :class:`~capi.intake.tokens.Grants`."""
         self.settings = settings
-        self.grants = tokens.Grants(settings)
+        self.grants = tokens.Grants(settings, warned=warned)
         self.limits = guard.Limits.of(settings)  # the connection guard's (capi.intake.guard)
         self.buffered = 0  # body bytes held now, beyond each request's FREE_BODY_BYTES
         self.metrics = IntakeMetrics()
@@ -545,7 +546,7 @@ def _checked(func: Callable[..., Any], *args: Any) -> Any:
 def _as_event(raw: Any) -> Any:
     """An NDJSON line that was not JSON, as an input prepare() refuses with the line's own
     rule (its answer and its line in capi tail name the line: see :func:`_errors`)."""
-    return Unreadable(raw.rule()) if isinstance(raw, envelope.BadLine) else raw
+    return Unreadable(raw.rule(), kept=raw.kept) if isinstance(raw, envelope.BadLine) else raw
 
 
 def _results(raw: list[Any], report: EnqueueReport, *, untaken: str = "") -> list[dict[str, Any]]:

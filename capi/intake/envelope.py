@@ -43,6 +43,7 @@ class BadLine:
 
     line: int
     why: str = ""
+    kept: str | None = None  # ``why`` without the input it quotes (a key named twice)
 
     def rule(self) -> str:
         """Why it was refused."""
@@ -93,7 +94,12 @@ def events_of(body: bytes, kind: str, max_events: int) -> list[Any]:
 
 class DuplicateKey(ValueError):
     """A JSON object names a key twice (a parser keeps one of them: which is ambiguous), or
-    the text nests too deeply for the strict parse to tell."""
+    the text nests too deeply for the strict parse to tell. ``kept`` is the message
+    without the key, which is the client's (for the live-outcomes ring)."""
+
+    def __init__(self, message: str, kept: str | None = None) -> None:
+        super().__init__(message)
+        self.kept = message if kept is None else kept
 
 
 # A key is a string followed by a colon: each key of a JSON text ends where this matches
@@ -140,7 +146,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(found) != len(pairs):
         seen: set[str] = set()
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise DuplicateKey(f"names the key {twice[:40]!r} twice in one object; send it once")
+        raise DuplicateKey(
+            f"names the key {twice[:40]!r} twice in one object; send it once",
+            "names a key twice in one object; send it once",
+        )
     return found
 
 
@@ -207,7 +216,7 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
         except orjson.JSONDecodeError:
             events.append(BadLine(number))
         except DuplicateKey as exc:
-            events[-1] = BadLine(number, f"line {number} {exc}")
+            events[-1] = BadLine(number, f"line {number} {exc}", f"line {number} {exc.kept}")
         number += 1
     if not events:
         raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")

@@ -53,23 +53,31 @@ def read_grants(settings: Settings, *, warn: bool = True) -> dict[str, frozenset
     is wrong. Reads no Conversion Key (the intake needs none). Without a destinations file
     the digests are CAPI_INTAKE_TOKENS_SHA256 as the config file says it now (unless the
     environment sets it). With one, a CAPI_INTAKE_TOKENS_SHA256 that grants nothing is
-    logged as a warning, unless not ``warn`` (a check before the intake reads them)."""
+    logged as a warning (:func:`warn_if_ignored`), unless not ``warn``."""
     path = destinations.source(settings)
     if path is None:
         digests = destinations.default_token_digests(_fresh(settings))
         return {d: frozenset({destinations.DEFAULT_NAME}) for d in digests}
-    if warn and _fresh(settings).intake_tokens_sha256:
-        log.warning(
-            "CAPI_INTAKE_TOKENS_SHA256 grants nothing while a destinations file is in use "
-            "(%s): its tokens answer 401; grant them in intake_tokens_sha256 of a destination",
-            path,
-        )
+    if warn:
+        warn_if_ignored(settings)
     text = destinations._read(path)
     grants: dict[str, set[str]] = {}
     for name, dest in destinations.parse(text, path, settings, {}, keys="skip").items():
         for d in dest.intake_tokens_sha256:
             grants.setdefault(d, set()).add(name)
     return {d: frozenset(names) for d, names in grants.items()}
+
+
+def warn_if_ignored(settings: Settings) -> None:
+    """Log a warning if CAPI_INTAKE_TOKENS_SHA256 is set beside a destinations file, where
+    it grants nothing."""
+    path = destinations.source(settings)
+    if path is not None and _fresh(settings).intake_tokens_sha256:
+        log.warning(
+            "CAPI_INTAKE_TOKENS_SHA256 grants nothing while a destinations file is in use "
+            "(%s): its tokens answer 401; grant them in intake_tokens_sha256 of a destination",
+            path,
+        )
 
 
 def _fresh(settings: Settings) -> Settings:
@@ -107,10 +115,24 @@ def _config_text(settings: Settings) -> str:
 
 class Grants(destinations.Following[dict[str, frozenset[str]]]):
     """The configured tokens' grants, by token digest, following the destinations file
-    (or, without one, the config file) as it changes."""
+    (or, without one, the config file) as it changes. With ``warned`` (``capi serve`` said
+    it at start, once for all its processes), the first read does not warn of
+    CAPI_INTAKE_TOKENS_SHA256 granting nothing; a read after a change does."""
 
-    def __init__(self, settings: Settings, *, monotonic: Callable[[], float] | None = None):
-        super().__init__(settings, read_grants, monotonic=monotonic, stamp=_stamp)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        monotonic: Callable[[], float] | None = None,
+        warned: bool = False,
+    ):
+        first = [warned]
+
+        def read(settings: Settings) -> dict[str, frozenset[str]]:
+            said, first[0] = first[0], False
+            return read_grants(settings, warn=not said)
+
+        super().__init__(settings, read, monotonic=monotonic, stamp=_stamp)
 
     def broken(
         self, last: dict[str, frozenset[str]], exc: ConfigError

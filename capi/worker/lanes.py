@@ -198,7 +198,9 @@ class Lanes:
                 await self.queue.sign_off(self.name)
         except (TimeoutError, redis.exceptions.RedisError) as exc:
             log.warning(
-                "could not sign off (%s); status drops this worker within %g s", exc, LIVENESS_S
+                "could not sign off (%s); status drops this worker within %g s",
+                str(exc) or type(exc).__name__,  # a timeout has no text
+                LIVENESS_S,
             )
 
     # -- the lanes -------------------------------------------------------------------

@@ -28,10 +28,10 @@ events stay queued), changed ones restarted; a broken file is refused, with its 
 reason, and the running destinations go on as they were.
 
 A burst worker (``--burst``: drain, then exit) is the exception to waiting Redis out: run
-from cron or a deploy step, it should end. When Redis has not answered for
-``CAPI_REDIS_TIMEOUT_S``, at start or while draining, it stops (in-flight batches finish,
-the rest stays queued) and raises :class:`~capi.errors.QueueUnavailable` (``capi worker``
-exits 5).
+from cron or a deploy step, it should end. When Redis (on a cluster, any master) has not
+answered for ``CAPI_REDIS_TIMEOUT_S``, at start or while draining, it stops (in-flight
+batches finish, the rest stays queued) and raises :class:`~capi.errors.QueueUnavailable`
+(``capi worker`` exits 5).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from http.server import ThreadingHTTPServer
 
 import httpx
 import redis.asyncio as aioredis
+import redis.asyncio.cluster as aiocluster
 import redis.exceptions
 
 from capi import clock, destinations, logs
@@ -56,8 +57,9 @@ from capi.destinations import Destination
 from capi.errors import ConfigError, KeyCheckFailed, QueueUnavailable, SendError
 from capi.keycheck import KeyCheck
 from capi.metrics import UNDER_WAY, Metrics, serve
-from capi.redisconn import brief, describe, settings_hint
+from capi.redisconn import brief, describe, is_cluster, settings_hint
 from capi.settings import Settings
+from capi.trouble import classify
 from capi.worker import decisions
 from capi.worker.lanes import Lanes
 from capi.worker.sender import Sender, redis_pool
@@ -475,27 +477,52 @@ async def _ended(watch: asyncio.Task[QueueUnavailable | None] | None) -> QueueUn
 async def _give_up_without_redis(fleet: Fleet, settings: Settings) -> QueueUnavailable | None:
     """A burst worker's limit on waiting for Redis: once it has not answered a PING for
     ``CAPI_REDIS_TIMEOUT_S`` (at start or while draining), stop the fleet and return the
-    error to raise; runs until cancelled otherwise."""
+    error to raise; runs until cancelled otherwise. The time counts from the first PING
+    left unanswered, not from the last one answered (Redis may have gone away up to
+    ``BURST_PING_EVERY_S`` after it): an outage shorter than the timeout is waited out."""
     patience_s = settings.redis_timeout_s
-    last_ok = time.monotonic()
+    unanswered_since: float | None = None
     while True:
+        asked = time.monotonic()
         try:
             async with asyncio.timeout(patience_s):
-                await fleet.redis.ping()
-            last_ok = time.monotonic()
+                await _ping(fleet.redis)
+            unanswered_since = None
         except (redis.exceptions.RedisError, TimeoutError) as exc:
-            if time.monotonic() - last_ok >= patience_s:
-                cause = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
-                log.error("burst: Redis has not answered for %g s; giving up", patience_s)
+            if unanswered_since is None:
+                unanswered_since = asked
+            if time.monotonic() - unanswered_since >= patience_s:
                 fleet.stop()
-                return QueueUnavailable(
-                    f"Redis at {describe(fleet.redis)} could not be reached or did not answer "
-                    f"({cause[:300]}); capi worker --burst gave up after {patience_s:g} s "
-                    "(CAPI_REDIS_TIMEOUT_S): queued events stay queued. Check "
-                    f"{settings_hint(fleet.redis)}.",
-                    maybe_stored=False,
-                )
+                return _gave_up(fleet.redis, exc, patience_s)
         await asyncio.sleep(BURST_PING_EVERY_S)
+
+
+def _gave_up(client: aioredis.Redis, exc: Exception, patience_s: float) -> QueueUnavailable:
+    """The error a burst gives up with (logged): Redis did not answer, or it answered every
+    PING with an error (a wrong password, loading its data set...), which is named."""
+    cause = f"{type(exc).__name__}: {brief(exc)}" if str(exc) else type(exc).__name__
+    kind, meaning = classify(exc)
+    if kind in ("unreachable", "unexpected"):  # unexpected: the PING's own time limit
+        log.error("burst: Redis has not answered for %g s; giving up", patience_s)
+        what = "could not be reached or did not answer"
+    else:
+        log.error("burst: Redis refused every PING for %g s (%s); giving up", patience_s, meaning)
+        what = f"refused every PING for {patience_s:g} s: {meaning}"
+    return QueueUnavailable(
+        f"Redis at {describe(client)} {what} ({cause[:300]}); capi worker --burst gave up "
+        f"after {patience_s:g} s (CAPI_REDIS_TIMEOUT_S): queued events stay queued. Check "
+        f"{settings_hint(client)}.",
+        maybe_stored=False,
+    )
+
+
+async def _ping(client: aioredis.Redis) -> None:
+    """PING Redis; on a cluster, every master (a plain PING asks one node, which may answer
+    while the master holding a destination's keys is gone)."""
+    if is_cluster(client):
+        await client.ping(target_nodes=aiocluster.RedisCluster.PRIMARIES)
+    else:
+        await client.ping()
 
 
 async def _check_unless_stopped(

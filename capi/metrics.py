@@ -161,7 +161,10 @@ class Metrics:
     def forget(self, name: str) -> None:
         """A destination removed from the file: its gauges are no longer exported and
         readiness no longer counts it (its counters stay: they are totals)."""
-        self._views.pop(name, None)
+        view = self._views.pop(name, None)
+        if view is not None:
+            view.retire()
+        self.starting.pop(name, None)
         gauges = (self.queue_depth, self.in_flight, self.retries_scheduled, self.oldest_age)
         for gauge in (*gauges, self.key_ok, self.endpoint_failing_since):
             with contextlib.suppress(KeyError):
@@ -268,6 +271,7 @@ class DestinationMetrics:
         self.retries_scheduled = parent.retries_scheduled.labels(name)
         self.oldest_age = parent.oldest_age.labels(name)
         self._key_ok = parent.key_ok
+        self._key_ok_child: Gauge | None = None
         self.endpoint_failing_since = parent.endpoint_failing_since.labels(name)
         self.retried = _ByReason(parent.retried, name)
         self.dead_lettered = _ByReason(parent.dead_lettered, name)
@@ -287,7 +291,16 @@ class DestinationMetrics:
         """capi_key_ok of this destination, exported from its first setting on: while the
         startup key check is under way the key's state is not known, and a 0 would read as
         a held key (CapiKeyHeld) when the check only waits for the endpoint."""
-        return self._key_ok.labels(self.name)
+        if self._key_ok_child is None:
+            self._key_ok_child = self._key_ok.labels(self.name)
+        return self._key_ok_child
+
+    def retire(self) -> None:
+        """The destination left the file (:meth:`Metrics.forget`): what its sender, still
+        stopping, sets from now on is not exported (the other gauges are children taken
+        once, which removing their labels detached; this one is taken at its first use)."""
+        if self._key_ok_child is None:
+            self._key_ok_child = Gauge("capi_key_ok", "retired", registry=None)
 
     def key_can_send(self) -> bool:
         """Whether the key is known to work (capi_key_ok is 1); read without exporting it."""

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import generate_latest
 
 from capi import destinations
 from capi.errors import ConfigError
+from capi.metrics import Metrics
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import Fault
@@ -310,6 +312,23 @@ def test_a_removed_destination_leaves_readiness_and_the_gauges(
         assert 'capi_key_ok{destination="d1"}' not in metrics
     finally:
         stop(proc)
+
+
+def test_a_removed_destinations_sender_still_stopping_cannot_export_its_gauges_again() -> None:
+    """The test above failed one run in many: the removed destination's sender, still
+    finishing (or still in its key check), set its key gauge after the removal, which
+    exported ``capi_key_ok{destination="d1"}`` again; and a key check under way at the
+    removal stayed in /readyz's list of checks that wait until it noticed."""
+    metrics = Metrics()
+    retiring = metrics.for_destination("d1")
+    metrics.starting_for("d1", "the endpoint")
+    metrics.forget("d1")
+    retiring.key_ok.set(0)  # what the stopping sender does next
+    assert "capi_key_ok{" not in generate_latest(metrics.registry).decode()
+    assert metrics.waiting_starts() == {}
+    again = metrics.for_destination("d1")  # added back to the file: exported again
+    again.key_ok.set(1)
+    assert 'capi_key_ok{destination="d1"} 1.0' in generate_latest(metrics.registry).decode()
 
 
 def test_a_file_of_thousands_is_read_in_one_pass_and_errors_keep_their_line(

@@ -12,8 +12,10 @@ reconnect, no timeout), and answer each request its event's status.
 
 It keeps none of capi's promises beyond that: no envelope or content-type checks, no
 body limits, no metrics, no access log, no durability wait, no error answers (a refused
-event or a lost Redis connection fails the request). It is a measuring stick, never a
-server to run.
+event fails its request with a 500; a lost Redis connection leaves the requests waiting on
+it unanswered), and it connects to the host and port of ``CAPI_REDIS_URL`` only (no
+password, no database number: the benchmark's own Redis). It is a measuring stick, never
+a server to run.
 
     .venv/bin/python -m tests.benchmarks.bound_server PORT  (CAPI_REDIS_URL, BOUND_TOKEN)
 """

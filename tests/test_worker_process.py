@@ -190,6 +190,40 @@ def test_a_burst_worker_refused_by_redis_says_so_not_that_redis_did_not_answer(
     assert "wrong-pw" not in output, output
 
 
+def test_a_burst_worker_gives_up_on_a_redis_that_freezes_while_it_drains(
+    tmp_path: Path, sandbox: SandboxThread
+) -> None:
+    """A Redis that stops answering mid-drain (frozen: connections stay open, nothing
+    answers, as behind a dead network path) ends a burst too: exit 5 while Redis is still
+    frozen, naming it; once Redis is back, a worker delivers every event, none lost."""
+    with RedisProcess(tmp_path) as server:
+        settings = make_settings(sandbox, server.url, batch_size=20, redis_timeout_s=1)
+        evts = events(400)
+        enqueue(settings, evts)
+        sandbox.state.faults = [Fault("latency", every=1, latency_ms=200)]
+        proc = worker(settings, "--burst")
+        wait_for(lambda: sandbox.state.summary()["batches"] >= 2, what="first batches")
+        server.freeze()
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            raise AssertionError(f"still waiting on a frozen Redis after 60 s:\n{output}") from None
+        finally:
+            server.thaw()
+        assert proc.returncode == 5, output
+        assert "Traceback" not in output
+        last = output.strip().splitlines()[-1]
+        assert last.startswith(f"error: Redis at 127.0.0.1:{server.port} "), output
+        assert "--burst gave up after 1 s" in last
+        sandbox.state.faults = []
+        rest = worker(settings, "--burst")
+        rest_output, _ = rest.communicate(timeout=90)
+        assert rest.returncode == 0, rest_output
+    assert ids(evts) <= set(sandbox.state.delivered_ids())
+
+
 def test_arq_mode_prints_each_log_line_once(redis_url: str, sandbox: SandboxThread) -> None:
     settings = make_settings(sandbox, redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPI_")}

@@ -445,8 +445,10 @@ class Housekeeping:
 
     async def _drained(self) -> bool:
         """Whether every destination that can send has nothing queued, in flight or
-        scheduled (a held destination's events stay queued, and are said to)."""
-        if self.lanes.starting or self._errors:
+        scheduled (a held destination's events stay queued, and are said to). Never once a
+        sender was taken off: a burst worker does so only as it stops, with its events left
+        queued (with no sender left, "every destination" would be none)."""
+        if self.lanes.starting or self._errors or self.lanes.removed:
             return False
         # The senders now, not the tick's: one that started while the tick's jobs ran is
         # no longer counted as starting, and must be counted as served.

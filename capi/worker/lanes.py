@@ -94,6 +94,9 @@ class Lanes:
         self.active: dict[str, int] = {}
         # Destinations whose start (key check) is still under way (burst mode waits).
         self._starting = 0
+        # How many senders were taken off (remove): a burst worker takes one off only as
+        # it stops (SIGTERM, or Redis not answering), so it is not drained (housekeeping).
+        self.removed = 0
         self.per_destination = settings.concurrency
         self.lane_count = LANES_PER_SLOT * settings.concurrency
         self._changed = asyncio.Event()
@@ -133,6 +136,7 @@ class Lanes:
         timeout; those still unfinished are cancelled, so no lane records a fate after
         this), then what it still holds is recorded or handed back."""
         sender.stop()
+        self.removed += 1
         self._changed.set()
         name = sender.destination.name
         seat = self._seats.get(name)

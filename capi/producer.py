@@ -107,7 +107,9 @@ class EnqueueReport:
     of an event that was taken (field and rule); ``skipped`` the events not sent to a
     destination because their consent was denied under its ``drop`` policy, with why. A
     position in none of ``added``, ``refused`` and ``skipped`` did not reach Redis, or its
-    call failed before Redis answered (sending it again is safe: the id dedups).
+    call failed before Redis answered (sending it again is safe: the id dedups); ``sent``
+    holds the positions whose call was sent, so one of those not in it was never sent (a
+    call stops at its first chunk that fails).
     """
 
     queued: int = 0
@@ -116,6 +118,7 @@ class EnqueueReport:
     added: dict[int, bool] = field(default_factory=dict)
     warnings: dict[int, list[Problem]] = field(default_factory=dict)
     skipped: dict[int, list[Problem]] = field(default_factory=dict)
+    sent: set[int] = field(default_factory=set)
 
     def status(self, i: int) -> str | None:
         """The answer for the event at position ``i``: queued, duplicate, skipped or
@@ -829,6 +832,7 @@ class Producer(_BaseProducer):
         refusals: list[RingNote] = []
         with _how_far(len(targets), report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
+                report.sent.update(positions)
                 flags = (await self._run([(keys, args)], len(positions)))[0]
                 self._count(report, flags, positions)
         if refusals:
@@ -972,6 +976,7 @@ class SyncProducer(_BaseProducer):
         refusals: list[RingNote] = []
         with _how_far(len(targets), report), _translated(self.redis):
             for keys, args, positions in self._chunks(events, report, targets, refusals):
+                report.sent.update(positions)
                 self._count(report, self._run([(keys, args)])[0], positions)
         if refusals:
             self._write_ring(targets, refusals)

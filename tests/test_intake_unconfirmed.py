@@ -201,3 +201,33 @@ def test_a_post_that_cannot_be_made_durable_says_its_events_may_be_delivered(
             assert queued_ids(rp.url) == [e["id"] for e in sent]  # as said: in the queue
         finally:
             server.stop()
+
+
+def test_events_after_a_failed_chunk_were_never_sent_and_say_so(tmp_path: Path) -> None:
+    """The producer sends a body 500 events at a time (its chunk) and stops at the first
+    chunk whose durability fails. The events of the chunks after it never reached Redis:
+    they were answered ``unconfirmed`` ("Redis may hold them, and they may be delivered")
+    both on a 500 misconfigured and on a 503 whose wait did not confirm; they are
+    ``not_queued``, and Redis holds only the first chunk."""
+    kind = valkey()
+    if kind.missing:
+        pytest.skip(kind.missing)
+    args = ["--appendonly", "yes", "--appendfsync", "everysec"]
+    cases = [
+        ("aof500-", 500, {"CAPI_ENQUEUE_DURABILITY": "aof"}),
+        ("wait503-", 503, ENV["wait-unconfirmed"]),
+    ]
+    for prefix, status, env in cases:
+        where = tmp_path / prefix  # a Redis of its own: its append-only file is its own
+        where.mkdir()
+        with RedisProcess(where, binary=kind.binary, extra_args=args) as rp:
+            server = start_intake(where, rp.url, **env)
+            try:
+                sent = events(600, prefix=prefix)
+                reply = server.post(sent)
+                assert reply.status_code == status, reply.text
+                statuses = [r["status"] for r in reply.json()["results"]]
+                assert statuses == ["unconfirmed"] * 500 + ["not_queued"] * 100, prefix
+                assert queued_ids(rp.url) == [e["id"] for e in sent[:500]]
+            finally:
+                server.stop()

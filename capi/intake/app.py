@@ -287,8 +287,8 @@ class Intake:
                 500,
                 "misconfigured",
                 "the intake is misconfigured (see its log): the durability promise "
-                "(CAPI_ENQUEUE_DURABILITY) cannot be kept, so the events not refused are "
-                "unconfirmed: Redis may hold them, and they may be delivered",
+                "(CAPI_ENQUEUE_DURABILITY) cannot be kept, so the events sent are "
+                "unconfirmed: Redis may hold them, and they may be delivered (see results)",
             ) from None
         self._count(report, destination)
         note.update(queued=report.queued, duplicates=report.duplicates, refused=len(report.refused))
@@ -550,9 +550,10 @@ def _as_event(raw: Any) -> Any:
 
 
 def _results(raw: list[Any], report: EnqueueReport, *, untaken: str = "") -> list[dict[str, Any]]:
-    """Each event's answer; ``untaken`` is the status of the events Redis did not answer
-    for, when the enqueue failed (:func:`_untaken`; ``unconfirmed`` too when Redis took
-    them and the durability promise could not be kept)."""
+    """Each event's answer; ``untaken`` is the status of the events sent that Redis did
+    not answer for, when the enqueue failed (:func:`_untaken`; ``unconfirmed`` too when
+    Redis took them and the durability promise could not be kept); those never sent (the
+    chunks after the one that failed) are ``not_queued``."""
     refused = dict(report.refused)
     results = []
     for i, event in enumerate(raw):
@@ -574,7 +575,7 @@ def _results(raw: list[Any], report: EnqueueReport, *, untaken: str = "") -> lis
             item["status"] = "skipped"
             item["errors"] = _fields(report.skipped[i])
         elif untaken:
-            item["status"] = untaken
+            item["status"] = untaken if i in report.sent else "not_queued"
         results.append(item)
     return results
 

@@ -68,10 +68,10 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "queued; duplicate (its name and id were queued within the "
                 "dedup window); skipped (its consent is denied and the destination's "
                 "consent_policy is drop: never stored nor sent; errors say why); refused "
-                "(errors say why; sending it again will not help); not_queued (503 only: "
-                "Redis did not take it; send it again); unconfirmed (503 only: Redis may "
-                "hold it or not, its answer was lost or the durability wait did not confirm "
-                "it; send it again: the event id dedups).",
+                "(errors say why; sending it again will not help); not_queued (503 or 500 "
+                "misconfigured only: Redis did not take it; send it again); unconfirmed (503 "
+                "or 500 misconfigured only: Redis may hold it or not, its answer was lost or "
+                "the durability wait did not confirm it; send it again: the event id dedups).",
             },
             "errors": {"type": "array", "items": {"$ref": _REF + "FieldError"}},
             "warnings": {
@@ -110,7 +110,7 @@ _SCHEMAS: dict[str, Any] = {
             },
             "results": {
                 "type": "array",
-                "description": "503 only: each event's fate so far.",
+                "description": "503 and 500 misconfigured only: each event's fate so far.",
                 "items": {"$ref": _REF + "EventResult"},
             },
         },
@@ -189,7 +189,7 @@ def _events_operation() -> dict[str, Any]:
             "500": _json(
                 "Error",
                 "The intake failed or is misconfigured (see its log); when misconfigured, "
-                "results say which events are unconfirmed.",
+                "results say which events are unconfirmed and which were not queued.",
             ),
             "501": _json(
                 "Error",

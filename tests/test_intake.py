@@ -155,6 +155,20 @@ def test_a_pretty_printed_json_body_sent_as_ndjson_says_so(
     assert queued_ids(redis_url) == []
 
 
+def test_a_pretty_printed_body_of_more_lines_than_events_allowed_is_not_too_many_events(
+    intake: IntakeProcess, redis_url: str
+) -> None:
+    """100 events indented as one JSON document and posted as NDJSON are over 1,000 lines:
+    the answer was 413 'the body holds more than 1,000 events' (each line counted as an
+    event), which sends the client to split a body that is not too large."""
+    body = orjson.dumps({"events": events(100, prefix="pp-")}, option=orjson.OPT_INDENT_2)
+    assert body.count(b"\n") > 1000
+    resp = intake.post(content=body, content_type="application/x-ndjson")
+    assert resp.status_code == 400, resp.text
+    assert "one JSON value over several lines" in resp.json()["error"]["message"]
+    assert queued_ids(redis_url) == []
+
+
 @pytest.mark.parametrize("kind", ["application/json", "application/x-ndjson"])
 def test_a_body_that_starts_with_a_byte_order_mark_is_read_as_capi_enqueue_reads_it(
     intake: IntakeProcess, redis_url: str, kind: str

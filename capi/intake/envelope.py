@@ -209,6 +209,8 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
         end = len(body) if end < 0 else end
         line, start = body[begin:end], end + 1
         if len(events) == max_events:
+            if any(isinstance(e, BadLine) for e in events) and _one_value(body):
+                raise _pretty_printed()  # its lines are not events: not too many of them
             raise too_many(max_events)
         try:
             events.append(orjson.loads(line))
@@ -221,14 +223,19 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
     if not events:
         raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")
     if len(events) > 1 and any(isinstance(e, BadLine) for e in events) and _one_value(body):
-        raise EnvelopeError(
-            400,
-            "malformed",
-            "the body is one JSON value over several lines (pretty-printed?), not NDJSON (one "
-            'JSON object a line): send it with Content-Type: application/json as {"events": '
-            "[...]}, or each event on a line of its own",
-        )
+        raise _pretty_printed()
     return events
+
+
+def _pretty_printed() -> EnvelopeError:
+    """The 400 for one JSON value over several lines sent as NDJSON."""
+    return EnvelopeError(
+        400,
+        "malformed",
+        "the body is one JSON value over several lines (pretty-printed?), not NDJSON (one "
+        'JSON object a line): send it with Content-Type: application/json as {"events": '
+        "[...]}, or each event on a line of its own",
+    )
 
 
 def _one_value(body: bytes) -> bool:

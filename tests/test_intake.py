@@ -233,7 +233,7 @@ def test_a_token_granting_many_destinations_is_answered_with_a_few_names_and_a_c
     tmp_path: Path, redis_url: str
 ) -> None:
     """With 3,000 destinations granted to one token, the 403 that asks for one and the
-    startup line listed every name (about 20 KB each)."""
+    startup line listed every name (about 20 KB each); 25 show it here."""
     path = tmp_path / "destinations.toml"
     digest = tokens.digest(TOKENS["both"])
     path.write_text(

@@ -145,18 +145,23 @@ class Metrics:
             self._views[name] = DestinationMetrics(self, name)
         return self._views[name]
 
-    def starting_for(self, name: str, why: str) -> None:
-        """A destination's startup key check is under way, waiting for ``why``."""
-        self.starting[name] = why
+    def starting_for(self, name: str, why: str, view: DestinationMetrics | None = None) -> None:
+        """A destination's startup key check is under way, waiting for ``why``; with
+        ``view`` (the checking sender's), only while that is still the destination's: the
+        check of a destination removed from the file says nothing of one added back."""
+        if view is None or self._views.get(name) is view:
+            self.starting[name] = why
 
     def waiting_starts(self) -> dict[str, str]:
         """The destinations whose startup key check waits on something (an endpoint that
         does not answer, Redis), not only under way: what each waits for."""
         return {name: why for name, why in self.starting.items() if why != UNDER_WAY}
 
-    def started(self, name: str) -> None:
-        """A destination's startup key check is over (passed, held, refused or stopped)."""
-        self.starting.pop(name, None)
+    def started(self, name: str, view: DestinationMetrics | None = None) -> None:
+        """A destination's startup key check is over (passed, held, refused or stopped);
+        ``view`` as for :meth:`starting_for`."""
+        if view is None or self._views.get(name) is view:
+            self.starting.pop(name, None)
 
     def forget(self, name: str) -> None:
         """A destination removed from the file: its gauges are no longer exported and

@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 
 from capi import destinations
 from capi.errors import ConfigError
-from capi.metrics import Metrics
+from capi.metrics import UNDER_WAY, Metrics
 from capi.producer import SyncProducer
 from capi.sandbox import SandboxThread
 from capi.sandbox.state import Fault
@@ -329,6 +329,24 @@ def test_a_removed_destinations_sender_still_stopping_cannot_export_its_gauges_a
     again = metrics.for_destination("d1")  # added back to the file: exported again
     again.key_ok.set(1)
     assert 'capi_key_ok{destination="d1"} 1.0' in generate_latest(metrics.registry).decode()
+
+
+def test_the_check_of_a_removed_destination_ending_leaves_the_check_of_it_added_back() -> None:
+    """A destination removed and added back before its old key check ended: the old check,
+    ending, cleared the new one's entry, and /readyz said the key was held instead of that
+    its check was under way."""
+    metrics = Metrics()
+    metrics.redis_answered()
+    old = metrics.for_destination("d1")
+    metrics.starting_for("d1", "key check waiting for the endpoint (503)", old)
+    metrics.forget("d1")
+    new = metrics.for_destination("d1")
+    metrics.starting_for("d1", UNDER_WAY, new)
+    metrics.starting_for("d1", "key check waiting for Redis (down)", old)  # the old one, late
+    metrics.started("d1", old)  # the old check ends
+    assert metrics.starting == {"d1": UNDER_WAY}
+    ready, why = metrics.ready()
+    assert not ready and "held" not in why, why
 
 
 def test_a_file_of_thousands_is_read_in_one_pass_and_errors_keep_their_line(

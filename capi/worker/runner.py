@@ -107,11 +107,11 @@ async def start_sender(
     """
     dest = destination or destinations.default(settings)
     sender = Sender.from_settings(settings, dest, metrics=metrics, redis=pool, http=http)
-    metrics.starting_for(dest.name, UNDER_WAY)
+    metrics.starting_for(dest.name, UNDER_WAY, sender.metrics)
     try:
         return await _checked(sender, metrics, stopping or asyncio.Event(), checks, hold_if_broken)
     finally:
-        metrics.started(dest.name)
+        metrics.started(dest.name, sender.metrics)
 
 
 async def _checked(
@@ -134,7 +134,9 @@ async def _checked(
                 break
         except redis.exceptions.RedisError as exc:
             delay = sender.trouble.failed(exc, "the startup key check")
-            metrics.starting_for(name, f"key check waiting for Redis ({sender.trouble.describe()})")
+            metrics.starting_for(
+                name, f"key check waiting for Redis ({sender.trouble.describe()})", sender.metrics
+            )
         else:
             sender.trouble.ok(sent=sent)
             await _endpoint_seen(sender, None if result.ok else result.error)
@@ -160,7 +162,9 @@ async def _checked(
                 )
                 return sender
             delay, wait_s = wait_s, min(wait_s * 2, CHECK_BACKOFF_CAP_S)
-            metrics.starting_for(name, f"key check waiting for the endpoint ({result.error})")
+            metrics.starting_for(
+                name, f"key check waiting for the endpoint ({result.error})", sender.metrics
+            )
             log.warning(
                 "destination %s: the startup key check could not get an answer about the key "
                 "(%s); trying again in %.0f s; queued events stay queued meanwhile",

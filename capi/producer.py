@@ -398,7 +398,9 @@ class _BaseProducer:
                     [
                         Problem(
                             "destination",
-                            "name one: this deployment has several (" + ", ".join(configured) + ")",
+                            "name one: this deployment has several ("
+                            + destinations_.listed(configured)
+                            + ")",
                         )
                     ]
                 )
@@ -414,7 +416,7 @@ class _BaseProducer:
                     Problem(
                         "destination",
                         f"{unknown[0][:40]!r} is not configured; the destinations are: "
-                        + ", ".join(configured),
+                        + destinations_.listed(configured),
                     )
                 ]
             )

@@ -803,21 +803,28 @@ def serve_process(redis_url: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_several_server_processes_on_port_0_say_the_port_they_got(redis_url: str) -> None:
-    """With --workers, the first line said "capi serve on http://127.0.0.1:0": the port was
-    bound later, by uvicorn, and only its own log line said which one."""
-    proc = serve_process(redis_url, "--port", "0", "--workers", "2")
+def served(proc: subprocess.Popen[str], said: str) -> str:
+    """The URL a ``capi serve`` says on its first line (which starts with ``said``), once
+    /healthz answers there; then it is stopped, and must exit 0."""
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
-        assert first.startswith("capi serve on http://127.0.0.1:"), first
+        assert first.startswith(said), first
         url = first.split()[3]
-        assert not url.endswith(":0"), first
-        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what="the processes to serve")
+        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what=f"capi serve on {url}")
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+    return url
+
+
+def test_several_server_processes_on_port_0_say_the_port_they_got(redis_url: str) -> None:
+    """With --workers, the first line said "capi serve on http://127.0.0.1:0": the port was
+    bound later, by uvicorn, and only its own log line said which one."""
+    proc = serve_process(redis_url, "--port", "0", "--workers", "2")
+    url = served(proc, "capi serve on http://127.0.0.1:")
+    assert not url.endswith(":0"), url
 
 
 def test_several_server_processes_on_a_taken_port_say_so_without_claiming_to_serve(
@@ -839,17 +846,7 @@ def test_several_server_processes_on_a_taken_port_say_so_without_claiming_to_ser
 def test_serve_on_an_ipv6_address_says_its_url(redis_url: str) -> None:
     """--host ::1 was refused as "--port 0: cannot listen on ::1:0 (Address family for
     hostname not supported ...); choose another port, or --port 0 for a free one"."""
-    proc = serve_process(redis_url, "--host", "::1", "--port", "0")
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        assert first.startswith("capi serve on http://[::1]:"), first
-        url = first.split()[3]
-        wait_for(lambda: http_get(url + "/healthz")[0] == 200, what="capi serve on ::1")
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    served(serve_process(redis_url, "--host", "::1", "--port", "0"), "capi serve on http://[::1]:")
 
 
 def test_serve_on_an_address_not_of_this_machine_names_the_host_not_the_port(

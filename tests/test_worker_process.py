@@ -124,18 +124,25 @@ def test_a_clean_burst_exit_says_so_without_alarm(redis_url: str, sandbox: Sandb
     assert "SIGUSR1" not in output and "ongoing to cancel" not in output
 
 
+def ended(proc: subprocess.Popen[str], what: str) -> str:
+    """A worker's whole output once it exits within 60 s; AssertionError saying ``what``
+    (and its output so far) if it does not."""
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"{what} after 60 s; its output:\n{output}") from None
+    return output
+
+
 def test_a_burst_worker_gives_up_on_a_redis_nobody_listens_at(sandbox: SandboxThread) -> None:
     """A burst (drain and exit, from cron or a deploy step) does not wait for Redis forever:
     it gives up after CAPI_REDIS_TIMEOUT_S, saying where it looked, and exits 5 (REDIS)."""
     port = free_port()  # nothing listens there
     settings = make_settings(sandbox, f"redis://127.0.0.1:{port}/0", redis_timeout_s=1)
     proc = worker(settings, "--burst")
-    try:
-        output, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        raise AssertionError(f"still waiting after 60 s; its output:\n{output}") from None
+    output = ended(proc, "still waiting")
     assert proc.returncode == 5, output
     assert "Traceback" not in output
     last = output.strip().splitlines()[-1]
@@ -205,11 +212,7 @@ def test_a_burst_worker_gives_up_on_a_redis_that_freezes_while_it_drains(
         wait_for(lambda: sandbox.state.summary()["batches"] >= 2, what="first batches")
         server.freeze()
         try:
-            output, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            raise AssertionError(f"still waiting on a frozen Redis after 60 s:\n{output}") from None
+            output = ended(proc, "still waiting on a frozen Redis")
         finally:
             server.thaw()
         assert proc.returncode == 5, output

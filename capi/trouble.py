@@ -116,7 +116,10 @@ class Trouble:
         if last is None or now - last >= REMIND_EVERY_S:
             self._logged[kind] = now
             lasting = f" for {now - self.since:.0f} s" if now - self.since >= 1 else ""
-            message = "%s%s (%s, in %s); the worker keeps trying and loses nothing"
+            message = (
+                "%s%s (%s, in %s); the worker tries again and loses nothing (capi worker "
+                "--burst gives up once Redis is silent for CAPI_REDIS_TIMEOUT_S)"
+            )
             args = (meaning, lasting, self.cause[:300], where)
             if kind == "unexpected":
                 self.log.error(message, *args, exc_info=exc)

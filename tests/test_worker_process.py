@@ -149,6 +149,10 @@ def test_a_burst_worker_gives_up_on_a_redis_nobody_listens_at(sandbox: SandboxTh
     assert last.startswith(f"error: Redis at 127.0.0.1:{port} "), output
     assert "--burst gave up after 1 s" in last and "CAPI_REDIS_URL" in last
     assert "queued events stay queued" in last
+    # The lines before it said "the worker keeps trying" (a burst gives up) and "Redis
+    # does not answer" (nothing listens: the connection is refused).
+    assert "keeps trying" not in output and "does not answer" not in output, output
+    assert "--burst gives up once Redis is silent for CAPI_REDIS_TIMEOUT_S" in output, output
 
 
 def test_a_burst_worker_giving_up_on_a_frozen_redis_names_every_cause(

@@ -23,6 +23,8 @@ import redis.exceptions
 from capi.constants import RedisKeys
 from capi.metrics import UNDER_WAY, Metrics
 from capi.queue import Queue
+from capi.redisconn import brief
+from capi.trouble import classify
 
 log = logging.getLogger("capi.worker")
 
@@ -74,7 +76,7 @@ class StartupWatch:
             if self.alone:
                 self.metrics.redis_up.set(0)
             if not self._failing:
-                log.warning("while starting: Redis does not answer (%s); trying again", exc)
+                log.warning("while starting: %s (%s); trying again", classify(exc)[1], brief(exc))
             self._failing = True
         except Exception as exc:  # a bug here must not end the watch, nor pass unsaid
             log.error("while starting: the startup watch failed: %r; it goes on", exc)

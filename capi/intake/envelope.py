@@ -55,12 +55,13 @@ def media_type(content_type: str | None) -> str:
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind in (JSON, NDJSON):
         return kind
-    shown = repr(kind[:60]) if kind else "none"
+    what = "the request has no Content-Type"
+    if kind:
+        what = f"Content-Type {kind[:60]!r} is not accepted"
     raise EnvelopeError(
         415,
         "unsupported_media_type",
-        f'Content-Type {shown} is not accepted; send {JSON} ({{"events": [...]}}) or '
-        f"{NDJSON} (one event per line)",
+        f'{what}; send {JSON} ({{"events": [...]}}) or {NDJSON} (one event per line)',
     )
 
 

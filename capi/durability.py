@@ -29,6 +29,8 @@ from capi.errors import ConfigError, QueueUnavailable
 
 # The one fsync policy under which WAITAOF's local answer is true on every server capi knows.
 SAFE_FSYNC = "always"
+# How the refusals of a server that cannot confirm writes end (an enqueue's: its calls ran).
+QUEUED_IN_MEMORY = " The event is queued, in memory only."
 
 
 class Durability:
@@ -73,7 +75,7 @@ class Durability:
                 "CAPI_ENQUEUE_DURABILITY=aof must read the server's appendfsync to know that "
                 f"WAITAOF's answer is true, and CONFIG GET was refused ({str(answer)[:120]}); "
                 "allow it to capi's Redis user (ACL: +config|get), or set "
-                "CAPI_ENQUEUE_DURABILITY=memory. The event is queued, in memory only."
+                "CAPI_ENQUEUE_DURABILITY=memory." + QUEUED_IN_MEMORY
             )
         policy = _policy(answer)
         if policy != SAFE_FSYNC:
@@ -82,7 +84,7 @@ class Durability:
                 f"{policy or 'not reported'}): under everysec, Valkey and Redis 7.2-7.4 "
                 "confirm WAITAOF before the fsync, so a power loss would lose acknowledged "
                 "events. Set appendfsync always in the server's configuration, or set "
-                "CAPI_ENQUEUE_DURABILITY=memory. The event is queued, in memory only."
+                "CAPI_ENQUEUE_DURABILITY=memory." + QUEUED_IN_MEMORY
             )
 
     def _refused(self, exc: Exception) -> Exception:

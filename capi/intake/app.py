@@ -47,7 +47,7 @@ from prometheus_client import (
 )
 
 from capi import destinations
-from capi.durability import Durability
+from capi.durability import QUEUED_IN_MEMORY, Durability
 from capi.errors import ConfigError, EventRejected, Problem, QueueFull, QueueUnavailable
 from capi.events import Unreadable
 from capi.fingerprint import looks_like_key
@@ -73,7 +73,6 @@ log = logging.getLogger("capi.intake")
 access_log = logging.getLogger("capi.intake.access")
 EVENTS_PATH = "/v1/events"
 FREE_BODY_BYTES = 65_536  # each request's first bytes are outside the shared budget
-_QUEUED_IN_MEMORY = " The event is queued, in memory only."  # of an enqueue's ConfigError
 
 
 class IntakeMetrics:
@@ -480,7 +479,7 @@ class Intake:
                     shards[0]["unconfirmed"] = True
                 await self._aof_confirms(client)
         except ConfigError as exc:  # every POST gets 500 (misconfigured) until it is fixed
-            why = "every POST gets 500: " + str(exc).removesuffix(_QUEUED_IN_MEMORY)
+            why = "every POST gets 500: " + str(exc).removesuffix(QUEUED_IN_MEMORY)
             return 503, orjson.dumps({"status": "not ready", "reason": why}), "application/json"
         except redis.exceptions.NoPermissionError:
             shards = []  # INFO denied to capi's Redis user: the PING answered

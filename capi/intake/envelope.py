@@ -210,8 +210,7 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
         end = len(body) if end < 0 else end
         line, start = body[begin:end], end + 1
         if len(events) == max_events:
-            if any(isinstance(e, BadLine) for e in events) and _one_value(body):
-                raise _pretty_printed()  # its lines are not events: not too many of them
+            _refuse_if_pretty_printed(events, body)  # its lines are not events: not too many
             raise too_many(max_events)
         try:
             events.append(orjson.loads(line))
@@ -223,29 +222,27 @@ def _ndjson_events(body: bytes, max_events: int) -> list[Any]:
         number += 1
     if not events:
         raise EnvelopeError(400, "malformed", "the body holds no event (one JSON object a line)")
-    if len(events) > 1 and any(isinstance(e, BadLine) for e in events) and _one_value(body):
-        raise _pretty_printed()
+    if len(events) > 1:
+        _refuse_if_pretty_printed(events, body)
     return events
 
 
-def _pretty_printed() -> EnvelopeError:
-    """The 400 for one JSON value over several lines sent as NDJSON."""
-    return EnvelopeError(
+def _refuse_if_pretty_printed(lines: list[Any], body: bytes) -> None:
+    """The 400 for one JSON value over several lines sent as NDJSON: some ``lines`` are not
+    JSON, and the whole ``body`` is (an NDJSON body of several lines never is)."""
+    if not any(isinstance(line, BadLine) for line in lines):
+        return
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    raise EnvelopeError(
         400,
         "malformed",
         "the body is one JSON value over several lines (pretty-printed?), not NDJSON (one "
         'JSON object a line): send it with Content-Type: application/json as {"events": '
         "[...]}, or each event on a line of its own",
     )
-
-
-def _one_value(body: bytes) -> bool:
-    """Whether a body is one JSON value (an NDJSON body of several lines never is)."""
-    try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    return True
 
 
 def _where(exc: orjson.JSONDecodeError) -> str:

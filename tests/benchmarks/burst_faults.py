@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlparse
 
 import orjson
 
-from tests.benchmarks.intake_faults import PY, Server, environment, event, say
+from tests.benchmarks.intake_faults import PY, Server, endpoint_answer, environment, event, say
 from tests.conftest import free_port
 
 PIXELS = {"d1": "pix_1", "d2": "pix_2"}
@@ -56,28 +56,12 @@ class Endpoint:
             def do_POST(self) -> None:
                 body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 pid = parse_qs(urlparse(self.path).query).get("pid", ["?"])[0]
-                events = body.get("events", [])
-                probe = bool(body.get("validate_only"))
                 time.sleep(delay_s)
-                bad = [i for i, e in enumerate(events) if str(e.get("id")).endswith("-7")]
-                status, reply = 200, orjson.dumps({"accepted_events": len(events)})
-                if bad and not probe:
-                    at = f"events[{bad[0]}]"
-                    status = 400
-                    reply = orjson.dumps(
-                        {
-                            "error": {
-                                "message": f"Invalid event at {at}.",
-                                "type": "invalid_request_error",
-                                "param": at,
-                                "code": "invalid_event",
-                            }
-                        }
-                    )
-                elif not probe:
+                status, reply, delivered = endpoint_answer(body, reject=True)
+                if delivered:
                     with lock:
                         outer.requests += 1
-                        for e in events:
+                        for e in delivered:
                             outer.delivered[(pid, str(e.get("id")))] += 1
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

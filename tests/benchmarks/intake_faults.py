@@ -240,6 +240,28 @@ class Clients:
         return code
 
 
+def endpoint_answer(body: dict[str, Any], reject: bool) -> tuple[int, bytes, list[Any]]:
+    """The fake endpoint's answer to a POST body: its status, its JSON, and the events it
+    delivers (none for a ``validate_only`` probe or a refusal); with ``reject``, 400
+    invalid_event for the first id ending -7."""
+    events = body.get("events", [])
+    probe = bool(body.get("validate_only"))
+    bad = [i for i, e in enumerate(events) if reject and str(e.get("id")).endswith("-7")]
+    if bad and not probe:
+        at = f"events[{bad[0]}]"
+        error = {
+            "message": f"Invalid event at {at}. See errors for details.",
+            "type": "invalid_request_error",
+            "param": at,
+            "code": "invalid_event",
+            "errors": [
+                {"message": "unknown field", "param": f"{at}.data.x", "code": "unknown_data_field"}
+            ],
+        }
+        return 400, orjson.dumps({"error": error}), []
+    return 200, orjson.dumps({"accepted_events": len(events)}), [] if probe else events
+
+
 def serve_endpoint(port: int, out: str, reject: bool) -> None:
     """The fake events endpoint: 200 ``{"accepted_events": n}``, each delivered ``pid\\tid``
     appended to ``out``; with ``reject``, 400 invalid_event for the first id ending -7."""
@@ -255,33 +277,10 @@ def serve_endpoint(port: int, out: str, reject: bool) -> None:
         def do_POST(self) -> None:
             body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
             pid = parse_qs(urlparse(self.path).query).get("pid", ["?"])[0]
-            events = body.get("events", [])
-            probe = bool(body.get("validate_only"))
-            bad = [i for i, e in enumerate(events) if reject and str(e.get("id")).endswith("-7")]
-            status, reply = 200, orjson.dumps({"accepted_events": len(events)})
-            if bad and not probe:
-                at = f"events[{bad[0]}]"
-                status = 400
-                reply = orjson.dumps(
-                    {
-                        "error": {
-                            "message": f"Invalid event at {at}. See errors for details.",
-                            "type": "invalid_request_error",
-                            "param": at,
-                            "code": "invalid_event",
-                            "errors": [
-                                {
-                                    "message": "unknown field",
-                                    "param": f"{at}.data.x",
-                                    "code": "unknown_data_field",
-                                }
-                            ],
-                        }
-                    }
-                )
-            elif not probe:
+            status, reply, delivered = endpoint_answer(body, reject)
+            if delivered:
                 with lock:
-                    sink.write(b"".join(f"{pid}\t{e.get('id')}\n".encode() for e in events))
+                    sink.write(b"".join(f"{pid}\t{e.get('id')}\n".encode() for e in delivered))
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(reply)))
